@@ -1,0 +1,217 @@
+//! Configuration: defaults, then a TOML file, then environment variables and flags (those two
+//! are merged by clap in `main.rs`). Every limit lives in [`Limits`], so the hostile-input pass
+//! and operators tune one place.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (the message names the line and key).
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// File path.
+        path: PathBuf,
+        /// Parser message.
+        message: String,
+    },
+    /// Values that parse but cannot work together.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Server configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the store, keys and certificates live.
+    pub data_dir: PathBuf,
+    /// Address devices connect to (TLS, device protocol).
+    pub device_listen: SocketAddr,
+    /// Address of the gRPC sender/admin API (TLS).
+    pub api_listen: SocketAddr,
+    /// Host names and IPs devices and senders use to reach this server; they go into the
+    /// certificate's subjectAltName (localhost and loopback are always added).
+    pub server_names: Vec<String>,
+    /// How often the server sends a heartbeat.
+    pub heartbeat_interval_ms: u64,
+    /// How long a device has to answer a heartbeat before it is marked offline.
+    pub heartbeat_timeout_ms: u64,
+    /// "text" or "json".
+    pub log_format: String,
+    /// Resource limits.
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("data"),
+            device_listen: "0.0.0.0:7443".parse().expect("valid literal"),
+            api_listen: "127.0.0.1:7444".parse().expect("valid literal"),
+            server_names: Vec::new(),
+            heartbeat_interval_ms: 30_000,
+            heartbeat_timeout_ms: 10_000,
+            log_format: "text".into(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Every bound the server enforces.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Concurrent device sessions; connections beyond it wait in the kernel's accept backlog.
+    pub max_sessions: usize,
+    /// Largest frame payload accepted or sent.
+    pub max_frame_bytes: usize,
+    /// Time allowed for the TLS handshake.
+    pub tls_handshake_timeout_ms: u64,
+    /// Time allowed between the TLS handshake and the device's hello.
+    pub hello_timeout_ms: u64,
+    /// Time allowed to write a burst of frames to a device before the session is dropped.
+    pub write_timeout_ms: u64,
+    /// TCP keepalive idle time.
+    pub tcp_keepalive_secs: u64,
+    /// Pushes written to a session and not yet acknowledged before the session waits for acks.
+    pub max_inflight_per_session: usize,
+    /// Pushes queued for one device; further sends to it are refused as undeliverable.
+    pub max_queued_per_device: usize,
+    /// Message TTL when the sender gives none.
+    pub default_ttl_secs: u32,
+    /// Largest message TTL accepted.
+    pub max_ttl_secs: u32,
+    /// Ring time when the caller gives none.
+    pub default_ring_secs: u32,
+    /// Longest ring time accepted.
+    pub max_ring_secs: u32,
+    /// Largest message (title + body + data + collapse key + sender) accepted from senders.
+    pub max_message_bytes: usize,
+    /// Most recipients one send may expand to.
+    pub max_recipients: usize,
+    /// How long final delivery receipts are kept for status queries.
+    pub receipt_retention_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 18_000,
+            max_frame_bytes: push_proto::frame::DEFAULT_MAX_FRAME,
+            tls_handshake_timeout_ms: 10_000,
+            hello_timeout_ms: 10_000,
+            write_timeout_ms: 10_000,
+            tcp_keepalive_secs: 30,
+            max_inflight_per_session: 64,
+            max_queued_per_device: 1_000,
+            default_ttl_secs: 24 * 3600,
+            max_ttl_secs: 7 * 24 * 3600,
+            default_ring_secs: 30,
+            max_ring_secs: 180,
+            max_message_bytes: 4 * 1024,
+            max_recipients: 20_000,
+            receipt_retention_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+impl Config {
+    /// Read a TOML file over the defaults.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reject combinations that cannot work, with a message an operator can act on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
+        if self.heartbeat_interval_ms == 0 || self.heartbeat_timeout_ms == 0 {
+            return bad("heartbeat_interval_ms and heartbeat_timeout_ms must be positive");
+        }
+        if l.max_frame_bytes < 1024 || l.max_frame_bytes > 16 * 1024 * 1024 {
+            return bad("limits.max_frame_bytes must be between 1 KiB and 16 MiB");
+        }
+        if l.max_message_bytes + 1024 > l.max_frame_bytes {
+            return bad("limits.max_message_bytes must leave 1 KiB of headroom below limits.max_frame_bytes");
+        }
+        if l.max_sessions == 0 || l.max_inflight_per_session == 0 || l.max_queued_per_device == 0 {
+            return bad(
+                "limits.max_sessions, max_inflight_per_session and max_queued_per_device must be positive",
+            );
+        }
+        if l.default_ttl_secs == 0 || l.default_ttl_secs > l.max_ttl_secs {
+            return bad("limits.default_ttl_secs must be positive and at most limits.max_ttl_secs");
+        }
+        if l.default_ring_secs == 0 || l.default_ring_secs > l.max_ring_secs {
+            return bad("limits.default_ring_secs must be positive and at most limits.max_ring_secs");
+        }
+        Ok(())
+    }
+
+    /// Heartbeat interval as a duration.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+
+    /// Heartbeat answer deadline as a duration.
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_file_keeps_defaults() {
+        let cfg: Config =
+            toml::from_str("heartbeat_interval_ms = 5000\n[limits]\nmax_sessions = 10\n").unwrap();
+        assert_eq!(cfg.heartbeat_interval_ms, 5000);
+        assert_eq!(cfg.limits.max_sessions, 10);
+        assert_eq!(cfg.limits.max_frame_bytes, Limits::default().max_frame_bytes);
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = toml::from_str::<Config>("heartbeat_intervall_ms = 5")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("heartbeat_intervall_ms"), "{err}");
+    }
+
+    #[test]
+    fn inconsistent_limits_rejected() {
+        let mut cfg = Config::default();
+        cfg.limits.max_message_bytes = cfg.limits.max_frame_bytes;
+        assert!(matches!(cfg.validate(), Err(ConfigError::Invalid(_))));
+    }
+
+    #[test]
+    fn broken_file_reports_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "device_listen = [").unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("c.toml"), "{err}");
+    }
+}

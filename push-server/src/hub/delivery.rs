@@ -1,0 +1,651 @@
+//! Queueing pushes for devices, handing them to sessions, and settling them (ack, cancel).
+
+use std::{collections::HashMap, sync::Arc};
+
+use prost::Message as _;
+use push_proto::device::{CallCancel, CallInvite, CancelReason, Message, Push, push};
+
+use super::{DeviceState, Hub, Queued, SEQ_BLOCK, now_ms};
+use crate::store::{Op, PushKind, Receipt, ReceiptState, StoreError, StoredPush};
+
+/// Why a send or call was refused as a whole. Per-recipient failures are receipts instead.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The request is malformed or over a limit; nothing was queued.
+    #[error("{0}")]
+    Invalid(String),
+    /// A call with this id is already ringing.
+    #[error("call {0} already exists")]
+    CallExists(String),
+    /// No ringing call with this id.
+    #[error("no ringing call {0}")]
+    UnknownCall(String),
+    /// The store failed; every recipient was reported undeliverable.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A message to queue.
+#[derive(Debug, Clone, Default)]
+pub struct MessageRequest {
+    /// Caller-chosen id (idempotency key); empty to let the server choose.
+    pub id: String,
+    /// Explicit recipients.
+    pub device_ids: Vec<String>,
+    /// A group whose members are recipients too.
+    pub group: Option<String>,
+    /// Title shown on the device.
+    pub title: String,
+    /// Body shown on the device.
+    pub body: String,
+    /// Opaque app data.
+    pub data: Vec<u8>,
+    /// `lpush.device.v1.Priority`.
+    pub priority: i32,
+    /// TTL seconds; 0 for the default.
+    pub ttl_secs: u32,
+    /// Collapse key; empty for none.
+    pub collapse_key: String,
+    /// Sender display name.
+    pub sender: String,
+}
+
+/// A call to ring.
+#[derive(Debug, Clone, Default)]
+pub struct CallRequest {
+    /// Caller-chosen call id.
+    pub call_id: String,
+    /// Explicit callees.
+    pub device_ids: Vec<String>,
+    /// A group whose members are callees too.
+    pub group: Option<String>,
+    /// Caller display name.
+    pub caller_name: String,
+    /// Caller handle (extension, number).
+    pub caller_handle: String,
+    /// Video call.
+    pub video: bool,
+    /// Ring seconds; 0 for the default.
+    pub ring_secs: u32,
+}
+
+/// Outcome for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientOutcome {
+    /// Recipient.
+    pub device_id: String,
+    /// `Accepted`, or a final state with `reason`.
+    pub state: ReceiptState,
+    /// Why it is final.
+    pub reason: String,
+}
+
+/// Outcome of a send or call.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// Message or call id.
+    pub id: String,
+    /// Per recipient.
+    pub recipients: Vec<RecipientOutcome>,
+    /// TTL end or ring deadline, Unix ms.
+    pub expires_at_ms: i64,
+}
+
+/// A ringing call, kept to route its cancel.
+#[derive(Debug, Clone)]
+pub(super) struct CallRecord {
+    pub(super) deadline_ms: i64,
+    uuid: String,
+    /// Callee -> (invite seq, acknowledged).
+    callees: HashMap<String, (u64, bool)>,
+}
+
+/// Rebuild the call table from a queued invite at start-up.
+pub(super) fn remember_call(calls: &mut HashMap<String, CallRecord>, stored: &StoredPush) {
+    if stored.kind != PushKind::CallInvite {
+        return;
+    }
+    if let Ok(Push {
+        body: Some(push::Body::CallInvite(invite)),
+        ..
+    }) = Push::decode(&stored.encoded[..])
+    {
+        calls
+            .entry(stored.id.clone())
+            .or_insert_with(|| CallRecord {
+                deadline_ms: invite.ring_deadline_ms,
+                uuid: invite.call_uuid,
+                callees: HashMap::new(),
+            })
+            .callees
+            .insert(stored.device_id.clone(), (stored.seq, false));
+    }
+}
+
+/// Reserve the next block of sequence numbers durably.
+pub(super) fn reserve_seq(d: &mut DeviceState, ops: &mut Vec<Op>) {
+    if d.next_seq >= d.ceiling {
+        d.ceiling = d.next_seq + SEQ_BLOCK;
+        ops.push(Op::PutSeqCeiling {
+            device_id: d.record.device_id.clone(),
+            ceiling: d.ceiling,
+        });
+    }
+}
+
+impl Hub {
+    /// Queue a message for its recipients; returns once it is durable.
+    pub async fn send_message(&self, req: MessageRequest) -> Result<Sent, SendError> {
+        let limits = self.limits();
+        let size =
+            req.title.len() + req.body.len() + req.data.len() + req.collapse_key.len() + req.sender.len();
+        if size > limits.max_message_bytes {
+            return Err(SendError::Invalid(format!(
+                "message is {size} bytes; the limit is {} (title + body + data + collapse key + sender)",
+                limits.max_message_bytes
+            )));
+        }
+        if req.ttl_secs > limits.max_ttl_secs {
+            return Err(SendError::Invalid(format!(
+                "ttl {}s exceeds the maximum {}s",
+                req.ttl_secs, limits.max_ttl_secs
+            )));
+        }
+        check_id(&req.id)?;
+        let id = if req.id.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            req.id.clone()
+        };
+        let targets = self.resolve(&req.device_ids, req.group.as_deref())?;
+        if !req.id.is_empty() {
+            let existing = self.receipts(&id).await?;
+            if !existing.is_empty() {
+                return Ok(Sent {
+                    id,
+                    recipients: existing.into_iter().map(outcome_of).collect(),
+                    expires_at_ms: 0,
+                });
+            }
+        }
+        let now = now_ms();
+        let ttl = if req.ttl_secs == 0 {
+            limits.default_ttl_secs
+        } else {
+            req.ttl_secs
+        };
+        let expires = now + i64::from(ttl) * 1000;
+        let message = Message {
+            title: req.title,
+            body: req.body,
+            data: req.data,
+            priority: req.priority,
+            collapse_key: req.collapse_key.clone(),
+            sent_at_ms: now,
+            expires_at_ms: expires,
+            sender: req.sender,
+        };
+        let item = Item {
+            id,
+            kind: PushKind::Message,
+            collapse_key: req.collapse_key,
+            expires,
+            body: push::Body::Message(message),
+        };
+        let (recipients, _) = self.enqueue_all(&item, &targets, now).await?;
+        Ok(Sent {
+            id: item.id,
+            recipients,
+            expires_at_ms: expires,
+        })
+    }
+
+    /// Ring callees until the ring deadline; returns once the invites are durable.
+    pub async fn place_call(&self, req: CallRequest) -> Result<(Sent, String), SendError> {
+        let limits = self.limits();
+        if req.call_id.is_empty() {
+            return Err(SendError::Invalid("call_id is required".into()));
+        }
+        check_id(&req.call_id)?;
+        if req.ring_secs > limits.max_ring_secs {
+            return Err(SendError::Invalid(format!(
+                "ring timeout {}s exceeds the maximum {}s",
+                req.ring_secs, limits.max_ring_secs
+            )));
+        }
+        let size = req.caller_name.len() + req.caller_handle.len();
+        if size > 1024 {
+            return Err(SendError::Invalid(
+                "caller name and handle exceed 1024 bytes".into(),
+            ));
+        }
+        let targets = self.resolve(&req.device_ids, req.group.as_deref())?;
+        let now = now_ms();
+        let ring = if req.ring_secs == 0 {
+            limits.default_ring_secs
+        } else {
+            req.ring_secs
+        };
+        let deadline = now + i64::from(ring) * 1000;
+        let uuid = push_proto::call_uuid(&req.call_id);
+        {
+            let mut calls = self.0.calls.lock().expect("poisoned");
+            if calls.contains_key(&req.call_id) {
+                return Err(SendError::CallExists(req.call_id));
+            }
+            calls.insert(
+                req.call_id.clone(),
+                CallRecord {
+                    deadline_ms: deadline,
+                    uuid: uuid.clone(),
+                    callees: HashMap::new(),
+                },
+            );
+        }
+        let invite = CallInvite {
+            call_id: req.call_id.clone(),
+            call_uuid: uuid.clone(),
+            caller_name: req.caller_name,
+            caller_handle: req.caller_handle,
+            video: req.video,
+            created_at_ms: now,
+            ring_deadline_ms: deadline,
+        };
+        let item = Item {
+            id: req.call_id.clone(),
+            kind: PushKind::CallInvite,
+            collapse_key: String::new(),
+            expires: deadline,
+            body: push::Body::CallInvite(invite),
+        };
+        let result = self.enqueue_all(&item, &targets, now).await;
+        let mut calls = self.0.calls.lock().expect("poisoned");
+        match result {
+            Ok((recipients, seqs)) => {
+                if let Some(call) = calls.get_mut(&req.call_id) {
+                    call.callees
+                        .extend(seqs.into_iter().map(|(d, s)| (d, (s, false))));
+                }
+                Ok((
+                    Sent {
+                        id: item.id,
+                        recipients,
+                        expires_at_ms: deadline,
+                    },
+                    uuid,
+                ))
+            }
+            Err(e) => {
+                calls.remove(&req.call_id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Stop ringing: invites not yet written are withdrawn, devices that got one are sent a
+    /// cancel. Returns how many cancels were sent.
+    pub async fn cancel_call(&self, call_id: &str, reason: CancelReason) -> Result<u32, SendError> {
+        let call = self
+            .0
+            .calls
+            .lock()
+            .expect("poisoned")
+            .remove(call_id)
+            .ok_or_else(|| SendError::UnknownCall(call_id.into()))?;
+        let now = now_ms();
+        if now >= call.deadline_ms {
+            return Ok(0);
+        }
+        let cancel = Item {
+            id: format!("{call_id}#cancel"),
+            kind: PushKind::CallCancel,
+            collapse_key: String::new(),
+            expires: call.deadline_ms,
+            body: push::Body::CallCancel(CallCancel {
+                call_id: call_id.into(),
+                call_uuid: call.uuid.clone(),
+                reason: reason as i32,
+            }),
+        };
+        let mut ops = Vec::new();
+        let mut sent = 0;
+        for (device_id, (seq, acked)) in &call.callees {
+            let Some(device) = self.device(device_id) else {
+                continue;
+            };
+            let mut d = device.lock().expect("poisoned");
+            let reached = match d.outbox.get(seq).filter(|q| q.push.id == call_id) {
+                Some(q) => {
+                    let reached = q.state == ReceiptState::Delivered;
+                    let push = q.push.clone();
+                    d.outbox.remove(seq);
+                    self.finish(&mut ops, &push, ReceiptState::Cancelled, "call cancelled", now);
+                    reached
+                }
+                None => *acked,
+            };
+            if reached && self.enqueue_locked(&mut d, &mut ops, &cancel, now).is_ok() {
+                sent += 1;
+            }
+        }
+        self.commit_and_release(ops).await?;
+        Ok(sent)
+    }
+
+    /// Pushes for the session to write: above `after_seq`, unexpired, durably numbered, at most
+    /// `max`. Empty if `session_id` is no longer the device's session.
+    pub fn take_pushes(&self, device_id: &str, session_id: u64, after_seq: u64, max: usize) -> Vec<Push> {
+        let Some(device) = self.device(device_id) else {
+            return Vec::new();
+        };
+        let d = device.lock().expect("poisoned");
+        if d.session.as_ref().is_none_or(|s| s.id != session_id) {
+            return Vec::new();
+        }
+        let now = now_ms();
+        d.outbox
+            .range(after_seq + 1..d.durable_ceiling)
+            .filter(|(_, q)| q.push.expires_at_ms > now)
+            .take(max)
+            .filter_map(|(_, q)| match Push::decode(&q.push.encoded[..]) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::error!(device = device_id, seq = q.push.seq, error = %e, "undecodable queued push skipped");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// The session wrote and flushed these pushes.
+    pub fn mark_delivered(&self, device_id: &str, seqs: &[u64]) {
+        let Some(device) = self.device(device_id) else {
+            return;
+        };
+        let mut ops = Vec::new();
+        let now = now_ms();
+        let mut d = device.lock().expect("poisoned");
+        for seq in seqs {
+            if let Some(q) = d
+                .outbox
+                .get_mut(seq)
+                .filter(|q| q.state == ReceiptState::Accepted)
+            {
+                q.state = ReceiptState::Delivered;
+                let push = q.push.clone();
+                self.receipt(&mut ops, &push, ReceiptState::Delivered, "", now);
+            }
+        }
+        drop(d);
+        self.persist(ops);
+    }
+
+    /// The device acknowledged pushes in this session.
+    pub fn ack(&self, device_id: &str, session_id: u64, up_to: u64, seqs: &[u64]) {
+        let Some(device) = self.device(device_id) else {
+            return;
+        };
+        let mut ops = Vec::new();
+        let mut d = device.lock().expect("poisoned");
+        if d.session.as_ref().is_none_or(|s| s.id != session_id) {
+            return;
+        }
+        self.ack_locked(&mut d, &mut ops, up_to, seqs, now_ms());
+        drop(d);
+        self.persist(ops);
+    }
+
+    pub(super) fn ack_locked(
+        &self,
+        d: &mut DeviceState,
+        ops: &mut Vec<Op>,
+        up_to: u64,
+        seqs: &[u64],
+        now: i64,
+    ) {
+        let mut acked: Vec<u64> = d.outbox.range(..=up_to).map(|(s, _)| *s).collect();
+        acked.extend(seqs.iter().filter(|s| d.outbox.contains_key(s)));
+        for seq in acked {
+            let Some(q) = d.outbox.remove(&seq) else { continue };
+            if q.push.kind == PushKind::CallInvite {
+                if let Some(call) = self.0.calls.lock().expect("poisoned").get_mut(&q.push.id) {
+                    if let Some(callee) = call.callees.get_mut(&q.push.device_id) {
+                        callee.1 = true;
+                    }
+                }
+            }
+            self.finish(ops, &q.push, ReceiptState::Acked, "", now);
+        }
+    }
+
+    /// Expand explicit ids and a group into distinct recipients, within the limit.
+    fn resolve(&self, device_ids: &[String], group: Option<&str>) -> Result<Vec<String>, SendError> {
+        let mut targets: Vec<String> = device_ids.to_vec();
+        if let Some(g) = group {
+            targets.extend(
+                self.0
+                    .groups
+                    .read()
+                    .expect("poisoned")
+                    .get(g)
+                    .into_iter()
+                    .flatten()
+                    .cloned(),
+            );
+        }
+        targets.sort();
+        targets.dedup();
+        if targets.is_empty() {
+            return Err(SendError::Invalid(match group {
+                Some(g) => format!("group {g:?} has no devices"),
+                None => "no recipients".into(),
+            }));
+        }
+        if targets.len() > self.limits().max_recipients {
+            return Err(SendError::Invalid(format!(
+                "{} recipients exceed the limit of {}",
+                targets.len(),
+                self.limits().max_recipients
+            )));
+        }
+        Ok(targets)
+    }
+
+    /// Queue `item` for every target and wait until durable. Returns the outcomes and the
+    /// sequence number each accepted recipient got.
+    async fn enqueue_all(
+        &self,
+        item: &Item,
+        targets: &[String],
+        now: i64,
+    ) -> Result<(Vec<RecipientOutcome>, Vec<(String, u64)>), SendError> {
+        let mut ops = Vec::new();
+        let mut outcomes = Vec::with_capacity(targets.len());
+        let mut seqs = Vec::with_capacity(targets.len());
+        for device_id in targets {
+            let result = match self.device(device_id) {
+                None => Err("unknown device"),
+                Some(device) => {
+                    let mut d = device.lock().expect("poisoned");
+                    self.enqueue_locked(&mut d, &mut ops, item, now)
+                }
+            };
+            match result {
+                Ok(seq) => {
+                    seqs.push((device_id.clone(), seq));
+                    outcomes.push(RecipientOutcome {
+                        device_id: device_id.clone(),
+                        state: ReceiptState::Accepted,
+                        reason: String::new(),
+                    });
+                }
+                Err(reason) => {
+                    let receipt = Receipt {
+                        id: item.id.clone(),
+                        device_id: device_id.clone(),
+                        state: ReceiptState::Undeliverable,
+                        reason: reason.into(),
+                        at_ms: now,
+                        path: String::new(),
+                    };
+                    let _ = self.0.receipts.send(receipt.clone());
+                    ops.push(Op::PutReceipt(receipt));
+                    outcomes.push(RecipientOutcome {
+                        device_id: device_id.clone(),
+                        state: ReceiptState::Undeliverable,
+                        reason: reason.into(),
+                    });
+                }
+            }
+        }
+        if let Err(e) = self.commit_and_release(ops).await {
+            // Not durable: withdraw what is still queued so the sender's retry is the only copy.
+            let mut ops = Vec::new();
+            for (device_id, seq) in &seqs {
+                if let Some(device) = self.device(device_id) {
+                    let mut d = device.lock().expect("poisoned");
+                    if let Some(q) = d.outbox.remove(seq) {
+                        self.finish(
+                            &mut ops,
+                            &q.push,
+                            ReceiptState::Undeliverable,
+                            "storage failure",
+                            now,
+                        );
+                    }
+                }
+            }
+            return Err(e.into());
+        }
+        Ok((outcomes, seqs))
+    }
+
+    /// Queue one item for a locked device. Wakes the session at once when the number is already
+    /// durably reserved (the common case); otherwise `commit_and_release` does after the commit.
+    fn enqueue_locked(
+        &self,
+        d: &mut DeviceState,
+        ops: &mut Vec<Op>,
+        item: &Item,
+        now: i64,
+    ) -> Result<u64, &'static str> {
+        if d.record.revoked {
+            return Err("device revoked");
+        }
+        if !item.collapse_key.is_empty() {
+            let older: Vec<u64> = d
+                .outbox
+                .iter()
+                .filter(|(_, q)| {
+                    q.state == ReceiptState::Accepted && q.push.collapse_key == item.collapse_key
+                })
+                .map(|(s, _)| *s)
+                .collect();
+            for seq in older {
+                if let Some(q) = d.outbox.remove(&seq) {
+                    self.finish(
+                        ops,
+                        &q.push,
+                        ReceiptState::Superseded,
+                        "replaced by a newer message with the same collapse key",
+                        now,
+                    );
+                }
+            }
+        }
+        if d.outbox.len() >= self.limits().max_queued_per_device {
+            return Err("device queue full");
+        }
+        reserve_seq(d, ops);
+        let seq = d.next_seq;
+        d.next_seq += 1;
+        let push = Push {
+            seq,
+            id: item.id.clone(),
+            body: Some(item.body.clone()),
+        };
+        let stored = Arc::new(StoredPush {
+            device_id: d.record.device_id.clone(),
+            seq,
+            id: item.id.clone(),
+            kind: item.kind,
+            collapse_key: item.collapse_key.clone(),
+            expires_at_ms: item.expires,
+            encoded: push.encode_to_vec(),
+        });
+        ops.push(Op::PutPush((*stored).clone()));
+        self.receipt(ops, &stored, ReceiptState::Accepted, "", now);
+        let earliest = {
+            let mut deadlines = self.0.deadlines.lock().expect("poisoned");
+            deadlines.insert((item.expires, stored.device_id.clone(), seq));
+            deadlines.first().is_some_and(|(t, ..)| *t == item.expires)
+        };
+        if earliest {
+            self.0.deadlines_changed.notify_one();
+        }
+        d.outbox.insert(
+            seq,
+            Queued {
+                push: stored,
+                state: ReceiptState::Accepted,
+            },
+        );
+        if seq < d.durable_ceiling {
+            if let Some(s) = &d.session {
+                s.ctl.wake();
+            }
+        }
+        Ok(seq)
+    }
+
+    /// Commit, then release the sequence blocks the commit made durable and wake their sessions.
+    pub(super) async fn commit_and_release(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        let reserved: Vec<(String, u64)> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::PutSeqCeiling { device_id, ceiling } => Some((device_id.clone(), *ceiling)),
+                _ => None,
+            })
+            .collect();
+        crate::store::commit(&**self.store(), ops).await?;
+        for (device_id, ceiling) in reserved {
+            let Some(device) = self.device(&device_id) else {
+                continue;
+            };
+            let mut d = device.lock().expect("poisoned");
+            if d.durable_ceiling < ceiling {
+                d.durable_ceiling = ceiling;
+                if let Some(s) = &d.session {
+                    s.ctl.wake();
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One push to fan out.
+struct Item {
+    id: String,
+    kind: PushKind,
+    collapse_key: String,
+    expires: i64,
+    body: push::Body,
+}
+
+fn outcome_of(r: Receipt) -> RecipientOutcome {
+    RecipientOutcome {
+        device_id: r.device_id,
+        state: r.state,
+        reason: r.reason,
+    }
+}
+
+fn check_id(id: &str) -> Result<(), SendError> {
+    if id.len() > 128 || id.contains('#') || id.chars().any(char::is_control) {
+        return Err(SendError::Invalid(
+            "ids are at most 128 bytes, without '#' or control characters".into(),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,514 @@
+//! The hub: which devices exist, which session each has, and what is queued for each.
+//!
+//! It is the single place that decides; the store only remembers (write-behind, group-committed)
+//! and sessions only carry out. One mutex per device guards that device's registry record,
+//! outbox, sequence counter and session link, so every decision about a device is serialised
+//! without a global lock on the hot path.
+//!
+//! Invariants:
+//! - A device has at most one session; a newer login replaces the older one (the older session
+//!   is told to say goodbye `REPLACED`).
+//! - Sequence numbers per device strictly increase and are never reused, across restarts: a
+//!   block of numbers is reserved durably (`seq ceiling`) before any of them reaches a device.
+//! - A push leaves the outbox only when acknowledged, expired, superseded, cancelled or the
+//!   device is revoked, and each of those reports a final receipt to the sender.
+//!
+//! The cluster seam: everything a session or the sender API needs goes through `Hub`'s methods,
+//! so a later router can forward them to the node holding a device's session.
+
+mod delivery;
+mod expiry;
+
+pub use delivery::{CallRequest, MessageRequest, RecipientOutcome, SendError, Sent};
+pub use expiry::run_expiry;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use push_proto::{
+    device::{GoodbyeReason, Hello},
+    sender::PresenceEvent,
+};
+use tokio::sync::{Notify, broadcast};
+
+use crate::{
+    auth::{CredentialError, DeviceClaims},
+    config::Limits,
+    store::{DeviceRecord, Op, Receipt, ReceiptState, Snapshot, Store, StoreError, StoredPush},
+};
+
+/// Sequence numbers reserved per durable ceiling write.
+const SEQ_BLOCK: u64 = 1024;
+
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Cheap-to-clone handle to the shared hub.
+#[derive(Clone)]
+pub struct Hub(Arc<Inner>);
+
+struct Inner {
+    devices: RwLock<HashMap<String, Arc<Mutex<DeviceState>>>>,
+    groups: RwLock<HashMap<String, BTreeSet<String>>>,
+    store: Arc<dyn Store>,
+    limits: Limits,
+    presence: broadcast::Sender<PresenceEvent>,
+    receipts: broadcast::Sender<Receipt>,
+    /// `(expires_at_ms, device_id, seq)` of every queued push, for the expiry task.
+    deadlines: Mutex<BTreeSet<(i64, String, u64)>>,
+    deadlines_changed: Notify,
+    calls: Mutex<HashMap<String, delivery::CallRecord>>,
+    next_session: AtomicU64,
+}
+
+struct DeviceState {
+    record: DeviceRecord,
+    outbox: BTreeMap<u64, Queued>,
+    next_seq: u64,
+    /// Sequence numbers below this may be handed out (reserved, maybe not yet durable).
+    ceiling: u64,
+    /// Sequence numbers below this are durably reserved; only those may reach the device.
+    durable_ceiling: u64,
+    session: Option<SessionLink>,
+}
+
+struct Queued {
+    push: Arc<StoredPush>,
+    state: ReceiptState,
+}
+
+struct SessionLink {
+    id: u64,
+    ctl: Arc<SessionCtl>,
+    started_ms: i64,
+}
+
+/// How the hub reaches a live session: wake it to pull pushes, or tell it to say goodbye.
+#[derive(Default)]
+pub struct SessionCtl {
+    wake: Notify,
+    stop: Mutex<Option<(GoodbyeReason, String)>>,
+}
+
+impl SessionCtl {
+    /// Ask the session to pull pushes (coalesces: one stored wake-up at most).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Ask the session to say goodbye and close.
+    pub fn stop(&self, reason: GoodbyeReason, detail: &str) {
+        self.stop
+            .lock()
+            .expect("poisoned")
+            .get_or_insert((reason, detail.into()));
+        self.wake.notify_one();
+    }
+
+    /// The pending stop request, if any.
+    pub fn take_stop(&self) -> Option<(GoodbyeReason, String)> {
+        self.stop.lock().expect("poisoned").take()
+    }
+
+    /// Wait for `wake` or `stop`.
+    pub async fn woken(&self) {
+        self.wake.notified().await
+    }
+}
+
+/// A session the hub accepted.
+pub struct Login {
+    /// Session id (unique per process).
+    pub session_id: u64,
+    /// The session's control handle.
+    pub ctl: Arc<SessionCtl>,
+    /// Pushes waiting for replay.
+    pub replay_count: u32,
+}
+
+/// Presence and registry facts about one device, for listings.
+#[derive(Debug, Clone)]
+pub struct DeviceView {
+    /// The registry record.
+    pub record: DeviceRecord,
+    /// Whether a session is live.
+    pub online: bool,
+    /// Unix ms the live session started.
+    pub session_started_ms: Option<i64>,
+    /// Pushes queued.
+    pub queued: usize,
+}
+
+impl Hub {
+    /// Rebuild the hub from the store's snapshot.
+    pub fn new(store: Arc<dyn Store>, limits: Limits, snapshot: Snapshot) -> Self {
+        let ceilings: HashMap<String, u64> = snapshot.seq_ceilings.into_iter().collect();
+        let mut devices = HashMap::new();
+        let mut groups: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for record in snapshot.devices {
+            for g in &record.groups {
+                groups
+                    .entry(g.clone())
+                    .or_default()
+                    .insert(record.device_id.clone());
+            }
+            let ceiling = ceilings.get(&record.device_id).copied().unwrap_or(1).max(1);
+            let state = DeviceState {
+                record,
+                outbox: BTreeMap::new(),
+                next_seq: ceiling,
+                ceiling,
+                durable_ceiling: ceiling,
+                session: None,
+            };
+            devices.insert(state.record.device_id.clone(), Arc::new(Mutex::new(state)));
+        }
+        let mut deadlines = BTreeSet::new();
+        let mut calls = HashMap::new();
+        for push in snapshot.pushes {
+            let Some(device) = devices.get(&push.device_id) else {
+                tracing::warn!(device = %push.device_id, seq = push.seq, "dropping queued push of unknown device");
+                continue;
+            };
+            let mut d = device.lock().expect("poisoned");
+            // Never hand out a number at or below one already queued, even if the ceiling lags.
+            if push.seq >= d.next_seq {
+                d.next_seq = push.seq + 1;
+                d.ceiling = d.next_seq;
+                d.durable_ceiling = d.next_seq;
+            }
+            deadlines.insert((push.expires_at_ms, push.device_id.clone(), push.seq));
+            delivery::remember_call(&mut calls, &push);
+            d.outbox.insert(
+                push.seq,
+                Queued {
+                    push: Arc::new(push),
+                    state: ReceiptState::Accepted,
+                },
+            );
+        }
+        Self(Arc::new(Inner {
+            devices: RwLock::new(devices),
+            groups: RwLock::new(groups),
+            store,
+            limits,
+            presence: broadcast::channel(4096).0,
+            receipts: broadcast::channel(16 * 1024).0,
+            deadlines: Mutex::new(deadlines),
+            deadlines_changed: Notify::new(),
+            calls: Mutex::new(calls),
+            next_session: AtomicU64::new(1),
+        }))
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.0.limits
+    }
+
+    /// The store behind the hub.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.0.store
+    }
+
+    fn device(&self, device_id: &str) -> Option<Arc<Mutex<DeviceState>>> {
+        self.0.devices.read().expect("poisoned").get(device_id).cloned()
+    }
+
+    /// Register a device or update its groups; returns the credential generation to issue at.
+    /// A revoked device becomes usable again with credentials of a newer generation.
+    pub async fn register_device(&self, device_id: &str, groups: Vec<String>) -> Result<u64, StoreError> {
+        let device = {
+            let mut devices = self.0.devices.write().expect("poisoned");
+            devices
+                .entry(device_id.to_string())
+                .or_insert_with(|| {
+                    Arc::new(Mutex::new(DeviceState {
+                        record: DeviceRecord {
+                            device_id: device_id.into(),
+                            groups: Vec::new(),
+                            created_at_ms: now_ms(),
+                            credential_generation: 0,
+                            revoked: false,
+                            last_seen_ms: 0,
+                            last_ssid: String::new(),
+                            last_disconnect_reason: String::new(),
+                            sdk_version: String::new(),
+                        },
+                        outbox: BTreeMap::new(),
+                        next_seq: 1,
+                        ceiling: 1,
+                        durable_ceiling: 1,
+                        session: None,
+                    }))
+                })
+                .clone()
+        };
+        let (record, old_groups) = {
+            let mut d = device.lock().expect("poisoned");
+            let old = std::mem::replace(&mut d.record.groups, groups);
+            if d.record.revoked {
+                d.record.revoked = false;
+                d.record.credential_generation += 1;
+            }
+            (d.record.clone(), old)
+        };
+        {
+            let mut idx = self.0.groups.write().expect("poisoned");
+            for g in &old_groups {
+                if let Some(members) = idx.get_mut(g) {
+                    members.remove(device_id);
+                }
+            }
+            for g in &record.groups {
+                idx.entry(g.clone()).or_default().insert(device_id.into());
+            }
+        }
+        let generation = record.credential_generation;
+        crate::store::commit(&*self.0.store, vec![Op::PutDevice(record)]).await?;
+        Ok(generation)
+    }
+
+    /// Revoke every credential of the device, close its session and report its queue as
+    /// undeliverable. Returns whether a session was closed, or `None` for an unknown device.
+    pub async fn revoke_device(&self, device_id: &str) -> Result<Option<bool>, StoreError> {
+        let Some(device) = self.device(device_id) else {
+            return Ok(None);
+        };
+        let mut ops = Vec::new();
+        let closed = {
+            let mut d = device.lock().expect("poisoned");
+            d.record.revoked = true;
+            d.record.credential_generation += 1;
+            let now = now_ms();
+            for (_, q) in std::mem::take(&mut d.outbox) {
+                self.finish(
+                    &mut ops,
+                    &q.push,
+                    ReceiptState::Undeliverable,
+                    "device revoked",
+                    now,
+                );
+            }
+            let closed = match d.session.take() {
+                Some(link) => {
+                    link.ctl
+                        .stop(GoodbyeReason::CredentialRevoked, "credential revoked");
+                    d.record.last_disconnect_reason = "credential revoked".into();
+                    self.presence_offline(&d.record, link.id, "credential revoked", now);
+                    true
+                }
+                None => false,
+            };
+            ops.push(Op::PutDevice(d.record.clone()));
+            closed
+        };
+        crate::store::commit(&*self.0.store, ops).await?;
+        Ok(Some(closed))
+    }
+
+    /// Admit a session whose credential verified. Replaces any older session of the device,
+    /// treats everything up to `hello.last_seen_seq` as acknowledged, and records presence.
+    pub fn login(&self, claims: &DeviceClaims, hello: &Hello) -> Result<Login, CredentialError> {
+        let device = self.device(&claims.sub).ok_or(CredentialError::UnknownDevice)?;
+        let now = now_ms();
+        let mut ops = Vec::new();
+        let login = {
+            let mut d = device.lock().expect("poisoned");
+            if d.record.revoked || claims.generation < d.record.credential_generation {
+                return Err(CredentialError::Revoked);
+            }
+            let session_id = self.0.next_session.fetch_add(1, Ordering::Relaxed);
+            let ctl = Arc::new(SessionCtl::default());
+            if let Some(old) = d.session.replace(SessionLink {
+                id: session_id,
+                ctl: ctl.clone(),
+                started_ms: now,
+            }) {
+                old.ctl
+                    .stop(GoodbyeReason::Replaced, "replaced by a newer session");
+                tracing::info!(device = %claims.sub, old_session = old.id, new_session = session_id, "session replaced");
+            }
+            self.ack_locked(&mut d, &mut ops, hello.last_seen_seq, &[], now);
+            if hello.last_seen_seq >= d.next_seq {
+                // The device has seen numbers this server does not remember (store restored from
+                // an old backup?): continue above them so nothing new is dropped as a duplicate.
+                d.next_seq = hello.last_seen_seq + 1;
+                delivery::reserve_seq(&mut d, &mut ops);
+            }
+            d.record.last_seen_ms = now;
+            d.record.last_ssid = hello.ssid.clone();
+            d.record.sdk_version = hello.sdk_version.clone();
+            ops.push(Op::PutDevice(d.record.clone()));
+            let replay_count = d.outbox.values().filter(|q| q.push.expires_at_ms > now).count() as u32;
+            let _ = self.0.presence.send(PresenceEvent {
+                device_id: claims.sub.clone(),
+                online: true,
+                at_ms: now,
+                ssid: hello.ssid.clone(),
+                session_id: session_id.to_string(),
+                reason: String::new(),
+            });
+            Login {
+                session_id,
+                ctl,
+                replay_count,
+            }
+        };
+        self.persist(ops);
+        Ok(login)
+    }
+
+    /// A session ended. Clears presence only if it is still the device's current session.
+    pub fn logout(&self, device_id: &str, session_id: u64, reason: &str) {
+        let Some(device) = self.device(device_id) else {
+            return;
+        };
+        let mut d = device.lock().expect("poisoned");
+        if d.session.as_ref().is_none_or(|s| s.id != session_id) {
+            return;
+        }
+        d.session = None;
+        let now = now_ms();
+        d.record.last_seen_ms = now;
+        d.record.last_disconnect_reason = reason.into();
+        self.presence_offline(&d.record, session_id, reason, now);
+        let record = d.record.clone();
+        drop(d);
+        self.persist(vec![Op::PutDevice(record)]);
+    }
+
+    /// The device reports a new SSID mid-session.
+    pub fn network_changed(&self, device_id: &str, session_id: u64, ssid: &str) {
+        let Some(device) = self.device(device_id) else {
+            return;
+        };
+        let mut d = device.lock().expect("poisoned");
+        if d.session.as_ref().is_some_and(|s| s.id == session_id) {
+            d.record.last_ssid = ssid.into();
+            d.record.last_seen_ms = now_ms();
+            let record = d.record.clone();
+            drop(d);
+            self.persist(vec![Op::PutDevice(record)]);
+        }
+    }
+
+    /// Every device (optionally one group's, optionally only online ones), ordered by id.
+    pub fn list_devices(&self, group: Option<&str>, online_only: bool) -> Vec<DeviceView> {
+        let ids: Vec<String> = match group {
+            Some(g) => self
+                .0
+                .groups
+                .read()
+                .expect("poisoned")
+                .get(g)
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect(),
+            None => self.0.devices.read().expect("poisoned").keys().cloned().collect(),
+        };
+        let mut views: Vec<DeviceView> = ids
+            .iter()
+            .filter_map(|id| self.device(id))
+            .map(|device| {
+                let d = device.lock().expect("poisoned");
+                DeviceView {
+                    record: d.record.clone(),
+                    online: d.session.is_some(),
+                    session_started_ms: d.session.as_ref().map(|s| s.started_ms),
+                    queued: d.outbox.len(),
+                }
+            })
+            .filter(|v| !online_only || v.online)
+            .collect();
+        views.sort_by(|a, b| a.record.device_id.cmp(&b.record.device_id));
+        views
+    }
+
+    /// Presence changes as they happen.
+    pub fn subscribe_presence(&self) -> broadcast::Receiver<PresenceEvent> {
+        self.0.presence.subscribe()
+    }
+
+    /// Receipt changes as they happen (all pushes; filter by id).
+    pub fn subscribe_receipts(&self) -> broadcast::Receiver<Receipt> {
+        self.0.receipts.subscribe()
+    }
+
+    /// Stored receipts of push `id`, after everything submitted so far is durable (so a status
+    /// read never misses a change that was already announced).
+    pub async fn receipts(&self, id: &str) -> Result<Vec<Receipt>, StoreError> {
+        crate::store::commit(&*self.0.store, Vec::new()).await?;
+        self.0.store.receipts(id)
+    }
+
+    fn presence_offline(&self, record: &DeviceRecord, session_id: u64, reason: &str, now: i64) {
+        let _ = self.0.presence.send(PresenceEvent {
+            device_id: record.device_id.clone(),
+            online: false,
+            at_ms: now,
+            ssid: record.last_ssid.clone(),
+            session_id: session_id.to_string(),
+            reason: reason.into(),
+        });
+    }
+
+    /// Record a receipt change: announce it now, persist it with the batch.
+    fn receipt(&self, ops: &mut Vec<Op>, push: &StoredPush, state: ReceiptState, reason: &str, now: i64) {
+        let receipt = Receipt {
+            id: push.id.clone(),
+            device_id: push.device_id.clone(),
+            state,
+            reason: reason.into(),
+            at_ms: now,
+            path: if matches!(state, ReceiptState::Delivered | ReceiptState::Acked) {
+                "local".into()
+            } else {
+                String::new()
+            },
+        };
+        let _ = self.0.receipts.send(receipt.clone());
+        ops.push(Op::PutReceipt(receipt));
+    }
+
+    /// A push leaves the outbox for good with a final receipt.
+    fn finish(&self, ops: &mut Vec<Op>, push: &StoredPush, state: ReceiptState, reason: &str, now: i64) {
+        debug_assert!(state.is_final());
+        self.receipt(ops, push, state, reason, now);
+        ops.push(Op::DeletePush {
+            device_id: push.device_id.clone(),
+            seq: push.seq,
+        });
+        self.0.deadlines.lock().expect("poisoned").remove(&(
+            push.expires_at_ms,
+            push.device_id.clone(),
+            push.seq,
+        ));
+    }
+
+    /// Persist without waiting (session-side changes: the device already has what it needs, and
+    /// a lost write only means a harmless replay that the device de-duplicates).
+    pub(crate) fn persist(&self, ops: Vec<Op>) {
+        if ops.is_empty() {
+            return;
+        }
+        let hub = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = hub.commit_and_release(ops).await {
+                tracing::error!(error = %e, "store write failed");
+            }
+        });
+    }
+}

@@ -1,0 +1,26 @@
+//! The push-server: persistent TLS sessions to every device's push provider extension, durable
+//! delivery with acknowledgements, and the sender API.
+//!
+//! # Layout
+//! - [`config`]: configuration and every limit, in one place.
+//! - [`pki`]: the private CA and the iOS-compliant server certificate, TLS configurations.
+//! - [`auth`]: device credentials (JWT) and sender API keys.
+//! - [`store`]: durable state behind the [`store::Store`] trait; [`store::RedbStore`] embeds it.
+//! - [`hub`]: the decisions: registry, one session per device, outboxes, sequence numbers,
+//!   receipts, expiry. The seam a cluster router will sit behind.
+//! - [`session`]: the sans-IO session state machine ([`session::core`]) and its tokio driver.
+//! - [`listener`]: accept loops, TCP tuning, handshake deadlines, the session limit.
+//! - [`grpc`]: the sender and admin API (the only module that knows tonic).
+//! - [`server`]: wiring and graceful shutdown.
+//! - [`client`]: a minimal device client for the CLI and tests (the real one is `mobile-sdk`).
+
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod grpc;
+pub mod hub;
+pub mod listener;
+pub mod pki;
+pub mod server;
+pub mod session;
+pub mod store;

@@ -1,0 +1,88 @@
+//! Accept loops: TCP tuning, the session limit, and TLS handshakes with a deadline, so a client
+//! that opens TCP and never finishes the handshake costs a permit for a bounded time only.
+
+use std::{sync::Arc, time::Duration};
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{config::Limits, session::driver::SessionEnv};
+
+/// Accept device connections until `shutdown`; each session runs on `tracker`.
+pub async fn serve_devices(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    env: Arc<SessionEnv>,
+    limits: Limits,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_sessions));
+    let handshake_timeout = Duration::from_millis(limits.tls_handshake_timeout_ms);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+            _ = shutdown.cancelled() => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            r = accept(&listener) => r,
+            _ = shutdown.cancelled() => break,
+        };
+        tune(&tcp, &limits);
+        let (acceptor, env, shutdown) = (acceptor.clone(), env.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            let _permit = permit;
+            let peer = peer.to_string();
+            let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp));
+            let tls = tokio::select! {
+                r = handshake => r,
+                _ = shutdown.cancelled() => return,
+            };
+            match tls {
+                Ok(Ok(tls)) => crate::session::driver::run(tls, env, peer, shutdown).await,
+                Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::warn!(%peer, timeout_ms = handshake_timeout.as_millis() as u64, "TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+/// Accept, backing off on errors (out of file descriptors, for example) instead of spinning.
+async fn accept(listener: &TcpListener) -> (TcpStream, std::net::SocketAddr) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        match listener.accept().await {
+            Ok(conn) => return conn,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Internet-tuned TCP defaults do not suit a ward: detect dead peers and stuck writes.
+pub fn tune(tcp: &TcpStream, limits: &Limits) {
+    let sock = SockRef::from(tcp);
+    let idle = Duration::from_secs(limits.tcp_keepalive_secs);
+    let keepalive = TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(idle / 3)
+        .with_retries(3);
+    let results = [
+        tcp.set_nodelay(true),
+        sock.set_tcp_keepalive(&keepalive),
+        sock.set_tcp_user_timeout(Some(Duration::from_millis(limits.write_timeout_ms))),
+    ];
+    for r in results {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "socket option not applied");
+        }
+    }
+}

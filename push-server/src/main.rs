@@ -1,0 +1,624 @@
+//! `push-server`: run the server, administer it, and try it out.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use push_proto::{
+    device::{CancelReason, Hello, Priority},
+    sender::{
+        CancelCallRequest, CreateApiKeyRequest, DeviceList, GetMessageStatusRequest,
+        IssueDeviceCredentialRequest, ListDevicesRequest, PlaceCallRequest, RevokeDeviceRequest,
+        SendMessageRequest, Target, push_admin_client::PushAdminClient, push_sender_client::PushSenderClient,
+        target,
+    },
+};
+use push_server::{
+    client::{ClientOptions, DeviceClient},
+    config::Config,
+    pki::PkiStatus,
+    server::{ADMIN_KEY_FILE, Server, TLS_DIR},
+};
+use tonic::{
+    metadata::MetadataValue,
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Channel, ClientTlsConfig},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "push-server",
+    version,
+    about = "Local push server for iOS push provider extensions"
+)]
+struct Cli {
+    /// Log format: text or json.
+    #[arg(long, env = "PUSH_LOG_FORMAT", global = true, default_value = "text")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (creates the data directory, CA and admin key on first start).
+    Serve(ServeArgs),
+    /// Manage and try out devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Send a message.
+    Send(SendArgs),
+    /// Show the delivery status of a message.
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Message id.
+        message_id: String,
+    },
+    /// Ring devices.
+    Call(CallArgs),
+    /// Stop ringing a call.
+    CancelCall {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Call id.
+        call_id: String,
+    },
+    /// Manage sender API keys.
+    #[command(subcommand)]
+    ApiKey(ApiKeyCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML configuration file; flags and environment variables override it.
+    #[arg(long, env = "PUSH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (store, keys, certificates).
+    #[arg(long, env = "PUSH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Device listener address.
+    #[arg(long, env = "PUSH_DEVICE_LISTEN")]
+    device_listen: Option<SocketAddr>,
+    /// gRPC API listener address.
+    #[arg(long, env = "PUSH_API_LISTEN")]
+    api_listen: Option<SocketAddr>,
+    /// Host name or IP devices use to reach the server (repeatable; goes into the certificate).
+    #[arg(long = "server-name", env = "PUSH_SERVER_NAMES", value_delimiter = ',')]
+    server_names: Vec<String>,
+    /// Heartbeat interval in milliseconds.
+    #[arg(long, env = "PUSH_HEARTBEAT_INTERVAL_MS")]
+    heartbeat_interval_ms: Option<u64>,
+    /// Heartbeat answer deadline in milliseconds.
+    #[arg(long, env = "PUSH_HEARTBEAT_TIMEOUT_MS")]
+    heartbeat_timeout_ms: Option<u64>,
+}
+
+#[derive(Args, Clone)]
+struct ApiArgs {
+    /// API address.
+    #[arg(long, env = "PUSH_API", default_value = "127.0.0.1:7444")]
+    api: SocketAddr,
+    /// API key; defaults to the admin key in the data directory.
+    #[arg(long, env = "PUSH_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Data directory holding tls/ca.pem and admin.key.
+    #[arg(long, env = "PUSH_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// Name to verify in the server certificate.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Register a device and print a new credential for it.
+    Issue {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Device id.
+        device_id: String,
+        /// Group (repeatable), e.g. ward:4B.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// Validity in days (default 365).
+        #[arg(long, default_value_t = 0)]
+        valid_days: u32,
+        /// Write the credential to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Revoke every credential of a device and close its session.
+    Revoke {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Device id.
+        device_id: String,
+    },
+    /// List devices with their presence.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Only this group.
+        #[arg(long, default_value = "")]
+        group: String,
+        /// Only online devices.
+        #[arg(long)]
+        online: bool,
+    },
+    /// Act as a device: connect, print every push and acknowledge it.
+    Connect {
+        /// Device listener address.
+        #[arg(long, env = "PUSH_DEVICE_ADDR", default_value = "127.0.0.1:7443")]
+        addr: SocketAddr,
+        /// Credential, or @FILE to read it from a file.
+        #[arg(long, env = "PUSH_DEVICE_CREDENTIAL", hide_env_values = true)]
+        credential: String,
+        /// Data directory holding tls/ca.pem.
+        #[arg(long, env = "PUSH_DATA_DIR", default_value = "data")]
+        data_dir: PathBuf,
+        /// Name to verify in the server certificate.
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+        /// Highest sequence already seen (resume point).
+        #[arg(long, default_value_t = 0)]
+        last_seen: u64,
+        /// SSID to report.
+        #[arg(long, default_value = "")]
+        ssid: String,
+        /// Exit after this many pushes (0: run until interrupted).
+        #[arg(long, default_value_t = 0)]
+        count: usize,
+    },
+}
+
+#[derive(Args)]
+struct Recipients {
+    /// Device id (repeatable).
+    #[arg(long = "device")]
+    devices: Vec<String>,
+    /// Group.
+    #[arg(long)]
+    group: Option<String>,
+}
+
+impl Recipients {
+    fn target(&self) -> anyhow::Result<Target> {
+        let kind = match (&self.group, self.devices.as_slice()) {
+            (Some(g), []) => target::Kind::Group(g.clone()),
+            (None, [one]) => target::Kind::DeviceId(one.clone()),
+            (None, []) => bail!("give --device or --group"),
+            (None, many) => target::Kind::Devices(DeviceList {
+                device_ids: many.to_vec(),
+            }),
+            (Some(_), _) => bail!("give --device or --group, not both"),
+        };
+        Ok(Target { kind: Some(kind) })
+    }
+}
+
+#[derive(Args)]
+struct SendArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    #[command(flatten)]
+    to: Recipients,
+    /// Title.
+    #[arg(long, default_value = "")]
+    title: String,
+    /// Body.
+    #[arg(long)]
+    body: String,
+    /// TTL in seconds (0: server default).
+    #[arg(long, default_value_t = 0)]
+    ttl: u32,
+    /// Collapse key.
+    #[arg(long, default_value = "")]
+    collapse_key: String,
+    /// Mark as time-sensitive.
+    #[arg(long)]
+    high: bool,
+    /// Wait until every recipient reaches a final state and print each change.
+    #[arg(long)]
+    wait: bool,
+}
+
+#[derive(Args)]
+struct CallArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    #[command(flatten)]
+    to: Recipients,
+    /// Call id (default: random).
+    #[arg(long)]
+    call_id: Option<String>,
+    /// Caller display name.
+    #[arg(long)]
+    caller_name: String,
+    /// Caller handle.
+    #[arg(long, default_value = "")]
+    caller_handle: String,
+    /// Video call.
+    #[arg(long)]
+    video: bool,
+    /// Ring seconds (0: server default).
+    #[arg(long, default_value_t = 0)]
+    ring_secs: u32,
+}
+
+#[derive(Subcommand)]
+enum ApiKeyCommand {
+    /// Create a sender API key and print it (shown once).
+    Create {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Name of the key's holder.
+        #[arg(long)]
+        name: String,
+        /// Scope (repeatable): send, call, read, admin.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_format);
+    match run(cli.command).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init()
+    } else {
+        builder.init()
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(args) => serve(args).await,
+        Command::Device(DeviceCommand::Issue {
+            api,
+            device_id,
+            groups,
+            valid_days,
+            out,
+        }) => {
+            let r = admin(&api)
+                .await?
+                .issue_device_credential(IssueDeviceCredentialRequest {
+                    device_id,
+                    groups,
+                    valid_days,
+                })
+                .await?
+                .into_inner();
+            match out {
+                Some(path) => {
+                    push_server::auth::write_secret(&path, &r.credential)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    println!("credential for {} written to {}", r.device_id, path.display());
+                }
+                None => println!("{}", r.credential),
+            }
+            Ok(())
+        }
+        Command::Device(DeviceCommand::Revoke { api, device_id }) => {
+            let r = admin(&api)
+                .await?
+                .revoke_device(RevokeDeviceRequest {
+                    device_id: device_id.clone(),
+                })
+                .await?;
+            println!(
+                "{device_id} revoked (live session closed: {})",
+                r.into_inner().session_closed
+            );
+            Ok(())
+        }
+        Command::Device(DeviceCommand::List { api, group, online }) => {
+            let r = sender(&api)
+                .await?
+                .list_devices(ListDevicesRequest {
+                    group,
+                    online_only: online,
+                })
+                .await?;
+            println!(
+                "{:<24} {:<7} {:<16} {:>9} {:>6}  {}",
+                "DEVICE", "ONLINE", "SSID", "AGE(s)", "QUEUED", "LAST DROP"
+            );
+            for d in r.into_inner().devices {
+                println!(
+                    "{:<24} {:<7} {:<16} {:>9} {:>6}  {}",
+                    d.device_id,
+                    if d.revoked {
+                        "revoked"
+                    } else if d.online {
+                        "yes"
+                    } else {
+                        "no"
+                    },
+                    d.ssid,
+                    d.session_age_seconds,
+                    d.queued,
+                    d.last_disconnect_reason
+                );
+            }
+            Ok(())
+        }
+        Command::Device(DeviceCommand::Connect {
+            addr,
+            credential,
+            data_dir,
+            server_name,
+            last_seen,
+            ssid,
+            count,
+        }) => connect(addr, credential, data_dir, server_name, last_seen, ssid, count).await,
+        Command::Send(args) => {
+            let mut client = sender(&args.api).await?;
+            let r = client
+                .send_message(SendMessageRequest {
+                    target: Some(args.to.target()?),
+                    title: args.title,
+                    body: args.body,
+                    priority: if args.high {
+                        Priority::High
+                    } else {
+                        Priority::Normal
+                    } as i32,
+                    ttl_seconds: args.ttl,
+                    collapse_key: args.collapse_key,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            println!("message {}", r.message_id);
+            for rc in &r.recipients {
+                println!("  {:<24} {:?} {}", rc.device_id, rc.state(), rc.reason);
+            }
+            if args.wait {
+                let mut stream = client
+                    .watch_message(GetMessageStatusRequest {
+                        message_id: r.message_id,
+                    })
+                    .await?
+                    .into_inner();
+                while let Some(u) = stream.message().await? {
+                    println!("  {:<24} {:?} {}", u.device_id, u.state(), u.reason);
+                }
+            }
+            Ok(())
+        }
+        Command::Status { api, message_id } => {
+            let r = sender(&api)
+                .await?
+                .get_message_status(GetMessageStatusRequest { message_id })
+                .await?
+                .into_inner();
+            for u in r.recipients {
+                println!("{:<24} {:?} {}", u.device_id, u.state(), u.reason);
+            }
+            Ok(())
+        }
+        Command::Call(args) => {
+            let call_id = args.call_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let r = sender(&args.api)
+                .await?
+                .place_call(PlaceCallRequest {
+                    call_id,
+                    target: Some(args.to.target()?),
+                    caller_name: args.caller_name,
+                    caller_handle: args.caller_handle,
+                    video: args.video,
+                    ring_timeout_seconds: args.ring_secs,
+                })
+                .await?
+                .into_inner();
+            println!(
+                "call {} (uuid {}) rings until {}",
+                r.call_id, r.call_uuid, r.ring_deadline_ms
+            );
+            for rc in &r.recipients {
+                println!("  {:<24} {:?} {}", rc.device_id, rc.state(), rc.reason);
+            }
+            Ok(())
+        }
+        Command::CancelCall { api, call_id } => {
+            let reason = CancelReason::CallerCancelled as i32;
+            let r = sender(&api)
+                .await?
+                .cancel_call(CancelCallRequest { call_id, reason })
+                .await?
+                .into_inner();
+            println!("cancelled; {} device(s) sent a cancel", r.cancels_sent);
+            Ok(())
+        }
+        Command::ApiKey(ApiKeyCommand::Create { api, name, scopes }) => {
+            let r = admin(&api)
+                .await?
+                .create_api_key(CreateApiKeyRequest { name, scopes })
+                .await?
+                .into_inner();
+            println!("{}", r.api_key);
+            Ok(())
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut cfg = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(v) = args.data_dir {
+        cfg.data_dir = v;
+    }
+    if let Some(v) = args.device_listen {
+        cfg.device_listen = v;
+    }
+    if let Some(v) = args.api_listen {
+        cfg.api_listen = v;
+    }
+    if !args.server_names.is_empty() {
+        cfg.server_names = args.server_names;
+    }
+    if let Some(v) = args.heartbeat_interval_ms {
+        cfg.heartbeat_interval_ms = v;
+    }
+    if let Some(v) = args.heartbeat_timeout_ms {
+        cfg.heartbeat_timeout_ms = v;
+    }
+    let server = Server::start(cfg.clone()).await?;
+    let tls = cfg.data_dir.join(TLS_DIR);
+    println!("data directory: {}", cfg.data_dir.display());
+    match server.pki_status {
+        PkiStatus::CreatedCa => println!("created a private CA: {}", tls.join("ca.pem").display()),
+        PkiStatus::ReissuedServerCert => println!(
+            "reissued the server certificate: {}",
+            tls.join("server.pem").display()
+        ),
+        PkiStatus::Loaded => {}
+    }
+    println!(
+        "CA pin (pin this in the provider configuration): {}",
+        server.pki.ca_pin
+    );
+    println!("server certificate names: {}", server.pki.server_names.join(", "));
+    if let Some(path) = &server.created_admin_key {
+        println!(
+            "admin API key written to {} (owner-only; use it with --api-key or PUSH_API_KEY)",
+            path.display()
+        );
+    }
+    println!(
+        "push-server ready: devices={} api={}",
+        server.device_addr, server.api_addr
+    );
+    server.run_until(shutdown_signal()).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown requested");
+}
+
+async fn connect(
+    addr: SocketAddr,
+    credential: String,
+    data_dir: PathBuf,
+    server_name: String,
+    last_seen: u64,
+    ssid: String,
+    count: usize,
+) -> anyhow::Result<()> {
+    let credential = match credential.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {path}"))?
+            .trim()
+            .to_string(),
+        None => credential,
+    };
+    let ca_pem = read_ca(&data_dir)?;
+    let hello = Hello {
+        credential,
+        sdk_version: concat!("push-server-cli/", env!("CARGO_PKG_VERSION")).into(),
+        last_seen_seq: last_seen,
+        ssid,
+        instance_id: uuid::Uuid::new_v4().to_string(),
+    };
+    let mut client = DeviceClient::connect(ClientOptions {
+        addr,
+        server_name,
+        ca_pem,
+        hello,
+    })
+    .await?;
+    println!(
+        "connected as {} (session {}), {} queued push(es) to replay",
+        client.server_hello.device_id, client.server_hello.session_id, client.server_hello.replay_count
+    );
+    let mut received = 0;
+    while count == 0 || received < count {
+        let push = client.next_push().await?;
+        println!("push seq={} id={} {:?}", push.seq, push.id, push.body);
+        client.ack(&[push.seq]).await?;
+        received += 1;
+    }
+    client.close().await?;
+    Ok(())
+}
+
+fn read_ca(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join(TLS_DIR).join("ca.pem");
+    std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read the server's CA at {}", path.display()))
+}
+
+type Auth = InterceptedService<
+    Channel,
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync>,
+>;
+
+async fn channel(api: &ApiArgs) -> anyhow::Result<(Channel, MetadataValue<tonic::metadata::Ascii>)> {
+    let ca = read_ca(&api.data_dir)?;
+    let key = match &api.api_key {
+        Some(k) => k.clone(),
+        None => {
+            let path = api.data_dir.join(ADMIN_KEY_FILE);
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("no --api-key given and cannot read {}", path.display()))?
+                .trim()
+                .to_string()
+        }
+    };
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name(api.server_name.clone());
+    let channel = Channel::from_shared(format!("https://{}", api.api))?
+        .tls_config(tls)?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the API at {}", api.api))?;
+    let bearer =
+        MetadataValue::try_from(format!("Bearer {key}")).context("API key is not valid header text")?;
+    Ok((channel, bearer))
+}
+
+fn with_key(
+    bearer: MetadataValue<tonic::metadata::Ascii>,
+) -> Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync> {
+    Box::new(move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", bearer.clone());
+        Ok(req)
+    })
+}
+
+async fn sender(api: &ApiArgs) -> anyhow::Result<PushSenderClient<Auth>> {
+    let (channel, bearer) = channel(api).await?;
+    Ok(PushSenderClient::with_interceptor(channel, with_key(bearer)))
+}
+
+async fn admin(api: &ApiArgs) -> anyhow::Result<PushAdminClient<Auth>> {
+    let (channel, bearer) = channel(api).await?;
+    Ok(PushAdminClient::with_interceptor(channel, with_key(bearer)))
+}

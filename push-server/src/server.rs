@@ -1,0 +1,228 @@
+//! Wiring: data directory, certificates, store, hub, listeners, background tasks, and the
+//! graceful shutdown that says goodbye to every device and flushes the store.
+
+use std::{
+    io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context;
+use tokio::{net::TcpListener, sync::mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    auth::{DeviceAuthority, write_secret},
+    config::Config,
+    grpc::{Api, create_api_key},
+    hub::{Hub, run_expiry},
+    listener::{serve_devices, tune},
+    pki::{self, Pki, PkiStatus},
+    session::{core::Timing, driver::SessionEnv},
+    store::{RedbStore, Store},
+};
+
+/// File holding the bootstrap admin API key (mode 0600).
+pub const ADMIN_KEY_FILE: &str = "admin.key";
+/// Directory of the CA and server certificate inside the data directory.
+pub const TLS_DIR: &str = "tls";
+
+/// A running server.
+pub struct Server {
+    /// Where devices connect.
+    pub device_addr: SocketAddr,
+    /// Where the gRPC API listens.
+    pub api_addr: SocketAddr,
+    /// Certificates in use.
+    pub pki: Pki,
+    /// What start-up did to the certificates.
+    pub pki_status: PkiStatus,
+    /// Path of the bootstrap admin key, if this start created it.
+    pub created_admin_key: Option<PathBuf>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    store: Arc<RedbStore>,
+}
+
+impl Server {
+    /// Prepare the data directory, open the store and start listening.
+    pub async fn start(cfg: Config) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
+        let (pki, pki_status) = pki::load_or_create(&cfg.data_dir.join(TLS_DIR), &cfg.server_names)?;
+        let store = Arc::new(RedbStore::open(&cfg.data_dir.join("push.redb"))?);
+        let snapshot = store.load()?;
+        tracing::info!(
+            devices = snapshot.devices.len(),
+            queued = snapshot.pushes.len(),
+            "store loaded"
+        );
+        let hub = Hub::new(store.clone(), cfg.limits.clone(), snapshot);
+        let auth = Arc::new(
+            DeviceAuthority::load_or_create(&cfg.data_dir)
+                .context("cannot load the device credential key")?,
+        );
+        let created_admin_key = bootstrap_admin_key(&hub, &cfg.data_dir).await?;
+
+        let device_listener = TcpListener::bind(cfg.device_listen)
+            .await
+            .with_context(|| format!("cannot listen for devices on {}", cfg.device_listen))?;
+        let api_listener = TcpListener::bind(cfg.api_listen)
+            .await
+            .with_context(|| format!("cannot listen for the API on {}", cfg.api_listen))?;
+        let (device_addr, api_addr) = (device_listener.local_addr()?, api_listener.local_addr()?);
+
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let env = Arc::new(SessionEnv {
+            hub: hub.clone(),
+            auth: auth.clone(),
+            timing: Timing {
+                hello_timeout: Duration::from_millis(cfg.limits.hello_timeout_ms),
+                heartbeat_interval: cfg.heartbeat_interval(),
+                heartbeat_timeout: cfg.heartbeat_timeout(),
+            },
+            write_timeout: Duration::from_millis(cfg.limits.write_timeout_ms),
+            max_frame: cfg.limits.max_frame_bytes,
+            max_inflight: cfg.limits.max_inflight_per_session,
+        });
+        let device_tls = TlsAcceptor::from(Arc::new(pki::server_config(&pki)?));
+        tasks.spawn(serve_devices(
+            device_listener,
+            device_tls,
+            env,
+            cfg.limits.clone(),
+            shutdown.clone(),
+            tasks.clone(),
+        ));
+        tasks.spawn(run_expiry(hub.clone(), shutdown.clone()));
+        tasks.spawn(serve_api(
+            api_listener,
+            &pki,
+            &cfg,
+            Api::new(hub, auth, shutdown.clone()),
+            shutdown.clone(),
+        )?);
+        tracing::info!(%device_addr, %api_addr, "push-server listening");
+        Ok(Self {
+            device_addr,
+            api_addr,
+            pki,
+            pki_status,
+            created_admin_key,
+            shutdown,
+            tasks,
+            store,
+        })
+    }
+
+    /// A token that, when cancelled, starts the graceful shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Shut down gracefully: stop accepting, say goodbye to every device, wait for sessions
+    /// (bounded), then flush and close the store.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some sessions did not finish within 10 s; closing anyway");
+        }
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        tracing::info!("push-server stopped");
+    }
+
+    /// Run until `signal` resolves, then shut down gracefully.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) {
+        tokio::select! {
+            _ = signal => {}
+            _ = self.shutdown.cancelled() => {}
+        }
+        self.shutdown().await;
+    }
+}
+
+/// On first start, create an admin API key and write it to the data directory.
+async fn bootstrap_admin_key(hub: &Hub, dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let path = dir.join(ADMIN_KEY_FILE);
+    if path.exists() {
+        return Ok(None);
+    }
+    let key = create_api_key(hub, "admin", vec!["admin".into()]).await?;
+    write_secret(&path, &key).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(Some(path))
+}
+
+/// The gRPC API over TLS 1.3 (same certificate as the device listener, ALPN h2), with health
+/// and reflection so grpcurl-style tools work.
+fn serve_api(
+    listener: TcpListener,
+    pki: &Pki,
+    cfg: &Config,
+    api: Api,
+    shutdown: CancellationToken,
+) -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    let mut tls = pki::server_config(pki)?;
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(push_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let limits = cfg.limits.clone();
+    let (tx, rx) = mpsc::channel::<io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>(64);
+    let accept_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let timeout = Duration::from_millis(limits.tls_handshake_timeout_ms);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => { tracing::warn!(error = %e, "API accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; continue; }
+                },
+                _ = accept_shutdown.cancelled() => return,
+            };
+            tune(&tcp, &limits);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::warn!(%peer, error = %e, "API TLS handshake failed"),
+                    Err(_) => tracing::warn!(%peer, "API TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    let sender = api.sender();
+    let admin = api.admin();
+    Ok(async move {
+        health
+            .set_serving::<push_proto::sender::push_sender_server::PushSenderServer<Api>>()
+            .await;
+        health
+            .set_serving::<push_proto::sender::push_admin_server::PushAdminServer<Api>>()
+            .await;
+        let result = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(sender)
+            .add_service(admin)
+            .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "API server failed");
+        }
+    })
+}

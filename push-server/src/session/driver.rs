@@ -1,0 +1,288 @@
+//! Runs one [`Session`] over a TLS stream with tokio: one task, one timer, a fixed loop.
+//!
+//! Memory while idle is the point of the design: between bursts the task holds no read or write
+//! buffer. It waits for socket readiness (not for bytes into a buffer), then drains what rustls
+//! has into a buffer allocated for that burst, and frees it again when no partial frame remains.
+
+use std::{io, sync::Arc, time::Duration};
+
+use bytes::BytesMut;
+use futures::FutureExt;
+use push_proto::{
+    device::{ClientFrame, GoodbyeReason, ServerFrame, ServerHello, server_frame},
+    frame,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::Instant,
+};
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+use super::core::{Event, Session, Timing};
+use crate::{
+    auth::{CredentialError, DeviceAuthority},
+    hub::{Hub, SessionCtl, now_ms},
+};
+
+/// What a session needs from the server.
+pub struct SessionEnv {
+    /// The hub.
+    pub hub: Hub,
+    /// Verifies device credentials.
+    pub auth: Arc<DeviceAuthority>,
+    /// Protocol timing.
+    pub timing: Timing,
+    /// Per-burst write deadline.
+    pub write_timeout: Duration,
+    /// Frame size limit.
+    pub max_frame: usize,
+    /// Pushes in flight before waiting for acks.
+    pub max_inflight: usize,
+}
+
+/// Identity of an admitted session.
+struct Admitted {
+    device_id: String,
+    session_id: u64,
+    ctl: Arc<SessionCtl>,
+}
+
+enum Wake {
+    Readable,
+    Hub,
+    Timer,
+    Shutdown,
+}
+
+/// Drive one session until it ends. Never panics on peer input; every way out is logged once.
+pub async fn run(
+    mut tls: TlsStream<TcpStream>,
+    env: Arc<SessionEnv>,
+    peer: String,
+    shutdown: CancellationToken,
+) {
+    let mut session = Session::new(Instant::now(), env.timing);
+    let mut admitted: Option<Admitted> = None;
+    let mut rbuf = BytesMut::new();
+    let reason = loop {
+        // 1. Inputs decided by others: stop requests, then pushes the window allows.
+        if let Some(a) = &admitted {
+            if let Some((reason, detail)) = a.ctl.take_stop() {
+                session.goodbye(reason, &detail);
+            }
+            let room = env.max_inflight.saturating_sub(session.inflight());
+            if session.is_established() && room > 0 {
+                for push in env
+                    .hub
+                    .take_pushes(&a.device_id, a.session_id, session.last_sent_seq(), room)
+                {
+                    session.push(push);
+                }
+            }
+        }
+        // 2. Outputs: frames, then events.
+        let written = match flush(&mut tls, &mut session, &env).await {
+            Ok(seqs) => seqs,
+            Err(e) => break format!("write failed: {e}"),
+        };
+        if let (Some(a), false) = (&admitted, written.is_empty()) {
+            env.hub.mark_delivered(&a.device_id, &written);
+        }
+        let mut closed = None;
+        let mut progressed = false;
+        while let Some(event) = session.poll_event() {
+            progressed = true;
+            match event {
+                Event::Hello(hello) => admitted = authenticate(&env, &mut session, hello, &peer),
+                Event::Acked(ack) => {
+                    if let Some(a) = &admitted {
+                        env.hub.ack(&a.device_id, a.session_id, ack.up_to_seq, &ack.seqs);
+                    }
+                }
+                Event::NetworkChanged(ssid) => {
+                    if let Some(a) = &admitted {
+                        env.hub.network_changed(&a.device_id, a.session_id, &ssid);
+                    }
+                }
+                Event::Closed(reason) => closed = Some(reason),
+            }
+        }
+        if let Some(reason) = closed {
+            // Frames queued with the close (goodbye) go out before the socket closes.
+            if let Err(e) = flush(&mut tls, &mut session, &env).await {
+                tracing::debug!(%peer, error = %e, "final flush failed");
+            }
+            break reason.to_string();
+        }
+        if progressed {
+            // Events may have queued frames (server hello) or opened the push window.
+            continue;
+        }
+        // 3. Wait for the next input; borrows of `tls` end with the select.
+        let timer = session.poll_timeout();
+        let wake = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => Wake::Shutdown,
+            r = tls.get_ref().0.readable() => match r { Ok(()) => Wake::Readable, Err(e) => break format!("socket error: {e}") },
+            _ = async { match &admitted { Some(a) => a.ctl.woken().await, None => std::future::pending().await } } => Wake::Hub,
+            _ = async { match timer { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => Wake::Timer,
+        };
+        match wake {
+            Wake::Shutdown => session.goodbye(GoodbyeReason::ServerShutdown, "server shutting down"),
+            Wake::Timer => session.handle_timeout(Instant::now()),
+            Wake::Hub => {}
+            Wake::Readable => match read_frames(&mut tls, &mut rbuf, &mut session, env.max_frame) {
+                // A goodbye read just before the end of stream still gets its own reason.
+                Ok(false) if !session.is_closed() => break "connection closed by device".into(),
+                Ok(_) => {}
+                Err(e) if !session.is_closed() => break format!("read failed: {e}"),
+                Err(_) => {}
+            },
+        }
+    };
+    if let Some(a) = &admitted {
+        env.hub.logout(&a.device_id, a.session_id, &reason);
+        tracing::info!(%peer, device = %a.device_id, session = a.session_id, %reason, "session ended");
+    } else {
+        tracing::info!(%peer, %reason, "connection ended before login");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
+}
+
+/// Verify the credential and admit the device, or queue a goodbye.
+fn authenticate(
+    env: &SessionEnv,
+    session: &mut Session,
+    hello: push_proto::device::Hello,
+    peer: &str,
+) -> Option<Admitted> {
+    let result = env
+        .auth
+        .verify(&hello.credential)
+        .and_then(|claims| env.hub.login(&claims, &hello).map(|l| (claims, l)));
+    match result {
+        Ok((claims, login)) => {
+            tracing::info!(
+                %peer, device = %claims.sub, session = login.session_id, sdk = %hello.sdk_version,
+                ssid = %hello.ssid, last_seen_seq = hello.last_seen_seq, replay = login.replay_count, "session started"
+            );
+            session.accept(
+                Instant::now(),
+                ServerHello {
+                    session_id: login.session_id.to_string(),
+                    device_id: claims.sub.clone(),
+                    heartbeat_interval_ms: env.timing.heartbeat_interval.as_millis() as u32,
+                    heartbeat_timeout_ms: env.timing.heartbeat_timeout.as_millis() as u32,
+                    max_frame_size: env.max_frame as u32,
+                    server_time_ms: now_ms(),
+                    replay_count: login.replay_count,
+                },
+                hello.last_seen_seq,
+            );
+            Some(Admitted {
+                device_id: claims.sub,
+                session_id: login.session_id,
+                ctl: login.ctl,
+            })
+        }
+        Err(e) => {
+            let reason = match e {
+                CredentialError::Revoked => GoodbyeReason::CredentialRevoked,
+                _ => GoodbyeReason::AuthFailed,
+            };
+            tracing::warn!(%peer, error = %e, "device rejected");
+            session.reject(reason, &e.to_string());
+            None
+        }
+    }
+}
+
+/// Write every queued frame in one burst under the write deadline. Returns the sequence
+/// numbers of the pushes written.
+async fn flush(
+    tls: &mut TlsStream<TcpStream>,
+    session: &mut Session,
+    env: &SessionEnv,
+) -> io::Result<Vec<u64>> {
+    let mut out = BytesMut::new();
+    let mut seqs = Vec::new();
+    while let Some(f) = session.poll_transmit() {
+        if let Some(server_frame::Kind::Push(p)) = &f.kind {
+            seqs.push(p.seq);
+        }
+        encode(&f, &mut out, env.max_frame);
+    }
+    if out.is_empty() {
+        return Ok(seqs);
+    }
+    let write = async {
+        tls.write_all(&out).await?;
+        tls.flush().await
+    };
+    match tokio::time::timeout(env.write_timeout, write).await {
+        Ok(r) => r.map(|()| seqs),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "write timed out (device not reading)",
+        )),
+    }
+}
+
+fn encode(f: &ServerFrame, out: &mut BytesMut, max: usize) {
+    if let Err(e) = frame::encode(f, out, max) {
+        // The hub bounds message sizes well below the frame limit, so this is a bug, not input.
+        tracing::error!(error = %e, "server frame over the limit dropped");
+    }
+}
+
+/// Drain everything readable without blocking, feeding whole frames to the session.
+/// Returns `Ok(false)` on a clean end of stream.
+fn read_frames(
+    tls: &mut TlsStream<TcpStream>,
+    rbuf: &mut BytesMut,
+    session: &mut Session,
+    max_frame: usize,
+) -> io::Result<bool> {
+    let mut open = true;
+    loop {
+        if rbuf.capacity() - rbuf.len() < 1024 {
+            rbuf.reserve(4096);
+        }
+        match tls.read_buf(rbuf).now_or_never() {
+            None => break,
+            Some(Ok(0)) => {
+                open = false;
+                break;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Some(Err(e)) => return Err(e),
+        }
+        if !decode_all(rbuf, session, max_frame) {
+            break;
+        }
+    }
+    decode_all(rbuf, session, max_frame);
+    if rbuf.is_empty() {
+        // Idle sessions hold no read buffer.
+        *rbuf = BytesMut::new();
+    }
+    Ok(open)
+}
+
+/// Decode whole frames; false once the session is closed (the rest is ignored).
+fn decode_all(rbuf: &mut BytesMut, session: &mut Session, max_frame: usize) -> bool {
+    while !session.is_closed() {
+        match frame::decode::<ClientFrame>(rbuf, max_frame) {
+            Ok(Some(f)) => session.handle_frame(Instant::now(), f),
+            Ok(None) => return true,
+            Err(e) => {
+                rbuf.clear();
+                session.handle_decode_error(e.to_string());
+            }
+        }
+    }
+    false
+}

@@ -1,0 +1,676 @@
+//! Embedded [`Store`]: one redb file, written by a single group-committing thread.
+//!
+//! redb allows one write transaction at a time and every durable commit costs an fsync, so all
+//! writes go through one thread that folds whatever batches are queued into one transaction:
+//! under load, many callers share one fsync instead of queueing for one each.
+
+use std::fmt::Display;
+use std::path::Path;
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+
+use redb::{
+    Database, Durability, Key, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition,
+    TableHandle, WriteTransaction,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
+
+use super::{ApiKeyRecord, Op, Receipt, Snapshot, Store, StoreError};
+
+// Values are postcard-encoded records. Keys mirror the records' identities so that range scans
+// come out in the order callers need: pushes by (device, seq), receipts by (id, device).
+// Statics rather than consts so that `name()` is `&'static str`, as `StoreError::Corrupt` needs.
+static DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+static PUSHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("pushes");
+static SEQ_CEILINGS: TableDefinition<&str, u64> = TableDefinition::new("seq_ceilings");
+static RECEIPTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("receipts");
+static API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys");
+
+/// Most batches folded into one transaction, so that a flood of writers cannot grow a
+/// transaction (and the wait of its first caller) without bound.
+const MAX_GROUP: usize = 256;
+
+type Reply = oneshot::Sender<Result<(), StoreError>>;
+type Batch = (Vec<Op>, Reply);
+
+/// The embedded store: a redb database file plus the thread that writes it.
+pub struct RedbStore {
+    /// Shared with the writer thread; reads use it directly (redb reads run beside a write).
+    db: Arc<Database>,
+    /// Queue to the writer; `None` once closed, so that late batches are refused, not lost.
+    queue: Mutex<Option<mpsc::Sender<Batch>>>,
+    /// Joined by `close`, so that a closed store has everything submitted on disk.
+    writer: Mutex<Option<JoinHandle<()>>>,
+    /// Transactions committed by the writer, to show that batches really are grouped.
+    #[cfg(test)]
+    commits: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RedbStore {
+    /// Open the database at `path`, creating it if missing, and start its writer thread.
+    pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        let open_error = |source: &dyn Display| StoreError::Open {
+            path: path.display().to_string(),
+            detail: source.to_string(),
+        };
+        let db = Arc::new(Database::create(path).map_err(|e| open_error(&e))?);
+        create_tables(&db).map_err(|e| open_error(&e))?;
+
+        let writer = Writer {
+            db: Arc::clone(&db),
+            #[cfg(test)]
+            commits: Arc::default(),
+        };
+        #[cfg(test)]
+        let commits = Arc::clone(&writer.commits);
+        let (queue, batches) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer.run(&batches))
+            .map_err(|e| open_error(&e))?;
+        Ok(RedbStore {
+            db,
+            queue: Mutex::new(Some(queue)),
+            writer: Mutex::new(Some(thread)),
+            #[cfg(test)]
+            commits,
+        })
+    }
+}
+
+/// Creates every table up front, so that reads of a fresh database find empty tables rather
+/// than `TableDoesNotExist`.
+fn create_tables(db: &Database) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    txn.open_table(DEVICES)?;
+    txn.open_table(PUSHES)?;
+    txn.open_table(SEQ_CEILINGS)?;
+    txn.open_table(RECEIPTS)?;
+    txn.open_table(API_KEYS)?;
+    txn.commit()?;
+    Ok(())
+}
+
+impl Store for RedbStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let seq_ceilings = txn.open_table(SEQ_CEILINGS).map_err(io)?;
+        Ok(Snapshot {
+            devices: read_all(&txn, &DEVICES)?,
+            pushes: read_all(&txn, &PUSHES)?,
+            seq_ceilings: seq_ceilings
+                .iter()
+                .map_err(io)?
+                .map(|entry| {
+                    let (device, ceiling) = entry.map_err(io)?;
+                    Ok((device.value().to_owned(), ceiling.value()))
+                })
+                .collect::<Result<_, StoreError>>()?,
+        })
+    }
+
+    fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<(), StoreError>> {
+        let (reply, answer) = oneshot::channel();
+        let refused = match self.queue.lock().expect("store queue lock poisoned").as_ref() {
+            // The send fails only if the writer thread died (it panicked).
+            Some(queue) => queue
+                .send((ops, reply))
+                .err()
+                .map(|mpsc::SendError((_, reply))| reply),
+            None => Some(reply),
+        };
+        if let Some(reply) = refused {
+            // The caller may have dropped its receiver already; nothing to tell then.
+            let _ = reply.send(Err(StoreError::Closed));
+        }
+        answer
+    }
+
+    fn receipts(&self, id: &str) -> Result<Vec<Receipt>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let table = txn.open_table(RECEIPTS).map_err(io)?;
+        let mut receipts = Vec::new();
+        // ("id", "") is the smallest key of `id`; its keys are contiguous, so stop at the first
+        // key of another id.
+        for entry in table.range((id, "")..).map_err(io)? {
+            let (key, value) = entry.map_err(io)?;
+            if key.value().0 != id {
+                break;
+            }
+            receipts.push(decode(&RECEIPTS, value.value())?);
+        }
+        Ok(receipts)
+    }
+
+    fn api_key(&self, hash: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let table = txn.open_table(API_KEYS).map_err(io)?;
+        let value = table.get(hash).map_err(io)?;
+        value.map(|value| decode(&API_KEYS, value.value())).transpose()
+    }
+
+    fn close(&self) {
+        // Dropping the only sender ends the writer once it has drained the queue.
+        drop(self.queue.lock().expect("store queue lock poisoned").take());
+        // Joining under the lock makes a concurrent `close` wait for the final commit too.
+        let mut writer = self.writer.lock().expect("store writer lock poisoned");
+        if let Some(thread) = writer.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("store writer thread panicked; batches it held were answered `Closed`");
+        }
+    }
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Every record of a table whose values are postcard-encoded `T`s, in key order.
+fn read_all<K: Key + 'static, T: DeserializeOwned>(
+    txn: &ReadTransaction,
+    definition: &'static TableDefinition<'static, K, &'static [u8]>,
+) -> Result<Vec<T>, StoreError> {
+    let table = txn.open_table(*definition).map_err(io)?;
+    let entries = table.iter().map_err(io)?;
+    entries
+        .map(|entry| {
+            let (_, value) = entry.map_err(io)?;
+            decode(definition, value.value())
+        })
+        .collect()
+}
+
+/// The writer thread's state.
+struct Writer {
+    db: Arc<Database>,
+    #[cfg(test)]
+    commits: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Why a group could not be committed.
+enum Failure {
+    /// Batch `.0` of the group failed (e.g. a corrupt record); the other batches may be fine.
+    Batch(usize, StoreError),
+    /// The transaction itself failed: nothing of the group is on disk.
+    Transaction(String),
+}
+
+impl Failure {
+    fn transaction(error: impl Display) -> Self {
+        Failure::Transaction(error.to_string())
+    }
+}
+
+impl Writer {
+    /// Commits groups until `close` drops the queue's sender. `recv` reports that only once the
+    /// queue is empty, so every batch submitted before `close` is committed.
+    fn run(self, batches: &mpsc::Receiver<Batch>) {
+        while let Ok(first) = batches.recv() {
+            let mut group = vec![first];
+            group.extend(batches.try_iter().take(MAX_GROUP - 1));
+            self.commit_group(group);
+        }
+    }
+
+    /// Commits `group` in one transaction and answers every caller. A batch that fails is
+    /// answered with its error and the transaction is redone without it: a bad batch costs the
+    /// others a retry, never their data.
+    fn commit_group(&self, mut group: Vec<Batch>) {
+        while !group.is_empty() {
+            // Receivers may have been dropped; their callers no longer want the answer.
+            match self.write(&group) {
+                Ok(()) => {
+                    for (_, reply) in group.drain(..) {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+                Err(Failure::Batch(index, error)) => {
+                    let (_, reply) = group.remove(index);
+                    let _ = reply.send(Err(error));
+                }
+                Err(Failure::Transaction(detail)) => {
+                    for (_, reply) in group.drain(..) {
+                        let _ = reply.send(Err(StoreError::Io(detail.clone())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies every batch of `group` in one durable transaction, or none of them.
+    fn write(&self, group: &[Batch]) -> Result<(), Failure> {
+        let mut txn = self.db.begin_write().map_err(Failure::transaction)?;
+        // The default, but it is the whole point: `commit` returns once the data is fsynced.
+        txn.set_durability(Durability::Immediate)
+            .map_err(Failure::transaction)?;
+        if let Err(failure) = apply_group(&txn, group) {
+            if let Err(error) = txn.abort() {
+                tracing::warn!(%error, "aborting a failed store transaction failed");
+            }
+            return Err(failure);
+        }
+        txn.commit().map_err(Failure::transaction)?;
+        #[cfg(test)]
+        self.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn apply_group(txn: &WriteTransaction, group: &[Batch]) -> Result<(), Failure> {
+    let mut tables = Tables::open(txn).map_err(Failure::transaction)?;
+    for (index, (ops, _)) in group.iter().enumerate() {
+        for op in ops {
+            tables.apply(op).map_err(|error| Failure::Batch(index, error))?;
+        }
+    }
+    Ok(())
+}
+
+/// The tables of one write transaction, opened once per group rather than once per op.
+struct Tables<'txn> {
+    devices: Table<'txn, &'static str, &'static [u8]>,
+    pushes: Table<'txn, (&'static str, u64), &'static [u8]>,
+    seq_ceilings: Table<'txn, &'static str, u64>,
+    receipts: Table<'txn, (&'static str, &'static str), &'static [u8]>,
+    api_keys: Table<'txn, &'static str, &'static [u8]>,
+}
+
+impl<'txn> Tables<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> Result<Self, redb::TableError> {
+        Ok(Tables {
+            devices: txn.open_table(DEVICES)?,
+            pushes: txn.open_table(PUSHES)?,
+            seq_ceilings: txn.open_table(SEQ_CEILINGS)?,
+            receipts: txn.open_table(RECEIPTS)?,
+            api_keys: txn.open_table(API_KEYS)?,
+        })
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<(), StoreError> {
+        match op {
+            Op::PutDevice(device) => {
+                let value = encode(&DEVICES, device)?;
+                self.devices
+                    .insert(device.device_id.as_str(), value.as_slice())
+                    .map_err(io)?;
+            }
+            Op::PutPush(push) => {
+                let value = encode(&PUSHES, push)?;
+                self.pushes
+                    .insert((push.device_id.as_str(), push.seq), value.as_slice())
+                    .map_err(io)?;
+            }
+            Op::DeletePush { device_id, seq } => {
+                self.pushes.remove((device_id.as_str(), *seq)).map_err(io)?;
+            }
+            Op::PutSeqCeiling { device_id, ceiling } => {
+                self.seq_ceilings
+                    .insert(device_id.as_str(), *ceiling)
+                    .map_err(io)?;
+            }
+            Op::PutReceipt(receipt) => {
+                let value = encode(&RECEIPTS, receipt)?;
+                let key = (receipt.id.as_str(), receipt.device_id.as_str());
+                self.receipts.insert(key, value.as_slice()).map_err(io)?;
+            }
+            Op::PruneReceipts { before_ms } => {
+                // A full scan: receipts are keyed by id, not time. An undecodable receipt is
+                // kept (its age is unknown) and fails the batch, so that it gets noticed.
+                let mut corrupt = None;
+                self.receipts
+                    .retain(|_, value| match decode::<Receipt>(&RECEIPTS, value) {
+                        Ok(receipt) => receipt.at_ms >= *before_ms || !receipt.state.is_final(),
+                        Err(error) => {
+                            corrupt.get_or_insert(error);
+                            true
+                        }
+                    })
+                    .map_err(io)?;
+                if let Some(error) = corrupt {
+                    return Err(error);
+                }
+            }
+            Op::PutApiKey { hash, record } => {
+                let value = encode(&API_KEYS, record)?;
+                self.api_keys
+                    .insert(hash.as_str(), value.as_slice())
+                    .map_err(io)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn encode<T: Serialize>(table: &'static impl TableHandle, value: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_allocvec(value)
+        .map_err(|error| StoreError::Io(format!("cannot encode a record for {}: {error}", table.name())))
+}
+
+fn decode<T: DeserializeOwned>(table: &'static impl TableHandle, bytes: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|error| StoreError::Corrupt {
+        table: table.name(),
+        detail: error.to_string(),
+    })
+}
+
+fn io(error: impl Display) -> StoreError {
+    StoreError::Io(error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::store::{DeviceRecord, PushKind, ReceiptState, StoredPush, commit};
+
+    fn device(id: &str) -> DeviceRecord {
+        DeviceRecord {
+            device_id: id.into(),
+            groups: vec!["ward:4B".into()],
+            created_at_ms: 1,
+            credential_generation: 2,
+            revoked: false,
+            last_seen_ms: 3,
+            last_ssid: "hospital".into(),
+            last_disconnect_reason: "idle".into(),
+            sdk_version: "1.0".into(),
+        }
+    }
+
+    fn push(device_id: &str, seq: u64) -> StoredPush {
+        StoredPush {
+            device_id: device_id.into(),
+            seq,
+            id: format!("m{seq}"),
+            kind: PushKind::Message,
+            collapse_key: String::new(),
+            expires_at_ms: 99,
+            encoded: vec![1, 2, seq as u8],
+        }
+    }
+
+    fn receipt(id: &str, device_id: &str, state: ReceiptState, at_ms: i64) -> Receipt {
+        Receipt {
+            id: id.into(),
+            device_id: device_id.into(),
+            state,
+            reason: String::new(),
+            at_ms,
+            path: "local".into(),
+        }
+    }
+
+    fn submit_and_wait(store: &RedbStore, ops: Vec<Op>) -> Result<(), StoreError> {
+        store
+            .submit(ops)
+            .blocking_recv()
+            .expect("the writer answers every batch")
+    }
+
+    fn temp_db() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store.redb");
+        (dir, path)
+    }
+
+    #[tokio::test]
+    async fn every_op_round_trips() {
+        let (_dir, path) = temp_db();
+        let store = RedbStore::open(&path).expect("open");
+        assert_eq!(store.load().expect("load"), Snapshot::default());
+        assert_eq!(store.receipts("m1").expect("receipts"), vec![]);
+        assert_eq!(store.api_key("nope").expect("api key"), None);
+
+        let mut revoked = device("a");
+        revoked.revoked = true;
+        let key = ApiKeyRecord {
+            name: "nurse-call".into(),
+            scopes: vec!["send".into()],
+            created_at_ms: 5,
+        };
+        let ops = vec![
+            Op::PutDevice(device("b")),
+            Op::PutDevice(device("a")),
+            Op::PutDevice(revoked.clone()),
+            Op::PutPush(push("b", 1)),
+            Op::PutPush(push("a", 10)),
+            Op::PutPush(push("a", 2)),
+            Op::PutPush(push("a", 3)),
+            Op::DeletePush {
+                device_id: "a".into(),
+                seq: 3,
+            },
+            Op::DeletePush {
+                device_id: "a".into(),
+                seq: 77,
+            },
+            Op::PutSeqCeiling {
+                device_id: "a".into(),
+                ceiling: 11,
+            },
+            Op::PutSeqCeiling {
+                device_id: "b".into(),
+                ceiling: 2,
+            },
+            Op::PutReceipt(receipt("m1", "b", ReceiptState::Accepted, 1)),
+            Op::PutReceipt(receipt("m1", "a", ReceiptState::Accepted, 1)),
+            Op::PutReceipt(receipt("m1", "a", ReceiptState::Acked, 2)),
+            Op::PutReceipt(receipt("m10", "a", ReceiptState::Delivered, 1)),
+            Op::PutReceipt(receipt("m", "a", ReceiptState::Delivered, 1)),
+            Op::PutApiKey {
+                hash: "abc".into(),
+                record: key.clone(),
+            },
+        ];
+        commit(&store, ops).await.expect("commit");
+
+        let snapshot = store.load().expect("load");
+        assert_eq!(snapshot.devices, vec![revoked, device("b")]);
+        assert_eq!(snapshot.pushes, vec![push("a", 2), push("a", 10), push("b", 1)]);
+        assert_eq!(snapshot.seq_ceilings, vec![("a".into(), 11), ("b".into(), 2)]);
+        assert_eq!(
+            store.receipts("m1").expect("receipts"),
+            vec![
+                receipt("m1", "a", ReceiptState::Acked, 2),
+                receipt("m1", "b", ReceiptState::Accepted, 1)
+            ]
+        );
+        assert_eq!(store.receipts("m10").expect("receipts").len(), 1);
+        assert_eq!(store.api_key("abc").expect("api key"), Some(key));
+        assert_eq!(store.api_key("ab").expect("api key"), None);
+    }
+
+    #[test]
+    fn data_survives_close_and_reopen() {
+        let (_dir, path) = temp_db();
+        let store = RedbStore::open(&path).expect("open");
+        submit_and_wait(
+            &store,
+            vec![Op::PutDevice(device("a")), Op::PutPush(push("a", 1))],
+        )
+        .expect("commit");
+        // Submitted but not awaited: `close` must still commit it.
+        let pending = store.submit(vec![Op::PutSeqCeiling {
+            device_id: "a".into(),
+            ceiling: 2,
+        }]);
+        let before = store.load().expect("load");
+        drop(store);
+        assert!(matches!(pending.blocking_recv(), Ok(Ok(()))));
+
+        let store = RedbStore::open(&path).expect("reopen");
+        let after = store.load().expect("load");
+        assert_eq!(after.devices, before.devices);
+        assert_eq!(after.pushes, before.pushes);
+        assert_eq!(after.seq_ceilings, vec![("a".into(), 2)]);
+    }
+
+    #[test]
+    fn failed_batch_is_atomic_and_spares_the_others() {
+        let (_dir, path) = temp_db();
+        let store = RedbStore::open(&path).expect("open");
+        // Holding a write transaction stalls the writer, so the batches below queue up and are
+        // (at least partly) applied in one transaction with the bad one.
+        let blocker = store.db.begin_write().expect("begin write");
+        blocker
+            .open_table(RECEIPTS)
+            .expect("table")
+            .insert(("bad", "a"), [0xff_u8; 3].as_slice())
+            .expect("insert");
+        let good = store.submit(vec![Op::PutDevice(device("a"))]);
+        let bad = store.submit(vec![
+            Op::PutDevice(device("b")),
+            Op::PruneReceipts { before_ms: 10 },
+        ]);
+        let later = store.submit(vec![Op::PutDevice(device("c"))]);
+        blocker.commit().expect("commit");
+
+        assert!(matches!(good.blocking_recv(), Ok(Ok(()))));
+        assert!(matches!(
+            bad.blocking_recv(),
+            Ok(Err(StoreError::Corrupt {
+                table: "receipts",
+                ..
+            }))
+        ));
+        assert!(matches!(later.blocking_recv(), Ok(Ok(()))));
+        let ids: Vec<_> = store
+            .load()
+            .expect("load")
+            .devices
+            .into_iter()
+            .map(|d| d.device_id)
+            .collect();
+        assert_eq!(ids, ["a", "c"]);
+        assert!(matches!(
+            store.receipts("bad"),
+            Err(StoreError::Corrupt {
+                table: "receipts",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn concurrent_submits_all_succeed() {
+        let (_dir, path) = temp_db();
+        let store = RedbStore::open(&path).expect("open");
+        std::thread::scope(|scope| {
+            for thread in 0..8 {
+                let store = &store;
+                scope.spawn(move || {
+                    let id = format!("d{thread}");
+                    for seq in 0..25 {
+                        let ops = vec![
+                            Op::PutPush(push(&id, seq)),
+                            Op::PutSeqCeiling {
+                                device_id: id.clone(),
+                                ceiling: seq + 1,
+                            },
+                        ];
+                        submit_and_wait(store, ops).expect("commit");
+                    }
+                });
+            }
+        });
+        let snapshot = store.load().expect("load");
+        assert_eq!(snapshot.pushes.len(), 200);
+        assert!(snapshot.seq_ceilings.iter().all(|(_, ceiling)| *ceiling == 25));
+        assert_eq!(snapshot.seq_ceilings.len(), 8);
+    }
+
+    #[test]
+    fn queued_batches_share_one_commit() {
+        let (_dir, path) = temp_db();
+        let store = RedbStore::open(&path).expect("open");
+        let blocker = store.db.begin_write().expect("begin write");
+        let answers: Vec<_> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..4)
+                .map(|thread| {
+                    let store = &store;
+                    scope.spawn(move || {
+                        (0..50)
+                            .map(|seq| store.submit(vec![Op::PutPush(push(&format!("d{thread}"), seq))]))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|t| t.join().expect("submitter"))
+                .collect()
+        });
+        drop(blocker);
+        for answer in answers {
+            assert!(matches!(answer.blocking_recv(), Ok(Ok(()))));
+        }
+        // All 200 batches were queued before the writer could commit: at most the batches it
+        // had already taken go first, the rest (< MAX_GROUP) go in one more commit.
+        assert!(store.commits.load(Ordering::Relaxed) <= 2);
+        assert_eq!(store.load().expect("load").pushes.len(), 200);
+    }
+
+    #[test]
+    fn submit_after_close_is_refused() {
+        let (_dir, path) = temp_db();
+        let store = RedbStore::open(&path).expect("open");
+        store.close();
+        store.close();
+        let answer = store.submit(vec![Op::PutDevice(device("a"))]).blocking_recv();
+        assert!(matches!(answer, Ok(Err(StoreError::Closed))));
+        assert_eq!(store.load().expect("reads still work").devices, vec![]);
+    }
+
+    #[test]
+    fn second_open_of_the_same_file_fails() {
+        let (_dir, path) = temp_db();
+        let first = RedbStore::open(&path).expect("open");
+        let second = RedbStore::open(&path);
+        assert!(
+            matches!(second, Err(StoreError::Open { .. })),
+            "{:?}",
+            second.err()
+        );
+        drop(first);
+        assert!(RedbStore::open(&path).is_ok());
+    }
+
+    #[test]
+    fn garbage_file_fails_to_open() {
+        let (_dir, path) = temp_db();
+        std::fs::write(&path, b"this is not a redb database, just some text".repeat(200)).expect("write");
+        let opened = RedbStore::open(&path);
+        match opened {
+            Err(StoreError::Open { path: reported, .. }) => assert_eq!(reported, path.display().to_string()),
+            other => panic!("expected StoreError::Open, got {:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn prune_removes_only_old_final_receipts() {
+        let (_dir, path) = temp_db();
+        let store = RedbStore::open(&path).expect("open");
+        let ops = vec![
+            Op::PutReceipt(receipt("m", "old-acked", ReceiptState::Acked, 100)),
+            Op::PutReceipt(receipt("m", "old-expired", ReceiptState::Expired, 499)),
+            Op::PutReceipt(receipt("m", "old-accepted", ReceiptState::Accepted, 100)),
+            Op::PutReceipt(receipt("m", "old-delivered", ReceiptState::Delivered, 100)),
+            Op::PutReceipt(receipt("m", "new-acked", ReceiptState::Acked, 500)),
+        ];
+        submit_and_wait(&store, ops).expect("commit");
+        submit_and_wait(&store, vec![Op::PruneReceipts { before_ms: 500 }]).expect("prune");
+        let kept: Vec<_> = store
+            .receipts("m")
+            .expect("receipts")
+            .into_iter()
+            .map(|r| r.device_id)
+            .collect();
+        assert_eq!(kept, ["new-acked", "old-accepted", "old-delivered"]);
+    }
+}
