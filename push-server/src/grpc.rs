@@ -148,7 +148,7 @@ impl push_sender_server::PushSender for Api {
             })
             .await
             .map_err(send_status)?;
-        tracing::info!(api_key = %sender, message = %sent.id, recipients = sent.recipients.len(), "message accepted");
+        tracing::info!(api_key = %sender, message_id = %sent.id, recipients = sent.recipients.len(), "message accepted");
         Ok(Response::new(SendMessageResponse {
             message_id: sent.id,
             recipients: sent.recipients.into_iter().map(recipient).collect(),
@@ -202,7 +202,7 @@ impl push_sender_server::PushSender for Api {
             })
             .await
             .map_err(send_status)?;
-        tracing::info!(api_key = %caller, call = %sent.id, callees = sent.recipients.len(), "call placed");
+        tracing::info!(api_key = %caller, call_id = %sent.id, callees = sent.recipients.len(), "call placed");
         Ok(Response::new(PlaceCallResponse {
             call_id: sent.id,
             call_uuid,

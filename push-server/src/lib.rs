@@ -12,8 +12,10 @@
 //! - [`listener`]: accept loops, TCP tuning, handshake deadlines, the session limit.
 //! - [`grpc`]: the sender and admin API (the only module that knows tonic).
 //! - [`server`]: wiring and graceful shutdown.
+//! - [`api_client`]: a gRPC client for the API (CLI, tests).
 //! - [`client`]: a minimal device client for the CLI and tests (the real one is `mobile-sdk`).
 
+pub mod api_client;
 pub mod auth;
 pub mod client;
 pub mod config;

@@ -9,20 +9,15 @@ use push_proto::{
     sender::{
         CancelCallRequest, CreateApiKeyRequest, DeviceList, GetMessageStatusRequest,
         IssueDeviceCredentialRequest, ListDevicesRequest, PlaceCallRequest, RevokeDeviceRequest,
-        SendMessageRequest, Target, push_admin_client::PushAdminClient, push_sender_client::PushSenderClient,
-        target,
+        SendMessageRequest, Target, target,
     },
 };
 use push_server::{
+    api_client::{AdminClient, ApiClient, SenderClient},
     client::{ClientOptions, DeviceClient},
     config::Config,
     pki::PkiStatus,
     server::{ADMIN_KEY_FILE, Server, TLS_DIR},
-};
-use tonic::{
-    metadata::MetadataValue,
-    service::interceptor::InterceptedService,
-    transport::{Certificate, Channel, ClientTlsConfig},
 };
 
 #[derive(Parser)]
@@ -337,8 +332,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 })
                 .await?;
             println!(
-                "{:<24} {:<7} {:<16} {:>9} {:>6}  {}",
-                "DEVICE", "ONLINE", "SSID", "AGE(s)", "QUEUED", "LAST DROP"
+                "{:<24} {:<7} {:<16} {:>9} {:>6}  LAST DROP",
+                "DEVICE", "ONLINE", "SSID", "AGE(s)", "QUEUED"
             );
             for d in r.into_inner().devices {
                 println!(
@@ -574,51 +569,25 @@ fn read_ca(data_dir: &std::path::Path) -> anyhow::Result<String> {
         .with_context(|| format!("cannot read the server's CA at {}", path.display()))
 }
 
-type Auth = InterceptedService<
-    Channel,
-    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync>,
->;
-
-async fn channel(api: &ApiArgs) -> anyhow::Result<(Channel, MetadataValue<tonic::metadata::Ascii>)> {
-    let ca = read_ca(&api.data_dir)?;
-    let key = match &api.api_key {
+async fn api(args: &ApiArgs) -> anyhow::Result<ApiClient> {
+    let ca = read_ca(&args.data_dir)?;
+    let key = match &args.api_key {
         Some(k) => k.clone(),
         None => {
-            let path = api.data_dir.join(ADMIN_KEY_FILE);
+            let path = args.data_dir.join(ADMIN_KEY_FILE);
             std::fs::read_to_string(&path)
                 .with_context(|| format!("no --api-key given and cannot read {}", path.display()))?
                 .trim()
                 .to_string()
         }
     };
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .domain_name(api.server_name.clone());
-    let channel = Channel::from_shared(format!("https://{}", api.api))?
-        .tls_config(tls)?
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the API at {}", api.api))?;
-    let bearer =
-        MetadataValue::try_from(format!("Bearer {key}")).context("API key is not valid header text")?;
-    Ok((channel, bearer))
+    ApiClient::connect(args.api, &args.server_name, &ca, &key).await
 }
 
-fn with_key(
-    bearer: MetadataValue<tonic::metadata::Ascii>,
-) -> Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync> {
-    Box::new(move |mut req: tonic::Request<()>| {
-        req.metadata_mut().insert("authorization", bearer.clone());
-        Ok(req)
-    })
+async fn sender(args: &ApiArgs) -> anyhow::Result<SenderClient> {
+    Ok(api(args).await?.sender())
 }
 
-async fn sender(api: &ApiArgs) -> anyhow::Result<PushSenderClient<Auth>> {
-    let (channel, bearer) = channel(api).await?;
-    Ok(PushSenderClient::with_interceptor(channel, with_key(bearer)))
-}
-
-async fn admin(api: &ApiArgs) -> anyhow::Result<PushAdminClient<Auth>> {
-    let (channel, bearer) = channel(api).await?;
-    Ok(PushAdminClient::with_interceptor(channel, with_key(bearer)))
+async fn admin(args: &ApiArgs) -> anyhow::Result<AdminClient> {
+    Ok(api(args).await?.admin())
 }

@@ -407,12 +407,11 @@ impl Hub {
         acked.extend(seqs.iter().filter(|s| d.outbox.contains_key(s)));
         for seq in acked {
             let Some(q) = d.outbox.remove(&seq) else { continue };
-            if q.push.kind == PushKind::CallInvite {
-                if let Some(call) = self.0.calls.lock().expect("poisoned").get_mut(&q.push.id) {
-                    if let Some(callee) = call.callees.get_mut(&q.push.device_id) {
-                        callee.1 = true;
-                    }
-                }
+            if q.push.kind == PushKind::CallInvite
+                && let Some(call) = self.0.calls.lock().expect("poisoned").get_mut(&q.push.id)
+                && let Some(callee) = call.callees.get_mut(&q.push.device_id)
+            {
+                callee.1 = true;
             }
             self.finish(ops, &q.push, ReceiptState::Acked, "", now);
         }
@@ -590,10 +589,10 @@ impl Hub {
                 state: ReceiptState::Accepted,
             },
         );
-        if seq < d.durable_ceiling {
-            if let Some(s) = &d.session {
-                s.ctl.wake();
-            }
+        if seq < d.durable_ceiling
+            && let Some(s) = &d.session
+        {
+            s.ctl.wake();
         }
         Ok(seq)
     }

@@ -66,6 +66,9 @@ pub async fn run(
     let mut session = Session::new(Instant::now(), env.timing);
     let mut admitted: Option<Admitted> = None;
     let mut rbuf = BytesMut::new();
+    // The handshake may already have pulled the hello into rustls, and then the socket never
+    // turns readable for it: read once before the first wait.
+    let mut unread = true;
     let reason = loop {
         // 1. Inputs decided by others: stop requests, then pushes the window allows.
         if let Some(a) = &admitted {
@@ -122,12 +125,16 @@ pub async fn run(
         }
         // 3. Wait for the next input; borrows of `tls` end with the select.
         let timer = session.poll_timeout();
-        let wake = tokio::select! {
+        let wake = if std::mem::take(&mut unread) {
+            Wake::Readable
+        } else {
+            tokio::select! {
             biased;
             _ = shutdown.cancelled() => Wake::Shutdown,
             r = tls.get_ref().0.readable() => match r { Ok(()) => Wake::Readable, Err(e) => break format!("socket error: {e}") },
             _ = async { match &admitted { Some(a) => a.ctl.woken().await, None => std::future::pending().await } } => Wake::Hub,
             _ = async { match timer { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => Wake::Timer,
+            }
         };
         match wake {
             Wake::Shutdown => session.goodbye(GoodbyeReason::ServerShutdown, "server shutting down"),
