@@ -98,12 +98,17 @@ impl DeviceAuthority {
 
     /// Issue a credential for `device_id` at `generation`, valid for `valid_secs` from now.
     pub fn issue(&self, device_id: &str, generation: u64, valid_secs: u64) -> (String, DeviceClaims) {
-        let iat = unix_secs();
+        self.issue_until(device_id, generation, unix_secs() + valid_secs)
+    }
+
+    /// Issue a credential that expires at `exp` (Unix seconds; may be in the past, for tests).
+    pub fn issue_until(&self, device_id: &str, generation: u64, exp: u64) -> (String, DeviceClaims) {
+        let iat = unix_secs().min(exp);
         let claims = DeviceClaims {
             sub: device_id.into(),
             generation,
             iat,
-            exp: iat + valid_secs,
+            exp,
             aud: AUDIENCE.into(),
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
@@ -214,15 +219,7 @@ mod tests {
     #[test]
     fn expired_is_reported_as_expired() {
         let auth = DeviceAuthority::from_secret(b"0123456789abcdef0123456789abcdef");
-        let now = unix_secs();
-        let claims = DeviceClaims {
-            sub: "p".into(),
-            generation: 0,
-            iat: now - 100,
-            exp: now - 10,
-            aud: AUDIENCE.into(),
-        };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &auth.encoding).unwrap();
+        let (token, _) = auth.issue_until("p", 0, unix_secs() - 10);
         assert_eq!(auth.verify(&token), Err(CredentialError::Expired));
     }
 
