@@ -1,0 +1,183 @@
+//! In-process server with real TLS sockets, plus helpers to act as devices and senders.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::{future::Future, time::Duration};
+
+use push_proto::{
+    device::{Hello, Push, push},
+    sender::{
+        DeliveryState, DeliveryUpdate, GetMessageStatusRequest, IssueDeviceCredentialRequest,
+        SendMessageRequest, SendMessageResponse, Target, target,
+    },
+};
+use push_server::{
+    api_client::{AdminClient, ApiClient, SenderClient},
+    auth::DeviceAuthority,
+    client::{ClientError, ClientOptions, DeviceClient},
+    config::Config,
+    server::Server,
+};
+use tempfile::TempDir;
+
+/// Upper bound for any single wait in a test; a hang fails instead of blocking CI.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Await `fut`, failing the test if it takes longer than [`WAIT`].
+pub async fn within<T>(fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, fut).await.expect("timed out waiting")
+}
+
+pub struct Harness {
+    pub server: Option<Server>,
+    pub dir: TempDir,
+    pub cfg: Config,
+    pub api: ApiClient,
+    pub ca: String,
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config {
+            data_dir: dir.path().join("data"),
+            device_listen: "127.0.0.1:0".parse().unwrap(),
+            api_listen: "127.0.0.1:0".parse().unwrap(),
+            ..Config::default()
+        };
+        tweak(&mut cfg);
+        let server = Server::start(cfg.clone()).await.expect("server starts");
+        let ca = server.pki.ca_cert_pem.clone();
+        let key = std::fs::read_to_string(cfg.data_dir.join("admin.key")).unwrap();
+        let api = ApiClient::connect(server.api_addr, "localhost", &ca, key.trim())
+            .await
+            .unwrap();
+        Self {
+            server: Some(server),
+            dir,
+            cfg,
+            api,
+            ca,
+        }
+    }
+
+    pub fn sender(&self) -> SenderClient {
+        self.api.sender()
+    }
+
+    pub fn admin(&self) -> AdminClient {
+        self.api.admin()
+    }
+
+    /// The server's own credential authority (to forge expired credentials).
+    pub fn authority(&self) -> DeviceAuthority {
+        DeviceAuthority::load_or_create(&self.cfg.data_dir).unwrap()
+    }
+
+    pub async fn issue(&self, device_id: &str, groups: &[&str]) -> String {
+        self.admin()
+            .issue_device_credential(IssueDeviceCredentialRequest {
+                device_id: device_id.into(),
+                groups: groups.iter().map(|g| g.to_string()).collect(),
+                valid_days: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .credential
+    }
+
+    pub fn options(&self, credential: &str, last_seen_seq: u64) -> ClientOptions {
+        ClientOptions {
+            addr: self.server.as_ref().unwrap().device_addr,
+            server_name: "localhost".into(),
+            ca_pem: self.ca.clone(),
+            hello: Hello {
+                credential: credential.into(),
+                sdk_version: "test/1".into(),
+                last_seen_seq,
+                ssid: "Ward 4B".into(),
+                instance_id: "test-instance".into(),
+            },
+        }
+    }
+
+    pub async fn connect(&self, credential: &str, last_seen_seq: u64) -> Result<DeviceClient, ClientError> {
+        within(DeviceClient::connect(self.options(credential, last_seen_seq))).await
+    }
+
+    /// Register a device and connect it.
+    pub async fn device(&self, device_id: &str) -> DeviceClient {
+        let credential = self.issue(device_id, &[]).await;
+        self.connect(&credential, 0).await.expect("device connects")
+    }
+
+    pub async fn send(&self, device_id: &str, body: &str) -> SendMessageResponse {
+        self.send_req(SendMessageRequest {
+            target: Some(to(device_id)),
+            body: body.into(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn send_req(&self, req: SendMessageRequest) -> SendMessageResponse {
+        self.sender().send_message(req).await.unwrap().into_inner()
+    }
+
+    /// Follow a message's (or call's) receipts until `device_id` reaches `state`; returns every
+    /// update seen for that device on the way.
+    pub async fn await_state(&self, id: &str, device_id: &str, state: DeliveryState) -> Vec<DeliveryUpdate> {
+        let mut stream = self
+            .sender()
+            .watch_message(GetMessageStatusRequest {
+                message_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut seen = Vec::new();
+        within(async {
+            while let Some(u) = stream.message().await.unwrap() {
+                if u.device_id != device_id {
+                    continue;
+                }
+                let done = u.state() == state;
+                seen.push(u);
+                if done {
+                    return;
+                }
+            }
+            panic!("stream ended before {device_id} reached {state:?}: {seen:?}");
+        })
+        .await;
+        seen
+    }
+
+    pub async fn shutdown(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+    }
+}
+
+pub fn to(device_id: &str) -> Target {
+    Target {
+        kind: Some(target::Kind::DeviceId(device_id.into())),
+    }
+}
+
+pub fn body(p: &Push) -> String {
+    match &p.body {
+        Some(push::Body::Message(m)) => m.body.clone(),
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+/// Next push, within the test deadline.
+pub async fn next(client: &mut DeviceClient) -> Push {
+    within(client.next_push()).await.expect("push arrives")
+}
