@@ -1,1 +1,553 @@
-//! Shared helpers for the cross-process tests in `tests/`.
+//! Shared helpers for the cross-process tests in `tests/`: run the real `push-server` binary,
+//! kill it (SIGKILL) or stop it (SIGTERM), restart it on the same data directory, and talk to it
+//! over real TLS with the device client and the gRPC API client of the `push-server` crate.
+//!
+//! The binary is taken from `target/<profile>/push-server`, next to the test executable; build it
+//! first with `cargo build -p push-server` (set `PUSH_SERVER_BIN` to use another one).
+
+use std::{
+    fmt::Write as _,
+    future::Future,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, OnceLock, mpsc},
+    time::{Duration, Instant, SystemTime},
+};
+
+use bytes::BytesMut;
+use push_proto::{
+    device::{Hello, ServerFrame},
+    frame,
+    sender::{
+        DeliveryState, GetMessageStatusRequest, IssueDeviceCredentialRequest, SendMessageRequest,
+        SendMessageResponse, Target, target,
+    },
+};
+pub use push_server::{
+    api_client::ApiClient,
+    client::{ClientError, ClientOptions, DeviceClient},
+};
+use tokio::{io::AsyncReadExt, net::TcpStream};
+use tokio_rustls::client::TlsStream;
+
+/// How long a server may take to print its ready line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Upper bound for any single network step of a test (a hang fails instead of blocking forever).
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Heartbeat settings used unless a test passes its own: long enough that an idle test client
+/// is never dropped for not answering.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 30_000;
+/// See [`DEFAULT_HEARTBEAT_INTERVAL_MS`].
+pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 10_000;
+/// Name in the server certificate the clients verify.
+pub const SERVER_NAME: &str = "localhost";
+
+const READY_PREFIX: &str = "push-server ready: ";
+
+/// Path of the `push-server` binary under test.
+///
+/// Panics when it is missing or older than the sources it is built from, with the command that
+/// fixes it: `cargo test -p e2e` does not rebuild another package's binary.
+pub fn server_binary() -> PathBuf {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(locate_binary)
+        .clone()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn locate_binary() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("PUSH_SERVER_BIN") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the test executable: {e}"))?;
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/push-server
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| format!("unexpected test executable location {}", exe.display()))?;
+    let bin = profile_dir.join("push-server");
+    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).map_err(|_| {
+        format!(
+            "push-server binary not found at {}: run `cargo build -p push-server` first \
+             (or `cargo build --workspace`), or set PUSH_SERVER_BIN",
+            bin.display()
+        )
+    })?;
+    if std::env::var_os("E2E_ALLOW_STALE_BINARY").is_none()
+        && let Some((newest, path)) = newest_source(&bin)
+        && newest > built
+    {
+        return Err(format!(
+            "push-server binary at {} is older than {}: run `cargo build -p push-server` \
+             (set E2E_ALLOW_STALE_BINARY=1 to test it anyway)",
+            bin.display(),
+            path.display()
+        ));
+    }
+    Ok(bin)
+}
+
+/// Newest source the binary was built from, per cargo's dep-info file next to it
+/// (`push-server.d`: `<binary>: <source> <source> ...`).
+fn newest_source(bin: &Path) -> Option<(SystemTime, PathBuf)> {
+    let info = std::fs::read_to_string(bin.with_extension("d")).ok()?;
+    let (_, deps) = info.lines().next()?.split_once(": ")?;
+    deps.replace("\\ ", "\0")
+        .split_whitespace()
+        .map(|p| PathBuf::from(p.replace('\0', " ")))
+        .filter_map(|p| newest_mtime(&p))
+        .max()
+}
+
+/// Newest modification time of a file or, recursively, of a directory's files.
+fn newest_mtime(path: &Path) -> Option<(SystemTime, PathBuf)> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.is_file() {
+        return Some((meta.modified().ok()?, path.to_path_buf()));
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| newest_mtime(&e.path()))
+        .max()
+}
+
+/// A `push-server` command with a clean environment: no `PUSH_*` variables leak in from the
+/// caller, logs at info level without colours. Stdin is closed.
+pub fn server_command() -> Command {
+    let mut cmd = Command::new(server_binary());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PUSH_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Wait for a child to exit, polling; `None` if it is still running after `timeout`.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Lines of a child's stdout, read on a thread (so the pipe never fills) and handed over as they
+/// arrive.
+pub struct LineReader {
+    rx: mpsc::Receiver<String>,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl LineReader {
+    /// Start reading `source` line by line.
+    pub fn spawn(source: impl std::io::Read + Send + 'static) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let all = seen.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(source).lines() {
+                let Ok(line) = line else { break };
+                all.lock().expect("poisoned").push(line.clone());
+                // The receiver may be gone; keep draining so the child never blocks on the pipe.
+                let _ = tx.send(line);
+            }
+        });
+        Self { rx, seen }
+    }
+
+    /// The next line containing `needle`; `Err` with the reason on timeout or end of output.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Ok(line),
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(format!("no line containing {needle:?} within {timeout:?}"));
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(format!("output ended without a line containing {needle:?}"));
+                }
+            }
+        }
+    }
+
+    /// Every line read so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.seen.lock().expect("poisoned").clone()
+    }
+}
+
+/// A `push-server serve` process on loopback with ephemeral ports.
+pub struct ServerProcess {
+    child: Option<Child>,
+    data_dir: PathBuf,
+    extra_args: Vec<String>,
+    log_path: PathBuf,
+    stdout: LineReader,
+    /// Where devices connect (changes on every start).
+    pub device_addr: SocketAddr,
+    /// Where the gRPC API listens (changes on every start).
+    pub api_addr: SocketAddr,
+}
+
+impl ServerProcess {
+    /// Start `push-server serve` on `data_dir` (created if missing) and wait for its ready line.
+    /// `extra_args` are appended; the heartbeat defaults are only added when they do not set
+    /// `--heartbeat-interval-ms` / `--heartbeat-timeout-ms` themselves. Stderr goes to a log
+    /// file in the data directory, one per start.
+    pub fn start(data_dir: &Path, extra_args: &[&str]) -> Self {
+        let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        let (child, log_path, stdout, device_addr, api_addr) = spawn_server(data_dir, &extra_args);
+        Self {
+            child: Some(child),
+            data_dir: data_dir.to_path_buf(),
+            extra_args,
+            log_path,
+            stdout,
+            device_addr,
+            api_addr,
+        }
+    }
+
+    /// Start a new process on the same data directory with the same arguments (killing the
+    /// current one first if it still runs). The addresses are updated.
+    pub fn restart(&mut self) {
+        self.kill();
+        let (child, log_path, stdout, device_addr, api_addr) = spawn_server(&self.data_dir, &self.extra_args);
+        self.child = Some(child);
+        self.log_path = log_path;
+        self.stdout = stdout;
+        self.device_addr = device_addr;
+        self.api_addr = api_addr;
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Process id of the running server.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server not running").id()
+    }
+
+    /// SIGKILL: no goodbye, no flush. Returns once the process is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the exit (graceful shutdown is bounded at 10 s by the server).
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("server not running");
+        let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+        // SAFETY: plain kill(2) on our own child, which has not been reaped yet (so the pid
+        // cannot have been reused).
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill(SIGTERM) failed: {}", std::io::Error::last_os_error());
+        match wait_exit(&mut child, Duration::from_secs(20)) {
+            Some(status) => status,
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("server did not exit within 20 s of SIGTERM; log:\n{}", self.log());
+            }
+        }
+    }
+
+    /// Stderr of the current process so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Stdout lines of the current process so far.
+    pub fn stdout(&self) -> Vec<String> {
+        self.stdout.lines()
+    }
+
+    /// Current length of the log, to wait for lines written after this point.
+    pub fn log_mark(&self) -> usize {
+        self.log().len()
+    }
+
+    /// Wait until the log contains `needle`; returns the log. Panics with the log on timeout.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_log_after(0, needle, timeout)
+    }
+
+    /// Wait until the log written after `mark` (see [`Self::log_mark`]) contains `needle`;
+    /// returns that part of the log. Panics with the log on timeout.
+    pub fn wait_for_log_after(&self, mark: usize, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            let tail = log.get(mark..).unwrap_or_default();
+            if tail.contains(needle) {
+                return tail.to_string();
+            }
+            if Instant::now() >= deadline {
+                panic!("server log has no {needle:?} after {timeout:?}; log since mark:\n{tail}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The server's CA certificate (PEM).
+    pub fn ca_pem(&self) -> String {
+        let path = self.data_dir.join("tls/ca.pem");
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+    }
+
+    /// The bootstrap admin API key.
+    pub fn admin_key(&self) -> String {
+        let path = self.data_dir.join("admin.key");
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+            .trim()
+            .to_string()
+    }
+
+    /// A gRPC client with the admin key.
+    pub async fn api(&self) -> ApiClient {
+        within(
+            "connect to the API",
+            ApiClient::connect(self.api_addr, SERVER_NAME, &self.ca_pem(), &self.admin_key()),
+        )
+        .await
+        .expect("API connection")
+    }
+
+    /// Register `device_id` through the admin API and return a new credential for it.
+    pub async fn issue(&self, device_id: &str) -> String {
+        let response = within(
+            "IssueDeviceCredential",
+            self.api()
+                .await
+                .admin()
+                .issue_device_credential(IssueDeviceCredentialRequest {
+                    device_id: device_id.into(),
+                    groups: Vec::new(),
+                    valid_days: 0,
+                }),
+        )
+        .await
+        .expect("IssueDeviceCredential")
+        .into_inner();
+        assert_eq!(response.device_id, device_id);
+        response.credential
+    }
+
+    /// How a device with `credential` that has seen up to `last_seen_seq` connects.
+    pub fn device_options(&self, credential: &str, last_seen_seq: u64) -> ClientOptions {
+        ClientOptions {
+            addr: self.device_addr,
+            server_name: SERVER_NAME.into(),
+            ca_pem: self.ca_pem(),
+            hello: Hello {
+                credential: credential.into(),
+                sdk_version: "e2e".into(),
+                last_seen_seq,
+                ssid: "e2e-wifi".into(),
+                instance_id: format!("e2e-{last_seen_seq}"),
+            },
+        }
+    }
+
+    /// Connect a device session (TLS, hello, server hello or goodbye).
+    pub async fn connect(&self, credential: &str, last_seen_seq: u64) -> Result<DeviceClient, ClientError> {
+        within(
+            "device connect",
+            DeviceClient::connect(self.device_options(credential, last_seen_seq)),
+        )
+        .await
+    }
+
+    /// Send a text message to one device with a caller-chosen id; asserts it was accepted for
+    /// that device (which means it is durably stored).
+    pub async fn send_text(&self, device_id: &str, message_id: &str, body: &str) -> SendMessageResponse {
+        let response = within(
+            "SendMessage",
+            self.api().await.sender().send_message(SendMessageRequest {
+                target: Some(Target {
+                    kind: Some(target::Kind::DeviceId(device_id.into())),
+                }),
+                title: "e2e".into(),
+                body: body.into(),
+                message_id: message_id.into(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("SendMessage {message_id}: {e}"))
+        .into_inner();
+        assert_eq!(response.message_id, message_id);
+        assert_eq!(response.recipients.len(), 1, "{response:?}");
+        assert_eq!(
+            response.recipients[0].state(),
+            DeliveryState::Accepted,
+            "message {message_id} not accepted: {response:?}"
+        );
+        response
+    }
+
+    /// Wait until the store says every recipient of `message_id` acknowledged it.
+    /// `GetMessageStatus` reads receipts from the store after a commit, so once it reports ACKED
+    /// the acknowledgement is on disk and survives a SIGKILL.
+    pub async fn wait_durably_acked(&self, message_id: &str) {
+        let mut sender = self.api().await.sender();
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let status = within(
+                "GetMessageStatus",
+                sender.get_message_status(GetMessageStatusRequest {
+                    message_id: message_id.into(),
+                }),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("GetMessageStatus {message_id}: {e}"))
+            .into_inner();
+            if !status.recipients.is_empty()
+                && status
+                    .recipients
+                    .iter()
+                    .all(|r| r.state() == DeliveryState::Acked)
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{message_id} not acknowledged in the store within {STEP_TIMEOUT:?}: {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let mut out = String::new();
+            let _ = writeln!(out, "---- push-server log ({}) ----", self.log_path.display());
+            out.push_str(&self.log());
+            eprintln!("{out}---- end of push-server log ----");
+        }
+    }
+}
+
+fn spawn_server(
+    data_dir: &Path,
+    extra_args: &[String],
+) -> (Child, PathBuf, LineReader, SocketAddr, SocketAddr) {
+    std::fs::create_dir_all(data_dir).expect("create data dir");
+    let log_path = (1..)
+        .map(|n| data_dir.join(format!("server-{n}.log")))
+        .find(|p| !p.exists())
+        .expect("a free log name");
+    let log = std::fs::File::create(&log_path).expect("create log file");
+    let mut cmd = server_command();
+    cmd.arg("serve").arg("--data-dir").arg(data_dir).args([
+        "--device-listen",
+        "127.0.0.1:0",
+        "--api-listen",
+        "127.0.0.1:0",
+    ]);
+    let has = |flag: &str| {
+        extra_args
+            .iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+    };
+    if !has("--heartbeat-interval-ms") {
+        cmd.arg(format!("--heartbeat-interval-ms={DEFAULT_HEARTBEAT_INTERVAL_MS}"));
+    }
+    if !has("--heartbeat-timeout-ms") {
+        cmd.arg(format!("--heartbeat-timeout-ms={DEFAULT_HEARTBEAT_TIMEOUT_MS}"));
+    }
+    cmd.args(extra_args).stdout(Stdio::piped()).stderr(log);
+    let mut child = cmd.spawn().expect("spawn push-server");
+    let stdout = LineReader::spawn(child.stdout.take().expect("piped stdout"));
+    let ready = stdout.wait_for(READY_PREFIX, READY_TIMEOUT);
+    let failure = match ready {
+        Ok(line) => match parse_ready(&line) {
+            Some((device, api)) => return (child, log_path, stdout, device, api),
+            None => format!("cannot parse the ready line {line:?}"),
+        },
+        Err(e) => e,
+    };
+    let _ = child.kill();
+    let status = child.wait();
+    panic!(
+        "push-server did not become ready: {failure} (exit: {status:?})\nstdout:\n{}\nlog:\n{}",
+        stdout.lines().join("\n"),
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
+}
+
+/// Parse `push-server ready: devices=ADDR api=ADDR`.
+fn parse_ready(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let rest = &line[line.find(READY_PREFIX)? + READY_PREFIX.len()..];
+    let mut device = None;
+    let mut api = None;
+    for part in rest.split_whitespace() {
+        if let Some(v) = part.strip_prefix("devices=") {
+            device = v.parse().ok();
+        } else if let Some(v) = part.strip_prefix("api=") {
+            api = v.parse().ok();
+        }
+    }
+    Some((device?, api?))
+}
+
+/// Await `fut`, panicking if it takes longer than [`STEP_TIMEOUT`].
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(STEP_TIMEOUT, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what} did not finish within {STEP_TIMEOUT:?}"),
+    }
+}
+
+/// Read one server frame from a raw TLS stream opened with [`DeviceClient::open`]; `Ok(None)` at
+/// end of stream.
+pub async fn read_raw_frame(
+    tls: &mut TlsStream<TcpStream>,
+    buf: &mut BytesMut,
+) -> Result<Option<ServerFrame>, ClientError> {
+    loop {
+        if let Some(f) = frame::decode::<ServerFrame>(buf, frame::DEFAULT_MAX_FRAME)? {
+            return Ok(Some(f));
+        }
+        buf.reserve(4096);
+        if tls.read_buf(buf).await? == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_line_parses() {
+        let (d, a) = parse_ready("push-server ready: devices=127.0.0.1:4000 api=127.0.0.1:4001").unwrap();
+        assert_eq!(d.port(), 4000);
+        assert_eq!(a.port(), 4001);
+        assert!(parse_ready("push-server ready: devices=x api=127.0.0.1:1").is_none());
+    }
+}

@@ -477,6 +477,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(v) = args.heartbeat_timeout_ms {
         cfg.heartbeat_timeout_ms = v;
     }
+    if let Some(path) = &args.config {
+        cfg.validate()
+            .with_context(|| format!("in config file {}", path.display()))?;
+    }
+    // Before "ready": a supervisor may send SIGTERM the moment it sees that line.
+    let signal = shutdown_signal()?;
     let server = Server::start(cfg.clone()).await?;
     let tls = cfg.data_dir.join(TLS_DIR);
     println!("data directory: {}", cfg.data_dir.display());
@@ -503,18 +509,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "push-server ready: devices={} api={}",
         server.device_addr, server.api_addr
     );
-    server.run_until(shutdown_signal()).await;
+    server.run_until(signal).await;
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutdown requested");
+/// Install the SIGTERM and SIGINT handlers now; the future resolves on either.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutdown requested");
+    })
 }
 
 async fn connect(

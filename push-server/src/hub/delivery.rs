@@ -307,12 +307,13 @@ impl Hub {
                 reason: reason as i32,
             }),
         };
-        let mut ops = Vec::new();
+        let mut pending = Vec::new();
         let mut sent = 0;
         for (device_id, (seq, acked)) in &call.callees {
             let Some(device) = self.device(device_id) else {
                 continue;
             };
+            let mut ops = Vec::new();
             let mut d = device.lock().expect("poisoned");
             let reached = match d.outbox.get(seq).filter(|q| q.push.id == call_id) {
                 Some(q) => {
@@ -327,8 +328,9 @@ impl Hub {
             if reached && self.enqueue_locked(&mut d, &mut ops, &cancel, now).is_ok() {
                 sent += 1;
             }
+            pending.push(self.submit(ops));
         }
-        self.commit_and_release(ops).await?;
+        self.settle(pending).await?;
         Ok(sent)
     }
 
@@ -376,7 +378,6 @@ impl Hub {
                 self.receipt(&mut ops, &push, ReceiptState::Delivered, "", now);
             }
         }
-        drop(d);
         self.persist(ops);
     }
 
@@ -391,7 +392,6 @@ impl Hub {
             return;
         }
         self.ack_locked(&mut d, &mut ops, up_to, seqs, now_ms());
-        drop(d);
         self.persist(ops);
     }
 
@@ -458,52 +458,55 @@ impl Hub {
         targets: &[String],
         now: i64,
     ) -> Result<(Vec<RecipientOutcome>, Vec<(String, u64)>), SendError> {
-        let mut ops = Vec::new();
+        let mut unknown = Vec::new();
+        let mut pending = Vec::with_capacity(targets.len());
         let mut outcomes = Vec::with_capacity(targets.len());
         let mut seqs = Vec::with_capacity(targets.len());
         for device_id in targets {
             let result = match self.device(device_id) {
-                None => Err("unknown device"),
+                None => {
+                    // No device lock to order by, and nothing else is ever written about it.
+                    self.receipt_of(
+                        &mut unknown,
+                        &item.id,
+                        device_id,
+                        ReceiptState::Undeliverable,
+                        "unknown device",
+                        now,
+                    );
+                    Err("unknown device")
+                }
                 Some(device) => {
+                    let mut ops = Vec::new();
                     let mut d = device.lock().expect("poisoned");
-                    self.enqueue_locked(&mut d, &mut ops, item, now)
+                    let result = self.enqueue_locked(&mut d, &mut ops, item, now);
+                    pending.push(self.submit(ops));
+                    result
                 }
             };
-            match result {
+            let (state, reason) = match result {
                 Ok(seq) => {
                     seqs.push((device_id.clone(), seq));
-                    outcomes.push(RecipientOutcome {
-                        device_id: device_id.clone(),
-                        state: ReceiptState::Accepted,
-                        reason: String::new(),
-                    });
+                    (ReceiptState::Accepted, "")
                 }
-                Err(reason) => {
-                    let receipt = Receipt {
-                        id: item.id.clone(),
-                        device_id: device_id.clone(),
-                        state: ReceiptState::Undeliverable,
-                        reason: reason.into(),
-                        at_ms: now,
-                        path: String::new(),
-                    };
-                    let _ = self.0.receipts.send(receipt.clone());
-                    ops.push(Op::PutReceipt(receipt));
-                    outcomes.push(RecipientOutcome {
-                        device_id: device_id.clone(),
-                        state: ReceiptState::Undeliverable,
-                        reason: reason.into(),
-                    });
-                }
-            }
+                Err(reason) => (ReceiptState::Undeliverable, reason),
+            };
+            outcomes.push(RecipientOutcome {
+                device_id: device_id.clone(),
+                state,
+                reason: reason.into(),
+            });
         }
-        if let Err(e) = self.commit_and_release(ops).await {
+        if !unknown.is_empty() {
+            pending.push(self.submit(unknown));
+        }
+        if let Err(e) = self.settle(pending).await {
             // Not durable: withdraw what is still queued so the sender's retry is the only copy.
-            let mut ops = Vec::new();
             for (device_id, seq) in &seqs {
                 if let Some(device) = self.device(device_id) {
                     let mut d = device.lock().expect("poisoned");
                     if let Some(q) = d.outbox.remove(seq) {
+                        let mut ops = Vec::new();
                         self.finish(
                             &mut ops,
                             &q.push,
@@ -511,6 +514,7 @@ impl Hub {
                             "storage failure",
                             now,
                         );
+                        self.persist(ops);
                     }
                 }
             }
@@ -520,8 +524,29 @@ impl Hub {
     }
 
     /// Queue one item for a locked device. Wakes the session at once when the number is already
-    /// durably reserved (the common case); otherwise `commit_and_release` does after the commit.
+    /// durably reserved (the common case); otherwise `settle` does once the reservation is durable.
     fn enqueue_locked(
+        &self,
+        d: &mut DeviceState,
+        ops: &mut Vec<Op>,
+        item: &Item,
+        now: i64,
+    ) -> Result<u64, &'static str> {
+        let result = self.try_enqueue_locked(d, ops, item, now);
+        if let Err(reason) = result {
+            self.receipt_of(
+                ops,
+                &item.id,
+                &d.record.device_id,
+                ReceiptState::Undeliverable,
+                reason,
+                now,
+            );
+        }
+        result
+    }
+
+    fn try_enqueue_locked(
         &self,
         d: &mut DeviceState,
         ops: &mut Vec<Op>,
@@ -595,31 +620,6 @@ impl Hub {
             s.ctl.wake();
         }
         Ok(seq)
-    }
-
-    /// Commit, then release the sequence blocks the commit made durable and wake their sessions.
-    pub(super) async fn commit_and_release(&self, ops: Vec<Op>) -> Result<(), StoreError> {
-        let reserved: Vec<(String, u64)> = ops
-            .iter()
-            .filter_map(|op| match op {
-                Op::PutSeqCeiling { device_id, ceiling } => Some((device_id.clone(), *ceiling)),
-                _ => None,
-            })
-            .collect();
-        crate::store::commit(&**self.store(), ops).await?;
-        for (device_id, ceiling) in reserved {
-            let Some(device) = self.device(&device_id) else {
-                continue;
-            };
-            let mut d = device.lock().expect("poisoned");
-            if d.durable_ceiling < ceiling {
-                d.durable_ceiling = ceiling;
-                if let Some(s) = &d.session {
-                    s.ctl.wake();
-                }
-            }
-        }
-        Ok(())
     }
 }
 

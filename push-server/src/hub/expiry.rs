@@ -54,7 +54,6 @@ impl Hub {
             let later = deadlines.split_off(&(now + 1, String::new(), 0));
             std::mem::replace(&mut *deadlines, later).into_iter().collect()
         };
-        let mut ops = Vec::new();
         for (_, device_id, seq) in due {
             let Some(device) = self.device(&device_id) else {
                 continue;
@@ -66,13 +65,14 @@ impl Hub {
                 PushKind::CallInvite => "ring deadline passed before the device acknowledged the call",
                 PushKind::CallCancel => "call over",
             };
+            let mut ops = Vec::new();
             self.finish(&mut ops, &q.push, ReceiptState::Expired, reason, now);
+            self.persist(ops);
         }
         self.0
             .calls
             .lock()
             .expect("poisoned")
             .retain(|_, c| c.deadline_ms + CALL_MEMORY_MS > now);
-        self.persist(ops);
     }
 }

@@ -255,14 +255,15 @@ impl Hub {
                 })
                 .clone()
         };
-        let (record, old_groups) = {
+        let (record, old_groups, pending) = {
             let mut d = device.lock().expect("poisoned");
             let old = std::mem::replace(&mut d.record.groups, groups);
             if d.record.revoked {
                 d.record.revoked = false;
                 d.record.credential_generation += 1;
             }
-            (d.record.clone(), old)
+            let pending = self.submit(vec![Op::PutDevice(d.record.clone())]);
+            (d.record.clone(), old, pending)
         };
         {
             let mut idx = self.0.groups.write().expect("poisoned");
@@ -275,9 +276,8 @@ impl Hub {
                 idx.entry(g.clone()).or_default().insert(device_id.into());
             }
         }
-        let generation = record.credential_generation;
-        crate::store::commit(&*self.0.store, vec![Op::PutDevice(record)]).await?;
-        Ok(generation)
+        self.settle(vec![pending]).await?;
+        Ok(record.credential_generation)
     }
 
     /// Revoke every credential of the device, close its session and report its queue as
@@ -287,7 +287,7 @@ impl Hub {
             return Ok(None);
         };
         let mut ops = Vec::new();
-        let closed = {
+        let (closed, pending) = {
             let mut d = device.lock().expect("poisoned");
             d.record.revoked = true;
             d.record.credential_generation += 1;
@@ -312,9 +312,9 @@ impl Hub {
                 None => false,
             };
             ops.push(Op::PutDevice(d.record.clone()));
-            closed
+            (closed, self.submit(ops))
         };
-        crate::store::commit(&*self.0.store, ops).await?;
+        self.settle(vec![pending]).await?;
         Ok(Some(closed))
     }
 
@@ -360,13 +360,13 @@ impl Hub {
                 session_id: session_id.to_string(),
                 reason: String::new(),
             });
+            self.persist(ops);
             Login {
                 session_id,
                 ctl,
                 replay_count,
             }
         };
-        self.persist(ops);
         Ok(login)
     }
 
@@ -384,9 +384,7 @@ impl Hub {
         d.record.last_seen_ms = now;
         d.record.last_disconnect_reason = reason.into();
         self.presence_offline(&d.record, session_id, reason, now);
-        let record = d.record.clone();
-        drop(d);
-        self.persist(vec![Op::PutDevice(record)]);
+        self.persist(vec![Op::PutDevice(d.record.clone())]);
     }
 
     /// The device reports a new SSID mid-session.
@@ -398,9 +396,7 @@ impl Hub {
         if d.session.as_ref().is_some_and(|s| s.id == session_id) {
             d.record.last_ssid = ssid.into();
             d.record.last_seen_ms = now_ms();
-            let record = d.record.clone();
-            drop(d);
-            self.persist(vec![Op::PutDevice(record)]);
+            self.persist(vec![Op::PutDevice(d.record.clone())]);
         }
     }
 
@@ -467,17 +463,29 @@ impl Hub {
 
     /// Record a receipt change: announce it now, persist it with the batch.
     fn receipt(&self, ops: &mut Vec<Op>, push: &StoredPush, state: ReceiptState, reason: &str, now: i64) {
+        self.receipt_of(ops, &push.id, &push.device_id, state, reason, now);
+    }
+
+    fn receipt_of(
+        &self,
+        ops: &mut Vec<Op>,
+        id: &str,
+        device_id: &str,
+        state: ReceiptState,
+        reason: &str,
+        now: i64,
+    ) {
+        let path = match state {
+            ReceiptState::Delivered | ReceiptState::Acked => "local",
+            _ => "",
+        };
         let receipt = Receipt {
-            id: push.id.clone(),
-            device_id: push.device_id.clone(),
+            id: id.into(),
+            device_id: device_id.into(),
             state,
             reason: reason.into(),
             at_ms: now,
-            path: if matches!(state, ReceiptState::Delivered | ReceiptState::Acked) {
-                "local".into()
-            } else {
-                String::new()
-            },
+            path: path.into(),
         };
         let _ = self.0.receipts.send(receipt.clone());
         ops.push(Op::PutReceipt(receipt));
@@ -498,17 +506,66 @@ impl Hub {
         ));
     }
 
-    /// Persist without waiting (session-side changes: the device already has what it needs, and
-    /// a lost write only means a harmless replay that the device de-duplicates).
+    /// Submit ops about one device. **Call while holding that device's lock**: the store applies
+    /// batches in submission order, so submitting under the lock makes the stored order the order
+    /// in which the hub decided (a delivery receipt can never land before the push it is about).
+    pub(crate) fn submit(&self, ops: Vec<Op>) -> Pending {
+        let reserved = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::PutSeqCeiling { device_id, ceiling } => Some((device_id.clone(), *ceiling)),
+                _ => None,
+            })
+            .collect();
+        Pending {
+            rx: self.0.store.submit(ops),
+            reserved,
+        }
+    }
+
+    /// Submit without waiting for durability (session-side changes: the device already has what
+    /// it needs, and a lost write only means a replay the device de-duplicates). Same locking
+    /// rule as [`Hub::submit`]. Failures are logged by the store.
     pub(crate) fn persist(&self, ops: Vec<Op>) {
         if ops.is_empty() {
             return;
         }
-        let hub = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = hub.commit_and_release(ops).await {
-                tracing::error!(error = %e, "store write failed");
-            }
-        });
+        let pending = self.submit(ops);
+        if !pending.reserved.is_empty() {
+            let hub = self.clone();
+            tokio::spawn(async move { hub.settle(vec![pending]).await });
+        }
     }
+
+    /// Wait until submitted batches are durable, then release the sequence blocks they reserved
+    /// and wake the sessions waiting for them.
+    pub(crate) async fn settle(&self, pending: Vec<Pending>) -> Result<(), StoreError> {
+        let mut result = Ok(());
+        for p in pending {
+            match p.rx.await.unwrap_or(Err(StoreError::Closed)) {
+                Ok(()) => {
+                    for (device_id, ceiling) in p.reserved {
+                        let Some(device) = self.device(&device_id) else {
+                            continue;
+                        };
+                        let mut d = device.lock().expect("poisoned");
+                        if d.durable_ceiling < ceiling {
+                            d.durable_ceiling = ceiling;
+                            if let Some(s) = &d.session {
+                                s.ctl.wake();
+                            }
+                        }
+                    }
+                }
+                Err(e) => result = Err(e),
+            }
+        }
+        result
+    }
+}
+
+/// A submitted batch: its durability acknowledgement and the sequence blocks it reserves.
+pub(crate) struct Pending {
+    rx: tokio::sync::oneshot::Receiver<Result<(), StoreError>>,
+    reserved: Vec<(String, u64)>,
 }

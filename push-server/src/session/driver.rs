@@ -137,7 +137,11 @@ pub async fn run(
             }
         };
         match wake {
-            Wake::Shutdown => session.goodbye(GoodbyeReason::ServerShutdown, "server shutting down"),
+            Wake::Shutdown => {
+                // Take acks that already arrived, so they are not replayed after the restart.
+                let _ = read_frames(&mut tls, &mut rbuf, &mut session, env.max_frame);
+                session.goodbye(GoodbyeReason::ServerShutdown, "server shutting down");
+            }
             Wake::Timer => session.handle_timeout(Instant::now()),
             Wake::Hub => {}
             Wake::Readable => match read_frames(&mut tls, &mut rbuf, &mut session, env.max_frame) {
@@ -203,6 +207,16 @@ fn authenticate(
             session.reject(reason, &e.to_string());
             None
         }
+    }
+}
+
+/// Until the hello is accepted the protocol's default limit applies, so an unauthenticated peer
+/// can never make the server buffer more than that.
+fn frame_limit(session: &Session, configured: usize) -> usize {
+    if session.is_established() {
+        configured
+    } else {
+        configured.min(frame::DEFAULT_MAX_FRAME)
     }
 }
 
@@ -282,7 +296,7 @@ fn read_frames(
 /// Decode whole frames; false once the session is closed (the rest is ignored).
 fn decode_all(rbuf: &mut BytesMut, session: &mut Session, max_frame: usize) -> bool {
     while !session.is_closed() {
-        match frame::decode::<ClientFrame>(rbuf, max_frame) {
+        match frame::decode::<ClientFrame>(rbuf, frame_limit(session, max_frame)) {
             Ok(Some(f)) => session.handle_frame(Instant::now(), f),
             Ok(None) => return true,
             Err(e) => {

@@ -229,11 +229,14 @@ impl Writer {
                         let _ = reply.send(Ok(()));
                     }
                 }
+                // Logged here because callers that do not wait (session-side writes) drop the reply.
                 Err(Failure::Batch(index, error)) => {
+                    tracing::error!(error = %error, "store batch rejected");
                     let (_, reply) = group.remove(index);
                     let _ = reply.send(Err(error));
                 }
                 Err(Failure::Transaction(detail)) => {
+                    tracing::error!(error = %detail, batches = group.len(), "store commit failed");
                     for (_, reply) in group.drain(..) {
                         let _ = reply.send(Err(StoreError::Io(detail.clone())));
                     }
