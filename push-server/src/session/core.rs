@@ -248,6 +248,11 @@ impl Session {
         self.close(CloseReason::ServerGoodbye(reason));
     }
 
+    /// Whether `poll_transmit` has frames.
+    pub fn wants_transmit(&self) -> bool {
+        !self.transmit.is_empty()
+    }
+
     /// Next frame to write.
     pub fn poll_transmit(&mut self) -> Option<ServerFrame> {
         self.transmit.pop_front()

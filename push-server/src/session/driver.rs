@@ -15,6 +15,7 @@ use push_proto::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
+    sync::OwnedSemaphorePermit,
     time::Instant,
 };
 use tokio_rustls::server::TlsStream;
@@ -57,11 +58,13 @@ enum Wake {
 }
 
 /// Drive one session until it ends. Never panics on peer input; every way out is logged once.
+/// `permit` is the session's slot under `limits.max_sessions`, released when the session ends.
 pub async fn run(
     mut tls: TlsStream<TcpStream>,
     env: Arc<SessionEnv>,
     peer: String,
     shutdown: CancellationToken,
+    permit: OwnedSemaphorePermit,
 ) {
     let mut session = Session::new(Instant::now(), env.timing);
     let mut admitted: Option<Admitted> = None;
@@ -86,9 +89,14 @@ pub async fn run(
             }
         }
         // 2. Outputs: frames, then events.
-        let written = match flush(&mut tls, &mut session, &env).await {
-            Ok(seqs) => seqs,
-            Err(e) => break format!("write failed: {e}"),
+        // Boxed: the write burst's state exists only while writing, not in every idle task.
+        let written = if session.wants_transmit() {
+            match Box::pin(flush(&mut tls, &mut session, &env)).await {
+                Ok(seqs) => seqs,
+                Err(e) => break format!("write failed: {e}"),
+            }
+        } else {
+            Vec::new()
         };
         if let (Some(a), false) = (&admitted, written.is_empty()) {
             env.hub.mark_delivered(&a.device_id, &written);
@@ -114,7 +122,7 @@ pub async fn run(
         }
         if let Some(reason) = closed {
             // Frames queued with the close (goodbye) go out before the socket closes.
-            if let Err(e) = flush(&mut tls, &mut session, &env).await {
+            if let Err(e) = Box::pin(flush(&mut tls, &mut session, &env)).await {
                 tracing::debug!(%peer, error = %e, "final flush failed");
             }
             break reason.to_string();
@@ -159,7 +167,8 @@ pub async fn run(
     } else {
         tracing::info!(%peer, %reason, "connection ended before login");
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
+    let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), tls.shutdown())).await;
+    drop(permit);
 }
 
 /// Verify the credential and admit the device, or queue a goodbye.
