@@ -47,8 +47,6 @@ pub struct Config {
     pub heartbeat_interval_ms: u64,
     /// How long a device has to answer a heartbeat before it is marked offline.
     pub heartbeat_timeout_ms: u64,
-    /// "text" or "json".
-    pub log_format: String,
     /// Resource limits.
     pub limits: Limits,
 }
@@ -62,7 +60,6 @@ impl Default for Config {
             server_names: Vec::new(),
             heartbeat_interval_ms: 30_000,
             heartbeat_timeout_ms: 10_000,
-            log_format: "text".into(),
             limits: Limits::default(),
         }
     }

@@ -93,26 +93,11 @@ async fn device_listing_and_presence_follow_sessions() {
         ("phone-1", true, "Ward 4B")
     );
 
-    let devices = h
-        .sender()
-        .list_devices(ListDevicesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .devices;
+    let devices = h.list_devices("", false).await;
     let ids: Vec<_> = devices.iter().map(|d| (d.device_id.as_str(), d.online)).collect();
     assert_eq!(ids, [("phone-1", true), ("phone-2", false)]);
     assert_eq!(devices[0].sdk_version, "test/1");
-    let ward = h
-        .sender()
-        .list_devices(ListDevicesRequest {
-            group: "ward:4B".into(),
-            online_only: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .devices;
+    let ward = h.list_devices("ward:4B", false).await;
     assert_eq!(ward.len(), 1);
     assert_eq!(ward[0].device_id, "phone-2");
 
@@ -120,16 +105,7 @@ async fn device_listing_and_presence_follow_sessions() {
     let offline = within(presence.message()).await.unwrap().unwrap();
     assert_eq!((offline.device_id.as_str(), offline.online), ("phone-1", false));
     assert!(offline.reason.contains("CLIENT_STOPPING"), "{}", offline.reason);
-    let online_only = h
-        .sender()
-        .list_devices(ListDevicesRequest {
-            group: String::new(),
-            online_only: true,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .devices;
+    let online_only = h.list_devices("", true).await;
     assert!(online_only.is_empty());
 }
 

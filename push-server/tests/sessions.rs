@@ -7,7 +7,7 @@ use bytes::BufMut;
 use common::*;
 use push_proto::{
     device::GoodbyeReason,
-    sender::{DeliveryState, ListDevicesRequest, RevokeDeviceRequest, WatchPresenceRequest},
+    sender::{DeliveryState, RevokeDeviceRequest, WatchPresenceRequest},
 };
 use push_server::{auth::unix_secs, client::ClientError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -40,13 +40,7 @@ async fn second_login_replaces_the_first() {
         GoodbyeReason::Replaced
     );
     assert_alive(&h, &mut new, "phone-1").await;
-    let devices = h
-        .sender()
-        .list_devices(ListDevicesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .devices;
+    let devices = h.list_devices("", false).await;
     assert_eq!(devices.len(), 1);
     assert!(
         devices[0].online,
@@ -95,13 +89,7 @@ async fn heartbeat_deadline_marks_a_silent_device_offline() {
         p.id, sent.message_id,
         "a device that answers heartbeats stays connected"
     );
-    let devices = h
-        .sender()
-        .list_devices(ListDevicesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .devices;
+    let devices = h.list_devices("", false).await;
     let silent = devices.iter().find(|d| d.device_id == "silent").unwrap();
     assert!(!silent.online);
     assert_eq!(silent.last_disconnect_reason, "heartbeat timeout");

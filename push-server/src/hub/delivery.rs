@@ -421,16 +421,7 @@ impl Hub {
     fn resolve(&self, device_ids: &[String], group: Option<&str>) -> Result<Vec<String>, SendError> {
         let mut targets: Vec<String> = device_ids.to_vec();
         if let Some(g) = group {
-            targets.extend(
-                self.0
-                    .groups
-                    .read()
-                    .expect("poisoned")
-                    .get(g)
-                    .into_iter()
-                    .flatten()
-                    .cloned(),
-            );
+            targets.extend(self.group_members(g));
         }
         targets.sort();
         targets.dedup();

@@ -403,16 +403,7 @@ impl Hub {
     /// Every device (optionally one group's, optionally only online ones), ordered by id.
     pub fn list_devices(&self, group: Option<&str>, online_only: bool) -> Vec<DeviceView> {
         let ids: Vec<String> = match group {
-            Some(g) => self
-                .0
-                .groups
-                .read()
-                .expect("poisoned")
-                .get(g)
-                .into_iter()
-                .flatten()
-                .cloned()
-                .collect(),
+            Some(g) => self.group_members(g),
             None => self.0.devices.read().expect("poisoned").keys().cloned().collect(),
         };
         let mut views: Vec<DeviceView> = ids
@@ -431,6 +422,19 @@ impl Hub {
             .collect();
         views.sort_by(|a, b| a.record.device_id.cmp(&b.record.device_id));
         views
+    }
+
+    /// Ids of the devices in group `g`.
+    fn group_members(&self, g: &str) -> Vec<String> {
+        self.0
+            .groups
+            .read()
+            .expect("poisoned")
+            .get(g)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
     }
 
     /// Presence changes as they happen.

@@ -186,7 +186,7 @@ fn authenticate(
         Ok((claims, login)) => {
             tracing::info!(
                 %peer, device = %claims.sub, session = login.session_id, sdk = %hello.sdk_version,
-                ssid = %hello.ssid, last_seen_seq = hello.last_seen_seq, replay = login.replay_count, "session started"
+                ssid = %hello.ssid, instance = %hello.instance_id, last_seen_seq = hello.last_seen_seq, replay = login.replay_count, "session started"
             );
             session.accept(
                 Instant::now(),

@@ -157,6 +157,20 @@ impl Harness {
         seen
     }
 
+    /// Devices as the sender API lists them.
+    pub async fn list_devices(&self, group: &str, online_only: bool) -> Vec<push_proto::sender::DeviceInfo> {
+        let req = push_proto::sender::ListDevicesRequest {
+            group: group.into(),
+            online_only,
+        };
+        self.sender()
+            .list_devices(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .devices
+    }
+
     pub async fn shutdown(&mut self) {
         if let Some(server) = self.server.take() {
             server.shutdown().await;
