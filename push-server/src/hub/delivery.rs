@@ -159,7 +159,11 @@ impl Hub {
         };
         let targets = self.resolve(&req.device_ids, req.group.as_deref())?;
         if !req.id.is_empty() {
-            let existing = self.receipts(&id).await?;
+            // Committed state only, no barrier: waiting for the store here would put an fsync in
+            // front of every idempotent send. A retry arrives after its original was answered
+            // (so committed); two copies racing each other are both queued and the device drops
+            // the second by id.
+            let existing = self.store().receipts(&id)?;
             if !existing.is_empty() {
                 return Ok(Sent {
                     id,
