@@ -1,4 +1,4 @@
-//! Generates the prost types (always) and the tonic sender API (feature `grpc`).
+//! Generates the prost types (always) and the tonic sender and APNs bridge APIs (feature `grpc`).
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -11,7 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let grpc = env::var_os("CARGO_FEATURE_GRPC").is_some();
     let out = PathBuf::from(env::var("OUT_DIR")?);
     let files: &[&str] = if grpc {
-        &["proto/device.proto", "proto/sender.proto"]
+        &["proto/device.proto", "proto/sender.proto", "proto/apns.proto"]
     } else {
         &["proto/device.proto"]
     };

@@ -3,7 +3,9 @@
 //! over real TLS with the device client and the gRPC API client of the `push-server` crate.
 //!
 //! The binary is taken from `target/<profile>/push-server`, next to the test executable; build it
-//! first with `cargo build -p push-server` (set `PUSH_SERVER_BIN` to use another one).
+//! first with `cargo build -p push-server` (set `PUSH_SERVER_BIN` to use another one). The APNs
+//! bridge test also runs `target/<profile>/apns-bridge` (`cargo build -p apns-bridge`,
+//! `APNS_BRIDGE_BIN`).
 
 use std::{
     fmt::Write as _,
@@ -52,13 +54,22 @@ const READY_PREFIX: &str = "push-server ready: ";
 /// fixes it: `cargo test -p e2e` does not rebuild another package's binary.
 pub fn server_binary() -> PathBuf {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(locate_binary)
+    BIN.get_or_init(|| locate_binary("push-server", "PUSH_SERVER_BIN"))
         .clone()
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn locate_binary() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("PUSH_SERVER_BIN") {
+/// Path of the `apns-bridge` binary under test (`APNS_BRIDGE_BIN` overrides), with the same
+/// staleness check as [`server_binary`]: build it with `cargo build -p apns-bridge`.
+pub fn bridge_binary() -> PathBuf {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| locate_binary("apns-bridge", "APNS_BRIDGE_BIN"))
+        .clone()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn locate_binary(name: &str, env: &str) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os(env) {
         return Ok(p.into());
     }
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the test executable: {e}"))?;
@@ -67,11 +78,11 @@ fn locate_binary() -> Result<PathBuf, String> {
         .parent()
         .and_then(Path::parent)
         .ok_or_else(|| format!("unexpected test executable location {}", exe.display()))?;
-    let bin = profile_dir.join("push-server");
+    let bin = profile_dir.join(name);
     let built = std::fs::metadata(&bin).and_then(|m| m.modified()).map_err(|_| {
         format!(
-            "push-server binary not found at {}: run `cargo build -p push-server` first \
-             (or `cargo build --workspace`), or set PUSH_SERVER_BIN",
+            "{name} binary not found at {}: run `cargo build -p {name}` first \
+             (or `cargo build --workspace`), or set {env}",
             bin.display()
         )
     })?;
@@ -80,7 +91,7 @@ fn locate_binary() -> Result<PathBuf, String> {
         && newest > built
     {
         return Err(format!(
-            "push-server binary at {} is older than {}: run `cargo build -p push-server` \
+            "{name} binary at {} is older than {}: run `cargo build -p {name}` \
              (set E2E_ALLOW_STALE_BINARY=1 to test it anyway)",
             bin.display(),
             path.display()
@@ -90,7 +101,7 @@ fn locate_binary() -> Result<PathBuf, String> {
 }
 
 /// Newest source the binary was built from, per cargo's dep-info file next to it
-/// (`push-server.d`: `<binary>: <source> <source> ...`).
+/// (`<name>.d`: `<binary>: <source> <source> ...`).
 fn newest_source(bin: &Path) -> Option<(SystemTime, PathBuf)> {
     let info = std::fs::read_to_string(bin.with_extension("d")).ok()?;
     let (_, deps) = info.lines().next()?.split_once(": ")?;

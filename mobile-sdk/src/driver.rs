@@ -69,7 +69,7 @@ pub(crate) struct Transport {
 pub struct Shared {
     state: Mutex<State>,
     last_seen: AtomicU64,
-    stats: [AtomicU64; 4],
+    stats: [AtomicU64; 5],
 }
 
 /// Driver statistics (diagnostics, and the idle tests).
@@ -83,6 +83,8 @@ pub struct DriverStats {
     pub loop_turns: u64,
     /// Push events handed to the host.
     pub pushes: u64,
+    /// Pushes received and never shown (duplicates, stale calls, expired messages).
+    pub dropped_pushes: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -91,6 +93,7 @@ enum Stat {
     ConnectAttempts,
     LoopTurns,
     Pushes,
+    DroppedPushes,
 }
 
 impl Shared {
@@ -120,11 +123,16 @@ impl Shared {
             connect_attempts: get(Stat::ConnectAttempts),
             loop_turns: get(Stat::LoopTurns),
             pushes: get(Stat::Pushes),
+            dropped_pushes: get(Stat::DroppedPushes),
         }
     }
 
     fn bump(&self, s: Stat) {
-        self.stats[s as usize].fetch_add(1, Ordering::Relaxed);
+        self.add(s, 1);
+    }
+
+    fn add(&self, s: Stat, n: u64) {
+        self.stats[s as usize].fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -175,6 +183,7 @@ impl Driver {
         let timer = tokio::time::sleep_until(tokio::time::Instant::now());
         tokio::pin!(timer);
         let mut stopping = false;
+        let mut reported_dropped = 0;
         self.session.handle_start(now());
         loop {
             self.shared.bump(Stat::LoopTurns);
@@ -205,6 +214,9 @@ impl Driver {
                 progressed = true;
                 self.deliver(event, &mut conn);
             }
+            let dropped = self.session.dropped_pushes();
+            self.shared.add(Stat::DroppedPushes, dropped - reported_dropped);
+            reported_dropped = dropped;
             if self.session.is_stopped() {
                 // Stopped by the host or for good by the server: the goodbye is written and
                 // the connection closed above; nothing is left to wait for.

@@ -25,6 +25,7 @@ pub mod counters;
 pub mod driver;
 pub mod lifecycle;
 pub mod tls;
+pub mod voip;
 
 pub use config::{ClientConfig, ConfigError, Trust};
 pub use counters::Snapshot;

@@ -4,6 +4,8 @@
 //! - [`device`]: prost types of the device protocol (`proto/device.proto`, package `lpush.device.v1`).
 //! - [`frame`]: the length-delimited frame codec. Pure functions over buffers; does no I/O.
 //! - [`sender`] (feature `grpc`): the tonic sender and admin API (`proto/sender.proto`).
+//! - [`apns`] (feature `grpc`): the APNs bridge API (`proto/apns.proto`), between a push-server
+//!   and an apns-bridge running on another host.
 //!
 //! This crate depends on neither tokio nor any TLS stack, so the SDK can use it inside the iOS
 //! extension and fuzzers can drive the codec directly.
@@ -29,8 +31,19 @@ pub mod lpush {
             include!(concat!(env!("OUT_DIR"), "/lpush.sender.v1.rs"));
         }
     }
+    /// `lpush.apns.*`
+    #[cfg(feature = "grpc")]
+    pub mod apns {
+        /// `lpush.apns.v1`
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/lpush.apns.v1.rs"));
+        }
+    }
 }
 
+/// APNs bridge gRPC API (`lpush.apns.v1`).
+#[cfg(feature = "grpc")]
+pub use lpush::apns::v1 as apns;
 /// Device protocol messages (`lpush.device.v1`).
 pub use lpush::device::v1 as device;
 /// Sender and admin gRPC API (`lpush.sender.v1`).

@@ -49,6 +49,8 @@ pub struct Config {
     pub heartbeat_timeout_ms: u64,
     /// Resource limits.
     pub limits: Limits,
+    /// The APNs VoIP fallback for calls.
+    pub apns: ApnsConfig,
 }
 
 impl Default for Config {
@@ -61,6 +63,82 @@ impl Default for Config {
             heartbeat_interval_ms: 30_000,
             heartbeat_timeout_ms: 10_000,
             limits: Limits::default(),
+            apns: ApnsConfig::default(),
+        }
+    }
+}
+
+/// Where the APNs VoIP fallback runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApnsMode {
+    /// No fallback: calls ring only over local sessions.
+    #[default]
+    Disabled,
+    /// The bridge runs inside this process (this host may reach api.push.apple.com).
+    Embedded,
+    /// The bridge runs as `apns-bridge serve` on another host (the usual set-up: only a DMZ
+    /// host may reach the internet); this server calls it over gRPC.
+    Remote,
+}
+
+/// The `[apns]` section: how calls reach phones without a live session.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApnsConfig {
+    /// `disabled`, `embedded` or `remote`.
+    pub mode: ApnsMode,
+    /// Embedded: the app's bundle id (VoIP topic `<bundle_id>.voip`).
+    pub bundle_id: String,
+    /// Embedded: the APNs auth key (.p8).
+    pub p8_file: Option<PathBuf>,
+    /// Embedded: the key's id.
+    pub key_id: String,
+    /// Embedded: the Apple developer team id.
+    pub team_id: String,
+    /// Embedded: use APNs' sandbox (development builds of the app).
+    pub sandbox: bool,
+    /// Embedded: longest wait for one APNs answer (also cut to the ring time left).
+    pub send_timeout_ms: u64,
+    /// Embedded: first retry delay after 429/5xx (doubles per retry, up to `retry_max_ms`).
+    pub retry_base_ms: u64,
+    /// Embedded: longest retry delay.
+    pub retry_max_ms: u64,
+    /// Embedded: most requests per push, the first included.
+    pub max_attempts: u32,
+    /// Embedded: no request starts with less ring time than this left.
+    pub min_ring_left_ms: u64,
+    /// Remote: the bridge's URL, `https://host:port` (or `http://127.0.0.1:port` on one host).
+    pub endpoint: String,
+    /// Remote: CA certificate (PEM) that issued the bridge's TLS certificate.
+    pub ca_file: Option<PathBuf>,
+    /// Remote: name to verify in the bridge's certificate; defaults to the endpoint's host.
+    pub server_name: Option<String>,
+    /// Remote: file holding the bridge's API key.
+    pub api_key_file: Option<PathBuf>,
+    /// Remote: time allowed to connect to the bridge, so a bridge that is down is reported fast.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for ApnsConfig {
+    fn default() -> Self {
+        Self {
+            mode: ApnsMode::Disabled,
+            bundle_id: String::new(),
+            p8_file: None,
+            key_id: String::new(),
+            team_id: String::new(),
+            sandbox: false,
+            send_timeout_ms: 5_000,
+            retry_base_ms: 250,
+            retry_max_ms: 2_000,
+            max_attempts: 5,
+            min_ring_left_ms: 1_000,
+            endpoint: String::new(),
+            ca_file: None,
+            server_name: None,
+            api_key_file: None,
+            connect_timeout_ms: 2_000,
         }
     }
 }
@@ -99,6 +177,10 @@ pub struct Limits {
     pub max_recipients: usize,
     /// How long final delivery receipts are kept for status queries.
     pub receipt_retention_secs: u64,
+    /// How long a device with a live session has to acknowledge a call invite before the call
+    /// also rings through the APNs VoIP fallback (when enabled and the device registered a
+    /// token). Devices without a session fall back at once.
+    pub call_ack_window_ms: u64,
 }
 
 impl Default for Limits {
@@ -119,6 +201,7 @@ impl Default for Limits {
             max_message_bytes: 4 * 1024,
             max_recipients: 20_000,
             receipt_retention_secs: 7 * 24 * 3600,
+            call_ack_window_ms: 3_000,
         }
     }
 }
@@ -159,6 +242,37 @@ impl Config {
         }
         if l.default_ring_secs == 0 || l.default_ring_secs > l.max_ring_secs {
             return bad("limits.default_ring_secs must be positive and at most limits.max_ring_secs");
+        }
+        if l.call_ack_window_ms == 0 {
+            return bad("limits.call_ack_window_ms must be positive");
+        }
+        let a = &self.apns;
+        match a.mode {
+            ApnsMode::Disabled => {}
+            ApnsMode::Embedded => {
+                if a.bundle_id.is_empty()
+                    || a.p8_file.is_none()
+                    || a.key_id.is_empty()
+                    || a.team_id.is_empty()
+                {
+                    return bad(
+                        "apns.mode = \"embedded\" needs apns.bundle_id, apns.p8_file, apns.key_id and apns.team_id",
+                    );
+                }
+                if a.send_timeout_ms == 0 || a.max_attempts == 0 {
+                    return bad("apns.send_timeout_ms and apns.max_attempts must be positive");
+                }
+            }
+            ApnsMode::Remote => {
+                if a.endpoint.is_empty() || a.api_key_file.is_none() {
+                    return bad("apns.mode = \"remote\" needs apns.endpoint and apns.api_key_file");
+                }
+                if a.endpoint.starts_with("https://") && a.ca_file.is_none() {
+                    return bad(
+                        "apns.endpoint is https: apns.ca_file must name the CA that issued the bridge's certificate",
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -201,6 +315,22 @@ mod tests {
         let mut cfg = Config::default();
         cfg.limits.max_message_bytes = cfg.limits.max_frame_bytes;
         assert!(matches!(cfg.validate(), Err(ConfigError::Invalid(_))));
+    }
+
+    #[test]
+    fn apns_section_is_checked_per_mode() {
+        let cfg: Config = toml::from_str("[apns]\nmode = \"remote\"\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("apns.endpoint"), "{err}");
+        let cfg: Config = toml::from_str(
+            "[apns]\nmode = \"remote\"\nendpoint = \"https://bridge.dmz:7450\"\napi_key_file = \"k\"\nca_file = \"ca.pem\"\n",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        let cfg: Config = toml::from_str("[apns]\nmode = \"embedded\"\nbundle_id = \"com.x\"\n").unwrap();
+        assert!(cfg.validate().unwrap_err().to_string().contains("p8_file"));
+        assert!(toml::from_str::<Config>("[apns]\nmode = \"sometimes\"\n").is_err());
+        assert_eq!(Config::default().apns.mode, ApnsMode::Disabled);
     }
 
     #[test]

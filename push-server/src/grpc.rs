@@ -11,8 +11,9 @@ use push_proto::{
         DeliveryUpdate, DeviceInfo, GetMessageStatusRequest, IssueDeviceCredentialRequest,
         IssueDeviceCredentialResponse, ListDevicesRequest, ListDevicesResponse, MessageStatus,
         PlaceCallRequest, PlaceCallResponse, PresenceEvent, Recipient, RevokeDeviceRequest,
-        RevokeDeviceResponse, SendMessageRequest, SendMessageResponse, Target, WatchCallRequest,
-        WatchPresenceRequest, push_admin_server, push_sender_server, target,
+        RevokeDeviceResponse, SendMessageRequest, SendMessageResponse, SetVoipTokenRequest,
+        SetVoipTokenResponse, Target, VoipTokenState, WatchCallRequest, WatchPresenceRequest,
+        push_admin_server, push_sender_server, target,
     },
 };
 use tokio::sync::{broadcast, mpsc};
@@ -261,6 +262,13 @@ impl push_sender_server::PushSender for Api {
                 last_disconnect_reason: v.record.last_disconnect_reason,
                 queued: v.queued as u32,
                 revoked: v.record.revoked,
+                voip_token: if v.record.voip_token.is_empty() {
+                    VoipTokenState::None
+                } else if v.record.voip_token_invalid {
+                    VoipTokenState::Invalid
+                } else {
+                    VoipTokenState::Registered
+                } as i32,
             })
             .collect();
         Ok(Response::new(ListDevicesResponse { devices }))
@@ -353,6 +361,30 @@ impl push_admin_server::PushAdmin for Api {
         Ok(Response::new(RevokeDeviceResponse {
             session_closed: closed,
         }))
+    }
+
+    async fn set_voip_token(
+        &self,
+        req: Request<SetVoipTokenRequest>,
+    ) -> Result<Response<SetVoipTokenResponse>, Status> {
+        let admin = self.authorize(&req, Scope::Admin)?;
+        let r = req.into_inner();
+        let token = if r.token.is_empty() {
+            None
+        } else {
+            Some(
+                apns_bridge::DeviceToken::parse(&r.token)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            )
+        };
+        let registered = token.is_some();
+        self.hub
+            .set_voip_token(&r.device_id, token)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("no device {:?}", r.device_id)))?;
+        tracing::info!(api_key = %admin, device = %r.device_id, registered, "VoIP token set");
+        Ok(Response::new(SetVoipTokenResponse {}))
     }
 
     async fn create_api_key(

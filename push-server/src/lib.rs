@@ -7,7 +7,8 @@
 //! - [`auth`]: device credentials (JWT) and sender API keys.
 //! - [`store`]: durable state behind the [`store::Store`] trait; [`store::RedbStore`] embeds it.
 //! - [`hub`]: the decisions: registry, one session per device, outboxes, sequence numbers,
-//!   receipts, expiry. The seam a cluster router will sit behind.
+//!   receipts, expiry, and call routing to the APNs VoIP fallback (`apns-bridge`). The seam a
+//!   cluster router will sit behind.
 //! - [`session`]: the sans-IO session state machine ([`session::core`]) and its tokio driver.
 //! - [`listener`]: accept loops, TCP tuning, handshake deadlines, the session limit.
 //! - [`grpc`]: the sender and admin API (the only module that knows tonic).

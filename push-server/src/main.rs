@@ -9,7 +9,7 @@ use push_proto::{
     sender::{
         CancelCallRequest, CreateApiKeyRequest, DeviceList, GetMessageStatusRequest,
         IssueDeviceCredentialRequest, ListDevicesRequest, PlaceCallRequest, RevokeDeviceRequest,
-        SendMessageRequest, Target, target,
+        SendMessageRequest, SetVoipTokenRequest, Target, VoipTokenState, target,
     },
 };
 use push_server::{
@@ -129,6 +129,20 @@ enum DeviceCommand {
         api: ApiArgs,
         /// Device id.
         device_id: String,
+    },
+    /// Register a device's PushKit token for the APNs VoIP fallback (devices normally send it
+    /// themselves over their session).
+    VoipToken {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Device id.
+        device_id: String,
+        /// Hex PushKit token; omit with --clear.
+        #[arg(required_unless_present = "clear")]
+        token: Option<String>,
+        /// Remove the registration.
+        #[arg(long, conflicts_with = "token")]
+        clear: bool,
     },
     /// List devices with their presence.
     List {
@@ -323,6 +337,30 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Device(DeviceCommand::VoipToken {
+            api,
+            device_id,
+            token,
+            clear,
+        }) => {
+            let token = if clear {
+                String::new()
+            } else {
+                token.unwrap_or_default()
+            };
+            admin(&api)
+                .await?
+                .set_voip_token(SetVoipTokenRequest {
+                    device_id: device_id.clone(),
+                    token,
+                })
+                .await?;
+            println!(
+                "{device_id}: VoIP token {}",
+                if clear { "cleared" } else { "registered" }
+            );
+            Ok(())
+        }
         Command::Device(DeviceCommand::List { api, group, online }) => {
             let r = sender(&api)
                 .await?
@@ -332,12 +370,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 })
                 .await?;
             println!(
-                "{:<24} {:<7} {:<16} {:>9} {:>6}  LAST DROP",
-                "DEVICE", "ONLINE", "SSID", "AGE(s)", "QUEUED"
+                "{:<24} {:<7} {:<16} {:>9} {:>6} {:<8} LAST DROP",
+                "DEVICE", "ONLINE", "SSID", "AGE(s)", "QUEUED", "VOIP"
             );
             for d in r.into_inner().devices {
+                let voip = match d.voip_token() {
+                    VoipTokenState::None => "-",
+                    VoipTokenState::Registered => "token",
+                    VoipTokenState::Invalid => "invalid",
+                };
                 println!(
-                    "{:<24} {:<7} {:<16} {:>9} {:>6}  {}",
+                    "{:<24} {:<7} {:<16} {:>9} {:>6} {:<8} {}",
                     d.device_id,
                     if d.revoked {
                         "revoked"
@@ -349,6 +392,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     d.ssid,
                     d.session_age_seconds,
                     d.queued,
+                    voip,
                     d.last_disconnect_reason
                 );
             }

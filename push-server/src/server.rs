@@ -10,6 +10,12 @@ use std::{
 };
 
 use anyhow::Context;
+use apns_bridge::{
+    Bridge, BridgeSettings, BundleId, VoipBridge,
+    apple::{A2Transport, Environment},
+    policy::RetryPolicy,
+    remote::{RemoteBridge, RemoteOptions},
+};
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
@@ -17,9 +23,9 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     auth::{DeviceAuthority, write_secret},
-    config::Config,
+    config::{ApnsConfig, ApnsMode, Config},
     grpc::{Api, create_api_key},
-    hub::{Hub, run_expiry},
+    hub::{Hub, run_expiry, run_fallback},
     listener::{serve_devices, tune},
     pki::{self, Pki, PkiStatus},
     session::{core::Timing, driver::SessionEnv},
@@ -49,8 +55,17 @@ pub struct Server {
 }
 
 impl Server {
-    /// Prepare the data directory, open the store and start listening.
+    /// Prepare the data directory, open the store and start listening, with the APNs VoIP
+    /// fallback the configuration's `[apns]` section asks for.
     pub async fn start(cfg: Config) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        let voip = voip_bridge(&cfg.apns)?;
+        Self::start_with_voip(cfg, voip).await
+    }
+
+    /// Like [`Server::start`], with the given VoIP fallback instead of the configured one (tests
+    /// pass a bridge over the fake APNs).
+    pub async fn start_with_voip(cfg: Config, voip: Option<Arc<dyn VoipBridge>>) -> anyhow::Result<Self> {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
@@ -62,7 +77,7 @@ impl Server {
             queued = snapshot.pushes.len(),
             "store loaded"
         );
-        let hub = Hub::new(store.clone(), cfg.limits.clone(), snapshot);
+        let hub = Hub::new(store.clone(), cfg.limits.clone(), snapshot, voip);
         let auth = Arc::new(
             DeviceAuthority::load_or_create(&cfg.data_dir)
                 .context("cannot load the device credential key")?,
@@ -101,6 +116,7 @@ impl Server {
             tasks.clone(),
         ));
         tasks.spawn(run_expiry(hub.clone(), shutdown.clone()));
+        tasks.spawn(run_fallback(hub.clone(), shutdown.clone()));
         tasks.spawn(serve_api(
             api_listener,
             &pki,
@@ -149,6 +165,57 @@ impl Server {
             _ = self.shutdown.cancelled() => {}
         }
         self.shutdown().await;
+    }
+}
+
+/// The VoIP fallback `[apns]` asks for: none, an embedded bridge over a2, or a client of a
+/// remote `apns-bridge`. Both kinds go through the same `VoipBridge` interface.
+pub fn voip_bridge(cfg: &ApnsConfig) -> anyhow::Result<Option<Arc<dyn VoipBridge>>> {
+    let ms = Duration::from_millis;
+    match cfg.mode {
+        ApnsMode::Disabled => Ok(None),
+        ApnsMode::Embedded => {
+            let p8 = cfg.p8_file.as_ref().context("apns.p8_file is required")?;
+            let key = std::fs::File::open(p8)
+                .with_context(|| format!("cannot open the APNs key {}", p8.display()))?;
+            let env = if cfg.sandbox {
+                Environment::Sandbox
+            } else {
+                Environment::Production
+            };
+            let send_timeout = ms(cfg.send_timeout_ms);
+            let transport = A2Transport::new(key, &cfg.key_id, &cfg.team_id, env, send_timeout)
+                .with_context(|| format!("cannot use the APNs key {}", p8.display()))?;
+            let settings = BridgeSettings {
+                bundle_id: BundleId::parse(&cfg.bundle_id)?,
+                send_timeout,
+                retry: RetryPolicy {
+                    base: ms(cfg.retry_base_ms),
+                    max: ms(cfg.retry_max_ms),
+                    max_attempts: cfg.max_attempts,
+                    min_ring_left: ms(cfg.min_ring_left_ms),
+                },
+            };
+            tracing::info!(bundle = %cfg.bundle_id, sandbox = cfg.sandbox, "APNs VoIP fallback: embedded");
+            Ok(Some(Arc::new(Bridge::new(Arc::new(transport), settings))))
+        }
+        ApnsMode::Remote => {
+            let read =
+                |p: &Path| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()));
+            let key_file = cfg
+                .api_key_file
+                .as_ref()
+                .context("apns.api_key_file is required")?;
+            let opts = RemoteOptions {
+                endpoint: cfg.endpoint.clone(),
+                ca_pem: cfg.ca_file.as_deref().map(read).transpose()?,
+                server_name: cfg.server_name.clone(),
+                api_key: read(key_file)?.trim().to_string(),
+                connect_timeout: ms(cfg.connect_timeout_ms),
+            };
+            tracing::info!(endpoint = %cfg.endpoint, "APNs VoIP fallback: remote bridge");
+            Ok(Some(Arc::new(RemoteBridge::connect_lazy(&opts)?)))
+        }
     }
 }
 

@@ -24,5 +24,8 @@ pub use event::{
 };
 pub use session::{Config, NetworkEvent, Session, Timing, TransportCommand};
 
+/// Protocol enums that appear in events.
+pub use push_proto::device::{CancelReason, Priority};
+
 #[cfg(test)]
 mod tests;

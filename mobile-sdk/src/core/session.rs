@@ -204,6 +204,8 @@ pub struct Session {
     commands: VecDeque<TransportCommand>,
     events: VecDeque<Event>,
     now: Option<Instant>,
+    /// Pushes received and never shown (duplicates, stale calls, expired messages).
+    dropped: u64,
 }
 
 impl Session {
@@ -232,6 +234,7 @@ impl Session {
             commands: VecDeque::new(),
             events: VecDeque::new(),
             now: None,
+            dropped: 0,
         }
     }
 
@@ -251,6 +254,12 @@ impl Session {
     /// app that stops taking events stops the reads instead of growing a queue.
     pub fn wants_read(&self) -> bool {
         self.events.len() < self.max_pending_events && self.reads_expected()
+    }
+
+    /// Pushes received and never shown: duplicates, calls past their deadline, expired
+    /// messages (diagnostics: a high number after a reconnect means the server replayed).
+    pub fn dropped_pushes(&self) -> u64 {
+        self.dropped
     }
 
     /// Whether the session is stopped (by the host or for good by the server).
@@ -636,6 +645,7 @@ impl Session {
         // floor must never lag behind `last_seen`, or an older sequence would pass as new.
         self.dedup.record(push.seq, &push.id);
         if duplicate.is_some() {
+            self.dropped += 1;
             self.ledger.dropped(push.seq);
             return self.report_last_seen(before);
         }
@@ -686,7 +696,10 @@ impl Session {
                 self.ledger.handed(seq);
                 self.events.push_back(event);
             }
-            None => self.ledger.dropped(seq),
+            None => {
+                self.dropped += 1;
+                self.ledger.dropped(seq);
+            }
         }
         self.report_last_seen(before);
     }

@@ -18,8 +18,8 @@ use std::{
 
 use mobile_sdk::{ClientConfig, EventHandler, Trust, core::Event};
 use push_proto::sender::{
-    CancelCallRequest, DeliveryState, GetMessageStatusRequest, IssueDeviceCredentialRequest, ListDevicesRequest,
-    PlaceCallRequest, PlaceCallResponse, SendMessageRequest, Target, target,
+    CancelCallRequest, DeliveryState, GetMessageStatusRequest, IssueDeviceCredentialRequest,
+    ListDevicesRequest, PlaceCallRequest, PlaceCallResponse, SendMessageRequest, Target, target,
 };
 use push_server::{api_client::ApiClient, config::Config, server::Server};
 use tokio::sync::mpsc;
@@ -292,7 +292,8 @@ impl ChildServer {
     /// Start a new process on the same data directory and device port.
     pub fn restart(&mut self) {
         self.kill();
-        let (child, device_addr, api_addr) = spawn_child(&self.info.dir, Some(self.info.device_addr), self.hb);
+        let (child, device_addr, api_addr) =
+            spawn_child(&self.info.dir, Some(self.info.device_addr), self.hb);
         assert_eq!(device_addr, self.info.device_addr);
         self.info.api_addr = api_addr;
         self.child = Some(child);
@@ -310,7 +311,11 @@ impl Drop for ChildServer {
     }
 }
 
-fn spawn_child(dir: &Path, device_listen: Option<SocketAddr>, hb: Heartbeat) -> (Child, SocketAddr, SocketAddr) {
+fn spawn_child(
+    dir: &Path,
+    device_listen: Option<SocketAddr>,
+    hb: Heartbeat,
+) -> (Child, SocketAddr, SocketAddr) {
     let listen = device_listen.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap());
     let mut child = Command::new(std::env::current_exe().expect("test executable"))
         .args([
@@ -334,15 +339,18 @@ fn spawn_child(dir: &Path, device_listen: Option<SocketAddr>, hb: Heartbeat) -> 
     // Keeps draining stdout for the child's whole life, so it never blocks on a full pipe.
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(addrs) = line.strip_prefix(READY) {
-                let _ = tx.send(addrs.to_string());
+            // libtest may have printed the test name on the same line already.
+            if let Some(at) = line.find(READY) {
+                let _ = tx.send(line[at + READY.len()..].trim().to_string());
             }
         }
     });
     let addrs = rx
         .recv_timeout(Duration::from_secs(30))
         .expect("server child did not report ready");
-    let mut parts = addrs.split(' ').map(|a| a.parse::<SocketAddr>().expect("address"));
+    let mut parts = addrs
+        .split(' ')
+        .map(|a| a.parse::<SocketAddr>().expect("address"));
     (child, parts.next().unwrap(), parts.next().unwrap())
 }
 

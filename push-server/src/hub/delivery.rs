@@ -263,27 +263,32 @@ impl Hub {
             body: push::Body::CallInvite(invite),
         };
         let result = self.enqueue_all(&item, &targets, now).await;
-        let mut calls = self.0.calls.lock().expect("poisoned");
-        match result {
-            Ok((recipients, seqs)) => {
-                if let Some(call) = calls.get_mut(&req.call_id) {
-                    call.callees
-                        .extend(seqs.into_iter().map(|(d, s)| (d, (s, false))));
+        let (recipients, seqs) = {
+            let mut calls = self.0.calls.lock().expect("poisoned");
+            match result {
+                Ok((recipients, seqs)) => {
+                    if let Some(call) = calls.get_mut(&req.call_id) {
+                        call.callees
+                            .extend(seqs.iter().map(|(d, s)| (d.clone(), (*s, false))));
+                    }
+                    (recipients, seqs)
                 }
-                Ok((
-                    Sent {
-                        id: item.id,
-                        recipients,
-                        expires_at_ms: deadline,
-                    },
-                    uuid,
-                ))
+                Err(e) => {
+                    calls.remove(&req.call_id);
+                    return Err(e);
+                }
             }
-            Err(e) => {
-                calls.remove(&req.call_id);
-                Err(e)
-            }
-        }
+        };
+        // Outside the call table's lock: routing takes device locks (order: device, then calls).
+        self.plan_voip(&seqs, now_ms());
+        Ok((
+            Sent {
+                id: item.id,
+                recipients,
+                expires_at_ms: deadline,
+            },
+            uuid,
+        ))
     }
 
     /// Stop ringing: invites not yet written are withdrawn, devices that got one are sent a
@@ -320,12 +325,12 @@ impl Hub {
             let mut ops = Vec::new();
             let mut d = device.lock().expect("poisoned");
             let reached = match d.outbox.get(seq).filter(|q| q.push.id == call_id) {
-                Some(q) => {
-                    let reached = q.state == ReceiptState::Delivered;
-                    let push = q.push.clone();
-                    d.outbox.remove(seq);
-                    self.finish(&mut ops, &push, ReceiptState::Cancelled, "call cancelled", now);
-                    reached
+                Some(_) => {
+                    let q = d.outbox.remove(seq).expect("present");
+                    self.finish_queued(&mut ops, &q, ReceiptState::Cancelled, "call cancelled", now);
+                    // A phone rung through APNs gets the cancel locally if it comes on-site in
+                    // time; a cancel never goes as a VoIP push.
+                    q.state == ReceiptState::Delivered || q.voip.may_have_rung()
                 }
                 None => *acked,
             };
@@ -607,6 +612,7 @@ impl Hub {
             Queued {
                 push: stored,
                 state: ReceiptState::Accepted,
+                voip: super::fallback::VoipLeg::Idle,
             },
         );
         if seq < d.durable_ceiling

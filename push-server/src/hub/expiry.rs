@@ -66,7 +66,7 @@ impl Hub {
                 PushKind::CallCancel => "call over",
             };
             let mut ops = Vec::new();
-            self.finish(&mut ops, &q.push, ReceiptState::Expired, reason, now);
+            self.finish_queued(&mut ops, &q, ReceiptState::Expired, reason, now);
             self.persist(ops);
         }
         self.0

@@ -18,9 +18,11 @@
 
 mod delivery;
 mod expiry;
+mod fallback;
 
 pub use delivery::{CallRequest, MessageRequest, RecipientOutcome, SendError, Sent};
 pub use expiry::run_expiry;
+pub use fallback::run_fallback;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -31,6 +33,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use apns_bridge::{DeviceToken, VoipBridge};
 use push_proto::{
     device::{GoodbyeReason, Hello},
     sender::PresenceEvent,
@@ -70,6 +73,8 @@ struct Inner {
     deadlines_changed: Notify,
     calls: Mutex<HashMap<String, delivery::CallRecord>>,
     next_session: AtomicU64,
+    /// The APNs VoIP fallback's state (routing lives in `fallback.rs`).
+    fallback: fallback::Fallback,
 }
 
 struct DeviceState {
@@ -86,6 +91,8 @@ struct DeviceState {
 struct Queued {
     push: Arc<StoredPush>,
     state: ReceiptState,
+    /// Where the APNs VoIP fallback stands for this push (call invites only).
+    voip: fallback::VoipLeg,
 }
 
 struct SessionLink {
@@ -151,8 +158,13 @@ pub struct DeviceView {
 }
 
 impl Hub {
-    /// Rebuild the hub from the store's snapshot.
-    pub fn new(store: Arc<dyn Store>, limits: Limits, snapshot: Snapshot) -> Self {
+    /// Rebuild the hub from the store's snapshot. `voip` is the APNs VoIP fallback, if enabled.
+    pub fn new(
+        store: Arc<dyn Store>,
+        limits: Limits,
+        snapshot: Snapshot,
+        voip: Option<Arc<dyn VoipBridge>>,
+    ) -> Self {
         let ceilings: HashMap<String, u64> = snapshot.seq_ceilings.into_iter().collect();
         let mut devices = HashMap::new();
         let mut groups: HashMap<String, BTreeSet<String>> = HashMap::new();
@@ -195,6 +207,8 @@ impl Hub {
                 Queued {
                     push: Arc::new(push),
                     state: ReceiptState::Accepted,
+                    // Whether a VoIP push went out before the restart is unknown: send none.
+                    voip: fallback::VoipLeg::Unknown,
                 },
             );
         }
@@ -209,6 +223,7 @@ impl Hub {
             deadlines_changed: Notify::new(),
             calls: Mutex::new(calls),
             next_session: AtomicU64::new(1),
+            fallback: fallback::Fallback::new(voip),
         }))
     }
 
@@ -245,6 +260,8 @@ impl Hub {
                             last_ssid: String::new(),
                             last_disconnect_reason: String::new(),
                             sdk_version: String::new(),
+                            voip_token: String::new(),
+                            voip_token_invalid: false,
                         },
                         outbox: BTreeMap::new(),
                         next_seq: 1,
@@ -385,6 +402,45 @@ impl Hub {
         d.record.last_disconnect_reason = reason.into();
         self.presence_offline(&d.record, session_id, reason, now);
         self.persist(vec![Op::PutDevice(d.record.clone())]);
+        // Calls it was ringing now need the other path.
+        self.voip_on_logout(&mut d, now);
+    }
+
+    /// Register (`Some`) or clear (`None`) a device's PushKit token from the admin API; returns
+    /// once durable, `None` for an unknown device.
+    pub async fn set_voip_token(
+        &self,
+        device_id: &str,
+        token: Option<DeviceToken>,
+    ) -> Result<Option<()>, StoreError> {
+        let Some(device) = self.device(device_id) else {
+            return Ok(None);
+        };
+        let pending = {
+            let mut d = device.lock().expect("poisoned");
+            let ops = set_token(&mut d.record, token).into_iter().collect();
+            self.submit(ops)
+        };
+        self.settle(vec![pending]).await?;
+        Ok(Some(()))
+    }
+
+    /// The device sent its PushKit token (`None`: cleared it) in this session.
+    pub fn session_voip_token(&self, device_id: &str, session_id: u64, token: Option<DeviceToken>) {
+        let Some(device) = self.device(device_id) else {
+            return;
+        };
+        let mut d = device.lock().expect("poisoned");
+        if d.session.as_ref().is_some_and(|s| s.id == session_id)
+            && let Some(op) = set_token(&mut d.record, token)
+        {
+            tracing::info!(
+                device = device_id,
+                registered = !d.record.voip_token.is_empty(),
+                "VoIP token updated"
+            );
+            self.persist(vec![op]);
+        }
     }
 
     /// The device reports a new SSID mid-session.
@@ -470,6 +526,28 @@ impl Hub {
         self.receipt_of(ops, &push.id, &push.device_id, state, reason, now);
     }
 
+    /// A receipt naming the path that reached the device.
+    fn receipt_via(
+        &self,
+        ops: &mut Vec<Op>,
+        push: &StoredPush,
+        state: ReceiptState,
+        reason: &str,
+        path: &str,
+        now: i64,
+    ) {
+        let receipt = Receipt {
+            id: push.id.clone(),
+            device_id: push.device_id.clone(),
+            state,
+            reason: reason.into(),
+            at_ms: now,
+            path: path.into(),
+        };
+        let _ = self.0.receipts.send(receipt.clone());
+        ops.push(Op::PutReceipt(receipt));
+    }
+
     fn receipt_of(
         &self,
         ops: &mut Vec<Op>,
@@ -499,6 +577,23 @@ impl Hub {
     fn finish(&self, ops: &mut Vec<Op>, push: &StoredPush, state: ReceiptState, reason: &str, now: i64) {
         debug_assert!(state.is_final());
         self.receipt(ops, push, state, reason, now);
+        self.forget(ops, push);
+    }
+
+    /// Like [`Hub::finish`], for a queued push: a call that rang through APNs says so in its
+    /// final receipt (unless the local session acknowledged it).
+    fn finish_queued(&self, ops: &mut Vec<Op>, q: &Queued, state: ReceiptState, reason: &str, now: i64) {
+        debug_assert!(state.is_final());
+        if state != ReceiptState::Acked && q.voip == fallback::VoipLeg::Delivered {
+            self.receipt_via(ops, &q.push, state, reason, "apns", now);
+            self.forget(ops, &q.push);
+        } else {
+            self.finish(ops, &q.push, state, reason, now);
+        }
+    }
+
+    /// Drop a finished push from the store and the deadline index.
+    fn forget(&self, ops: &mut Vec<Op>, push: &StoredPush) {
         ops.push(Op::DeletePush {
             device_id: push.device_id.clone(),
             seq: push.seq,
@@ -566,6 +661,18 @@ impl Hub {
         }
         result
     }
+}
+
+/// Set or clear the token; returns the op to persist, or `None` when nothing changed. A new
+/// token is valid until APNs says otherwise.
+fn set_token(record: &mut DeviceRecord, token: Option<DeviceToken>) -> Option<Op> {
+    let token = token.map(|t| t.as_str().to_string()).unwrap_or_default();
+    if record.voip_token == token && !record.voip_token_invalid {
+        return None;
+    }
+    record.voip_token = token;
+    record.voip_token_invalid = false;
+    Some(Op::PutDevice(record.clone()))
 }
 
 /// A submitted batch: its durability acknowledgement and the sequence blocks it reserves.

@@ -32,6 +32,8 @@ pub enum Event {
     Acked(Ack),
     /// The device reports a new SSID.
     NetworkChanged(String),
+    /// The device registered (non-empty) or cleared (empty) its PushKit token.
+    VoipToken(String),
     /// The session is over; send what `poll_transmit` still yields, then close the socket.
     Closed(CloseReason),
 }
@@ -166,6 +168,9 @@ impl Session {
             }
             (Phase::Established { .. }, Kind::NetworkChange(change)) => {
                 self.events.push_back(Event::NetworkChanged(change.ssid))
+            }
+            (Phase::Established { .. }, Kind::VoipToken(t)) => {
+                self.events.push_back(Event::VoipToken(t.token))
             }
             (_, Kind::Goodbye(bye)) => {
                 let reason = GoodbyeReason::try_from(bye.reason).unwrap_or(GoodbyeReason::Unspecified);
@@ -458,6 +463,22 @@ mod tests {
         let mut s = established(t0);
         s.handle_frame(t0, frame(client_frame::Kind::Hello(Hello::default())));
         assert!(s.is_closed());
+    }
+
+    #[test]
+    fn voip_token_is_an_event_only_after_hello() {
+        let t0 = Instant::now();
+        let token = |t: &str| {
+            frame(client_frame::Kind::VoipToken(push_proto::device::VoipToken {
+                token: t.into(),
+            }))
+        };
+        let mut s = established(t0);
+        s.handle_frame(t0, token("abcd"));
+        assert_eq!(s.poll_event(), Some(Event::VoipToken("abcd".into())));
+        let mut s = Session::new(t0, T);
+        s.handle_frame(t0, token("abcd"));
+        assert!(s.is_closed(), "hello must come first");
     }
 
     #[test]

@@ -117,6 +117,20 @@ pub async fn run(
                         env.hub.network_changed(&a.device_id, a.session_id, &ssid);
                     }
                 }
+                Event::VoipToken(token) => {
+                    if let Some(a) = &admitted {
+                        if token.is_empty() {
+                            env.hub.session_voip_token(&a.device_id, a.session_id, None);
+                        } else {
+                            match apns_bridge::DeviceToken::parse(&token) {
+                                Ok(t) => env.hub.session_voip_token(&a.device_id, a.session_id, Some(t)),
+                                Err(e) => {
+                                    tracing::warn!(%peer, device = %a.device_id, error = %e, "VoIP token ignored")
+                                }
+                            }
+                        }
+                    }
+                }
                 Event::Closed(reason) => closed = Some(reason),
             }
         }

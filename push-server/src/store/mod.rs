@@ -62,6 +62,11 @@ pub struct DeviceRecord {
     pub last_disconnect_reason: String,
     /// SDK version reported by the last session.
     pub sdk_version: String,
+    /// PushKit token (lowercase hex) for the APNs VoIP fallback; empty when none is registered.
+    pub voip_token: String,
+    /// APNs refused `voip_token` for good (410 Unregistered, BadDeviceToken, ...); it is not used
+    /// again until the device registers a new one.
+    pub voip_token_invalid: bool,
 }
 
 /// What a queued push is.

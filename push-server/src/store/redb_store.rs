@@ -383,6 +383,8 @@ mod tests {
             last_ssid: "hospital".into(),
             last_disconnect_reason: "idle".into(),
             sdk_version: "1.0".into(),
+            voip_token: "ab".repeat(32),
+            voip_token_invalid: true,
         }
     }
 

@@ -41,6 +41,14 @@ impl Harness {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::start_with_voip(tweak, None).await
+    }
+
+    /// Start with `voip` as the APNs VoIP fallback; `None` uses what the config asks for.
+    pub async fn start_with_voip(
+        tweak: impl FnOnce(&mut Config),
+        voip: Option<std::sync::Arc<dyn apns_bridge::VoipBridge>>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = Config {
             data_dir: dir.path().join("data"),
@@ -49,7 +57,11 @@ impl Harness {
             ..Config::default()
         };
         tweak(&mut cfg);
-        let server = Server::start(cfg.clone()).await.expect("server starts");
+        let server = match voip {
+            Some(v) => Server::start_with_voip(cfg.clone(), Some(v)).await,
+            None => Server::start(cfg.clone()).await,
+        }
+        .expect("server starts");
         let ca = server.pki.ca_cert_pem.clone();
         let key = std::fs::read_to_string(cfg.data_dir.join("admin.key")).unwrap();
         let api = ApiClient::connect(server.api_addr, "localhost", &ca, key.trim())
@@ -152,6 +164,40 @@ impl Harness {
                 }
             }
             panic!("stream ended before {device_id} reached {state:?}: {seen:?}");
+        })
+        .await;
+        seen
+    }
+
+    /// Follow a push's receipts until an update for `device_id` satisfies `done`; returns every
+    /// update seen for that device on the way (the stream starts with the current state).
+    pub async fn await_update(
+        &self,
+        id: &str,
+        device_id: &str,
+        done: impl Fn(&DeliveryUpdate) -> bool,
+    ) -> Vec<DeliveryUpdate> {
+        let mut stream = self
+            .sender()
+            .watch_message(GetMessageStatusRequest {
+                message_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut seen = Vec::new();
+        within(async {
+            while let Some(u) = stream.message().await.unwrap() {
+                if u.device_id != device_id {
+                    continue;
+                }
+                let finished = done(&u);
+                seen.push(u);
+                if finished {
+                    return;
+                }
+            }
+            panic!("stream ended before the awaited update for {device_id}: {seen:?}");
         })
         .await;
         seen

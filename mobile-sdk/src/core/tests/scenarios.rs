@@ -85,6 +85,7 @@ fn duplicates_by_sequence_and_by_id_are_dropped_and_acked() {
     h.push_message(12, "m11");
     h.push_message(13, "m13");
     assert_eq!(h.shown(), [11, 13]);
+    assert_eq!(h.s.dropped_pushes(), 3);
     assert_eq!(h.acked(), [9, 11, 11, 12, 13]);
     assert_eq!(h.s.last_seen_seq(), 13);
 }

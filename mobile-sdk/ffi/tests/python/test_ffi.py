@@ -1,0 +1,165 @@
+"""The FFI surface, driven through the generated Python binding (standard library only).
+
+Run by tests/python_bindings.rs, which generates the module, starts a real push-server with
+pushes already queued for the device, and passes the details in the environment:
+SDK_HOST, SDK_PORT, SDK_CA_PEM, SDK_DEVICE_ID, SDK_CREDENTIAL, SDK_MESSAGES (comma-separated
+ids, in order), SDK_CALL_ID.
+"""
+
+import asyncio
+import gc
+import os
+import queue
+import time
+import unittest
+
+import mobile_sdk_ffi as sdk
+
+STEP = 15.0  # seconds: bound of every wait
+ENV = os.environ
+
+
+def config(last_seen_seq=0, credential=None):
+    return sdk.ProviderConfig(
+        host=ENV["SDK_HOST"],
+        port=int(ENV["SDK_PORT"]),
+        server_name="localhost",
+        device_id=ENV["SDK_DEVICE_ID"],
+        credential=ENV["SDK_CREDENTIAL"] if credential is None else credential,
+        ca_pem=ENV["SDK_CA_PEM"],
+        pins=[],
+        last_seen_seq=last_seen_seq,
+        ssid="ward-4b",
+    )
+
+
+class Recorder(sdk.PushListener):
+    """Collects events from the SDK's thread; the test waits on them with a timeout."""
+
+    def __init__(self):
+        self.events = queue.Queue()
+        self.seen = []
+
+    def on_event(self, event):
+        self.events.put(event)
+
+    async def wait_for(self, what, pick):
+        deadline = time.monotonic() + STEP
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {what} within {STEP}s; seen: {[str(e) for e in self.seen]}")
+            try:
+                event = await asyncio.to_thread(self.events.get, True, min(left, 0.5))
+            except queue.Empty:
+                continue
+            self.seen.append(event)
+            picked = pick(event)
+            if picked is not None:
+                return picked
+
+    async def connected(self):
+        return await self.wait_for(
+            "Connected",
+            lambda e: e.state if e.is_STATE() and e.state.is_CONNECTED() else None,
+        )
+
+    def messages(self):
+        return [e.message.id for e in self.seen if e.is_MESSAGE()]
+
+
+def quiet(counters):
+    return (counters.sessions, counters.tasks, counters.sockets, counters.connected) == (0, 0, 0, 0)
+
+
+class FfiSurface(unittest.TestCase):
+    # Persisted between tests, as the host would in its app group.
+    last_seen_seq = 0
+
+    def test_1_invalid_configuration_is_refused_up_front(self):
+        with self.assertRaises(sdk.SdkError.InvalidConfig) as caught:
+            sdk.PushClient(config(credential=""), Recorder())
+        self.assertIn("credential", str(caught.exception))
+
+    def test_2_queued_pushes_arrive_through_callbacks_and_are_acked(self):
+        async def body():
+            rec = Recorder()
+            client = sdk.PushClient(config(), rec)
+            self.assertEqual(client.state(), sdk.ConnectionState.IDLE())
+            await client.start()
+            state = await rec.connected()
+            self.assertEqual(state.device_id, ENV["SDK_DEVICE_ID"])
+            expected = ENV["SDK_MESSAGES"].split(",")
+            for message_id in expected:
+                message = await rec.wait_for(
+                    message_id, lambda e: e.message if e.is_MESSAGE() and e.message.id == message_id else None
+                )
+                self.assertEqual(message.title, f"title {message_id}")
+            invite = await rec.wait_for("call invite", lambda e: e.invite if e.is_CALL_INVITE() else None)
+            self.assertEqual(invite.call_id, ENV["SDK_CALL_ID"])
+            self.assertEqual(len(invite.call_uuid), 36)
+            self.assertGreater(invite.ring_remaining_ms, 0)
+            last = await rec.wait_for(
+                "last seen of the invite",
+                lambda e: e.seq if e.is_LAST_SEEN_SEQ() and e.seq >= invite.seq else None,
+            )
+            self.assertEqual(client.last_seen_seq(), last)
+            self.assertEqual(rec.messages(), expected)
+            await client.stop(sdk.StopReason.HOST_REQUESTED)
+            self.assertEqual(
+                client.state(),
+                sdk.ConnectionState.STOPPED(sdk.StopCause.HOST(sdk.StopReason.HOST_REQUESTED)),
+            )
+            self.assertTrue(quiet(sdk.counters()), sdk.counters())
+            FfiSurface.last_seen_seq = client.last_seen_seq()
+            del client
+            gc.collect()
+            self.assertEqual(sdk.counters().instances, 0)
+
+        asyncio.run(body())
+
+    def test_3_repeated_cycles_release_everything_and_show_nothing_twice(self):
+        async def body():
+            for cycle in range(25):
+                rec = Recorder()
+                client = sdk.PushClient(config(FfiSurface.last_seen_seq), rec)
+                await client.start()
+                await client.start()  # idempotent
+                await rec.connected()
+                self.assertEqual(sdk.counters().sessions, 1)
+                await client.stop(sdk.StopReason.HOST_REQUESTED)
+                await client.stop(sdk.StopReason.HOST_REQUESTED)  # idempotent
+                self.assertTrue(quiet(sdk.counters()), f"cycle {cycle}: {sdk.counters()}")
+                self.assertEqual(rec.messages(), [], f"cycle {cycle} showed an old push again")
+                del client
+                gc.collect()
+                self.assertEqual(sdk.counters().instances, 0, f"cycle {cycle}")
+
+        asyncio.run(body())
+
+    def test_4_a_newer_instance_supersedes_the_older_one(self):
+        async def body():
+            older_rec, newer_rec = Recorder(), Recorder()
+            older = sdk.PushClient(config(FfiSurface.last_seen_seq), older_rec)
+            newer = sdk.PushClient(config(FfiSurface.last_seen_seq), newer_rec)
+            await older.start()
+            await older_rec.connected()
+            await newer.start()
+            await newer_rec.connected()
+            superseded = sdk.ConnectionState.STOPPED(sdk.StopCause.HOST(sdk.StopReason.SUPERSEDED))
+            self.assertEqual(older.state(), superseded)
+            counters = sdk.counters()
+            self.assertEqual((counters.instances, counters.sessions, counters.sockets), (2, 1, 1))
+            with self.assertRaises(sdk.SdkError.Superseded):
+                await older.start()
+            await newer.stop(sdk.StopReason.HOST_REQUESTED)
+            del older, newer
+            gc.collect()
+            self.assertTrue(quiet(sdk.counters()))
+            self.assertEqual(sdk.counters().instances, 0)
+
+        asyncio.run(body())
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)

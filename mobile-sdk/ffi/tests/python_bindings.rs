@@ -1,0 +1,148 @@
+//! The FFI surface through the generated Python binding: generate the module from the built
+//! library (library mode), start a real push-server with pushes queued for the device, run
+//! `tests/python/test_ffi.py`, and fail if Python fails.
+
+use std::{path::Path, process::Stdio, time::Duration};
+
+use push_proto::sender::{
+    DeliveryState, GetMessageStatusRequest, IssueDeviceCredentialRequest, PlaceCallRequest,
+    SendMessageRequest, Target, target,
+};
+use push_server::{api_client::ApiClient, config::Config, server::Server};
+
+const DEVICE: &str = "py-dev";
+const MESSAGES: [&str; 3] = ["py-1", "py-2", "py-3"];
+const CALL: &str = "py-call";
+
+fn library_file() -> &'static str {
+    if cfg!(target_os = "macos") {
+        "libmobile_sdk_ffi.dylib"
+    } else {
+        "libmobile_sdk_ffi.so"
+    }
+}
+
+/// Generate the Python module next to a copy of the library, in `out`.
+fn generate_binding(out: &Path) {
+    let bindgen = Path::new(env!("CARGO_BIN_EXE_uniffi-bindgen"));
+    let library = bindgen.parent().unwrap().join(library_file());
+    assert!(library.exists(), "{} was not built", library.display());
+    let status = std::process::Command::new(bindgen)
+        .args([
+            "generate",
+            "--library",
+            "--language",
+            "python",
+            "--no-format",
+            "--out-dir",
+        ])
+        .arg(out)
+        .arg(&library)
+        .status()
+        .expect("run uniffi-bindgen");
+    assert!(status.success(), "uniffi-bindgen failed: {status}");
+    std::fs::copy(&library, out.join(library_file())).unwrap();
+    assert!(out.join("mobile_sdk_ffi.py").exists());
+}
+
+fn to_device() -> Option<Target> {
+    Some(Target {
+        kind: Some(target::Kind::DeviceId(DEVICE.into())),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_drives_the_ffi_against_a_real_server() {
+    let out = tempfile::tempdir().unwrap();
+    generate_binding(out.path());
+
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(Config {
+        data_dir: data.path().to_path_buf(),
+        device_listen: "127.0.0.1:0".parse().unwrap(),
+        api_listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ca_pem = std::fs::read_to_string(data.path().join("tls/ca.pem")).unwrap();
+    let admin_key = std::fs::read_to_string(data.path().join("admin.key")).unwrap();
+    let api = ApiClient::connect(server.api_addr, "localhost", &ca_pem, admin_key.trim())
+        .await
+        .unwrap();
+    let credential = api
+        .admin()
+        .issue_device_credential(IssueDeviceCredentialRequest {
+            device_id: DEVICE.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .credential;
+    // Queued before the device connects: the Python side receives them as replay.
+    for id in MESSAGES {
+        api.sender()
+            .send_message(SendMessageRequest {
+                target: to_device(),
+                title: format!("title {id}"),
+                message_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    api.sender()
+        .place_call(PlaceCallRequest {
+            call_id: CALL.into(),
+            target: to_device(),
+            caller_name: "Ward 4B".into(),
+            ring_timeout_seconds: 120,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/test_ffi.py");
+    let run = tokio::process::Command::new("python3")
+        .arg(&script)
+        .env("PYTHONPATH", out.path())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("SDK_HOST", "127.0.0.1")
+        .env("SDK_PORT", server.device_addr.port().to_string())
+        .env("SDK_CA_PEM", &ca_pem)
+        .env("SDK_DEVICE_ID", DEVICE)
+        .env("SDK_CREDENTIAL", &credential)
+        .env("SDK_MESSAGES", MESSAGES.join(","))
+        .env("SDK_CALL_ID", CALL)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(180), run)
+        .await
+        .expect("the Python test did not finish in 180 s")
+        .expect("python3 runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{}{stderr}", String::from_utf8_lossy(&output.stdout));
+    assert!(
+        output.status.success(),
+        "the Python FFI test failed: {}",
+        output.status
+    );
+    assert!(stderr.contains("OK"), "unittest did not report OK");
+
+    // The acks the Python-hosted client sent reached the server.
+    for id in MESSAGES {
+        let status = api
+            .sender()
+            .get_message_status(GetMessageStatusRequest {
+                message_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(status.recipients[0].state, DeliveryState::Acked as i32, "{id}");
+    }
+    server.shutdown().await;
+}

@@ -1,0 +1,505 @@
+//! The SDK against the real push-server over TLS: delivery, acks, calls, heartbeats, resume
+//! after a graceful restart and after a SIGKILL, one session per device, trust settings.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{ChildServer, Heartbeat, InProcServer, Recorder, STEP, ServerInfo};
+use mobile_sdk::{
+    Registry, StartError, Trust,
+    core::{Disconnect, Event, State, StopCause, StopReason},
+};
+use push_proto::{
+    device::{CancelReason, GoodbyeReason},
+    sender::{RevokeDeviceRequest, WatchPresenceRequest},
+};
+use rustls::pki_types::{CertificateDer, pem::PemObject};
+
+server_process_entry!();
+
+fn registry() -> Registry {
+    Registry::new(tokio::runtime::Handle::current())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receives_messages_in_order_and_acks_them_after_the_app_took_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let info = &server.info;
+    let api = info.api().await;
+    let credential = info.issue("dev-a").await;
+    let reg = registry();
+    let (handler, mut events) = Recorder::new();
+    let client = reg
+        .client(info.client_config("dev-a", &credential), handler)
+        .unwrap();
+    client.start().await.unwrap();
+    events.connected().await;
+    for i in 1..=3 {
+        ServerInfo::send(&api, "dev-a", &format!("m{i}")).await;
+    }
+    for i in 1..=3 {
+        let id = format!("m{i}");
+        let m = events
+            .wait_for(&id, |e| match e {
+                Event::Message(m) => Some(m.clone()),
+                _ => None,
+            })
+            .await;
+        assert_eq!(m.id, id);
+        assert_eq!(m.title, format!("title {id}"));
+    }
+    for i in 1..=3 {
+        ServerInfo::wait_acked(&api, &format!("m{i}")).await;
+    }
+    let last = events
+        .wait_for("last seen 3", |e| match e {
+            Event::LastSeenSeq(s) if *s >= 3 => Some(*s),
+            _ => None,
+        })
+        .await;
+    assert_eq!(client.last_seen_seq(), last);
+    assert_eq!(events.message_ids(), ["m1", "m2", "m3"]);
+    client.stop(StopReason::HostRequested).await;
+    assert!(reg.counters().is_quiet(), "{:?}", reg.counters());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_invites_carry_what_callkit_needs_and_cancels_follow() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let info = &server.info;
+    let api = info.api().await;
+    let credential = info.issue("dev-c").await;
+    let reg = registry();
+    let (handler, mut events) = Recorder::new();
+    let client = reg
+        .client(info.client_config("dev-c", &credential), handler)
+        .unwrap();
+    client.start().await.unwrap();
+    events.connected().await;
+    let placed = ServerInfo::place_call(&api, "dev-c", "call-1").await;
+    let invite = events
+        .wait_for("call invite", |e| match e {
+            Event::CallInvite(c) => Some(c.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(invite.call_id, "call-1");
+    assert_eq!(invite.call_uuid, placed.call_uuid);
+    assert_eq!(invite.call_uuid, push_proto::call_uuid("call-1"));
+    assert_eq!(invite.caller_name, "Ward 4B");
+    assert_eq!(invite.ring_deadline_ms, placed.ring_deadline_ms);
+    assert!(
+        invite.ring_remaining > Duration::from_secs(20) && invite.ring_remaining <= Duration::from_secs(30),
+        "{:?}",
+        invite.ring_remaining
+    );
+    assert_eq!(ServerInfo::cancel_call(&api, "call-1").await, 1);
+    let cancel = events
+        .wait_for("call cancel", |e| match e {
+            Event::CallCancel(c) => Some(c.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(cancel.call_uuid, placed.call_uuid);
+    assert_eq!(cancel.reason, CancelReason::CallerCancelled);
+    client.stop(StopReason::HostRequested).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_are_answered_so_the_session_survives_many_rounds() {
+    let dir = tempfile::tempdir().unwrap();
+    // A heartbeat every 150 ms, 150 ms to answer: 20 rounds in 3 s, any miss ends the session.
+    let hb = Heartbeat {
+        interval_ms: 150,
+        timeout_ms: 150,
+    };
+    let server = InProcServer::start(dir.path(), hb).await;
+    let info = &server.info;
+    let api = info.api().await;
+    let credential = info.issue("dev-h").await;
+    let reg = registry();
+    let (handler, mut events) = Recorder::new();
+    let client = reg
+        .client(info.client_config("dev-h", &credential), handler)
+        .unwrap();
+    client.start().await.unwrap();
+    events.connected().await;
+    let during = events.quiet_for(Duration::from_secs(3)).await;
+    assert!(during.is_empty(), "the session changed state: {during:?}");
+    assert!(ServerInfo::online(&api, "dev-h").await);
+    assert!(matches!(client.state(), State::Connected { .. }));
+    client.stop(StopReason::HostRequested).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_on_its_own_within_seconds_after_a_graceful_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let credential = server.info.issue("dev-r").await;
+    let reg = registry();
+    let (handler, mut events) = Recorder::new();
+    let client = reg
+        .client(server.info.client_config("dev-r", &credential), handler)
+        .unwrap();
+    client.start().await.unwrap();
+    events.connected().await;
+    ServerInfo::send(&server.info.api().await, "dev-r", "before").await;
+    events
+        .wait_for("message before", |e| matches!(e, Event::Message(_)).then_some(()))
+        .await;
+
+    server.shutdown().await;
+    events
+        .wait_for("goodbye SERVER_SHUTDOWN", |e| {
+            matches!(
+                e,
+                Event::State(State::WaitingToRetry {
+                    reason: Disconnect::ServerGoodbye(GoodbyeReason::ServerShutdown),
+                    ..
+                })
+            )
+            .then_some(())
+        })
+        .await;
+    server.restart().await;
+    let back = Instant::now();
+    // No timer_event() from the host: the SDK retries on its own schedule.
+    events.connected().await;
+    let took = back.elapsed();
+    println!("reconnected {took:?} after the server came back");
+    assert!(
+        took < Duration::from_secs(10),
+        "{took:?}: must not wait for the 60 s system timer"
+    );
+
+    ServerInfo::send(&server.info.api().await, "dev-r", "after").await;
+    events
+        .wait_for("message after", |e| {
+            matches!(e, Event::Message(m) if m.id == "after").then_some(())
+        })
+        .await;
+    assert_eq!(events.message_ids(), ["before", "after"]);
+    client.stop(StopReason::HostRequested).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_without_loss_or_duplicates_after_a_server_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ChildServer::start(dir.path(), Heartbeat::default());
+    let credential = server.info.issue("dev-k").await;
+    let reg = registry();
+    let (handler, mut events) = Recorder::new();
+    let client = reg
+        .client(server.info.client_config("dev-k", &credential), handler)
+        .unwrap();
+    client.start().await.unwrap();
+    events.connected().await;
+    let api = server.info.api().await;
+    let ids: Vec<String> = (1..=30).map(|i| format!("k{i:02}")).collect();
+    for id in &ids[..10] {
+        ServerInfo::send(&api, "dev-k", id).await;
+    }
+    // Taken by the app and acked, but the server persists acks lazily: kill it at once, so
+    // some acks are lost and the restarted server replays pushes the app already has.
+    let tenth = ids[9].clone();
+    events
+        .wait_for("first ten", |e| {
+            matches!(e, Event::Message(m) if m.id == tenth).then_some(())
+        })
+        .await;
+    // Queued durably, maybe in flight when the server dies.
+    for id in &ids[10..20] {
+        ServerInfo::send(&api, "dev-k", id).await;
+    }
+    server.kill();
+    drop(api);
+    events
+        .wait_for("disconnect", |e| {
+            matches!(e, Event::State(State::WaitingToRetry { .. })).then_some(())
+        })
+        .await;
+    server.restart();
+    events.connected().await;
+    let api = server.info.api().await;
+    for id in &ids[20..] {
+        ServerInfo::send(&api, "dev-k", id).await;
+    }
+    let last = ids[29].clone();
+    events
+        .wait_for("all thirty", |e| {
+            matches!(e, Event::Message(m) if m.id == last).then_some(())
+        })
+        .await;
+    ServerInfo::wait_acked(&api, &last).await;
+    // Late duplicates would arrive right after the replay; give them a chance to show up.
+    events.quiet_for(Duration::from_millis(500)).await;
+    assert_eq!(events.message_ids(), ids, "every message exactly once, in order");
+    println!("after the kill: {:?}", client.stats());
+
+    // A new provider instance (the extension relaunched) resumes from the persisted sequence.
+    let persisted = client.last_seen_seq();
+    assert!(persisted >= 30, "{persisted}");
+    client.stop(StopReason::HostRequested).await;
+    let mut config = server.info.client_config("dev-k", &credential);
+    config.last_seen_seq = persisted;
+    let (handler, mut relaunched) = Recorder::new();
+    let again = reg.client(config, handler).unwrap();
+    again.start().await.unwrap();
+    relaunched.connected().await;
+    ServerInfo::send(&api, "dev-k", "k31").await;
+    relaunched
+        .wait_for("k31", |e| {
+            matches!(e, Event::Message(m) if m.id == "k31").then_some(())
+        })
+        .await;
+    assert_eq!(relaunched.message_ids(), ["k31"], "nothing old shown again");
+    again.stop(StopReason::HostRequested).await;
+    assert!(reg.counters().is_quiet());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_for_the_device_supersedes_the_first_in_the_same_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let info = &server.info;
+    let api = info.api().await;
+    let credential = info.issue("dev-2").await;
+    let reg = registry();
+    let (ha, mut a_events) = Recorder::new();
+    let (hb, mut b_events) = Recorder::new();
+    let a = reg.client(info.client_config("dev-2", &credential), ha).unwrap();
+    // Created second: the newer instance.
+    let b = reg.client(info.client_config("dev-2", &credential), hb).unwrap();
+    a.start().await.unwrap();
+    a_events.connected().await;
+    b.start().await.unwrap();
+    // By the time start returns, the older session is gone.
+    assert_eq!(a.state(), State::Stopped(StopCause::Host(StopReason::Superseded)));
+    b_events.connected().await;
+    let snap = reg.counters();
+    assert_eq!(
+        (
+            snap.instances,
+            snap.sessions,
+            snap.tasks,
+            snap.sockets,
+            snap.connected
+        ),
+        (2, 1, 1, 1, 1),
+        "{snap:?}"
+    );
+    assert_eq!(
+        a.start().await,
+        Err(StartError::Superseded("dev-2".into())),
+        "the older instance cannot take the device back"
+    );
+    assert!(ServerInfo::online(&api, "dev-2").await);
+    ServerInfo::send(&api, "dev-2", "only-b").await;
+    b_events
+        .wait_for("message", |e| matches!(e, Event::Message(_)).then_some(()))
+        .await;
+    assert!(a_events.message_ids().is_empty());
+    drop(a);
+    b.stop(StopReason::HostRequested).await;
+    let snap = reg.counters();
+    assert!(snap.is_quiet(), "{snap:?}");
+    assert_eq!(snap.instances, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_for_one_device_end_with_one_server_session_and_no_fight() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let info = &server.info;
+    let credential = info.issue("dev-p").await;
+    // Separate registries: as if two processes (or a host bypassing the registry).
+    let (reg_a, reg_b) = (registry(), registry());
+    let (ha, mut a_events) = Recorder::new();
+    let (hb, mut b_events) = Recorder::new();
+    let a = reg_a
+        .client(info.client_config("dev-p", &credential), ha)
+        .unwrap();
+    let b = reg_b
+        .client(info.client_config("dev-p", &credential), hb)
+        .unwrap();
+    a.start().await.unwrap();
+    a_events.connected().await;
+    b.start().await.unwrap();
+    b_events.connected().await;
+    a_events
+        .wait_for("REPLACED", |e| {
+            matches!(e, Event::State(State::Stopped(StopCause::Replaced))).then_some(())
+        })
+        .await;
+    // The replaced instance does not come back to fight over the device.
+    let a_quiet = reg_a.wait_for_counters(STEP, |s| s.is_quiet()).await;
+    assert!(a_quiet.is_ok(), "{a_quiet:?}");
+    let later = a_events.quiet_for(Duration::from_secs(1)).await;
+    assert!(later.is_empty(), "{later:?}");
+    assert_eq!(b_events.quiet_for(Duration::from_millis(200)).await, []);
+    assert_eq!(reg_b.counters().connected, 1);
+    assert!(ServerInfo::online(&info.api().await, "dev-p").await);
+    b.stop(StopReason::HostRequested).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_and_stop_are_idempotent_and_stop_says_goodbye() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let info = &server.info;
+    let api = info.api().await;
+    let credential = info.issue("dev-i").await;
+    let reg = registry();
+    let (handler, mut events) = Recorder::new();
+    let client = reg
+        .client(info.client_config("dev-i", &credential), handler)
+        .unwrap();
+    client.stop(StopReason::HostRequested).await;
+    client.start().await.unwrap();
+    client.start().await.unwrap();
+    events.connected().await;
+    assert_eq!(reg.counters().tasks, 1);
+    let mut presence = api
+        .sender()
+        .watch_presence(WatchPresenceRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    client.stop(StopReason::HostRequested).await;
+    assert!(reg.counters().is_quiet(), "{:?}", reg.counters());
+    client.stop(StopReason::HostRequested).await;
+    assert_eq!(
+        client.state(),
+        State::Stopped(StopCause::Host(StopReason::HostRequested))
+    );
+    let offline = tokio::time::timeout(STEP, async {
+        loop {
+            let e = presence.message().await.unwrap().expect("presence stream");
+            if e.device_id == "dev-i" && !e.online {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("offline presence");
+    assert!(offline.reason.contains("CLIENT_STOPPING"), "{}", offline.reason);
+    // And it starts again.
+    client.start().await.unwrap();
+    events.connected().await;
+    client.stop(StopReason::HostRequested).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_or_refused_credentials_stop_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let info = &server.info;
+    let api = info.api().await;
+    let credential = info.issue("dev-v").await;
+    let reg = registry();
+    let (handler, mut events) = Recorder::new();
+    let client = reg
+        .client(info.client_config("dev-v", &credential), handler)
+        .unwrap();
+    client.start().await.unwrap();
+    events.connected().await;
+    api.admin()
+        .revoke_device(RevokeDeviceRequest {
+            device_id: "dev-v".into(),
+        })
+        .await
+        .unwrap();
+    events
+        .wait_for("revoked", |e| {
+            matches!(e, Event::State(State::Stopped(StopCause::CredentialRevoked))).then_some(())
+        })
+        .await;
+    // The task ends by itself: nothing left running, no retries.
+    assert!(reg.wait_for_counters(STEP, |s| s.is_quiet()).await.is_ok());
+    let attempts = client.stats().connect_attempts;
+
+    let (handler, mut refused) = Recorder::new();
+    let bogus = reg
+        .client(info.client_config("dev-x", "not-a-jwt"), handler)
+        .unwrap();
+    bogus.start().await.unwrap();
+    refused
+        .wait_for("auth failed", |e| {
+            matches!(e, Event::State(State::Stopped(StopCause::AuthFailed))).then_some(())
+        })
+        .await;
+    assert!(reg.wait_for_counters(STEP, |s| s.is_quiet()).await.is_ok());
+    assert_eq!(client.stats().connect_attempts, attempts);
+}
+
+fn server_pin(info: &ServerInfo) -> String {
+    let pem = std::fs::read(info.dir.join("tls/server.pem")).unwrap();
+    let cert = CertificateDer::from_pem_slice(&pem).unwrap();
+    mobile_sdk::tls::spki_pin(&cert).unwrap()
+}
+
+fn ca_pin(info: &ServerInfo) -> String {
+    let cert = CertificateDer::from_pem_slice(info.ca_pem().as_bytes()).unwrap();
+    mobile_sdk::tls::spki_pin(&cert).unwrap()
+}
+
+/// Connect with `trust`; returns the first state after the attempt: connected or failed.
+async fn first_outcome(info: &ServerInfo, credential: &str, trust: Trust) -> State {
+    let reg = registry();
+    let (handler, mut events) = Recorder::new();
+    let mut config = info.client_config("dev-t", credential);
+    config.trust = trust;
+    let client = reg.client(config, handler).unwrap();
+    client.start().await.unwrap();
+    let state = events
+        .wait_for("outcome", |e| match e {
+            Event::State(s @ (State::Connected { .. } | State::WaitingToRetry { .. })) => Some(s.clone()),
+            _ => None,
+        })
+        .await;
+    client.stop(StopReason::HostRequested).await;
+    state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_by_ca_by_pins_and_rotation_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let info = &server.info;
+    let credential = info.issue("dev-t").await;
+    let other = format!("sha256/{}=", "A".repeat(43));
+    let connected = |s: &State| matches!(s, State::Connected { .. });
+
+    // The server's own key, alone or next to a key still to come (rotation).
+    let s = first_outcome(info, &credential, Trust::pins([other.clone(), server_pin(info)])).await;
+    assert!(connected(&s), "{s:?}");
+    // The CA's key, with the CA certificate at hand (the server presents only its leaf).
+    let trust = Trust {
+        ca_pem: Some(info.ca_pem()),
+        pins: vec![ca_pin(info)],
+    };
+    let s = first_outcome(info, &credential, trust).await;
+    assert!(connected(&s), "{s:?}");
+    // A wrong pin is refused, whatever CA is configured.
+    let trust = Trust {
+        ca_pem: Some(info.ca_pem()),
+        pins: vec![other.clone()],
+    };
+    let s = first_outcome(info, &credential, trust).await;
+    assert!(
+        matches!(&s, State::WaitingToRetry { reason: Disconnect::ConnectFailed(e), .. } if e.contains("certificate")),
+        "{s:?}"
+    );
+    // A CA pin without the CA certificate cannot be checked against a server that presents
+    // only its leaf: refused (see the README on pinning).
+    let s = first_outcome(info, &credential, Trust::pins([ca_pin(info)])).await;
+    assert!(!connected(&s), "{s:?}");
+    // Another CA is refused.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other_server = InProcServer::start(other_dir.path(), Heartbeat::default()).await;
+    let s = first_outcome(info, &credential, Trust::ca(other_server.info.ca_pem())).await;
+    assert!(!connected(&s), "{s:?}");
+}
