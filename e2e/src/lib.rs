@@ -478,6 +478,8 @@ fn spawn_server(
         "127.0.0.1:0",
         "--api-listen",
         "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
     ]);
     let has = |flag: &str| {
         extra_args

@@ -17,7 +17,14 @@ fn serve_with_config(dir: &Path, name: &str, contents: &str) -> String {
         .arg(&config)
         .arg("--data-dir")
         .arg(&data)
-        .args(["--device-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+        .args([
+            "--device-listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr_path).unwrap())
         .spawn()

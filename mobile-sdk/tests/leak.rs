@@ -42,7 +42,7 @@ async fn a_thousand_start_stop_and_supersede_cycles_leave_nothing_behind() {
             let (handler, mut events) = Recorder::new();
             let client = registry.client(config, handler).unwrap();
             client.start().await.unwrap();
-            if i % 10 != 0 {
+            if !i.is_multiple_of(10) {
                 events.connected().await;
             }
             client.stop(StopReason::HostRequested).await;

@@ -40,6 +40,11 @@ pub struct Config {
     pub device_listen: SocketAddr,
     /// Address of the gRPC sender/admin API (TLS).
     pub api_listen: SocketAddr,
+    /// Address of the ops dashboard and the Prometheus `/metrics` endpoint (HTTPS, same
+    /// certificate as the other listeners).
+    pub http_listen: SocketAddr,
+    /// This node's name in the dashboard and logs (default: the host name).
+    pub node_name: String,
     /// Host names and IPs devices and senders use to reach this server; they go into the
     /// certificate's subjectAltName (localhost and loopback are always added).
     pub server_names: Vec<String>,
@@ -59,6 +64,8 @@ impl Default for Config {
             data_dir: PathBuf::from("data"),
             device_listen: "0.0.0.0:7443".parse().expect("valid literal"),
             api_listen: "127.0.0.1:7444".parse().expect("valid literal"),
+            http_listen: "127.0.0.1:7445".parse().expect("valid literal"),
+            node_name: host_name(),
             server_names: Vec::new(),
             heartbeat_interval_ms: 30_000,
             heartbeat_timeout_ms: 10_000,
@@ -181,6 +188,22 @@ pub struct Limits {
     /// also rings through the APNs VoIP fallback (when enabled and the device registered a
     /// token). Devices without a session fall back at once.
     pub call_ack_window_ms: u64,
+    /// Diagnostics: a device whose extension logs in with a new instance id more than this many
+    /// times within `diag_window_secs` is flagged (the extension keeps being restarted).
+    pub diag_instance_churn_max: u32,
+    /// Diagnostics: the window for instance churn and heartbeat-miss flags.
+    pub diag_window_secs: u64,
+    /// Diagnostics: a site (SSID) is flagged when at least this share (percent) of its devices,
+    /// and at least `diag_site_drop_min_devices`, drop within `diag_site_drop_window_secs`.
+    pub diag_site_drop_percent: u32,
+    /// Diagnostics: fewest drops that can flag a site.
+    pub diag_site_drop_min_devices: u32,
+    /// Diagnostics: the window for site-wide drops.
+    pub diag_site_drop_window_secs: u64,
+    /// Dashboard: sessions kept per device in the in-memory history.
+    pub observe_sessions_per_device: usize,
+    /// Dashboard: delivery events kept per device in the in-memory history.
+    pub observe_deliveries_per_device: usize,
 }
 
 impl Default for Limits {
@@ -202,6 +225,13 @@ impl Default for Limits {
             max_recipients: 20_000,
             receipt_retention_secs: 7 * 24 * 3600,
             call_ack_window_ms: 3_000,
+            diag_instance_churn_max: 3,
+            diag_window_secs: 600,
+            diag_site_drop_percent: 60,
+            diag_site_drop_min_devices: 3,
+            diag_site_drop_window_secs: 30,
+            observe_sessions_per_device: 20,
+            observe_deliveries_per_device: 50,
         }
     }
 }
@@ -246,6 +276,11 @@ impl Config {
         if l.call_ack_window_ms == 0 {
             return bad("limits.call_ack_window_ms must be positive");
         }
+        if l.diag_window_secs == 0 || l.diag_site_drop_window_secs == 0 || l.diag_site_drop_percent > 100 {
+            return bad(
+                "limits.diag_window_secs and diag_site_drop_window_secs must be positive, diag_site_drop_percent at most 100",
+            );
+        }
         let a = &self.apns;
         match a.mode {
             ApnsMode::Disabled => {}
@@ -286,6 +321,16 @@ impl Config {
     pub fn heartbeat_timeout(&self) -> Duration {
         Duration::from_millis(self.heartbeat_timeout_ms)
     }
+}
+
+/// The machine's host name, for `node_name`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "push-server".into())
 }
 
 #[cfg(test)]

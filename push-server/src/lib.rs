@@ -12,6 +12,8 @@
 //! - [`session`]: the sans-IO session state machine ([`session::core`]) and its tokio driver.
 //! - [`listener`]: accept loops, TCP tuning, handshake deadlines, the session limit.
 //! - [`grpc`]: the sender and admin API (the only module that knows tonic).
+//! - [`observe`]: Prometheus metrics, the ops dashboard (HTTPS, `/metrics`), session and
+//!   delivery history, diagnoses.
 //! - [`server`]: wiring and graceful shutdown.
 //! - [`api_client`]: a gRPC client for the API (CLI, tests).
 //! - [`client`]: a minimal device client for the CLI and tests (the real one is `mobile-sdk`).
@@ -23,6 +25,7 @@ pub mod config;
 pub mod grpc;
 pub mod hub;
 pub mod listener;
+pub mod observe;
 pub mod pki;
 pub mod server;
 pub mod session;

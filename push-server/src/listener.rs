@@ -11,7 +11,7 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{config::Limits, session::driver::SessionEnv};
+use crate::{config::Limits, observe::metrics, session::driver::SessionEnv};
 
 /// Accept device connections until `shutdown`; each session runs on `tracker`.
 pub async fn serve_devices(
@@ -48,10 +48,15 @@ pub async fn serve_devices(
             };
             match tls {
                 Ok(Ok(tls)) => {
+                    metrics::handshake("ok");
                     sessions.spawn(crate::session::driver::run(tls, env, peer, shutdown, permit));
                 }
-                Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake failed"),
+                Ok(Err(e)) => {
+                    metrics::handshake("failed");
+                    tracing::warn!(%peer, error = %e, "TLS handshake failed")
+                }
                 Err(_) => {
+                    metrics::handshake("timeout");
                     tracing::warn!(%peer, timeout_ms = handshake_timeout.as_millis() as u64, "TLS handshake timed out")
                 }
             }

@@ -78,6 +78,12 @@ struct ServeArgs {
     /// gRPC API listener address.
     #[arg(long, env = "PUSH_API_LISTEN")]
     api_listen: Option<SocketAddr>,
+    /// Dashboard and /metrics listener address (HTTPS).
+    #[arg(long, env = "PUSH_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// This node's name in the dashboard (default: the host name).
+    #[arg(long, env = "PUSH_NODE_NAME")]
+    node_name: Option<String>,
     /// Host name or IP devices use to reach the server (repeatable; goes into the certificate).
     #[arg(long = "server-name", env = "PUSH_SERVER_NAMES", value_delimiter = ',')]
     server_names: Vec<String>,
@@ -512,6 +518,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(v) = args.api_listen {
         cfg.api_listen = v;
     }
+    if let Some(v) = args.http_listen {
+        cfg.http_listen = v;
+    }
+    if let Some(v) = args.node_name {
+        cfg.node_name = v;
+    }
     if !args.server_names.is_empty() {
         cfg.server_names = args.server_names;
     }
@@ -550,8 +562,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "push-server ready: devices={} api={}",
-        server.device_addr, server.api_addr
+        "push-server ready: devices={} api={} dashboard=https://{}/",
+        server.device_addr, server.api_addr, server.http_addr
     );
     server.run_until(signal).await;
     Ok(())

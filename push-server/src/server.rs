@@ -43,6 +43,8 @@ pub struct Server {
     pub device_addr: SocketAddr,
     /// Where the gRPC API listens.
     pub api_addr: SocketAddr,
+    /// Where the dashboard and `/metrics` listen (HTTPS).
+    pub http_addr: SocketAddr,
     /// Certificates in use.
     pub pki: Pki,
     /// What start-up did to the certificates.
@@ -67,6 +69,8 @@ impl Server {
     /// pass a bridge over the fake APNs).
     pub async fn start_with_voip(cfg: Config, voip: Option<Arc<dyn VoipBridge>>) -> anyhow::Result<Self> {
         cfg.validate()?;
+        // Before anything records a metric.
+        crate::observe::metrics::install();
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
         let (pki, pki_status) = pki::load_or_create(&cfg.data_dir.join(TLS_DIR), &cfg.server_names)?;
@@ -90,7 +94,11 @@ impl Server {
         let api_listener = TcpListener::bind(cfg.api_listen)
             .await
             .with_context(|| format!("cannot listen for the API on {}", cfg.api_listen))?;
+        let http_listener = TcpListener::bind(cfg.http_listen)
+            .await
+            .with_context(|| format!("cannot listen for the dashboard on {}", cfg.http_listen))?;
         let (device_addr, api_addr) = (device_listener.local_addr()?, api_listener.local_addr()?);
+        let http_addr = http_listener.local_addr()?;
 
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -117,6 +125,16 @@ impl Server {
         ));
         tasks.spawn(run_expiry(hub.clone(), shutdown.clone()));
         tasks.spawn(run_fallback(hub.clone(), shutdown.clone()));
+        let mut http_tls = pki::server_config(&pki)?;
+        http_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tasks.spawn(crate::observe::http::serve(
+            http_listener,
+            TlsAcceptor::from(Arc::new(http_tls)),
+            hub.clone(),
+            cfg.node_name.clone(),
+            cfg.limits.clone(),
+            shutdown.clone(),
+        )?);
         tasks.spawn(serve_api(
             api_listener,
             &pki,
@@ -124,10 +142,11 @@ impl Server {
             Api::new(hub, auth, shutdown.clone()),
             shutdown.clone(),
         )?);
-        tracing::info!(%device_addr, %api_addr, "push-server listening");
+        tracing::info!(%device_addr, %api_addr, %http_addr, node = %cfg.node_name, "push-server listening");
         Ok(Self {
             device_addr,
             api_addr,
+            http_addr,
             pki,
             pki_status,
             created_admin_key,

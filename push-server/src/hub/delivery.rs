@@ -383,8 +383,17 @@ impl Hub {
                 .filter(|q| q.state == ReceiptState::Accepted)
             {
                 q.state = ReceiptState::Delivered;
-                let push = q.push.clone();
-                self.receipt(&mut ops, &push, ReceiptState::Delivered, "", now);
+                let (push, latency) = (q.push.clone(), now - q.queued_ms);
+                crate::observe::metrics::delivered(crate::observe::kind_str(push.kind), "local", latency);
+                let r = super::receipt(
+                    &push.id,
+                    &push.device_id,
+                    ReceiptState::Delivered,
+                    "",
+                    "local",
+                    now,
+                );
+                self.announce(&mut ops, push.kind, r, Some(latency));
             }
         }
         self.persist(ops);
@@ -422,7 +431,18 @@ impl Hub {
             {
                 callee.1 = true;
             }
-            self.finish(ops, &q.push, ReceiptState::Acked, "", now);
+            let latency = now - q.queued_ms;
+            crate::observe::metrics::acked(crate::observe::kind_str(q.push.kind), latency);
+            let r = super::receipt(
+                &q.push.id,
+                &q.push.device_id,
+                ReceiptState::Acked,
+                "",
+                "local",
+                now,
+            );
+            self.announce(ops, q.push.kind, r, Some(latency));
+            self.forget(ops, &q.push);
         }
     }
 
@@ -466,13 +486,18 @@ impl Hub {
             let result = match self.device(device_id) {
                 None => {
                     // No device lock to order by, and nothing else is ever written about it.
-                    self.receipt_of(
+                    self.announce(
                         &mut unknown,
-                        &item.id,
-                        device_id,
-                        ReceiptState::Undeliverable,
-                        "unknown device",
-                        now,
+                        item.kind,
+                        super::receipt(
+                            &item.id,
+                            device_id,
+                            ReceiptState::Undeliverable,
+                            "unknown device",
+                            "",
+                            now,
+                        ),
+                        None,
                     );
                     Err("unknown device")
                 }
@@ -534,14 +559,15 @@ impl Hub {
     ) -> Result<u64, &'static str> {
         let result = self.try_enqueue_locked(d, ops, item, now);
         if let Err(reason) = result {
-            self.receipt_of(
-                ops,
+            let r = super::receipt(
                 &item.id,
                 &d.record.device_id,
                 ReceiptState::Undeliverable,
                 reason,
+                "",
                 now,
             );
+            self.announce(ops, item.kind, r, None);
         }
         result
     }
@@ -613,6 +639,7 @@ impl Hub {
                 push: stored,
                 state: ReceiptState::Accepted,
                 voip: super::fallback::VoipLeg::Idle,
+                queued_ms: now,
             },
         );
         if seq < d.durable_ceiling

@@ -27,7 +27,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{DeviceState, Hub, now_ms};
-use crate::store::{Op, PushKind, ReceiptState};
+use crate::{
+    observe::metrics,
+    store::{Op, PushKind, ReceiptState},
+};
 
 /// Where the fallback stands for one queued call invite. Moves only forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,11 +211,21 @@ impl Hub {
         let call_id = q.push.id.clone();
         tracing::info!(device = %device_id, call = %call_id, %token, reason = why, "ringing through APNs");
         let (hub, stop) = (self.clone(), self.0.fallback.stop.clone());
+        // Always true (a `VoipCall` only comes from an invite); the metric is the tripwire.
+        let is_call = q.push.kind == PushKind::CallInvite;
         tokio::spawn(async move {
             let outcome = tokio::select! {
                 o = bridge.ring(call, token.clone()) => o,
                 _ = stop.cancelled() => return,
             };
+            let label = match &outcome {
+                VoipOutcome::Delivered { .. } => "delivered",
+                VoipOutcome::TokenInvalid { .. } => "token_invalid",
+                VoipOutcome::Undeliverable { .. } => "undeliverable",
+                VoipOutcome::Rejected { .. } => "rejected",
+                VoipOutcome::Duplicate => "duplicate",
+            };
+            metrics::voip(label, is_call);
             hub.voip_result(&device_id, seq, &call_id, &token, outcome);
         });
     }
@@ -236,8 +249,17 @@ impl Hub {
             VoipOutcome::Delivered { .. } => {
                 if let Some(q) = d.outbox.get_mut(&seq).filter(|q| q.push.id == call_id) {
                     q.voip = VoipLeg::Delivered;
-                    let push = q.push.clone();
-                    self.receipt_via(&mut ops, &push, ReceiptState::Delivered, "", "apns", now);
+                    let (push, latency) = (q.push.clone(), now - q.queued_ms);
+                    metrics::delivered(crate::observe::kind_str(push.kind), "apns", latency);
+                    let r = super::receipt(
+                        &push.id,
+                        &push.device_id,
+                        ReceiptState::Delivered,
+                        "",
+                        "apns",
+                        now,
+                    );
+                    self.announce(&mut ops, push.kind, r, Some(latency));
                 }
                 None
             }

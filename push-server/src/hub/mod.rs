@@ -28,7 +28,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -40,9 +40,11 @@ use push_proto::{
 };
 use tokio::sync::{Notify, broadcast};
 
+use crate::store::PushKind;
 use crate::{
     auth::{CredentialError, DeviceClaims},
     config::Limits,
+    observe::{Observer, metrics},
     store::{DeviceRecord, Op, Receipt, ReceiptState, Snapshot, Store, StoreError, StoredPush},
 };
 
@@ -75,6 +77,8 @@ struct Inner {
     next_session: AtomicU64,
     /// The APNs VoIP fallback's state (routing lives in `fallback.rs`).
     fallback: fallback::Fallback,
+    /// Session and delivery history for the dashboard, and the diagnoses.
+    observer: Arc<Observer>,
 }
 
 struct DeviceState {
@@ -93,6 +97,9 @@ struct Queued {
     state: ReceiptState,
     /// Where the APNs VoIP fallback stands for this push (call invites only).
     voip: fallback::VoipLeg,
+    /// Unix ms it was queued (this process's start for pushes restored from the store), for
+    /// latency metrics.
+    queued_ms: i64,
 }
 
 struct SessionLink {
@@ -142,6 +149,8 @@ pub struct Login {
     pub ctl: Arc<SessionCtl>,
     /// Pushes waiting for replay.
     pub replay_count: u32,
+    /// Unix ms the device was last heard; the session driver updates it on every read.
+    pub heard: Arc<AtomicI64>,
 }
 
 /// Presence and registry facts about one device, for listings.
@@ -209,6 +218,7 @@ impl Hub {
                     state: ReceiptState::Accepted,
                     // Whether a VoIP push went out before the restart is unknown: send none.
                     voip: fallback::VoipLeg::Unknown,
+                    queued_ms: now_ms(),
                 },
             );
         }
@@ -216,7 +226,6 @@ impl Hub {
             devices: RwLock::new(devices),
             groups: RwLock::new(groups),
             store,
-            limits,
             presence: broadcast::channel(4096).0,
             receipts: broadcast::channel(16 * 1024).0,
             deadlines: Mutex::new(deadlines),
@@ -224,12 +233,31 @@ impl Hub {
             calls: Mutex::new(calls),
             next_session: AtomicU64::new(1),
             fallback: fallback::Fallback::new(voip),
+            observer: Arc::new(Observer::new(&limits)),
+            limits,
         }))
     }
 
     /// The limits in force.
     pub fn limits(&self) -> &Limits {
         &self.0.limits
+    }
+
+    /// The dashboard's history and the diagnoses.
+    pub fn observer(&self) -> &Arc<Observer> {
+        &self.0.observer
+    }
+
+    /// Facts about one device, or `None` if unknown.
+    pub fn device_view(&self, device_id: &str) -> Option<DeviceView> {
+        let device = self.device(device_id)?;
+        let d = device.lock().expect("poisoned");
+        Some(DeviceView {
+            record: d.record.clone(),
+            online: d.session.is_some(),
+            session_started_ms: d.session.as_ref().map(|s| s.started_ms),
+            queued: d.outbox.len(),
+        })
     }
 
     /// The store behind the hub.
@@ -369,6 +397,14 @@ impl Hub {
             d.record.sdk_version = hello.sdk_version.clone();
             ops.push(Op::PutDevice(d.record.clone()));
             let replay_count = d.outbox.values().filter(|q| q.push.expires_at_ms > now).count() as u32;
+            let heard = self.0.observer.session_started(
+                &claims.sub,
+                session_id,
+                &hello.ssid,
+                &hello.instance_id,
+                &hello.sdk_version,
+                now,
+            );
             let _ = self.0.presence.send(PresenceEvent {
                 device_id: claims.sub.clone(),
                 online: true,
@@ -382,6 +418,7 @@ impl Hub {
                 session_id,
                 ctl,
                 replay_count,
+                heard,
             }
         };
         Ok(login)
@@ -511,6 +548,9 @@ impl Hub {
     }
 
     fn presence_offline(&self, record: &DeviceRecord, session_id: u64, reason: &str, now: i64) {
+        self.0
+            .observer
+            .session_ended(&record.device_id, session_id, reason, now);
         let _ = self.0.presence.send(PresenceEvent {
             device_id: record.device_id.clone(),
             online: false,
@@ -523,7 +563,16 @@ impl Hub {
 
     /// Record a receipt change: announce it now, persist it with the batch.
     fn receipt(&self, ops: &mut Vec<Op>, push: &StoredPush, state: ReceiptState, reason: &str, now: i64) {
-        self.receipt_of(ops, &push.id, &push.device_id, state, reason, now);
+        let path = match state {
+            ReceiptState::Delivered | ReceiptState::Acked => "local",
+            _ => "",
+        };
+        self.announce(
+            ops,
+            push.kind,
+            receipt(&push.id, &push.device_id, state, reason, path, now),
+            None,
+        );
     }
 
     /// A receipt naming the path that reached the device.
@@ -536,41 +585,35 @@ impl Hub {
         path: &str,
         now: i64,
     ) {
-        let receipt = Receipt {
-            id: push.id.clone(),
-            device_id: push.device_id.clone(),
-            state,
-            reason: reason.into(),
-            at_ms: now,
-            path: path.into(),
-        };
-        let _ = self.0.receipts.send(receipt.clone());
-        ops.push(Op::PutReceipt(receipt));
+        self.announce(
+            ops,
+            push.kind,
+            receipt(&push.id, &push.device_id, state, reason, path, now),
+            None,
+        );
     }
 
-    fn receipt_of(
-        &self,
-        ops: &mut Vec<Op>,
-        id: &str,
-        device_id: &str,
-        state: ReceiptState,
-        reason: &str,
-        now: i64,
-    ) {
-        let path = match state {
-            ReceiptState::Delivered | ReceiptState::Acked => "local",
-            _ => "",
-        };
-        let receipt = Receipt {
-            id: id.into(),
-            device_id: device_id.into(),
-            state,
-            reason: reason.into(),
-            at_ms: now,
-            path: path.into(),
-        };
-        let _ = self.0.receipts.send(receipt.clone());
-        ops.push(Op::PutReceipt(receipt));
+    /// Announce a receipt (broadcast, dashboard history, metrics) and persist it with the batch.
+    /// `latency_ms`: time since the push was queued, for delivered and acked receipts.
+    fn announce(&self, ops: &mut Vec<Op>, kind: PushKind, r: Receipt, latency_ms: Option<i64>) {
+        let k = crate::observe::kind_str(kind);
+        match r.state {
+            ReceiptState::Accepted if r.reason.is_empty() => metrics::accepted(k),
+            s if s.is_final() => metrics::finished(k, crate::observe::state_str(s)),
+            _ => {}
+        }
+        self.0.observer.receipt(
+            &r.device_id,
+            &r.id,
+            kind,
+            r.state,
+            &r.path,
+            &r.reason,
+            r.at_ms,
+            latency_ms,
+        );
+        let _ = self.0.receipts.send(r.clone());
+        ops.push(Op::PutReceipt(r));
     }
 
     /// A push leaves the outbox for good with a final receipt.
@@ -673,6 +716,18 @@ fn set_token(record: &mut DeviceRecord, token: Option<DeviceToken>) -> Option<Op
     record.voip_token = token;
     record.voip_token_invalid = false;
     Some(Op::PutDevice(record.clone()))
+}
+
+/// A receipt.
+fn receipt(id: &str, device_id: &str, state: ReceiptState, reason: &str, path: &str, now: i64) -> Receipt {
+    Receipt {
+        id: id.into(),
+        device_id: device_id.into(),
+        state,
+        reason: reason.into(),
+        at_ms: now,
+        path: path.into(),
+    }
 }
 
 /// A submitted batch: its durability acknowledgement and the sequence blocks it reserves.

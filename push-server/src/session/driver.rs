@@ -25,6 +25,7 @@ use super::core::{Event, Session, Timing};
 use crate::{
     auth::{CredentialError, DeviceAuthority},
     hub::{Hub, SessionCtl, now_ms},
+    observe::metrics,
 };
 
 /// What a session needs from the server.
@@ -48,6 +49,8 @@ struct Admitted {
     device_id: String,
     session_id: u64,
     ctl: Arc<SessionCtl>,
+    /// Unix ms the device was last heard (shown in the dashboard).
+    heard: Arc<std::sync::atomic::AtomicI64>,
 }
 
 enum Wake {
@@ -166,13 +169,19 @@ pub async fn run(
             }
             Wake::Timer => session.handle_timeout(Instant::now()),
             Wake::Hub => {}
-            Wake::Readable => match read_frames(&mut tls, &mut rbuf, &mut session, env.max_frame) {
-                // A goodbye read just before the end of stream still gets its own reason.
-                Ok(false) if !session.is_closed() => break "connection closed by device".into(),
-                Ok(_) => {}
-                Err(e) if !session.is_closed() => break format!("read failed: {e}"),
-                Err(_) => {}
-            },
+            Wake::Readable => {
+                match read_frames(&mut tls, &mut rbuf, &mut session, env.max_frame).inspect(|_| {
+                    if let Some(a) = &admitted {
+                        a.heard.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+                    }
+                }) {
+                    // A goodbye read just before the end of stream still gets its own reason.
+                    Ok(false) if !session.is_closed() => break "connection closed by device".into(),
+                    Ok(_) => {}
+                    Err(e) if !session.is_closed() => break format!("read failed: {e}"),
+                    Err(_) => {}
+                }
+            }
         }
     };
     if let Some(a) = &admitted {
@@ -198,6 +207,7 @@ fn authenticate(
         .and_then(|claims| env.hub.login(&claims, &hello).map(|l| (claims, l)));
     match result {
         Ok((claims, login)) => {
+            metrics::login("ok");
             tracing::info!(
                 %peer, device = %claims.sub, session = login.session_id, sdk = %hello.sdk_version,
                 ssid = %hello.ssid, instance = %hello.instance_id, last_seen_seq = hello.last_seen_seq, replay = login.replay_count, "session started"
@@ -219,6 +229,7 @@ fn authenticate(
                 device_id: claims.sub,
                 session_id: login.session_id,
                 ctl: login.ctl,
+                heard: login.heard,
             })
         }
         Err(e) => {
@@ -226,6 +237,10 @@ fn authenticate(
                 CredentialError::Revoked => GoodbyeReason::CredentialRevoked,
                 _ => GoodbyeReason::AuthFailed,
             };
+            metrics::login(match reason {
+                GoodbyeReason::CredentialRevoked => "revoked",
+                _ => "auth_failed",
+            });
             tracing::warn!(%peer, error = %e, "device rejected");
             session.reject(reason, &e.to_string());
             None

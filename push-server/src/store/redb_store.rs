@@ -223,7 +223,13 @@ impl Writer {
     fn commit_group(&self, mut group: Vec<Batch>) {
         while !group.is_empty() {
             // Receivers may have been dropped; their callers no longer want the answer.
-            match self.write(&group) {
+            let started = std::time::Instant::now();
+            let result = self.write(&group);
+            crate::observe::metrics::store_commit(
+                !matches!(result, Err(Failure::Transaction(_))),
+                started.elapsed().as_secs_f64(),
+            );
+            match result {
                 Ok(()) => {
                     for (_, reply) in group.drain(..) {
                         let _ = reply.send(Ok(()));

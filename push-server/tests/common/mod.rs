@@ -54,6 +54,8 @@ impl Harness {
             data_dir: dir.path().join("data"),
             device_listen: "127.0.0.1:0".parse().unwrap(),
             api_listen: "127.0.0.1:0".parse().unwrap(),
+            http_listen: "127.0.0.1:0".parse().unwrap(),
+            node_name: "test-node".into(),
             ..Config::default()
         };
         tweak(&mut cfg);
@@ -74,6 +76,54 @@ impl Harness {
             api,
             ca,
         }
+    }
+
+    /// The admin API key the server created.
+    pub fn admin_key(&self) -> String {
+        std::fs::read_to_string(self.cfg.data_dir.join("admin.key"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// Where the dashboard and /metrics listen.
+    pub fn http_addr(&self) -> std::net::SocketAddr {
+        self.server.as_ref().unwrap().http_addr
+    }
+
+    /// One HTTPS request to the dashboard listener (trusting the server's CA, HTTP/1.1,
+    /// `Connection: close`); returns the status, the response head and the body.
+    pub async fn https(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, String, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tls = push_server::pki::client_config(&self.ca).unwrap();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+        let tcp = tokio::net::TcpStream::connect(self.http_addr()).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut stream = within(connector.connect(name, tcp)).await.unwrap();
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: {}\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        req.push_str(body);
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        // The server may close without close_notify after the response: keep what was read.
+        let _ = within(stream.read_to_end(&mut raw)).await;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (status, head.to_string(), body.to_string())
     }
 
     pub fn sender(&self) -> SenderClient {

@@ -1,0 +1,247 @@
+// lpush ops dashboard: vanilla JS, no build step, no external resources.
+// Everything from the server is inserted with textContent (never innerHTML).
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const devices = new Map(); // device_id -> row
+let me = null;
+let overview = null;
+let source = null;
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v; else if (k.startsWith("data-")) e.setAttribute(k, v); else e[k] = v;
+  }
+  for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(c == null ? "" : String(c)));
+  return e;
+}
+
+function ago(ms) {
+  if (!ms) return "–";
+  const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+  if (s < 60) return s + " s";
+  if (s < 3600) return Math.floor(s / 60) + " min";
+  if (s < 86400) return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
+  return Math.floor(s / 86400) + " d";
+}
+const time = (ms) => (ms ? new Date(ms).toLocaleString() : "–");
+const dur = (a, b) => (a && b ? ((b - a) / 1000).toFixed(1) + " s" : "–");
+
+async function api(path, opts) {
+  const r = await fetch(path, Object.assign({ credentials: "same-origin" }, opts || {}));
+  if (r.status === 401) { showLogin(); throw new Error("unauthorized"); }
+  if (!r.ok) throw new Error((await r.json().catch(() => ({}))).error || r.statusText);
+  return r.status === 204 ? null : r.json();
+}
+
+function showLogin() {
+  $("#app").hidden = true; $("#who").hidden = true; $("#login").hidden = false;
+  if (source) { source.close(); source = null; }
+}
+
+async function start() {
+  try { me = await api("/api/me"); } catch (e) { return; }
+  $("#login").hidden = true; $("#app").hidden = false; $("#who").hidden = false;
+  $("#node").textContent = me.node; $("#user").textContent = me.name; $("#role").textContent = me.role;
+  await refresh();
+  connect();
+  route();
+}
+
+async function refresh() {
+  overview = await api("/api/overview");
+  devices.clear();
+  for (const d of overview.devices) devices.set(d.device_id, d);
+  renderAll();
+}
+
+// Sites, counters and charts follow every live event (coalesced), the table row at once.
+let pending = null;
+function refreshSoon() {
+  if (pending) return;
+  pending = setTimeout(() => { pending = null; refresh().catch(() => {}); }, 300);
+}
+
+function connect() {
+  if (source) source.close();
+  source = new EventSource("/api/events");
+  source.addEventListener("hello", () => $("#live").classList.add("on"));
+  source.addEventListener("device", (e) => {
+    const row = JSON.parse(e.data);
+    devices.set(row.device_id, row);
+    renderDevices(); renderStats();
+    if (currentDetail() === row.device_id) loadDetail(row.device_id);
+    refreshSoon();
+  });
+  source.addEventListener("receipt", refreshSoon);
+  source.addEventListener("diagnosis", (e) => {
+    if (overview) { overview.diagnoses.unshift(JSON.parse(e.data)); renderDiagnoses(); }
+    refreshSoon();
+  });
+  source.addEventListener("resync", () => refresh());
+  source.onerror = () => $("#live").classList.remove("on");
+}
+
+function renderAll() { renderStats(); renderDiagnoses(); renderSites(); renderDevices(); renderCharts(); }
+
+function renderStats() {
+  const all = [...devices.values()];
+  $("#stat-online").textContent = all.filter((d) => d.online).length;
+  $("#stat-total").textContent = all.length;
+  $("#stat-queued").textContent = all.reduce((n, d) => n + d.queued, 0);
+  $("#stat-flagged").textContent = all.filter((d) => d.flags.length).length;
+}
+
+function renderDiagnoses() {
+  const box = $("#diagnoses");
+  box.replaceChildren(...overview.diagnoses.slice(0, 5).map((d) =>
+    el("div", { class: "diag " + d.kind },
+      el("b", {}, d.kind.replace("_", " ")), " · ",
+      d.device_id ? d.device_id + " · " : "", d.ssid ? "SSID " + d.ssid + " · " : "",
+      time(d.at_ms), ": ", d.detail)));
+}
+
+function renderSites() {
+  $("#sites tbody").replaceChildren(...overview.sites.map((s) =>
+    el("tr", { class: s.drop_flagged ? "flagged" : "" },
+      el("td", {}, s.ssid), el("td", {}, s.online + " / " + s.expected),
+      el("td", {}, s.reconnects_per_device.toFixed(2)), el("td", {}, s.heartbeat_misses),
+      el("td", {}, s.duplicate_instances),
+      el("td", {}, s.drop_flagged ? el("span", { class: "flag" }, "site-wide drop") : "ok"))));
+  const sel = $("#filter-ssid"), cur = sel.value;
+  const ssids = [...new Set([...devices.values()].map((d) => d.ssid).filter(Boolean))].sort();
+  sel.replaceChildren(el("option", { value: "" }, "every SSID"), ...ssids.map((s) => el("option", { value: s }, s)));
+  sel.value = cur;
+}
+
+function matches(d) {
+  const q = $("#search").value.trim().toLowerCase();
+  const st = $("#filter-state").value, ssid = $("#filter-ssid").value;
+  if (st === "online" && !d.online) return false;
+  if (st === "offline" && d.online) return false;
+  if (st === "flagged" && !d.flags.length) return false;
+  if (ssid && d.ssid !== ssid) return false;
+  if (!q) return true;
+  return [d.device_id, d.ssid, d.sdk_version, d.last_stop_reason, ...d.groups].join(" ").toLowerCase().includes(q);
+}
+
+function stateOf(d) { return d.revoked ? "revoked" : d.online ? "online" : "offline"; }
+
+function renderDevices() {
+  const rows = [...devices.values()].filter(matches).sort((a, b) => a.device_id.localeCompare(b.device_id));
+  $("#devices tbody").replaceChildren(...rows.map((d) => {
+    const s = stateOf(d);
+    const call = d.last_call_path ? d.last_call_path + " (" + d.last_call_state + ")" : "–";
+    return el("tr", { class: s + (d.flags.length ? " flagged" : ""), "data-device": d.device_id, "data-state": s },
+      el("td", {}, el("a", { href: "#device/" + encodeURIComponent(d.device_id) }, d.device_id)),
+      el("td", { class: "state " + s }, s),
+      el("td", {}, d.ssid || "–"), el("td", {}, d.node),
+      el("td", {}, d.online ? ago(d.session_started_ms) : "–"),
+      el("td", {}, d.online ? ago(d.last_heard_ms) + " ago" : "last seen " + ago(d.last_seen_ms) + " ago"),
+      el("td", {}, d.sdk_version || "–"),
+      el("td", { class: "reason" }, d.last_stop_reason || "–"),
+      el("td", {}, call), el("td", {}, d.queued),
+      el("td", {}, ...d.flags.map((f) => el("span", { class: "flag" }, f.replace("_", " ")))));
+  }));
+}
+
+// Inline SVG charts, drawn here (no chart library).
+function svgEl(tag, attrs, text) {
+  const e = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (text != null) e.textContent = text;
+  return e;
+}
+
+function renderCharts() {
+  const W = 400, H = 120, L = 30, B = 18;
+  // Connected devices over time: a step line.
+  const svg = $("#chart-online");
+  const pts = overview.series.concat([[Date.now(), [...devices.values()].filter((d) => d.online).length]]);
+  const t0 = pts[0][0], t1 = Math.max(pts[pts.length - 1][0], t0 + 1);
+  const max = Math.max(1, ...pts.map((p) => p[1]));
+  const x = (t) => L + ((t - t0) / (t1 - t0)) * (W - L - 5), y = (v) => H - B - (v / max) * (H - B - 10);
+  let d = "";
+  pts.forEach((p, i) => { d += (i ? " H" + x(p[0]).toFixed(1) + " V" : "M" + x(p[0]).toFixed(1) + " ") + y(p[1]).toFixed(1); });
+  svg.replaceChildren(
+    svgEl("line", { x1: L, y1: H - B, x2: W, y2: H - B, stroke: "#ccd" }),
+    svgEl("text", { x: 2, y: y(max) + 4 }, max), svgEl("text", { x: 2, y: H - B }, 0),
+    svgEl("text", { x: L, y: H - 4 }, new Date(t0).toLocaleTimeString()),
+    svgEl("text", { x: W - 60, y: H - 4 }, "now"),
+    svgEl("path", { d, fill: "none", stroke: "#2f6fde", "stroke-width": 2 }));
+  // Delivery latency: histogram of recent deliveries, local vs APNs.
+  const lat = $("#chart-latency");
+  const edges = [5, 10, 25, 50, 100, 250, 500, 1000, 5000, Infinity];
+  const names = ["<5", "<10", "<25", "<50", "<100", "<250", "<500", "<1k", "<5k", "5k+"];
+  const count = (path) => edges.map((e, i) => overview.latencies.filter((l) => l[2] === path && l[3] < e && (i === 0 || l[3] >= edges[i - 1])).length);
+  const local = count("local"), apns = count("apns");
+  const top = Math.max(1, ...local.map((v, i) => v + apns[i]));
+  const bw = (W - L) / edges.length;
+  const bars = [];
+  edges.forEach((_, i) => {
+    const hl = (local[i] / top) * (H - B - 10), ha = (apns[i] / top) * (H - B - 10);
+    bars.push(svgEl("rect", { x: L + i * bw + 2, y: H - B - hl, width: bw - 4, height: hl, fill: "#2f6fde" }));
+    bars.push(svgEl("rect", { x: L + i * bw + 2, y: H - B - hl - ha, width: bw - 4, height: ha, fill: "#d98b00" }));
+    bars.push(svgEl("text", { x: L + i * bw + 4, y: H - 4 }, names[i]));
+  });
+  lat.replaceChildren(svgEl("text", { x: 2, y: 14 }, top), ...bars,
+    svgEl("text", { x: W - 110, y: 12 }, "■ local"), svgEl("text", { x: W - 60, y: 12, fill: "#d98b00" }, "■ apns"));
+}
+
+// Per-device page (hash route #device/ID).
+const currentDetail = () => (location.hash.startsWith("#device/") ? decodeURIComponent(location.hash.slice(8)) : null);
+
+function route() {
+  const id = currentDetail();
+  $("#detail").hidden = !id; $("#list").hidden = !!id;
+  if (id) loadDetail(id);
+}
+
+async function loadDetail(id) {
+  const r = await api("/api/devices/" + encodeURIComponent(id));
+  const d = r.device;
+  $("#detail-id").textContent = d.device_id;
+  const facts = [["State", stateOf(d)], ["SSID", d.ssid || "–"], ["Node", d.node], ["Groups", d.groups.join(", ") || "–"],
+    ["Session age", d.online ? ago(d.session_started_ms) : "–"], ["Last heard", d.online ? ago(d.last_heard_ms) + " ago" : "–"],
+    ["Last seen", time(d.last_seen_ms)], ["SDK", d.sdk_version || "–"], ["Instance", d.instance_id || "–"],
+    ["Last stop reason", d.last_stop_reason || "–"], ["Last call path", d.last_call_path || "–"], ["VoIP token", d.voip_token],
+    ["Queued", d.queued], ["Heartbeat misses", d.heartbeat_misses], ["Instance changes (window)", d.instance_changes], ["Flags", d.flags.join(", ") || "none"]];
+  $("#detail-facts").replaceChildren(...facts.map(([k, v]) => el("div", {}, el("span", {}, k), String(v))));
+  $("#revoke").hidden = !(me && me.role === "admin") || d.revoked;
+  $("#detail-sessions tbody").replaceChildren(...r.sessions.map((s) => el("tr", {},
+    el("td", {}, s.session_id), el("td", {}, time(s.started_ms)), el("td", {}, s.ended_ms ? time(s.ended_ms) : "live"),
+    el("td", {}, dur(s.started_ms, s.ended_ms || Date.now())), el("td", {}, s.ssid), el("td", {}, s.instance_id),
+    el("td", {}, s.sdk_version), el("td", {}, s.reason || "–"))));
+  $("#detail-deliveries tbody").replaceChildren(...r.deliveries.map((x) => el("tr", {},
+    el("td", {}, time(x.at_ms)), el("td", {}, x.id), el("td", {}, x.kind), el("td", {}, x.state), el("td", {}, x.path || "–"),
+    el("td", {}, x.latency_ms == null ? "–" : x.latency_ms + " ms"), el("td", {}, x.reason || ""))));
+}
+
+async function revoke() {
+  const id = currentDetail();
+  if (!id || !confirm("Revoke every credential of " + id + "? Its session ends now and it must be re-enrolled.")) return;
+  try {
+    const r = await api("/api/devices/" + encodeURIComponent(id) + "/revoke", { method: "POST", headers: { "x-lpush-csrf": "1" } });
+    $("#revoke-result").textContent = r.session_closed ? "revoked; its session was closed" : "revoked";
+  } catch (e) { $("#revoke-result").textContent = "failed: " + e.message; }
+  loadDetail(id);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("#login-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    $("#login-error").textContent = "";
+    const r = await fetch("/api/login", { method: "POST", credentials: "same-origin", headers: { "content-type": "application/json" }, body: JSON.stringify({ api_key: $("#api-key").value }) });
+    $("#api-key").value = "";
+    if (!r.ok) { $("#login-error").textContent = (await r.json().catch(() => ({}))).error || "login failed"; return; }
+    start();
+  });
+  $("#logout").addEventListener("click", async () => { await fetch("/api/logout", { method: "POST", credentials: "same-origin" }); showLogin(); });
+  $("#revoke").addEventListener("click", revoke);
+  for (const id of ["#search", "#filter-state", "#filter-ssid"]) $(id).addEventListener("input", renderDevices);
+  window.addEventListener("hashchange", route);
+  // Sites, charts and ages refresh in place every 5 s; device rows change live via SSE.
+  setInterval(() => { if (!$("#app").hidden) refresh().catch(() => {}); }, 5000);
+  start();
+});

@@ -1,0 +1,576 @@
+//! The ops dashboard and `/metrics`, served over HTTPS (TLS 1.3, the server's certificate,
+//! ALPN http/1.1) on `http_listen` with axum.
+//!
+//! - Static page, script and style are embedded in the binary: no build step, no CDN.
+//! - Login: an API key with the `read` scope (read-only) or `admin` (may revoke devices) is
+//!   exchanged for a random session id in an `HttpOnly; Secure; SameSite=Strict` cookie. Keys and
+//!   cookies are never logged. State-changing requests made with the cookie also need the
+//!   `x-lpush-csrf: 1` header (a cross-site form cannot set it; SameSite=Strict already keeps
+//!   the cookie off cross-site requests).
+//! - API clients and Prometheus may send `Authorization: Bearer <api key>` instead of a cookie.
+//! - Live updates: Server-Sent Events fed by the hub's presence and receipt broadcasts and the
+//!   observer's diagnoses.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response, Sse, sse::Event, sse::KeepAlive},
+    routing::{get, post},
+};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use metrics_exporter_prometheus::PrometheusHandle;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{broadcast, mpsc},
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use super::{DeliveryRecord, Diagnosis, SessionRecord, SiteHealth, metrics};
+use crate::{
+    auth::{Scope, api_key_hash},
+    config::Limits,
+    hub::{DeviceView, Hub, now_ms},
+    listener::tune,
+};
+
+const INDEX: &str = include_str!("assets/index.html");
+const SCRIPT: &str = include_str!("assets/app.js");
+const STYLE: &str = include_str!("assets/app.css");
+const COOKIE: &str = "lpush_session";
+const CSRF_HEADER: &str = "x-lpush-csrf";
+const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+
+/// What a dashboard user may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// See everything.
+    Read,
+    /// See everything and revoke devices.
+    Admin,
+}
+
+struct WebSession {
+    name: String,
+    role: Role,
+    expires: Instant,
+}
+
+/// Shared state of the dashboard.
+pub struct Dashboard {
+    hub: Hub,
+    node: String,
+    metrics: PrometheusHandle,
+    sessions: Mutex<HashMap<String, WebSession>>,
+    shutdown: CancellationToken,
+    streams: AtomicUsize,
+}
+
+/// One row of the device table.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceRow {
+    device_id: String,
+    groups: Vec<String>,
+    online: bool,
+    revoked: bool,
+    ssid: String,
+    node: String,
+    session_started_ms: Option<i64>,
+    last_seen_ms: i64,
+    last_heard_ms: i64,
+    sdk_version: String,
+    instance_id: String,
+    last_stop_reason: String,
+    last_call_path: String,
+    last_call_state: String,
+    queued: usize,
+    voip_token: &'static str,
+    heartbeat_misses: u32,
+    instance_changes: u32,
+    flags: Vec<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Overview {
+    node: String,
+    now_ms: i64,
+    devices: Vec<DeviceRow>,
+    sites: Vec<SiteHealth>,
+    diagnoses: Vec<Diagnosis>,
+    /// `[unix ms, devices online]`.
+    series: Vec<(i64, u32)>,
+    /// Recent delivery latencies, `[unix ms, kind, path, ms]`.
+    latencies: Vec<(i64, &'static str, String, i64)>,
+}
+
+#[derive(Serialize)]
+struct DeviceDetail {
+    device: DeviceRow,
+    sessions: Vec<SessionRecord>,
+    deliveries: Vec<DeliveryRecord>,
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    api_key: String,
+}
+
+#[derive(Serialize)]
+struct Me {
+    name: String,
+    role: Role,
+    node: String,
+}
+
+type Shared = Arc<Dashboard>;
+
+impl Dashboard {
+    fn row(&self, v: DeviceView, now: i64) -> DeviceRow {
+        let o = self.hub.observer().device(&v.record.device_id, now);
+        let r = v.record;
+        DeviceRow {
+            online: v.online,
+            revoked: r.revoked,
+            ssid: r.last_ssid,
+            node: self.node.clone(),
+            session_started_ms: v.session_started_ms,
+            last_seen_ms: r.last_seen_ms,
+            last_heard_ms: if v.online { o.last_heard_ms } else { 0 },
+            sdk_version: r.sdk_version,
+            instance_id: o.instance_id,
+            last_stop_reason: r.last_disconnect_reason,
+            last_call_path: o.last_call_path,
+            last_call_state: o.last_call_state,
+            queued: v.queued,
+            voip_token: match (r.voip_token.is_empty(), r.voip_token_invalid) {
+                (true, _) => "none",
+                (false, true) => "invalid",
+                (false, false) => "registered",
+            },
+            heartbeat_misses: o.heartbeat_misses,
+            instance_changes: o.instance_changes,
+            flags: o.flags,
+            groups: r.groups,
+            device_id: r.device_id,
+        }
+    }
+
+    fn device_row(&self, id: &str) -> Option<DeviceRow> {
+        self.hub.device_view(id).map(|v| self.row(v, now_ms()))
+    }
+
+    /// The caller, from the session cookie or a bearer API key.
+    fn caller(&self, headers: &HeaderMap) -> Option<(String, Role, bool)> {
+        if let Some(id) = cookie(headers) {
+            let mut sessions = self.sessions.lock().expect("poisoned");
+            let now = Instant::now();
+            sessions.retain(|_, s| s.expires > now);
+            if let Some(s) = sessions.get(&id) {
+                return Some((s.name.clone(), s.role, true));
+            }
+        }
+        let key = headers
+            .get(header::AUTHORIZATION)?
+            .to_str()
+            .ok()?
+            .strip_prefix("Bearer ")?;
+        let (name, role) = self.role_of(key.trim())?;
+        Some((name, role, false))
+    }
+
+    /// The dashboard role an API key grants, if any.
+    fn role_of(&self, key: &str) -> Option<(String, Role)> {
+        let record = self.hub.store().api_key(&api_key_hash(key)).ok()??;
+        if Scope::Admin.granted_by(&record.scopes) {
+            Some((record.name, Role::Admin))
+        } else if Scope::Read.granted_by(&record.scopes) {
+            Some((record.name, Role::Read))
+        } else {
+            None
+        }
+    }
+}
+
+/// The session id in the request's cookie header, if any.
+fn cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_string())
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+fn unauthorized() -> Response {
+    error(
+        StatusCode::UNAUTHORIZED,
+        "log in with an API key (scope read or admin)",
+    )
+}
+
+/// Build the router.
+pub fn router(dashboard: Shared) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/app.js", get(script))
+        .route("/app.css", get(style))
+        .route("/metrics", get(metrics_text))
+        .route("/api/login", post(login))
+        .route("/api/logout", post(logout))
+        .route("/api/me", get(me))
+        .route("/api/overview", get(overview))
+        .route("/api/devices/{id}", get(device))
+        .route("/api/devices/{id}/revoke", post(revoke))
+        .route("/api/events", get(events))
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(dashboard)
+}
+
+async fn security_headers(mut response: Response) -> Response {
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static("max-age=31536000"),
+    );
+    h.entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    response
+}
+
+async fn index() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX)
+}
+
+async fn script() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], SCRIPT)
+}
+
+async fn style() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE)
+}
+
+async fn metrics_text(State(d): State<Shared>, headers: HeaderMap) -> Response {
+    if d.caller(&headers).is_none() {
+        return unauthorized();
+    }
+    let views = d.hub.list_devices(None, false);
+    let (churn, hb, sites) = d.hub.observer().flagged(now_ms());
+    let snapshot = metrics::Snapshot {
+        sessions_online: views.iter().filter(|v| v.online).count(),
+        devices: views.len(),
+        queued: views.iter().map(|v| v.queued).sum(),
+        queued_max: views.iter().map(|v| v.queued).max().unwrap_or(0),
+        churn_flagged: churn,
+        heartbeat_flagged: hb,
+        sites_flagged: sites,
+        streams: d.streams.load(Ordering::Relaxed),
+    };
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        metrics::render(&d.metrics, &snapshot),
+    )
+        .into_response()
+}
+
+async fn login(State(d): State<Shared>, Json(form): Json<LoginForm>) -> Response {
+    let Some((name, role)) = d.role_of(form.api_key.trim()) else {
+        tracing::warn!("dashboard login refused");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unknown API key, or it has neither the read nor the admin scope",
+        );
+    };
+    let mut raw = [0u8; 32];
+    rand::rng().fill_bytes(&mut raw);
+    let id = URL_SAFE_NO_PAD.encode(raw);
+    tracing::info!(api_key = %name, ?role, "dashboard login");
+    d.sessions.lock().expect("poisoned").insert(
+        id.clone(),
+        WebSession {
+            name: name.clone(),
+            role,
+            expires: Instant::now() + SESSION_TTL,
+        },
+    );
+    let set = format!(
+        "{COOKIE}={id}; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age={}",
+        SESSION_TTL.as_secs()
+    );
+    (
+        [(header::SET_COOKIE, set)],
+        Json(Me {
+            name,
+            role,
+            node: d.node.clone(),
+        }),
+    )
+        .into_response()
+}
+
+async fn logout(State(d): State<Shared>, headers: HeaderMap) -> Response {
+    if let Some(id) = cookie(&headers) {
+        d.sessions.lock().expect("poisoned").remove(&id);
+    }
+    let clear = format!("{COOKIE}=; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age=0");
+    ([(header::SET_COOKIE, clear)], StatusCode::NO_CONTENT).into_response()
+}
+
+async fn me(State(d): State<Shared>, headers: HeaderMap) -> Response {
+    match d.caller(&headers) {
+        Some((name, role, _)) => Json(Me {
+            name,
+            role,
+            node: d.node.clone(),
+        })
+        .into_response(),
+        None => unauthorized(),
+    }
+}
+
+async fn overview(State(d): State<Shared>, headers: HeaderMap) -> Response {
+    if d.caller(&headers).is_none() {
+        return unauthorized();
+    }
+    let now = now_ms();
+    let views = d.hub.list_devices(None, false);
+    let mut online_by_ssid: HashMap<String, usize> = HashMap::new();
+    for v in views.iter().filter(|v| v.online) {
+        *online_by_ssid.entry(v.record.last_ssid.clone()).or_default() += 1;
+    }
+    let observer = d.hub.observer();
+    Json(Overview {
+        node: d.node.clone(),
+        now_ms: now,
+        sites: observer.sites(&online_by_ssid, now),
+        devices: views.into_iter().map(|v| d.row(v, now)).collect(),
+        diagnoses: observer.diagnoses(),
+        series: observer.series(),
+        latencies: observer.latencies(),
+    })
+    .into_response()
+}
+
+async fn device(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if d.caller(&headers).is_none() {
+        return unauthorized();
+    }
+    let Some(row) = d.device_row(&id) else {
+        return error(StatusCode::NOT_FOUND, "no such device");
+    };
+    let (sessions, deliveries) = d.hub.observer().history(&id);
+    Json(DeviceDetail {
+        device: row,
+        sessions,
+        deliveries,
+    })
+    .into_response()
+}
+
+async fn revoke(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let Some((name, role, by_cookie)) = d.caller(&headers) else {
+        return unauthorized();
+    };
+    if by_cookie && headers.get(CSRF_HEADER).is_none_or(|v| v != "1") {
+        return error(StatusCode::FORBIDDEN, "missing the x-lpush-csrf header");
+    }
+    if role != Role::Admin {
+        return error(StatusCode::FORBIDDEN, "revoking needs an admin API key");
+    }
+    match d.hub.revoke_device(&id).await {
+        Ok(Some(closed)) => {
+            tracing::info!(api_key = %name, device = %id, session_closed = closed, "device revoked from the dashboard");
+            Json(serde_json::json!({ "session_closed": closed })).into_response()
+        }
+        Ok(None) => error(StatusCode::NOT_FOUND, "no such device"),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+/// Counts open streams for the gauge.
+struct StreamGuard(Shared);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn events(State(d): State<Shared>, headers: HeaderMap) -> Response {
+    if d.caller(&headers).is_none() {
+        return unauthorized();
+    }
+    let mut presence = d.hub.subscribe_presence();
+    let mut receipts = d.hub.subscribe_receipts();
+    let mut diagnoses = d.hub.observer().subscribe_diagnoses();
+    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(256);
+    d.streams.fetch_add(1, Ordering::Relaxed);
+    let guard = StreamGuard(d.clone());
+    tokio::spawn(async move {
+        let _guard = guard;
+        let d = _guard.0.clone();
+        let send_row = |id: &str| {
+            d.device_row(id)
+                .and_then(|row| Event::default().event("device").json_data(row).ok())
+        };
+        let _ = tx
+            .send(Ok(Event::default().event("hello").data(d.node.clone())))
+            .await;
+        loop {
+            let event = tokio::select! {
+                _ = d.shutdown.cancelled() => return,
+                _ = tx.closed() => return,
+                p = presence.recv() => match p {
+                    Ok(p) => send_row(&p.device_id),
+                    Err(broadcast::error::RecvError::Lagged(_)) => Some(Event::default().event("resync").data("lagged")),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                r = receipts.recv() => match r {
+                    Ok(r) => {
+                        let receipt = Event::default().event("receipt").json_data(serde_json::json!({
+                            "id": r.id, "device_id": r.device_id, "state": super::state_str(r.state),
+                            "path": r.path, "reason": r.reason, "at_ms": r.at_ms,
+                        })).ok();
+                        if let Some(e) = receipt && tx.send(Ok(e)).await.is_err() {
+                            return;
+                        }
+                        send_row(&r.device_id)
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => Some(Event::default().event("resync").data("lagged")),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                x = diagnoses.recv() => match x {
+                    Ok(x) => Event::default().event("diagnosis").json_data(x).ok(),
+                    Err(broadcast::error::RecvError::Lagged(_)) => Some(Event::default().event("resync").data("lagged")),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+            };
+            if let Some(e) = event
+                && tx.send(Ok(e)).await.is_err()
+            {
+                return;
+            }
+        }
+    });
+    Sse::new(ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
+/// Hands TLS connections accepted by our own loop to axum.
+struct TlsIncoming {
+    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    addr: SocketAddr,
+}
+
+impl axum::serve::Listener for TlsIncoming {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(c) => c,
+            // The accept loop ended (shutdown): wait for the graceful-shutdown signal.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.addr)
+    }
+}
+
+/// Serve the dashboard and `/metrics` on `listener` until `shutdown`.
+pub fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    hub: Hub,
+    node: String,
+    limits: Limits,
+    shutdown: CancellationToken,
+) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    let addr = listener.local_addr()?;
+    let dashboard = Arc::new(Dashboard {
+        hub: hub.clone(),
+        node,
+        metrics: metrics::install(),
+        sessions: Mutex::new(HashMap::new()),
+        shutdown: shutdown.clone(),
+        streams: AtomicUsize::new(0),
+    });
+    let (tx, rx) = mpsc::channel(64);
+    let accept_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let timeout = Duration::from_millis(limits.tls_handshake_timeout_ms);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => { tracing::warn!(error = %e, "dashboard accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; continue; }
+                },
+                _ = accept_shutdown.cancelled() => return,
+            };
+            tune(&tcp, &limits);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send((tls, peer)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "dashboard TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "dashboard TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    let ticker_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = every.tick() => hub.observer().tick(now_ms()),
+                _ = ticker_shutdown.cancelled() => return,
+            }
+        }
+    });
+    let app = router(dashboard);
+    Ok(async move {
+        let incoming = TlsIncoming { rx, addr };
+        if let Err(e) = axum::serve(incoming, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "dashboard server failed");
+        }
+    })
+}

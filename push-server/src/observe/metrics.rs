@@ -1,0 +1,273 @@
+//! Every Prometheus metric the server exports: names, help texts, and one small function per
+//! thing that happens, called at the place that decides it (hub, session driver, listener,
+//! fallback, store). Nothing else in the crate names a metric.
+//!
+//! The recorder is process-wide (the `metrics` facade has one global recorder), built here
+//! without the exporter's own HTTP server: `/metrics` on the dashboard listener renders it.
+//! Gauges that describe state (sessions online, queue depth) are set from the hub at scrape
+//! time, so they cannot drift.
+
+use std::sync::OnceLock;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// TLS handshakes on the device listener, by `result` (`ok`, `failed`, `timeout`).
+pub const HANDSHAKES: &str = "lpush_tls_handshakes_total";
+/// Device logins, by `result` (`ok`, `auth_failed`, `revoked`).
+pub const LOGINS: &str = "lpush_logins_total";
+/// Sessions that ended, by `reason` (see [`reason_class`]).
+pub const SESSIONS_ENDED: &str = "lpush_sessions_ended_total";
+/// Live sessions now.
+pub const SESSIONS_ONLINE: &str = "lpush_sessions_online";
+/// Registered devices now (revoked included).
+pub const DEVICES: &str = "lpush_devices_registered";
+/// Pushes queued and not final, all devices.
+pub const QUEUED: &str = "lpush_queued_pushes";
+/// Largest queue of one device.
+pub const QUEUED_MAX: &str = "lpush_queued_pushes_max_per_device";
+/// Heartbeats a live session did not answer in time (the session ends `HEARTBEAT_TIMEOUT`).
+pub const HEARTBEAT_MISSES: &str = "lpush_heartbeat_misses_total";
+/// Pushes accepted for a device, by `kind` (`message`, `call_invite`, `call_cancel`).
+pub const ACCEPTED: &str = "lpush_pushes_accepted_total";
+/// Pushes that reached a device, by `kind` and `path` (`local`, `apns`).
+pub const DELIVERED: &str = "lpush_pushes_delivered_total";
+/// Final receipts, by `kind` and `state` (`acked`, `expired`, ...).
+pub const FINAL: &str = "lpush_pushes_final_total";
+/// Accepted to delivered, by `kind` and `path`.
+pub const DELIVERY_LATENCY: &str = "lpush_delivery_latency_seconds";
+/// Accepted to acknowledged by the device, by `kind`.
+pub const ACK_LATENCY: &str = "lpush_ack_latency_seconds";
+/// VoIP pushes handed to the APNs bridge, by `outcome`.
+pub const VOIP: &str = "lpush_voip_pushes_total";
+/// VoIP pushes for anything that is not a call invite. Must stay 0: alert on any increase.
+pub const VOIP_NON_CALL: &str = "lpush_voip_non_call_pushes_total";
+/// Store group commits, by `result` (`ok`, `failed`).
+pub const STORE_COMMITS: &str = "lpush_store_commits_total";
+/// 1 if the store's last commit succeeded, else 0.
+pub const STORE_OK: &str = "lpush_store_last_commit_ok";
+/// Time of one store group commit (fsync included).
+pub const STORE_COMMIT_LATENCY: &str = "lpush_store_commit_seconds";
+/// Diagnoses raised, by `kind` (`instance_churn`, `heartbeat_silent`, `site_drop`).
+pub const DIAGNOSES: &str = "lpush_diagnoses_total";
+/// Devices currently flagged, by `kind` (`instance_churn`, `heartbeat_silent`).
+pub const FLAGGED_DEVICES: &str = "lpush_flagged_devices";
+/// Sites (SSIDs) currently flagged for a site-wide drop.
+pub const FLAGGED_SITES: &str = "lpush_flagged_sites";
+/// Open dashboard live-update streams.
+pub const SSE_CLIENTS: &str = "lpush_dashboard_streams";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Install the process-wide recorder once and return its handle (later calls return the same
+/// handle). Latencies are exported as histograms with buckets from 1 ms to 30 s.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+                .expect("non-empty buckets")
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("another metrics recorder is installed; /metrics will be empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(HANDSHAKES, "TLS handshakes on the device listener, by result.");
+    describe_counter!(LOGINS, "Device logins, by result.");
+    describe_counter!(SESSIONS_ENDED, "Device sessions that ended, by reason.");
+    describe_gauge!(SESSIONS_ONLINE, "Live device sessions.");
+    describe_gauge!(DEVICES, "Registered devices.");
+    describe_gauge!(QUEUED, "Pushes queued and not yet final, all devices.");
+    describe_gauge!(QUEUED_MAX, "Largest queue of one device.");
+    describe_counter!(
+        HEARTBEAT_MISSES,
+        "Heartbeats not answered in time (session ended)."
+    );
+    describe_counter!(ACCEPTED, "Pushes accepted for a device, by kind.");
+    describe_counter!(DELIVERED, "Pushes that reached a device, by kind and path.");
+    describe_counter!(FINAL, "Final receipts, by kind and state.");
+    describe_histogram!(
+        DELIVERY_LATENCY,
+        metrics::Unit::Seconds,
+        "Accepted to delivered, by kind and path."
+    );
+    describe_histogram!(
+        ACK_LATENCY,
+        metrics::Unit::Seconds,
+        "Accepted to acknowledged, by kind."
+    );
+    describe_counter!(VOIP, "VoIP pushes handed to the APNs bridge, by outcome.");
+    describe_counter!(
+        VOIP_NON_CALL,
+        "VoIP pushes for anything but a call invite; must stay 0."
+    );
+    describe_counter!(STORE_COMMITS, "Store group commits, by result.");
+    describe_gauge!(STORE_OK, "1 if the store's last commit succeeded.");
+    describe_histogram!(
+        STORE_COMMIT_LATENCY,
+        metrics::Unit::Seconds,
+        "Store group commit time."
+    );
+    describe_counter!(DIAGNOSES, "Diagnoses raised, by kind.");
+    describe_gauge!(FLAGGED_DEVICES, "Devices currently flagged, by kind.");
+    describe_gauge!(FLAGGED_SITES, "Sites currently flagged for a site-wide drop.");
+    describe_gauge!(SSE_CLIENTS, "Open dashboard live-update streams.");
+    // Exported from the start, so "0" is visible and alertable rather than absent.
+    counter!(VOIP_NON_CALL).increment(0);
+    counter!(HEARTBEAT_MISSES).increment(0);
+    gauge!(STORE_OK).set(1.0);
+}
+
+/// A short, bounded label for why a session ended (the reason strings are free text).
+pub fn reason_class(reason: &str) -> &'static str {
+    let r = reason.to_ascii_lowercase();
+    if r.contains("heartbeat") {
+        "heartbeat_timeout"
+    } else if r.contains("replaced") {
+        "replaced"
+    } else if r.contains("revoked") {
+        "revoked"
+    } else if r.contains("shutdown") || r.contains("shutting down") {
+        "shutdown"
+    } else if r.starts_with("device goodbye") {
+        "device_goodbye"
+    } else if r.contains("connection closed") {
+        "connection_closed"
+    } else if r.contains("write") {
+        "write_failed"
+    } else if r.contains("read failed") || r.contains("socket error") {
+        "network_error"
+    } else if r.contains("protocol") {
+        "protocol_error"
+    } else {
+        "other"
+    }
+}
+
+/// A device TLS handshake finished (`ok`, `failed`, `timeout`).
+pub fn handshake(result: &'static str) {
+    counter!(HANDSHAKES, "result" => result).increment(1);
+}
+
+/// A hello was answered (`ok`, `auth_failed`, `revoked`).
+pub fn login(result: &'static str) {
+    counter!(LOGINS, "result" => result).increment(1);
+}
+
+/// A session ended.
+pub fn session_ended(reason: &str) {
+    let class = reason_class(reason);
+    counter!(SESSIONS_ENDED, "reason" => class).increment(1);
+    if class == "heartbeat_timeout" {
+        counter!(HEARTBEAT_MISSES).increment(1);
+    }
+}
+
+/// A push was queued for a device.
+pub fn accepted(kind: &'static str) {
+    counter!(ACCEPTED, "kind" => kind).increment(1);
+}
+
+/// A push reached a device `ms` after it was accepted.
+pub fn delivered(kind: &'static str, path: &'static str, ms: i64) {
+    counter!(DELIVERED, "kind" => kind, "path" => path).increment(1);
+    histogram!(DELIVERY_LATENCY, "kind" => kind, "path" => path).record(ms.max(0) as f64 / 1000.0);
+}
+
+/// The device acknowledged a push `ms` after it was accepted.
+pub fn acked(kind: &'static str, ms: i64) {
+    histogram!(ACK_LATENCY, "kind" => kind).record(ms.max(0) as f64 / 1000.0);
+}
+
+/// A push got its final receipt.
+pub fn finished(kind: &'static str, state: &'static str) {
+    counter!(FINAL, "kind" => kind, "state" => state).increment(1);
+}
+
+/// A VoIP push was handed to the bridge and came back with `outcome`; `is_call` says whether
+/// it was a call invite (anything else also counts in [`VOIP_NON_CALL`]).
+pub fn voip(outcome: &'static str, is_call: bool) {
+    counter!(VOIP, "outcome" => outcome).increment(1);
+    if !is_call {
+        counter!(VOIP_NON_CALL).increment(1);
+    }
+}
+
+/// A store group commit finished.
+pub fn store_commit(ok: bool, seconds: f64) {
+    counter!(STORE_COMMITS, "result" => if ok { "ok" } else { "failed" }).increment(1);
+    gauge!(STORE_OK).set(if ok { 1.0 } else { 0.0 });
+    histogram!(STORE_COMMIT_LATENCY).record(seconds);
+}
+
+/// A diagnosis was raised.
+pub fn diagnosis(kind: &'static str) {
+    counter!(DIAGNOSES, "kind" => kind).increment(1);
+}
+
+/// State gauges, set at scrape time.
+pub struct Snapshot {
+    /// Live sessions.
+    pub sessions_online: usize,
+    /// Registered devices.
+    pub devices: usize,
+    /// Queued pushes.
+    pub queued: usize,
+    /// Largest queue of one device.
+    pub queued_max: usize,
+    /// Devices flagged for instance churn.
+    pub churn_flagged: usize,
+    /// Devices flagged for heartbeat silence.
+    pub heartbeat_flagged: usize,
+    /// Sites flagged for a site-wide drop.
+    pub sites_flagged: usize,
+    /// Open live-update streams.
+    pub streams: usize,
+}
+
+/// Set the state gauges and render the exposition text.
+pub fn render(handle: &PrometheusHandle, s: &Snapshot) -> String {
+    gauge!(SESSIONS_ONLINE).set(s.sessions_online as f64);
+    gauge!(DEVICES).set(s.devices as f64);
+    gauge!(QUEUED).set(s.queued as f64);
+    gauge!(QUEUED_MAX).set(s.queued_max as f64);
+    gauge!(FLAGGED_DEVICES, "kind" => "instance_churn").set(s.churn_flagged as f64);
+    gauge!(FLAGGED_DEVICES, "kind" => "heartbeat_silent").set(s.heartbeat_flagged as f64);
+    gauge!(FLAGGED_SITES).set(s.sites_flagged as f64);
+    gauge!(SSE_CLIENTS).set(s.streams as f64);
+    handle.run_upkeep();
+    handle.render()
+}
+
+#[cfg(test)]
+mod tests {
+    /// The Grafana dashboard in the repository queries only metrics this module exports.
+    #[test]
+    fn grafana_dashboard_uses_exported_names() {
+        let grafana = include_str!("../../../deploy/grafana/push-server.json");
+        let source = include_str!("metrics.rs");
+        let mut rest = grafana;
+        let mut checked = 0;
+        while let Some(i) = rest.find("lpush_") {
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            rest = &rest[i + name.len()..];
+            let base = name.strip_suffix("_bucket").unwrap_or(&name);
+            assert!(source.contains(&format!("\"{base}\"")), "{name} is not exported");
+            checked += 1;
+        }
+        assert!(checked > 20);
+    }
+}

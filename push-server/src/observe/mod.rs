@@ -1,0 +1,675 @@
+//! Observability: Prometheus metrics ([`metrics`]), the in-memory history behind the ops
+//! dashboard ([`Observer`]), the diagnoses for the hard cases, and the dashboard itself
+//! ([`http`]).
+//!
+//! The [`Observer`] only remembers, in bounded rings, what the hub tells it (sessions started
+//! and ended, receipts); it decides nothing about devices. It lives in memory only: a restart
+//! starts with an empty history (the registry facts the dashboard shows, such as last SSID and
+//! last stop reason, come from the store through the hub). In cluster mode each node observes
+//! its own sessions.
+//!
+//! Diagnoses (thresholds in `config::Limits`, each raised once per window with one warning
+//! line, a counter and a flag in the dashboard):
+//! - **instance churn**: the extension logs in with a new `Hello.instance_id` more than
+//!   `diag_instance_churn_max` times within `diag_window_secs` (iOS keeps restarting it);
+//! - **heartbeat silent**: a session ended `HEARTBEAT_TIMEOUT`, i.e. the phone stopped answering
+//!   while its TCP connection stayed open (the session core ends such sessions);
+//! - **site drop**: at least `diag_site_drop_percent` % of the devices last seen on one SSID
+//!   (and at least `diag_site_drop_min_devices`) dropped within `diag_site_drop_window_secs`:
+//!   likely an access point or SSID problem, not the phones.
+
+pub mod http;
+pub mod metrics;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, Ordering},
+    },
+};
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use crate::{
+    config::Limits,
+    store::{PushKind, ReceiptState},
+};
+
+/// Points kept for the "connected devices" chart (one per change, at most one per second, plus
+/// a sample every 10 s from the dashboard task): about an hour.
+const SERIES_POINTS: usize = 720;
+/// Recent delivery latencies kept for the latency chart.
+const LATENCIES: usize = 1000;
+/// Recent diagnoses kept for the dashboard.
+const DIAGNOSES: usize = 100;
+
+/// The label of a push kind.
+pub fn kind_str(kind: PushKind) -> &'static str {
+    match kind {
+        PushKind::Message => "message",
+        PushKind::CallInvite => "call_invite",
+        PushKind::CallCancel => "call_cancel",
+    }
+}
+
+/// The label of a receipt state.
+pub fn state_str(state: ReceiptState) -> &'static str {
+    match state {
+        ReceiptState::Accepted => "accepted",
+        ReceiptState::Delivered => "delivered",
+        ReceiptState::Acked => "acked",
+        ReceiptState::Expired => "expired",
+        ReceiptState::Undeliverable => "undeliverable",
+        ReceiptState::Superseded => "superseded",
+        ReceiptState::Cancelled => "cancelled",
+    }
+}
+
+/// One session in a device's history.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionRecord {
+    /// Session id.
+    pub session_id: u64,
+    /// Unix ms it started.
+    pub started_ms: i64,
+    /// Unix ms it ended, if it did.
+    pub ended_ms: Option<i64>,
+    /// SSID at login.
+    pub ssid: String,
+    /// Extension instance id at login.
+    pub instance_id: String,
+    /// SDK version at login.
+    pub sdk_version: String,
+    /// Why it ended.
+    pub reason: String,
+}
+
+/// One receipt in a device's history.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryRecord {
+    /// Message or call id.
+    pub id: String,
+    /// `message`, `call_invite`, `call_cancel`.
+    pub kind: &'static str,
+    /// Receipt state.
+    pub state: &'static str,
+    /// `local`, `apns` or empty.
+    pub path: String,
+    /// Reason, for final states.
+    pub reason: String,
+    /// Unix ms.
+    pub at_ms: i64,
+    /// Accepted to this state, for delivered and acked.
+    pub latency_ms: Option<i64>,
+}
+
+/// A diagnosis raised by the server.
+#[derive(Debug, Clone, Serialize)]
+pub struct Diagnosis {
+    /// `instance_churn`, `heartbeat_silent` or `site_drop`.
+    pub kind: &'static str,
+    /// The device, for device diagnoses.
+    pub device_id: String,
+    /// The SSID concerned.
+    pub ssid: String,
+    /// Unix ms.
+    pub at_ms: i64,
+    /// What the ops team should know.
+    pub detail: String,
+}
+
+/// What the observer knows about one device beyond its registry record.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeviceObservation {
+    /// Unix ms a frame was last heard from the device in its live session.
+    pub last_heard_ms: i64,
+    /// Extension instance id of the last login.
+    pub instance_id: String,
+    /// Path of the last call invite that reached the device (`local`, `apns`), and its state.
+    pub last_call_path: String,
+    /// State of the last call invite.
+    pub last_call_state: String,
+    /// Heartbeat timeouts seen (since start).
+    pub heartbeat_misses: u32,
+    /// Instance changes within the current window.
+    pub instance_changes: u32,
+    /// Flags raised and still within their window (`instance_churn`, `heartbeat_silent`).
+    pub flags: Vec<&'static str>,
+}
+
+/// A site's health (site = SSID).
+#[derive(Debug, Clone, Serialize)]
+pub struct SiteHealth {
+    /// The SSID.
+    pub ssid: String,
+    /// Devices online on it now.
+    pub online: usize,
+    /// Devices whose last session was on it (the devices it should have).
+    pub expected: usize,
+    /// Logins on it within the diagnosis window, per device expected.
+    pub reconnects_per_device: f64,
+    /// Heartbeat timeouts on it (since start).
+    pub heartbeat_misses: u64,
+    /// Instance-churn diagnoses on it (since start).
+    pub duplicate_instances: u64,
+    /// Whether a site-wide drop is flagged within the window.
+    pub drop_flagged: bool,
+}
+
+#[derive(Default)]
+struct DeviceObs {
+    sessions: VecDeque<SessionRecord>,
+    deliveries: VecDeque<DeliveryRecord>,
+    heard: Arc<AtomicI64>,
+    ssid: String,
+    online: bool,
+    instance_id: String,
+    instance_changes: VecDeque<i64>,
+    churn_flag_ms: Option<i64>,
+    heartbeat_misses: u32,
+    heartbeat_flag_ms: Option<i64>,
+    last_call: Option<(String, &'static str)>,
+}
+
+#[derive(Default)]
+struct SiteObs {
+    logins: VecDeque<i64>,
+    drops: VecDeque<i64>,
+    heartbeat_misses: u64,
+    duplicate_instances: u64,
+    drop_flag_ms: Option<i64>,
+}
+
+#[derive(Default)]
+struct State {
+    devices: HashMap<String, DeviceObs>,
+    sites: HashMap<String, SiteObs>,
+    series: VecDeque<(i64, u32)>,
+    online: u32,
+    latencies: VecDeque<(i64, &'static str, String, i64)>,
+    diagnoses: VecDeque<Diagnosis>,
+}
+
+/// Bounded in-memory history of sessions and deliveries, and the diagnoses.
+pub struct Observer {
+    limits: Limits,
+    state: Mutex<State>,
+    diagnoses: broadcast::Sender<Diagnosis>,
+}
+
+/// Keep only entries newer than `since`.
+fn prune(q: &mut VecDeque<i64>, since: i64) {
+    while q.front().is_some_and(|t| *t < since) {
+        q.pop_front();
+    }
+}
+
+fn push_bounded<T>(q: &mut VecDeque<T>, item: T, cap: usize) {
+    if q.len() >= cap.max(1) {
+        q.pop_front();
+    }
+    q.push_back(item);
+}
+
+impl Observer {
+    /// An empty observer with the diagnosis thresholds of `limits`.
+    pub fn new(limits: &Limits) -> Self {
+        Self {
+            limits: limits.clone(),
+            state: Mutex::new(State::default()),
+            diagnoses: broadcast::channel(256).0,
+        }
+    }
+
+    /// Diagnoses as they are raised.
+    pub fn subscribe_diagnoses(&self) -> broadcast::Receiver<Diagnosis> {
+        self.diagnoses.subscribe()
+    }
+
+    fn window_ms(&self) -> i64 {
+        self.limits.diag_window_secs as i64 * 1000
+    }
+
+    fn raise(&self, st: &mut State, d: Diagnosis) {
+        tracing::warn!(kind = d.kind, device = %d.device_id, ssid = %d.ssid, detail = %d.detail, "diagnosis");
+        metrics::diagnosis(d.kind);
+        push_bounded(&mut st.diagnoses, d.clone(), DIAGNOSES);
+        let _ = self.diagnoses.send(d);
+    }
+
+    fn sample(st: &mut State, now: i64) {
+        let online = st.online;
+        match st.series.back_mut() {
+            Some(last) if now - last.0 < 1000 => last.1 = online,
+            _ => push_bounded(&mut st.series, (now, online), SERIES_POINTS),
+        }
+    }
+
+    /// A session was admitted (called by the hub under the device's lock, before presence is
+    /// announced). Returns the cell the session driver updates whenever it hears the device.
+    pub fn session_started(
+        &self,
+        device_id: &str,
+        session_id: u64,
+        ssid: &str,
+        instance_id: &str,
+        sdk_version: &str,
+        now: i64,
+    ) -> Arc<AtomicI64> {
+        let mut st = self.state.lock().expect("poisoned");
+        let st = &mut *st;
+        let window = self.window_ms();
+        let d = st.devices.entry(device_id.to_string()).or_default();
+        if let Some(open) = d.sessions.back_mut().filter(|s| s.ended_ms.is_none()) {
+            open.ended_ms = Some(now);
+            open.reason = "replaced by a newer session".into();
+        }
+        push_bounded(
+            &mut d.sessions,
+            SessionRecord {
+                session_id,
+                started_ms: now,
+                ended_ms: None,
+                ssid: ssid.into(),
+                instance_id: instance_id.into(),
+                sdk_version: sdk_version.into(),
+                reason: String::new(),
+            },
+            self.limits.observe_sessions_per_device,
+        );
+        let mut churn = None;
+        if !d.instance_id.is_empty() && d.instance_id != instance_id {
+            d.instance_changes.push_back(now);
+            prune(&mut d.instance_changes, now - window);
+            if d.instance_changes.len() > self.limits.diag_instance_churn_max as usize
+                && d.churn_flag_ms.is_none_or(|t| now - t > window)
+            {
+                d.churn_flag_ms = Some(now);
+                churn = Some(d.instance_changes.len());
+            }
+        }
+        d.instance_id = instance_id.into();
+        if !d.online {
+            st.online += 1;
+        }
+        d.online = true;
+        d.ssid = ssid.into();
+        d.heard = Arc::new(AtomicI64::new(now));
+        let heard = d.heard.clone();
+        let site = st.sites.entry(ssid.to_string()).or_default();
+        site.logins.push_back(now);
+        prune(&mut site.logins, now - window);
+        if let Some(n) = churn {
+            site.duplicate_instances += 1;
+            self.raise(
+                st,
+                Diagnosis {
+                    kind: "instance_churn",
+                    device_id: device_id.into(),
+                    ssid: ssid.into(),
+                    at_ms: now,
+                    detail: format!(
+                        "the extension logged in with {n} new instances within {} s: iOS keeps restarting it (crash, memory limit, or provider configuration changes)",
+                        self.limits.diag_window_secs
+                    ),
+                },
+            );
+        }
+        Self::sample(st, now);
+        heard
+    }
+
+    /// The device's current session ended (called by the hub when it clears presence).
+    pub fn session_ended(&self, device_id: &str, session_id: u64, reason: &str, now: i64) {
+        metrics::session_ended(reason);
+        let class = metrics::reason_class(reason);
+        let mut st = self.state.lock().expect("poisoned");
+        let st = &mut *st;
+        let window = self.window_ms();
+        let Some(d) = st.devices.get_mut(device_id) else {
+            return;
+        };
+        if let Some(s) = d.sessions.iter_mut().rev().find(|s| s.session_id == session_id) {
+            s.ended_ms = Some(now);
+            s.reason = reason.into();
+        }
+        if d.online {
+            d.online = false;
+            st.online = st.online.saturating_sub(1);
+        }
+        let ssid = d.ssid.clone();
+        let mut raise = Vec::new();
+        if class == "heartbeat_timeout" {
+            d.heartbeat_misses += 1;
+            if d.heartbeat_flag_ms.is_none_or(|t| now - t > window) {
+                d.heartbeat_flag_ms = Some(now);
+                raise.push(Diagnosis {
+                    kind: "heartbeat_silent",
+                    device_id: device_id.into(),
+                    ssid: ssid.clone(),
+                    at_ms: now,
+                    detail: "the device stopped answering heartbeats while its connection stayed open (phone asleep off-network, extension suspended, or Wi-Fi roaming that TCP did not notice)".into(),
+                });
+            }
+        }
+        let site_drop = !matches!(class, "replaced" | "revoked" | "shutdown" | "device_goodbye");
+        let expected = st.devices.values().filter(|d| d.ssid == ssid).count();
+        let site = st.sites.entry(ssid.clone()).or_default();
+        if class == "heartbeat_timeout" {
+            site.heartbeat_misses += 1;
+        }
+        if site_drop && !ssid.is_empty() {
+            let site_window = self.limits.diag_site_drop_window_secs as i64 * 1000;
+            site.drops.push_back(now);
+            prune(&mut site.drops, now - site_window);
+            let needed = (expected * self.limits.diag_site_drop_percent as usize)
+                .div_ceil(100)
+                .max(self.limits.diag_site_drop_min_devices as usize);
+            if site.drops.len() >= needed && site.drop_flag_ms.is_none_or(|t| now - t > site_window) {
+                site.drop_flag_ms = Some(now);
+                raise.push(Diagnosis {
+                    kind: "site_drop",
+                    device_id: String::new(),
+                    ssid: ssid.clone(),
+                    at_ms: now,
+                    detail: format!(
+                        "{} of {expected} devices on this SSID dropped within {} s: likely an access point, SSID or network problem, not the phones",
+                        site.drops.len(),
+                        self.limits.diag_site_drop_window_secs
+                    ),
+                });
+            }
+        }
+        for d in raise {
+            self.raise(st, d);
+        }
+        Self::sample(st, now);
+    }
+
+    /// A receipt was announced for a push of `kind` to `device_id`; `latency_ms` is the time
+    /// since the push was accepted (delivered and acked receipts).
+    #[allow(clippy::too_many_arguments)]
+    pub fn receipt(
+        &self,
+        device_id: &str,
+        id: &str,
+        kind: PushKind,
+        state: ReceiptState,
+        path: &str,
+        reason: &str,
+        at_ms: i64,
+        latency_ms: Option<i64>,
+    ) {
+        let mut st = self.state.lock().expect("poisoned");
+        let st = &mut *st;
+        let kind = kind_str(kind);
+        if let (Some(ms), ReceiptState::Delivered) = (latency_ms, state) {
+            push_bounded(&mut st.latencies, (at_ms, kind, path.to_string(), ms), LATENCIES);
+        }
+        let d = st.devices.entry(device_id.to_string()).or_default();
+        Self::delivery(d, id, kind, state, path, reason, at_ms, latency_ms, &self.limits);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn delivery(
+        d: &mut DeviceObs,
+        id: &str,
+        kind: &'static str,
+        state: ReceiptState,
+        path: &str,
+        reason: &str,
+        at_ms: i64,
+        latency_ms: Option<i64>,
+        limits: &Limits,
+    ) {
+        if kind == "call_invite" && !path.is_empty() {
+            d.last_call = Some((path.to_string(), state_str(state)));
+        }
+        push_bounded(
+            &mut d.deliveries,
+            DeliveryRecord {
+                id: id.into(),
+                kind,
+                state: state_str(state),
+                path: path.into(),
+                reason: reason.into(),
+                at_ms,
+                latency_ms,
+            },
+            limits.observe_deliveries_per_device,
+        );
+    }
+
+    /// What the observer knows about `device_id`.
+    pub fn device(&self, device_id: &str, now: i64) -> DeviceObservation {
+        let st = self.state.lock().expect("poisoned");
+        let Some(d) = st.devices.get(device_id) else {
+            return DeviceObservation::default();
+        };
+        let window = self.window_ms();
+        let mut flags = Vec::new();
+        if d.churn_flag_ms.is_some_and(|t| now - t <= window) {
+            flags.push("instance_churn");
+        }
+        if d.heartbeat_flag_ms.is_some_and(|t| now - t <= window) {
+            flags.push("heartbeat_silent");
+        }
+        let (last_call_path, last_call_state) = d
+            .last_call
+            .clone()
+            .map(|(p, s)| (p, s.to_string()))
+            .unwrap_or_default();
+        DeviceObservation {
+            last_heard_ms: d.heard.load(Ordering::Relaxed),
+            instance_id: d.instance_id.clone(),
+            last_call_path,
+            last_call_state,
+            heartbeat_misses: d.heartbeat_misses,
+            instance_changes: d.instance_changes.iter().filter(|t| **t > now - window).count() as u32,
+            flags,
+        }
+    }
+
+    /// A device's recent sessions and deliveries, newest first.
+    pub fn history(&self, device_id: &str) -> (Vec<SessionRecord>, Vec<DeliveryRecord>) {
+        let st = self.state.lock().expect("poisoned");
+        match st.devices.get(device_id) {
+            Some(d) => (
+                d.sessions.iter().rev().cloned().collect(),
+                d.deliveries.iter().rev().cloned().collect(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        }
+    }
+
+    /// Health of every site seen since start, given each SSID's devices online now.
+    pub fn sites(&self, online_by_ssid: &HashMap<String, usize>, now: i64) -> Vec<SiteHealth> {
+        let st = self.state.lock().expect("poisoned");
+        let mut expected: HashMap<&str, usize> = HashMap::new();
+        for d in st.devices.values().filter(|d| !d.ssid.is_empty()) {
+            *expected.entry(d.ssid.as_str()).or_default() += 1;
+        }
+        let site_window = self.limits.diag_site_drop_window_secs as i64 * 1000;
+        let window = self.window_ms();
+        let mut sites: Vec<SiteHealth> = st
+            .sites
+            .iter()
+            .filter(|(ssid, _)| !ssid.is_empty())
+            .map(|(ssid, s)| {
+                let exp = expected.get(ssid.as_str()).copied().unwrap_or(0);
+                let logins = s.logins.iter().filter(|t| **t > now - window).count();
+                SiteHealth {
+                    ssid: ssid.clone(),
+                    online: online_by_ssid.get(ssid).copied().unwrap_or(0),
+                    expected: exp,
+                    reconnects_per_device: if exp == 0 { 0.0 } else { logins as f64 / exp as f64 },
+                    heartbeat_misses: s.heartbeat_misses,
+                    duplicate_instances: s.duplicate_instances,
+                    drop_flagged: s.drop_flag_ms.is_some_and(|t| now - t <= site_window.max(window)),
+                }
+            })
+            .collect();
+        sites.sort_by(|a, b| a.ssid.cmp(&b.ssid));
+        sites
+    }
+
+    /// Recent diagnoses, newest first.
+    pub fn diagnoses(&self) -> Vec<Diagnosis> {
+        self.state
+            .lock()
+            .expect("poisoned")
+            .diagnoses
+            .iter()
+            .rev()
+            .cloned()
+            .collect()
+    }
+
+    /// Record a point of the connected-devices series now (the dashboard samples periodically
+    /// so the chart has points when nothing changes).
+    pub fn tick(&self, now: i64) {
+        Self::sample(&mut self.state.lock().expect("poisoned"), now);
+    }
+
+    /// `(unix ms, devices online)` points, oldest first.
+    pub fn series(&self) -> Vec<(i64, u32)> {
+        self.state
+            .lock()
+            .expect("poisoned")
+            .series
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// Recent delivery latencies `(unix ms, kind, path, ms)`, oldest first.
+    pub fn latencies(&self) -> Vec<(i64, &'static str, String, i64)> {
+        self.state
+            .lock()
+            .expect("poisoned")
+            .latencies
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// `(devices flagged for churn, for heartbeat silence, sites flagged)` now.
+    pub fn flagged(&self, now: i64) -> (usize, usize, usize) {
+        let st = self.state.lock().expect("poisoned");
+        let window = self.window_ms();
+        let site_window = (self.limits.diag_site_drop_window_secs as i64 * 1000).max(window);
+        let churn = st
+            .devices
+            .values()
+            .filter(|d| d.churn_flag_ms.is_some_and(|t| now - t <= window))
+            .count();
+        let hb = st
+            .devices
+            .values()
+            .filter(|d| d.heartbeat_flag_ms.is_some_and(|t| now - t <= window))
+            .count();
+        let sites = st
+            .sites
+            .values()
+            .filter(|s| s.drop_flag_ms.is_some_and(|t| now - t <= site_window))
+            .count();
+        (churn, hb, sites)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn observer() -> Observer {
+        Observer::new(&Limits {
+            diag_instance_churn_max: 2,
+            diag_site_drop_min_devices: 3,
+            diag_site_drop_percent: 60,
+            ..Limits::default()
+        })
+    }
+
+    #[test]
+    fn instance_churn_is_flagged_once_per_window() {
+        let o = observer();
+        let mut rx = o.subscribe_diagnoses();
+        for (i, t) in (0..4).zip([0, 1000, 2000, 3000]) {
+            o.session_started("p", i, "Ward", &format!("inst-{i}"), "sdk", t);
+        }
+        let d = rx.try_recv().expect("flagged");
+        assert_eq!((d.kind, d.device_id.as_str()), ("instance_churn", "p"));
+        o.session_started("p", 9, "Ward", "inst-9", "sdk", 4000);
+        assert!(rx.try_recv().is_err(), "once per window");
+        assert_eq!(o.device("p", 4000).flags, ["instance_churn"]);
+        // Same instance logging in again is not churn.
+        o.session_started("q", 1, "Ward", "same", "sdk", 0);
+        o.session_started("q", 2, "Ward", "same", "sdk", 1);
+        o.session_started("q", 3, "Ward", "same", "sdk", 2);
+        assert!(o.device("q", 3).flags.is_empty());
+    }
+
+    #[test]
+    fn heartbeat_timeouts_flag_the_device() {
+        let o = observer();
+        o.session_started("p", 1, "Ward", "i", "sdk", 0);
+        o.session_ended("p", 1, "heartbeat timeout", 10);
+        let d = o.device("p", 20);
+        assert_eq!(
+            (d.heartbeat_misses, d.flags.clone()),
+            (1, vec!["heartbeat_silent"])
+        );
+        assert_eq!(o.diagnoses()[0].kind, "heartbeat_silent");
+        let (sessions, _) = o.history("p");
+        assert_eq!(sessions[0].reason, "heartbeat timeout");
+    }
+
+    #[test]
+    fn most_of_an_ssid_dropping_at_once_flags_the_site() {
+        let o = observer();
+        for i in 0..5 {
+            o.session_started(&format!("p{i}"), i, "Ward 4B", "i", "sdk", 0);
+        }
+        // Goodbyes are deliberate and never count; two network drops are below 60 % of 5.
+        o.session_ended("p0", 0, "device goodbye: GOODBYE_REASON_CLIENT_STOPPING", 100);
+        o.session_ended("p1", 1, "read failed: connection reset", 200);
+        o.session_ended("p2", 2, "heartbeat timeout", 300);
+        assert!(o.diagnoses().iter().all(|d| d.kind != "site_drop"));
+        o.session_ended("p3", 3, "connection closed by device", 400);
+        let d = o
+            .diagnoses()
+            .into_iter()
+            .find(|d| d.kind == "site_drop")
+            .expect("site flagged");
+        assert_eq!(d.ssid, "Ward 4B");
+        let sites = o.sites(&HashMap::from([("Ward 4B".to_string(), 1)]), 500);
+        assert!(sites[0].drop_flagged && sites[0].expected == 5 && sites[0].online == 1);
+        assert_eq!(o.flagged(500).2, 1);
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let o = Observer::new(&Limits {
+            observe_deliveries_per_device: 3,
+            ..Limits::default()
+        });
+        for i in 0..10 {
+            let id = format!("m{i}");
+            o.receipt(
+                "p",
+                &id,
+                PushKind::Message,
+                ReceiptState::Acked,
+                "local",
+                "",
+                i,
+                Some(1),
+            );
+        }
+        let (_, deliveries) = o.history("p");
+        let ids: Vec<_> = deliveries.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["m9", "m8", "m7"]);
+    }
+}

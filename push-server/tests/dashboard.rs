@@ -1,0 +1,345 @@
+//! The ops dashboard: login roles and CSRF over plain HTTPS, and in headless Chromium (Debian's
+//! `chromium` + `chromium-driver`, installed by `.ci/run`) the live device table following
+//! devices that connect and drop, with a screenshot saved to `docs/dashboard.png`.
+
+mod common;
+
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use common::*;
+use fantoccini::{Client, ClientBuilder, Locator};
+use push_proto::sender::{CreateApiKeyRequest, DeliveryState, PlaceCallRequest};
+use push_server::client::DeviceClient;
+use serde_json::json;
+
+/// Longest wait for the page to reach a state.
+const PAGE_WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn login_roles_and_csrf() {
+    let h = Harness::start().await;
+    h.issue("phone-1", &[]).await;
+    let reader = h
+        .admin()
+        .create_api_key(CreateApiKeyRequest {
+            name: "ward-screen".into(),
+            scopes: vec!["read".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .api_key;
+    let sender = h
+        .admin()
+        .create_api_key(CreateApiKeyRequest {
+            name: "nurse-call".into(),
+            scopes: vec!["send".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .api_key;
+    let json_ct = ("content-type", "application/json");
+    let login = |key: String| {
+        let h = &h;
+        async move {
+            let body = json!({ "api_key": key }).to_string();
+            h.https("POST", "/api/login", &[json_ct], &body).await
+        }
+    };
+    assert_eq!(h.https("GET", "/api/overview", &[], "").await.0, 401);
+    assert_eq!(login("lpk_nope".into()).await.0, 401);
+    assert_eq!(
+        login(sender).await.0,
+        401,
+        "a send-only key cannot use the dashboard"
+    );
+
+    let (status, head, body) = login(reader).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("\"role\":\"read\""), "{body}");
+    let set_cookie = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .expect("a session cookie");
+    for attr in ["HttpOnly", "Secure", "SameSite=Strict"] {
+        assert!(set_cookie.contains(attr), "{set_cookie}");
+    }
+    let cookie = set_cookie
+        .split_once(':')
+        .unwrap()
+        .1
+        .split(';')
+        .next()
+        .unwrap()
+        .trim()
+        .to_string();
+    let (status, _, body) = h.https("GET", "/api/overview", &[("cookie", &cookie)], "").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("\"device_id\":\"phone-1\""), "{body}");
+    assert!(body.contains("\"node\":\"test-node\""), "{body}");
+    let revoke = "/api/devices/phone-1/revoke";
+    let csrf = ("x-lpush-csrf", "1");
+    assert_eq!(
+        h.https("POST", revoke, &[("cookie", &cookie), csrf], "").await.0,
+        403,
+        "read-only"
+    );
+
+    let (_, head, _) = login(h.admin_key()).await;
+    let admin_cookie = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        h.https("POST", revoke, &[("cookie", &admin_cookie)], "").await.0,
+        403,
+        "a cookie without the CSRF header changes nothing"
+    );
+    assert!(!h.list_devices("", false).await[0].revoked);
+    let (status, _, body) = h
+        .https("POST", revoke, &[("cookie", &admin_cookie), csrf], "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(h.list_devices("", false).await[0].revoked);
+
+    h.https("POST", "/api/logout", &[("cookie", &admin_cookie)], "")
+        .await;
+    assert_eq!(
+        h.https("GET", "/api/me", &[("cookie", &admin_cookie)], "")
+            .await
+            .0,
+        401
+    );
+}
+
+/// A program on PATH, or a failure that says how to install it.
+fn require(program: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(program))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "`{program}` is not installed: the dashboard browser test needs Debian's chromium and chromedriver \
+                 (`apt-get install -y chromium chromium-driver`, which .ci/run does)"
+            )
+        })
+}
+
+/// Poll `script` (a JS expression) until it is true, or fail with what the page shows.
+async fn wait_until(c: &Client, what: &str, script: &str) {
+    let deadline = tokio::time::Instant::now() + PAGE_WAIT;
+    loop {
+        let v = c.execute(&format!("return !!({script});"), vec![]).await.unwrap();
+        if v.as_bool() == Some(true) {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let table = c
+                .execute("return document.querySelector('#devices') ? document.querySelector('#devices').innerText : document.body.innerText;", vec![])
+                .await
+                .unwrap();
+            panic!(
+                "page never showed {what}; it shows:\n{}",
+                table.as_str().unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn row_state(device: &str, state: &str) -> String {
+    format!("document.querySelector('tr[data-device=\"{device}\"]')?.dataset.state === '{state}'")
+}
+
+async fn connect_on(h: &Harness, device: &str, ssid: &str, sdk: &str) -> DeviceClient {
+    let credential = h.issue(device, &["ward:4B"]).await;
+    let mut opts = h.options(&credential, 0);
+    opts.hello.ssid = ssid.into();
+    opts.hello.sdk_version = sdk.into();
+    within(DeviceClient::connect(opts))
+        .await
+        .expect("device connects")
+}
+
+#[tokio::test]
+async fn browser_sees_devices_connect_and_drop_live() {
+    let chromium = require("chromium");
+    let chromedriver = require("chromedriver");
+    let h = Harness::start().await;
+    let mut bed12 = connect_on(&h, "phone-bed12", "Ward 4B", "lpush-sdk/0.3.1").await;
+    let _station = connect_on(&h, "phone-station", "Ward 4B", "lpush-sdk/0.3.1").await;
+    let _icu = connect_on(&h, "phone-icu-1", "ICU", "lpush-sdk/0.3.0").await;
+    h.issue("phone-spare", &["ward:4B"]).await;
+
+    // chromedriver on a free port, ready once it accepts connections.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut driver = tokio::process::Command::new(&chromedriver)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("chromedriver starts");
+    within(async {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let profile = tempfile::tempdir().unwrap();
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": chromium,
+            "args": [
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1500,1000",
+                // The test's CA is not in the browser's store; production users trust the CA.
+                "--ignore-certificate-errors",
+                format!("--user-data-dir={}", profile.path().display()),
+            ],
+        }),
+    );
+    caps.insert("acceptInsecureCerts".into(), json!(true));
+    let c = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("a chromium session");
+
+    let base = format!("https://localhost:{}/", h.http_addr().port());
+    c.goto(&base).await.unwrap();
+    wait_until(&c, "the login form", "!document.querySelector('#login').hidden").await;
+    c.find(Locator::Css("#api-key"))
+        .await
+        .unwrap()
+        .send_keys(&h.admin_key())
+        .await
+        .unwrap();
+    c.find(Locator::Css("#login-form button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_until(&c, "phone-bed12 online", &row_state("phone-bed12", "online")).await;
+    wait_until(
+        &c,
+        "the live stream",
+        "document.querySelector('#live').classList.contains('on')",
+    )
+    .await;
+    wait_until(&c, "phone-spare offline", &row_state("phone-spare", "offline")).await;
+
+    // A device connects after the page loaded: its row turns online without a reload.
+    let spare = connect_on(&h, "phone-spare", "ICU", "lpush-sdk/0.3.1").await;
+    wait_until(
+        &c,
+        "phone-spare online (live)",
+        &row_state("phone-spare", "online"),
+    )
+    .await;
+
+    // A message and a call to bed 12, acknowledged: the row shows the call's path.
+    let sent = h.send("phone-bed12", "Patient asks for you").await;
+    let p = next(&mut bed12).await;
+    bed12.ack(&[p.seq]).await.unwrap();
+    h.await_state(&sent.message_id, "phone-bed12", DeliveryState::Acked)
+        .await;
+    h.sender()
+        .place_call(PlaceCallRequest {
+            call_id: "call-bed12".into(),
+            target: Some(to("phone-bed12")),
+            caller_name: "Dr. Okafor".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let invite = next(&mut bed12).await;
+    bed12.ack(&[invite.seq]).await.unwrap();
+    wait_until(
+        &c,
+        "bed 12's last call path",
+        "document.querySelector('tr[data-device=\"phone-bed12\"]')?.innerText.includes('local (acked)')",
+    )
+    .await;
+
+    // A device drops: its row turns offline with the reason, without a reload.
+    spare.close().await.unwrap();
+    wait_until(
+        &c,
+        "phone-spare offline (live)",
+        &row_state("phone-spare", "offline"),
+    )
+    .await;
+    wait_until(
+        &c,
+        "the stop reason",
+        "document.querySelector('tr[data-device=\"phone-spare\"] .reason')?.innerText.includes('CLIENT_STOPPING')",
+    )
+    .await;
+    let reloads = c
+        .execute(
+            "return performance.getEntriesByType('navigation').length;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(reloads, json!(1), "updates arrived without a reload");
+    wait_until(
+        &c,
+        "the ICU site with both its devices",
+        "document.querySelector('#sites tbody').innerText.includes('1 / 2')",
+    )
+    .await;
+    wait_until(
+        &c,
+        "the latency chart",
+        "document.querySelectorAll('#chart-latency rect[height]:not([height=\"0\"])').length > 0",
+    )
+    .await;
+
+    let png = c.screenshot().await.unwrap();
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/dashboard.png");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    std::fs::write(&out, &png).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+
+    // The device page: its session history and deliveries.
+    c.goto(&format!("{base}#device/phone-bed12")).await.unwrap();
+    wait_until(
+        &c,
+        "bed 12's deliveries",
+        "document.querySelector('#detail-deliveries tbody')?.innerText.includes('call-bed12')",
+    )
+    .await;
+    wait_until(
+        &c,
+        "bed 12's sessions",
+        "document.querySelector('#detail-sessions tbody')?.rows.length >= 1",
+    )
+    .await;
+    wait_until(
+        &c,
+        "the revoke button for admins",
+        "!document.querySelector('#revoke').hidden",
+    )
+    .await;
+
+    c.close().await.unwrap();
+    let _ = driver.kill().await;
+}
