@@ -26,6 +26,8 @@ pub struct ClientConfig {
     pub last_seen_seq: u64,
     /// SSID at start, if known.
     pub ssid: String,
+    /// PushKit (VoIP) token, hex, as persisted by the host; `None` if not registered.
+    pub voip_token: Option<String>,
     /// Protocol timeouts.
     pub timing: Timing,
     /// Reconnection backoff.
@@ -56,6 +58,7 @@ impl ClientConfig {
             trust,
             last_seen_seq: 0,
             ssid: String::new(),
+            voip_token: None,
             timing: Timing::default(),
             backoff: BackoffConfig::default(),
             jitter_seed: None,

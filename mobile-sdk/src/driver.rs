@@ -50,6 +50,7 @@ pub trait EventHandler: Send + Sync + 'static {
 #[derive(Debug)]
 pub(crate) enum Input {
     Network(NetworkEvent),
+    VoipToken(String),
     SystemTimer,
 }
 
@@ -69,6 +70,8 @@ pub(crate) struct Transport {
 pub struct Shared {
     state: Mutex<State>,
     last_seen: AtomicU64,
+    /// The latest PushKit token the host gave, for the next start of the same client.
+    voip_token: Mutex<Option<String>>,
     stats: [AtomicU64; 5],
 }
 
@@ -97,10 +100,11 @@ enum Stat {
 }
 
 impl Shared {
-    pub(crate) fn new(last_seen: u64) -> Self {
+    pub(crate) fn new(last_seen: u64, voip_token: Option<String>) -> Self {
         Self {
             state: Mutex::new(State::Idle),
             last_seen: AtomicU64::new(last_seen),
+            voip_token: Mutex::new(voip_token),
             stats: Default::default(),
         }
     }
@@ -113,6 +117,14 @@ impl Shared {
     /// Highest sequence the app has taken.
     pub fn last_seen_seq(&self) -> u64 {
         self.last_seen.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn voip_token(&self) -> Option<String> {
+        self.voip_token.lock().expect("poisoned").clone()
+    }
+
+    pub(crate) fn set_voip_token(&self, token: String) {
+        *self.voip_token.lock().expect("poisoned") = Some(token);
     }
 
     /// Statistics so far.
@@ -231,12 +243,14 @@ impl Driver {
                 timer.as_mut().reset(tokio::time::Instant::from_std(at));
             }
             let wants_read = self.session.wants_read();
+            // Biased, in this order: a stop wins, and a due deadline is never starved by a
+            // connection that always has bytes.
             let wake = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled(), if !stopping => Wake::Stop,
                 input = self.inputs.recv() => Wake::Input(input),
-                io = next_io(&mut conn, wants_read) => io,
                 _ = &mut timer, if deadline.is_some() => Wake::Timer,
+                io = next_io(&mut conn, wants_read) => io,
             };
             match wake {
                 Wake::Stop => {
@@ -249,6 +263,7 @@ impl Driver {
                     self.session.handle_stop(now(), reason);
                 }
                 Wake::Input(Some(Input::Network(event))) => self.session.handle_network(now(), event),
+                Wake::Input(Some(Input::VoipToken(token))) => self.session.handle_voip_token(now(), token),
                 Wake::Input(Some(Input::SystemTimer)) => self.session.handle_system_timer(now()),
                 // Every client handle is gone: stop as if asked to.
                 Wake::Input(None) => {

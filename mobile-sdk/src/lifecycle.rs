@@ -174,7 +174,7 @@ impl Registry {
             generation: self.inner.next_generation.fetch_add(1, Ordering::SeqCst),
             instance_id: uuid::Uuid::new_v4().to_string(),
             jitter_seed: config.jitter_seed.unwrap_or_else(rand::random),
-            shared: Arc::new(Shared::new(config.last_seen_seq)),
+            shared: Arc::new(Shared::new(config.last_seen_seq, config.voip_token.clone())),
             transport: Arc::new(transport),
             handler,
             config,
@@ -222,6 +222,7 @@ impl Registry {
             ssid: c.ssid.clone(),
             // A restarted client resumes from what its app took, not from its configuration.
             last_seen_seq: client.shared.last_seen_seq(),
+            voip_token: client.shared.voip_token(),
             timing: c.timing,
             backoff: c.backoff,
             jitter_seed: client.jitter_seed,
@@ -319,6 +320,13 @@ impl Client {
     /// Report a network change.
     pub fn network_changed(&self, event: NetworkEvent) {
         self.inner.send(Input::Network(event));
+    }
+
+    /// Register the PushKit (VoIP) token (hex), or clear it with an empty string, so calls
+    /// reach the device through APNs when it is off-site. Kept for later starts of this client.
+    pub fn set_voip_token(&self, token: String) {
+        self.inner.shared.set_voip_token(token.clone());
+        self.inner.send(Input::VoipToken(token));
     }
 
     /// Report the host's periodic timer (`handleTimerEvent`): a backstop only.

@@ -12,7 +12,7 @@ use mobile_sdk::{
 };
 use push_proto::{
     device::{CancelReason, GoodbyeReason},
-    sender::{RevokeDeviceRequest, WatchPresenceRequest},
+    sender::{ListDevicesRequest, RevokeDeviceRequest, VoipTokenState, WatchPresenceRequest},
 };
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 
@@ -111,10 +111,11 @@ async fn call_invites_carry_what_callkit_needs_and_cancels_follow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_are_answered_so_the_session_survives_many_rounds() {
     let dir = tempfile::tempdir().unwrap();
-    // A heartbeat every 150 ms, 150 ms to answer: 20 rounds in 3 s, any miss ends the session.
+    // A heartbeat every 200 ms, 400 ms to answer: about 15 rounds in 3 s, any miss ends the
+    // session (the margin is for a loaded CI machine, not for the SDK).
     let hb = Heartbeat {
-        interval_ms: 150,
-        timeout_ms: 150,
+        interval_ms: 200,
+        timeout_ms: 400,
     };
     let server = InProcServer::start(dir.path(), hb).await;
     let info = &server.info;
@@ -502,4 +503,101 @@ async fn trust_by_ca_by_pins_and_rotation_lists() {
     let other_server = InProcServer::start(other_dir.path(), Heartbeat::default()).await;
     let s = first_outcome(info, &credential, Trust::ca(other_server.info.ca_pem())).await;
     assert!(!connected(&s), "{s:?}");
+}
+
+/// The server's record of the device's PushKit token.
+async fn voip_state(api: &push_server::api_client::ApiClient, device_id: &str) -> i32 {
+    let devices = api
+        .sender()
+        .list_devices(ListDevicesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .devices;
+    devices
+        .into_iter()
+        .find(|d| d.device_id == device_id)
+        .unwrap()
+        .voip_token
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pushkit_token_reaches_the_server_and_can_be_cleared() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let info = &server.info;
+    let api = info.api().await;
+    let credential = info.issue("dev-voip").await;
+    let reg = registry();
+    let (handler, mut events) = Recorder::new();
+    let mut config = info.client_config("dev-voip", &credential);
+    // PushKit tokens are 32 bytes: 64 hex digits (the server ignores what is not a token).
+    config.voip_token = Some("a1b2c3d4".repeat(8));
+    let client = reg.client(config, handler).unwrap();
+    client.start().await.unwrap();
+    events.connected().await;
+    // Frames are handled in order: once the server has the ack of a later push, it has the
+    // token frame sent before it.
+    ServerInfo::send(&api, "dev-voip", "v1").await;
+    ServerInfo::wait_acked(&api, "v1").await;
+    assert_eq!(
+        voip_state(&api, "dev-voip").await,
+        VoipTokenState::Registered as i32
+    );
+    client.set_voip_token(String::new());
+    ServerInfo::send(&api, "dev-voip", "v2").await;
+    ServerInfo::wait_acked(&api, "v2").await;
+    assert_eq!(voip_state(&api, "dev-voip").await, VoipTokenState::None as i32);
+    client.stop(StopReason::HostRequested).await;
+}
+
+/// Send a signal to the child server (STOP freezes it with its sockets open: a half-dead peer).
+fn signal(server: &ChildServer, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_server_is_detected_by_its_silence_and_left_for_a_new_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let hb = Heartbeat {
+        interval_ms: 300,
+        timeout_ms: 500,
+    };
+    let server = ChildServer::start(dir.path(), hb);
+    let credential = server.info.issue("dev-f").await;
+    let reg = registry();
+    let (handler, mut events) = Recorder::new();
+    let client = reg
+        .client(server.info.client_config("dev-f", &credential), handler)
+        .unwrap();
+    client.start().await.unwrap();
+    events.connected().await;
+    // The TCP connection stays open, the server just says nothing any more.
+    signal(&server, "-STOP");
+    let frozen = Instant::now();
+    events
+        .wait_for("silence detected", |e| {
+            matches!(
+                e,
+                Event::State(State::WaitingToRetry {
+                    reason: Disconnect::ServerSilent,
+                    ..
+                })
+            )
+            .then_some(())
+        })
+        .await;
+    let detected = frozen.elapsed();
+    println!("frozen server detected after {detected:?} (interval + timeout = 800 ms)");
+    // The last heartbeat came at most one interval before the freeze: at least 500 ms of the
+    // 800 ms of silence remain after it.
+    assert!(detected >= Duration::from_millis(450), "{detected:?}");
+    signal(&server, "-CONT");
+    events.connected().await;
+    client.stop(StopReason::HostRequested).await;
+    assert!(reg.counters().is_quiet());
 }

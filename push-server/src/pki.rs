@@ -369,10 +369,18 @@ pub fn spki_pin(cert_der: &[u8]) -> Result<String, PkiError> {
 pub fn server_config(pki: &Pki) -> Result<rustls::ServerConfig, PkiError> {
     let server_cert = pki.dir.join(SERVER_CERT_FILE);
     let server_key = pki.dir.join(SERVER_KEY_FILE);
-    let chain = pem_certs(&pki.server_cert_pem).map_err(|reason| PkiError::InvalidCertificate {
+    let mut chain = pem_certs(&pki.server_cert_pem).map_err(|reason| PkiError::InvalidCertificate {
         path: server_cert.clone(),
         reason,
     })?;
+    // The CA goes in the chain too, so a device can check a pin on the CA's key (stable across
+    // server-certificate reissues) without also shipping the CA certificate.
+    chain.extend(
+        pem_certs(&pki.ca_cert_pem).map_err(|reason| PkiError::InvalidCertificate {
+            path: pki.dir.join(CA_CERT_FILE),
+            reason,
+        })?,
+    );
     let key = pem_private_key(&pki.server_key_pem).map_err(|reason| PkiError::InvalidKey {
         path: server_key,
         reason,
@@ -1464,6 +1472,10 @@ mod tests {
             assert_eq!(server.alpn_protocol(), Some(push_proto::ALPN));
             assert_eq!(client.protocol_version(), Some(ProtocolVersion::TLSv1_3));
             assert_eq!(server.protocol_version(), Some(ProtocolVersion::TLSv1_3));
+            // Leaf then CA, so a CA SPKI pin can be checked from the handshake alone.
+            let presented = client.peer_certificates().expect("server sent certificates");
+            assert_eq!(presented.len(), 2);
+            assert_eq!(spki_pin(presented[1].as_ref()).unwrap(), pki.ca_pin);
         }
         // A name that is not in the SANs fails even though it chains to the right CA.
         let (result, _, _) = connect(&client_cfg, &server_cfg, "other.example.test");

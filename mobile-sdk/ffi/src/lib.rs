@@ -83,6 +83,11 @@ impl PushClient {
         self.inner.network_changed(change.into())
     }
 
+    /// Register the PushKit token (hex of `PKPushCredentials.token`); empty clears it.
+    pub fn set_voip_token(&self, token: String) {
+        self.inner.set_voip_token(token)
+    }
+
     /// Forward `NEAppPushProvider.handleTimerEvent()`: a backstop, not the retry schedule.
     pub fn timer_event(&self) {
         self.inner.timer_event()

@@ -27,6 +27,8 @@ pub struct ProviderConfig {
     pub last_seen_seq: u64,
     /// SSID at start, if known.
     pub ssid: Option<String>,
+    /// PushKit (VoIP) token, hex, as persisted; `None` if not registered.
+    pub voip_token: Option<String>,
 }
 
 impl From<ProviderConfig> for mobile_sdk::ClientConfig {
@@ -39,6 +41,7 @@ impl From<ProviderConfig> for mobile_sdk::ClientConfig {
         config.server_name = c.server_name.unwrap_or_default();
         config.last_seen_seq = c.last_seen_seq;
         config.ssid = c.ssid.unwrap_or_default();
+        config.voip_token = c.voip_token;
         config
     }
 }

@@ -25,8 +25,15 @@ fn library_file() -> &'static str {
 /// Generate the Python module next to a copy of the library, in `out`.
 fn generate_binding(out: &Path) {
     let bindgen = Path::new(env!("CARGO_BIN_EXE_uniffi-bindgen"));
-    let library = bindgen.parent().unwrap().join(library_file());
-    assert!(library.exists(), "{} was not built", library.display());
+    // `cargo test` builds the cdylib into deps/ without copying it up (`cargo build` does):
+    // take the newer of the two, so a stale copy from an earlier build is never used.
+    let dir = bindgen.parent().unwrap();
+    let library = [dir.join("deps").join(library_file()), dir.join(library_file())]
+        .into_iter()
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p)
+        .expect("the mobile-sdk-ffi cdylib was not built");
     let status = std::process::Command::new(bindgen)
         .args([
             "generate",
@@ -61,6 +68,7 @@ async fn python_drives_the_ffi_against_a_real_server() {
         data_dir: data.path().to_path_buf(),
         device_listen: "127.0.0.1:0".parse().unwrap(),
         api_listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
         ..Default::default()
     })
     .await

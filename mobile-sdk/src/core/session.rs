@@ -6,7 +6,7 @@ use bytes::{Bytes, BytesMut};
 use push_proto::{
     device::{
         Ack, ClientFrame, Goodbye, GoodbyeReason, HeartbeatReply, Hello, NetworkChange, Push, ServerFrame,
-        ServerHello, client_frame, push, server_frame,
+        ServerHello, VoipToken, client_frame, push, server_frame,
     },
     frame,
 };
@@ -40,6 +40,9 @@ pub struct Config {
     pub ssid: String,
     /// Highest sequence the app has taken, as persisted by the host.
     pub last_seen_seq: u64,
+    /// The PushKit (VoIP) token, hex, if the app registered one (empty: clear it on the
+    /// server), so calls can still ring the device through APNs when it is off-site.
+    pub voip_token: Option<String>,
     /// Timeouts.
     pub timing: Timing,
     /// Reconnection backoff.
@@ -61,6 +64,7 @@ impl Config {
             sdk_version: concat!("mobile-sdk/", env!("CARGO_PKG_VERSION")).into(),
             ssid: String::new(),
             last_seen_seq: 0,
+            voip_token: None,
             timing: Timing::default(),
             backoff: BackoffConfig::default(),
             jitter_seed: 0,
@@ -176,8 +180,8 @@ struct Network {
 /// - inputs, each taking `now` (which must not move backwards; an earlier `now` counts as the
 ///   latest one seen): [`Session::handle_start`], [`Session::handle_stop`],
 ///   [`Session::handle_connected`], [`Session::handle_disconnected`], [`Session::handle_bytes`],
-///   [`Session::handle_delivered`], [`Session::handle_network`], [`Session::handle_timeout`],
-///   [`Session::handle_system_timer`];
+///   [`Session::handle_delivered`], [`Session::handle_network`], [`Session::handle_voip_token`],
+///   [`Session::handle_timeout`], [`Session::handle_system_timer`];
 /// - outputs, drained after every input, in this order: [`Session::poll_transmit`] (bytes for
 ///   the current connection), then [`Session::poll_transport`] until `None` (a `Close` comes
 ///   after the bytes it must follow), then [`Session::poll_event`] until `None`, and finally
@@ -206,6 +210,7 @@ pub struct Session {
     now: Option<Instant>,
     /// Pushes received and never shown (duplicates, stale calls, expired messages).
     dropped: u64,
+    voip_token: Option<String>,
 }
 
 impl Session {
@@ -235,6 +240,7 @@ impl Session {
             events: VecDeque::new(),
             now: None,
             dropped: 0,
+            voip_token: config.voip_token,
         }
     }
 
@@ -410,6 +416,20 @@ impl Session {
                     _ => {}
                 }
             }
+        }
+    }
+
+    /// PushKit reported a (new) token, or the app cleared it (empty). Sent at once when
+    /// connected, and after every `ServerHello` (the server keeps the latest; sending it again
+    /// costs a few bytes and survives a server that lost it).
+    pub fn handle_voip_token(&mut self, now: Instant, token: String) {
+        self.clock(now);
+        if self.voip_token.as_ref() == Some(&token) {
+            return;
+        }
+        self.voip_token = Some(token.clone());
+        if matches!(self.phase, Phase::Connected(_)) {
+            self.encode(client_frame::Kind::VoipToken(VoipToken { token }));
         }
     }
 
@@ -618,6 +638,9 @@ impl Session {
             server_clock: (now, hello.server_time_ms),
         });
         self.attempts = 0;
+        if let Some(token) = self.voip_token.clone() {
+            self.encode(client_frame::Kind::VoipToken(VoipToken { token }));
+        }
         self.set_state(State::Connected {
             session_id: hello.session_id,
             device_id: hello.device_id,

@@ -66,6 +66,8 @@ fn server_config(dir: &Path, device_listen: SocketAddr, hb: Heartbeat) -> Config
         data_dir: dir.to_path_buf(),
         device_listen,
         api_listen: "127.0.0.1:0".parse().unwrap(),
+        // Tests run in parallel: every listener on a free port.
+        http_listen: "127.0.0.1:0".parse().unwrap(),
         heartbeat_interval_ms: hb.interval_ms,
         heartbeat_timeout_ms: hb.timeout_ms,
         ..Default::default()

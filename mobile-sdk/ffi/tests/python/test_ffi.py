@@ -30,6 +30,7 @@ def config(last_seen_seq=0, credential=None):
         pins=[],
         last_seen_seq=last_seen_seq,
         ssid="ward-4b",
+        voip_token=None,
     )
 
 

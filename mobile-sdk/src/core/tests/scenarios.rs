@@ -667,3 +667,45 @@ fn an_hour_without_network_costs_no_wake_up_at_all() {
     assert_eq!(h.sleep(), None);
     assert_eq!(h.wakeups, wakeups);
 }
+
+#[test]
+fn the_voip_token_goes_out_after_every_server_hello_and_when_it_changes() {
+    let mut cfg = config(0);
+    cfg.voip_token = Some("ab01".into());
+    let mut h = Harness::new(cfg);
+    h.start();
+    h.connected();
+    let tokens = |h: &Harness| -> Vec<String> {
+        h.sent
+            .iter()
+            .filter_map(|f| match &f.kind {
+                Some(client_frame::Kind::VoipToken(t)) => Some(t.token.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert!(
+        tokens(&h).is_empty(),
+        "never before the server accepted the hello"
+    );
+    h.server_hello();
+    assert_eq!(tokens(&h), ["ab01"]);
+    h.s.handle_voip_token(h.now, "ab01".into());
+    h.drain();
+    assert_eq!(
+        tokens(&h),
+        ["ab01"],
+        "an unchanged token is not repeated mid-session"
+    );
+    h.s.handle_voip_token(h.now, "cd02".into());
+    h.drain();
+    assert_eq!(tokens(&h), ["ab01", "cd02"]);
+    // Changed while disconnected: sent after the next ServerHello, once.
+    h.disconnected("reset");
+    h.s.handle_voip_token(h.now, String::new());
+    h.drain();
+    assert_eq!(tokens(&h).len(), 2);
+    h.sleep();
+    h.reconnect();
+    assert_eq!(tokens(&h), ["ab01", "cd02", ""]);
+}
