@@ -10,6 +10,7 @@
 //! - [`types`]: records and enums crossing the boundary, and the [`PushListener`] callback
 //!   trait the host implements.
 //! - [`error`]: the one flat error enum, [`SdkError`].
+//! - [`voip`]: [`decide_voip_push`], the app's PushKit decision.
 //!
 //! Generate the Swift binding from the built library:
 //! `cargo run -p mobile-sdk-ffi --bin uniffi-bindgen -- generate --library
@@ -18,6 +19,7 @@
 
 mod error;
 mod types;
+mod voip;
 
 use std::sync::{Arc, LazyLock};
 
@@ -26,6 +28,7 @@ pub use types::{
     CallCancel, CallInvite, ConnectionState, Counters, Message, NetworkChange, ProviderConfig, PushEvent,
     PushListener, StopCause, StopReason,
 };
+pub use voip::{EndReason, KnownCall, VoipAction, VoipPayload, decide_voip_push};
 
 uniffi::setup_scaffolding!();
 

@@ -161,6 +161,23 @@ class FfiSurface(unittest.TestCase):
 
         asyncio.run(body())
 
+    def test_5_voip_push_decision_crosses_the_boundary(self):
+        payload = sdk.VoipPayload(
+            version=1, call_id="c1", call_uuid="5b1f0c1e-6a53-4c5e-9d0f-6c6f63616c70",
+            caller_name="Dr. Okafor", caller_handle="ext 4411", video=False,
+            created_at_ms=1_000, ring_deadline_ms=31_000)
+        fresh = sdk.KnownCall(reported=False, cancelled=False)
+        self.assertEqual(sdk.decide_voip_push(payload, None, 11_000, fresh),
+                         sdk.VoipAction.REPORT(ring_for_ms=20_000))
+        # Past its deadline: reported and ended when iOS insists (or says nothing), else only completed.
+        self.assertEqual(sdk.decide_voip_push(payload, None, 31_000, fresh),
+                         sdk.VoipAction.REPORT_AND_END(reason=sdk.EndReason.EXPIRED))
+        self.assertEqual(sdk.decide_voip_push(payload, False, 31_000, fresh),
+                         sdk.VoipAction.COMPLETE_ONLY(reason=sdk.EndReason.EXPIRED))
+        cancelled = sdk.KnownCall(reported=False, cancelled=True)
+        self.assertEqual(sdk.decide_voip_push(payload, True, 11_000, cancelled),
+                         sdk.VoipAction.REPORT_AND_END(reason=sdk.EndReason.CANCELLED))
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
