@@ -132,12 +132,16 @@ impl ServerCertVerifier for PinningVerifier {
             return Ok(ServerCertVerified::assertion());
         }
         let mut roots = RootCertStore::empty();
-        let presented = intermediates.iter().map(|c| c.clone().into_owned());
-        for cert in self.anchors.iter().cloned().chain(presented) {
-            if self.pins.is_empty() || self.pinned(&cert) {
-                // A presented certificate that is not a usable CA just does not become an anchor.
-                let _ = roots.add(cert);
-            }
+        // Configured CAs are anchors (only the pinned ones, when pins are set). A certificate the
+        // server presents is an anchor only if it is pinned: otherwise any server could vouch for
+        // itself by sending its own CA. One that is not a usable CA just does not become one.
+        let configured = self
+            .anchors
+            .iter()
+            .filter(|c| self.pins.is_empty() || self.pinned(c));
+        let presented = intermediates.iter().filter(|c| self.pinned(c));
+        for cert in configured.chain(presented) {
+            let _ = roots.add(cert.clone().into_owned());
         }
         if roots.is_empty() {
             return Err(Error::InvalidCertificate(
