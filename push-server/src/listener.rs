@@ -1,14 +1,14 @@
 //! Accept loops: TCP tuning, the session limit, and TLS handshakes with a deadline, so a client
 //! that opens TCP and never finishes the handshake costs a permit for a bounded time only.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
+    sync::{Semaphore, mpsc},
 };
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{config::Limits, observe::metrics, session::driver::SessionEnv};
@@ -64,8 +64,42 @@ pub async fn serve_devices(
     }
 }
 
+/// Accept TLS connections for the HTTP servers (the gRPC API, the dashboard) until `shutdown`.
+/// Each handshake runs in its own task under the handshake deadline, so a stalled client never
+/// holds up the others; established streams come out of the returned channel.
+pub fn tls_incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    limits: Limits,
+    shutdown: CancellationToken,
+    what: &'static str,
+) -> mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let timeout = Duration::from_millis(limits.tls_handshake_timeout_ms);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = accept(&listener) => r,
+                _ = shutdown.cancelled() => return,
+            };
+            tune(&tcp, &limits);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send((tls, peer)).await;
+                    }
+                    Ok(Err(e)) => tracing::warn!(%peer, error = %e, "{what} TLS handshake failed"),
+                    Err(_) => tracing::warn!(%peer, "{what} TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    rx
+}
+
 /// Accept, backing off on errors (out of file descriptors, for example) instead of spinning.
-async fn accept(listener: &TcpListener) -> (TcpStream, std::net::SocketAddr) {
+async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
     let mut backoff = Duration::from_millis(5);
     loop {
         match listener.accept().await {

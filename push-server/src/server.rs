@@ -2,7 +2,6 @@
 //! graceful shutdown that says goodbye to every device and flushes the store.
 
 use std::{
-    io,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -16,9 +15,9 @@ use apns_bridge::{
     policy::RetryPolicy,
     remote::{RemoteBridge, RemoteOptions},
 };
-use tokio::{net::TcpListener, sync::mpsc};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -26,7 +25,7 @@ use crate::{
     config::{ApnsConfig, ApnsMode, Config},
     grpc::{Api, create_api_key},
     hub::{Hub, run_expiry, run_fallback},
-    listener::{serve_devices, tune},
+    listener::{serve_devices, tls_incoming},
     pki::{self, Pki, PkiStatus},
     session::{core::Timing, driver::SessionEnv},
     store::{RedbStore, Store},
@@ -265,32 +264,8 @@ fn serve_api(
         .register_encoded_file_descriptor_set(push_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    let limits = cfg.limits.clone();
-    let (tx, rx) = mpsc::channel::<io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>(64);
-    let accept_shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        let timeout = Duration::from_millis(limits.tls_handshake_timeout_ms);
-        loop {
-            let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => { tracing::warn!(error = %e, "API accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; continue; }
-                },
-                _ = accept_shutdown.cancelled() => return,
-            };
-            tune(&tcp, &limits);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => tracing::warn!(%peer, error = %e, "API TLS handshake failed"),
-                    Err(_) => tracing::warn!(%peer, "API TLS handshake timed out"),
-                }
-            });
-        }
-    });
+    let incoming = tls_incoming(listener, acceptor, cfg.limits.clone(), shutdown.clone(), "API");
+    let incoming = ReceiverStream::new(incoming).map(|(tls, _peer)| Ok::<_, std::io::Error>(tls));
     let sender = api.sender();
     let admin = api.admin();
     Ok(async move {
@@ -305,7 +280,7 @@ fn serve_api(
             .add_service(reflection)
             .add_service(sender)
             .add_service(admin)
-            .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown.cancelled_owned())
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await;
         if let Err(e) = result {
             tracing::error!(error = %e, "API server failed");

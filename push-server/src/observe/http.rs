@@ -46,7 +46,7 @@ use crate::{
     auth::{Scope, api_key_hash},
     config::Limits,
     hub::{DeviceView, Hub, now_ms},
-    listener::tune,
+    listener::tls_incoming,
 };
 
 const INDEX: &str = include_str!("assets/index.html");
@@ -528,31 +528,7 @@ pub fn serve(
         shutdown: shutdown.clone(),
         streams: AtomicUsize::new(0),
     });
-    let (tx, rx) = mpsc::channel(64);
-    let accept_shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        let timeout = Duration::from_millis(limits.tls_handshake_timeout_ms);
-        loop {
-            let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => { tracing::warn!(error = %e, "dashboard accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; continue; }
-                },
-                _ = accept_shutdown.cancelled() => return,
-            };
-            tune(&tcp, &limits);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send((tls, peer)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "dashboard TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "dashboard TLS handshake timed out"),
-                }
-            });
-        }
-    });
+    let rx = tls_incoming(listener, acceptor, limits.clone(), shutdown.clone(), "dashboard");
     let ticker_shutdown = shutdown.clone();
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(10));
