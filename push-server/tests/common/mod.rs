@@ -193,30 +193,7 @@ impl Harness {
     /// Follow a message's (or call's) receipts until `device_id` reaches `state`; returns every
     /// update seen for that device on the way.
     pub async fn await_state(&self, id: &str, device_id: &str, state: DeliveryState) -> Vec<DeliveryUpdate> {
-        let mut stream = self
-            .sender()
-            .watch_message(GetMessageStatusRequest {
-                message_id: id.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut seen = Vec::new();
-        within(async {
-            while let Some(u) = stream.message().await.unwrap() {
-                if u.device_id != device_id {
-                    continue;
-                }
-                let done = u.state() == state;
-                seen.push(u);
-                if done {
-                    return;
-                }
-            }
-            panic!("stream ended before {device_id} reached {state:?}: {seen:?}");
-        })
-        .await;
-        seen
+        self.await_update(id, device_id, |u| u.state() == state).await
     }
 
     /// Follow a push's receipts until an update for `device_id` satisfies `done`; returns every
