@@ -21,22 +21,22 @@ async fn message_is_delivered_acked_and_reported_in_order() {
         DeliveryState::Accepted,
         "queued for an offline device"
     );
-    let watcher = tokio::spawn({
-        let id = sent.message_id.clone();
-        let h_sender = h.sender();
-        async move {
-            let mut stream = h_sender
-                .clone()
-                .watch_message(GetMessageStatusRequest { message_id: id })
-                .await
-                .unwrap()
-                .into_inner();
-            let mut states = Vec::new();
-            while let Some(u) = stream.message().await.unwrap() {
-                states.push(u.state());
-            }
-            states
+    // Subscribe before the phone connects, so the stream starts from Accepted.
+    let mut stream = h
+        .sender()
+        .watch_message(GetMessageStatusRequest {
+            message_id: sent.message_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().expect("current state");
+    let watcher = tokio::spawn(async move {
+        let mut states = vec![first.state()];
+        while let Some(u) = stream.message().await.unwrap() {
+            states.push(u.state());
         }
+        states
     });
     let mut phone = h.connect(&credential, 0).await.unwrap();
     assert_eq!(phone.server_hello.replay_count, 1);
