@@ -137,6 +137,8 @@ pub enum Scope {
     Call,
     /// Read statuses, devices and presence.
     Read,
+    /// Enroll new devices (`EnrollDevice`, `POST /v1/enroll`): the key a container app carries.
+    Enroll,
     /// Everything, including PushAdmin.
     Admin,
 }
@@ -148,6 +150,7 @@ impl Scope {
             "send" => Self::Send,
             "call" => Self::Call,
             "read" => Self::Read,
+            "enroll" => Self::Enroll,
             "admin" => Self::Admin,
             _ => return None,
         })

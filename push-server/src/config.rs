@@ -56,6 +56,8 @@ pub struct Config {
     pub limits: Limits,
     /// The APNs VoIP fallback for calls.
     pub apns: ApnsConfig,
+    /// What enrolled phones are told: the site's SSIDs and how to reach this server.
+    pub site: SiteConfig,
 }
 
 impl Default for Config {
@@ -71,7 +73,48 @@ impl Default for Config {
             heartbeat_timeout_ms: 10_000,
             limits: Limits::default(),
             apns: ApnsConfig::default(),
+            site: SiteConfig::default(),
         }
+    }
+}
+
+/// Longest SSID: 32 octets (IEEE 802.11).
+pub const MAX_SSID_BYTES: usize = 32;
+
+/// The `[site]` section: what enrollment hands the container app for its push managers.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SiteConfig {
+    /// The Wi-Fi networks (SSIDs) on which phones reach this server, exactly as broadcast:
+    /// spaces and unicode are kept as written. iOS takes at most 10 per push manager; a site
+    /// with more gets several managers.
+    pub ssids: Vec<String>,
+    /// Host name or IP phones dial (default: the first of `server_names`, else the device
+    /// listener's address).
+    pub device_host: String,
+    /// Port phones dial, when a NAT or load balancer sits in front (default: the device
+    /// listener's port).
+    pub device_port: u16,
+}
+
+impl SiteConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        for (i, ssid) in self.ssids.iter().enumerate() {
+            if ssid.is_empty() {
+                return bad(format!("site.ssids[{i}] is empty"));
+            }
+            if ssid.len() > MAX_SSID_BYTES {
+                return bad(format!(
+                    "site.ssids[{i}] {ssid:?} is {} bytes; an SSID has at most {MAX_SSID_BYTES} (UTF-8 bytes)",
+                    ssid.len()
+                ));
+            }
+            if self.ssids[..i].contains(ssid) {
+                return bad(format!("site.ssids lists {ssid:?} twice"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -281,6 +324,7 @@ impl Config {
                 "limits.diag_window_secs and diag_site_drop_window_secs must be positive, diag_site_drop_percent at most 100",
             );
         }
+        self.site.validate()?;
         let a = &self.apns;
         match a.mode {
             ApnsMode::Disabled => {}
@@ -376,6 +420,25 @@ mod tests {
         assert!(cfg.validate().unwrap_err().to_string().contains("p8_file"));
         assert!(toml::from_str::<Config>("[apns]\nmode = \"sometimes\"\n").is_err());
         assert_eq!(Config::default().apns.mode, ApnsMode::Disabled);
+    }
+
+    #[test]
+    fn site_ssids_keep_spaces_and_unicode_and_reject_empty_or_long() {
+        let cfg: Config = toml::from_str("[site]\nssids = [\" Ward 4B \", \"Station Ünfall 🚑\"]\n").unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.site.ssids, [" Ward 4B ", "Station Ünfall 🚑"]);
+        for (ssids, needle) in [
+            (r#"["ok", ""]"#, "site.ssids[1] is empty"),
+            (r#"["ÄÄÄÄÄÄÄÄÄÄÄÄÄÄÄÄX"]"#, "33 bytes"),
+            (r#"["a", "a"]"#, "twice"),
+        ] {
+            let cfg: Config = toml::from_str(&format!("[site]\nssids = {ssids}\n")).unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(needle), "{ssids}: {err}");
+        }
+        // 32 bytes of multi-byte characters is the limit, not 32 characters.
+        let cfg: Config = toml::from_str(r#"site.ssids = ["ÄÄÄÄÄÄÄÄÄÄÄÄÄÄÄÄ"]"#).unwrap();
+        cfg.validate().unwrap();
     }
 
     #[test]

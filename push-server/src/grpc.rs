@@ -1,16 +1,16 @@
 //! The sender and admin gRPC API (tonic). The only module that knows tonic; it translates
 //! requests into hub calls and hub outcomes into statuses, and checks every caller's API key.
 
-use std::{collections::HashMap, pin::Pin, sync::Arc};
+use std::{collections::HashMap, pin::Pin};
 
 use futures::Stream;
 use push_proto::{
     device::CancelReason,
     sender::{
         CancelCallRequest, CancelCallResponse, CreateApiKeyRequest, CreateApiKeyResponse, DeliveryState,
-        DeliveryUpdate, DeviceInfo, GetMessageStatusRequest, IssueDeviceCredentialRequest,
-        IssueDeviceCredentialResponse, ListDevicesRequest, ListDevicesResponse, MessageStatus,
-        PlaceCallRequest, PlaceCallResponse, PresenceEvent, Recipient, RevokeDeviceRequest,
+        DeliveryUpdate, DeviceInfo, EnrollDeviceRequest, Enrollment, GetMessageStatusRequest,
+        IssueDeviceCredentialRequest, IssueDeviceCredentialResponse, ListDevicesRequest, ListDevicesResponse,
+        MessageStatus, PlaceCallRequest, PlaceCallResponse, PresenceEvent, Recipient, RevokeDeviceRequest,
         RevokeDeviceResponse, SendMessageRequest, SendMessageResponse, SetVoipTokenRequest,
         SetVoipTokenResponse, Target, VoipTokenState, WatchCallRequest, WatchPresenceRequest,
         push_admin_server, push_sender_server, target,
@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    auth::{DeviceAuthority, Scope, api_key_hash, new_api_key},
+    auth::{Scope, api_key_hash, new_api_key},
+    enrollment::{Caller, EnrollError, Enroller, check_name},
     hub::{CallRequest, Hub, MessageRequest, SendError, now_ms},
     store::{ApiKeyRecord, Op, Receipt, ReceiptState},
 };
@@ -33,14 +34,18 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[derive(Clone)]
 pub struct Api {
     hub: Hub,
-    auth: Arc<DeviceAuthority>,
+    enroller: Enroller,
     shutdown: CancellationToken,
 }
 
 impl Api {
     /// Services over `hub`; watch streams end at `shutdown`.
-    pub fn new(hub: Hub, auth: Arc<DeviceAuthority>, shutdown: CancellationToken) -> Self {
-        Self { hub, auth, shutdown }
+    pub fn new(hub: Hub, enroller: Enroller, shutdown: CancellationToken) -> Self {
+        Self {
+            hub,
+            enroller,
+            shutdown,
+        }
     }
 
     /// The sender service.
@@ -55,18 +60,7 @@ impl Api {
 
     /// Check the caller's API key for `scope`; returns the key's name for logs.
     fn authorize<T>(&self, req: &Request<T>, scope: Scope) -> Result<String, Status> {
-        let key = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <api key>`"))?;
-        let record = self
-            .hub
-            .store()
-            .api_key(&api_key_hash(key.trim()))
-            .map_err(|e| Status::unavailable(e.to_string()))?
-            .ok_or_else(|| Status::unauthenticated("unknown API key"))?;
+        let record = self.caller(req)?;
         if !scope.granted_by(&record.scopes) {
             return Err(Status::permission_denied(format!(
                 "API key {:?} lacks the {scope:?} scope",
@@ -74,6 +68,21 @@ impl Api {
             )));
         }
         Ok(record.name)
+    }
+
+    /// The caller's API key record.
+    fn caller<T>(&self, req: &Request<T>) -> Result<ApiKeyRecord, Status> {
+        let key = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <api key>`"))?;
+        self.hub
+            .store()
+            .api_key(&api_key_hash(key.trim()))
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .ok_or_else(|| Status::unauthenticated("unknown API key"))
     }
 
     /// Stream the current receipts of `id`, then changes, until every recipient is final.
@@ -320,29 +329,38 @@ impl push_admin_server::PushAdmin for Api {
     ) -> Result<Response<IssueDeviceCredentialResponse>, Status> {
         let admin = self.authorize(&req, Scope::Admin)?;
         let r = req.into_inner();
-        check_name("device_id", &r.device_id)?;
-        for g in &r.groups {
-            check_name("group", g)?;
-        }
-        let days = if r.valid_days == 0 {
-            365
-        } else {
-            r.valid_days.min(3650)
-        };
-        let generation = self
-            .hub
-            .register_device(&r.device_id, r.groups)
+        let credential = self
+            .enroller
+            .issue_credential(&r.device_id, r.groups, r.valid_days)
             .await
-            .map_err(store_status)?;
-        let (credential, claims) = self
-            .auth
-            .issue(&r.device_id, generation, u64::from(days) * 86_400);
-        tracing::info!(api_key = %admin, device = %r.device_id, generation, valid_days = days, "device credential issued");
+            .map_err(enroll_status)?;
+        tracing::info!(api_key = %admin, device = %r.device_id, "device credential issued");
         Ok(Response::new(IssueDeviceCredentialResponse {
             device_id: r.device_id,
-            credential,
-            expires_at_ms: claims.exp as i64 * 1000,
+            credential: credential.token,
+            expires_at_ms: credential.expires_at_ms,
         }))
+    }
+
+    async fn enroll_device(&self, req: Request<EnrollDeviceRequest>) -> Result<Response<Enrollment>, Status> {
+        let record = self.caller(&req)?;
+        let caller = if Scope::Admin.granted_by(&record.scopes) {
+            Caller::Admin
+        } else if Scope::Enroll.granted_by(&record.scopes) {
+            Caller::App
+        } else {
+            return Err(Status::permission_denied(format!(
+                "API key {:?} lacks the enroll scope",
+                record.name
+            )));
+        };
+        let enrollment = self
+            .enroller
+            .enroll(req.into_inner(), caller)
+            .await
+            .map_err(enroll_status)?;
+        tracing::info!(api_key = %record.name, device = %enrollment.device_id, "device enrolled");
+        Ok(Response::new(enrollment))
     }
 
     async fn revoke_device(
@@ -393,13 +411,13 @@ impl push_admin_server::PushAdmin for Api {
     ) -> Result<Response<CreateApiKeyResponse>, Status> {
         let admin = self.authorize(&req, Scope::Admin)?;
         let r = req.into_inner();
-        check_name("name", &r.name)?;
+        check_name("name", &r.name).map_err(enroll_status)?;
         if r.scopes.is_empty() {
             return Err(Status::invalid_argument("at least one scope is required"));
         }
         if let Some(bad) = r.scopes.iter().find(|s| Scope::parse(s).is_none()) {
             return Err(Status::invalid_argument(format!(
-                "unknown scope {bad:?}; use send, call, read or admin"
+                "unknown scope {bad:?}; use send, call, read, enroll or admin"
             )));
         }
         let key = create_api_key(&self.hub, &r.name, r.scopes)
@@ -447,15 +465,6 @@ fn targets(target: Option<Target>) -> Result<(Vec<String>, Option<String>), Stat
     }
 }
 
-fn check_name(what: &str, value: &str) -> Result<(), Status> {
-    if value.is_empty() || value.len() > 128 || value.chars().any(char::is_control) {
-        return Err(Status::invalid_argument(format!(
-            "{what} must be 1-128 bytes without control characters"
-        )));
-    }
-    Ok(())
-}
-
 fn state(s: ReceiptState) -> DeliveryState {
     match s {
         ReceiptState::Accepted => DeliveryState::Accepted,
@@ -493,6 +502,14 @@ fn send_status(e: SendError) -> Status {
         SendError::CallExists(_) => Status::already_exists(e.to_string()),
         SendError::UnknownCall(_) => Status::not_found(e.to_string()),
         SendError::Store(e) => store_status(e),
+    }
+}
+
+fn enroll_status(e: EnrollError) -> Status {
+    match e {
+        EnrollError::InvalidName(_) => Status::invalid_argument(e.to_string()),
+        EnrollError::AlreadyEnrolled(_) => Status::already_exists(e.to_string()),
+        EnrollError::Store(e) => store_status(e),
     }
 }
 

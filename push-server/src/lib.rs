@@ -22,6 +22,7 @@ pub mod api_client;
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod enrollment;
 pub mod grpc;
 pub mod hub;
 pub mod listener;

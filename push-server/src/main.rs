@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use push_proto::{
     device::{CancelReason, Hello, Priority},
     sender::{
-        CancelCallRequest, CreateApiKeyRequest, DeviceList, GetMessageStatusRequest,
+        CancelCallRequest, CreateApiKeyRequest, DeviceList, EnrollDeviceRequest, GetMessageStatusRequest,
         IssueDeviceCredentialRequest, ListDevicesRequest, PlaceCallRequest, RevokeDeviceRequest,
         SendMessageRequest, SetVoipTokenRequest, Target, VoipTokenState, target,
     },
@@ -126,6 +126,23 @@ enum DeviceCommand {
         #[arg(long, default_value_t = 0)]
         valid_days: u32,
         /// Write the credential to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Enroll a device: print the property list its container app saves (credential, host and
+    /// port, CA and pins, the site's SSIDs in push managers of at most 10).
+    Enroll {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Device id.
+        device_id: String,
+        /// Group (repeatable), e.g. ward:4B.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// Validity in days (default 365).
+        #[arg(long, default_value_t = 0)]
+        valid_days: u32,
+        /// Write the property list to this file (mode 0600: it holds the credential).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -270,7 +287,7 @@ enum ApiKeyCommand {
         /// Name of the key's holder.
         #[arg(long)]
         name: String,
-        /// Scope (repeatable): send, call, read, admin.
+        /// Scope (repeatable): send, call, read, enroll, admin.
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,
     },
@@ -327,6 +344,35 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     println!("credential for {} written to {}", r.device_id, path.display());
                 }
                 None => println!("{}", r.credential),
+            }
+            Ok(())
+        }
+        Command::Device(DeviceCommand::Enroll {
+            api,
+            device_id,
+            groups,
+            valid_days,
+            out,
+        }) => {
+            let r = admin(&api)
+                .await?
+                .enroll_device(EnrollDeviceRequest {
+                    device_id,
+                    groups,
+                    valid_days,
+                })
+                .await?
+                .into_inner();
+            for warning in &r.warnings {
+                eprintln!("warning: {warning}");
+            }
+            match out {
+                Some(path) => {
+                    push_server::auth::write_secret(&path, &r.plist)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    println!("enrollment for {} written to {}", r.device_id, path.display());
+                }
+                None => print!("{}", r.plist),
             }
             Ok(())
         }

@@ -39,6 +39,10 @@ use x509_parser::x509::X509Name;
 pub const CA_CERT_FILE: &str = "ca.pem";
 /// File name of the CA private key (PKCS#8 PEM, mode 0600) inside the PKI directory.
 pub const CA_KEY_FILE: &str = "ca.key";
+/// File name of the standby CA key (PKCS#8 PEM, mode 0600): the key the next CA will have.
+/// Its pin is handed out at enrollment next to the current CA's, so devices enrolled today
+/// still trust the server after the CA is rotated onto it.
+pub const CA_NEXT_KEY_FILE: &str = "ca-next.key";
 /// File name of the server certificate (PEM) inside the PKI directory.
 pub const SERVER_CERT_FILE: &str = "server.pem";
 /// File name of the server private key (PKCS#8 PEM, mode 0600) inside the PKI directory.
@@ -204,6 +208,8 @@ pub struct Pki {
     pub server_key_pem: String,
     /// `sha256/<base64>` pin of the CA's SubjectPublicKeyInfo.
     pub ca_pin: String,
+    /// `sha256/<base64>` pin of the standby CA key ([`CA_NEXT_KEY_FILE`]).
+    pub next_ca_pin: String,
     /// `sha256/<base64>` pin of the server certificate's SubjectPublicKeyInfo (changes on reissue).
     pub server_pin: String,
     /// Every subjectAltName of the server certificate (DNS names, and IP addresses in their
@@ -221,6 +227,7 @@ impl fmt::Debug for Pki {
             .field("server_cert_pem", &self.server_cert_pem)
             .field("server_key_pem", &"<redacted>")
             .field("ca_pin", &self.ca_pin)
+            .field("next_ca_pin", &self.next_ca_pin)
             .field("server_pin", &self.server_pin)
             .field("server_names", &self.server_names)
             .field("server_not_after", &self.server_not_after)
@@ -321,7 +328,8 @@ pub fn load_or_create(dir: &Path, server_names: &[String]) -> Result<(Pki, PkiSt
         sync_dir(dir);
     }
 
-    let pki = assemble(dir, &paths, &ca)?;
+    let next_ca_pin = standby_ca_pin(&paths.ca_next_key)?;
+    let pki = assemble(dir, &paths, &ca, next_ca_pin)?;
     match status {
         PkiStatus::CreatedCa => tracing::info!(
             ca = %paths.ca_cert.display(),
@@ -431,6 +439,7 @@ pub fn client_config(ca_cert_pem: &str) -> Result<rustls::ClientConfig, PkiError
 struct Paths {
     ca_cert: PathBuf,
     ca_key: PathBuf,
+    ca_next_key: PathBuf,
     server_cert: PathBuf,
     server_key: PathBuf,
 }
@@ -440,6 +449,7 @@ impl Paths {
         Self {
             ca_cert: dir.join(CA_CERT_FILE),
             ca_key: dir.join(CA_KEY_FILE),
+            ca_next_key: dir.join(CA_NEXT_KEY_FILE),
             server_cert: dir.join(SERVER_CERT_FILE),
             server_key: dir.join(SERVER_KEY_FILE),
         }
@@ -758,7 +768,7 @@ fn check_server(paths: &Paths, ca: &Ca, wanted: &[Name], now: i64) -> Result<Opt
 }
 
 /// Reads back the files and builds the [`Pki`] value.
-fn assemble(dir: &Path, paths: &Paths, ca: &Ca) -> Result<Pki, PkiError> {
+fn assemble(dir: &Path, paths: &Paths, ca: &Ca, next_ca_pin: String) -> Result<Pki, PkiError> {
     let server_cert_pem = read_to_string(&paths.server_cert)?;
     let server_key_pem = read_to_string(&paths.server_key)?;
     let invalid = |reason: String| PkiError::InvalidCertificate {
@@ -782,10 +792,31 @@ fn assemble(dir: &Path, paths: &Paths, ca: &Ca) -> Result<Pki, PkiError> {
         server_cert_pem,
         server_key_pem,
         ca_pin: ca.pin.clone(),
+        next_ca_pin,
         server_pin,
         server_names,
         server_not_after,
     })
+}
+
+/// Pin of the standby CA key, created on first use (also for a data directory that predates it).
+fn standby_ca_pin(path: &Path) -> Result<String, PkiError> {
+    let key = if exists(path)? {
+        warn_if_loose_permissions(path);
+        KeyPair::from_pem(&read_to_string(path)?).map_err(|e| PkiError::InvalidKey {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?
+    } else {
+        let key =
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|source| PkiError::Generate {
+                what: "standby CA key",
+                source,
+            })?;
+        write_file(path, key.serialize_pem().as_bytes(), 0o600)?;
+        key
+    };
+    Ok(pin_of_spki(&key.subject_public_key_info()))
 }
 
 fn exists(path: &Path) -> Result<bool, PkiError> {
@@ -1106,6 +1137,10 @@ mod tests {
         assert_eq!(status, PkiStatus::Loaded);
         assert_eq!(second.ca_pin, first.ca_pin);
         assert_eq!(second.server_pin, first.server_pin);
+        // The standby key is made once and kept: enrolled devices pin it.
+        assert_eq!(second.next_ca_pin, first.next_ca_pin);
+        assert_ne!(first.next_ca_pin, first.ca_pin);
+        assert_eq!(mode_of(&tmp.path().join(CA_NEXT_KEY_FILE)), 0o600);
         assert_eq!(second.server_cert_pem, first.server_cert_pem);
         assert_eq!(second.server_not_after, first.server_not_after);
         // A subset of the names (and differently-cased names) is still covered.

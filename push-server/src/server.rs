@@ -23,6 +23,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     auth::{DeviceAuthority, write_secret},
     config::{ApnsConfig, ApnsMode, Config},
+    enrollment::{Enroller, SiteProfile},
     grpc::{Api, create_api_key},
     hub::{Hub, run_expiry, run_fallback},
     listener::{serve_devices, tls_incoming},
@@ -124,12 +125,18 @@ impl Server {
         ));
         tasks.spawn(run_expiry(hub.clone(), shutdown.clone()));
         tasks.spawn(run_fallback(hub.clone(), shutdown.clone()));
+        let site = SiteProfile::new(&cfg, device_addr, &pki);
+        for warning in site.warnings() {
+            tracing::warn!("enrollment: {warning}");
+        }
+        let enroller = Enroller::new(hub.clone(), auth.clone(), site);
         let mut http_tls = pki::server_config(&pki)?;
         http_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         tasks.spawn(crate::observe::http::serve(
             http_listener,
             TlsAcceptor::from(Arc::new(http_tls)),
             hub.clone(),
+            enroller.clone(),
             cfg.node_name.clone(),
             cfg.limits.clone(),
             shutdown.clone(),
@@ -138,7 +145,7 @@ impl Server {
             api_listener,
             &pki,
             &cfg,
-            Api::new(hub, auth, shutdown.clone()),
+            Api::new(hub, enroller, shutdown.clone()),
             shutdown.clone(),
         )?);
         tracing::info!(%device_addr, %api_addr, %http_addr, node = %cfg.node_name, "push-server listening");

@@ -10,6 +10,9 @@
 //! - API clients and Prometheus may send `Authorization: Bearer <api key>` instead of a cookie.
 //! - Live updates: Server-Sent Events fed by the hub's presence and receipt broadcasts and the
 //!   observer's diagnoses.
+//! - `POST /v1/enroll` (Bearer key with the `enroll` or `admin` scope, JSON body
+//!   `{"deviceId", "groups", "validDays"}`): the enrollment as an XML property list, for
+//!   container apps that speak HTTPS but not gRPC (see [`crate::enrollment`]).
 
 use std::{
     collections::HashMap,
@@ -45,6 +48,7 @@ use super::{DeliveryRecord, Diagnosis, SessionRecord, SiteHealth, metrics};
 use crate::{
     auth::{Scope, api_key_hash},
     config::Limits,
+    enrollment::{Caller, EnrollError, Enroller},
     hub::{DeviceView, Hub, now_ms},
     listener::tls_incoming,
 };
@@ -75,6 +79,7 @@ struct WebSession {
 /// Shared state of the dashboard.
 pub struct Dashboard {
     hub: Hub,
+    enroller: Enroller,
     node: String,
     metrics: PrometheusHandle,
     sessions: Mutex<HashMap<String, WebSession>>,
@@ -244,6 +249,7 @@ pub fn router(dashboard: Shared) -> Router {
         .route("/api/devices/{id}", get(device))
         .route("/api/devices/{id}/revoke", post(revoke))
         .route("/api/events", get(events))
+        .route("/v1/enroll", post(enroll))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(dashboard)
 }
@@ -417,6 +423,58 @@ async fn revoke(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<Stri
     }
 }
 
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct EnrollForm {
+    device_id: String,
+    #[serde(default)]
+    groups: Vec<String>,
+    #[serde(default)]
+    valid_days: u32,
+}
+
+async fn enroll(State(d): State<Shared>, headers: HeaderMap, Json(form): Json<EnrollForm>) -> Response {
+    let key = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(key) = key else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "send `Authorization: Bearer <api key>` (scope enroll)",
+        );
+    };
+    let record = match d.hub.store().api_key(&api_key_hash(key.trim())) {
+        Ok(Some(record)) => record,
+        Ok(None) => return error(StatusCode::UNAUTHORIZED, "unknown API key"),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
+    let caller = if Scope::Admin.granted_by(&record.scopes) {
+        Caller::Admin
+    } else if Scope::Enroll.granted_by(&record.scopes) {
+        Caller::App
+    } else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "enrolling needs an API key with the enroll scope",
+        );
+    };
+    let req = push_proto::sender::EnrollDeviceRequest {
+        device_id: form.device_id,
+        groups: form.groups,
+        valid_days: form.valid_days,
+    };
+    match d.enroller.enroll(req, caller).await {
+        Ok(enrollment) => {
+            tracing::info!(api_key = %record.name, device = %enrollment.device_id, "device enrolled over HTTPS");
+            ([(header::CONTENT_TYPE, "application/x-plist")], enrollment.plist).into_response()
+        }
+        Err(e @ EnrollError::InvalidName(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e @ EnrollError::AlreadyEnrolled(_)) => error(StatusCode::CONFLICT, &e.to_string()),
+        Err(EnrollError::Store(e)) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
 /// Counts open streams for the gauge.
 struct StreamGuard(Shared);
 
@@ -515,6 +573,7 @@ pub fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     hub: Hub,
+    enroller: Enroller,
     node: String,
     limits: Limits,
     shutdown: CancellationToken,
@@ -522,6 +581,7 @@ pub fn serve(
     let addr = listener.local_addr()?;
     let dashboard = Arc::new(Dashboard {
         hub: hub.clone(),
+        enroller,
         node,
         metrics: metrics::install(),
         sessions: Mutex::new(HashMap::new()),

@@ -1,0 +1,333 @@
+//! Enrollment: everything a container app needs to save its `NEAppPushManager`s, in one answer.
+//!
+//! The app (or an installer acting for it) presents an API key with the `enroll` scope and a
+//! device id; it gets a fresh device credential, the host and port to dial, whom to trust (the
+//! CA certificate, the CA key's pin and the standby key's pin, so a CA rotation needs no
+//! re-enrollment), and the site's SSIDs split into managers of at most ten, because iOS takes
+//! no more per manager. The same answer is served over gRPC (`EnrollDevice`) and as a property
+//! list or JSON over HTTPS (`POST /v1/enroll`); the `providerConfiguration` keys are the ones
+//! the provider (crate `nepush-provider`) reads.
+//!
+//! An `enroll` key may only enroll devices that are not registered yet: it cannot take over an
+//! existing phone's identity. Re-enrolling a known device is an admin's act.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use push_proto::sender::{EnrollDeviceRequest, Enrollment, ProviderConfiguration, PushManagerConfig};
+
+use crate::{auth::DeviceAuthority, config::Config, hub::Hub, pki::Pki, store::StoreError};
+
+/// iOS accepts at most this many SSIDs in one `NEAppPushManager.matchSSIDs`.
+pub const SSIDS_PER_MANAGER: usize = 10;
+/// Default and longest credential lifetime, in days.
+const DEFAULT_VALID_DAYS: u32 = 365;
+const MAX_VALID_DAYS: u32 = 3650;
+/// Longest device id or group name.
+const MAX_NAME_BYTES: usize = 128;
+
+/// Why an enrollment (or a credential) was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    /// A device id or group name is unusable.
+    #[error("{0} must be 1-128 bytes without control characters")]
+    InvalidName(&'static str),
+    /// The caller may only enroll new devices and this one exists.
+    #[error(
+        "device {0:?} is already enrolled; an admin re-enrolls it (`push-server device enroll`, admin key)"
+    )]
+    AlreadyEnrolled(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Who asks, which decides whether an existing device may be enrolled again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// An admin key: may (re-)enroll any device.
+    Admin,
+    /// An `enroll` key, as carried by a managed container app: new devices only.
+    App,
+}
+
+/// A credential just issued.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    /// The JWT.
+    pub token: String,
+    /// Expiry, Unix ms.
+    pub expires_at_ms: i64,
+}
+
+/// Where and how phones reach this server: fixed for the life of the process.
+#[derive(Debug, Clone)]
+pub struct SiteProfile {
+    host: String,
+    port: u16,
+    ca_pem: String,
+    pins: Vec<String>,
+    ssids: Vec<String>,
+    warnings: Vec<String>,
+}
+
+impl SiteProfile {
+    /// The profile from the configuration, the device listener's bound address and the PKI.
+    pub fn new(cfg: &Config, device_addr: SocketAddr, pki: &Pki) -> Self {
+        let site = &cfg.site;
+        let mut warnings = Vec::new();
+        let host = if !site.device_host.is_empty() {
+            site.device_host.clone()
+        } else if let Some(name) = cfg.server_names.first() {
+            name.clone()
+        } else if !device_addr.ip().is_unspecified() {
+            device_addr.ip().to_string()
+        } else {
+            warnings.push(
+                "site.device_host is not set and the device listener binds every address: phones \
+                 are told \"localhost\", which only works on this machine; set site.device_host"
+                    .into(),
+            );
+            "localhost".into()
+        };
+        if !pki.server_names.iter().any(|n| n.eq_ignore_ascii_case(&host)) {
+            warnings.push(format!(
+                "{host:?} is not in the server certificate ({}); add it to server_names",
+                pki.server_names.join(", ")
+            ));
+        }
+        let ssids = site.ssids.clone();
+        if ssids.is_empty() {
+            warnings
+                .push("site.ssids is empty: iOS starts the provider only on listed Wi-Fi networks".into());
+        } else if ssids.len() > SSIDS_PER_MANAGER {
+            warnings.push(format!(
+                "the site has {} SSIDs and iOS accepts at most {SSIDS_PER_MANAGER} per push manager: \
+                 save all {} managers",
+                ssids.len(),
+                ssids.len().div_ceil(SSIDS_PER_MANAGER)
+            ));
+        }
+        Self {
+            host,
+            port: if site.device_port != 0 {
+                site.device_port
+            } else {
+                device_addr.port()
+            },
+            ca_pem: pki.ca_cert_pem.clone(),
+            pins: vec![pki.ca_pin.clone(), pki.next_ca_pin.clone()],
+            ssids,
+            warnings,
+        }
+    }
+
+    /// What an installer must know about this site's enrollments.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+}
+
+/// Issues credentials and enrollments.
+#[derive(Clone)]
+pub struct Enroller {
+    hub: Hub,
+    auth: Arc<DeviceAuthority>,
+    site: Arc<SiteProfile>,
+}
+
+impl Enroller {
+    /// An enroller over the hub's device registry.
+    pub fn new(hub: Hub, auth: Arc<DeviceAuthority>, site: SiteProfile) -> Self {
+        Self {
+            hub,
+            auth,
+            site: Arc::new(site),
+        }
+    }
+
+    /// Register the device (or update its groups) and issue a credential valid for
+    /// `valid_days` (0: a year; at most ten years).
+    pub async fn issue_credential(
+        &self,
+        device_id: &str,
+        groups: Vec<String>,
+        valid_days: u32,
+    ) -> Result<Credential, EnrollError> {
+        check_name("device_id", device_id)?;
+        for g in &groups {
+            check_name("group", g)?;
+        }
+        let days = match valid_days {
+            0 => DEFAULT_VALID_DAYS,
+            d => d.min(MAX_VALID_DAYS),
+        };
+        let generation = self.hub.register_device(device_id, groups).await?;
+        let (token, claims) = self.auth.issue(device_id, generation, u64::from(days) * 86_400);
+        Ok(Credential {
+            token,
+            expires_at_ms: claims.exp as i64 * 1000,
+        })
+    }
+
+    /// Enroll a device: a credential plus everything the container app saves.
+    pub async fn enroll(&self, req: EnrollDeviceRequest, caller: Caller) -> Result<Enrollment, EnrollError> {
+        if caller == Caller::App && self.hub.device_view(&req.device_id).is_some() {
+            return Err(EnrollError::AlreadyEnrolled(req.device_id));
+        }
+        let credential = self
+            .issue_credential(&req.device_id, req.groups, req.valid_days)
+            .await?;
+        let site = &self.site;
+        let managers: Vec<PushManagerConfig> = site
+            .ssids
+            .chunks(SSIDS_PER_MANAGER)
+            .enumerate()
+            .map(|(i, chunk)| PushManagerConfig {
+                localized_description: if site.ssids.len() > SSIDS_PER_MANAGER {
+                    format!(
+                        "Local push ({} of {})",
+                        i + 1,
+                        site.ssids.len().div_ceil(SSIDS_PER_MANAGER)
+                    )
+                } else {
+                    "Local push".into()
+                },
+                match_ssids: chunk.to_vec(),
+            })
+            .collect();
+        let mut enrollment = Enrollment {
+            device_id: req.device_id.clone(),
+            credential_expires_at_ms: credential.expires_at_ms,
+            provider_configuration: Some(ProviderConfiguration {
+                host: site.host.clone(),
+                port: u32::from(site.port),
+                server_name: site.host.clone(),
+                device_id: req.device_id,
+                credential: credential.token,
+                ca_certificate: site.ca_pem.clone(),
+                pins: site.pins.clone(),
+                match_ssids: site.ssids.clone(),
+            }),
+            managers,
+            warnings: site.warnings.clone(),
+            plist: String::new(),
+        };
+        enrollment.plist = to_plist_xml(&enrollment);
+        Ok(enrollment)
+    }
+}
+
+/// The enrollment as a plist dictionary: `deviceId`, `credentialExpiresAtMs`,
+/// `providerConfiguration` (the manager's dictionary, keys as the provider reads them),
+/// `managers` (`localizedDescription`, `matchSSIDs`) and `warnings`.
+pub fn to_plist(e: &Enrollment) -> plist::Dictionary {
+    use plist::Value;
+    let strings = |v: &[String]| Value::Array(v.iter().cloned().map(Value::String).collect());
+    let mut provider = plist::Dictionary::new();
+    if let Some(p) = &e.provider_configuration {
+        provider.insert("host".into(), Value::String(p.host.clone()));
+        provider.insert("port".into(), Value::Integer(u64::from(p.port).into()));
+        provider.insert("serverName".into(), Value::String(p.server_name.clone()));
+        provider.insert("deviceId".into(), Value::String(p.device_id.clone()));
+        provider.insert("credential".into(), Value::String(p.credential.clone()));
+        provider.insert("caCertificate".into(), Value::String(p.ca_certificate.clone()));
+        provider.insert("pins".into(), strings(&p.pins));
+        provider.insert("matchSSIDs".into(), strings(&p.match_ssids));
+    }
+    let managers = e
+        .managers
+        .iter()
+        .map(|m| {
+            let mut d = plist::Dictionary::new();
+            d.insert(
+                "localizedDescription".into(),
+                Value::String(m.localized_description.clone()),
+            );
+            d.insert("matchSSIDs".into(), strings(&m.match_ssids));
+            Value::Dictionary(d)
+        })
+        .collect();
+    let mut root = plist::Dictionary::new();
+    root.insert("deviceId".into(), Value::String(e.device_id.clone()));
+    root.insert(
+        "credentialExpiresAtMs".into(),
+        Value::Integer(e.credential_expires_at_ms.into()),
+    );
+    root.insert("providerConfiguration".into(), Value::Dictionary(provider));
+    root.insert("managers".into(), Value::Array(managers));
+    root.insert("warnings".into(), strings(&e.warnings));
+    root
+}
+
+/// [`to_plist`] as an XML property list.
+pub fn to_plist_xml(e: &Enrollment) -> String {
+    let mut out = Vec::new();
+    plist::to_writer_xml(&mut out, &plist::Value::Dictionary(to_plist(e)))
+        .expect("writing a plist of strings and integers to memory cannot fail");
+    String::from_utf8(out).expect("XML plists are UTF-8")
+}
+
+/// A device id or group name: 1-128 bytes, no control characters.
+pub fn check_name(what: &'static str, value: &str) -> Result<(), EnrollError> {
+    if value.is_empty() || value.len() > MAX_NAME_BYTES || value.chars().any(char::is_control) {
+        return Err(EnrollError::InvalidName(what));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enrollment(ssids: &[&str]) -> Enrollment {
+        Enrollment {
+            device_id: "phone 1".into(),
+            credential_expires_at_ms: 1_900_000_000_000,
+            provider_configuration: Some(ProviderConfiguration {
+                host: "push.ward.local".into(),
+                port: 7443,
+                server_name: "push.ward.local".into(),
+                device_id: "phone 1".into(),
+                credential: "jwt".into(),
+                ca_certificate: "-----BEGIN CERTIFICATE-----\n...".into(),
+                pins: vec!["sha256/a".into(), "sha256/b".into()],
+                match_ssids: ssids.iter().map(|s| s.to_string()).collect(),
+            }),
+            managers: vec![PushManagerConfig {
+                localized_description: "Local push".into(),
+                match_ssids: ssids.iter().map(|s| s.to_string()).collect(),
+            }],
+            warnings: vec![],
+            plist: String::new(),
+        }
+    }
+
+    #[test]
+    fn plist_round_trips_with_spaces_and_unicode_intact() {
+        let ssids = [" Ward 4B ", "Station Ünfall 🚑", "a&b<c>"];
+        let xml = to_plist_xml(&enrollment(&ssids));
+        let parsed: plist::Dictionary = plist::from_bytes(xml.as_bytes()).unwrap();
+        let provider = parsed["providerConfiguration"].as_dictionary().unwrap();
+        assert_eq!(provider["port"].as_unsigned_integer(), Some(7443));
+        assert_eq!(provider["deviceId"].as_string(), Some("phone 1"));
+        let listed: Vec<&str> = provider["matchSSIDs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_string().unwrap())
+            .collect();
+        assert_eq!(listed, ssids);
+        assert_eq!(parsed["managers"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("device_id", "bed 12 / ward 4B").is_ok());
+        for bad in ["", "a\nb", &"x".repeat(129)] {
+            assert!(matches!(
+                check_name("device_id", bad),
+                Err(EnrollError::InvalidName("device_id"))
+            ));
+        }
+    }
+}
