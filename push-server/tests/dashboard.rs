@@ -1,6 +1,7 @@
 //! The ops dashboard: login roles and CSRF over plain HTTPS, and in headless Chromium (Debian's
 //! `chromium` + `chromium-driver`, installed by `.ci/run`) the live device table following
-//! devices that connect and drop, with a screenshot saved to `docs/dashboard.png`.
+//! devices that connect and drop, with a screenshot saved under the target directory
+//! (`UPDATE_SCREENSHOT=1` writes `docs/dashboard.png` instead).
 
 mod common;
 
@@ -314,7 +315,11 @@ async fn browser_sees_devices_connect_and_drop_live() {
     .await;
 
     let png = c.screenshot().await.unwrap();
-    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/dashboard.png");
+    let out = if std::env::var_os("UPDATE_SCREENSHOT").is_some() {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/dashboard.png")
+    } else {
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png")
+    };
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
     std::fs::write(&out, &png).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
