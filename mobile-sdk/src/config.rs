@@ -2,7 +2,7 @@
 //! state it persisted (last seen sequence), checked once at creation so a bad configuration
 //! fails loudly instead of retrying forever.
 
-use std::time::Duration;
+use std::{net::IpAddr, time::Duration};
 
 use crate::core::{BackoffConfig, Timing};
 
@@ -38,6 +38,9 @@ pub struct ClientConfig {
     pub write_timeout: Duration,
     /// TCP keepalive idle time (then probes every third of it, three times).
     pub tcp_keepalive: Duration,
+    /// Local address to bind the connection to; `None` (the default) lets the OS choose. A phone
+    /// leaves it unset; a load generator spreads many clients over 127.0.0.0/8 with it.
+    pub local_addr: Option<IpAddr>,
 }
 
 impl ClientConfig {
@@ -64,6 +67,7 @@ impl ClientConfig {
             jitter_seed: None,
             write_timeout: Duration::from_secs(10),
             tcp_keepalive: Duration::from_secs(30),
+            local_addr: None,
         }
     }
 

@@ -63,6 +63,7 @@ pub(crate) struct Transport {
     pub(crate) tls: Arc<rustls::ClientConfig>,
     pub(crate) write_timeout: Duration,
     pub(crate) keepalive: Duration,
+    pub(crate) local_addr: Option<std::net::IpAddr>,
 }
 
 /// What the host can read while the session runs.
@@ -117,6 +118,11 @@ impl Shared {
     /// Highest sequence the app has taken.
     pub fn last_seen_seq(&self) -> u64 {
         self.last_seen.load(Ordering::SeqCst)
+    }
+
+    /// An older instance of the device handed the app up to `seq`: never resume below it.
+    pub(crate) fn raise_last_seen(&self, seq: u64) {
+        self.last_seen.fetch_max(seq, Ordering::SeqCst);
     }
 
     pub(crate) fn voip_token(&self) -> Option<String> {
@@ -380,7 +386,7 @@ async fn connect(t: Arc<Transport>, counters: Arc<Counters>) -> io::Result<Strea
     let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{} resolves to nothing", t.host));
     let mut tcp = None;
     for addr in addrs {
-        match TcpStream::connect(addr).await {
+        match connect_tcp(addr, t.local_addr).await {
             Ok(s) => {
                 tcp = Some(s);
                 break;
@@ -404,6 +410,20 @@ async fn connect(t: Arc<Transport>, counters: Arc<Counters>) -> io::Result<Strea
         ));
     }
     Ok(Box::new(tls))
+}
+
+/// Connect to `addr`, from `local` when it is set and of the same family.
+async fn connect_tcp(addr: SocketAddr, local: Option<std::net::IpAddr>) -> io::Result<TcpStream> {
+    let Some(local) = local.filter(|l| l.is_ipv4() == addr.is_ipv4()) else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(local, 0))?;
+    socket.connect(addr).await
 }
 
 /// The OS defaults suit the internet, not a ward: find dead peers and stuck writes in seconds.
@@ -451,5 +471,27 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connects_from_the_configured_local_address() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let local: std::net::IpAddr = "127.0.0.3".parse().unwrap();
+        let (client, accepted) = tokio::join!(connect_tcp(addr, Some(local)), listener.accept());
+        assert_eq!(client.unwrap().local_addr().unwrap().ip(), local);
+        assert_eq!(accepted.unwrap().1.ip(), local);
+        // Unset, or of the other family: the OS chooses.
+        let v6: std::net::IpAddr = "::1".parse().unwrap();
+        let (client, _) = tokio::join!(connect_tcp(addr, Some(v6)), listener.accept());
+        assert_eq!(
+            client.unwrap().local_addr().unwrap().ip().to_string(),
+            "127.0.0.1"
+        );
     }
 }

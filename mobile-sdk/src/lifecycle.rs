@@ -58,6 +58,9 @@ struct RegistryInner {
     runtime: Handle,
     counters: Arc<Counters>,
     slots: Mutex<HashMap<String, Slot>>,
+    /// Per device, the highest sequence an ended session handed to the app: a newer instance
+    /// starts from it even if the host created it from a persisted value not yet up to date.
+    taken: Mutex<HashMap<String, u64>>,
     next_generation: AtomicU64,
 }
 
@@ -108,6 +111,7 @@ struct TaskGuard {
     registry: Weak<RegistryInner>,
     device_id: String,
     generation: u64,
+    shared: Arc<Shared>,
     task: Option<Guard>,
     finished: watch::Sender<bool>,
 }
@@ -122,6 +126,10 @@ impl Drop for TaskGuard {
             {
                 slots.remove(&self.device_id);
             }
+            drop(slots);
+            let mut taken = registry.taken.lock().expect("poisoned");
+            let seen = taken.entry(self.device_id.clone()).or_default();
+            *seen = (*seen).max(self.shared.last_seen_seq());
         }
         drop(self.task.take());
         self.finished.send_replace(true);
@@ -136,6 +144,7 @@ impl Registry {
                 runtime,
                 counters: Arc::new(Counters::default()),
                 slots: Mutex::new(HashMap::new()),
+                taken: Mutex::new(HashMap::new()),
                 next_generation: AtomicU64::new(1),
             }),
         }
@@ -169,6 +178,7 @@ impl Registry {
             tls: Arc::new(tls::client_config(&config.trust)?),
             write_timeout: config.write_timeout,
             keepalive: config.tcp_keepalive,
+            local_addr: config.local_addr,
         };
         let inner = ClientInner {
             generation: self.inner.next_generation.fetch_add(1, Ordering::SeqCst),
@@ -243,6 +253,7 @@ impl Registry {
             registry: Arc::downgrade(&self.inner),
             device_id: device_id.clone(),
             generation: client.generation,
+            shared: client.shared.clone(),
             task: Some(self.inner.counters.guard(Resource::Task)),
             finished: finished_tx,
         };
@@ -388,6 +399,11 @@ impl ClientInner {
             tracing::info!(device = %self.config.device_id, "a newer instance supersedes the running session");
             older.stop(StopReason::Superseded).await;
         }
+        let taken = registry.inner.taken.lock().expect("poisoned");
+        if let Some(seen) = taken.get(&self.config.device_id) {
+            self.shared.raise_last_seen(*seen);
+        }
+        drop(taken);
         let running = registry.spawn(self)?;
         *self.run.lock().expect("poisoned") = Some(running);
         Ok(())

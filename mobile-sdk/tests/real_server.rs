@@ -91,8 +91,11 @@ async fn call_invites_carry_what_callkit_needs_and_cancels_follow() {
     assert_eq!(invite.call_uuid, push_proto::call_uuid("call-1"));
     assert_eq!(invite.caller_name, "Ward 4B");
     assert_eq!(invite.ring_deadline_ms, placed.ring_deadline_ms);
+    // The SDK's estimate of the server clock trails it by the ServerHello's transit time (and
+    // millisecond truncation), so the remaining ring time may exceed 30 s by that much.
     assert!(
-        invite.ring_remaining > Duration::from_secs(20) && invite.ring_remaining <= Duration::from_secs(30),
+        invite.ring_remaining > Duration::from_secs(20)
+            && invite.ring_remaining <= Duration::from_millis(30_050),
         "{:?}",
         invite.ring_remaining
     );

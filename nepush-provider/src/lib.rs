@@ -1,2 +1,41 @@
-//! NEAppPushProvider integration and the Linux lifecycle host (see issue "nepush-provider").
-//! Not built yet: this crate reserves its place in the workspace.
+//! The provider core: what the iOS `NEAppPushProvider` extension runs, in Rust, on top of
+//! `mobile-sdk`. The Swift subclass is a thin shell that forwards to a [`Provider`] (through
+//! the `PushProvider` object of the `mobile-sdk-ffi` bindings) and implements [`ProviderHost`].
+//!
+//! # What this crate owns
+//! - Reading `providerConfiguration` ([`ProviderConfiguration`]): the plist keys the
+//!   push-server's enrollment produces, with errors that name the key.
+//! - iOS's stop reasons ([`NEProviderStopReason`], Apple's raw values) and what each means to
+//!   the SDK.
+//! - The host contract ([`ProviderHost`]): the `userInfo` dictionary of
+//!   `reportIncomingCall(userInfo:)` for invites and cancellations ([`host::user_info`]), the
+//!   local notification of a message, and persisting the last seen sequence in the app group.
+//! - The provider's lifecycle ([`Provider`]): `start`, `stop(reason)` that returns once
+//!   everything is released (then iOS's completion handler is called), `handle_timer_event`,
+//!   network changes, the PushKit token. One live session per device per process (the newest
+//!   instance wins); any instance can be dropped at any moment without leaking.
+//!
+//! It owns no I/O of its own: the session, its socket and its task belong to `mobile-sdk`.
+//! The Linux lifecycle host that drives providers the way iOS does is the `nepush-host` crate
+//! (`nepush-provider/host`), with its scenario files in `nepush-provider/scenarios/`.
+//!
+//! # Layout
+//! - [`config`]: [`ProviderConfiguration`] and its keys.
+//! - [`stop_reason`]: [`NEProviderStopReason`] and its meaning to the SDK.
+//! - [`host`]: [`ProviderHost`], [`LocalNotification`], the call dictionaries.
+//! - [`provider`]: [`Provider`] and [`ProviderError`].
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod config;
+pub mod host;
+pub mod provider;
+pub mod stop_reason;
+
+pub use config::{ConfigurationError, ProviderConfiguration};
+pub use host::{LocalNotification, ProviderHost, user_info};
+pub use mobile_sdk::{
+    Registry,
+    core::{NetworkEvent, State, StopCause},
+};
+pub use provider::{Provider, ProviderError};
+pub use stop_reason::NEProviderStopReason;

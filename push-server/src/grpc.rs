@@ -1,7 +1,7 @@
 //! The sender and admin gRPC API (tonic). The only module that knows tonic; it translates
 //! requests into hub calls and hub outcomes into statuses, and checks every caller's API key.
 
-use std::{collections::HashMap, pin::Pin};
+use std::{collections::HashMap, pin::Pin, sync::Arc};
 
 use futures::Stream;
 use push_proto::{
@@ -36,6 +36,33 @@ pub struct Api {
     hub: Hub,
     enroller: Enroller,
     shutdown: CancellationToken,
+    keys: Arc<KeyCache>,
+}
+
+/// API keys verified recently, by key, so that a busy sender does not cost a store read and a
+/// SHA-256 on every request. An entry is trusted for [`KEY_CACHE_TTL`] only, so a key changed
+/// in the store is seen within that time; only known keys are cached, at most [`KEY_CACHE_MAX`].
+#[derive(Default)]
+struct KeyCache(std::sync::Mutex<HashMap<String, (ApiKeyRecord, std::time::Instant)>>);
+
+const KEY_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+const KEY_CACHE_MAX: usize = 256;
+
+impl KeyCache {
+    fn get(&self, key: &str) -> Option<ApiKeyRecord> {
+        let keys = self.0.lock().expect("poisoned");
+        keys.get(key)
+            .filter(|(_, at)| at.elapsed() < KEY_CACHE_TTL)
+            .map(|(record, _)| record.clone())
+    }
+
+    fn put(&self, key: &str, record: &ApiKeyRecord) {
+        let mut keys = self.0.lock().expect("poisoned");
+        if keys.len() >= KEY_CACHE_MAX {
+            keys.clear();
+        }
+        keys.insert(key.to_owned(), (record.clone(), std::time::Instant::now()));
+    }
 }
 
 impl Api {
@@ -45,6 +72,7 @@ impl Api {
             hub,
             enroller,
             shutdown,
+            keys: Arc::default(),
         }
     }
 
@@ -78,11 +106,18 @@ impl Api {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <api key>`"))?;
-        self.hub
+        let key = key.trim();
+        if let Some(record) = self.keys.get(key) {
+            return Ok(record);
+        }
+        let record = self
+            .hub
             .store()
-            .api_key(&api_key_hash(key.trim()))
+            .api_key(&api_key_hash(key))
             .map_err(|e| Status::unavailable(e.to_string()))?
-            .ok_or_else(|| Status::unauthenticated("unknown API key"))
+            .ok_or_else(|| Status::unauthenticated("unknown API key"))?;
+        self.keys.put(key, &record);
+        Ok(record)
     }
 
     /// Stream the current receipts of `id`, then changes, until every recipient is final.

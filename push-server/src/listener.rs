@@ -13,8 +13,41 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{config::Limits, observe::metrics, session::driver::SessionEnv};
 
+/// Accept queue of the device listener; the kernel caps it at `net.core.somaxconn` (4096 on
+/// current Linux). Tokio's default of 1,024 overflows when a whole site reconnects at once
+/// (an AP reboot, a server restart), and every SYN the kernel drops costs its device a 1 s
+/// retransmission timeout.
+const DEVICE_BACKLOG: u32 = 8192;
+
+/// Listen for devices on `addr` with the accept queue above.
+pub fn bind_devices(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(DEVICE_BACKLOG)
+}
+
 /// Accept device connections until `shutdown`; each session runs on `tracker`.
+///
+/// The loop runs outside tokio's cooperative budget: it drains the accept queue whenever it is
+/// woken (accepting is cheap; the handshakes run in their own tasks) instead of yielding after
+/// a few accepts behind thousands of handshake tasks while the kernel's queue overflows.
 pub async fn serve_devices(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    env: Arc<SessionEnv>,
+    limits: Limits,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    tokio::task::unconstrained(accept_devices(listener, acceptor, env, limits, shutdown, tracker)).await
+}
+
+async fn accept_devices(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     env: Arc<SessionEnv>,
@@ -49,6 +82,9 @@ pub async fn serve_devices(
             match tls {
                 Ok(Ok(tls)) => {
                     metrics::handshake("ok");
+                    if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                        metrics::handshake_resumed();
+                    }
                     sessions.spawn(crate::session::driver::run(tls, env, peer, shutdown, permit));
                 }
                 Ok(Err(e)) => {

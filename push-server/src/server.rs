@@ -88,8 +88,7 @@ impl Server {
         );
         let created_admin_key = bootstrap_admin_key(&hub, &cfg.data_dir).await?;
 
-        let device_listener = TcpListener::bind(cfg.device_listen)
-            .await
+        let device_listener = crate::listener::bind_devices(cfg.device_listen)
             .with_context(|| format!("cannot listen for devices on {}", cfg.device_listen))?;
         let api_listener = TcpListener::bind(cfg.api_listen)
             .await

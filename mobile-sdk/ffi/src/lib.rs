@@ -11,6 +11,8 @@
 //!   trait the host implements.
 //! - [`error`]: the one flat error enum, [`SdkError`].
 //! - [`voip`]: [`decide_voip_push`], the app's PushKit decision.
+//! - [`provider`]: [`PushProvider`], the provider core (`nepush-provider`) for the
+//!   `NEAppPushProvider` subclass, and its [`ProviderHostCallbacks`].
 //!
 //! Generate the Swift binding from the built library:
 //! `cargo run -p mobile-sdk-ffi --bin uniffi-bindgen -- generate --library
@@ -18,12 +20,14 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod error;
+mod provider;
 mod types;
 mod voip;
 
 use std::sync::{Arc, LazyLock};
 
 pub use error::SdkError;
+pub use provider::{LocalNotification, ProviderHostCallbacks, PushProvider};
 pub use types::{
     CallCancel, CallInvite, ConnectionState, Counters, Message, NetworkChange, ProviderConfig, PushEvent,
     PushListener, StopCause, StopReason,

@@ -307,7 +307,10 @@ impl Hub {
                 d.record.revoked = false;
                 d.record.credential_generation += 1;
             }
-            let pending = self.submit(vec![Op::PutDevice(d.record.clone())]);
+            let mut ops = vec![Op::PutDevice(d.record.clone())];
+            // Numbers for the first pushes, durable before the device can even log in.
+            delivery::reserve_seq(&mut d, &mut ops);
+            let pending = self.submit(ops);
             (d.record.clone(), old, pending)
         };
         {
@@ -390,8 +393,10 @@ impl Hub {
                 // The device has seen numbers this server does not remember (store restored from
                 // an old backup?): continue above them so nothing new is dropped as a duplicate.
                 d.next_seq = hello.last_seen_seq + 1;
-                delivery::reserve_seq(&mut d, &mut ops);
             }
+            // A block ahead (after a restart the counter sits at the ceiling): durable a commit
+            // after the login, so the session's first pushes do not wait for one.
+            delivery::reserve_seq(&mut d, &mut ops);
             d.record.last_seen_ms = now;
             d.record.last_ssid = hello.ssid.clone();
             d.record.sdk_version = hello.sdk_version.clone();

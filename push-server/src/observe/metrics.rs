@@ -14,6 +14,9 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// TLS handshakes on the device listener, by `result` (`ok`, `failed`, `timeout`).
 pub const HANDSHAKES: &str = "lpush_tls_handshakes_total";
+/// Device TLS handshakes that resumed an earlier session with a TLS 1.3 ticket (also counted
+/// in [`HANDSHAKES`] as `ok`).
+pub const HANDSHAKES_RESUMED: &str = "lpush_tls_resumed_total";
 /// Device logins, by `result` (`ok`, `auth_failed`, `revoked`).
 pub const LOGINS: &str = "lpush_logins_total";
 /// Sessions that ended, by `reason` (see [`reason_class`]).
@@ -83,6 +86,10 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     describe_counter!(HANDSHAKES, "TLS handshakes on the device listener, by result.");
+    describe_counter!(
+        HANDSHAKES_RESUMED,
+        "Device TLS handshakes that resumed a session with a ticket (counted as ok too)."
+    );
     describe_counter!(LOGINS, "Device logins, by result.");
     describe_counter!(SESSIONS_ENDED, "Device sessions that ended, by reason.");
     describe_gauge!(SESSIONS_ONLINE, "Live device sessions.");
@@ -157,6 +164,11 @@ pub fn reason_class(reason: &str) -> &'static str {
 /// A device TLS handshake finished (`ok`, `failed`, `timeout`).
 pub fn handshake(result: &'static str) {
     counter!(HANDSHAKES, "result" => result).increment(1);
+}
+
+/// A device TLS handshake resumed a session with a ticket.
+pub fn handshake_resumed() {
+    counter!(HANDSHAKES_RESUMED).increment(1);
 }
 
 /// A hello was answered (`ok`, `auth_failed`, `revoked`).

@@ -4,6 +4,7 @@
 //! writes go through one thread that folds whatever batches are queued into one transaction:
 //! under load, many callers share one fsync instead of queueing for one each.
 
+use std::collections::HashSet;
 use std::fmt::Display;
 use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
@@ -272,12 +273,60 @@ impl Writer {
 
 fn apply_group(txn: &WriteTransaction, group: &[Batch]) -> Result<(), Failure> {
     let mut tables = Tables::open(txn).map_err(Failure::transaction)?;
+    let skip = superseded(group);
     for (index, (ops, _)) in group.iter().enumerate() {
-        for op in ops {
+        for (i, op) in ops.iter().enumerate() {
+            if skip.contains(&(index, i)) {
+                continue;
+            }
             tables.apply(op).map_err(|error| Failure::Batch(index, error))?;
         }
     }
     Ok(())
+}
+
+/// The key an op writes, for [`superseded`]; `None` for ops that are not a write of one key.
+#[derive(PartialEq, Eq, Hash)]
+enum OpKey<'a> {
+    Device(&'a str),
+    Push(&'a str, u64),
+    Ceiling(&'a str),
+    Receipt(&'a str, &'a str),
+    ApiKey(&'a str),
+}
+
+fn op_key(op: &Op) -> Option<OpKey<'_>> {
+    Some(match op {
+        Op::PutDevice(d) => OpKey::Device(&d.device_id),
+        Op::PutPush(p) => OpKey::Push(&p.device_id, p.seq),
+        Op::DeletePush { device_id, seq } => OpKey::Push(device_id, *seq),
+        Op::PutSeqCeiling { device_id, .. } => OpKey::Ceiling(device_id),
+        Op::PutReceipt(r) => OpKey::Receipt(&r.id, &r.device_id),
+        Op::PutApiKey { hash, .. } => OpKey::ApiKey(hash),
+        Op::PruneReceipts { .. } => return None,
+    })
+}
+
+/// Ops (batch index, op index) that a later put or delete of the same key in the same group
+/// overwrites. The group is one transaction, so skipping them leaves exactly the state that
+/// applying everything in order would: under load a push's whole life (stored, receipts
+/// accepted, delivered and acked, deleted) often falls into one group commit and costs one
+/// receipt write and one delete instead of five writes. A prune only removes keys, so a later
+/// write of a key still decides its state. If a batch fails, the group is retried without it
+/// and this is computed afresh.
+fn superseded(group: &[Batch]) -> HashSet<(usize, usize)> {
+    let mut later = HashSet::new();
+    let mut skip = HashSet::new();
+    for (index, (ops, _)) in group.iter().enumerate().rev() {
+        for (i, op) in ops.iter().enumerate().rev() {
+            if let Some(key) = op_key(op)
+                && !later.insert(key)
+            {
+                skip.insert((index, i));
+            }
+        }
+    }
+    skip
 }
 
 /// The tables of one write transaction, opened once per group rather than once per op.
@@ -594,6 +643,58 @@ mod tests {
         assert_eq!(snapshot.pushes.len(), 200);
         assert!(snapshot.seq_ceilings.iter().all(|(_, ceiling)| *ceiling == 25));
         assert_eq!(snapshot.seq_ceilings.len(), 8);
+    }
+
+    #[test]
+    fn a_group_keeps_only_the_last_write_of_each_key() {
+        let (_dir, path) = temp_db();
+        let store = RedbStore::open(&path).expect("open");
+        let receipt = |id: &str, state| {
+            Op::PutReceipt(Receipt {
+                id: id.into(),
+                device_id: "a".into(),
+                state,
+                reason: String::new(),
+                at_ms: 5,
+                path: "local".into(),
+            })
+        };
+        submit_and_wait(&store, vec![Op::PutPush(push("a", 0))]).expect("commit");
+        // Queued behind a held write transaction, so they are committed as one group.
+        let blocker = store.db.begin_write().expect("begin write");
+        let answers = [
+            vec![Op::PutPush(push("a", 1)), receipt("m1", ReceiptState::Accepted)],
+            vec![receipt("m1", ReceiptState::Delivered)],
+            vec![
+                receipt("m1", ReceiptState::Acked),
+                Op::DeletePush {
+                    device_id: "a".into(),
+                    seq: 1,
+                },
+                Op::DeletePush {
+                    device_id: "a".into(),
+                    seq: 0,
+                },
+            ],
+            vec![Op::PutPush(push("a", 2)), receipt("m2", ReceiptState::Accepted)],
+        ]
+        .map(|ops| store.submit(ops));
+        drop(blocker);
+        for answer in answers {
+            assert!(matches!(answer.blocking_recv(), Ok(Ok(()))));
+        }
+        let seqs: Vec<u64> = store.load().expect("load").pushes.iter().map(|p| p.seq).collect();
+        assert_eq!(seqs, [2]);
+        let states = |id| -> Vec<ReceiptState> {
+            store
+                .receipts(id)
+                .expect("receipts")
+                .into_iter()
+                .map(|r| r.state)
+                .collect()
+        };
+        assert_eq!(states("m1"), [ReceiptState::Acked]);
+        assert_eq!(states("m2"), [ReceiptState::Accepted]);
     }
 
     #[test]

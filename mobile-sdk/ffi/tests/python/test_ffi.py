@@ -9,6 +9,7 @@ ids, in order), SDK_CALL_ID.
 import asyncio
 import gc
 import os
+import plistlib
 import queue
 import time
 import unittest
@@ -177,6 +178,65 @@ class FfiSurface(unittest.TestCase):
         cancelled = sdk.KnownCall(reported=False, cancelled=True)
         self.assertEqual(sdk.decide_voip_push(payload, True, 11_000, cancelled),
                          sdk.VoipAction.REPORT_AND_END(reason=sdk.EndReason.CANCELLED))
+
+    def test_6_provider_from_plist_configuration_starts_and_stops(self):
+        def provider_configuration(**overrides):
+            d = {
+                "host": ENV["SDK_HOST"], "port": int(ENV["SDK_PORT"]), "serverName": "localhost",
+                "deviceId": ENV["SDK_DEVICE_ID"], "credential": ENV["SDK_CREDENTIAL"],
+                "caCertificate": ENV["SDK_CA_PEM"], "pins": [], "matchSSIDs": [" Ward 4B ", "Station Ünfall 🚑"],
+            }
+            d.update(overrides)
+            return plistlib.dumps({k: v for k, v in d.items() if v is not None}, fmt=plistlib.FMT_BINARY)
+
+        class Host(sdk.ProviderHostCallbacks):
+            def __init__(self):
+                self.states = queue.Queue()
+                self.persisted = []
+
+            def report_incoming_call(self, user_info_plist):
+                raise AssertionError(f"no call queued: {plistlib.loads(user_info_plist)}")
+
+            def show_notification(self, notification):
+                raise AssertionError(f"nothing queued: {notification}")
+
+            def persist_last_seen_seq(self, seq):
+                self.persisted.append(seq)
+
+            def state_changed(self, state):
+                self.states.put(state)
+
+        with self.assertRaises(sdk.SdkError.InvalidConfig) as caught:
+            sdk.PushProvider(provider_configuration(port=None), 0, Host())
+        self.assertIn('missing key "port"', str(caught.exception))
+        with self.assertRaises(sdk.SdkError.InvalidConfig) as caught:
+            sdk.PushProvider(provider_configuration(port=70000), 0, Host())
+        self.assertIn('"port" must be an integer 1-65535', str(caught.exception))
+
+        async def body():
+            host = Host()
+            provider = sdk.PushProvider(provider_configuration(), FfiSurface.last_seen_seq, host)
+            await provider.start()
+            deadline = time.monotonic() + STEP
+            while not provider.state().is_CONNECTED():
+                self.assertLess(time.monotonic(), deadline, f"not connected: {provider.state()}")
+                try:  # wake on the next state change (or re-check after half a second)
+                    await asyncio.to_thread(host.states.get, True, 0.5)
+                except queue.Empty:
+                    pass
+            self.assertEqual(sdk.counters().connected, 1)
+            provider.handle_timer_event()
+            await provider.stop(4)  # NEProviderStopReason.unrecoverableNetworkChange
+            self.assertEqual(
+                provider.state(),
+                sdk.ConnectionState.STOPPED(sdk.StopCause.HOST(sdk.StopReason.NETWORK_CHANGE)),
+            )
+            self.assertTrue(quiet(sdk.counters()), sdk.counters())
+            del provider
+            gc.collect()
+            self.assertEqual(sdk.counters().instances, 0)
+
+        asyncio.run(body())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,184 @@
+//! The provider core (`nepush-provider`) for the Swift `NEAppPushProvider` subclass:
+//! [`PushProvider`] and the [`ProviderHostCallbacks`] the subclass implements. Dictionaries
+//! cross as property-list data, which Swift reads and writes with `PropertyListSerialization`.
+
+use std::sync::Arc;
+
+use nepush_provider as provider;
+
+use crate::{
+    SDK, SdkError,
+    types::{ConnectionState, NetworkChange},
+};
+
+/// What the provider asks of the Swift subclass. Called on an SDK thread, one call at a time
+/// per provider: return quickly, do not call back into the provider from inside. A push counts
+/// as taken (and is acknowledged) when the call returns.
+#[uniffi::export(with_foreign)]
+pub trait ProviderHostCallbacks: Send + Sync {
+    /// Pass to `reportIncomingCall(userInfo:)`: an XML property list of the `userInfo`
+    /// dictionary (`kind` is `"call"` or `"cancel"`; keys in the nepush-provider README).
+    fn report_incoming_call(&self, user_info_plist: Vec<u8>);
+    /// Show a text message as a local notification.
+    fn show_notification(&self, notification: LocalNotification);
+    /// Persist in the app group; pass back as `persistedLastSeenSeq` to the next instance.
+    fn persist_last_seen_seq(&self, seq: u64);
+    /// The connection state changed.
+    fn state_changed(&self, state: ConnectionState);
+}
+
+/// A text message to show (`UNMutableNotificationContent`).
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct LocalNotification {
+    /// Use as the `UNNotificationRequest` identifier (a replay replaces, never duplicates).
+    pub id: String,
+    /// Per-device sequence.
+    pub seq: u64,
+    /// Title.
+    pub title: String,
+    /// Body.
+    pub body: String,
+    /// Sender display name (subtitle).
+    pub sender: String,
+    /// `threadIdentifier` (empty: none).
+    pub thread_id: String,
+    /// `categoryIdentifier`.
+    pub category: String,
+    /// `interruptionLevel = .timeSensitive`.
+    pub time_sensitive: bool,
+    /// Sent at, Unix ms.
+    pub sent_at_ms: i64,
+    /// Opaque application data.
+    pub data: Vec<u8>,
+}
+
+impl From<provider::LocalNotification> for LocalNotification {
+    fn from(n: provider::LocalNotification) -> Self {
+        Self {
+            id: n.id,
+            seq: n.seq,
+            title: n.title,
+            body: n.body,
+            sender: n.sender,
+            thread_id: n.thread_id,
+            category: n.category,
+            time_sensitive: n.time_sensitive,
+            sent_at_ms: n.sent_at_ms,
+            data: n.data,
+        }
+    }
+}
+
+struct Host(Arc<dyn ProviderHostCallbacks>);
+
+impl provider::ProviderHost for Host {
+    fn report_incoming_call(&self, user_info: plist::Dictionary) {
+        let mut xml = Vec::new();
+        // Only plist values go in (strings, integers, bools): serialising cannot fail.
+        if let Err(e) = plist::to_writer_xml(&mut xml, &user_info) {
+            tracing::error!(error = %e, "call dictionary not serialisable; dropped");
+            return;
+        }
+        self.0.report_incoming_call(xml)
+    }
+
+    fn show_notification(&self, notification: provider::LocalNotification) {
+        self.0.show_notification(notification.into())
+    }
+
+    fn persist_last_seen_seq(&self, seq: u64) {
+        self.0.persist_last_seen_seq(seq)
+    }
+
+    fn state_changed(&self, state: &provider::State) {
+        self.0.state_changed(state.clone().into())
+    }
+}
+
+/// One `NEAppPushProvider` instance's logic. Create it in the subclass's `init`, forward the
+/// system's calls, and drop it whenever iOS releases the subclass (stopped or not).
+#[derive(uniffi::Object)]
+pub struct PushProvider {
+    inner: provider::Provider,
+}
+
+#[uniffi::export]
+impl PushProvider {
+    /// From `providerConfiguration` as property-list data
+    /// (`PropertyListSerialization.data(fromPropertyList:format:options:)`, XML or binary) and
+    /// the sequence persisted in the app group (0 the first time). Not started.
+    #[uniffi::constructor]
+    pub fn new(
+        provider_configuration: Vec<u8>,
+        persisted_last_seen_seq: u64,
+        host: Arc<dyn ProviderHostCallbacks>,
+    ) -> Result<Self, SdkError> {
+        let configuration = provider::ProviderConfiguration::from_plist_bytes(&provider_configuration)?;
+        let host = Arc::new(Host(host));
+        Ok(Self {
+            inner: provider::Provider::new(&SDK.registry, configuration, persisted_last_seen_seq, host)?,
+        })
+    }
+
+    /// `start()`: connect and stay connected. Idempotent.
+    pub async fn start(&self) -> Result<(), SdkError> {
+        Ok(self.inner.start().await?)
+    }
+
+    /// `stop(with: reason)`: pass `reason.rawValue`. Returns once everything is released; then
+    /// call the completion handler. Idempotent.
+    pub async fn stop(&self, reason: i64) {
+        self.inner.stop_raw(reason).await
+    }
+
+    /// `handleTimerEvent()`.
+    pub fn handle_timer_event(&self) {
+        self.inner.handle_timer_event()
+    }
+
+    /// A path or SSID change (`NWPathMonitor`).
+    pub fn network_changed(&self, change: NetworkChange) {
+        self.inner.network_changed(change.into())
+    }
+
+    /// The PushKit token (hex) from the app group; empty clears it.
+    pub fn set_voip_token(&self, token: String) {
+        self.inner.set_voip_token(token)
+    }
+
+    /// Current connection state.
+    pub fn state(&self) -> ConnectionState {
+        self.inner.state().into()
+    }
+
+    /// Highest sequence the app has taken.
+    pub fn last_seen_seq(&self) -> u64 {
+        self.inner.last_seen_seq()
+    }
+
+    /// This instance's random id (diagnostics).
+    pub fn instance_id(&self) -> String {
+        self.inner.instance_id().to_owned()
+    }
+}
+
+impl From<provider::ConfigurationError> for SdkError {
+    fn from(e: provider::ConfigurationError) -> Self {
+        SdkError::InvalidConfig {
+            detail: e.to_string(),
+        }
+    }
+}
+
+impl From<provider::ProviderError> for SdkError {
+    fn from(e: provider::ProviderError) -> Self {
+        match e {
+            provider::ProviderError::Superseded(device) => SdkError::Superseded { detail: device },
+            provider::ProviderError::ShuttingDown => SdkError::ShuttingDown,
+            // Configuration, SDK configuration, and anything added later: unusable settings.
+            other => SdkError::InvalidConfig {
+                detail: other.to_string(),
+            },
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! The Swift side (`nepush-provider/ios/`) cannot be compiled here, so this test checks the
+//! next best thing: it generates the Swift binding from the built library (as
+//! `build-xcframework.sh` does) and checks that every call the Swift files make into it names a
+//! declaration that exists, with the same argument labels in the same order.
+
+use std::path::Path;
+
+fn library_file() -> &'static str {
+    if cfg!(target_os = "macos") {
+        "libmobile_sdk_ffi.dylib"
+    } else {
+        "libmobile_sdk_ffi.so"
+    }
+}
+
+fn generate_swift(out: &Path) -> String {
+    let bindgen = Path::new(env!("CARGO_BIN_EXE_uniffi-bindgen"));
+    let dir = bindgen.parent().unwrap();
+    let library = [dir.join("deps").join(library_file()), dir.join(library_file())]
+        .into_iter()
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p)
+        .expect("the mobile-sdk-ffi cdylib was not built");
+    let status = std::process::Command::new(bindgen)
+        .args([
+            "generate",
+            "--library",
+            "--language",
+            "swift",
+            "--no-format",
+            "--out-dir",
+        ])
+        .arg(out)
+        .arg(&library)
+        .status()
+        .expect("run uniffi-bindgen");
+    assert!(status.success(), "uniffi-bindgen failed: {status}");
+    std::fs::read_to_string(out.join("mobile_sdk_ffi.swift")).unwrap()
+}
+
+/// Source without comments or whitespace, so declarations and calls compare as token runs.
+fn squash(src: &str) -> String {
+    let mut out = String::new();
+    let mut rest = src;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix("/*") {
+            rest = after.split_once("*/").map_or("", |(_, r)| r);
+        } else if let Some(after) = rest.strip_prefix("//") {
+            rest = after.split_once('\n').map_or("", |(_, r)| r);
+        } else {
+            let c = rest.chars().next().unwrap();
+            if !c.is_whitespace() {
+                out.push(c);
+            }
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    out
+}
+
+/// The argument labels of the first parenthesised list after `opening` (which ends in `(`).
+fn labels(src: &str, opening: &str) -> Vec<String> {
+    let start = src
+        .find(opening)
+        .unwrap_or_else(|| panic!("{opening:?} not found"))
+        + opening.len();
+    let (mut depth, mut labels, mut token) = (1, Vec::new(), String::new());
+    for c in src[start..].chars() {
+        match c {
+            '(' | '[' => depth += 1,
+            ')' | ']' if depth == 1 => break,
+            ')' | ']' => depth -= 1,
+            ':' if depth == 1 && !token.is_empty() => labels.push(std::mem::take(&mut token)),
+            c if c.is_alphanumeric() || c == '_' => {
+                token.push(c);
+                continue;
+            }
+            _ => {}
+        }
+        token.clear();
+    }
+    labels
+}
+
+#[test]
+fn the_swift_files_call_the_binding_as_it_is_generated() {
+    let out = tempfile::tempdir().unwrap();
+    let binding = squash(&generate_swift(out.path()));
+    let ios = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nepush-provider/ios");
+    let swift: String = ["Extension/LocalPushProvider.swift", "App/VoipPushHandler.swift"]
+        .iter()
+        .map(|f| std::fs::read_to_string(ios.join(f)).unwrap())
+        .collect();
+    let swift = squash(&swift);
+
+    // Constructors and functions called with labels: the same labels, in the same order.
+    for (declared, called) in [
+        ("publicconvenienceinit(providerConfiguration:", "tryPushProvider("),
+        ("publicfuncdecideVoipPush(", "decideVoipPush("),
+        ("publicstructVoipPayload:", "VoipPayload("),
+        ("publicstructKnownCall:", "KnownCall("),
+    ] {
+        let at = binding
+            .find(declared)
+            .unwrap_or_else(|| panic!("{declared} not generated"));
+        // A record's memberwise initializer follows its fields.
+        let opening = if declared.starts_with("publicstruct") {
+            "publicinit("
+        } else {
+            "("
+        };
+        let theirs = labels(&binding[at..], opening);
+        assert_eq!(labels(&swift, called), theirs, "{called} against {declared}");
+    }
+
+    // Methods, callbacks, fields and cases the Swift files use, as the binding declares them.
+    for (declared, used) in [
+        ("funcstart()asyncthrows", "core.start()"),
+        ("funcstop(reason:Int64)async", "stop(reason:Int64("),
+        ("funchandleTimerEvent()", "handleTimerEvent()"),
+        (
+            "funcnetworkChanged(change:NetworkChange)",
+            "networkChanged(change:",
+        ),
+        ("caseviable", ".viable"),
+        ("casenotViable", ".notViable"),
+        ("funcsetVoipToken(token:String)", "setVoipToken(token:"),
+        (
+            "funcreportIncomingCall(userInfoPlist:Data)",
+            "funcreportIncomingCall(userInfoPlist:Data)",
+        ),
+        (
+            "funcshowNotification(notification:LocalNotification)",
+            "funcshowNotification(notification:LocalNotification)",
+        ),
+        (
+            "funcpersistLastSeenSeq(seq:UInt64)",
+            "funcpersistLastSeenSeq(seq:UInt64)",
+        ),
+        (
+            "funcstateChanged(state:ConnectionState)",
+            "funcstateChanged(state:ConnectionState)",
+        ),
+        ("publicvarthreadId:String", "notification.threadId"),
+        ("publicvartimeSensitive:Bool", "notification.timeSensitive"),
+        ("publicvarsender:String", "notification.sender"),
+        ("publicvarcategory:String", "notification.category"),
+        ("casestopped(cause:StopCause)", ".stopped(cause:"),
+        ("casecredentialRevoked", ".credentialRevoked"),
+        ("caseauthFailed", ".authFailed"),
+        ("casereport(ringForMs:Int64)", ".report(letringForMs)"),
+        ("casereportAndEnd(", ".reportAndEnd"),
+        ("casecompleteOnly(", ".completeOnly"),
+    ] {
+        assert!(binding.contains(declared), "the binding lacks {declared}");
+        assert!(swift.contains(used), "the Swift files no longer use {used}");
+    }
+}

@@ -1,0 +1,951 @@
+//! Runs a scenario: the Wi-Fi relay, the server, enrollment, the phone, then each step with
+//! the invariant checks after it, and the report.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use mobile_sdk::Snapshot;
+use nepush_provider::{NEProviderStopReason, ProviderConfiguration, user_info};
+use push_proto::{
+    device::{CancelReason, Priority},
+    sender::{
+        CancelCallRequest, DeliveryState, PlaceCallRequest, SendMessageRequest, Target, WatchCallRequest,
+        target,
+    },
+};
+
+use crate::{
+    phone::{Phone, STEP_TIMEOUT},
+    resources,
+    scenario::{
+        CallExpectation, CancelExpectation, NotificationExpectation, OfflineExpectation, Repeat, Scenario,
+        Step, Within,
+    },
+    site::{HeldSessions, Site},
+    wifi::Wifi,
+};
+
+/// Resource figures at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resources {
+    /// Open file descriptors of this process.
+    pub fds: usize,
+    /// Resident memory, KiB.
+    pub rss_kib: u64,
+    /// Threads of this process.
+    pub threads: u64,
+    /// SDK counters of the running extension process (zero if none).
+    pub counters: Snapshot,
+}
+
+/// Figures of one `repeat`.
+#[derive(Debug, Clone, Default)]
+pub struct RepeatFigures {
+    /// Iterations run.
+    pub iterations: u32,
+    /// Iterations before the baseline.
+    pub warmup: u32,
+    /// Lifecycle events driven (join, leave, start, stop, timer, advance, kill, relaunch, new
+    /// instance, stop racing start).
+    pub lifecycle_events: u64,
+    /// Server logins during the repeat.
+    pub server_sessions: u64,
+    /// Wall time.
+    pub wall: Duration,
+    /// Simulated time.
+    pub simulated: Duration,
+    /// Settled, after the warm-up.
+    pub baseline: Resources,
+    /// Settled, at the end.
+    pub end: Resources,
+    /// Highest open fds and RSS sampled after each iteration.
+    pub max_fds: usize,
+    /// See `max_fds`.
+    pub max_rss_kib: u64,
+}
+
+/// What a run found.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Scenario name.
+    pub name: String,
+    /// Failed expectations and broken invariants; empty means passed.
+    pub failures: Vec<String>,
+    /// Wall time of the run.
+    pub wall: Duration,
+    /// Steps run (repeats expanded).
+    pub steps: u64,
+    /// Lifecycle events driven.
+    pub lifecycle_events: u64,
+    /// Simulated time.
+    pub simulated: Duration,
+    /// `handleTimerEvent` calls (collapsed ones included).
+    pub timer_events: u64,
+    /// Extension processes launched.
+    pub processes: u32,
+    /// Kills.
+    pub kills: u32,
+    /// Provider instances created.
+    pub instances: u32,
+    /// Notifications shown.
+    pub notifications: usize,
+    /// `reportIncomingCall` invocations.
+    pub call_reports: usize,
+    /// Server logins of the device.
+    pub server_logins: u64,
+    /// Server offline events of the device.
+    pub server_offline: u64,
+    /// Logins that replaced a session the phone had already given up (killed, cut off).
+    pub replaced_dead: u64,
+    /// Most server sessions of the device alive at once.
+    pub max_server_sessions: usize,
+    /// Highest SDK counters seen at any change.
+    pub max_counters: Snapshot,
+    /// Connections relayed by the Wi-Fi, and black-holed by leaving.
+    pub wifi_relayed: u64,
+    /// See `wifi_relayed`.
+    pub wifi_blackholed: u64,
+    /// Measured offline detections: (what, measured, limit).
+    pub offline: Vec<(String, Duration, Duration)>,
+    /// Per repeat.
+    pub repeats: Vec<RepeatFigures>,
+    /// Before anything started, and after everything was torn down and settled.
+    pub start: Resources,
+    /// See `start`.
+    pub end: Resources,
+}
+
+impl Report {
+    /// Whether every expectation and invariant held.
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verdict = if self.passed() { "PASS" } else { "FAIL" };
+        writeln!(
+            f,
+            "scenario {:?}: {verdict} in {:.1} s",
+            self.name,
+            self.wall.as_secs_f64()
+        )?;
+        writeln!(
+            f,
+            "  steps {} (lifecycle events {}), simulated {:.1} h, timer events {}",
+            self.steps,
+            self.lifecycle_events,
+            self.simulated.as_secs_f64() / 3600.0,
+            self.timer_events
+        )?;
+        writeln!(
+            f,
+            "  phone: processes {}, kills {}, instances {}, notifications {}, call reports {}; wifi relayed {} connections, black-holed {}",
+            self.processes,
+            self.kills,
+            self.instances,
+            self.notifications,
+            self.call_reports,
+            self.wifi_relayed,
+            self.wifi_blackholed
+        )?;
+        writeln!(
+            f,
+            "  server: logins {}, offline {}, replaced sessions the phone had given up {}, max sessions of the device at once {}",
+            self.server_logins, self.server_offline, self.replaced_dead, self.max_server_sessions
+        )?;
+        let m = self.max_counters;
+        writeln!(
+            f,
+            "  sdk max: instances {} sessions {} tasks {} sockets {} connected {}",
+            m.instances, m.sessions, m.tasks, m.sockets, m.connected
+        )?;
+        for (what, took, limit) in &self.offline {
+            writeln!(
+                f,
+                "  offline on server after {what}: {} ms (limit {} ms)",
+                took.as_millis(),
+                limit.as_millis()
+            )?;
+        }
+        for r in &self.repeats {
+            writeln!(
+                f,
+                "  repeat: {} iterations ({} warm-up), {} lifecycle events, {} server sessions, {:.1} s wall, {:.1} simulated days",
+                r.iterations,
+                r.warmup,
+                r.lifecycle_events,
+                r.server_sessions,
+                r.wall.as_secs_f64(),
+                r.simulated.as_secs_f64() / 86_400.0
+            )?;
+            writeln!(
+                f,
+                "    after warm-up: fds {} rss {:.1} MiB threads {} {:?}",
+                r.baseline.fds,
+                mib(r.baseline.rss_kib),
+                r.baseline.threads,
+                r.baseline.counters
+            )?;
+            writeln!(
+                f,
+                "    at the end:    fds {} rss {:.1} MiB threads {} {:?}",
+                r.end.fds,
+                mib(r.end.rss_kib),
+                r.end.threads,
+                r.end.counters
+            )?;
+            writeln!(
+                f,
+                "    max sampled: fds {} rss {:.1} MiB",
+                r.max_fds,
+                mib(r.max_rss_kib)
+            )?;
+        }
+        writeln!(
+            f,
+            "  process: fds {} -> {}, rss {:.1} -> {:.1} MiB, threads {} -> {}",
+            self.start.fds,
+            self.end.fds,
+            mib(self.start.rss_kib),
+            mib(self.end.rss_kib),
+            self.start.threads,
+            self.end.threads
+        )?;
+        for failure in &self.failures {
+            writeln!(f, "  FAILED: {failure}")?;
+        }
+        Ok(())
+    }
+}
+
+fn measure(phone: Option<&Phone>) -> Resources {
+    Resources {
+        fds: resources::open_fds().unwrap_or(0),
+        rss_kib: resources::rss_kib().unwrap_or(0),
+        threads: resources::threads().unwrap_or(0),
+        counters: phone
+            .and_then(|p| p.process.as_ref())
+            .map(|p| p.registry.counters())
+            .unwrap_or_default(),
+    }
+}
+
+/// Poll `f` until it is true or `timeout` passes: only for the OS's figures (open fds), which
+/// announce nothing.
+async fn poll_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// What the senders did, to check the phone's side against.
+#[derive(Default)]
+struct Sent {
+    messages: HashMap<String, (String, String)>,
+    calls: HashMap<String, (PlaceCallRequest, String, i64)>,
+    /// `CancelCallResponse.cancels_sent` per call.
+    cancels: HashMap<String, u32>,
+}
+
+struct Run<'a> {
+    scenario: &'a Scenario,
+    site: Site,
+    phone: Phone,
+    sent: Sent,
+    report: Report,
+    /// Lines printed as steps run (off inside repeats).
+    verbose: bool,
+}
+
+/// Options of a run.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    /// Print each step (outside repeats) as it runs.
+    pub verbose: bool,
+}
+
+/// Run `scenario` against a push-server started for it. Setup errors are failures too.
+pub async fn run(scenario: &Scenario, options: RunOptions) -> Report {
+    let started = Instant::now();
+    let mut report = Report {
+        name: scenario.name.clone(),
+        start: measure(None),
+        ..Report::default()
+    };
+    match setup(scenario).await {
+        Err(e) => report.failures.push(format!("setup: {e:#}")),
+        Ok((site, phone)) => {
+            let mut run = Run {
+                scenario,
+                site,
+                phone,
+                sent: Sent::default(),
+                report,
+                verbose: options.verbose,
+            };
+            run.steps(&scenario.steps, true).await;
+            run.teardown().await;
+            let Run {
+                site,
+                phone,
+                report: r,
+                ..
+            } = run;
+            // Phone off, server stopped: everything the run opened is closed from here on.
+            drop(phone);
+            drop(site);
+            report = r;
+            settle_process(&mut report, scenario.checks.fd_tolerance).await;
+        }
+    }
+    report.wall = started.elapsed();
+    report
+}
+
+async fn setup(scenario: &Scenario) -> anyhow::Result<(Site, Phone)> {
+    let wifi = Wifi::bind().await?;
+    let held = Arc::new(HeldSessions::default());
+    let site = Site::start(
+        &scenario.server,
+        &scenario.phone.site_ssids,
+        wifi.addr,
+        held.clone(),
+    )
+    .await?;
+    wifi.set_upstream(site.server.device_addr);
+    // The container app enrolls and saves one push manager per `managers` entry, each with
+    // `providerConfiguration`; iOS hands that dictionary to the provider unchanged.
+    let enrollment = site.enroll(&scenario.phone.device_id).await?;
+    let dict = enrollment
+        .get("providerConfiguration")
+        .and_then(|v| v.as_dictionary())
+        .ok_or_else(|| anyhow::anyhow!("enrollment has no providerConfiguration dictionary"))?;
+    let configuration = ProviderConfiguration::from_plist(dict)?;
+    anyhow::ensure!(
+        configuration.match_ssids == scenario.phone.site_ssids,
+        "enrollment changed the SSIDs: {:?} instead of {:?}",
+        configuration.match_ssids,
+        scenario.phone.site_ssids
+    );
+    let mut match_ssids = Vec::new();
+    for manager in enrollment
+        .get("managers")
+        .and_then(|v| v.as_array())
+        .ok_or_else(|| anyhow::anyhow!("enrollment has no managers"))?
+    {
+        let ssids = manager
+            .as_dictionary()
+            .and_then(|m| m.get("matchSSIDs"))
+            .and_then(|v| v.as_array())
+            .ok_or_else(|| anyhow::anyhow!("a manager without matchSSIDs"))?;
+        anyhow::ensure!(
+            ssids.len() <= 10,
+            "a manager with {} SSIDs (iOS takes 10)",
+            ssids.len()
+        );
+        match_ssids.extend(ssids.iter().filter_map(|s| s.as_string().map(str::to_owned)));
+    }
+    let phone = Phone::new(
+        wifi,
+        configuration,
+        match_ssids,
+        scenario.phone.voip_token.clone(),
+        scenario.phone.path_monitor,
+        held,
+    );
+    Ok((site, phone))
+}
+
+/// After teardown: everything the run opened must be closed again.
+async fn settle_process(report: &mut Report, tolerance: usize) {
+    let start = report.start.fds;
+    let settled = poll_until(STEP_TIMEOUT, || {
+        resources::open_fds().unwrap_or(0) <= start + tolerance
+    })
+    .await;
+    report.end = measure(None);
+    if !settled {
+        report.failures.push(format!(
+            "file descriptors did not return to the start: {} at the start, {} after teardown (tolerance {tolerance})",
+            start, report.end.fds
+        ));
+    }
+}
+
+impl Run<'_> {
+    async fn steps(&mut self, steps: &[Step], top: bool) -> bool {
+        for step in steps {
+            if !self.report.failures.is_empty() {
+                return false;
+            }
+            self.report.steps += 1;
+            if step.is_lifecycle() {
+                self.report.lifecycle_events += 1;
+            }
+            if self.verbose && top {
+                println!("  - {step}");
+            }
+            let result = Box::pin(self.step(step)).await;
+            if let Err(e) = result {
+                self.report.failures.push(format!("step `{step}`: {e}"));
+                return false;
+            }
+            self.check_invariants(step).await;
+        }
+        self.report.failures.is_empty()
+    }
+
+    async fn step(&mut self, step: &Step) -> Result<(), String> {
+        let phone = &mut self.phone;
+        match step {
+            Step::Join(ssid) => phone.join(ssid),
+            Step::Leave(_) => {
+                phone.leave_network();
+                phone.stop(NEProviderStopReason::NoNetworkAvailable).await?;
+            }
+            Step::LeaveWithoutStop(_) => phone.leave_network(),
+            Step::Start(_) => phone.start().await?,
+            Step::Stop(reason) => phone.stop(*reason).await?,
+            Step::Timer(n) => phone.timer(*n),
+            Step::Advance(d) => phone.advance(d.0),
+            Step::Kill(_) => phone.kill().await?,
+            Step::Relaunch(_) => {
+                if phone.process.is_some() {
+                    return Err("relaunch: the extension is still running".into());
+                }
+                phone.start().await?;
+            }
+            Step::NewInstanceWithoutStop(n) => phone.new_instance_without_stop(n.release_old()).await?,
+            Step::StopRacingStart(r) => phone.stop_racing_start(r.reason(), r.new_instance()).await?,
+            Step::Send(m) => {
+                let r = self
+                    .site
+                    .api
+                    .sender()
+                    .send_message(SendMessageRequest {
+                        target: Some(to(&self.scenario.phone.device_id)),
+                        title: m.title.clone(),
+                        body: m.body.clone(),
+                        message_id: m.id.clone(),
+                        priority: if m.high_priority {
+                            Priority::High
+                        } else {
+                            Priority::Normal
+                        } as i32,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| format!("SendMessage: {e}"))?
+                    .into_inner();
+                if r.recipients.len() != 1 || r.recipients[0].state() != DeliveryState::Accepted {
+                    return Err(format!("not accepted: {r:?}"));
+                }
+                self.sent
+                    .messages
+                    .insert(m.id.clone(), (m.title.clone(), m.body.clone()));
+            }
+            Step::Call(c) => {
+                let request = PlaceCallRequest {
+                    call_id: c.id.clone(),
+                    target: Some(to(&self.scenario.phone.device_id)),
+                    caller_name: c.caller_name.clone(),
+                    caller_handle: c.caller_handle.clone(),
+                    video: c.video,
+                    ring_timeout_seconds: c.ring_seconds,
+                };
+                let r = self
+                    .site
+                    .api
+                    .sender()
+                    .place_call(request.clone())
+                    .await
+                    .map_err(|e| format!("PlaceCall: {e}"))?
+                    .into_inner();
+                self.sent
+                    .calls
+                    .insert(c.id.clone(), (request, r.call_uuid, r.ring_deadline_ms));
+            }
+            Step::CancelCall(c) => {
+                let reason = match c.reason() {
+                    "callerCancelled" => CancelReason::CallerCancelled,
+                    "answeredElsewhere" => CancelReason::AnsweredElsewhere,
+                    "declinedElsewhere" => CancelReason::DeclinedElsewhere,
+                    other => return Err(format!("unknown cancel reason {other:?}")),
+                };
+                let r = self
+                    .site
+                    .api
+                    .sender()
+                    .cancel_call(CancelCallRequest {
+                        call_id: c.id().into(),
+                        reason: reason as i32,
+                    })
+                    .await
+                    .map_err(|e| format!("CancelCall: {e}"))?
+                    .into_inner();
+                self.sent.cancels.insert(c.id().to_owned(), r.cancels_sent);
+            }
+            Step::ExpectConnected(_) => self.expect_connected().await?,
+            Step::ExpectOfflineOnServer(o) => self.expect_offline(o).await?,
+            Step::ExpectNotification(n) => self.expect_notification(n).await?,
+            Step::ExpectIncomingCall(c) => self.expect_call(c).await?,
+            Step::ExpectCallCancelled(c) => self.expect_cancel(c).await?,
+            Step::ExpectCallFellBackToApns(id) => self.expect_apns(id).await?,
+            Step::Repeat(r) => self.repeat(r).await?,
+        }
+        Ok(())
+    }
+
+    async fn expect_connected(&mut self) -> Result<(), String> {
+        let Some(instance) = self.phone.current() else {
+            return Err("no provider instance".into());
+        };
+        let sid = instance.connected(STEP_TIMEOUT).await?;
+        let device = self.scenario.phone.device_id.clone();
+        let online = self
+            .site
+            .presence
+            .wait(STEP_TIMEOUT, |log| log.online.get(&device) == Some(&sid))
+            .await;
+        if !online {
+            let now = self.site.presence.with(|log| log.online.get(&device).cloned());
+            return Err(format!(
+                "the phone is connected with server session {sid}, the server shows {now:?}"
+            ));
+        }
+        Ok(())
+    }
+
+    async fn expect_offline(&mut self, o: &OfflineExpectation) -> Result<(), String> {
+        let Some(cut) = self.phone.cut_at else {
+            return Err("nothing cut the phone off before".into());
+        };
+        let device = self.scenario.phone.device_id.clone();
+        let limit = match o.within {
+            Within::Heartbeat => {
+                self.site.settings.heartbeat_deadline()
+                    + Duration::from_millis(self.scenario.checks.deadline_slack_ms)
+            }
+            Within::Duration(d) => d.0,
+        };
+        // The device is offline on the server, and went offline after the cut.
+        let went = |log: &crate::site::PresenceLog| -> Option<(String, Instant)> {
+            if log.online.contains_key(&device) {
+                return None;
+            }
+            log.offline
+                .iter()
+                .rev()
+                .find(|(d, ..)| *d == device)
+                .filter(|(.., at)| *at >= cut)
+                .map(|(_, _, reason, at)| (reason.clone(), *at))
+        };
+        let wait = STEP_TIMEOUT.max(limit + Duration::from_secs(1));
+        self.site.presence.wait(wait, |log| went(log).is_some()).await;
+        let Some((reason, at)) = self.site.presence.with(went) else {
+            return Err(format!(
+                "the server still shows the device online {wait:?} after it was cut off"
+            ));
+        };
+        let took = at.saturating_duration_since(cut);
+        self.report
+            .offline
+            .push((format!("cut-off ({})", reason), took, limit));
+        if took > limit {
+            return Err(format!(
+                "offline after {} ms, later than {} ms ({})",
+                took.as_millis(),
+                limit.as_millis(),
+                o.within
+            ));
+        }
+        if let Some(expected) = &o.reason
+            && !reason.contains(expected.as_str())
+        {
+            return Err(format!("offline reason {reason:?} does not contain {expected:?}"));
+        }
+        Ok(())
+    }
+
+    async fn expect_notification(&mut self, n: &NotificationExpectation) -> Result<(), String> {
+        let id = n.id().to_owned();
+        let shown = self
+            .phone
+            .shared
+            .wait(STEP_TIMEOUT, |log| {
+                log.notifications.iter().any(|(_, x)| x.id == id)
+            })
+            .await;
+        if !shown {
+            return Err(format!("message {id} not shown within {STEP_TIMEOUT:?}"));
+        }
+        let note = self
+            .phone
+            .shared
+            .with(|log| log.notifications.iter().find(|(_, x)| x.id == id).cloned())
+            .map(|(_, n)| n)
+            .expect("shown");
+        let (title, body) = match n {
+            NotificationExpectation::Options { title, body, .. } => (title.clone(), body.clone()),
+            NotificationExpectation::Id(_) => (None, None),
+        };
+        // Expected once: forget it, so a long run's bookkeeping does not grow.
+        let sent = self.sent.messages.remove(&id);
+        let want_title = title.or(sent.as_ref().map(|s| s.0.clone()));
+        let want_body = body.or(sent.as_ref().map(|s| s.1.clone()));
+        if want_title.is_some_and(|t| t != note.title) || want_body.is_some_and(|b| b != note.body) {
+            return Err(format!(
+                "message {id} shown as {:?} / {:?}",
+                note.title, note.body
+            ));
+        }
+        if note.seq == 0 {
+            return Err(format!("message {id} without a sequence number"));
+        }
+        Ok(())
+    }
+
+    async fn reported(&self, kind: &'static str, id: &str) -> Result<plist::Dictionary, String> {
+        let find = |log: &crate::phone::PhoneLog| {
+            log.calls
+                .iter()
+                .find(|(_, d)| {
+                    d.get(user_info::KIND).and_then(|v| v.as_string()) == Some(kind)
+                        && d.get(user_info::CALL_ID).and_then(|v| v.as_string()) == Some(id)
+                })
+                .map(|(_, d)| d.clone())
+        };
+        self.phone
+            .shared
+            .wait(STEP_TIMEOUT, |log| find(log).is_some())
+            .await;
+        self.phone.shared.with(find).ok_or_else(|| {
+            format!("no reportIncomingCall with kind {kind:?} for {id} within {STEP_TIMEOUT:?}")
+        })
+    }
+
+    async fn expect_call(&mut self, c: &CallExpectation) -> Result<(), String> {
+        let d = self.reported(user_info::KIND_CALL, &c.id).await?;
+        let Some((placed, uuid, deadline)) = self.sent.calls.get(&c.id).cloned() else {
+            return Err(format!("call {} was not placed by this scenario", c.id));
+        };
+        let mut keys: Vec<&str> = d.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        let documented = [
+            user_info::CALL_ID,
+            user_info::CALL_UUID,
+            user_info::CALLER_HANDLE,
+            user_info::CALLER_NAME,
+            user_info::KIND,
+            user_info::RING_DEADLINE_MS,
+            user_info::RING_REMAINING_MS,
+            user_info::SEQ,
+            user_info::VIDEO,
+        ];
+        let mut problems = Vec::new();
+        if keys != documented {
+            problems.push(format!("keys {keys:?}"));
+        }
+        let s = |k: &str| d.get(k).and_then(|v| v.as_string()).map(str::to_owned);
+        let i = |k: &str| d.get(k).and_then(|v| v.as_signed_integer());
+        let want_name = c.caller_name.clone().unwrap_or(placed.caller_name);
+        let want_handle = c.caller_handle.clone().unwrap_or(placed.caller_handle);
+        let want_video = c.video.unwrap_or(placed.video);
+        if s(user_info::CALL_UUID) != Some(uuid.clone()) {
+            problems.push(format!(
+                "callUUID {:?}, the server said {uuid}",
+                s(user_info::CALL_UUID)
+            ));
+        }
+        if s(user_info::CALLER_NAME) != Some(want_name.clone()) {
+            problems.push(format!(
+                "callerName {:?}, expected {want_name:?}",
+                s(user_info::CALLER_NAME)
+            ));
+        }
+        if s(user_info::CALLER_HANDLE) != Some(want_handle.clone()) {
+            problems.push(format!(
+                "callerHandle {:?}, expected {want_handle:?}",
+                s(user_info::CALLER_HANDLE)
+            ));
+        }
+        if d.get(user_info::VIDEO).and_then(|v| v.as_boolean()) != Some(want_video) {
+            problems.push(format!(
+                "video {:?}, expected {want_video}",
+                d.get(user_info::VIDEO)
+            ));
+        }
+        if i(user_info::RING_DEADLINE_MS) != Some(deadline) {
+            problems.push(format!(
+                "ringDeadlineMs {:?}, the server said {deadline}",
+                i(user_info::RING_DEADLINE_MS)
+            ));
+        }
+        // The SDK reads the server's clock from the hello, so it may lag by the latency: allow
+        // a second over the ring time.
+        let ring_ms = i64::from(placed.ring_timeout_seconds) * 1000 + 1000;
+        if !i(user_info::RING_REMAINING_MS).is_some_and(|r| r > 0 && r <= ring_ms) {
+            problems.push(format!(
+                "ringRemainingMs {:?} not in 1..={ring_ms}",
+                i(user_info::RING_REMAINING_MS)
+            ));
+        }
+        if i(user_info::SEQ).is_none_or(|q| q <= 0) {
+            problems.push(format!("seq {:?}", i(user_info::SEQ)));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("call {} dictionary: {}", c.id, problems.join("; ")))
+        }
+    }
+
+    async fn expect_cancel(&mut self, c: &CancelExpectation) -> Result<(), String> {
+        let d = self.reported(user_info::KIND_CANCEL, c.id()).await.map_err(|e| {
+            let sent = self.sent.cancels.get(c.id());
+            format!("{e} (the server said it sent {sent:?} cancels)")
+        })?;
+        let uuid = self.sent.calls.get(c.id()).map(|x| x.1.clone());
+        let got_uuid = d
+            .get(user_info::CALL_UUID)
+            .and_then(|v| v.as_string())
+            .map(str::to_owned);
+        if got_uuid != uuid {
+            return Err(format!(
+                "cancel of {}: callUUID {got_uuid:?}, placed {uuid:?}",
+                c.id()
+            ));
+        }
+        if let CancelExpectation::Options { reason, .. } = c {
+            let got = d.get(user_info::REASON).and_then(|v| v.as_string());
+            if got != Some(reason.as_str()) {
+                return Err(format!(
+                    "cancel of {}: reason {got:?}, expected {reason:?}",
+                    c.id()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn expect_apns(&mut self, id: &str) -> Result<(), String> {
+        let mut stream = self
+            .site
+            .api
+            .sender()
+            .watch_call(WatchCallRequest { call_id: id.into() })
+            .await
+            .map_err(|e| format!("WatchCall: {e}"))?
+            .into_inner();
+        let mut seen = Vec::new();
+        let found = tokio::time::timeout(STEP_TIMEOUT, async {
+            while let Ok(Some(u)) = stream.message().await {
+                let apns = u.path == "apns" && u.state() == DeliveryState::Delivered;
+                seen.push(format!("{:?}/{}", u.state(), u.path));
+                if apns {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or(false);
+        if !found {
+            return Err(format!(
+                "WatchCall never reported delivery through APNs: {seen:?}"
+            ));
+        }
+        self.site.wait_apns_request(id, STEP_TIMEOUT).await.map(|_| ())
+    }
+
+    async fn repeat(&mut self, r: &Repeat) -> Result<(), String> {
+        let started = Instant::now();
+        let sim_start = self.phone.stats.simulated;
+        let logins_start = self.site.presence.with(|l| l.logins);
+        let events_start = self.report.lifecycle_events;
+        let mut fig = RepeatFigures {
+            warmup: r.warmup,
+            ..RepeatFigures::default()
+        };
+        for i in 0..r.times {
+            if i == r.warmup {
+                self.settle().await?;
+                fig.baseline = measure(Some(&self.phone));
+            }
+            let steps: Vec<Step> = r.steps.iter().map(|s| s.for_iteration(i)).collect();
+            if !Box::pin(self.steps(&steps, false)).await {
+                fig.iterations = i;
+                self.report.repeats.push(fig);
+                return Err(format!("iteration {i} failed"));
+            }
+            fig.iterations = i + 1;
+            fig.max_fds = fig.max_fds.max(resources::open_fds().unwrap_or(0));
+            fig.max_rss_kib = fig.max_rss_kib.max(resources::rss_kib().unwrap_or(0));
+        }
+        if r.warmup >= r.times {
+            self.settle().await?;
+            fig.baseline = measure(Some(&self.phone));
+        }
+        self.settle().await?;
+        fig.end = measure(Some(&self.phone));
+        fig.wall = started.elapsed();
+        fig.simulated = self.phone.stats.simulated - sim_start;
+        fig.server_sessions = self.site.presence.with(|l| l.logins) - logins_start;
+        fig.lifecycle_events = self.report.lifecycle_events - events_start;
+        let (b, e) = (fig.baseline, fig.end);
+        let mut problems = Vec::new();
+        if e.fds > b.fds + self.scenario.checks.fd_tolerance {
+            problems.push(format!("open fds grew from {} to {}", b.fds, e.fds));
+        }
+        let rss_max = self.scenario.checks.rss_growth_max_kib;
+        if e.rss_kib > b.rss_kib + rss_max {
+            problems.push(format!(
+                "resident memory grew from {} KiB to {} KiB (more than {rss_max} KiB)",
+                b.rss_kib, e.rss_kib
+            ));
+        }
+        if e.threads > b.threads {
+            problems.push(format!("threads grew from {} to {}", b.threads, e.threads));
+        }
+        let (bc, ec) = (b.counters, e.counters);
+        // Instances are those iOS holds (checked after every step); nothing else may grow.
+        if ec.sessions > bc.sessions
+            || ec.tasks > bc.tasks
+            || ec.sockets > bc.sockets
+            || ec.connected > bc.connected
+        {
+            problems.push(format!("SDK counters grew from {bc:?} to {ec:?}"));
+        }
+        self.report.repeats.push(fig);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    /// Wait until the phone's and the relay's state is steady: no black-holed connection left
+    /// (the server ended its side by its heartbeat deadline, the phone its own), the process's
+    /// counters settled.
+    async fn settle(&mut self) -> Result<(), String> {
+        let deadline = self.site.settings.heartbeat_deadline() + STEP_TIMEOUT;
+        let wifi = &self.phone.wifi;
+        if !wifi.blackholes_closed(deadline).await {
+            return Err(format!(
+                "black-holed connections still open after {deadline:?}: {:?}",
+                wifi.stats()
+            ));
+        }
+        self.settled_counters().await
+    }
+
+    /// The process's SDK counters, once settled: every instance iOS holds and nothing else;
+    /// at most one session, task, socket and server-accepted connection (one device).
+    async fn settled_counters(&self) -> Result<(), String> {
+        let Some(p) = &self.phone.process else {
+            return Ok(());
+        };
+        let held = p.held().count();
+        p.registry
+            .wait_for_counters(STEP_TIMEOUT, |s| {
+                s.instances == held && s.sessions <= 1 && s.tasks <= 1 && s.sockets <= 1 && s.connected <= 1
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| format!("SDK counters did not settle: {s:?} with {held} instances held by iOS"))
+    }
+
+    async fn check_invariants(&mut self, step: &Step) {
+        let mut failures = Vec::new();
+        if let Err(e) = self.settled_counters().await {
+            failures.push(e);
+        }
+        // Instances iOS keeps after a newer one started hold no session of their own.
+        if let Some(p) = &self.phone.process {
+            for i in &p.abandoned {
+                let state = i.provider.state();
+                if !matches!(state, nepush_provider::State::Stopped(_)) {
+                    failures.push(format!("older instance {} still active: {state:?}", i.n));
+                }
+            }
+        }
+        let max = self.phone.max.get();
+        if max.connected > 1 || max.sockets > 1 || max.sessions > 1 {
+            failures.push(format!(
+                "the phone had more than one session, socket or connection at once: {max:?}"
+            ));
+        }
+        self.phone
+            .shared
+            .with(|log| failures.extend(log.violations.iter().cloned()));
+        self.site.presence.with(|log| {
+            failures.extend(log.replaced_live.iter().cloned());
+            if let Some(b) = &log.broken {
+                failures.push(b.clone());
+            }
+        });
+        if !failures.is_empty() {
+            failures.dedup();
+            for f in failures {
+                if !self.report.failures.contains(&f) {
+                    self.report.failures.push(format!("after `{step}`: {f}"));
+                }
+            }
+        }
+    }
+
+    async fn teardown(&mut self) {
+        // The phone is switched off: the extension dies with it.
+        if self.phone.process.is_some()
+            && let Err(e) = self.phone.kill().await
+        {
+            self.report.failures.push(format!("teardown: {e}"));
+        }
+        let stats = self.phone.stats;
+        let wifi = self.phone.wifi.stats();
+        let log = self
+            .site
+            .presence
+            .with(|l| (l.logins, l.offline_count, l.replaced_dead, l.max_sessions));
+        let r = &mut self.report;
+        r.simulated = stats.simulated;
+        r.timer_events = stats.timer_events;
+        r.processes = stats.processes;
+        r.kills = stats.kills;
+        r.instances = stats.instances;
+        (r.notifications, r.call_reports) =
+            self.phone.shared.with(|l| (l.notifications_shown, l.calls.len()));
+        (
+            r.server_logins,
+            r.server_offline,
+            r.replaced_dead,
+            r.max_server_sessions,
+        ) = log;
+        r.max_counters = self.phone.max.get();
+        r.wifi_relayed = wifi.relayed;
+        r.wifi_blackholed = wifi.blackholed;
+    }
+}
+
+fn to(device: &str) -> Target {
+    Target {
+        kind: Some(target::Kind::DeviceId(device.into())),
+    }
+}

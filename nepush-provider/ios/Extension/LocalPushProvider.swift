@@ -1,0 +1,121 @@
+// The NEAppPushProvider subclass: a thin shell over the Rust provider core (`PushProvider`
+// from the generated binding, module LpushSDK). Everything it decides lives in Rust and is tested on Linux
+// (nepush-provider/scenarios); this file only forwards iOS's calls and performs the host's
+// three side effects: report a call, show a notification, persist the last seen sequence.
+
+import Foundation
+import LpushSDK  // the Swift package build-xcframework.sh produces (generated binding + xcframework)
+import Network
+import NetworkExtension
+import UserNotifications
+
+/// App group shared by the container app and the extension (entitlement
+/// com.apple.security.application-groups).
+let appGroup = "group.org.example.lpush"
+
+/// Info.plist: NSExtensionPointIdentifier com.apple.networkextension.app-push,
+/// NSExtensionPrincipalClass $(PRODUCT_MODULE_NAME).LocalPushProvider.
+final class LocalPushProvider: NEAppPushProvider {
+    private var core: PushProvider?
+    private let pathMonitor = NWPathMonitor(requiredInterfaceType: .wifi)
+
+    override func start() {
+        guard let configuration = providerConfiguration,
+              let plist = try? PropertyListSerialization.data(
+                  fromPropertyList: configuration, format: .binary, options: 0)
+        else {
+            NSLog("lpush: no providerConfiguration; re-enroll the app")
+            return
+        }
+        let group = UserDefaults(suiteName: appGroup)!
+        do {
+            // The callbacks hold this instance weakly: no retain cycle, so iOS can free the
+            // instance (the field reports of instances that never deinit).
+            let core = try PushProvider(
+                providerConfiguration: plist,
+                persistedLastSeenSeq: UInt64(group.integer(forKey: "lastSeenSeq")),
+                host: Callbacks(provider: self, group: group))
+            if let token = group.string(forKey: "voipToken") {
+                core.setVoipToken(token: token)
+            }
+            self.core = core
+            // A newer instance for the same device stops this process's older one first.
+            Task { try? await core.start() }
+        } catch {
+            NSLog("lpush: unusable providerConfiguration: \(error)")
+        }
+        pathMonitor.pathUpdateHandler = { [weak self] path in
+            self?.core?.networkChanged(change: path.status == .satisfied ? .viable : .notViable)
+        }
+        pathMonitor.start(queue: .global(qos: .utility))
+    }
+
+    override func stop(with reason: NEProviderStopReason, completionHandler: @escaping () -> Void) {
+        pathMonitor.cancel()
+        let core = self.core
+        self.core = nil
+        Task {
+            // Returns once the goodbye is sent, the socket closed and the task gone.
+            await core?.stop(reason: Int64(reason.rawValue))
+            completionHandler()
+        }
+    }
+
+    // A backstop only: the SDK reconnects on its own schedule.
+    override func handleTimerEvent() {
+        core?.handleTimerEvent()
+    }
+
+    deinit {
+        pathMonitor.cancel()
+    }
+}
+
+/// The host side of the provider core. Called on an SDK thread; a push counts as taken (and
+/// is acknowledged to the server) when the call returns.
+final class Callbacks: ProviderHostCallbacks {
+    private weak var provider: NEAppPushProvider?
+    private let group: UserDefaults
+
+    init(provider: NEAppPushProvider, group: UserDefaults) {
+        self.provider = provider
+        self.group = group
+    }
+
+    func reportIncomingCall(userInfoPlist: Data) {
+        guard let userInfo = try? PropertyListSerialization.propertyList(
+            from: userInfoPlist, options: [], format: nil) as? [AnyHashable: Any]
+        else { return }
+        // iOS hands the same dictionary to the container app's
+        // appPushManager(_:didReceiveIncomingCallWithUserInfo:), which reports it to CallKit.
+        provider?.reportIncomingCall(userInfo: userInfo)
+    }
+
+    func showNotification(notification: LocalNotification) {
+        let content = UNMutableNotificationContent()
+        content.title = notification.title
+        content.subtitle = notification.sender
+        content.body = notification.body
+        content.threadIdentifier = notification.threadId
+        content.categoryIdentifier = notification.category
+        content.sound = .default
+        if notification.timeSensitive { content.interruptionLevel = .timeSensitive }
+        // The id makes a replayed push replace, never duplicate, the notification.
+        UNUserNotificationCenter.current().add(
+            UNNotificationRequest(identifier: notification.id, content: content, trigger: nil))
+    }
+
+    func persistLastSeenSeq(seq: UInt64) {
+        group.set(Int(seq), forKey: "lastSeenSeq")
+    }
+
+    func stateChanged(state: ConnectionState) {
+        switch state {
+        case .stopped(cause: .credentialRevoked), .stopped(cause: .authFailed):
+            // The container app shows "re-enroll this phone" when it sees this flag.
+            group.set(true, forKey: "needsEnrollment")
+        default:
+            break
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! What the provider asks of its host (the Swift `NEAppPushProvider` subclass, or the Linux
+//! lifecycle host): report calls, show notifications, persist the last seen sequence.
+
+use mobile_sdk::core::{CallCancelPush, CallInvitePush, CancelReason, MessagePush, Priority, State};
+use plist::{Dictionary, Value};
+
+/// Callbacks into the host. Called on the SDK's thread, one at a time per instance: return
+/// quickly and never call back into the provider from inside. A push counts as taken by the app
+/// (and is acknowledged to the server) when the callback returns.
+pub trait ProviderHost: Send + Sync + 'static {
+    /// `NEAppPushProvider.reportIncomingCall(userInfo:)`, for call invites and for
+    /// cancellations (see [`user_info`] for the keys; `kind` tells which). Every value is a
+    /// property-list value.
+    fn report_incoming_call(&self, user_info: Dictionary);
+
+    /// Show a text message as a local notification (`UNUserNotificationCenter`).
+    fn show_notification(&self, notification: LocalNotification);
+
+    /// Persist this sequence in app-group storage and pass it back as
+    /// `persisted_last_seen_seq` when the next instance is created, so a relaunched extension
+    /// does not show pushes again. Called right after the push it covers was handed over.
+    fn persist_last_seen_seq(&self, seq: u64);
+
+    /// The connection state changed (diagnostics, UI). Default: ignored.
+    fn state_changed(&self, state: &State) {
+        let _ = state;
+    }
+}
+
+/// A text message to show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalNotification {
+    /// Message id: use it as the `UNNotificationRequest` identifier, so a replay replaces
+    /// rather than duplicates.
+    pub id: String,
+    /// Per-device sequence number.
+    pub seq: u64,
+    /// Title.
+    pub title: String,
+    /// Body.
+    pub body: String,
+    /// Sender's display name (subtitle).
+    pub sender: String,
+    /// `threadIdentifier`: the collapse key, else empty (iOS groups by app).
+    pub thread_id: String,
+    /// `categoryIdentifier`: always [`MESSAGE_CATEGORY`].
+    pub category: String,
+    /// High priority: `interruptionLevel = .timeSensitive`.
+    pub time_sensitive: bool,
+    /// When the sender submitted it, Unix ms.
+    pub sent_at_ms: i64,
+    /// Opaque application data from the sender.
+    pub data: Vec<u8>,
+}
+
+/// The notification category of messages.
+pub const MESSAGE_CATEGORY: &str = "lpush.message";
+
+impl From<MessagePush> for LocalNotification {
+    fn from(m: MessagePush) -> Self {
+        Self {
+            id: m.id,
+            seq: m.seq,
+            title: m.title,
+            body: m.body,
+            sender: m.sender,
+            thread_id: m.collapse_key,
+            category: MESSAGE_CATEGORY.into(),
+            time_sensitive: m.priority == Priority::High,
+            sent_at_ms: m.sent_at_ms,
+            data: m.data,
+        }
+    }
+}
+
+/// The `userInfo` dictionary of `reportIncomingCall(userInfo:)`, which iOS hands unchanged to
+/// the app's `appPushManager(_:didReceiveIncomingCallWithUserInfo:)`.
+///
+/// A call (`kind` = `"call"`): `callId`, `callUUID` (the CallKit UUID, identical on the APNs
+/// path), `callerName`, `callerHandle`, `video` (bool), `ringDeadlineMs` (Unix ms, server clock),
+/// `ringRemainingMs` (how long it may still ring, measured on the server's clock: use this
+/// rather than the phone's clock), `seq`.
+///
+/// A cancellation (`kind` = `"cancel"`): `callId`, `callUUID`, `reason` (`callerCancelled`,
+/// `answeredElsewhere`, `declinedElsewhere` or `unspecified`), `seq`. The app ends the call;
+/// if it never saw the invite it must still report and end it at once (iOS requires a report).
+pub mod user_info {
+    /// `"call"` or `"cancel"`.
+    pub const KIND: &str = "kind";
+    /// Sender's call id.
+    pub const CALL_ID: &str = "callId";
+    /// CallKit UUID.
+    pub const CALL_UUID: &str = "callUUID";
+    /// Caller display name.
+    pub const CALLER_NAME: &str = "callerName";
+    /// Caller handle.
+    pub const CALLER_HANDLE: &str = "callerHandle";
+    /// Video call (bool).
+    pub const VIDEO: &str = "video";
+    /// Ring deadline, Unix ms, server clock (integer).
+    pub const RING_DEADLINE_MS: &str = "ringDeadlineMs";
+    /// Ring time left when handed over, ms (integer).
+    pub const RING_REMAINING_MS: &str = "ringRemainingMs";
+    /// Per-device sequence (integer).
+    pub const SEQ: &str = "seq";
+    /// Why a call was cancelled.
+    pub const REASON: &str = "reason";
+    /// [`KIND`] of an invite.
+    pub const KIND_CALL: &str = "call";
+    /// [`KIND`] of a cancellation.
+    pub const KIND_CANCEL: &str = "cancel";
+}
+
+/// The `userInfo` of a call invite.
+pub fn call_user_info(c: &CallInvitePush) -> Dictionary {
+    let remaining = u64::try_from(c.ring_remaining.as_millis()).unwrap_or(u64::MAX);
+    let mut d = Dictionary::new();
+    d.insert(user_info::KIND.into(), Value::String(user_info::KIND_CALL.into()));
+    d.insert(user_info::CALL_ID.into(), Value::String(c.call_id.clone()));
+    d.insert(user_info::CALL_UUID.into(), Value::String(c.call_uuid.clone()));
+    d.insert(
+        user_info::CALLER_NAME.into(),
+        Value::String(c.caller_name.clone()),
+    );
+    d.insert(
+        user_info::CALLER_HANDLE.into(),
+        Value::String(c.caller_handle.clone()),
+    );
+    d.insert(user_info::VIDEO.into(), Value::Boolean(c.video));
+    d.insert(
+        user_info::RING_DEADLINE_MS.into(),
+        Value::Integer(c.ring_deadline_ms.into()),
+    );
+    d.insert(
+        user_info::RING_REMAINING_MS.into(),
+        Value::Integer(remaining.into()),
+    );
+    d.insert(user_info::SEQ.into(), Value::Integer(c.seq.into()));
+    d
+}
+
+/// The `userInfo` of a call cancellation.
+pub fn cancel_user_info(c: &CallCancelPush) -> Dictionary {
+    let mut d = Dictionary::new();
+    d.insert(
+        user_info::KIND.into(),
+        Value::String(user_info::KIND_CANCEL.into()),
+    );
+    d.insert(user_info::CALL_ID.into(), Value::String(c.call_id.clone()));
+    d.insert(user_info::CALL_UUID.into(), Value::String(c.call_uuid.clone()));
+    d.insert(
+        user_info::REASON.into(),
+        Value::String(cancel_reason_name(c.reason).into()),
+    );
+    d.insert(user_info::SEQ.into(), Value::Integer(c.seq.into()));
+    d
+}
+
+/// The `reason` value of a cancellation.
+pub fn cancel_reason_name(r: CancelReason) -> &'static str {
+    match r {
+        CancelReason::CallerCancelled => "callerCancelled",
+        CancelReason::AnsweredElsewhere => "answeredElsewhere",
+        CancelReason::DeclinedElsewhere => "declinedElsewhere",
+        CancelReason::Unspecified => "unspecified",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn invite() -> CallInvitePush {
+        CallInvitePush {
+            seq: 9,
+            id: "p-9".into(),
+            call_id: "call-1".into(),
+            call_uuid: "5b1f0c1e-6a53-4c5e-9d0f-6c6f63616c70".into(),
+            caller_name: "Dr. Okafor – Station Ünfall 🚑".into(),
+            caller_handle: "ext 4411".into(),
+            video: true,
+            created_at_ms: 1_700_000_000_000,
+            ring_deadline_ms: 1_700_000_030_000,
+            ring_remaining: Duration::from_millis(29_500),
+        }
+    }
+
+    fn xml_round_trip(d: &Dictionary) -> Dictionary {
+        let mut xml = Vec::new();
+        plist::to_writer_xml(&mut xml, d).unwrap();
+        plist::Value::from_reader_xml(&xml[..])
+            .unwrap()
+            .into_dictionary()
+            .unwrap()
+    }
+
+    #[test]
+    fn call_dictionary_has_the_documented_keys_and_survives_plist_xml() {
+        let d = call_user_info(&invite());
+        let mut keys: Vec<&str> = d.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "callId",
+                "callUUID",
+                "callerHandle",
+                "callerName",
+                "kind",
+                "ringDeadlineMs",
+                "ringRemainingMs",
+                "seq",
+                "video"
+            ]
+        );
+        let back = xml_round_trip(&d);
+        assert_eq!(back, d);
+        assert_eq!(back["kind"].as_string(), Some("call"));
+        assert_eq!(
+            back["callerName"].as_string(),
+            Some("Dr. Okafor – Station Ünfall 🚑")
+        );
+        assert_eq!(back["video"].as_boolean(), Some(true));
+        assert_eq!(
+            back["ringDeadlineMs"].as_signed_integer(),
+            Some(1_700_000_030_000)
+        );
+        assert_eq!(back["ringRemainingMs"].as_signed_integer(), Some(29_500));
+        assert_eq!(back["seq"].as_signed_integer(), Some(9));
+    }
+
+    #[test]
+    fn cancel_dictionary_survives_plist_xml() {
+        let c = CallCancelPush {
+            seq: 10,
+            id: "p-10".into(),
+            call_id: "call-1".into(),
+            call_uuid: invite().call_uuid,
+            reason: CancelReason::AnsweredElsewhere,
+        };
+        let d = cancel_user_info(&c);
+        let back = xml_round_trip(&d);
+        assert_eq!(back, d);
+        assert_eq!(back["kind"].as_string(), Some("cancel"));
+        assert_eq!(back["reason"].as_string(), Some("answeredElsewhere"));
+        assert_eq!(back["callUUID"].as_string(), Some(c.call_uuid.as_str()));
+    }
+
+    #[test]
+    fn notification_from_message() {
+        let n = LocalNotification::from(MessagePush {
+            seq: 3,
+            id: "m-3".into(),
+            title: "Bed 12".into(),
+            body: "SpO2 88 %".into(),
+            data: vec![1, 2],
+            priority: Priority::High,
+            collapse_key: "bed-12".into(),
+            sent_at_ms: 5,
+            expires_at_ms: 0,
+            sender: "Monitor".into(),
+        });
+        assert!(n.time_sensitive);
+        assert_eq!(
+            (n.id.as_str(), n.thread_id.as_str(), n.category.as_str()),
+            ("m-3", "bed-12", MESSAGE_CATEGORY)
+        );
+    }
+}
