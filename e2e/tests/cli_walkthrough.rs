@@ -191,4 +191,45 @@ async fn readme_walkthrough_through_the_cli() {
         data_dir,
     ]);
     assert!(!list.contains("phone-1"), "{list}");
+
+    // 7. Enroll a second phone: the property list its container app saves, owner-only.
+    let plist_file = tmp.path().join("phone-2.plist");
+    cli(&[
+        "device",
+        "enroll",
+        "phone-2",
+        "--group",
+        "ward:4B",
+        "--out",
+        path_str(&plist_file),
+        "--api",
+        &api,
+        "--data-dir",
+        data_dir,
+    ]);
+    let mode = std::fs::metadata(&plist_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "enrollment file mode {mode:o}");
+    let enrollment: plist::Dictionary = plist::from_file(&plist_file).unwrap();
+    let provider = enrollment["providerConfiguration"].as_dictionary().unwrap();
+    assert_eq!(provider["deviceId"].as_string(), Some("phone-2"));
+    assert_eq!(
+        provider["port"].as_unsigned_integer(),
+        Some(u64::from(server.device_addr.port()))
+    );
+    assert_eq!(
+        provider["pins"].as_array().unwrap().len(),
+        2,
+        "current and next pin"
+    );
+    let list = cli(&[
+        "device",
+        "list",
+        "--group",
+        "ward:4B",
+        "--api",
+        &api,
+        "--data-dir",
+        data_dir,
+    ]);
+    assert!(list.lines().any(|l| l.starts_with("phone-2 ")), "{list}");
 }
