@@ -31,11 +31,17 @@ pub fn bind_devices(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(DEVICE_BACKLOG)
 }
 
-/// Accept device connections until `shutdown`; each session runs on `tracker`.
+/// How often the accept thread looks at the shutdown token while no device connects.
+const ACCEPT_POLL: Duration = Duration::from_millis(50);
+
+/// Accept device connections until `shutdown`; each session runs on `tracker`. Returns once
+/// the listener is closed.
 ///
-/// The loop runs outside tokio's cooperative budget: it drains the accept queue whenever it is
-/// woken (accepting is cheap; the handshakes run in their own tasks) instead of yielding after
-/// a few accepts behind thousands of handshake tasks while the kernel's queue overflows.
+/// Accepting runs on a thread of its own: when a whole site reconnects at once, thousands of
+/// handshake tasks fill tokio's run queues, and an accept task queued behind them would leave
+/// the kernel's accept queue to overflow (each dropped SYN costs a device a 1 s
+/// retransmission). The thread drains the queue as fast as the kernel fills it; connections
+/// then wait in tokio, established, for their handshake (within the handshake deadline).
 pub async fn serve_devices(
     listener: TcpListener,
     acceptor: TlsAcceptor,
@@ -44,27 +50,85 @@ pub async fn serve_devices(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    tokio::task::unconstrained(accept_devices(listener, acceptor, env, limits, shutdown, tracker)).await
+    let listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "device listener unusable; no device can connect");
+            return;
+        }
+    };
+    let handle = tokio::runtime::Handle::current();
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("device-accept".into())
+        .spawn(move || {
+            accept_devices(listener, &handle, acceptor, env, limits, shutdown, tracker);
+            let _ = done.send(());
+        });
+    match spawned {
+        Ok(_) => {
+            let _ = finished.await;
+        }
+        Err(e) => tracing::error!(error = %e, "cannot start the device accept thread; no device can connect"),
+    }
 }
 
-async fn accept_devices(
-    listener: TcpListener,
+fn accept_devices(
+    listener: std::net::TcpListener,
+    handle: &tokio::runtime::Handle,
     acceptor: TlsAcceptor,
     env: Arc<SessionEnv>,
     limits: Limits,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    // Blocking accepts that give up every ACCEPT_POLL (SO_RCVTIMEO) to look at `shutdown`.
+    let setup = listener
+        .set_nonblocking(false)
+        .and_then(|()| SockRef::from(&listener).set_read_timeout(Some(ACCEPT_POLL)));
+    if let Err(e) = setup {
+        tracing::error!(error = %e, "cannot set up the device listener");
+        return;
+    }
+    let _runtime = handle.enter();
     let permits = Arc::new(Semaphore::new(limits.max_sessions));
     let handshake_timeout = Duration::from_millis(limits.tls_handshake_timeout_ms);
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
-            _ = shutdown.cancelled() => break,
+    let mut backoff = Duration::from_millis(5);
+    while !shutdown.is_cancelled() {
+        // Beyond the session limit connections wait in the kernel's backlog.
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            std::thread::sleep(ACCEPT_POLL / 5);
+            continue;
         };
-        let (tcp, peer) = tokio::select! {
-            r = accept(&listener) => r,
-            _ = shutdown.cancelled() => break,
+        let (tcp, peer) = match listener.accept() {
+            Ok(conn) => {
+                backoff = Duration::from_millis(5);
+                conn
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            // Out of file descriptors, for example: back off instead of spinning.
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "accept failed");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let tcp = match tcp.set_nonblocking(true).and_then(|()| TcpStream::from_std(tcp)) {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "accepted connection unusable");
+                continue;
+            }
         };
         tune(&tcp, &limits);
         let (acceptor, env, shutdown, sessions) =

@@ -398,13 +398,15 @@ pub fn server_config(pki: &Pki) -> Result<rustls::ServerConfig, PkiError> {
         source,
     };
 
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(server_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls)?
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(tls)?;
     config.alpn_protocols = vec![push_proto::ALPN.to_vec()];
+    // Our order of suites, not the client's (which puts AES-256-GCM-SHA384 first).
+    config.ignore_client_order = true;
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(tls)?;
     config.send_tls13_tickets = TLS13_TICKETS;
     Ok(config)
@@ -881,6 +883,19 @@ fn warn_if_loose_permissions(key: &Path) {
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// The server's provider: TLS13_AES_128_GCM_SHA256 first. The handshake's transcript hash and
+/// key schedule then run on SHA-256 (SHA-NI where the CPU has it) instead of SHA-384, whose
+/// SHA-512 blocks were about a sixth of the server's CPU per full handshake in the reconnect
+/// storm benchmark (BENCHMARKS.md). AES-128-GCM is the suite every TLS 1.3 implementation
+/// must support.
+fn server_provider() -> Arc<CryptoProvider> {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 fn pin_of_spki(spki_der: &[u8]) -> String {

@@ -175,6 +175,10 @@ struct DeviceObs {
 
 #[derive(Default)]
 struct SiteObs {
+    /// Devices whose last session was on this SSID (kept as sessions start, so that a session
+    /// end need not count them: that was a scan of every device per session end, quadratic
+    /// when a whole site drops at once).
+    members: usize,
     logins: VecDeque<i64>,
     drops: VecDeque<i64>,
     heartbeat_misses: u64,
@@ -209,6 +213,11 @@ fn prune(q: &mut VecDeque<i64>, since: i64) {
 fn push_bounded<T>(q: &mut VecDeque<T>, item: T, cap: usize) {
     if q.len() >= cap.max(1) {
         q.pop_front();
+    }
+    if q.capacity() == 0 {
+        // Room for one to start with, not the default four: most devices have one session
+        // and it is kept for every idle one (about 0.4 KiB per device at 10,000 devices).
+        q.reserve_exact(1);
     }
     q.push_back(item);
 }
@@ -261,6 +270,7 @@ impl Observer {
         let mut st = self.state.lock().expect("poisoned");
         let st = &mut *st;
         let window = self.window_ms();
+        let created = !st.devices.contains_key(device_id);
         let d = st.devices.entry(device_id.to_string()).or_default();
         if let Some(open) = d.sessions.back_mut().filter(|s| s.ended_ms.is_none()) {
             open.ended_ms = Some(now);
@@ -295,10 +305,18 @@ impl Observer {
             st.online += 1;
         }
         d.online = true;
-        d.ssid = ssid.into();
+        let moved = (d.ssid != ssid).then(|| std::mem::replace(&mut d.ssid, ssid.into()));
         d.heard = Arc::new(AtomicI64::new(now));
         let heard = d.heard.clone();
+        if let Some(old) = moved.as_ref().filter(|_| !created)
+            && let Some(site) = st.sites.get_mut(old)
+        {
+            site.members = site.members.saturating_sub(1);
+        }
         let site = st.sites.entry(ssid.to_string()).or_default();
+        if created || moved.is_some() {
+            site.members += 1;
+        }
         site.logins.push_back(now);
         prune(&mut site.logins, now - window);
         if let Some(n) = churn {
@@ -355,8 +373,8 @@ impl Observer {
             }
         }
         let site_drop = !matches!(class, "replaced" | "revoked" | "shutdown" | "device_goodbye");
-        let expected = st.devices.values().filter(|d| d.ssid == ssid).count();
         let site = st.sites.entry(ssid.clone()).or_default();
+        let expected = site.members;
         if class == "heartbeat_timeout" {
             site.heartbeat_misses += 1;
         }
@@ -408,7 +426,11 @@ impl Observer {
         if let (Some(ms), ReceiptState::Delivered) = (latency_ms, state) {
             push_bounded(&mut st.latencies, (at_ms, kind, path.to_string(), ms), LATENCIES);
         }
-        let d = st.devices.entry(device_id.to_string()).or_default();
+        // Look up before inserting: `entry` would allocate the key for every receipt.
+        if !st.devices.contains_key(device_id) {
+            st.devices.insert(device_id.to_string(), DeviceObs::default());
+        }
+        let d = st.devices.get_mut(device_id).expect("present");
         Self::delivery(d, id, kind, state, path, reason, at_ms, latency_ms, &self.limits);
     }
 
@@ -647,6 +669,30 @@ mod tests {
         let sites = o.sites(&HashMap::from([("Ward 4B".to_string(), 1)]), 500);
         assert!(sites[0].drop_flagged && sites[0].expected == 5 && sites[0].online == 1);
         assert_eq!(o.flagged(500).2, 1);
+    }
+
+    #[test]
+    fn a_site_counts_the_devices_last_seen_on_it() {
+        let o = observer();
+        for i in 0..5 {
+            o.session_started(&format!("p{i}"), i, "Ward 4B", "i", "sdk", 0);
+        }
+        // Two phones roam to another ward and log in there; Ward 4B now has three.
+        o.session_started("p3", 13, "Ward 5C", "i", "sdk", 10);
+        o.session_started("p4", 14, "Ward 5C", "i", "sdk", 10);
+        // A new session on the same SSID changes nothing.
+        o.session_started("p0", 10, "Ward 4B", "i", "sdk", 20);
+        o.session_ended("p0", 10, "read failed: connection reset", 100);
+        o.session_ended("p1", 1, "read failed: connection reset", 200);
+        assert!(o.diagnoses().iter().all(|d| d.kind != "site_drop"));
+        // All three drop (the minimum of 3 is met): flagged, out of 3, not 5.
+        o.session_ended("p2", 2, "read failed: connection reset", 300);
+        let d = o
+            .diagnoses()
+            .into_iter()
+            .find(|d| d.kind == "site_drop")
+            .expect("site flagged");
+        assert!(d.detail.starts_with("3 of 3 devices"), "{}", d.detail);
     }
 
     #[test]

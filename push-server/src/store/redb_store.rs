@@ -31,7 +31,7 @@ static API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys")
 
 /// Most batches folded into one transaction, so that a flood of writers cannot grow a
 /// transaction (and the wait of its first caller) without bound.
-const MAX_GROUP: usize = 256;
+const MAX_GROUP: usize = 1024;
 
 type Reply = oneshot::Sender<Result<(), StoreError>>;
 type Batch = (Vec<Op>, Reply);

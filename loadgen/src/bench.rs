@@ -1,0 +1,883 @@
+//! The benchmarks: each starts what it measures (the release push-server, Mosquitto) in a
+//! temporary directory, runs bounded in count and time, prints its figures and a table row per
+//! figure with the machine's load average, and kills what it started.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use push_proto::sender::{DeliveryState, PlaceCallRequest, SendMessageRequest, WatchCallRequest};
+
+use crate::{
+    mqtt::{Mosquitto, MqttFleet, MqttPublisher},
+    push::{Fleet, PushServer, PushTarget, to_device, to_group},
+    recorder::Recorder,
+    stats::{Rng, Summary, cpu_by_thread, cpu_per_item, loadavg, now_ns},
+    worker::{System, WINDOW, Worker},
+};
+
+/// Heartbeat (push-server) and keep-alive (MQTT) while measuring idle memory: long, so the
+/// figure is memory, not heartbeat traffic.
+pub const IDLE_KEEPALIVE: Duration = Duration::from_secs(600);
+/// The MQTT keep-alive in the other benchmarks: the push-server's default heartbeat interval.
+const KEEPALIVE: Duration = Duration::from_secs(30);
+/// Longest wait for a fleet to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(180);
+/// Longest wait for the last message of a run after the last send.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What every benchmark needs to know.
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub server_bin: PathBuf,
+    pub mosquitto_bin: PathBuf,
+    pub systems: Vec<System>,
+    /// Devices one load-generator process holds; more go to worker processes.
+    pub per_process: usize,
+}
+
+impl Env {
+    fn runs(&self, s: System) -> bool {
+        self.systems.contains(&s)
+    }
+}
+
+/// Rows of the figures table printed at the end of a benchmark.
+#[derive(Default)]
+pub struct Table(Vec<[String; 4]>);
+
+impl Table {
+    fn row(&mut self, system: &str, what: impl Into<String>, figure: impl Into<String>) {
+        let row = [system.into(), what.into(), figure.into(), loadavg()];
+        println!("  {} | {} | {} | load {}", row[0], row[1], row[2], row[3]);
+        self.0.push(row);
+    }
+
+    pub fn print(&self, title: &str) {
+        println!("\n{title}\n\n| system | what | figure | loadavg (1/5/15 min) |\n|---|---|---|---|");
+        for [s, w, f, l] in &self.0 {
+            println!("| {s} | {w} | {f} | {l} |");
+        }
+    }
+}
+
+/// The stage measured before `stage` (0 for the first): sessions added in this stage.
+fn previous_stage(counts: &[usize], stage: usize) -> usize {
+    counts.iter().filter(|&&c| c < stage).max().copied().unwrap_or(0)
+}
+
+/// "N idle sessions", naming the client processes when one could not hold them all.
+fn idle_label(stage: usize, per_process: usize) -> String {
+    match stage.div_ceil(per_process) {
+        1 => format!("{stage} idle sessions"),
+        procs => format!("{stage} idle sessions ({procs} client processes)"),
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Idle sessions
+
+/// Server resident memory per idle session, and logins per second, at growing session counts.
+pub async fn idle(env: &Env, push_counts: &[usize], mqtt_counts: &[usize]) -> anyhow::Result<Table> {
+    let mut table = Table::default();
+    let mut per_session = Vec::new();
+    if env.runs(System::Push) && !push_counts.is_empty() {
+        println!("== push-server: idle authenticated TLS 1.3 sessions (heartbeat every 600 s)");
+        let total = *push_counts.iter().max().expect("not empty");
+        let server = PushServer::start(
+            &env.server_bin,
+            &["--heartbeat-interval-ms".into(), "600000".into()],
+        )
+        .await?;
+        let t = &server.target;
+        let creds = t.register(total).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let base = server.proc.rss_kib()?;
+        println!("  server RSS with {total} devices registered and no session: {base} KiB");
+        let ca_file = server.data_dir().join("tls/ca.pem");
+        let creds_file = server.data_dir().join("loadgen-creds.txt");
+        std::fs::write(&creds_file, creds.join("\n"))?;
+        let mut fleet = Fleet::new(t.device_addr, &t.ca);
+        let mut workers = Vec::new();
+        let mut have = 0;
+        for &stage in push_counts {
+            let drops0 = listen_drops();
+            let cpu0 = server.proc.cpu_time();
+            let started = Instant::now();
+            while have < stage {
+                let (from, to) = (have, stage.min(have + env.per_process - have % env.per_process));
+                if from < env.per_process {
+                    let start = fleet.len();
+                    fleet.add((from..to).map(|i| (i, creds[i].clone())))?;
+                    fleet
+                        .start_paced(start..fleet.len(), WINDOW, CONNECT_TIMEOUT)
+                        .await?;
+                } else {
+                    if workers.len() < from / env.per_process {
+                        let log = server.data_dir().join(format!("worker-{}.log", workers.len()));
+                        workers.push(Worker::spawn(
+                            System::Push,
+                            t.device_addr,
+                            &ca_file,
+                            Some(&creds_file),
+                            &log,
+                        )?);
+                    }
+                    workers.last_mut().expect("spawned").connect(from, to)?;
+                }
+                have = to;
+            }
+            let took = started.elapsed();
+            let cpu = server.proc.cpu_time() - cpu0;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let rss = server.proc.rss_kib()?;
+            let per = (rss.saturating_sub(base)) as f64 / stage as f64;
+            let added = stage - previous_stage(push_counts, stage);
+            table.row(
+                "push-server",
+                idle_label(stage, env.per_process),
+                format!(
+                    "RSS {:.1} MiB, {per:.2} KiB/session; {:.0} logins/s, server CPU {:.0} µs/login{}",
+                    rss as f64 / 1024.0,
+                    added as f64 / took.as_secs_f64(),
+                    cpu.as_secs_f64() * 1e6 / added as f64,
+                    syn_drops(drops0),
+                ),
+            );
+            per_session.push(("push", stage, per));
+        }
+    }
+    if env.runs(System::Mqtt) && !mqtt_counts.is_empty() {
+        println!(
+            "== Mosquitto: idle TLS 1.3 MQTT sessions (clean_session=false, one QoS 1 subscription each, keep-alive 600 s)"
+        );
+        let broker = Mosquitto::start(&env.mosquitto_bin).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let base = broker.proc.rss_kib()?;
+        println!("  broker RSS with no session: {base} KiB");
+        let ca_file = broker.data_dir().join("loadgen-ca.pem");
+        std::fs::write(&ca_file, &broker.ca)?;
+        let mut fleet = MqttFleet::new(broker.addr, &broker.ca, IDLE_KEEPALIVE)?;
+        let mut workers = Vec::new();
+        let mut have = 0;
+        for &stage in mqtt_counts {
+            let drops0 = listen_drops();
+            let cpu0 = broker.proc.cpu_time();
+            let started = Instant::now();
+            while have < stage {
+                let (from, to) = (have, stage.min(have + env.per_process - have % env.per_process));
+                if from < env.per_process {
+                    fleet.start_paced(from..to, WINDOW, CONNECT_TIMEOUT).await?;
+                } else {
+                    if workers.len() < from / env.per_process {
+                        let log = broker.data_dir().join(format!("worker-{}.log", workers.len()));
+                        workers.push(Worker::spawn(System::Mqtt, broker.addr, &ca_file, None, &log)?);
+                    }
+                    workers.last_mut().expect("spawned").connect(from, to)?;
+                }
+                have = to;
+            }
+            let took = started.elapsed();
+            let cpu = broker.proc.cpu_time() - cpu0;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let rss = broker.proc.rss_kib()?;
+            let per = (rss.saturating_sub(base)) as f64 / stage as f64;
+            let added = stage - previous_stage(mqtt_counts, stage);
+            table.row(
+                "mosquitto",
+                idle_label(stage, env.per_process),
+                format!(
+                    "RSS {:.1} MiB, {per:.2} KiB/session; {:.0} connects+subscribes/s, broker CPU {:.0} µs/session{}",
+                    rss as f64 / 1024.0,
+                    added as f64 / took.as_secs_f64(),
+                    cpu.as_secs_f64() * 1e6 / added as f64,
+                    syn_drops(drops0),
+                ),
+            );
+            per_session.push(("mqtt", stage, per));
+        }
+    }
+    for &(_, stage, push) in per_session.iter().filter(|p| p.0 == "push") {
+        if let Some(&(_, _, mqtt)) = per_session.iter().find(|p| p.0 == "mqtt" && p.1 == stage) {
+            table.row(
+                "ratio",
+                format!("{stage} sessions, push-server / Mosquitto KiB per session"),
+                ratio(push, mqtt),
+            );
+        }
+    }
+    Ok(table)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delivery latency
+
+/// Sends one numbered message to one device.
+#[derive(Clone)]
+pub enum Sender {
+    /// `SendMessage` through the gRPC API (TLS), returning once the message is durable.
+    Push(Box<PushTarget>, Arc<str>),
+    /// A QoS 1 `PUBLISH` to the device's topic.
+    Mqtt(Arc<MqttPublisher>),
+}
+
+impl Sender {
+    async fn send(&self, k: usize, device: usize) -> anyhow::Result<()> {
+        match self {
+            Sender::Push(t, body) => {
+                t.api
+                    .sender()
+                    .send_message(SendMessageRequest {
+                        target: to_device(device),
+                        title: format!("m{k}"),
+                        body: body.to_string(),
+                        ..Default::default()
+                    })
+                    .await?;
+                Ok(())
+            }
+            Sender::Mqtt(p) => p.publish(k, device).await,
+        }
+    }
+}
+
+/// Figures of one fixed-rate run.
+pub struct RateRun {
+    pub sent: usize,
+    pub received: usize,
+    pub failed: usize,
+    /// Send call to the device's app callback (push) or the subscriber's PUBLISH (MQTT).
+    pub latency: Summary,
+    /// Send call to its return (push: durable; MQTT: handed to the client's queue).
+    pub returned: Summary,
+    /// Messages received per second, first send to last arrival.
+    pub throughput: f64,
+}
+
+/// Send `n` messages at `rate` per second, each to a random one of `devices`, and measure.
+/// Sends are scheduled on tokio's 1 ms timer: above 1,000/s they go in bursts each millisecond.
+pub async fn run_rate(
+    sender: &Sender,
+    rec: &Recorder,
+    devices: usize,
+    rate: f64,
+    n: usize,
+    seed: u64,
+) -> anyhow::Result<RateRun> {
+    let arrivals = rec.arm(n, false);
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let returned: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut rng = Rng::new(seed);
+    let start = Instant::now();
+    for k in 0..n {
+        let at = start + Duration::from_secs_f64(k as f64 / rate);
+        if at > Instant::now() {
+            tokio::time::sleep_until(at.into()).await;
+        }
+        let device = rng.below(devices);
+        let (sender, sent, returned, failed) =
+            (sender.clone(), sent.clone(), returned.clone(), failed.clone());
+        tokio::spawn(async move {
+            sent[k].store(now_ns(), Ordering::Release);
+            match sender.send(k, device).await {
+                Ok(()) => returned[k].store(now_ns(), Ordering::Release),
+                Err(e) => {
+                    if failed.fetch_add(1, Ordering::AcqRel) == 0 {
+                        eprintln!("  send failed: {e:#}");
+                    }
+                }
+            }
+        });
+    }
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while arrivals.count.load(Ordering::Acquire) + failed.load(Ordering::Acquire) < n
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Sends still in flight are not counted; give them a moment to report.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut latencies = Vec::with_capacity(n);
+    let mut returns = Vec::with_capacity(n);
+    let (mut first_sent, mut last_arrival) = (u64::MAX, 0);
+    for k in 0..n {
+        let (s, r, a) = (
+            sent[k].load(Ordering::Acquire),
+            returned[k].load(Ordering::Acquire),
+            arrivals.first[k].load(Ordering::Acquire),
+        );
+        if s == 0 {
+            continue;
+        }
+        first_sent = first_sent.min(s);
+        if r != 0 {
+            returns.push(r - s);
+        }
+        if a != 0 {
+            latencies.push(a.saturating_sub(s));
+            last_arrival = last_arrival.max(a);
+        }
+    }
+    let received = latencies.len();
+    Ok(RateRun {
+        sent: n,
+        received,
+        failed: failed.load(Ordering::Acquire),
+        latency: Summary::of_ns(latencies),
+        returned: Summary::of_ns(returns),
+        throughput: received as f64 / ((last_arrival.saturating_sub(first_sent)) as f64 / 1e9).max(1e-9),
+    })
+}
+
+/// Sender-to-device latency at fixed rates, each message to a random connected device.
+pub async fn latency(
+    env: &Env,
+    devices: usize,
+    rates: &[f64],
+    seconds: f64,
+    payload: usize,
+) -> anyhow::Result<Table> {
+    let mut table = Table::default();
+    let mut p99s: Vec<(System, f64, f64)> = Vec::new();
+    let body: Arc<str> = "x".repeat(payload).into();
+    for system in [System::Push, System::Mqtt] {
+        if !env.runs(system) {
+            continue;
+        }
+        // Both systems run here, one after the other; each keeps its devices connected through its rates.
+        let (sender, rec, name, _server, _broker, _push_fleet, _mqtt_fleet) = match system {
+            System::Push => {
+                println!(
+                    "== push-server: SendMessage (gRPC, TLS) -> app callback in the SDK, {devices} devices, {payload} B body"
+                );
+                let server = PushServer::start(&env.server_bin, &[]).await?;
+                let t = server.target.clone();
+                let creds = t.register(devices).await?;
+                let mut fleet = Fleet::new(t.device_addr, &t.ca);
+                fleet.add(creds.into_iter().enumerate())?;
+                let took = fleet.start_paced(0..devices, WINDOW, CONNECT_TIMEOUT).await?;
+                println!("  {devices} sessions in {:.1} s", took.as_secs_f64());
+                let rec = fleet.rec.clone();
+                (
+                    Sender::Push(Box::new(t), body.clone()),
+                    rec,
+                    "push-server",
+                    Some(server),
+                    None,
+                    Some(fleet),
+                    None,
+                )
+            }
+            System::Mqtt => {
+                println!(
+                    "== Mosquitto: PUBLISH QoS 1 -> subscriber receives it, {devices} persistent sessions, {payload} B payload"
+                );
+                let broker = Mosquitto::start(&env.mosquitto_bin).await?;
+                let mut fleet = MqttFleet::new(broker.addr, &broker.ca, KEEPALIVE)?;
+                let took = fleet.start_paced(0..devices, WINDOW, CONNECT_TIMEOUT).await?;
+                println!("  {devices} sessions in {:.1} s", took.as_secs_f64());
+                let publisher = MqttPublisher::connect(broker.addr, &broker.ca, payload).await?;
+                let rec = fleet.rec.clone();
+                (
+                    Sender::Mqtt(Arc::new(publisher)),
+                    rec,
+                    "mosquitto",
+                    None,
+                    Some(broker),
+                    None,
+                    Some(fleet),
+                )
+            }
+        };
+        // Warm-up: connections, caches, allocator; not measured.
+        let warm = run_rate(&sender, &rec, devices, 1000.0, 1000, 7).await?;
+        if warm.received < warm.sent {
+            bail!(
+                "{name}: warm-up lost {} of {} messages",
+                warm.sent - warm.received,
+                warm.sent
+            );
+        }
+        for &rate in rates {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let n = (rate * seconds).round() as usize;
+            let server_pid = match (&_server, &_broker) {
+                (Some(s), _) => s.proc.pid(),
+                (_, Some(b)) => b.proc.pid(),
+                _ => unreachable!("one of them runs"),
+            };
+            let (server0, self0) = (cpu_by_thread(server_pid), cpu_by_thread(std::process::id()));
+            let commits = async {
+                match &_server {
+                    Some(s) => s
+                        .target
+                        .metric("lpush_store_commits_total", "")
+                        .await
+                        .unwrap_or(0.0),
+                    None => 0.0,
+                }
+            };
+            let commits0 = commits.await;
+            let profiler = crate::procs::Profiler::start(server_pid, &format!("{name}-latency-{rate:.0}"));
+            let run = run_rate(&sender, &rec, devices, rate, n, 42).await?;
+            drop(profiler);
+            if let Some(s) = &_server {
+                let commits = s
+                    .target
+                    .metric("lpush_store_commits_total", "")
+                    .await
+                    .unwrap_or(0.0)
+                    - commits0;
+                println!(
+                    "  store commits: {commits:.0} ({:.1} messages per commit)",
+                    run.received as f64 / commits.max(1.0)
+                );
+            }
+            println!(
+                "  CPU per message: {name} {}; load generator {}",
+                cpu_per_item(&server0, &cpu_by_thread(server_pid), run.received),
+                cpu_per_item(&self0, &cpu_by_thread(std::process::id()), run.received)
+            );
+            println!(
+                "  {rate:.0}/s: {} sent, {} received, {} failed; delivery {}; send call returned {}",
+                run.sent,
+                run.received,
+                run.failed,
+                run.latency.line(),
+                run.returned.line()
+            );
+            table.row(
+                name,
+                format!(
+                    "{rate:.0} msg/s to random devices of {devices}, {} messages",
+                    run.sent
+                ),
+                format!(
+                    "p50 {:.3} / p99 {:.3} / p99.9 {:.3} / max {:.3} ms; {:.0} msg/s delivered; {} lost",
+                    run.latency.p50,
+                    run.latency.p99,
+                    run.latency.p999,
+                    run.latency.max,
+                    run.throughput,
+                    run.sent - run.received
+                ),
+            );
+            if system == System::Push {
+                table.row(
+                    name,
+                    format!("{rate:.0} msg/s: SendMessage returned (durable)"),
+                    format!(
+                        "p50 {:.3} / p99 {:.3} / p99.9 {:.3} ms",
+                        run.returned.p50, run.returned.p99, run.returned.p999
+                    ),
+                );
+            }
+            p99s.push((system, rate, run.latency.p99));
+        }
+    }
+    for &(_, rate, push) in p99s.iter().filter(|p| p.0 == System::Push) {
+        if let Some(&(_, _, mqtt)) = p99s.iter().find(|p| p.0 == System::Mqtt && p.1 == rate) {
+            table.row(
+                "ratio",
+                format!("{rate:.0} msg/s, p99 push-server / Mosquitto"),
+                ratio(push, mqtt),
+            );
+        }
+    }
+    Ok(table)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Push-server only: calls, reconnect storms, fan-out
+
+/// `; N SYNs dropped` when the accept queue overflowed since `before`.
+fn syn_drops(before: u64) -> String {
+    match listen_drops().saturating_sub(before) {
+        0 => String::new(),
+        n => format!("; {n} SYNs dropped (accept queue full)"),
+    }
+}
+
+/// SYNs the kernel dropped because a listener's accept queue was full (`ListenOverflows`),
+/// machine-wide: a dropped SYN costs the client a 1 s retransmission timeout.
+fn listen_drops() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut lines = text.lines();
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if !names.starts_with("TcpExt:") {
+            continue;
+        }
+        let pos = names.split_whitespace().position(|n| n == "ListenOverflows");
+        return pos
+            .and_then(|p| values.split_whitespace().nth(p)?.parse().ok())
+            .unwrap_or(0);
+    }
+    0
+}
+
+/// A started server with `devices` registered and connected through the SDK.
+async fn connected(env: &Env, devices: usize, extra: &[String]) -> anyhow::Result<(PushServer, Fleet)> {
+    let server = PushServer::start(&env.server_bin, extra).await?;
+    let t = &server.target;
+    let creds = t.register(devices).await?;
+    let mut fleet = Fleet::new(t.device_addr, &t.ca);
+    fleet.add(creds.into_iter().enumerate())?;
+    let took = fleet.start_paced(0..devices, WINDOW, CONNECT_TIMEOUT).await?;
+    println!(
+        "  {devices} devices connected in {:.1} s ({:.0} logins/s, {WINDOW} in flight)",
+        took.as_secs_f64(),
+        devices as f64 / took.as_secs_f64()
+    );
+    Ok((server, fleet))
+}
+
+/// `PlaceCall` to one random device at `rate` per second: latency to the invite callback, to
+/// `PlaceCall` returning, and to the sender seeing `ACKED` on `WatchCall`.
+pub async fn call(env: &Env, devices: usize, rate: f64, seconds: f64) -> anyhow::Result<Table> {
+    let mut table = Table::default();
+    if !env.runs(System::Push) {
+        return Ok(table);
+    }
+    println!(
+        "== push-server: PlaceCall -> CallInvite callback, and -> ACKED seen by the caller, {devices} devices"
+    );
+    let (server, fleet) = connected(env, devices, &[]).await?;
+    let t = server.target.clone();
+    let mut rows = Vec::new();
+    // A warm-up round, then the measured one.
+    for (round, n) in [
+        ("warm-up", 200usize),
+        ("measured", (rate * seconds).round() as usize),
+    ] {
+        let arrivals = fleet.rec.arm(n, false);
+        let times: Arc<Vec<[AtomicU64; 3]>> = Arc::new((0..n).map(|_| Default::default()).collect());
+        let failed = Arc::new(AtomicUsize::new(0));
+        let mut rng = Rng::new(99);
+        let start = Instant::now();
+        let mut tasks = Vec::with_capacity(n);
+        for k in 0..n {
+            let at = start + Duration::from_secs_f64(k as f64 / rate);
+            if at > Instant::now() {
+                tokio::time::sleep_until(at.into()).await;
+            }
+            let device = rng.below(devices);
+            let (t, times, failed) = (t.clone(), times.clone(), failed.clone());
+            let call_id = format!("c{k}-{round}");
+            tasks.push(tokio::spawn(async move {
+                let mut api = t.api.sender();
+                times[k][0].store(now_ns(), Ordering::Release);
+                let placed = api
+                    .place_call(PlaceCallRequest {
+                        call_id: call_id.clone(),
+                        target: to_device(device),
+                        caller_name: "Bed 12".into(),
+                        caller_handle: "4711".into(),
+                        ..Default::default()
+                    })
+                    .await;
+                if placed.is_err() {
+                    failed.fetch_add(1, Ordering::AcqRel);
+                    return;
+                }
+                times[k][1].store(now_ns(), Ordering::Release);
+                let watch = async {
+                    let mut updates = api.watch_call(WatchCallRequest { call_id }).await?.into_inner();
+                    while let Some(u) = updates.message().await? {
+                        if u.state == DeliveryState::Acked as i32 {
+                            times[k][2].store(now_ns(), Ordering::Release);
+                            break;
+                        }
+                    }
+                    anyhow::Ok(())
+                };
+                if tokio::time::timeout(DRAIN_TIMEOUT, watch).await.is_err() {
+                    failed.fetch_add(1, Ordering::AcqRel);
+                }
+            }));
+        }
+        for task in tasks {
+            task.await?;
+        }
+        let (mut invite, mut placed, mut acked) = (Vec::new(), Vec::new(), Vec::new());
+        for (k, [s, p, a]) in times.iter().enumerate() {
+            let s = s.load(Ordering::Acquire);
+            let inv = arrivals.first[k].load(Ordering::Acquire);
+            if inv != 0 {
+                invite.push(inv - s);
+            }
+            match p.load(Ordering::Acquire) {
+                0 => {}
+                p => placed.push(p - s),
+            }
+            match a.load(Ordering::Acquire) {
+                0 => {}
+                a => acked.push(a - s),
+            }
+        }
+        if round == "measured" {
+            rows.push((
+                n,
+                failed.load(Ordering::Acquire),
+                Summary::of_ns(invite),
+                Summary::of_ns(placed),
+                Summary::of_ns(acked),
+            ));
+        }
+    }
+    let (n, failed, invite, placed, acked) = rows.pop().context("no measured round")?;
+    let what = format!("{n} calls at {rate:.0}/s to random devices of {devices}");
+    println!("  {what}: {failed} failed");
+    let f = |s: &Summary| {
+        format!(
+            "p50 {:.3} / p99 {:.3} / p99.9 {:.3} / max {:.3} ms (n={})",
+            s.p50, s.p99, s.p999, s.max, s.count
+        )
+    };
+    table.row(
+        "push-server",
+        format!("{what}: PlaceCall -> invite callback"),
+        f(&invite),
+    );
+    table.row(
+        "push-server",
+        format!("{what}: PlaceCall returned (durable)"),
+        f(&placed),
+    );
+    table.row(
+        "push-server",
+        format!("{what}: PlaceCall -> ACKED on WatchCall"),
+        f(&acked),
+    );
+    Ok(table)
+}
+
+/// Every device reconnects at the same moment: with TLS session resumption (the same SDK
+/// clients, which keep their tickets) and without (new clients, as after an extension restart).
+pub async fn storm(env: &Env, devices: usize) -> anyhow::Result<Table> {
+    let mut table = Table::default();
+    if !env.runs(System::Push) {
+        return Ok(table);
+    }
+    println!("== push-server: reconnect storm, {devices} devices reconnect at once");
+    let (server, mut fleet) = connected(env, devices, &[]).await?;
+    // Tickets arrive after the handshake; let every client have them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for resumption in [true, false] {
+        fleet.stop_all().await;
+        fleet.wait_online(0, Duration::ZERO).await.ok();
+        if fleet.rec.online() != 0 {
+            bail!("{} devices still online after stopping all", fleet.rec.online());
+        }
+        if !resumption {
+            fleet.renew_clients()?;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let resumed0 = server.target.metric("lpush_tls_resumed_total", "").await?;
+        let ok0 = server
+            .target
+            .metric("lpush_tls_handshakes_total", "result=\"ok\"")
+            .await?;
+        let cpu0 = cpu_by_thread(server.proc.pid());
+        let self0 = cpu_by_thread(std::process::id());
+        let net0 = listen_drops();
+        let profiler =
+            crate::procs::Profiler::start(server.proc.pid(), &format!("storm-resumption-{resumption}"));
+        let took = fleet.start_all_at_once(CONNECT_TIMEOUT).await?;
+        drop(profiler);
+        let drops = listen_drops().saturating_sub(net0);
+        let cpu_line = cpu_per_item(&cpu0, &cpu_by_thread(server.proc.pid()), devices);
+        let cpu = cpu_by_thread(server.proc.pid())
+            .iter()
+            .map(|(_, t)| *t)
+            .sum::<Duration>()
+            .saturating_sub(cpu0.iter().map(|(_, t)| *t).sum());
+        println!(
+            "  CPU per session: server {cpu_line}; load generator (SDK clients) {}; SYNs dropped by the full accept queue: {drops}",
+            cpu_per_item(&self0, &cpu_by_thread(std::process::id()), devices)
+        );
+        let resumed = server.target.metric("lpush_tls_resumed_total", "").await? - resumed0;
+        let handshakes = server
+            .target
+            .metric("lpush_tls_handshakes_total", "result=\"ok\"")
+            .await?
+            - ok0;
+        table.row(
+            "push-server",
+            format!(
+                "{devices} devices reconnect at once, {}",
+                if resumption { "TLS resumption (clients keep their tickets)" } else { "no resumption (new clients)" }
+            ),
+            format!(
+                "all back in {:.2} s: {:.0} sessions/s; {handshakes:.0} handshakes, {resumed:.0} resumed; server CPU {:.0} µs/session; {drops} SYNs dropped (accept queue full)",
+                took.as_secs_f64(),
+                devices as f64 / took.as_secs_f64(),
+                cpu.as_secs_f64() * 1e6 / devices as f64
+            ),
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    Ok(table)
+}
+
+/// One message to the group of every device: `SendMessage` to the first, median and last app
+/// callback.
+pub async fn fanout(env: &Env, devices: usize, repeats: usize) -> anyhow::Result<Table> {
+    let mut table = Table::default();
+    if !env.runs(System::Push) {
+        return Ok(table);
+    }
+    println!("== push-server: fan-out of one message to a group of {devices} devices");
+    let (server, fleet) = connected(env, devices, &[]).await?;
+    let mut api = server.target.api.sender();
+    let mut lasts = Vec::new();
+    let (mut server0, mut self0) = (Vec::new(), Vec::new());
+    for r in 0..=repeats {
+        if r == 1 {
+            (server0, self0) = (
+                cpu_by_thread(server.proc.pid()),
+                cpu_by_thread(std::process::id()),
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let arrivals = fleet.rec.arm(1, true);
+        let profiler = crate::procs::Profiler::start(server.proc.pid(), &format!("fanout-{r}"));
+        let t0 = now_ns();
+        api.send_message(SendMessageRequest {
+            target: to_group(),
+            title: "m0".into(),
+            body: "Code blue, ward 4B".into(),
+            ..Default::default()
+        })
+        .await?;
+        let returned = now_ns() - t0;
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while arrivals.count.load(Ordering::Acquire) < devices {
+            if Instant::now() > deadline {
+                bail!(
+                    "fan-out reached {} of {devices} devices",
+                    arrivals.count.load(Ordering::Acquire)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        drop(profiler);
+        let all = arrivals
+            .all
+            .as_ref()
+            .expect("kept")
+            .lock()
+            .expect("poisoned")
+            .clone();
+        let s = Summary::of_ns(all.iter().map(|a| a.saturating_sub(t0)).collect());
+        let first = all.iter().min().map(|a| a - t0).unwrap_or(0) as f64 / 1e6;
+        if r == 0 {
+            println!("  warm-up: last device after {:.1} ms", s.max);
+            continue;
+        }
+        println!(
+            "  round {r}: first {first:.1} ms, median {:.1} ms, p99 {:.1} ms, last {:.1} ms; SendMessage returned after {:.1} ms",
+            s.p50,
+            s.p99,
+            s.max,
+            returned as f64 / 1e6
+        );
+        lasts.push((s.max, first, s.p50, returned as f64 / 1e6));
+    }
+    println!(
+        "  CPU per recipient (rounds, pauses between them included): server {}; load generator {}",
+        cpu_per_item(&server0, &cpu_by_thread(server.proc.pid()), devices * repeats),
+        cpu_per_item(&self0, &cpu_by_thread(std::process::id()), devices * repeats)
+    );
+    lasts.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (last, first, median, returned) = lasts[lasts.len() / 2];
+    table.row(
+        "push-server",
+        format!("1 message to a group of {devices} (median of {repeats} rounds)"),
+        format!(
+            "last device {last:.1} ms (first {first:.1}, median {median:.1}); SendMessage returned {returned:.1} ms; rounds' last: {}",
+            lasts.iter().map(|l| format!("{:.0}", l.0)).collect::<Vec<_>>().join(", ")
+        ),
+    );
+    Ok(table)
+}
+
+/// A quick end-to-end check against a running server: `devices` devices, `messages` messages,
+/// every one must arrive.
+pub async fn smoke(target: &PushTarget, devices: usize, messages: usize) -> anyhow::Result<RateRun> {
+    let creds = target.register(devices).await?;
+    let mut fleet = Fleet::new(target.device_addr, &target.ca);
+    fleet.add(creds.into_iter().enumerate())?;
+    fleet
+        .start_paced(0..devices, WINDOW, Duration::from_secs(30))
+        .await?;
+    let sender = Sender::Push(Box::new(target.clone()), "x".repeat(200).into());
+    let run = run_rate(&sender, &fleet.rec, devices, 500.0, messages, 1).await?;
+    if run.received != messages || run.failed != 0 {
+        bail!(
+            "{} of {messages} messages arrived, {} sends failed",
+            run.received,
+            run.failed
+        );
+    }
+    fleet.stop_all().await;
+    Ok(run)
+}
+
+/// Resolve the release push-server binary: `explicit`, else next to this executable's profile
+/// directory under `release/`, built first when running under cargo (`cargo run`).
+pub fn server_bin(explicit: Option<PathBuf>, build: bool) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p);
+    }
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe.parent().context("executable has no directory")?;
+    let target_dir = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("release" | "debug") => profile_dir.parent().context("no target directory")?,
+        _ => profile_dir,
+    };
+    let bin = target_dir.join("release").join("push-server");
+    if build && let Some(cargo) = std::env::var_os("CARGO") {
+        println!("building the release push-server (cargo build --release -p push-server)");
+        let status = std::process::Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "-q",
+                "-p",
+                "push-server",
+                "--bin",
+                "push-server",
+            ])
+            .status()?;
+        if !status.success() {
+            bail!("cargo build --release -p push-server failed");
+        }
+    }
+    if !bin.exists() {
+        bail!(
+            "no release push-server at {}: build it with `cargo build --release -p push-server` or pass --server-bin",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// The Mosquitto binary, checked only when a benchmark needs it.
+pub fn mosquitto_bin(path: &Path) -> PathBuf {
+    path.to_path_buf()
+}

@@ -1,0 +1,196 @@
+//! `push-loadgen`: one command per benchmark; see BENCHMARKS.md.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use push_loadgen::{
+    bench::{self, Env},
+    mqtt::DEFAULT_MOSQUITTO,
+    stats::loadavg,
+    worker::{self, System},
+};
+
+/// Benchmarks of the push-server (release binary, started here) with simulated devices running
+/// the real mobile-sdk, side by side with Mosquitto. Loopback only; bounded in count and time.
+#[derive(Parser)]
+#[command(name = "push-loadgen")]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Common {
+    /// The push-server binary [default: target/release/push-server, rebuilt first under `cargo run`].
+    #[arg(long, global = true)]
+    server_bin: Option<PathBuf>,
+    /// Do not run `cargo build --release -p push-server` first under `cargo run`.
+    #[arg(long, global = true)]
+    no_build: bool,
+    /// The Mosquitto binary (Debian: `apt-get install mosquitto`).
+    #[arg(long, global = true, default_value = DEFAULT_MOSQUITTO)]
+    mosquitto_bin: PathBuf,
+    /// Systems to measure, where the benchmark has both.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "push,mqtt"
+    )]
+    systems: Vec<System>,
+    /// Devices one load-generator process holds; worker processes hold the rest.
+    #[arg(long, global = true, default_value_t = worker::PER_PROCESS)]
+    per_process: usize,
+    /// Give up (and kill everything started) after this many seconds.
+    #[arg(long, global = true, default_value_t = 600)]
+    max_seconds: u64,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Idle sessions: server resident memory per session and logins/s at each count.
+    Idle {
+        /// Session counts for the push-server (above 10,000 a second client process holds the rest).
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000,18000")]
+        counts: Vec<usize>,
+        /// Session counts for Mosquitto.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000,18000")]
+        mqtt_counts: Vec<usize>,
+    },
+    /// Delivery latency (send call -> app callback) at fixed rates to random connected devices.
+    Latency {
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+        /// Messages per second.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        rates: Vec<f64>,
+        /// Seconds per rate.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Message body (push) and payload (MQTT) size, bytes.
+        #[arg(long, default_value_t = 200)]
+        payload: usize,
+    },
+    /// Call alert latency: PlaceCall -> invite callback, and -> ACKED seen by the caller.
+    Call {
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+        /// Calls per second.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
+    /// Reconnect storm: every device reconnects at once, with and without TLS resumption.
+    Storm {
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+    },
+    /// Fan-out: one message to a group of every device.
+    Fanout {
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+        /// Measured rounds (after one warm-up round).
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+    },
+    /// Quick end-to-end check: a few devices, every message must arrive.
+    Smoke {
+        #[arg(long, default_value_t = 20)]
+        devices: usize,
+        #[arg(long, default_value_t = 200)]
+        messages: usize,
+    },
+    /// (internal) Hold devices for a parent load generator.
+    #[command(hide = true)]
+    Hold(worker::HoldArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Command::Hold(args) = cli.command {
+        return match runtime.block_on(worker::hold(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("worker: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let limit = cli.common.max_seconds;
+    // The watchdog: past the limit the process exits, and its children die with it.
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(limit));
+        eprintln!("push-loadgen: gave up after {limit} s (--max-seconds)");
+        std::process::exit(3);
+    });
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("push-loadgen: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let c = cli.common;
+    let env = Env {
+        server_bin: bench::server_bin(c.server_bin, !c.no_build)?,
+        mosquitto_bin: c.mosquitto_bin,
+        systems: c.systems,
+        per_process: c.per_process.max(1),
+    };
+    println!("load average at start: {}", loadavg());
+    let (title, table) = match cli.command {
+        Command::Idle { counts, mqtt_counts } => {
+            ("Idle sessions", bench::idle(&env, &counts, &mqtt_counts).await?)
+        }
+        Command::Latency {
+            devices,
+            rates,
+            seconds,
+            payload,
+        } => (
+            "Delivery latency",
+            bench::latency(&env, devices, &rates, seconds, payload).await?,
+        ),
+        Command::Call {
+            devices,
+            rate,
+            seconds,
+        } => (
+            "Call alert latency",
+            bench::call(&env, devices, rate, seconds).await?,
+        ),
+        Command::Storm { devices } => ("Reconnect storm", bench::storm(&env, devices).await?),
+        Command::Fanout { devices, repeats } => ("Fan-out", bench::fanout(&env, devices, repeats).await?),
+        Command::Smoke { devices, messages } => {
+            let server = push_loadgen::push::PushServer::start(&env.server_bin, &[]).await?;
+            let run = bench::smoke(&server.target, devices, messages).await?;
+            println!(
+                "smoke: {devices} devices, {} of {messages} messages arrived; {}",
+                run.received,
+                run.latency.line()
+            );
+            return Ok(());
+        }
+        Command::Hold(_) => unreachable!("handled in main"),
+    };
+    table.print(title);
+    println!("\nload average at end: {}", loadavg());
+    Ok(())
+}

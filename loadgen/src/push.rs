@@ -1,0 +1,392 @@
+//! The push-server side: the release binary in a temporary data directory, its gRPC API, and a
+//! fleet of simulated devices, each a real `mobile_sdk::Client` (tokio-rustls driver, sans-IO
+//! core, lifecycle registry) bound to its own source address in 127.0.0.0/8.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use futures::{StreamExt, stream};
+use mobile_sdk::{
+    Client, ClientConfig, EventHandler, Registry, Trust,
+    core::{Event, State, StopReason},
+};
+use push_proto::sender::{IssueDeviceCredentialRequest, Target, target};
+use push_server::api_client::ApiClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{
+    procs::ChildProc,
+    recorder::{Recorder, parse_tag},
+};
+
+/// Name in the server's certificate that clients verify.
+pub const SERVER_NAME: &str = "localhost";
+/// The group every registered device joins (fan-out target).
+pub const GROUP: &str = "all";
+
+/// How to reach a running push-server.
+#[derive(Clone)]
+pub struct PushTarget {
+    pub device_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub api: ApiClient,
+    pub ca: String,
+    pub api_key: String,
+}
+
+/// The `push-server` binary, running in a temporary data directory; killed on drop.
+pub struct PushServer {
+    pub proc: ChildProc,
+    pub target: PushTarget,
+    _dir: tempfile::TempDir,
+}
+
+impl PushServer {
+    /// Start `bin serve` on free loopback ports with `extra` arguments; returns once it is ready
+    /// and its API answers.
+    pub async fn start(bin: &Path, extra: &[String]) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("push-loadgen-server").tempdir()?;
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "serve",
+            "--device-listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .args(extra)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+        let log = dir.path().join("server.log");
+        let mut proc = ChildProc::spawn("push-server", &mut cmd, Some(&log))?;
+        let stdout = proc.child_mut().stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads the ready line, then keeps draining stdout so the server never blocks on it.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("push-server ready:") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let ready = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => {
+                proc.check_alive()?;
+                bail!(
+                    "push-server did not report ready within 30 s; {}",
+                    proc.log_tail()
+                );
+            }
+        };
+        let addr = |key: &str| -> anyhow::Result<SocketAddr> {
+            let word = ready
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .with_context(|| format!("no {key} in {ready:?}"))?;
+            Ok(word
+                .trim_start_matches("https://")
+                .trim_end_matches('/')
+                .parse()?)
+        };
+        let (device_addr, api_addr, http_addr) = (addr("devices=")?, addr("api=")?, addr("dashboard=")?);
+        let ca = std::fs::read_to_string(dir.path().join("tls/ca.pem"))?;
+        let api_key = std::fs::read_to_string(dir.path().join("admin.key"))?
+            .trim()
+            .to_string();
+        let api = ApiClient::connect(api_addr, SERVER_NAME, &ca, &api_key).await?;
+        Ok(Self {
+            proc,
+            target: PushTarget {
+                device_addr,
+                http_addr,
+                api,
+                ca,
+                api_key,
+            },
+            _dir: dir,
+        })
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self._dir.path().to_path_buf()
+    }
+}
+
+impl PushTarget {
+    /// Register devices `dev-00000..` (in group [`GROUP`]) and return their credentials.
+    pub async fn register(&self, n: usize) -> anyhow::Result<Vec<String>> {
+        stream::iter(0..n)
+            .map(|i| {
+                let mut admin = self.api.admin();
+                async move {
+                    let req = IssueDeviceCredentialRequest {
+                        device_id: device_id(i),
+                        groups: vec![GROUP.into()],
+                        valid_days: 0,
+                    };
+                    Ok(admin.issue_device_credential(req).await?.into_inner().credential)
+                }
+            })
+            .buffered(64)
+            .collect::<Vec<anyhow::Result<String>>>()
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    /// Sum of the samples of Prometheus metric `name` whose labels contain `label` ("" for any).
+    pub async fn metric(&self, name: &str, label: &str) -> anyhow::Result<f64> {
+        let text = https_get(self.http_addr, &self.ca, "/metrics", &self.api_key).await?;
+        Ok(text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.split([' ', '{']).next() == Some(name) && (label.is_empty() || l.contains(label)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+}
+
+/// `dev-00042`.
+pub fn device_id(i: usize) -> String {
+    format!("dev-{i:05}")
+}
+
+/// A target naming one device.
+pub fn to_device(i: usize) -> Option<Target> {
+    Some(Target {
+        kind: Some(target::Kind::DeviceId(device_id(i))),
+    })
+}
+
+/// A target naming the group of every registered device.
+pub fn to_group() -> Option<Target> {
+    Some(Target {
+        kind: Some(target::Kind::Group(GROUP.into())),
+    })
+}
+
+/// Source address of device `i`: 200 devices per address in 127.2.0.0/16, so no address runs
+/// out of ephemeral ports, whatever the reconnect storm leaves in TIME_WAIT.
+pub fn source_addr(i: usize) -> IpAddr {
+    let block = i / 200;
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        2,
+        (block / 250) as u8,
+        (block % 250 + 1) as u8,
+    ))
+}
+
+/// Minimal HTTPS GET (HTTP/1.1, `Connection: close`) with a bearer key, trusting `ca`.
+async fn https_get(addr: SocketAddr, ca: &str, path: &str, bearer: &str) -> anyhow::Result<String> {
+    let config = crate::tls::client_config(ca, &[])?;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from(SERVER_NAME)?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {SERVER_NAME}\r\nAuthorization: Bearer {bearer}\r\nConnection: close\r\n\r\n"
+    );
+    tls.write_all(req.as_bytes()).await?;
+    let mut body = Vec::new();
+    // A server that closes without close_notify still gave us the whole response.
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut body)).await;
+    let text = String::from_utf8_lossy(&body).into_owned();
+    if !text.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {}", text.lines().next().unwrap_or("no response"));
+    }
+    Ok(text)
+}
+
+/// One simulated device's view: forwards what the app would see to the recorder.
+struct Probe {
+    online: AtomicBool,
+    rec: Arc<Recorder>,
+}
+
+impl EventHandler for Probe {
+    fn on_event(&self, event: Event) {
+        match event {
+            Event::State(State::Connected { .. }) => {
+                if !self.online.swap(true, Ordering::AcqRel) {
+                    self.rec.up();
+                }
+            }
+            Event::State(_) => {
+                if self.online.swap(false, Ordering::AcqRel) {
+                    self.rec.down();
+                }
+            }
+            Event::Message(m) => {
+                if let Some(k) = parse_tag(&m.title, 'm') {
+                    self.rec.arrive(k);
+                }
+            }
+            Event::CallInvite(c) => {
+                if let Some(k) = parse_tag(&c.call_id, 'c') {
+                    self.rec.arrive(k);
+                }
+            }
+            Event::CallCancel(_) | Event::LastSeenSeq(_) => {}
+        }
+    }
+}
+
+struct Device {
+    index: usize,
+    credential: String,
+    client: Client,
+}
+
+/// Simulated devices of this process, all on one SDK registry (as one process would be).
+pub struct Fleet {
+    registry: Registry,
+    devices: Vec<Device>,
+    device_addr: SocketAddr,
+    ca: String,
+    pub rec: Arc<Recorder>,
+}
+
+impl Fleet {
+    pub fn new(device_addr: SocketAddr, ca: &str) -> Self {
+        Self {
+            registry: Registry::new(tokio::runtime::Handle::current()),
+            devices: Vec::new(),
+            device_addr,
+            ca: ca.into(),
+            rec: Arc::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    fn client(&self, index: usize, credential: &str) -> anyhow::Result<Client> {
+        let mut config = ClientConfig::new(
+            self.device_addr.ip().to_string(),
+            self.device_addr.port(),
+            device_id(index),
+            credential,
+            Trust::ca(self.ca.clone()),
+        );
+        config.server_name = SERVER_NAME.into();
+        config.local_addr = Some(source_addr(index));
+        config.jitter_seed = Some(index as u64);
+        let probe = Arc::new(Probe {
+            online: AtomicBool::new(false),
+            rec: self.rec.clone(),
+        });
+        Ok(self.registry.client(config, probe)?)
+    }
+
+    /// Add devices (not started) with these indices and credentials.
+    pub fn add(&mut self, devices: impl IntoIterator<Item = (usize, String)>) -> anyhow::Result<()> {
+        for (index, credential) in devices {
+            let client = self.client(index, &credential)?;
+            self.devices.push(Device {
+                index,
+                credential,
+                client,
+            });
+        }
+        Ok(())
+    }
+
+    /// Start the devices in `range` (positions in this fleet) with at most `window` sessions
+    /// being established at a time; returns once all are online.
+    pub async fn start_paced(
+        &self,
+        range: std::ops::Range<usize>,
+        window: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let target = self.rec.online() + range.len();
+        let deadline = started + timeout;
+        for (launched, d) in (self.rec.online()..).zip(&self.devices[range]) {
+            while launched.saturating_sub(self.rec.online()) >= window {
+                if Instant::now() > deadline {
+                    bail!("{} of {target} sessions after {timeout:?}", self.rec.online());
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            d.client.start().await?;
+        }
+        self.wait_online(target, deadline.saturating_duration_since(Instant::now()))
+            .await?;
+        Ok(started.elapsed())
+    }
+
+    /// Start every device at once (a reconnect storm); returns once all are online.
+    pub async fn start_all_at_once(&self, timeout: Duration) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let starts = self.devices.iter().map(|d| {
+            let client = d.client.clone();
+            tokio::spawn(async move { client.start().await })
+        });
+        for r in futures::future::join_all(starts.collect::<Vec<_>>()).await {
+            r??;
+        }
+        self.wait_online(self.devices.len(), timeout).await?;
+        Ok(started.elapsed())
+    }
+
+    /// Stop every device (goodbye, close), concurrently; returns once all are released.
+    pub async fn stop_all(&self) {
+        let stops = self.devices.iter().map(|d| {
+            let client = d.client.clone();
+            tokio::spawn(async move { client.stop(StopReason::NetworkChange).await })
+        });
+        futures::future::join_all(stops.collect::<Vec<_>>()).await;
+    }
+
+    /// Replace every client by a new one (a new provider process: no TLS session tickets).
+    pub fn renew_clients(&mut self) -> anyhow::Result<()> {
+        let renewed = self
+            .devices
+            .iter()
+            .map(|d| self.client(d.index, &d.credential))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for (d, client) in self.devices.iter_mut().zip(renewed) {
+            d.client = client;
+        }
+        Ok(())
+    }
+
+    /// Wait until `n` devices are online.
+    pub async fn wait_online(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.rec.online() < n {
+            if Instant::now() > deadline {
+                bail!(
+                    "only {} of {n} devices online after {timeout:?}",
+                    self.rec.online()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+}

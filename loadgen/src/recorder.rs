@@ -1,0 +1,118 @@
+//! What the simulated devices saw, and when: sessions up and down, and the arrival time of each
+//! numbered message or call. Lock-free on the hot path (one atomic store per arrival).
+
+use std::sync::{
+    Arc, Mutex, RwLock,
+    atomic::{AtomicU64, AtomicUsize, Ordering},
+};
+
+use crate::stats::now_ns;
+
+/// Arrival times of the messages of one run, indexed by message number.
+pub struct Arrivals {
+    /// `now_ns()` of the first arrival of message `k`, 0 until then.
+    pub first: Vec<AtomicU64>,
+    /// Arrivals counted, duplicates included.
+    pub count: AtomicUsize,
+    /// Every arrival time, when the run asked for them (fan-out: one message, many devices).
+    pub all: Option<Mutex<Vec<u64>>>,
+}
+
+impl Arrivals {
+    fn new(n: usize, keep_all: bool) -> Self {
+        Self {
+            first: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicUsize::new(0),
+            all: keep_all.then(|| Mutex::new(Vec::with_capacity(16 * 1024))),
+        }
+    }
+
+    /// Record an arrival of message `k` (ignored when out of range).
+    pub fn arrive(&self, k: usize) {
+        let t = now_ns();
+        let Some(slot) = self.first.get(k) else { return };
+        let _ = slot.compare_exchange(0, t, Ordering::AcqRel, Ordering::Acquire);
+        if let Some(all) = &self.all {
+            all.lock().expect("poisoned").push(t);
+        }
+        self.count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Messages that arrived at least once.
+    pub fn arrived(&self) -> usize {
+        self.first
+            .iter()
+            .filter(|t| t.load(Ordering::Acquire) != 0)
+            .count()
+    }
+}
+
+/// Shared by every simulated device of a process.
+pub struct Recorder {
+    /// Devices with a live, authenticated session (push: `Connected`; MQTT: subscribed).
+    pub online: AtomicUsize,
+    /// Sessions established since the start (reconnections included).
+    pub logins: AtomicUsize,
+    arrivals: RwLock<Arc<Arrivals>>,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Self {
+            online: AtomicUsize::new(0),
+            logins: AtomicUsize::new(0),
+            arrivals: RwLock::new(Arc::new(Arrivals::new(0, false))),
+        }
+    }
+}
+
+impl Recorder {
+    /// Start recording a run of `n` numbered messages; returns its arrivals.
+    pub fn arm(&self, n: usize, keep_all: bool) -> Arc<Arrivals> {
+        let a = Arc::new(Arrivals::new(n, keep_all));
+        *self.arrivals.write().expect("poisoned") = a.clone();
+        a
+    }
+
+    /// Message number `k` arrived.
+    pub fn arrive(&self, k: usize) {
+        let a = self.arrivals.read().expect("poisoned").clone();
+        a.arrive(k);
+    }
+
+    pub fn up(&self) {
+        self.online.fetch_add(1, Ordering::AcqRel);
+        self.logins.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn down(&self) {
+        self.online.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn online(&self) -> usize {
+        self.online.load(Ordering::Acquire)
+    }
+
+    pub fn logins(&self) -> usize {
+        self.logins.load(Ordering::Acquire)
+    }
+}
+
+/// Message number from a tag such as `m42` or `c42-run2` (push title, call id): the digits
+/// after the given prefix.
+pub fn parse_tag(tag: &str, prefix: char) -> Option<usize> {
+    let rest = tag.strip_prefix(prefix)?;
+    let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tags() {
+        assert_eq!(super::parse_tag("m42", 'm'), Some(42));
+        assert_eq!(super::parse_tag("c7-measured", 'c'), Some(7));
+        assert_eq!(super::parse_tag("x7", 'c'), None);
+        assert_eq!(super::parse_tag("c", 'c'), None);
+    }
+}
