@@ -207,10 +207,24 @@ impl Failure {
     }
 }
 
+/// The writer's nice value. Pushes go out before their commit; a commit only gates the
+/// sender's answer. When sessions and the writer want the same core, the sessions go first.
+const WRITER_NICE: libc::c_int = 5;
+
+/// Lower the calling thread's CPU priority (on Linux, `PRIO_PROCESS` with `who = 0` is the
+/// calling thread). Failing to is harmless: the writer just competes as an equal.
+fn lower_priority() {
+    // SAFETY: setpriority reads no memory of ours; it only changes the thread's nice value.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, WRITER_NICE) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "store writer priority unchanged");
+    }
+}
+
 impl Writer {
     /// Commits groups until `close` drops the queue's sender. `recv` reports that only once the
     /// queue is empty, so every batch submitted before `close` is committed.
     fn run(self, batches: &mpsc::Receiver<Batch>) {
+        lower_priority();
         while let Ok(first) = batches.recv() {
             let mut group = vec![first];
             group.extend(batches.try_iter().take(MAX_GROUP - 1));
