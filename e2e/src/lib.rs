@@ -202,6 +202,118 @@ impl LineReader {
     }
 }
 
+/// Bundle id the test bridge pushes for (VoIP topic `<bundle id>.voip`).
+pub const BRIDGE_BUNDLE_ID: &str = "com.example.ward";
+const BRIDGE_API_KEY: &str = "e2e-bridge-key-0123456789";
+
+/// `apns-bridge serve --fake-apns` on loopback with TLS and an API key, its files in a directory
+/// of the caller's; killed on drop. The fake APNs prints every request it receives: those lines
+/// are what "a VoIP push was sent" means.
+pub struct BridgeProcess {
+    child: Child,
+    stdout: LineReader,
+    ready: String,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl BridgeProcess {
+    /// Start it with its certificate, key and API key written to `dir`, and `extra` arguments
+    /// (for example `--fake-response`). `Err` carries the bridge's log.
+    pub fn start(dir: &Path, extra: &[String]) -> Result<Self, String> {
+        let write = |name: &str, contents: &str| {
+            std::fs::write(dir.join(name), contents).map_err(|e| format!("cannot write {name}: {e}"))
+        };
+        let (pki, _) = push_server::pki::load_or_create(&dir.join("bridge-tls"), &[])
+            .map_err(|e| format!("bridge certificate: {e}"))?;
+        write("bridge.pem", &pki.server_cert_pem)?;
+        write("bridge.key.pem", &pki.server_key_pem)?;
+        write("bridge-ca.pem", &pki.ca_cert_pem)?;
+        write("bridge-api.key", BRIDGE_API_KEY)?;
+        let log = std::fs::File::create(dir.join("bridge.log")).map_err(|e| e.to_string())?;
+        let mut child = Command::new(bridge_binary())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--bundle-id",
+                BRIDGE_BUNDLE_ID,
+            ])
+            .arg("--api-key-file")
+            .arg(dir.join("bridge-api.key"))
+            .arg("--tls-cert")
+            .arg(dir.join("bridge.pem"))
+            .arg("--tls-key")
+            .arg(dir.join("bridge.key.pem"))
+            .arg("--fake-apns")
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("apns-bridge does not start: {e}"))?;
+        let stdout = LineReader::spawn(child.stdout.take().expect("piped"));
+        let mut bridge = Self {
+            child,
+            stdout,
+            ready: String::new(),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dir: dir.to_path_buf(),
+        };
+        bridge.ready = bridge.wait_line("apns-bridge ready: ", READY_TIMEOUT)?;
+        bridge.addr = bridge
+            .ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("listen="))
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| format!("no address in {:?}", bridge.ready))?;
+        Ok(bridge)
+    }
+
+    /// The line the bridge printed when it was ready.
+    pub fn ready_line(&self) -> &str {
+        &self.ready
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The `[apns]` section that points a push-server at this bridge (remote mode).
+    pub fn apns_config(&self) -> String {
+        let quoted = |name: &str| format!("{:?}", self.dir.join(name).display().to_string());
+        format!(
+            "[apns]\nmode = \"remote\"\nendpoint = \"https://{}\"\nserver_name = \"localhost\"\nca_file = {}\napi_key_file = {}\n",
+            self.addr,
+            quoted("bridge-ca.pem"),
+            quoted("bridge-api.key"),
+        )
+    }
+
+    /// The next request the fake APNs received, within `timeout`.
+    pub fn next_request(&self, timeout: Duration) -> Result<String, String> {
+        self.wait_line("fake-apns: ", timeout)
+    }
+
+    /// The next stdout line containing `needle`; the error carries the bridge's log.
+    fn wait_line(&self, needle: &str, timeout: Duration) -> Result<String, String> {
+        self.stdout.wait_for(needle, timeout).map_err(|e| {
+            let log = std::fs::read_to_string(self.dir.join("bridge.log")).unwrap_or_default();
+            format!("{e}; bridge log:\n{log}")
+        })
+    }
+}
+
+impl Drop for BridgeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A `push-server serve` process on loopback with ephemeral ports.
 pub struct ServerProcess {
     child: Option<Child>,

@@ -3,100 +3,21 @@
 //! `push-server/tests/voip.rs`), across processes. The fake APNs inside the bridge prints every
 //! request it receives; those lines are what "a VoIP push was sent" means here.
 
-use std::{
-    net::SocketAddr,
-    path::Path,
-    process::{Child, Stdio},
-};
-
-use e2e::{LineReader, READY_TIMEOUT, STEP_TIMEOUT, ServerProcess, bridge_binary, within};
+use e2e::{BridgeProcess, STEP_TIMEOUT, ServerProcess, within};
 use push_proto::sender::{
     DeliveryState, DeliveryUpdate, ListDevicesRequest, PlaceCallRequest, SendMessageRequest,
     SetVoipTokenRequest, Target, VoipTokenState, WatchCallRequest, target,
 };
 
-const BUNDLE: &str = "com.example.ward";
-const API_KEY: &str = "e2e-bridge-key-0123456789";
-
 fn token(n: u8) -> String {
     format!("{n:02x}").repeat(32)
 }
 
-/// The bridge process; killed on drop.
-struct Bridge {
-    child: Child,
-    stdout: LineReader,
-    addr: SocketAddr,
-    log: std::path::PathBuf,
-}
-
-impl Bridge {
-    fn start(dir: &Path, extra: &[String]) -> Self {
-        let tls = dir.join("bridge-tls");
-        let (pki, _) = push_server::pki::load_or_create(&tls, &[]).expect("bridge certificate");
-        std::fs::write(dir.join("bridge.pem"), &pki.server_cert_pem).unwrap();
-        std::fs::write(dir.join("bridge.key.pem"), &pki.server_key_pem).unwrap();
-        std::fs::write(dir.join("bridge-ca.pem"), &pki.ca_cert_pem).unwrap();
-        std::fs::write(dir.join("bridge-api.key"), API_KEY).unwrap();
-        let log = dir.join("bridge.log");
-        let mut child = std::process::Command::new(bridge_binary())
-            .args(["serve", "--listen", "127.0.0.1:0", "--bundle-id", BUNDLE])
-            .arg("--api-key-file")
-            .arg(dir.join("bridge-api.key"))
-            .arg("--tls-cert")
-            .arg(dir.join("bridge.pem"))
-            .arg("--tls-key")
-            .arg(dir.join("bridge.key.pem"))
-            .arg("--fake-apns")
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("apns-bridge starts");
-        let stdout = LineReader::spawn(child.stdout.take().unwrap());
-        let ready = stdout
-            .wait_for("apns-bridge ready: ", READY_TIMEOUT)
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{e}; bridge log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )
-            });
-        let addr = ready
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("listen="))
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {ready:?}"));
-        assert!(ready.contains("transport=tls"), "{ready}");
-        Self {
-            child,
-            stdout,
-            addr,
-            log,
-        }
-    }
-
-    /// The next request the fake APNs received.
-    fn next_push(&self) -> String {
-        self.stdout
-            .wait_for("fake-apns: ", STEP_TIMEOUT)
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{e}; bridge log:\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                )
-            })
-    }
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The next request the fake APNs received.
+fn next_push(bridge: &BridgeProcess) -> String {
+    bridge
+        .next_request(STEP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn to(device_id: &str) -> Target {
@@ -137,20 +58,20 @@ async fn watch_until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_as_a_separate_process_rings_reports_and_invalidates_like_embedded() {
     let tmp = tempfile::tempdir().unwrap();
-    let bridge = Bridge::start(
+    let bridge = BridgeProcess::start(
         tmp.path(),
         &["--fake-response".into(), format!("{}=410:Unregistered", token(2))],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        bridge.ready_line().contains("transport=tls"),
+        "{}",
+        bridge.ready_line()
     );
     let config = tmp.path().join("push.toml");
     std::fs::write(
         &config,
-        format!(
-            "[limits]\ncall_ack_window_ms = 500\n\n[apns]\nmode = \"remote\"\nendpoint = \"https://{}\"\n\
-             server_name = \"localhost\"\nca_file = \"{}\"\napi_key_file = \"{}\"\n",
-            bridge.addr,
-            tmp.path().join("bridge-ca.pem").display(),
-            tmp.path().join("bridge-api.key").display(),
-        ),
+        format!("[limits]\ncall_ack_window_ms = 500\n\n{}", bridge.apns_config()),
     )
     .unwrap();
     let server = ServerProcess::start(&tmp.path().join("data"), &["--config", config.to_str().unwrap()]);
@@ -176,7 +97,7 @@ async fn bridge_as_a_separate_process_rings_reports_and_invalidates_like_embedde
 
     // No session: one VoIP push, reported with path "apns".
     api.sender().place_call(place("call-1", "phone-1")).await.unwrap();
-    let line = bridge.next_push();
+    let line = next_push(&bridge);
     assert!(line.contains(&format!("token={}", token(1))), "{line}");
     assert!(line.contains("call=call-1"), "{line}");
     assert!(
@@ -192,7 +113,7 @@ async fn bridge_as_a_separate_process_rings_reports_and_invalidates_like_embedde
 
     // 410: the token is invalidated and the call reported undeliverable before its deadline.
     api.sender().place_call(place("call-2", "phone-2")).await.unwrap();
-    let line = bridge.next_push();
+    let line = next_push(&bridge);
     assert!(line.contains("call=call-2") && line.contains("410"), "{line}");
     let updates = watch_until(&server, "call-2", |u| u.state() == DeliveryState::Undeliverable).await;
     assert!(
@@ -219,6 +140,6 @@ async fn bridge_as_a_separate_process_rings_reports_and_invalidates_like_embedde
         .await
         .unwrap();
     api.sender().place_call(place("call-3", "phone-1")).await.unwrap();
-    let line = bridge.next_push();
+    let line = next_push(&bridge);
     assert!(line.contains("call=call-3"), "the message went to APNs? {line}");
 }

@@ -111,40 +111,38 @@ struct ApiArgs {
     server_name: String,
 }
 
+/// A device to register, and where its secret goes.
+#[derive(Args)]
+struct Registration {
+    /// Device id.
+    device_id: String,
+    /// Group (repeatable), e.g. ward:4B.
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// Validity in days (default 365).
+    #[arg(long, default_value_t = 0)]
+    valid_days: u32,
+    /// Write the result to this file (mode 0600: it holds the credential) instead of printing it.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum DeviceCommand {
     /// Register a device and print a new credential for it.
     Issue {
         #[command(flatten)]
         api: ApiArgs,
-        /// Device id.
-        device_id: String,
-        /// Group (repeatable), e.g. ward:4B.
-        #[arg(long = "group")]
-        groups: Vec<String>,
-        /// Validity in days (default 365).
-        #[arg(long, default_value_t = 0)]
-        valid_days: u32,
-        /// Write the credential to this file (mode 0600) instead of printing it.
-        #[arg(long)]
-        out: Option<PathBuf>,
+        #[command(flatten)]
+        device: Registration,
     },
     /// Enroll a device: print the property list its container app saves (credential, host and
     /// port, CA and pins, the site's SSIDs in push managers of at most 10).
     Enroll {
         #[command(flatten)]
         api: ApiArgs,
-        /// Device id.
-        device_id: String,
-        /// Group (repeatable), e.g. ward:4B.
-        #[arg(long = "group")]
-        groups: Vec<String>,
-        /// Validity in days (default 365).
-        #[arg(long, default_value_t = 0)]
-        valid_days: u32,
-        /// Write the property list to this file (mode 0600: it holds the credential).
-        #[arg(long)]
-        out: Option<PathBuf>,
+        #[command(flatten)]
+        device: Registration,
     },
     /// Revoke every credential of a device and close its session.
     Revoke {
@@ -318,63 +316,48 @@ fn init_tracing(format: &str) {
     }
 }
 
+/// Print a device's secret, or write it to `out` (mode 0600) and say where.
+fn hand_out(out: Option<PathBuf>, what: &str, device_id: &str, secret: &str) -> anyhow::Result<()> {
+    match out {
+        Some(path) => {
+            push_server::auth::write_secret(&path, secret)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            println!("{what} for {device_id} written to {}", path.display());
+        }
+        None => println!("{}", secret.trim_end()),
+    }
+    Ok(())
+}
+
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => serve(args).await,
-        Command::Device(DeviceCommand::Issue {
-            api,
-            device_id,
-            groups,
-            valid_days,
-            out,
-        }) => {
+        Command::Device(DeviceCommand::Issue { api, device }) => {
             let r = admin(&api)
                 .await?
                 .issue_device_credential(IssueDeviceCredentialRequest {
-                    device_id,
-                    groups,
-                    valid_days,
+                    device_id: device.device_id,
+                    groups: device.groups,
+                    valid_days: device.valid_days,
                 })
                 .await?
                 .into_inner();
-            match out {
-                Some(path) => {
-                    push_server::auth::write_secret(&path, &r.credential)
-                        .with_context(|| format!("cannot write {}", path.display()))?;
-                    println!("credential for {} written to {}", r.device_id, path.display());
-                }
-                None => println!("{}", r.credential),
-            }
-            Ok(())
+            hand_out(device.out, "credential", &r.device_id, &r.credential)
         }
-        Command::Device(DeviceCommand::Enroll {
-            api,
-            device_id,
-            groups,
-            valid_days,
-            out,
-        }) => {
+        Command::Device(DeviceCommand::Enroll { api, device }) => {
             let r = admin(&api)
                 .await?
                 .enroll_device(EnrollDeviceRequest {
-                    device_id,
-                    groups,
-                    valid_days,
+                    device_id: device.device_id,
+                    groups: device.groups,
+                    valid_days: device.valid_days,
                 })
                 .await?
                 .into_inner();
             for warning in &r.warnings {
                 eprintln!("warning: {warning}");
             }
-            match out {
-                Some(path) => {
-                    push_server::auth::write_secret(&path, &r.plist)
-                        .with_context(|| format!("cannot write {}", path.display()))?;
-                    println!("enrollment for {} written to {}", r.device_id, path.display());
-                }
-                None => print!("{}", r.plist),
-            }
-            Ok(())
+            hand_out(device.out, "enrollment", &r.device_id, &r.plist)
         }
         Command::Device(DeviceCommand::Revoke { api, device_id }) => {
             let r = admin(&api)

@@ -2,6 +2,8 @@
 //! library (library mode), start a real push-server with pushes queued for the device, run
 //! `tests/python/test_ffi.py`, and fail if Python fails.
 
+mod common;
+
 use std::{path::Path, process::Stdio, time::Duration};
 
 use push_proto::sender::{
@@ -14,41 +16,10 @@ const DEVICE: &str = "py-dev";
 const MESSAGES: [&str; 3] = ["py-1", "py-2", "py-3"];
 const CALL: &str = "py-call";
 
-fn library_file() -> &'static str {
-    if cfg!(target_os = "macos") {
-        "libmobile_sdk_ffi.dylib"
-    } else {
-        "libmobile_sdk_ffi.so"
-    }
-}
-
 /// Generate the Python module next to a copy of the library, in `out`.
 fn generate_binding(out: &Path) {
-    let bindgen = Path::new(env!("CARGO_BIN_EXE_uniffi-bindgen"));
-    // `cargo test` builds the cdylib into deps/ without copying it up (`cargo build` does):
-    // take the newer of the two, so a stale copy from an earlier build is never used.
-    let dir = bindgen.parent().unwrap();
-    let library = [dir.join("deps").join(library_file()), dir.join(library_file())]
-        .into_iter()
-        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
-        .max()
-        .map(|(_, p)| p)
-        .expect("the mobile-sdk-ffi cdylib was not built");
-    let status = std::process::Command::new(bindgen)
-        .args([
-            "generate",
-            "--library",
-            "--language",
-            "python",
-            "--no-format",
-            "--out-dir",
-        ])
-        .arg(out)
-        .arg(&library)
-        .status()
-        .expect("run uniffi-bindgen");
-    assert!(status.success(), "uniffi-bindgen failed: {status}");
-    std::fs::copy(&library, out.join(library_file())).unwrap();
+    let library = common::generate_binding(out, "python");
+    std::fs::copy(&library, out.join(common::library_file())).unwrap();
     assert!(out.join("mobile_sdk_ffi.py").exists());
 }
 

@@ -3,39 +3,12 @@
 //! `build-xcframework.sh` does) and checks that every call the Swift files make into it names a
 //! declaration that exists, with the same argument labels in the same order.
 
+mod common;
+
 use std::path::Path;
 
-fn library_file() -> &'static str {
-    if cfg!(target_os = "macos") {
-        "libmobile_sdk_ffi.dylib"
-    } else {
-        "libmobile_sdk_ffi.so"
-    }
-}
-
 fn generate_swift(out: &Path) -> String {
-    let bindgen = Path::new(env!("CARGO_BIN_EXE_uniffi-bindgen"));
-    let dir = bindgen.parent().unwrap();
-    let library = [dir.join("deps").join(library_file()), dir.join(library_file())]
-        .into_iter()
-        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
-        .max()
-        .map(|(_, p)| p)
-        .expect("the mobile-sdk-ffi cdylib was not built");
-    let status = std::process::Command::new(bindgen)
-        .args([
-            "generate",
-            "--library",
-            "--language",
-            "swift",
-            "--no-format",
-            "--out-dir",
-        ])
-        .arg(out)
-        .arg(&library)
-        .status()
-        .expect("run uniffi-bindgen");
-    assert!(status.success(), "uniffi-bindgen failed: {status}");
+    common::generate_binding(out, "swift");
     std::fs::read_to_string(out.join("mobile_sdk_ffi.swift")).unwrap()
 }
 

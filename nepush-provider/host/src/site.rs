@@ -12,14 +12,12 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    path::Path,
-    process::{Child, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use e2e::{ApiClient, LineReader, READY_TIMEOUT, ServerProcess, bridge_binary};
+use e2e::{ApiClient, BridgeProcess, ServerProcess};
 use push_proto::sender::{EnrollDeviceRequest, PresenceEvent, WatchPresenceRequest};
 use tokio::{sync::watch, task::JoinHandle};
 
@@ -27,8 +25,6 @@ use crate::scenario::ServerSettings;
 
 /// Offline events kept in the log.
 pub const RECENT: usize = 64;
-const BRIDGE_KEY: &str = "nepush-host-bridge-key-0123456789";
-const BUNDLE_ID: &str = "com.example.ward";
 
 /// The server sessions the phone holds right now: per provider instance, the session id of
 /// its `Connected` state, until the instance reports another state or its process dies.
@@ -145,25 +141,12 @@ impl Presence {
     }
 }
 
-/// The fake APNs behind `apns-bridge serve --fake-apns`: every request it receives is a line.
-struct Bridge {
-    child: Child,
-    stdout: LineReader,
-    addr: SocketAddr,
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The push-server and what the host needs around it.
 pub struct Site {
     /// The server process.
     pub server: ServerProcess,
-    bridge: Option<Bridge>,
+    /// The fake APNs behind `apns-bridge serve --fake-apns`, when the scenario asks for it.
+    bridge: Option<BridgeProcess>,
     /// The sender/admin API (admin key).
     pub api: ApiClient,
     /// Server sessions seen through presence events.
@@ -192,7 +175,7 @@ impl Site {
     ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let bridge = if settings.apns_fallback {
-            Some(start_bridge(dir.path())?)
+            Some(BridgeProcess::start(dir.path(), &[]).map_err(anyhow::Error::msg)?)
         } else {
             None
         };
@@ -206,12 +189,8 @@ impl Site {
             dial.port()
         );
         if let Some(b) = &bridge {
-            text.push_str(&format!(
-                "\n[apns]\nmode = \"remote\"\nendpoint = \"https://{}\"\nserver_name = \"localhost\"\nca_file = {}\napi_key_file = {}\n",
-                b.addr,
-                toml_string(&dir.path().join("bridge-ca.pem").display().to_string()),
-                toml_string(&dir.path().join("bridge-api.key").display().to_string()),
-            ));
+            text.push('\n');
+            text.push_str(&b.apns_config());
         }
         std::fs::write(&config, text)?;
         let config = config.display().to_string();
@@ -288,62 +267,18 @@ impl Site {
         let Some(bridge) = &self.bridge else {
             return Err("the scenario runs no APNs bridge ([server] apns_fallback = true)".into());
         };
-        let stdout = &bridge.stdout;
         let needle = format!("call={needle} ");
         tokio::task::block_in_place(|| {
             let deadline = Instant::now() + timeout;
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
-                let line = stdout.wait_for("fake-apns: ", left)?;
+                let line = bridge.next_request(left)?;
                 if line.contains(&needle) {
                     return Ok(line);
                 }
             }
         })
     }
-}
-
-fn start_bridge(dir: &Path) -> anyhow::Result<Bridge> {
-    let (pki, _) = push_server::pki::load_or_create(&dir.join("bridge-tls"), &[])?;
-    std::fs::write(dir.join("bridge.pem"), &pki.server_cert_pem)?;
-    std::fs::write(dir.join("bridge.key.pem"), &pki.server_key_pem)?;
-    std::fs::write(dir.join("bridge-ca.pem"), &pki.ca_cert_pem)?;
-    std::fs::write(dir.join("bridge-api.key"), BRIDGE_KEY)?;
-    let log = dir.join("bridge.log");
-    let mut child = std::process::Command::new(bridge_binary())
-        .args(["serve", "--listen", "127.0.0.1:0", "--bundle-id", BUNDLE_ID])
-        .arg("--api-key-file")
-        .arg(dir.join("bridge-api.key"))
-        .arg("--tls-cert")
-        .arg(dir.join("bridge.pem"))
-        .arg("--tls-key")
-        .arg(dir.join("bridge.key.pem"))
-        .arg("--fake-apns")
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()
-        .context("apns-bridge does not start")?;
-    let stdout = LineReader::spawn(child.stdout.take().context("bridge stdout")?);
-    let ready = match stdout.wait_for("apns-bridge ready: ", READY_TIMEOUT) {
-        Ok(line) => line,
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            anyhow::bail!(
-                "{e}; bridge log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-    };
-    let addr = ready
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("listen="))
-        .and_then(|a| a.parse().ok())
-        .with_context(|| format!("no address in {ready:?}"))?;
-    Ok(Bridge { child, stdout, addr })
 }
 
 /// A TOML basic string.
