@@ -488,6 +488,7 @@ impl ServerProcess {
                 last_seen_seq,
                 ssid: "e2e-wifi".into(),
                 instance_id: format!("e2e-{last_seen_seq}"),
+                epoch: 0,
             },
         }
     }

@@ -193,6 +193,10 @@ enum DeviceCommand {
         /// Highest sequence already seen (resume point).
         #[arg(long, default_value_t = 0)]
         last_seen: u64,
+        /// Store epoch that numbered `--last-seen` (printed on connect); 0 if unknown, in which
+        /// case the server acknowledges nothing on the strength of `--last-seen`.
+        #[arg(long, default_value_t = 0)]
+        epoch: u64,
         /// SSID to report.
         #[arg(long, default_value = "")]
         ssid: String,
@@ -439,9 +443,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
             data_dir,
             server_name,
             last_seen,
+            epoch,
             ssid,
             count,
-        }) => connect(addr, credential, data_dir, server_name, last_seen, ssid, count).await,
+        }) => {
+            connect(
+                addr,
+                credential,
+                data_dir,
+                server_name,
+                (last_seen, epoch),
+                ssid,
+                count,
+            )
+            .await
+        }
         Command::Send(args) => {
             let mut client = sender(&args.api).await?;
             let r = client
@@ -617,7 +633,7 @@ async fn connect(
     credential: String,
     data_dir: PathBuf,
     server_name: String,
-    last_seen: u64,
+    (last_seen, epoch): (u64, u64),
     ssid: String,
     count: usize,
 ) -> anyhow::Result<()> {
@@ -635,6 +651,7 @@ async fn connect(
         last_seen_seq: last_seen,
         ssid,
         instance_id: uuid::Uuid::new_v4().to_string(),
+        epoch,
     };
     let mut client = DeviceClient::connect(ClientOptions {
         addr,
@@ -644,8 +661,11 @@ async fn connect(
     })
     .await?;
     println!(
-        "connected as {} (session {}), {} queued push(es) to replay",
-        client.server_hello.device_id, client.server_hello.session_id, client.server_hello.replay_count
+        "connected as {} (session {}, epoch {}), {} queued push(es) to replay",
+        client.server_hello.device_id,
+        client.server_hello.session_id,
+        client.server_hello.epoch,
+        client.server_hello.replay_count
     );
     let mut received = 0;
     while count == 0 || received < count {

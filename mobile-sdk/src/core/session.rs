@@ -318,6 +318,7 @@ impl Session {
                 last_seen_seq: self.ledger.last_seen(),
                 ssid: self.network.ssid.clone(),
                 instance_id: self.instance_id.clone(),
+                epoch: 0,
             };
             self.encode(client_frame::Kind::Hello(hello));
         }

@@ -67,6 +67,8 @@ struct Inner {
     devices: RwLock<HashMap<String, Arc<Mutex<DeviceState>>>>,
     groups: RwLock<HashMap<String, BTreeSet<String>>>,
     store: Arc<dyn Store>,
+    /// The store's epoch, sent in every `ServerHello` (see `device.proto`).
+    epoch: u64,
     limits: Limits,
     presence: broadcast::Sender<PresenceEvent>,
     receipts: broadcast::Sender<Receipt>,
@@ -226,6 +228,7 @@ impl Hub {
             devices: RwLock::new(devices),
             groups: RwLock::new(groups),
             store,
+            epoch: snapshot.epoch,
             presence: broadcast::channel(4096).0,
             receipts: broadcast::channel(16 * 1024).0,
             deadlines: Mutex::new(deadlines),
@@ -236,6 +239,11 @@ impl Hub {
             observer: Arc::new(Observer::new(&limits)),
             limits,
         }))
+    }
+
+    /// The store's epoch, for `ServerHello.epoch`.
+    pub fn epoch(&self) -> u64 {
+        self.0.epoch
     }
 
     /// The limits in force.

@@ -222,6 +222,7 @@ fn authenticate(
                     max_frame_size: env.max_frame as u32,
                     server_time_ms: now_ms(),
                     replay_count: login.replay_count,
+                    epoch: env.hub.epoch(),
                 },
                 hello.last_seen_seq,
             );

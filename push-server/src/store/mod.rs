@@ -195,6 +195,9 @@ pub enum Op {
 /// Everything needed to rebuild the hub at start-up.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Snapshot {
+    /// The store's epoch: random, non-zero, below 2^53, chosen when the store was created (and
+    /// anew whenever it is restored or loses writes). See `device.proto`, "Epochs and the floor".
+    pub epoch: u64,
     /// Every device.
     pub devices: Vec<DeviceRecord>,
     /// Every queued push, ordered by `(device_id, seq)`.

@@ -28,6 +28,9 @@ static PUSHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("pushe
 static SEQ_CEILINGS: TableDefinition<&str, u64> = TableDefinition::new("seq_ceilings");
 static RECEIPTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("receipts");
 static API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys");
+/// Facts about the store itself: its epoch (see `device.proto`, "Epochs and the floor").
+static META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const EPOCH_KEY: &str = "epoch";
 
 /// Most batches folded into one transaction, so that a flood of writers cannot grow a
 /// transaction (and the wait of its first caller) without bound.
@@ -90,15 +93,37 @@ fn create_tables(db: &Database) -> Result<(), redb::Error> {
     txn.open_table(SEQ_CEILINGS)?;
     txn.open_table(RECEIPTS)?;
     txn.open_table(API_KEYS)?;
+    {
+        let mut meta = txn.open_table(META)?;
+        if meta.get(EPOCH_KEY)?.is_none() {
+            meta.insert(EPOCH_KEY, new_epoch())?;
+        }
+    }
     txn.commit()?;
     Ok(())
+}
+
+/// A random non-zero epoch below 2^53 (it must survive a double, like sequence numbers).
+pub(super) fn new_epoch() -> u64 {
+    rand::random::<u64>() % ((1 << 53) - 1) + 1
 }
 
 impl Store for RedbStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         let txn = self.db.begin_read().map_err(io)?;
         let seq_ceilings = txn.open_table(SEQ_CEILINGS).map_err(io)?;
+        let epoch = txn
+            .open_table(META)
+            .map_err(io)?
+            .get(EPOCH_KEY)
+            .map_err(io)?
+            .map(|v| v.value())
+            .ok_or_else(|| StoreError::Corrupt {
+                table: "meta",
+                detail: "no epoch".into(),
+            })?;
         Ok(Snapshot {
+            epoch,
             devices: read_all(&txn, &DEVICES)?,
             pushes: read_all(&txn, &PUSHES)?,
             seq_ceilings: seq_ceilings

@@ -163,6 +163,7 @@ impl Harness {
                 last_seen_seq,
                 ssid: "Ward 4B".into(),
                 instance_id: "test-instance".into(),
+                epoch: 0,
             },
         }
     }

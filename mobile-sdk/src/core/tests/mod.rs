@@ -157,6 +157,7 @@ impl Harness {
             max_frame_size: 64 * 1024,
             server_time_ms: SERVER_TIME_MS,
             replay_count: 0,
+            epoch: 1,
         }));
     }
 

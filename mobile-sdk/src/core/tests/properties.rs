@@ -198,6 +198,7 @@ impl Checker {
                     max_frame_size: 64 * 1024,
                     server_time_ms: self.server_time_ms,
                     replay_count: 0,
+                    epoch: 1,
                 }))
             }
             Op::Push {
