@@ -325,6 +325,8 @@ pub struct ServerProcess {
     pub device_addr: SocketAddr,
     /// Where the gRPC API listens (changes on every start).
     pub api_addr: SocketAddr,
+    /// The store epoch of the last `ServerHello`, sent with the floor as an SDK does.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl ServerProcess {
@@ -343,6 +345,7 @@ impl ServerProcess {
             stdout,
             device_addr,
             api_addr,
+            epoch: Default::default(),
         }
     }
 
@@ -488,18 +491,22 @@ impl ServerProcess {
                 last_seen_seq,
                 ssid: "e2e-wifi".into(),
                 instance_id: format!("e2e-{last_seen_seq}"),
-                epoch: 0,
+                epoch: self.epoch.load(std::sync::atomic::Ordering::SeqCst),
             },
         }
     }
 
-    /// Connect a device session (TLS, hello, server hello or goodbye).
+    /// Connect a device session (TLS, hello, server hello or goodbye), sending the floor with
+    /// the epoch of the last server hello, as an SDK does.
     pub async fn connect(&self, credential: &str, last_seen_seq: u64) -> Result<DeviceClient, ClientError> {
-        within(
+        let client = within(
             "device connect",
             DeviceClient::connect(self.device_options(credential, last_seen_seq)),
         )
-        .await
+        .await?;
+        self.epoch
+            .store(client.server_hello.epoch, std::sync::atomic::Ordering::SeqCst);
+        Ok(client)
     }
 
     /// Send a text message to one device with a caller-chosen id; asserts it was accepted for

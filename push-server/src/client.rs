@@ -152,6 +152,16 @@ impl DeviceClient {
         .await
     }
 
+    /// Acknowledge and end the stream at once, the ack and the FIN in one TCP segment, as an
+    /// extension killed right after acking does (tests).
+    pub async fn ack_then_close(mut self, seqs: &[u64]) -> Result<(), ClientError> {
+        // Corked, the ack waits in the kernel until the shutdown's FIN carries it.
+        socket2::SockRef::from(self.tls.get_ref().0).set_tcp_cork(true)?;
+        self.ack(seqs).await?;
+        self.tls.shutdown().await?;
+        Ok(())
+    }
+
     /// Say goodbye and close.
     pub async fn close(mut self) -> Result<(), ClientError> {
         let bye = Goodbye {

@@ -534,7 +534,7 @@ fn recipient(r: crate::hub::RecipientOutcome) -> Recipient {
 fn send_status(e: SendError) -> Status {
     match e {
         SendError::Invalid(m) => Status::invalid_argument(m),
-        SendError::CallExists(_) => Status::already_exists(e.to_string()),
+        SendError::CallExists(_) | SendError::IdInUse { .. } => Status::already_exists(e.to_string()),
         SendError::UnknownCall(_) => Status::not_found(e.to_string()),
         SendError::Store(e) => store_status(e),
     }

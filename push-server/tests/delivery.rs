@@ -315,9 +315,17 @@ async fn cancel_before_delivery_withdraws_the_invite() {
         .place_call(call("call-3", "phone-1", 60))
         .await
         .unwrap();
-    let dup = h
+    // The same request again is answered as before; the same id with other content is refused.
+    let again = h
         .sender()
         .place_call(call("call-3", "phone-1", 60))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.call_id, "call-3");
+    let dup = h
+        .sender()
+        .place_call(call("call-3", "phone-1", 30))
         .await
         .unwrap_err();
     assert_eq!(dup.code(), tonic::Code::AlreadyExists);

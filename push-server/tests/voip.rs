@@ -374,13 +374,15 @@ async fn unregistered_token_is_invalidated_and_reported(mode: Mode) {
     e.offline_device("phone-2", &token(8)).await;
     let placed = e.call("call-x", "phone-1", 20).await;
     let updates =
-        e.h.await_update("call-x", "phone-1", |u| u.state() == DeliveryState::Undeliverable)
+        e.h.await_update("call-x", "phone-1", |u| !u.reason.is_empty())
             .await;
     let last = updates.last().unwrap();
     assert!(
         last.reason.contains("Unregistered") && last.reason.contains("invalidated"),
         "{last:?}"
     );
+    // The failed leg is reported; the call still rings locally until its deadline.
+    assert_eq!(last.state(), DeliveryState::Accepted, "{last:?}");
     assert!(last.at_ms < placed.ring_deadline_ms);
     let devices = e.h.list_devices("", false).await;
     let phone1 = devices.iter().find(|d| d.device_id == "phone-1").unwrap();
@@ -408,22 +410,38 @@ async fn unregistered_token_is_invalidated_and_reported(mode: Mode) {
 }
 both_modes!(unregistered_token_is_invalidated_and_reported);
 
-async fn apns_down_reports_the_call_undeliverable_before_its_deadline(mode: Mode) {
+/// With no internet on site APNs always fails: the failure is reported, and a phone that comes
+/// back on-site before the ring deadline still rings (the invite was deleted and the call
+/// reported UNDELIVERABLE within milliseconds).
+async fn apns_down_is_reported_and_the_local_call_keeps_ringing(mode: Mode) {
     let e = start(mode, 300).await;
     e.fake.set_default(FakeAnswer::Unreachable);
-    e.offline_device("phone-1", &token(10)).await;
+    let credential = e.offline_device("phone-1", &token(10)).await;
     let placed = e.call("call-u", "phone-1", 30).await;
-    let updates = e.h.await_update("call-u", "phone-1", settled).await;
+    let updates =
+        e.h.await_update("call-u", "phone-1", |u| !u.reason.is_empty())
+            .await;
     let last = updates.last().unwrap();
-    assert_eq!(last.state(), DeliveryState::Undeliverable, "{updates:?}");
+    assert_eq!(last.state(), DeliveryState::Accepted, "{updates:?}");
     assert!(last.reason.contains("unreachable"), "{last:?}");
     assert!(
         last.at_ms < placed.ring_deadline_ms,
         "reported before the deadline"
     );
     assert_eq!(e.fake.received().len(), 1, "no retry when APNs cannot be reached");
+    // The phone comes back on-site: the call rings there, and its ack is the outcome.
+    let mut phone = e.h.connect(&credential, 0).await.unwrap();
+    let invite = next(&mut phone).await;
+    assert_eq!(invite.id, "call-u");
+    phone.ack(&[invite.seq]).await.unwrap();
+    let updates = e.h.await_update("call-u", "phone-1", settled).await;
+    assert_eq!(
+        updates.last().unwrap().state(),
+        DeliveryState::Acked,
+        "{updates:?}"
+    );
 }
-both_modes!(apns_down_reports_the_call_undeliverable_before_its_deadline);
+both_modes!(apns_down_is_reported_and_the_local_call_keeps_ringing);
 
 /// Whether the update is a final state.
 fn settled(u: &DeliveryUpdate) -> bool {
@@ -434,7 +452,7 @@ fn settled(u: &DeliveryUpdate) -> bool {
 }
 
 #[tokio::test]
-async fn bridge_down_reports_the_call_undeliverable_quickly() {
+async fn bridge_down_is_reported_quickly_and_the_local_call_keeps_ringing() {
     // Remote mode with nothing listening where the bridge should be.
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -449,7 +467,7 @@ async fn bridge_down_reports_the_call_undeliverable_quickly() {
         c.apns.api_key_file = Some(key_file.clone());
     })
     .await;
-    h.issue("phone-1", &[]).await;
+    let credential = h.issue("phone-1", &[]).await;
     h.admin()
         .set_voip_token(SetVoipTokenRequest {
             device_id: "phone-1".into(),
@@ -469,11 +487,15 @@ async fn bridge_down_reports_the_call_undeliverable_quickly() {
         .await
         .unwrap()
         .into_inner();
-    let updates = h.await_update("call-v", "phone-1", settled).await;
+    let updates = h
+        .await_update("call-v", "phone-1", |u| !u.reason.is_empty())
+        .await;
     let last = updates.last().unwrap();
-    assert_eq!(last.state(), DeliveryState::Undeliverable);
+    assert_eq!(last.state(), DeliveryState::Accepted);
     assert!(last.reason.contains("bridge unreachable"), "{last:?}");
     assert!(last.at_ms < placed.ring_deadline_ms);
+    let mut phone = h.connect(&credential, 0).await.unwrap();
+    assert_eq!(next(&mut phone).await.id, "call-v");
 }
 
 #[tokio::test]

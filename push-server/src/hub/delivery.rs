@@ -6,7 +6,7 @@ use prost::Message as _;
 use push_proto::device::{CallCancel, CallInvite, CancelReason, Message, Push, push};
 
 use super::{DeviceState, Hub, Queued, SEQ_BLOCK, now_ms};
-use crate::store::{Op, PushKind, Receipt, ReceiptState, StoreError, StoredPush};
+use crate::store::{Op, PushKind, Receipt, ReceiptState, RequestRecord, StoreError, StoredPush};
 
 /// Why a send or call was refused as a whole. Per-recipient failures are receipts instead.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +17,15 @@ pub enum SendError {
     /// A call with this id is already ringing.
     #[error("call {0} already exists")]
     CallExists(String),
+    /// The id was used before for another request (another kind or other content), or a
+    /// request with it is still being placed.
+    #[error("id {id:?} is already used by {what}; choose a new id")]
+    IdInUse {
+        /// The caller-chosen id.
+        id: String,
+        /// What holds it.
+        what: &'static str,
+    },
     /// No ringing call with this id.
     #[error("no ringing call {0}")]
     UnknownCall(String),
@@ -164,20 +173,15 @@ impl Hub {
             req.id.clone()
         };
         let targets = self.resolve(&req.device_ids, req.group.as_deref())?;
-        if !req.id.is_empty() {
-            // Committed state only, no barrier: waiting for the store here would put an fsync in
-            // front of every idempotent send. A retry arrives after its original was answered
-            // (so committed); two copies racing each other are both queued and the device drops
-            // the second by id.
-            let existing = self.store().receipts(&id)?;
-            if !existing.is_empty() {
-                return Ok(Sent {
-                    id,
-                    recipients: existing.into_iter().map(outcome_of).collect(),
-                    expires_at_ms: 0,
-                });
+        let digest = message_digest(&req);
+        let claim = if req.id.is_empty() {
+            None
+        } else {
+            match self.claim_id(&id, PushKind::Message, &digest)? {
+                IdUse::Same(previous) => return Ok(self.previous_outcome(id, &previous)?),
+                IdUse::New(claim) => Some(claim),
             }
-        }
+        };
         let now = now_ms();
         let ttl = if req.ttl_secs == 0 {
             limits.default_ttl_secs
@@ -185,6 +189,15 @@ impl Hub {
             req.ttl_secs
         };
         let expires = now + i64::from(ttl) * 1000;
+        let request = claim.as_ref().map(|_| Op::PutRequest {
+            id: id.clone(),
+            record: RequestRecord {
+                kind: PushKind::Message,
+                digest,
+                at_ms: now,
+                expires_at_ms: expires,
+            },
+        });
         let message = Message {
             title: req.title,
             body: req.body,
@@ -202,7 +215,8 @@ impl Hub {
             expires,
             body: push::Body::Message(message),
         };
-        let (recipients, _) = self.enqueue_all(&item, &targets, now).await?;
+        let (recipients, _) = self.enqueue_all(&item, &targets, request, now).await?;
+        drop(claim);
         Ok(Sent {
             id: item.id,
             recipients,
@@ -230,6 +244,12 @@ impl Hub {
             ));
         }
         let targets = self.resolve(&req.device_ids, req.group.as_deref())?;
+        let uuid = push_proto::call_uuid(&req.call_id);
+        let digest = call_digest(&req);
+        let claim = match self.claim_id(&req.call_id, PushKind::CallInvite, &digest)? {
+            IdUse::Same(previous) => return Ok((self.previous_outcome(req.call_id, &previous)?, uuid)),
+            IdUse::New(claim) => claim,
+        };
         let now = now_ms();
         let ring = if req.ring_secs == 0 {
             limits.default_ring_secs
@@ -237,9 +257,17 @@ impl Hub {
             req.ring_secs
         };
         let deadline = now + i64::from(ring) * 1000;
-        let uuid = push_proto::call_uuid(&req.call_id);
+        let request = Op::PutRequest {
+            id: req.call_id.clone(),
+            record: RequestRecord {
+                kind: PushKind::CallInvite,
+                digest,
+                at_ms: now,
+                expires_at_ms: deadline,
+            },
+        };
         {
-            let mut calls = self.0.calls.lock().expect("poisoned");
+            let mut calls = self.0.calls.lock();
             if calls.contains_key(&req.call_id) {
                 return Err(SendError::CallExists(req.call_id));
             }
@@ -268,9 +296,10 @@ impl Hub {
             expires: deadline,
             body: push::Body::CallInvite(invite),
         };
-        let result = self.enqueue_all(&item, &targets, now).await;
+        let result = self.enqueue_all(&item, &targets, Some(request), now).await;
+        drop(claim);
         let (recipients, seqs) = {
-            let mut calls = self.0.calls.lock().expect("poisoned");
+            let mut calls = self.0.calls.lock();
             match result {
                 Ok((recipients, seqs)) => {
                     if let Some(call) = calls.get_mut(&req.call_id) {
@@ -307,7 +336,6 @@ impl Hub {
             .0
             .calls
             .lock()
-            .expect("poisoned")
             .remove(call_id)
             .ok_or_else(|| SendError::UnknownCall(call_id.into()))?;
         let now = now_ms();
@@ -332,7 +360,7 @@ impl Hub {
                 continue;
             };
             let mut ops = Vec::new();
-            let mut d = device.lock().expect("poisoned");
+            let mut d = device.lock();
             let reached = match d.outbox.get(seq).filter(|q| q.push.id == call_id) {
                 Some(_) => {
                     let q = d.outbox.remove(seq).expect("present");
@@ -358,13 +386,18 @@ impl Hub {
         let Some(device) = self.device(device_id) else {
             return Vec::new();
         };
-        let d = device.lock().expect("poisoned");
+        let d = device.lock();
         if d.session.as_ref().is_none_or(|s| s.id != session_id) {
             return Vec::new();
         }
         let now = now_ms();
+        // `after_seq` comes from the peer (its floor): any value must be harmless here.
+        let start = after_seq.saturating_add(1);
+        if start >= d.durable_ceiling {
+            return Vec::new();
+        }
         d.outbox
-            .range(after_seq + 1..d.durable_ceiling)
+            .range(start..d.durable_ceiling)
             .filter(|(_, q)| q.push.expires_at_ms > now)
             .take(max)
             .filter_map(|(_, q)| match Push::decode(&q.push.encoded[..]) {
@@ -384,7 +417,7 @@ impl Hub {
         };
         let mut ops = Vec::new();
         let now = now_ms();
-        let mut d = device.lock().expect("poisoned");
+        let mut d = device.lock();
         for seq in seqs {
             if let Some(q) = d
                 .outbox
@@ -414,28 +447,39 @@ impl Hub {
             return;
         };
         let mut ops = Vec::new();
-        let mut d = device.lock().expect("poisoned");
+        let mut d = device.lock();
         if d.session.as_ref().is_none_or(|s| s.id != session_id) {
             return;
         }
-        self.ack_locked(&mut d, &mut ops, up_to, seqs, now_ms());
+        self.ack_locked(&mut d, &mut ops, (up_to, seqs), true, now_ms());
         self.persist(ops);
     }
 
+    /// Settle what the device acknowledged. `written_only`: an `Ack` frame can only acknowledge
+    /// pushes that were written to the device (a push never written cannot have been seen, so
+    /// an ack naming it is foreign or forged and must not become an ACKED receipt).
     pub(super) fn ack_locked(
         &self,
         d: &mut DeviceState,
         ops: &mut Vec<Op>,
-        up_to: u64,
-        seqs: &[u64],
+        (up_to, seqs): (u64, &[u64]),
+        written_only: bool,
         now: i64,
     ) {
-        let mut acked: Vec<u64> = d.outbox.range(..=up_to).map(|(s, _)| *s).collect();
-        acked.extend(seqs.iter().filter(|s| d.outbox.contains_key(s)));
+        let eligible = |q: &Queued| !written_only || q.state == ReceiptState::Delivered;
+        let mut acked: Vec<u64> = d
+            .outbox
+            .range(..=up_to)
+            .filter(|(_, q)| eligible(q))
+            .map(|(s, _)| *s)
+            .collect();
+        acked.extend(seqs.iter().filter(|s| d.outbox.get(s).is_some_and(eligible)));
+        acked.sort_unstable();
+        acked.dedup();
         for seq in acked {
             let Some(q) = d.outbox.remove(&seq) else { continue };
             if q.push.kind == PushKind::CallInvite
-                && let Some(call) = self.0.calls.lock().expect("poisoned").get_mut(&q.push.id)
+                && let Some(call) = self.0.calls.lock().get_mut(&q.push.id)
             {
                 // The ack can beat `place_call` recording its callees: record it here, so a
                 // cancel still reaches this phone.
@@ -454,6 +498,85 @@ impl Hub {
             self.announce(ops, q.push.kind, r, Some(latency));
             self.forget(ops, &q.push);
         }
+    }
+
+    /// Apply the floor a device reported in its hello, under its lock (the rule is in
+    /// `device.proto`, "Epochs and the floor"). Numbered by this store and below what it handed
+    /// out: the floor is the device's cumulative acknowledgement. Otherwise (another epoch, a new
+    /// install, a floor ahead of the server) it acknowledges nothing: queued pushes at or below
+    /// it are renumbered above it, so they still reach the app, and numbering continues above it.
+    pub(super) fn apply_floor(
+        &self,
+        d: &mut DeviceState,
+        ops: &mut Vec<Op>,
+        floor: u64,
+        epoch: u64,
+        now: i64,
+    ) {
+        // The session core refuses larger floors; clamp so no caller can overflow the counter.
+        let floor = floor.min(super::MAX_SEQ - 1);
+        if epoch == self.0.epoch && floor < d.next_seq {
+            self.ack_locked(d, ops, (floor, &[]), false, now);
+            return;
+        }
+        d.next_seq = d.next_seq.max(floor + 1);
+        let below: Vec<u64> = d.outbox.range(..=floor).map(|(s, _)| *s).collect();
+        for old in below {
+            self.renumber_locked(d, ops, old, now);
+        }
+    }
+
+    /// Give queued push `old` the device's next sequence number.
+    fn renumber_locked(&self, d: &mut DeviceState, ops: &mut Vec<Op>, old: u64, now: i64) {
+        let Some(q) = d.outbox.remove(&old) else { return };
+        let seq = d.next_seq;
+        d.next_seq += 1;
+        let device_id = d.record.device_id.clone();
+        ops.push(Op::DeletePush {
+            device_id: device_id.clone(),
+            seq: old,
+        });
+        let expires = q.push.expires_at_ms;
+        self.0.deadlines.lock().remove(&(expires, device_id.clone(), old));
+        let mut stored = (*q.push).clone();
+        match Push::decode(&stored.encoded[..]) {
+            Ok(mut push) => {
+                push.seq = seq;
+                stored.encoded = push.encode_to_vec();
+                stored.seq = seq;
+            }
+            Err(e) => {
+                tracing::error!(device = %device_id, seq = old, error = %e, "undecodable queued push dropped");
+                self.receipt(
+                    ops,
+                    &q.push,
+                    ReceiptState::Undeliverable,
+                    "corrupt stored push",
+                    now,
+                );
+                return;
+            }
+        }
+        if stored.kind == PushKind::CallInvite
+            && let Some(callee) = self
+                .0
+                .calls
+                .lock()
+                .get_mut(&stored.id)
+                .and_then(|c| c.callees.get_mut(&device_id))
+        {
+            callee.0 = seq;
+        }
+        self.renumber_voip_due(&device_id, old, seq);
+        self.0.deadlines.lock().insert((expires, device_id, seq));
+        ops.push(Op::PutPush(stored.clone()));
+        d.outbox.insert(
+            seq,
+            Queued {
+                push: Arc::new(stored),
+                ..q
+            },
+        );
     }
 
     /// Expand explicit ids and a group into distinct recipients, within the limit.
@@ -482,38 +605,26 @@ impl Hub {
 
     /// Queue `item` for every target and wait until durable. Returns the outcomes and the
     /// sequence number each accepted recipient got.
+    /// `request` (the caller-chosen id's record) is stored with them when any recipient
+    /// accepted.
     async fn enqueue_all(
         &self,
         item: &Item,
         targets: &[String],
+        request: Option<Op>,
         now: i64,
     ) -> Result<(Vec<RecipientOutcome>, Vec<(String, u64)>), SendError> {
-        let mut unknown = Vec::new();
         let mut pending = Vec::with_capacity(targets.len());
         let mut outcomes = Vec::with_capacity(targets.len());
         let mut seqs = Vec::with_capacity(targets.len());
         for device_id in targets {
             let result = match self.device(device_id) {
-                None => {
-                    // No device lock to order by, and nothing else is ever written about it.
-                    self.announce(
-                        &mut unknown,
-                        item.kind,
-                        super::receipt(
-                            &item.id,
-                            device_id,
-                            ReceiptState::Undeliverable,
-                            "unknown device",
-                            "",
-                            now,
-                        ),
-                        None,
-                    );
-                    Err("unknown device")
-                }
+                // Answered in the response only: nothing is kept, stored or counted per unknown
+                // id, so a sender naming junk ids cannot grow the server.
+                None => Err("unknown device"),
                 Some(device) => {
                     let mut ops = Vec::new();
-                    let mut d = device.lock().expect("poisoned");
+                    let mut d = device.lock();
                     let result = self.enqueue_locked(&mut d, &mut ops, item, now);
                     pending.push(self.submit(ops));
                     result
@@ -532,14 +643,14 @@ impl Hub {
                 reason: reason.into(),
             });
         }
-        if !unknown.is_empty() {
-            pending.push(self.submit(unknown));
+        if let Some(request) = request.filter(|_| !seqs.is_empty()) {
+            pending.push(self.submit(vec![request]));
         }
         if let Err(e) = self.settle(pending).await {
             // Not durable: withdraw what is still queued so the sender's retry is the only copy.
             for (device_id, seq) in &seqs {
                 if let Some(device) = self.device(device_id) {
-                    let mut d = device.lock().expect("poisoned");
+                    let mut d = device.lock();
                     if let Some(q) = d.outbox.remove(seq) {
                         let mut ops = Vec::new();
                         self.finish(
@@ -636,7 +747,7 @@ impl Hub {
         ops.push(Op::PutPush((*stored).clone()));
         self.receipt(ops, &stored, ReceiptState::Accepted, "", now);
         let earliest = {
-            let mut deadlines = self.0.deadlines.lock().expect("poisoned");
+            let mut deadlines = self.0.deadlines.lock();
             deadlines.insert((item.expires, stored.device_id.clone(), seq));
             deadlines.first().is_some_and(|(t, ..)| *t == item.expires)
         };
@@ -668,6 +779,121 @@ struct Item {
     collapse_key: String,
     expires: i64,
     body: push::Body,
+}
+
+/// What a caller-chosen id stands for at the moment it is checked.
+enum IdUse {
+    /// First use: the claim keeps concurrent requests with the same id out until it is dropped.
+    New(IdClaim),
+    /// The same request again: answer with what it got.
+    Same(RequestRecord),
+}
+
+/// An id claimed by a request being placed; released on drop.
+struct IdClaim {
+    hub: Hub,
+    id: String,
+}
+
+impl Drop for IdClaim {
+    fn drop(&mut self) {
+        self.hub.0.ids_in_flight.lock().remove(&self.id);
+    }
+}
+
+impl Hub {
+    /// Check a caller-chosen id against what was asked under it (committed state, no barrier:
+    /// a retry arrives after its original was answered, and waiting for the store here would
+    /// put an fsync in front of every send) and against requests still being placed.
+    fn claim_id(&self, id: &str, kind: PushKind, digest: &[u8]) -> Result<IdUse, SendError> {
+        let in_use = |what| SendError::IdInUse { id: id.into(), what };
+        if let Some(previous) = self.0.store.request(id)? {
+            return match (previous.kind == kind, previous.digest == digest) {
+                (true, true) => Ok(IdUse::Same(previous)),
+                (true, false) => Err(in_use("an earlier request with other content")),
+                (false, _) => Err(in_use(match previous.kind {
+                    PushKind::CallInvite => "a call",
+                    _ => "a message",
+                })),
+            };
+        }
+        if !self.0.ids_in_flight.lock().insert(id.to_string()) {
+            return Err(in_use("a request still being placed"));
+        }
+        Ok(IdUse::New(IdClaim {
+            hub: self.clone(),
+            id: id.into(),
+        }))
+    }
+
+    /// The answer a repeated request gets: the receipts its pushes have now.
+    fn previous_outcome(&self, id: String, previous: &RequestRecord) -> Result<Sent, SendError> {
+        let recipients = self.0.store.receipts(&id)?.into_iter().map(outcome_of).collect();
+        Ok(Sent {
+            id,
+            recipients,
+            expires_at_ms: previous.expires_at_ms,
+        })
+    }
+}
+
+/// Length-prefixed fields, so that no two different field lists hash alike.
+struct Digest(sha2::Sha256);
+
+impl Digest {
+    fn new(kind: &str) -> Self {
+        let mut d = Self(sha2::Sha256::default());
+        d.bytes(kind.as_bytes());
+        d
+    }
+
+    fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        use sha2::Digest as _;
+        self.0.update((b.len() as u64).to_le_bytes());
+        self.0.update(b);
+        self
+    }
+
+    fn targets(&mut self, device_ids: &[String], group: Option<&str>) -> &mut Self {
+        let mut ids: Vec<&str> = device_ids.iter().map(String::as_str).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        self.bytes(&(ids.len() as u64).to_le_bytes());
+        for id in ids {
+            self.bytes(id.as_bytes());
+        }
+        self.bytes(group.unwrap_or("\0no group").as_bytes())
+    }
+
+    fn finish(self) -> Vec<u8> {
+        use sha2::Digest as _;
+        self.0.finalize().to_vec()
+    }
+}
+
+/// The content of a message request, as compared when its id is reused.
+fn message_digest(req: &MessageRequest) -> Vec<u8> {
+    let mut d = Digest::new("message");
+    d.targets(&req.device_ids, req.group.as_deref())
+        .bytes(req.title.as_bytes())
+        .bytes(req.body.as_bytes())
+        .bytes(&req.data)
+        .bytes(&req.priority.to_le_bytes())
+        .bytes(&req.ttl_secs.to_le_bytes())
+        .bytes(req.collapse_key.as_bytes())
+        .bytes(req.sender.as_bytes());
+    d.finish()
+}
+
+/// The content of a call request, as compared when its id is reused.
+fn call_digest(req: &CallRequest) -> Vec<u8> {
+    let mut d = Digest::new("call");
+    d.targets(&req.device_ids, req.group.as_deref())
+        .bytes(req.caller_name.as_bytes())
+        .bytes(req.caller_handle.as_bytes())
+        .bytes(&[u8::from(req.video)])
+        .bytes(&req.ring_secs.to_le_bytes());
+    d.finish()
 }
 
 fn outcome_of(r: Receipt) -> RecipientOutcome {

@@ -27,13 +27,7 @@ pub async fn run_expiry(hub: Hub, shutdown: CancellationToken) {
             }]);
             next_prune = Instant::now() + PRUNE_EVERY;
         }
-        let earliest = hub
-            .0
-            .deadlines
-            .lock()
-            .expect("poisoned")
-            .first()
-            .map(|(t, ..)| *t);
+        let earliest = hub.0.deadlines.lock().first().map(|(t, ..)| *t);
         let wait = earliest.map_or(PRUNE_EVERY, |t| {
             Duration::from_millis((t - now_ms()).clamp(0, 3_600_000) as u64)
         });
@@ -50,7 +44,7 @@ impl Hub {
     /// Expire everything due at `now` (Unix ms).
     pub(crate) fn expire_due(&self, now: i64) {
         let due: Vec<(i64, String, u64)> = {
-            let mut deadlines = self.0.deadlines.lock().expect("poisoned");
+            let mut deadlines = self.0.deadlines.lock();
             let later = deadlines.split_off(&(now + 1, String::new(), 0));
             std::mem::replace(&mut *deadlines, later).into_iter().collect()
         };
@@ -58,7 +52,7 @@ impl Hub {
             let Some(device) = self.device(&device_id) else {
                 continue;
             };
-            let mut d = device.lock().expect("poisoned");
+            let mut d = device.lock();
             let Some(q) = d.outbox.remove(&seq) else { continue };
             let reason = match q.push.kind {
                 PushKind::Message => "ttl elapsed before the device acknowledged it",
@@ -72,7 +66,6 @@ impl Hub {
         self.0
             .calls
             .lock()
-            .expect("poisoned")
             .retain(|_, c| c.deadline_ms + CALL_MEMORY_MS > now);
     }
 }

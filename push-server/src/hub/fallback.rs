@@ -15,10 +15,13 @@
 //!   lock); invites restored after a restart get none, since whether one went out is unknown.
 //! - Outcomes are applied under the device's lock like every other decision: `Delivered` adds a
 //!   receipt with path `apns`; a dead token is marked invalid in the device record; a failure
-//!   is reported to the sender, and ends the push `UNDELIVERABLE` when no session could still
-//!   ring the device.
+//!   is reported to the sender as a receipt that keeps the push's state, and never ends the
+//!   local leg: the invite stays queued until it is acknowledged, cancelled or its ring deadline
+//!   passes, whatever the bridge says.
 
-use std::{collections::BTreeSet, sync::Arc, sync::Mutex, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use parking_lot::Mutex;
 
 use apns_bridge::{DeviceToken, VoipBridge, VoipCall, VoipOutcome};
 use prost::Message as _;
@@ -84,7 +87,7 @@ pub async fn run_fallback(hub: Hub, shutdown: CancellationToken) {
     }
     loop {
         hub.voip_due(now_ms());
-        let earliest = f.due.lock().expect("poisoned").first().map(|(t, ..)| *t);
+        let earliest = f.due.lock().first().map(|(t, ..)| *t);
         let wait = earliest.map_or(Duration::from_secs(3600), |t| {
             Duration::from_millis((t - now_ms()).clamp(0, 3_600_000) as u64)
         });
@@ -121,7 +124,7 @@ impl Hub {
             let Some(device) = self.device(device_id) else {
                 continue;
             };
-            let mut d = device.lock().expect("poisoned");
+            let mut d = device.lock();
             if d.session.is_none() {
                 self.start_voip_locked(&mut d, *seq, now, "no live session");
             } else if voip_token(&d).is_some() {
@@ -129,7 +132,6 @@ impl Hub {
                     .fallback
                     .due
                     .lock()
-                    .expect("poisoned")
                     .insert((due_at, device_id.clone(), *seq));
                 scheduled = true;
             }
@@ -139,16 +141,25 @@ impl Hub {
         }
     }
 
+    /// Queued invite `old` of `device_id` was renumbered to `new`: its ack window follows it.
+    pub(super) fn renumber_voip_due(&self, device_id: &str, old: u64, new: u64) {
+        let mut due = self.0.fallback.due.lock();
+        if let Some(entry) = due.iter().find(|(_, d, s)| d == device_id && *s == old).cloned() {
+            due.remove(&entry);
+            due.insert((entry.0, entry.1, new));
+        }
+    }
+
     /// Ack windows that ended by `now` (Unix ms): invites still unacknowledged go to APNs.
     pub(crate) fn voip_due(&self, now: i64) {
         let due: Vec<(i64, String, u64)> = {
-            let mut due = self.0.fallback.due.lock().expect("poisoned");
+            let mut due = self.0.fallback.due.lock();
             let later = due.split_off(&(now + 1, String::new(), 0));
             std::mem::replace(&mut *due, later).into_iter().collect()
         };
         for (_, device_id, seq) in due {
             if let Some(device) = self.device(&device_id) {
-                let mut d = device.lock().expect("poisoned");
+                let mut d = device.lock();
                 self.start_voip_locked(&mut d, seq, now, "invite not acknowledged within the ack window");
             }
         }
@@ -185,7 +196,13 @@ impl Hub {
         let Some(q) = d.outbox.get_mut(&seq) else {
             return;
         };
-        if q.push.kind != PushKind::CallInvite || q.voip != VoipLeg::Idle || q.push.expires_at_ms <= now {
+        if q.push.kind != PushKind::CallInvite {
+            // The one place a non-call could reach the bridge: stop it, and make it visible.
+            tracing::error!(device = %device_id, seq, kind = ?q.push.kind, "non-call push stopped at the VoIP gate");
+            metrics::voip_non_call();
+            return;
+        }
+        if q.voip != VoipLeg::Idle || q.push.expires_at_ms <= now {
             return;
         }
         let invite = match Push::decode(&q.push.encoded[..]) {
@@ -211,8 +228,6 @@ impl Hub {
         let call_id = q.push.id.clone();
         tracing::info!(device = %device_id, call = %call_id, %token, reason = why, "ringing through APNs");
         let (hub, stop) = (self.clone(), self.0.fallback.stop.clone());
-        // Always true (a `VoipCall` only comes from an invite); the metric is the tripwire.
-        let is_call = q.push.kind == PushKind::CallInvite;
         tokio::spawn(async move {
             let outcome = tokio::select! {
                 o = bridge.ring(call, token.clone()) => o,
@@ -225,7 +240,7 @@ impl Hub {
                 VoipOutcome::Rejected { .. } => "rejected",
                 VoipOutcome::Duplicate => "duplicate",
             };
-            metrics::voip(label, is_call);
+            metrics::voip(label);
             hub.voip_result(&device_id, seq, &call_id, &token, outcome);
         });
     }
@@ -244,7 +259,7 @@ impl Hub {
         };
         let now = now_ms();
         let mut ops = Vec::new();
-        let mut d = device.lock().expect("poisoned");
+        let mut d = device.lock();
         let failure = match outcome {
             VoipOutcome::Delivered { .. } => {
                 if let Some(q) = d.outbox.get_mut(&seq).filter(|q| q.push.id == call_id) {
@@ -282,19 +297,14 @@ impl Hub {
         {
             q.voip = VoipLeg::Failed;
             let (push, state) = (q.push.clone(), q.state);
-            if d.session.is_none() {
-                // Neither path can ring the device: tell the sender now, not at the deadline.
-                d.outbox.remove(&seq);
-                self.finish(&mut ops, &push, ReceiptState::Undeliverable, &reason, now);
+            // Report the failed leg and keep the invite queued: a phone that comes back on-site
+            // before the ring deadline still rings (with no internet on site, APNs always fails).
+            let path = if state == ReceiptState::Delivered {
+                "local"
             } else {
-                // The session may still deliver it: report the failed fallback, keep ringing.
-                let path = if state == ReceiptState::Delivered {
-                    "local"
-                } else {
-                    ""
-                };
-                self.receipt_via(&mut ops, &push, state, &reason, path, now);
-            }
+                ""
+            };
+            self.receipt_via(&mut ops, &push, state, &reason, path, now);
         }
         self.persist(ops);
     }

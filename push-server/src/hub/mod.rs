@@ -25,13 +25,17 @@ pub use expiry::run_expiry;
 pub use fallback::run_fallback;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{
-        Arc, Mutex, RwLock,
+        Arc,
         atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::{SystemTime, UNIX_EPOCH},
 };
+
+// parking_lot's locks do not poison: one panicking task must not turn every later caller's
+// lock into an error (one bug becoming a ward-wide outage).
+use parking_lot::{Mutex, RwLock};
 
 use apns_bridge::{DeviceToken, VoipBridge};
 use push_proto::{
@@ -50,6 +54,9 @@ use crate::{
 
 /// Sequence numbers reserved per durable ceiling write.
 const SEQ_BLOCK: u64 = 1024;
+
+/// Sequence numbers and floors stay below 2^53, so they survive a double (Lua, JSON).
+pub const MAX_SEQ: u64 = 1 << 53;
 
 /// Unix milliseconds now.
 pub fn now_ms() -> i64 {
@@ -76,6 +83,8 @@ struct Inner {
     deadlines: Mutex<BTreeSet<(i64, String, u64)>>,
     deadlines_changed: Notify,
     calls: Mutex<HashMap<String, delivery::CallRecord>>,
+    /// Caller-chosen ids of requests being placed (not yet committed).
+    ids_in_flight: Mutex<HashSet<String>>,
     next_session: AtomicU64,
     /// The APNs VoIP fallback's state (routing lives in `fallback.rs`).
     fallback: fallback::Fallback,
@@ -125,16 +134,13 @@ impl SessionCtl {
 
     /// Ask the session to say goodbye and close.
     pub fn stop(&self, reason: GoodbyeReason, detail: &str) {
-        self.stop
-            .lock()
-            .expect("poisoned")
-            .get_or_insert((reason, detail.into()));
+        self.stop.lock().get_or_insert((reason, detail.into()));
         self.wake.notify_one();
     }
 
     /// The pending stop request, if any.
     pub fn take_stop(&self) -> Option<(GoodbyeReason, String)> {
-        self.stop.lock().expect("poisoned").take()
+        self.stop.lock().take()
     }
 
     /// Wait for `wake` or `stop`.
@@ -204,7 +210,7 @@ impl Hub {
                 tracing::warn!(device = %push.device_id, seq = push.seq, "dropping queued push of unknown device");
                 continue;
             };
-            let mut d = device.lock().expect("poisoned");
+            let mut d = device.lock();
             // Never hand out a number at or below one already queued, even if the ceiling lags.
             if push.seq >= d.next_seq {
                 d.next_seq = push.seq + 1;
@@ -234,6 +240,7 @@ impl Hub {
             deadlines: Mutex::new(deadlines),
             deadlines_changed: Notify::new(),
             calls: Mutex::new(calls),
+            ids_in_flight: Mutex::default(),
             next_session: AtomicU64::new(1),
             fallback: fallback::Fallback::new(voip),
             observer: Arc::new(Observer::new(&limits)),
@@ -259,7 +266,7 @@ impl Hub {
     /// Facts about one device, or `None` if unknown.
     pub fn device_view(&self, device_id: &str) -> Option<DeviceView> {
         let device = self.device(device_id)?;
-        let d = device.lock().expect("poisoned");
+        let d = device.lock();
         Some(DeviceView {
             record: d.record.clone(),
             online: d.session.is_some(),
@@ -274,14 +281,14 @@ impl Hub {
     }
 
     fn device(&self, device_id: &str) -> Option<Arc<Mutex<DeviceState>>> {
-        self.0.devices.read().expect("poisoned").get(device_id).cloned()
+        self.0.devices.read().get(device_id).cloned()
     }
 
     /// Register a device or update its groups; returns the credential generation to issue at.
     /// A revoked device becomes usable again with credentials of a newer generation.
     pub async fn register_device(&self, device_id: &str, groups: Vec<String>) -> Result<u64, StoreError> {
         let device = {
-            let mut devices = self.0.devices.write().expect("poisoned");
+            let mut devices = self.0.devices.write();
             devices
                 .entry(device_id.to_string())
                 .or_insert_with(|| {
@@ -309,7 +316,7 @@ impl Hub {
                 .clone()
         };
         let (record, old_groups, pending) = {
-            let mut d = device.lock().expect("poisoned");
+            let mut d = device.lock();
             let old = std::mem::replace(&mut d.record.groups, groups);
             if d.record.revoked {
                 d.record.revoked = false;
@@ -322,7 +329,7 @@ impl Hub {
             (d.record.clone(), old, pending)
         };
         {
-            let mut idx = self.0.groups.write().expect("poisoned");
+            let mut idx = self.0.groups.write();
             for g in &old_groups {
                 if let Some(members) = idx.get_mut(g) {
                     members.remove(device_id);
@@ -344,7 +351,7 @@ impl Hub {
         };
         let mut ops = Vec::new();
         let (closed, pending) = {
-            let mut d = device.lock().expect("poisoned");
+            let mut d = device.lock();
             d.record.revoked = true;
             d.record.credential_generation += 1;
             let now = now_ms();
@@ -375,13 +382,14 @@ impl Hub {
     }
 
     /// Admit a session whose credential verified. Replaces any older session of the device,
-    /// treats everything up to `hello.last_seen_seq` as acknowledged, and records presence.
+    /// applies the device's floor (`hello.last_seen_seq`, see [`Hub::apply_floor`]) and records
+    /// presence.
     pub fn login(&self, claims: &DeviceClaims, hello: &Hello) -> Result<Login, CredentialError> {
         let device = self.device(&claims.sub).ok_or(CredentialError::UnknownDevice)?;
         let now = now_ms();
         let mut ops = Vec::new();
         let login = {
-            let mut d = device.lock().expect("poisoned");
+            let mut d = device.lock();
             if d.record.revoked || claims.generation < d.record.credential_generation {
                 return Err(CredentialError::Revoked);
             }
@@ -396,12 +404,7 @@ impl Hub {
                     .stop(GoodbyeReason::Replaced, "replaced by a newer session");
                 tracing::info!(device = %claims.sub, old_session = old.id, new_session = session_id, "session replaced");
             }
-            self.ack_locked(&mut d, &mut ops, hello.last_seen_seq, &[], now);
-            if hello.last_seen_seq >= d.next_seq {
-                // The device has seen numbers this server does not remember (store restored from
-                // an old backup?): continue above them so nothing new is dropped as a duplicate.
-                d.next_seq = hello.last_seen_seq + 1;
-            }
+            self.apply_floor(&mut d, &mut ops, hello.last_seen_seq, hello.epoch, now);
             // A block ahead (after a restart the counter sits at the ceiling): durable a commit
             // after the login, so the session's first pushes do not wait for one.
             delivery::reserve_seq(&mut d, &mut ops);
@@ -442,7 +445,7 @@ impl Hub {
         let Some(device) = self.device(device_id) else {
             return;
         };
-        let mut d = device.lock().expect("poisoned");
+        let mut d = device.lock();
         if d.session.as_ref().is_none_or(|s| s.id != session_id) {
             return;
         }
@@ -467,7 +470,7 @@ impl Hub {
             return Ok(None);
         };
         let pending = {
-            let mut d = device.lock().expect("poisoned");
+            let mut d = device.lock();
             let ops = set_token(&mut d.record, token).into_iter().collect();
             self.submit(ops)
         };
@@ -480,7 +483,7 @@ impl Hub {
         let Some(device) = self.device(device_id) else {
             return;
         };
-        let mut d = device.lock().expect("poisoned");
+        let mut d = device.lock();
         if d.session.as_ref().is_some_and(|s| s.id == session_id)
             && let Some(op) = set_token(&mut d.record, token)
         {
@@ -498,7 +501,7 @@ impl Hub {
         let Some(device) = self.device(device_id) else {
             return;
         };
-        let mut d = device.lock().expect("poisoned");
+        let mut d = device.lock();
         if d.session.as_ref().is_some_and(|s| s.id == session_id) {
             d.record.last_ssid = ssid.into();
             d.record.last_seen_ms = now_ms();
@@ -510,13 +513,13 @@ impl Hub {
     pub fn list_devices(&self, group: Option<&str>, online_only: bool) -> Vec<DeviceView> {
         let ids: Vec<String> = match group {
             Some(g) => self.group_members(g),
-            None => self.0.devices.read().expect("poisoned").keys().cloned().collect(),
+            None => self.0.devices.read().keys().cloned().collect(),
         };
         let mut views: Vec<DeviceView> = ids
             .iter()
             .filter_map(|id| self.device(id))
             .map(|device| {
-                let d = device.lock().expect("poisoned");
+                let d = device.lock();
                 DeviceView {
                     record: d.record.clone(),
                     online: d.session.is_some(),
@@ -535,7 +538,6 @@ impl Hub {
         self.0
             .groups
             .read()
-            .expect("poisoned")
             .get(g)
             .into_iter()
             .flatten()
@@ -654,11 +656,10 @@ impl Hub {
             device_id: push.device_id.clone(),
             seq: push.seq,
         });
-        self.0.deadlines.lock().expect("poisoned").remove(&(
-            push.expires_at_ms,
-            push.device_id.clone(),
-            push.seq,
-        ));
+        self.0
+            .deadlines
+            .lock()
+            .remove(&(push.expires_at_ms, push.device_id.clone(), push.seq));
     }
 
     /// Submit ops about one device. **Call while holding that device's lock**: the store applies
@@ -703,7 +704,7 @@ impl Hub {
                         let Some(device) = self.device(&device_id) else {
                             continue;
                         };
-                        let mut d = device.lock().expect("poisoned");
+                        let mut d = device.lock();
                         if d.durable_ceiling < ceiling {
                             d.durable_ceiling = ceiling;
                             if let Some(s) = &d.session {

@@ -43,7 +43,9 @@ pub const DELIVERY_LATENCY: &str = "lpush_delivery_latency_seconds";
 pub const ACK_LATENCY: &str = "lpush_ack_latency_seconds";
 /// VoIP pushes handed to the APNs bridge, by `outcome`.
 pub const VOIP: &str = "lpush_voip_pushes_total";
-/// VoIP pushes for anything that is not a call invite. Must stay 0: alert on any increase.
+/// Pushes other than call invites that reached the VoIP fallback's gate (and were stopped
+/// there: a VoIP push not reported as a call gets the app killed). Must stay 0: alert on any
+/// increase, it means the hub routed a message or cancel towards APNs.
 pub const VOIP_NON_CALL: &str = "lpush_voip_non_call_pushes_total";
 /// Store group commits, by `result` (`ok`, `failed`).
 pub const STORE_COMMITS: &str = "lpush_store_commits_total";
@@ -116,7 +118,7 @@ fn describe() {
     describe_counter!(VOIP, "VoIP pushes handed to the APNs bridge, by outcome.");
     describe_counter!(
         VOIP_NON_CALL,
-        "VoIP pushes for anything but a call invite; must stay 0."
+        "Non-call pushes stopped at the VoIP fallback's gate; must stay 0."
     );
     describe_counter!(STORE_COMMITS, "Store group commits, by result.");
     describe_gauge!(STORE_OK, "1 if the store's last commit succeeded.");
@@ -206,13 +208,14 @@ pub fn finished(kind: &'static str, state: &'static str) {
     counter!(FINAL, "kind" => kind, "state" => state).increment(1);
 }
 
-/// A VoIP push was handed to the bridge and came back with `outcome`; `is_call` says whether
-/// it was a call invite (anything else also counts in [`VOIP_NON_CALL`]).
-pub fn voip(outcome: &'static str, is_call: bool) {
+/// A VoIP push was handed to the bridge and came back with `outcome`.
+pub fn voip(outcome: &'static str) {
     counter!(VOIP, "outcome" => outcome).increment(1);
-    if !is_call {
-        counter!(VOIP_NON_CALL).increment(1);
-    }
+}
+
+/// A push that is not a call invite reached the VoIP fallback's gate and was stopped there.
+pub fn voip_non_call() {
+    counter!(VOIP_NON_CALL).increment(1);
 }
 
 /// A store group commit finished.

@@ -24,10 +24,12 @@ pub mod metrics;
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicI64, Ordering},
     },
 };
+
+use parking_lot::Mutex;
 
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -267,7 +269,7 @@ impl Observer {
         sdk_version: &str,
         now: i64,
     ) -> Arc<AtomicI64> {
-        let mut st = self.state.lock().expect("poisoned");
+        let mut st = self.state.lock();
         let st = &mut *st;
         let window = self.window_ms();
         let created = !st.devices.contains_key(device_id);
@@ -343,7 +345,7 @@ impl Observer {
     pub fn session_ended(&self, device_id: &str, session_id: u64, reason: &str, now: i64) {
         metrics::session_ended(reason);
         let class = metrics::reason_class(reason);
-        let mut st = self.state.lock().expect("poisoned");
+        let mut st = self.state.lock();
         let st = &mut *st;
         let window = self.window_ms();
         let Some(d) = st.devices.get_mut(device_id) else {
@@ -420,7 +422,7 @@ impl Observer {
         at_ms: i64,
         latency_ms: Option<i64>,
     ) {
-        let mut st = self.state.lock().expect("poisoned");
+        let mut st = self.state.lock();
         let st = &mut *st;
         let kind = kind_str(kind);
         if let (Some(ms), ReceiptState::Delivered) = (latency_ms, state) {
@@ -466,7 +468,7 @@ impl Observer {
 
     /// What the observer knows about `device_id`.
     pub fn device(&self, device_id: &str, now: i64) -> DeviceObservation {
-        let st = self.state.lock().expect("poisoned");
+        let st = self.state.lock();
         let Some(d) = st.devices.get(device_id) else {
             return DeviceObservation::default();
         };
@@ -496,7 +498,7 @@ impl Observer {
 
     /// A device's recent sessions and deliveries, newest first.
     pub fn history(&self, device_id: &str) -> (Vec<SessionRecord>, Vec<DeliveryRecord>) {
-        let st = self.state.lock().expect("poisoned");
+        let st = self.state.lock();
         match st.devices.get(device_id) {
             Some(d) => (
                 d.sessions.iter().rev().cloned().collect(),
@@ -508,7 +510,7 @@ impl Observer {
 
     /// Health of every site seen since start, given each SSID's devices online now.
     pub fn sites(&self, online_by_ssid: &HashMap<String, usize>, now: i64) -> Vec<SiteHealth> {
-        let st = self.state.lock().expect("poisoned");
+        let st = self.state.lock();
         let mut expected: HashMap<&str, usize> = HashMap::new();
         for d in st.devices.values().filter(|d| !d.ssid.is_empty()) {
             *expected.entry(d.ssid.as_str()).or_default() += 1;
@@ -539,47 +541,28 @@ impl Observer {
 
     /// Recent diagnoses, newest first.
     pub fn diagnoses(&self) -> Vec<Diagnosis> {
-        self.state
-            .lock()
-            .expect("poisoned")
-            .diagnoses
-            .iter()
-            .rev()
-            .cloned()
-            .collect()
+        self.state.lock().diagnoses.iter().rev().cloned().collect()
     }
 
     /// Record a point of the connected-devices series now (the dashboard samples periodically
     /// so the chart has points when nothing changes).
     pub fn tick(&self, now: i64) {
-        Self::sample(&mut self.state.lock().expect("poisoned"), now);
+        Self::sample(&mut self.state.lock(), now);
     }
 
     /// `(unix ms, devices online)` points, oldest first.
     pub fn series(&self) -> Vec<(i64, u32)> {
-        self.state
-            .lock()
-            .expect("poisoned")
-            .series
-            .iter()
-            .copied()
-            .collect()
+        self.state.lock().series.iter().copied().collect()
     }
 
     /// Recent delivery latencies `(unix ms, kind, path, ms)`, oldest first.
     pub fn latencies(&self) -> Vec<(i64, &'static str, String, i64)> {
-        self.state
-            .lock()
-            .expect("poisoned")
-            .latencies
-            .iter()
-            .cloned()
-            .collect()
+        self.state.lock().latencies.iter().cloned().collect()
     }
 
     /// `(devices flagged for churn, for heartbeat silence, sites flagged)` now.
     pub fn flagged(&self, now: i64) -> (usize, usize, usize) {
-        let st = self.state.lock().expect("poisoned");
+        let st = self.state.lock();
         let window = self.window_ms();
         let site_window = (self.limits.diag_site_drop_window_secs as i64 * 1000).max(window);
         let churn = st

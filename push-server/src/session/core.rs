@@ -12,6 +12,8 @@ use push_proto::device::{
 };
 use tokio::time::Instant;
 
+use crate::hub::MAX_SEQ;
+
 /// Timing of a session.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
@@ -139,6 +141,9 @@ impl Session {
         };
         match (&mut self.phase, kind) {
             (Phase::Closed, _) => {}
+            (Phase::AwaitingHello { .. }, Kind::Hello(hello)) if hello.last_seen_seq >= MAX_SEQ => {
+                self.protocol_error("last_seen_seq must be below 2^53")
+            }
             (Phase::AwaitingHello { .. }, Kind::Hello(hello)) => {
                 self.phase = Phase::Authenticating;
                 self.events.push_back(Event::Hello(hello));
@@ -321,6 +326,26 @@ mod tests {
 
     fn frame(kind: client_frame::Kind) -> ClientFrame {
         ClientFrame { kind: Some(kind) }
+    }
+
+    #[test]
+    fn a_floor_at_or_above_2_pow_53_is_a_protocol_error() {
+        let now = Instant::now();
+        for floor in [MAX_SEQ, u64::MAX] {
+            let mut s = Session::new(now, T);
+            s.handle_frame(
+                now,
+                frame(client_frame::Kind::Hello(Hello {
+                    last_seen_seq: floor,
+                    ..Default::default()
+                })),
+            );
+            assert!(
+                matches!(s.poll_transmit().and_then(|f| f.kind), Some(server_frame::Kind::Goodbye(g)) if g.reason == GoodbyeReason::ProtocolError as i32),
+                "floor {floor}"
+            );
+            assert!(!matches!(s.poll_event(), Some(Event::Hello(_))));
+        }
     }
 
     fn established(now: Instant) -> Session {

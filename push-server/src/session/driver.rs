@@ -44,13 +44,27 @@ pub struct SessionEnv {
     pub max_inflight: usize,
 }
 
-/// Identity of an admitted session.
+/// Identity of an admitted session. Dropping it logs the session out of the hub, so even a task
+/// that fails half-way (a bug, a panic) leaves no device marked online with a dead session.
 struct Admitted {
+    hub: Hub,
     device_id: String,
     session_id: u64,
     ctl: Arc<SessionCtl>,
     /// Unix ms the device was last heard (shown in the dashboard).
     heard: Arc<std::sync::atomic::AtomicI64>,
+    /// Why the session ended, set by the driver's normal exit.
+    end_reason: Option<String>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let reason = self
+            .end_reason
+            .take()
+            .unwrap_or_else(|| "session task failed".into());
+        self.hub.logout(&self.device_id, self.session_id, &reason);
+    }
 }
 
 enum Wake {
@@ -75,35 +89,12 @@ pub async fn run(
     // The handshake may already have pulled the hello into rustls, and then the socket never
     // turns readable for it: read once before the first wait.
     let mut unread = true;
+    // Set when the stream ended or failed: what was read before it is still applied (an ack
+    // followed at once by the close must not be lost), then the loop ends.
+    let mut ended: Option<String> = None;
     let reason = loop {
-        // 1. Inputs decided by others: stop requests, then pushes the window allows.
-        if let Some(a) = &admitted {
-            if let Some((reason, detail)) = a.ctl.take_stop() {
-                session.goodbye(reason, &detail);
-            }
-            let room = env.max_inflight.saturating_sub(session.inflight());
-            if session.is_established() && room > 0 {
-                for push in env
-                    .hub
-                    .take_pushes(&a.device_id, a.session_id, session.last_sent_seq(), room)
-                {
-                    session.push(push);
-                }
-            }
-        }
-        // 2. Outputs: frames, then events.
-        // Boxed: the write burst's state exists only while writing, not in every idle task.
-        let written = if session.wants_transmit() {
-            match Box::pin(flush(&mut tls, &mut session, &env)).await {
-                Ok(seqs) => seqs,
-                Err(e) => break format!("write failed: {e}"),
-            }
-        } else {
-            Vec::new()
-        };
-        if let (Some(a), false) = (&admitted, written.is_empty()) {
-            env.hub.mark_delivered(&a.device_id, &written);
-        }
+        // 1. What the device said, first: its acks settle the pushes they name before the window
+        // they opened lets more out (an ack is applied to what was written when it was sent).
         let mut closed = None;
         let mut progressed = false;
         while let Some(event) = session.poll_event() {
@@ -137,6 +128,9 @@ pub async fn run(
                 Event::Closed(reason) => closed = Some(reason),
             }
         }
+        if let Some(reason) = ended.take() {
+            break reason;
+        }
         if let Some(reason) = closed {
             // Frames queued with the close (goodbye) go out before the socket closes.
             if let Err(e) = Box::pin(flush(&mut tls, &mut session, &env)).await {
@@ -144,11 +138,39 @@ pub async fn run(
             }
             break reason.to_string();
         }
-        if progressed {
-            // Events may have queued frames (server hello) or opened the push window.
+        // 2. Inputs decided by others: stop requests, then pushes the window allows.
+        if let (Some(a), None) = (&admitted, &ended) {
+            if let Some((reason, detail)) = a.ctl.take_stop() {
+                session.goodbye(reason, &detail);
+            }
+            let room = env.max_inflight.saturating_sub(session.inflight());
+            if session.is_established() && room > 0 {
+                for push in env
+                    .hub
+                    .take_pushes(&a.device_id, a.session_id, session.last_sent_seq(), room)
+                {
+                    session.push(push);
+                }
+            }
+        }
+        // 3. Outputs.
+        // Boxed: the write burst's state exists only while writing, not in every idle task.
+        let written = if session.wants_transmit() && ended.is_none() {
+            match Box::pin(flush(&mut tls, &mut session, &env)).await {
+                Ok(seqs) => seqs,
+                Err(e) => break format!("write failed: {e}"),
+            }
+        } else {
+            Vec::new()
+        };
+        if let (Some(a), false) = (&admitted, written.is_empty()) {
+            env.hub.mark_delivered(&a.device_id, &written);
+        }
+        if progressed || session.is_closed() {
+            // A goodbye asked for above closes the session: its close event is handled next.
             continue;
         }
-        // 3. Wait for the next input; borrows of `tls` end with the select.
+        // 4. Wait for the next input; borrows of `tls` end with the select.
         let timer = session.poll_timeout();
         let wake = if std::mem::take(&mut unread) {
             Wake::Readable
@@ -176,17 +198,17 @@ pub async fn run(
                     }
                 }) {
                     // A goodbye read just before the end of stream still gets its own reason.
-                    Ok(false) if !session.is_closed() => break "connection closed by device".into(),
+                    Ok(false) if !session.is_closed() => ended = Some("connection closed by device".into()),
                     Ok(_) => {}
-                    Err(e) if !session.is_closed() => break format!("read failed: {e}"),
+                    Err(e) if !session.is_closed() => ended = Some(format!("read failed: {e}")),
                     Err(_) => {}
                 }
             }
         }
     };
-    if let Some(a) = &admitted {
-        env.hub.logout(&a.device_id, a.session_id, &reason);
+    if let Some(mut a) = admitted {
         tracing::info!(%peer, device = %a.device_id, session = a.session_id, %reason, "session ended");
+        a.end_reason = Some(reason);
     } else {
         tracing::info!(%peer, %reason, "connection ended before login");
     }
@@ -227,10 +249,12 @@ fn authenticate(
                 hello.last_seen_seq,
             );
             Some(Admitted {
+                hub: env.hub.clone(),
                 device_id: claims.sub,
                 session_id: login.session_id,
                 ctl: login.ctl,
                 heard: login.heard,
+                end_reason: None,
             })
         }
         Err(e) => {

@@ -153,6 +153,20 @@ pub struct ApiKeyRecord {
     pub created_at_ms: i64,
 }
 
+/// What a sender asked for under a caller-chosen id, so that a reuse of the id is recognised as
+/// the same request (answered idempotently) or refused, whatever kind used the id first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    /// What the id names.
+    pub kind: PushKind,
+    /// SHA-256 of the request's content (recipients and payload), in the hub's canonical form.
+    pub digest: Vec<u8>,
+    /// Unix ms of the request.
+    pub at_ms: i64,
+    /// Unix ms after which none of its pushes can still be delivered (TTL or ring deadline).
+    pub expires_at_ms: i64,
+}
+
 /// One change. A batch of ops is applied atomically.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -178,10 +192,19 @@ pub enum Op {
     },
     /// Insert or replace a receipt.
     PutReceipt(Receipt),
-    /// Remove every receipt whose `at_ms` is below the bound and whose state is final.
+    /// Remove every receipt whose `at_ms` is below the bound and whose state is final, and every
+    /// request that expired before it.
     PruneReceipts {
         /// Unix ms bound.
         before_ms: i64,
+    },
+    /// Record the request made under a caller-chosen id. Pruned by `PruneReceipts` once it
+    /// expired before the bound.
+    PutRequest {
+        /// The caller-chosen id.
+        id: String,
+        /// What was asked.
+        record: RequestRecord,
     },
     /// Insert or replace an API key by the hex SHA-256 of the key.
     PutApiKey {
@@ -216,6 +239,8 @@ pub trait Store: Send + Sync + 'static {
     fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<(), StoreError>>;
     /// Every receipt of push `id`, ordered by device id.
     fn receipts(&self, id: &str) -> Result<Vec<Receipt>, StoreError>;
+    /// The request recorded under caller-chosen `id`, if any.
+    fn request(&self, id: &str) -> Result<Option<RequestRecord>, StoreError>;
     /// The API key record stored under `hash`.
     fn api_key(&self, hash: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
     /// Commit everything submitted so far and stop accepting writes. Idempotent.

@@ -7,7 +7,9 @@
 use std::collections::HashSet;
 use std::fmt::Display;
 use std::path::Path;
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
+
+use parking_lot::Mutex;
 use std::thread::JoinHandle;
 
 use redb::{
@@ -18,7 +20,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
-use super::{ApiKeyRecord, Op, Receipt, Snapshot, Store, StoreError};
+use super::{ApiKeyRecord, Op, Receipt, RequestRecord, Snapshot, Store, StoreError};
 
 // Values are postcard-encoded records. Keys mirror the records' identities so that range scans
 // come out in the order callers need: pushes by (device, seq), receipts by (id, device).
@@ -28,6 +30,7 @@ static PUSHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("pushe
 static SEQ_CEILINGS: TableDefinition<&str, u64> = TableDefinition::new("seq_ceilings");
 static RECEIPTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("receipts");
 static API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys");
+static REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("requests");
 /// Facts about the store itself: its epoch (see `device.proto`, "Epochs and the floor").
 static META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const EPOCH_KEY: &str = "epoch";
@@ -93,6 +96,7 @@ fn create_tables(db: &Database) -> Result<(), redb::Error> {
     txn.open_table(SEQ_CEILINGS)?;
     txn.open_table(RECEIPTS)?;
     txn.open_table(API_KEYS)?;
+    txn.open_table(REQUESTS)?;
     {
         let mut meta = txn.open_table(META)?;
         if meta.get(EPOCH_KEY)?.is_none() {
@@ -139,7 +143,7 @@ impl Store for RedbStore {
 
     fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<(), StoreError>> {
         let (reply, answer) = oneshot::channel();
-        let refused = match self.queue.lock().expect("store queue lock poisoned").as_ref() {
+        let refused = match self.queue.lock().as_ref() {
             // The send fails only if the writer thread died (it panicked).
             Some(queue) => queue
                 .send((ops, reply))
@@ -170,6 +174,13 @@ impl Store for RedbStore {
         Ok(receipts)
     }
 
+    fn request(&self, id: &str) -> Result<Option<RequestRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let table = txn.open_table(REQUESTS).map_err(io)?;
+        let value = table.get(id).map_err(io)?;
+        value.map(|value| decode(&REQUESTS, value.value())).transpose()
+    }
+
     fn api_key(&self, hash: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(io)?;
         let table = txn.open_table(API_KEYS).map_err(io)?;
@@ -179,9 +190,9 @@ impl Store for RedbStore {
 
     fn close(&self) {
         // Dropping the only sender ends the writer once it has drained the queue.
-        drop(self.queue.lock().expect("store queue lock poisoned").take());
+        drop(self.queue.lock().take());
         // Joining under the lock makes a concurrent `close` wait for the final commit too.
-        let mut writer = self.writer.lock().expect("store writer lock poisoned");
+        let mut writer = self.writer.lock();
         if let Some(thread) = writer.take()
             && thread.join().is_err()
         {
@@ -332,6 +343,7 @@ enum OpKey<'a> {
     Ceiling(&'a str),
     Receipt(&'a str, &'a str),
     ApiKey(&'a str),
+    Request(&'a str),
 }
 
 fn op_key(op: &Op) -> Option<OpKey<'_>> {
@@ -342,6 +354,7 @@ fn op_key(op: &Op) -> Option<OpKey<'_>> {
         Op::PutSeqCeiling { device_id, .. } => OpKey::Ceiling(device_id),
         Op::PutReceipt(r) => OpKey::Receipt(&r.id, &r.device_id),
         Op::PutApiKey { hash, .. } => OpKey::ApiKey(hash),
+        Op::PutRequest { id, .. } => OpKey::Request(id),
         Op::PruneReceipts { .. } => return None,
     })
 }
@@ -375,6 +388,7 @@ struct Tables<'txn> {
     seq_ceilings: Table<'txn, &'static str, u64>,
     receipts: Table<'txn, (&'static str, &'static str), &'static [u8]>,
     api_keys: Table<'txn, &'static str, &'static [u8]>,
+    requests: Table<'txn, &'static str, &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -385,6 +399,7 @@ impl<'txn> Tables<'txn> {
             seq_ceilings: txn.open_table(SEQ_CEILINGS)?,
             receipts: txn.open_table(RECEIPTS)?,
             api_keys: txn.open_table(API_KEYS)?,
+            requests: txn.open_table(REQUESTS)?,
         })
     }
 
@@ -431,12 +446,31 @@ impl<'txn> Tables<'txn> {
                 if let Some(error) = corrupt {
                     return Err(error);
                 }
+                // A request is forgotten once every push it made is past the bound (its receipts
+                // are final by then, and pruned with it); an undecodable one is kept, as above.
+                let mut corrupt = None;
+                self.requests
+                    .retain(|_, value| match decode::<RequestRecord>(&REQUESTS, value) {
+                        Ok(request) => request.expires_at_ms >= *before_ms,
+                        Err(error) => {
+                            corrupt.get_or_insert(error);
+                            true
+                        }
+                    })
+                    .map_err(io)?;
+                if let Some(error) = corrupt {
+                    return Err(error);
+                }
             }
             Op::PutApiKey { hash, record } => {
                 let value = encode(&API_KEYS, record)?;
                 self.api_keys
                     .insert(hash.as_str(), value.as_slice())
                     .map_err(io)?;
+            }
+            Op::PutRequest { id, record } => {
+                let value = encode(&REQUESTS, record)?;
+                self.requests.insert(id.as_str(), value.as_slice()).map_err(io)?;
             }
         }
         Ok(())
@@ -522,8 +556,17 @@ mod tests {
     async fn every_op_round_trips() {
         let (_dir, path) = temp_db();
         let store = RedbStore::open(&path).expect("open");
-        assert_eq!(store.load().expect("load"), Snapshot::default());
+        let empty = store.load().expect("load");
+        assert!((1..1 << 53).contains(&empty.epoch), "epoch {}", empty.epoch);
+        assert_eq!(
+            empty,
+            Snapshot {
+                epoch: empty.epoch,
+                ..Snapshot::default()
+            }
+        );
         assert_eq!(store.receipts("m1").expect("receipts"), vec![]);
+        assert_eq!(store.request("m1").expect("request"), None);
         assert_eq!(store.api_key("nope").expect("api key"), None);
 
         let mut revoked = device("a");
@@ -532,6 +575,12 @@ mod tests {
             name: "nurse-call".into(),
             scopes: vec!["send".into()],
             created_at_ms: 5,
+        };
+        let request = RequestRecord {
+            kind: PushKind::Message,
+            digest: vec![1, 2, 3],
+            at_ms: 1,
+            expires_at_ms: 9,
         };
         let ops = vec![
             Op::PutDevice(device("b")),
@@ -566,8 +615,18 @@ mod tests {
                 hash: "abc".into(),
                 record: key.clone(),
             },
+            Op::PutRequest {
+                id: "m1".into(),
+                record: request.clone(),
+            },
         ];
         commit(&store, ops).await.expect("commit");
+        assert_eq!(store.request("m1").expect("request"), Some(request));
+        assert_eq!(
+            store.load().expect("load").epoch,
+            empty.epoch,
+            "the epoch is kept"
+        );
 
         let snapshot = store.load().expect("load");
         assert_eq!(snapshot.devices, vec![revoked, device("b")]);

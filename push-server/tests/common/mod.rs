@@ -33,6 +33,8 @@ pub struct Harness {
     pub cfg: Config,
     pub api: ApiClient,
     pub ca: String,
+    /// The store epoch of the last `ServerHello`, sent with the floor as an SDK does.
+    pub epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Harness {
@@ -75,6 +77,7 @@ impl Harness {
             cfg,
             api,
             ca,
+            epoch: Default::default(),
         }
     }
 
@@ -163,13 +166,17 @@ impl Harness {
                 last_seen_seq,
                 ssid: "Ward 4B".into(),
                 instance_id: "test-instance".into(),
-                epoch: 0,
+                epoch: self.epoch.load(std::sync::atomic::Ordering::SeqCst),
             },
         }
     }
 
+    /// Connect with the floor and the epoch of the last server hello, as an SDK does.
     pub async fn connect(&self, credential: &str, last_seen_seq: u64) -> Result<DeviceClient, ClientError> {
-        within(DeviceClient::connect(self.options(credential, last_seen_seq))).await
+        let client = within(DeviceClient::connect(self.options(credential, last_seen_seq))).await?;
+        self.epoch
+            .store(client.server_hello.epoch, std::sync::atomic::Ordering::SeqCst);
+        Ok(client)
     }
 
     /// Register a device and connect it.
