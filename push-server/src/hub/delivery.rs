@@ -513,15 +513,23 @@ impl Hub {
         epoch: u64,
         now: i64,
     ) {
-        // The session core refuses larger floors; clamp so no caller can overflow the counter.
-        let floor = floor.min(super::MAX_SEQ - 1);
-        if epoch == self.0.epoch && floor < d.next_seq {
-            self.ack_locked(d, ops, (floor, &[]), false, now);
-            return;
+        // The session core refuses larger floors; clamp so no caller can push the counter up.
+        let floor = floor.min(super::MAX_FLOOR - 1);
+        let trusted = epoch == self.0.epoch && floor < d.next_seq;
+        if !trusted {
+            d.next_seq = d.next_seq.max(floor + 1);
         }
-        d.next_seq = d.next_seq.max(floor + 1);
-        let below: Vec<u64> = d.outbox.range(..=floor).map(|(s, _)| *s).collect();
-        for old in below {
+        // Even a trusted floor settles only what may have reached the device: written in this
+        // process, or restored from the store (written before a restart, perhaps). A push below
+        // it that cannot have been seen (skipped as expired, or a lying floor) moves above it.
+        let (seen, unseen): (Vec<(u64, bool)>, Vec<(u64, bool)>) = d
+            .outbox
+            .range(..=floor)
+            .map(|(s, q)| (*s, trusted && (q.state == ReceiptState::Delivered || q.restored)))
+            .partition(|(_, seen)| *seen);
+        let seen: Vec<u64> = seen.into_iter().map(|(s, _)| s).collect();
+        self.ack_locked(d, ops, (0, &seen), false, now);
+        for (old, _) in unseen {
             self.renumber_locked(d, ops, old, now);
         }
     }
@@ -761,6 +769,7 @@ impl Hub {
                 state: ReceiptState::Accepted,
                 voip: super::fallback::VoipLeg::Idle,
                 queued_ms: now,
+                restored: false,
             },
         );
         if seq < d.durable_ceiling

@@ -184,7 +184,7 @@ impl Hub {
 
     /// Hand the queued invite `seq` to the bridge, if it still rings, has not been tried, and the
     /// device has a usable token. Call under the device's lock.
-    fn start_voip_locked(&self, d: &mut DeviceState, seq: u64, now: i64, why: &'static str) {
+    pub(super) fn start_voip_locked(&self, d: &mut DeviceState, seq: u64, now: i64, why: &'static str) {
         let Some(bridge) = self.0.fallback.bridge.clone() else {
             return;
         };

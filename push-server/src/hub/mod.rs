@@ -19,6 +19,8 @@
 mod delivery;
 mod expiry;
 mod fallback;
+#[cfg(test)]
+mod tests;
 
 pub use delivery::{CallRequest, MessageRequest, RecipientOutcome, SendError, Sent};
 pub use expiry::run_expiry;
@@ -55,8 +57,11 @@ use crate::{
 /// Sequence numbers reserved per durable ceiling write.
 const SEQ_BLOCK: u64 = 1024;
 
-/// Sequence numbers and floors stay below 2^53, so they survive a double (Lua, JSON).
+/// Sequence numbers stay below 2^53, so they survive a double (Lua, JSON).
 pub const MAX_SEQ: u64 = 1 << 53;
+/// Floors (`Hello.last_seen_seq`) must be below 2^52, leaving numbering above any accepted
+/// floor 2^52 numbers of room below [`MAX_SEQ`].
+pub const MAX_FLOOR: u64 = 1 << 52;
 
 /// Unix milliseconds now.
 pub fn now_ms() -> i64 {
@@ -111,6 +116,9 @@ struct Queued {
     /// Unix ms it was queued (this process's start for pushes restored from the store), for
     /// latency metrics.
     queued_ms: i64,
+    /// Loaded from the store at start-up: it may have been written to the device before the
+    /// restart, so a trusted floor above it settles it.
+    restored: bool,
 }
 
 struct SessionLink {
@@ -227,6 +235,7 @@ impl Hub {
                     // Whether a VoIP push went out before the restart is unknown: send none.
                     voip: fallback::VoipLeg::Unknown,
                     queued_ms: now_ms(),
+                    restored: true,
                 },
             );
         }

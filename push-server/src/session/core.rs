@@ -12,7 +12,7 @@ use push_proto::device::{
 };
 use tokio::time::Instant;
 
-use crate::hub::MAX_SEQ;
+use crate::hub::MAX_FLOOR;
 
 /// Timing of a session.
 #[derive(Debug, Clone, Copy)]
@@ -141,8 +141,8 @@ impl Session {
         };
         match (&mut self.phase, kind) {
             (Phase::Closed, _) => {}
-            (Phase::AwaitingHello { .. }, Kind::Hello(hello)) if hello.last_seen_seq >= MAX_SEQ => {
-                self.protocol_error("last_seen_seq must be below 2^53")
+            (Phase::AwaitingHello { .. }, Kind::Hello(hello)) if hello.last_seen_seq >= MAX_FLOOR => {
+                self.protocol_error("last_seen_seq must be below 2^52")
             }
             (Phase::AwaitingHello { .. }, Kind::Hello(hello)) => {
                 self.phase = Phase::Authenticating;
@@ -329,9 +329,9 @@ mod tests {
     }
 
     #[test]
-    fn a_floor_at_or_above_2_pow_53_is_a_protocol_error() {
+    fn a_floor_at_or_above_2_pow_52_is_a_protocol_error() {
         let now = Instant::now();
-        for floor in [MAX_SEQ, u64::MAX] {
+        for floor in [MAX_FLOOR, 1 << 53, u64::MAX] {
             let mut s = Session::new(now, T);
             s.handle_frame(
                 now,
