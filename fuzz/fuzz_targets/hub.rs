@@ -3,10 +3,17 @@
 //! any sequence sets in any order, takes pushes above any sequence, reports deliveries and logs
 //! out, while senders queue and cancel. Nothing a peer sends may panic the hub.
 //!
-//! Each input gets a fresh store and hub (in memory when /dev/shm exists), so a crash reproduces
-//! from its input alone. Beyond "never panics": `take_pushes` returns at most `max` pushes, in
-//! increasing order, all above the sequence asked for.
+//! One store and hub per process (in memory when /dev/shm exists) and a fresh device, with its
+//! own call ids, per input: a crash depends on that device's state only, so it reproduces from
+//! its input alone. (A store per input waits for a store open and its writer thread each time,
+//! and ran at 16 inputs/s on the shared machine.) Beyond "never panics": `take_pushes` returns
+//! at most `max` pushes, in increasing order, all above the sequence asked for.
 #![no_main]
+
+use std::sync::{
+    Arc, OnceLock,
+    atomic::{AtomicU64, Ordering},
+};
 
 use libfuzzer_sys::fuzz_target;
 use lpush_fuzz::{Script, hub_in, hub_tag as tag, runtime, scratch_dir};
@@ -15,9 +22,35 @@ use push_server::{
     auth::DeviceClaims,
     config::Limits,
     hub::{CallRequest, Hub, MessageRequest},
+    store::RedbStore,
 };
 
-const DEVICE: &str = "phone-1";
+struct World {
+    rt: tokio::runtime::Runtime,
+    hub: Hub,
+    _store: Arc<RedbStore>,
+    _dir: tempfile::TempDir,
+    inputs: AtomicU64,
+}
+
+fn world() -> &'static World {
+    static WORLD: OnceLock<World> = OnceLock::new();
+    WORLD.get_or_init(|| {
+        let dir = scratch_dir();
+        let rt = runtime();
+        let (hub, store) = {
+            let _enter = rt.enter();
+            hub_in(dir.path(), Limits::default())
+        };
+        World {
+            rt,
+            hub,
+            _store: store,
+            _dir: dir,
+            inputs: AtomicU64::new(0),
+        }
+    })
+}
 
 /// Live sessions as (id, last sequence taken).
 struct Sessions(Vec<(u64, u64)>);
@@ -33,9 +66,9 @@ impl Sessions {
     }
 }
 
-fn message(hub: &Hub, rt: &tokio::runtime::Runtime, ttl_secs: u8) {
+fn message(hub: &Hub, rt: &tokio::runtime::Runtime, device: &str, ttl_secs: u8) {
     let req = MessageRequest {
-        device_ids: vec![DEVICE.into()],
+        device_ids: vec![device.into()],
         title: "Bed 12".into(),
         body: "Patient asks for you".into(),
         ttl_secs: u32::from(ttl_secs),
@@ -60,15 +93,17 @@ fn settle(hub: &Hub, rt: &tokio::runtime::Runtime) {
 
 fuzz_target!(|data: &[u8]| {
     let mut s = Script::new(data);
-    let dir = scratch_dir();
-    let rt = runtime();
+    let w = world();
+    let (rt, hub) = (&w.rt, &w.hub);
     let _enter = rt.enter();
-    let (hub, store) = hub_in(dir.path(), Limits::default());
+    let n = w.inputs.fetch_add(1, Ordering::Relaxed);
+    let device = format!("phone-{n}");
+    let call_id = |k: u8| format!("call-{n}-{}", k % 4);
     let generation = rt
-        .block_on(hub.register_device(DEVICE, vec!["ward:4B".into()]))
+        .block_on(hub.register_device(&device, vec!["ward:4B".into()]))
         .expect("device registers");
     for _ in 0..s.u8() % 4 {
-        message(&hub, &rt, 0);
+        message(hub, rt, &device, 0);
     }
     let mut sessions = Sessions(Vec::new());
     while !s.is_empty() {
@@ -84,7 +119,7 @@ fuzz_target!(|data: &[u8]| {
                 };
                 let stale = s.u8() % 2 == 1;
                 let claims = DeviceClaims {
-                    sub: DEVICE.into(),
+                    sub: device.clone(),
                     generation: if stale {
                         generation.saturating_sub(1)
                     } else {
@@ -101,30 +136,30 @@ fuzz_target!(|data: &[u8]| {
             tag::ACK => {
                 let id = sessions.pick(s.u8()).0;
                 let (up_to, seqs) = (s.u64(), s.seqs());
-                hub.ack(DEVICE, id, up_to, &seqs);
+                hub.ack(&device, id, up_to, &seqs);
             }
             tag::TAKE => {
                 let id = sessions.pick(s.u8()).0;
                 let (after_seq, max) = (s.u64(), s.u8());
-                take(&hub, id, after_seq, max);
+                take(hub, &device, id, after_seq, max);
             }
             tag::TAKE_NEXT => {
                 let session = s.u8();
                 let (id, last) = *sessions.pick(session);
-                if let Some(seq) = take(&hub, id, last, s.u8()) {
+                if let Some(seq) = take(hub, &device, id, last, s.u8()) {
                     sessions.pick(session).1 = seq;
                 }
             }
-            tag::MARK_DELIVERED => hub.mark_delivered(DEVICE, &s.seqs()),
+            tag::MARK_DELIVERED => hub.mark_delivered(&device, &s.seqs()),
             tag::LOGOUT => {
                 let id = sessions.pick(s.u8()).0;
-                hub.logout(DEVICE, id, "fuzz");
+                hub.logout(&device, id, "fuzz");
             }
-            tag::SEND => message(&hub, &rt, s.u8()),
+            tag::SEND => message(hub, rt, &device, s.u8()),
             tag::CALL => {
                 let req = CallRequest {
-                    call_id: format!("call-{}", s.u8() % 4),
-                    device_ids: vec![DEVICE.into()],
+                    call_id: call_id(s.u8()),
+                    device_ids: vec![device.clone()],
                     caller_name: "Dr. Okafor".into(),
                     ring_secs: u32::from(s.u8()),
                     ..Default::default()
@@ -133,19 +168,21 @@ fuzz_target!(|data: &[u8]| {
                 let _ = rt.block_on(hub.place_call(req));
             }
             tag::CANCEL => {
-                let call_id = format!("call-{}", s.u8() % 4);
-                let _ = rt.block_on(hub.cancel_call(&call_id, CancelReason::CallerCancelled));
+                let id = call_id(s.u8());
+                let _ = rt.block_on(hub.cancel_call(&id, CancelReason::CallerCancelled));
             }
-            _ => settle(&hub, &rt),
+            _ => settle(hub, rt),
         }
     }
-    drop(hub);
-    store.close();
+    // The device's session ends with the input, as a connection does.
+    for (id, _) in sessions.0 {
+        hub.logout(&device, id, "input done");
+    }
 });
 
 /// Take pushes and check them; the highest sequence taken, if any.
-fn take(hub: &Hub, session: u64, after_seq: u64, max: u8) -> Option<u64> {
-    let pushes = hub.take_pushes(DEVICE, session, after_seq, usize::from(max));
+fn take(hub: &Hub, device: &str, session: u64, after_seq: u64, max: u8) -> Option<u64> {
+    let pushes = hub.take_pushes(device, session, after_seq, usize::from(max));
     assert!(pushes.len() <= usize::from(max), "more pushes than asked for");
     let mut prev = after_seq;
     for p in &pushes {

@@ -1,9 +1,10 @@
 //! The provider's configuration as iOS hands it (`ProviderConfiguration::from_plist_bytes`, XML
 //! or binary property lists of any content).
 //!
-//! Beyond "never panics": a configuration that parses survives `to_plist` and an XML round
-//! trip unchanged (the container app saves what the enrollment gave it, and the provider reads
-//! it back), and yields an SDK configuration for any persisted sequence.
+//! Beyond "never panics": a configuration that parses survives `to_plist` and a binary
+//! property-list round trip unchanged (iOS stores the manager's dictionary and hands it back),
+//! and yields an SDK configuration for any persisted sequence. (The XML form is checked where it
+//! is produced, by the enrollment target: XML cannot carry every string a binary plist can.)
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

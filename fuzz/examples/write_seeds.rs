@@ -2,11 +2,11 @@
 //! server's session core talk to each other through a real hub over a real store, and every
 //! frame either side writes is recorded, as are the scripts of that exchange for the stateful
 //! targets. The enrollment JSON, the plist and the configuration come from the real enroller
-//! and the README. Run it after changing the protocol:
+//! and the README. Run it after changing the protocol: `fuzz/write-seeds`.
 //!
-//! ```sh
-//! cd fuzz && CARGO_TARGET_DIR=../target cargo test --test seeds -- --ignored
-//! ```
+//! It is built like the targets (same flags, same target directory), so it reuses their
+//! instrumented dependencies instead of building everything a second time; the instrumented
+//! code needs libFuzzer's coverage hooks, hence the empty `fuzz_target!` that links them.
 
 use std::{
     path::{Path, PathBuf},
@@ -28,6 +28,7 @@ use push_server::{
     hub::{CallRequest, MessageRequest},
     pki,
     session::core::{Event as ServerEvent, Session as ServerSession, Timing},
+    store::Store,
 };
 
 fn corpus(target: &str) -> PathBuf {
@@ -85,9 +86,9 @@ fn name_server(f: &ServerFrame) -> String {
     .into()
 }
 
-/// One device's session through the real cores and hub: hello, replay of queued pushes (a
-/// message, a call and its cancel), the app taking them, acks, a heartbeat, a network change,
-/// and the host stopping the provider.
+/// One device's session through the real cores and hub: hello, replay of queued messages, a
+/// call and its cancel, the app taking them, acks, a heartbeat, a network change, and the host
+/// stopping the provider.
 fn record(last_seen_seq: u64, queued: u8) -> Recording {
     let dir = scratch_dir();
     let rt = runtime();
@@ -107,17 +108,6 @@ fn record(last_seen_seq: u64, queued: u8) -> Recording {
         };
         rt.block_on(hub.send_message(req)).unwrap();
     }
-    let call = CallRequest {
-        call_id: "call-1".into(),
-        device_ids: vec!["phone-1".into()],
-        caller_name: "Dr. Okafor".into(),
-        caller_handle: "ext 4411".into(),
-        ..Default::default()
-    };
-    rt.block_on(hub.place_call(call)).unwrap();
-    rt.block_on(hub.cancel_call("call-1", CancelReason::CallerCancelled))
-        .unwrap();
-
     let timing = Timing {
         hello_timeout: Duration::from_secs(10),
         heartbeat_interval: Duration::from_secs(30),
@@ -199,6 +189,22 @@ fn record(last_seen_seq: u64, queued: u8) -> Recording {
                 _ => {}
             }
         }
+        if round == 1 {
+            let call = CallRequest {
+                call_id: "call-1".into(),
+                device_ids: vec!["phone-1".into()],
+                caller_name: "Dr. Okafor".into(),
+                caller_handle: "ext 4411".into(),
+                ..Default::default()
+            };
+            rt.block_on(hub.place_call(call)).unwrap();
+            rec.hub_script.u8(hub_tag::CALL).u8(1).u8(0);
+        }
+        if round == 2 {
+            rt.block_on(hub.cancel_call("call-1", CancelReason::CallerCancelled))
+                .unwrap();
+            rec.hub_script.u8(hub_tag::CANCEL).u8(1);
+        }
         if server.is_established() {
             // Let the login's sequence reservation become durable, as the driver waits for it.
             rt.block_on(async {
@@ -264,9 +270,9 @@ fn record(last_seen_seq: u64, queued: u8) -> Recording {
     rec
 }
 
-#[test]
-#[ignore = "writes the seed corpora; run by hand (see the module docs)"]
-fn write_seed_corpora() {
+libfuzzer_sys::fuzz_target!(|_data: &[u8]| {});
+
+fn main() {
     for (i, (last_seen, queued)) in [(0, 3), (2, 3), (0, 0)].into_iter().enumerate() {
         let rec = record(last_seen, queued);
         let mut session = Vec::new();
