@@ -127,6 +127,31 @@ impl SiteProfile {
     }
 }
 
+/// The JSON body of `POST /v1/enroll`, as a container app sends it. Public so the fuzz target
+/// parses bodies exactly as the HTTPS handler does.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnrollForm {
+    /// The device to enroll.
+    pub device_id: String,
+    /// Groups to put it in.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Credential lifetime in days (0: the default).
+    #[serde(default)]
+    pub valid_days: u32,
+}
+
+impl From<EnrollForm> for EnrollDeviceRequest {
+    fn from(form: EnrollForm) -> Self {
+        Self {
+            device_id: form.device_id,
+            groups: form.groups,
+            valid_days: form.valid_days,
+        }
+    }
+}
+
 /// Issues credentials and enrollments.
 #[derive(Clone)]
 pub struct Enroller {

@@ -691,7 +691,9 @@ impl Session {
             }
             // A call past its deadline is never shown, however late it arrived.
             Some(push::Body::CallInvite(c)) if server_now < c.ring_deadline_ms => {
-                let remaining = u64::try_from(c.ring_deadline_ms - server_now).unwrap_or(0);
+                // Saturating: a server clock far in the past (any `server_time_ms` is accepted) must not
+                // overflow; the deadline is still in the future.
+                let remaining = u64::try_from(c.ring_deadline_ms.saturating_sub(server_now)).unwrap_or(0);
                 Some(Event::CallInvite(CallInvitePush {
                     seq,
                     id,

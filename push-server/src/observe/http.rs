@@ -48,7 +48,7 @@ use super::{DeliveryRecord, Diagnosis, SessionRecord, SiteHealth, metrics};
 use crate::{
     auth::{Scope, api_key_hash},
     config::Limits,
-    enrollment::{Caller, EnrollError, Enroller},
+    enrollment::{Caller, EnrollError, EnrollForm, Enroller},
     hub::{DeviceView, Hub, now_ms},
     listener::tls_incoming,
 };
@@ -423,16 +423,6 @@ async fn revoke(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<Stri
     }
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct EnrollForm {
-    device_id: String,
-    #[serde(default)]
-    groups: Vec<String>,
-    #[serde(default)]
-    valid_days: u32,
-}
-
 async fn enroll(State(d): State<Shared>, headers: HeaderMap, Json(form): Json<EnrollForm>) -> Response {
     let key = headers
         .get(header::AUTHORIZATION)
@@ -459,12 +449,7 @@ async fn enroll(State(d): State<Shared>, headers: HeaderMap, Json(form): Json<En
             "enrolling needs an API key with the enroll scope",
         );
     };
-    let req = push_proto::sender::EnrollDeviceRequest {
-        device_id: form.device_id,
-        groups: form.groups,
-        valid_days: form.valid_days,
-    };
-    match d.enroller.enroll(req, caller).await {
+    match d.enroller.enroll(form.into(), caller).await {
         Ok(enrollment) => {
             tracing::info!(api_key = %record.name, device = %enrollment.device_id, "device enrolled over HTTPS");
             ([(header::CONTENT_TYPE, "application/x-plist")], enrollment.plist).into_response()

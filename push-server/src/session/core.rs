@@ -230,8 +230,12 @@ impl Session {
         self.send(server_frame::Kind::ServerHello(hello));
     }
 
-    /// The hub refused the hello.
+    /// The hub refused the hello. Nothing more is sent if the session already closed (the
+    /// device broke the protocol right after its hello, in the same read): its goodbye is out.
     pub fn reject(&mut self, reason: GoodbyeReason, detail: &str) {
+        if self.is_closed() {
+            return;
+        }
         self.say_goodbye(reason, detail);
         self.close(CloseReason::AuthFailed(detail.into()));
     }
@@ -517,6 +521,26 @@ mod tests {
             s.poll_event(),
             Some(Event::Closed(CloseReason::ServerGoodbye(GoodbyeReason::Replaced)))
         );
+        assert_eq!(s.poll_event(), None);
+    }
+
+    /// Nothing is queued after the close (a property of the `session_core` fuzz target): a hello
+    /// and a second frame in one read close the session (protocol error, goodbye sent) before the
+    /// driver authenticates the hello, and a refused credential then queued a second goodbye.
+    #[test]
+    fn reject_after_close_sends_nothing() {
+        let t0 = Instant::now();
+        let mut s = Session::new(t0, T);
+        s.handle_frame(t0, frame(client_frame::Kind::Hello(Hello::default())));
+        s.handle_frame(t0, frame(client_frame::Kind::Ack(Ack::default())));
+        assert!(s.is_closed());
+        s.reject(GoodbyeReason::AuthFailed, "credential refused");
+        assert_eq!(std::iter::from_fn(|| s.poll_transmit()).count(), 1);
+        assert!(matches!(s.poll_event(), Some(Event::Hello(_))));
+        assert!(matches!(
+            s.poll_event(),
+            Some(Event::Closed(CloseReason::ProtocolError(_)))
+        ));
         assert_eq!(s.poll_event(), None);
     }
 }

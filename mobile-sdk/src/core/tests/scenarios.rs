@@ -709,3 +709,23 @@ fn the_voip_token_goes_out_after_every_server_hello_and_when_it_changes() {
     h.reconnect();
     assert_eq!(tokens(&h), ["ab01", "cd02", ""]);
 }
+
+/// Found by the `sdk_core` fuzz target: a `ServerHello` with a server clock far in the past and
+/// a call invite with a deadline far in the future overflowed the remaining ring time.
+#[test]
+fn ring_time_does_not_overflow_on_extreme_server_clocks() {
+    let mut h = Harness::new(config(0));
+    h.start();
+    h.connected();
+    h.server(server_frame::Kind::ServerHello(ServerHello {
+        session_id: "s1".into(),
+        device_id: "dev-1".into(),
+        server_time_ms: i64::MIN,
+        ..Default::default()
+    }));
+    h.server(server_frame::Kind::Push(call_invite(1, "c", i64::MAX)));
+    let Some(Event::CallInvite(invite)) = h.events.iter().find(|e| matches!(e, Event::CallInvite(_))) else {
+        panic!("no invite")
+    };
+    assert_eq!(invite.ring_remaining, Duration::from_millis(i64::MAX as u64));
+}
