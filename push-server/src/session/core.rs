@@ -140,6 +140,9 @@ impl Session {
         match (&mut self.phase, kind) {
             (Phase::Closed, _) => {}
             (Phase::AwaitingHello { .. }, Kind::Hello(hello)) => {
+                if let Err(why) = super::fields::check_hello(&hello) {
+                    return self.protocol_error(&why);
+                }
                 self.phase = Phase::Authenticating;
                 self.events.push_back(Event::Hello(hello));
             }
@@ -167,7 +170,10 @@ impl Session {
                 }
             }
             (Phase::Established { .. }, Kind::NetworkChange(change)) => {
-                self.events.push_back(Event::NetworkChanged(change.ssid))
+                match super::fields::check_ssid(&change.ssid) {
+                    Ok(()) => self.events.push_back(Event::NetworkChanged(change.ssid)),
+                    Err(why) => self.protocol_error(&why),
+                }
             }
             (Phase::Established { .. }, Kind::VoipToken(t)) => {
                 self.events.push_back(Event::VoipToken(t.token))
@@ -479,6 +485,36 @@ mod tests {
         let mut s = Session::new(t0, T);
         s.handle_frame(t0, token("abcd"));
         assert!(s.is_closed(), "hello must come first");
+    }
+
+    #[test]
+    fn oversized_hello_or_network_change_fields_end_the_session_before_any_event() {
+        let now = Instant::now();
+        let mut s = Session::new(now, T);
+        s.handle_frame(
+            now,
+            frame(client_frame::Kind::Hello(Hello {
+                credential: "c".into(),
+                ssid: "s".repeat(3000),
+                ..Hello::default()
+            })),
+        );
+        assert_eq!(goodbye_reason(&mut s), Some(GoodbyeReason::ProtocolError));
+        assert!(
+            matches!(s.poll_event(), Some(Event::Closed(CloseReason::ProtocolError(d))) if d.contains("ssid"))
+        );
+        let mut s = established(now);
+        s.handle_frame(
+            now,
+            frame(client_frame::Kind::NetworkChange(
+                push_proto::device::NetworkChange { ssid: "s".repeat(33) },
+            )),
+        );
+        assert_eq!(goodbye_reason(&mut s), Some(GoodbyeReason::ProtocolError));
+        assert!(s.is_closed());
+        while let Some(e) = s.poll_event() {
+            assert!(!matches!(e, Event::NetworkChanged(_)), "{e:?}");
+        }
     }
 
     #[test]
