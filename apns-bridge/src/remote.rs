@@ -186,12 +186,15 @@ impl RemoteBridge {
         let bad = |e: &dyn std::fmt::Display| {
             RemoteError::Config(format!("bridge endpoint {}: {e}", opts.endpoint))
         };
-        let endpoint = Channel::from_shared(opts.endpoint.clone())
-            .map_err(|e| bad(&e))?
-            .connect_timeout(opts.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true);
+        let settings = |url: String| {
+            Channel::from_shared(url).map_err(|e| bad(&e)).map(|e| {
+                e.connect_timeout(opts.connect_timeout)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .keep_alive_while_idle(true)
+            })
+        };
+        let endpoint = settings(opts.endpoint.clone())?;
         let uri = endpoint.uri().clone();
         let channel = match uri.scheme_str() {
             Some("https") => {
@@ -217,7 +220,10 @@ impl RemoteBridge {
                             .map(hyper_util::rt::TokioIo::new)
                     }
                 });
-                endpoint.connect_with_connector_lazy(connector)
+                // tonic adds its own TLS to an https URL; the connector already did, so the
+                // channel is told http (only HTTP/2's :scheme sees it).
+                let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+                settings(format!("http://{authority}"))?.connect_with_connector_lazy(connector)
             }
             Some("http") => {
                 let loopback = uri

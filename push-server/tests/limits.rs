@@ -310,20 +310,12 @@ async fn oversized_hello_and_network_change_fields_are_refused_and_change_nothin
     let credential = h.issue("phone-1", &[]).await;
     h.connect(&credential, 0).await.unwrap().close().await.unwrap();
 
-    for (field, mutate) in [
-        (
-            "ssid",
-            Box::new(|hello: &mut Hello| hello.ssid = "s".repeat(3000)) as Box<dyn Fn(&mut Hello)>,
-        ),
-        (
-            "instance_id",
-            Box::new(|hello: &mut Hello| hello.instance_id = "i".repeat(10_000)),
-        ),
-        (
-            "sdk_version",
-            Box::new(|hello: &mut Hello| hello.sdk_version = "v".repeat(10_000)),
-        ),
-    ] {
+    let cases: [(&str, fn(&mut Hello)); 3] = [
+        ("ssid", |hello| hello.ssid = "s".repeat(3000)),
+        ("instance_id", |hello| hello.instance_id = "i".repeat(10_000)),
+        ("sdk_version", |hello| hello.sdk_version = "v".repeat(10_000)),
+    ];
+    for (field, mutate) in cases {
         let mut opts = h.options(&credential, 0);
         mutate(&mut opts.hello);
         match within(DeviceClient::connect(opts)).await {
@@ -431,4 +423,53 @@ async fn grpc_follows_the_conventions() {
             .any(|s| s.name == "lpush.sender.v1.PushSender")
     );
     assert_alive(&h, &mut healthy, "healthy", "conventions").await;
+}
+
+#[tokio::test]
+async fn the_apns_bridge_link_accepts_tls_1_3_only() {
+    use apns_bridge::{
+        Bridge, BridgeSettings, BundleId,
+        fake::FakeApns,
+        remote::{self, TlsIdentity},
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, _) = push_server::pki::load_or_create(&dir.path().join("tls"), &[]).unwrap();
+    let bundle = BundleId::parse("com.example.ward").unwrap();
+    let bridge = Arc::new(Bridge::new(FakeApns::new(bundle.clone()), BridgeSettings::new(bundle)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let tls = TlsIdentity {
+        cert_pem: pki.server_cert_pem.clone(),
+        key_pem: pki.server_key_pem.clone(),
+    };
+    tokio::spawn(remote::serve(listener, bridge, "bridge-key", Some(tls), async {
+        let _ = stopped.await;
+    }));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+
+    // A client that speaks TLS 1.2 only is refused in the handshake.
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pki.ca_cert_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let tls12 = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let refused = within(TlsConnector::from(Arc::new(tls12)).connect(name.clone(), tcp)).await;
+    assert!(refused.is_err(), "a TLS 1.2 client was accepted");
+
+    // TLS 1.3 is accepted.
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls13 = push_server::pki::client_config(&pki.ca_cert_pem).unwrap();
+    tls13.alpn_protocols = vec![b"h2".to_vec()];
+    let ok = within(TlsConnector::from(Arc::new(tls13)).connect(name, tcp)).await;
+    let ok = ok.expect("TLS 1.3 accepted");
+    assert_eq!(ok.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+    let _ = stop.send(());
 }

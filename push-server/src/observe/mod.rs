@@ -245,24 +245,31 @@ fn make_room<V>(
         .collect()
 }
 
-impl State {
-    /// The device's entry, created (forgetting the offline devices heard from least recently
-    /// when `limits.observe_max_devices` is reached) if new. Online devices are never forgotten:
-    /// their number is bounded by `limits.max_sessions`.
-    fn device(&mut self, device_id: &str, cap: usize, now: i64) -> &mut DeviceObs {
-        if !self.devices.contains_key(device_id) {
-            for (_, gone) in make_room(&mut self.devices, cap, |d| !d.online, |d| d.touched_ms) {
-                if let Some(site) = self.sites.get_mut(&gone.ssid) {
-                    site.members = site.members.saturating_sub(1);
-                }
+/// The device's entry, created (forgetting the offline devices heard from least recently when
+/// `limits.observe_max_devices` is reached) if new. Online devices are never forgotten: their
+/// number is bounded by `limits.max_sessions`. Takes the two maps, not the state, so the caller
+/// may use the state's other fields while it holds the entry.
+fn device_entry<'a>(
+    devices: &'a mut HashMap<String, DeviceObs>,
+    sites: &mut HashMap<String, SiteObs>,
+    device_id: &str,
+    cap: usize,
+    now: i64,
+) -> &'a mut DeviceObs {
+    if !devices.contains_key(device_id) {
+        for (_, gone) in make_room(devices, cap, |d| !d.online, |d| d.touched_ms) {
+            if let Some(site) = sites.get_mut(&gone.ssid) {
+                site.members = site.members.saturating_sub(1);
             }
-            self.devices.insert(device_id.to_string(), DeviceObs::default());
         }
-        let d = self.devices.get_mut(device_id).expect("present");
-        d.touched_ms = now;
-        d
+        devices.insert(device_id.to_string(), DeviceObs::default());
     }
+    let d = devices.get_mut(device_id).expect("present");
+    d.touched_ms = now;
+    d
+}
 
+impl State {
     /// The site's entry, created if new; when `limits.observe_max_sites` is reached, the sites
     /// without devices and quiet longest are forgotten first (sites with devices are bounded
     /// by the devices remembered).
@@ -338,7 +345,13 @@ impl Observer {
         let st = &mut *st;
         let window = self.window_ms();
         let created = !st.devices.contains_key(device_id);
-        let d = st.device(device_id, self.limits.observe_max_devices, now);
+        let d = device_entry(
+            &mut st.devices,
+            &mut st.sites,
+            device_id,
+            self.limits.observe_max_devices,
+            now,
+        );
         if let Some(open) = d.sessions.back_mut().filter(|s| s.ended_ms.is_none()) {
             open.ended_ms = Some(now);
             open.reason = "replaced by a newer session".into();
@@ -494,7 +507,13 @@ impl Observer {
         if let (Some(ms), ReceiptState::Delivered) = (latency_ms, state) {
             push_bounded(&mut st.latencies, (at_ms, kind, path.to_string(), ms), LATENCIES);
         }
-        let d = st.device(device_id, self.limits.observe_max_devices, at_ms);
+        let d = device_entry(
+            &mut st.devices,
+            &mut st.sites,
+            device_id,
+            self.limits.observe_max_devices,
+            at_ms,
+        );
         Self::delivery(d, id, kind, state, path, reason, at_ms, latency_ms, &self.limits);
     }
 
