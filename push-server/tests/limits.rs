@@ -435,7 +435,10 @@ async fn the_apns_bridge_link_accepts_tls_1_3_only() {
     let dir = tempfile::tempdir().unwrap();
     let (pki, _) = push_server::pki::load_or_create(&dir.path().join("tls"), &[]).unwrap();
     let bundle = BundleId::parse("com.example.ward").unwrap();
-    let bridge = Arc::new(Bridge::new(FakeApns::new(bundle.clone()), BridgeSettings::new(bundle)));
+    let bridge = Arc::new(Bridge::new(
+        FakeApns::new(bundle.clone()),
+        BridgeSettings::new(bundle),
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -453,13 +456,12 @@ async fn the_apns_bridge_link_accepts_tls_1_3_only() {
     for cert in rustls_pemfile::certs(&mut pki.ca_cert_pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let tls12 = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS12])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls12 =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     let tcp = TcpStream::connect(addr).await.unwrap();
     let refused = within(TlsConnector::from(Arc::new(tls12)).connect(name.clone(), tcp)).await;
     assert!(refused.is_err(), "a TLS 1.2 client was accepted");
@@ -470,6 +472,9 @@ async fn the_apns_bridge_link_accepts_tls_1_3_only() {
     tls13.alpn_protocols = vec![b"h2".to_vec()];
     let ok = within(TlsConnector::from(Arc::new(tls13)).connect(name, tcp)).await;
     let ok = ok.expect("TLS 1.3 accepted");
-    assert_eq!(ok.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+    assert_eq!(
+        ok.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
     let _ = stop.send(());
 }
