@@ -310,7 +310,8 @@ async fn oversized_hello_and_network_change_fields_are_refused_and_change_nothin
     let credential = h.issue("phone-1", &[]).await;
     h.connect(&credential, 0).await.unwrap().close().await.unwrap();
 
-    let cases: [(&str, fn(&mut Hello)); 3] = [
+    type Mutate = fn(&mut Hello);
+    let cases: [(&str, Mutate); 3] = [
         ("ssid", |hello| hello.ssid = "s".repeat(3000)),
         ("instance_id", |hello| hello.instance_id = "i".repeat(10_000)),
         ("sdk_version", |hello| hello.sdk_version = "v".repeat(10_000)),
