@@ -18,6 +18,7 @@
 //!   [`VoipBridge`], the one interface the push-server uses.
 //! - [`remote`]: the bridge as a gRPC service (`lpush.apns.v1`) and [`remote::RemoteBridge`],
 //!   the push-server's client for it; both modes run the same [`Bridge`].
+//! - [`tls13`]: the TLS 1.3-only configurations and accept loop of the remote link.
 //! - [`clock`]: wall-clock time as an input.
 //!
 //! The binary (`src/main.rs`) is `apns-bridge serve`: the remote mode's server.
@@ -30,6 +31,7 @@ pub mod contract;
 pub mod fake;
 pub mod policy;
 pub mod remote;
+pub mod tls13;
 pub mod transport;
 
 pub use bridge::{Bridge, BridgeSettings, VoipBridge, VoipOutcome};

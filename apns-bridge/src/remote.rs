@@ -3,7 +3,8 @@
 //! every request to the same [`Bridge`] the embedded mode uses; the client implements the same
 //! [`VoipBridge`] trait, so the push-server cannot tell the two apart.
 //!
-//! The link is gRPC over TLS (rustls: 1.2 or 1.3) with the bridge's certificate, and a bearer API key: the
+//! The link is gRPC over TLS 1.3 only ([`crate::tls13`], like every listener of the project)
+//! with the bridge's certificate, and a bearer API key: the
 //! request carries caller names (patient-adjacent data) across the hospital's network, and the
 //! bridge holds the key that makes any app's phones ring. Plain HTTP/2 is allowed only on a
 //! loopback address (bridge and push-server on one host, and tests).
@@ -20,7 +21,7 @@ use tonic::{
     Request, Response, Status,
     metadata::{Ascii, MetadataValue},
     service::interceptor::InterceptedService,
-    transport::{Certificate, Channel, ClientTlsConfig, Identity, ServerTlsConfig},
+    transport::{Channel, Uri},
 };
 
 use crate::{
@@ -124,18 +125,21 @@ pub async fn serve(
     let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)));
+    let router = builder.add_service(ApnsBridgeServer::new(BridgeService::new(bridge, api_key)));
     match tls {
         Some(id) => {
-            builder = builder
-                .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(id.cert_pem, id.key_pem)))?;
+            let config =
+                crate::tls13::server_config(&id.cert_pem, &id.key_pem).map_err(RemoteError::Config)?;
+            let incoming =
+                tokio_stream::wrappers::ReceiverStream::new(crate::tls13::incoming(listener, config));
+            router.serve_with_incoming_shutdown(incoming, shutdown).await?;
         }
-        None if addr.ip().is_loopback() => {}
+        None if addr.ip().is_loopback() => {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            router.serve_with_incoming_shutdown(incoming, shutdown).await?;
+        }
         None => return Err(RemoteError::PlaintextNotLoopback(addr.to_string())),
     }
-    builder
-        .add_service(ApnsBridgeServer::new(BridgeService::new(bridge, api_key)))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), shutdown)
-        .await?;
     Ok(())
 }
 
@@ -182,23 +186,44 @@ impl RemoteBridge {
         let bad = |e: &dyn std::fmt::Display| {
             RemoteError::Config(format!("bridge endpoint {}: {e}", opts.endpoint))
         };
-        let mut endpoint = Channel::from_shared(opts.endpoint.clone())
-            .map_err(|e| bad(&e))?
-            .connect_timeout(opts.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true);
+        let settings = |url: String| {
+            Channel::from_shared(url).map_err(|e| bad(&e)).map(|e| {
+                e.connect_timeout(opts.connect_timeout)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .keep_alive_while_idle(true)
+            })
+        };
+        let endpoint = settings(opts.endpoint.clone())?;
         let uri = endpoint.uri().clone();
-        match uri.scheme_str() {
+        let channel = match uri.scheme_str() {
             Some("https") => {
                 let ca = opts.ca_pem.as_ref().ok_or_else(|| {
                     bad(&"https needs the CA certificate that issued the bridge's certificate")
                 })?;
                 let host = uri.host().unwrap_or_default().to_string();
-                let tls = ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(ca))
-                    .domain_name(opts.server_name.clone().unwrap_or(host));
-                endpoint = endpoint.tls_config(tls).map_err(|e| bad(&e))?;
+                let name = opts
+                    .server_name
+                    .clone()
+                    .unwrap_or_else(|| host.trim_matches(['[', ']']).to_string());
+                let name = rustls::pki_types::ServerName::try_from(name).map_err(|e| bad(&e))?;
+                let config = Arc::new(crate::tls13::client_config(ca).map_err(|e| bad(&e))?);
+                let port = uri.port_u16().unwrap_or(443);
+                let timeout = opts.connect_timeout;
+                // Our own TLS 1.3 handshake under tonic's HTTP/2 (tonic's TLS cannot pin the
+                // version); every new connection dials the endpoint's host and port.
+                let connector = tower::service_fn(move |_: Uri| {
+                    let (host, name, config) = (host.clone(), name.clone(), config.clone());
+                    async move {
+                        crate::tls13::connect(host, port, name, config, timeout)
+                            .await
+                            .map(hyper_util::rt::TokioIo::new)
+                    }
+                });
+                // tonic adds its own TLS to an https URL; the connector already did, so the
+                // channel is told http (only HTTP/2's :scheme sees it).
+                let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+                settings(format!("http://{authority}"))?.connect_with_connector_lazy(connector)
             }
             Some("http") => {
                 let loopback = uri
@@ -209,13 +234,14 @@ impl RemoteBridge {
                 if !loopback {
                     return Err(RemoteError::PlaintextNotLoopback(opts.endpoint.clone()));
                 }
+                endpoint.connect_lazy()
             }
             _ => return Err(bad(&"expected an http:// or https:// URL")),
-        }
+        };
         let key = MetadataValue::try_from(format!("Bearer {}", opts.api_key.trim()))
             .map_err(|_| RemoteError::Config("the bridge API key is not valid header text".into()))?;
         Ok(Self {
-            client: ApnsBridgeClient::with_interceptor(endpoint.connect_lazy(), BearerKey(key)),
+            client: ApnsBridgeClient::with_interceptor(channel, BearerKey(key)),
             clock: Arc::new(SystemClock),
         })
     }

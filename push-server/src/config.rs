@@ -247,6 +247,134 @@ pub struct Limits {
     pub observe_sessions_per_device: usize,
     /// Dashboard: delivery events kept per device in the in-memory history.
     pub observe_deliveries_per_device: usize,
+    /// Dashboard: devices with an in-memory history; beyond it the device heard from least
+    /// recently (and offline) is forgotten. Registered devices beyond it still work, only their
+    /// dashboard history is gone.
+    pub observe_max_devices: usize,
+    /// Dashboard: sites (SSIDs) tracked for site health; beyond it the site with no devices and
+    /// the oldest activity is forgotten. Phones name SSIDs, so this bounds what they can make
+    /// the server remember.
+    pub observe_max_sites: usize,
+    /// TLS handshakes on the device listener (`[limits.device_handshakes]`). Sized for a whole
+    /// site reconnecting at once (10,000 phones in 2 s on two cores, see BENCHMARKS.md).
+    #[serde(deserialize_with = "device_handshakes")]
+    pub device_handshakes: HandshakeLimits,
+    /// TLS handshakes on the gRPC API listener (`[limits.api_handshakes]`): senders keep their
+    /// HTTP/2 connections, so few handshakes are needed.
+    #[serde(deserialize_with = "service_handshakes")]
+    pub api_handshakes: HandshakeLimits,
+    /// TLS handshakes on the dashboard listener (`[limits.http_handshakes]`).
+    #[serde(deserialize_with = "service_handshakes")]
+    pub http_handshakes: HandshakeLimits,
+    /// Logins one device may make per minute, sustained. An extension in a crash loop that logs
+    /// in more often is answered `Goodbye{OVERLOADED}` (the SDK reconnects with backoff) without
+    /// touching its session, queue or presence.
+    pub device_logins_per_minute: u32,
+    /// Logins one device may make in a burst above the sustained rate (reconnects after a
+    /// network change, two connections racing).
+    pub device_login_burst: u32,
+    /// gRPC requests one API key may make per second, sustained; beyond it (and the burst) the
+    /// request is answered `RESOURCE_EXHAUSTED`.
+    pub api_requests_per_sec_per_key: u32,
+    /// gRPC requests one API key may make in a burst above the sustained rate.
+    pub api_request_burst_per_key: u32,
+}
+
+/// Bounds on TLS handshakes of one listener. A connection over any of them is closed before
+/// the handshake (it costs no TLS work), logged once and counted in
+/// `lpush_handshakes_refused_total`. Per address means per IPv4 address or per IPv6 /64 (one
+/// host can use a whole /64). Behind a NAT every phone shares one address: raise the per-address
+/// values to the site's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandshakeLimits {
+    /// Handshakes in progress at once, all addresses.
+    pub in_progress: usize,
+    /// Handshakes in progress at once from one address.
+    pub in_progress_per_ip: usize,
+    /// Handshakes started per second, all addresses (sustained).
+    pub per_sec: u32,
+    /// Handshakes that may start at once above `per_sec`, all addresses.
+    pub burst: u32,
+    /// Handshakes started per second from one address (sustained).
+    pub per_sec_per_ip: u32,
+    /// Handshakes that may start at once above `per_sec_per_ip` from one address.
+    pub burst_per_ip: u32,
+}
+
+impl HandshakeLimits {
+    /// The device listener's defaults: a site of 18,000 phones reconnecting together passes
+    /// (the loadgen puts 200 phones on one address); one address looping on handshakes gets
+    /// 50 per second.
+    pub const DEVICE: Self = Self {
+        in_progress: 16_384,
+        in_progress_per_ip: 256,
+        per_sec: 10_000,
+        burst: 20_000,
+        per_sec_per_ip: 50,
+        burst_per_ip: 500,
+    };
+    /// The API and dashboard listeners' defaults: a few long-lived connections per client.
+    pub const SERVICE: Self = Self {
+        in_progress: 256,
+        in_progress_per_ip: 32,
+        per_sec: 200,
+        burst: 400,
+        per_sec_per_ip: 20,
+        burst_per_ip: 50,
+    };
+
+    fn validate(&self, name: &str) -> Result<(), ConfigError> {
+        let values = [
+            self.in_progress as u64,
+            self.in_progress_per_ip as u64,
+            u64::from(self.per_sec),
+            u64::from(self.burst),
+            u64::from(self.per_sec_per_ip),
+            u64::from(self.burst_per_ip),
+        ];
+        if values.contains(&0) {
+            return Err(ConfigError::Invalid(format!(
+                "every value of limits.{name} must be positive"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A `[limits.*_handshakes]` table: the keys it names over `base`, so a file can change one
+/// value and keep the listener's other defaults.
+fn handshakes_over<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    base: HandshakeLimits,
+) -> Result<HandshakeLimits, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Patch {
+        in_progress: Option<usize>,
+        in_progress_per_ip: Option<usize>,
+        per_sec: Option<u32>,
+        burst: Option<u32>,
+        per_sec_per_ip: Option<u32>,
+        burst_per_ip: Option<u32>,
+    }
+    let p = Patch::deserialize(d)?;
+    Ok(HandshakeLimits {
+        in_progress: p.in_progress.unwrap_or(base.in_progress),
+        in_progress_per_ip: p.in_progress_per_ip.unwrap_or(base.in_progress_per_ip),
+        per_sec: p.per_sec.unwrap_or(base.per_sec),
+        burst: p.burst.unwrap_or(base.burst),
+        per_sec_per_ip: p.per_sec_per_ip.unwrap_or(base.per_sec_per_ip),
+        burst_per_ip: p.burst_per_ip.unwrap_or(base.burst_per_ip),
+    })
+}
+
+fn device_handshakes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HandshakeLimits, D::Error> {
+    handshakes_over(d, HandshakeLimits::DEVICE)
+}
+
+fn service_handshakes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HandshakeLimits, D::Error> {
+    handshakes_over(d, HandshakeLimits::SERVICE)
 }
 
 impl Default for Limits {
@@ -275,6 +403,15 @@ impl Default for Limits {
             diag_site_drop_window_secs: 30,
             observe_sessions_per_device: 20,
             observe_deliveries_per_device: 50,
+            observe_max_devices: 50_000,
+            observe_max_sites: 1_000,
+            device_handshakes: HandshakeLimits::DEVICE,
+            api_handshakes: HandshakeLimits::SERVICE,
+            http_handshakes: HandshakeLimits::SERVICE,
+            device_logins_per_minute: 12,
+            device_login_burst: 10,
+            api_requests_per_sec_per_key: 5_000,
+            api_request_burst_per_key: 10_000,
         }
     }
 }
@@ -322,6 +459,21 @@ impl Config {
         if l.diag_window_secs == 0 || l.diag_site_drop_window_secs == 0 || l.diag_site_drop_percent > 100 {
             return bad(
                 "limits.diag_window_secs and diag_site_drop_window_secs must be positive, diag_site_drop_percent at most 100",
+            );
+        }
+        if l.observe_max_devices == 0 || l.observe_max_sites == 0 {
+            return bad("limits.observe_max_devices and observe_max_sites must be positive");
+        }
+        l.device_handshakes.validate("device_handshakes")?;
+        l.api_handshakes.validate("api_handshakes")?;
+        l.http_handshakes.validate("http_handshakes")?;
+        if l.device_logins_per_minute == 0
+            || l.device_login_burst == 0
+            || l.api_requests_per_sec_per_key == 0
+            || l.api_request_burst_per_key == 0
+        {
+            return bad(
+                "limits.device_logins_per_minute, device_login_burst, api_requests_per_sec_per_key and api_request_burst_per_key must be positive",
             );
         }
         self.site.validate()?;
@@ -439,6 +591,39 @@ mod tests {
         // 32 bytes of multi-byte characters is the limit, not 32 characters.
         let cfg: Config = toml::from_str(r#"site.ssids = ["ÄÄÄÄÄÄÄÄÄÄÄÄÄÄÄÄ"]"#).unwrap();
         cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn handshake_tables_keep_each_listeners_other_defaults() {
+        let cfg: Config = toml::from_str(
+            "[limits]\ndevice_logins_per_minute = 3\n[limits.api_handshakes]\nper_sec_per_ip = 2\n[limits.device_handshakes]\nburst_per_ip = 7\n",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        let l = &cfg.limits;
+        assert_eq!(l.device_logins_per_minute, 3);
+        assert_eq!(
+            l.api_handshakes,
+            HandshakeLimits {
+                per_sec_per_ip: 2,
+                ..HandshakeLimits::SERVICE
+            }
+        );
+        assert_eq!(
+            l.device_handshakes,
+            HandshakeLimits {
+                burst_per_ip: 7,
+                ..HandshakeLimits::DEVICE
+            }
+        );
+        assert_eq!(l.http_handshakes, HandshakeLimits::SERVICE);
+        let err = toml::from_str::<Config>("[limits.http_handshakes]\nper_second = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("per_second"), "{err}");
+        let cfg: Config = toml::from_str("[limits.http_handshakes]\nburst = 0\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("limits.http_handshakes"), "{err}");
     }
 
     #[test]

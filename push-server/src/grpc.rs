@@ -22,9 +22,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    auth::{Scope, api_key_hash, new_api_key},
+    admission::KeyedRate,
+    auth::{Scope, api_key_hash, bearer_token, new_api_key},
     enrollment::{Caller, EnrollError, Enroller, check_name},
     hub::{CallRequest, Hub, MessageRequest, SendError, now_ms},
+    observe::metrics,
     store::{ApiKeyRecord, Op, Receipt, ReceiptState},
 };
 
@@ -37,6 +39,8 @@ pub struct Api {
     enroller: Enroller,
     shutdown: CancellationToken,
     keys: Arc<KeyCache>,
+    /// Requests per API key, by key (like `keys`: in memory only, never logged).
+    rate: Arc<KeyedRate<String>>,
 }
 
 /// API keys verified recently, by key, so that a busy sender does not cost a store read and a
@@ -68,11 +72,18 @@ impl KeyCache {
 impl Api {
     /// Services over `hub`; watch streams end at `shutdown`.
     pub fn new(hub: Hub, enroller: Enroller, shutdown: CancellationToken) -> Self {
+        let limits = hub.limits();
+        let rate = KeyedRate::new(
+            std::time::Duration::from_secs(1),
+            limits.api_requests_per_sec_per_key,
+            limits.api_request_burst_per_key,
+        );
         Self {
             hub,
             enroller,
             shutdown,
             keys: Arc::default(),
+            rate: Arc::new(rate),
         }
     }
 
@@ -104,11 +115,10 @@ impl Api {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <api key>`"))?;
-        let key = key.trim();
         if let Some(record) = self.keys.get(key) {
-            return Ok(record);
+            return self.within_rate(key, record);
         }
         let record = self
             .hub
@@ -117,7 +127,22 @@ impl Api {
             .map_err(|e| Status::unavailable(e.to_string()))?
             .ok_or_else(|| Status::unauthenticated("unknown API key"))?;
         self.keys.put(key, &record);
-        Ok(record)
+        self.within_rate(key, record)
+    }
+
+    /// Take one request from the key's rate (`limits.api_requests_per_sec_per_key`): a sender
+    /// in a retry loop must not take the hub from the others. Only known keys get here, so the
+    /// limiter holds at most one entry per key.
+    fn within_rate(&self, key: &str, record: ApiKeyRecord) -> Result<ApiKeyRecord, Status> {
+        if self.rate.check(&key.to_owned()) {
+            return Ok(record);
+        }
+        metrics::api_rate_limited();
+        tracing::debug!(api_key = %record.name, "request refused: over limits.api_requests_per_sec_per_key");
+        Err(Status::resource_exhausted(format!(
+            "API key {:?} is over its request rate; retry with backoff",
+            record.name
+        )))
     }
 
     /// Stream the current receipts of `id`, then changes, until every recipient is final.
@@ -173,6 +198,13 @@ impl push_sender_server::PushSender for Api {
         let sender = self.authorize(&req, Scope::Send)?;
         let r = req.into_inner();
         let (device_ids, group) = targets(r.target)?;
+        // Forwarded to phones as is: only values the device protocol defines.
+        if push_proto::device::Priority::try_from(r.priority).is_err() {
+            return Err(Status::invalid_argument(format!(
+                "priority {} is not a Priority (0 unspecified, 1 normal, 2 high)",
+                r.priority
+            )));
+        }
         let sent = self
             .hub
             .send_message(MessageRequest {
@@ -489,15 +521,47 @@ pub async fn create_api_key(
     Ok(key)
 }
 
+/// The devices or group a send names. Ids and group names follow the rule of enrollment (1-128
+/// bytes, no control characters), so a sender cannot make receipts, logs or the store carry
+/// kilobytes per recipient.
 fn targets(target: Option<Target>) -> Result<(Vec<String>, Option<String>), Status> {
-    match target.and_then(|t| t.kind) {
-        Some(target::Kind::DeviceId(id)) => Ok((vec![id], None)),
-        Some(target::Kind::Devices(list)) => Ok((list.device_ids, None)),
-        Some(target::Kind::Group(g)) => Ok((Vec::new(), Some(g))),
-        None => Err(Status::invalid_argument(
-            "target is required (device_id, devices or group)",
-        )),
+    let (ids, group) = match target.and_then(|t| t.kind) {
+        Some(target::Kind::DeviceId(id)) => (vec![id], None),
+        Some(target::Kind::Devices(list)) => (list.device_ids, None),
+        Some(target::Kind::Group(g)) => (Vec::new(), Some(g)),
+        None => {
+            return Err(Status::invalid_argument(
+                "target is required (device_id, devices or group)",
+            ));
+        }
+    };
+    for id in &ids {
+        check_name("device_id", id).map_err(enroll_status)?;
     }
+    if let Some(g) = &group {
+        check_name("group", g).map_err(enroll_status)?;
+    }
+    Ok((ids, group))
+}
+
+/// Tonic answers a request over its message size limit with OUT_OF_RANGE, which clients treat
+/// as a bad argument value; gRPC's convention (and every other gRPC server) says
+/// RESOURCE_EXHAUSTED. Such an answer is trailers-only (the status is in the headers), since
+/// the request was refused before the handler ran, so only those headers need rewriting.
+pub fn oversized_is_resource_exhausted<B>(mut res: http::Response<B>) -> http::Response<B> {
+    let headers = res.headers_mut();
+    let oversized = headers.get("grpc-status").is_some_and(|s| s == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| m.contains("decoded") && m.contains("too") && m.contains("large"));
+    if oversized {
+        headers.insert(
+            "grpc-status",
+            http::HeaderValue::from(tonic::Code::ResourceExhausted as i32),
+        );
+    }
+    res
 }
 
 fn state(s: ReceiptState) -> DeliveryState {

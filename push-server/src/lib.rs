@@ -10,6 +10,8 @@
 //!   receipts, expiry, and call routing to the APNs VoIP fallback (`apns-bridge`). The seam a
 //!   cluster router will sit behind.
 //! - [`session`]: the sans-IO session state machine ([`session::core`]) and its tokio driver.
+//! - [`admission`]: rate and concurrency limits checked before work (handshakes per listener,
+//!   logins per device, requests per API key), with bounded memory.
 //! - [`listener`]: accept loops, TCP tuning, handshake deadlines, the session limit.
 //! - [`grpc`]: the sender and admin API (the only module that knows tonic).
 //! - [`observe`]: Prometheus metrics, the ops dashboard (HTTPS, `/metrics`), session and
@@ -18,6 +20,7 @@
 //! - [`api_client`]: a gRPC client for the API (CLI, tests).
 //! - [`client`]: a minimal device client for the CLI and tests (the real one is `mobile-sdk`).
 
+pub mod admission;
 pub mod api_client;
 pub mod auth;
 pub mod client;

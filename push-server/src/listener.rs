@@ -1,5 +1,7 @@
-//! Accept loops: TCP tuning, the session limit, and TLS handshakes with a deadline, so a client
-//! that opens TCP and never finishes the handshake costs a permit for a bounded time only.
+//! Accept loops: TCP tuning, the session limit, the handshake limits of each listener
+//! ([`crate::admission::Handshakes`]: a connection over them is closed before its handshake),
+//! and TLS handshakes with a deadline, so a client that opens TCP and never finishes the
+//! handshake costs a permit for a bounded time only.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -11,7 +13,12 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{config::Limits, observe::metrics, session::driver::SessionEnv};
+use crate::{
+    admission::{Handshakes, Listener},
+    config::Limits,
+    observe::metrics,
+    session::driver::SessionEnv,
+};
 
 /// Accept queue of the device listener; the kernel caps it at `net.core.somaxconn` (4096 on
 /// current Linux). Tokio's default of 1,024 overflows when a whole site reconnects at once
@@ -92,6 +99,7 @@ fn accept_devices(
     }
     let _runtime = handle.enter();
     let permits = Arc::new(Semaphore::new(limits.max_sessions));
+    let gate = Handshakes::new(Listener::Device, limits.device_handshakes);
     let handshake_timeout = Duration::from_millis(limits.tls_handshake_timeout_ms);
     let mut backoff = Duration::from_millis(5);
     while !shutdown.is_cancelled() {
@@ -130,6 +138,10 @@ fn accept_devices(
                 continue;
             }
         };
+        // Closed (dropped) before any TLS work; the permit goes back at once.
+        let Ok(ticket) = gate.admit(peer) else {
+            continue;
+        };
         tune(&tcp, &limits);
         let (acceptor, env, shutdown, sessions) =
             (acceptor.clone(), env.clone(), shutdown.clone(), tracker.clone());
@@ -143,6 +155,7 @@ fn accept_devices(
                 r = handshake => r,
                 _ = shutdown.cancelled() => return,
             };
+            drop(ticket);
             match tls {
                 Ok(Ok(tls)) => {
                     metrics::handshake("ok");
@@ -172,9 +185,11 @@ pub fn tls_incoming(
     acceptor: TlsAcceptor,
     limits: Limits,
     shutdown: CancellationToken,
-    what: &'static str,
+    listener_kind: Listener,
 ) -> mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)> {
     let (tx, rx) = mpsc::channel(64);
+    let what = listener_kind.label();
+    let gate = Handshakes::new(listener_kind, listener_kind.handshake_limits(&limits));
     tokio::spawn(async move {
         let timeout = Duration::from_millis(limits.tls_handshake_timeout_ms);
         loop {
@@ -182,10 +197,16 @@ pub fn tls_incoming(
                 r = accept(&listener) => r,
                 _ = shutdown.cancelled() => return,
             };
+            // Closed (dropped) before any TLS work.
+            let Ok(ticket) = gate.admit(peer) else {
+                continue;
+            };
             tune(&tcp, &limits);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                let tls = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
+                drop(ticket);
+                match tls {
                     Ok(Ok(tls)) => {
                         let _ = tx.send((tls, peer)).await;
                     }

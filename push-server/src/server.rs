@@ -21,6 +21,7 @@ use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    admission::Listener,
     auth::{DeviceAuthority, write_secret},
     config::{ApnsConfig, ApnsMode, Config},
     enrollment::{Enroller, SiteProfile},
@@ -112,6 +113,7 @@ impl Server {
             write_timeout: Duration::from_millis(cfg.limits.write_timeout_ms),
             max_frame: cfg.limits.max_frame_bytes,
             max_inflight: cfg.limits.max_inflight_per_session,
+            logins: SessionEnv::login_rate(&cfg.limits),
         });
         let device_tls = TlsAcceptor::from(Arc::new(pki::server_config(&pki)?));
         tasks.spawn(serve_devices(
@@ -269,8 +271,18 @@ fn serve_api(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(push_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    // v1alpha too: older grpcurl and the grpcio-based clients only ask for it.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(push_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    let incoming = tls_incoming(listener, acceptor, cfg.limits.clone(), shutdown.clone(), "API");
+    let incoming = tls_incoming(
+        listener,
+        acceptor,
+        cfg.limits.clone(),
+        shutdown.clone(),
+        Listener::Api,
+    );
     let incoming = ReceiverStream::new(incoming).map(|(tls, _peer)| Ok::<_, std::io::Error>(tls));
     let sender = api.sender();
     let admin = api.admin();
@@ -282,8 +294,12 @@ fn serve_api(
             .set_serving::<push_proto::sender::push_admin_server::PushAdminServer<Api>>()
             .await;
         let result = tonic::transport::Server::builder()
+            .layer(tower::util::MapResponseLayer::new(
+                crate::grpc::oversized_is_resource_exhausted::<tonic::body::Body>,
+            ))
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(sender)
             .add_service(admin)
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())

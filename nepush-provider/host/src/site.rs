@@ -181,8 +181,12 @@ impl Site {
         };
         let config = dir.path().join("push-server.toml");
         let quoted: Vec<String> = site_ssids.iter().map(|s| toml_string(s)).collect();
+        // The scenarios compress hours of iOS lifecycle into seconds, so one simulated phone logs
+        // in (through one relay address) far faster than a real one may: lift the per-device
+        // login rate and the per-address handshake rate, which would otherwise take the
+        // simulation for a crash loop.
         let mut text = format!(
-            "[limits]\ncall_ack_window_ms = {}\n\n[site]\nssids = [{}]\ndevice_host = \"{}\"\ndevice_port = {}\n",
+            "[limits]\ncall_ack_window_ms = {}\ndevice_logins_per_minute = 1000000\ndevice_login_burst = 1000000\n\n[limits.device_handshakes]\nper_sec_per_ip = 1000000\nburst_per_ip = 1000000\n\n[site]\nssids = [{}]\ndevice_host = \"{}\"\ndevice_port = {}\n",
             settings.call_ack_window_ms,
             quoted.join(", "),
             dial.ip(),

@@ -193,9 +193,9 @@ impl Dashboard {
         let key = headers
             .get(header::AUTHORIZATION)?
             .to_str()
-            .ok()?
-            .strip_prefix("Bearer ")?;
-        let (name, role) = self.role_of(key.trim())?;
+            .ok()
+            .and_then(crate::auth::bearer_token)?;
+        let (name, role) = self.role_of(key)?;
         Some((name, role, false))
     }
 
@@ -573,7 +573,13 @@ pub fn serve(
         shutdown: shutdown.clone(),
         streams: AtomicUsize::new(0),
     });
-    let rx = tls_incoming(listener, acceptor, limits.clone(), shutdown.clone(), "dashboard");
+    let rx = tls_incoming(
+        listener,
+        acceptor,
+        limits.clone(),
+        shutdown.clone(),
+        crate::admission::Listener::Dashboard,
+    );
     let ticker_shutdown = shutdown.clone();
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(10));

@@ -17,7 +17,13 @@ pub const HANDSHAKES: &str = "lpush_tls_handshakes_total";
 /// Device TLS handshakes that resumed an earlier session with a TLS 1.3 ticket (also counted
 /// in [`HANDSHAKES`] as `ok`).
 pub const HANDSHAKES_RESUMED: &str = "lpush_tls_resumed_total";
-/// Device logins, by `result` (`ok`, `auth_failed`, `revoked`).
+/// Connections closed before their TLS handshake, by `listener` (`device`, `api`,
+/// `dashboard`) and `reason` (`in_progress`, `in_progress_per_ip`, `rate`, `rate_per_ip`,
+/// `too_many_sources`); see `config::HandshakeLimits`.
+pub const HANDSHAKES_REFUSED: &str = "lpush_handshakes_refused_total";
+/// gRPC requests refused `RESOURCE_EXHAUSTED` because their API key was over its rate.
+pub const API_RATE_LIMITED: &str = "lpush_api_requests_rate_limited_total";
+/// Device logins, by `result` (`ok`, `auth_failed`, `revoked`, `rate_limited`).
 pub const LOGINS: &str = "lpush_logins_total";
 /// Sessions that ended, by `reason` (see [`reason_class`]).
 pub const SESSIONS_ENDED: &str = "lpush_sessions_ended_total";
@@ -91,6 +97,14 @@ fn describe() {
     describe_counter!(
         HANDSHAKES_RESUMED,
         "Device TLS handshakes that resumed a session with a ticket (counted as ok too)."
+    );
+    describe_counter!(
+        HANDSHAKES_REFUSED,
+        "Connections closed before their TLS handshake by a handshake limit, by listener and reason."
+    );
+    describe_counter!(
+        API_RATE_LIMITED,
+        "gRPC requests refused because their API key was over its request rate."
     );
     describe_counter!(LOGINS, "Device logins, by result.");
     describe_counter!(SESSIONS_ENDED, "Device sessions that ended, by reason.");
@@ -173,7 +187,17 @@ pub fn handshake_resumed() {
     counter!(HANDSHAKES_RESUMED).increment(1);
 }
 
-/// A hello was answered (`ok`, `auth_failed`, `revoked`).
+/// A connection was closed before its TLS handshake by a limit of `listener`.
+pub fn handshake_refused(listener: &'static str, reason: &'static str) {
+    counter!(HANDSHAKES_REFUSED, "listener" => listener, "reason" => reason).increment(1);
+}
+
+/// A gRPC request was refused: its API key was over its rate.
+pub fn api_rate_limited() {
+    counter!(API_RATE_LIMITED).increment(1);
+}
+
+/// A hello was answered (`ok`, `auth_failed`, `revoked`, `rate_limited`).
 pub fn login(result: &'static str) {
     counter!(LOGINS, "result" => result).increment(1);
 }

@@ -46,6 +46,9 @@ const SERIES_POINTS: usize = 720;
 const LATENCIES: usize = 1000;
 /// Recent diagnoses kept for the dashboard.
 const DIAGNOSES: usize = 100;
+/// Instance changes kept per device (the churn count only needs those within the window, and
+/// the login rate keeps them far fewer).
+const INSTANCE_CHANGES: usize = 1024;
 
 /// The label of a push kind.
 pub fn kind_str(kind: PushKind) -> &'static str {
@@ -173,6 +176,8 @@ struct DeviceObs {
     heartbeat_misses: u32,
     heartbeat_flag_ms: Option<i64>,
     last_call: Option<(String, &'static str)>,
+    /// Unix ms of the last thing recorded about the device (which devices to forget first).
+    touched_ms: i64,
 }
 
 #[derive(Default)]
@@ -186,6 +191,8 @@ struct SiteObs {
     heartbeat_misses: u64,
     duplicate_instances: u64,
     drop_flag_ms: Option<i64>,
+    /// Unix ms of the last login or drop on the site (which sites to forget first).
+    touched_ms: i64,
 }
 
 #[derive(Default)]
@@ -209,6 +216,73 @@ pub struct Observer {
 fn prune(q: &mut VecDeque<i64>, since: i64) {
     while q.front().is_some_and(|t| *t < since) {
         q.pop_front();
+    }
+}
+
+/// Make room for one more entry under `cap`: when full, forget the entries `evictable` allows
+/// that were touched longest ago, a tenth of the cap at a time, so a stream of new keys costs
+/// one sort per tenth of the cap rather than a scan per key. Returns the entries forgotten.
+fn make_room<V>(
+    map: &mut HashMap<String, V>,
+    cap: usize,
+    evictable: impl Fn(&V) -> bool,
+    touched: impl Fn(&V) -> i64,
+) -> Vec<(String, V)> {
+    if map.len() < cap.max(1) {
+        return Vec::new();
+    }
+    let mut old: Vec<(i64, &String)> = map
+        .iter()
+        .filter(|(_, v)| evictable(v))
+        .map(|(k, v)| (touched(v), k))
+        .collect();
+    let n = (map.len() + 1 - cap.max(1)).max(cap / 10).min(old.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    old.select_nth_unstable(n - 1);
+    let keys: Vec<String> = old[..n].iter().map(|(_, k)| (*k).clone()).collect();
+    keys.into_iter()
+        .filter_map(|k| map.remove(&k).map(|v| (k, v)))
+        .collect()
+}
+
+/// The device's entry, created (forgetting the offline devices heard from least recently when
+/// `limits.observe_max_devices` is reached) if new. Online devices are never forgotten: their
+/// number is bounded by `limits.max_sessions`. Takes the two maps, not the state, so the caller
+/// may use the state's other fields while it holds the entry.
+fn device_entry<'a>(
+    devices: &'a mut HashMap<String, DeviceObs>,
+    sites: &mut HashMap<String, SiteObs>,
+    device_id: &str,
+    cap: usize,
+    now: i64,
+) -> &'a mut DeviceObs {
+    if !devices.contains_key(device_id) {
+        for (_, gone) in make_room(devices, cap, |d| !d.online, |d| d.touched_ms) {
+            if let Some(site) = sites.get_mut(&gone.ssid) {
+                site.members = site.members.saturating_sub(1);
+            }
+        }
+        devices.insert(device_id.to_string(), DeviceObs::default());
+    }
+    let d = devices.get_mut(device_id).expect("present");
+    d.touched_ms = now;
+    d
+}
+
+impl State {
+    /// The site's entry, created if new; when `limits.observe_max_sites` is reached, the sites
+    /// without devices and quiet longest are forgotten first (sites with devices are bounded
+    /// by the devices remembered).
+    fn site(&mut self, ssid: &str, cap: usize, now: i64) -> &mut SiteObs {
+        if !self.sites.contains_key(ssid) {
+            make_room(&mut self.sites, cap, |s| s.members == 0, |s| s.touched_ms);
+            self.sites.insert(ssid.to_string(), SiteObs::default());
+        }
+        let s = self.sites.get_mut(ssid).expect("present");
+        s.touched_ms = now;
+        s
     }
 }
 
@@ -273,7 +347,13 @@ impl Observer {
         let st = &mut *st;
         let window = self.window_ms();
         let created = !st.devices.contains_key(device_id);
-        let d = st.devices.entry(device_id.to_string()).or_default();
+        let d = device_entry(
+            &mut st.devices,
+            &mut st.sites,
+            device_id,
+            self.limits.observe_max_devices,
+            now,
+        );
         if let Some(open) = d.sessions.back_mut().filter(|s| s.ended_ms.is_none()) {
             open.ended_ms = Some(now);
             open.reason = "replaced by a newer session".into();
@@ -293,7 +373,7 @@ impl Observer {
         );
         let mut churn = None;
         if !d.instance_id.is_empty() && d.instance_id != instance_id {
-            d.instance_changes.push_back(now);
+            push_bounded(&mut d.instance_changes, now, INSTANCE_CHANGES);
             prune(&mut d.instance_changes, now - window);
             if d.instance_changes.len() > self.limits.diag_instance_churn_max as usize
                 && d.churn_flag_ms.is_none_or(|t| now - t > window)
@@ -315,7 +395,7 @@ impl Observer {
         {
             site.members = site.members.saturating_sub(1);
         }
-        let site = st.sites.entry(ssid.to_string()).or_default();
+        let site = st.site(ssid, self.limits.observe_max_sites, now);
         if created || moved.is_some() {
             site.members += 1;
         }
@@ -351,6 +431,7 @@ impl Observer {
         let Some(d) = st.devices.get_mut(device_id) else {
             return;
         };
+        d.touched_ms = now;
         if let Some(s) = d.sessions.iter_mut().rev().find(|s| s.session_id == session_id) {
             s.ended_ms = Some(now);
             s.reason = reason.into();
@@ -375,7 +456,7 @@ impl Observer {
             }
         }
         let site_drop = !matches!(class, "replaced" | "revoked" | "shutdown" | "device_goodbye");
-        let site = st.sites.entry(ssid.clone()).or_default();
+        let site = st.site(&ssid, self.limits.observe_max_sites, now);
         let expected = site.members;
         if class == "heartbeat_timeout" {
             site.heartbeat_misses += 1;
@@ -428,11 +509,13 @@ impl Observer {
         if let (Some(ms), ReceiptState::Delivered) = (latency_ms, state) {
             push_bounded(&mut st.latencies, (at_ms, kind, path.to_string(), ms), LATENCIES);
         }
-        // Look up before inserting: `entry` would allocate the key for every receipt.
-        if !st.devices.contains_key(device_id) {
-            st.devices.insert(device_id.to_string(), DeviceObs::default());
-        }
-        let d = st.devices.get_mut(device_id).expect("present");
+        let d = device_entry(
+            &mut st.devices,
+            &mut st.sites,
+            device_id,
+            self.limits.observe_max_devices,
+            at_ms,
+        );
         Self::delivery(d, id, kind, state, path, reason, at_ms, latency_ms, &self.limits);
     }
 
@@ -676,6 +759,51 @@ mod tests {
             .find(|d| d.kind == "site_drop")
             .expect("site flagged");
         assert!(d.detail.starts_with("3 of 3 devices"), "{}", d.detail);
+    }
+
+    #[test]
+    fn devices_and_sites_named_by_peers_are_bounded() {
+        let o = Observer::new(&Limits {
+            observe_max_devices: 100,
+            observe_max_sites: 10,
+            ..Limits::default()
+        });
+        o.session_started("online-phone", 0, "Ward 4B", "inst", "sdk", 0);
+        // A thousand devices, each on an SSID of its own, then receipts for ten thousand
+        // device ids nobody registered.
+        for i in 1..1000u64 {
+            let (id, t) = (format!("p{i}"), i as i64);
+            o.session_started(&id, i, &format!("ssid-{i}"), "inst", "sdk", t);
+            o.session_ended(&id, i, "connection closed by device", t);
+        }
+        for i in 0..10_000i64 {
+            let id = format!("junk-{i}");
+            o.receipt(
+                &id,
+                "m",
+                PushKind::Message,
+                ReceiptState::Undeliverable,
+                "",
+                "unknown device",
+                5_000 + i,
+                None,
+            );
+        }
+        {
+            let st = o.state.lock().unwrap();
+            assert!(st.devices.len() <= 100, "{} devices", st.devices.len());
+            // Sites with a remembered device stay; the others are capped.
+            assert!(st.sites.len() <= 100 + 10, "{} sites", st.sites.len());
+        }
+        // The online device was never forgotten, nor its site.
+        assert_eq!(o.device("online-phone", 20_000).instance_id, "inst");
+        assert_eq!(o.history("online-phone").0.len(), 1);
+        let sites = o.sites(&HashMap::new(), 20_000);
+        let ward = sites.iter().find(|s| s.ssid == "Ward 4B").expect("site kept");
+        assert_eq!(ward.expected, 1);
+        // The newest junk id is remembered, the oldest forgotten.
+        assert_eq!(o.history("junk-9999").1.len(), 1);
+        assert!(o.history("junk-0").1.is_empty());
     }
 
     #[test]

@@ -145,6 +145,9 @@ impl Session {
                 self.protocol_error("last_seen_seq must be below 2^52")
             }
             (Phase::AwaitingHello { .. }, Kind::Hello(hello)) => {
+                if let Err(why) = super::fields::check_hello(&hello) {
+                    return self.protocol_error(&why);
+                }
                 self.phase = Phase::Authenticating;
                 self.events.push_back(Event::Hello(hello));
             }
@@ -172,7 +175,10 @@ impl Session {
                 }
             }
             (Phase::Established { .. }, Kind::NetworkChange(change)) => {
-                self.events.push_back(Event::NetworkChanged(change.ssid))
+                match super::fields::check_ssid(&change.ssid) {
+                    Ok(()) => self.events.push_back(Event::NetworkChanged(change.ssid)),
+                    Err(why) => self.protocol_error(&why),
+                }
             }
             (Phase::Established { .. }, Kind::VoipToken(t)) => {
                 self.events.push_back(Event::VoipToken(t.token))
@@ -508,6 +514,36 @@ mod tests {
         let mut s = Session::new(t0, T);
         s.handle_frame(t0, token("abcd"));
         assert!(s.is_closed(), "hello must come first");
+    }
+
+    #[test]
+    fn oversized_hello_or_network_change_fields_end_the_session_before_any_event() {
+        let now = Instant::now();
+        let mut s = Session::new(now, T);
+        s.handle_frame(
+            now,
+            frame(client_frame::Kind::Hello(Hello {
+                credential: "c".into(),
+                ssid: "s".repeat(3000),
+                ..Hello::default()
+            })),
+        );
+        assert_eq!(goodbye_reason(&mut s), Some(GoodbyeReason::ProtocolError));
+        assert!(
+            matches!(s.poll_event(), Some(Event::Closed(CloseReason::ProtocolError(d))) if d.contains("ssid"))
+        );
+        let mut s = established(now);
+        s.handle_frame(
+            now,
+            frame(client_frame::Kind::NetworkChange(
+                push_proto::device::NetworkChange { ssid: "s".repeat(33) },
+            )),
+        );
+        assert_eq!(goodbye_reason(&mut s), Some(GoodbyeReason::ProtocolError));
+        assert!(s.is_closed());
+        while let Some(e) = s.poll_event() {
+            assert!(!matches!(e, Event::NetworkChanged(_)), "{e:?}");
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::core::{Event, Session, Timing};
 use crate::{
+    admission::KeyedRate,
     auth::{CredentialError, DeviceAuthority},
     hub::{Hub, SessionCtl, now_ms},
     observe::metrics,
@@ -42,6 +43,19 @@ pub struct SessionEnv {
     pub max_frame: usize,
     /// Pushes in flight before waiting for acks.
     pub max_inflight: usize,
+    /// Logins per device (`limits.device_logins_per_minute`, `device_login_burst`).
+    pub logins: KeyedRate<String>,
+}
+
+impl SessionEnv {
+    /// The login limiter of `limits`.
+    pub fn login_rate(limits: &crate::config::Limits) -> KeyedRate<String> {
+        KeyedRate::new(
+            Duration::from_secs(60),
+            limits.device_logins_per_minute,
+            limits.device_login_burst,
+        )
+    }
 }
 
 /// Identity of an admitted session. Dropping it logs the session out of the hub, so even a task
@@ -223,54 +237,66 @@ fn authenticate(
     hello: push_proto::device::Hello,
     peer: &str,
 ) -> Option<Admitted> {
-    let result = env
-        .auth
-        .verify(&hello.credential)
-        .and_then(|claims| env.hub.login(&claims, &hello).map(|l| (claims, l)));
-    match result {
-        Ok((claims, login)) => {
-            metrics::login("ok");
-            tracing::info!(
-                %peer, device = %claims.sub, session = login.session_id, sdk = %hello.sdk_version,
-                ssid = %hello.ssid, instance = %hello.instance_id, last_seen_seq = hello.last_seen_seq, replay = login.replay_count, "session started"
-            );
-            session.accept(
-                Instant::now(),
-                ServerHello {
-                    session_id: login.session_id.to_string(),
-                    device_id: claims.sub.clone(),
-                    heartbeat_interval_ms: env.timing.heartbeat_interval.as_millis() as u32,
-                    heartbeat_timeout_ms: env.timing.heartbeat_timeout.as_millis() as u32,
-                    max_frame_size: env.max_frame as u32,
-                    server_time_ms: now_ms(),
-                    replay_count: login.replay_count,
-                    epoch: env.hub.epoch(),
-                },
-                hello.last_seen_seq,
-            );
-            Some(Admitted {
-                hub: env.hub.clone(),
-                device_id: claims.sub,
-                session_id: login.session_id,
-                ctl: login.ctl,
-                heard: login.heard,
-                end_reason: None,
-            })
-        }
-        Err(e) => {
-            let reason = match e {
-                CredentialError::Revoked => GoodbyeReason::CredentialRevoked,
-                _ => GoodbyeReason::AuthFailed,
-            };
-            metrics::login(match reason {
-                GoodbyeReason::CredentialRevoked => "revoked",
-                _ => "auth_failed",
-            });
-            tracing::warn!(%peer, error = %e, "device rejected");
-            session.reject(reason, &e.to_string());
-            None
-        }
+    let claims = match env.auth.verify(&hello.credential) {
+        Ok(claims) => claims,
+        Err(e) => return refuse(session, e, peer),
+    };
+    // An extension in a crash loop logs in every few milliseconds; each login replaces the
+    // previous session and writes the registry. Over its rate it is turned away before the hub
+    // does anything, and the SDK reconnects with backoff.
+    if !env.logins.check(&claims.sub) {
+        metrics::login("rate_limited");
+        tracing::warn!(%peer, device = %claims.sub, "login refused: over limits.device_logins_per_minute");
+        session.goodbye(GoodbyeReason::Overloaded, "too many logins; retry later");
+        return None;
     }
+    let login = match env.hub.login(&claims, &hello) {
+        Ok(login) => login,
+        Err(e) => return refuse(session, e, peer),
+    };
+    metrics::login("ok");
+    // Peer-chosen text is logged escaped (`?`), so it cannot forge log lines.
+    tracing::info!(
+        %peer, device = %claims.sub, session = login.session_id, sdk = ?hello.sdk_version,
+        ssid = ?hello.ssid, instance = ?hello.instance_id, last_seen_seq = hello.last_seen_seq, replay = login.replay_count, "session started"
+    );
+    session.accept(
+        Instant::now(),
+        ServerHello {
+            session_id: login.session_id.to_string(),
+            device_id: claims.sub.clone(),
+            heartbeat_interval_ms: env.timing.heartbeat_interval.as_millis() as u32,
+            heartbeat_timeout_ms: env.timing.heartbeat_timeout.as_millis() as u32,
+            max_frame_size: env.max_frame as u32,
+            server_time_ms: now_ms(),
+            replay_count: login.replay_count,
+            epoch: env.hub.epoch(),
+        },
+        hello.last_seen_seq,
+    );
+    Some(Admitted {
+        hub: env.hub.clone(),
+        device_id: claims.sub,
+        session_id: login.session_id,
+        ctl: login.ctl,
+        heard: login.heard,
+        end_reason: None,
+    })
+}
+
+/// Turn away a hello whose credential failed. The peer learns only that it was refused,
+/// expired or revoked (what its owner must act on); the verifier's own text, which names
+/// accepted algorithms and JSON positions, stays in the log.
+fn refuse(session: &mut Session, e: CredentialError, peer: &str) -> Option<Admitted> {
+    let (reason, result, detail) = match e {
+        CredentialError::Revoked => (GoodbyeReason::CredentialRevoked, "revoked", "credential revoked"),
+        CredentialError::Expired => (GoodbyeReason::AuthFailed, "auth_failed", "credential expired"),
+        _ => (GoodbyeReason::AuthFailed, "auth_failed", "credential refused"),
+    };
+    metrics::login(result);
+    tracing::warn!(%peer, error = %e, "device rejected");
+    session.reject(reason, detail);
+    None
 }
 
 /// Until the hello is accepted the protocol's default limit applies, so an unauthenticated peer
