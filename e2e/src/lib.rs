@@ -359,7 +359,8 @@ impl ServerProcess {
     /// current one first if it still runs). The addresses are updated.
     pub fn restart(&mut self) {
         self.kill();
-        let (child, log_path, stdout, device_addr, api_addr) = spawn_server(&self.data_dir, &self.extra_args, &self.env);
+        let (child, log_path, stdout, device_addr, api_addr) =
+            spawn_server(&self.data_dir, &self.extra_args, &self.env);
         self.child = Some(child);
         self.log_path = log_path;
         self.stdout = stdout;

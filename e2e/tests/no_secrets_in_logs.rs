@@ -72,7 +72,11 @@ fn jwt_secrets(name: &str, token: &str) -> Vec<Secret> {
 /// The base64 lines of a PEM private key (any one of them is key material).
 fn pem_secrets(name: &str, path: &Path) -> Vec<Secret> {
     let pem = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert!(pem.contains("PRIVATE KEY"), "{} is not a private key", path.display());
+    assert!(
+        pem.contains("PRIVATE KEY"),
+        "{} is not a private key",
+        path.display()
+    );
     let lines: Vec<Secret> = pem
         .lines()
         .filter(|l| !l.starts_with("-----") && l.len() >= 16)
@@ -104,9 +108,12 @@ async fn https(
         .await
         .unwrap();
     let name = ServerName::try_from("localhost").unwrap();
-    let mut stream = within("dashboard TLS", TlsConnector::from(Arc::new(tls)).connect(name, tcp))
-        .await
-        .unwrap();
+    let mut stream = within(
+        "dashboard TLS",
+        TlsConnector::from(Arc::new(tls)).connect(name, tcp),
+    )
+    .await
+    .unwrap();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: {}\r\n",
         body.len()
@@ -170,16 +177,23 @@ async fn no_secret_in_debug_log_metrics_or_errors() {
     let http = server
         .stdout()
         .iter()
-        .find_map(|l| l.split("dashboard=https://").nth(1).map(|a| a.trim_end_matches('/').to_string()))
+        .find_map(|l| {
+            l.split("dashboard=https://")
+                .nth(1)
+                .map(|a| a.trim_end_matches('/').to_string())
+        })
         .expect("a dashboard address in the ready line")
         .parse()
         .unwrap();
     let connect_with = |key: String| {
         let (api_addr, ca) = (server.api_addr, ca.clone());
         async move {
-            within("API connect", ApiClient::connect(api_addr, "localhost", &ca, &key))
-                .await
-                .unwrap()
+            within(
+                "API connect",
+                ApiClient::connect(api_addr, "localhost", &ca, &key),
+            )
+            .await
+            .unwrap()
         }
     };
     let mut secrets = Vec::new();
@@ -348,7 +362,15 @@ async fn no_secret_in_debug_log_metrics_or_errors() {
         let (status, _, body) = https(http, &ca, "GET", path, &[("cookie", &read_cookie_header)], "").await;
         assert_eq!(status, 200, "{path}: {body}");
     }
-    let (status, _, body) = https(http, &ca, "GET", "/metrics", &[("cookie", &read_cookie_header)], "").await;
+    let (status, _, body) = https(
+        http,
+        &ca,
+        "GET",
+        "/metrics",
+        &[("cookie", &read_cookie_header)],
+        "",
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("lpush_"), "{body}");
     metrics_texts.push(body);
@@ -457,7 +479,8 @@ async fn no_secret_in_debug_log_metrics_or_errors() {
     let wrong_cookie = new_api_key().trim_start_matches("lpk_").to_string();
     secrets.push(secret("unknown session cookie", &wrong_cookie));
     let bearer = |k: &str| format!("Bearer {k}");
-    let (wrong_bearer, sender_bearer, read_bearer) = (bearer(&wrong_key), bearer(&sender_key), bearer(&read_key));
+    let (wrong_bearer, sender_bearer, read_bearer) =
+        (bearer(&wrong_key), bearer(&sender_key), bearer(&read_key));
     let wrong_cookie_header = format!("lpush_session={wrong_cookie}");
     let wrong_login = format!(r#"{{"api_key":"{wrong_key}"}}"#);
     let sender_login = format!(r#"{{"api_key":"{sender_key}"}}"#);
@@ -475,17 +498,46 @@ async fn no_secret_in_debug_log_metrics_or_errors() {
             vec![("cookie", &read_cookie_header), ("x-lpush-csrf", "1")],
             "",
         ),
-        ("POST", "/v1/enroll", vec![("authorization", &wrong_bearer), json], enroll_body),
-        ("POST", "/v1/enroll", vec![("authorization", &read_bearer), json], enroll_body),
+        (
+            "POST",
+            "/v1/enroll",
+            vec![("authorization", &wrong_bearer), json],
+            enroll_body,
+        ),
+        (
+            "POST",
+            "/v1/enroll",
+            vec![("authorization", &read_bearer), json],
+            enroll_body,
+        ),
     ];
     for (method, path, headers, body) in failing {
         let (status, head, text) = https(http, &ca, method, path, &headers, body).await;
-        assert!(status >= 400, "{method} {path} succeeded with a wrong key: {text}");
+        assert!(
+            status >= 400,
+            "{method} {path} succeeded with a wrong key: {text}"
+        );
         errors.push(format!("{method} {path}: {head}\n{text}"));
     }
-    let (status, _, _) = https(http, &ca, "POST", "/api/logout", &[("cookie", &read_cookie_header)], "").await;
+    let (status, _, _) = https(
+        http,
+        &ca,
+        "POST",
+        "/api/logout",
+        &[("cookie", &read_cookie_header)],
+        "",
+    )
+    .await;
     assert_eq!(status, 204);
-    let (status, head, text) = https(http, &ca, "GET", "/api/me", &[("cookie", &read_cookie_header)], "").await;
+    let (status, head, text) = https(
+        http,
+        &ca,
+        "GET",
+        "/api/me",
+        &[("cookie", &read_cookie_header)],
+        "",
+    )
+    .await;
     assert_eq!(status, 401, "a cookie still works after logout: {text}");
     errors.push(format!("GET /api/me after logout: {head}\n{text}"));
 
@@ -496,12 +548,24 @@ async fn no_secret_in_debug_log_metrics_or_errors() {
             .trim()
             .to_string()
     };
-    secrets.push(secret("device credential signing key", key_file(&data.join("device-jwt.key"))));
-    secrets.push(secret("APNs bridge API key", key_file(&tmp.path().join("bridge-api.key"))));
+    secrets.push(secret(
+        "device credential signing key",
+        key_file(&data.join("device-jwt.key")),
+    ));
+    secrets.push(secret(
+        "APNs bridge API key",
+        key_file(&tmp.path().join("bridge-api.key")),
+    ));
     secrets.extend(pem_secrets("CA private key", &data.join("tls/ca.key")));
-    secrets.extend(pem_secrets("standby CA private key", &data.join("tls/ca-next.key")));
+    secrets.extend(pem_secrets(
+        "standby CA private key",
+        &data.join("tls/ca-next.key"),
+    ));
     secrets.extend(pem_secrets("server private key", &data.join("tls/server.key")));
-    secrets.extend(pem_secrets("bridge private key", &tmp.path().join("bridge.key.pem")));
+    secrets.extend(pem_secrets(
+        "bridge private key",
+        &tmp.path().join("bridge.key.pem"),
+    ));
 
     // Stop the server so that its log is complete, then look everywhere.
     let status = server.terminate();
