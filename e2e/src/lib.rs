@@ -590,7 +590,13 @@ fn spawn_server(
     extra_args: &[String],
     env: &[(String, String)],
 ) -> (Child, PathBuf, LineReader, SocketAddr, SocketAddr) {
-    std::fs::create_dir_all(data_dir).expect("create data dir");
+    use std::os::unix::fs::DirBuilderExt;
+    // Owner-only, as the server makes it (else it warns that the directory is open).
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .expect("create data dir");
     let log_path = (1..)
         .map(|n| data_dir.join(format!("server-{n}.log")))
         .find(|p| !p.exists())
