@@ -32,6 +32,9 @@ struct Secret {
     value: String,
 }
 
+/// Method, path, headers and body of one HTTPS request.
+type HttpRequest<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, &'a str);
+
 /// Everything a leak could show up in.
 struct Haystack {
     name: String,
@@ -485,7 +488,7 @@ async fn no_secret_in_debug_log_metrics_or_errors() {
     let wrong_login = format!(r#"{{"api_key":"{wrong_key}"}}"#);
     let sender_login = format!(r#"{{"api_key":"{sender_key}"}}"#);
     let enroll_body = r#"{"deviceId":"phone-x","groups":[]}"#;
-    let failing: Vec<(&str, &str, Vec<(&str, &str)>, &str)> = vec![
+    let failing: Vec<HttpRequest> = vec![
         ("POST", "/api/login", vec![json], &wrong_login),
         ("POST", "/api/login", vec![json], &sender_login),
         ("GET", "/metrics", vec![("authorization", &wrong_bearer)], ""),
