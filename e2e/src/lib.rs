@@ -319,6 +319,7 @@ pub struct ServerProcess {
     child: Option<Child>,
     data_dir: PathBuf,
     extra_args: Vec<String>,
+    env: Vec<(String, String)>,
     log_path: PathBuf,
     stdout: LineReader,
     /// Where devices connect (changes on every start).
@@ -335,12 +336,20 @@ impl ServerProcess {
     /// `--heartbeat-interval-ms` / `--heartbeat-timeout-ms` themselves. Stderr goes to a log
     /// file in the data directory, one per start.
     pub fn start(data_dir: &Path, extra_args: &[&str]) -> Self {
+        Self::start_with_env(data_dir, extra_args, &[])
+    }
+
+    /// Like [`Self::start`], with environment variables set for the server on top of
+    /// [`server_command`]'s (for example `("RUST_LOG", "debug")`); kept across restarts.
+    pub fn start_with_env(data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
-        let (child, log_path, stdout, device_addr, api_addr) = spawn_server(data_dir, &extra_args);
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let (child, log_path, stdout, device_addr, api_addr) = spawn_server(data_dir, &extra_args, &env);
         Self {
             child: Some(child),
             data_dir: data_dir.to_path_buf(),
             extra_args,
+            env,
             log_path,
             stdout,
             device_addr,
@@ -353,7 +362,8 @@ impl ServerProcess {
     /// current one first if it still runs). The addresses are updated.
     pub fn restart(&mut self) {
         self.kill();
-        let (child, log_path, stdout, device_addr, api_addr) = spawn_server(&self.data_dir, &self.extra_args);
+        let (child, log_path, stdout, device_addr, api_addr) =
+            spawn_server(&self.data_dir, &self.extra_args, &self.env);
         self.child = Some(child);
         self.log_path = log_path;
         self.stdout = stdout;
@@ -585,8 +595,15 @@ impl Drop for ServerProcess {
 fn spawn_server(
     data_dir: &Path,
     extra_args: &[String],
+    env: &[(String, String)],
 ) -> (Child, PathBuf, LineReader, SocketAddr, SocketAddr) {
-    std::fs::create_dir_all(data_dir).expect("create data dir");
+    use std::os::unix::fs::DirBuilderExt;
+    // Owner-only, as the server makes it (else it warns that the directory is open).
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .expect("create data dir");
     let log_path = (1..)
         .map(|n| data_dir.join(format!("server-{n}.log")))
         .find(|p| !p.exists())
@@ -612,7 +629,10 @@ fn spawn_server(
     if !has("--heartbeat-timeout-ms") {
         cmd.arg(format!("--heartbeat-timeout-ms={DEFAULT_HEARTBEAT_TIMEOUT_MS}"));
     }
-    cmd.args(extra_args).stdout(Stdio::piped()).stderr(log);
+    cmd.args(extra_args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::piped())
+        .stderr(log);
     let mut child = cmd.spawn().expect("spawn push-server");
     let stdout = LineReader::spawn(child.stdout.take().expect("piped stdout"));
     let ready = stdout.wait_for(READY_PREFIX, READY_TIMEOUT);

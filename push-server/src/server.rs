@@ -37,6 +37,8 @@ use crate::{
 pub const ADMIN_KEY_FILE: &str = "admin.key";
 /// Directory of the CA and server certificate inside the data directory.
 pub const TLS_DIR: &str = "tls";
+/// The store inside the data directory (message content, PushKit tokens: owner-only).
+pub const STORE_FILE: &str = "push.redb";
 
 /// A running server.
 pub struct Server {
@@ -72,10 +74,9 @@ impl Server {
         cfg.validate()?;
         // Before anything records a metric.
         crate::observe::metrics::install();
-        std::fs::create_dir_all(&cfg.data_dir)
-            .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
+        prepare_data_dir(&cfg.data_dir)?;
         let (pki, pki_status) = pki::load_or_create(&cfg.data_dir.join(TLS_DIR), &cfg.server_names)?;
-        let store = Arc::new(RedbStore::open(&cfg.data_dir.join("push.redb"))?);
+        let store = Arc::new(RedbStore::open(&cfg.data_dir.join(STORE_FILE))?);
         let snapshot = store.load()?;
         tracing::info!(
             devices = snapshot.devices.len(),
@@ -245,6 +246,41 @@ pub fn voip_bridge(cfg: &ApnsConfig) -> anyhow::Result<Option<Arc<dyn VoipBridge
     }
 }
 
+/// Create the data directory owner-only (0700) and an empty store file (0600) when missing: they
+/// hold every key and the messages' content, which the process umask (usually 022) would leave
+/// readable by every local user. An existing directory keeps its mode, with a warning if it is
+/// open to group or others.
+fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("cannot read data directory {}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{:o}", mode & 0o777),
+            "the data directory is open to group/others; it holds the keys and message content: chmod 700 it"
+        );
+    }
+    // redb initialises an empty file as a new database; creating it here decides its mode.
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dir.join(STORE_FILE))
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot create {}", dir.join(STORE_FILE).display())),
+    }
+}
+
 /// On first start, create an admin API key and write it to the data directory.
 async fn bootstrap_admin_key(hub: &Hub, dir: &Path) -> anyhow::Result<Option<PathBuf>> {
     let path = dir.join(ADMIN_KEY_FILE);
@@ -308,4 +344,31 @@ fn serve_api(
             tracing::error!(error = %e, "API server failed");
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn new_data_dir_and_store_are_owner_only_and_the_store_opens() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("var/lpush");
+        prepare_data_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(STORE_FILE)), 0o600);
+        // The empty file becomes a working store, and a second start keeps it.
+        let store = RedbStore::open(&dir.join(STORE_FILE)).unwrap();
+        assert!(store.load().unwrap().devices.is_empty());
+        drop(store);
+        prepare_data_dir(&dir).unwrap();
+        assert_eq!(mode(&dir.join(STORE_FILE)), 0o600);
+        RedbStore::open(&dir.join(STORE_FILE)).unwrap();
+    }
 }
