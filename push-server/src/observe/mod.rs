@@ -790,7 +790,7 @@ mod tests {
             );
         }
         {
-            let st = o.state.lock().unwrap();
+            let st = o.state.lock();
             assert!(st.devices.len() <= 100, "{} devices", st.devices.len());
             // Sites with a remembered device stay; the others are capped.
             assert!(st.sites.len() <= 100 + 10, "{} sites", st.sites.len());
