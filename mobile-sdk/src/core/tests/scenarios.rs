@@ -738,7 +738,8 @@ fn the_epoch_of_the_server_hello_goes_into_the_next_hello() {
     h.disconnected("reset");
     h.sleep();
     let events = h.events.len();
-    h.reconnect();
+    h.connected();
+    h.server_hello_of(7);
     let hello = h.hellos()[1].clone();
     assert_eq!((hello.epoch, hello.last_seen_seq), (7, 1));
     assert!(
