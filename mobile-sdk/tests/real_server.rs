@@ -301,7 +301,9 @@ async fn a_floor_under_another_epoch_acknowledges_nothing_and_the_queue_still_ar
     };
     assert_ne!(epoch, 0);
     events
-        .wait_for("e2", |e| matches!(e, Event::Message(m) if m.id == "e2").then_some(()))
+        .wait_for("e2", |e| {
+            matches!(e, Event::Message(m) if m.id == "e2").then_some(())
+        })
         .await;
     assert_eq!(events.message_ids(), ["e1", "e2"]);
     for id in ["e1", "e2"] {

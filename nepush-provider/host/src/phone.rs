@@ -148,12 +148,12 @@ impl ProviderHost for InstanceHost {
             let before = log.app_group_last_seen;
             // Within one store's numbering the floor only rises; a new epoch renumbers above
             // the floor the device had, so it never starts above it.
-            let rises = if last_seen.epoch == before.epoch {
+            let in_order = if last_seen.epoch == before.epoch {
                 last_seen.seq >= before.seq
             } else {
                 last_seen.seq <= before.seq
             };
-            if !rises || last_seen.epoch == 0 {
+            if !in_order || last_seen.epoch == 0 {
                 log.violations.push(format!(
                     "instance {} persisted last seen {last_seen:?} after {before:?}: a relaunch would show \
                      pushes again or acknowledge pushes the app never saw",
