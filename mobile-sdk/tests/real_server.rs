@@ -296,7 +296,7 @@ async fn a_floor_under_another_epoch_acknowledges_nothing_and_the_queue_still_ar
             _ => None,
         })
         .collect();
-    let [LastSeen { epoch, seq: 5 }] = persisted[..] else {
+    let &[LastSeen { epoch, seq: 5 }] = persisted.as_slice() else {
         panic!("{persisted:?}");
     };
     assert_ne!(epoch, 0);
