@@ -4,7 +4,7 @@
 //!
 //! Properties, beyond "never panics":
 //! - every chunk the SDK hands to the transport is whole, decodable client frames;
-//! - `LastSeenSeq` only moves up;
+//! - `LastSeenSeq` only moves up within an epoch;
 //! - the SDK acknowledges only sequence numbers the server pushed (checked while the server
 //!   sends only well-formed frames; raw bytes may carry pushes the target cannot see);
 //! - right after the timer fired, the next deadline is in the future (the driver never spins).
@@ -16,7 +16,7 @@ use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use lpush_fuzz::{Script, sdk_tag as tag};
 use mobile_sdk::core::event::Event;
-use mobile_sdk::core::{Config, NetworkEvent, Session, StopReason};
+use mobile_sdk::core::{Config, LastSeen, NetworkEvent, Session, StopReason};
 use push_proto::{
     device::{
         CallCancel, CallInvite, ClientFrame, Goodbye, Heartbeat, Message, Push, ServerFrame, ServerHello,
@@ -33,7 +33,7 @@ struct Checker {
     handed: Vec<u64>,
     pushed: HashSet<u64>,
     raw: bool,
-    last_seen: u64,
+    last_seen: LastSeen,
     highest_pushed: u64,
 }
 
@@ -122,13 +122,13 @@ impl Checker {
             if let Some(seq) = e.push_seq() {
                 self.handed.push(seq);
             }
-            if let Event::LastSeenSeq(seq) = e {
+            if let Event::LastSeenSeq(ls) = e {
                 assert!(
-                    seq > self.last_seen,
-                    "last seen went from {} to {seq}",
+                    ls.epoch != self.last_seen.epoch || ls.seq > self.last_seen.seq,
+                    "last seen went from {:?} to {ls:?}",
                     self.last_seen
                 );
-                self.last_seen = seq;
+                self.last_seen = ls;
             }
         }
     }
@@ -137,7 +137,10 @@ impl Checker {
 fuzz_target!(|data: &[u8]| {
     let mut s = Script::new(data);
     let mut config = Config::new("credential");
-    config.last_seen_seq = u64::from(s.u16());
+    config.last_seen = LastSeen {
+        epoch: u64::from(s.u8()),
+        seq: u64::from(s.u16()),
+    };
     config.max_pending_events = usize::from(s.u8());
     config.recent_ids = 16;
     let start = Instant::now();
@@ -148,8 +151,8 @@ fuzz_target!(|data: &[u8]| {
         handed: Vec::new(),
         pushed: HashSet::new(),
         raw: false,
-        last_seen: config.last_seen_seq,
-        highest_pushed: config.last_seen_seq,
+        last_seen: config.last_seen,
+        highest_pushed: config.last_seen.seq,
     };
     while !s.is_empty() {
         match s.u8() % tag::COUNT {

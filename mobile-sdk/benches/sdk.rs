@@ -262,7 +262,7 @@ async fn with_server() {
         took += t0.elapsed();
         cpu_used += cpu() - cpu0;
         client.stop(StopReason::HostRequested).await;
-        config.last_seen_seq = client.last_seen_seq();
+        config.last_seen = client.last_seen();
     }
     let n = rounds * per_round;
     println!(

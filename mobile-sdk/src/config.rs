@@ -1,10 +1,10 @@
 //! What the host hands the SDK: the provider configuration (server, credential, trust) and the
-//! state it persisted (last seen sequence), checked once at creation so a bad configuration
+//! state it persisted (the floor and its epoch), checked once at creation so a bad configuration
 //! fails loudly instead of retrying forever.
 
 use std::{net::IpAddr, time::Duration};
 
-use crate::core::{BackoffConfig, Timing};
+use crate::core::{BackoffConfig, LastSeen, Timing};
 
 /// Configuration of one client instance.
 #[derive(Debug, Clone)]
@@ -22,8 +22,9 @@ pub struct ClientConfig {
     pub credential: String,
     /// Whom to trust.
     pub trust: Trust,
-    /// Highest sequence the app has taken, as persisted by the host (0 the first time).
-    pub last_seen_seq: u64,
+    /// The floor and its epoch, as persisted by the host together (both 0 the first time; an
+    /// app group holding a floor without an epoch, from an older SDK, means epoch 0).
+    pub last_seen: LastSeen,
     /// SSID at start, if known.
     pub ssid: String,
     /// PushKit (VoIP) token, hex, as persisted by the host; `None` if not registered.
@@ -59,7 +60,7 @@ impl ClientConfig {
             device_id: device_id.into(),
             credential: credential.into(),
             trust,
-            last_seen_seq: 0,
+            last_seen: LastSeen::default(),
             ssid: String::new(),
             voip_token: None,
             timing: Timing::default(),

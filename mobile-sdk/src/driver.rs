@@ -29,7 +29,7 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    core::{Event, NetworkEvent, Session, State, StopReason, TransportCommand},
+    core::{Event, LastSeen, NetworkEvent, Session, State, StopReason, TransportCommand},
     counters::{Counters, Guard, Resource},
 };
 
@@ -70,7 +70,8 @@ pub(crate) struct Transport {
 #[derive(Debug)]
 pub struct Shared {
     state: Mutex<State>,
-    last_seen: AtomicU64,
+    /// One lock for both halves: a reader never sees a floor with another epoch.
+    last_seen: Mutex<LastSeen>,
     /// The latest PushKit token the host gave, for the next start of the same client.
     voip_token: Mutex<Option<String>>,
     stats: [AtomicU64; 5],
@@ -101,10 +102,10 @@ enum Stat {
 }
 
 impl Shared {
-    pub(crate) fn new(last_seen: u64, voip_token: Option<String>) -> Self {
+    pub(crate) fn new(last_seen: LastSeen, voip_token: Option<String>) -> Self {
         Self {
             state: Mutex::new(State::Idle),
-            last_seen: AtomicU64::new(last_seen),
+            last_seen: Mutex::new(last_seen),
             voip_token: Mutex::new(voip_token),
             stats: Default::default(),
         }
@@ -115,14 +116,20 @@ impl Shared {
         self.state.lock().expect("poisoned").clone()
     }
 
-    /// Highest sequence the app has taken.
-    pub fn last_seen_seq(&self) -> u64 {
-        self.last_seen.load(Ordering::SeqCst)
+    /// The floor and its epoch.
+    pub fn last_seen(&self) -> LastSeen {
+        *self.last_seen.lock().expect("poisoned")
     }
 
-    /// An older instance of the device handed the app up to `seq`: never resume below it.
-    pub(crate) fn raise_last_seen(&self, seq: u64) {
-        self.last_seen.fetch_max(seq, Ordering::SeqCst);
+    /// An older instance of the device ended at `older`: never resume below it. At an equal
+    /// floor the older instance's epoch wins, being the later news (the floor only moves down
+    /// on an epoch change, and then any whole pair is safe to send: a foreign epoch only makes
+    /// the server renumber).
+    pub(crate) fn raise_last_seen(&self, older: LastSeen) {
+        let mut last_seen = self.last_seen.lock().expect("poisoned");
+        if older.seq >= last_seen.seq {
+            *last_seen = older;
+        }
     }
 
     pub(crate) fn voip_token(&self) -> Option<String> {
@@ -320,7 +327,7 @@ impl Driver {
                 }
                 *self.shared.state.lock().expect("poisoned") = state.clone();
             }
-            Event::LastSeenSeq(seq) => self.shared.last_seen.store(*seq, Ordering::SeqCst),
+            Event::LastSeenSeq(last_seen) => *self.shared.last_seen.lock().expect("poisoned") = *last_seen,
             _ => {}
         }
         let seq = event.push_seq();

@@ -3,6 +3,12 @@
 //! pushes once the app took them, never shows a push twice, reconnects on its own with
 //! backoff, and keeps at most one live session per device in the process.
 //!
+//! What the SDK asks the host to persist between instances: the floor (highest sequence the app
+//! took) with the epoch of the server store that numbered it, a [`core::LastSeen`] reported by
+//! [`core::Event::LastSeenSeq`]. The host stores the pair as one value and passes it back in
+//! [`ClientConfig::last_seen`]: the server takes the floor as an acknowledgement only under its
+//! own epoch, so a floor never travels without its epoch.
+//!
 //! # Layout
 //! - [`core`]: the sans-IO session state machine, backoff, de-duplication and the ack ledger.
 //!   No sockets, tasks or clocks; time is an input. Everything the SDK *decides* is here.

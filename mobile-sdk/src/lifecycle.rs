@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{ClientConfig, ConfigError},
-    core::{self, NetworkEvent, Session, State, StopReason},
+    core::{self, LastSeen, NetworkEvent, Session, State, StopReason},
     counters::{Counters, Guard, Resource, Snapshot},
     driver::{Driver, DriverStats, EventHandler, Input, Shared, Transport},
     tls,
@@ -58,9 +58,10 @@ struct RegistryInner {
     runtime: Handle,
     counters: Arc<Counters>,
     slots: Mutex<HashMap<String, Slot>>,
-    /// Per device, the highest sequence an ended session handed to the app: a newer instance
-    /// starts from it even if the host created it from a persisted value not yet up to date.
-    taken: Mutex<HashMap<String, u64>>,
+    /// Per device, the floor (and its epoch) the latest ended session handed over: a newer
+    /// instance starts from it even if the host created it from a persisted value not yet up
+    /// to date.
+    taken: Mutex<HashMap<String, LastSeen>>,
     next_generation: AtomicU64,
 }
 
@@ -128,8 +129,9 @@ impl Drop for TaskGuard {
             }
             drop(slots);
             let mut taken = registry.taken.lock().expect("poisoned");
-            let seen = taken.entry(self.device_id.clone()).or_default();
-            *seen = (*seen).max(self.shared.last_seen_seq());
+            // A device's sessions run one after the other, each starting from the previous
+            // one's floor: the ending one has the latest.
+            taken.insert(self.device_id.clone(), self.shared.last_seen());
         }
         drop(self.task.take());
         self.finished.send_replace(true);
@@ -184,7 +186,7 @@ impl Registry {
             generation: self.inner.next_generation.fetch_add(1, Ordering::SeqCst),
             instance_id: uuid::Uuid::new_v4().to_string(),
             jitter_seed: config.jitter_seed.unwrap_or_else(rand::random),
-            shared: Arc::new(Shared::new(config.last_seen_seq, config.voip_token.clone())),
+            shared: Arc::new(Shared::new(config.last_seen, config.voip_token.clone())),
             transport: Arc::new(transport),
             handler,
             config,
@@ -231,7 +233,7 @@ impl Registry {
             instance_id: client.instance_id.clone(),
             ssid: c.ssid.clone(),
             // A restarted client resumes from what its app took, not from its configuration.
-            last_seen_seq: client.shared.last_seen_seq(),
+            last_seen: client.shared.last_seen(),
             voip_token: client.shared.voip_token(),
             timing: c.timing,
             backoff: c.backoff,
@@ -350,9 +352,10 @@ impl Client {
         self.inner.shared.state()
     }
 
-    /// Highest push sequence the app has taken: persist it, pass it back at the next start.
-    pub fn last_seen_seq(&self) -> u64 {
-        self.inner.shared.last_seen_seq()
+    /// The floor (highest push sequence the app has taken) and its epoch: persist them
+    /// together, pass them back at the next start.
+    pub fn last_seen(&self) -> LastSeen {
+        self.inner.shared.last_seen()
     }
 
     /// The random id of this instance (sent in the hello).

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::{ChildServer, Heartbeat, InProcServer, Recorder, STEP, ServerInfo};
 use mobile_sdk::{
     Registry, StartError, Trust,
-    core::{Disconnect, Event, State, StopCause, StopReason},
+    core::{Disconnect, Event, LastSeen, State, StopCause, StopReason},
 };
 use push_proto::{
     device::{CancelReason, GoodbyeReason},
@@ -55,11 +55,12 @@ async fn receives_messages_in_order_and_acks_them_after_the_app_took_them() {
     }
     let last = events
         .wait_for("last seen 3", |e| match e {
-            Event::LastSeenSeq(s) if *s >= 3 => Some(*s),
+            Event::LastSeenSeq(s) if s.seq >= 3 => Some(*s),
             _ => None,
         })
         .await;
-    assert_eq!(client.last_seen_seq(), last);
+    assert_ne!(last.epoch, 0, "the floor comes with the store's epoch");
+    assert_eq!(client.last_seen(), last);
     assert_eq!(events.message_ids(), ["m1", "m2", "m3"]);
     client.stop(StopReason::HostRequested).await;
     assert!(reg.counters().is_quiet(), "{:?}", reg.counters());
@@ -244,11 +245,11 @@ async fn resumes_without_loss_or_duplicates_after_a_server_kill() {
     println!("after the kill: {:?}", client.stats());
 
     // A new provider instance (the extension relaunched) resumes from the persisted sequence.
-    let persisted = client.last_seen_seq();
-    assert!(persisted >= 30, "{persisted}");
+    let persisted = client.last_seen();
+    assert!(persisted.seq >= 30, "{persisted:?}");
     client.stop(StopReason::HostRequested).await;
     let mut config = server.info.client_config("dev-k", &credential);
-    config.last_seen_seq = persisted;
+    config.last_seen = persisted;
     let (handler, mut relaunched) = Recorder::new();
     let again = reg.client(config, handler).unwrap();
     again.start().await.unwrap();
@@ -261,6 +262,57 @@ async fn resumes_without_loss_or_duplicates_after_a_server_kill() {
         .await;
     assert_eq!(relaunched.message_ids(), ["k31"], "nothing old shown again");
     again.stop(StopReason::HostRequested).await;
+    assert!(reg.counters().is_quiet());
+}
+
+/// An app group written before epochs (or by another store) holds a floor the server cannot
+/// vouch for: the server acknowledges nothing by it and renumbers what it has queued at or
+/// below it, so the app still gets those pushes, and the pair persisted afterwards carries the
+/// store's epoch. (Needs the server's floor rule from `device.proto`, "Epochs and the floor".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_floor_under_another_epoch_acknowledges_nothing_and_the_queue_still_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let info = &server.info;
+    let api = info.api().await;
+    let credential = info.issue("dev-e").await;
+    // Queued while the device is away; numbered 1 and 2 by this store.
+    for id in ["e1", "e2"] {
+        ServerInfo::send(&api, "dev-e", id).await;
+    }
+    let mut config = info.client_config("dev-e", &credential);
+    config.last_seen = LastSeen { epoch: 0, seq: 5 };
+    let reg = registry();
+    let (handler, mut events) = Recorder::new();
+    let client = reg.client(config, handler).unwrap();
+    client.start().await.unwrap();
+    events.connected().await;
+    // Before the `Connected` state: the store's epoch, with the floor kept.
+    let persisted: Vec<LastSeen> = events
+        .seen
+        .iter()
+        .filter_map(|e| match e {
+            Event::LastSeenSeq(l) => Some(*l),
+            _ => None,
+        })
+        .collect();
+    let &[LastSeen { epoch, seq: 5 }] = persisted.as_slice() else {
+        panic!("{persisted:?}");
+    };
+    assert_ne!(epoch, 0);
+    events
+        .wait_for("e2", |e| {
+            matches!(e, Event::Message(m) if m.id == "e2").then_some(())
+        })
+        .await;
+    assert_eq!(events.message_ids(), ["e1", "e2"]);
+    for id in ["e1", "e2"] {
+        ServerInfo::wait_acked(&api, id).await;
+    }
+    let last = client.last_seen();
+    assert_eq!(last.epoch, epoch);
+    assert!(last.seq > 5, "renumbered above the floor: {last:?}");
+    client.stop(StopReason::HostRequested).await;
     assert!(reg.counters().is_quiet());
 }
 
@@ -283,6 +335,15 @@ async fn a_second_instance_for_the_device_supersedes_the_first_in_the_same_proce
     // By the time start returns, the older session is gone.
     assert_eq!(a.state(), State::Stopped(StopCause::Host(StopReason::Superseded)));
     b_events.connected().await;
+    // Created from a new install's zeros, the newer one resumed from the pair the older one
+    // handed over (the registry's): its hello carried the store's epoch, so nothing changed.
+    assert_ne!(a.last_seen().epoch, 0);
+    assert_eq!(b.last_seen(), a.last_seen());
+    assert!(
+        !b_events.seen.iter().any(|e| matches!(e, Event::LastSeenSeq(_))),
+        "{:?}",
+        b_events.seen
+    );
     let snap = reg.counters();
     assert_eq!(
         (

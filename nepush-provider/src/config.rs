@@ -149,9 +149,9 @@ impl ProviderConfiguration {
         d
     }
 
-    /// The SDK configuration for one instance that resumes from `last_seen_seq` (the value the
-    /// host persisted in the app group; 0 the first time).
-    pub fn client_config(&self, last_seen_seq: u64) -> mobile_sdk::ClientConfig {
+    /// The SDK configuration for one instance that resumes from `last_seen` (the floor and
+    /// epoch the host persisted in the app group; zeros the first time).
+    pub fn client_config(&self, last_seen: mobile_sdk::core::LastSeen) -> mobile_sdk::ClientConfig {
         let trust = mobile_sdk::Trust {
             ca_pem: self.ca_certificate.clone(),
             pins: self.pins.clone(),
@@ -164,7 +164,7 @@ impl ProviderConfiguration {
             trust,
         );
         c.server_name = self.server_name.clone();
-        c.last_seen_seq = last_seen_seq;
+        c.last_seen = last_seen;
         c
     }
 }
@@ -246,8 +246,9 @@ mod tests {
         assert_eq!(c.ca_certificate, None);
         assert_eq!(c.pins, ["sha256/AAAA", "sha256/BBBB"]);
         assert_eq!(c.match_ssids, SSIDS, "spaces and unicode kept byte for byte");
-        let sdk = c.client_config(41);
-        assert_eq!((sdk.last_seen_seq, sdk.server_name()), (41, "push.ward.local"));
+        let last_seen = mobile_sdk::core::LastSeen { epoch: 7, seq: 41 };
+        let sdk = c.client_config(last_seen);
+        assert_eq!((sdk.last_seen, sdk.server_name()), (last_seen, "push.ward.local"));
         sdk.validate().unwrap();
     }
 

@@ -1,7 +1,9 @@
 //! What the provider asks of its host (the Swift `NEAppPushProvider` subclass, or the Linux
-//! lifecycle host): report calls, show notifications, persist the last seen sequence.
+//! lifecycle host): report calls, show notifications, persist the floor and its epoch.
 
-use mobile_sdk::core::{CallCancelPush, CallInvitePush, CancelReason, MessagePush, Priority, State};
+use mobile_sdk::core::{
+    CallCancelPush, CallInvitePush, CancelReason, LastSeen, MessagePush, Priority, State,
+};
 use plist::{Dictionary, Value};
 
 /// Callbacks into the host. Called on the SDK's thread, one at a time per instance: return
@@ -16,10 +18,12 @@ pub trait ProviderHost: Send + Sync + 'static {
     /// Show a text message as a local notification (`UNUserNotificationCenter`).
     fn show_notification(&self, notification: LocalNotification);
 
-    /// Persist this sequence in app-group storage and pass it back as
-    /// `persisted_last_seen_seq` when the next instance is created, so a relaunched extension
-    /// does not show pushes again. Called right after the push it covers was handed over.
-    fn persist_last_seen_seq(&self, seq: u64);
+    /// Persist the floor and its epoch in app-group storage, as one value (never one half
+    /// without the other: a floor under another store's epoch would acknowledge pushes the app
+    /// never saw), and pass it back as `persisted` when the next instance is created, so a
+    /// relaunched extension does not show pushes again. Called right after the push it covers
+    /// was handed over, and when the server's store has a new epoch.
+    fn persist_last_seen(&self, last_seen: LastSeen);
 
     /// The connection state changed (diagnostics, UI). Default: ignored.
     fn state_changed(&self, state: &State) {

@@ -9,7 +9,8 @@
 //!   the SDK.
 //! - The host contract ([`ProviderHost`]): the `userInfo` dictionary of
 //!   `reportIncomingCall(userInfo:)` for invites and cancellations ([`host::user_info`]), the
-//!   local notification of a message, and persisting the last seen sequence in the app group.
+//!   local notification of a message, and persisting the floor (last seen sequence) and its
+//!   epoch in the app group.
 //! - The provider's lifecycle ([`Provider`]): `start`, `stop(reason)` that returns once
 //!   everything is released (then iOS's completion handler is called), `handle_timer_event`,
 //!   network changes, the PushKit token. One live session per device per process (the newest
@@ -35,7 +36,7 @@ pub use config::{ConfigurationError, ProviderConfiguration};
 pub use host::{LocalNotification, ProviderHost, user_info};
 pub use mobile_sdk::{
     Registry,
-    core::{NetworkEvent, State, StopCause},
+    core::{LastSeen, NetworkEvent, State, StopCause},
 };
 pub use provider::{Provider, ProviderError};
 pub use stop_reason::NEProviderStopReason;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use mobile_sdk::{
     Client, DriverStats, EventHandler, Registry, StartError,
-    core::{Event, NetworkEvent, State},
+    core::{Event, LastSeen, NetworkEvent, State},
 };
 
 use crate::{
@@ -74,7 +74,7 @@ impl EventHandler for Forward {
             Event::Message(m) => self.0.show_notification(m.into()),
             Event::CallInvite(c) => self.0.report_incoming_call(host::call_user_info(&c)),
             Event::CallCancel(c) => self.0.report_incoming_call(host::cancel_user_info(&c)),
-            Event::LastSeenSeq(seq) => self.0.persist_last_seen_seq(seq),
+            Event::LastSeenSeq(last_seen) => self.0.persist_last_seen(last_seen),
             Event::State(s) => self.0.state_changed(&s),
         }
     }
@@ -82,15 +82,15 @@ impl EventHandler for Forward {
 
 impl Provider {
     /// A provider for `configuration` in the process whose sessions `registry` keeps, resuming
-    /// from `persisted_last_seen_seq` (what the host last persisted; 0 the first time). Not
-    /// started.
+    /// from `persisted` (the floor and epoch the host last persisted; zeros the first time).
+    /// Not started.
     pub fn new(
         registry: &Registry,
         configuration: ProviderConfiguration,
-        persisted_last_seen_seq: u64,
+        persisted: LastSeen,
         host: Arc<dyn ProviderHost>,
     ) -> Result<Self, ProviderError> {
-        let client_config = configuration.client_config(persisted_last_seen_seq);
+        let client_config = configuration.client_config(persisted);
         Self::with_client_config(registry, configuration, client_config, host)
     }
 
@@ -157,9 +157,9 @@ impl Provider {
         self.client.state()
     }
 
-    /// Highest sequence the app has taken (also passed to `persist_last_seen_seq`).
-    pub fn last_seen_seq(&self) -> u64 {
-        self.client.last_seen_seq()
+    /// The floor and its epoch (also passed to `persist_last_seen`).
+    pub fn last_seen(&self) -> LastSeen {
+        self.client.last_seen()
     }
 
     /// This instance's random id (sent in the hello; the server's churn diagnosis uses it).
@@ -191,7 +191,7 @@ mod tests {
     struct Recorder {
         calls: Mutex<Vec<plist::Dictionary>>,
         notes: Mutex<Vec<LocalNotification>>,
-        persisted: Mutex<Vec<u64>>,
+        persisted: Mutex<Vec<LastSeen>>,
     }
 
     impl ProviderHost for Recorder {
@@ -201,8 +201,8 @@ mod tests {
         fn show_notification(&self, n: LocalNotification) {
             self.notes.lock().unwrap().push(n);
         }
-        fn persist_last_seen_seq(&self, seq: u64) {
-            self.persisted.lock().unwrap().push(seq);
+        fn persist_last_seen(&self, last_seen: LastSeen) {
+            self.persisted.lock().unwrap().push(last_seen);
         }
     }
 
@@ -236,9 +236,10 @@ mod tests {
             expires_at_ms: 0,
             sender: String::new(),
         }));
-        forward.on_event(Event::LastSeenSeq(1));
+        let last_seen = LastSeen { epoch: 7, seq: 1 };
+        forward.on_event(Event::LastSeenSeq(last_seen));
         assert_eq!(rec.notes.lock().unwrap()[0].id, "m1");
-        assert_eq!(*rec.persisted.lock().unwrap(), [1]);
+        assert_eq!(*rec.persisted.lock().unwrap(), [last_seen]);
         assert!(rec.calls.lock().unwrap().is_empty());
     }
 
@@ -247,7 +248,7 @@ mod tests {
         let registry = Registry::new(tokio::runtime::Handle::current());
         let host = Arc::new(Recorder::default());
         for stop_first in [false, true] {
-            let p = Provider::new(&registry, configuration(), 0, host.clone()).unwrap();
+            let p = Provider::new(&registry, configuration(), LastSeen::default(), host.clone()).unwrap();
             p.start().await.unwrap();
             p.start().await.unwrap();
             assert_eq!(registry.counters().sessions, 1);
@@ -269,8 +270,8 @@ mod tests {
     async fn newest_instance_wins_and_older_start_is_refused() {
         let registry = Registry::new(tokio::runtime::Handle::current());
         let host = Arc::new(Recorder::default());
-        let older = Provider::new(&registry, configuration(), 0, host.clone()).unwrap();
-        let newer = Provider::new(&registry, configuration(), 0, host.clone()).unwrap();
+        let older = Provider::new(&registry, configuration(), LastSeen::default(), host.clone()).unwrap();
+        let newer = Provider::new(&registry, configuration(), LastSeen::default(), host.clone()).unwrap();
         older.start().await.unwrap();
         newer.start().await.unwrap();
         assert_eq!(
@@ -295,7 +296,8 @@ mod tests {
         let registry = Registry::new(rt.handle().clone());
         let mut c = configuration();
         c.pins = vec!["sha256/not base64".into()];
-        let err = Provider::new(&registry, c, 0, Arc::new(Recorder::default())).unwrap_err();
+        let err =
+            Provider::new(&registry, c, LastSeen::default(), Arc::new(Recorder::default())).unwrap_err();
         assert!(matches!(err, ProviderError::Sdk(_)), "{err}");
     }
 }

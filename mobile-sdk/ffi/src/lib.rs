@@ -29,8 +29,8 @@ use std::sync::{Arc, LazyLock};
 pub use error::SdkError;
 pub use provider::{LocalNotification, ProviderHostCallbacks, PushProvider};
 pub use types::{
-    CallCancel, CallInvite, ConnectionState, Counters, Message, NetworkChange, ProviderConfig, PushEvent,
-    PushListener, StopCause, StopReason,
+    CallCancel, CallInvite, ConnectionState, Counters, LastSeen, Message, NetworkChange, ProviderConfig,
+    PushEvent, PushListener, StopCause, StopReason,
 };
 pub use voip::{EndReason, KnownCall, VoipAction, VoipPayload, decide_voip_push};
 
@@ -105,9 +105,9 @@ impl PushClient {
         self.inner.state().into()
     }
 
-    /// Highest push sequence the app has taken: persist it in the app group, pass it back.
-    pub fn last_seen_seq(&self) -> u64 {
-        self.inner.last_seen_seq()
+    /// The floor and its epoch: persist them in the app group as one value, pass them back.
+    pub fn last_seen(&self) -> LastSeen {
+        self.inner.last_seen().into()
     }
 
     /// Random id of this instance (diagnostics).

@@ -8,7 +8,7 @@ use nepush_provider as provider;
 
 use crate::{
     SDK, SdkError,
-    types::{ConnectionState, NetworkChange},
+    types::{ConnectionState, LastSeen, NetworkChange},
 };
 
 /// What the provider asks of the Swift subclass. Called on an SDK thread, one call at a time
@@ -21,8 +21,9 @@ pub trait ProviderHostCallbacks: Send + Sync {
     fn report_incoming_call(&self, user_info_plist: Vec<u8>);
     /// Show a text message as a local notification.
     fn show_notification(&self, notification: LocalNotification);
-    /// Persist in the app group; pass back as `persistedLastSeenSeq` to the next instance.
-    fn persist_last_seen_seq(&self, seq: u64);
+    /// Persist in the app group as one value; pass back as `persistedLastSeen` to the next
+    /// instance.
+    fn persist_last_seen(&self, last_seen: LastSeen);
     /// The connection state changed.
     fn state_changed(&self, state: ConnectionState);
 }
@@ -86,8 +87,8 @@ impl provider::ProviderHost for Host {
         self.0.show_notification(notification.into())
     }
 
-    fn persist_last_seen_seq(&self, seq: u64) {
-        self.0.persist_last_seen_seq(seq)
+    fn persist_last_seen(&self, last_seen: mobile_sdk::core::LastSeen) {
+        self.0.persist_last_seen(last_seen.into())
     }
 
     fn state_changed(&self, state: &provider::State) {
@@ -106,17 +107,17 @@ pub struct PushProvider {
 impl PushProvider {
     /// From `providerConfiguration` as property-list data
     /// (`PropertyListSerialization.data(fromPropertyList:format:options:)`, XML or binary) and
-    /// the sequence persisted in the app group (0 the first time). Not started.
+    /// the floor and epoch persisted in the app group (zeros the first time). Not started.
     #[uniffi::constructor]
     pub fn new(
         provider_configuration: Vec<u8>,
-        persisted_last_seen_seq: u64,
+        persisted_last_seen: LastSeen,
         host: Arc<dyn ProviderHostCallbacks>,
     ) -> Result<Self, SdkError> {
         let configuration = provider::ProviderConfiguration::from_plist_bytes(&provider_configuration)?;
         let host = Arc::new(Host(host));
         Ok(Self {
-            inner: provider::Provider::new(&SDK.registry, configuration, persisted_last_seen_seq, host)?,
+            inner: provider::Provider::new(&SDK.registry, configuration, persisted_last_seen.into(), host)?,
         })
     }
 
@@ -151,9 +152,9 @@ impl PushProvider {
         self.inner.state().into()
     }
 
-    /// Highest sequence the app has taken.
-    pub fn last_seen_seq(&self) -> u64 {
-        self.inner.last_seen_seq()
+    /// The floor and its epoch.
+    pub fn last_seen(&self) -> LastSeen {
+        self.inner.last_seen().into()
     }
 
     /// This instance's random id (diagnostics).

@@ -23,8 +23,8 @@ pub struct ProviderConfig {
     pub ca_pem: Option<String>,
     /// SPKI pins (`sha256/<base64>`).
     pub pins: Vec<String>,
-    /// Highest push sequence the app took, as persisted (0 the first time).
-    pub last_seen_seq: u64,
+    /// The floor and its epoch, as persisted together (zeros the first time).
+    pub last_seen: LastSeen,
     /// SSID at start, if known.
     pub ssid: Option<String>,
     /// PushKit (VoIP) token, hex, as persisted; `None` if not registered.
@@ -39,10 +39,40 @@ impl From<ProviderConfig> for mobile_sdk::ClientConfig {
         };
         let mut config = mobile_sdk::ClientConfig::new(c.host, c.port, c.device_id, c.credential, trust);
         config.server_name = c.server_name.unwrap_or_default();
-        config.last_seen_seq = c.last_seen_seq;
+        config.last_seen = c.last_seen.into();
         config.ssid = c.ssid.unwrap_or_default();
         config.voip_token = c.voip_token;
         config
+    }
+}
+
+/// The floor (highest push sequence the app took) and the epoch of the server store that
+/// numbered it. Persist and restore it as one value (one app-group key): a floor under another
+/// store's epoch would acknowledge pushes the app never saw. An app group holding only a floor
+/// (from an SDK without epochs) means epoch 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Record)]
+pub struct LastSeen {
+    /// `ServerHello` epoch of the store; 0 if none yet.
+    pub epoch: u64,
+    /// Highest push sequence the app took; 0 if none.
+    pub seq: u64,
+}
+
+impl From<LastSeen> for core::LastSeen {
+    fn from(l: LastSeen) -> Self {
+        Self {
+            epoch: l.epoch,
+            seq: l.seq,
+        }
+    }
+}
+
+impl From<core::LastSeen> for LastSeen {
+    fn from(l: core::LastSeen) -> Self {
+        Self {
+            epoch: l.epoch,
+            seq: l.seq,
+        }
     }
 }
 
@@ -89,10 +119,11 @@ pub enum PushEvent {
         /// The call.
         cancel: CallCancel,
     },
-    /// Persist this sequence in the app group; pass it back as `last_seen_seq`.
+    /// Persist this floor and epoch in the app group, as one value; pass it back as
+    /// `last_seen`.
     LastSeenSeq {
-        /// The sequence.
-        seq: u64,
+        /// The floor and its epoch.
+        last_seen: LastSeen,
     },
 }
 
@@ -103,7 +134,7 @@ impl From<core::Event> for PushEvent {
             core::Event::Message(m) => PushEvent::Message { message: m.into() },
             core::Event::CallInvite(c) => PushEvent::CallInvite { invite: c.into() },
             core::Event::CallCancel(c) => PushEvent::CallCancel { cancel: c.into() },
-            core::Event::LastSeenSeq(seq) => PushEvent::LastSeenSeq { seq },
+            core::Event::LastSeenSeq(l) => PushEvent::LastSeenSeq { last_seen: l.into() },
         }
     }
 }

@@ -73,6 +73,7 @@ fn the_swift_files_call_the_binding_as_it_is_generated() {
         ("publicfuncdecideVoipPush(", "decideVoipPush("),
         ("publicstructVoipPayload:", "VoipPayload("),
         ("publicstructKnownCall:", "KnownCall("),
+        ("publicstructLastSeen:", "returnLastSeen("),
     ] {
         let at = binding
             .find(declared)
@@ -108,9 +109,11 @@ fn the_swift_files_call_the_binding_as_it_is_generated() {
             "funcshowNotification(notification:LocalNotification)",
         ),
         (
-            "funcpersistLastSeenSeq(seq:UInt64)",
-            "funcpersistLastSeenSeq(seq:UInt64)",
+            "funcpersistLastSeen(lastSeen:LastSeen)",
+            "funcpersistLastSeen(lastSeen:LastSeen)",
         ),
+        ("publicvarepoch:UInt64", "lastSeen.epoch"),
+        ("publicvarseq:UInt64", "lastSeen.seq"),
         (
             "funcstateChanged(state:ConnectionState)",
             "funcstateChanged(state:ConnectionState)",

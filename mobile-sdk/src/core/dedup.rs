@@ -62,6 +62,11 @@ impl Dedup {
         self.ids.insert(id.to_owned());
     }
 
+    /// Sequences now come from another numbering, starting above `floor`; the ids still count.
+    pub fn rebase(&mut self, floor: u64) {
+        self.floor = floor;
+    }
+
     /// Highest sequence recorded.
     pub fn floor(&self) -> u64 {
         self.floor

@@ -1,4 +1,4 @@
-//! What the session tells the app: pushes, connection states, the sequence to persist.
+//! What the session tells the app: pushes, connection states, the floor to persist.
 
 use std::time::Duration;
 
@@ -15,9 +15,23 @@ pub enum Event {
     CallInvite(CallInvitePush),
     /// Stop ringing a call.
     CallCancel(CallCancelPush),
-    /// The highest sequence the app has taken moved up. Persist it (app-group storage) and pass
-    /// it back at the next start, so a new provider instance does not show old pushes again.
-    LastSeenSeq(u64),
+    /// The floor moved: the app took more, or the server's store has a new epoch. Persist both
+    /// halves together (app-group storage) and pass them back at the next start, so a new
+    /// provider instance does not show old pushes again.
+    LastSeenSeq(LastSeen),
+}
+
+/// The device's floor: the highest sequence with everything up to it taken by the app, and the
+/// epoch of the server store that numbered it (`ServerHello.epoch`). The server counts the
+/// floor as an acknowledgement only when the epoch is its own, so the two are persisted and
+/// restored as one value: a floor with another store's epoch would acknowledge pushes the app
+/// never saw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LastSeen {
+    /// The store's epoch; 0 if none yet (new install, or persisted by an SDK without epochs).
+    pub epoch: u64,
+    /// Highest sequence with everything up to it taken by the app; 0 if none.
+    pub seq: u64,
 }
 
 impl Event {

@@ -3,7 +3,8 @@
 //! A push is acknowledged only once the app took it (or the SDK decided it must never be shown:
 //! a duplicate, a call past its ring deadline). `last_seen` is the highest sequence with
 //! everything up to it settled; it goes into `Hello.last_seen_seq`, where the server treats all
-//! of it as acknowledged, so it must never run ahead of a push the app has not taken yet.
+//! of it as acknowledged (when the hello's epoch is the store's), so it must never run ahead of
+//! a push the app has not taken yet.
 
 use std::collections::VecDeque;
 

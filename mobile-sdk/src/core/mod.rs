@@ -20,7 +20,7 @@ pub mod session;
 
 pub use backoff::{Backoff, BackoffConfig};
 pub use event::{
-    CallCancelPush, CallInvitePush, Disconnect, Event, MessagePush, State, StopCause, StopReason,
+    CallCancelPush, CallInvitePush, Disconnect, Event, LastSeen, MessagePush, State, StopCause, StopReason,
 };
 pub use session::{Config, NetworkEvent, Session, Timing, TransportCommand};
 

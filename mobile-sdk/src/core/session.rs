@@ -14,7 +14,10 @@ use push_proto::{
 use super::{
     backoff::{Backoff, BackoffConfig},
     dedup::Dedup,
-    event::{CallCancelPush, CallInvitePush, Disconnect, Event, MessagePush, State, StopCause, StopReason},
+    event::{
+        CallCancelPush, CallInvitePush, Disconnect, Event, LastSeen, MessagePush, State, StopCause,
+        StopReason,
+    },
     ledger::Ledger,
 };
 
@@ -38,8 +41,8 @@ pub struct Config {
     pub sdk_version: String,
     /// SSID at start, if known.
     pub ssid: String,
-    /// Highest sequence the app has taken, as persisted by the host.
-    pub last_seen_seq: u64,
+    /// The floor and its epoch, as persisted by the host.
+    pub last_seen: LastSeen,
     /// The PushKit (VoIP) token, hex, if the app registered one (empty: clear it on the
     /// server), so calls can still ring the device through APNs when it is off-site.
     pub voip_token: Option<String>,
@@ -63,7 +66,7 @@ impl Config {
             instance_id: String::new(),
             sdk_version: concat!("mobile-sdk/", env!("CARGO_PKG_VERSION")).into(),
             ssid: String::new(),
-            last_seen_seq: 0,
+            last_seen: LastSeen::default(),
             voip_token: None,
             timing: Timing::default(),
             backoff: BackoffConfig::default(),
@@ -135,6 +138,8 @@ enum Phase {
     /// Hello sent, waiting for `ServerHello`.
     Handshaking {
         deadline: Instant,
+        /// What the hello said: the server renumbers above this floor if the epoch is not its.
+        sent: LastSeen,
     },
     Connected(Live),
     Waiting {
@@ -176,7 +181,7 @@ struct Network {
 /// network changes. It performs no I/O and reads no clock: time is an argument of every input.
 ///
 /// Methods, in the order the driver uses them:
-/// - getters (`&self`): [`Session::state`], [`Session::last_seen_seq`], [`Session::wants_read`];
+/// - getters (`&self`): [`Session::state`], [`Session::last_seen`], [`Session::wants_read`];
 /// - inputs, each taking `now` (which must not move backwards; an earlier `now` counts as the
 ///   latest one seen): [`Session::handle_start`], [`Session::handle_stop`],
 ///   [`Session::handle_connected`], [`Session::handle_disconnected`], [`Session::handle_bytes`],
@@ -202,6 +207,8 @@ pub struct Session {
     attempts: u32,
     dedup: Dedup,
     ledger: Ledger,
+    /// The epoch of the store that numbered `ledger`'s sequences.
+    epoch: u64,
     max_frame: usize,
     rx: BytesMut,
     tx: BytesMut,
@@ -223,8 +230,9 @@ impl Session {
                 ssid: config.ssid,
             },
             backoff: Backoff::new(config.backoff, config.jitter_seed),
-            dedup: Dedup::new(config.last_seen_seq, config.recent_ids),
-            ledger: Ledger::new(config.last_seen_seq),
+            dedup: Dedup::new(config.last_seen.seq, config.recent_ids),
+            ledger: Ledger::new(config.last_seen.seq),
+            epoch: config.last_seen.epoch,
             credential: config.credential,
             instance_id: config.instance_id,
             sdk_version: config.sdk_version,
@@ -251,9 +259,12 @@ impl Session {
         &self.state
     }
 
-    /// Highest sequence with everything up to it taken by the app (what the host persists).
-    pub fn last_seen_seq(&self) -> u64 {
-        self.ledger.last_seen()
+    /// The floor and its epoch (what the host persists).
+    pub fn last_seen(&self) -> LastSeen {
+        LastSeen {
+            epoch: self.epoch,
+            seq: self.ledger.last_seen(),
+        }
     }
 
     /// Whether the driver may read from the connection: false while the app lags behind, so an
@@ -311,14 +322,15 @@ impl Session {
     pub fn handle_connected(&mut self, now: Instant) {
         self.clock(now);
         if let Phase::Connecting { deadline } = self.phase {
-            self.phase = Phase::Handshaking { deadline };
+            let sent = self.last_seen();
+            self.phase = Phase::Handshaking { deadline, sent };
             let hello = Hello {
                 credential: self.credential.clone(),
                 sdk_version: self.sdk_version.clone(),
-                last_seen_seq: self.ledger.last_seen(),
+                last_seen_seq: sent.seq,
                 ssid: self.network.ssid.clone(),
                 instance_id: self.instance_id.clone(),
-                epoch: 0,
+                epoch: sent.epoch,
             };
             self.encode(client_frame::Kind::Hello(hello));
         }
@@ -445,7 +457,7 @@ impl Session {
             return;
         }
         match &self.phase {
-            Phase::Connecting { deadline } | Phase::Handshaking { deadline } if now >= *deadline => {
+            Phase::Connecting { deadline } | Phase::Handshaking { deadline, .. } if now >= *deadline => {
                 self.disconnect(now, Disconnect::ConnectTimeout, None)
             }
             Phase::Connected(live) if now >= live.dead_at => {
@@ -492,7 +504,7 @@ impl Session {
     /// stopped, or waiting for the network).
     pub fn poll_timeout(&self) -> Option<Instant> {
         let phase = match &self.phase {
-            Phase::Connecting { deadline } | Phase::Handshaking { deadline } => Some(*deadline),
+            Phase::Connecting { deadline } | Phase::Handshaking { deadline, .. } => Some(*deadline),
             Phase::Connected(live) => Some(live.dead_at),
             Phase::Waiting { retry_at } => Some(*retry_at),
             Phase::Idle | Phase::Stopped | Phase::Offline => None,
@@ -607,7 +619,9 @@ impl Session {
             return self.protocol_error(now, "frame without content".into());
         };
         match (&self.phase, kind) {
-            (Phase::Handshaking { .. }, Kind::ServerHello(hello)) => self.established(now, hello),
+            (&Phase::Handshaking { sent, .. }, Kind::ServerHello(hello)) => {
+                self.established(now, sent, hello)
+            }
             (_, Kind::Goodbye(bye)) => self.on_goodbye(now, bye),
             (Phase::Connected(_), Kind::Push(push)) => self.on_push(now, push),
             (Phase::Connected(_), Kind::Heartbeat(hb)) => {
@@ -622,7 +636,7 @@ impl Session {
         }
     }
 
-    fn established(&mut self, now: Instant, hello: ServerHello) {
+    fn established(&mut self, now: Instant, sent: LastSeen, hello: ServerHello) {
         let announced = u64::from(hello.heartbeat_interval_ms) + u64::from(hello.heartbeat_timeout_ms);
         let silence = match announced {
             0 => DEFAULT_SILENCE,
@@ -639,6 +653,9 @@ impl Session {
             server_clock: (now, hello.server_time_ms),
         });
         self.attempts = 0;
+        if hello.epoch != sent.epoch {
+            self.new_epoch(sent.seq, hello.epoch);
+        }
         if let Some(token) = self.voip_token.clone() {
             self.encode(client_frame::Kind::VoipToken(VoipToken { token }));
         }
@@ -730,10 +747,21 @@ impl Session {
         self.report_last_seen(before);
     }
 
+    /// The server's store is not the one that numbered our floor: it acknowledged nothing and
+    /// renumbers its queued pushes above the floor the hello carried. Anything numbered since
+    /// in the old epoch (pushes still with the app, their acks, the dedup floor) would name
+    /// other pushes now, so it is forgotten; the ids stay, so a renumbered push the app already
+    /// has is still dropped.
+    fn new_epoch(&mut self, floor: u64, epoch: u64) {
+        self.epoch = epoch;
+        self.ledger = Ledger::new(floor);
+        self.dedup.rebase(floor);
+        self.events.push_back(Event::LastSeenSeq(self.last_seen()));
+    }
+
     fn report_last_seen(&mut self, before: u64) {
-        let now = self.ledger.last_seen();
-        if now != before {
-            self.events.push_back(Event::LastSeenSeq(now));
+        if self.ledger.last_seen() != before {
+            self.events.push_back(Event::LastSeenSeq(self.last_seen()));
         }
     }
 

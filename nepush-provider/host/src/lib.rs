@@ -10,7 +10,7 @@
 //!   connections (nothing passes, nobody is told), as walking out of range does.
 //! - The **extension process** ([`phone`]): its own tokio runtime and `mobile_sdk::Registry`;
 //!   a kill shuts the runtime down in the background (sockets close without a goodbye), a
-//!   relaunch builds new ones and reads the app group's last seen sequence.
+//!   relaunch builds new ones and reads the app group's last seen sequence and epoch.
 //! - **Time**: the 60 s timer and "every few hours" are simulated (the host fires the events);
 //!   network I/O and the server's heartbeats run at real speed.
 //!
@@ -23,7 +23,8 @@
 //!   across a `repeat`, open fds, threads, counters and resident memory do not grow (after the
 //!   warm-up, within `[checks]` tolerances); after teardown the host's fds are back to the start.
 //! - The app never sees a push twice, call dictionaries are property lists, and the persisted
-//!   last seen sequence never goes back.
+//!   last seen sequence never goes back within an epoch, carries the server's (non-zero) epoch,
+//!   and a new epoch never comes with a higher floor.
 //!
 //! # Layout
 //! - [`scenario`]: the file format. [`runner`]: steps, checks, [`Report`].

@@ -5,7 +5,7 @@
 //! has one SDK per process. A kill shuts the runtime down in the background: its tasks are
 //! dropped and their sockets closed without a goodbye, as the kernel closes a killed process's
 //! sockets. A relaunch is a new runtime and registry, and new instances read the last seen
-//! sequence from the app group, which survives.
+//! sequence and its epoch from the app group, which survives.
 
 use std::{
     collections::{HashSet, VecDeque},
@@ -18,8 +18,8 @@ use std::{
 
 use mobile_sdk::{Registry, Snapshot};
 use nepush_provider::{
-    LocalNotification, NEProviderStopReason, NetworkEvent, Provider, ProviderConfiguration, ProviderHost,
-    State, StopCause,
+    LastSeen, LocalNotification, NEProviderStopReason, NetworkEvent, Provider, ProviderConfiguration,
+    ProviderHost, State, StopCause,
 };
 use tokio::{sync::watch, task::JoinHandle};
 
@@ -42,8 +42,8 @@ pub struct PhoneLog {
     pub notifications: VecDeque<(u32, LocalNotification)>,
     /// `reportIncomingCall` dictionaries: (instance, userInfo).
     pub calls: Vec<(u32, plist::Dictionary)>,
-    /// The app group's last seen sequence.
-    pub app_group_last_seen: u64,
+    /// The app group's last seen sequence and its epoch, stored as one value.
+    pub app_group_last_seen: LastSeen,
     /// Broken invariants seen in callbacks.
     pub violations: Vec<String>,
     seen_messages: HashSet<String>,
@@ -88,8 +88,8 @@ impl PhoneShared {
 /// One instance's callbacks (what the Swift subclass does).
 struct InstanceHost {
     n: u32,
-    /// The last seen sequence it was created with (from the app group).
-    created_with: u64,
+    /// The last seen sequence and epoch it was created with (from the app group).
+    created_with: LastSeen,
     shared: Arc<PhoneShared>,
     state: watch::Sender<State>,
 }
@@ -131,7 +131,7 @@ impl ProviderHost for InstanceHost {
                     .map(|(i, n)| format!("instance {i}, seq {}", n.seq))
                     .unwrap_or_else(|| "an earlier instance".into());
                 log.violations.push(format!(
-                    "message {} shown twice: by {first}, again by instance {} (seq {}, created with last seen {})",
+                    "message {} shown twice: by {first}, again by instance {} (seq {}, created with last seen {:?})",
                     notification.id, self.n, notification.seq, self.created_with
                 ));
             }
@@ -143,15 +143,24 @@ impl ProviderHost for InstanceHost {
         });
     }
 
-    fn persist_last_seen_seq(&self, seq: u64) {
+    fn persist_last_seen(&self, last_seen: LastSeen) {
         self.shared.update(|log| {
-            if seq < log.app_group_last_seen {
+            let before = log.app_group_last_seen;
+            // Within one store's numbering the floor only rises; a new epoch renumbers above
+            // the floor the device had, so it never starts above it.
+            let in_order = if last_seen.epoch == before.epoch {
+                last_seen.seq >= before.seq
+            } else {
+                last_seen.seq <= before.seq
+            };
+            if !in_order || last_seen.epoch == 0 {
                 log.violations.push(format!(
-                    "instance {} persisted last seen {seq} below {}: a relaunch would show pushes again",
-                    self.n, log.app_group_last_seen
+                    "instance {} persisted last seen {last_seen:?} after {before:?}: a relaunch would show \
+                     pushes again or acknowledge pushes the app never saw",
+                    self.n
                 ));
             }
-            log.app_group_last_seen = seq;
+            log.app_group_last_seen = last_seen;
         });
     }
 

@@ -1,7 +1,8 @@
 // The NEAppPushProvider subclass: a thin shell over the Rust provider core (`PushProvider`
 // from the generated binding, module LpushSDK). Everything it decides lives in Rust and is tested on Linux
 // (nepush-provider/scenarios); this file only forwards iOS's calls and performs the host's
-// three side effects: report a call, show a notification, persist the last seen sequence.
+// three side effects: report a call, show a notification, persist the last seen sequence and
+// its epoch.
 
 import Foundation
 import LpushSDK  // the Swift package build-xcframework.sh produces (generated binding + xcframework)
@@ -12,6 +13,17 @@ import UserNotifications
 /// App group shared by the container app and the extension (entitlement
 /// com.apple.security.application-groups).
 let appGroup = "group.org.example.lpush"
+
+/// The floor and its epoch, from one app-group key (so a floor is never read back under another
+/// store's epoch). An app group written before epochs holds only "lastSeenSeq": that floor
+/// with epoch 0, which the server never takes as an acknowledgement.
+func persistedLastSeen(_ group: UserDefaults) -> LastSeen {
+    if let stored = group.dictionary(forKey: "lastSeen"),
+       let epoch = stored["epoch"] as? Int, let seq = stored["seq"] as? Int {
+        return LastSeen(epoch: UInt64(epoch), seq: UInt64(seq))
+    }
+    return LastSeen(epoch: 0, seq: UInt64(group.integer(forKey: "lastSeenSeq")))
+}
 
 /// Info.plist: NSExtensionPointIdentifier com.apple.networkextension.app-push,
 /// NSExtensionPrincipalClass $(PRODUCT_MODULE_NAME).LocalPushProvider.
@@ -33,7 +45,7 @@ final class LocalPushProvider: NEAppPushProvider {
             // instance (the field reports of instances that never deinit).
             let core = try PushProvider(
                 providerConfiguration: plist,
-                persistedLastSeenSeq: UInt64(group.integer(forKey: "lastSeenSeq")),
+                persistedLastSeen: persistedLastSeen(group),
                 host: Callbacks(provider: self, group: group))
             if let token = group.string(forKey: "voipToken") {
                 core.setVoipToken(token: token)
@@ -105,8 +117,9 @@ final class Callbacks: ProviderHostCallbacks {
             UNNotificationRequest(identifier: notification.id, content: content, trigger: nil))
     }
 
-    func persistLastSeenSeq(seq: UInt64) {
-        group.set(Int(seq), forKey: "lastSeenSeq")
+    func persistLastSeen(lastSeen: LastSeen) {
+        // One key, one write: both halves or neither (both stay below 2^53, so Int holds them).
+        group.set(["epoch": Int(lastSeen.epoch), "seq": Int(lastSeen.seq)], forKey: "lastSeen")
     }
 
     func stateChanged(state: ConnectionState) {

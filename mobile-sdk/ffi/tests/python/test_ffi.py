@@ -20,7 +20,10 @@ STEP = 15.0  # seconds: bound of every wait
 ENV = os.environ
 
 
-def config(last_seen_seq=0, credential=None):
+NEW_INSTALL = sdk.LastSeen(epoch=0, seq=0)
+
+
+def config(last_seen=NEW_INSTALL, credential=None):
     return sdk.ProviderConfig(
         host=ENV["SDK_HOST"],
         port=int(ENV["SDK_PORT"]),
@@ -29,7 +32,7 @@ def config(last_seen_seq=0, credential=None):
         credential=ENV["SDK_CREDENTIAL"] if credential is None else credential,
         ca_pem=ENV["SDK_CA_PEM"],
         pins=[],
-        last_seen_seq=last_seen_seq,
+        last_seen=last_seen,
         ssid="ward-4b",
         voip_token=None,
     )
@@ -69,6 +72,9 @@ class Recorder(sdk.PushListener):
     def messages(self):
         return [e.message.id for e in self.seen if e.is_MESSAGE()]
 
+    def persisted(self):
+        return [e.last_seen for e in self.seen if e.is_LAST_SEEN_SEQ()]
+
 
 def quiet(counters):
     return (counters.sessions, counters.tasks, counters.sockets, counters.connected) == (0, 0, 0, 0)
@@ -76,7 +82,7 @@ def quiet(counters):
 
 class FfiSurface(unittest.TestCase):
     # Persisted between tests, as the host would in its app group.
-    last_seen_seq = 0
+    last_seen = NEW_INSTALL
 
     def test_1_invalid_configuration_is_refused_up_front(self):
         with self.assertRaises(sdk.SdkError.InvalidConfig) as caught:
@@ -91,6 +97,10 @@ class FfiSurface(unittest.TestCase):
             await client.start()
             state = await rec.connected()
             self.assertEqual(state.device_id, ENV["SDK_DEVICE_ID"])
+            # A new install learns the store's epoch with the ServerHello, before any push.
+            [first] = rec.persisted()
+            self.assertEqual(first.seq, 0)
+            self.assertNotEqual(first.epoch, 0)
             expected = ENV["SDK_MESSAGES"].split(",")
             for message_id in expected:
                 message = await rec.wait_for(
@@ -103,9 +113,10 @@ class FfiSurface(unittest.TestCase):
             self.assertGreater(invite.ring_remaining_ms, 0)
             last = await rec.wait_for(
                 "last seen of the invite",
-                lambda e: e.seq if e.is_LAST_SEEN_SEQ() and e.seq >= invite.seq else None,
+                lambda e: e.last_seen if e.is_LAST_SEEN_SEQ() and e.last_seen.seq >= invite.seq else None,
             )
-            self.assertEqual(client.last_seen_seq(), last)
+            self.assertEqual(last.epoch, first.epoch)
+            self.assertEqual((client.last_seen().epoch, client.last_seen().seq), (last.epoch, last.seq))
             self.assertEqual(rec.messages(), expected)
             await client.stop(sdk.StopReason.HOST_REQUESTED)
             self.assertEqual(
@@ -113,7 +124,7 @@ class FfiSurface(unittest.TestCase):
                 sdk.ConnectionState.STOPPED(sdk.StopCause.HOST(sdk.StopReason.HOST_REQUESTED)),
             )
             self.assertTrue(quiet(sdk.counters()), sdk.counters())
-            FfiSurface.last_seen_seq = client.last_seen_seq()
+            FfiSurface.last_seen = client.last_seen()
             del client
             gc.collect()
             self.assertEqual(sdk.counters().instances, 0)
@@ -124,7 +135,7 @@ class FfiSurface(unittest.TestCase):
         async def body():
             for cycle in range(25):
                 rec = Recorder()
-                client = sdk.PushClient(config(FfiSurface.last_seen_seq), rec)
+                client = sdk.PushClient(config(FfiSurface.last_seen), rec)
                 await client.start()
                 await client.start()  # idempotent
                 await rec.connected()
@@ -133,6 +144,7 @@ class FfiSurface(unittest.TestCase):
                 await client.stop(sdk.StopReason.HOST_REQUESTED)  # idempotent
                 self.assertTrue(quiet(sdk.counters()), f"cycle {cycle}: {sdk.counters()}")
                 self.assertEqual(rec.messages(), [], f"cycle {cycle} showed an old push again")
+                self.assertEqual(rec.persisted(), [], f"cycle {cycle}: the persisted epoch was not kept")
                 del client
                 gc.collect()
                 self.assertEqual(sdk.counters().instances, 0, f"cycle {cycle}")
@@ -142,8 +154,8 @@ class FfiSurface(unittest.TestCase):
     def test_4_a_newer_instance_supersedes_the_older_one(self):
         async def body():
             older_rec, newer_rec = Recorder(), Recorder()
-            older = sdk.PushClient(config(FfiSurface.last_seen_seq), older_rec)
-            newer = sdk.PushClient(config(FfiSurface.last_seen_seq), newer_rec)
+            older = sdk.PushClient(config(FfiSurface.last_seen), older_rec)
+            newer = sdk.PushClient(config(FfiSurface.last_seen), newer_rec)
             await older.start()
             await older_rec.connected()
             await newer.start()
@@ -200,22 +212,25 @@ class FfiSurface(unittest.TestCase):
             def show_notification(self, notification):
                 raise AssertionError(f"nothing queued: {notification}")
 
-            def persist_last_seen_seq(self, seq):
-                self.persisted.append(seq)
+            def persist_last_seen(self, last_seen):
+                self.persisted.append(last_seen)
 
             def state_changed(self, state):
                 self.states.put(state)
 
         with self.assertRaises(sdk.SdkError.InvalidConfig) as caught:
-            sdk.PushProvider(provider_configuration(port=None), 0, Host())
+            sdk.PushProvider(provider_configuration(port=None), NEW_INSTALL, Host())
         self.assertIn('missing key "port"', str(caught.exception))
         with self.assertRaises(sdk.SdkError.InvalidConfig) as caught:
-            sdk.PushProvider(provider_configuration(port=70000), 0, Host())
+            sdk.PushProvider(provider_configuration(port=70000), NEW_INSTALL, Host())
         self.assertIn('"port" must be an integer 1-65535', str(caught.exception))
 
         async def body():
             host = Host()
-            provider = sdk.PushProvider(provider_configuration(), FfiSurface.last_seen_seq, host)
+            # The app group holds a floor numbered by another store, above what this process
+            # remembers for the device (so that one does not take over).
+            foreign = sdk.LastSeen(epoch=FfiSurface.last_seen.epoch + 1, seq=FfiSurface.last_seen.seq + 1)
+            provider = sdk.PushProvider(provider_configuration(), foreign, host)
             await provider.start()
             deadline = time.monotonic() + STEP
             while not provider.state().is_CONNECTED():
@@ -225,6 +240,10 @@ class FfiSurface(unittest.TestCase):
                 except queue.Empty:
                     pass
             self.assertEqual(sdk.counters().connected, 1)
+            # Persisted before the state changed: the floor kept, under this store's epoch.
+            kept = (FfiSurface.last_seen.epoch, foreign.seq)
+            self.assertEqual([(p.epoch, p.seq) for p in host.persisted], [kept])
+            self.assertEqual((provider.last_seen().epoch, provider.last_seen().seq), kept)
             provider.handle_timer_event()
             await provider.stop(4)  # NEProviderStopReason.unrecoverableNetworkChange
             self.assertEqual(

@@ -14,7 +14,7 @@ use push_proto::{
     frame,
 };
 
-use super::{BackoffConfig, Config, Event, Session, State, Timing, TransportCommand};
+use super::{BackoffConfig, Config, Event, LastSeen, Session, State, Timing, TransportCommand};
 
 /// Test timing: round numbers so deadlines are easy to read.
 const TIMING: Timing = Timing {
@@ -30,10 +30,20 @@ const BACKOFF: BackoffConfig = BackoffConfig {
 const HB_INTERVAL_MS: u32 = 30_000;
 const HB_TIMEOUT_MS: u32 = 10_000;
 const SERVER_TIME_MS: i64 = 1_700_000_000_000;
+/// The scripted server's store epoch, and the one [`config`] resumes with.
+const EPOCH: u64 = 1;
 
+/// A session that resumes from `last_seen` of the scripted server's epoch.
 fn config(last_seen: u64) -> Config {
+    resume(LastSeen {
+        epoch: EPOCH,
+        seq: last_seen,
+    })
+}
+
+fn resume(last_seen: LastSeen) -> Config {
     Config {
-        last_seen_seq: last_seen,
+        last_seen,
         instance_id: "inst-1".into(),
         ssid: "ward-4b".into(),
         timing: TIMING,
@@ -149,6 +159,11 @@ impl Harness {
     }
 
     fn server_hello(&mut self) {
+        self.server_hello_of(EPOCH);
+    }
+
+    /// A `ServerHello` from a store with `epoch`.
+    fn server_hello_of(&mut self, epoch: u64) {
         self.server(server_frame::Kind::ServerHello(ServerHello {
             session_id: "s1".into(),
             device_id: "dev-1".into(),
@@ -157,7 +172,7 @@ impl Harness {
             max_frame_size: 64 * 1024,
             server_time_ms: SERVER_TIME_MS,
             replay_count: 0,
-            epoch: 1,
+            epoch,
         }));
     }
 

@@ -3,10 +3,13 @@
 //! The harness plays a driver that obeys the transport commands and a server that sends
 //! anything (pushes with colliding sequences and ids, stale calls, heartbeats, goodbyes, garbage,
 //! frames split at random points), while time jumps around. After every step it checks:
-//! - the app never sees a push twice (by sequence or id), and sees sequences in increasing order;
+//! - the app never sees a push twice (by sequence or id), and sees sequences in increasing order
+//!   within one epoch;
 //! - nothing is acknowledged that the app was handed and has not taken;
-//! - `last_seen_seq` never moves backwards and never passes a push the app has not taken;
-//! - every hello carries the current `last_seen_seq`, and is the first frame of its connection;
+//! - `last_seen` never moves backwards and never passes a push the app has not taken, within an
+//!   epoch; a `ServerHello` of another epoch moves it to that epoch at the floor the hello carried;
+//! - every hello carries the current `last_seen` (floor and epoch), and is the first frame of its
+//!   connection;
 //! - bytes are written only to an open connection; `Connect` and `Close` alternate sensibly;
 //! - heartbeats get replies with their nonce, and no reply is invented;
 //! - after a stop or a final goodbye, no connection is opened until the next start;
@@ -32,6 +35,7 @@ enum Op {
     Disconnected,
     ServerHello {
         server_time_offset_ms: i32,
+        epoch: u64,
     },
     Push {
         seq: u64,
@@ -58,7 +62,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::SystemTimer),
         5 => Just(Op::Connected),
         2 => Just(Op::Disconnected),
-        5 => (-5_000i32..5_000).prop_map(|o| Op::ServerHello { server_time_offset_ms: o }),
+        5 => (-5_000i32..5_000, 1u64..3).prop_map(|(o, epoch)| Op::ServerHello {
+            server_time_offset_ms: o,
+            epoch
+        }),
         12 => (1u64..40, 0u8..24, 0u8..4, -20_000i32..40_000)
             .prop_map(|(seq, id, kind, deadline_ms)| Op::Push { seq, id, kind, deadline_ms }),
         3 => (0u64..1000).prop_map(Op::Heartbeat),
@@ -89,7 +96,9 @@ struct Checker {
     with_app: VecDeque<u64>,
     taken: BTreeSet<u64>,
     heartbeats_seen: HashSet<u64>,
-    last_seen: u64,
+    last_seen: LastSeen,
+    /// What the latest hello carried.
+    hello: Option<LastSeen>,
     /// A stop or a final goodbye happened, and no start since.
     halted: bool,
     split: Option<u8>,
@@ -97,8 +106,8 @@ struct Checker {
 }
 
 impl Checker {
-    fn new(last_seen: u64) -> Self {
-        let mut h = Harness::new(config(last_seen));
+    fn new(last_seen: LastSeen) -> Self {
+        let mut h = Harness::new(resume(last_seen));
         h.auto_take = false;
         Self {
             h,
@@ -110,6 +119,7 @@ impl Checker {
             taken: BTreeSet::new(),
             heartbeats_seen: HashSet::new(),
             last_seen,
+            hello: None,
             halted: false,
             split: None,
             server_time_ms: SERVER_TIME_MS,
@@ -188,6 +198,7 @@ impl Checker {
             }
             Op::ServerHello {
                 server_time_offset_ms,
+                epoch,
             } => {
                 self.server_time_ms = SERVER_TIME_MS + i64::from(server_time_offset_ms);
                 self.server_bytes(server_frame::Kind::ServerHello(ServerHello {
@@ -198,7 +209,7 @@ impl Checker {
                     max_frame_size: 64 * 1024,
                     server_time_ms: self.server_time_ms,
                     replay_count: 0,
-                    epoch: 1,
+                    epoch,
                 }))
             }
             Op::Push {
@@ -327,7 +338,7 @@ impl Checker {
                         "seq {seq} after {:?}",
                         self.shown_seqs.last()
                     );
-                    prop_assert!(seq > self.last_seen, "seq {seq} at or below last seen");
+                    prop_assert!(seq > self.last_seen.seq, "seq {seq} at or below last seen");
                     prop_assert!(self.shown_ids.insert(id.clone()), "id {id} shown twice");
                     if let Event::CallInvite(c) = &e {
                         prop_assert!(c.ring_remaining > Duration::ZERO);
@@ -335,24 +346,33 @@ impl Checker {
                     self.shown_seqs.push(seq);
                     self.with_app.push_back(seq);
                 }
-                Event::LastSeenSeq(seq) => {
+                Event::LastSeenSeq(last_seen) => {
+                    if last_seen.epoch == self.last_seen.epoch {
+                        prop_assert!(
+                            last_seen.seq > self.last_seen.seq,
+                            "last seen went from {:?} to {last_seen:?}",
+                            self.last_seen
+                        );
+                    } else {
+                        // Another store: it renumbers above the floor the hello carried, so
+                        // sequences of the old numbering mean nothing from here on.
+                        prop_assert_eq!(Some(last_seen.seq), self.hello.map(|h| h.seq));
+                        self.shown_seqs.clear();
+                        self.with_app.clear();
+                        self.taken.clear();
+                    }
                     prop_assert!(
-                        *seq > self.last_seen,
-                        "last seen went from {} to {seq}",
-                        self.last_seen
-                    );
-                    prop_assert!(
-                        self.with_app.iter().all(|s| s > seq),
-                        "last seen {seq} passed a push the app has not taken: {:?}",
+                        self.with_app.iter().all(|s| *s > last_seen.seq),
+                        "last seen {last_seen:?} passed a push the app has not taken: {:?}",
                         self.with_app
                     );
-                    self.last_seen = *seq;
+                    self.last_seen = *last_seen;
                 }
                 Event::State(_) => {}
             }
             self.h.events.push(e);
         }
-        prop_assert_eq!(self.h.s.last_seen_seq(), self.last_seen);
+        prop_assert_eq!(self.h.s.last_seen(), self.last_seen);
         // Checked once this drain's events are known: an ack written in the same batch as the
         // push it acknowledges is just as wrong.
         for seq in acked {
@@ -377,7 +397,12 @@ impl Checker {
         );
         match &f.kind {
             Some(client_frame::Kind::Hello(hello)) => {
-                prop_assert_eq!(hello.last_seen_seq, self.h.s.last_seen_seq());
+                let sent = LastSeen {
+                    epoch: hello.epoch,
+                    seq: hello.last_seen_seq,
+                };
+                prop_assert_eq!(sent, self.h.s.last_seen());
+                self.hello = Some(sent);
             }
             Some(client_frame::Kind::HeartbeatReply(r)) => {
                 prop_assert!(
@@ -398,9 +423,10 @@ proptest! {
     #[test]
     fn random_interleavings_keep_every_promise(
         last_seen in 0u64..5,
+        epoch in 0u64..3,
         ops in prop::collection::vec(op(), 1..300),
     ) {
-        let mut c = Checker::new(last_seen);
+        let mut c = Checker::new(LastSeen { epoch, seq: last_seen });
         for op in ops {
             c.apply(op)?;
         }
@@ -443,6 +469,6 @@ proptest! {
             h.sleep();
         }
         prop_assert_eq!(h.shown(), (1..=total).collect::<Vec<_>>());
-        prop_assert_eq!(h.s.last_seen_seq(), total);
+        prop_assert_eq!(h.s.last_seen().seq, total);
     }
 }

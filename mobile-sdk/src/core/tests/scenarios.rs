@@ -63,14 +63,17 @@ fn pushes_are_acked_only_after_the_app_took_them() {
     h.push_message(2, "m2");
     assert_eq!(h.shown(), [1, 2]);
     assert!(h.acked().is_empty(), "nothing acked before the app took it");
-    assert_eq!(h.s.last_seen_seq(), 0);
+    assert_eq!(h.s.last_seen().seq, 0);
     assert!(h.take(2));
     assert_eq!(h.acked(), [2]);
-    assert_eq!(h.s.last_seen_seq(), 0, "1 is still with the app");
+    assert_eq!(h.s.last_seen().seq, 0, "1 is still with the app");
     assert!(h.take(1));
     assert_eq!(h.acked(), [2, 1]);
-    assert_eq!(h.s.last_seen_seq(), 2);
-    assert_eq!(h.events.last(), Some(&Event::LastSeenSeq(2)));
+    assert_eq!(h.s.last_seen().seq, 2);
+    assert_eq!(
+        h.events.last(),
+        Some(&Event::LastSeenSeq(LastSeen { epoch: EPOCH, seq: 2 }))
+    );
     assert!(!h.take(1), "a push is taken once");
     assert!(!h.take(99), "unknown sequences are refused");
 }
@@ -87,7 +90,7 @@ fn duplicates_by_sequence_and_by_id_are_dropped_and_acked() {
     assert_eq!(h.shown(), [11, 13]);
     assert_eq!(h.s.dropped_pushes(), 3);
     assert_eq!(h.acked(), [9, 11, 11, 12, 13]);
-    assert_eq!(h.s.last_seen_seq(), 13);
+    assert_eq!(h.s.last_seen().seq, 13);
 }
 
 /// Found by the property test: a push dropped as a duplicate by id settles its sequence, so a
@@ -98,7 +101,7 @@ fn a_duplicate_by_id_raises_the_floor_too() {
     h.establish();
     h.push_message(1, "a");
     h.push_message(6, "a");
-    assert_eq!(h.s.last_seen_seq(), 6);
+    assert_eq!(h.s.last_seen().seq, 6);
     h.push_message(2, "b");
     assert_eq!(h.shown(), [1]);
 }
@@ -140,7 +143,7 @@ fn reconnect_resumes_from_last_seen_without_loss_or_duplicates() {
     assert!(h.take(4));
     assert!(h.take(5));
     assert_eq!(h.acked()[acks_before..], [4, 5]);
-    assert_eq!(h.s.last_seen_seq(), 5);
+    assert_eq!(h.s.last_seen().seq, 5);
 }
 
 #[test]
@@ -156,10 +159,10 @@ fn a_new_instance_resumes_from_the_persisted_sequence() {
             Event::LastSeenSeq(s) => Some(*s),
             _ => None,
         })
-        .max()
+        .last()
         .unwrap();
-    assert_eq!(persisted, 2);
-    let mut second = Harness::new(config(persisted));
+    assert_eq!(persisted, LastSeen { epoch: EPOCH, seq: 2 });
+    let mut second = Harness::new(resume(persisted));
     second.establish();
     assert_eq!(second.hellos()[0].last_seen_seq, 2);
     second.push_message(2, "m2");
@@ -728,4 +731,95 @@ fn ring_time_does_not_overflow_on_extreme_server_clocks() {
         panic!("no invite")
     };
     assert_eq!(invite.ring_remaining, Duration::from_millis(i64::MAX as u64));
+}
+
+/// The floor events since `from`, as the host would persist them.
+fn persisted(h: &Harness, from: usize) -> Vec<LastSeen> {
+    h.events[from..]
+        .iter()
+        .filter_map(|e| match e {
+            Event::LastSeenSeq(s) => Some(*s),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_epoch_of_the_server_hello_goes_into_the_next_hello() {
+    let mut h = Harness::new(resume(LastSeen::default()));
+    h.start();
+    h.connected();
+    assert_eq!(h.hellos()[0].epoch, 0, "a new install knows no epoch");
+    h.server_hello_of(7);
+    // Persisted at once: the server renumbered above the floor, so the pair holds already.
+    assert_eq!(persisted(&h, 0), [LastSeen { epoch: 7, seq: 0 }]);
+    h.push_message(1, "m1");
+    assert_eq!(h.s.last_seen(), LastSeen { epoch: 7, seq: 1 });
+    h.disconnected("reset");
+    h.sleep();
+    let events = h.events.len();
+    h.connected();
+    h.server_hello_of(7);
+    let hello = h.hellos()[1].clone();
+    assert_eq!((hello.epoch, hello.last_seen_seq), (7, 1));
+    assert!(
+        persisted(&h, events).is_empty(),
+        "the same epoch again changes nothing"
+    );
+}
+
+#[test]
+fn a_new_epoch_replaces_the_old_one_and_keeps_the_floor() {
+    let mut h = Harness::new(resume(LastSeen { epoch: 3, seq: 10 }));
+    h.start();
+    h.connected();
+    let hello = h.hellos()[0].clone();
+    assert_eq!((hello.epoch, hello.last_seen_seq), (3, 10));
+    // The store was restored: new epoch, and its queued pushes renumbered above 10.
+    h.server_hello_of(9);
+    assert!(matches!(h.s.state(), State::Connected { .. }));
+    assert_eq!(persisted(&h, 0), [LastSeen { epoch: 9, seq: 10 }]);
+    h.push_message(11, "m11");
+    assert_eq!(h.shown(), [11]);
+    assert_eq!(persisted(&h, 0).last(), Some(&LastSeen { epoch: 9, seq: 11 }));
+    h.disconnected("reset");
+    h.sleep();
+    h.reconnect();
+    assert_eq!(h.hellos()[1].epoch, 9, "the old epoch is never sent again");
+}
+
+/// The app takes a push after the hello went out and before a `ServerHello` of another epoch:
+/// that sequence belongs to the old numbering, so the pair goes back to the floor the hello
+/// carried, the old ack is not sent, and the new store's pushes above that floor all count.
+#[test]
+fn the_persisted_pair_never_mixes_numberings() {
+    let mut h = Harness::new(config(0));
+    h.auto_take = false;
+    h.establish();
+    h.push_message(1, "m1");
+    h.push_message(2, "m2");
+    assert!(h.take(1));
+    h.disconnected("reset");
+    h.sleep();
+    h.connected();
+    assert_eq!(h.hellos()[1].last_seen_seq, 1);
+    assert!(h.take(2));
+    assert_eq!(h.s.last_seen(), LastSeen { epoch: EPOCH, seq: 2 });
+    let (events, acks) = (h.events.len(), h.acked().len());
+    h.server_hello_of(5);
+    assert_eq!(persisted(&h, events), [LastSeen { epoch: 5, seq: 1 }]);
+    assert_eq!(
+        h.acked().len(),
+        acks,
+        "2 of the old numbering is not acked to the new store"
+    );
+    // The new store's 2 is another push; the old 2, renumbered to 3, is dropped by its id.
+    h.push_message(2, "other");
+    h.push_message(3, "m2");
+    assert_eq!(h.shown(), [1, 2, 2]);
+    assert_eq!(h.acked()[acks..], [3]);
+    assert!(h.take(2));
+    assert_eq!(h.acked()[acks..], [3, 2]);
+    assert_eq!(h.s.last_seen(), LastSeen { epoch: 5, seq: 3 });
+    assert_eq!(persisted(&h, events).last(), Some(&h.s.last_seen()));
 }
