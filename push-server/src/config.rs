@@ -247,6 +247,12 @@ pub struct Limits {
     pub observe_sessions_per_device: usize,
     /// Dashboard: delivery events kept per device in the in-memory history.
     pub observe_deliveries_per_device: usize,
+    /// Longest credential an `enroll` key can obtain, in days (admins may issue up to ten
+    /// years). The enroll key ships to every phone, so whoever extracts it gets no more.
+    pub max_enroll_credential_days: u32,
+    /// Enrollments one `enroll` key may make per minute (also the burst); more are refused
+    /// with RESOURCE_EXHAUSTED / HTTP 429, so a leaked key cannot flood the registry.
+    pub enrollments_per_key_per_minute: u32,
 }
 
 impl Default for Limits {
@@ -275,6 +281,8 @@ impl Default for Limits {
             diag_site_drop_window_secs: 30,
             observe_sessions_per_device: 20,
             observe_deliveries_per_device: 50,
+            max_enroll_credential_days: 365,
+            enrollments_per_key_per_minute: 60,
         }
     }
 }
@@ -315,6 +323,12 @@ impl Config {
         }
         if l.default_ring_secs == 0 || l.default_ring_secs > l.max_ring_secs {
             return bad("limits.default_ring_secs must be positive and at most limits.max_ring_secs");
+        }
+        if l.max_enroll_credential_days == 0 || l.max_enroll_credential_days > 3650 {
+            return bad("limits.max_enroll_credential_days must be between 1 and 3650");
+        }
+        if l.enrollments_per_key_per_minute == 0 {
+            return bad("limits.enrollments_per_key_per_minute must be positive");
         }
         if l.call_ack_window_ms == 0 {
             return bad("limits.call_ack_window_ms must be positive");
