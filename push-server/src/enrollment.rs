@@ -268,7 +268,14 @@ impl Enroller {
     }
 
     /// Log an enrollment (never the credential) and keep it for the dashboard.
-    fn remember(&self, caller: Caller<'_>, device_id: &str, kind: &'static str, groups: Vec<String>, c: &Credential) {
+    fn remember(
+        &self,
+        caller: Caller<'_>,
+        device_id: &str,
+        kind: &'static str,
+        groups: Vec<String>,
+        c: &Credential,
+    ) {
         let source = caller.source.map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(
             device = %device_id, kind, api_key = %caller.key.name(), key_id = %caller.key.id,
@@ -295,7 +302,11 @@ impl Enroller {
     /// Enroll a device: a credential plus everything the container app saves. An admin key
     /// may (re-)enroll any device with any groups; an `enroll` key is held to the rules in the
     /// module docs.
-    pub async fn enroll(&self, req: EnrollDeviceRequest, caller: Caller<'_>) -> Result<Enrollment, EnrollError> {
+    pub async fn enroll(
+        &self,
+        req: EnrollDeviceRequest,
+        caller: Caller<'_>,
+    ) -> Result<Enrollment, EnrollError> {
         let mut warnings = Vec::new();
         let (credential, kind, groups) = if caller.key.grants(Scope::Admin) {
             check_names(&req.device_id, &req.groups)?;
@@ -337,9 +348,7 @@ impl Enroller {
                 }
                 d => d,
             };
-            let (c, _) = self
-                .register(&req.device_id, groups.clone(), days, true)
-                .await?;
+            let (c, _) = self.register(&req.device_id, groups.clone(), days, true).await?;
             (c, "enroll", groups)
         } else {
             return Err(EnrollError::NotAllowed(format!(

@@ -8,14 +8,13 @@ use push_proto::{
     device::CancelReason,
     sender::{
         ApiKeyInfo, ApiKeyState, CancelCallRequest, CancelCallResponse, CreateApiKeyRequest,
-        CreateApiKeyResponse, DeliveryState, ListApiKeysRequest, ListApiKeysResponse, RevokeApiKeyRequest,
-        RevokeApiKeyResponse,
-        DeliveryUpdate, DeviceInfo, EnrollDeviceRequest, Enrollment, GetMessageStatusRequest,
-        IssueDeviceCredentialRequest, IssueDeviceCredentialResponse, ListDevicesRequest, ListDevicesResponse,
-        MessageStatus, PlaceCallRequest, PlaceCallResponse, PresenceEvent, Recipient, RevokeDeviceRequest,
-        RevokeDeviceResponse, SendMessageRequest, SendMessageResponse, SetVoipTokenRequest,
-        SetVoipTokenResponse, Target, VoipTokenState, WatchCallRequest, WatchPresenceRequest,
-        push_admin_server, push_sender_server, target,
+        CreateApiKeyResponse, DeliveryState, DeliveryUpdate, DeviceInfo, EnrollDeviceRequest, Enrollment,
+        GetMessageStatusRequest, IssueDeviceCredentialRequest, IssueDeviceCredentialResponse,
+        ListApiKeysRequest, ListApiKeysResponse, ListDevicesRequest, ListDevicesResponse, MessageStatus,
+        PlaceCallRequest, PlaceCallResponse, PresenceEvent, Recipient, RevokeApiKeyRequest,
+        RevokeApiKeyResponse, RevokeDeviceRequest, RevokeDeviceResponse, SendMessageRequest,
+        SendMessageResponse, SetVoipTokenRequest, SetVoipTokenResponse, Target, VoipTokenState,
+        WatchCallRequest, WatchPresenceRequest, push_admin_server, push_sender_server, target,
     },
 };
 use tokio::sync::{broadcast, mpsc};

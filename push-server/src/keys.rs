@@ -256,7 +256,9 @@ impl Keys {
             ));
         }
         if new.valid_days > MAX_KEY_DAYS {
-            return invalid(format!("valid_days must be at most {MAX_KEY_DAYS} (0: never expires)"));
+            return invalid(format!(
+                "valid_days must be at most {MAX_KEY_DAYS} (0: never expires)"
+            ));
         }
         if !new.enroll_groups.is_empty() && !new.scopes.iter().any(|s| s == "enroll") {
             return invalid("enroll groups apply only to a key with the enroll scope".into());
@@ -328,9 +330,7 @@ impl Keys {
             return Ok(summary(&hash, &record, now));
         }
         let usable_admin = |h: &String, r: &ApiKeyRecord| {
-            *h != hash
-                && summary(h, r, now).state == KeyState::Active
-                && Scope::Admin.granted_by(&r.scopes)
+            *h != hash && summary(h, r, now).state == KeyState::Active && Scope::Admin.granted_by(&r.scopes)
         };
         if Scope::Admin.granted_by(&record.scopes) && !keys.iter().any(|(h, r)| usable_admin(h, r)) {
             return Err(KeyError::Refused(format!(

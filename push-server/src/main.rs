@@ -7,9 +7,10 @@ use clap::{Args, Parser, Subcommand};
 use push_proto::{
     device::{CancelReason, Hello, Priority},
     sender::{
-        ApiKeyState, CancelCallRequest, CreateApiKeyRequest, DeviceList, ListApiKeysRequest, RevokeApiKeyRequest, EnrollDeviceRequest, GetMessageStatusRequest,
-        IssueDeviceCredentialRequest, ListDevicesRequest, PlaceCallRequest, RevokeDeviceRequest,
-        SendMessageRequest, SetVoipTokenRequest, Target, VoipTokenState, target,
+        ApiKeyState, CancelCallRequest, CreateApiKeyRequest, DeviceList, EnrollDeviceRequest,
+        GetMessageStatusRequest, IssueDeviceCredentialRequest, ListApiKeysRequest, ListDevicesRequest,
+        PlaceCallRequest, RevokeApiKeyRequest, RevokeDeviceRequest, SendMessageRequest, SetVoipTokenRequest,
+        Target, VoipTokenState, target,
     },
 };
 use push_server::{

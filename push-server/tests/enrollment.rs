@@ -253,7 +253,10 @@ async fn a_site_without_host_or_ssids_is_enrolled_with_warnings() {
 }
 
 fn groups_of(devices: &[push_proto::sender::DeviceInfo], id: &str) -> Option<Vec<String>> {
-    devices.iter().find(|d| d.device_id == id).map(|d| d.groups.clone())
+    devices
+        .iter()
+        .find(|d| d.device_id == id)
+        .map(|d| d.groups.clone())
 }
 
 #[tokio::test]
@@ -274,7 +277,11 @@ async fn an_enroll_key_enrolls_only_into_its_groups_and_up_to_the_lifetime_cap()
         assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
         assert!(e.message().contains("\"icu\""), "{e:?}");
     }
-    assert_eq!(groups_of(&h.list_devices("", false).await, "phone-1"), None, "nothing registered");
+    assert_eq!(
+        groups_of(&h.list_devices("", false).await, "phone-1"),
+        None,
+        "nothing registered"
+    );
 
     let cap_ms = now_ms() + 30 * 86_400_000;
     let all = app
@@ -283,11 +290,24 @@ async fn an_enroll_key_enrolls_only_into_its_groups_and_up_to_the_lifetime_cap()
         .await
         .unwrap()
         .into_inner();
-    assert!(all.credential_expires_at_ms <= cap_ms + 60_000, "{}", all.credential_expires_at_ms);
-    assert!(all.warnings.iter().any(|w| w.contains("max_enroll_credential_days")), "{:?}", all.warnings);
+    assert!(
+        all.credential_expires_at_ms <= cap_ms + 60_000,
+        "{}",
+        all.credential_expires_at_ms
+    );
+    assert!(
+        all.warnings
+            .iter()
+            .any(|w| w.contains("max_enroll_credential_days")),
+        "{:?}",
+        all.warnings
+    );
     let credential = all.provider_configuration.unwrap().credential;
     let claims = h.authority().verify(&credential).unwrap();
-    assert!(claims.exp as i64 * 1000 <= cap_ms + 60_000, "the credential itself is capped");
+    assert!(
+        claims.exp as i64 * 1000 <= cap_ms + 60_000,
+        "the credential itself is capped"
+    );
     let one = app
         .admin()
         .enroll_device(ask("phone-3", &["site:north"], 0))
@@ -332,7 +352,11 @@ async fn concurrent_enrollments_of_one_new_id_register_it_once() {
                 Err(e) => assert_eq!(e.code(), Code::AlreadyExists, "{e:?}"),
             }
         }
-        assert_eq!(credentials.len(), 1, "round {round}: exactly one enrollment of {id}");
+        assert_eq!(
+            credentials.len(),
+            1,
+            "round {round}: exactly one enrollment of {id}"
+        );
         h.connect(&credentials[0], 0)
             .await
             .expect("the one credential works");
@@ -405,8 +429,15 @@ async fn every_enrollment_is_listed_on_the_dashboard() {
     assert_eq!(row["kind"], "enroll");
     assert!(row["source"].as_str().unwrap().starts_with("127.0.0.1:"), "{row}");
     assert!(row["at_ms"].as_i64().unwrap() > 0);
-    assert!(rows.iter().any(|r| r["device_id"] == "phone-8" && r["kind"] == "issue"), "{body}");
-    assert!(!body.contains(&credential) && !body.contains(&app_key), "no secrets listed");
+    assert!(
+        rows.iter()
+            .any(|r| r["device_id"] == "phone-8" && r["kind"] == "issue"),
+        "{body}"
+    );
+    assert!(
+        !body.contains(&credential) && !body.contains(&app_key),
+        "no secrets listed"
+    );
 
     // The enroll key itself cannot read the list.
     let (status, _, _) = h

@@ -94,9 +94,15 @@ async fn a_revoked_key_is_refused_at_once_and_its_stream_and_dashboard_session_e
     // Listing shows the id (a short prefix of the hash), never the key or the whole hash.
     let listed = list(&h).await;
     let text = format!("{listed:?}");
-    assert!(!text.contains(&key) && !text.contains(&api_key_hash(&key)), "{text}");
+    assert!(
+        !text.contains(&key) && !text.contains(&api_key_hash(&key)),
+        "{text}"
+    );
     let mine = listed.iter().find(|k| k.name == "ward-screen").unwrap();
-    assert_eq!((mine.key_id.as_str(), mine.state()), (id.as_str(), ApiKeyState::Active));
+    assert_eq!(
+        (mine.key_id.as_str(), mine.state()),
+        (id.as_str(), ApiKeyState::Active)
+    );
     assert!(listed.iter().all(|k| k.key_id.len() == 12), "{listed:?}");
     let (_, _, dashboard_list) = h
         .https(
@@ -147,15 +153,10 @@ async fn a_revoked_key_is_refused_at_once_and_its_stream_and_dashboard_session_e
         .revoke_api_key(RevokeApiKeyRequest { key_id: id.clone() })
         .await
         .unwrap();
-    for (bad, code) in [
-        ("000000000000", Code::NotFound),
-        ("zz", Code::InvalidArgument),
-    ] {
+    for (bad, code) in [("000000000000", Code::NotFound), ("zz", Code::InvalidArgument)] {
         let e = h
             .admin()
-            .revoke_api_key(RevokeApiKeyRequest {
-                key_id: bad.into(),
-            })
+            .revoke_api_key(RevokeApiKeyRequest { key_id: bad.into() })
             .await
             .unwrap_err();
         assert_eq!(e.code(), code, "{e:?}");
@@ -281,8 +282,7 @@ async fn keys_stored_by_the_previous_release_still_work() {
                 created_at_ms: 1_700_000_000_000,
             };
             let bytes = postcard::to_allocvec(&old).unwrap();
-            t.insert(api_key_hash(&key).as_str(), bytes.as_slice())
-                .unwrap();
+            t.insert(api_key_hash(&key).as_str(), bytes.as_slice()).unwrap();
         }
         txn.commit().unwrap();
         // The CLI and the harness read the admin key from here; the server creates none.
@@ -295,7 +295,11 @@ async fn keys_stored_by_the_previous_release_still_work() {
     let listed = list(&h).await;
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(
-        (listed[0].name.as_str(), listed[0].state(), listed[0].expires_at_ms),
+        (
+            listed[0].name.as_str(),
+            listed[0].state(),
+            listed[0].expires_at_ms
+        ),
         ("admin", ApiKeyState::Active, 0)
     );
 }
@@ -318,7 +322,10 @@ async fn a_reissued_credential_replaces_the_old_one_and_the_new_phone_keeps_its_
     // replaced.
     match h.connect(&old, 0).await {
         Err(ClientError::Goodbye { reason, .. }) => assert!(
-            matches!(reason, GoodbyeReason::CredentialRevoked | GoodbyeReason::AuthFailed),
+            matches!(
+                reason,
+                GoodbyeReason::CredentialRevoked | GoodbyeReason::AuthFailed
+            ),
             "{reason:?}"
         ),
         Err(other) => panic!("expected CREDENTIAL_REVOKED, got {other}"),

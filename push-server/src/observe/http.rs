@@ -377,7 +377,10 @@ async fn login(State(d): State<Shared>, Json(form): Json<LoginForm>) -> Response
 
 async fn logout(State(d): State<Shared>, headers: HeaderMap) -> Response {
     if let Some(id) = cookie(&headers) {
-        d.sessions.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+        d.sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
     }
     let clear = format!("{COOKIE}=; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age=0");
     ([(header::SET_COOKIE, clear)], StatusCode::NO_CONTENT).into_response()
@@ -511,7 +514,7 @@ struct EnrollForm {
 
 async fn enroll(
     State(d): State<Shared>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     headers: HeaderMap,
     Json(form): Json<EnrollForm>,
 ) -> Response {
@@ -622,6 +625,17 @@ async fn events(State(d): State<Shared>, headers: HeaderMap) -> Response {
         .into_response()
 }
 
+/// The peer address of a connection from [`TlsIncoming`] (axum provides connect info only for
+/// its own listeners).
+#[derive(Clone, Copy, Debug)]
+struct Peer(SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsIncoming>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsIncoming>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
 /// Hands TLS connections accepted by our own loop to axum.
 struct TlsIncoming {
     rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
@@ -682,7 +696,7 @@ pub fn serve(
     Ok(async move {
         let incoming = TlsIncoming { rx, addr };
         // Connect info: `POST /v1/enroll` records the peer's address.
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
+        let app = app.into_make_service_with_connect_info::<Peer>();
         if let Err(e) = axum::serve(incoming, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
