@@ -653,7 +653,7 @@ mod tests {
             ]
         );
         assert_eq!(store.receipts("m10").expect("receipts").len(), 1);
-        assert_eq!(store.api_key("abc").expect("api key"), Some(key));
+        assert_eq!(store.api_key("abc").expect("api key"), Some(key.clone()));
         assert_eq!(store.api_key("ab").expect("api key"), None);
         assert_eq!(store.api_keys().expect("api keys"), vec![("abc".into(), key)]);
     }
@@ -695,8 +695,9 @@ mod tests {
             .unwrap()
             .open_table(LEGACY_API_KEYS)
             .unwrap()
-            .len()
-            .unwrap();
+            .iter()
+            .unwrap()
+            .count();
         assert_eq!(legacy_left, 0);
     }
 
