@@ -15,12 +15,14 @@ use push_server::{
     auth::DeviceAuthority,
     config::{Config, Limits},
     enrollment::{Caller, EnrollForm, Enroller, SiteProfile},
+    keys::{Holder, Keys, NewKey},
     pki,
 };
 
 struct World {
     rt: tokio::runtime::Runtime,
     enroller: Enroller,
+    admin: Holder,
     _dir: tempfile::TempDir,
 }
 
@@ -31,10 +33,24 @@ fn world() -> &'static World {
     WORLD.get_or_init(|| {
         let dir = scratch_dir();
         let rt = runtime();
-        let (hub, _store) = {
+        let (hub, store) = {
             let _enter = rt.enter();
             hub_in(dir.path(), Limits::default())
         };
+        let keys = Keys::new(store);
+        let admin = rt
+            .block_on(async {
+                let (key, _) = keys
+                    .create(NewKey {
+                        name: "fuzz-admin".into(),
+                        scopes: vec!["admin".into()],
+                        valid_days: 0,
+                        enroll_groups: Vec::new(),
+                    })
+                    .await?;
+                keys.authenticate(&key)
+            })
+            .expect("an admin key");
         let auth = DeviceAuthority::load_or_create(dir.path()).expect("device key");
         let names = vec!["push.ward.local".to_string()];
         let (pki, _) = pki::load_or_create(&dir.path().join("tls"), &names).expect("pki");
@@ -46,6 +62,7 @@ fn world() -> &'static World {
         let site = SiteProfile::new(&cfg, "0.0.0.0:7443".parse().unwrap(), &pki);
         World {
             enroller: Enroller::new(hub, Arc::new(auth), site),
+            admin,
             rt,
             _dir: dir,
         }
@@ -58,7 +75,14 @@ fuzz_target!(|body: &[u8]| {
     };
     let w = world();
     let device_id = form.device_id.clone();
-    let Ok(enrollment) = w.rt.block_on(w.enroller.enroll(form.into(), Caller::Admin)) else {
+    let Ok(enrollment) = w.rt.block_on(w.enroller.enroll(
+        form.into(),
+        Caller {
+            key: &w.admin,
+            source: None,
+            via: "https",
+        },
+    )) else {
         return;
     };
     let root =

@@ -278,6 +278,12 @@ pub struct Limits {
     pub api_requests_per_sec_per_key: u32,
     /// gRPC requests one API key may make in a burst above the sustained rate.
     pub api_request_burst_per_key: u32,
+    /// Longest credential an `enroll` key can obtain, in days (admins may issue up to ten
+    /// years). The enroll key ships to every phone, so whoever extracts it gets no more.
+    pub max_enroll_credential_days: u32,
+    /// Enrollments one `enroll` key may make per minute (also the burst); more are refused
+    /// with RESOURCE_EXHAUSTED / HTTP 429, so a leaked key cannot flood the registry.
+    pub enrollments_per_key_per_minute: u32,
 }
 
 /// Bounds on TLS handshakes of one listener. A connection over any of them is closed before
@@ -412,6 +418,8 @@ impl Default for Limits {
             device_login_burst: 10,
             api_requests_per_sec_per_key: 5_000,
             api_request_burst_per_key: 10_000,
+            max_enroll_credential_days: 365,
+            enrollments_per_key_per_minute: 60,
         }
     }
 }
@@ -452,6 +460,12 @@ impl Config {
         }
         if l.default_ring_secs == 0 || l.default_ring_secs > l.max_ring_secs {
             return bad("limits.default_ring_secs must be positive and at most limits.max_ring_secs");
+        }
+        if l.max_enroll_credential_days == 0 || l.max_enroll_credential_days > 3650 {
+            return bad("limits.max_enroll_credential_days must be between 1 and 3650");
+        }
+        if l.enrollments_per_key_per_minute == 0 {
+            return bad("limits.enrollments_per_key_per_minute must be positive");
         }
         if l.call_ack_window_ms == 0 {
             return bad("limits.call_ack_window_ms must be positive");

@@ -8,14 +8,34 @@
 //! list or JSON over HTTPS (`POST /v1/enroll`); the `providerConfiguration` keys are the ones
 //! the provider (crate `nepush-provider`) reads.
 //!
-//! An `enroll` key may only enroll devices that are not registered yet: it cannot take over an
-//! existing phone's identity. Re-enrolling a known device is an admin's act.
+//! An `enroll` key ships to every phone through MDM, so it is treated as public: it may only
+//! enroll devices that are not registered yet (decided atomically with the registration, see
+//! `Hub::register_new_device`), only into the groups fixed on the key when it was created (the
+//! request may name a subset; none means all of them), with a credential no longer than
+//! `limits.max_enroll_credential_days`, and at most `limits.enrollments_per_key_per_minute`
+//! times a minute per key. Re-enrolling a known device is an admin's act, and moves the device
+//! to a new credential generation. Every enrollment and credential issue is logged (never the
+//! credential) and kept in a bounded list the dashboard shows.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    num::NonZeroU32,
+    sync::{Arc, Mutex, PoisonError},
+};
 
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use push_proto::sender::{EnrollDeviceRequest, Enrollment, ProviderConfiguration, PushManagerConfig};
+use serde::Serialize;
 
-use crate::{auth::DeviceAuthority, config::Config, hub::Hub, pki::Pki, store::StoreError};
+use crate::{
+    auth::{DeviceAuthority, Scope},
+    config::Config,
+    hub::{Hub, now_ms},
+    keys::Holder,
+    pki::Pki,
+    store::StoreError,
+};
 
 /// iOS accepts at most this many SSIDs in one `NEAppPushManager.matchSSIDs`.
 pub const SSIDS_PER_MANAGER: usize = 10;
@@ -24,6 +44,8 @@ const DEFAULT_VALID_DAYS: u32 = 365;
 const MAX_VALID_DAYS: u32 = 3650;
 /// Longest device id or group name.
 const MAX_NAME_BYTES: usize = 128;
+/// Enrollments kept for the dashboard.
+pub const RECENT_ENROLLMENTS: usize = 200;
 
 /// Why an enrollment (or a credential) was refused.
 #[derive(Debug, thiserror::Error)]
@@ -36,18 +58,51 @@ pub enum EnrollError {
         "device {0:?} is already enrolled; an admin re-enrolls it (`push-server device enroll`, admin key)"
     )]
     AlreadyEnrolled(String),
+    /// The key may not do this (no enroll scope, or a group it was not given).
+    #[error("{0}")]
+    NotAllowed(String),
+    /// The key enrolled too often within the last minute.
+    #[error(
+        "API key {0:?} made too many enrollments (limits.enrollments_per_key_per_minute); retry in a minute"
+    )]
+    RateLimited(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-/// Who asks, which decides whether an existing device may be enrolled again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Caller {
-    /// An admin key: may (re-)enroll any device.
-    Admin,
-    /// An `enroll` key, as carried by a managed container app: new devices only.
-    App,
+/// Who asks: the authenticated key, where from, and over which API.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    /// The key.
+    pub key: &'a Holder,
+    /// The peer's address, when known.
+    pub source: Option<SocketAddr>,
+    /// "grpc" or "https".
+    pub via: &'static str,
+}
+
+/// One enrollment or credential issue, as the dashboard lists it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct EnrollmentEvent {
+    /// Unix ms.
+    pub at_ms: i64,
+    /// The device.
+    pub device_id: String,
+    /// "enroll", "re-enroll" (admin), "issue" or "re-issue" (admin, credential only).
+    pub kind: &'static str,
+    /// Name of the key used.
+    pub key_name: String,
+    /// Id of the key used (hash prefix).
+    pub key_id: String,
+    /// Peer address; empty when unknown.
+    pub source: String,
+    /// "grpc" or "https".
+    pub via: &'static str,
+    /// Groups the device joined.
+    pub groups: Vec<String>,
+    /// Credential expiry, Unix ms.
+    pub expires_at_ms: i64,
 }
 
 /// A credential just issued.
@@ -158,50 +213,175 @@ pub struct Enroller {
     hub: Hub,
     auth: Arc<DeviceAuthority>,
     site: Arc<SiteProfile>,
+    /// Enrollments per `enroll` key (by key id). Only authenticated keys reach it, so its
+    /// memory is bounded by the number of keys.
+    limiter: Arc<DefaultKeyedRateLimiter<String>>,
+    recent: Arc<Mutex<VecDeque<EnrollmentEvent>>>,
 }
 
 impl Enroller {
-    /// An enroller over the hub's device registry.
+    /// An enroller over the hub's device registry, with the hub's limits.
     pub fn new(hub: Hub, auth: Arc<DeviceAuthority>, site: SiteProfile) -> Self {
+        let per_minute =
+            NonZeroU32::new(hub.limits().enrollments_per_key_per_minute).unwrap_or(NonZeroU32::MIN);
         Self {
             hub,
             auth,
             site: Arc::new(site),
+            limiter: Arc::new(RateLimiter::keyed(Quota::per_minute(per_minute))),
+            recent: Arc::default(),
         }
     }
 
-    /// Register the device (or update its groups) and issue a credential valid for
-    /// `valid_days` (0: a year; at most ten years).
+    /// The latest enrollments and credential issues, newest first (at most
+    /// [`RECENT_ENROLLMENTS`], since this process started).
+    pub fn recent(&self) -> Vec<EnrollmentEvent> {
+        let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        recent.iter().rev().cloned().collect()
+    }
+
+    /// Register the device (or update its groups, invalidating its earlier credentials) and
+    /// issue a credential valid for `valid_days` (0: a year; at most ten years). Admin only.
     pub async fn issue_credential(
         &self,
+        caller: Caller<'_>,
         device_id: &str,
         groups: Vec<String>,
         valid_days: u32,
     ) -> Result<Credential, EnrollError> {
-        check_name("device_id", device_id)?;
-        for g in &groups {
-            check_name("group", g)?;
+        if !caller.key.grants(Scope::Admin) {
+            return Err(EnrollError::NotAllowed(format!(
+                "API key {:?} lacks the Admin scope",
+                caller.key.name()
+            )));
         }
+        check_names(device_id, &groups)?;
         let days = match valid_days {
             0 => DEFAULT_VALID_DAYS,
             d => d.min(MAX_VALID_DAYS),
         };
-        let generation = self.hub.register_device(device_id, groups).await?;
-        let (token, claims) = self.auth.issue(device_id, generation, u64::from(days) * 86_400);
-        Ok(Credential {
-            token,
-            expires_at_ms: claims.exp as i64 * 1000,
-        })
+        let (credential, existed) = self.register(device_id, groups.clone(), days, false).await?;
+        let kind = if existed { "re-issue" } else { "issue" };
+        self.remember(caller, device_id, kind, groups, &credential);
+        Ok(credential)
     }
 
-    /// Enroll a device: a credential plus everything the container app saves.
-    pub async fn enroll(&self, req: EnrollDeviceRequest, caller: Caller) -> Result<Enrollment, EnrollError> {
-        if caller == Caller::App && self.hub.device_view(&req.device_id).is_some() {
-            return Err(EnrollError::AlreadyEnrolled(req.device_id));
+    /// Register and issue; `new_only`: refuse a known device. Also says whether the device
+    /// existed before (for the log only: `new_only` decides atomically in the hub).
+    async fn register(
+        &self,
+        device_id: &str,
+        groups: Vec<String>,
+        days: u32,
+        new_only: bool,
+    ) -> Result<(Credential, bool), EnrollError> {
+        let existed = self.hub.device_view(device_id).is_some();
+        let generation = if new_only {
+            self.hub
+                .register_new_device(device_id, groups)
+                .await?
+                .ok_or_else(|| EnrollError::AlreadyEnrolled(device_id.into()))?
+        } else {
+            self.hub.register_device(device_id, groups).await?
+        };
+        let (token, claims) = self.auth.issue(device_id, generation, u64::from(days) * 86_400);
+        let credential = Credential {
+            token,
+            expires_at_ms: claims.exp as i64 * 1000,
+        };
+        Ok((credential, existed))
+    }
+
+    /// Log an enrollment (never the credential) and keep it for the dashboard.
+    fn remember(
+        &self,
+        caller: Caller<'_>,
+        device_id: &str,
+        kind: &'static str,
+        groups: Vec<String>,
+        c: &Credential,
+    ) {
+        let source = caller.source.map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(
+            device = %device_id, kind, api_key = %caller.key.name(), key_id = %caller.key.id,
+            source = %source, via = caller.via, groups = ?groups, expires_at_ms = c.expires_at_ms,
+            "device enrolled"
+        );
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        if recent.len() >= RECENT_ENROLLMENTS {
+            recent.pop_front();
         }
-        let credential = self
-            .issue_credential(&req.device_id, req.groups, req.valid_days)
-            .await?;
+        recent.push_back(EnrollmentEvent {
+            at_ms: now_ms(),
+            device_id: device_id.into(),
+            kind,
+            key_name: caller.key.name().into(),
+            key_id: caller.key.id.clone(),
+            source,
+            via: caller.via,
+            groups,
+            expires_at_ms: c.expires_at_ms,
+        });
+    }
+
+    /// Enroll a device: a credential plus everything the container app saves. An admin key
+    /// may (re-)enroll any device with any groups; an `enroll` key is held to the rules in the
+    /// module docs.
+    pub async fn enroll(
+        &self,
+        req: EnrollDeviceRequest,
+        caller: Caller<'_>,
+    ) -> Result<Enrollment, EnrollError> {
+        let mut warnings = Vec::new();
+        let (credential, kind, groups) = if caller.key.grants(Scope::Admin) {
+            check_names(&req.device_id, &req.groups)?;
+            let days = match req.valid_days {
+                0 => DEFAULT_VALID_DAYS,
+                d => d.min(MAX_VALID_DAYS),
+            };
+            let (c, existed) = self
+                .register(&req.device_id, req.groups.clone(), days, false)
+                .await?;
+            (c, if existed { "re-enroll" } else { "enroll" }, req.groups)
+        } else if caller.key.grants(Scope::Enroll) {
+            // Every attempt counts, refused ones too: probing for ids costs the same.
+            if self.limiter.check_key(&caller.key.id).is_err() {
+                tracing::warn!(api_key = %caller.key.name(), key_id = %caller.key.id, "enrollment rate limit reached");
+                return Err(EnrollError::RateLimited(caller.key.name().into()));
+            }
+            check_names(&req.device_id, &req.groups)?;
+            let allowed = &caller.key.record.enroll_groups;
+            let groups = if req.groups.is_empty() {
+                allowed.clone()
+            } else if let Some(g) = req.groups.iter().find(|g| !allowed.contains(g)) {
+                return Err(EnrollError::NotAllowed(format!(
+                    "group {g:?} is not among the groups of API key {:?} ({}); an admin sets them when creating the key",
+                    caller.key.name(),
+                    allowed.join(", ")
+                )));
+            } else {
+                req.groups
+            };
+            let cap = self.hub.limits().max_enroll_credential_days;
+            let days = match req.valid_days {
+                0 => DEFAULT_VALID_DAYS.min(cap),
+                d if d > cap => {
+                    warnings.push(format!(
+                        "valid_days {d} was shortened to {cap} (limits.max_enroll_credential_days)"
+                    ));
+                    cap
+                }
+                d => d,
+            };
+            let (c, _) = self.register(&req.device_id, groups.clone(), days, true).await?;
+            (c, "enroll", groups)
+        } else {
+            return Err(EnrollError::NotAllowed(format!(
+                "API key {:?} lacks the enroll scope",
+                caller.key.name()
+            )));
+        };
+        self.remember(caller, &req.device_id, kind, groups, &credential);
         let site = &self.site;
         let managers: Vec<PushManagerConfig> = site
             .ssids
@@ -234,7 +414,7 @@ impl Enroller {
                 match_ssids: site.ssids.clone(),
             }),
             managers,
-            warnings: site.warnings.clone(),
+            warnings: site.warnings.iter().cloned().chain(warnings).collect(),
             plist: String::new(),
         };
         enrollment.plist = to_plist_xml(&enrollment);
@@ -290,6 +470,11 @@ pub fn to_plist_xml(e: &Enrollment) -> String {
     plist::to_writer_xml(&mut out, &plist::Value::Dictionary(to_plist(e)))
         .expect("writing a plist of strings and integers to memory cannot fail");
     String::from_utf8(out).expect("XML plists are UTF-8")
+}
+
+fn check_names(device_id: &str, groups: &[String]) -> Result<(), EnrollError> {
+    check_name("device_id", device_id)?;
+    groups.iter().try_for_each(|g| check_name("group", g))
 }
 
 /// A device id or group name: 1-128 bytes, no control characters.

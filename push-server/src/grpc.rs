@@ -1,19 +1,20 @@
 //! The sender and admin gRPC API (tonic). The only module that knows tonic; it translates
 //! requests into hub calls and hub outcomes into statuses, and checks every caller's API key.
 
-use std::{collections::HashMap, pin::Pin, sync::Arc};
+use std::{collections::HashMap, net::SocketAddr, pin::Pin, sync::Arc};
 
 use futures::Stream;
 use push_proto::{
     device::CancelReason,
     sender::{
-        CancelCallRequest, CancelCallResponse, CreateApiKeyRequest, CreateApiKeyResponse, DeliveryState,
-        DeliveryUpdate, DeviceInfo, EnrollDeviceRequest, Enrollment, GetMessageStatusRequest,
-        IssueDeviceCredentialRequest, IssueDeviceCredentialResponse, ListDevicesRequest, ListDevicesResponse,
-        MessageStatus, PlaceCallRequest, PlaceCallResponse, PresenceEvent, Recipient, RevokeDeviceRequest,
-        RevokeDeviceResponse, SendMessageRequest, SendMessageResponse, SetVoipTokenRequest,
-        SetVoipTokenResponse, Target, VoipTokenState, WatchCallRequest, WatchPresenceRequest,
-        push_admin_server, push_sender_server, target,
+        ApiKeyInfo, ApiKeyState, CancelCallRequest, CancelCallResponse, CreateApiKeyRequest,
+        CreateApiKeyResponse, DeliveryState, DeliveryUpdate, DeviceInfo, EnrollDeviceRequest, Enrollment,
+        GetMessageStatusRequest, IssueDeviceCredentialRequest, IssueDeviceCredentialResponse,
+        ListApiKeysRequest, ListApiKeysResponse, ListDevicesRequest, ListDevicesResponse, MessageStatus,
+        PlaceCallRequest, PlaceCallResponse, PresenceEvent, Recipient, RevokeApiKeyRequest,
+        RevokeApiKeyResponse, RevokeDeviceRequest, RevokeDeviceResponse, SendMessageRequest,
+        SendMessageResponse, SetVoipTokenRequest, SetVoipTokenResponse, Target, VoipTokenState,
+        WatchCallRequest, WatchPresenceRequest, push_admin_server, push_sender_server, target,
     },
 };
 use tokio::sync::{broadcast, mpsc};
@@ -23,11 +24,12 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     admission::KeyedRate,
-    auth::{Scope, api_key_hash, bearer_token, new_api_key},
+    auth::{Scope, bearer_token},
     enrollment::{Caller, EnrollError, Enroller, check_name},
     hub::{CallRequest, Hub, MessageRequest, SendError, now_ms},
+    keys::{Holder, KeyError, KeyState, KeySummary, Keys, NewKey},
     observe::metrics,
-    store::{ApiKeyRecord, Op, Receipt, ReceiptState},
+    store::{Receipt, ReceiptState},
 };
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -38,40 +40,15 @@ pub struct Api {
     hub: Hub,
     enroller: Enroller,
     shutdown: CancellationToken,
-    keys: Arc<KeyCache>,
+    keys: Arc<Keys>,
     /// Requests per API key, by key (like `keys`: in memory only, never logged).
     rate: Arc<KeyedRate<String>>,
 }
 
-/// API keys verified recently, by key, so that a busy sender does not cost a store read and a
-/// SHA-256 on every request. An entry is trusted for [`KEY_CACHE_TTL`] only, so a key changed
-/// in the store is seen within that time; only known keys are cached, at most [`KEY_CACHE_MAX`].
-#[derive(Default)]
-struct KeyCache(std::sync::Mutex<HashMap<String, (ApiKeyRecord, std::time::Instant)>>);
-
-const KEY_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
-const KEY_CACHE_MAX: usize = 256;
-
-impl KeyCache {
-    fn get(&self, key: &str) -> Option<ApiKeyRecord> {
-        let keys = self.0.lock().expect("poisoned");
-        keys.get(key)
-            .filter(|(_, at)| at.elapsed() < KEY_CACHE_TTL)
-            .map(|(record, _)| record.clone())
-    }
-
-    fn put(&self, key: &str, record: &ApiKeyRecord) {
-        let mut keys = self.0.lock().expect("poisoned");
-        if keys.len() >= KEY_CACHE_MAX {
-            keys.clear();
-        }
-        keys.insert(key.to_owned(), (record.clone(), std::time::Instant::now()));
-    }
-}
-
 impl Api {
-    /// Services over `hub`; watch streams end at `shutdown`.
-    pub fn new(hub: Hub, enroller: Enroller, shutdown: CancellationToken) -> Self {
+    /// Services over `hub`, authenticating with `keys`; watch streams end at `shutdown` (and
+    /// when their key is revoked or expires).
+    pub fn new(hub: Hub, enroller: Enroller, keys: Arc<Keys>, shutdown: CancellationToken) -> Self {
         let limits = hub.limits();
         let rate = KeyedRate::new(
             std::time::Duration::from_secs(1),
@@ -82,7 +59,7 @@ impl Api {
             hub,
             enroller,
             shutdown,
-            keys: Arc::default(),
+            keys,
             rate: Arc::new(rate),
         }
     }
@@ -97,56 +74,48 @@ impl Api {
         push_admin_server::PushAdminServer::new(self.clone())
     }
 
-    /// Check the caller's API key for `scope`; returns the key's name for logs.
-    fn authorize<T>(&self, req: &Request<T>, scope: Scope) -> Result<String, Status> {
-        let record = self.caller(req)?;
-        if !scope.granted_by(&record.scopes) {
+    /// Check the caller's API key for `scope`.
+    fn authorize<T>(&self, req: &Request<T>, scope: Scope) -> Result<Holder, Status> {
+        let holder = self.caller(req)?;
+        if !holder.grants(scope) {
             return Err(Status::permission_denied(format!(
                 "API key {:?} lacks the {scope:?} scope",
-                record.name
+                holder.name()
             )));
         }
-        Ok(record.name)
+        Ok(holder)
     }
 
-    /// The caller's API key record.
-    fn caller<T>(&self, req: &Request<T>) -> Result<ApiKeyRecord, Status> {
+    /// The caller's API key: known, not revoked, not expired.
+    fn caller<T>(&self, req: &Request<T>) -> Result<Holder, Status> {
         let key = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(bearer_token)
             .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <api key>`"))?;
-        if let Some(record) = self.keys.get(key) {
-            return self.within_rate(key, record);
-        }
-        let record = self
-            .hub
-            .store()
-            .api_key(&api_key_hash(key))
-            .map_err(|e| Status::unavailable(e.to_string()))?
-            .ok_or_else(|| Status::unauthenticated("unknown API key"))?;
-        self.keys.put(key, &record);
-        self.within_rate(key, record)
+        let holder = self.keys.authenticate(key).map_err(key_status)?;
+        self.within_rate(key, holder)
     }
 
     /// Take one request from the key's rate (`limits.api_requests_per_sec_per_key`): a sender
     /// in a retry loop must not take the hub from the others. Only known keys get here, so the
     /// limiter holds at most one entry per key.
-    fn within_rate(&self, key: &str, record: ApiKeyRecord) -> Result<ApiKeyRecord, Status> {
+    fn within_rate(&self, key: &str, holder: Holder) -> Result<Holder, Status> {
         if self.rate.check(&key.to_owned()) {
-            return Ok(record);
+            return Ok(holder);
         }
         metrics::api_rate_limited();
-        tracing::debug!(api_key = %record.name, "request refused: over limits.api_requests_per_sec_per_key");
+        tracing::debug!(api_key = %holder.name(), "request refused: over limits.api_requests_per_sec_per_key");
         Err(Status::resource_exhausted(format!(
             "API key {:?} is over its request rate; retry with backoff",
-            record.name
+            holder.name()
         )))
     }
 
-    /// Stream the current receipts of `id`, then changes, until every recipient is final.
-    async fn watch(&self, id: String) -> Result<BoxStream<DeliveryUpdate>, Status> {
+    /// Stream the current receipts of `id`, then changes, until every recipient is final (or
+    /// the caller's key ends).
+    async fn watch(&self, id: String, key: Holder) -> Result<BoxStream<DeliveryUpdate>, Status> {
         let mut changes = self.hub.subscribe_receipts();
         let current = self.hub.receipts(&id).await.map_err(store_status)?;
         if current.is_empty() {
@@ -173,6 +142,7 @@ impl Api {
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
+                    end = key.ended() => { let _ = tx.send(Err(key_status(end))).await; return; }
                     r = changes.recv() => match r {
                         Ok(r) if r.id == id => pending.push(r),
                         Ok(_) => {}
@@ -218,7 +188,7 @@ impl push_sender_server::PushSender for Api {
                 ttl_secs: r.ttl_seconds,
                 collapse_key: r.collapse_key,
                 sender: if r.sender.is_empty() {
-                    sender.clone()
+                    sender.name().to_string()
                 } else {
                     r.sender
                 },
@@ -255,8 +225,8 @@ impl push_sender_server::PushSender for Api {
         &self,
         req: Request<GetMessageStatusRequest>,
     ) -> Result<Response<Self::WatchMessageStream>, Status> {
-        self.authorize(&req, Scope::Read)?;
-        Ok(Response::new(self.watch(req.into_inner().message_id).await?))
+        let key = self.authorize(&req, Scope::Read)?;
+        Ok(Response::new(self.watch(req.into_inner().message_id, key).await?))
     }
 
     async fn place_call(
@@ -309,8 +279,8 @@ impl push_sender_server::PushSender for Api {
         &self,
         req: Request<WatchCallRequest>,
     ) -> Result<Response<Self::WatchCallStream>, Status> {
-        self.authorize(&req, Scope::Read)?;
-        Ok(Response::new(self.watch(req.into_inner().call_id).await?))
+        let key = self.authorize(&req, Scope::Read)?;
+        Ok(Response::new(self.watch(req.into_inner().call_id, key).await?))
     }
 
     async fn list_devices(
@@ -356,7 +326,7 @@ impl push_sender_server::PushSender for Api {
         &self,
         req: Request<WatchPresenceRequest>,
     ) -> Result<Response<Self::WatchPresenceStream>, Status> {
-        self.authorize(&req, Scope::Read)?;
+        let key = self.authorize(&req, Scope::Read)?;
         let mut events = self.hub.subscribe_presence();
         let (tx, rx) = mpsc::channel(256);
         let shutdown = self.shutdown.clone();
@@ -364,6 +334,7 @@ impl push_sender_server::PushSender for Api {
             loop {
                 let event = tokio::select! {
                     _ = shutdown.cancelled() => return,
+                    end = key.ended() => { let _ = tx.send(Err(key_status(end))).await; return; }
                     e = events.recv() => e,
                 };
                 match event {
@@ -395,13 +366,17 @@ impl push_admin_server::PushAdmin for Api {
         req: Request<IssueDeviceCredentialRequest>,
     ) -> Result<Response<IssueDeviceCredentialResponse>, Status> {
         let admin = self.authorize(&req, Scope::Admin)?;
+        let caller = Caller {
+            key: &admin,
+            source: req.remote_addr(),
+            via: "grpc",
+        };
         let r = req.into_inner();
         let credential = self
             .enroller
-            .issue_credential(&r.device_id, r.groups, r.valid_days)
+            .issue_credential(caller, &r.device_id, r.groups, r.valid_days)
             .await
             .map_err(enroll_status)?;
-        tracing::info!(api_key = %admin, device = %r.device_id, "device credential issued");
         Ok(Response::new(IssueDeviceCredentialResponse {
             device_id: r.device_id,
             credential: credential.token,
@@ -410,23 +385,18 @@ impl push_admin_server::PushAdmin for Api {
     }
 
     async fn enroll_device(&self, req: Request<EnrollDeviceRequest>) -> Result<Response<Enrollment>, Status> {
-        let record = self.caller(&req)?;
-        let caller = if Scope::Admin.granted_by(&record.scopes) {
-            Caller::Admin
-        } else if Scope::Enroll.granted_by(&record.scopes) {
-            Caller::App
-        } else {
-            return Err(Status::permission_denied(format!(
-                "API key {:?} lacks the enroll scope",
-                record.name
-            )));
+        let key = self.caller(&req)?;
+        let source: Option<SocketAddr> = req.remote_addr();
+        let caller = Caller {
+            key: &key,
+            source,
+            via: "grpc",
         };
         let enrollment = self
             .enroller
             .enroll(req.into_inner(), caller)
             .await
             .map_err(enroll_status)?;
-        tracing::info!(api_key = %record.name, device = %enrollment.device_id, "device enrolled");
         Ok(Response::new(enrollment))
     }
 
@@ -478,47 +448,80 @@ impl push_admin_server::PushAdmin for Api {
     ) -> Result<Response<CreateApiKeyResponse>, Status> {
         let admin = self.authorize(&req, Scope::Admin)?;
         let r = req.into_inner();
-        check_name("name", &r.name).map_err(enroll_status)?;
-        if r.scopes.is_empty() {
-            return Err(Status::invalid_argument("at least one scope is required"));
-        }
-        if let Some(bad) = r.scopes.iter().find(|s| Scope::parse(s).is_none()) {
-            return Err(Status::invalid_argument(format!(
-                "unknown scope {bad:?}; use send, call, read, enroll or admin"
-            )));
-        }
-        let key = create_api_key(&self.hub, &r.name, r.scopes)
+        let (key, summary) = self
+            .keys
+            .create(NewKey {
+                name: r.name,
+                scopes: r.scopes,
+                valid_days: r.valid_days,
+                enroll_groups: r.enroll_groups,
+            })
             .await
-            .map_err(store_status)?;
-        tracing::info!(api_key = %admin, name = %r.name, "API key created");
+            .map_err(key_status)?;
+        tracing::info!(api_key = %admin.name(), name = %summary.name, key_id = %summary.id, scopes = ?summary.scopes, "API key created");
         Ok(Response::new(CreateApiKeyResponse {
-            name: r.name,
+            name: summary.name,
             api_key: key,
+            key_id: summary.id,
+            expires_at_ms: summary.expires_at_ms,
+        }))
+    }
+
+    async fn list_api_keys(
+        &self,
+        req: Request<ListApiKeysRequest>,
+    ) -> Result<Response<ListApiKeysResponse>, Status> {
+        self.authorize(&req, Scope::Admin)?;
+        let keys = self.keys.list().map_err(key_status)?;
+        Ok(Response::new(ListApiKeysResponse {
+            keys: keys.into_iter().map(key_info).collect(),
+        }))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        req: Request<RevokeApiKeyRequest>,
+    ) -> Result<Response<RevokeApiKeyResponse>, Status> {
+        let admin = self.authorize(&req, Scope::Admin)?;
+        let id = req.into_inner().key_id;
+        let summary = self.keys.revoke(&id).await.map_err(|e| match e {
+            KeyError::Unknown => Status::not_found(format!("no API key with id {id:?}")),
+            e => key_status(e),
+        })?;
+        tracing::info!(api_key = %admin.name(), name = %summary.name, key_id = %summary.id, "API key revoked");
+        Ok(Response::new(RevokeApiKeyResponse {
+            key: Some(key_info(summary)),
         }))
     }
 }
 
-/// Create and store a new API key; returns the key (the store keeps only its hash).
-pub async fn create_api_key(
-    hub: &Hub,
-    name: &str,
-    scopes: Vec<String>,
-) -> Result<String, crate::store::StoreError> {
-    let key = new_api_key();
-    let record = ApiKeyRecord {
-        name: name.into(),
-        scopes,
-        created_at_ms: now_ms(),
-    };
-    crate::store::commit(
-        &**hub.store(),
-        vec![Op::PutApiKey {
-            hash: api_key_hash(&key),
-            record,
-        }],
-    )
-    .await?;
-    Ok(key)
+fn key_info(k: KeySummary) -> ApiKeyInfo {
+    ApiKeyInfo {
+        key_id: k.id,
+        name: k.name,
+        scopes: k.scopes,
+        enroll_groups: k.enroll_groups,
+        created_at_ms: k.created_at_ms,
+        expires_at_ms: k.expires_at_ms,
+        revoked_at_ms: k.revoked_at_ms,
+        state: match k.state {
+            KeyState::Active => ApiKeyState::Active,
+            KeyState::Expired => ApiKeyState::Expired,
+            KeyState::Revoked => ApiKeyState::Revoked,
+        } as i32,
+    }
+}
+
+/// Refused keys are UNAUTHENTICATED with the reason (unknown, revoked, expired at ...).
+fn key_status(e: KeyError) -> Status {
+    match e {
+        KeyError::Unknown | KeyError::Revoked { .. } | KeyError::Expired { .. } => {
+            Status::unauthenticated(e.to_string())
+        }
+        KeyError::Invalid(m) => Status::invalid_argument(m),
+        KeyError::Refused(m) => Status::failed_precondition(m),
+        KeyError::Store(e) => store_status(e),
+    }
 }
 
 /// The devices or group a send names. Ids and group names follow the rule of enrollment (1-128
@@ -608,6 +611,8 @@ fn enroll_status(e: EnrollError) -> Status {
     match e {
         EnrollError::InvalidName(_) => Status::invalid_argument(e.to_string()),
         EnrollError::AlreadyEnrolled(_) => Status::already_exists(e.to_string()),
+        EnrollError::NotAllowed(_) => Status::permission_denied(e.to_string()),
+        EnrollError::RateLimited(_) => Status::resource_exhausted(e.to_string()),
         EnrollError::Store(e) => store_status(e),
     }
 }

@@ -4,7 +4,8 @@
 //! # Layout
 //! - [`config`]: configuration and every limit, in one place.
 //! - [`pki`]: the private CA and the iOS-compliant server certificate, TLS configurations.
-//! - [`auth`]: device credentials (JWT) and sender API keys.
+//! - [`auth`]: device credentials (JWT) and sender API key hashing.
+//! - [`keys`]: sender API keys: authentication, expiry, listing, revocation.
 //! - [`store`]: durable state behind the [`store::Store`] trait; [`store::RedbStore`] embeds it.
 //! - [`hub`]: the decisions: registry, one session per device, outboxes, sequence numbers,
 //!   receipts, expiry, and call routing to the APNs VoIP fallback (`apns-bridge`). The seam a
@@ -28,6 +29,7 @@ pub mod config;
 pub mod enrollment;
 pub mod grpc;
 pub mod hub;
+pub mod keys;
 pub mod listener;
 pub mod observe;
 pub mod pki;

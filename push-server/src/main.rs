@@ -7,9 +7,10 @@ use clap::{Args, Parser, Subcommand};
 use push_proto::{
     device::{CancelReason, Hello, Priority},
     sender::{
-        CancelCallRequest, CreateApiKeyRequest, DeviceList, EnrollDeviceRequest, GetMessageStatusRequest,
-        IssueDeviceCredentialRequest, ListDevicesRequest, PlaceCallRequest, RevokeDeviceRequest,
-        SendMessageRequest, SetVoipTokenRequest, Target, VoipTokenState, target,
+        ApiKeyState, CancelCallRequest, CreateApiKeyRequest, DeviceList, EnrollDeviceRequest,
+        GetMessageStatusRequest, IssueDeviceCredentialRequest, ListApiKeysRequest, ListDevicesRequest,
+        PlaceCallRequest, RevokeApiKeyRequest, RevokeDeviceRequest, SendMessageRequest, SetVoipTokenRequest,
+        Target, VoipTokenState, target,
     },
 };
 use push_server::{
@@ -59,9 +60,9 @@ enum Command {
         /// Call id.
         call_id: String,
     },
-    /// Manage sender API keys.
-    #[command(subcommand)]
-    ApiKey(ApiKeyCommand),
+    /// Manage sender API keys: create, list, revoke (`api-key` is the old name).
+    #[command(subcommand, visible_alias = "api-key")]
+    Key(ApiKeyCommand),
 }
 
 #[derive(Args)]
@@ -282,7 +283,7 @@ struct CallArgs {
 
 #[derive(Subcommand)]
 enum ApiKeyCommand {
-    /// Create a sender API key and print it (shown once).
+    /// Create a sender API key and print it on stdout (shown once; its id goes to stderr).
     Create {
         #[command(flatten)]
         api: ApiArgs,
@@ -292,6 +293,26 @@ enum ApiKeyCommand {
         /// Scope (repeatable): send, call, read, enroll, admin.
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,
+        /// Lifetime in days (0: never expires).
+        #[arg(long, default_value_t = 0)]
+        valid_days: u32,
+        /// For an enroll key (repeatable): a group the devices it enrolls join. The phone can
+        /// choose among these only.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+    },
+    /// List every key (id, name, scopes, groups, expiry, state); never the key itself.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Revoke a key by id (from `key list`): refused from now on, its streams and dashboard
+    /// sessions end.
+    Revoke {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Key id (12 hex digits).
+        key_id: String,
     },
 }
 
@@ -317,6 +338,15 @@ fn init_tracing(format: &str) {
         builder.json().init()
     } else {
         builder.init()
+    }
+}
+
+/// Unix ms as UTC text, or `none` for 0.
+fn when(ms: i64, none: &str) -> String {
+    if ms == 0 {
+        none.into()
+    } else {
+        push_server::keys::fmt_utc(ms)
     }
 }
 
@@ -537,13 +567,77 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("cancelled; {} device(s) sent a cancel", r.cancels_sent);
             Ok(())
         }
-        Command::ApiKey(ApiKeyCommand::Create { api, name, scopes }) => {
+        Command::Key(ApiKeyCommand::Create {
+            api,
+            name,
+            scopes,
+            valid_days,
+            groups,
+        }) => {
             let r = admin(&api)
                 .await?
-                .create_api_key(CreateApiKeyRequest { name, scopes })
+                .create_api_key(CreateApiKeyRequest {
+                    name,
+                    scopes,
+                    valid_days,
+                    enroll_groups: groups,
+                })
                 .await?
                 .into_inner();
+            eprintln!(
+                "key {} ({}), expires {}",
+                r.key_id,
+                r.name,
+                when(r.expires_at_ms, "never")
+            );
             println!("{}", r.api_key);
+            Ok(())
+        }
+        Command::Key(ApiKeyCommand::List { api }) => {
+            let keys = admin(&api)
+                .await?
+                .list_api_keys(ListApiKeysRequest {})
+                .await?
+                .into_inner()
+                .keys;
+            println!(
+                "{:<12} {:<20} {:<8} {:<20} {:<20} {:<20} GROUPS",
+                "ID", "NAME", "STATE", "SCOPES", "CREATED", "EXPIRES"
+            );
+            for k in keys {
+                let state = match k.state() {
+                    ApiKeyState::Active => "active",
+                    ApiKeyState::Expired => "expired",
+                    ApiKeyState::Revoked => "revoked",
+                    ApiKeyState::Unspecified => "?",
+                };
+                println!(
+                    "{:<12} {:<20} {:<8} {:<20} {:<20} {:<20} {}",
+                    k.key_id,
+                    k.name,
+                    state,
+                    k.scopes.join(","),
+                    when(k.created_at_ms, "-"),
+                    when(k.expires_at_ms, "never"),
+                    k.enroll_groups.join(",")
+                );
+            }
+            Ok(())
+        }
+        Command::Key(ApiKeyCommand::Revoke { api, key_id }) => {
+            let key = admin(&api)
+                .await?
+                .revoke_api_key(RevokeApiKeyRequest { key_id })
+                .await?
+                .into_inner()
+                .key
+                .context("the server answered without the key")?;
+            println!(
+                "key {} ({}) revoked at {}",
+                key.key_id,
+                key.name,
+                when(key.revoked_at_ms, "-")
+            );
             Ok(())
         }
     }

@@ -25,8 +25,9 @@ use crate::{
     auth::{DeviceAuthority, write_secret},
     config::{ApnsConfig, ApnsMode, Config},
     enrollment::{Enroller, SiteProfile},
-    grpc::{Api, create_api_key},
+    grpc::Api,
     hub::{Hub, run_expiry, run_fallback},
+    keys::{Keys, NewKey},
     listener::{serve_devices, tls_incoming},
     pki::{self, Pki, PkiStatus},
     session::{core::Timing, driver::SessionEnv},
@@ -88,7 +89,8 @@ impl Server {
             DeviceAuthority::load_or_create(&cfg.data_dir)
                 .context("cannot load the device credential key")?,
         );
-        let created_admin_key = bootstrap_admin_key(&hub, &cfg.data_dir).await?;
+        let keys = Arc::new(Keys::new(store.clone()));
+        let created_admin_key = bootstrap_admin_key(&keys, &cfg.data_dir).await?;
 
         let device_listener = crate::listener::bind_devices(cfg.device_listen)
             .with_context(|| format!("cannot listen for devices on {}", cfg.device_listen))?;
@@ -139,6 +141,7 @@ impl Server {
             TlsAcceptor::from(Arc::new(http_tls)),
             hub.clone(),
             enroller.clone(),
+            keys.clone(),
             cfg.node_name.clone(),
             cfg.limits.clone(),
             shutdown.clone(),
@@ -147,7 +150,7 @@ impl Server {
             api_listener,
             &pki,
             &cfg,
-            Api::new(hub, enroller, shutdown.clone()),
+            Api::new(hub, enroller, keys, shutdown.clone()),
             shutdown.clone(),
         )?);
         tracing::info!(%device_addr, %api_addr, %http_addr, node = %cfg.node_name, "push-server listening");
@@ -282,12 +285,17 @@ fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// On first start, create an admin API key and write it to the data directory.
-async fn bootstrap_admin_key(hub: &Hub, dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+async fn bootstrap_admin_key(keys: &Keys, dir: &Path) -> anyhow::Result<Option<PathBuf>> {
     let path = dir.join(ADMIN_KEY_FILE);
     if path.exists() {
         return Ok(None);
     }
-    let key = create_api_key(hub, "admin", vec!["admin".into()]).await?;
+    let new = NewKey {
+        name: "admin".into(),
+        scopes: vec!["admin".into()],
+        ..NewKey::default()
+    };
+    let (key, _) = keys.create(new).await?;
     write_secret(&path, &key).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(Some(path))
 }

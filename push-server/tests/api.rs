@@ -27,6 +27,7 @@ async fn api_keys_are_required_and_scoped() {
         .create_api_key(CreateApiKeyRequest {
             name: "dashboard".into(),
             scopes: vec!["read".into()],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -61,6 +62,7 @@ async fn api_keys_are_required_and_scoped() {
         .create_api_key(CreateApiKeyRequest {
             name: "escalate".into(),
             scopes: vec!["admin".into()],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -70,6 +72,7 @@ async fn api_keys_are_required_and_scoped() {
         .create_api_key(CreateApiKeyRequest {
             name: "typo".into(),
             scopes: vec!["sned".into()],
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -25,6 +25,7 @@ async fn login_roles_and_csrf() {
         .create_api_key(CreateApiKeyRequest {
             name: "ward-screen".into(),
             scopes: vec!["read".into()],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -35,6 +36,7 @@ async fn login_roles_and_csrf() {
         .create_api_key(CreateApiKeyRequest {
             name: "nurse-call".into(),
             scopes: vec!["send".into()],
+            ..Default::default()
         })
         .await
         .unwrap()

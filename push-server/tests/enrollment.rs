@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use push_proto::sender::{CreateApiKeyRequest, EnrollDeviceRequest, Enrollment, SendMessageRequest};
-use push_server::api_client::ApiClient;
+use push_server::{api_client::ApiClient, hub::now_ms};
 use tonic::Code;
 
 const SITE_SSIDS: [&str; 12] = [
@@ -30,19 +30,33 @@ async fn site() -> Harness {
     .await
 }
 
+/// A client with a new key; an enroll key may enroll into ward:4B.
 async fn key(h: &Harness, scopes: &[&str]) -> ApiClient {
+    let groups: &[&str] = if scopes.contains(&"enroll") {
+        &["ward:4B"]
+    } else {
+        &[]
+    };
+    key_with(h, &format!("{scopes:?}"), scopes, groups).await.1
+}
+
+/// A new key with enroll groups: the key and a client using it.
+async fn key_with(h: &Harness, name: &str, scopes: &[&str], groups: &[&str]) -> (String, ApiClient) {
     let key = h
         .admin()
         .create_api_key(CreateApiKeyRequest {
-            name: format!("{scopes:?}"),
+            name: name.into(),
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            enroll_groups: groups.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
         })
         .await
         .unwrap()
         .into_inner()
         .api_key;
     let addr = h.server.as_ref().unwrap().api_addr;
-    ApiClient::connect(addr, "localhost", &h.ca, &key).await.unwrap()
+    let client = ApiClient::connect(addr, "localhost", &h.ca, &key).await.unwrap();
+    (key, client)
 }
 
 fn request(device_id: &str) -> EnrollDeviceRequest {
@@ -166,6 +180,8 @@ async fn https_enrollment_returns_a_property_list() {
         .create_api_key(CreateApiKeyRequest {
             name: "container app".into(),
             scopes: vec!["enroll".into()],
+            enroll_groups: vec!["ward:4B".into()],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -234,4 +250,203 @@ async fn a_site_without_host_or_ssids_is_enrolled_with_warnings() {
         "{:?}",
         e.warnings
     );
+}
+
+fn groups_of(devices: &[push_proto::sender::DeviceInfo], id: &str) -> Option<Vec<String>> {
+    devices
+        .iter()
+        .find(|d| d.device_id == id)
+        .map(|d| d.groups.clone())
+}
+
+#[tokio::test]
+async fn an_enroll_key_enrolls_only_into_its_groups_and_up_to_the_lifetime_cap() {
+    let h = Harness::start_with(|c| c.limits.max_enroll_credential_days = 30).await;
+    let (_, app) = key_with(&h, "mdm ward 4B", &["enroll"], &["ward:4B", "site:north"]).await;
+    let ask = |id: &str, groups: &[&str], valid_days| EnrollDeviceRequest {
+        device_id: id.into(),
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        valid_days,
+    };
+    for groups in [&["icu"][..], &["ward:4B", "icu"]] {
+        let e = app
+            .admin()
+            .enroll_device(ask("phone-1", groups, 0))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("\"icu\""), "{e:?}");
+    }
+    assert_eq!(
+        groups_of(&h.list_devices("", false).await, "phone-1"),
+        None,
+        "nothing registered"
+    );
+
+    let cap_ms = now_ms() + 30 * 86_400_000;
+    let all = app
+        .admin()
+        .enroll_device(ask("phone-2", &[], 3650))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        all.credential_expires_at_ms <= cap_ms + 60_000,
+        "{}",
+        all.credential_expires_at_ms
+    );
+    assert!(
+        all.warnings
+            .iter()
+            .any(|w| w.contains("max_enroll_credential_days")),
+        "{:?}",
+        all.warnings
+    );
+    let credential = all.provider_configuration.unwrap().credential;
+    let claims = h.authority().verify(&credential).unwrap();
+    assert!(
+        claims.exp as i64 * 1000 <= cap_ms + 60_000,
+        "the credential itself is capped"
+    );
+    let one = app
+        .admin()
+        .enroll_device(ask("phone-3", &["site:north"], 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(one.credential_expires_at_ms <= cap_ms + 60_000);
+
+    let devices = h.list_devices("", false).await;
+    assert_eq!(
+        groups_of(&devices, "phone-2").unwrap(),
+        ["ward:4B", "site:north"],
+        "no groups asked: all of the key's"
+    );
+    assert_eq!(groups_of(&devices, "phone-3").unwrap(), ["site:north"]);
+
+    // An admin is not held to an enroll key's rules.
+    let admin = h
+        .admin()
+        .enroll_device(ask("phone-4", &["icu"], 3650))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(admin.credential_expires_at_ms > cap_ms + 86_400_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_enrollments_of_one_new_id_register_it_once() {
+    let h = Harness::start_with(|c| c.limits.enrollments_per_key_per_minute = 10_000).await;
+    let app = key(&h, &["enroll"]).await;
+    for round in 0..10 {
+        let id = format!("phone-{round}");
+        let attempts = (0..6).map(|_| {
+            let (app, id) = (app.clone(), id.clone());
+            tokio::spawn(async move { app.admin().enroll_device(request(&id)).await })
+        });
+        let results = futures::future::join_all(attempts).await;
+        let mut credentials = Vec::new();
+        for r in results {
+            match r.unwrap() {
+                Ok(e) => credentials.push(e.into_inner().provider_configuration.unwrap().credential),
+                Err(e) => assert_eq!(e.code(), Code::AlreadyExists, "{e:?}"),
+            }
+        }
+        assert_eq!(
+            credentials.len(),
+            1,
+            "round {round}: exactly one enrollment of {id}"
+        );
+        h.connect(&credentials[0], 0)
+            .await
+            .expect("the one credential works");
+    }
+}
+
+#[tokio::test]
+async fn enrollments_are_rate_limited_per_key() {
+    let h = Harness::start_with(|c| {
+        c.limits.enrollments_per_key_per_minute = 3;
+        c.site.device_host = "localhost".into();
+    })
+    .await;
+    let (flooding_key, flooding) = key_with(&h, "leaked", &["enroll"], &["ward:4B"]).await;
+    let other = key(&h, &["enroll"]).await;
+    for i in 0..3 {
+        flooding
+            .admin()
+            .enroll_device(request(&format!("junk-{i}")))
+            .await
+            .unwrap();
+    }
+    let e = flooding
+        .admin()
+        .enroll_device(request("junk-3"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let auth = format!("Bearer {flooding_key}");
+    let (status, _, body) = h
+        .https(
+            "POST",
+            "/v1/enroll",
+            &[("authorization", &auth), ("content-type", "application/json")],
+            r#"{"deviceId":"junk-4"}"#,
+        )
+        .await;
+    assert_eq!(status, 429, "{body}");
+    other
+        .admin()
+        .enroll_device(request("phone-1"))
+        .await
+        .expect("another key still enrolls");
+    let devices = h.list_devices("", false).await;
+    assert!(groups_of(&devices, "junk-3").is_none() && groups_of(&devices, "junk-4").is_none());
+}
+
+#[tokio::test]
+async fn every_enrollment_is_listed_on_the_dashboard() {
+    let h = site().await;
+    let (app_key, app) = key_with(&h, "mdm-ward-4B", &["enroll"], &["ward:4B"]).await;
+    let e = app
+        .admin()
+        .enroll_device(request("phone-7"))
+        .await
+        .unwrap()
+        .into_inner();
+    let credential = e.provider_configuration.unwrap().credential;
+    h.issue("phone-8", &[]).await;
+
+    let admin = format!("Bearer {}", h.admin_key());
+    let (status, _, body) = h
+        .https("GET", "/api/enrollments", &[("authorization", &admin)], "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let rows = listed["enrollments"].as_array().unwrap();
+    let row = rows.iter().find(|r| r["device_id"] == "phone-7").expect("listed");
+    assert_eq!(row["key_name"], "mdm-ward-4B");
+    assert_eq!(row["kind"], "enroll");
+    assert!(row["source"].as_str().unwrap().starts_with("127.0.0.1:"), "{row}");
+    assert!(row["at_ms"].as_i64().unwrap() > 0);
+    assert!(
+        rows.iter()
+            .any(|r| r["device_id"] == "phone-8" && r["kind"] == "issue"),
+        "{body}"
+    );
+    assert!(
+        !body.contains(&credential) && !body.contains(&app_key),
+        "no secrets listed"
+    );
+
+    // The enroll key itself cannot read the list.
+    let (status, _, _) = h
+        .https(
+            "GET",
+            "/api/enrollments",
+            &[("authorization", &format!("Bearer {app_key}"))],
+            "",
+        )
+        .await;
+    assert_eq!(status, 401);
 }

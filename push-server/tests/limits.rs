@@ -231,6 +231,7 @@ async fn an_api_key_over_its_rate_is_answered_resource_exhausted() {
         .create_api_key(push_proto::sender::CreateApiKeyRequest {
             name: "noisy".into(),
             scopes: vec!["read".into()],
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -294,42 +294,90 @@ impl Hub {
     }
 
     /// Register a device or update its groups; returns the credential generation to issue at.
-    /// A revoked device becomes usable again with credentials of a newer generation.
+    /// For a device already registered the generation goes up, so every credential issued
+    /// before stops working (a re-issued phone must not be pushed out by the old credential),
+    /// and a session opened with one of them ends (`CREDENTIAL_REVOKED`). A revoked device
+    /// becomes usable again with the new credential.
     pub async fn register_device(&self, device_id: &str, groups: Vec<String>) -> Result<u64, StoreError> {
-        let device = {
-            let mut devices = self.0.devices.write();
-            devices
-                .entry(device_id.to_string())
-                .or_insert_with(|| {
-                    Arc::new(Mutex::new(DeviceState {
-                        record: DeviceRecord {
-                            device_id: device_id.into(),
-                            groups: Vec::new(),
-                            created_at_ms: now_ms(),
-                            credential_generation: 0,
-                            revoked: false,
-                            last_seen_ms: 0,
-                            last_ssid: String::new(),
-                            last_disconnect_reason: String::new(),
-                            sdk_version: String::new(),
-                            voip_token: String::new(),
-                            voip_token_invalid: false,
-                        },
-                        outbox: BTreeMap::new(),
-                        next_seq: 1,
-                        ceiling: 1,
-                        durable_ceiling: 1,
-                        session: None,
-                    }))
-                })
-                .clone()
-        };
+        let (device, created) = self.registry_entry(device_id);
+        self.finish_registration(device_id, &device, groups, created)
+            .await
+    }
+
+    /// Register `device_id` only if it is not registered yet; `None` if it is. The check and the
+    /// creation happen under the registry's write lock, so of two concurrent calls for one new
+    /// id exactly one registers it (an `enroll` key must never take over an existing phone).
+    pub async fn register_new_device(
+        &self,
+        device_id: &str,
+        groups: Vec<String>,
+    ) -> Result<Option<u64>, StoreError> {
+        let (device, created) = self.registry_entry(device_id);
+        if !created {
+            return Ok(None);
+        }
+        self.finish_registration(device_id, &device, groups, true)
+            .await
+            .map(Some)
+    }
+
+    /// The device's state, created (no groups, generation 0) when unknown; the bool says
+    /// whether this call created it.
+    fn registry_entry(&self, device_id: &str) -> (Arc<Mutex<DeviceState>>, bool) {
+        use std::collections::hash_map::Entry;
+        let mut devices = self.0.devices.write();
+        match devices.entry(device_id.to_string()) {
+            Entry::Occupied(e) => (e.get().clone(), false),
+            Entry::Vacant(e) => {
+                let state = DeviceState {
+                    record: DeviceRecord {
+                        device_id: device_id.into(),
+                        groups: Vec::new(),
+                        created_at_ms: now_ms(),
+                        credential_generation: 0,
+                        revoked: false,
+                        last_seen_ms: 0,
+                        last_ssid: String::new(),
+                        last_disconnect_reason: String::new(),
+                        sdk_version: String::new(),
+                        voip_token: String::new(),
+                        voip_token_invalid: false,
+                    },
+                    outbox: BTreeMap::new(),
+                    next_seq: 1,
+                    ceiling: 1,
+                    durable_ceiling: 1,
+                    session: None,
+                };
+                (e.insert(Arc::new(Mutex::new(state))).clone(), true)
+            }
+        }
+    }
+
+    /// Set the groups and, for a device that existed, move to a new credential generation
+    /// (see [`Hub::register_device`]); returns the generation to issue at.
+    async fn finish_registration(
+        &self,
+        device_id: &str,
+        device: &Mutex<DeviceState>,
+        groups: Vec<String>,
+        created: bool,
+    ) -> Result<u64, StoreError> {
         let (record, old_groups, pending) = {
             let mut d = device.lock();
             let old = std::mem::replace(&mut d.record.groups, groups);
-            if d.record.revoked {
+            if !created {
                 d.record.revoked = false;
                 d.record.credential_generation += 1;
+                if let Some(link) = d.session.take() {
+                    let now = now_ms();
+                    let why = "credential re-issued";
+                    link.ctl.stop(GoodbyeReason::CredentialRevoked, why);
+                    d.record.last_disconnect_reason = why.into();
+                    self.presence_offline(&d.record, link.id, why, now);
+                    // Calls it was ringing now need the other path.
+                    self.voip_on_logout(&mut d, now);
+                }
             }
             let mut ops = vec![Op::PutDevice(d.record.clone())];
             // Numbers for the first pushes, durable before the device can even log in.

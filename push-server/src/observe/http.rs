@@ -13,13 +13,17 @@
 //! - `POST /v1/enroll` (Bearer key with the `enroll` or `admin` scope, JSON body
 //!   `{"deviceId", "groups", "validDays"}`): the enrollment as an XML property list, for
 //!   container apps that speak HTTPS but not gRPC (see [`crate::enrollment`]).
+//! - Sessions remember the key's hash, not the key, and re-check it on every request (through
+//!   [`Keys`], so a revocation here is seen at once): a revoked or expired key's sessions are
+//!   logged out and its event streams end. `GET /api/enrollments` lists recent enrollments;
+//!   admins list keys (`GET /api/keys`, ids only) and revoke them (`POST /api/keys/{id}/revoke`).
 
 use std::{
     collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -27,7 +31,7 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{Path, State},
+    extract::{ConnectInfo, Path, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response, Sse, sse::Event, sse::KeepAlive},
     routing::{get, post},
@@ -46,10 +50,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::{DeliveryRecord, Diagnosis, SessionRecord, SiteHealth, metrics};
 use crate::{
-    auth::{Scope, api_key_hash},
+    auth::Scope,
     config::Limits,
     enrollment::{Caller, EnrollError, EnrollForm, Enroller},
     hub::{DeviceView, Hub, now_ms},
+    keys::{Holder, KeyError, Keys},
     listener::tls_incoming,
 };
 
@@ -71,8 +76,8 @@ pub enum Role {
 }
 
 struct WebSession {
-    name: String,
-    role: Role,
+    /// The key's hash (never the key): the key is re-checked on every request.
+    key_hash: String,
     expires: Instant,
 }
 
@@ -80,6 +85,7 @@ struct WebSession {
 pub struct Dashboard {
     hub: Hub,
     enroller: Enroller,
+    keys: Arc<Keys>,
     node: String,
     metrics: PrometheusHandle,
     sessions: Mutex<HashMap<String, WebSession>>,
@@ -180,36 +186,51 @@ impl Dashboard {
         self.hub.device_view(id).map(|v| self.row(v, now_ms()))
     }
 
-    /// The caller, from the session cookie or a bearer API key.
-    fn caller(&self, headers: &HeaderMap) -> Option<(String, Role, bool)> {
+    /// The caller, from the session cookie or a bearer API key, with its role and whether it
+    /// came by cookie. A session whose key was revoked or expired is ended here.
+    fn caller(&self, headers: &HeaderMap) -> Option<(Holder, Role, bool)> {
         if let Some(id) = cookie(headers) {
-            let mut sessions = self.sessions.lock().expect("poisoned");
-            let now = Instant::now();
-            sessions.retain(|_, s| s.expires > now);
-            if let Some(s) = sessions.get(&id) {
-                return Some((s.name.clone(), s.role, true));
+            let hash = {
+                let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+                let now = Instant::now();
+                sessions.retain(|_, s| s.expires > now);
+                sessions.get(&id).map(|s| s.key_hash.clone())
+            };
+            if let Some(hash) = hash {
+                match self.keys.by_hash(&hash).ok().and_then(role_of) {
+                    Some((holder, role)) => return Some((holder, role, true)),
+                    None => {
+                        tracing::info!("dashboard session ended: its API key was revoked or expired");
+                        self.sessions
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .remove(&id);
+                    }
+                }
             }
         }
-        let key = headers
-            .get(header::AUTHORIZATION)?
-            .to_str()
-            .ok()
-            .and_then(crate::auth::bearer_token)?;
-        let (name, role) = self.role_of(key)?;
-        Some((name, role, false))
+        let key = bearer(headers)?;
+        let (holder, role) = role_of(self.keys.authenticate(key).ok()?)?;
+        Some((holder, role, false))
     }
+}
 
-    /// The dashboard role an API key grants, if any.
-    fn role_of(&self, key: &str) -> Option<(String, Role)> {
-        let record = self.hub.store().api_key(&api_key_hash(key)).ok()??;
-        if Scope::Admin.granted_by(&record.scopes) {
-            Some((record.name, Role::Admin))
-        } else if Scope::Read.granted_by(&record.scopes) {
-            Some((record.name, Role::Read))
-        } else {
-            None
-        }
+/// The dashboard role an API key grants, if any.
+fn role_of(holder: Holder) -> Option<(Holder, Role)> {
+    if holder.grants(Scope::Admin) {
+        Some((holder, Role::Admin))
+    } else if holder.grants(Scope::Read) {
+        Some((holder, Role::Read))
+    } else {
+        None
     }
+}
+
+/// The key of an `Authorization: Bearer <key>` header (scheme case-insensitive).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, key) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
 /// The session id in the request's cookie header, if any.
@@ -248,6 +269,9 @@ pub fn router(dashboard: Shared) -> Router {
         .route("/api/overview", get(overview))
         .route("/api/devices/{id}", get(device))
         .route("/api/devices/{id}/revoke", post(revoke))
+        .route("/api/enrollments", get(enrollments))
+        .route("/api/keys", get(list_keys))
+        .route("/api/keys/{id}/revoke", post(revoke_key))
         .route("/api/events", get(events))
         .route("/v1/enroll", post(enroll))
         .layer(axum::middleware::map_response(security_headers))
@@ -310,22 +334,29 @@ async fn metrics_text(State(d): State<Shared>, headers: HeaderMap) -> Response {
 }
 
 async fn login(State(d): State<Shared>, Json(form): Json<LoginForm>) -> Response {
-    let Some((name, role)) = d.role_of(form.api_key.trim()) else {
-        tracing::warn!("dashboard login refused");
+    let holder = match d.keys.authenticate(&form.api_key) {
+        Ok(holder) => holder,
+        Err(e) => {
+            tracing::warn!(reason = %e, "dashboard login refused");
+            return error(StatusCode::UNAUTHORIZED, &e.to_string());
+        }
+    };
+    let Some((holder, role)) = role_of(holder) else {
+        tracing::warn!("dashboard login refused: neither read nor admin scope");
         return error(
             StatusCode::UNAUTHORIZED,
-            "unknown API key, or it has neither the read nor the admin scope",
+            "this API key has neither the read nor the admin scope",
         );
     };
+    let name = holder.name().to_string();
     let mut raw = [0u8; 32];
     rand::rng().fill_bytes(&mut raw);
     let id = URL_SAFE_NO_PAD.encode(raw);
-    tracing::info!(api_key = %name, ?role, "dashboard login");
-    d.sessions.lock().expect("poisoned").insert(
+    tracing::info!(api_key = %name, key_id = %holder.id, ?role, "dashboard login");
+    d.sessions.lock().unwrap_or_else(PoisonError::into_inner).insert(
         id.clone(),
         WebSession {
-            name: name.clone(),
-            role,
+            key_hash: holder.hash().to_string(),
             expires: Instant::now() + SESSION_TTL,
         },
     );
@@ -346,7 +377,10 @@ async fn login(State(d): State<Shared>, Json(form): Json<LoginForm>) -> Response
 
 async fn logout(State(d): State<Shared>, headers: HeaderMap) -> Response {
     if let Some(id) = cookie(&headers) {
-        d.sessions.lock().expect("poisoned").remove(&id);
+        d.sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
     }
     let clear = format!("{COOKIE}=; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age=0");
     ([(header::SET_COOKIE, clear)], StatusCode::NO_CONTENT).into_response()
@@ -354,8 +388,8 @@ async fn logout(State(d): State<Shared>, headers: HeaderMap) -> Response {
 
 async fn me(State(d): State<Shared>, headers: HeaderMap) -> Response {
     match d.caller(&headers) {
-        Some((name, role, _)) => Json(Me {
-            name,
+        Some((holder, role, _)) => Json(Me {
+            name: holder.name().to_string(),
             role,
             node: d.node.clone(),
         })
@@ -404,15 +438,10 @@ async fn device(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<Stri
 }
 
 async fn revoke(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    let Some((name, role, by_cookie)) = d.caller(&headers) else {
-        return unauthorized();
+    let name = match admin_change(&d, &headers) {
+        Ok(holder) => holder.name().to_string(),
+        Err(refused) => return refused,
     };
-    if by_cookie && headers.get(CSRF_HEADER).is_none_or(|v| v != "1") {
-        return error(StatusCode::FORBIDDEN, "missing the x-lpush-csrf header");
-    }
-    if role != Role::Admin {
-        return error(StatusCode::FORBIDDEN, "revoking needs an admin API key");
-    }
     match d.hub.revoke_device(&id).await {
         Ok(Some(closed)) => {
             tracing::info!(api_key = %name, device = %id, session_closed = closed, "device revoked from the dashboard");
@@ -423,39 +452,85 @@ async fn revoke(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<Stri
     }
 }
 
-async fn enroll(State(d): State<Shared>, headers: HeaderMap, Json(form): Json<EnrollForm>) -> Response {
-    let key = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let Some(key) = key else {
+/// A state-changing request: an admin, and with a cookie also the CSRF header.
+#[allow(clippy::result_large_err)] // the Err is the response itself, built once
+fn admin_change(d: &Dashboard, headers: &HeaderMap) -> Result<Holder, Response> {
+    let Some((holder, role, by_cookie)) = d.caller(headers) else {
+        return Err(unauthorized());
+    };
+    if by_cookie && headers.get(CSRF_HEADER).is_none_or(|v| v != "1") {
+        return Err(error(StatusCode::FORBIDDEN, "missing the x-lpush-csrf header"));
+    }
+    if role != Role::Admin {
+        return Err(error(StatusCode::FORBIDDEN, "this needs an admin API key"));
+    }
+    Ok(holder)
+}
+
+async fn enrollments(State(d): State<Shared>, headers: HeaderMap) -> Response {
+    if d.caller(&headers).is_none() {
+        return unauthorized();
+    }
+    Json(serde_json::json!({ "enrollments": d.enroller.recent() })).into_response()
+}
+
+async fn list_keys(State(d): State<Shared>, headers: HeaderMap) -> Response {
+    match d.caller(&headers) {
+        None => unauthorized(),
+        Some((_, Role::Read, _)) => error(StatusCode::FORBIDDEN, "listing keys needs an admin API key"),
+        Some((_, Role::Admin, _)) => match d.keys.list() {
+            Ok(keys) => Json(serde_json::json!({ "keys": keys })).into_response(),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        },
+    }
+}
+
+async fn revoke_key(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let admin = match admin_change(&d, &headers) {
+        Ok(holder) => holder,
+        Err(refused) => return refused,
+    };
+    match d.keys.revoke(&id).await {
+        Ok(key) => {
+            tracing::info!(api_key = %admin, name = %key.name, key_id = %key.id, "API key revoked from the dashboard");
+            Json(key).into_response()
+        }
+        Err(KeyError::Unknown) => error(StatusCode::NOT_FOUND, "no API key with that id"),
+        Err(e @ KeyError::Invalid(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e @ KeyError::Refused(_)) => error(StatusCode::CONFLICT, &e.to_string()),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+async fn enroll(
+    State(d): State<Shared>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Json(form): Json<EnrollForm>,
+) -> Response {
+    let Some(key) = bearer(&headers) else {
         return error(
             StatusCode::UNAUTHORIZED,
             "send `Authorization: Bearer <api key>` (scope enroll)",
         );
     };
-    let record = match d.hub.store().api_key(&api_key_hash(key.trim())) {
-        Ok(Some(record)) => record,
-        Ok(None) => return error(StatusCode::UNAUTHORIZED, "unknown API key"),
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    let holder = match d.keys.authenticate(key) {
+        Ok(holder) => holder,
+        Err(e @ KeyError::Store(_)) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(e) => return error(StatusCode::UNAUTHORIZED, &e.to_string()),
     };
-    let caller = if Scope::Admin.granted_by(&record.scopes) {
-        Caller::Admin
-    } else if Scope::Enroll.granted_by(&record.scopes) {
-        Caller::App
-    } else {
-        return error(
-            StatusCode::FORBIDDEN,
-            "enrolling needs an API key with the enroll scope",
-        );
+    let req = push_proto::sender::EnrollDeviceRequest::from(form);
+    let caller = Caller {
+        key: &holder,
+        source: Some(peer),
+        via: "https",
     };
-    match d.enroller.enroll(form.into(), caller).await {
-        Ok(enrollment) => {
-            tracing::info!(api_key = %record.name, device = %enrollment.device_id, "device enrolled over HTTPS");
-            ([(header::CONTENT_TYPE, "application/x-plist")], enrollment.plist).into_response()
-        }
+    match d.enroller.enroll(req, caller).await {
+        Ok(enrollment) => ([(header::CONTENT_TYPE, "application/x-plist")], enrollment.plist).into_response(),
         Err(e @ EnrollError::InvalidName(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e @ EnrollError::AlreadyEnrolled(_)) => error(StatusCode::CONFLICT, &e.to_string()),
+        Err(e @ EnrollError::NotAllowed(_)) => error(StatusCode::FORBIDDEN, &e.to_string()),
+        Err(e @ EnrollError::RateLimited(_)) => error(StatusCode::TOO_MANY_REQUESTS, &e.to_string()),
         Err(EnrollError::Store(e)) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
 }
@@ -470,9 +545,9 @@ impl Drop for StreamGuard {
 }
 
 async fn events(State(d): State<Shared>, headers: HeaderMap) -> Response {
-    if d.caller(&headers).is_none() {
+    let Some((holder, _, _)) = d.caller(&headers) else {
         return unauthorized();
-    }
+    };
     let mut presence = d.hub.subscribe_presence();
     let mut receipts = d.hub.subscribe_receipts();
     let mut diagnoses = d.hub.observer().subscribe_diagnoses();
@@ -493,6 +568,12 @@ async fn events(State(d): State<Shared>, headers: HeaderMap) -> Response {
             let event = tokio::select! {
                 _ = d.shutdown.cancelled() => return,
                 _ = tx.closed() => return,
+                // The key was revoked or expired: say so and end the stream (the page then finds
+                // its session gone).
+                end = holder.ended() => {
+                    let _ = tx.send(Ok(Event::default().event("logout").data(end.to_string()))).await;
+                    return;
+                }
                 p = presence.recv() => match p {
                     Ok(p) => send_row(&p.device_id),
                     Err(broadcast::error::RecvError::Lagged(_)) => Some(Event::default().event("resync").data("lagged")),
@@ -530,6 +611,17 @@ async fn events(State(d): State<Shared>, headers: HeaderMap) -> Response {
         .into_response()
 }
 
+/// The peer address of a connection from [`TlsIncoming`] (axum provides connect info only for
+/// its own listeners).
+#[derive(Clone, Copy, Debug)]
+struct Peer(SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsIncoming>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsIncoming>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
 /// Hands TLS connections accepted by our own loop to axum.
 struct TlsIncoming {
     rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
@@ -559,6 +651,7 @@ pub fn serve(
     acceptor: TlsAcceptor,
     hub: Hub,
     enroller: Enroller,
+    keys: Arc<Keys>,
     node: String,
     limits: Limits,
     shutdown: CancellationToken,
@@ -567,6 +660,7 @@ pub fn serve(
     let dashboard = Arc::new(Dashboard {
         hub: hub.clone(),
         enroller,
+        keys,
         node,
         metrics: metrics::install(),
         sessions: Mutex::new(HashMap::new()),
@@ -593,6 +687,8 @@ pub fn serve(
     let app = router(dashboard);
     Ok(async move {
         let incoming = TlsIncoming { rx, addr };
+        // Connect info: `POST /v1/enroll` records the peer's address.
+        let app = app.into_make_service_with_connect_info::<Peer>();
         if let Err(e) = axum::serve(incoming, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await

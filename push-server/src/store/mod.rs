@@ -143,14 +143,39 @@ pub struct Receipt {
 }
 
 /// A sender API key, stored by the SHA-256 of the key (hex); the key itself is never stored.
+///
+/// Postcard is not self-describing, so adding a field changes the encoding: stored records are
+/// wrapped in a versioned enum (see `redb_store::StoredApiKey`) and records written before
+/// versioning (name, scopes, creation only) are migrated when the store opens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiKeyRecord {
     /// Human name ("nurse-call", "ops-dashboard").
     pub name: String,
-    /// Granted scopes ("send", "call", "read", "admin").
+    /// Granted scopes ("send", "call", "read", "enroll", "admin").
     pub scopes: Vec<String>,
     /// Unix ms of creation.
     pub created_at_ms: i64,
+    /// Unix ms from which the key is refused; 0: it never expires.
+    pub expires_at_ms: i64,
+    /// Unix ms it was revoked; 0: not revoked. Revoked keys are kept so listings show them.
+    pub revoked_at_ms: i64,
+    /// For a key with the `enroll` scope: the only groups it may enroll devices into (fixed
+    /// when the key is created, so the phone that carries the key cannot choose its groups).
+    pub enroll_groups: Vec<String>,
+}
+
+impl ApiKeyRecord {
+    /// A key that never expires and may enroll into no group.
+    pub fn new(name: &str, scopes: Vec<String>, created_at_ms: i64) -> Self {
+        Self {
+            name: name.into(),
+            scopes,
+            created_at_ms,
+            expires_at_ms: 0,
+            revoked_at_ms: 0,
+            enroll_groups: Vec::new(),
+        }
+    }
 }
 
 /// What a sender asked for under a caller-chosen id, so that a reuse of the id is recognised as
@@ -243,6 +268,9 @@ pub trait Store: Send + Sync + 'static {
     fn request(&self, id: &str) -> Result<Option<RequestRecord>, StoreError>;
     /// The API key record stored under `hash`.
     fn api_key(&self, hash: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
+    /// Every API key record with its hash, ordered by hash (for listings: callers show at most a
+    /// short prefix of the hash).
+    fn api_keys(&self) -> Result<Vec<(String, ApiKeyRecord)>, StoreError>;
     /// Commit everything submitted so far and stop accepting writes. Idempotent.
     fn close(&self);
 }

@@ -22,6 +22,33 @@ use tokio::sync::oneshot;
 
 use super::{ApiKeyRecord, Op, Receipt, RequestRecord, Snapshot, Store, StoreError};
 
+/// How an API key record is stored. Postcard encodes fields in order with no names, so a new
+/// field would make every stored key undecodable: a new version is a new variant (appended,
+/// never reordered) and is converted to [`ApiKeyRecord`] when read.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum StoredApiKey {
+    V2(ApiKeyRecord),
+}
+
+/// An API key record as written before versioning (table `api_keys`).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct LegacyApiKey {
+    pub(super) name: String,
+    pub(super) scopes: Vec<String>,
+    pub(super) created_at_ms: i64,
+}
+
+impl From<LegacyApiKey> for ApiKeyRecord {
+    fn from(old: LegacyApiKey) -> Self {
+        ApiKeyRecord::new(&old.name, old.scopes, old.created_at_ms)
+    }
+}
+
+fn decode_api_key(bytes: &[u8]) -> Result<ApiKeyRecord, StoreError> {
+    let StoredApiKey::V2(record) = decode(&API_KEYS, bytes)?;
+    Ok(record)
+}
+
 // Values are postcard-encoded records. Keys mirror the records' identities so that range scans
 // come out in the order callers need: pushes by (device, seq), receipts by (id, device).
 // Statics rather than consts so that `name()` is `&'static str`, as `StoreError::Corrupt` needs.
@@ -29,7 +56,11 @@ static DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 static PUSHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("pushes");
 static SEQ_CEILINGS: TableDefinition<&str, u64> = TableDefinition::new("seq_ceilings");
 static RECEIPTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("receipts");
-static API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys");
+/// API keys by hash, values a postcard [`StoredApiKey`].
+static API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys_v2");
+/// API keys as written before records were versioned ([`LegacyApiKey`]); migrated into
+/// [`API_KEYS`] and emptied when the store opens.
+static LEGACY_API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys");
 static REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("requests");
 /// Facts about the store itself: its epoch (see `device.proto`, "Epochs and the floor").
 static META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -95,7 +126,7 @@ fn create_tables(db: &Database) -> Result<(), redb::Error> {
     txn.open_table(PUSHES)?;
     txn.open_table(SEQ_CEILINGS)?;
     txn.open_table(RECEIPTS)?;
-    txn.open_table(API_KEYS)?;
+    migrate_api_keys(&txn)?;
     txn.open_table(REQUESTS)?;
     {
         let mut meta = txn.open_table(META)?;
@@ -104,6 +135,34 @@ fn create_tables(db: &Database) -> Result<(), redb::Error> {
         }
     }
     txn.commit()?;
+    Ok(())
+}
+
+/// Move keys written before versioning into the versioned table, in the transaction that opens
+/// the store (so a crash leaves either the old table or the new one, never half of each).
+fn migrate_api_keys(txn: &WriteTransaction) -> Result<(), redb::Error> {
+    let mut keys = txn.open_table(API_KEYS)?;
+    let mut legacy = txn.open_table(LEGACY_API_KEYS)?;
+    let mut moved = 0usize;
+    for entry in legacy.iter()? {
+        let (hash, value) = entry?;
+        let record: ApiKeyRecord = match postcard::from_bytes::<LegacyApiKey>(value.value()) {
+            Ok(old) => old.into(),
+            Err(e) => {
+                return Err(redb::Error::Corrupted(format!(
+                    "api_keys: a key record cannot be decoded: {e}"
+                )));
+            }
+        };
+        let value = postcard::to_allocvec(&StoredApiKey::V2(record))
+            .map_err(|e| redb::Error::Corrupted(format!("api_keys_v2: cannot encode: {e}")))?;
+        keys.insert(hash.value(), value.as_slice())?;
+        moved += 1;
+    }
+    if moved > 0 {
+        legacy.retain(|_, _| false)?;
+        tracing::info!(keys = moved, "API keys migrated to the versioned record format");
+    }
     Ok(())
 }
 
@@ -185,7 +244,19 @@ impl Store for RedbStore {
         let txn = self.db.begin_read().map_err(io)?;
         let table = txn.open_table(API_KEYS).map_err(io)?;
         let value = table.get(hash).map_err(io)?;
-        value.map(|value| decode(&API_KEYS, value.value())).transpose()
+        value.map(|value| decode_api_key(value.value())).transpose()
+    }
+
+    fn api_keys(&self) -> Result<Vec<(String, ApiKeyRecord)>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let table = txn.open_table(API_KEYS).map_err(io)?;
+        let entries = table.iter().map_err(io)?;
+        entries
+            .map(|entry| {
+                let (hash, value) = entry.map_err(io)?;
+                Ok((hash.value().to_owned(), decode_api_key(value.value())?))
+            })
+            .collect()
     }
 
     fn close(&self) {
@@ -463,7 +534,7 @@ impl<'txn> Tables<'txn> {
                 }
             }
             Op::PutApiKey { hash, record } => {
-                let value = encode(&API_KEYS, record)?;
+                let value = encode(&API_KEYS, &StoredApiKey::V2(record.clone()))?;
                 self.api_keys
                     .insert(hash.as_str(), value.as_slice())
                     .map_err(io)?;
@@ -572,9 +643,10 @@ mod tests {
         let mut revoked = device("a");
         revoked.revoked = true;
         let key = ApiKeyRecord {
-            name: "nurse-call".into(),
-            scopes: vec!["send".into()],
-            created_at_ms: 5,
+            expires_at_ms: 9,
+            revoked_at_ms: 7,
+            enroll_groups: vec!["ward:4B".into()],
+            ..ApiKeyRecord::new("nurse-call", vec!["send".into()], 5)
         };
         let request = RequestRecord {
             kind: PushKind::Message,
@@ -640,8 +712,52 @@ mod tests {
             ]
         );
         assert_eq!(store.receipts("m10").expect("receipts").len(), 1);
-        assert_eq!(store.api_key("abc").expect("api key"), Some(key));
+        assert_eq!(store.api_key("abc").expect("api key"), Some(key.clone()));
         assert_eq!(store.api_key("ab").expect("api key"), None);
+        assert_eq!(store.api_keys().expect("api keys"), vec![("abc".into(), key)]);
+    }
+
+    #[test]
+    fn keys_written_before_versioning_are_migrated_and_still_read() {
+        let (_dir, path) = temp_db();
+        {
+            // The layout and encoding the previous release wrote: table "api_keys", postcard of
+            // (name, scopes, created_at_ms).
+            let db = Database::create(&path).expect("create");
+            let txn = db.begin_write().expect("write");
+            {
+                let mut t = txn.open_table(LEGACY_API_KEYS).expect("table");
+                let old = LegacyApiKey {
+                    name: "admin".into(),
+                    scopes: vec!["admin".into()],
+                    created_at_ms: 42,
+                };
+                let bytes = postcard::to_allocvec(&old).expect("encode");
+                t.insert("h1", bytes.as_slice()).expect("insert");
+            }
+            txn.commit().expect("commit");
+        }
+        let expected = ApiKeyRecord::new("admin", vec!["admin".into()], 42);
+        let store = RedbStore::open(&path).expect("an old store opens");
+        assert_eq!(store.api_key("h1").expect("read"), Some(expected.clone()));
+        assert_eq!(
+            store.api_keys().expect("list"),
+            vec![("h1".into(), expected.clone())]
+        );
+        drop(store);
+        // Migrated once: reopening finds the key in the new table and nothing left to move.
+        let store = RedbStore::open(&path).expect("reopen");
+        assert_eq!(store.api_key("h1").expect("read"), Some(expected));
+        let legacy_left = store
+            .db
+            .begin_read()
+            .unwrap()
+            .open_table(LEGACY_API_KEYS)
+            .unwrap()
+            .iter()
+            .unwrap()
+            .count();
+        assert_eq!(legacy_left, 0);
     }
 
     #[test]

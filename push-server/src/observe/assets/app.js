@@ -36,7 +36,7 @@ async function api(path, opts) {
 }
 
 function showLogin() {
-  $("#app").hidden = true; $("#who").hidden = true; $("#login").hidden = false;
+  $("#app").hidden = true; $("#who").hidden = true; $("#login").hidden = false; $("#keys-box").hidden = true;
   if (source) { source.close(); source = null; }
 }
 
@@ -54,6 +54,40 @@ async function refresh() {
   devices.clear();
   for (const d of overview.devices) devices.set(d.device_id, d);
   renderAll();
+  await renderEnrollments();
+  if (me && me.role === "admin") await renderKeys();
+}
+
+async function renderEnrollments() {
+  const r = await api("/api/enrollments");
+  $("#enrollments tbody").replaceChildren(...r.enrollments.slice(0, 50).map((x) => el("tr", {},
+    el("td", {}, time(x.at_ms)), el("td", {}, x.device_id), el("td", {}, x.kind),
+    el("td", {}, x.key_name + " (" + x.key_id + ")"), el("td", {}, (x.source || "–") + " · " + x.via),
+    el("td", {}, x.groups.join(", ") || "–"), el("td", {}, time(x.expires_at_ms)))));
+}
+
+// Admins only: keys by id (never the key), with a revoke button for active ones.
+async function renderKeys() {
+  $("#keys-box").hidden = false;
+  const r = await api("/api/keys");
+  $("#keys tbody").replaceChildren(...r.keys.map((k) => {
+    const button = el("button", { type: "button", class: "danger" }, "Revoke");
+    button.addEventListener("click", () => revokeKey(k));
+    return el("tr", { class: k.state, "data-key": k.id },
+      el("td", {}, k.id), el("td", {}, k.name), el("td", { class: "state " + k.state }, k.state),
+      el("td", {}, k.scopes.join(", ")), el("td", {}, k.enroll_groups.join(", ") || "–"),
+      el("td", {}, time(k.created_at_ms)), el("td", {}, k.expires_at_ms ? time(k.expires_at_ms) : "never"),
+      el("td", {}, k.state === "active" ? button : ""));
+  }));
+}
+
+async function revokeKey(k) {
+  if (!confirm("Revoke API key " + k.name + " (" + k.id + ")? Everything using it stops at once.")) return;
+  try {
+    await api("/api/keys/" + encodeURIComponent(k.id) + "/revoke", { method: "POST", headers: { "x-lpush-csrf": "1" } });
+    $("#keys-result").textContent = "revoked " + k.name;
+  } catch (e) { $("#keys-result").textContent = "failed: " + e.message; }
+  renderKeys().catch(() => {});
 }
 
 // Sites, counters and charts follow every live event (coalesced), the table row at once.
@@ -80,6 +114,8 @@ function connect() {
     refreshSoon();
   });
   source.addEventListener("resync", () => refresh());
+  // Our key was revoked or expired: the session is gone.
+  source.addEventListener("logout", () => showLogin());
   source.onerror = () => $("#live").classList.remove("on");
 }
 
