@@ -33,7 +33,9 @@ async fn send_junk(server: &ServerProcess, batch: usize) {
     // what the server keeps per name.
     let req = SendMessageRequest {
         target: Some(Target {
-            kind: Some(target::Kind::Devices(DeviceList { device_ids: recipients })),
+            kind: Some(target::Kind::Devices(DeviceList {
+                device_ids: recipients,
+            })),
         }),
         body: "to nobody".into(),
         ..Default::default()
@@ -71,5 +73,8 @@ async fn unknown_recipients_leave_memory_and_store_flat() {
         BATCHES * PER_BATCH
     );
     assert!(rss1 < rss0 + 8 * 1024, "RSS grew from {rss0} to {rss1} KiB");
-    assert!(store1 <= store0 + 64 * 1024, "store grew from {store0} to {store1} bytes");
+    assert!(
+        store1 <= store0 + 64 * 1024,
+        "store grew from {store0} to {store1} bytes"
+    );
 }

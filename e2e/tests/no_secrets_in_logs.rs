@@ -210,13 +210,21 @@ async fn no_secret_in_debug_log_metrics_or_errors() {
     let admin = server.api().await.admin();
     let create = |name: &'static str, scopes: &[&str]| {
         let mut admin = admin.clone();
-        let scopes = scopes.iter().map(|s| s.to_string()).collect();
+        let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+        // An enroll key enrolls only into the groups it was made for.
+        let enroll_groups = if scopes.iter().any(|s| s == "enroll") {
+            vec!["ward:4B".to_string()]
+        } else {
+            Vec::new()
+        };
         async move {
             within(
                 "CreateApiKey",
                 admin.create_api_key(CreateApiKeyRequest {
                     name: name.into(),
                     scopes,
+                    enroll_groups,
+                    ..Default::default()
                 }),
             )
             .await
@@ -472,6 +480,7 @@ async fn no_secret_in_debug_log_metrics_or_errors() {
             .create_api_key(CreateApiKeyRequest {
                 name: "sneaky".into(),
                 scopes: vec!["admin".into()],
+                ..Default::default()
             }),
     )
     .await

@@ -15,7 +15,9 @@ use std::{
 
 use e2e::{ServerProcess, within};
 use nepush_host::{Report, RunOptions, Scenario};
-use nepush_provider::{LocalNotification, Provider, ProviderConfiguration, ProviderHost, Registry, State};
+use nepush_provider::{
+    LastSeen, LocalNotification, Provider, ProviderConfiguration, ProviderHost, Registry, State,
+};
 use tokio::sync::watch;
 
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -174,7 +176,7 @@ impl ProviderHost for Forgetful {
         self.shown.lock().unwrap().push(n);
         self.shown_count.send_modify(|c| *c += 1);
     }
-    fn persist_last_seen_seq(&self, _: u64) {}
+    fn persist_last_seen(&self, _: LastSeen) {}
     fn state_changed(&self, state: &State) {
         self.state.send_replace(state.clone());
     }
@@ -234,15 +236,21 @@ async fn a_new_instance_from_a_stale_app_group_value_shows_nothing_again() {
     };
     let registry = Registry::new(tokio::runtime::Handle::current());
     let (a_host, b_host) = (Forgetful::new(), Forgetful::new());
-    let a = Provider::new(&registry, configuration.clone(), 0, a_host.clone()).unwrap();
+    let a = Provider::new(
+        &registry,
+        configuration.clone(),
+        LastSeen::default(),
+        a_host.clone(),
+    )
+    .unwrap();
     a.start().await.unwrap();
     a_host.connected().await;
     server.send_text("stale-1", "m1", "first").await;
     let m1 = a_host.shown("m1").await;
     // Created from the stale value 0 while the older instance still runs.
-    let b = Provider::new(&registry, configuration, 0, b_host.clone()).unwrap();
+    let b = Provider::new(&registry, configuration, LastSeen::default(), b_host.clone()).unwrap();
     b.start().await.unwrap();
-    assert!(b.last_seen_seq() >= m1.seq, "{} < {}", b.last_seen_seq(), m1.seq);
+    assert!(b.last_seen().seq >= m1.seq, "{:?} < {}", b.last_seen(), m1.seq);
     b_host.connected().await;
     server.send_text("stale-1", "m2", "second").await;
     b_host.shown("m2").await;

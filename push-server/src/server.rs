@@ -143,7 +143,6 @@ impl Server {
             enroller.clone(),
             keys.clone(),
             cfg.node_name.clone(),
-            cfg.limits.clone(),
             shutdown.clone(),
         )?);
         tasks.spawn(serve_api(

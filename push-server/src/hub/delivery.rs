@@ -178,7 +178,7 @@ impl Hub {
             None
         } else {
             match self.claim_id(&id, PushKind::Message, &digest)? {
-                IdUse::Same(previous) => return Ok(self.previous_outcome(id, &previous)?),
+                IdUse::Same(previous) => return self.previous_outcome(id, &previous),
                 IdUse::New(claim) => Some(claim),
             }
         };
@@ -522,14 +522,16 @@ impl Hub {
         // Even a trusted floor settles only what may have reached the device: written in this
         // process, or restored from the store (written before a restart, perhaps). A push below
         // it that cannot have been seen (skipped as expired, or a lying floor) moves above it.
-        let (seen, unseen): (Vec<(u64, bool)>, Vec<(u64, bool)>) = d
-            .outbox
-            .range(..=floor)
-            .map(|(s, q)| (*s, trusted && (q.state == ReceiptState::Delivered || q.restored)))
-            .partition(|(_, seen)| *seen);
-        let seen: Vec<u64> = seen.into_iter().map(|(s, _)| s).collect();
+        let (mut seen, mut unseen) = (Vec::new(), Vec::new());
+        for (seq, q) in d.outbox.range(..=floor) {
+            if trusted && (q.state == ReceiptState::Delivered || q.restored) {
+                seen.push(*seq);
+            } else {
+                unseen.push(*seq);
+            }
+        }
         self.ack_locked(d, ops, (0, &seen), false, now);
-        for (old, _) in unseen {
+        for old in unseen {
             self.renumber_locked(d, ops, old, now);
         }
     }

@@ -51,7 +51,6 @@ use tokio_util::sync::CancellationToken;
 use super::{DeliveryRecord, Diagnosis, SessionRecord, SiteHealth, metrics};
 use crate::{
     auth::Scope,
-    config::Limits,
     enrollment::{Caller, EnrollError, EnrollForm, Enroller},
     hub::{DeviceView, Hub, now_ms},
     keys::{Holder, KeyError, Keys},
@@ -653,7 +652,6 @@ pub fn serve(
     enroller: Enroller,
     keys: Arc<Keys>,
     node: String,
-    limits: Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     let addr = listener.local_addr()?;
@@ -670,7 +668,7 @@ pub fn serve(
     let rx = tls_incoming(
         listener,
         acceptor,
-        limits.clone(),
+        hub.limits().clone(),
         shutdown.clone(),
         crate::admission::Listener::Dashboard,
     );

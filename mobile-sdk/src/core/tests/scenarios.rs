@@ -155,11 +155,11 @@ fn a_new_instance_resumes_from_the_persisted_sequence() {
     let persisted = first
         .events
         .iter()
-        .filter_map(|e| match e {
+        .rev()
+        .find_map(|e| match e {
             Event::LastSeenSeq(s) => Some(*s),
             _ => None,
         })
-        .last()
         .unwrap();
     assert_eq!(persisted, LastSeen { epoch: EPOCH, seq: 2 });
     let mut second = Harness::new(resume(persisted));
