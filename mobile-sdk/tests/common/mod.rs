@@ -62,7 +62,7 @@ impl Default for Heartbeat {
 }
 
 fn server_config(dir: &Path, device_listen: SocketAddr, hb: Heartbeat) -> Config {
-    Config {
+    let mut cfg = Config {
         data_dir: dir.to_path_buf(),
         device_listen,
         api_listen: "127.0.0.1:0".parse().unwrap(),
@@ -71,7 +71,14 @@ fn server_config(dir: &Path, device_listen: SocketAddr, hb: Heartbeat) -> Config
         heartbeat_interval_ms: hb.interval_ms,
         heartbeat_timeout_ms: hb.timeout_ms,
         ..Default::default()
-    }
+    };
+    // These tests squeeze thousands of lifecycles of one device from one address into seconds,
+    // which the server would rightly take for a crash loop.
+    cfg.limits.device_logins_per_minute = 1_000_000;
+    cfg.limits.device_login_burst = 100_000;
+    cfg.limits.device_handshakes.per_sec_per_ip = 100_000;
+    cfg.limits.device_handshakes.burst_per_ip = 100_000;
+    cfg
 }
 
 /// Where a running server is, and how to talk to its API.
