@@ -386,7 +386,7 @@ impl Hub {
         let Some(device) = self.device(device_id) else {
             return Vec::new();
         };
-        let d = device.lock();
+        let mut d = device.lock();
         if d.session.as_ref().is_none_or(|s| s.id != session_id) {
             return Vec::new();
         }
@@ -396,11 +396,16 @@ impl Hub {
         if start >= d.durable_ceiling {
             return Vec::new();
         }
+        let ceiling = d.durable_ceiling;
         d.outbox
-            .range(start..d.durable_ceiling)
+            .range_mut(start..ceiling)
             .filter(|(_, q)| q.push.expires_at_ms > now)
             .take(max)
-            .filter_map(|(_, q)| match Push::decode(&q.push.encoded[..]) {
+            .map(|(_, q)| {
+                q.handed = true;
+                &*q
+            })
+            .filter_map(|q| match Push::decode(&q.push.encoded[..]) {
                 Ok(p) => Some(p),
                 Err(e) => {
                     tracing::error!(device = device_id, seq = q.push.seq, error = %e, "undecodable queued push skipped");
@@ -456,8 +461,8 @@ impl Hub {
     }
 
     /// Settle what the device acknowledged. `written_only`: an `Ack` frame can only acknowledge
-    /// pushes that were written to the device (a push never written cannot have been seen, so
-    /// an ack naming it is foreign or forged and must not become an ACKED receipt).
+    /// pushes handed to a session of the device (a push never handed out cannot have been seen,
+    /// so an ack naming it is foreign or forged and must not become an ACKED receipt).
     pub(super) fn ack_locked(
         &self,
         d: &mut DeviceState,
@@ -466,7 +471,7 @@ impl Hub {
         written_only: bool,
         now: i64,
     ) {
-        let eligible = |q: &Queued| !written_only || q.state == ReceiptState::Delivered;
+        let eligible = |q: &Queued| !written_only || q.handed;
         let mut acked: Vec<u64> = d
             .outbox
             .range(..=up_to)
@@ -519,12 +524,14 @@ impl Hub {
         if !trusted {
             d.next_seq = d.next_seq.max(floor + 1);
         }
-        // Even a trusted floor settles only what may have reached the device: written in this
-        // process, or restored from the store (written before a restart, perhaps). A push below
-        // it that cannot have been seen (skipped as expired, or a lying floor) moves above it.
+        // Even a trusted floor settles only what may have reached the device: handed to one of
+        // its sessions in this process (marked before the write, so a write cut short by a
+        // kill still counts), or restored from the store (written before a restart, perhaps).
+        // A push below it that cannot have been seen (skipped as expired, or a lying floor)
+        // moves above it.
         let (mut seen, mut unseen) = (Vec::new(), Vec::new());
         for (seq, q) in d.outbox.range(..=floor) {
-            if trusted && (q.state == ReceiptState::Delivered || q.restored) {
+            if trusted && (q.handed || q.restored) {
                 seen.push(*seq);
             } else {
                 unseen.push(*seq);
@@ -772,6 +779,7 @@ impl Hub {
                 voip: super::fallback::VoipLeg::Idle,
                 queued_ms: now,
                 restored: false,
+                handed: false,
             },
         );
         if seq < d.durable_ceiling

@@ -119,6 +119,9 @@ struct Queued {
     /// Loaded from the store at start-up: it may have been written to the device before the
     /// restart, so a trusted floor above it settles it.
     restored: bool,
+    /// Handed to a session to write (set under the device's lock, before the write, so no
+    /// failed or cut-short write can leave a push the device saw looking unseen).
+    handed: bool,
 }
 
 struct SessionLink {
@@ -236,6 +239,7 @@ impl Hub {
                     voip: fallback::VoipLeg::Unknown,
                     queued_ms: now_ms(),
                     restored: true,
+                    handed: false,
                 },
             );
         }
