@@ -27,5 +27,8 @@ fuzz_target!(|data: &[u8]| {
         Ok(&cfg),
         "XML round trip"
     );
-    let _ = cfg.client_config(u64::MAX);
+    let _ = cfg.client_config(nepush_provider::LastSeen {
+        epoch: u64::MAX,
+        seq: u64::MAX,
+    });
 });
