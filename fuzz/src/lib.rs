@@ -4,7 +4,7 @@ use std::{path::Path, sync::Arc};
 
 use push_server::{
     config::Limits,
-    hub::Hub,
+    hub::{Hub, SystemClock},
     store::{RedbStore, Store},
 };
 
@@ -24,7 +24,7 @@ pub fn scratch_dir() -> tempfile::TempDir {
 pub fn hub_in(dir: &Path, limits: Limits) -> (Hub, Arc<RedbStore>) {
     let store = Arc::new(RedbStore::open(&dir.join("push.redb")).expect("store opens"));
     let snapshot = store.load().expect("store loads");
-    let hub = Hub::new(store.clone(), limits, snapshot, None);
+    let hub = Hub::new(store.clone(), limits, snapshot, None, Arc::new(SystemClock));
     (hub, store)
 }
 

@@ -26,7 +26,7 @@ use crate::{
     config::{ApnsConfig, ApnsMode, Config},
     enrollment::{Enroller, SiteProfile},
     grpc::Api,
-    hub::{Hub, run_expiry, run_fallback},
+    hub::{Hub, SystemClock, run_timers},
     keys::{Keys, NewKey},
     listener::{serve_devices, tls_incoming},
     pki::{self, Pki, PkiStatus},
@@ -84,7 +84,13 @@ impl Server {
             queued = snapshot.pushes.len(),
             "store loaded"
         );
-        let hub = Hub::new(store.clone(), cfg.limits.clone(), snapshot, voip);
+        let hub = Hub::new(
+            store.clone(),
+            cfg.limits.clone(),
+            snapshot,
+            voip,
+            Arc::new(SystemClock),
+        );
         let auth = Arc::new(
             DeviceAuthority::load_or_create(&cfg.data_dir)
                 .context("cannot load the device credential key")?,
@@ -127,8 +133,7 @@ impl Server {
             shutdown.clone(),
             tasks.clone(),
         ));
-        tasks.spawn(run_expiry(hub.clone(), shutdown.clone()));
-        tasks.spawn(run_fallback(hub.clone(), shutdown.clone()));
+        tasks.spawn(run_timers(hub.clone(), shutdown.clone()));
         let site = SiteProfile::new(&cfg, device_addr, &pki);
         for warning in site.warnings() {
             tracing::warn!("enrollment: {warning}");

@@ -10,7 +10,10 @@ use futures::future::BoxFuture;
 use proptest::prelude::*;
 use push_proto::device::{CancelReason, Hello, Push, push};
 
-use super::{CallRequest, Hub, MAX_FLOOR, MAX_SEQ, MessageRequest, now_ms};
+use super::{
+    CallRequest, Hub, MAX_FLOOR, MAX_SEQ, MessageRequest, clock::ManualClock, device::Effects, now_ms,
+    timers::Timer,
+};
 use crate::{
     auth::DeviceClaims,
     config::Limits,
@@ -22,6 +25,7 @@ const DEVICES: [&str; 3] = ["d0", "d1", "d2"];
 /// A hub over a real embedded store in a temporary directory.
 struct Fixture {
     hub: Hub,
+    clock: Arc<ManualClock>,
     rt: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
 }
@@ -35,10 +39,11 @@ impl Fixture {
             .enable_all()
             .build()
             .expect("runtime");
+        let clock = Arc::new(ManualClock::new(now_ms()));
         let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("store.redb")).expect("store"));
         let snapshot = store.load().expect("load");
         let hub = rt.block_on(async {
-            let hub = Hub::new(store, Limits::default(), snapshot, voip);
+            let hub = Hub::new(store, Limits::default(), snapshot, voip, clock.clone());
             for d in DEVICES {
                 hub.register_device(d, vec!["ward".into()])
                     .await
@@ -46,7 +51,12 @@ impl Fixture {
             }
             hub
         });
-        Self { hub, rt, _dir: dir }
+        Self {
+            hub,
+            clock,
+            rt,
+            _dir: dir,
+        }
     }
 
     /// The hub spawns from synchronous calls too: they need the runtime entered.
@@ -122,6 +132,7 @@ fn a_non_call_at_the_voip_gate_is_stopped_and_counted() {
         .device("d0")
         .unwrap()
         .lock()
+        .core
         .outbox
         .keys()
         .next()
@@ -130,9 +141,13 @@ fn a_non_call_at_the_voip_gate_is_stopped_and_counted() {
     let handle = recorder.handle();
     metrics::with_local_recorder(&recorder, || {
         let device = f.hub.device("d0").unwrap();
-        let mut d = device.lock();
-        f.hub
-            .start_voip_locked(&mut d, seq, now_ms(), "forced by the test");
+        let mut fx = Effects::default();
+        let cx = f.hub.ctx();
+        device
+            .lock()
+            .core
+            .start_voip(&mut fx, cx, seq, "forced by the test");
+        assert!(fx.voip.is_empty(), "a message must never become a VoIP start");
     });
     let rendered = handle.render();
     assert!(
@@ -140,7 +155,7 @@ fn a_non_call_at_the_voip_gate_is_stopped_and_counted() {
         "{rendered}"
     );
     // The message is untouched: still queued for the local session.
-    assert!(f.hub.device("d0").unwrap().lock().outbox.contains_key(&seq));
+    assert!(f.hub.device("d0").unwrap().lock().core.outbox.contains_key(&seq));
 }
 
 #[derive(Debug, Clone)]
@@ -378,7 +393,10 @@ impl Model {
                     .block_on(hub.register_device(DEVICES[device], vec!["ward".into()]))
                     .expect("re-register");
             }
-            Step::ExpireAll => hub.expire_due(now_ms() + 3_600_000),
+            Step::ExpireAll => {
+                self.f.clock.advance(3_600_000);
+                hub.fire_due();
+            }
         }
         self.check();
     }
@@ -387,7 +405,7 @@ impl Model {
         self.f
             .hub
             .device(device)
-            .is_some_and(|d| d.lock().outbox.values().any(|q| q.push.id == id))
+            .is_some_and(|d| d.lock().core.outbox.values().any(|q| q.push.id == id))
     }
 
     fn note_accepted(&mut self, id: &str, recipients: &[super::RecipientOutcome]) {
@@ -423,8 +441,9 @@ impl Model {
             );
             let dev = self.f.hub.device(d).expect("registered");
             let state = dev.lock();
-            assert!(state.next_seq < MAX_SEQ, "numbers stay below 2^53");
-            assert!(state.outbox.keys().all(|s| *s < state.next_seq));
+            let core = &state.core;
+            assert!(core.next_seq < MAX_SEQ, "numbers stay below 2^53");
+            assert!(core.outbox.keys().all(|s| *s < core.next_seq));
         }
     }
 
@@ -432,7 +451,8 @@ impl Model {
     fn finish(mut self) {
         let rt = self.f.rt.handle().clone();
         let _rt = rt.enter();
-        self.f.hub.expire_due(now_ms() + 3_600_000);
+        self.f.clock.advance(3_600_000);
+        self.f.hub.fire_due();
         self.check();
         for key in &self.accepted {
             let finals = self.finals.get(key).map_or(&[][..], Vec::as_slice);
@@ -476,7 +496,7 @@ fn renumbered_pushes_keep_their_content_and_deadline() {
     // Durable a commit later: wait for the reservation, then take.
     f.rt.block_on(async {
         for _ in 0..200 {
-            if f.hub.device("d0").unwrap().lock().durable_ceiling > 5001 {
+            if f.hub.device("d0").unwrap().lock().core.durable_ceiling > 5001 {
                 break;
             }
             login.ctl.woken().await;
@@ -487,7 +507,11 @@ fn renumbered_pushes_keep_their_content_and_deadline() {
     let p: &Push = &pushes[0];
     assert_eq!((p.id.as_str(), p.seq), (sent.id.as_str(), 5001));
     assert!(matches!(&p.body, Some(push::Body::Message(m)) if m.body == "queued"));
-    let deadlines = f.hub.0.deadlines.lock();
-    assert!(deadlines.iter().any(|(_, d, s)| d == "d0" && *s == 5001));
-    assert!(!deadlines.iter().any(|(_, d, s)| d == "d0" && *s < 5001));
+    let timers = f.hub.0.timers.lock();
+    let expiry = |seq| (sent.expires_at_ms, Timer::Expire, "d0".to_string(), seq);
+    assert!(
+        timers.contains(&expiry(5001)),
+        "the expiry follows the new number"
+    );
+    assert_eq!(timers.len(), 1, "and the old number's expiry is gone");
 }

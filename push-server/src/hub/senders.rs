@@ -1,0 +1,421 @@
+//! The senders' face of the hub: queue messages, ring and cancel calls, read and watch
+//! receipts and presence.
+
+use push_proto::{
+    device::{CallInvite, CancelReason, Message, push},
+    sender::PresenceEvent,
+};
+use tokio::sync::broadcast;
+
+use super::{
+    Hub,
+    device::{Effects, Item},
+    ids::{IdUse, call_digest, check_id, message_digest},
+};
+use crate::store::{Op, PushKind, Receipt, ReceiptState, RequestRecord, StoreError};
+
+/// Why a send or call was refused as a whole. Per-recipient failures are receipts instead.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The request is malformed or over a limit; nothing was queued.
+    #[error("{0}")]
+    Invalid(String),
+    /// A call with this id is already ringing.
+    #[error("call {0} already exists")]
+    CallExists(String),
+    /// The id was used before for another request (another kind or other content), or a
+    /// request with it is still being placed.
+    #[error("id {id:?} is already used by {what}; choose a new id")]
+    IdInUse {
+        /// The caller-chosen id.
+        id: String,
+        /// What holds it.
+        what: &'static str,
+    },
+    /// No ringing call with this id.
+    #[error("no ringing call {0}")]
+    UnknownCall(String),
+    /// The store failed; every recipient was reported undeliverable.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A message to queue.
+#[derive(Debug, Clone, Default)]
+pub struct MessageRequest {
+    /// Caller-chosen id (idempotency key); empty to let the server choose.
+    pub id: String,
+    /// Explicit recipients.
+    pub device_ids: Vec<String>,
+    /// A group whose members are recipients too.
+    pub group: Option<String>,
+    /// Title shown on the device.
+    pub title: String,
+    /// Body shown on the device.
+    pub body: String,
+    /// Opaque app data.
+    pub data: Vec<u8>,
+    /// `lpush.device.v1.Priority`.
+    pub priority: i32,
+    /// TTL seconds; 0 for the default.
+    pub ttl_secs: u32,
+    /// Collapse key; empty for none.
+    pub collapse_key: String,
+    /// Sender display name.
+    pub sender: String,
+}
+
+/// A call to ring.
+#[derive(Debug, Clone, Default)]
+pub struct CallRequest {
+    /// Caller-chosen call id.
+    pub call_id: String,
+    /// Explicit callees.
+    pub device_ids: Vec<String>,
+    /// A group whose members are callees too.
+    pub group: Option<String>,
+    /// Caller display name.
+    pub caller_name: String,
+    /// Caller handle (extension, number).
+    pub caller_handle: String,
+    /// Video call.
+    pub video: bool,
+    /// Ring seconds; 0 for the default.
+    pub ring_secs: u32,
+}
+
+/// Outcome for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientOutcome {
+    /// Recipient.
+    pub device_id: String,
+    /// `Accepted`, or a final state with `reason`.
+    pub state: ReceiptState,
+    /// Why it is final.
+    pub reason: String,
+}
+
+/// Outcome of a send or call.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// Message or call id.
+    pub id: String,
+    /// Per recipient.
+    pub recipients: Vec<RecipientOutcome>,
+    /// TTL end or ring deadline, Unix ms.
+    pub expires_at_ms: i64,
+}
+
+impl Hub {
+    /// Queue a message for its recipients; returns once it is durable.
+    pub async fn send_message(&self, req: MessageRequest) -> Result<Sent, SendError> {
+        let limits = self.limits();
+        let size =
+            req.title.len() + req.body.len() + req.data.len() + req.collapse_key.len() + req.sender.len();
+        if size > limits.max_message_bytes {
+            return Err(SendError::Invalid(format!(
+                "message is {size} bytes; the limit is {} (title + body + data + collapse key + sender)",
+                limits.max_message_bytes
+            )));
+        }
+        if req.ttl_secs > limits.max_ttl_secs {
+            return Err(SendError::Invalid(format!(
+                "ttl {}s exceeds the maximum {}s",
+                req.ttl_secs, limits.max_ttl_secs
+            )));
+        }
+        check_id(&req.id)?;
+        let id = if req.id.is_empty() {
+            // A v4 UUID from the thread's CSPRNG: `new_v4` makes a getrandom syscall per id.
+            uuid::Builder::from_random_bytes(rand::random())
+                .into_uuid()
+                .to_string()
+        } else {
+            req.id.clone()
+        };
+        let targets = self.resolve(&req.device_ids, req.group.as_deref())?;
+        let digest = message_digest(&req);
+        let claim = if req.id.is_empty() {
+            None
+        } else {
+            match self.claim_id(&id, PushKind::Message, &digest)? {
+                IdUse::Same(previous) => return self.previous_outcome(id, &previous),
+                IdUse::New(claim) => Some(claim),
+            }
+        };
+        let now = self.now();
+        let ttl = if req.ttl_secs == 0 {
+            limits.default_ttl_secs
+        } else {
+            req.ttl_secs
+        };
+        let expires = now + i64::from(ttl) * 1000;
+        let request = claim.as_ref().map(|_| Op::PutRequest {
+            id: id.clone(),
+            record: RequestRecord {
+                kind: PushKind::Message,
+                digest,
+                at_ms: now,
+                expires_at_ms: expires,
+            },
+        });
+        let message = Message {
+            title: req.title,
+            body: req.body,
+            data: req.data,
+            priority: req.priority,
+            collapse_key: req.collapse_key.clone(),
+            sent_at_ms: now,
+            expires_at_ms: expires,
+            sender: req.sender,
+        };
+        let item = Item {
+            id,
+            kind: PushKind::Message,
+            collapse_key: req.collapse_key,
+            expires,
+            body: push::Body::Message(message),
+        };
+        let (recipients, _) = self.enqueue_all(&item, &targets, request, now).await?;
+        drop(claim);
+        Ok(Sent {
+            id: item.id,
+            recipients,
+            expires_at_ms: expires,
+        })
+    }
+
+    /// Ring callees until the ring deadline; returns once the invites are durable.
+    pub async fn place_call(&self, req: CallRequest) -> Result<(Sent, String), SendError> {
+        let limits = self.limits();
+        if req.call_id.is_empty() {
+            return Err(SendError::Invalid("call_id is required".into()));
+        }
+        check_id(&req.call_id)?;
+        if req.ring_secs > limits.max_ring_secs {
+            return Err(SendError::Invalid(format!(
+                "ring timeout {}s exceeds the maximum {}s",
+                req.ring_secs, limits.max_ring_secs
+            )));
+        }
+        let size = req.caller_name.len() + req.caller_handle.len();
+        if size > 1024 {
+            return Err(SendError::Invalid(
+                "caller name and handle exceed 1024 bytes".into(),
+            ));
+        }
+        let targets = self.resolve(&req.device_ids, req.group.as_deref())?;
+        let uuid = push_proto::call_uuid(&req.call_id);
+        let digest = call_digest(&req);
+        let claim = match self.claim_id(&req.call_id, PushKind::CallInvite, &digest)? {
+            IdUse::Same(previous) => return Ok((self.previous_outcome(req.call_id, &previous)?, uuid)),
+            IdUse::New(claim) => claim,
+        };
+        let now = self.now();
+        let ring = if req.ring_secs == 0 {
+            limits.default_ring_secs
+        } else {
+            req.ring_secs
+        };
+        let deadline = now + i64::from(ring) * 1000;
+        let request = Op::PutRequest {
+            id: req.call_id.clone(),
+            record: RequestRecord {
+                kind: PushKind::CallInvite,
+                digest,
+                at_ms: now,
+                expires_at_ms: deadline,
+            },
+        };
+        if !self.0.calls.lock().open(&req.call_id, deadline, &uuid) {
+            return Err(SendError::CallExists(req.call_id));
+        }
+        let invite = CallInvite {
+            call_id: req.call_id.clone(),
+            call_uuid: uuid.clone(),
+            caller_name: req.caller_name,
+            caller_handle: req.caller_handle,
+            video: req.video,
+            created_at_ms: now,
+            ring_deadline_ms: deadline,
+        };
+        let item = Item {
+            id: req.call_id.clone(),
+            kind: PushKind::CallInvite,
+            collapse_key: String::new(),
+            expires: deadline,
+            body: push::Body::CallInvite(invite),
+        };
+        let result = self.enqueue_all(&item, &targets, Some(request), now).await;
+        drop(claim);
+        let (recipients, seqs) = match result {
+            Ok(placed) => placed,
+            Err(e) => {
+                self.0.calls.lock().close(&req.call_id);
+                return Err(e);
+            }
+        };
+        // A phone may have taken and acked its invite before this commit returned: the table
+        // keeps that ack (taken under the call table's lock alone: device locks come first).
+        self.0.calls.lock().placed(&req.call_id, &seqs);
+        self.plan_voip(&seqs);
+        Ok((
+            Sent {
+                id: item.id,
+                recipients,
+                expires_at_ms: deadline,
+            },
+            uuid,
+        ))
+    }
+
+    /// Stop ringing: invites not yet written are withdrawn, devices that got one are sent a
+    /// cancel. Returns how many cancels were sent.
+    pub async fn cancel_call(&self, call_id: &str, reason: CancelReason) -> Result<u32, SendError> {
+        let call = self
+            .0
+            .calls
+            .lock()
+            .close(call_id)
+            .ok_or_else(|| SendError::UnknownCall(call_id.into()))?;
+        let cx = self.ctx();
+        if cx.now >= call.deadline_ms {
+            return Ok(0);
+        }
+        let cancel = call.cancel_item(call_id, reason);
+        let mut pending = Vec::new();
+        let mut sent = 0;
+        for (device_id, (seq, acked)) in &call.callees {
+            let Some(device) = self.device(device_id) else {
+                continue;
+            };
+            let slot = &mut *device.lock();
+            let mut fx = Effects::default();
+            let reached = slot.core.withdraw_invite(&mut fx, cx, *seq, call_id, *acked);
+            if reached && slot.core.enqueue(&mut fx, cx, &cancel).is_ok() {
+                sent += 1;
+            }
+            pending.push(self.apply(slot, fx));
+        }
+        self.settle(pending).await?;
+        Ok(sent)
+    }
+
+    /// Expand explicit ids and a group into distinct recipients, within the limit.
+    fn resolve(&self, device_ids: &[String], group: Option<&str>) -> Result<Vec<String>, SendError> {
+        let mut targets: Vec<String> = device_ids.to_vec();
+        if let Some(g) = group {
+            targets.extend(self.group_members(g));
+        }
+        targets.sort();
+        targets.dedup();
+        if targets.is_empty() {
+            return Err(SendError::Invalid(match group {
+                Some(g) => format!("group {g:?} has no devices"),
+                None => "no recipients".into(),
+            }));
+        }
+        if targets.len() > self.limits().max_recipients {
+            return Err(SendError::Invalid(format!(
+                "{} recipients exceed the limit of {}",
+                targets.len(),
+                self.limits().max_recipients
+            )));
+        }
+        Ok(targets)
+    }
+
+    /// Queue `item` for every target and wait until durable. Returns the outcomes and the
+    /// sequence number each accepted recipient got.
+    /// `request` (the caller-chosen id's record) is stored with them when any recipient
+    /// accepted.
+    async fn enqueue_all(
+        &self,
+        item: &Item,
+        targets: &[String],
+        request: Option<Op>,
+        now: i64,
+    ) -> Result<(Vec<RecipientOutcome>, Vec<(String, u64)>), SendError> {
+        let mut pending = Vec::with_capacity(targets.len());
+        let mut outcomes = Vec::with_capacity(targets.len());
+        let mut seqs = Vec::with_capacity(targets.len());
+        let cx = super::device::Ctx { now, ..self.ctx() };
+        for device_id in targets {
+            let result = match self.device(device_id) {
+                // Answered in the response only: nothing is kept, stored or counted per unknown
+                // id, so a sender naming junk ids cannot grow the server.
+                None => Err("unknown device"),
+                Some(device) => {
+                    let slot = &mut *device.lock();
+                    let mut fx = Effects::default();
+                    let result = slot.core.enqueue(&mut fx, cx, item);
+                    pending.push(self.apply(slot, fx));
+                    result
+                }
+            };
+            let (state, reason) = match result {
+                Ok(seq) => {
+                    seqs.push((device_id.clone(), seq));
+                    (ReceiptState::Accepted, "")
+                }
+                Err(reason) => (ReceiptState::Undeliverable, reason),
+            };
+            outcomes.push(RecipientOutcome {
+                device_id: device_id.clone(),
+                state,
+                reason: reason.into(),
+            });
+        }
+        if let Some(request) = request.filter(|_| !seqs.is_empty()) {
+            pending.push(self.submit(vec![request]));
+        }
+        if let Err(e) = self.settle(pending).await {
+            // Not durable: withdraw what is still queued so the sender's retry is the only copy.
+            for (device_id, seq) in &seqs {
+                if let Some(device) = self.device(device_id) {
+                    let slot = &mut *device.lock();
+                    let mut fx = Effects::default();
+                    slot.core.withdraw_unstored(&mut fx, cx, *seq);
+                    let pending = self.apply(slot, fx);
+                    self.release(pending);
+                }
+            }
+            return Err(e.into());
+        }
+        Ok((outcomes, seqs))
+    }
+
+    /// A call's invites are durable: plan each callee's VoIP leg (see `fallback.rs`).
+    fn plan_voip(&self, seqs: &[(String, u64)]) {
+        if self.0.bridge.is_none() {
+            return;
+        }
+        let cx = self.ctx();
+        for (device_id, seq) in seqs {
+            if let Some(device) = self.device(device_id) {
+                let slot = &mut *device.lock();
+                let mut fx = Effects::default();
+                slot.core.plan_voip(&mut fx, cx, *seq);
+                let pending = self.apply(slot, fx);
+                self.release(pending);
+            }
+        }
+    }
+
+    /// Presence changes as they happen.
+    pub fn subscribe_presence(&self) -> broadcast::Receiver<PresenceEvent> {
+        self.0.presence.subscribe()
+    }
+
+    /// Receipt changes as they happen (all pushes; filter by id).
+    pub fn subscribe_receipts(&self) -> broadcast::Receiver<Receipt> {
+        self.0.receipts.subscribe()
+    }
+
+    /// Stored receipts of push `id`, after everything submitted so far is durable (so a status
+    /// read never misses a change that was already announced).
+    pub async fn receipts(&self, id: &str) -> Result<Vec<Receipt>, StoreError> {
+        crate::store::commit(&*self.0.store, Vec::new()).await?;
+        self.0.store.receipts(id)
+    }
+}
