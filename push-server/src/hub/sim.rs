@@ -1,1 +1,464 @@
-//! placeholder
+//! Deterministic simulations of whole call and delivery journeys, in the style of quinn's
+//! `Pair`: the real hub and the real session core, a fake store that commits at once, a fake
+//! APNs bridge, and virtual time moved by the test. Races that real-time tests reach only by
+//! luck (an ack against a cancel, against the ring deadline, against the ack window) are played
+//! here in a chosen order, every time.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use apns_bridge::{DeviceToken, VoipBridge, VoipCall, VoipOutcome};
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use push_proto::device::{
+    Ack, CancelReason, ClientFrame, GoodbyeReason, Hello, Push, ServerHello, client_frame, push, server_frame,
+};
+use tokio::{
+    sync::{broadcast, mpsc, oneshot},
+    time::Instant,
+};
+
+use super::{CallRequest, Hub, Login, MessageRequest, clock::ManualClock, now_ms};
+use crate::{
+    auth::DeviceClaims,
+    config::Limits,
+    session::core::{Event, Session, Timing},
+    store::{
+        ApiKeyRecord, Op, Receipt, ReceiptState, RequestRecord, Snapshot, Store, StoreError, StoredPush,
+    },
+};
+
+/// A store that commits every batch at once, in memory (the sim's disk).
+#[derive(Default)]
+struct MemStore {
+    pushes: Mutex<BTreeMap<(String, u64), StoredPush>>,
+    receipts: Mutex<BTreeMap<(String, String), Receipt>>,
+}
+
+impl Store for MemStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        Ok(Snapshot {
+            epoch: 7,
+            ..Snapshot::default()
+        })
+    }
+
+    fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<(), StoreError>> {
+        for op in ops {
+            match op {
+                Op::PutPush(p) => {
+                    self.pushes.lock().insert((p.device_id.clone(), p.seq), p);
+                }
+                Op::DeletePush { device_id, seq } => {
+                    self.pushes.lock().remove(&(device_id, seq));
+                }
+                Op::PutReceipt(r) => {
+                    self.receipts
+                        .lock()
+                        .insert((r.id.clone(), r.device_id.clone()), r);
+                }
+                // Devices, ceilings, requests and keys play no part in these journeys.
+                _ => {}
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Ok(()));
+        rx
+    }
+
+    fn receipts(&self, id: &str) -> Result<Vec<Receipt>, StoreError> {
+        let all = self.receipts.lock();
+        Ok(all.values().filter(|r| r.id == id).cloned().collect())
+    }
+
+    fn request(&self, _id: &str) -> Result<Option<RequestRecord>, StoreError> {
+        Ok(None)
+    }
+
+    fn api_key(&self, _hash: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        Ok(None)
+    }
+
+    fn api_keys(&self) -> Result<Vec<(String, ApiKeyRecord)>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    fn close(&self) {}
+}
+
+/// An APNs bridge that reports every ring and answers `Delivered`.
+struct FakeBridge(mpsc::UnboundedSender<String>);
+
+impl VoipBridge for FakeBridge {
+    fn ring(&self, call: VoipCall, _token: DeviceToken) -> BoxFuture<'_, VoipOutcome> {
+        let _ = self.0.send(call.call_id().to_string());
+        Box::pin(async {
+            VoipOutcome::Delivered {
+                apns_id: None,
+                attempts: 1,
+            }
+        })
+    }
+}
+
+const TOKEN: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+/// The world: hub, store, bridge, clock, and every receipt announced.
+struct Sim {
+    hub: Hub,
+    clock: Arc<ManualClock>,
+    store: Arc<MemStore>,
+    rung: mpsc::UnboundedReceiver<String>,
+    receipts: broadcast::Receiver<Receipt>,
+}
+
+impl Sim {
+    /// Devices `d0..dN` registered with a PushKit token, the APNs fallback on.
+    async fn new(devices: usize) -> Self {
+        let clock = Arc::new(ManualClock::new(now_ms()));
+        let store = Arc::new(MemStore::default());
+        let (tx, rung) = mpsc::unbounded_channel();
+        let hub = Hub::new(
+            store.clone(),
+            Limits::default(),
+            store.load().expect("load"),
+            Some(Arc::new(FakeBridge(tx))),
+            clock.clone(),
+        );
+        for i in 0..devices {
+            let id = format!("d{i}");
+            hub.register_device(&id, vec!["ward".into()])
+                .await
+                .expect("register");
+            let token = DeviceToken::parse(TOKEN).expect("token");
+            hub.set_voip_token(&id, Some(token)).await.expect("token");
+        }
+        let receipts = hub.subscribe_receipts();
+        Self {
+            hub,
+            clock,
+            store,
+            rung,
+            receipts,
+        }
+    }
+
+    /// Move virtual time and fire what is due.
+    fn advance(&self, ms: i64) {
+        self.clock.advance(ms);
+        self.hub.fire_due();
+    }
+
+    /// Every receipt announced since the last call, as `(id, device, state, path)`.
+    fn announced(&mut self) -> Vec<(String, String, ReceiptState, String)> {
+        let mut out = Vec::new();
+        while let Ok(r) = self.receipts.try_recv() {
+            out.push((r.id, r.device_id, r.state, r.path));
+        }
+        out
+    }
+
+    /// Wait for the next receipt (one produced by a spawned task, such as the bridge's answer).
+    async fn next_receipt(&mut self) -> Receipt {
+        tokio::time::timeout(Duration::from_secs(10), self.receipts.recv())
+            .await
+            .expect("a receipt in time")
+            .expect("receipt stream")
+    }
+
+    async fn call(&self, id: &str, to: &[&str], ring_secs: u32) {
+        self.hub
+            .place_call(CallRequest {
+                call_id: id.into(),
+                device_ids: to.iter().map(|d| d.to_string()).collect(),
+                caller_name: "Ward 4B".into(),
+                ring_secs,
+                ..Default::default()
+            })
+            .await
+            .expect("call placed");
+    }
+
+    async fn message(&self, id: &str, to: &str) {
+        self.hub
+            .send_message(MessageRequest {
+                id: id.into(),
+                device_ids: vec![to.into()],
+                body: "hello".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("sent");
+    }
+
+    /// Open a session for `device` through the session core, as the session driver does.
+    fn connect(&self, device: &str) -> Phone {
+        let timing = Timing {
+            hello_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(30),
+            heartbeat_timeout: Duration::from_secs(10),
+        };
+        let now = Instant::now();
+        let mut session = Session::new(now, timing);
+        let hello = Hello {
+            instance_id: format!("{device}-instance"),
+            ..Default::default()
+        };
+        session.handle_frame(
+            now,
+            ClientFrame {
+                kind: Some(client_frame::Kind::Hello(hello)),
+            },
+        );
+        let Some(Event::Hello(hello)) = session.poll_event() else {
+            panic!("the session core must surface the hello");
+        };
+        let generation = self
+            .hub
+            .device_view(device)
+            .expect("registered")
+            .record
+            .credential_generation;
+        let claims = DeviceClaims {
+            sub: device.into(),
+            generation,
+            iat: 0,
+            exp: u64::MAX,
+            aud: "lpush-device".into(),
+        };
+        let login = self.hub.login(&claims, &hello).expect("login");
+        let server_hello = ServerHello {
+            session_id: login.session_id.to_string(),
+            epoch: self.hub.epoch(),
+            ..Default::default()
+        };
+        session.accept(now, server_hello, hello.last_seen_seq);
+        while session.poll_transmit().is_some() {}
+        Phone {
+            device: device.into(),
+            session,
+            login,
+            app: Vec::new(),
+        }
+    }
+}
+
+/// One phone: the server's session core for it, and what its app was shown.
+struct Phone {
+    device: String,
+    session: Session,
+    login: Login,
+    /// Push ids the app saw, in order, each once (the SDK de-duplicates by id).
+    app: Vec<String>,
+}
+
+impl Phone {
+    /// Write what the hub has for this session, as the driver does; returns the pushes written.
+    fn pump(&mut self, hub: &Hub) -> Vec<Push> {
+        let pushes = hub.take_pushes(
+            &self.device,
+            self.login.session_id,
+            self.session.last_sent_seq(),
+            64,
+        );
+        let mut written = Vec::new();
+        for p in pushes {
+            if self.session.push(p) {
+                // Drained below.
+            }
+        }
+        while let Some(frame) = self.session.poll_transmit() {
+            if let Some(server_frame::Kind::Push(p)) = frame.kind {
+                if !self.app.contains(&p.id) {
+                    self.app.push(p.id.clone());
+                }
+                written.push(p);
+            }
+        }
+        let seqs: Vec<u64> = written.iter().map(|p| p.seq).collect();
+        hub.mark_delivered(&self.device, &seqs);
+        written
+    }
+
+    /// The phone acknowledges `seqs`; the session core turns the frame into the hub's ack.
+    fn ack(&mut self, hub: &Hub, seqs: &[u64]) {
+        let ack = Ack {
+            up_to_seq: 0,
+            seqs: seqs.to_vec(),
+        };
+        self.session.handle_frame(
+            Instant::now(),
+            ClientFrame {
+                kind: Some(client_frame::Kind::Ack(ack)),
+            },
+        );
+        while let Some(event) = self.session.poll_event() {
+            if let Event::Acked(a) = event {
+                hub.ack(&self.device, self.login.session_id, a.up_to_seq, &a.seqs);
+            }
+        }
+    }
+}
+
+fn states_of(announced: &[(String, String, ReceiptState, String)], id: &str) -> Vec<ReceiptState> {
+    announced
+        .iter()
+        .filter(|(i, ..)| i == id)
+        .map(|(_, _, s, _)| *s)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_cancel_racing_a_late_ack_ends_the_call_once_and_the_phone_hears_the_cancel() {
+    let mut sim = Sim::new(1).await;
+    let mut phone = sim.connect("d0");
+    sim.call("c1", &["d0"], 30).await;
+    let invite = phone.pump(&sim.hub);
+    assert_eq!(invite.len(), 1, "the invite is written");
+    sim.hub
+        .cancel_call("c1", CancelReason::CallerCancelled)
+        .await
+        .expect("cancel");
+    // The phone's ack for the invite was already on the wire when the cancel was decided.
+    phone.ack(&sim.hub, &[invite[0].seq]);
+    let cancel = phone.pump(&sim.hub);
+    assert!(
+        matches!(&cancel[..], [p] if matches!(p.body, Some(push::Body::CallCancel(_)))),
+        "a phone that was written the invite gets the cancel: {cancel:?}"
+    );
+    let announced = sim.announced();
+    assert_eq!(
+        states_of(&announced, "c1"),
+        vec![
+            ReceiptState::Accepted,
+            ReceiptState::Delivered,
+            ReceiptState::Cancelled
+        ],
+        "exactly one final outcome, and no ACKED after CANCELLED"
+    );
+    assert!(
+        sim.rung.try_recv().is_err(),
+        "a ringing local session needs no VoIP push"
+    );
+}
+
+#[tokio::test]
+async fn an_invite_unacknowledged_for_the_ack_window_rings_through_apns_once() {
+    let mut sim = Sim::new(1).await;
+    let mut phone = sim.connect("d0");
+    sim.call("c1", &["d0"], 30).await;
+    let invite = phone.pump(&sim.hub);
+    let window = sim.hub.limits().call_ack_window_ms as i64;
+    sim.advance(window - 1);
+    assert!(sim.rung.try_recv().is_err(), "not before the window ends");
+    sim.advance(1);
+    assert_eq!(sim.rung.recv().await.as_deref(), Some("c1"));
+    // The bridge's answer is applied by the task that rang: wait for its receipt.
+    loop {
+        let r = sim.next_receipt().await;
+        if r.path == "apns" {
+            assert_eq!((r.id.as_str(), r.state), ("c1", ReceiptState::Delivered));
+            break;
+        }
+    }
+    sim.advance(window * 3);
+    assert!(sim.rung.try_recv().is_err(), "one VoIP push per invite, ever");
+    phone.ack(&sim.hub, &[invite[0].seq]);
+    let announced = sim.announced();
+    assert_eq!(states_of(&announced, "c1"), vec![ReceiptState::Acked]);
+    assert!(
+        sim.store.pushes.lock().is_empty(),
+        "the acked invite left the store"
+    );
+}
+
+#[tokio::test]
+async fn a_ring_deadline_that_passes_first_makes_a_late_ack_harmless() {
+    let mut sim = Sim::new(1).await;
+    let mut phone = sim.connect("d0");
+    sim.call("c1", &["d0"], 10).await;
+    let invite = phone.pump(&sim.hub);
+    sim.rung.try_recv().ok();
+    sim.advance(10_000);
+    phone.ack(&sim.hub, &[invite[0].seq]);
+    let states = states_of(&sim.announced(), "c1");
+    assert_eq!(states.last(), Some(&ReceiptState::Expired));
+    assert!(!states.contains(&ReceiptState::Acked), "{states:?}");
+    let stored = sim.store.receipts("c1").expect("receipts");
+    assert_eq!(
+        stored[0].state,
+        ReceiptState::Expired,
+        "the stored receipt is the announced one"
+    );
+    assert_eq!(sim.hub.0.timers.lock().len(), 0, "no timer outlives its push");
+}
+
+#[tokio::test]
+async fn a_replaced_session_can_neither_take_nor_ack_and_the_app_sees_each_push_once() {
+    let mut sim = Sim::new(1).await;
+    let mut old = sim.connect("d0");
+    sim.message("m1", "d0").await;
+    let written = old.pump(&sim.hub);
+    let mut new = sim.connect("d0");
+    assert_eq!(
+        old.login.ctl.take_stop().map(|(r, _)| r),
+        Some(GoodbyeReason::Replaced)
+    );
+    old.ack(&sim.hub, &[written[0].seq]);
+    sim.message("m2", "d0").await;
+    assert!(old.pump(&sim.hub).is_empty(), "the old session takes nothing");
+    assert_eq!(
+        states_of(&sim.announced(), "m1"),
+        vec![ReceiptState::Accepted, ReceiptState::Delivered],
+        "an ack on the replaced session is not the device's word"
+    );
+    let replay = new.pump(&sim.hub);
+    new.ack(&sim.hub, &replay.iter().map(|p| p.seq).collect::<Vec<_>>());
+    assert_eq!(new.app, vec!["m1".to_string(), "m2".to_string()]);
+    let announced = sim.announced();
+    assert_eq!(states_of(&announced, "m1").last(), Some(&ReceiptState::Acked));
+    assert_eq!(states_of(&announced, "m2").last(), Some(&ReceiptState::Acked));
+}
+
+#[tokio::test]
+async fn a_session_lost_mid_ring_falls_back_at_once_and_the_cancel_waits_for_the_next_session() {
+    let mut sim = Sim::new(2).await;
+    let mut d0 = sim.connect("d0");
+    sim.call("c1", &["d0", "d1"], 30).await;
+    // d1 has no session: it rings through APNs as soon as the invites are durable.
+    assert_eq!(sim.rung.recv().await.as_deref(), Some("c1"));
+    d0.pump(&sim.hub);
+    sim.hub.logout("d0", d0.login.session_id, "network lost");
+    assert_eq!(
+        sim.rung.recv().await.as_deref(),
+        Some("c1"),
+        "d0 rings through APNs too"
+    );
+    let sent = sim
+        .hub
+        .cancel_call("c1", CancelReason::CallerCancelled)
+        .await
+        .expect("cancel");
+    assert_eq!(sent, 2, "both phones may be ringing: both get a cancel");
+    let mut back = sim.connect("d0");
+    let pushes = back.pump(&sim.hub);
+    assert!(
+        matches!(&pushes[..], [p] if matches!(p.body, Some(push::Body::CallCancel(_)))),
+        "back on-site, the phone gets only the cancel: {pushes:?}"
+    );
+}
+
+#[tokio::test]
+async fn acked_and_expired_pushes_leave_no_timer_behind() {
+    let sim = Sim::new(1).await;
+    let mut phone = sim.connect("d0");
+    for i in 0..100 {
+        sim.message(&format!("m{i}"), "d0").await;
+    }
+    assert_eq!(sim.hub.0.timers.lock().len(), 100);
+    let written = phone.pump(&sim.hub);
+    phone.ack(&sim.hub, &written.iter().map(|p| p.seq).collect::<Vec<_>>());
+    assert_eq!(sim.hub.0.timers.lock().len(), 100 - written.len());
+    sim.advance(i64::from(sim.hub.limits().max_ttl_secs) * 1000);
+    assert_eq!(sim.hub.0.timers.lock().len(), 0);
+    assert!(sim.store.pushes.lock().is_empty());
+}
