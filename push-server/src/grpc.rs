@@ -26,7 +26,7 @@ use crate::{
     admission::KeyedRate,
     auth::{Scope, bearer_token},
     enrollment::{Caller, EnrollError, Enroller, check_name},
-    hub::{CallRequest, Hub, MessageRequest, SendError, now_ms},
+    hub::{CallRequest, Heard, Hub, MessageRequest, SendError, now_ms},
     keys::{Holder, KeyError, KeyState, KeySummary, Keys, NewKey},
     observe::metrics,
     store::{Receipt, ReceiptState},
@@ -116,7 +116,7 @@ impl Api {
     /// Stream the current receipts of `id`, then changes, until every recipient is final (or
     /// the caller's key ends).
     async fn watch(&self, id: String, key: Holder) -> Result<BoxStream<DeliveryUpdate>, Status> {
-        let mut changes = self.hub.subscribe_receipts();
+        let mut changes = self.hub.watch_receipts(&id);
         let current = self.hub.receipts(&id).await.map_err(store_status)?;
         if current.is_empty() {
             return Err(Status::not_found(format!("no message or call {id:?}")));
@@ -144,13 +144,11 @@ impl Api {
                     _ = shutdown.cancelled() => return,
                     end = key.ended() => { let _ = tx.send(Err(key_status(end))).await; return; }
                     r = changes.recv() => match r {
-                        Ok(r) if r.id == id => pending.push(r),
-                        Ok(_) => {}
-                        Err(broadcast::error::RecvError::Lagged(_)) => match hub.receipts(&id).await {
+                        Heard::Item(r) => pending.push(r),
+                        Heard::Lagged => match hub.receipts(&id).await {
                             Ok(all) => pending = all,
                             Err(e) => { let _ = tx.send(Err(store_status(e))).await; return; }
                         },
-                        Err(broadcast::error::RecvError::Closed) => return,
                     },
                 }
             }

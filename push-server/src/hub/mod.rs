@@ -22,6 +22,7 @@
 //! - A push leaves the outbox only when acknowledged, expired, superseded, cancelled or the
 //!   device is revoked, and each of those reports a final receipt to the sender.
 
+mod bus;
 mod calls;
 mod clock;
 mod device;
@@ -37,6 +38,7 @@ mod sim;
 #[cfg(test)]
 mod tests;
 
+pub use bus::{Heard, Watch};
 pub use clock::{Clock, SystemClock, now_ms};
 pub use device::{MAX_FLOOR, MAX_SEQ};
 pub use registry::DeviceView;
@@ -55,7 +57,7 @@ use parking_lot::{Mutex, RwLock};
 
 use apns_bridge::VoipBridge;
 use push_proto::sender::PresenceEvent;
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -77,8 +79,8 @@ struct Inner {
     epoch: u64,
     limits: Limits,
     clock: Arc<dyn Clock>,
-    presence: broadcast::Sender<PresenceEvent>,
-    receipts: broadcast::Sender<Receipt>,
+    presence: bus::Bus<PresenceEvent>,
+    receipts: bus::Bus<Receipt>,
     timers: Mutex<timers::Timers>,
     timers_changed: Notify,
     calls: Mutex<calls::Calls>,
@@ -142,8 +144,8 @@ impl Hub {
             groups: RwLock::new(groups),
             store,
             epoch: snapshot.epoch,
-            presence: broadcast::channel(4096).0,
-            receipts: broadcast::channel(16 * 1024).0,
+            presence: bus::Bus::new(4096),
+            receipts: bus::Bus::new(16 * 1024),
             timers: Mutex::new(timers),
             timers_changed: Notify::new(),
             calls: Mutex::new(calls),
@@ -250,21 +252,25 @@ impl Hub {
             r.at_ms,
             a.latency_ms,
         );
-        let _ = self.0.receipts.send(r);
+        let key = r.id.clone();
+        self.0.receipts.publish(&key, r);
     }
 
     fn presence_offline(&self, record: &DeviceRecord, session_id: u64, reason: &str, now: i64) {
         self.0
             .observer
             .session_ended(&record.device_id, session_id, reason, now);
-        let _ = self.0.presence.send(PresenceEvent {
-            device_id: record.device_id.clone(),
-            online: false,
-            at_ms: now,
-            ssid: record.last_ssid.clone(),
-            session_id: session_id.to_string(),
-            reason: reason.into(),
-        });
+        self.0.presence.publish(
+            &record.device_id,
+            PresenceEvent {
+                device_id: record.device_id.clone(),
+                online: false,
+                at_ms: now,
+                ssid: record.last_ssid.clone(),
+                session_id: session_id.to_string(),
+                reason: reason.into(),
+            },
+        );
     }
 
     /// Submit ops about one device (under its lock, see [`Hub::apply`]).

@@ -8,7 +8,7 @@ use push_proto::{
 use tokio::sync::broadcast;
 
 use super::{
-    Hub,
+    Hub, Watch,
     device::{Effects, Item},
     ids::{IdUse, call_digest, check_id, message_digest},
 };
@@ -402,14 +402,19 @@ impl Hub {
         }
     }
 
-    /// Presence changes as they happen.
+    /// Presence changes of every device as they happen.
     pub fn subscribe_presence(&self) -> broadcast::Receiver<PresenceEvent> {
-        self.0.presence.subscribe()
+        self.0.presence.watch_all()
     }
 
-    /// Receipt changes as they happen (all pushes; filter by id).
+    /// Receipt changes of every push as they happen (the dashboard's feed).
     pub fn subscribe_receipts(&self) -> broadcast::Receiver<Receipt> {
-        self.0.receipts.subscribe()
+        self.0.receipts.watch_all()
+    }
+
+    /// Receipt changes of message or call `id` only, from now on.
+    pub fn watch_receipts(&self, id: &str) -> Watch<Receipt> {
+        self.0.receipts.watch(id)
     }
 
     /// Stored receipts of push `id`, after everything submitted so far is durable (so a status

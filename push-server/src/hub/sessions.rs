@@ -89,14 +89,15 @@ impl Hub {
             &hello.sdk_version,
             cx.now,
         );
-        let _ = self.0.presence.send(PresenceEvent {
+        let event = PresenceEvent {
             device_id: claims.sub.clone(),
             online: true,
             at_ms: cx.now,
             ssid: hello.ssid.clone(),
             session_id: session_id.to_string(),
             reason: String::new(),
-        });
+        };
+        self.0.presence.publish(&claims.sub, event);
         Ok(Login {
             session_id,
             ctl,

@@ -1,0 +1,178 @@
+//! Receipts and presence to whoever watches them. A watcher of one key (a message or call id)
+//! gets only that key's items, through a bounded queue of its own, so a thousand senders each
+//! watching their own message do not each wake for every receipt of the site. Watchers of
+//! everything (the dashboard, presence streams) share one broadcast.
+//!
+//! A watcher that falls behind is told so ([`Heard::Lagged`]) instead of silently missing
+//! items: it re-reads the stored state, which is complete. In cluster mode the same interface
+//! is fed from Redis pub/sub.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use parking_lot::Mutex;
+use tokio::sync::{broadcast, mpsc};
+
+/// Items a keyed watcher may have queued before it counts as lagging.
+const WATCH_QUEUE: usize = 256;
+
+/// What a watcher hears next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Heard<T> {
+    /// The next item of its key.
+    Item(T),
+    /// Items were dropped because the watcher fell behind: re-read the stored state.
+    Lagged,
+}
+
+/// A publish/subscribe point for one kind of item.
+pub struct Bus<T> {
+    everything: broadcast::Sender<T>,
+    keyed: Arc<Keyed<T>>,
+}
+
+struct Keyed<T> {
+    taps: Mutex<HashMap<String, Vec<Tap<T>>>>,
+    next_id: AtomicU64,
+}
+
+struct Tap<T> {
+    id: u64,
+    tx: mpsc::Sender<T>,
+    lagged: Arc<AtomicBool>,
+}
+
+impl<T: Clone> Bus<T> {
+    /// A bus whose watch-everything subscribers may fall `capacity` items behind.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            everything: broadcast::channel(capacity).0,
+            keyed: Arc::new(Keyed {
+                taps: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Deliver `item` to the watchers of `key` and of everything. Never blocks.
+    pub fn publish(&self, key: &str, item: T) {
+        if let Some(taps) = self.keyed.taps.lock().get(key) {
+            for tap in taps {
+                if tap.tx.try_send(item.clone()).is_err() {
+                    tap.lagged.store(true, Ordering::Release);
+                }
+            }
+        }
+        let _ = self.everything.send(item);
+    }
+
+    /// Watch the items of `key` from now on (subscribe before reading the stored state, so
+    /// nothing falls between the read and the first item).
+    pub fn watch(&self, key: &str) -> Watch<T> {
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let id = self.keyed.next_id.fetch_add(1, Ordering::Relaxed);
+        self.keyed
+            .taps
+            .lock()
+            .entry(key.to_string())
+            .or_default()
+            .push(Tap {
+                id,
+                tx,
+                lagged: lagged.clone(),
+            });
+        Watch {
+            rx,
+            lagged,
+            keyed: self.keyed.clone(),
+            key: key.to_string(),
+            id,
+        }
+    }
+
+    /// Every item from now on.
+    pub fn watch_all(&self) -> broadcast::Receiver<T> {
+        self.everything.subscribe()
+    }
+
+    /// Keys with at least one watcher (for tests: watchers must not outlive their streams).
+    #[cfg(test)]
+    pub fn watched_keys(&self) -> usize {
+        self.keyed.taps.lock().len()
+    }
+}
+
+/// One watcher of one key; stops watching when dropped.
+pub struct Watch<T> {
+    rx: mpsc::Receiver<T>,
+    lagged: Arc<AtomicBool>,
+    keyed: Arc<Keyed<T>>,
+    key: String,
+    id: u64,
+}
+
+impl<T> Watch<T> {
+    /// The next item, or `Lagged` once after items were dropped.
+    pub async fn recv(&mut self) -> Heard<T> {
+        if self.lagged.swap(false, Ordering::AcqRel) {
+            // What is still queued predates the loss; the re-read covers it.
+            while self.rx.try_recv().is_ok() {}
+            return Heard::Lagged;
+        }
+        match self.rx.recv().await {
+            Some(item) => Heard::Item(item),
+            // The bus holds the sender while this watch exists: unreachable, but harmless.
+            None => Heard::Lagged,
+        }
+    }
+}
+
+impl<T> Drop for Watch<T> {
+    fn drop(&mut self) {
+        let mut taps = self.keyed.taps.lock();
+        if let Some(list) = taps.get_mut(&self.key) {
+            list.retain(|t| t.id != self.id);
+            if list.is_empty() {
+                taps.remove(&self.key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_watcher_hears_only_its_key_and_stops_watching_when_dropped() {
+        let bus = Bus::new(16);
+        let mut a = bus.watch("a");
+        let mut all = bus.watch_all();
+        bus.publish("b", 1);
+        bus.publish("a", 2);
+        assert_eq!(a.recv().await, Heard::Item(2));
+        assert_eq!(all.recv().await.ok(), Some(1));
+        assert_eq!(all.recv().await.ok(), Some(2));
+        assert_eq!(bus.watched_keys(), 1);
+        drop(a);
+        assert_eq!(bus.watched_keys(), 0, "no entry outlives its watcher");
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_falls_behind_is_told_once_then_hears_new_items() {
+        let bus = Bus::new(16);
+        let mut a = bus.watch("a");
+        for i in 0..WATCH_QUEUE + 1 {
+            bus.publish("a", i);
+        }
+        assert_eq!(a.recv().await, Heard::Lagged);
+        bus.publish("a", 7);
+        assert_eq!(a.recv().await, Heard::Item(7));
+    }
+}
