@@ -6,6 +6,7 @@
 //! group-committed (one fsync for many callers), which keeps the per-message cost low.
 
 mod redb_store;
+mod rows;
 
 pub use redb_store::RedbStore;
 
@@ -144,9 +145,6 @@ pub struct Receipt {
 
 /// A sender API key, stored by the SHA-256 of the key (hex); the key itself is never stored.
 ///
-/// Postcard is not self-describing, so adding a field changes the encoding: stored records are
-/// wrapped in a versioned enum (see `redb_store::StoredApiKey`) and records written before
-/// versioning (name, scopes, creation only) are migrated when the store opens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiKeyRecord {
     /// Human name ("nurse-call", "ops-dashboard").
