@@ -202,6 +202,9 @@ impl Store for RedbStore {
 
     fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<(), StoreError>> {
         let (reply, answer) = oneshot::channel();
+        // Sent under the lock: the queue's order is the order of the `submit` calls, and the
+        // writer applies and answers batches in queue order (the submission order and the
+        // barrier of the `Store` contract).
         let refused = match self.queue.lock().as_ref() {
             // The send fails only if the writer thread died (it panicked).
             Some(queue) => queue
@@ -348,7 +351,9 @@ impl Writer {
 
     /// Commits `group` in one transaction and answers every caller. A batch that fails is
     /// answered with its error and the transaction is redone without it: a bad batch costs the
-    /// others a retry, never their data.
+    /// others a retry, never their data. Every batch of the group is answered before the next
+    /// group is taken, and only after its commit returned (an `Immediate` commit is fsynced), so
+    /// an empty batch is answered only once all earlier ones are: that is the barrier.
     fn commit_group(&self, mut group: Vec<Batch>) {
         while !group.is_empty() {
             // Receivers may have been dropped; their callers no longer want the answer.
