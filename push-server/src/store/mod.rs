@@ -45,6 +45,8 @@
 //!   by older releases are migrated when the store opens. The records' serde derives are not
 //!   the stored format.
 
+#[cfg(test)]
+mod conformance;
 mod redb_store;
 mod rows;
 

@@ -641,6 +641,11 @@ mod tests {
         (dir, path)
     }
 
+    // Every clause of the `Store` contract, against redb.
+    crate::store::conformance::conformance_suite!(conformance, |dir: &Path| -> Arc<dyn Store> {
+        Arc::new(RedbStore::open(&dir.join("store.redb")).expect("open"))
+    });
+
     #[tokio::test]
     async fn every_op_round_trips() {
         let (_dir, path) = temp_db();
