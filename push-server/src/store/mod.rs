@@ -2,10 +2,53 @@
 //! store are interchangeable.
 //!
 //! The store is a write-behind mirror of the hub's in-memory state: the hub decides, the store
-//! remembers. Writes are batches of [`Op`]s applied atomically and durably; concurrent batches are
-//! group-committed (one fsync for many callers), which keeps the per-message cost low.
+//! remembers. Writes are batches of [`Op`]s applied atomically and durably; concurrent batches may
+//! be group-committed (one fsync for many callers), which keeps the per-message cost low.
+//!
+//! # The contract
+//!
+//! Every backend keeps these promises; the hub relies on each of them, and `conformance` (tests)
+//! checks each one against every backend.
+//!
+//! - **Atomic batches.** The ops of one `submit` are applied in their order, all or none: no read
+//!   ever sees part of a batch, and after a crash a batch is stored whole or not at all.
+//! - **Submission order.** Batches are applied in the order their `submit` calls happened (one
+//!   order across all threads), whether or not anyone awaits them; a dropped receiver does not
+//!   cancel its batch. So a caller that submits while holding a device's lock (`Hub::submit`)
+//!   gets stored order = decision order: a receipt never lands before the push it is about, and
+//!   a put, delete, put of one key leaves the last put.
+//! - **Durable acknowledgement.** A batch's receiver resolves `Ok(())` only once the batch is
+//!   durable (it survives a crash of the process or the machine). Batches may share a commit;
+//!   each is still all-or-nothing and answered on its own.
+//! - **Barrier.** An empty batch resolves only once every batch submitted before it has been
+//!   answered, and each answered `Ok` is durable. `commit(store, vec![])` followed by a read is
+//!   how to read one's own unawaited writes (`Hub::receipts` does).
+//! - **Reads** see committed state only, each a consistent snapshot. They may lag batches that
+//!   were submitted but not yet answered; wait for the batch, or a barrier, when a read must
+//!   include it. [`Store::load`] returns the epoch, every device ordered by device id, every
+//!   queued push ordered by `(device_id, seq)` (seq numerically) and every sequence ceiling
+//!   ordered by device id; strings order by their bytes (Rust's `str` order) everywhere.
+//! - **Errors.** A batch answered with an error left nothing of itself, and does not fail the
+//!   batches committed with it (they are retried without it). Only an [`StoreError::Io`] of the
+//!   commit itself leaves the outcome unknown, as any failed fsync does. A dropped reply (the
+//!   writer died) means the same as [`StoreError::Closed`]; [`commit`] maps it so.
+//! - **Close.** [`Store::close`] makes every batch submitted before it durable, then refuses:
+//!   a later `submit` resolves `Err(StoreError::Closed)` at once. It is idempotent, and a
+//!   concurrent `close` also returns only after the final commit. Dropping a backend closes it.
+//! - **Epoch.** Chosen at random when the store is created: non-zero, below 2^53 (it must survive
+//!   a double, like sequence numbers), and the same for as long as the stored data lives,
+//!   reopening included. A store that may have lost acknowledged writes (restored from a backup,
+//!   failed over without them, replaced) must get a new one, so that devices do not trust
+//!   sequence numbers it may hand out again. See `device.proto`, "Epochs and the floor".
+//! - **Record versions.** Records are stored as versioned rows (`rows`), so the public record
+//!   types can gain fields and variants without making any stored row unreadable; rows written
+//!   by older releases are migrated when the store opens. The records' serde derives are not
+//!   the stored format.
 
+#[cfg(test)]
+mod conformance;
 mod redb_store;
+mod rows;
 
 pub use redb_store::RedbStore;
 
@@ -144,9 +187,6 @@ pub struct Receipt {
 
 /// A sender API key, stored by the SHA-256 of the key (hex); the key itself is never stored.
 ///
-/// Postcard is not self-describing, so adding a field changes the encoding: stored records are
-/// wrapped in a versioned enum (see `redb_store::StoredApiKey`) and records written before
-/// versioning (name, scopes, creation only) are migrated when the store opens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiKeyRecord {
     /// Human name ("nurse-call", "ops-dashboard").
@@ -192,7 +232,7 @@ pub struct RequestRecord {
     pub expires_at_ms: i64,
 }
 
-/// One change. A batch of ops is applied atomically.
+/// One change. A batch of ops is applied atomically, in order (a later op on a key wins).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     /// Insert or replace a device.
@@ -240,38 +280,45 @@ pub enum Op {
     },
 }
 
-/// Everything needed to rebuild the hub at start-up.
+/// Everything needed to rebuild the hub at start-up, as [`Store::load`] returns it.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     /// The store's epoch: random, non-zero, below 2^53, chosen when the store was created (and
     /// anew whenever it is restored or loses writes). See `device.proto`, "Epochs and the floor".
     pub epoch: u64,
-    /// Every device.
+    /// Every device, ordered by device id.
     pub devices: Vec<DeviceRecord>,
     /// Every queued push, ordered by `(device_id, seq)`.
     pub pushes: Vec<StoredPush>,
-    /// Sequence ceilings by device.
+    /// Sequence ceilings by device, ordered by device id.
     pub seq_ceilings: Vec<(String, u64)>,
 }
 
-/// Durable storage. Reads are synchronous (they hit a local page cache or an in-process map);
-/// writes are submitted and acknowledged asynchronously so callers can batch.
+/// Durable storage, keeping the contract in the module documentation. Reads are synchronous
+/// (they hit a local page cache or an in-process map) and see committed state only; writes are
+/// submitted and acknowledged asynchronously so callers can batch.
 pub trait Store: Send + Sync + 'static {
-    /// Read everything needed to rebuild the hub.
+    /// Read everything needed to rebuild the hub: the epoch, devices and sequence ceilings
+    /// ordered by device id, queued pushes ordered by `(device_id, seq)`. One consistent
+    /// snapshot of committed state.
     fn load(&self) -> Result<Snapshot, StoreError>;
-    /// Apply `ops` atomically and durably. The returned receiver resolves once they are on disk.
-    /// Batches submitted concurrently may be committed together; each is still all-or-nothing.
+    /// Apply `ops` atomically and durably, after every batch submitted before (in any thread).
+    /// The receiver resolves `Ok(())` once they are durable, or with the error that left none of
+    /// them applied; `Err(Closed)` at once after [`Store::close`]. Dropping the receiver does not
+    /// cancel the batch. An empty batch is a barrier: it resolves once every earlier batch has
+    /// been answered. Batches may be committed together; each is still all-or-nothing.
     fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<(), StoreError>>;
-    /// Every receipt of push `id`, ordered by device id.
+    /// Every committed receipt of push `id` (that exact id), ordered by device id.
     fn receipts(&self, id: &str) -> Result<Vec<Receipt>, StoreError>;
-    /// The request recorded under caller-chosen `id`, if any.
+    /// The committed request recorded under caller-chosen `id`, if any.
     fn request(&self, id: &str) -> Result<Option<RequestRecord>, StoreError>;
-    /// The API key record stored under `hash`.
+    /// The committed API key record stored under `hash` (that exact hash).
     fn api_key(&self, hash: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
-    /// Every API key record with its hash, ordered by hash (for listings: callers show at most a
-    /// short prefix of the hash).
+    /// Every committed API key record with its hash, ordered by hash (for listings: callers show
+    /// at most a short prefix of the hash).
     fn api_keys(&self) -> Result<Vec<(String, ApiKeyRecord)>, StoreError>;
-    /// Commit everything submitted so far and stop accepting writes. Idempotent.
+    /// Make every batch submitted so far durable, then refuse further batches (`Closed`).
+    /// Returns once that final commit is done, also when called concurrently. Idempotent.
     fn close(&self);
 }
 

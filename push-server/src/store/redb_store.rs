@@ -16,52 +16,37 @@ use redb::{
     Database, Durability, Key, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition,
     TableHandle, WriteTransaction,
 };
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
+use super::rows::{ApiKeyRow, ApiKeyV1, DeviceRow, PushRow, ReceiptRow, RequestRow, Row};
 use super::{ApiKeyRecord, Op, Receipt, RequestRecord, Snapshot, Store, StoreError};
 
-/// How an API key record is stored. Postcard encodes fields in order with no names, so a new
-/// field would make every stored key undecodable: a new version is a new variant (appended,
-/// never reordered) and is converted to [`ApiKeyRecord`] when read.
-#[derive(serde::Serialize, serde::Deserialize)]
-enum StoredApiKey {
-    V2(ApiKeyRecord),
-}
-
-/// An API key record as written before versioning (table `api_keys`).
-#[derive(serde::Serialize, serde::Deserialize)]
-pub(super) struct LegacyApiKey {
-    pub(super) name: String,
-    pub(super) scopes: Vec<String>,
-    pub(super) created_at_ms: i64,
-}
-
-impl From<LegacyApiKey> for ApiKeyRecord {
-    fn from(old: LegacyApiKey) -> Self {
-        ApiKeyRecord::new(&old.name, old.scopes, old.created_at_ms)
-    }
-}
-
-fn decode_api_key(bytes: &[u8]) -> Result<ApiKeyRecord, StoreError> {
-    let StoredApiKey::V2(record) = decode(&API_KEYS, bytes)?;
-    Ok(record)
-}
-
-// Values are postcard-encoded records. Keys mirror the records' identities so that range scans
-// come out in the order callers need: pushes by (device, seq), receipts by (id, device).
-// Statics rather than consts so that `name()` is `&'static str`, as `StoreError::Corrupt` needs.
-static DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
-static PUSHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("pushes");
+// Values are postcard-encoded rows (see `rows`: one versioned enum per table, so records can
+// gain fields without making stored rows unreadable). Keys mirror the records' identities so
+// that range scans come out in the order callers need: pushes by (device, seq), receipts by
+// (id, device). Statics rather than consts so that `name()` is `&'static str`, as
+// `StoreError::Corrupt` needs.
+//
+// The `_v1`/`_v2` suffix marks the table where versioned rows started (a new row version is a
+// new variant in the same table, not a new table). The unsuffixed tables hold the unversioned
+// rows of earlier releases; they are migrated and emptied when the store opens.
+/// Devices by id, values a [`DeviceRow`].
+static DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices_v1");
+/// Queued pushes by `(device_id, seq)`, values a [`PushRow`].
+static PUSHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("pushes_v1");
 static SEQ_CEILINGS: TableDefinition<&str, u64> = TableDefinition::new("seq_ceilings");
-static RECEIPTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("receipts");
-/// API keys by hash, values a postcard [`StoredApiKey`].
+/// Receipts by `(id, device_id)`, values a [`ReceiptRow`].
+static RECEIPTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("receipts_v1");
+/// Requests by caller-chosen id, values a [`RequestRow`].
+static REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("requests_v1");
+/// API keys by hash, values an [`ApiKeyRow`].
 static API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys_v2");
-/// API keys as written before records were versioned ([`LegacyApiKey`]); migrated into
-/// [`API_KEYS`] and emptied when the store opens.
+static LEGACY_DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+static LEGACY_PUSHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("pushes");
+static LEGACY_RECEIPTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("receipts");
+static LEGACY_REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("requests");
 static LEGACY_API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys");
-static REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("requests");
 /// Facts about the store itself: its epoch (see `device.proto`, "Epochs and the floor").
 static META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const EPOCH_KEY: &str = "epoch";
@@ -119,15 +104,22 @@ impl RedbStore {
 }
 
 /// Creates every table up front, so that reads of a fresh database find empty tables rather
-/// than `TableDoesNotExist`.
+/// than `TableDoesNotExist`, and migrates rows of earlier releases, all in one transaction (so
+/// a crash during the migration leaves the old tables or the new ones, never half of each).
 fn create_tables(db: &Database) -> Result<(), redb::Error> {
     let txn = db.begin_write()?;
-    txn.open_table(DEVICES)?;
-    txn.open_table(PUSHES)?;
+    // Unversioned rows have exactly the layout of the first version of each row.
+    migrate(&txn, LEGACY_DEVICES, DEVICES, DeviceRow::V1)?;
+    migrate(&txn, LEGACY_PUSHES, PUSHES, PushRow::V1)?;
+    migrate(&txn, LEGACY_RECEIPTS, RECEIPTS, ReceiptRow::V1)?;
+    migrate(&txn, LEGACY_REQUESTS, REQUESTS, RequestRow::V1)?;
+    migrate(
+        &txn,
+        LEGACY_API_KEYS,
+        API_KEYS,
+        <ApiKeyRow as From<ApiKeyV1>>::from,
+    )?;
     txn.open_table(SEQ_CEILINGS)?;
-    txn.open_table(RECEIPTS)?;
-    migrate_api_keys(&txn)?;
-    txn.open_table(REQUESTS)?;
     {
         let mut meta = txn.open_table(META)?;
         if meta.get(EPOCH_KEY)?.is_none() {
@@ -138,30 +130,38 @@ fn create_tables(db: &Database) -> Result<(), redb::Error> {
     Ok(())
 }
 
-/// Move keys written before versioning into the versioned table, in the transaction that opens
-/// the store (so a crash leaves either the old table or the new one, never half of each).
-fn migrate_api_keys(txn: &WriteTransaction) -> Result<(), redb::Error> {
-    let mut keys = txn.open_table(API_KEYS)?;
-    let mut legacy = txn.open_table(LEGACY_API_KEYS)?;
+/// Move the rows of `legacy` (each an unversioned `L`) into `current` as rows `R`, and empty
+/// `legacy`. A row that cannot be decoded fails the open: silently dropping it would lose data,
+/// and copying it would only postpone the error to a read.
+fn migrate<K: Key + 'static, L: DeserializeOwned, R: Row>(
+    txn: &WriteTransaction,
+    legacy: TableDefinition<K, &[u8]>,
+    current: TableDefinition<K, &[u8]>,
+    upgrade: impl Fn(L) -> R,
+) -> Result<(), redb::Error> {
+    let mut rows = txn.open_table(current)?;
+    let mut old = txn.open_table(legacy)?;
     let mut moved = 0usize;
-    for entry in legacy.iter()? {
-        let (hash, value) = entry?;
-        let record: ApiKeyRecord = match postcard::from_bytes::<LegacyApiKey>(value.value()) {
-            Ok(old) => old.into(),
-            Err(e) => {
-                return Err(redb::Error::Corrupted(format!(
-                    "api_keys: a key record cannot be decoded: {e}"
-                )));
-            }
-        };
-        let value = postcard::to_allocvec(&StoredApiKey::V2(record))
-            .map_err(|e| redb::Error::Corrupted(format!("api_keys_v2: cannot encode: {e}")))?;
-        keys.insert(hash.value(), value.as_slice())?;
+    for entry in old.iter()? {
+        let (key, value) = entry?;
+        let row = postcard::from_bytes::<L>(value.value())
+            .map(&upgrade)
+            .map_err(|e| {
+                redb::Error::Corrupted(format!("{}: a row cannot be decoded: {e}", legacy.name()))
+            })?;
+        let value = postcard::to_allocvec(&row)
+            .map_err(|e| redb::Error::Corrupted(format!("{}: cannot encode: {e}", current.name())))?;
+        rows.insert(key.value(), value.as_slice())?;
         moved += 1;
     }
     if moved > 0 {
-        legacy.retain(|_, _| false)?;
-        tracing::info!(keys = moved, "API keys migrated to the versioned record format");
+        old.retain(|_, _| false)?;
+        tracing::info!(
+            rows = moved,
+            from = legacy.name(),
+            to = current.name(),
+            "store rows migrated to the versioned format"
+        );
     }
     Ok(())
 }
@@ -187,8 +187,8 @@ impl Store for RedbStore {
             })?;
         Ok(Snapshot {
             epoch,
-            devices: read_all(&txn, &DEVICES)?,
-            pushes: read_all(&txn, &PUSHES)?,
+            devices: read_all::<_, DeviceRow>(&txn, &DEVICES)?,
+            pushes: read_all::<_, PushRow>(&txn, &PUSHES)?,
             seq_ceilings: seq_ceilings
                 .iter()
                 .map_err(io)?
@@ -202,6 +202,9 @@ impl Store for RedbStore {
 
     fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<(), StoreError>> {
         let (reply, answer) = oneshot::channel();
+        // Sent under the lock: the queue's order is the order of the `submit` calls, and the
+        // writer applies and answers batches in queue order (the submission order and the
+        // barrier of the `Store` contract).
         let refused = match self.queue.lock().as_ref() {
             // The send fails only if the writer thread died (it panicked).
             Some(queue) => queue
@@ -228,7 +231,7 @@ impl Store for RedbStore {
             if key.value().0 != id {
                 break;
             }
-            receipts.push(decode(&RECEIPTS, value.value())?);
+            receipts.push(decode::<ReceiptRow>(&RECEIPTS, value.value())?);
         }
         Ok(receipts)
     }
@@ -237,14 +240,18 @@ impl Store for RedbStore {
         let txn = self.db.begin_read().map_err(io)?;
         let table = txn.open_table(REQUESTS).map_err(io)?;
         let value = table.get(id).map_err(io)?;
-        value.map(|value| decode(&REQUESTS, value.value())).transpose()
+        value
+            .map(|value| decode::<RequestRow>(&REQUESTS, value.value()))
+            .transpose()
     }
 
     fn api_key(&self, hash: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(io)?;
         let table = txn.open_table(API_KEYS).map_err(io)?;
         let value = table.get(hash).map_err(io)?;
-        value.map(|value| decode_api_key(value.value())).transpose()
+        value
+            .map(|value| decode::<ApiKeyRow>(&API_KEYS, value.value()))
+            .transpose()
     }
 
     fn api_keys(&self) -> Result<Vec<(String, ApiKeyRecord)>, StoreError> {
@@ -254,7 +261,10 @@ impl Store for RedbStore {
         entries
             .map(|entry| {
                 let (hash, value) = entry.map_err(io)?;
-                Ok((hash.value().to_owned(), decode_api_key(value.value())?))
+                Ok((
+                    hash.value().to_owned(),
+                    decode::<ApiKeyRow>(&API_KEYS, value.value())?,
+                ))
             })
             .collect()
     }
@@ -278,17 +288,17 @@ impl Drop for RedbStore {
     }
 }
 
-/// Every record of a table whose values are postcard-encoded `T`s, in key order.
-fn read_all<K: Key + 'static, T: DeserializeOwned>(
+/// Every record of a table whose values are postcard-encoded `R`s, in key order.
+fn read_all<K: Key + 'static, R: Row>(
     txn: &ReadTransaction,
     definition: &'static TableDefinition<'static, K, &'static [u8]>,
-) -> Result<Vec<T>, StoreError> {
+) -> Result<Vec<R::Record>, StoreError> {
     let table = txn.open_table(*definition).map_err(io)?;
     let entries = table.iter().map_err(io)?;
     entries
         .map(|entry| {
             let (_, value) = entry.map_err(io)?;
-            decode(definition, value.value())
+            decode::<R>(definition, value.value())
         })
         .collect()
 }
@@ -341,7 +351,9 @@ impl Writer {
 
     /// Commits `group` in one transaction and answers every caller. A batch that fails is
     /// answered with its error and the transaction is redone without it: a bad batch costs the
-    /// others a retry, never their data.
+    /// others a retry, never their data. Every batch of the group is answered before the next
+    /// group is taken, and only after its commit returned (an `Immediate` commit is fsynced), so
+    /// an empty batch is answered only once all earlier ones are: that is the barrier.
     fn commit_group(&self, mut group: Vec<Batch>) {
         while !group.is_empty() {
             // Receivers may have been dropped; their callers no longer want the answer.
@@ -477,13 +489,13 @@ impl<'txn> Tables<'txn> {
     fn apply(&mut self, op: &Op) -> Result<(), StoreError> {
         match op {
             Op::PutDevice(device) => {
-                let value = encode(&DEVICES, device)?;
+                let value = encode::<DeviceRow>(&DEVICES, device)?;
                 self.devices
                     .insert(device.device_id.as_str(), value.as_slice())
                     .map_err(io)?;
             }
             Op::PutPush(push) => {
-                let value = encode(&PUSHES, push)?;
+                let value = encode::<PushRow>(&PUSHES, push)?;
                 self.pushes
                     .insert((push.device_id.as_str(), push.seq), value.as_slice())
                     .map_err(io)?;
@@ -497,7 +509,7 @@ impl<'txn> Tables<'txn> {
                     .map_err(io)?;
             }
             Op::PutReceipt(receipt) => {
-                let value = encode(&RECEIPTS, receipt)?;
+                let value = encode::<ReceiptRow>(&RECEIPTS, receipt)?;
                 let key = (receipt.id.as_str(), receipt.device_id.as_str());
                 self.receipts.insert(key, value.as_slice()).map_err(io)?;
             }
@@ -506,7 +518,7 @@ impl<'txn> Tables<'txn> {
                 // kept (its age is unknown) and fails the batch, so that it gets noticed.
                 let mut corrupt = None;
                 self.receipts
-                    .retain(|_, value| match decode::<Receipt>(&RECEIPTS, value) {
+                    .retain(|_, value| match decode::<ReceiptRow>(&RECEIPTS, value) {
                         Ok(receipt) => receipt.at_ms >= *before_ms || !receipt.state.is_final(),
                         Err(error) => {
                             corrupt.get_or_insert(error);
@@ -521,7 +533,7 @@ impl<'txn> Tables<'txn> {
                 // are final by then, and pruned with it); an undecodable one is kept, as above.
                 let mut corrupt = None;
                 self.requests
-                    .retain(|_, value| match decode::<RequestRecord>(&REQUESTS, value) {
+                    .retain(|_, value| match decode::<RequestRow>(&REQUESTS, value) {
                         Ok(request) => request.expires_at_ms >= *before_ms,
                         Err(error) => {
                             corrupt.get_or_insert(error);
@@ -534,13 +546,13 @@ impl<'txn> Tables<'txn> {
                 }
             }
             Op::PutApiKey { hash, record } => {
-                let value = encode(&API_KEYS, &StoredApiKey::V2(record.clone()))?;
+                let value = encode::<ApiKeyRow>(&API_KEYS, record)?;
                 self.api_keys
                     .insert(hash.as_str(), value.as_slice())
                     .map_err(io)?;
             }
             Op::PutRequest { id, record } => {
-                let value = encode(&REQUESTS, record)?;
+                let value = encode::<RequestRow>(&REQUESTS, record)?;
                 self.requests.insert(id.as_str(), value.as_slice()).map_err(io)?;
             }
         }
@@ -548,16 +560,20 @@ impl<'txn> Tables<'txn> {
     }
 }
 
-fn encode<T: Serialize>(table: &'static impl TableHandle, value: &T) -> Result<Vec<u8>, StoreError> {
-    postcard::to_allocvec(value)
+/// The newest row for `record`, encoded.
+fn encode<R: Row>(table: &'static impl TableHandle, record: &R::Record) -> Result<Vec<u8>, StoreError> {
+    postcard::to_allocvec(&R::from_record(record))
         .map_err(|error| StoreError::Io(format!("cannot encode a record for {}: {error}", table.name())))
 }
 
-fn decode<T: DeserializeOwned>(table: &'static impl TableHandle, bytes: &[u8]) -> Result<T, StoreError> {
-    postcard::from_bytes(bytes).map_err(|error| StoreError::Corrupt {
-        table: table.name(),
-        detail: error.to_string(),
-    })
+/// The record of a row of any version.
+fn decode<R: Row>(table: &'static impl TableHandle, bytes: &[u8]) -> Result<R::Record, StoreError> {
+    postcard::from_bytes::<R>(bytes)
+        .map(Row::into_record)
+        .map_err(|error| StoreError::Corrupt {
+            table: table.name(),
+            detail: error.to_string(),
+        })
 }
 
 fn io(error: impl Display) -> StoreError {
@@ -567,6 +583,8 @@ fn io(error: impl Display) -> StoreError {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering;
+
+    use redb::ReadableTableMetadata;
 
     use super::*;
     use crate::store::{DeviceRecord, PushKind, ReceiptState, StoredPush, commit};
@@ -622,6 +640,11 @@ mod tests {
         let path = dir.path().join("store.redb");
         (dir, path)
     }
+
+    // Every clause of the `Store` contract, against redb.
+    crate::store::conformance::conformance_suite!(conformance, |dir: &Path| -> Arc<dyn Store> {
+        Arc::new(RedbStore::open(&dir.join("store.redb")).expect("open"))
+    });
 
     #[tokio::test]
     async fn every_op_round_trips() {
@@ -727,7 +750,7 @@ mod tests {
             let txn = db.begin_write().expect("write");
             {
                 let mut t = txn.open_table(LEGACY_API_KEYS).expect("table");
-                let old = LegacyApiKey {
+                let old = ApiKeyV1 {
                     name: "admin".into(),
                     scopes: vec!["admin".into()],
                     created_at_ms: 42,
@@ -758,6 +781,141 @@ mod tests {
             .unwrap()
             .count();
         assert_eq!(legacy_left, 0);
+    }
+
+    /// A database as the release before versioned rows left it: unversioned postcard rows in
+    /// tables `devices`, `pushes`, `receipts` and `requests`.
+    #[test]
+    fn rows_written_before_versioning_are_migrated_and_still_read() {
+        use crate::store::rows::tests as pinned;
+
+        // Postcard of an unversioned record: its version 1 row without the variant index (0).
+        // Valid while version 1 is the newest; `encoding_is_stable` pins that the two agree.
+        fn legacy<R: Row>(record: &R::Record) -> Vec<u8> {
+            let row = postcard::to_allocvec(&R::from_record(record)).expect("encode");
+            assert_eq!(row[0], 0, "a version 1 row");
+            row[1..].to_vec()
+        }
+        let (_dir, path) = temp_db();
+        let mut revoked = device("b");
+        revoked.revoked = true;
+        let devices = [device("a"), revoked];
+        let mut call = push("a", 10);
+        call.kind = PushKind::CallInvite;
+        let mut cancel = push("b", 1);
+        cancel.kind = PushKind::CallCancel;
+        let pushes = [push("a", 2), call, cancel];
+        let receipts = [
+            receipt("m1", "b", ReceiptState::Accepted, 1),
+            receipt("m1", "a", ReceiptState::Acked, 2),
+            receipt("m2", "a", ReceiptState::Cancelled, 3),
+        ];
+        let request = |kind, expires_at_ms| RequestRecord {
+            kind,
+            digest: vec![9; 32],
+            at_ms: 1,
+            expires_at_ms,
+        };
+        let requests = [
+            ("m1", request(PushKind::Message, 5)),
+            ("m2", request(PushKind::CallInvite, 6)),
+        ];
+        const EPOCH: u64 = 123_456;
+        {
+            let db = Database::create(&path).expect("create");
+            let txn = db.begin_write().expect("write");
+            {
+                let mut t = txn.open_table(LEGACY_DEVICES).expect("table");
+                for d in &devices {
+                    t.insert(d.device_id.as_str(), legacy::<DeviceRow>(d).as_slice())
+                        .expect("insert");
+                }
+                // Bytes written by the previous release itself, not re-derived from our types.
+                t.insert("d1", pinned::LEGACY_DEVICE).expect("insert");
+                let mut t = txn.open_table(LEGACY_PUSHES).expect("table");
+                for p in &pushes {
+                    let key = (p.device_id.as_str(), p.seq);
+                    t.insert(key, legacy::<PushRow>(p).as_slice()).expect("insert");
+                }
+                t.insert(("d1", 7), pinned::LEGACY_PUSH).expect("insert");
+                let mut t = txn.open_table(LEGACY_RECEIPTS).expect("table");
+                for r in &receipts {
+                    let key = (r.id.as_str(), r.device_id.as_str());
+                    t.insert(key, legacy::<ReceiptRow>(r).as_slice()).expect("insert");
+                }
+                t.insert(("m1", "d1"), pinned::LEGACY_RECEIPT).expect("insert");
+                let mut t = txn.open_table(LEGACY_REQUESTS).expect("table");
+                for (id, r) in &requests {
+                    t.insert(*id, legacy::<RequestRow>(r).as_slice()).expect("insert");
+                }
+                t.insert("r1", pinned::LEGACY_REQUEST).expect("insert");
+                let mut t = txn.open_table(SEQ_CEILINGS).expect("table");
+                t.insert("a", 11).expect("insert");
+                let mut t = txn.open_table(META).expect("table");
+                t.insert(EPOCH_KEY, EPOCH).expect("insert");
+            }
+            txn.commit().expect("commit");
+        }
+
+        let check = |store: &RedbStore| {
+            let snapshot = store.load().expect("load");
+            assert_eq!(
+                snapshot,
+                Snapshot {
+                    epoch: EPOCH,
+                    devices: vec![devices[0].clone(), devices[1].clone(), pinned::device()],
+                    pushes: vec![
+                        pushes[0].clone(),
+                        pushes[1].clone(),
+                        pushes[2].clone(),
+                        pinned::push()
+                    ],
+                    seq_ceilings: vec![("a".into(), 11)],
+                }
+            );
+            assert_eq!(
+                store.receipts("m1").expect("receipts"),
+                vec![receipts[1].clone(), receipts[0].clone(), pinned::receipt()]
+            );
+            assert_eq!(store.receipts("m2").expect("receipts"), vec![receipts[2].clone()]);
+            assert_eq!(store.request("m1").expect("request"), Some(requests[0].1.clone()));
+            assert_eq!(store.request("m2").expect("request"), Some(requests[1].1.clone()));
+            assert_eq!(store.request("r1").expect("request"), Some(pinned::request()));
+            let txn = store.db.begin_read().expect("read");
+            assert_eq!(txn.open_table(LEGACY_DEVICES).unwrap().len().unwrap(), 0);
+            assert_eq!(txn.open_table(LEGACY_PUSHES).unwrap().len().unwrap(), 0);
+            assert_eq!(txn.open_table(LEGACY_RECEIPTS).unwrap().len().unwrap(), 0);
+            assert_eq!(txn.open_table(LEGACY_REQUESTS).unwrap().len().unwrap(), 0);
+        };
+        let store = RedbStore::open(&path).expect("an old store opens");
+        check(&store);
+        // Migrated once: a reopen finds the same, from the new tables.
+        drop(store);
+        check(&RedbStore::open(&path).expect("reopen"));
+    }
+
+    #[test]
+    fn an_undecodable_legacy_row_fails_the_open() {
+        let (_dir, path) = temp_db();
+        {
+            let db = Database::create(&path).expect("create");
+            let txn = db.begin_write().expect("write");
+            txn.open_table(LEGACY_RECEIPTS)
+                .expect("table")
+                .insert(("m", "a"), [0xff_u8; 3].as_slice())
+                .expect("insert");
+            txn.commit().expect("commit");
+        }
+        let opened = RedbStore::open(&path);
+        assert!(
+            matches!(&opened, Err(StoreError::Open { detail, .. }) if detail.contains("receipts")),
+            "{:?}",
+            opened.err()
+        );
+        // Nothing was moved or lost: the row is still in the old table.
+        let db = Database::create(&path).expect("create");
+        let txn = db.begin_read().expect("read");
+        assert_eq!(txn.open_table(LEGACY_RECEIPTS).unwrap().len().unwrap(), 1);
     }
 
     #[test]
@@ -809,7 +967,7 @@ mod tests {
         assert!(matches!(
             bad.blocking_recv(),
             Ok(Err(StoreError::Corrupt {
-                table: "receipts",
+                table: "receipts_v1",
                 ..
             }))
         ));
@@ -825,7 +983,7 @@ mod tests {
         assert!(matches!(
             store.receipts("bad"),
             Err(StoreError::Corrupt {
-                table: "receipts",
+                table: "receipts_v1",
                 ..
             })
         ));
