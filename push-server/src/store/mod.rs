@@ -48,9 +48,11 @@
 #[cfg(test)]
 mod conformance;
 mod redb_store;
+mod redis_store;
 mod rows;
 
 pub use redb_store::RedbStore;
+pub use redis_store::{Claimed, DeviceState, Forwarded, Heard, NodeInfo, RedisStore};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -81,6 +83,13 @@ pub enum StoreError {
     /// The store has been closed.
     #[error("store is closed")]
     Closed,
+    /// Cluster mode: this node no longer holds the device (another node took it, or its lease
+    /// was lost); nothing of the batch was applied.
+    #[error("device {0} is held by another node")]
+    Fenced(String),
+    /// Cluster mode: Redis cannot be reached or refused the request.
+    #[error("redis: {0}")]
+    Redis(String),
 }
 
 /// A registered device.
@@ -277,6 +286,14 @@ pub enum Op {
         hash: String,
         /// The key's record.
         record: ApiKeyRecord,
+    },
+    /// Cluster mode: the first `count` commands of the device's inbox were applied (their
+    /// outcome is in the same batch). The embedded store has no inbox and ignores it.
+    TrimInbox {
+        /// Device.
+        device_id: String,
+        /// Commands applied, from the oldest.
+        count: usize,
     },
 }
 

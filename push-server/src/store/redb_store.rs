@@ -438,7 +438,7 @@ fn op_key(op: &Op) -> Option<OpKey<'_>> {
         Op::PutReceipt(r) => OpKey::Receipt(&r.id, &r.device_id),
         Op::PutApiKey { hash, .. } => OpKey::ApiKey(hash),
         Op::PutRequest { id, .. } => OpKey::Request(id),
-        Op::PruneReceipts { .. } => return None,
+        Op::PruneReceipts { .. } | Op::TrimInbox { .. } => return None,
     })
 }
 
@@ -555,6 +555,8 @@ impl<'txn> Tables<'txn> {
                 let value = encode::<RequestRow>(&REQUESTS, record)?;
                 self.requests.insert(id.as_str(), value.as_slice()).map_err(io)?;
             }
+            // No inbox here: only cluster nodes forward commands.
+            Op::TrimInbox { .. } => {}
         }
         Ok(())
     }
