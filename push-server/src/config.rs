@@ -58,6 +58,19 @@ pub struct Config {
     pub apns: ApnsConfig,
     /// What enrolled phones are told: the site's SSIDs and how to reach this server.
     pub site: SiteConfig,
+    /// Cluster mode: several nodes sharing state through Redis.
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: empty (the default) runs one node on the embedded store.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `redis://host:port/db`: this node keeps devices, queues, receipts and keys in Redis and
+    /// shares them with every node configured with the same URL. Each node needs its own
+    /// `node_name`, and all of them the same CA and device-credential key in their data
+    /// directories (see README, "Running a cluster").
+    pub redis_url: String,
 }
 
 impl Default for Config {
@@ -74,6 +87,7 @@ impl Default for Config {
             limits: Limits::default(),
             apns: ApnsConfig::default(),
             site: SiteConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }

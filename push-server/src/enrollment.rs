@@ -275,7 +275,7 @@ impl Enroller {
         days: u32,
         new_only: bool,
     ) -> Result<(Credential, bool), EnrollError> {
-        let existed = self.hub.device_view(device_id).is_some();
+        let existed = self.hub.device_view(device_id).await.is_some();
         let generation = if new_only {
             self.hub
                 .register_new_device(device_id, groups)

@@ -292,6 +292,8 @@ impl push_sender_server::PushSender for Api {
         let devices = self
             .hub
             .list_devices(group, r.online_only)
+            .await
+            .map_err(store_status)?
             .into_iter()
             .map(|v| DeviceInfo {
                 device_id: v.record.device_id,

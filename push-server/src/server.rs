@@ -26,12 +26,12 @@ use crate::{
     config::{ApnsConfig, ApnsMode, Config},
     enrollment::{Enroller, SiteProfile},
     grpc::Api,
-    hub::{Hub, SystemClock, run_timers},
+    hub::{Hub, SystemClock, run_cluster, run_timers},
     keys::{Keys, NewKey},
     listener::{serve_devices, tls_incoming},
     pki::{self, Pki, PkiStatus},
     session::{core::Timing, driver::SessionEnv},
-    store::{RedbStore, Store},
+    store::{RedbStore, RedisStore, Store},
 };
 
 /// File holding the bootstrap admin API key (mode 0600).
@@ -57,7 +57,7 @@ pub struct Server {
     pub created_admin_key: Option<PathBuf>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
-    store: Arc<RedbStore>,
+    store: Arc<dyn Store>,
 }
 
 impl Server {
@@ -77,20 +77,7 @@ impl Server {
         crate::observe::metrics::install();
         prepare_data_dir(&cfg.data_dir)?;
         let (pki, pki_status) = pki::load_or_create(&cfg.data_dir.join(TLS_DIR), &cfg.server_names)?;
-        let store = Arc::new(RedbStore::open(&cfg.data_dir.join(STORE_FILE))?);
-        let snapshot = store.load()?;
-        tracing::info!(
-            devices = snapshot.devices.len(),
-            queued = snapshot.pushes.len(),
-            "store loaded"
-        );
-        let hub = Hub::new(
-            store.clone(),
-            cfg.limits.clone(),
-            snapshot,
-            voip,
-            Arc::new(SystemClock),
-        );
+        let (hub, store) = open_hub(&cfg, voip).await?;
         let auth = Arc::new(
             DeviceAuthority::load_or_create(&cfg.data_dir)
                 .context("cannot load the device credential key")?,
@@ -134,6 +121,7 @@ impl Server {
             tasks.clone(),
         ));
         tasks.spawn(run_timers(hub.clone(), shutdown.clone()));
+        tasks.spawn(run_cluster(hub.clone(), shutdown.clone()));
         let site = SiteProfile::new(&cfg, device_addr, &pki);
         for warning in site.warnings() {
             tracing::warn!("enrollment: {warning}");
@@ -251,6 +239,29 @@ pub fn voip_bridge(cfg: &ApnsConfig) -> anyhow::Result<Option<Arc<dyn VoipBridge
             Ok(Some(Arc::new(RemoteBridge::connect_lazy(&opts)?)))
         }
     }
+}
+
+/// The hub over the embedded store, or, with `[cluster] redis_url`, a cluster node over Redis.
+async fn open_hub(cfg: &Config, voip: Option<Arc<dyn VoipBridge>>) -> anyhow::Result<(Hub, Arc<dyn Store>)> {
+    let clock = Arc::new(SystemClock);
+    if !cfg.cluster.redis_url.is_empty() {
+        let redis = RedisStore::connect(&cfg.cluster.redis_url, &cfg.node_name, true)
+            .await
+            .with_context(|| format!("cannot reach the cluster's Redis at {}", cfg.cluster.redis_url))?;
+        redis.set_receipt_retention(cfg.limits.receipt_retention_secs * 1000);
+        tracing::info!(node = %cfg.node_name, epoch = redis.epoch(), "cluster node: state in Redis");
+        let hub = Hub::new_cluster(redis.clone(), cfg.limits.clone(), voip, clock);
+        return Ok((hub, redis));
+    }
+    let store = Arc::new(RedbStore::open(&cfg.data_dir.join(STORE_FILE))?);
+    let snapshot = store.load()?;
+    tracing::info!(
+        devices = snapshot.devices.len(),
+        queued = snapshot.pushes.len(),
+        "store loaded"
+    );
+    let hub = Hub::new(store.clone(), cfg.limits.clone(), snapshot, voip, clock);
+    Ok((hub, store))
 }
 
 /// Create the data directory owner-only (0700) and an empty store file (0600) when missing: they

@@ -24,17 +24,22 @@ pub(super) struct Call {
 impl Call {
     /// The cancel every callee that may have rung gets.
     pub(super) fn cancel_item(&self, call_id: &str, reason: CancelReason) -> Item {
-        Item {
-            id: format!("{call_id}#cancel"),
-            kind: PushKind::CallCancel,
-            collapse_key: String::new(),
-            expires: self.deadline_ms,
-            body: push::Body::CallCancel(CallCancel {
-                call_id: call_id.into(),
-                call_uuid: self.uuid.clone(),
-                reason: reason as i32,
-            }),
-        }
+        cancel_item(call_id, &self.uuid, self.deadline_ms, reason)
+    }
+}
+
+/// The cancel of call `call_id`, living until its ring deadline.
+pub(super) fn cancel_item(call_id: &str, uuid: &str, deadline_ms: i64, reason: CancelReason) -> Item {
+    Item {
+        id: format!("{call_id}#cancel"),
+        kind: PushKind::CallCancel,
+        collapse_key: String::new(),
+        expires: deadline_ms,
+        body: push::Body::CallCancel(CallCancel {
+            call_id: call_id.into(),
+            call_uuid: uuid.into(),
+            reason: reason as i32,
+        }),
     }
 }
 

@@ -20,7 +20,7 @@ use apns_bridge::{DeviceToken, VoipCall, VoipOutcome};
 use prost::Message as _;
 use push_proto::device::{Hello, Push, push};
 
-use super::timers::{Timer, TimerChange};
+use super::timers::{Deadline, Timer, TimerChange};
 use crate::{
     observe::metrics,
     store::{DeviceRecord, Op, PushKind, Receipt, ReceiptState, StoredPush},
@@ -674,6 +674,31 @@ impl DeviceCore {
         let reached = q.state == ReceiptState::Delivered || q.voip.may_have_rung();
         self.finish_queued(fx, seq, ReceiptState::Cancelled, "call cancelled", cx.now);
         reached
+    }
+
+    /// Cluster mode: call `call_id` was cancelled on another node, which knows the callees but
+    /// not their invites. Withdraw the invite if queued; returns whether a cancel must follow
+    /// (the invite may have rung, or is no longer queued: acknowledged, perhaps on a node that
+    /// held the device before; a cancel for a call the phone never heard of is ignored there).
+    pub(super) fn withdraw_call(&mut self, fx: &mut Effects, cx: Ctx, call_id: &str) -> bool {
+        let invite = self
+            .outbox
+            .iter()
+            .find(|(_, q)| q.push.kind == PushKind::CallInvite && q.push.id == call_id)
+            .map(|(seq, _)| *seq);
+        match invite {
+            Some(seq) => self.withdraw_invite(fx, cx, seq, call_id, false),
+            None => true,
+        }
+    }
+
+    /// Every timer this device's outbox holds (to drop them with the device).
+    pub(super) fn timers(&self) -> impl Iterator<Item = Deadline> + '_ {
+        self.outbox.values().flat_map(|q| {
+            let (d, s) = (&q.push.device_id, q.push.seq);
+            let ack = q.ack_due.map(|at| (at, Timer::AckWindow, d.clone(), s));
+            std::iter::once((q.push.expires_at_ms, Timer::Expire, d.clone(), s)).chain(ack)
+        })
     }
 
     /// Push `seq` could not be stored: withdraw it, so the sender's retry is the only copy.

@@ -25,6 +25,7 @@
 mod bus;
 mod calls;
 mod clock;
+mod cluster;
 mod device;
 mod fallback;
 mod ids;
@@ -40,6 +41,7 @@ mod tests;
 
 pub use bus::{Heard, Watch};
 pub use clock::{Clock, SystemClock, now_ms};
+pub use cluster::run_cluster;
 pub use device::{MAX_FLOOR, MAX_SEQ};
 pub use registry::DeviceView;
 pub use senders::{CallRequest, MessageRequest, RecipientOutcome, SendError, Sent};
@@ -63,7 +65,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Limits,
     observe::{self, Observer, metrics},
-    store::{DeviceRecord, Op, Receipt, ReceiptState, Snapshot, Store, StoreError},
+    store::{DeviceRecord, Op, Receipt, ReceiptState, RedisStore, Snapshot, Store, StoreError},
 };
 use device::{Announce, Ctx, DeviceCore, Effects};
 
@@ -93,6 +95,8 @@ struct Inner {
     voip_stop: CancellationToken,
     /// Session and delivery history for the dashboard, and the diagnoses.
     observer: Arc<Observer>,
+    /// Cluster mode: the link to the other nodes through Redis.
+    cluster: Option<cluster::Link>,
 }
 
 /// One device: its core, and the handle of its live session (the core knows the session by id).
@@ -110,6 +114,33 @@ impl Hub {
         snapshot: Snapshot,
         voip: Option<Arc<dyn VoipBridge>>,
         clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self::build(store, limits, snapshot, voip, clock, None)
+    }
+
+    /// A cluster node over `redis`: it holds no device until a session, a sweep or the
+    /// registry claims one (see `cluster.rs`).
+    pub fn new_cluster(
+        redis: Arc<RedisStore>,
+        limits: Limits,
+        voip: Option<Arc<dyn VoipBridge>>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let snapshot = Snapshot {
+            epoch: redis.epoch(),
+            ..Snapshot::default()
+        };
+        let link = cluster::Link::new(redis.clone());
+        Self::build(redis, limits, snapshot, voip, clock, Some(link))
+    }
+
+    fn build(
+        store: Arc<dyn Store>,
+        limits: Limits,
+        snapshot: Snapshot,
+        voip: Option<Arc<dyn VoipBridge>>,
+        clock: Arc<dyn Clock>,
+        cluster: Option<cluster::Link>,
     ) -> Self {
         let now = clock.now_ms();
         let ceilings: HashMap<String, u64> = snapshot.seq_ceilings.into_iter().collect();
@@ -156,6 +187,7 @@ impl Hub {
             observer: Arc::new(Observer::new(&limits)),
             limits,
             clock,
+            cluster,
         }))
     }
 
@@ -252,25 +284,39 @@ impl Hub {
             r.at_ms,
             a.latency_ms,
         );
-        let key = r.id.clone();
-        self.0.receipts.publish(&key, r);
+        match &self.0.cluster {
+            // Every node's watchers hear it from Redis, this node's included.
+            Some(link) => link.publish_receipt(r),
+            None => {
+                let key = r.id.clone();
+                self.0.receipts.publish(&key, r);
+            }
+        }
     }
 
     fn presence_offline(&self, record: &DeviceRecord, session_id: u64, reason: &str, now: i64) {
         self.0
             .observer
             .session_ended(&record.device_id, session_id, reason, now);
-        self.0.presence.publish(
-            &record.device_id,
-            PresenceEvent {
+        self.publish_presence(PresenceEvent {
                 device_id: record.device_id.clone(),
                 online: false,
                 at_ms: now,
                 ssid: record.last_ssid.clone(),
                 session_id: session_id.to_string(),
                 reason: reason.into(),
-            },
-        );
+        });
+    }
+
+    /// Announce a presence change to this node's watchers (in a cluster, every node's).
+    fn publish_presence(&self, event: PresenceEvent) {
+        match &self.0.cluster {
+            Some(link) => link.publish_presence(event),
+            None => {
+                let key = event.device_id.clone();
+                self.0.presence.publish(&key, event);
+            }
+        }
     }
 
     /// Submit ops about one device (under its lock, see [`Hub::apply`]).
@@ -328,6 +374,10 @@ impl Hub {
                             ctl.wake();
                         }
                     }
+                }
+                Err(StoreError::Fenced(device)) => {
+                    self.let_go(&device, "the device is held by another node");
+                    result = Err(StoreError::Fenced(device));
                 }
                 Err(e) => result = Err(e),
             }

@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 use push_proto::device::GoodbyeReason;
 
 use super::{Hub, Slot, device::DeviceCore, device::Effects};
-use crate::store::{DeviceRecord, StoreError};
+use crate::store::{DeviceRecord, RedisStore, StoreError};
 
 /// Presence and registry facts about one device, for listings.
 #[derive(Debug, Clone)]
@@ -21,12 +21,24 @@ pub struct DeviceView {
     pub session_started_ms: Option<i64>,
     /// Pushes queued.
     pub queued: usize,
+    /// Cluster mode: the node holding the device (its session's node), if any.
+    pub node: Option<String>,
 }
 
 impl Hub {
-    /// Facts about one device, or `None` if unknown.
-    pub fn device_view(&self, device_id: &str) -> Option<DeviceView> {
-        Some(view(&self.device(device_id)?.lock().core))
+    /// Facts about one device, or `None` if unknown (or the cluster store failed).
+    pub async fn device_view(&self, device_id: &str) -> Option<DeviceView> {
+        if let Some(device) = self.device(device_id) {
+            return Some(self.view(&device.lock().core));
+        }
+        let redis = &self.0.cluster.as_ref()?.redis;
+        let (record, queued) = redis.device(device_id).await.ok()??;
+        let node = redis
+            .holders(&[device_id.to_string()])
+            .await
+            .ok()
+            .and_then(|h| h.into_iter().next().flatten());
+        Some(remote_view(record, queued, node))
     }
 
     /// Register a device or update its groups; returns the credential generation to issue at.
@@ -35,9 +47,35 @@ impl Hub {
     /// and a session opened with one of them ends (`CREDENTIAL_REVOKED`). A revoked device
     /// becomes usable again with the new credential.
     pub async fn register_device(&self, device_id: &str, groups: Vec<String>) -> Result<u64, StoreError> {
+        if self.is_clustered() {
+            if self.create_remote(device_id, &groups).await? {
+                return Ok(0);
+            }
+            // Re-issue: this node takes the device (its session ends anyway) and decides.
+            self.hold(device_id, true).await?;
+            let result = match self.device(device_id) {
+                Some(device) => {
+                    self.finish_registration(device_id, &device, groups, false)
+                        .await
+                }
+                None => Err(StoreError::Redis(format!("device {device_id} could not be held"))),
+            };
+            self.release_if_idle(device_id).await;
+            return result;
+        }
         let (device, created) = self.registry_entry(device_id);
         self.finish_registration(device_id, &device, groups, created)
             .await
+    }
+
+    /// Cluster mode: create the device in Redis if absent; false if it exists.
+    async fn create_remote(&self, device_id: &str, groups: &[String]) -> Result<bool, StoreError> {
+        let Some(link) = &self.0.cluster else {
+            return Ok(false);
+        };
+        let mut record = DeviceCore::registered(device_id, self.now()).record;
+        record.groups = groups.to_vec();
+        link.redis.create_device(&record).await
     }
 
     /// Register `device_id` only if it is not registered yet; `None` if it is. The check and the
@@ -48,6 +86,9 @@ impl Hub {
         device_id: &str,
         groups: Vec<String>,
     ) -> Result<Option<u64>, StoreError> {
+        if self.is_clustered() {
+            return Ok(self.create_remote(device_id, &groups).await?.then_some(0));
+        }
         let (device, created) = self.registry_entry(device_id);
         if !created {
             return Ok(None);
@@ -114,6 +155,18 @@ impl Hub {
     /// Revoke every credential of the device, close its session and report its queue as
     /// undeliverable. Returns whether a session was closed, or `None` for an unknown device.
     pub async fn revoke_device(&self, device_id: &str) -> Result<Option<bool>, StoreError> {
+        if self.is_clustered() {
+            if !self.hold(device_id, true).await? {
+                return Ok(None);
+            }
+            let result = self.revoke_held(device_id).await;
+            self.release_if_idle(device_id).await;
+            return result;
+        }
+        self.revoke_held(device_id).await
+    }
+
+    async fn revoke_held(&self, device_id: &str) -> Result<Option<bool>, StoreError> {
         let Some(device) = self.device(device_id) else {
             return Ok(None);
         };
@@ -140,7 +193,7 @@ impl Hub {
         token: Option<DeviceToken>,
     ) -> Result<Option<()>, StoreError> {
         let Some(device) = self.device(device_id) else {
-            return Ok(None);
+            return self.forward_token(device_id, token.as_ref()).await;
         };
         let pending = {
             let slot = &mut *device.lock();
@@ -153,39 +206,80 @@ impl Hub {
     }
 
     /// Every device (optionally one group's, optionally only online ones), ordered by id.
-    pub fn list_devices(&self, group: Option<&str>, online_only: bool) -> Vec<DeviceView> {
-        let ids: Vec<String> = match group {
-            Some(g) => self.group_members(g),
-            None => self.0.devices.read().keys().cloned().collect(),
+    pub async fn list_devices(&self, group: Option<&str>, online_only: bool) -> Result<Vec<DeviceView>, StoreError> {
+        let mut views = match &self.0.cluster {
+            Some(link) => self.list_remote(&link.redis, group).await?,
+            None => {
+                let ids: Vec<String> = match group {
+                    Some(g) => self.group_members(g).await?,
+                    None => self.0.devices.read().keys().cloned().collect(),
+                };
+                ids.iter()
+                    .filter_map(|id| self.device(id))
+                    .map(|device| self.view(&device.lock().core))
+                    .collect()
+            }
         };
-        let mut views: Vec<DeviceView> = ids
-            .iter()
-            .filter_map(|id| self.device(id))
-            .map(|device| view(&device.lock().core))
-            .filter(|v| !online_only || v.online)
-            .collect();
+        views.retain(|v| !online_only || v.online);
         views.sort_by(|a, b| a.record.device_id.cmp(&b.record.device_id));
-        views
+        Ok(views)
+    }
+
+    /// Cluster mode: every device from Redis, with the node holding each; the ones held here
+    /// from this node's own state (fresher than Redis by the writes in flight).
+    async fn list_remote(&self, redis: &RedisStore, group: Option<&str>) -> Result<Vec<DeviceView>, StoreError> {
+        let mut all = redis.devices().await?;
+        if let Some(g) = group {
+            let members: std::collections::HashSet<String> = redis.group_members(g).await?.into_iter().collect();
+            all.retain(|(r, _)| members.contains(&r.device_id));
+        }
+        let ids: Vec<String> = all.iter().map(|(r, _)| r.device_id.clone()).collect();
+        let holders = redis.holders(&ids).await?;
+        Ok(all
+            .into_iter()
+            .zip(holders)
+            .map(|((record, queued), node)| match self.device(&record.device_id) {
+                Some(device) => self.view(&device.lock().core),
+                None => remote_view(record, queued, node),
+            })
+            .collect())
     }
 
     /// Ids of the devices in group `g`.
-    pub(super) fn group_members(&self, g: &str) -> Vec<String> {
-        self.0
+    pub(super) async fn group_members(&self, g: &str) -> Result<Vec<String>, StoreError> {
+        if let Some(link) = &self.0.cluster {
+            return link.redis.group_members(g).await;
+        }
+        Ok(self
+            .0
             .groups
             .read()
             .get(g)
             .into_iter()
             .flatten()
             .cloned()
-            .collect()
+            .collect())
+    }
+
+    fn view(&self, core: &DeviceCore) -> DeviceView {
+        DeviceView {
+            record: core.record.clone(),
+            online: core.session.is_some(),
+            session_started_ms: core.session.map(|s| s.started_ms),
+            queued: core.outbox.len(),
+            node: self.0.cluster.as_ref().map(|l| l.redis.node().to_string()),
+        }
     }
 }
 
-fn view(core: &DeviceCore) -> DeviceView {
+/// A device held by another node (or none), as Redis has it. A held device counts as online:
+/// nodes hold devices for their sessions, and only for a moment otherwise.
+fn remote_view(record: DeviceRecord, queued: usize, node: Option<String>) -> DeviceView {
     DeviceView {
-        record: core.record.clone(),
-        online: core.session.is_some(),
-        session_started_ms: core.session.map(|s| s.started_ms),
-        queued: core.outbox.len(),
+        record,
+        online: node.is_some(),
+        session_started_ms: None,
+        queued,
+        node,
     }
 }

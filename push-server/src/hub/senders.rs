@@ -133,7 +133,7 @@ impl Hub {
         } else {
             req.id.clone()
         };
-        let targets = self.resolve(&req.device_ids, req.group.as_deref())?;
+        let targets = self.resolve(&req.device_ids, req.group.as_deref()).await?;
         let digest = message_digest(&req);
         let claim = if req.id.is_empty() {
             None
@@ -204,7 +204,7 @@ impl Hub {
                 "caller name and handle exceed 1024 bytes".into(),
             ));
         }
-        let targets = self.resolve(&req.device_ids, req.group.as_deref())?;
+        let targets = self.resolve(&req.device_ids, req.group.as_deref()).await?;
         let uuid = push_proto::call_uuid(&req.call_id);
         let digest = call_digest(&req);
         let claim = match self.claim_id(&req.call_id, PushKind::CallInvite, &digest)? {
@@ -272,6 +272,9 @@ impl Hub {
     /// Stop ringing: invites not yet written are withdrawn, devices that got one are sent a
     /// cancel. Returns how many cancels were sent.
     pub async fn cancel_call(&self, call_id: &str, reason: CancelReason) -> Result<u32, SendError> {
+        if self.is_clustered() {
+            return self.cancel_call_cluster(call_id, reason).await;
+        }
         let call = self
             .0
             .calls
@@ -301,11 +304,44 @@ impl Hub {
         Ok(sent)
     }
 
+    /// Cluster mode: the call may have been placed on any node, and its callees may be held by
+    /// any node: its request record gives the deadline, its receipts the callees, and each
+    /// callee's holder (or next holder) withdraws the invite and queues the cancel.
+    async fn cancel_call_cluster(&self, call_id: &str, reason: CancelReason) -> Result<u32, SendError> {
+        let unknown = || SendError::UnknownCall(call_id.into());
+        let request = self.0.store.request(call_id)?.ok_or_else(unknown)?;
+        if request.kind != PushKind::CallInvite {
+            return Err(unknown());
+        }
+        self.0.calls.lock().close(call_id);
+        let cx = self.ctx();
+        if cx.now >= request.expires_at_ms {
+            return Ok(0);
+        }
+        let uuid = push_proto::call_uuid(call_id);
+        let cancel = super::calls::cancel_item(call_id, &uuid, request.expires_at_ms, reason);
+        let (mut pending, mut sent) = (Vec::new(), 0);
+        for r in self.0.store.receipts(call_id)? {
+            if let Some(device) = self.device(&r.device_id) {
+                let slot = &mut *device.lock();
+                let mut fx = Effects::default();
+                if slot.core.withdraw_call(&mut fx, cx, call_id) && slot.core.enqueue(&mut fx, cx, &cancel).is_ok() {
+                    sent += 1;
+                }
+                pending.push(self.apply(slot, fx));
+            } else if self.forward_withdraw(&r.device_id, call_id, &cancel).await {
+                sent += 1;
+            }
+        }
+        self.settle(pending).await?;
+        Ok(sent)
+    }
+
     /// Expand explicit ids and a group into distinct recipients, within the limit.
-    fn resolve(&self, device_ids: &[String], group: Option<&str>) -> Result<Vec<String>, SendError> {
+    async fn resolve(&self, device_ids: &[String], group: Option<&str>) -> Result<Vec<String>, SendError> {
         let mut targets: Vec<String> = device_ids.to_vec();
         if let Some(g) = group {
-            targets.extend(self.group_members(g));
+            targets.extend(self.group_members(g).await?);
         }
         targets.sort();
         targets.dedup();
@@ -340,22 +376,18 @@ impl Hub {
         let mut outcomes = Vec::with_capacity(targets.len());
         let mut seqs = Vec::with_capacity(targets.len());
         let cx = super::device::Ctx { now, ..self.ctx() };
+        let mut accepted = false;
         for device_id in targets {
-            let result = match self.device(device_id) {
-                // Answered in the response only: nothing is kept, stored or counted per unknown
-                // id, so a sender naming junk ids cannot grow the server.
-                None => Err("unknown device"),
-                Some(device) => {
-                    let slot = &mut *device.lock();
-                    let mut fx = Effects::default();
-                    let result = slot.core.enqueue(&mut fx, cx, item);
-                    pending.push(self.apply(slot, fx));
-                    result
-                }
+            let result = match self.forward_item(device_id, item, now).await {
+                // Queued in the inbox of a device another node holds (or nobody does).
+                Ok(true) => Ok(None),
+                Ok(false) => self.enqueue_here(device_id, item, cx, &mut pending).map(Some),
+                Err(reason) => Err(reason),
             };
             let (state, reason) = match result {
                 Ok(seq) => {
-                    seqs.push((device_id.clone(), seq));
+                    accepted = true;
+                    seqs.extend(seq.map(|seq| (device_id.clone(), seq)));
                     (ReceiptState::Accepted, "")
                 }
                 Err(reason) => (ReceiptState::Undeliverable, reason),
@@ -366,7 +398,7 @@ impl Hub {
                 reason: reason.into(),
             });
         }
-        if let Some(request) = request.filter(|_| !seqs.is_empty()) {
+        if let Some(request) = request.filter(|_| accepted) {
             pending.push(self.submit(vec![request]));
         }
         if let Err(e) = self.settle(pending).await {
@@ -383,6 +415,24 @@ impl Hub {
             return Err(e.into());
         }
         Ok((outcomes, seqs))
+    }
+
+    /// Queue `item` for a device held here (every device, in embedded mode).
+    fn enqueue_here(
+        &self,
+        device_id: &str,
+        item: &Item,
+        cx: super::device::Ctx,
+        pending: &mut Vec<super::Pending>,
+    ) -> Result<u64, &'static str> {
+        // Answered in the response only: nothing is kept, stored or counted per unknown id, so
+        // a sender naming junk ids cannot grow the server.
+        let device = self.device(device_id).ok_or("unknown device")?;
+        let slot = &mut *device.lock();
+        let mut fx = Effects::default();
+        let result = slot.core.enqueue(&mut fx, cx, item);
+        pending.push(self.apply(slot, fx));
+        result
     }
 
     /// A call's invites are durable: plan each callee's VoIP leg (see `fallback.rs`).

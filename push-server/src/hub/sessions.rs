@@ -97,7 +97,7 @@ impl Hub {
             session_id: session_id.to_string(),
             reason: String::new(),
         };
-        self.0.presence.publish(&claims.sub, event);
+        self.publish_presence(event);
         Ok(Login {
             session_id,
             ctl,
@@ -121,6 +121,10 @@ impl Hub {
         self.presence_offline(&slot.core.record, session_id, reason, cx.now);
         let pending = self.apply(slot, fx);
         self.release(pending);
+        if self.is_clustered() {
+            let (hub, device_id) = (self.clone(), device_id.to_string());
+            tokio::spawn(async move { hub.release_if_idle(&device_id).await });
+        }
     }
 
     /// A session ended by the hub (credential re-issued or revoked): tell it, record presence.

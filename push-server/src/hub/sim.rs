@@ -214,8 +214,10 @@ impl Sim {
         };
         let generation = self
             .hub
-            .device_view(device)
+            .device(device)
             .expect("registered")
+            .lock()
+            .core
             .record
             .credential_generation;
         let claims = DeviceClaims {

@@ -69,8 +69,8 @@ impl Fixture {
             sub: device.into(),
             generation: self
                 .hub
-                .device_view(device)
-                .map_or(0, |v| v.record.credential_generation),
+                .device(device)
+                .map_or(0, |d| d.lock().core.record.credential_generation),
             iat: 0,
             exp: u64::MAX,
             aud: "lpush-device".into(),
@@ -99,7 +99,8 @@ fn a_panic_holding_a_device_lock_breaks_nothing_for_later_callers() {
     .join();
     assert!(crashed.is_err());
     // Listing, sending to and logging in the device all still work.
-    assert_eq!(f.hub.list_devices(Some("ward"), false).len(), 3);
+    let listed = f.rt.block_on(f.hub.list_devices(Some("ward"), false));
+    assert_eq!(listed.expect("listed").len(), 3);
     let sent =
         f.rt.block_on(f.hub.send_message(MessageRequest {
             device_ids: vec!["d0".into()],
@@ -434,7 +435,7 @@ impl Model {
             }
         }
         for (i, d) in DEVICES.iter().enumerate() {
-            let view = self.f.hub.device_view(d).expect("registered");
+            let view = self.f.rt.block_on(self.f.hub.device_view(d)).expect("registered");
             assert_eq!(
                 view.online,
                 self.phones[i].session.is_some() && !view.record.revoked

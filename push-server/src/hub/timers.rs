@@ -58,6 +58,13 @@ impl Timers {
         }
     }
 
+    /// Remove these deadlines (a device this node no longer holds).
+    pub(super) fn remove_all(&mut self, deadlines: impl IntoIterator<Item = Deadline>) {
+        for d in deadlines {
+            self.due.remove(&d);
+        }
+    }
+
     /// Remove and return every deadline at or before `now`, earliest first.
     pub(super) fn pop_due(&mut self, now: i64) -> Vec<Deadline> {
         let later = self

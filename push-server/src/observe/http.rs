@@ -181,8 +181,15 @@ impl Dashboard {
         }
     }
 
-    fn device_row(&self, id: &str) -> Option<DeviceRow> {
-        self.hub.device_view(id).map(|v| self.row(v, now_ms()))
+    async fn device_row(&self, id: &str) -> Option<DeviceRow> {
+        let view = self.hub.device_view(id).await?;
+        Some(self.row(view, now_ms()))
+    }
+
+    /// The `device` event for one device's current row.
+    async fn row_event(&self, id: &str) -> Option<Event> {
+        let row = self.device_row(id).await?;
+        Event::default().event("device").json_data(row).ok()
     }
 
     /// The caller, from the session cookie or a bearer API key, with its role and whether it
@@ -313,7 +320,10 @@ async fn metrics_text(State(d): State<Shared>, headers: HeaderMap) -> Response {
     if d.caller(&headers).is_none() {
         return unauthorized();
     }
-    let views = d.hub.list_devices(None, false);
+    let views = match d.hub.list_devices(None, false).await {
+        Ok(views) => views,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
     let (churn, hb, sites) = d.hub.observer().flagged(now_ms());
     let snapshot = metrics::Snapshot {
         sessions_online: views.iter().filter(|v| v.online).count(),
@@ -402,7 +412,10 @@ async fn overview(State(d): State<Shared>, headers: HeaderMap) -> Response {
         return unauthorized();
     }
     let now = now_ms();
-    let views = d.hub.list_devices(None, false);
+    let views = match d.hub.list_devices(None, false).await {
+        Ok(views) => views,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
     let mut online_by_ssid: HashMap<String, usize> = HashMap::new();
     for v in views.iter().filter(|v| v.online) {
         *online_by_ssid.entry(v.record.last_ssid.clone()).or_default() += 1;
@@ -424,7 +437,7 @@ async fn device(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<Stri
     if d.caller(&headers).is_none() {
         return unauthorized();
     }
-    let Some(row) = d.device_row(&id) else {
+    let Some(row) = d.device_row(&id).await else {
         return error(StatusCode::NOT_FOUND, "no such device");
     };
     let (sessions, deliveries) = d.hub.observer().history(&id);
@@ -556,10 +569,6 @@ async fn events(State(d): State<Shared>, headers: HeaderMap) -> Response {
     tokio::spawn(async move {
         let _guard = guard;
         let d = _guard.0.clone();
-        let send_row = |id: &str| {
-            d.device_row(id)
-                .and_then(|row| Event::default().event("device").json_data(row).ok())
-        };
         let _ = tx
             .send(Ok(Event::default().event("hello").data(d.node.clone())))
             .await;
@@ -574,7 +583,7 @@ async fn events(State(d): State<Shared>, headers: HeaderMap) -> Response {
                     return;
                 }
                 p = presence.recv() => match p {
-                    Ok(p) => send_row(&p.device_id),
+                    Ok(p) => d.row_event(&p.device_id).await,
                     Err(broadcast::error::RecvError::Lagged(_)) => Some(Event::default().event("resync").data("lagged")),
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
@@ -587,7 +596,7 @@ async fn events(State(d): State<Shared>, headers: HeaderMap) -> Response {
                         if let Some(e) = receipt && tx.send(Ok(e)).await.is_err() {
                             return;
                         }
-                        send_row(&r.device_id)
+                        d.row_event(&r.device_id).await
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => Some(Event::default().event("resync").data("lagged")),
                     Err(broadcast::error::RecvError::Closed) => return,

@@ -114,7 +114,7 @@ pub async fn run(
         while let Some(event) = session.poll_event() {
             progressed = true;
             match event {
-                Event::Hello(hello) => admitted = authenticate(&env, &mut session, hello, &peer),
+                Event::Hello(hello) => admitted = authenticate(&env, &mut session, hello, &peer).await,
                 Event::Acked(ack) => {
                     if let Some(a) = &admitted {
                         env.hub.ack(&a.device_id, a.session_id, ack.up_to_seq, &ack.seqs);
@@ -231,7 +231,7 @@ pub async fn run(
 }
 
 /// Verify the credential and admit the device, or queue a goodbye.
-fn authenticate(
+async fn authenticate(
     env: &SessionEnv,
     session: &mut Session,
     hello: push_proto::device::Hello,
@@ -248,6 +248,13 @@ fn authenticate(
         metrics::login("rate_limited");
         tracing::warn!(%peer, device = %claims.sub, "login refused: over limits.device_logins_per_minute");
         session.goodbye(GoodbyeReason::Overloaded, "too many logins; retry later");
+        return None;
+    }
+    // Cluster mode: the device's state moves to this node first (a newer login wins).
+    if let Err(e) = env.hub.hold_for_session(&claims.sub).await {
+        metrics::login("unavailable");
+        tracing::warn!(%peer, device = %claims.sub, error = %e, "login deferred: the cluster store is unavailable");
+        session.goodbye(GoodbyeReason::Overloaded, "server unavailable; retry later");
         return None;
     }
     let login = match env.hub.login(&claims, &hello) {

@@ -113,6 +113,12 @@ impl RedisStore {
         todo!()
     }
 
+    /// How long final receipts are kept.
+    pub fn set_receipt_retention(&self, ms: u64) {
+        let _ = ms;
+        todo!()
+    }
+
     /// This node's id.
     pub fn node(&self) -> &str {
         todo!()

@@ -1,0 +1,521 @@
+//! Cluster mode: several nodes share devices through Redis ([`RedisStore`]).
+//!
+//! A device is *held* by at most one node at a time, the one its session is on (or, briefly, a
+//! node that sweeps its deadlines or re-issues its credential). The holder runs the device's
+//! [`DeviceCore`] exactly as a single node does, and every batch it writes carries the fencing
+//! token of its claim, so once another node took the device (a newer login there) nothing it
+//! writes about the device lands. Redis is the source of truth: a node keeps only the devices
+//! it holds, loaded when it claims them.
+//!
+//! A node that does not hold a device never decides about it: a message, call invite, cancel or
+//! token change for it goes into the device's Redis inbox (durable, so a lost hint costs only
+//! latency), and the holder is hinted through pub/sub. The holder applies inbox commands in
+//! order and trims them in the same fenced batch as their outcome. A device nobody holds keeps
+//! its inbox until a login claims it, or until its earliest deadline, when any node's sweep
+//! claims it, expires what is due (receipts to the senders) and lets go again.
+//!
+//! Receipts and presence go to every node through Redis pub/sub, so a sender watching on node A
+//! sees what the phone on node B did.
+
+use std::{sync::Arc, time::Duration};
+
+use prost::Message as _;
+use push_proto::{
+    device::{GoodbyeReason, Push},
+    sender::PresenceEvent,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Hub, Slot,
+    device::{DeviceCore, Effects, Item, VoipLeg},
+};
+use crate::store::{
+    Claimed, DeviceState, Forwarded, Heard, PushKind, Receipt, RedisStore, StoreError,
+};
+
+/// How often a node renews its heartbeat, and how long one lasts: a node silent for longer is
+/// dead to the others, which may then take its devices without stealing.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+const HEARTBEAT_TTL_MS: u64 = 5_000;
+/// How often a node looks for deadlines of devices nobody holds, and how many it takes at once.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+const SWEEP_BATCH: usize = 64;
+
+/// The hub's link to the cluster.
+pub(super) struct Link {
+    pub(super) redis: Arc<RedisStore>,
+    /// Receipts and presence to publish, in announcement order (one publisher task).
+    outbound: mpsc::UnboundedSender<Outbound>,
+    outbound_rx: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<Outbound>>>,
+    /// Serialises this node's claims, releases and inbox drains: a drain reads the inbox and
+    /// trims what it applied, so two at once would apply a command twice.
+    ownership: tokio::sync::Mutex<()>,
+}
+
+impl Link {
+    pub(super) fn new(redis: Arc<RedisStore>) -> Self {
+        let (outbound, rx) = mpsc::unbounded_channel();
+        Self {
+            redis,
+            outbound,
+            outbound_rx: parking_lot::Mutex::new(Some(rx)),
+            ownership: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub(super) fn publish_receipt(&self, r: Receipt) {
+        let _ = self.outbound.send(Outbound::Receipt(r));
+    }
+
+    pub(super) fn publish_presence(&self, e: PresenceEvent) {
+        let _ = self.outbound.send(Outbound::Presence(e));
+    }
+}
+
+enum Outbound {
+    Receipt(Receipt),
+    Presence(PresenceEvent),
+}
+
+/// A command in a device's inbox, as stored (versioned: postcard is not self-describing).
+#[derive(Serialize, Deserialize)]
+enum CommandRow {
+    V1(CommandV1),
+}
+
+#[derive(Serialize, Deserialize)]
+enum CommandV1 {
+    /// Queue a push: `push` is the encoded `lpush.device.v1.Push` (seq 0), `kind` 0 message,
+    /// 1 call invite, 2 call cancel.
+    Enqueue {
+        kind: u8,
+        collapse_key: String,
+        expires: i64,
+        push: Vec<u8>,
+    },
+    /// The call was cancelled: withdraw its invite, and queue the cancel where it may have rung.
+    Withdraw {
+        call_id: String,
+        expires: i64,
+        cancel: Vec<u8>,
+    },
+    /// Set (non-empty) or clear the PushKit token.
+    SetToken(String),
+}
+
+fn kind_code(kind: PushKind) -> u8 {
+    match kind {
+        PushKind::Message => 0,
+        PushKind::CallInvite => 1,
+        PushKind::CallCancel => 2,
+    }
+}
+
+fn encode_item(item: &Item) -> Vec<u8> {
+    Push {
+        seq: 0,
+        id: item.id.clone(),
+        body: Some(item.body.clone()),
+    }
+    .encode_to_vec()
+}
+
+fn decode_item(kind: PushKind, collapse_key: String, expires: i64, push: &[u8]) -> Result<Item, String> {
+    let push = Push::decode(push).map_err(|e| e.to_string())?;
+    Ok(Item {
+        id: push.id,
+        kind,
+        collapse_key,
+        expires,
+        body: push.body.ok_or("push without a body")?,
+    })
+}
+
+fn encode(command: CommandV1) -> Vec<u8> {
+    postcard::to_allocvec(&CommandRow::V1(command)).expect("commands encode")
+}
+
+/// What a command asks of the holder.
+enum Command {
+    Enqueue(Item),
+    Withdraw { call_id: String, cancel: Item },
+    SetToken(Option<apns_bridge::DeviceToken>),
+}
+
+fn decode(raw: &[u8]) -> Result<Command, String> {
+    let CommandRow::V1(c) = postcard::from_bytes(raw).map_err(|e| e.to_string())?;
+    Ok(match c {
+        CommandV1::Enqueue {
+            kind,
+            collapse_key,
+            expires,
+            push,
+        } => {
+            let kind = match kind {
+                0 => PushKind::Message,
+                1 => PushKind::CallInvite,
+                2 => PushKind::CallCancel,
+                k => return Err(format!("unknown push kind {k}")),
+            };
+            Command::Enqueue(decode_item(kind, collapse_key, expires, &push)?)
+        }
+        CommandV1::Withdraw {
+            call_id,
+            expires,
+            cancel,
+        } => Command::Withdraw {
+            call_id,
+            cancel: decode_item(PushKind::CallCancel, String::new(), expires, &cancel)?,
+        },
+        CommandV1::SetToken(t) if t.is_empty() => Command::SetToken(None),
+        CommandV1::SetToken(t) => Command::SetToken(Some(
+            apns_bridge::DeviceToken::parse(&t).map_err(|e| e.to_string())?,
+        )),
+    })
+}
+
+impl Hub {
+    fn link(&self) -> Option<&Link> {
+        self.0.cluster.as_ref()
+    }
+
+    /// Whether this hub is a cluster node.
+    pub fn is_clustered(&self) -> bool {
+        self.0.cluster.is_some()
+    }
+
+    /// Cluster mode: hold `device_id` on this node so a session can log in here, taking it from
+    /// whichever node holds it (a newer login wins). A no-op when already held here or in
+    /// embedded mode. An unknown device is left to `login` to refuse.
+    pub async fn hold_for_session(&self, device_id: &str) -> Result<(), StoreError> {
+        self.hold(device_id, true).await.map(|_| ())
+    }
+
+    /// Hold `device_id` here (`steal`: even from a live node). Returns whether it is held here.
+    pub(super) async fn hold(&self, device_id: &str, steal: bool) -> Result<bool, StoreError> {
+        let Some(link) = self.link() else {
+            return Ok(true);
+        };
+        let _owner = link.ownership.lock().await;
+        if self.device(device_id).is_none() {
+            match link.redis.claim(device_id, steal).await? {
+                Claimed::Unknown | Claimed::Held { .. } => return Ok(false),
+                Claimed::Mine {
+                    previous, state, ..
+                } => {
+                    if let Some(node) = previous {
+                        tracing::info!(device = device_id, from = %node, "device taken over");
+                    }
+                    self.install(state);
+                }
+            }
+        }
+        self.drain_locked(link, device_id).await?;
+        Ok(true)
+    }
+
+    /// Put a claimed device's stored state in place, with its timers.
+    fn install(&self, state: DeviceState) {
+        let now = self.now();
+        let id = state.record.device_id.clone();
+        let mut core = DeviceCore::new(state.record, state.ceiling);
+        let timers: Vec<_> = state
+            .pushes
+            .into_iter()
+            .map(|p| core.restore(p, now))
+            .collect();
+        if self.0.timers.lock().apply(timers) {
+            self.0.timers_changed.notify_one();
+        }
+        let slot = Slot { core, ctl: None };
+        self.0
+            .devices
+            .write()
+            .insert(id, Arc::new(parking_lot::Mutex::new(slot)));
+    }
+
+    /// Apply the device's inbox (call with the ownership lock held).
+    async fn drain_locked(&self, link: &Link, device_id: &str) -> Result<(), StoreError> {
+        let commands = link.redis.inbox(device_id).await?;
+        let Some(device) = self.device(device_id).filter(|_| !commands.is_empty()) else {
+            return Ok(());
+        };
+        let (pending, invites) = {
+            let cx = self.ctx();
+            let slot = &mut *device.lock();
+            let mut fx = Effects::default();
+            let mut invites = Vec::new();
+            for raw in &commands {
+                match decode(raw) {
+                    Ok(Command::Enqueue(item)) => {
+                        if let Ok(seq) = slot.core.enqueue(&mut fx, cx, &item)
+                            && item.kind == PushKind::CallInvite
+                        {
+                            invites.push(seq);
+                        }
+                    }
+                    Ok(Command::Withdraw { call_id, cancel }) => {
+                        if slot.core.withdraw_call(&mut fx, cx, &call_id) {
+                            let _ = slot.core.enqueue(&mut fx, cx, &cancel);
+                        }
+                    }
+                    Ok(Command::SetToken(token)) => {
+                        slot.core.set_token(&mut fx, token);
+                    }
+                    Err(e) => tracing::error!(device = device_id, error = %e, "undecodable inbox command skipped"),
+                }
+            }
+            fx.ops.push(crate::store::Op::TrimInbox {
+                device_id: device_id.into(),
+                count: commands.len(),
+            });
+            (self.apply(slot, fx), invites)
+        };
+        self.settle(vec![pending]).await?;
+        // Invites are durable now: plan their VoIP legs as a single node does.
+        let cx = self.ctx();
+        let slot = &mut *device.lock();
+        let mut fx = Effects::default();
+        for seq in invites {
+            slot.core.plan_voip(&mut fx, cx, seq);
+        }
+        let pending = self.apply(slot, fx);
+        self.release(pending);
+        Ok(())
+    }
+
+    /// Apply the inbox of a device held here (after a hint).
+    async fn drain(&self, device_id: &str) {
+        let Some(link) = self.link() else { return };
+        let _owner = link.ownership.lock().await;
+        if self.device(device_id).is_none() {
+            return;
+        }
+        if let Err(e) = self.drain_locked(link, device_id).await {
+            tracing::warn!(device = device_id, error = %e, "inbox not applied");
+        }
+    }
+
+    /// Another node took the device, or a write about it was fenced: drop it here and end its
+    /// session (the phone is, or will be, on the other node).
+    pub(super) fn let_go(&self, device_id: &str, why: &str) {
+        let Some(link) = self.link() else { return };
+        link.redis.forget(device_id);
+        let Some(device) = self.0.devices.write().remove(device_id) else {
+            return;
+        };
+        let slot = &mut *device.lock();
+        let timers: Vec<_> = slot.core.timers().collect();
+        self.0.timers.lock().remove_all(timers);
+        if let (Some(ctl), Some(s)) = (slot.ctl.take(), slot.core.session) {
+            ctl.stop(GoodbyeReason::Replaced, why);
+            self.presence_offline(&slot.core.record, s.id, why, self.now());
+        }
+        tracing::info!(device = device_id, reason = why, "device let go");
+    }
+
+    /// Let go of a device held here without a session, once nothing is in flight for it, so
+    /// the next login or sweep on any node claims it fresh.
+    pub(super) async fn release_if_idle(&self, device_id: &str) {
+        let Some(link) = self.link() else { return };
+        let _owner = link.ownership.lock().await;
+        let earliest = {
+            let Some(device) = self.device(device_id) else { return };
+            let slot = device.lock();
+            let core = &slot.core;
+            if core.session.is_some() || core.outbox.values().any(|q| q.voip == VoipLeg::Sending) {
+                return;
+            }
+            core.outbox.values().map(|q| q.push.expires_at_ms).min()
+        };
+        // Wait for what was submitted about it, so its successor loads the latest state.
+        if crate::store::commit(&*self.0.store, Vec::new()).await.is_err() {
+            return;
+        }
+        if let Some(device) = self.0.devices.write().remove(device_id) {
+            let slot = device.lock();
+            let timers: Vec<_> = slot.core.timers().collect();
+            self.0.timers.lock().remove_all(timers);
+        }
+        if let Err(e) = link.redis.release(device_id, earliest).await {
+            tracing::warn!(device = device_id, error = %e, "release failed; the lease will be taken over");
+        }
+    }
+
+    /// Cluster mode: queue `item` for a device this node does not hold, through its inbox.
+    /// `Ok(false)`: not a cluster, or this node holds it (decide locally).
+    pub(super) async fn forward_item(&self, device_id: &str, item: &Item, now: i64) -> Result<bool, &'static str> {
+        let Some(link) = self.link() else {
+            return Ok(false);
+        };
+        if self.device(device_id).is_some() {
+            return Ok(false);
+        }
+        let command = encode(CommandV1::Enqueue {
+            kind: kind_code(item.kind),
+            collapse_key: item.collapse_key.clone(),
+            expires: item.expires,
+            push: encode_item(item),
+        });
+        let accepted = super::device::receipt(
+            &item.id,
+            device_id,
+            crate::store::ReceiptState::Accepted,
+            "",
+            "",
+            now,
+        );
+        let max = self.0.limits.max_queued_per_device;
+        match link
+            .redis
+            .forward(device_id, command, Some(accepted.clone()), item.expires, max)
+            .await
+        {
+            Ok(Forwarded::Queued { .. }) => {
+                crate::observe::metrics::accepted(crate::observe::kind_str(item.kind));
+                link.publish_receipt(accepted);
+                Ok(true)
+            }
+            Ok(Forwarded::Unknown) => Err("unknown device"),
+            Ok(Forwarded::Full) => Err("device queue full"),
+            Err(e) => {
+                tracing::warn!(device = device_id, error = %e, "forward failed");
+                Err("cluster store unavailable")
+            }
+        }
+    }
+
+    /// Cluster mode: tell the holder of `device_id` (or its next holder) that call `call_id`
+    /// was cancelled. Returns false when it could not be queued.
+    pub(super) async fn forward_withdraw(&self, device_id: &str, call_id: &str, cancel: &Item) -> bool {
+        let Some(link) = self.link() else { return false };
+        let command = encode(CommandV1::Withdraw {
+            call_id: call_id.into(),
+            expires: cancel.expires,
+            cancel: encode_item(cancel),
+        });
+        // A cancel is never refused for a full queue: it only ends a ring.
+        matches!(
+            link.redis
+                .forward(device_id, command, None, cancel.expires, usize::MAX)
+                .await,
+            Ok(Forwarded::Queued { .. })
+        )
+    }
+
+    /// Cluster mode: set or clear the PushKit token of a device this node does not hold.
+    /// `Ok(None)`: unknown device.
+    pub(super) async fn forward_token(
+        &self,
+        device_id: &str,
+        token: Option<&apns_bridge::DeviceToken>,
+    ) -> Result<Option<()>, StoreError> {
+        let Some(link) = self.link() else {
+            return Ok(None);
+        };
+        let command = encode(CommandV1::SetToken(
+            token.map(|t| t.as_str().to_string()).unwrap_or_default(),
+        ));
+        let never = i64::MAX / 2;
+        match link.redis.forward(device_id, command, None, never, usize::MAX).await? {
+            Forwarded::Unknown => Ok(None),
+            _ => Ok(Some(())),
+        }
+    }
+
+    /// Claim, apply and let go of the devices whose deadlines passed while nobody held them.
+    async fn sweep(&self) {
+        let Some(link) = self.link() else { return };
+        let due = match link.redis.due(self.now(), SWEEP_BATCH).await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!(error = %e, "sweep skipped");
+                return;
+            }
+        };
+        for device_id in due {
+            match self.hold(&device_id, false).await {
+                Ok(true) => {
+                    self.fire_due();
+                    self.release_if_idle(&device_id).await;
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(device = %device_id, error = %e, "sweep claim failed"),
+            }
+        }
+    }
+
+    /// What Redis pub/sub told this node.
+    async fn heard(&self, heard: Heard) {
+        match heard {
+            Heard::Inbox(device) => self.drain(&device).await,
+            Heard::Kick(device) => self.let_go(&device, "the device logged in on another node"),
+            Heard::Receipt(r) => {
+                let key = r.id.clone();
+                self.0.receipts.publish(&key, r);
+            }
+            Heard::Presence(bytes) => match PresenceEvent::decode(&bytes[..]) {
+                Ok(e) => {
+                    let key = e.device_id.clone();
+                    self.0.presence.publish(&key, e);
+                }
+                Err(e) => tracing::warn!(error = %e, "undecodable presence event"),
+            },
+            Heard::Resubscribed => {
+                // Hints sent while the subscription was down are lost: look at every inbox.
+                let held: Vec<String> = self.0.devices.read().keys().cloned().collect();
+                for device in held {
+                    self.drain(&device).await;
+                }
+            }
+        }
+    }
+}
+
+/// Run the cluster's background work until `shutdown`: heartbeats, the sweep, publishing this
+/// node's receipts and presence, and acting on what other nodes say. Returns at once in
+/// embedded mode.
+pub async fn run_cluster(hub: Hub, shutdown: CancellationToken) {
+    let Some(link) = hub.link() else { return };
+    let Some(mut outbound) = link.outbound_rx.lock().take() else {
+        return;
+    };
+    let mut heard = link.redis.subscribe();
+    let publisher = {
+        let redis = link.redis.clone();
+        tokio::spawn(async move {
+            while let Some(item) = outbound.recv().await {
+                let result = match item {
+                    Outbound::Receipt(r) => redis.publish_receipt(&r).await,
+                    Outbound::Presence(e) => redis.publish_presence(e.encode_to_vec()).await,
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "announcement not published to the cluster");
+                }
+            }
+        })
+    };
+    let mut beat = tokio::time::interval(HEARTBEAT_EVERY);
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = beat.tick() => {
+                if let Err(e) = link.redis.heartbeat(HEARTBEAT_TTL_MS).await {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                }
+            }
+            _ = sweep.tick() => hub.sweep().await,
+            Some(h) = heard.recv() => hub.heard(h).await,
+        }
+    }
+    publisher.abort();
+    // Let the devices go so other nodes take them at once rather than after the heartbeat TTL.
+    let held: Vec<String> = hub.0.devices.read().keys().cloned().collect();
+    for device in held {
+        hub.release_if_idle(&device).await;
+    }
+}
