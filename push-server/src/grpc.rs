@@ -308,6 +308,7 @@ impl push_sender_server::PushSender for Api {
                 last_disconnect_reason: v.record.last_disconnect_reason,
                 queued: v.queued as u32,
                 revoked: v.record.revoked,
+                node: v.node.unwrap_or_default(),
                 voip_token: if v.record.voip_token.is_empty() {
                     VoipTokenState::None
                 } else if v.record.voip_token_invalid {

@@ -36,3 +36,4 @@ pub mod pki;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod testing;

@@ -32,9 +32,7 @@ use super::{
     Hub, Slot,
     device::{DeviceCore, Effects, Item, VoipLeg},
 };
-use crate::store::{
-    Claimed, DeviceState, Forwarded, Heard, PushKind, Receipt, RedisStore, StoreError,
-};
+use crate::store::{Claimed, DeviceState, Forwarded, Heard, PushKind, Receipt, RedisStore, StoreError};
 
 /// How often a node renews its heartbeat, and how long one lasts: a node silent for longer is
 /// dead to the others, which may then take its devices without stealing.
@@ -203,9 +201,7 @@ impl Hub {
         if self.device(device_id).is_none() {
             match link.redis.claim(device_id, steal).await? {
                 Claimed::Unknown | Claimed::Held { .. } => return Ok(false),
-                Claimed::Mine {
-                    previous, state, ..
-                } => {
+                Claimed::Mine { previous, state, .. } => {
                     if let Some(node) = previous {
                         tracing::info!(device = device_id, from = %node, "device taken over");
                     }
@@ -222,11 +218,7 @@ impl Hub {
         let now = self.now();
         let id = state.record.device_id.clone();
         let mut core = DeviceCore::new(state.record, state.ceiling);
-        let timers: Vec<_> = state
-            .pushes
-            .into_iter()
-            .map(|p| core.restore(p, now))
-            .collect();
+        let timers: Vec<_> = state.pushes.into_iter().map(|p| core.restore(p, now)).collect();
         if self.0.timers.lock().apply(timers) {
             self.0.timers_changed.notify_one();
         }
@@ -265,7 +257,9 @@ impl Hub {
                     Ok(Command::SetToken(token)) => {
                         slot.core.set_token(&mut fx, token);
                     }
-                    Err(e) => tracing::error!(device = device_id, error = %e, "undecodable inbox command skipped"),
+                    Err(e) => {
+                        tracing::error!(device = device_id, error = %e, "undecodable inbox command skipped")
+                    }
                 }
             }
             fx.ops.push(crate::store::Op::TrimInbox {
@@ -323,7 +317,9 @@ impl Hub {
         let Some(link) = self.link() else { return };
         let _owner = link.ownership.lock().await;
         let earliest = {
-            let Some(device) = self.device(device_id) else { return };
+            let Some(device) = self.device(device_id) else {
+                return;
+            };
             let slot = device.lock();
             let core = &slot.core;
             if core.session.is_some() || core.outbox.values().any(|q| q.voip == VoipLeg::Sending) {
@@ -347,7 +343,12 @@ impl Hub {
 
     /// Cluster mode: queue `item` for a device this node does not hold, through its inbox.
     /// `Ok(false)`: not a cluster, or this node holds it (decide locally).
-    pub(super) async fn forward_item(&self, device_id: &str, item: &Item, now: i64) -> Result<bool, &'static str> {
+    pub(super) async fn forward_item(
+        &self,
+        device_id: &str,
+        item: &Item,
+        now: i64,
+    ) -> Result<bool, &'static str> {
         let Some(link) = self.link() else {
             return Ok(false);
         };
@@ -420,7 +421,11 @@ impl Hub {
             token.map(|t| t.as_str().to_string()).unwrap_or_default(),
         ));
         let never = i64::MAX / 2;
-        match link.redis.forward(device_id, command, None, never, usize::MAX).await? {
+        match link
+            .redis
+            .forward(device_id, command, None, never, usize::MAX)
+            .await?
+        {
             Forwarded::Unknown => Ok(None),
             _ => Ok(Some(())),
         }

@@ -299,12 +299,12 @@ impl Hub {
             .observer
             .session_ended(&record.device_id, session_id, reason, now);
         self.publish_presence(PresenceEvent {
-                device_id: record.device_id.clone(),
-                online: false,
-                at_ms: now,
-                ssid: record.last_ssid.clone(),
-                session_id: session_id.to_string(),
-                reason: reason.into(),
+            device_id: record.device_id.clone(),
+            online: false,
+            at_ms: now,
+            ssid: record.last_ssid.clone(),
+            session_id: session_id.to_string(),
+            reason: reason.into(),
         });
     }
 

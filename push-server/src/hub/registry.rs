@@ -54,10 +54,7 @@ impl Hub {
             // Re-issue: this node takes the device (its session ends anyway) and decides.
             self.hold(device_id, true).await?;
             let result = match self.device(device_id) {
-                Some(device) => {
-                    self.finish_registration(device_id, &device, groups, false)
-                        .await
-                }
+                Some(device) => self.finish_registration(device_id, &device, groups, false).await,
                 None => Err(StoreError::Redis(format!("device {device_id} could not be held"))),
             };
             self.release_if_idle(device_id).await;
@@ -206,7 +203,11 @@ impl Hub {
     }
 
     /// Every device (optionally one group's, optionally only online ones), ordered by id.
-    pub async fn list_devices(&self, group: Option<&str>, online_only: bool) -> Result<Vec<DeviceView>, StoreError> {
+    pub async fn list_devices(
+        &self,
+        group: Option<&str>,
+        online_only: bool,
+    ) -> Result<Vec<DeviceView>, StoreError> {
         let mut views = match &self.0.cluster {
             Some(link) => self.list_remote(&link.redis, group).await?,
             None => {
@@ -227,10 +228,15 @@ impl Hub {
 
     /// Cluster mode: every device from Redis, with the node holding each; the ones held here
     /// from this node's own state (fresher than Redis by the writes in flight).
-    async fn list_remote(&self, redis: &RedisStore, group: Option<&str>) -> Result<Vec<DeviceView>, StoreError> {
+    async fn list_remote(
+        &self,
+        redis: &RedisStore,
+        group: Option<&str>,
+    ) -> Result<Vec<DeviceView>, StoreError> {
         let mut all = redis.devices().await?;
         if let Some(g) = group {
-            let members: std::collections::HashSet<String> = redis.group_members(g).await?.into_iter().collect();
+            let members: std::collections::HashSet<String> =
+                redis.group_members(g).await?.into_iter().collect();
             all.retain(|(r, _)| members.contains(&r.device_id));
         }
         let ids: Vec<String> = all.iter().map(|(r, _)| r.device_id.clone()).collect();

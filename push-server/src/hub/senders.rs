@@ -325,7 +325,9 @@ impl Hub {
             if let Some(device) = self.device(&r.device_id) {
                 let slot = &mut *device.lock();
                 let mut fx = Effects::default();
-                if slot.core.withdraw_call(&mut fx, cx, call_id) && slot.core.enqueue(&mut fx, cx, &cancel).is_ok() {
+                if slot.core.withdraw_call(&mut fx, cx, call_id)
+                    && slot.core.enqueue(&mut fx, cx, &cancel).is_ok()
+                {
                     sent += 1;
                 }
                 pending.push(self.apply(slot, fx));

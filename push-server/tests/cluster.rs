@@ -1,0 +1,165 @@
+//! Cluster mode: two in-process nodes over real TLS sharing one real `redis-server`. Phones and
+//! senders use whichever node they like; what one does, the other sees.
+
+mod common;
+
+use std::path::Path;
+
+use common::{Harness, next, to, within};
+use push_proto::{
+    device::{CancelReason, GoodbyeReason, push},
+    sender::{CancelCallRequest, DeliveryState, PlaceCallRequest},
+};
+use push_server::{client::ClientError, testing::RedisServer};
+
+/// Two nodes on one Redis. Node B's data directory starts as a copy of node A's: every node of a
+/// cluster needs the same CA and device-credential key (and here, the admin key file).
+struct Cluster {
+    a: Harness,
+    b: Harness,
+    _redis: RedisServer,
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let redis = RedisServer::start().expect("redis-server starts");
+        let url = redis.url.clone();
+        let a = Harness::start_with(|c| {
+            c.cluster.redis_url = url.clone();
+            c.node_name = "node-a".into();
+        })
+        .await;
+        let from = a.cfg.data_dir.clone();
+        let b = Harness::start_with(|c| {
+            c.cluster.redis_url = url.clone();
+            c.node_name = "node-b".into();
+            copy_dir(&from, &c.data_dir);
+        })
+        .await;
+        Self { a, b, _redis: redis }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_message_sent_on_one_node_reaches_a_phone_on_the_other_and_the_sender_sees_it_acked() {
+    let c = Cluster::start().await;
+    let credential = c.a.issue("phone-1", &["ward"]).await;
+    let mut phone =
+        c.b.connect(&credential, 0)
+            .await
+            .expect("phone connects to node B");
+    let sent = c.a.send("phone-1", "bed 12 needs you").await;
+    assert_eq!(sent.recipients[0].state(), DeliveryState::Accepted);
+    let p = next(&mut phone).await;
+    assert_eq!(p.id, sent.message_id);
+    phone.ack(&[p.seq]).await.unwrap();
+    let seen =
+        c.a.await_state(&sent.message_id, "phone-1", DeliveryState::Acked)
+            .await;
+    assert!(
+        seen.iter().all(|u| u.state() != DeliveryState::Expired),
+        "{seen:?}"
+    );
+    let listed = c.a.list_devices("ward", false).await;
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].online);
+    assert_eq!(
+        listed[0].node, "node-b",
+        "node A knows which node holds the phone"
+    );
+}
+
+#[tokio::test]
+async fn a_message_for_an_offline_phone_waits_in_redis_for_whichever_node_it_joins() {
+    let c = Cluster::start().await;
+    let credential = c.a.issue("phone-1", &[]).await;
+    let sent = c.a.send("phone-1", "lab results").await;
+    let mut phone = c.b.connect(&credential, 0).await.expect("connects to node B");
+    let p = next(&mut phone).await;
+    assert_eq!(p.id, sent.message_id);
+    phone.ack(&[p.seq]).await.unwrap();
+    c.b.await_state(&sent.message_id, "phone-1", DeliveryState::Acked)
+        .await;
+}
+
+#[tokio::test]
+async fn a_newer_login_on_another_node_takes_the_device_and_the_app_sees_each_push_once() {
+    let c = Cluster::start().await;
+    let credential = c.a.issue("phone-1", &[]).await;
+    let mut old = c.a.connect(&credential, 0).await.expect("connects to node A");
+    let first = c.a.send("phone-1", "first").await;
+    let p = next(&mut old).await;
+    assert_eq!(p.id, first.message_id);
+    old.ack(&[p.seq]).await.unwrap();
+    c.a.await_state(&first.message_id, "phone-1", DeliveryState::Acked)
+        .await;
+    // The phone moves to node B (a new Wi-Fi path, say), reporting what it saw.
+    c.b.epoch.store(
+        c.a.epoch.load(std::sync::atomic::Ordering::SeqCst),
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    let mut new = c.b.connect(&credential, p.seq).await.expect("connects to node B");
+    match within(old.next_push()).await {
+        Err(ClientError::Goodbye { reason, .. }) => assert_eq!(reason, GoodbyeReason::Replaced),
+        other => panic!("node A's session must be told to go: {other:?}"),
+    }
+    let second = c.a.send("phone-1", "second").await;
+    let q = next(&mut new).await;
+    assert_eq!(
+        q.id, second.message_id,
+        "the acked push is not replayed on node B"
+    );
+    assert!(q.seq > p.seq, "numbers keep growing across nodes");
+    new.ack(&[q.seq]).await.unwrap();
+    c.a.await_state(&second.message_id, "phone-1", DeliveryState::Acked)
+        .await;
+}
+
+#[tokio::test]
+async fn a_call_placed_and_cancelled_on_one_node_rings_and_stops_on_the_other() {
+    let c = Cluster::start().await;
+    let credential = c.a.issue("phone-1", &[]).await;
+    let mut phone = c.b.connect(&credential, 0).await.expect("connects to node B");
+    c.a.sender()
+        .place_call(PlaceCallRequest {
+            call_id: "call-1".into(),
+            target: Some(to("phone-1")),
+            caller_name: "Ward 4B".into(),
+            ring_timeout_seconds: 30,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let invite = next(&mut phone).await;
+    assert!(matches!(invite.body, Some(push::Body::CallInvite(_))));
+    let cancelled =
+        c.a.sender()
+            .cancel_call(CancelCallRequest {
+                call_id: "call-1".into(),
+                reason: CancelReason::CallerCancelled as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(cancelled.cancels_sent, 1);
+    let cancel = next(&mut phone).await;
+    assert!(
+        matches!(cancel.body, Some(push::Body::CallCancel(_))),
+        "{cancel:?}"
+    );
+    c.a.await_state("call-1", "phone-1", DeliveryState::Cancelled)
+        .await;
+}
