@@ -94,6 +94,10 @@ struct ServeArgs {
     /// Heartbeat answer deadline in milliseconds.
     #[arg(long, env = "PUSH_HEARTBEAT_TIMEOUT_MS")]
     heartbeat_timeout_ms: Option<u64>,
+    /// Cluster mode: the Redis every node shares (`redis://host:port/db`); each node needs its
+    /// own --node-name.
+    #[arg(long, env = "PUSH_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -671,6 +675,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.heartbeat_timeout_ms {
         cfg.heartbeat_timeout_ms = v;
+    }
+    if let Some(v) = args.redis_url {
+        cfg.cluster.redis_url = v;
     }
     if let Some(path) = &args.config {
         cfg.validate()
