@@ -76,6 +76,8 @@ pub struct DeviceState {
 
 /// The answer to [`RedisStore::claim`].
 #[derive(Debug)]
+// Claims are rare and answered once: boxing the state would only complicate the callers.
+#[allow(clippy::large_enum_variant)]
 pub enum Claimed {
     /// No such device.
     Unknown,
