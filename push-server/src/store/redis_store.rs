@@ -8,7 +8,7 @@
 //! Every per-device key shares the hash tag `{d:<id>}`, so one script touching a device touches
 //! one Cluster slot:
 //! - `lp:{d:ID}:rec` device record row; `lp:{d:ID}:q` hash seq -> push row; `lp:{d:ID}:ceil`
-//!   sequence ceiling (only grows); `lp:{d:ID}:r:<push id>` receipt row (a key of its own so a
+//!   sequence ceiling (the last one written); `lp:{d:ID}:r:<push id>` receipt row (a key of its own so a
 //!   final receipt can expire after the retention);
 //! - `lp:{d:ID}:lease` `"<node>|<token>"`: the node holding the device; `lp:{d:ID}:fence` the
 //!   counter tokens come from (it only grows, so a token is never reused);
@@ -1595,7 +1595,7 @@ mod tests {
         cmd.query(&mut raw(server)).expect("query")
     }
 
-    /// A fenced store with device `id` registered through it.
+    /// A fenced (cluster) store of `node`.
     async fn fenced(server: &RedisServer, node: &str) -> Arc<RedisStore> {
         RedisStore::connect(&server.url, node, true)
             .await
