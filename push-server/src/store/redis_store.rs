@@ -8,7 +8,7 @@
 //! Every per-device key shares the hash tag `{d:<id>}`, so one script touching a device touches
 //! one Cluster slot:
 //! - `lp:{d:ID}:rec` device record row; `lp:{d:ID}:q` hash seq -> push row; `lp:{d:ID}:ceil`
-//!   sequence ceiling (only grows); `lp:{d:ID}:r:<push id>` receipt row (a key of its own so a
+//!   sequence ceiling (the last one written); `lp:{d:ID}:r:<push id>` receipt row (a key of its own so a
 //!   final receipt can expire after the retention);
 //! - `lp:{d:ID}:lease` `"<node>|<token>"`: the node holding the device; `lp:{d:ID}:fence` the
 //!   counter tokens come from (it only grows, so a token is never reused);
@@ -25,11 +25,41 @@
 //! device; a node that lost the device (another node stole it, or Redis lost the lease) gets
 //! [`StoreError::Fenced`] and nothing of the batch is applied. Without fencing (the conformance
 //! suite, a single node) device ops apply unchecked.
+//!
+//! # How the contract maps onto Redis
+//! - **Durable** means "Redis acknowledged" (each script or command replied); how much an
+//!   acknowledged write survives is the AOF fsync policy of the operator's Redis.
+//! - **Atomic batches**: the ops of one device run as one script, so a batch about one device
+//!   (all the hub submits, plus a request record) is all-or-nothing. A batch spanning several
+//!   devices is atomic per device: its groups apply in order and the first failure stops it,
+//!   leaving the earlier groups applied. A fencing check runs before any write of its group.
+//! - **Submission order**: `submit` feeds one queue drained by one writer, which applies a batch
+//!   only once the previous one was answered.
+//! - **Prune**: final receipts expire `retention` after they are written and requests
+//!   `retention` after they expire (never sooner than `retention` after they are written), so
+//!   Redis forgets them on its own; `PruneReceipts` still removes exactly what the contract
+//!   says, by scanning receipt and request keys (hourly, so the scan is affordable), which keeps
+//!   it exact for rows whose clock was off.
+//! - **Sequence ceilings** are replaced, not maxed: the contract (and its suite) says a later
+//!   op wins; fencing is what keeps a stale node from lowering one.
+//! - **Scripts touch shared keys** (`lp:devices`, `lp:g:*`, `lp:m:*`, `lp:due`) next to the
+//!   device's own: fine on one Redis (with replicas or Sentinel), not on Redis Cluster, where
+//!   those would have to become per-slot structures.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::StreamExt;
+use parking_lot::Mutex;
+use redis::aio::ConnectionManager;
+use redis::{RedisError, Script, Value};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
+use super::rows::{ApiKeyRow, DeviceRow, PushRow, ReceiptRow, RequestRow, Row};
 use super::{
     ApiKeyRecord, DeviceRecord, Op, Receipt, RequestRecord, Snapshot, Store, StoreError, StoredPush,
 };
@@ -46,6 +76,8 @@ pub struct DeviceState {
 
 /// The answer to [`RedisStore::claim`].
 #[derive(Debug)]
+// Claims are rare and answered once: boxing the state would only complicate the callers.
+#[allow(clippy::large_enum_variant)]
 pub enum Claimed {
     /// No such device.
     Unknown,
@@ -102,15 +134,752 @@ pub struct NodeInfo {
     pub alive: bool,
 }
 
+/// How long a final receipt (and the push's device set) is kept unless
+/// [`RedisStore::set_receipt_retention`] says otherwise.
+const DEFAULT_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Claims retried when the lease changed between reading it and the script.
+const CLAIM_ATTEMPTS: usize = 5;
+/// Capacity of the channel from the pub/sub listener to the hub.
+const HEARD_CAPACITY: usize = 1024;
+const RECEIPTS_CHANNEL: &str = "lp:receipts";
+const PRESENCE_CHANNEL: &str = "lp:presence";
+const DEVICES: &str = "lp:devices";
+const DUE: &str = "lp:due";
+const NODES: &str = "lp:nodes";
+const EPOCH: &str = "lp:epoch";
+const API_KEYS: &str = "lp:apikeys";
+
+fn dkey(device: &str, suffix: &str) -> String {
+    format!("lp:{{d:{device}}}:{suffix}")
+}
+
+fn receipt_key(device: &str, id: &str) -> String {
+    dkey(device, &format!("r:{id}"))
+}
+
+fn members_key(id: &str) -> String {
+    format!("lp:m:{id}")
+}
+
+fn group_key(group: &str) -> String {
+    format!("lp:g:{group}")
+}
+
+fn hint_channel(node: &str) -> String {
+    format!("lp:hint:{node}")
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The node named by a lease value `"<node>|<token>"`.
+fn owner_of(lease: &str) -> &str {
+    lease.rsplit_once('|').map_or(lease, |(node, _)| node)
+}
+
+// Lua helpers shared by the scripts that write receipts or read leases. Integers that may be
+// large (seqs, ceilings, tokens as text) stay strings in Lua; only counts and TTLs are numbers.
+const LUA_HELPERS: &str = r#"
+local function owner_of(lease)
+  return string.match(lease, '^(.*)|[^|]*$') or lease
+end
+-- A receipt row under its own key; a final one expires after the retention. The push's device
+-- set lives as long as its longest-lived receipt: no TTL while any of them is not final.
+local function put_receipt(rkey, mkey, id, device, row, final, retention)
+  redis.call('SET', rkey, row)
+  redis.call('SADD', mkey, device)
+  if final ~= '1' then
+    redis.call('PERSIST', mkey)
+    return
+  end
+  redis.call('PEXPIRE', rkey, retention)
+  if redis.call('PTTL', mkey) >= 0 then
+    redis.call('PEXPIRE', mkey, retention, 'GT')
+    return
+  end
+  for _, member in ipairs(redis.call('SMEMBERS', mkey)) do
+    if redis.call('PTTL', 'lp:{d:' .. member .. '}:r:' .. id) == -1 then return end
+  end
+  redis.call('PEXPIRE', mkey, retention)
+end
+"#;
+
+/// The ops of one device, in order. KEYS: lease, rec, q, ceil, inbox, lp:devices, then the keys
+/// each op names (consumed in order). ARGV: expected lease (empty: unfenced), device, retention,
+/// whether a `dev` op follows (the current record's groups are read first, so a corrupt record
+/// fails the batch before anything is written: scripts do not roll back), then the ops.
+static APPLY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{LUA_HELPERS}{}",
+        r#"
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('FENCED lease lost')
+end
+local function varint(s, i)
+  local v, mul = 0, 1
+  while true do
+    local b = string.byte(s, i)
+    if not b or mul > 2^49 then return nil end
+    i = i + 1
+    v = v + (b % 128) * mul
+    if b < 128 then return v, i end
+    mul = mul * 128
+  end
+end
+-- The groups of a postcard DeviceRow::V1 (variant, device_id, groups, ...): keep in step with
+-- rows.rs when a device row version is added.
+local function row_groups(row)
+  local variant, i = varint(row, 1)
+  if variant ~= 0 then return nil end
+  local n
+  n, i = varint(row, i)
+  if not n then return nil end
+  i = i + n
+  local count
+  count, i = varint(row, i)
+  if not count then return nil end
+  local groups = {}
+  for _ = 1, count do
+    n, i = varint(row, i)
+    if not n or i + n - 1 > #row then return nil end
+    groups[string.sub(row, i, i + n - 1)] = true
+    i = i + n
+  end
+  return groups
+end
+local device, retention = ARGV[2], ARGV[3]
+local current = {}
+if ARGV[4] == '1' then
+  local old = redis.call('GET', KEYS[2])
+  if old then
+    current = row_groups(old)
+    if not current then return redis.error_reply('CORRUPT unreadable device row') end
+  end
+end
+local k, a = 6, 4
+local function key() k = k + 1; return KEYS[k] end
+local function arg() a = a + 1; return ARGV[a] end
+while a < #ARGV do
+  local op = arg()
+  if op == 'dev' then
+    local row, n = arg(), tonumber(arg())
+    local new = {}
+    for _ = 1, n do
+      local group, gkey = arg(), key()
+      new[group] = true
+      redis.call('SADD', gkey, device)
+    end
+    for group in pairs(current) do
+      if not new[group] then redis.call('SREM', 'lp:g:' .. group, device) end
+    end
+    current = new
+    redis.call('SET', KEYS[2], row)
+    redis.call('SADD', KEYS[6], device)
+  elseif op == 'push' then
+    local seq, row = arg(), arg()
+    redis.call('HSET', KEYS[3], seq, row)
+  elseif op == 'del' then
+    redis.call('HDEL', KEYS[3], arg())
+  elseif op == 'ceil' then
+    redis.call('SET', KEYS[4], arg())
+  elseif op == 'rcpt' then
+    local rkey, mkey = key(), key()
+    local id, row, final = arg(), arg(), arg()
+    put_receipt(rkey, mkey, id, device, row, final, retention)
+  elseif op == 'trim' then
+    redis.call('LTRIM', KEYS[5], arg(), -1)
+  else
+    return redis.error_reply('ERR unknown op ' .. op)
+  end
+end
+return 1
+"#
+    ))
+});
+
+/// KEYS: rec, q, ceil, inbox, lease, fence, lp:due. ARGV: node, steal, the lease value read
+/// just before ('' for none), whether its holder is alive, device.
+static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{LUA_HELPERS}{}",
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
+local cur = redis.call('GET', KEYS[5]) or ''
+if cur ~= ARGV[3] then return {'retry'} end
+local prev = ''
+if cur ~= '' then
+  local holder = owner_of(cur)
+  if holder ~= ARGV[1] then
+    if ARGV[4] == '1' and ARGV[2] ~= '1' then return {'held', holder} end
+    prev = holder
+  end
+end
+local token = redis.call('INCR', KEYS[6])
+redis.call('SET', KEYS[5], ARGV[1] .. '|' .. string.format('%d', token))
+redis.call('ZREM', KEYS[7], ARGV[5])
+if prev ~= '' then redis.call('PUBLISH', 'lp:hint:' .. prev, 'kick:' .. ARGV[5]) end
+return {'mine', token, redis.call('GET', KEYS[1]), redis.call('HGETALL', KEYS[2]),
+  redis.call('GET', KEYS[3]) or '', redis.call('LRANGE', KEYS[4], 0, -1), prev}
+"#
+    ))
+});
+
+/// KEYS: lease, lp:due. ARGV: this store's lease value ('' for none), device, earliest deadline
+/// ('' for none). The sweep index is only for devices nobody holds, so a device another node
+/// holds keeps its (absent) entry.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local cur = redis.call('GET', KEYS[1])
+if cur and ARGV[1] ~= '' and cur == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  cur = false
+end
+if ARGV[3] == '' then
+  redis.call('ZREM', KEYS[2], ARGV[2])
+elseif not cur then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+end
+return 1
+"#,
+    )
+});
+
+/// KEYS: rec, q, inbox, lease, lp:due[, receipt key, device set]. ARGV: command, max, device,
+/// due, retention[, push id, receipt row, final].
+static FORWARD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{LUA_HELPERS}{}",
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
+if redis.call('HLEN', KEYS[2]) + redis.call('LLEN', KEYS[3]) >= tonumber(ARGV[2]) then
+  return {'full'}
+end
+redis.call('RPUSH', KEYS[3], ARGV[1])
+if KEYS[6] then put_receipt(KEYS[6], KEYS[7], ARGV[6], ARGV[3], ARGV[7], ARGV[8], ARGV[5]) end
+local lease = redis.call('GET', KEYS[4])
+if lease then
+  local holder = owner_of(lease)
+  redis.call('PUBLISH', 'lp:hint:' .. holder, 'inbox:' .. ARGV[3])
+  return {'queued', holder}
+end
+redis.call('ZADD', KEYS[5], 'LT', ARGV[4], ARGV[3])
+return {'queued'}
+"#
+    ))
+});
+
+/// KEYS: rec, lp:devices, group sets. ARGV: row, device.
+static CREATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return 0 end
+for i = 2, #KEYS do redis.call('SADD', KEYS[i], ARGV[2]) end
+return 1
+"#,
+    )
+});
+
+/// Everything, in one script so that it is one consistent snapshot. Queues and ceilings are
+/// found by key pattern, not through `lp:devices`: the contract stores them for devices that
+/// have no record too. `KEYS` blocks Redis for a scan of the keyspace: acceptable for the
+/// single-node start-up it serves (cluster nodes load nothing but the epoch).
+static LOAD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local devices = {}
+for _, id in ipairs(redis.call('SMEMBERS', 'lp:devices')) do
+  local rec = redis.call('GET', 'lp:{d:' .. id .. '}:rec')
+  if rec then devices[#devices + 1] = rec end
+end
+local pushes = {}
+for _, key in ipairs(redis.call('KEYS', 'lp:{d:*}:q')) do
+  for i, v in ipairs(redis.call('HVALS', key)) do pushes[#pushes + 1] = v end
+end
+local ceilings = {}
+for _, key in ipairs(redis.call('KEYS', 'lp:{d:*}:ceil')) do
+  ceilings[#ceilings + 1] = key
+  ceilings[#ceilings + 1] = redis.call('GET', key)
+end
+return {redis.call('GET', 'lp:epoch') or '', devices, pushes, ceilings}
+"#,
+    )
+});
+
+/// KEYS: the push's device set. ARGV: push id. One snapshot of every receipt of the push.
+static RECEIPTS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local out = {}
+for _, device in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local row = redis.call('GET', 'lp:{d:' .. device .. '}:r:' .. ARGV[1])
+  if row then out[#out + 1] = row end
+end
+return out
+"#,
+    )
+});
+
+/// Every device record with its queued count (queue plus inbox).
+static DEVICES_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', 'lp:devices')) do
+  local prefix = 'lp:{d:' .. id .. '}:'
+  local rec = redis.call('GET', prefix .. 'rec')
+  if rec then
+    out[#out + 1] = rec
+    out[#out + 1] = redis.call('HLEN', prefix .. 'q') + redis.call('LLEN', prefix .. 'inbox')
+  end
+end
+return out
+"#,
+    )
+});
+
+/// KEYS: a row's key[, the set to leave]. ARGV: the row as read, member. Deletes the row only if
+/// it did not change since the prune read it.
+static PRUNE_ONE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if KEYS[2] then redis.call('SREM', KEYS[2], ARGV[2]) end
+return 1
+"#,
+    )
+});
+
+fn redis_err(e: RedisError) -> StoreError {
+    StoreError::Redis(e.to_string())
+}
+
+/// A script's error reply, mapped: `FENCED` (the lease check), `CORRUPT` (an unreadable row).
+fn script_err(device: &str, e: RedisError) -> StoreError {
+    match e.code() {
+        Some("FENCED") => StoreError::Fenced(device.to_string()),
+        Some("CORRUPT") => StoreError::Corrupt {
+            table: "redis device",
+            detail: format!("{device}: {e}"),
+        },
+        _ => redis_err(e),
+    }
+}
+
+fn encode<R: Row>(record: &R::Record) -> Vec<u8> {
+    postcard::to_allocvec(&R::from_record(record)).expect("rows always encode")
+}
+
+fn decode<R: Row>(table: &'static str, bytes: &[u8]) -> Result<R::Record, StoreError> {
+    postcard::from_bytes::<R>(bytes)
+        .map(Row::into_record)
+        .map_err(|e| StoreError::Corrupt {
+            table,
+            detail: e.to_string(),
+        })
+}
+
+fn unexpected(what: &str, value: &Value) -> StoreError {
+    StoreError::Redis(format!("unexpected reply to {what}: {value:?}"))
+}
+
+fn into_array(what: &str, value: Value) -> Result<Vec<Value>, StoreError> {
+    match value {
+        Value::Array(items) | Value::Set(items) => Ok(items),
+        Value::Nil => Ok(Vec::new()),
+        other => Err(unexpected(what, &other)),
+    }
+}
+
+fn into_bytes(what: &str, value: Value) -> Result<Vec<u8>, StoreError> {
+    match value {
+        Value::BulkString(bytes) => Ok(bytes),
+        Value::SimpleString(s) => Ok(s.into_bytes()),
+        other => Err(unexpected(what, &other)),
+    }
+}
+
+fn into_string(what: &str, value: Value) -> Result<String, StoreError> {
+    String::from_utf8(into_bytes(what, value)?).map_err(|e| StoreError::Redis(format!("{what}: {e}")))
+}
+
+fn into_u64(what: &str, value: Value) -> Result<u64, StoreError> {
+    match value {
+        Value::Int(n) if n >= 0 => Ok(n as u64),
+        Value::BulkString(ref bytes) => std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| unexpected(what, &value)),
+        other => Err(unexpected(what, &other)),
+    }
+}
+
+/// The device an op is about; `None` for the shared ops.
+fn op_device(op: &Op) -> Option<&str> {
+    match op {
+        Op::PutDevice(d) => Some(&d.device_id),
+        Op::PutPush(p) => Some(&p.device_id),
+        Op::DeletePush { device_id, .. }
+        | Op::PutSeqCeiling { device_id, .. }
+        | Op::TrimInbox { device_id, .. } => Some(device_id),
+        Op::PutReceipt(r) => Some(&r.device_id),
+        Op::PruneReceipts { .. } | Op::PutRequest { .. } | Op::PutApiKey { .. } => None,
+    }
+}
+
+/// One step of a batch as the writer applies it.
+enum Step {
+    /// The ops of one device, in batch order: one script.
+    Device(String, Vec<Op>),
+    /// A shared op, applied as a plain command.
+    Shared(Op),
+}
+
+/// A batch split into steps that keep its order where it matters: a device's ops gather into
+/// its first step unless a prune came between (a prune must not remove a receipt put after it).
+/// Requests and API keys share no key with device ops, so their place among them is free.
+fn plan(ops: Vec<Op>) -> Vec<Step> {
+    let mut steps: Vec<Step> = Vec::new();
+    let mut groups: HashMap<String, usize> = HashMap::new();
+    for op in ops {
+        match op_device(&op).map(str::to_owned) {
+            Some(device) => match groups.get(&device) {
+                Some(&at) => {
+                    if let Step::Device(_, ops) = &mut steps[at] {
+                        ops.push(op);
+                    }
+                }
+                None => {
+                    groups.insert(device.clone(), steps.len());
+                    steps.push(Step::Device(device, vec![op]));
+                }
+            },
+            None => {
+                if matches!(op, Op::PruneReceipts { .. }) {
+                    groups.clear();
+                }
+                steps.push(Step::Shared(op));
+            }
+        }
+    }
+    steps
+}
+
+/// A batch on its way to the writer.
+struct Job {
+    ops: Vec<Op>,
+    /// Fenced mode: the lease value each device of the batch must still have.
+    fences: HashMap<String, String>,
+    reply: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// What the writer needs besides its connection.
+struct Writer {
+    conn: ConnectionManager,
+    fenced: bool,
+    retention_ms: Arc<AtomicU64>,
+}
+
+impl Writer {
+    /// Apply batches one after the other, each answered once Redis replied to all of it. Ends
+    /// when the queue is closed and drained.
+    async fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Job>) {
+        while let Some(job) = jobs.recv().await {
+            let result = self.apply(job.ops, &job.fences).await;
+            if let Err(e) = &result {
+                tracing::debug!(error = %e, "redis batch failed");
+            }
+            let _ = job.reply.send(result);
+        }
+    }
+
+    async fn apply(&mut self, ops: Vec<Op>, fences: &HashMap<String, String>) -> Result<(), StoreError> {
+        let retention = self.retention_ms.load(Ordering::Relaxed);
+        for step in plan(ops) {
+            match step {
+                Step::Device(device, ops) => {
+                    let fence = if self.fenced {
+                        fences
+                            .get(&device)
+                            .map(String::as_str)
+                            .ok_or_else(|| StoreError::Fenced(device.clone()))?
+                    } else {
+                        ""
+                    };
+                    self.apply_device(&device, &ops, fence, retention).await?;
+                }
+                Step::Shared(Op::PutApiKey { hash, record }) => {
+                    redis::cmd("HSET")
+                        .arg(API_KEYS)
+                        .arg(&hash)
+                        .arg(encode::<ApiKeyRow>(&record))
+                        .query_async::<()>(&mut self.conn)
+                        .await
+                        .map_err(redis_err)?;
+                }
+                Step::Shared(Op::PutRequest { id, record }) => {
+                    // Kept `retention` past its expiry, and never less than `retention` from now
+                    // (a request whose clock is off is still recognised).
+                    let expires = (record.expires_at_ms.max(0) as u64).max(now_ms()) + retention;
+                    redis::cmd("SET")
+                        .arg(format!("lp:req:{id}"))
+                        .arg(encode::<RequestRow>(&record))
+                        .arg("PXAT")
+                        .arg(expires)
+                        .query_async::<()>(&mut self.conn)
+                        .await
+                        .map_err(redis_err)?;
+                }
+                Step::Shared(Op::PruneReceipts { before_ms }) => self.prune(before_ms).await?,
+                Step::Shared(_) => unreachable!("device ops are planned as device steps"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply_device(
+        &mut self,
+        device: &str,
+        ops: &[Op],
+        fence: &str,
+        retention: u64,
+    ) -> Result<(), StoreError> {
+        let has_dev = ops.iter().any(|op| matches!(op, Op::PutDevice(_)));
+        let mut invocation = APPLY.key(dkey(device, "lease"));
+        invocation
+            .key(dkey(device, "rec"))
+            .key(dkey(device, "q"))
+            .key(dkey(device, "ceil"))
+            .key(dkey(device, "inbox"))
+            .key(DEVICES)
+            .arg(fence)
+            .arg(device)
+            .arg(retention)
+            .arg(if has_dev { "1" } else { "0" });
+        for op in ops {
+            match op {
+                Op::PutDevice(d) => {
+                    invocation
+                        .arg("dev")
+                        .arg(encode::<DeviceRow>(d))
+                        .arg(d.groups.len());
+                    for group in &d.groups {
+                        invocation.arg(group).key(group_key(group));
+                    }
+                }
+                Op::PutPush(p) => {
+                    invocation
+                        .arg("push")
+                        .arg(p.seq.to_string())
+                        .arg(encode::<PushRow>(p));
+                }
+                Op::DeletePush { seq, .. } => {
+                    invocation.arg("del").arg(seq.to_string());
+                }
+                Op::PutSeqCeiling { ceiling, .. } => {
+                    invocation.arg("ceil").arg(ceiling.to_string());
+                }
+                Op::PutReceipt(r) => {
+                    invocation
+                        .arg("rcpt")
+                        .key(receipt_key(device, &r.id))
+                        .key(members_key(&r.id))
+                        .arg(&r.id)
+                        .arg(encode::<ReceiptRow>(r))
+                        .arg(if r.state.is_final() { "1" } else { "0" });
+                }
+                Op::TrimInbox { count, .. } => {
+                    invocation.arg("trim").arg(*count);
+                }
+                Op::PruneReceipts { .. } | Op::PutRequest { .. } | Op::PutApiKey { .. } => {
+                    unreachable!("shared ops are planned as shared steps")
+                }
+            }
+        }
+        invocation
+            .invoke_async::<()>(&mut self.conn)
+            .await
+            .map_err(|e| script_err(device, e))
+    }
+
+    /// Remove exactly the final receipts older than `before_ms` and the requests that expired
+    /// before it. Each row is deleted only if it is still the row read (another node may have
+    /// replaced it meanwhile).
+    async fn prune(&mut self, before_ms: i64) -> Result<(), StoreError> {
+        for key in self.scan("lp:{d:*}:r:*").await? {
+            let Some(row) = self.get(&key).await? else {
+                continue;
+            };
+            let Ok(receipt) = decode::<ReceiptRow>("redis receipts", &row) else {
+                continue;
+            };
+            if receipt.state.is_final() && receipt.at_ms < before_ms {
+                PRUNE_ONE
+                    .key(&key)
+                    .key(members_key(&receipt.id))
+                    .arg(&row)
+                    .arg(&receipt.device_id)
+                    .invoke_async::<()>(&mut self.conn)
+                    .await
+                    .map_err(redis_err)?;
+            }
+        }
+        for key in self.scan("lp:req:*").await? {
+            let Some(row) = self.get(&key).await? else {
+                continue;
+            };
+            let Ok(request) = decode::<RequestRow>("redis requests", &row) else {
+                continue;
+            };
+            if request.expires_at_ms < before_ms {
+                PRUNE_ONE
+                    .key(&key)
+                    .arg(&row)
+                    .arg("")
+                    .invoke_async::<()>(&mut self.conn)
+                    .await
+                    .map_err(redis_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn scan(&mut self, pattern: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut keys = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut self.conn)
+                .await
+                .map_err(redis_err)?;
+            keys.extend(batch);
+            if next == 0 {
+                return Ok(keys);
+            }
+            cursor = next;
+        }
+    }
+
+    async fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(redis_err)
+    }
+}
+
 /// The Redis store of one node.
-pub struct RedisStore {}
+pub struct RedisStore {
+    node: String,
+    fenced: bool,
+    epoch: u64,
+    client: redis::Client,
+    /// Commands outside the writer's order (claims, forwards, listings).
+    conn: ConnectionManager,
+    /// The synchronous `Store` reads share one blocking connection: they are rare (status
+    /// queries, id reuse checks, API-key checks behind a cache) and must not need a runtime.
+    /// `None` after an I/O error, reconnected on the next read.
+    reader: Mutex<Option<redis::Connection>>,
+    /// The writer's queue; `None` once closed.
+    queue: Mutex<Option<mpsc::UnboundedSender<Job>>>,
+    /// The writer thread, joined by `close`.
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Fencing tokens of the devices this store claimed.
+    tokens: Mutex<HashMap<String, u64>>,
+    retention_ms: Arc<AtomicU64>,
+    /// Stops the pub/sub listener.
+    stop: CancellationToken,
+}
 
 impl RedisStore {
     /// Connect to `url` (`redis://host:port/db`) as node `node`; create the epoch if Redis has
     /// none. `fenced`: device ops need a claimed token (cluster mode).
     pub async fn connect(url: &str, node: &str, fenced: bool) -> Result<Arc<Self>, StoreError> {
-        let _ = (url, node, fenced);
-        todo!()
+        let client = redis::Client::open(url).map_err(redis_err)?;
+        let mut conn = client.get_connection_manager().await.map_err(redis_err)?;
+        let drawn = rand::random::<u64>() % ((1 << 53) - 1) + 1;
+        redis::cmd("SET")
+            .arg(EPOCH)
+            .arg(drawn)
+            .arg("NX")
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        let epoch: u64 = redis::cmd("GET")
+            .arg(EPOCH)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+
+        // The writer runs on a thread of its own with its own runtime and connection, so that
+        // `close` (synchronous, maybe called from a runtime thread, or on drop) can wait for it
+        // without starving it, whatever runtime the caller has.
+        let (queue, jobs) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let retention_ms = Arc::new(AtomicU64::new(DEFAULT_RETENTION_MS));
+        let writer_client = client.clone();
+        let writer_retention = Arc::clone(&retention_ms);
+        let thread = std::thread::Builder::new()
+            .name("redis-writer".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(StoreError::Io(e.to_string())));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    match writer_client.get_connection_manager().await {
+                        Ok(conn) => {
+                            let _ = ready_tx.send(Ok(()));
+                            let writer = Writer {
+                                conn,
+                                fenced,
+                                retention_ms: writer_retention,
+                            };
+                            writer.run(jobs).await;
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(redis_err(e)));
+                        }
+                    }
+                });
+            })
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        if let Err(e) = ready_rx.await.unwrap_or(Err(StoreError::Closed)) {
+            let _ = thread.join();
+            return Err(e);
+        }
+        Ok(Arc::new(Self {
+            node: node.to_string(),
+            fenced,
+            epoch,
+            client,
+            conn,
+            reader: Mutex::new(None),
+            queue: Mutex::new(Some(queue)),
+            writer: Mutex::new(Some(thread)),
+            tokens: Mutex::new(HashMap::new()),
+            retention_ms,
+            stop: CancellationToken::new(),
+        }))
+    }
+
+    /// How long final receipts (and, past their expiry, requests) are kept, in ms; 7 days
+    /// unless set. Applies to what is written from now on.
+    pub fn set_receipt_retention(&self, ms: u64) {
+        self.retention_ms.store(ms, Ordering::Relaxed);
     }
 
     /// How long final receipts are kept.
@@ -121,35 +890,151 @@ impl RedisStore {
 
     /// This node's id.
     pub fn node(&self) -> &str {
-        todo!()
+        &self.node
     }
 
     /// The epoch this store was opened with. Redis may have been replaced since: see
     /// [`RedisStore::current_epoch`].
     pub fn epoch(&self) -> u64 {
-        todo!()
+        self.epoch
     }
 
     /// The epoch Redis holds now (`None`: Redis lost it, so it came back empty).
     pub async fn current_epoch(&self) -> Result<Option<u64>, StoreError> {
-        todo!()
+        redis::cmd("GET")
+            .arg(EPOCH)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_err)
     }
 
     /// Announce this node alive for `ttl_ms`.
     pub async fn heartbeat(&self, ttl_ms: u64) -> Result<(), StoreError> {
-        let _ = ttl_ms;
-        todo!()
+        redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(format!("lp:node:{}", self.node))
+            .arg(now_ms())
+            .arg("PX")
+            .arg(ttl_ms.max(1))
+            .ignore()
+            .cmd("SADD")
+            .arg(NODES)
+            .arg(&self.node)
+            .ignore()
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(redis_err)
     }
 
     /// Every node that ever sent a heartbeat, with whether it is alive.
     pub async fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError> {
-        todo!()
+        let mut conn = self.conn();
+        let mut nodes: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(NODES)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        nodes.sort();
+        let mut pipe = redis::pipe();
+        for node in &nodes {
+            pipe.cmd("EXISTS").arg(format!("lp:node:{node}"));
+        }
+        let alive: Vec<bool> = if nodes.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut conn).await.map_err(redis_err)?
+        };
+        Ok(nodes
+            .into_iter()
+            .zip(alive)
+            .map(|(node, alive)| NodeInfo { node, alive })
+            .collect())
     }
 
     /// Hold `device_id` on this node. Without `steal`, fails with `Held` if a live node holds it.
     pub async fn claim(&self, device_id: &str, steal: bool) -> Result<Claimed, StoreError> {
-        let _ = (device_id, steal);
-        todo!()
+        let mut conn = self.conn();
+        for _ in 0..CLAIM_ATTEMPTS {
+            // Whether the holder is alive is read here (its heartbeat is a shared key); the
+            // script then takes the lease only if it is still the value read.
+            let lease: Option<String> = redis::cmd("GET")
+                .arg(dkey(device_id, "lease"))
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err)?;
+            let alive = match lease.as_deref().map(owner_of) {
+                Some(holder) if holder != self.node => redis::cmd("EXISTS")
+                    .arg(format!("lp:node:{holder}"))
+                    .query_async::<bool>(&mut conn)
+                    .await
+                    .map_err(redis_err)?,
+                _ => false,
+            };
+            let reply: Value = CLAIM
+                .key(dkey(device_id, "rec"))
+                .key(dkey(device_id, "q"))
+                .key(dkey(device_id, "ceil"))
+                .key(dkey(device_id, "inbox"))
+                .key(dkey(device_id, "lease"))
+                .key(dkey(device_id, "fence"))
+                .key(DUE)
+                .arg(&self.node)
+                .arg(if steal { "1" } else { "0" })
+                .arg(lease.as_deref().unwrap_or(""))
+                .arg(if alive { "1" } else { "0" })
+                .arg(device_id)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(redis_err)?;
+            let mut items = into_array("claim", reply)?.into_iter();
+            let tag = into_string("claim", items.next().unwrap_or(Value::Nil))?;
+            match tag.as_str() {
+                "unknown" => return Ok(Claimed::Unknown),
+                "retry" => continue,
+                "held" => {
+                    let owner = into_string("claim", items.next().unwrap_or(Value::Nil))?;
+                    return Ok(Claimed::Held { owner });
+                }
+                "mine" => {
+                    let mut next = || items.next().unwrap_or(Value::Nil);
+                    let token = into_u64("claim token", next())?;
+                    let record = decode::<DeviceRow>("redis devices", &into_bytes("claim", next())?)?;
+                    let fields = into_array("claim queue", next())?;
+                    let mut pushes = Vec::with_capacity(fields.len() / 2);
+                    for (i, value) in fields.into_iter().enumerate() {
+                        if i % 2 == 1 {
+                            pushes.push(decode::<PushRow>("redis pushes", &into_bytes("claim", value)?)?);
+                        }
+                    }
+                    pushes.sort_by_key(|p| p.seq);
+                    let ceiling = match next() {
+                        Value::BulkString(b) if b.is_empty() => 1,
+                        value => into_u64("claim ceiling", value)?,
+                    };
+                    let inbox = into_array("claim inbox", next())?
+                        .into_iter()
+                        .map(|v| into_bytes("claim inbox", v))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let previous = into_string("claim", next())?;
+                    self.tokens.lock().insert(device_id.to_string(), token);
+                    return Ok(Claimed::Mine {
+                        token,
+                        previous: (!previous.is_empty()).then_some(previous),
+                        state: DeviceState {
+                            record,
+                            pushes,
+                            ceiling,
+                        },
+                        inbox,
+                    });
+                }
+                other => return Err(StoreError::Redis(format!("unexpected claim answer {other}"))),
+            }
+        }
+        Err(StoreError::Redis(format!(
+            "lease of {device_id} kept changing; claim abandoned"
+        )))
     }
 
     /// Let go of `device_id` (if still held by this node). `earliest_deadline_ms`: the earliest
@@ -159,20 +1044,27 @@ impl RedisStore {
         device_id: &str,
         earliest_deadline_ms: Option<i64>,
     ) -> Result<(), StoreError> {
-        let _ = (device_id, earliest_deadline_ms);
-        todo!()
+        let token = self.tokens.lock().remove(device_id);
+        let mine = token.map_or(String::new(), |t| format!("{}|{t}", self.node));
+        RELEASE
+            .key(dkey(device_id, "lease"))
+            .key(DUE)
+            .arg(mine)
+            .arg(device_id)
+            .arg(earliest_deadline_ms.map_or(String::new(), |t| t.to_string()))
+            .invoke_async::<()>(&mut self.conn())
+            .await
+            .map_err(redis_err)
     }
 
     /// Whether this store still holds a token for `device_id`.
     pub fn holds(&self, device_id: &str) -> bool {
-        let _ = device_id;
-        todo!()
+        self.tokens.lock().contains_key(device_id)
     }
 
     /// Forget the token of `device_id` (the hub let go of it after a kick or a fenced write).
     pub fn forget(&self, device_id: &str) {
-        let _ = device_id;
-        todo!()
+        self.tokens.lock().remove(device_id);
     }
 
     /// Put `command` in the inbox of a device this node does not hold, with the accepted
@@ -187,100 +1079,1038 @@ impl RedisStore {
         due_ms: i64,
         max_queued: usize,
     ) -> Result<Forwarded, StoreError> {
-        let _ = (device_id, command, accepted, due_ms, max_queued);
-        todo!()
+        let mut invocation = FORWARD.key(dkey(device_id, "rec"));
+        invocation
+            .key(dkey(device_id, "q"))
+            .key(dkey(device_id, "inbox"))
+            .key(dkey(device_id, "lease"))
+            .key(DUE)
+            .arg(command)
+            .arg(max_queued)
+            .arg(device_id)
+            .arg(due_ms)
+            .arg(self.retention_ms.load(Ordering::Relaxed));
+        if let Some(r) = &accepted {
+            invocation
+                .key(receipt_key(device_id, &r.id))
+                .key(members_key(&r.id))
+                .arg(&r.id)
+                .arg(encode::<ReceiptRow>(r))
+                .arg(if r.state.is_final() { "1" } else { "0" });
+        }
+        let reply: Value = invocation
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        let mut items = into_array("forward", reply)?.into_iter();
+        match into_string("forward", items.next().unwrap_or(Value::Nil))?.as_str() {
+            "unknown" => Ok(Forwarded::Unknown),
+            "full" => Ok(Forwarded::Full),
+            "queued" => Ok(Forwarded::Queued {
+                owner: items.next().map(|v| into_string("forward", v)).transpose()?,
+            }),
+            other => Err(StoreError::Redis(format!("unexpected forward answer {other}"))),
+        }
     }
 
     /// The inbox of a device this node holds, oldest first.
     pub async fn inbox(&self, device_id: &str) -> Result<Vec<Vec<u8>>, StoreError> {
-        let _ = device_id;
-        todo!()
+        redis::cmd("LRANGE")
+            .arg(dkey(device_id, "inbox"))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_err)
     }
 
     /// Up to `limit` devices nobody holds whose earliest deadline is at or before `now_ms`.
     pub async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
-        let _ = (now_ms, limit);
-        todo!()
+        redis::cmd("ZRANGEBYSCORE")
+            .arg(DUE)
+            .arg("-inf")
+            .arg(now_ms)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_err)
     }
 
     /// The node holding each device (`None`: nobody), in order.
     pub async fn holders(&self, device_ids: &[String]) -> Result<Vec<Option<String>>, StoreError> {
-        let _ = device_ids;
-        todo!()
+        if device_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("MGET");
+        for id in device_ids {
+            cmd.arg(dkey(id, "lease"));
+        }
+        let leases: Vec<Option<String>> = cmd.query_async(&mut self.conn()).await.map_err(redis_err)?;
+        Ok(leases
+            .into_iter()
+            .map(|l| l.map(|l| owner_of(&l).to_string()))
+            .collect())
     }
 
     /// Every device record, ordered by id, with the number of queued pushes plus inbox items.
     pub async fn devices(&self) -> Result<Vec<(DeviceRecord, usize)>, StoreError> {
-        todo!()
+        let reply: Value = DEVICES_SCRIPT
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        let mut items = into_array("devices", reply)?.into_iter();
+        let mut devices = Vec::new();
+        while let (Some(row), Some(count)) = (items.next(), items.next()) {
+            let record = decode::<DeviceRow>("redis devices", &into_bytes("devices", row)?)?;
+            devices.push((record, into_u64("devices", count)? as usize));
+        }
+        devices.sort_by(|a, b| a.0.device_id.cmp(&b.0.device_id));
+        Ok(devices)
     }
 
     /// One device record, with its queued count.
     pub async fn device(&self, device_id: &str) -> Result<Option<(DeviceRecord, usize)>, StoreError> {
-        let _ = device_id;
-        todo!()
+        let (row, queued, inbox): (Option<Vec<u8>>, usize, usize) = redis::pipe()
+            .atomic()
+            .cmd("GET")
+            .arg(dkey(device_id, "rec"))
+            .cmd("HLEN")
+            .arg(dkey(device_id, "q"))
+            .cmd("LLEN")
+            .arg(dkey(device_id, "inbox"))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        row.map(|row| Ok((decode::<DeviceRow>("redis devices", &row)?, queued + inbox)))
+            .transpose()
     }
 
     /// Register a new device (record written only if absent); false if it exists.
     pub async fn create_device(&self, record: &DeviceRecord) -> Result<bool, StoreError> {
-        let _ = record;
-        todo!()
+        let mut invocation = CREATE.key(dkey(&record.device_id, "rec"));
+        invocation
+            .key(DEVICES)
+            .arg(encode::<DeviceRow>(record))
+            .arg(&record.device_id);
+        for group in &record.groups {
+            invocation.key(group_key(group));
+        }
+        invocation.invoke_async(&mut self.conn()).await.map_err(redis_err)
     }
 
     /// Ids of the devices in `group`.
     pub async fn group_members(&self, group: &str) -> Result<Vec<String>, StoreError> {
-        let _ = group;
-        todo!()
+        let mut members: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(group_key(group))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        members.sort();
+        Ok(members)
     }
 
     /// Announce a receipt to every node (`Heard::Receipt`).
     pub async fn publish_receipt(&self, receipt: &Receipt) -> Result<(), StoreError> {
-        let _ = receipt;
-        todo!()
+        self.publish(RECEIPTS_CHANNEL, encode::<ReceiptRow>(receipt))
+            .await
     }
 
     /// Announce an encoded presence event to every node (`Heard::Presence`).
     pub async fn publish_presence(&self, event: Vec<u8>) -> Result<(), StoreError> {
-        let _ = event;
-        todo!()
+        self.publish(PRESENCE_CHANNEL, event).await
+    }
+
+    async fn publish(&self, channel: &str, payload: Vec<u8>) -> Result<(), StoreError> {
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(payload)
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(redis_err)
     }
 
     /// Start listening: hints for this node, receipts and presence of all nodes. Reconnects on
     /// its own (then sends `Resubscribed`). One call per store.
     pub fn subscribe(self: &Arc<Self>) -> mpsc::Receiver<Heard> {
-        todo!()
+        let (tx, rx) = mpsc::channel(HEARD_CAPACITY);
+        // The listener holds no reference to the store, so dropping the store still closes it;
+        // it ends when the store closes or the receiver is dropped.
+        let listener = Listener {
+            client: self.client.clone(),
+            channels: vec![
+                hint_channel(&self.node),
+                RECEIPTS_CHANNEL.into(),
+                PRESENCE_CHANNEL.into(),
+            ],
+            tx,
+            stop: self.stop.clone(),
+            lost: false,
+        };
+        tokio::spawn(listener.run());
+        rx
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// Run `f` on the blocking read connection, connecting it first if needed.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, StoreError> {
+        let mut reader = self.reader.lock();
+        if reader.is_none() {
+            let conn = self
+                .client
+                .get_connection_with_timeout(Duration::from_secs(5))
+                .map_err(redis_err)?;
+            conn.set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(redis_err)?;
+            conn.set_write_timeout(Some(Duration::from_secs(5)))
+                .map_err(redis_err)?;
+            *reader = Some(conn);
+        }
+        let result = f(reader.as_mut().expect("connected above"));
+        if let Err(e) = &result
+            && (e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_timeout())
+        {
+            *reader = None;
+        }
+        result.map_err(redis_err)
+    }
+}
+
+/// The pub/sub side of a store: one connection, re-established with backoff.
+struct Listener {
+    client: redis::Client,
+    channels: Vec<String>,
+    tx: mpsc::Sender<Heard>,
+    stop: CancellationToken,
+    /// A hint was dropped (full channel) or the subscription was re-established: tell the hub
+    /// with `Resubscribed` as soon as there is room.
+    lost: bool,
+}
+
+impl Listener {
+    async fn run(mut self) {
+        const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+        let mut backoff = FIRST_BACKOFF;
+        let mut connected_before = false;
+        loop {
+            let connect = async {
+                let mut pubsub = self.client.get_async_pubsub().await?;
+                pubsub.subscribe(&self.channels).await?;
+                Ok::<_, RedisError>(pubsub)
+            };
+            let connected = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = self.tx.closed() => return,
+                connected = connect => connected,
+            };
+            match connected {
+                Ok(pubsub) => {
+                    backoff = FIRST_BACKOFF;
+                    self.lost |= connected_before;
+                    connected_before = true;
+                    if !self.listen(pubsub).await {
+                        return;
+                    }
+                    tracing::warn!("redis pub/sub connection lost; reconnecting");
+                }
+                Err(e) => tracing::warn!(error = %e, "redis pub/sub connect failed"),
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Forward messages until the connection drops (true) or the listener must end (false).
+    async fn listen(&mut self, pubsub: redis::aio::PubSub) -> bool {
+        let mut messages = pubsub.into_on_message();
+        let mut retry = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            if self.lost {
+                match self.tx.try_send(Heard::Resubscribed) {
+                    Ok(()) => self.lost = false,
+                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                    Err(mpsc::error::TrySendError::Full(_)) => {}
+                }
+            }
+            let message = tokio::select! {
+                _ = self.stop.cancelled() => return false,
+                _ = self.tx.closed() => return false,
+                _ = retry.tick(), if self.lost => continue,
+                message = messages.next() => message,
+            };
+            let Some(message) = message else { return true };
+            let payload = message.get_payload_bytes();
+            let heard = match message.get_channel_name() {
+                RECEIPTS_CHANNEL => match decode::<ReceiptRow>("redis receipts", payload) {
+                    Ok(receipt) => Heard::Receipt(receipt),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "undecodable receipt announcement");
+                        continue;
+                    }
+                },
+                PRESENCE_CHANNEL => Heard::Presence(payload.to_vec()),
+                _ => {
+                    let text = String::from_utf8_lossy(payload);
+                    match text.split_once(':') {
+                        Some(("inbox", device)) => Heard::Inbox(device.to_string()),
+                        Some(("kick", device)) => Heard::Kick(device.to_string()),
+                        _ => {
+                            tracing::warn!(hint = %text, "unknown hint");
+                            continue;
+                        }
+                    }
+                }
+            };
+            // Never wait for the hub: a full channel drops announcements (the hub re-reads the
+            // store when it needs them) and turns lost hints into a later `Resubscribed`.
+            match self.tx.try_send(heard) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                Err(mpsc::error::TrySendError::Full(heard)) => match heard {
+                    Heard::Inbox(_) | Heard::Kick(_) => self.lost = true,
+                    dropped => tracing::debug!(?dropped, "hub is behind; announcement dropped"),
+                },
+            }
+        }
     }
 }
 
 impl Store for RedisStore {
+    /// Unfenced (one node): everything, from one script. Fenced (cluster): only the epoch;
+    /// nodes claim devices lazily, as sessions and sends need them.
     fn load(&self) -> Result<Snapshot, StoreError> {
-        todo!()
+        if self.fenced {
+            return Ok(Snapshot {
+                epoch: self.epoch,
+                ..Snapshot::default()
+            });
+        }
+        let reply: Value = self.read(|conn| LOAD.invoke(conn))?;
+        let mut items = into_array("load", reply)?.into_iter();
+        let mut next = || items.next().unwrap_or(Value::Nil);
+        let epoch = match next() {
+            Value::BulkString(b) if b.is_empty() => self.epoch,
+            value => into_u64("load epoch", value)?,
+        };
+        let mut devices = into_array("load", next())?
+            .into_iter()
+            .map(|row| decode::<DeviceRow>("redis devices", &into_bytes("load", row)?))
+            .collect::<Result<Vec<_>, _>>()?;
+        devices.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+        let mut pushes = into_array("load", next())?
+            .into_iter()
+            .map(|row| decode::<PushRow>("redis pushes", &into_bytes("load", row)?))
+            .collect::<Result<Vec<_>, _>>()?;
+        pushes.sort_by(|a, b| (a.device_id.as_str(), a.seq).cmp(&(b.device_id.as_str(), b.seq)));
+        let mut seq_ceilings = Vec::new();
+        let mut ceilings = into_array("load", next())?.into_iter();
+        while let (Some(key), Some(value)) = (ceilings.next(), ceilings.next()) {
+            let key = into_string("load", key)?;
+            let device = key
+                .strip_prefix("lp:{d:")
+                .and_then(|k| k.strip_suffix("}:ceil"))
+                .ok_or_else(|| StoreError::Redis(format!("unexpected ceiling key {key}")))?;
+            seq_ceilings.push((device.to_string(), into_u64("load ceiling", value)?));
+        }
+        seq_ceilings.sort();
+        Ok(Snapshot {
+            epoch,
+            devices,
+            pushes,
+            seq_ceilings,
+        })
     }
 
     fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<(), StoreError>> {
-        let _ = ops;
-        todo!()
+        let (reply, answer) = oneshot::channel();
+        let mut fences = HashMap::new();
+        if self.fenced {
+            // A device this store did not claim fails the batch before it reaches Redis.
+            let tokens = self.tokens.lock();
+            let devices: HashSet<&str> = ops.iter().filter_map(op_device).collect();
+            for device in devices {
+                match tokens.get(device) {
+                    Some(token) => {
+                        fences.insert(device.to_string(), format!("{}|{token}", self.node));
+                    }
+                    None => {
+                        let _ = reply.send(Err(StoreError::Fenced(device.to_string())));
+                        return answer;
+                    }
+                }
+            }
+        }
+        // Sending under the lock gives one order across threads, and none after `close`.
+        let queue = self.queue.lock();
+        let job = Job { ops, fences, reply };
+        match &*queue {
+            Some(queue) => {
+                if let Err(mpsc::error::SendError(job)) = queue.send(job) {
+                    let _ = job.reply.send(Err(StoreError::Closed));
+                }
+            }
+            None => {
+                let _ = job.reply.send(Err(StoreError::Closed));
+            }
+        }
+        answer
     }
 
     fn receipts(&self, id: &str) -> Result<Vec<Receipt>, StoreError> {
-        let _ = id;
-        todo!()
+        let rows: Vec<Vec<u8>> = self.read(|conn| RECEIPTS.key(members_key(id)).arg(id).invoke(conn))?;
+        let mut receipts = rows
+            .iter()
+            .map(|row| decode::<ReceiptRow>("redis receipts", row))
+            .collect::<Result<Vec<_>, _>>()?;
+        receipts.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+        Ok(receipts)
     }
 
     fn request(&self, id: &str) -> Result<Option<RequestRecord>, StoreError> {
-        let _ = id;
-        todo!()
+        let row: Option<Vec<u8>> =
+            self.read(|conn| redis::cmd("GET").arg(format!("lp:req:{id}")).query(conn))?;
+        row.map(|row| decode::<RequestRow>("redis requests", &row))
+            .transpose()
     }
 
     fn api_key(&self, hash: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
-        let _ = hash;
-        todo!()
+        let row: Option<Vec<u8>> =
+            self.read(|conn| redis::cmd("HGET").arg(API_KEYS).arg(hash).query(conn))?;
+        row.map(|row| decode::<ApiKeyRow>("redis api keys", &row))
+            .transpose()
     }
 
     fn api_keys(&self) -> Result<Vec<(String, ApiKeyRecord)>, StoreError> {
-        todo!()
+        let rows: Vec<(String, Vec<u8>)> =
+            self.read(|conn| redis::cmd("HGETALL").arg(API_KEYS).query(conn))?;
+        let mut keys = rows
+            .into_iter()
+            .map(|(hash, row)| Ok((hash, decode::<ApiKeyRow>("redis api keys", &row)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(keys)
     }
 
     fn close(&self) {
-        todo!()
+        // Dropping the only sender ends the writer once it has applied what was queued.
+        drop(self.queue.lock().take());
+        self.stop.cancel();
+        // Joining under the lock makes a concurrent `close` wait for the final commit too.
+        let mut writer = self.writer.lock();
+        if let Some(thread) = writer.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("redis writer thread panicked; batches it held were answered `Closed`");
+        }
+    }
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::store::redis_test_server::RedisServer;
+    use crate::store::{PushKind, ReceiptState, commit};
+
+    // Each test gets fresh servers; the factory keeps one per directory, so opening a directory
+    // again ("reopen") connects to the same server. The servers die with the factory.
+    crate::store::conformance::conformance_suite!(redis, {
+        let servers: Mutex<HashMap<PathBuf, RedisServer>> = Mutex::new(HashMap::new());
+        move |dir: &Path| -> Arc<dyn Store> {
+            let url = servers
+                .lock()
+                .entry(dir.to_path_buf())
+                .or_insert_with(RedisServer::start)
+                .url
+                .clone();
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(RedisStore::connect(&url, "n1", false))
+            })
+            .expect("connect")
+        }
+    });
+
+    fn device(id: &str, groups: &[&str]) -> DeviceRecord {
+        DeviceRecord {
+            device_id: id.into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            created_at_ms: 1,
+            credential_generation: 1,
+            revoked: false,
+            last_seen_ms: 2,
+            last_ssid: String::new(),
+            last_disconnect_reason: String::new(),
+            sdk_version: "1.0".into(),
+            voip_token: String::new(),
+            voip_token_invalid: false,
+        }
+    }
+
+    fn push(device_id: &str, seq: u64) -> StoredPush {
+        StoredPush {
+            device_id: device_id.into(),
+            seq,
+            id: format!("m{seq}"),
+            kind: PushKind::Message,
+            collapse_key: String::new(),
+            expires_at_ms: i64::MAX / 2,
+            encoded: vec![seq as u8],
+        }
+    }
+
+    fn receipt(id: &str, device_id: &str, state: ReceiptState) -> Receipt {
+        Receipt {
+            id: id.into(),
+            device_id: device_id.into(),
+            state,
+            reason: String::new(),
+            at_ms: 5,
+            path: String::new(),
+        }
+    }
+
+    fn raw(server: &RedisServer) -> ::redis::Connection {
+        ::redis::Client::open(server.url.as_str())
+            .expect("client")
+            .get_connection()
+            .expect("connection")
+    }
+
+    fn query<T: ::redis::FromRedisValue>(server: &RedisServer, args: &[&str]) -> T {
+        let mut cmd = ::redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query(&mut raw(server)).expect("query")
+    }
+
+    /// A fenced (cluster) store of `node`.
+    async fn fenced(server: &RedisServer, node: &str) -> Arc<RedisStore> {
+        RedisStore::connect(&server.url, node, true)
+            .await
+            .expect("connect")
+    }
+
+    async fn heard(rx: &mut mpsc::Receiver<Heard>, want: impl Fn(&Heard) -> bool) -> Heard {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let heard = rx.recv().await.expect("listener alive");
+                if want(&heard) {
+                    return heard;
+                }
+            }
+        })
+        .await
+        .expect("heard in time")
+    }
+
+    /// Subscriptions are asynchronous: wait until the node's hint channel has a subscriber.
+    async fn wait_subscribed(server: &RedisServer, node: &str) {
+        let channel = hint_channel(node);
+        for _ in 0..500 {
+            let counts: Vec<(String, u64)> = query(server, &["PUBSUB", "NUMSUB", &channel]);
+            if counts[0].1 > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{node} never subscribed");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stealing_fences_the_previous_holder() {
+        let server = RedisServer::start();
+        let a = fenced(&server, "A").await;
+        let b = fenced(&server, "B").await;
+        a.heartbeat(60_000).await.expect("heartbeat");
+        b.heartbeat(60_000).await.expect("heartbeat");
+        assert!(a.create_device(&device("d1", &["g"])).await.expect("create"));
+        assert!(
+            !b.create_device(&device("d1", &[])).await.expect("create"),
+            "exists"
+        );
+        assert!(matches!(
+            a.claim("nope", false).await.expect("claim"),
+            Claimed::Unknown
+        ));
+
+        // Unclaimed: refused without touching Redis.
+        let refused = commit(&*a, vec![Op::PutPush(push("d1", 1))]).await;
+        assert!(
+            matches!(refused, Err(StoreError::Fenced(ref d)) if d == "d1"),
+            "{refused:?}"
+        );
+
+        let mut heard_a = a.subscribe();
+        wait_subscribed(&server, "A").await;
+        let Claimed::Mine {
+            token: first,
+            previous,
+            state,
+            ..
+        } = a.claim("d1", false).await.expect("claim")
+        else {
+            panic!("A claims a free device")
+        };
+        assert_eq!(previous, None);
+        assert_eq!(state.record, device("d1", &["g"]));
+        assert_eq!(state.ceiling, 1);
+        commit(
+            &*a,
+            vec![
+                Op::PutPush(push("d1", 1)),
+                Op::PutSeqCeiling {
+                    device_id: "d1".into(),
+                    ceiling: 2,
+                },
+            ],
+        )
+        .await
+        .expect("A holds d1");
+        assert!(a.holds("d1"));
+
+        let held = b.claim("d1", false).await.expect("claim");
+        assert!(
+            matches!(held, Claimed::Held { ref owner } if owner == "A"),
+            "{held:?}"
+        );
+        let Claimed::Mine {
+            token: second,
+            previous,
+            state,
+            ..
+        } = b.claim("d1", true).await.expect("steal")
+        else {
+            panic!("B steals d1")
+        };
+        assert!(second > first, "tokens grow: {first} then {second}");
+        assert_eq!(previous.as_deref(), Some("A"));
+        assert_eq!(state.pushes, [push("d1", 1)]);
+        assert_eq!(state.ceiling, 2);
+        assert_eq!(
+            heard(&mut heard_a, |h| matches!(h, Heard::Kick(_))).await,
+            Heard::Kick("d1".into())
+        );
+        assert_eq!(
+            b.holders(&["d1".into(), "d2".into()]).await.expect("holders"),
+            [Some("B".into()), None]
+        );
+
+        // A still has its old token: its write is fenced and leaves nothing.
+        let fenced_write = commit(
+            &*a,
+            vec![
+                Op::PutPush(push("d1", 2)),
+                Op::PutReceipt(receipt("m2", "d1", ReceiptState::Accepted)),
+            ],
+        )
+        .await;
+        assert!(
+            matches!(fenced_write, Err(StoreError::Fenced(ref d)) if d == "d1"),
+            "{fenced_write:?}"
+        );
+        assert_eq!(query::<u64>(&server, &["HLEN", "lp:{d:d1}:q"]), 1);
+        assert_eq!(query::<u64>(&server, &["EXISTS", "lp:{d:d1}:r:m2", "lp:m:m2"]), 0);
+        commit(&*b, vec![Op::PutPush(push("d1", 3))])
+            .await
+            .expect("B holds d1");
+        assert_eq!(query::<u64>(&server, &["HLEN", "lp:{d:d1}:q"]), 2);
+
+        // B releases with a deadline: the sweep sees it; A's release of a lease it lost is a no-op.
+        a.release("d1", Some(50)).await.expect("release");
+        assert_eq!(
+            b.holders(&["d1".into()]).await.expect("holders"),
+            [Some("B".into())]
+        );
+        assert!(
+            a.due(100, 10).await.expect("due").is_empty(),
+            "a held device is not due"
+        );
+        b.release("d1", Some(50)).await.expect("release");
+        assert!(!b.holds("d1"));
+        assert_eq!(a.due(49, 10).await.expect("due"), Vec::<String>::new());
+        assert_eq!(a.due(50, 10).await.expect("due"), ["d1"]);
+        let Claimed::Mine {
+            token: third,
+            previous,
+            ..
+        } = a.claim("d1", false).await.expect("claim")
+        else {
+            panic!("A claims a released device")
+        };
+        assert!(third > second);
+        assert_eq!(previous, None);
+        assert!(
+            a.due(100, 10).await.expect("due").is_empty(),
+            "a claim takes it off the sweep"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_nodes_lease_is_taken_without_stealing() {
+        let server = RedisServer::start();
+        let a = fenced(&server, "A").await;
+        let b = fenced(&server, "B").await;
+        a.heartbeat(100).await.expect("heartbeat");
+        b.heartbeat(60_000).await.expect("heartbeat");
+        a.create_device(&device("d1", &[])).await.expect("create");
+        assert!(matches!(
+            a.claim("d1", false).await.expect("claim"),
+            Claimed::Mine { .. }
+        ));
+        assert!(matches!(
+            b.claim("d1", false).await.expect("claim"),
+            Claimed::Held { .. }
+        ));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let nodes = b.nodes().await.expect("nodes");
+        assert_eq!(
+            nodes,
+            [
+                NodeInfo {
+                    node: "A".into(),
+                    alive: false
+                },
+                NodeInfo {
+                    node: "B".into(),
+                    alive: true
+                }
+            ]
+        );
+        let claimed = b.claim("d1", false).await.expect("claim");
+        assert!(
+            matches!(claimed, Claimed::Mine { ref previous, .. } if previous.as_deref() == Some("A")),
+            "{claimed:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forwarded_commands_wait_in_the_inbox() {
+        let server = RedisServer::start();
+        let a = fenced(&server, "A").await;
+        let b = fenced(&server, "B").await;
+        a.create_device(&device("d1", &[])).await.expect("create");
+        a.create_device(&device("d2", &[])).await.expect("create");
+
+        // Nobody holds d1: queued, due at the earliest deadline, receipt written.
+        let accepted = receipt("m1", "d1", ReceiptState::Accepted);
+        let queued = a
+            .forward("d1", b"one".to_vec(), Some(accepted.clone()), 300, 10)
+            .await
+            .expect("forward");
+        assert_eq!(queued, Forwarded::Queued { owner: None });
+        a.forward("d1", b"two".to_vec(), None, 200, 10)
+            .await
+            .expect("forward");
+        a.forward("d1", b"three".to_vec(), None, 400, 10)
+            .await
+            .expect("forward");
+        assert_eq!(a.due(199, 10).await.expect("due"), Vec::<String>::new());
+        assert_eq!(a.due(200, 10).await.expect("due"), ["d1"]);
+        assert_eq!(a.receipts("m1").expect("receipts"), [accepted]);
+        assert_eq!(a.device("d1").await.expect("device").map(|d| d.1), Some(3));
+
+        let Claimed::Mine { inbox, .. } = a.claim("d1", false).await.expect("claim") else {
+            panic!("claim")
+        };
+        assert_eq!(inbox, [b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]);
+        commit(
+            &*a,
+            vec![
+                Op::PutPush(push("d1", 1)),
+                Op::TrimInbox {
+                    device_id: "d1".into(),
+                    count: 2,
+                },
+            ],
+        )
+        .await
+        .expect("trim");
+        assert_eq!(a.inbox("d1").await.expect("inbox"), [b"three".to_vec()]);
+
+        // d1 holds one push and one command: a third item is refused, and nothing is written.
+        assert_eq!(
+            a.forward("d1", b"x".to_vec(), None, 1, 2).await.expect("forward"),
+            Forwarded::Full
+        );
+        assert_eq!(
+            a.forward(
+                "nope",
+                b"x".to_vec(),
+                Some(receipt("m9", "nope", ReceiptState::Accepted)),
+                1,
+                9
+            )
+            .await
+            .expect("forward"),
+            Forwarded::Unknown
+        );
+        assert_eq!(a.inbox("d1").await.expect("inbox"), [b"three".to_vec()]);
+        assert_eq!(
+            query::<u64>(
+                &server,
+                &["EXISTS", "lp:{d:nope}:inbox", "lp:{d:nope}:r:m9", "lp:m:m9"]
+            ),
+            0
+        );
+        assert_eq!(
+            a.devices()
+                .await
+                .expect("devices")
+                .iter()
+                .map(|(d, n)| (d.device_id.as_str(), *n))
+                .collect::<Vec<_>>(),
+            [("d1", 2), ("d2", 0)]
+        );
+
+        // B holds d2: a forward hints B and does not make d2 due.
+        let mut heard_b = b.subscribe();
+        wait_subscribed(&server, "B").await;
+        assert!(matches!(
+            b.claim("d2", false).await.expect("claim"),
+            Claimed::Mine { .. }
+        ));
+        let queued = a
+            .forward("d2", b"cmd".to_vec(), None, 5, 10)
+            .await
+            .expect("forward");
+        assert_eq!(
+            queued,
+            Forwarded::Queued {
+                owner: Some("B".into())
+            }
+        );
+        assert_eq!(
+            heard(&mut heard_b, |h| matches!(h, Heard::Inbox(_))).await,
+            Heard::Inbox("d2".into())
+        );
+        assert!(
+            !a.due(i64::MAX / 4, 10)
+                .await
+                .expect("due")
+                .contains(&"d2".to_string())
+        );
+        assert_eq!(b.inbox("d2").await.expect("inbox"), [b"cmd".to_vec()]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn receipts_and_presence_are_announced() {
+        let server = RedisServer::start();
+        let a = fenced(&server, "A").await;
+        let b = fenced(&server, "B").await;
+        let mut heard_b = b.subscribe();
+        wait_subscribed(&server, "B").await;
+        let sent = receipt("m1", "d1", ReceiptState::Acked);
+        a.publish_receipt(&sent).await.expect("publish");
+        a.publish_presence(b"here".to_vec()).await.expect("publish");
+        assert_eq!(
+            heard(&mut heard_b, |h| matches!(h, Heard::Receipt(_))).await,
+            Heard::Receipt(sent)
+        );
+        assert_eq!(
+            heard(&mut heard_b, |h| matches!(h, Heard::Presence(_))).await,
+            Heard::Presence(b"here".to_vec())
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_listener_resubscribes_after_a_lost_connection() {
+        let server = RedisServer::start();
+        let a = fenced(&server, "A").await;
+        let mut heard_a = a.subscribe();
+        wait_subscribed(&server, "A").await;
+        let _: () = query(&server, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+        assert_eq!(heard(&mut heard_a, |_| true).await, Heard::Resubscribed);
+        wait_subscribed(&server, "A").await;
+        a.publish_presence(b"again".to_vec()).await.expect("publish");
+        assert_eq!(
+            heard(&mut heard_a, |_| true).await,
+            Heard::Presence(b"again".to_vec())
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn epoch_is_kept_until_redis_loses_it() {
+        let server = RedisServer::start();
+        let first = RedisStore::connect(&server.url, "A", true)
+            .await
+            .expect("connect");
+        let epoch = first.epoch();
+        assert!((1..1 << 53).contains(&epoch));
+        let second = RedisStore::connect(&server.url, "B", false)
+            .await
+            .expect("connect");
+        assert_eq!(second.epoch(), epoch);
+        assert_eq!(second.load().expect("load").epoch, epoch);
+        assert_eq!(
+            first.load().expect("load"),
+            Snapshot {
+                epoch,
+                ..Snapshot::default()
+            },
+            "fenced: epoch only"
+        );
+        assert_eq!(first.current_epoch().await.expect("epoch"), Some(epoch));
+        let _: () = query(&server, &["FLUSHALL"]);
+        assert_eq!(first.current_epoch().await.expect("epoch"), None);
+        let third = RedisStore::connect(&server.url, "C", false)
+            .await
+            .expect("connect");
+        assert_ne!(third.epoch(), epoch, "an emptied Redis gets a new epoch");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn receipts_and_requests_expire() {
+        let server = RedisServer::start();
+        let store = RedisStore::connect(&server.url, "A", false)
+            .await
+            .expect("connect");
+        store.set_receipt_retention(60_000);
+        use ReceiptState::*;
+        commit(
+            &*store,
+            vec![
+                Op::PutReceipt(receipt("m", "b", Accepted)),
+                Op::PutReceipt(receipt("m", "a", Acked)),
+                Op::PutRequest {
+                    id: "r".into(),
+                    record: RequestRecord {
+                        kind: PushKind::Message,
+                        digest: vec![1],
+                        at_ms: 1,
+                        expires_at_ms: 1,
+                    },
+                },
+            ],
+        )
+        .await
+        .expect("commit");
+        let ttl = |key: &str| query::<i64>(&server, &["PTTL", key]);
+        assert!(
+            (1..=60_000).contains(&ttl("lp:{d:a}:r:m")),
+            "a final receipt expires"
+        );
+        assert_eq!(ttl("lp:{d:b}:r:m"), -1, "a pending one does not");
+        assert_eq!(
+            ttl("lp:m:m"),
+            -1,
+            "the device set lives while a receipt is pending"
+        );
+        assert!((1..=60_000).contains(&ttl("lp:req:r")), "a request expires");
+        commit(&*store, vec![Op::PutReceipt(receipt("m", "b", Delivered))])
+            .await
+            .expect("commit");
+        assert_eq!(ttl("lp:m:m"), -1);
+        commit(&*store, vec![Op::PutReceipt(receipt("m", "b", Expired))])
+            .await
+            .expect("commit");
+        assert!(
+            (1..=60_000).contains(&ttl("lp:m:m")),
+            "all final: the device set expires too"
+        );
+        assert_eq!(
+            store
+                .receipts("m")
+                .expect("receipts")
+                .iter()
+                .map(|r| r.device_id.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+
+        store.set_receipt_retention(50);
+        commit(
+            &*store,
+            vec![
+                Op::PutReceipt(receipt("n", "a", Cancelled)),
+                Op::PutRequest {
+                    id: "s".into(),
+                    record: RequestRecord {
+                        kind: PushKind::Message,
+                        digest: vec![1],
+                        at_ms: 1,
+                        expires_at_ms: 1,
+                    },
+                },
+            ],
+        )
+        .await
+        .expect("commit");
+        assert_eq!(store.receipts("n").expect("receipts").len(), 1);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(store.receipts("n").expect("receipts").is_empty());
+        assert_eq!(store.request("s").expect("request"), None);
+        assert!(store.request("r").expect("request").is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn groups_follow_the_device_record() {
+        let server = RedisServer::start();
+        let store = RedisStore::connect(&server.url, "A", false)
+            .await
+            .expect("connect");
+        commit(
+            &*store,
+            vec![
+                Op::PutDevice(device("d1", &["x", "y"])),
+                Op::PutDevice(device("d2", &["y"])),
+            ],
+        )
+        .await
+        .expect("commit");
+        assert_eq!(store.group_members("y").await.expect("members"), ["d1", "d2"]);
+        commit(
+            &*store,
+            vec![
+                Op::PutDevice(device("d1", &["z"])),
+                Op::PutDevice(device("d1", &["y", "w"])),
+            ],
+        )
+        .await
+        .expect("commit");
+        assert_eq!(
+            store.group_members("x").await.expect("members"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            store.group_members("z").await.expect("members"),
+            Vec::<String>::new()
+        );
+        assert_eq!(store.group_members("w").await.expect("members"), ["d1"]);
+        assert_eq!(store.group_members("y").await.expect("members"), ["d1", "d2"]);
+        assert!(store.create_device(&device("d3", &["w"])).await.expect("create"));
+        assert_eq!(store.group_members("w").await.expect("members"), ["d1", "d3"]);
+        assert_eq!(
+            store.device("d3").await.expect("device"),
+            Some((device("d3", &["w"]), 0))
+        );
+        assert_eq!(store.device("d4").await.expect("device"), None);
+
+        // A record Redis cannot read fails the batch before anything is written.
+        let _: () = query(&server, &["SET", "lp:{d:d2}:rec", "\u{7f}garbage"]);
+        let failed = commit(
+            &*store,
+            vec![Op::PutPush(push("d2", 1)), Op::PutDevice(device("d2", &[]))],
+        )
+        .await;
+        assert!(matches!(failed, Err(StoreError::Corrupt { .. })), "{failed:?}");
+        assert_eq!(query::<u64>(&server, &["EXISTS", "lp:{d:d2}:q"]), 0);
     }
 }
