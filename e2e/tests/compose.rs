@@ -4,7 +4,9 @@
 use std::{path::Path, process::Command};
 
 fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
 }
 
 fn read(name: &str) -> String {
@@ -25,10 +27,20 @@ fn the_compose_file_is_valid_and_runs_two_nodes_on_redis_with_a_replica_and_the_
         String::from_utf8_lossy(&out.stderr)
     );
     for service in ["redis:", "redis-replica:", "push-a:", "push-b:", "apns-bridge:"] {
-        assert!(text.contains(&format!("  {service}")), "service {service} missing:\n{text}");
+        assert!(
+            text.contains(&format!("  {service}")),
+            "service {service} missing:\n{text}"
+        );
     }
-    assert_eq!(text.matches("PUSH_REDIS_URL: redis://redis:6379/0").count(), 2, "both nodes share one Redis");
-    assert!(text.contains("--appendfsync") && text.contains("always"), "Redis must fsync what it acknowledges");
+    assert_eq!(
+        text.matches("PUSH_REDIS_URL: redis://redis:6379/0").count(),
+        2,
+        "both nodes share one Redis"
+    );
+    assert!(
+        text.contains("--appendfsync") && text.contains("always"),
+        "Redis must fsync what it acknowledges"
+    );
     assert!(text.contains("--replicaof"), "the replica follows the primary");
 }
 
@@ -40,7 +52,12 @@ fn every_binary_the_compose_file_runs_is_built_and_installed_by_the_dockerfile()
     let mut binaries = vec!["push-server".to_string()];
     for line in compose.lines() {
         if let Some(rest) = line.trim().strip_prefix("entrypoint:") {
-            let name = rest.trim().trim_matches(['[', ']', '"', ' ']).split('"').next().unwrap_or("");
+            let name = rest
+                .trim()
+                .trim_matches(['[', ']', '"', ' '])
+                .split('"')
+                .next()
+                .unwrap_or("");
             binaries.push(name.to_string());
         }
     }

@@ -1,12 +1,15 @@
 //! Support for tests that need a real Redis (this crate's, `e2e`'s): a `redis-server` of its
-//! own on a free loopback port, in a directory of its own, stopped when dropped. Not used by
-//! the server itself.
+//! own on a free loopback port, in a directory of its own, stopped when dropped, and killed by
+//! the kernel if the test process dies first. Not used by the server itself.
 
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
+    os::unix::process::CommandExt,
     path::PathBuf,
     process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -17,11 +20,18 @@ pub struct RedisServer {
     /// Its port.
     pub port: u16,
     dir: PathBuf,
-    child: Option<Child>,
+    running: Option<Running>,
+}
+
+/// The process, and the thread that spawned it: `PR_SET_PDEATHSIG` fires when the spawning
+/// *thread* exits, so that thread lives as long as the server.
+struct Running {
+    child: Child,
+    spawner: (mpsc::Sender<()>, JoinHandle<()>),
 }
 
 impl RedisServer {
-    /// Start one with no persistence (tests that restart Redis use [`RedisServer::start_durable`]).
+    /// Start one with no persistence.
     pub fn start() -> std::io::Result<Self> {
         Self::launch(false)
     }
@@ -33,22 +43,29 @@ impl RedisServer {
     }
 
     fn launch(durable: bool) -> std::io::Result<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let dir = std::env::temp_dir().join(format!("lpush-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let mut server = Self {
-            url: format!("redis://127.0.0.1:{port}/0"),
-            port,
-            dir,
-            child: None,
-        };
-        server.run(durable)?;
-        Ok(server)
+        let mut last = None;
+        // A port found free can be taken before redis-server binds it: try a few.
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let dir = std::env::temp_dir().join(format!("lpush-redis-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let mut server = Self {
+                url: format!("redis://127.0.0.1:{port}/0"),
+                port,
+                dir,
+                running: None,
+            };
+            match server.run(durable) {
+                Ok(()) => return Ok(server),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("redis-server did not start")))
     }
 
     fn run(&mut self, durable: bool) -> std::io::Result<()> {
-        let aof = if durable { "yes" } else { "no" };
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        command
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -57,21 +74,48 @@ impl RedisServer {
                 "--save",
                 "",
             ])
-            .args(["--appendonly", aof, "--appendfsync", "always"])
+            .args(["--appendonly", if durable { "yes" } else { "no" }])
+            .args(["--appendfsync", "always"])
             .arg("--dir")
             .arg(&self.dir)
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        self.child = Some(child);
+            .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let (child_tx, child_rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let spawned = command.spawn();
+            let ok = spawned.is_ok();
+            let _ = child_tx.send(spawned);
+            if ok {
+                let _ = stop_rx.recv();
+            }
+        });
+        let child = child_rx
+            .recv()
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+        self.running = Some(Running {
+            child,
+            spawner: (stop_tx, thread),
+        });
         self.wait_ready()
     }
 
     /// Kill it at once (SIGKILL): what it had not written to its append-only file is lost.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut r) = self.running.take() {
+            let _ = r.child.kill();
+            let _ = r.child.wait();
+            let (stop, thread) = r.spawner;
+            drop(stop);
+            let _ = thread.join();
         }
     }
 
@@ -86,15 +130,16 @@ impl RedisServer {
     }
 
     /// Poll until it answers PING (it takes a few milliseconds to open its port).
-    fn wait_ready(&self) -> std::io::Result<()> {
+    fn wait_ready(&mut self) -> std::io::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
-                let mut buf = [0u8; 7];
-                if s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
-                {
-                    return Ok(());
-                }
+            if let Some(r) = &mut self.running
+                && let Ok(Some(status)) = r.child.try_wait()
+            {
+                return Err(std::io::Error::other(format!("redis-server exited: {status}")));
+            }
+            if ping(self.port) {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(std::io::Error::other("redis-server did not answer in 10 s"));
@@ -102,6 +147,16 @@ impl RedisServer {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// Whether a server on `port` answers `PING`.
+fn ping(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut reply = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
 }
 
 impl Drop for RedisServer {

@@ -49,8 +49,6 @@
 mod conformance;
 mod redb_store;
 mod redis_store;
-#[cfg(test)]
-pub(crate) mod redis_test_server;
 mod rows;
 
 pub use redb_store::RedbStore;

@@ -882,12 +882,6 @@ impl RedisStore {
         self.retention_ms.store(ms, Ordering::Relaxed);
     }
 
-    /// How long final receipts are kept.
-    pub fn set_receipt_retention(&self, ms: u64) {
-        let _ = ms;
-        todo!()
-    }
-
     /// This node's id.
     pub fn node(&self) -> &str {
         &self.node
@@ -1526,8 +1520,8 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     use super::*;
-    use crate::store::redis_test_server::RedisServer;
     use crate::store::{PushKind, ReceiptState, commit};
+    use crate::testing::RedisServer;
 
     // Each test gets fresh servers; the factory keeps one per directory, so opening a directory
     // again ("reopen") connects to the same server. The servers die with the factory.
@@ -1537,7 +1531,7 @@ mod tests {
             let url = servers
                 .lock()
                 .entry(dir.to_path_buf())
-                .or_insert_with(RedisServer::start)
+                .or_insert_with(|| RedisServer::start().expect("redis-server starts"))
                 .url
                 .clone();
             tokio::task::block_in_place(|| {
@@ -1636,7 +1630,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn stealing_fences_the_previous_holder() {
-        let server = RedisServer::start();
+        let server = RedisServer::start().expect("redis-server starts");
         let a = fenced(&server, "A").await;
         let b = fenced(&server, "B").await;
         a.heartbeat(60_000).await.expect("heartbeat");
@@ -1765,7 +1759,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dead_nodes_lease_is_taken_without_stealing() {
-        let server = RedisServer::start();
+        let server = RedisServer::start().expect("redis-server starts");
         let a = fenced(&server, "A").await;
         let b = fenced(&server, "B").await;
         a.heartbeat(100).await.expect("heartbeat");
@@ -1803,7 +1797,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn forwarded_commands_wait_in_the_inbox() {
-        let server = RedisServer::start();
+        let server = RedisServer::start().expect("redis-server starts");
         let a = fenced(&server, "A").await;
         let b = fenced(&server, "B").await;
         a.create_device(&device("d1", &[])).await.expect("create");
@@ -1912,7 +1906,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn receipts_and_presence_are_announced() {
-        let server = RedisServer::start();
+        let server = RedisServer::start().expect("redis-server starts");
         let a = fenced(&server, "A").await;
         let b = fenced(&server, "B").await;
         let mut heard_b = b.subscribe();
@@ -1932,7 +1926,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_listener_resubscribes_after_a_lost_connection() {
-        let server = RedisServer::start();
+        let server = RedisServer::start().expect("redis-server starts");
         let a = fenced(&server, "A").await;
         let mut heard_a = a.subscribe();
         wait_subscribed(&server, "A").await;
@@ -1948,7 +1942,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn epoch_is_kept_until_redis_loses_it() {
-        let server = RedisServer::start();
+        let server = RedisServer::start().expect("redis-server starts");
         let first = RedisStore::connect(&server.url, "A", true)
             .await
             .expect("connect");
@@ -1978,7 +1972,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn receipts_and_requests_expire() {
-        let server = RedisServer::start();
+        let server = RedisServer::start().expect("redis-server starts");
         let store = RedisStore::connect(&server.url, "A", false)
             .await
             .expect("connect");
@@ -2062,7 +2056,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn groups_follow_the_device_record() {
-        let server = RedisServer::start();
+        let server = RedisServer::start().expect("redis-server starts");
         let store = RedisStore::connect(&server.url, "A", false)
             .await
             .expect("connect");
