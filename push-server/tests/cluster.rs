@@ -17,12 +17,15 @@ use push_server::{client::ClientError, testing::RedisServer};
 struct Cluster {
     a: Harness,
     b: Harness,
-    _redis: RedisServer,
+    redis: RedisServer,
 }
 
 impl Cluster {
     async fn start() -> Self {
-        let redis = RedisServer::start().expect("redis-server starts");
+        Self::on(RedisServer::start().expect("redis-server starts")).await
+    }
+
+    async fn on(redis: RedisServer) -> Self {
         let url = redis.url.clone();
         let a = Harness::start_with(|c| {
             c.cluster.redis_url = url.clone();
@@ -36,7 +39,7 @@ impl Cluster {
             copy_dir(&from, &c.data_dir);
         })
         .await;
-        Self { a, b, _redis: redis }
+        Self { a, b, redis }
     }
 }
 
@@ -161,5 +164,52 @@ async fn a_call_placed_and_cancelled_on_one_node_rings_and_stops_on_the_other() 
         "{cancel:?}"
     );
     c.a.await_state("call-1", "phone-1", DeliveryState::Cancelled)
+        .await;
+}
+
+/// Poll `/healthz` of `h` until it answers `want` (each node checks Redis once a second).
+async fn health_becomes(h: &Harness, want: u16) -> String {
+    within(async {
+        loop {
+            let (status, _, body) = h.https("GET", "/healthz", &[], "").await;
+            if status == want {
+                return body;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn losing_redis_is_reported_sends_are_refused_and_both_recover_when_it_returns() {
+    let mut c = Cluster::on(RedisServer::start_durable().expect("redis-server starts")).await;
+    let credential = c.a.issue("phone-1", &[]).await;
+    let mut phone = c.b.connect(&credential, 0).await.expect("connects to node B");
+    let body = health_becomes(&c.a, 200).await;
+    assert!(body.contains("\"redis_up\":true"), "{body}");
+    c.redis.kill();
+    let body = health_becomes(&c.a, 503).await;
+    assert!(body.contains("\"status\":\"degraded\""), "{body}");
+    let refused =
+        c.a.sender()
+            .send_message(push_proto::sender::SendMessageRequest {
+                target: Some(to("phone-1")),
+                body: "during the outage".into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("a send nobody can route is refused, not lost");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    c.redis
+        .restart(true)
+        .expect("redis-server restarts with its data");
+    health_becomes(&c.a, 200).await;
+    // The phone's session on node B lived through the outage; routing works again.
+    let sent = c.a.send("phone-1", "after the outage").await;
+    let p = next(&mut phone).await;
+    assert_eq!(p.id, sent.message_id);
+    phone.ack(&[p.seq]).await.unwrap();
+    c.a.await_state(&sent.message_id, "phone-1", DeliveryState::Acked)
         .await;
 }

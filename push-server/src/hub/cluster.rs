@@ -51,16 +51,37 @@ pub(super) struct Link {
     /// Serialises this node's claims, releases and inbox drains: a drain reads the inbox and
     /// trims what it applied, so two at once would apply a command twice.
     ownership: tokio::sync::Mutex<()>,
+    /// What the last heartbeat learned, for health checks and the dashboard.
+    health: parking_lot::Mutex<ClusterHealth>,
+}
+
+/// The cluster as this node last saw it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ClusterHealth {
+    /// This node's name.
+    pub node: String,
+    /// This node's last heartbeat reached Redis.
+    pub redis_up: bool,
+    /// Unix ms of the last heartbeat that reached Redis (0: none yet).
+    pub redis_last_ok_ms: i64,
+    /// The last Redis error, if the last heartbeat failed.
+    pub redis_error: String,
+    /// Every node that ever joined, with whether its heartbeat is current.
+    pub nodes: Vec<(String, bool)>,
 }
 
 impl Link {
     pub(super) fn new(redis: Arc<RedisStore>) -> Self {
         let (outbound, rx) = mpsc::unbounded_channel();
         Self {
-            redis,
             outbound,
             outbound_rx: parking_lot::Mutex::new(Some(rx)),
+            health: parking_lot::Mutex::new(ClusterHealth {
+                node: redis.node().to_string(),
+                ..ClusterHealth::default()
+            }),
             ownership: tokio::sync::Mutex::new(()),
+            redis,
         }
     }
 
@@ -76,6 +97,16 @@ impl Link {
 enum Outbound {
     Receipt(Receipt),
     Presence(PresenceEvent),
+}
+
+/// Where a push for one recipient goes.
+pub(super) enum Routed {
+    /// This node holds the device (every device, in embedded mode): decide here.
+    Here,
+    /// Queued in the inbox of a device another node holds, or nobody does.
+    Forwarded,
+    /// Refused for this recipient, with the reason the sender gets.
+    Refused(&'static str),
 }
 
 /// A command in a device's inbox, as stored (versioned: postcard is not self-describing).
@@ -180,6 +211,11 @@ impl Hub {
         self.0.cluster.as_ref()
     }
 
+    /// Cluster mode: the cluster as this node last saw it (`None` on a single node).
+    pub fn cluster_health(&self) -> Option<ClusterHealth> {
+        self.link().map(|l| l.health.lock().clone())
+    }
+
     /// Whether this hub is a cluster node.
     pub fn is_clustered(&self) -> bool {
         self.0.cluster.is_some()
@@ -199,12 +235,13 @@ impl Hub {
         };
         let _owner = link.ownership.lock().await;
         if self.device(device_id).is_none() {
-            match link.redis.claim(device_id, steal).await? {
+            match timed("claim", link.redis.claim(device_id, steal)).await? {
                 Claimed::Unknown | Claimed::Held { .. } => return Ok(false),
                 Claimed::Mine { previous, state, .. } => {
                     if let Some(node) = previous {
                         tracing::info!(device = device_id, from = %node, "device taken over");
                     }
+                    crate::observe::metrics::cluster("claimed");
                     self.install(state);
                 }
             }
@@ -231,7 +268,7 @@ impl Hub {
 
     /// Apply the device's inbox (call with the ownership lock held).
     async fn drain_locked(&self, link: &Link, device_id: &str) -> Result<(), StoreError> {
-        let commands = link.redis.inbox(device_id).await?;
+        let commands = timed("inbox", link.redis.inbox(device_id)).await?;
         let Some(device) = self.device(device_id).filter(|_| !commands.is_empty()) else {
             return Ok(());
         };
@@ -269,6 +306,7 @@ impl Hub {
             (self.apply(slot, fx), invites)
         };
         self.settle(vec![pending]).await?;
+        crate::observe::metrics::cluster("drained");
         // Invites are durable now: plan their VoIP legs as a single node does.
         let cx = self.ctx();
         let slot = &mut *device.lock();
@@ -336,24 +374,24 @@ impl Hub {
             let timers: Vec<_> = slot.core.timers().collect();
             self.0.timers.lock().remove_all(timers);
         }
-        if let Err(e) = link.redis.release(device_id, earliest).await {
+        if let Err(e) = timed("release", link.redis.release(device_id, earliest)).await {
+            crate::observe::metrics::cluster("release_failed");
             tracing::warn!(device = device_id, error = %e, "release failed; the lease will be taken over");
         }
     }
 
     /// Cluster mode: queue `item` for a device this node does not hold, through its inbox.
-    /// `Ok(false)`: not a cluster, or this node holds it (decide locally).
-    pub(super) async fn forward_item(
+    pub(super) async fn route_item(
         &self,
         device_id: &str,
         item: &Item,
         now: i64,
-    ) -> Result<bool, &'static str> {
+    ) -> Result<Routed, StoreError> {
         let Some(link) = self.link() else {
-            return Ok(false);
+            return Ok(Routed::Here);
         };
         if self.device(device_id).is_some() {
-            return Ok(false);
+            return Ok(Routed::Here);
         }
         let command = encode(CommandV1::Enqueue {
             kind: kind_code(item.kind),
@@ -370,21 +408,21 @@ impl Hub {
             now,
         );
         let max = self.0.limits.max_queued_per_device;
-        match link
+        let forward = link
             .redis
-            .forward(device_id, command, Some(accepted.clone()), item.expires, max)
-            .await
-        {
+            .forward(device_id, command, Some(accepted.clone()), item.expires, max);
+        match timed("forward", forward).await {
             Ok(Forwarded::Queued { .. }) => {
                 crate::observe::metrics::accepted(crate::observe::kind_str(item.kind));
+                crate::observe::metrics::cluster("forwarded");
                 link.publish_receipt(accepted);
-                Ok(true)
+                Ok(Routed::Forwarded)
             }
-            Ok(Forwarded::Unknown) => Err("unknown device"),
-            Ok(Forwarded::Full) => Err("device queue full"),
+            Ok(Forwarded::Unknown) => Ok(Routed::Refused("unknown device")),
+            Ok(Forwarded::Full) => Ok(Routed::Refused("device queue full")),
             Err(e) => {
                 tracing::warn!(device = device_id, error = %e, "forward failed");
-                Err("cluster store unavailable")
+                Err(e)
             }
         }
     }
@@ -434,7 +472,7 @@ impl Hub {
     /// Claim, apply and let go of the devices whose deadlines passed while nobody held them.
     async fn sweep(&self) {
         let Some(link) = self.link() else { return };
-        let due = match link.redis.due(self.now(), SWEEP_BATCH).await {
+        let due = match timed("due", link.redis.due(self.now(), SWEEP_BATCH)).await {
             Ok(due) => due,
             Err(e) => {
                 tracing::warn!(error = %e, "sweep skipped");
@@ -444,6 +482,7 @@ impl Hub {
         for device_id in due {
             match self.hold(&device_id, false).await {
                 Ok(true) => {
+                    crate::observe::metrics::cluster("swept");
                     self.fire_due();
                     self.release_if_idle(&device_id).await;
                 }
@@ -453,11 +492,43 @@ impl Hub {
         }
     }
 
+    /// Renew this node's heartbeat and note what it learned.
+    async fn beat(&self, link: &Link) {
+        let result = match timed("heartbeat", link.redis.heartbeat(HEARTBEAT_TTL_MS)).await {
+            Ok(()) => timed("nodes", link.redis.nodes()).await,
+            Err(e) => Err(e),
+        };
+        let mut health = link.health.lock();
+        match result {
+            Ok(nodes) => {
+                if !health.redis_up && health.redis_last_ok_ms != 0 {
+                    tracing::info!("redis reachable again");
+                }
+                health.redis_up = true;
+                health.redis_last_ok_ms = self.now();
+                health.redis_error.clear();
+                health.nodes = nodes.into_iter().map(|n| (n.node, n.alive)).collect();
+            }
+            Err(e) => {
+                if health.redis_up || health.redis_last_ok_ms == 0 {
+                    tracing::error!(error = %e, "redis unreachable: sessions held here go on; sends and logins that need Redis are refused");
+                }
+                health.redis_up = false;
+                health.redis_error = e.to_string();
+            }
+        }
+        let alive = health.nodes.iter().filter(|(_, a)| *a).count();
+        crate::observe::metrics::redis_health(health.redis_up, alive);
+    }
+
     /// What Redis pub/sub told this node.
     async fn heard(&self, heard: Heard) {
         match heard {
             Heard::Inbox(device) => self.drain(&device).await,
-            Heard::Kick(device) => self.let_go(&device, "the device logged in on another node"),
+            Heard::Kick(device) => {
+                crate::observe::metrics::cluster("kicked");
+                self.let_go(&device, "the device logged in on another node");
+            }
             Heard::Receipt(r) => {
                 let key = r.id.clone();
                 self.0.receipts.publish(&key, r);
@@ -478,6 +549,18 @@ impl Hub {
             }
         }
     }
+}
+
+/// Time a Redis request for `lpush_redis_request_seconds` and count its failures.
+async fn timed<T>(
+    op: &'static str,
+    request: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let started = std::time::Instant::now();
+    let result = request.await;
+    let ok = !matches!(result, Err(StoreError::Redis(_) | StoreError::Io(_)));
+    crate::observe::metrics::redis_request(op, ok, started.elapsed().as_secs_f64());
+    result
 }
 
 /// Run the cluster's background work until `shutdown`: heartbeats, the sweep, publishing this
@@ -508,11 +591,7 @@ pub async fn run_cluster(hub: Hub, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = beat.tick() => {
-                if let Err(e) = link.redis.heartbeat(HEARTBEAT_TTL_MS).await {
-                    tracing::warn!(error = %e, "heartbeat failed");
-                }
-            }
+            _ = beat.tick() => hub.beat(link).await,
             _ = sweep.tick() => hub.sweep().await,
             Some(h) = heard.recv() => hub.heard(h).await,
         }

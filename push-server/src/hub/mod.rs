@@ -41,7 +41,7 @@ mod tests;
 
 pub use bus::{Heard, Watch};
 pub use clock::{Clock, SystemClock, now_ms};
-pub use cluster::run_cluster;
+pub use cluster::{ClusterHealth, run_cluster};
 pub use device::{MAX_FLOOR, MAX_SEQ};
 pub use registry::DeviceView;
 pub use senders::{CallRequest, MessageRequest, RecipientOutcome, SendError, Sent};
@@ -376,6 +376,7 @@ impl Hub {
                     }
                 }
                 Err(StoreError::Fenced(device)) => {
+                    metrics::cluster("fenced");
                     self.let_go(&device, "the device is held by another node");
                     result = Err(StoreError::Fenced(device));
                 }

@@ -9,6 +9,7 @@ use tokio::sync::broadcast;
 
 use super::{
     Hub, Watch,
+    cluster::Routed,
     device::{Effects, Item},
     ids::{IdUse, call_digest, check_id, message_digest},
 };
@@ -378,13 +379,16 @@ impl Hub {
         let mut outcomes = Vec::with_capacity(targets.len());
         let mut seqs = Vec::with_capacity(targets.len());
         let cx = super::device::Ctx { now, ..self.ctx() };
-        let mut accepted = false;
+        let (mut accepted, mut unavailable) = (false, None);
         for device_id in targets {
-            let result = match self.forward_item(device_id, item, now).await {
-                // Queued in the inbox of a device another node holds (or nobody does).
-                Ok(true) => Ok(None),
-                Ok(false) => self.enqueue_here(device_id, item, cx, &mut pending).map(Some),
-                Err(reason) => Err(reason),
+            let result = match self.route_item(device_id, item, now).await {
+                Ok(Routed::Here) => self.enqueue_here(device_id, item, cx, &mut pending).map(Some),
+                Ok(Routed::Forwarded) => Ok(None),
+                Ok(Routed::Refused(reason)) => Err(reason),
+                Err(e) => {
+                    unavailable = Some(e);
+                    Err("the cluster store is unavailable")
+                }
             };
             let (state, reason) = match result {
                 Ok(seq) => {
@@ -399,6 +403,10 @@ impl Hub {
                 state,
                 reason: reason.into(),
             });
+        }
+        // Nobody could be reached: the sender retries the whole request (same id) later.
+        if let Some(e) = unavailable.filter(|_| !accepted) {
+            return Err(e.into());
         }
         if let Some(request) = request.filter(|_| accepted) {
             pending.push(self.submit(vec![request]));

@@ -119,6 +119,8 @@ pub struct DeviceRow {
 #[derive(Serialize)]
 struct Overview {
     node: String,
+    /// Cluster mode: Redis and the nodes, as this node last saw them.
+    cluster: Option<crate::hub::ClusterHealth>,
     now_ms: i64,
     devices: Vec<DeviceRow>,
     sites: Vec<SiteHealth>,
@@ -158,7 +160,12 @@ impl Dashboard {
             online: v.online,
             revoked: r.revoked,
             ssid: r.last_ssid,
-            node: self.node.clone(),
+            // Cluster mode: the node holding the phone (none when offline).
+            node: match &v.node {
+                Some(n) => n.clone(),
+                None if self.hub.is_clustered() => String::new(),
+                None => self.node.clone(),
+            },
             session_started_ms: v.session_started_ms,
             last_seen_ms: r.last_seen_ms,
             last_heard_ms: if v.online { o.last_heard_ms } else { 0 },
@@ -269,6 +276,7 @@ pub fn router(dashboard: Shared) -> Router {
         .route("/app.js", get(script))
         .route("/app.css", get(style))
         .route("/metrics", get(metrics_text))
+        .route("/healthz", get(healthz))
         .route("/api/login", post(login))
         .route("/api/logout", post(logout))
         .route("/api/me", get(me))
@@ -407,6 +415,23 @@ async fn me(State(d): State<Shared>, headers: HeaderMap) -> Response {
     }
 }
 
+/// For load balancers and supervisors, without a key: 200 when this node can serve, 503 when a
+/// cluster node has lost Redis (its sessions go on, but sends and logins that need Redis fail).
+async fn healthz(State(d): State<Shared>) -> Response {
+    match d.hub.cluster_health() {
+        None => Json(serde_json::json!({"status": "ok", "mode": "embedded", "node": d.node})).into_response(),
+        Some(h) => {
+            let (code, status) = if h.redis_up {
+                (StatusCode::OK, "ok")
+            } else {
+                (StatusCode::SERVICE_UNAVAILABLE, "degraded")
+            };
+            let body = serde_json::json!({"status": status, "mode": "cluster", "node": d.node, "cluster": h});
+            (code, Json(body)).into_response()
+        }
+    }
+}
+
 async fn overview(State(d): State<Shared>, headers: HeaderMap) -> Response {
     if d.caller(&headers).is_none() {
         return unauthorized();
@@ -423,6 +448,7 @@ async fn overview(State(d): State<Shared>, headers: HeaderMap) -> Response {
     let observer = d.hub.observer();
     Json(Overview {
         node: d.node.clone(),
+        cluster: d.hub.cluster_health(),
         now_ms: now,
         sites: observer.sites(&online_by_ssid, now),
         devices: views.into_iter().map(|v| d.row(v, now)).collect(),

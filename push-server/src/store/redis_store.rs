@@ -589,10 +589,14 @@ impl Writer {
     /// when the queue is closed and drained.
     async fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Job>) {
         while let Some(job) = jobs.recv().await {
+            let started = std::time::Instant::now();
             let result = self.apply(job.ops, &job.fences).await;
             if let Err(e) = &result {
                 tracing::debug!(error = %e, "redis batch failed");
             }
+            // A fenced batch is this node's news, not a store failure.
+            let ok = !matches!(result, Err(StoreError::Redis(_) | StoreError::Io(_)));
+            crate::observe::metrics::store_commit(ok, started.elapsed().as_secs_f64());
             let _ = job.reply.send(result);
         }
     }

@@ -49,10 +49,21 @@ async function start() {
   route();
 }
 
+// Cluster mode: Redis as this node sees it, and every node with its heartbeat.
+function renderCluster() {
+  const c = overview.cluster;
+  if (!c) { $("#cluster").textContent = ""; return; }
+  const redis = c.redis_up ? "Redis up" : `Redis DOWN (${c.redis_error})`;
+  const nodes = c.nodes.map(([n, alive]) => `${n} ${alive ? "✓" : "✗"}`).join(", ");
+  $("#cluster").textContent = `· ${redis} · nodes: ${nodes}`;
+  $("#cluster").className = c.redis_up ? "" : "bad";
+}
+
 async function refresh() {
   overview = await api("/api/overview");
   devices.clear();
   for (const d of overview.devices) devices.set(d.device_id, d);
+  renderCluster();
   renderAll();
   await renderEnrollments();
   if (me && me.role === "admin") await renderKeys();
