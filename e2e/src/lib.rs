@@ -7,6 +7,8 @@
 //! bridge test also runs `target/<profile>/apns-bridge` (`cargo build -p apns-bridge`,
 //! `APNS_BRIDGE_BIN`).
 
+pub mod balancer;
+
 use std::{
     fmt::Write as _,
     future::Future,

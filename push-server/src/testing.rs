@@ -76,6 +76,9 @@ impl RedisServer {
             ])
             .args(["--appendonly", if durable { "yes" } else { "no" }])
             .args(["--appendfsync", "always"])
+            // Bound to loopback anyway; protected mode would refuse clients from 127.x.y.z
+            // other than 127.0.0.1 (the fault tests relay through such addresses).
+            .args(["--protected-mode", "no"])
             .arg("--dir")
             .arg(&self.dir)
             .stdin(Stdio::null())
@@ -164,4 +167,20 @@ impl Drop for RedisServer {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Copy a directory tree (a cluster node's data directory, to start another node with the same
+/// CA and keys).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
 }

@@ -3,14 +3,15 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::{Harness, next, to, within};
 use push_proto::{
     device::{CancelReason, GoodbyeReason, push},
     sender::{CancelCallRequest, DeliveryState, PlaceCallRequest},
 };
-use push_server::{client::ClientError, testing::RedisServer};
+use push_server::{
+    client::ClientError,
+    testing::{RedisServer, copy_dir},
+};
 
 /// Two nodes on one Redis. Node B's data directory starts as a copy of node A's: every node of a
 /// cluster needs the same CA and device-credential key (and here, the admin key file).
@@ -36,23 +37,10 @@ impl Cluster {
         let b = Harness::start_with(|c| {
             c.cluster.redis_url = url.clone();
             c.node_name = "node-b".into();
-            copy_dir(&from, &c.data_dir);
+            copy_dir(&from, &c.data_dir).expect("copy node A's data directory");
         })
         .await;
         Self { a, b, redis }
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
     }
 }
 

@@ -412,6 +412,11 @@ impl Hub {
             pending.push(self.submit(vec![request]));
         }
         if let Err(e) = self.settle(pending).await {
+            // Cluster mode: a device another node took meanwhile was let go here; its push goes
+            // through the device's inbox instead (the fenced write left nothing of it).
+            if matches!(e, StoreError::Fenced(_)) {
+                return self.reroute_fenced(item, outcomes, seqs, now).await;
+            }
             // Not durable: withdraw what is still queued so the sender's retry is the only copy.
             for (device_id, seq) in &seqs {
                 if let Some(device) = self.device(device_id) {
@@ -425,6 +430,32 @@ impl Hub {
             return Err(e.into());
         }
         Ok((outcomes, seqs))
+    }
+
+    /// After a fenced write: forward `item` to each device no longer held here; keep the others.
+    async fn reroute_fenced(
+        &self,
+        item: &Item,
+        outcomes: Vec<RecipientOutcome>,
+        seqs: Vec<(String, u64)>,
+        now: i64,
+    ) -> Result<(Vec<RecipientOutcome>, Vec<(String, u64)>), SendError> {
+        let mut kept = Vec::with_capacity(seqs.len());
+        for (device_id, seq) in seqs {
+            if self.device(&device_id).is_some() {
+                kept.push((device_id, seq));
+                continue;
+            }
+            match self.route_item(&device_id, item, now).await? {
+                Routed::Forwarded => {}
+                // Held here again already (a login raced in): it reached its queue through the
+                // claim's fresh state or will through this retry of the sender.
+                Routed::Here | Routed::Refused(_) => {
+                    return Err(SendError::Store(StoreError::Fenced(device_id)));
+                }
+            }
+        }
+        Ok((outcomes, kept))
     }
 
     /// Queue `item` for a device held here (every device, in embedded mode).

@@ -1,0 +1,400 @@
+//! Cluster journeys across real processes: a durable `redis-server`, two `push-server` nodes in
+//! cluster mode, a TCP balancer in front of them (the site's DNS or virtual IP), and phones that
+//! are real `mobile_sdk` clients. Each journey prints what it did and measured; messages lost
+//! or shown twice to an app must be 0.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use e2e::{ServerProcess, balancer::Balancer};
+use mobile_sdk::{
+    ClientConfig, EventHandler, Registry, Trust,
+    core::{Event, State},
+};
+use parking_lot::Mutex;
+use push_proto::{
+    device::GoodbyeReason,
+    sender::{IssueDeviceCredentialRequest, SendMessageRequest, Target, target},
+};
+use push_server::{
+    client::ClientError,
+    testing::{RedisServer, copy_dir},
+};
+
+/// Redis, two nodes sharing it, their data in a temporary directory.
+struct Nodes {
+    redis: RedisServer,
+    a: ServerProcess,
+    b: ServerProcess,
+    _dir: tempfile::TempDir,
+}
+
+impl Nodes {
+    fn start() -> Self {
+        let redis = RedisServer::start_durable().expect("redis-server starts");
+        Self::on(redis, None)
+    }
+
+    /// Node A reaches Redis at `a_redis` if given (a relay the test can cut), node B directly.
+    fn on(redis: RedisServer, a_redis: Option<&str>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let args = |url: &str, node: &str| -> Vec<String> {
+            vec![
+                "--redis-url".into(),
+                url.into(),
+                "--node-name".into(),
+                node.into(),
+            ]
+        };
+        let a_args = args(a_redis.unwrap_or(&redis.url), "node-a");
+        let a = ServerProcess::start(
+            &dir.path().join("a"),
+            &a_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        // Every node needs the same CA, device-credential key and admin key.
+        copy_dir(a.data_dir(), &dir.path().join("b")).unwrap();
+        let b_args = args(&redis.url, "node-b");
+        let b = ServerProcess::start(
+            &dir.path().join("b"),
+            &b_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        Self {
+            redis,
+            a,
+            b,
+            _dir: dir,
+        }
+    }
+
+    async fn issue_all(&self, n: usize) -> Vec<(String, String)> {
+        let mut admin = self.b.api().await.admin();
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let id = format!("phone-{i:04}");
+            let credential = admin
+                .issue_device_credential(IssueDeviceCredentialRequest {
+                    device_id: id.clone(),
+                    groups: vec!["all".into()],
+                    valid_days: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .credential;
+            out.push((id, credential));
+        }
+        out
+    }
+}
+
+/// What the apps saw, all phones together.
+#[derive(Default)]
+struct Apps {
+    /// Message id -> phone -> times the app was shown it.
+    shown: Mutex<HashMap<String, HashMap<String, u32>>>,
+    online: AtomicUsize,
+    /// When each phone last came online.
+    connected_at: Mutex<HashMap<String, Instant>>,
+}
+
+struct Phone {
+    id: String,
+    apps: Arc<Apps>,
+    online: std::sync::atomic::AtomicBool,
+}
+
+impl EventHandler for Phone {
+    fn on_event(&self, event: Event) {
+        match event {
+            Event::State(State::Connected { .. }) => {
+                if !self.online.swap(true, Ordering::AcqRel) {
+                    self.apps.online.fetch_add(1, Ordering::AcqRel);
+                    self.apps
+                        .connected_at
+                        .lock()
+                        .insert(self.id.clone(), Instant::now());
+                }
+            }
+            Event::State(_) => {
+                if self.online.swap(false, Ordering::AcqRel) {
+                    self.apps.online.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            Event::Message(m) => {
+                *self
+                    .apps
+                    .shown
+                    .lock()
+                    .entry(m.id)
+                    .or_default()
+                    .entry(self.id.clone())
+                    .or_default() += 1;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Start one SDK client per credential against `addr`; returns once all are online.
+async fn phones(
+    registry: &Registry,
+    apps: &Arc<Apps>,
+    creds: &[(String, String)],
+    addr: std::net::SocketAddr,
+    ca: &str,
+) -> Vec<mobile_sdk::Client> {
+    let mut clients = Vec::new();
+    for (i, (id, credential)) in creds.iter().enumerate() {
+        let mut config = ClientConfig::new(
+            addr.ip().to_string(),
+            addr.port(),
+            id.clone(),
+            credential.clone(),
+            Trust::ca(ca.to_string()),
+        );
+        config.server_name = e2e::SERVER_NAME.into();
+        config.jitter_seed = Some(i as u64);
+        let phone = Arc::new(Phone {
+            id: id.clone(),
+            apps: apps.clone(),
+            online: Default::default(),
+        });
+        let client = registry.client(config, phone).expect("client");
+        client.start().await.expect("start");
+        clients.push(client);
+    }
+    until("every phone online", Duration::from_secs(60), || {
+        apps.online.load(Ordering::Acquire) >= creds.len()
+    })
+    .await;
+    clients
+}
+
+/// Poll `done` until it holds (the phones and nodes are other tasks and processes).
+async fn until(what: &str, limit: Duration, done: impl Fn() -> bool) -> Duration {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
+/// Send one message to the group `all`, retrying while no node can route it (a real sender
+/// retries an UNAVAILABLE with the same id, which the server answers idempotently).
+async fn broadcast(node: &ServerProcess, id: &str) {
+    let mut sender = node.api().await.sender();
+    let started = Instant::now();
+    loop {
+        let r = sender
+            .send_message(SendMessageRequest {
+                target: Some(Target {
+                    kind: Some(target::Kind::Group("all".into())),
+                }),
+                body: id.into(),
+                message_id: id.into(),
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(_) => return,
+            Err(e) if e.code() == tonic::Code::Unavailable && started.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("send {id}: {e}"),
+        }
+    }
+}
+
+/// Lost: (message, phone) pairs never shown; duplicated: shown more than once.
+fn tally(apps: &Apps, ids: &[String], phones: &[(String, String)]) -> (usize, usize) {
+    let shown = apps.shown.lock();
+    let (mut lost, mut duplicated) = (0, 0);
+    for id in ids {
+        for (phone, _) in phones {
+            match shown.get(id).and_then(|m| m.get(phone)) {
+                None => lost += 1,
+                Some(n) if *n > 1 => duplicated += 1,
+                Some(_) => {}
+            }
+        }
+    }
+    (lost, duplicated)
+}
+
+fn delivered_all(apps: &Apps, ids: &[String], phones: &[(String, String)]) -> bool {
+    tally(apps, ids, phones).0 == 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_node_during_traffic_moves_its_phones_and_loses_or_repeats_nothing() {
+    const PHONES: usize = 400;
+    const ROUNDS: usize = 10;
+    let mut nodes = Nodes::start();
+    let creds = nodes.issue_all(PHONES).await;
+    let balancer = Balancer::start(vec![nodes.a.device_addr, nodes.b.device_addr])
+        .await
+        .unwrap();
+    let apps = Arc::new(Apps::default());
+    let registry = Registry::new(tokio::runtime::Handle::current());
+    let _clients = phones(&registry, &apps, &creds, balancer.addr, &nodes.a.ca_pem()).await;
+    let mut ids = Vec::new();
+    let mut killed_at = None;
+    for round in 0..ROUNDS {
+        let id = format!("round-{round}");
+        broadcast(&nodes.b, &id).await;
+        ids.push(id);
+        if round == 3 {
+            // Node A holds every phone (the balancer prefers it): kill it mid-traffic.
+            nodes.a.kill();
+            killed_at = Some(Instant::now());
+        }
+    }
+    let killed_at = killed_at.unwrap();
+    until(
+        "every phone back online on node B",
+        Duration::from_secs(90),
+        || {
+            apps.online.load(Ordering::Acquire) == PHONES
+                && apps.connected_at.lock().values().all(|t| *t > killed_at)
+        },
+    )
+    .await;
+    let back: Vec<Duration> = apps
+        .connected_at
+        .lock()
+        .values()
+        .map(|t| t.duration_since(killed_at))
+        .collect();
+    let (first_back, all_back) = (back.iter().min().copied(), back.iter().max().copied());
+    until("every message shown", Duration::from_secs(60), || {
+        delivered_all(&apps, &ids, &creds)
+    })
+    .await;
+    let (lost, duplicated) = tally(&apps, &ids, &creds);
+    println!(
+        "kill -9 of node A with {PHONES} phones on it, {ROUNDS} group messages sent on node B \
+         ({} deliveries): first phone back after {first_back:?}, all back after {all_back:?}, \
+         lost {lost}, shown twice {duplicated}",
+        PHONES * ROUNDS,
+    );
+    assert_eq!((lost, duplicated), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_during_traffic_loses_and_repeats_nothing() {
+    const PHONES: usize = 100;
+    const ROUNDS: usize = 8;
+    let mut nodes = Nodes::start();
+    let creds = nodes.issue_all(PHONES).await;
+    let apps = Arc::new(Apps::default());
+    let registry = Registry::new(tokio::runtime::Handle::current());
+    // Half the phones on each node.
+    let (on_a, on_b) = creds.split_at(PHONES / 2);
+    let ca = nodes.a.ca_pem();
+    let mut clients = phones(&registry, &apps, on_a, nodes.a.device_addr, &ca).await;
+    clients.extend(phones(&registry, &apps, on_b, nodes.b.device_addr, &ca).await);
+    let mut ids = Vec::new();
+    let mut outage = Duration::ZERO;
+    for round in 0..ROUNDS {
+        let id = format!("round-{round}");
+        broadcast(&nodes.a, &id).await;
+        ids.push(id);
+        if round == 3 {
+            let down = Instant::now();
+            nodes.redis.kill();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            nodes
+                .redis
+                .restart(true)
+                .expect("redis-server restarts with its data");
+            outage = down.elapsed();
+        }
+    }
+    let waited = until("every message shown", Duration::from_secs(60), || {
+        delivered_all(&apps, &ids, &creds)
+    })
+    .await;
+    let (lost, duplicated) = tally(&apps, &ids, &creds);
+    println!(
+        "redis kill -9 and restart ({outage:?} down) with {PHONES} phones on two nodes, {ROUNDS} \
+         group messages: all shown {waited:?} after the last send, lost {lost}, shown twice {duplicated}"
+    );
+    assert_eq!((lost, duplicated), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_redis_keeps_its_phones_and_catches_up_when_the_link_returns() {
+    const PHONES: usize = 50;
+    let redis = RedisServer::start_durable().expect("redis-server starts");
+    let port = redis.port;
+    let link = Balancer::start(vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))])
+        .await
+        .unwrap();
+    let url = format!("redis://{}/0", link.addr);
+    let nodes = Nodes::on(redis, Some(&url));
+    let creds = nodes.issue_all(PHONES).await;
+    let apps = Arc::new(Apps::default());
+    let registry = Registry::new(tokio::runtime::Handle::current());
+    let _clients = phones(&registry, &apps, &creds, nodes.a.device_addr, &nodes.a.ca_pem()).await;
+    link.cut();
+    let cut_at = Instant::now();
+    // Node B still reaches Redis: it takes the messages into the phones' inboxes.
+    let ids: Vec<String> = (0..3).map(|r| format!("while-cut-{r}")).collect();
+    for id in &ids {
+        broadcast(&nodes.b, id).await;
+    }
+    let online_during_cut = apps.online.load(Ordering::Acquire);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    link.heal();
+    let caught_up = until(
+        "every message shown after the link returns",
+        Duration::from_secs(60),
+        || delivered_all(&apps, &ids, &creds),
+    )
+    .await;
+    let (lost, duplicated) = tally(&apps, &ids, &creds);
+    println!(
+        "node A cut off from Redis for {:?} with {PHONES} phones: {online_during_cut} stayed online, \
+         all messages shown {caught_up:?} after the link returned, lost {lost}, shown twice {duplicated}",
+        cut_at.elapsed() - caught_up
+    );
+    assert_eq!(
+        online_during_cut, PHONES,
+        "the phones' sessions do not depend on Redis"
+    );
+    assert_eq!((lost, duplicated), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_logins_of_one_device_on_two_nodes_at_once_leave_one_session() {
+    let nodes = Nodes::start();
+    let credential = nodes.a.issue("phone-1").await;
+    let (first, second) = tokio::join!(nodes.a.connect(&credential, 0), nodes.b.connect(&credential, 0));
+    let (mut on_a, mut on_b) = (first.expect("login on A"), second.expect("login on B"));
+    let sent = nodes.a.send_text("phone-1", "m1", "who has it?").await;
+    // Exactly one session survives; the other is told it was replaced.
+    let (a, b) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(10), on_a.next_push()),
+        tokio::time::timeout(Duration::from_secs(10), on_b.next_push())
+    );
+    let outcome = |r: Result<Result<push_proto::device::Push, ClientError>, _>| match r {
+        Ok(Ok(p)) => Ok(p.id),
+        Ok(Err(ClientError::Goodbye { reason, .. })) => Err(reason),
+        other => panic!("neither a push nor a goodbye: {other:?}"),
+    };
+    let (a, b) = (outcome(a), outcome(b));
+    println!("two logins at once: node A {a:?}, node B {b:?}");
+    match (a, b) {
+        (Ok(id), Err(GoodbyeReason::Replaced)) | (Err(GoodbyeReason::Replaced), Ok(id)) => {
+            assert_eq!(id, sent.message_id)
+        }
+        other => panic!("exactly one session must survive: {other:?}"),
+    }
+}
