@@ -112,17 +112,18 @@ struct Phone {
 impl EventHandler for Phone {
     fn on_event(&self, event: Event) {
         match event {
-            Event::State(State::Connected { .. }) => {
-                if !self.online.swap(true, Ordering::AcqRel) {
+            Event::State(state) => {
+                let online = matches!(state, State::Connected { .. });
+                if self.online.swap(online, Ordering::AcqRel) == online {
+                    return;
+                }
+                if online {
                     self.apps.online.fetch_add(1, Ordering::AcqRel);
                     self.apps
                         .connected_at
                         .lock()
                         .insert(self.id.clone(), Instant::now());
-                }
-            }
-            Event::State(_) => {
-                if self.online.swap(false, Ordering::AcqRel) {
+                } else {
                     self.apps.online.fetch_sub(1, Ordering::AcqRel);
                 }
             }
