@@ -53,6 +53,9 @@ pub(super) struct Link {
     ownership: tokio::sync::Mutex<()>,
     /// What the last heartbeat learned, for health checks and the dashboard.
     health: parking_lot::Mutex<ClusterHealth>,
+    /// An inbox may hold commands nobody applied (a drain failed, or hints were lost while the
+    /// subscription was down): the next sweep tick drains every device held here.
+    redrain: std::sync::atomic::AtomicBool,
 }
 
 /// The cluster as this node last saw it.
@@ -68,6 +71,9 @@ pub struct ClusterHealth {
     pub redis_error: String,
     /// Every node that ever joined, with whether its heartbeat is current.
     pub nodes: Vec<(String, bool)>,
+    /// Unix ms this node last found Redis empty or replaced (0: never): devices held nowhere,
+    /// API keys and receipts from before then must be restored from a backup.
+    pub redis_data_lost_ms: i64,
 }
 
 impl Link {
@@ -81,6 +87,7 @@ impl Link {
                 ..ClusterHealth::default()
             }),
             ownership: tokio::sync::Mutex::new(()),
+            redrain: std::sync::atomic::AtomicBool::new(false),
             redis,
         }
     }
@@ -326,14 +333,30 @@ impl Hub {
         if self.device(device_id).is_none() {
             return;
         }
-        if let Err(e) = self.drain_locked(link, device_id).await {
-            tracing::warn!(device = device_id, error = %e, "inbox not applied");
+        match self.drain_locked(link, device_id).await {
+            Ok(()) => {}
+            // Redis came back empty: this node's state is now the only copy; the next heartbeat
+            // finds the new epoch and writes it back (`reseed`).
+            Err(e @ StoreError::Lost(_)) => {
+                tracing::warn!(device = device_id, error = %e, "inbox not applied; re-seeding at the next heartbeat");
+            }
+            Err(e) => {
+                // What the drain applied in memory is not stored: drop the device here so its
+                // next holder (the phone reconnects) loads the truth and applies the inbox again.
+                tracing::warn!(device = device_id, error = %e, "inbox not applied; the device is reloaded");
+                self.let_go(
+                    device_id,
+                    GoodbyeReason::Reconnect,
+                    "the cluster store failed; reconnect",
+                );
+                link.redrain.store(true, std::sync::atomic::Ordering::Release);
+            }
         }
     }
 
     /// Another node took the device, or a write about it was fenced: drop it here and end its
     /// session (the phone is, or will be, on the other node).
-    pub(super) fn let_go(&self, device_id: &str, why: &str) {
+    pub(super) fn let_go(&self, device_id: &str, reason: GoodbyeReason, why: &str) {
         let Some(link) = self.link() else { return };
         link.redis.forget(device_id);
         let Some(device) = self.0.devices.write().remove(device_id) else {
@@ -343,7 +366,7 @@ impl Hub {
         let timers: Vec<_> = slot.core.timers().collect();
         self.0.timers.lock().remove_all(timers);
         if let (Some(ctl), Some(s)) = (slot.ctl.take(), slot.core.session) {
-            ctl.stop(GoodbyeReason::Replaced, why);
+            ctl.stop(reason, why);
             self.presence_offline(&slot.core.record, s.id, why, self.now());
         }
         tracing::info!(device = device_id, reason = why, "device let go");
@@ -469,9 +492,23 @@ impl Hub {
         }
     }
 
+    /// Drain every held device's inbox, if one may hold commands nobody applied.
+    async fn redrain(&self) {
+        let Some(link) = self.link() else { return };
+        if !link.redrain.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let held: Vec<String> = self.0.devices.read().keys().cloned().collect();
+        tracing::debug!(devices = held.len(), "re-draining every inbox held here");
+        for device in held {
+            self.drain(&device).await;
+        }
+    }
+
     /// Claim, apply and let go of the devices whose deadlines passed while nobody held them.
     async fn sweep(&self) {
         let Some(link) = self.link() else { return };
+        self.redrain().await;
         let due = match timed("due", link.redis.due(self.now(), SWEEP_BATCH)).await {
             Ok(due) => due,
             Err(e) => {
@@ -498,6 +535,13 @@ impl Hub {
             Ok(()) => timed("nodes", link.redis.nodes()).await,
             Err(e) => Err(e),
         };
+        if result.is_ok() {
+            match timed("epoch", link.redis.current_epoch()).await {
+                Ok(Some(epoch)) if epoch == self.epoch() => {}
+                Ok(_) => self.reseed(link).await,
+                Err(e) => tracing::warn!(error = %e, "epoch check failed"),
+            }
+        }
         let mut health = link.health.lock();
         match result {
             Ok(nodes) => {
@@ -521,13 +565,76 @@ impl Hub {
         crate::observe::metrics::redis_health(health.redis_up, alive);
     }
 
+    /// Redis came back empty (or was replaced): adopt its new epoch and write back what this
+    /// node holds, so none of its devices' queued pushes is lost. Each device's session is then
+    /// told to reconnect: with the new epoch its floor is untrusted, so whatever it may not have
+    /// seen is numbered above it and delivered (the SDK drops what it already showed, by id).
+    async fn reseed(&self, link: &Link) {
+        let epoch = match link.redis.adopt_new_epoch().await {
+            Ok(e) => e,
+            Err(e) => return tracing::warn!(error = %e, "cannot adopt a new epoch"),
+        };
+        let old = self.0.epoch.swap(epoch, std::sync::atomic::Ordering::AcqRel);
+        tracing::error!(
+            old_epoch = old,
+            new_epoch = epoch,
+            "redis lost its data (restarted empty or replaced): re-seeding the devices held here; \
+             devices held by no node, API keys and receipts must be restored from a backup"
+        );
+        crate::observe::metrics::cluster("redis_data_lost");
+        link.health.lock().redis_data_lost_ms = self.now();
+        let _owner = link.ownership.lock().await;
+        let held: Vec<String> = self.0.devices.read().keys().cloned().collect();
+        for device_id in held {
+            let Some(device) = self.device(&device_id) else {
+                continue;
+            };
+            let (record, mut ops, earliest) = {
+                let slot = device.lock();
+                let core = &slot.core;
+                let mut ops = vec![
+                    crate::store::Op::PutDevice(core.record.clone()),
+                    crate::store::Op::PutSeqCeiling {
+                        device_id: device_id.clone(),
+                        ceiling: core.next_seq,
+                    },
+                ];
+                ops.extend(
+                    core.outbox
+                        .values()
+                        .map(|q| crate::store::Op::PutPush((*q.push).clone())),
+                );
+                let earliest = core.outbox.values().map(|q| q.push.expires_at_ms).min();
+                (core.record.clone(), ops, earliest)
+            };
+            let restored = async {
+                link.redis.create_device(&record).await?;
+                match link.redis.claim(&device_id, true).await? {
+                    Claimed::Mine { .. } => {}
+                    _ => return Err(StoreError::Redis("the device could not be claimed".into())),
+                }
+                crate::store::commit(&*self.0.store, std::mem::take(&mut ops)).await?;
+                link.redis.release(&device_id, earliest).await
+            };
+            if let Err(e) = restored.await {
+                tracing::error!(device = %device_id, error = %e, "device not re-seeded");
+            }
+            let why = "the cluster store lost its data; reconnect to resync";
+            self.let_go(&device_id, GoodbyeReason::Reconnect, why);
+        }
+    }
+
     /// What Redis pub/sub told this node.
     async fn heard(&self, heard: Heard) {
         match heard {
             Heard::Inbox(device) => self.drain(&device).await,
             Heard::Kick(device) => {
                 crate::observe::metrics::cluster("kicked");
-                self.let_go(&device, "the device logged in on another node");
+                self.let_go(
+                    &device,
+                    GoodbyeReason::Replaced,
+                    "the device logged in on another node",
+                );
             }
             Heard::Receipt(r) => {
                 let key = r.id.clone();
@@ -542,10 +649,10 @@ impl Hub {
             },
             Heard::Resubscribed => {
                 // Hints sent while the subscription was down are lost: look at every inbox.
-                let held: Vec<String> = self.0.devices.read().keys().cloned().collect();
-                for device in held {
-                    self.drain(&device).await;
+                if let Some(link) = self.link() {
+                    link.redrain.store(true, std::sync::atomic::Ordering::Release);
                 }
+                self.redrain().await;
             }
         }
     }

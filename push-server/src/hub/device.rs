@@ -291,6 +291,15 @@ impl DeviceCore {
         self.session.is_some()
     }
 
+    /// The batch reserving numbers below `ceiling` failed: reserve again with the next push
+    /// (numbers already handed out in memory are never reused: numbering continues from
+    /// `next_seq`).
+    pub(super) fn reservation_failed(&mut self, ceiling: u64) {
+        if self.ceiling == ceiling {
+            self.ceiling = self.durable_ceiling;
+        }
+    }
+
     /// Queue one item. On refusal the sender's undeliverable receipt is in the effects.
     pub(super) fn enqueue(&mut self, fx: &mut Effects, cx: Ctx, item: &Item) -> Result<u64, &'static str> {
         let result = self.try_enqueue(fx, cx, item);

@@ -77,8 +77,9 @@ struct Inner {
     devices: RwLock<HashMap<String, Arc<Mutex<Slot>>>>,
     groups: RwLock<HashMap<String, BTreeSet<String>>>,
     store: Arc<dyn Store>,
-    /// The store's epoch, sent in every `ServerHello` (see `device.proto`).
-    epoch: u64,
+    /// The store's epoch, sent in every `ServerHello` (see `device.proto`). Changes only in
+    /// cluster mode, when Redis lost its data.
+    epoch: std::sync::atomic::AtomicU64,
     limits: Limits,
     clock: Arc<dyn Clock>,
     presence: bus::Bus<PresenceEvent>,
@@ -174,7 +175,7 @@ impl Hub {
             devices: RwLock::new(devices),
             groups: RwLock::new(groups),
             store,
-            epoch: snapshot.epoch,
+            epoch: snapshot.epoch.into(),
             presence: bus::Bus::new(4096),
             receipts: bus::Bus::new(16 * 1024),
             timers: Mutex::new(timers),
@@ -193,7 +194,7 @@ impl Hub {
 
     /// The store's epoch, for `ServerHello.epoch`.
     pub fn epoch(&self) -> u64 {
-        self.0.epoch
+        self.0.epoch.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The limits in force.
@@ -220,7 +221,7 @@ impl Hub {
     fn ctx(&self) -> Ctx {
         Ctx {
             now: self.now(),
-            epoch: self.0.epoch,
+            epoch: self.epoch(),
             voip: self.0.bridge.is_some(),
             max_queued: self.0.limits.max_queued_per_device,
             ack_window_ms: self.0.limits.call_ack_window_ms as i64,
@@ -377,10 +378,18 @@ impl Hub {
                 }
                 Err(StoreError::Fenced(device)) => {
                     metrics::cluster("fenced");
-                    self.let_go(&device, "the device is held by another node");
+                    let why = "the device is held by another node";
+                    self.let_go(&device, push_proto::device::GoodbyeReason::Replaced, why);
                     result = Err(StoreError::Fenced(device));
                 }
-                Err(e) => result = Err(e),
+                Err(e) => {
+                    for (device_id, ceiling) in p.reserved {
+                        if let Some(device) = self.device(&device_id) {
+                            device.lock().core.reservation_failed(ceiling);
+                        }
+                    }
+                    result = Err(e);
+                }
             }
         }
         result

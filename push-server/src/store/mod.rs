@@ -87,6 +87,10 @@ pub enum StoreError {
     /// was lost); nothing of the batch was applied.
     #[error("device {0} is held by another node")]
     Fenced(String),
+    /// Cluster mode: Redis lost its data (restarted empty, or replaced): this node's lease on
+    /// the device is gone. Nothing of the batch was applied; the node re-seeds what it holds.
+    #[error("redis lost its data: {0}")]
+    Lost(String),
     /// Cluster mode: Redis cannot be reached or refused the request.
     #[error("redis: {0}")]
     Redis(String),

@@ -215,8 +215,15 @@ static APPLY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{LUA_HELPERS}{}",
         r#"
-if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return redis.error_reply('FENCED lease lost')
+if ARGV[1] ~= '' then
+  local lease = redis.call('GET', KEYS[1])
+  if not lease then
+    -- Leases never expire: a missing one means Redis lost its data, not that a node took over.
+    return redis.error_reply('LOST lease missing; redis lost its data')
+  end
+  if lease ~= ARGV[1] then
+    return redis.error_reply('FENCED lease lost')
+  end
 end
 local function varint(s, i)
   local v, mul = 0, 1
@@ -454,14 +461,41 @@ return 1
     )
 });
 
+/// How the store's connections behave when Redis is slow or gone: a request fails after a
+/// second instead of waiting through the crate's reconnection retries, so a node reports the
+/// outage (health, a refused send) at once; the manager keeps reconnecting in the background.
+fn manager_config() -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(std::time::Duration::from_secs(1)))
+        .set_response_timeout(Some(std::time::Duration::from_secs(1)))
+        .set_number_of_retries(1)
+        .set_max_delay(std::time::Duration::from_millis(500))
+}
+
 fn redis_err(e: RedisError) -> StoreError {
+    // Refused, or written to a connection Redis had already closed (it restarted): nothing
+    // reached it, so the writer may retry (see `Writer::run`). A reset or an end of stream may
+    // come after Redis ran the request: never retried.
+    let broken_pipe = e.is_io_error() && e.to_string().to_lowercase().contains("broken pipe");
+    if e.is_connection_refusal() || broken_pipe {
+        return StoreError::Redis(format!("{UNREACHABLE}{e}"));
+    }
     StoreError::Redis(e.to_string())
+}
+
+/// How [`redis_err`] marks a request that never reached Redis.
+const UNREACHABLE: &str = "unreachable: ";
+
+/// Whether `result` failed without reaching Redis at all.
+fn unreachable(result: &Result<(), StoreError>) -> bool {
+    matches!(result, Err(StoreError::Redis(m)) if m.starts_with(UNREACHABLE))
 }
 
 /// A script's error reply, mapped: `FENCED` (the lease check), `CORRUPT` (an unreadable row).
 fn script_err(device: &str, e: RedisError) -> StoreError {
     match e.code() {
         Some("FENCED") => StoreError::Fenced(device.to_string()),
+        Some("LOST") => StoreError::Lost(format!("the lease of {device} is missing")),
         Some("CORRUPT") => StoreError::Corrupt {
             table: "redis device",
             detail: format!("{device}: {e}"),
@@ -580,6 +614,8 @@ struct Job {
 /// What the writer needs besides its connection.
 struct Writer {
     conn: ConnectionManager,
+    /// Steps of the current batch that Redis applied (a batch is retried only if none was).
+    steps_applied: usize,
     fenced: bool,
     retention_ms: Arc<AtomicU64>,
 }
@@ -590,7 +626,16 @@ impl Writer {
     async fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Job>) {
         while let Some(job) = jobs.recv().await {
             let started = std::time::Instant::now();
-            let result = self.apply(job.ops, &job.fences).await;
+            let mut result = self.apply(job.ops.clone(), &job.fences).await;
+            // Just after Redis returns, the connection is re-established on demand and the first
+            // requests are refused: retry for a second a batch none of whose steps reached Redis.
+            for _ in 0..10 {
+                if !unreachable(&result) || self.steps_applied > 0 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                result = self.apply(job.ops.clone(), &job.fences).await;
+            }
             if let Err(e) = &result {
                 tracing::debug!(error = %e, "redis batch failed");
             }
@@ -603,7 +648,21 @@ impl Writer {
 
     async fn apply(&mut self, ops: Vec<Op>, fences: &HashMap<String, String>) -> Result<(), StoreError> {
         let retention = self.retention_ms.load(Ordering::Relaxed);
+        self.steps_applied = 0;
         for step in plan(ops) {
+            self.apply_step(step, fences, retention).await?;
+            self.steps_applied += 1;
+        }
+        Ok(())
+    }
+
+    async fn apply_step(
+        &mut self,
+        step: Step,
+        fences: &HashMap<String, String>,
+        retention: u64,
+    ) -> Result<(), StoreError> {
+        {
             match step {
                 Step::Device(device, ops) => {
                     let fence = if self.fenced {
@@ -786,7 +845,7 @@ impl Writer {
 pub struct RedisStore {
     node: String,
     fenced: bool,
-    epoch: u64,
+    epoch: AtomicU64,
     client: redis::Client,
     /// Commands outside the writer's order (claims, forwards, listings).
     conn: ConnectionManager,
@@ -810,7 +869,10 @@ impl RedisStore {
     /// none. `fenced`: device ops need a claimed token (cluster mode).
     pub async fn connect(url: &str, node: &str, fenced: bool) -> Result<Arc<Self>, StoreError> {
         let client = redis::Client::open(url).map_err(redis_err)?;
-        let mut conn = client.get_connection_manager().await.map_err(redis_err)?;
+        let mut conn = client
+            .get_connection_manager_with_config(manager_config())
+            .await
+            .map_err(redis_err)?;
         let drawn = rand::random::<u64>() % ((1 << 53) - 1) + 1;
         redis::cmd("SET")
             .arg(EPOCH)
@@ -844,11 +906,15 @@ impl RedisStore {
                     }
                 };
                 runtime.block_on(async move {
-                    match writer_client.get_connection_manager().await {
+                    match writer_client
+                        .get_connection_manager_with_config(manager_config())
+                        .await
+                    {
                         Ok(conn) => {
                             let _ = ready_tx.send(Ok(()));
                             let writer = Writer {
                                 conn,
+                                steps_applied: 0,
                                 fenced,
                                 retention_ms: writer_retention,
                             };
@@ -868,7 +934,7 @@ impl RedisStore {
         Ok(Arc::new(Self {
             node: node.to_string(),
             fenced,
-            epoch,
+            epoch: AtomicU64::new(epoch),
             client,
             conn,
             reader: Mutex::new(None),
@@ -891,10 +957,30 @@ impl RedisStore {
         &self.node
     }
 
-    /// The epoch this store was opened with. Redis may have been replaced since: see
-    /// [`RedisStore::current_epoch`].
+    /// The epoch this store was opened with, or adopted since. Redis may have been replaced
+    /// since: see [`RedisStore::current_epoch`].
     pub fn epoch(&self) -> u64 {
-        self.epoch
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Redis lost its data: draw a new epoch (or take the one another node drew first).
+    pub async fn adopt_new_epoch(&self) -> Result<u64, StoreError> {
+        let drawn = rand::random::<u64>() % ((1 << 53) - 1) + 1;
+        let mut conn = self.conn();
+        redis::cmd("SET")
+            .arg(EPOCH)
+            .arg(drawn)
+            .arg("NX")
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        let epoch: u64 = redis::cmd("GET")
+            .arg(EPOCH)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        self.epoch.store(epoch, Ordering::Release);
+        Ok(epoch)
     }
 
     /// The epoch Redis holds now (`None`: Redis lost it, so it came back empty).
@@ -1389,7 +1475,7 @@ impl Store for RedisStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         if self.fenced {
             return Ok(Snapshot {
-                epoch: self.epoch,
+                epoch: self.epoch(),
                 ..Snapshot::default()
             });
         }
@@ -1397,7 +1483,7 @@ impl Store for RedisStore {
         let mut items = into_array("load", reply)?.into_iter();
         let mut next = || items.next().unwrap_or(Value::Nil);
         let epoch = match next() {
-            Value::BulkString(b) if b.is_empty() => self.epoch,
+            Value::BulkString(b) if b.is_empty() => self.epoch(),
             value => into_u64("load epoch", value)?,
         };
         let mut devices = into_array("load", next())?
