@@ -483,6 +483,23 @@ fn redis_err(e: RedisError) -> StoreError {
     StoreError::Redis(e.to_string())
 }
 
+/// The epoch Redis holds, drawn at random (non-zero, below 2^53) by whichever node asks first.
+async fn ensure_epoch(conn: &mut ConnectionManager) -> Result<u64, StoreError> {
+    let drawn = rand::random::<u64>() % ((1 << 53) - 1) + 1;
+    redis::cmd("SET")
+        .arg(EPOCH)
+        .arg(drawn)
+        .arg("NX")
+        .query_async::<()>(&mut *conn)
+        .await
+        .map_err(redis_err)?;
+    redis::cmd("GET")
+        .arg(EPOCH)
+        .query_async(conn)
+        .await
+        .map_err(redis_err)
+}
+
 /// How [`redis_err`] marks a request that never reached Redis.
 const UNREACHABLE: &str = "unreachable: ";
 
@@ -873,19 +890,7 @@ impl RedisStore {
             .get_connection_manager_with_config(manager_config())
             .await
             .map_err(redis_err)?;
-        let drawn = rand::random::<u64>() % ((1 << 53) - 1) + 1;
-        redis::cmd("SET")
-            .arg(EPOCH)
-            .arg(drawn)
-            .arg("NX")
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(redis_err)?;
-        let epoch: u64 = redis::cmd("GET")
-            .arg(EPOCH)
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_err)?;
+        let epoch = ensure_epoch(&mut conn).await?;
 
         // The writer runs on a thread of its own with its own runtime and connection, so that
         // `close` (synchronous, maybe called from a runtime thread, or on drop) can wait for it
@@ -965,20 +970,7 @@ impl RedisStore {
 
     /// Redis lost its data: draw a new epoch (or take the one another node drew first).
     pub async fn adopt_new_epoch(&self) -> Result<u64, StoreError> {
-        let drawn = rand::random::<u64>() % ((1 << 53) - 1) + 1;
-        let mut conn = self.conn();
-        redis::cmd("SET")
-            .arg(EPOCH)
-            .arg(drawn)
-            .arg("NX")
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(redis_err)?;
-        let epoch: u64 = redis::cmd("GET")
-            .arg(EPOCH)
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_err)?;
+        let epoch = ensure_epoch(&mut self.conn()).await?;
         self.epoch.store(epoch, Ordering::Release);
         Ok(epoch)
     }
