@@ -502,6 +502,59 @@ pub async fn latency(
     Ok(table)
 }
 
+/// Cluster mode: phones on node B; messages sent on node A (each crosses nodes through Redis),
+/// then on node B (the phone's own node, still writing through Redis).
+pub async fn cluster(env: &Env, devices: usize, rates: &[f64], seconds: f64, payload: usize) -> anyhow::Result<Table> {
+    let mut table = Table::default();
+    let body: Arc<str> = "x".repeat(payload).into();
+    let redis = push_server::testing::RedisServer::start_durable()?;
+    let args = |node: &str| -> Vec<String> {
+        vec!["--redis-url".into(), redis.url.clone(), "--node-name".into(), node.into()]
+    };
+    println!("== push-server cluster: two nodes, one redis-server (appendfsync always), {devices} devices on node B");
+    let a = PushServer::start(&env.server_bin, &args("node-a")).await?;
+    let b = PushServer::start_from(&env.server_bin, &args("node-b"), Some(&a.data_dir())).await?;
+    let creds = a.target.register(devices).await?;
+    let mut fleet = Fleet::new(b.target.device_addr, &b.target.ca);
+    fleet.add(creds.into_iter().enumerate())?;
+    let took = fleet.start_paced(0..devices, WINDOW, CONNECT_TIMEOUT).await?;
+    println!("  {devices} sessions on node B in {:.1} s", took.as_secs_f64());
+    let rec = fleet.rec.clone();
+    for (label, node) in [("sender on node A, phone on node B", &a), ("sender and phone on node B", &b)] {
+        let sender = Sender::Push(Box::new(node.target.clone()), body.clone());
+        let warm = run_rate(&sender, &rec, devices, 500.0, 500, 7).await?;
+        if warm.received < warm.sent {
+            bail!("cluster warm-up lost {} of {} messages", warm.sent - warm.received, warm.sent);
+        }
+        for &rate in rates {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let n = (rate * seconds).round() as usize;
+            let run = run_rate(&sender, &rec, devices, rate, n, 42).await?;
+            println!(
+                "  {label}, {rate:.0}/s: {} sent, {} received, {} failed; delivery {}",
+                run.sent,
+                run.received,
+                run.failed,
+                run.latency.line()
+            );
+            table.row(
+                "push-server cluster",
+                format!("{label}: {rate:.0} msg/s to random devices of {devices}"),
+                format!(
+                    "p50 {:.3} / p99 {:.3} / p99.9 {:.3} / max {:.3} ms; {:.0} msg/s delivered; {} lost",
+                    run.latency.p50,
+                    run.latency.p99,
+                    run.latency.p999,
+                    run.latency.max,
+                    run.throughput,
+                    run.sent - run.received
+                ),
+            );
+        }
+    }
+    Ok(table)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Push-server only: calls, reconnect storms, fan-out
 

@@ -74,6 +74,20 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         payload: usize,
     },
+    /// Cluster mode: delivery latency from a sender on node A to phones on node B, and on one
+    /// node, two push-server nodes sharing a redis-server (AOF, fsync always).
+    Cluster {
+        #[arg(long, default_value_t = 2_000)]
+        devices: usize,
+        /// Messages per second.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        rates: Vec<f64>,
+        /// Seconds per rate.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 200)]
+        payload: usize,
+    },
     /// Call alert latency: PlaceCall -> invite callback, and -> ACKED seen by the caller.
     Call {
         #[arg(long, default_value_t = 10_000)]
@@ -167,6 +181,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => (
             "Delivery latency",
             bench::latency(&env, devices, &rates, seconds, payload).await?,
+        ),
+        Command::Cluster {
+            devices,
+            rates,
+            seconds,
+            payload,
+        } => (
+            "Cluster delivery latency",
+            bench::cluster(&env, devices, &rates, seconds, payload).await?,
         ),
         Command::Call {
             devices,

@@ -55,7 +55,16 @@ impl PushServer {
     /// Start `bin serve` on free loopback ports with `extra` arguments; returns once it is ready
     /// and its API answers.
     pub async fn start(bin: &Path, extra: &[String]) -> anyhow::Result<Self> {
+        Self::start_from(bin, extra, None).await
+    }
+
+    /// Like [`PushServer::start`], in a data directory that starts as a copy of `template`
+    /// (another cluster node's: the same CA and keys).
+    pub async fn start_from(bin: &Path, extra: &[String], template: Option<&Path>) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("push-loadgen-server").tempdir()?;
+        if let Some(from) = template {
+            push_server::testing::copy_dir(from, dir.path())?;
+        }
         let mut cmd = Command::new(bin);
         cmd.args([
             "serve",
