@@ -443,8 +443,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 })
                 .await?;
             println!(
-                "{:<24} {:<7} {:<16} {:>9} {:>6} {:<8} LAST DROP",
-                "DEVICE", "ONLINE", "SSID", "AGE(s)", "QUEUED", "VOIP"
+                "{:<24} {:<7} {:<16} {:>9} {:>6} {:<8} {:<12} LAST DROP",
+                "DEVICE", "ONLINE", "SSID", "AGE(s)", "QUEUED", "VOIP", "NODE"
             );
             for d in r.into_inner().devices {
                 let voip = match d.voip_token() {
@@ -453,7 +453,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     VoipTokenState::Invalid => "invalid",
                 };
                 println!(
-                    "{:<24} {:<7} {:<16} {:>9} {:>6} {:<8} {}",
+                    "{:<24} {:<7} {:<16} {:>9} {:>6} {:<8} {:<12} {}",
                     d.device_id,
                     if d.revoked {
                         "revoked"
@@ -466,6 +466,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     d.session_age_seconds,
                     d.queued,
                     voip,
+                    if d.node.is_empty() { "-" } else { &d.node },
                     d.last_disconnect_reason
                 );
             }

@@ -247,7 +247,10 @@ async fn open_hub(cfg: &Config, voip: Option<Arc<dyn VoipBridge>>) -> anyhow::Re
     if !cfg.cluster.redis_url.is_empty() {
         let redis = RedisStore::connect(&cfg.cluster.redis_url, &cfg.node_name, true)
             .await
-            .with_context(|| format!("cannot reach the cluster's Redis at {}", cfg.cluster.redis_url))?;
+            .with_context(|| {
+                let url = redact_userinfo(&cfg.cluster.redis_url);
+                format!("cannot reach the cluster's Redis at {url}")
+            })?;
         redis.set_receipt_retention(cfg.limits.receipt_retention_secs * 1000);
         tracing::info!(node = %cfg.node_name, epoch = redis.epoch(), "cluster node: state in Redis");
         let hub = Hub::new_cluster(redis.clone(), cfg.limits.clone(), voip, clock);
@@ -262,6 +265,14 @@ async fn open_hub(cfg: &Config, voip: Option<Arc<dyn VoipBridge>>) -> anyhow::Re
     );
     let hub = Hub::new(store.clone(), cfg.limits.clone(), snapshot, voip, clock);
     Ok((hub, store))
+}
+
+/// `url` without its user and password (`redis://:secret@host` -> `redis://***@host`), for logs.
+fn redact_userinfo(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}***{}", &url[..scheme + 3], &url[at..]),
+        _ => url.to_string(),
+    }
 }
 
 /// Create the data directory owner-only (0700) and an empty store file (0600) when missing: they
@@ -371,6 +382,15 @@ fn serve_api(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_redis_password_never_reaches_the_log() {
+        assert_eq!(
+            super::redact_userinfo("redis://:s3cret@redis.ward.local:6379/0"),
+            "redis://***@redis.ward.local:6379/0"
+        );
+        assert_eq!(super::redact_userinfo("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+    }
+
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
