@@ -504,14 +504,27 @@ pub async fn latency(
 
 /// Cluster mode: phones on node B; messages sent on node A (each crosses nodes through Redis),
 /// then on node B (the phone's own node, still writing through Redis).
-pub async fn cluster(env: &Env, devices: usize, rates: &[f64], seconds: f64, payload: usize) -> anyhow::Result<Table> {
+pub async fn cluster(
+    env: &Env,
+    devices: usize,
+    rates: &[f64],
+    seconds: f64,
+    payload: usize,
+) -> anyhow::Result<Table> {
     let mut table = Table::default();
     let body: Arc<str> = "x".repeat(payload).into();
     let redis = push_server::testing::RedisServer::start_durable()?;
     let args = |node: &str| -> Vec<String> {
-        vec!["--redis-url".into(), redis.url.clone(), "--node-name".into(), node.into()]
+        vec![
+            "--redis-url".into(),
+            redis.url.clone(),
+            "--node-name".into(),
+            node.into(),
+        ]
     };
-    println!("== push-server cluster: two nodes, one redis-server (appendfsync always), {devices} devices on node B");
+    println!(
+        "== push-server cluster: two nodes, one redis-server (appendfsync always), {devices} devices on node B"
+    );
     let a = PushServer::start(&env.server_bin, &args("node-a")).await?;
     let b = PushServer::start_from(&env.server_bin, &args("node-b"), Some(&a.data_dir())).await?;
     let creds = a.target.register(devices).await?;
@@ -520,11 +533,18 @@ pub async fn cluster(env: &Env, devices: usize, rates: &[f64], seconds: f64, pay
     let took = fleet.start_paced(0..devices, WINDOW, CONNECT_TIMEOUT).await?;
     println!("  {devices} sessions on node B in {:.1} s", took.as_secs_f64());
     let rec = fleet.rec.clone();
-    for (label, node) in [("sender on node A, phone on node B", &a), ("sender and phone on node B", &b)] {
+    for (label, node) in [
+        ("sender on node A, phone on node B", &a),
+        ("sender and phone on node B", &b),
+    ] {
         let sender = Sender::Push(Box::new(node.target.clone()), body.clone());
         let warm = run_rate(&sender, &rec, devices, 500.0, 500, 7).await?;
         if warm.received < warm.sent {
-            bail!("cluster warm-up lost {} of {} messages", warm.sent - warm.received, warm.sent);
+            bail!(
+                "cluster warm-up lost {} of {} messages",
+                warm.sent - warm.received,
+                warm.sent
+            );
         }
         for &rate in rates {
             tokio::time::sleep(Duration::from_secs(1)).await;

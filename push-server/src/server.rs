@@ -388,7 +388,10 @@ mod tests {
             super::redact_userinfo("redis://:s3cret@redis.ward.local:6379/0"),
             "redis://***@redis.ward.local:6379/0"
         );
-        assert_eq!(super::redact_userinfo("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+        assert_eq!(
+            super::redact_userinfo("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
     }
 
     use std::os::unix::fs::PermissionsExt;
