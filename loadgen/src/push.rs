@@ -65,6 +65,14 @@ impl PushServer {
         if let Some(from) = template {
             push_server::testing::copy_dir(from, dir.path())?;
         }
+        // One API key sends every message of a run, and one machine's phones log in at once:
+        // the per-key request rate and the per-device login rate, which guard a site against a
+        // runaway client, are lifted so they do not cap what is measured.
+        let config = dir.path().join("loadgen.toml");
+        std::fs::write(
+            &config,
+            "[limits]\napi_requests_per_sec_per_key = 1000000\napi_request_burst_per_key = 1000000\n",
+        )?;
         let mut cmd = Command::new(bin);
         cmd.args([
             "serve",
@@ -76,6 +84,8 @@ impl PushServer {
             "127.0.0.1:0",
         ])
         .args(extra)
+        .arg("--config")
+        .arg(&config)
         .arg("--data-dir")
         .arg(dir.path())
         .env("RUST_LOG", "warn")

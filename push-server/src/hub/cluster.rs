@@ -48,9 +48,10 @@ pub(super) struct Link {
     /// Receipts and presence to publish, in announcement order (one publisher task).
     outbound: mpsc::UnboundedSender<Outbound>,
     outbound_rx: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<Outbound>>>,
-    /// Serialises this node's claims, releases and inbox drains: a drain reads the inbox and
-    /// trims what it applied, so two at once would apply a command twice.
-    ownership: tokio::sync::Mutex<()>,
+    /// Serialises this node's claims, releases and inbox drains of one device: a drain reads
+    /// the inbox and trims what it applied, so two at once would apply a command twice.
+    /// Different devices proceed concurrently.
+    ownership: parking_lot::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// What the last heartbeat learned, for health checks and the dashboard.
     health: parking_lot::Mutex<ClusterHealth>,
     /// An inbox may hold commands nobody applied (a drain failed, or hints were lost while the
@@ -86,10 +87,29 @@ impl Link {
                 node: redis.node().to_string(),
                 ..ClusterHealth::default()
             }),
-            ownership: tokio::sync::Mutex::new(()),
+            ownership: parking_lot::Mutex::default(),
             redrain: std::sync::atomic::AtomicBool::new(false),
             redis,
         }
+    }
+
+    /// Hold `device_id`'s ownership lock.
+    async fn lock_device(&self, device_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .ownership
+            .lock()
+            .entry(device_id.to_string())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    /// Forget the locks nobody holds or waits for (their devices may come back: a new one is
+    /// made then).
+    fn prune_locks(&self) {
+        self.ownership
+            .lock()
+            .retain(|_, lock| Arc::strong_count(lock) > 1);
     }
 
     pub(super) fn publish_receipt(&self, r: Receipt) {
@@ -240,7 +260,7 @@ impl Hub {
         let Some(link) = self.link() else {
             return Ok(true);
         };
-        let _owner = link.ownership.lock().await;
+        let _owner = link.lock_device(device_id).await;
         if self.device(device_id).is_none() {
             match timed("claim", link.redis.claim(device_id, steal)).await? {
                 Claimed::Unknown | Claimed::Held { .. } => return Ok(false),
@@ -329,7 +349,7 @@ impl Hub {
     /// Apply the inbox of a device held here (after a hint).
     async fn drain(&self, device_id: &str) {
         let Some(link) = self.link() else { return };
-        let _owner = link.ownership.lock().await;
+        let _owner = link.lock_device(device_id).await;
         if self.device(device_id).is_none() {
             return;
         }
@@ -376,7 +396,7 @@ impl Hub {
     /// the next login or sweep on any node claims it fresh.
     pub(super) async fn release_if_idle(&self, device_id: &str) {
         let Some(link) = self.link() else { return };
-        let _owner = link.ownership.lock().await;
+        let _owner = link.lock_device(device_id).await;
         let earliest = {
             let Some(device) = self.device(device_id) else {
                 return;
@@ -508,6 +528,7 @@ impl Hub {
     /// Claim, apply and let go of the devices whose deadlines passed while nobody held them.
     async fn sweep(&self) {
         let Some(link) = self.link() else { return };
+        link.prune_locks();
         self.redrain().await;
         let due = match timed("due", link.redis.due(self.now(), SWEEP_BATCH)).await {
             Ok(due) => due,
@@ -583,9 +604,9 @@ impl Hub {
         );
         crate::observe::metrics::cluster("redis_data_lost");
         link.health.lock().redis_data_lost_ms = self.now();
-        let _owner = link.ownership.lock().await;
         let held: Vec<String> = self.0.devices.read().keys().cloned().collect();
         for device_id in held {
+            let _owner = link.lock_device(&device_id).await;
             let Some(device) = self.device(&device_id) else {
                 continue;
             };
@@ -627,7 +648,11 @@ impl Hub {
     /// What Redis pub/sub told this node.
     async fn heard(&self, heard: Heard) {
         match heard {
-            Heard::Inbox(device) => self.drain(&device).await,
+            // Drains of different devices overlap (each waits for Redis).
+            Heard::Inbox(device) => {
+                let hub = self.clone();
+                tokio::spawn(async move { hub.drain(&device).await });
+            }
             Heard::Kick(device) => {
                 crate::observe::metrics::cluster("kicked");
                 self.let_go(
