@@ -422,3 +422,54 @@ async fn two_logins_of_one_device_on_two_nodes_at_once_leave_one_session() {
         other => panic!("exactly one session must survive: {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_of_two_thousand_phones_across_two_nodes_loses_nothing() {
+    const PHONES: usize = 2_000;
+    let mut nodes = Nodes::start();
+    let creds = nodes.issue_all(PHONES).await;
+    // Half the phones prefer node A, half node B (two names for the site, or a VIP per half).
+    let to_a = Balancer::start(vec![nodes.a.device_addr, nodes.b.device_addr])
+        .await
+        .unwrap();
+    let to_b = Balancer::start(vec![nodes.b.device_addr, nodes.a.device_addr])
+        .await
+        .unwrap();
+    let apps = Arc::new(Apps::default());
+    let registry = Registry::new(tokio::runtime::Handle::current());
+    let ca = nodes.a.ca_pem();
+    let (on_a, on_b) = creds.split_at(PHONES / 2);
+    let started = Instant::now();
+    let mut clients = phones(&registry, &apps, on_a, to_a.addr, &ca).await;
+    clients.extend(phones(&registry, &apps, on_b, to_b.addr, &ca).await);
+    let connected = started.elapsed();
+    let before = "before-the-storm".to_string();
+    broadcast(&nodes.b, &before).await;
+    // Node A dies: its thousand phones storm onto node B at once.
+    nodes.a.kill();
+    let killed_at = Instant::now();
+    let after = "during-the-storm".to_string();
+    broadcast(&nodes.b, &after).await;
+    until("every phone back online", Duration::from_secs(120), || {
+        apps.online.load(Ordering::Acquire) == PHONES
+            && on_a
+                .iter()
+                .all(|(id, _)| apps.connected_at.lock().get(id).is_some_and(|t| *t > killed_at))
+    })
+    .await;
+    let storm = killed_at.elapsed();
+    let ids = vec![before, after];
+    until("every message shown", Duration::from_secs(60), || {
+        delivered_all(&apps, &ids, &creds)
+    })
+    .await;
+    let (lost, duplicated) = tally(&apps, &ids, &creds);
+    println!(
+        "{PHONES} phones on two nodes online in {connected:?}; kill -9 of node A: its {} phones \
+         back on node B within {storm:?}; 2 group messages ({} deliveries): lost {lost}, shown \
+         twice {duplicated}",
+        PHONES / 2,
+        2 * PHONES
+    );
+    assert_eq!((lost, duplicated), (0, 0));
+}
