@@ -273,7 +273,18 @@ impl Hub {
                 }
             }
         }
-        self.drain_locked(link, device_id).await?;
+        if let Err(e) = self.drain_locked(link, device_id).await {
+            // As in `drain`: what was applied in memory is not stored, so the device is
+            // reloaded by its next holder (a lost lease is re-seeded instead).
+            if !matches!(e, StoreError::Lost(_)) {
+                self.let_go(
+                    device_id,
+                    GoodbyeReason::Reconnect,
+                    "the cluster store failed; reconnect",
+                );
+            }
+            return Err(e);
+        }
         Ok(true)
     }
 
