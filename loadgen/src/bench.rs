@@ -270,6 +270,21 @@ pub struct RateRun {
 
 /// Send `n` messages at `rate` per second, each to a random one of `devices`, and measure.
 /// Sends are scheduled on tokio's 1 ms timer: above 1,000/s they go in bursts each millisecond.
+impl RateRun {
+    /// The table's figure: latency percentiles, throughput, losses.
+    fn figure(&self) -> String {
+        format!(
+            "p50 {:.3} / p99 {:.3} / p99.9 {:.3} / max {:.3} ms; {:.0} msg/s delivered; {} lost",
+            self.latency.p50,
+            self.latency.p99,
+            self.latency.p999,
+            self.latency.max,
+            self.throughput,
+            self.sent - self.received
+        )
+    }
+}
+
 pub async fn run_rate(
     sender: &Sender,
     rec: &Recorder,
@@ -467,15 +482,7 @@ pub async fn latency(
                     "{rate:.0} msg/s to random devices of {devices}, {} messages",
                     run.sent
                 ),
-                format!(
-                    "p50 {:.3} / p99 {:.3} / p99.9 {:.3} / max {:.3} ms; {:.0} msg/s delivered; {} lost",
-                    run.latency.p50,
-                    run.latency.p99,
-                    run.latency.p999,
-                    run.latency.max,
-                    run.throughput,
-                    run.sent - run.received
-                ),
+                run.figure(),
             );
             if system == System::Push {
                 table.row(
@@ -560,15 +567,7 @@ pub async fn cluster(
             table.row(
                 "push-server cluster",
                 format!("{label}: {rate:.0} msg/s to random devices of {devices}"),
-                format!(
-                    "p50 {:.3} / p99 {:.3} / p99.9 {:.3} / max {:.3} ms; {:.0} msg/s delivered; {} lost",
-                    run.latency.p50,
-                    run.latency.p99,
-                    run.latency.p999,
-                    run.latency.max,
-                    run.throughput,
-                    run.sent - run.received
-                ),
+                run.figure(),
             );
         }
     }

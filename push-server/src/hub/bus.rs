@@ -59,9 +59,10 @@ impl<T: Clone> Bus<T> {
         }
     }
 
-    /// Deliver `item` to the watchers of `key` and of everything. Never blocks.
-    pub fn publish(&self, key: &str, item: T) {
-        if let Some(taps) = self.keyed.taps.lock().get(key) {
+    /// Deliver `item` to the watchers of its key (`key` reads it from the item) and of
+    /// everything. Never blocks.
+    pub fn publish(&self, item: T, key: impl Fn(&T) -> &str) {
+        if let Some(taps) = self.keyed.taps.lock().get(key(&item)) {
             for tap in taps {
                 if tap.tx.try_send(item.clone()).is_err() {
                     tap.lagged.store(true, Ordering::Release);
@@ -154,11 +155,11 @@ mod tests {
         let bus = Bus::new(16);
         let mut a = bus.watch("a");
         let mut all = bus.watch_all();
-        bus.publish("b", 1);
-        bus.publish("a", 2);
-        assert_eq!(a.recv().await, Heard::Item(2));
-        assert_eq!(all.recv().await.ok(), Some(1));
-        assert_eq!(all.recv().await.ok(), Some(2));
+        bus.publish(("b", 1), |i| i.0);
+        bus.publish(("a", 2), |i| i.0);
+        assert_eq!(a.recv().await, Heard::Item(("a", 2)));
+        assert_eq!(all.recv().await.ok(), Some(("b", 1)));
+        assert_eq!(all.recv().await.ok(), Some(("a", 2)));
         assert_eq!(bus.watched_keys(), 1);
         drop(a);
         assert_eq!(bus.watched_keys(), 0, "no entry outlives its watcher");
@@ -169,10 +170,10 @@ mod tests {
         let bus = Bus::new(16);
         let mut a = bus.watch("a");
         for i in 0..WATCH_QUEUE + 1 {
-            bus.publish("a", i);
+            bus.publish(("a", i), |i| i.0);
         }
         assert_eq!(a.recv().await, Heard::Lagged);
-        bus.publish("a", 7);
-        assert_eq!(a.recv().await, Heard::Item(7));
+        bus.publish(("a", 7), |i| i.0);
+        assert_eq!(a.recv().await, Heard::Item(("a", 7)));
     }
 }

@@ -673,13 +673,11 @@ impl Hub {
                 );
             }
             Heard::Receipt(r) => {
-                let key = r.id.clone();
-                self.0.receipts.publish(&key, r);
+                self.0.receipts.publish(r, |r| &r.id);
             }
             Heard::Presence(bytes) => match PresenceEvent::decode(&bytes[..]) {
                 Ok(e) => {
-                    let key = e.device_id.clone();
-                    self.0.presence.publish(&key, e);
+                    self.0.presence.publish(e, |e| &e.device_id);
                 }
                 Err(e) => tracing::warn!(error = %e, "undecodable presence event"),
             },

@@ -938,3 +938,56 @@ fn forget(fx: &mut Effects, q: &Queued) {
         seq,
     ));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> Ctx {
+        Ctx {
+            now: 1_000,
+            epoch: 7,
+            voip: false,
+            max_queued: 100,
+            ack_window_ms: 3_000,
+        }
+    }
+
+    fn message(id: &str) -> Item {
+        Item {
+            id: id.into(),
+            kind: PushKind::Message,
+            collapse_key: String::new(),
+            expires: 60_000,
+            body: push::Body::Message(Default::default()),
+        }
+    }
+
+    fn ceilings(fx: &Effects) -> Vec<u64> {
+        fx.ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::PutSeqCeiling { ceiling, .. } => Some(*ceiling),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_reservation_whose_batch_failed_is_made_again_and_no_number_is_reused() {
+        let mut core = DeviceCore::registered("d0", 0);
+        let mut fx = Effects::default();
+        let first = core.enqueue(&mut fx, ctx(), &message("m1")).expect("queued");
+        let reserved = ceilings(&fx);
+        assert_eq!(reserved, vec![1 + SEQ_BLOCK]);
+        // The batch carrying the reservation failed: the next push must reserve again, or its
+        // number would never become durable and never go out.
+        core.reservation_failed(reserved[0]);
+        let mut fx = Effects::default();
+        let second = core.enqueue(&mut fx, ctx(), &message("m2")).expect("queued");
+        assert_eq!(ceilings(&fx).len(), 1, "reserved again");
+        assert!(second > first, "numbering continues");
+        core.reserved_durably(ceilings(&fx)[0]);
+        assert!(core.durable_ceiling > second, "the second push can go out");
+    }
+}

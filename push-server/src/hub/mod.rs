@@ -289,8 +289,7 @@ impl Hub {
             // Every node's watchers hear it from Redis, this node's included.
             Some(link) => link.publish_receipt(r),
             None => {
-                let key = r.id.clone();
-                self.0.receipts.publish(&key, r);
+                self.0.receipts.publish(r, |r| &r.id);
             }
         }
     }
@@ -314,8 +313,7 @@ impl Hub {
         match &self.0.cluster {
             Some(link) => link.publish_presence(event),
             None => {
-                let key = event.device_id.clone();
-                self.0.presence.publish(&key, event);
+                self.0.presence.publish(event, |e| &e.device_id);
             }
         }
     }
