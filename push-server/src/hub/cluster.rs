@@ -59,6 +59,14 @@ pub(super) struct Link {
     redrain: std::sync::atomic::AtomicBool,
 }
 
+/// Why an inbox drain failed: whether anything was applied in memory decides the recovery.
+enum DrainFailed {
+    /// The inbox could not be read: nothing changed here.
+    Unread(StoreError),
+    /// Applied in memory, but the batch with its outcome was not stored.
+    Unstored(StoreError),
+}
+
 /// The cluster as this node last saw it.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ClusterHealth {
@@ -273,19 +281,10 @@ impl Hub {
                 }
             }
         }
-        if let Err(e) = self.drain_locked(link, device_id).await {
-            // As in `drain`: what was applied in memory is not stored, so the device is
-            // reloaded by its next holder (a lost lease is re-seeded instead).
-            if !matches!(e, StoreError::Lost(_)) {
-                self.let_go(
-                    device_id,
-                    GoodbyeReason::Reconnect,
-                    "the cluster store failed; reconnect",
-                );
-            }
-            return Err(e);
+        match self.drain_locked(link, device_id).await {
+            Ok(()) => Ok(true),
+            Err(failed) => Err(self.drain_failed(link, device_id, failed)),
         }
-        Ok(true)
     }
 
     /// Put a claimed device's stored state in place, with its timers.
@@ -305,8 +304,10 @@ impl Hub {
     }
 
     /// Apply the device's inbox (call with the ownership lock held).
-    async fn drain_locked(&self, link: &Link, device_id: &str) -> Result<(), StoreError> {
-        let commands = timed("inbox", link.redis.inbox(device_id)).await?;
+    async fn drain_locked(&self, link: &Link, device_id: &str) -> Result<(), DrainFailed> {
+        let commands = timed("inbox", link.redis.inbox(device_id))
+            .await
+            .map_err(DrainFailed::Unread)?;
         let Some(device) = self.device(device_id).filter(|_| !commands.is_empty()) else {
             return Ok(());
         };
@@ -343,7 +344,7 @@ impl Hub {
             });
             (self.apply(slot, fx), invites)
         };
-        self.settle(vec![pending]).await?;
+        self.settle(vec![pending]).await.map_err(DrainFailed::Unstored)?;
         crate::observe::metrics::cluster("drained");
         // Invites are durable now: plan their VoIP legs as a single node does.
         let cx = self.ctx();
@@ -364,23 +365,37 @@ impl Hub {
         if self.device(device_id).is_none() {
             return;
         }
-        match self.drain_locked(link, device_id).await {
-            Ok(()) => {}
+        if let Err(failed) = self.drain_locked(link, device_id).await {
+            self.drain_failed(link, device_id, failed);
+        }
+    }
+
+    /// Recover from a failed drain; returns its error.
+    fn drain_failed(&self, link: &Link, device_id: &str, failed: DrainFailed) -> StoreError {
+        link.redrain.store(true, std::sync::atomic::Ordering::Release);
+        match failed {
+            // Nothing changed here: keep the device (this node's copy may be the only one, if
+            // Redis is coming back empty) and read the inbox again at the next sweep.
+            DrainFailed::Unread(e) => {
+                tracing::warn!(device = device_id, error = %e, "inbox not read; retried at the next sweep");
+                e
+            }
             // Redis came back empty: this node's state is now the only copy; the next heartbeat
             // finds the new epoch and writes it back (`reseed`).
-            Err(e @ StoreError::Lost(_)) => {
+            DrainFailed::Unstored(e @ StoreError::Lost(_)) => {
                 tracing::warn!(device = device_id, error = %e, "inbox not applied; re-seeding at the next heartbeat");
+                e
             }
-            Err(e) => {
-                // What the drain applied in memory is not stored: drop the device here so its
-                // next holder (the phone reconnects) loads the truth and applies the inbox again.
+            // What the drain applied in memory is not stored: drop the device here so its next
+            // holder (the phone reconnects) loads the truth and applies the inbox again.
+            DrainFailed::Unstored(e) => {
                 tracing::warn!(device = device_id, error = %e, "inbox not applied; the device is reloaded");
                 self.let_go(
                     device_id,
                     GoodbyeReason::Reconnect,
                     "the cluster store failed; reconnect",
                 );
-                link.redrain.store(true, std::sync::atomic::Ordering::Release);
+                e
             }
         }
     }
@@ -742,5 +757,73 @@ pub async fn run_cluster(hub: Hub, shutdown: CancellationToken) {
     let held: Vec<String> = hub.0.devices.read().keys().cloned().collect();
     for device in held {
         hub.release_if_idle(&device).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::Limits, hub::clock::SystemClock, store::DeviceRecord, testing::RedisServer};
+
+    fn record(id: &str) -> DeviceRecord {
+        DeviceRecord {
+            device_id: id.into(),
+            groups: Vec::new(),
+            created_at_ms: 1,
+            credential_generation: 1,
+            revoked: false,
+            last_seen_ms: 1,
+            last_ssid: String::new(),
+            last_disconnect_reason: String::new(),
+            sdk_version: String::new(),
+            voip_token: String::new(),
+            voip_token_invalid: false,
+        }
+    }
+
+    /// Regression (a CI failure): while Redis restarted empty, a drain whose inbox read failed
+    /// dropped the device, so the node's copy, by then the only one, was never written back and
+    /// the phone's credential was refused ever after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_inbox_unreadable_while_redis_restarts_empty_keeps_the_only_copy_of_the_device() {
+        let mut server = RedisServer::start().expect("redis-server starts");
+        let redis = RedisStore::connect(&server.url, "A", true)
+            .await
+            .expect("connect");
+        let hub = Hub::new_cluster(redis.clone(), Limits::default(), None, Arc::new(SystemClock));
+        let link = hub.link().expect("cluster mode");
+        redis.heartbeat(60_000).await.expect("heartbeat");
+        assert!(redis.create_device(&record("d1")).await.expect("create"));
+        assert!(hub.hold("d1", true).await.expect("held"));
+
+        server.kill();
+        hub.drain("d1").await;
+        assert!(
+            hub.device("d1").is_some(),
+            "an unread inbox changed nothing: the device stays"
+        );
+        assert!(
+            link.redrain.load(std::sync::atomic::Ordering::Acquire),
+            "read again later"
+        );
+
+        server.restart(false).expect("redis-server restarts empty");
+        // The first requests after the restart may fail while the connection is re-made.
+        for _ in 0..50 {
+            hub.beat(link).await;
+            if link.health.lock().redis_data_lost_ms != 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_ne!(link.health.lock().redis_data_lost_ms, 0, "the loss is noticed");
+        let other = RedisStore::connect(&server.url, "B", true)
+            .await
+            .expect("connect");
+        other.heartbeat(60_000).await.expect("heartbeat");
+        match other.claim("d1", true).await.expect("claim") {
+            Claimed::Mine { state, .. } => assert_eq!(state.record.device_id, "d1"),
+            _ => panic!("the device was written back to Redis"),
+        }
     }
 }
