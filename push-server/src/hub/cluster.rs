@@ -19,6 +19,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use futures::StreamExt as _;
 use prost::Message as _;
 use push_proto::{
     device::{GoodbyeReason, Push},
@@ -41,6 +42,8 @@ const HEARTBEAT_TTL_MS: u64 = 5_000;
 /// How often a node looks for deadlines of devices nobody holds, and how many it takes at once.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 const SWEEP_BATCH: usize = 64;
+/// How many inboxes a re-drain applies at once (each waits for Redis).
+const REDRAIN_CONCURRENCY: usize = 16;
 
 /// The hub's link to the cluster.
 pub(super) struct Link {
@@ -545,10 +548,24 @@ impl Hub {
             return;
         }
         let held: Vec<String> = self.0.devices.read().keys().cloned().collect();
-        tracing::debug!(devices = held.len(), "re-draining every inbox held here");
-        for device in held {
-            self.drain(&device).await;
-        }
+        let waiting = match timed("with_inbox", link.redis.with_inbox(&held)).await {
+            Ok(waiting) => waiting,
+            Err(e) => {
+                tracing::warn!(error = %e, "inboxes not checked; retried at the next sweep");
+                link.redrain.store(true, std::sync::atomic::Ordering::Release);
+                return;
+            }
+        };
+        tracing::debug!(
+            held = held.len(),
+            waiting = waiting.len(),
+            "re-draining the inboxes held here"
+        );
+        futures::stream::iter(waiting)
+            .for_each_concurrent(REDRAIN_CONCURRENCY, |device| async move {
+                self.drain(&device).await;
+            })
+            .await;
     }
 
     /// Claim, apply and let go of the devices whose deadlines passed while nobody held them.
@@ -697,11 +714,13 @@ impl Hub {
                 Err(e) => tracing::warn!(error = %e, "undecodable presence event"),
             },
             Heard::Resubscribed => {
-                // Hints sent while the subscription was down are lost: look at every inbox.
+                // Hints sent while the subscription was down are lost: look at every inbox,
+                // without holding up what is heard meanwhile.
                 if let Some(link) = self.link() {
                     link.redrain.store(true, std::sync::atomic::Ordering::Release);
                 }
-                self.redrain().await;
+                let hub = self.clone();
+                tokio::spawn(async move { hub.redrain().await });
             }
         }
     }
@@ -742,6 +761,21 @@ pub async fn run_cluster(hub: Hub, shutdown: CancellationToken) {
             }
         })
     };
+    // What other nodes say is acted on apart from the heartbeat and the sweep, which wait for
+    // Redis: a hint waiting behind them would be dropped once the listener's queue is full.
+    let listener = {
+        let hub = hub.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    Some(h) = heard.recv() => hub.heard(h).await,
+                    else => break,
+                }
+            }
+        })
+    };
     let mut beat = tokio::time::interval(HEARTBEAT_EVERY);
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     loop {
@@ -749,10 +783,10 @@ pub async fn run_cluster(hub: Hub, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             _ = beat.tick() => hub.beat(link).await,
             _ = sweep.tick() => hub.sweep().await,
-            Some(h) = heard.recv() => hub.heard(h).await,
         }
     }
     publisher.abort();
+    let _ = listener.await;
     // Let the devices go so other nodes take them at once rather than after the heartbeat TTL.
     let held: Vec<String> = hub.0.devices.read().keys().cloned().collect();
     for device in held {

@@ -58,7 +58,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 /// Why the store failed. Every variant is logged by the caller; none is retried blindly.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The database file could not be opened (locked by another process, corrupt, wrong version).

@@ -55,7 +55,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use redis::aio::ConnectionManager;
-use redis::{RedisError, Script, Value};
+use redis::{RedisError, Script, ScriptInvocation, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -638,29 +638,164 @@ struct Writer {
 }
 
 impl Writer {
-    /// Apply batches one after the other, each answered once Redis replied to all of it. Ends
-    /// when the queue is closed and drained.
+    /// Apply batches in order. What queued while Redis answered the previous window goes in one
+    /// transaction (one round trip, and with `appendfsync always` one fsync for all of it: a
+    /// group commit); each batch is answered with its own outcome. Ends when the queue is
+    /// closed and drained.
     async fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Job>) {
         while let Some(job) = jobs.recv().await {
-            let started = std::time::Instant::now();
-            let mut result = self.apply(job.ops.clone(), &job.fences).await;
-            // Just after Redis returns, the connection is re-established on demand and the first
-            // requests are refused: retry for a second a batch none of whose steps reached Redis.
-            for _ in 0..10 {
-                if !unreachable(&result) || self.steps_applied > 0 {
-                    break;
+            let mut window = vec![job];
+            while window.len() < WINDOW_MAX {
+                match jobs.try_recv() {
+                    Ok(job) => window.push(job),
+                    Err(_) => break,
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                result = self.apply(job.ops.clone(), &job.fences).await;
             }
+            // A prune takes several round trips: it runs alone, in its place.
+            let mut run = Vec::new();
+            for job in window {
+                if job.ops.iter().any(|op| matches!(op, Op::PruneReceipts { .. })) {
+                    self.commit(std::mem::take(&mut run)).await;
+                    self.commit_alone(job).await;
+                } else {
+                    run.push(job);
+                }
+            }
+            self.commit(run).await;
+        }
+    }
+
+    /// Apply `jobs` in one transaction and answer each.
+    async fn commit(&mut self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let planned: Vec<Vec<Step>> = jobs.iter().map(|job| plan(job.ops.clone())).collect();
+        let mut results = self.transaction(&jobs, &planned).await;
+        // Just after Redis returns, the connection is re-established on demand and the first
+        // requests are refused: retry for a second a window that never reached Redis. A script
+        // Redis no longer knows (it restarted) ran nowhere in the transaction: load it and retry.
+        for _ in 0..10 {
+            match &results {
+                Err(Retry::Unreachable(_)) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(Retry::NoScript) => {
+                    if let Err(e) = APPLY.prepare_invoke().load_async(&mut self.conn).await {
+                        results = Err(Retry::Unreachable(redis_err(e)));
+                        continue;
+                    }
+                }
+                Ok(_) => break,
+            }
+            results = self.transaction(&jobs, &planned).await;
+        }
+        let results = results.unwrap_or_else(|retry| {
+            let e = match retry {
+                Retry::Unreachable(e) => e,
+                Retry::NoScript => StoreError::Redis("the apply script cannot be loaded".into()),
+            };
+            vec![Err(e); jobs.len()]
+        });
+        let seconds = started.elapsed().as_secs_f64();
+        for (job, result) in jobs.into_iter().zip(results) {
             if let Err(e) = &result {
                 tracing::debug!(error = %e, "redis batch failed");
             }
             // A fenced batch is this node's news, not a store failure.
             let ok = !matches!(result, Err(StoreError::Redis(_) | StoreError::Io(_)));
-            crate::observe::metrics::store_commit(ok, started.elapsed().as_secs_f64());
+            crate::observe::metrics::store_commit(ok, seconds);
             let _ = job.reply.send(result);
         }
+    }
+
+    /// One MULTI/EXEC of every step of `jobs`: each job's outcome, its first failed step's.
+    /// Steps run in batch order; a failed step (a fenced device) does not stop the others, as
+    /// when each batch was sent alone.
+    async fn transaction(
+        &mut self,
+        jobs: &[Job],
+        planned: &[Vec<Step>],
+    ) -> Result<Vec<Result<(), StoreError>>, Retry> {
+        let retention = self.retention_ms.load(Ordering::Relaxed);
+        let mut pipe = redis::pipe();
+        pipe.atomic().ignore_errors();
+        let mut outcomes: Vec<Result<(), StoreError>> = vec![Ok(()); jobs.len()];
+        // Per command: its job, and the device its script is about.
+        let mut owners: Vec<(usize, Option<&str>)> = Vec::new();
+        for (i, (job, steps)) in jobs.iter().zip(planned).enumerate() {
+            for step in steps {
+                match step {
+                    Step::Device(device, ops) => {
+                        let fence = if self.fenced {
+                            match job.fences.get(device) {
+                                Some(fence) => fence.as_str(),
+                                None => {
+                                    outcomes[i] = Err(StoreError::Fenced(device.clone()));
+                                    break;
+                                }
+                            }
+                        } else {
+                            ""
+                        };
+                        pipe.invoke_script(&device_invocation(device, ops, fence, retention));
+                        owners.push((i, Some(device)));
+                    }
+                    Step::Shared(op) => {
+                        pipe.add_command(shared_command(op, retention));
+                        owners.push((i, None));
+                    }
+                }
+            }
+        }
+        if owners.is_empty() {
+            return Ok(outcomes);
+        }
+        let replies: Vec<redis::RedisResult<Value>> = match pipe.query_async(&mut self.conn).await {
+            Ok(replies) => replies,
+            Err(e) => {
+                let e = redis_err(e);
+                return match &e {
+                    StoreError::Redis(m) if m.starts_with(UNREACHABLE) => Err(Retry::Unreachable(e)),
+                    _ => Ok(vec![Err(e); jobs.len()]),
+                };
+            }
+        };
+        if replies
+            .iter()
+            .any(|r| matches!(r, Err(e) if e.code() == Some("NOSCRIPT")))
+        {
+            return Err(Retry::NoScript);
+        }
+        for ((i, device), reply) in owners.into_iter().zip(replies) {
+            if let (Err(e), Ok(())) = (reply, &outcomes[i]) {
+                outcomes[i] = Err(match device {
+                    Some(device) => script_err(device, e),
+                    None => redis_err(e),
+                });
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Apply one batch step by step (a prune), answered once Redis replied to all of it.
+    async fn commit_alone(&mut self, job: Job) {
+        let started = std::time::Instant::now();
+        let mut result = self.apply(job.ops.clone(), &job.fences).await;
+        for _ in 0..10 {
+            if !unreachable(&result) || self.steps_applied > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            result = self.apply(job.ops.clone(), &job.fences).await;
+        }
+        if let Err(e) = &result {
+            tracing::debug!(error = %e, "redis batch failed");
+        }
+        let ok = !matches!(result, Err(StoreError::Redis(_) | StoreError::Io(_)));
+        crate::observe::metrics::store_commit(ok, started.elapsed().as_secs_f64());
+        let _ = job.reply.send(result);
     }
 
     async fn apply(&mut self, ops: Vec<Op>, fences: &HashMap<String, String>) -> Result<(), StoreError> {
@@ -692,30 +827,11 @@ impl Writer {
                     };
                     self.apply_device(&device, &ops, fence, retention).await?;
                 }
-                Step::Shared(Op::PutApiKey { hash, record }) => {
-                    redis::cmd("HSET")
-                        .arg(API_KEYS)
-                        .arg(&hash)
-                        .arg(encode::<ApiKeyRow>(&record))
-                        .query_async::<()>(&mut self.conn)
-                        .await
-                        .map_err(redis_err)?;
-                }
-                Step::Shared(Op::PutRequest { id, record }) => {
-                    // Kept `retention` past its expiry, and never less than `retention` from now
-                    // (a request whose clock is off is still recognised).
-                    let expires = (record.expires_at_ms.max(0) as u64).max(now_ms()) + retention;
-                    redis::cmd("SET")
-                        .arg(format!("lp:req:{id}"))
-                        .arg(encode::<RequestRow>(&record))
-                        .arg("PXAT")
-                        .arg(expires)
-                        .query_async::<()>(&mut self.conn)
-                        .await
-                        .map_err(redis_err)?;
-                }
                 Step::Shared(Op::PruneReceipts { before_ms }) => self.prune(before_ms).await?,
-                Step::Shared(_) => unreachable!("device ops are planned as device steps"),
+                Step::Shared(op) => shared_command(&op, retention)
+                    .query_async::<()>(&mut self.conn)
+                    .await
+                    .map_err(redis_err)?,
             }
         }
         Ok(())
@@ -728,59 +844,7 @@ impl Writer {
         fence: &str,
         retention: u64,
     ) -> Result<(), StoreError> {
-        let has_dev = ops.iter().any(|op| matches!(op, Op::PutDevice(_)));
-        let mut invocation = APPLY.key(dkey(device, "lease"));
-        invocation
-            .key(dkey(device, "rec"))
-            .key(dkey(device, "q"))
-            .key(dkey(device, "ceil"))
-            .key(dkey(device, "inbox"))
-            .key(DEVICES)
-            .arg(fence)
-            .arg(device)
-            .arg(retention)
-            .arg(if has_dev { "1" } else { "0" });
-        for op in ops {
-            match op {
-                Op::PutDevice(d) => {
-                    invocation
-                        .arg("dev")
-                        .arg(encode::<DeviceRow>(d))
-                        .arg(d.groups.len());
-                    for group in &d.groups {
-                        invocation.arg(group).key(group_key(group));
-                    }
-                }
-                Op::PutPush(p) => {
-                    invocation
-                        .arg("push")
-                        .arg(p.seq.to_string())
-                        .arg(encode::<PushRow>(p));
-                }
-                Op::DeletePush { seq, .. } => {
-                    invocation.arg("del").arg(seq.to_string());
-                }
-                Op::PutSeqCeiling { ceiling, .. } => {
-                    invocation.arg("ceil").arg(ceiling.to_string());
-                }
-                Op::PutReceipt(r) => {
-                    invocation
-                        .arg("rcpt")
-                        .key(receipt_key(device, &r.id))
-                        .key(members_key(&r.id))
-                        .arg(&r.id)
-                        .arg(encode::<ReceiptRow>(r))
-                        .arg(if r.state.is_final() { "1" } else { "0" });
-                }
-                Op::TrimInbox { count, .. } => {
-                    invocation.arg("trim").arg(*count);
-                }
-                Op::PruneReceipts { .. } | Op::PutRequest { .. } | Op::PutApiKey { .. } => {
-                    unreachable!("shared ops are planned as shared steps")
-                }
-            }
-        }
-        invocation
+        device_invocation(device, ops, fence, retention)
             .invoke_async::<()>(&mut self.conn)
             .await
             .map_err(|e| script_err(device, e))
@@ -855,6 +919,97 @@ impl Writer {
             .query_async(&mut self.conn)
             .await
             .map_err(redis_err)
+    }
+}
+
+/// Why a window must be sent again.
+enum Retry {
+    /// It never reached Redis.
+    Unreachable(StoreError),
+    /// Redis no longer knows the apply script (it restarted): nothing of it ran.
+    NoScript,
+}
+
+/// How many queued batches one transaction takes at most.
+const WINDOW_MAX: usize = 256;
+
+/// The apply script's invocation for `ops`, all about `device`.
+fn device_invocation(device: &str, ops: &[Op], fence: &str, retention: u64) -> ScriptInvocation<'static> {
+    let has_dev = ops.iter().any(|op| matches!(op, Op::PutDevice(_)));
+    let mut invocation = APPLY.key(dkey(device, "lease"));
+    invocation
+        .key(dkey(device, "rec"))
+        .key(dkey(device, "q"))
+        .key(dkey(device, "ceil"))
+        .key(dkey(device, "inbox"))
+        .key(DEVICES)
+        .arg(fence)
+        .arg(device)
+        .arg(retention)
+        .arg(if has_dev { "1" } else { "0" });
+    for op in ops {
+        match op {
+            Op::PutDevice(d) => {
+                invocation
+                    .arg("dev")
+                    .arg(encode::<DeviceRow>(d))
+                    .arg(d.groups.len());
+                for group in &d.groups {
+                    invocation.arg(group).key(group_key(group));
+                }
+            }
+            Op::PutPush(p) => {
+                invocation
+                    .arg("push")
+                    .arg(p.seq.to_string())
+                    .arg(encode::<PushRow>(p));
+            }
+            Op::DeletePush { seq, .. } => {
+                invocation.arg("del").arg(seq.to_string());
+            }
+            Op::PutSeqCeiling { ceiling, .. } => {
+                invocation.arg("ceil").arg(ceiling.to_string());
+            }
+            Op::PutReceipt(r) => {
+                invocation
+                    .arg("rcpt")
+                    .key(receipt_key(device, &r.id))
+                    .key(members_key(&r.id))
+                    .arg(&r.id)
+                    .arg(encode::<ReceiptRow>(r))
+                    .arg(if r.state.is_final() { "1" } else { "0" });
+            }
+            Op::TrimInbox { count, .. } => {
+                invocation.arg("trim").arg(*count);
+            }
+            Op::PruneReceipts { .. } | Op::PutRequest { .. } | Op::PutApiKey { .. } => {
+                unreachable!("shared ops are planned as shared steps")
+            }
+        }
+    }
+    invocation
+}
+
+/// The command of a shared op other than a prune (one round trip, no script).
+fn shared_command(op: &Op, retention: u64) -> redis::Cmd {
+    match op {
+        Op::PutApiKey { hash, record } => redis::cmd("HSET")
+            .arg(API_KEYS)
+            .arg(hash)
+            .arg(encode::<ApiKeyRow>(record))
+            .take(),
+        Op::PutRequest { id, record } => {
+            // Kept `retention` past its expiry, and never less than `retention` from now (a
+            // request whose clock is off is still recognised).
+            let expires = (record.expires_at_ms.max(0) as u64).max(now_ms()) + retention;
+            redis::cmd("SET")
+                .arg(format!("lp:req:{id}"))
+                .arg(encode::<RequestRow>(record))
+                .arg("PXAT")
+                .arg(expires)
+                .take()
+        }
+        _ => unreachable!("device ops are planned as device steps, prunes run alone"),
     }
 }
 
@@ -1198,6 +1353,26 @@ impl RedisStore {
             .query_async(&mut self.conn())
             .await
             .map_err(redis_err)
+    }
+
+    /// Those of `device_ids` whose inbox holds commands, in order (one round trip per 1,000).
+    pub async fn with_inbox(&self, device_ids: &[String]) -> Result<Vec<String>, StoreError> {
+        let mut found = Vec::new();
+        for chunk in device_ids.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.cmd("EXISTS").arg(dkey(id, "inbox"));
+            }
+            let exists: Vec<bool> = pipe.query_async(&mut self.conn()).await.map_err(redis_err)?;
+            found.extend(
+                chunk
+                    .iter()
+                    .zip(exists)
+                    .filter(|(_, e)| *e)
+                    .map(|(id, _)| id.clone()),
+            );
+        }
+        Ok(found)
     }
 
     /// Up to `limit` devices nobody holds whose earliest deadline is at or before `now_ms`.
@@ -1708,6 +1883,94 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("{node} never subscribed");
+    }
+
+    /// The writer sends what queued meanwhile as one transaction (one fsync for all of it),
+    /// and each batch still gets its own outcome: a fenced one fails alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_batches_share_a_transaction_and_keep_their_own_outcomes() {
+        let server = RedisServer::start().expect("redis-server starts");
+        let a = fenced(&server, "A").await;
+        a.heartbeat(60_000).await.expect("heartbeat");
+        for id in ["d1", "d2"] {
+            assert!(a.create_device(&device(id, &[])).await.expect("create"));
+            assert!(matches!(
+                a.claim(id, false).await.expect("claim"),
+                Claimed::Mine { .. }
+            ));
+        }
+        a.forget("d2");
+        let execs_before = exec_calls(&server);
+        const N: u64 = 1000;
+        let replies: Vec<_> = (1..=N)
+            .map(|seq| {
+                let device = if seq == N / 2 { "d2" } else { "d1" };
+                a.submit(vec![Op::PutPush(push(device, seq))])
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for reply in replies {
+            outcomes.push(reply.await.expect("answered"));
+        }
+        for (seq, outcome) in (1..=N).zip(&outcomes) {
+            if seq == N / 2 {
+                assert!(
+                    matches!(outcome, Err(StoreError::Fenced(d)) if d == "d2"),
+                    "{outcome:?}"
+                );
+            } else {
+                assert!(outcome.is_ok(), "batch {seq}: {outcome:?}");
+            }
+        }
+        let stored: u64 = query(&server, &["HLEN", &dkey("d1", "q")]);
+        assert_eq!(stored, N - 1, "every other batch stored");
+        let execs = exec_calls(&server) - execs_before;
+        assert!(
+            (1..N / 2).contains(&execs),
+            "{N} batches took {execs} transactions"
+        );
+    }
+
+    /// Redis forgot the apply script (it restarted, or SCRIPT FLUSH): nothing of the window
+    /// ran, so the writer loads the script and sends the window again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_forgotten_script_is_loaded_again_and_the_batches_applied_once() {
+        let server = RedisServer::start().expect("redis-server starts");
+        let a = fenced(&server, "A").await;
+        a.heartbeat(60_000).await.expect("heartbeat");
+        assert!(a.create_device(&device("d1", &[])).await.expect("create"));
+        assert!(matches!(
+            a.claim("d1", false).await.expect("claim"),
+            Claimed::Mine { .. }
+        ));
+        commit(&*a, vec![Op::PutPush(push("d1", 1))])
+            .await
+            .expect("stored");
+        let _: () = query(&server, &["SCRIPT", "FLUSH"]);
+        commit(
+            &*a,
+            vec![
+                Op::PutPush(push("d1", 2)),
+                Op::PutRequest {
+                    id: "r1".into(),
+                    record: crate::store::rows::tests::request(),
+                },
+            ],
+        )
+        .await
+        .expect("stored after the script is loaded again");
+        let stored: u64 = query(&server, &["HLEN", &dkey("d1", "q")]);
+        assert_eq!(stored, 2);
+        let requests: u64 = query(&server, &["EXISTS", "lp:req:r1"]);
+        assert_eq!(requests, 1);
+    }
+
+    fn exec_calls(server: &RedisServer) -> u64 {
+        let info: String = query(server, &["INFO", "commandstats"]);
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_exec:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
