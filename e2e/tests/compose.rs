@@ -14,7 +14,7 @@ fn read(name: &str) -> String {
 }
 
 #[test]
-fn the_compose_file_is_valid_and_runs_two_nodes_on_redis_with_a_replica_and_the_bridge() {
+fn the_compose_file_is_valid_and_runs_two_nodes_on_redis_with_a_replica_sentinels_and_the_bridge() {
     let out = Command::new("docker-compose")
         .current_dir(repo())
         .args(["-f", "docker-compose.yml", "config"])
@@ -26,16 +26,33 @@ fn the_compose_file_is_valid_and_runs_two_nodes_on_redis_with_a_replica_and_the_
         "docker-compose config failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for service in ["redis:", "redis-replica:", "push-a:", "push-b:", "apns-bridge:"] {
+    for service in [
+        "redis:",
+        "redis-replica:",
+        "sentinel-1:",
+        "sentinel-2:",
+        "sentinel-3:",
+        "push-a:",
+        "push-b:",
+        "apns-bridge:",
+    ] {
         assert!(
             text.contains(&format!("  {service}")),
             "service {service} missing:\n{text}"
         );
     }
     assert_eq!(
-        text.matches("PUSH_REDIS_URL: redis://redis:6379/0").count(),
+        text.matches(
+            "PUSH_REDIS_URL: redis+sentinel://sentinel-1:26379,sentinel-2:26379,sentinel-3:26379/mymaster/0"
+        )
+        .count(),
         2,
-        "both nodes share one Redis"
+        "both nodes share one Redis, found through the Sentinels"
+    );
+    assert_eq!(
+        text.matches("sentinel monitor mymaster redis 6379 2").count(),
+        3,
+        "three Sentinels watch the primary, two must agree"
     );
     assert!(
         text.contains("--appendfsync") && text.contains("always"),

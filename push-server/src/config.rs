@@ -69,8 +69,36 @@ pub struct ClusterConfig {
     /// `redis://host:port/db`: this node keeps devices, queues, receipts and keys in Redis and
     /// shares them with every node configured with the same URL. Each node needs its own
     /// `node_name`, and all of them the same CA and device-credential key in their data
-    /// directories (see README, "Running a cluster").
+    /// directories (see README, "Running a cluster"). `rediss://` for TLS;
+    /// `redis+sentinel://[:password@]host:port[,host:port...]/master_name[/db]` (or
+    /// `rediss+sentinel://`) to follow the master a set of Sentinels names.
     pub redis_url: String,
+    /// PEM CA certificate(s) Redis's certificate must chain to (a site's private CA), instead
+    /// of the system's trust store. Needs a `rediss` URL.
+    pub redis_ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for Redis servers that require one (`tls-auth-clients`),
+    /// with `redis_client_key_file`.
+    pub redis_client_cert_file: Option<PathBuf>,
+    /// PEM private key of `redis_client_cert_file`.
+    pub redis_client_key_file: Option<PathBuf>,
+}
+
+impl ClusterConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
+        if self.redis_client_cert_file.is_some() != self.redis_client_key_file.is_some() {
+            return bad("cluster.redis_client_cert_file and redis_client_key_file go together");
+        }
+        let files = self.redis_ca_file.is_some() || self.redis_client_cert_file.is_some();
+        if files
+            && !(self.redis_url.starts_with("rediss://") || self.redis_url.starts_with("rediss+sentinel://"))
+        {
+            return bad(
+                "cluster.redis_ca_file and redis_client_*_file need a rediss:// or rediss+sentinel:// redis_url",
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -492,6 +520,7 @@ impl Config {
         if l.observe_max_devices == 0 || l.observe_max_sites == 0 {
             return bad("limits.observe_max_devices and observe_max_sites must be positive");
         }
+        self.cluster.validate()?;
         l.device_handshakes.validate("device_handshakes")?;
         l.api_handshakes.validate("api_handshakes")?;
         l.http_handshakes.validate("http_handshakes")?;
@@ -560,6 +589,20 @@ fn host_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_tls_files_need_a_rediss_url_and_a_client_key_its_certificate() {
+        let cluster = |text: &str| toml::from_str::<Config>(text).unwrap().validate();
+        cluster("[cluster]\nredis_url = \"rediss://r:6379\"\nredis_ca_file = \"ca.pem\"\n").unwrap();
+        cluster("[cluster]\nredis_url = \"rediss+sentinel://s:26379/m\"\nredis_ca_file = \"ca.pem\"\n")
+            .unwrap();
+        let err =
+            cluster("[cluster]\nredis_url = \"redis://r:6379\"\nredis_ca_file = \"ca.pem\"\n").unwrap_err();
+        assert!(err.to_string().contains("rediss://"), "{err}");
+        let err = cluster("[cluster]\nredis_url = \"rediss://r:6379\"\nredis_client_cert_file = \"c.pem\"\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("redis_client_key_file"), "{err}");
+    }
 
     #[test]
     fn partial_file_keeps_defaults() {

@@ -94,10 +94,20 @@ struct ServeArgs {
     /// Heartbeat answer deadline in milliseconds.
     #[arg(long, env = "PUSH_HEARTBEAT_TIMEOUT_MS")]
     heartbeat_timeout_ms: Option<u64>,
-    /// Cluster mode: the Redis every node shares (`redis://host:port/db`); each node needs its
-    /// own --node-name.
+    /// Cluster mode: the Redis every node shares (`redis://host:port/db`, `rediss://` for TLS,
+    /// `redis+sentinel://host:port[,host:port...]/master_name[/db]` through Sentinel); each node
+    /// needs its own --node-name.
     #[arg(long, env = "PUSH_REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
+    /// PEM CA certificate to verify Redis with (`rediss`), instead of the system's.
+    #[arg(long, env = "PUSH_REDIS_CA_FILE")]
+    redis_ca_file: Option<PathBuf>,
+    /// PEM client certificate for Redis (with --redis-client-key-file).
+    #[arg(long, env = "PUSH_REDIS_CLIENT_CERT_FILE")]
+    redis_client_cert_file: Option<PathBuf>,
+    /// PEM private key of --redis-client-cert-file.
+    #[arg(long, env = "PUSH_REDIS_CLIENT_KEY_FILE")]
+    redis_client_key_file: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -679,6 +689,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.redis_url {
         cfg.cluster.redis_url = v;
+    }
+    if let Some(v) = args.redis_ca_file {
+        cfg.cluster.redis_ca_file = Some(v);
+    }
+    if let Some(v) = args.redis_client_cert_file {
+        cfg.cluster.redis_client_cert_file = Some(v);
+    }
+    if let Some(v) = args.redis_client_key_file {
+        cfg.cluster.redis_client_key_file = Some(v);
     }
     if let Some(path) = &args.config {
         cfg.validate()

@@ -23,7 +23,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admission::Listener,
     auth::{DeviceAuthority, write_secret},
-    config::{ApnsConfig, ApnsMode, Config},
+    config::{ApnsConfig, ApnsMode, ClusterConfig, Config},
     enrollment::{Enroller, SiteProfile},
     grpc::Api,
     hub::{Hub, SystemClock, run_cluster, run_timers},
@@ -75,6 +75,10 @@ impl Server {
         cfg.validate()?;
         // Before anything records a metric.
         crate::observe::metrics::install();
+        // Our own TLS configs name aws-lc-rs explicitly; the Redis client's (`rediss://`) take
+        // the process default, pinned here so that another provider entering the dependency
+        // tree cannot leave it ambiguous (rustls then panics). Err: already installed.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         prepare_data_dir(&cfg.data_dir)?;
         let (pki, pki_status) = pki::load_or_create(&cfg.data_dir.join(TLS_DIR), &cfg.server_names)?;
         let (hub, store) = open_hub(&cfg, voip).await?;
@@ -245,7 +249,8 @@ pub fn voip_bridge(cfg: &ApnsConfig) -> anyhow::Result<Option<Arc<dyn VoipBridge
 async fn open_hub(cfg: &Config, voip: Option<Arc<dyn VoipBridge>>) -> anyhow::Result<(Hub, Arc<dyn Store>)> {
     let clock = Arc::new(SystemClock);
     if !cfg.cluster.redis_url.is_empty() {
-        let redis = RedisStore::connect(&cfg.cluster.redis_url, &cfg.node_name, true)
+        let certificates = redis_certificates(&cfg.cluster)?;
+        let redis = RedisStore::connect_with(&cfg.cluster.redis_url, certificates, &cfg.node_name, true)
             .await
             .with_context(|| {
                 let url = redact_userinfo(&cfg.cluster.redis_url);
@@ -265,6 +270,42 @@ async fn open_hub(cfg: &Config, voip: Option<Arc<dyn VoipBridge>>) -> anyhow::Re
     );
     let hub = Hub::new(store.clone(), cfg.limits.clone(), snapshot, voip, clock);
     Ok((hub, store))
+}
+
+/// The CA and client certificate `[cluster]` names for Redis, read and checked now: the
+/// crate's parser takes a file with no certificate in it for an empty trust store, which would
+/// only fail later, at the handshake, as an unknown issuer.
+fn redis_certificates(cfg: &ClusterConfig) -> anyhow::Result<Option<redis::TlsCertificates>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let read = |path: &Path| std::fs::read(path).with_context(|| format!("cannot read {}", path.display()));
+    let certificates = |path: &Path| -> anyhow::Result<Vec<u8>> {
+        let pem = read(path)?;
+        let parsed = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>();
+        match parsed {
+            Ok(certs) if !certs.is_empty() => Ok(pem),
+            Ok(_) => anyhow::bail!("{} holds no PEM certificate", path.display()),
+            Err(e) => anyhow::bail!("{} is not valid PEM: {e}", path.display()),
+        }
+    };
+    let root_cert = cfg.redis_ca_file.as_deref().map(certificates).transpose()?;
+    let client_tls = match (&cfg.redis_client_cert_file, &cfg.redis_client_key_file) {
+        (Some(cert), Some(key)) => {
+            let client_key = read(key)?;
+            PrivateKeyDer::from_pem_slice(&client_key)
+                .with_context(|| format!("{} holds no PEM private key", key.display()))?;
+            Some(redis::ClientTlsConfig {
+                client_cert: certificates(cert)?,
+                client_key,
+            })
+        }
+        _ => None,
+    };
+    Ok(
+        (root_cert.is_some() || client_tls.is_some()).then_some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }),
+    )
 }
 
 /// `url` without its user and password (`redis://:secret@host` -> `redis://***@host`), for logs.
@@ -391,6 +432,10 @@ mod tests {
         assert_eq!(
             super::redact_userinfo("redis://127.0.0.1:6379/0"),
             "redis://127.0.0.1:6379/0"
+        );
+        assert_eq!(
+            super::redact_userinfo("rediss+sentinel://push:p@ss@s1:26379,s2:26379/mymaster/0"),
+            "rediss+sentinel://***@s1:26379,s2:26379/mymaster/0"
         );
     }
 

@@ -1,6 +1,7 @@
 //! Support for tests that need a real Redis (this crate's, `e2e`'s): a `redis-server` of its
-//! own on a free loopback port, in a directory of its own, stopped when dropped, and killed by
-//! the kernel if the test process dies first. Not used by the server itself.
+//! own on a free loopback port (plain or TLS, a replica, or a Sentinel), in a directory of its
+//! own, stopped when dropped, and killed by the kernel if the test process dies first. Not used
+//! by the server itself.
 
 use std::{
     io::{Read, Write},
@@ -15,11 +16,17 @@ use std::{
 
 /// A running `redis-server`.
 pub struct RedisServer {
-    /// `redis://127.0.0.1:<port>/0`.
+    /// `redis://127.0.0.1:<port>/0` (`rediss://` for TLS).
     pub url: String,
     /// Its port.
     pub port: u16,
     dir: PathBuf,
+    /// Arguments after the common ones (TLS, replication), kept for `restart`.
+    extra: Vec<String>,
+    /// Runs as a Sentinel, from `sentinel.conf` in its directory.
+    sentinel: bool,
+    /// TLS: what a client needs to reach it (to know it is up).
+    tls: Option<redis::TlsCertificates>,
     running: Option<Running>,
 }
 
@@ -33,26 +40,105 @@ struct Running {
 impl RedisServer {
     /// Start one with no persistence.
     pub fn start() -> std::io::Result<Self> {
-        Self::launch(false)
+        Self::launch(false, |_| Vec::new())
     }
 
     /// Start one with an append-only file fsynced on every write, so a restart keeps what it
     /// acknowledged.
     pub fn start_durable() -> std::io::Result<Self> {
-        Self::launch(true)
+        Self::launch(true, |_| Vec::new())
     }
 
-    fn launch(durable: bool) -> std::io::Result<Self> {
+    /// Start one that speaks only TLS, with `certs`' server certificate, and requires clients
+    /// to present a certificate from `certs`' CA.
+    pub fn start_tls(certs: &TestCerts) -> std::io::Result<Self> {
+        let path = |p: &PathBuf| p.display().to_string();
+        Self::launch_as(
+            false,
+            |port| {
+                [
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port.to_string(),
+                    "--tls-cert-file",
+                    &path(&certs.server_cert),
+                    "--tls-key-file",
+                    &path(&certs.server_key),
+                    "--tls-ca-cert-file",
+                    &path(&certs.ca),
+                    "--tls-auth-clients",
+                    "yes",
+                ]
+                .map(String::from)
+                .to_vec()
+            },
+            Some(certs.client()),
+            false,
+        )
+    }
+
+    /// Start a replica of `master` (no persistence); it syncs in the background.
+    pub fn start_replica_of(master: &RedisServer) -> std::io::Result<Self> {
+        let port = master.port.to_string();
+        Self::launch(false, |_| {
+            ["--replicaof", "127.0.0.1", &port].map(String::from).to_vec()
+        })
+    }
+
+    /// Start a Sentinel monitoring `master` as `mymaster`, with a quorum of one and timings
+    /// short enough for a test: down after 500 ms, a failover in one or two seconds.
+    pub fn start_sentinel(master: &RedisServer) -> std::io::Result<Self> {
+        let master = master.port;
+        let mut server = Self::launch_as(
+            false,
+            |port| {
+                vec![format!(
+                    "port {port}\nbind 127.0.0.1\nprotected-mode no\n\
+                     sentinel monitor mymaster 127.0.0.1 {master} 1\n\
+                     sentinel down-after-milliseconds mymaster 500\n\
+                     sentinel failover-timeout mymaster 2000\n\
+                     sentinel parallel-syncs mymaster 1\n"
+                )]
+            },
+            None,
+            true,
+        )?;
+        server.url = format!("redis+sentinel://127.0.0.1:{}/mymaster/0", server.port);
+        Ok(server)
+    }
+
+    fn launch(durable: bool, extra: impl Fn(u16) -> Vec<String>) -> std::io::Result<Self> {
+        Self::launch_as(durable, extra, None, false)
+    }
+
+    /// `extra`: more arguments for the port chosen, or for a Sentinel its config file's text.
+    fn launch_as(
+        durable: bool,
+        extra: impl Fn(u16) -> Vec<String>,
+        tls: Option<redis::TlsCertificates>,
+        sentinel: bool,
+    ) -> std::io::Result<Self> {
         let mut last = None;
         // A port found free can be taken before redis-server binds it: try a few.
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
             let dir = std::env::temp_dir().join(format!("lpush-redis-{}-{port}", std::process::id()));
             std::fs::create_dir_all(&dir)?;
+            let extra = extra(port);
+            if sentinel {
+                std::fs::write(dir.join("sentinel.conf"), extra.concat())?;
+            }
             let mut server = Self {
-                url: format!("redis://127.0.0.1:{port}/0"),
+                url: format!(
+                    "{}://127.0.0.1:{port}/0",
+                    if tls.is_some() { "rediss" } else { "redis" }
+                ),
                 port,
                 dir,
+                extra: if sentinel { Vec::new() } else { extra },
+                sentinel,
+                tls: tls.clone(),
                 running: None,
             };
             match server.run(durable) {
@@ -65,22 +151,29 @@ impl RedisServer {
 
     fn run(&mut self, durable: bool) -> std::io::Result<()> {
         let mut command = Command::new("redis-server");
+        if self.sentinel {
+            // Sentinel rewrites its config file: one of its own, in its directory.
+            command.arg(self.dir.join("sentinel.conf")).arg("--sentinel");
+        } else {
+            command
+                .args([
+                    "--port",
+                    &self.port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                ])
+                .args(["--appendonly", if durable { "yes" } else { "no" }])
+                .args(["--appendfsync", "always"])
+                // Bound to loopback anyway; protected mode would refuse clients from 127.x.y.z
+                // other than 127.0.0.1 (the fault tests relay through such addresses).
+                .args(["--protected-mode", "no"])
+                .arg("--dir")
+                .arg(&self.dir)
+                .args(&self.extra);
+        }
         command
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", if durable { "yes" } else { "no" }])
-            .args(["--appendfsync", "always"])
-            // Bound to loopback anyway; protected mode would refuse clients from 127.x.y.z
-            // other than 127.0.0.1 (the fault tests relay through such addresses).
-            .args(["--protected-mode", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -141,7 +234,11 @@ impl RedisServer {
             {
                 return Err(std::io::Error::other(format!("redis-server exited: {status}")));
             }
-            if ping(self.port) {
+            let up = match &self.tls {
+                Some(certs) => ping_tls(&self.url, certs),
+                None => ping(self.port),
+            };
+            if up {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -160,6 +257,96 @@ fn ping(port: u16) -> bool {
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     let mut reply = [0u8; 7];
     stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+}
+
+/// Whether the TLS server at `url` answers `PING`.
+fn ping_tls(url: &str, certs: &redis::TlsCertificates) -> bool {
+    redis::Client::build_with_tls(url, certs.clone())
+        .and_then(|client| client.get_connection_with_timeout(Duration::from_millis(500)))
+        .and_then(|mut conn| redis::cmd("PING").query::<String>(&mut conn))
+        .is_ok()
+}
+
+/// A CA of its own, a certificate for a TLS `redis-server` on 127.0.0.1 (and `localhost`), and
+/// a client certificate, written as PEM files in a directory removed on drop.
+pub struct TestCerts {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    dir: PathBuf,
+}
+
+impl TestCerts {
+    /// Generate them under a directory named after `name` (unique within this process).
+    pub fn generate(name: &str) -> std::io::Result<Self> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+            SanType,
+        };
+        let rcgen = std::io::Error::other;
+        let dir = std::env::temp_dir().join(format!("lpush-certs-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let ca_key = KeyPair::generate().map_err(rcgen)?;
+        let mut params = CertificateParams::new(Vec::new()).map_err(rcgen)?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Subjects differ from the CA's: OpenSSL takes a certificate named like its issuer for a
+        // self-signed one.
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "lpush test CA");
+        let ca_pem = params.self_signed(&ca_key).map_err(rcgen)?.pem();
+        let issuer = Issuer::new(params, ca_key);
+        let issue = |usage: ExtendedKeyUsagePurpose| -> Result<(String, String), rcgen::Error> {
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::new(vec!["localhost".to_string()])?;
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress([127, 0, 0, 1].into()));
+            params.distinguished_name.push(DnType::CommonName, "lpush test");
+            params.extended_key_usages = vec![usage];
+            Ok((params.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
+        };
+        let (server_cert, server_key) = issue(ExtendedKeyUsagePurpose::ServerAuth).map_err(rcgen)?;
+        let (client_cert, client_key) = issue(ExtendedKeyUsagePurpose::ClientAuth).map_err(rcgen)?;
+        let certs = Self {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+            dir,
+        };
+        for (path, pem) in [
+            (&certs.ca, ca_pem),
+            (&certs.server_cert, server_cert),
+            (&certs.server_key, server_key),
+            (&certs.client_cert, client_cert),
+            (&certs.client_key, client_key),
+        ] {
+            std::fs::write(path, pem)?;
+        }
+        Ok(certs)
+    }
+
+    /// What a client of the server needs: the CA and the client certificate.
+    pub fn client(&self) -> redis::TlsCertificates {
+        let read = |p: &PathBuf| std::fs::read(p).expect("test certificate written");
+        redis::TlsCertificates {
+            client_tls: Some(redis::ClientTlsConfig {
+                client_cert: read(&self.client_cert),
+                client_key: read(&self.client_key),
+            }),
+            root_cert: Some(read(&self.ca)),
+        }
+    }
+}
+
+impl Drop for TestCerts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl Drop for RedisServer {

@@ -48,6 +48,7 @@
 #[cfg(test)]
 mod conformance;
 mod redb_store;
+mod redis_conn;
 mod redis_store;
 mod rows;
 

@@ -54,11 +54,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use parking_lot::Mutex;
-use redis::aio::ConnectionManager;
-use redis::{RedisError, Script, ScriptInvocation, Value};
+use redis::{RedisError, Script, ScriptInvocation, TlsCertificates, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::redis_conn::{Master, MasterConn};
 use super::rows::{ApiKeyRow, DeviceRow, PushRow, ReceiptRow, RequestRow, Row};
 use super::{
     ApiKeyRecord, DeviceRecord, Op, Receipt, RequestRecord, Snapshot, Store, StoreError, StoredPush,
@@ -484,7 +484,7 @@ fn redis_err(e: RedisError) -> StoreError {
 }
 
 /// The epoch Redis holds, drawn at random (non-zero, below 2^53) by whichever node asks first.
-async fn ensure_epoch(conn: &mut ConnectionManager) -> Result<u64, StoreError> {
+async fn ensure_epoch(conn: &mut MasterConn) -> Result<u64, StoreError> {
     let drawn = rand::random::<u64>() % ((1 << 53) - 1) + 1;
     redis::cmd("SET")
         .arg(EPOCH)
@@ -630,7 +630,7 @@ struct Job {
 
 /// What the writer needs besides its connection.
 struct Writer {
-    conn: ConnectionManager,
+    conn: MasterConn,
     /// Steps of the current batch that Redis applied (a batch is retried only if none was).
     steps_applied: usize,
     fenced: bool,
@@ -1018,13 +1018,14 @@ pub struct RedisStore {
     node: String,
     fenced: bool,
     epoch: AtomicU64,
-    client: redis::Client,
+    master: Arc<Master>,
     /// Commands outside the writer's order (claims, forwards, listings).
-    conn: ConnectionManager,
+    conn: MasterConn,
     /// The synchronous `Store` reads share one blocking connection: they are rare (status
     /// queries, id reuse checks, API-key checks behind a cache) and must not need a runtime.
-    /// `None` after an I/O error, reconnected on the next read.
-    reader: Mutex<Option<redis::Connection>>,
+    /// `None` after an I/O error, reconnected on the next read; replaced when the master moved
+    /// (the generation it was opened for is kept with it).
+    reader: Mutex<Option<(u64, redis::Connection)>>,
     /// The writer's queue; `None` once closed.
     queue: Mutex<Option<mpsc::UnboundedSender<Job>>>,
     /// The writer thread, joined by `close`.
@@ -1040,9 +1041,20 @@ impl RedisStore {
     /// Connect to `url` (`redis://host:port/db`) as node `node`; create the epoch if Redis has
     /// none. `fenced`: device ops need a claimed token (cluster mode).
     pub async fn connect(url: &str, node: &str, fenced: bool) -> Result<Arc<Self>, StoreError> {
-        let client = redis::Client::open(url).map_err(redis_err)?;
-        let mut conn = client
-            .get_connection_manager_with_config(manager_config())
+        Self::connect_with(url, None, node, fenced).await
+    }
+
+    /// Like [`RedisStore::connect`], also for `rediss://` and Sentinel URLs
+    /// (`redis+sentinel://host:port[,host:port...]/master_name[/db]`, `rediss+sentinel://`),
+    /// verifying Redis with `certificates` (a CA, a client certificate) instead of the system's.
+    pub async fn connect_with(
+        url: &str,
+        certificates: Option<TlsCertificates>,
+        node: &str,
+        fenced: bool,
+    ) -> Result<Arc<Self>, StoreError> {
+        let master = Master::open(url, certificates).await.map_err(redis_err)?;
+        let mut conn = MasterConn::connect(master.clone(), manager_config())
             .await
             .map_err(redis_err)?;
         let epoch = ensure_epoch(&mut conn).await?;
@@ -1053,7 +1065,7 @@ impl RedisStore {
         let (queue, jobs) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel();
         let retention_ms = Arc::new(AtomicU64::new(DEFAULT_RETENTION_MS));
-        let writer_client = client.clone();
+        let writer_master = master.clone();
         let writer_retention = Arc::clone(&retention_ms);
         let thread = std::thread::Builder::new()
             .name("redis-writer".into())
@@ -1066,10 +1078,7 @@ impl RedisStore {
                     }
                 };
                 runtime.block_on(async move {
-                    match writer_client
-                        .get_connection_manager_with_config(manager_config())
-                        .await
-                    {
+                    match MasterConn::connect(writer_master, manager_config()).await {
                         Ok(conn) => {
                             let _ = ready_tx.send(Ok(()));
                             let writer = Writer {
@@ -1095,7 +1104,7 @@ impl RedisStore {
             node: node.to_string(),
             fenced,
             epoch: AtomicU64::new(epoch),
-            client,
+            master,
             conn,
             reader: Mutex::new(None),
             queue: Mutex::new(Some(queue)),
@@ -1489,7 +1498,7 @@ impl RedisStore {
         // The listener holds no reference to the store, so dropping the store still closes it;
         // it ends when the store closes or the receiver is dropped.
         let listener = Listener {
-            client: self.client.clone(),
+            master: self.master.clone(),
             channels: vec![
                 hint_channel(&self.node),
                 RECEIPTS_CHANNEL.into(),
@@ -1503,7 +1512,7 @@ impl RedisStore {
         rx
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> MasterConn {
         self.conn.clone()
     }
 
@@ -1513,18 +1522,22 @@ impl RedisStore {
         f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> Result<T, StoreError> {
         let mut reader = self.reader.lock();
-        if reader.is_none() {
-            let conn = self
-                .client
+        // Blocking, this connection cannot ask Sentinel itself: it follows the master the async
+        // connections found (the heartbeat's, at least once a second).
+        let (generation, client) = self.master.current();
+        if reader.as_ref().is_none_or(|(seen, _)| *seen != generation) {
+            *reader = None;
+            let conn = client
                 .get_connection_with_timeout(Duration::from_secs(5))
                 .map_err(redis_err)?;
             conn.set_read_timeout(Some(Duration::from_secs(5)))
                 .map_err(redis_err)?;
             conn.set_write_timeout(Some(Duration::from_secs(5)))
                 .map_err(redis_err)?;
-            *reader = Some(conn);
+            *reader = Some((generation, conn));
         }
-        let result = f(reader.as_mut().expect("connected above"));
+        let (_, conn) = reader.as_mut().expect("connected above");
+        let result = f(conn);
         if let Err(e) = &result
             && (e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_timeout())
         {
@@ -1534,9 +1547,10 @@ impl RedisStore {
     }
 }
 
-/// The pub/sub side of a store: one connection, re-established with backoff.
+/// The pub/sub side of a store: one connection, re-established with backoff (to the master
+/// Sentinel names now, after a failover).
 struct Listener {
-    client: redis::Client,
+    master: Arc<Master>,
     channels: Vec<String>,
     tx: mpsc::Sender<Heard>,
     stop: CancellationToken,
@@ -1551,8 +1565,9 @@ impl Listener {
         let mut backoff = FIRST_BACKOFF;
         let mut connected_before = false;
         loop {
+            let (generation, client) = self.master.current();
             let connect = async {
-                let mut pubsub = self.client.get_async_pubsub().await?;
+                let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&self.channels).await?;
                 Ok::<_, RedisError>(pubsub)
             };
@@ -1572,6 +1587,15 @@ impl Listener {
                     tracing::warn!("redis pub/sub connection lost; reconnecting");
                 }
                 Err(e) => tracing::warn!(error = %e, "redis pub/sub connect failed"),
+            }
+            // Sentinel may name a new master: then try it at once.
+            let moved = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                moved = self.master.clone().follow(generation) => moved,
+            };
+            if moved {
+                backoff = FIRST_BACKOFF;
+                continue;
             }
             tokio::select! {
                 _ = self.stop.cancelled() => return,
