@@ -60,6 +60,8 @@ pub(super) struct Link {
     /// An inbox may hold commands nobody applied (a drain failed, or hints were lost while the
     /// subscription was down): the next sweep tick drains every device held here.
     redrain: std::sync::atomic::AtomicBool,
+    /// Devices held here whose lease Redis no longer has: written back at the next heartbeat.
+    lost: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Why an inbox drain failed: whether anything was applied in memory decides the recovery.
@@ -100,6 +102,7 @@ impl Link {
             }),
             ownership: parking_lot::Mutex::default(),
             redrain: std::sync::atomic::AtomicBool::new(false),
+            lost: parking_lot::Mutex::default(),
             redis,
         }
     }
@@ -383,10 +386,10 @@ impl Hub {
                 tracing::warn!(device = device_id, error = %e, "inbox not read; retried at the next sweep");
                 e
             }
-            // Redis came back empty: this node's state is now the only copy; the next heartbeat
-            // finds the new epoch and writes it back (`reseed`).
+            // This node's state is now the only copy: the next heartbeat writes it back.
             DrainFailed::Unstored(e @ StoreError::Lost(_)) => {
                 tracing::warn!(device = device_id, error = %e, "inbox not applied; re-seeding at the next heartbeat");
+                self.lease_lost(device_id);
                 e
             }
             // What the drain applied in memory is not stored: drop the device here so its next
@@ -601,7 +604,15 @@ impl Hub {
         };
         if result.is_ok() {
             match timed("epoch", link.redis.current_epoch()).await {
-                Ok(Some(epoch)) if epoch == self.epoch() => {}
+                Ok(Some(epoch)) if epoch == self.epoch() => {
+                    // Same data, yet leases gone: a failover lost the claims.
+                    let lost: Vec<String> = link.lost.lock().drain().collect();
+                    for device_id in lost {
+                        tracing::warn!(device = %device_id, "lease lost (a failover?): writing the device back");
+                        crate::observe::metrics::cluster("lease_lost");
+                        self.reseed_device(link, &device_id).await;
+                    }
+                }
                 Ok(_) => self.reseed(link).await,
                 Err(e) => tracing::warn!(error = %e, "epoch check failed"),
             }
@@ -647,44 +658,59 @@ impl Hub {
         );
         crate::observe::metrics::cluster("redis_data_lost");
         link.health.lock().redis_data_lost_ms = self.now();
+        link.lost.lock().clear();
         let held: Vec<String> = self.0.devices.read().keys().cloned().collect();
         for device_id in held {
-            let _owner = link.lock_device(&device_id).await;
-            let Some(device) = self.device(&device_id) else {
-                continue;
-            };
-            let (record, mut ops, earliest) = {
-                let slot = device.lock();
-                let core = &slot.core;
-                let mut ops = vec![
-                    crate::store::Op::PutDevice(core.record.clone()),
-                    crate::store::Op::PutSeqCeiling {
-                        device_id: device_id.clone(),
-                        ceiling: core.next_seq,
-                    },
-                ];
-                ops.extend(
-                    core.outbox
-                        .values()
-                        .map(|q| crate::store::Op::PutPush((*q.push).clone())),
-                );
-                let earliest = core.outbox.values().map(|q| q.push.expires_at_ms).min();
-                (core.record.clone(), ops, earliest)
-            };
-            let restored = async {
-                link.redis.create_device(&record).await?;
-                match link.redis.claim(&device_id, true).await? {
-                    Claimed::Mine { .. } => {}
-                    _ => return Err(StoreError::Redis("the device could not be claimed".into())),
-                }
-                crate::store::commit(&*self.0.store, std::mem::take(&mut ops)).await?;
-                link.redis.release(&device_id, earliest).await
-            };
-            if let Err(e) = restored.await {
-                tracing::error!(device = %device_id, error = %e, "device not re-seeded");
+            self.reseed_device(link, &device_id).await;
+        }
+    }
+
+    /// Write back a device held here whose lease Redis lost (record, ceiling, queue), then let
+    /// it go: its phone reconnects and claims it afresh; its floor is trusted only in the
+    /// current epoch.
+    async fn reseed_device(&self, link: &Link, device_id: &str) {
+        let _owner = link.lock_device(device_id).await;
+        let Some(device) = self.device(device_id) else {
+            return;
+        };
+        let (record, mut ops, earliest) = {
+            let slot = device.lock();
+            let core = &slot.core;
+            let mut ops = vec![
+                crate::store::Op::PutDevice(core.record.clone()),
+                crate::store::Op::PutSeqCeiling {
+                    device_id: device_id.to_string(),
+                    ceiling: core.next_seq,
+                },
+            ];
+            ops.extend(
+                core.outbox
+                    .values()
+                    .map(|q| crate::store::Op::PutPush((*q.push).clone())),
+            );
+            let earliest = core.outbox.values().map(|q| q.push.expires_at_ms).min();
+            (core.record.clone(), ops, earliest)
+        };
+        let restored = async {
+            link.redis.create_device(&record).await?;
+            match link.redis.claim(device_id, true).await? {
+                Claimed::Mine { .. } => {}
+                _ => return Err(StoreError::Redis("the device could not be claimed".into())),
             }
-            let why = "the cluster store lost its data; reconnect to resync";
-            self.let_go(&device_id, GoodbyeReason::Reconnect, why);
+            crate::store::commit(&*self.0.store, std::mem::take(&mut ops)).await?;
+            link.redis.release(device_id, earliest).await
+        };
+        if let Err(e) = restored.await {
+            tracing::error!(device = %device_id, error = %e, "device not re-seeded");
+        }
+        let why = "the cluster store lost this device's state; reconnect to resync";
+        self.let_go(device_id, GoodbyeReason::Reconnect, why);
+    }
+
+    /// Note that Redis no longer has this node's lease on `device_id` (see `beat`).
+    pub(super) fn lease_lost(&self, device_id: &str) {
+        if let Some(link) = self.link() {
+            link.lost.lock().insert(device_id.to_string());
         }
     }
 
@@ -858,6 +884,59 @@ mod tests {
         match other.claim("d1", true).await.expect("claim") {
             Claimed::Mine { state, .. } => assert_eq!(state.record.device_id, "d1"),
             _ => panic!("the device was written back to Redis"),
+        }
+    }
+
+    /// Regression (found with Sentinel): a failover can lose a claim while the data and its
+    /// epoch survive. Every write about the device then failed `LOST` and waited for a re-seed
+    /// that only a new epoch starts, so the device stayed unreachable until its phone
+    /// reconnected. Now the next heartbeat writes it back and lets it go.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_lost_while_the_data_survived_is_written_back_at_the_next_heartbeat() {
+        use crate::hub::MessageRequest;
+        let server = RedisServer::start().expect("redis-server starts");
+        let redis = RedisStore::connect(&server.url, "A", true)
+            .await
+            .expect("connect");
+        let hub = Hub::new_cluster(redis.clone(), Limits::default(), None, Arc::new(SystemClock));
+        let link = hub.link().expect("cluster mode");
+        redis.heartbeat(60_000).await.expect("heartbeat");
+        assert!(redis.create_device(&record("d1")).await.expect("create"));
+        assert!(hub.hold("d1", true).await.expect("held"));
+        let send = |id: &str| {
+            hub.send_message(MessageRequest {
+                id: id.into(),
+                device_ids: vec!["d1".into()],
+                body: "hello".into(),
+                ..Default::default()
+            })
+        };
+        send("m1").await.expect("stored");
+
+        let mut raw = ::redis::Client::open(server.url.as_str())
+            .expect("client")
+            .get_connection()
+            .expect("connection");
+        let _: () = ::redis::cmd("DEL")
+            .arg("lp:{d:d1}:lease")
+            .query(&mut raw)
+            .expect("lease deleted");
+        assert!(send("m2").await.is_err(), "not stored without the lease");
+
+        hub.beat(link).await;
+        assert!(hub.device("d1").is_none(), "written back and let go");
+        send("m3").await.expect("routed through the inbox once let go");
+        let other = RedisStore::connect(&server.url, "B", true)
+            .await
+            .expect("connect");
+        other.heartbeat(60_000).await.expect("heartbeat");
+        match other.claim("d1", true).await.expect("claim") {
+            Claimed::Mine { state, inbox, .. } => {
+                let queued: Vec<&str> = state.pushes.iter().map(|p| p.id.as_str()).collect();
+                assert_eq!(queued, ["m1"], "the queue written back");
+                assert_eq!(inbox.len(), 1, "m3 waits in the inbox");
+            }
+            _ => panic!("the device is free to claim"),
         }
     }
 }

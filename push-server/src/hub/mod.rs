@@ -386,6 +386,9 @@ impl Hub {
                             device.lock().core.reservation_failed(ceiling);
                         }
                     }
+                    if let StoreError::Lost(device) = &e {
+                        self.lease_lost(device);
+                    }
                     result = Err(e);
                 }
             }

@@ -88,9 +88,10 @@ pub enum StoreError {
     /// was lost); nothing of the batch was applied.
     #[error("device {0} is held by another node")]
     Fenced(String),
-    /// Cluster mode: Redis lost its data (restarted empty, or replaced): this node's lease on
-    /// the device is gone. Nothing of the batch was applied; the node re-seeds what it holds.
-    #[error("redis lost its data: {0}")]
+    /// Cluster mode: this node's lease on the device (named) is gone: Redis lost its data
+    /// (restarted empty, replaced), or a failover lost the claim. Nothing of the batch was
+    /// applied; the node writes the device back from memory.
+    #[error("redis lost the lease of device {0}")]
     Lost(String),
     /// Cluster mode: Redis cannot be reached or refused the request.
     #[error("redis: {0}")]

@@ -512,7 +512,7 @@ fn unreachable(result: &Result<(), StoreError>) -> bool {
 fn script_err(device: &str, e: RedisError) -> StoreError {
     match e.code() {
         Some("FENCED") => StoreError::Fenced(device.to_string()),
-        Some("LOST") => StoreError::Lost(format!("the lease of {device} is missing")),
+        Some("LOST") => StoreError::Lost(device.to_string()),
         Some("CORRUPT") => StoreError::Corrupt {
             table: "redis device",
             detail: format!("{device}: {e}"),
