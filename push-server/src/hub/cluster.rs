@@ -841,20 +841,32 @@ mod tests {
         }
     }
 
+    /// A live node's store.
+    async fn node(server: &RedisServer, name: &str) -> Arc<RedisStore> {
+        let redis = RedisStore::connect(&server.url, name, true)
+            .await
+            .expect("connect");
+        redis.heartbeat(60_000).await.expect("heartbeat");
+        redis
+    }
+
+    /// A hub on node A holding device `d1`.
+    async fn holding_d1(server: &RedisServer) -> Hub {
+        let redis = node(server, "A").await;
+        let hub = Hub::new_cluster(redis.clone(), Limits::default(), None, Arc::new(SystemClock));
+        assert!(redis.create_device(&record("d1")).await.expect("create"));
+        assert!(hub.hold("d1", true).await.expect("held"));
+        hub
+    }
+
     /// Regression (a CI failure): while Redis restarted empty, a drain whose inbox read failed
     /// dropped the device, so the node's copy, by then the only one, was never written back and
     /// the phone's credential was refused ever after.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_inbox_unreadable_while_redis_restarts_empty_keeps_the_only_copy_of_the_device() {
         let mut server = RedisServer::start().expect("redis-server starts");
-        let redis = RedisStore::connect(&server.url, "A", true)
-            .await
-            .expect("connect");
-        let hub = Hub::new_cluster(redis.clone(), Limits::default(), None, Arc::new(SystemClock));
+        let hub = holding_d1(&server).await;
         let link = hub.link().expect("cluster mode");
-        redis.heartbeat(60_000).await.expect("heartbeat");
-        assert!(redis.create_device(&record("d1")).await.expect("create"));
-        assert!(hub.hold("d1", true).await.expect("held"));
 
         server.kill();
         hub.drain("d1").await;
@@ -877,10 +889,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_ne!(link.health.lock().redis_data_lost_ms, 0, "the loss is noticed");
-        let other = RedisStore::connect(&server.url, "B", true)
-            .await
-            .expect("connect");
-        other.heartbeat(60_000).await.expect("heartbeat");
+        let other = node(&server, "B").await;
         match other.claim("d1", true).await.expect("claim") {
             Claimed::Mine { state, .. } => assert_eq!(state.record.device_id, "d1"),
             _ => panic!("the device was written back to Redis"),
@@ -895,14 +904,8 @@ mod tests {
     async fn a_lease_lost_while_the_data_survived_is_written_back_at_the_next_heartbeat() {
         use crate::hub::MessageRequest;
         let server = RedisServer::start().expect("redis-server starts");
-        let redis = RedisStore::connect(&server.url, "A", true)
-            .await
-            .expect("connect");
-        let hub = Hub::new_cluster(redis.clone(), Limits::default(), None, Arc::new(SystemClock));
+        let hub = holding_d1(&server).await;
         let link = hub.link().expect("cluster mode");
-        redis.heartbeat(60_000).await.expect("heartbeat");
-        assert!(redis.create_device(&record("d1")).await.expect("create"));
-        assert!(hub.hold("d1", true).await.expect("held"));
         let send = |id: &str| {
             hub.send_message(MessageRequest {
                 id: id.into(),
@@ -926,10 +929,7 @@ mod tests {
         hub.beat(link).await;
         assert!(hub.device("d1").is_none(), "written back and let go");
         send("m3").await.expect("routed through the inbox once let go");
-        let other = RedisStore::connect(&server.url, "B", true)
-            .await
-            .expect("connect");
-        other.heartbeat(60_000).await.expect("heartbeat");
+        let other = node(&server, "B").await;
         match other.claim("d1", true).await.expect("claim") {
             Claimed::Mine { state, inbox, .. } => {
                 let queued: Vec<&str> = state.pushes.iter().map(|p| p.id.as_str()).collect();
