@@ -517,10 +517,11 @@ pub async fn cluster(
     rates: &[f64],
     seconds: f64,
     payload: usize,
+    appendfsync: &str,
 ) -> anyhow::Result<Table> {
     let mut table = Table::default();
     let body: Arc<str> = "x".repeat(payload).into();
-    let redis = push_server::testing::RedisServer::start_durable()?;
+    let redis = push_server::testing::RedisServer::start_with_fsync(appendfsync)?;
     let args = |node: &str| -> Vec<String> {
         vec![
             "--redis-url".into(),
@@ -530,7 +531,7 @@ pub async fn cluster(
         ]
     };
     println!(
-        "== push-server cluster: two nodes, one redis-server (appendfsync always), {devices} devices on node B"
+        "== push-server cluster: two nodes, one redis-server (appendfsync {appendfsync}), {devices} devices on node B"
     );
     let a = PushServer::start(&env.server_bin, &args("node-a")).await?;
     let b = PushServer::start_from(&env.server_bin, &args("node-b"), Some(&a.data_dir())).await?;
@@ -566,11 +567,122 @@ pub async fn cluster(
             );
             table.row(
                 "push-server cluster",
-                format!("{label}: {rate:.0} msg/s to random devices of {devices}"),
+                format!("{label}: {rate:.0} msg/s to random devices of {devices}, appendfsync {appendfsync}"),
                 run.figure(),
             );
         }
     }
+    Ok(table)
+}
+
+/// Cluster mode at scale: `sessions` idle sessions spread over `nodes` push-server processes
+/// sharing one redis-server (a node holds at most ~19k sessions: the open-files limit), held by
+/// worker processes of `per_process` phones each. Reports each node's sessions (counted from
+/// Redis's leases, so each is a claim the cluster agrees on) and memory per session.
+pub async fn cluster_scale(env: &Env, nodes: usize, sessions: usize) -> anyhow::Result<Table> {
+    let mut table = Table::default();
+    let redis = push_server::testing::RedisServer::start_durable()?;
+    let args = |k: usize| -> Vec<String> {
+        vec![
+            "--redis-url".into(),
+            redis.url.clone(),
+            "--node-name".into(),
+            format!("node-{k}"),
+            "--heartbeat-interval-ms".into(),
+            "600000".into(),
+        ]
+    };
+    println!(
+        "== push-server cluster at scale: {sessions} idle sessions on {nodes} nodes, one redis-server (appendfsync always)"
+    );
+    let mut servers = vec![PushServer::start(&env.server_bin, &args(0)).await?];
+    for k in 1..nodes {
+        let template = servers[0].data_dir();
+        servers.push(PushServer::start_from(&env.server_bin, &args(k), Some(&template)).await?);
+    }
+    let started = Instant::now();
+    let creds = servers[0].target.register(sessions).await?;
+    println!(
+        "  {sessions} devices registered in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let dir = servers[0].data_dir();
+    let (ca_file, creds_file) = (dir.join("tls/ca.pem"), dir.join("loadgen-creds.txt"));
+    std::fs::write(&creds_file, creds.join("\n"))?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let base: Vec<u64> = servers
+        .iter()
+        .map(|s| s.proc.rss_kib())
+        .collect::<anyhow::Result<_>>()?;
+    let cpu0: Vec<Duration> = servers.iter().map(|s| s.proc.cpu_time()).collect();
+    // Node k holds devices [k * per_node, (k + 1) * per_node).
+    let per_node = sessions.div_ceil(nodes);
+    let mut workers = Vec::new();
+    let started = Instant::now();
+    for (k, server) in servers.iter().enumerate() {
+        let (mut from, to) = (k * per_node, ((k + 1) * per_node).min(sessions));
+        while from < to {
+            let upto = (from + env.per_process).min(to);
+            let log = dir.join(format!("worker-{}.log", workers.len()));
+            let mut worker = Worker::spawn(
+                System::Push,
+                server.target.device_addr,
+                &ca_file,
+                Some(&creds_file),
+                &log,
+            )?;
+            worker.connect(from, upto)?;
+            workers.push(worker);
+            from = upto;
+        }
+    }
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let store = push_server::store::RedisStore::connect(&redis.url, "loadgen", false)
+        .await
+        .context("cannot reach the cluster's redis")?;
+    let ids: Vec<String> = (0..sessions).map(crate::push::device_id).collect();
+    let mut holders = Vec::with_capacity(sessions);
+    for chunk in ids.chunks(10_000) {
+        holders.extend(store.holders(chunk).await?);
+    }
+    let mut total_rss = 0;
+    for (k, server) in servers.iter().enumerate() {
+        let node = format!("node-{k}");
+        let expected = ((k + 1) * per_node).min(sessions).saturating_sub(k * per_node);
+        let held = holders
+            .iter()
+            .filter(|h| h.as_deref() == Some(node.as_str()))
+            .count();
+        let rss = server.proc.rss_kib()?;
+        total_rss += rss;
+        let cpu = server.proc.cpu_time() - cpu0[k];
+        table.row(
+            "push-server cluster",
+            format!("{node}: {expected} idle sessions"),
+            format!(
+                "{held} held (Redis leases); RSS {:.1} MiB, {:.2} KiB/session; server CPU {:.0} µs/login",
+                rss as f64 / 1024.0,
+                rss.saturating_sub(base[k]) as f64 / expected.max(1) as f64,
+                cpu.as_secs_f64() * 1e6 / expected.max(1) as f64,
+            ),
+        );
+    }
+    let held = holders.iter().filter(|h| h.is_some()).count();
+    table.row(
+        "push-server cluster",
+        format!(
+            "{sessions} idle sessions on {nodes} nodes ({} client processes)",
+            workers.len()
+        ),
+        format!(
+            "{held} held; connected in {:.1} s ({:.0} logins/s); nodes' RSS {:.1} MiB in all, redis-server {:.1} MiB",
+            took.as_secs_f64(),
+            sessions as f64 / took.as_secs_f64(),
+            total_rss as f64 / 1024.0,
+            crate::stats::rss_kib(redis.pid().context("redis-server stopped")?)? as f64 / 1024.0,
+        ),
+    );
     Ok(table)
 }
 

@@ -87,6 +87,18 @@ enum Command {
         seconds: f64,
         #[arg(long, default_value_t = 200)]
         payload: usize,
+        /// Redis's `appendfsync`: `always` (every acknowledged write survives a crash of its
+        /// host), `everysec` or `no`.
+        #[arg(long, default_value = "always")]
+        appendfsync: String,
+    },
+    /// Cluster mode at scale: idle sessions spread over several nodes (each process may hold
+    /// at most ~19k sessions), memory per session on each node.
+    ClusterScale {
+        #[arg(long, default_value_t = 6)]
+        nodes: usize,
+        #[arg(long, default_value_t = 100_000)]
+        sessions: usize,
     },
     /// Call alert latency: PlaceCall -> invite callback, and -> ACKED seen by the caller.
     Call {
@@ -187,9 +199,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rates,
             seconds,
             payload,
+            appendfsync,
         } => (
             "Cluster delivery latency",
-            bench::cluster(&env, devices, &rates, seconds, payload).await?,
+            bench::cluster(&env, devices, &rates, seconds, payload, &appendfsync).await?,
+        ),
+        Command::ClusterScale { nodes, sessions } => (
+            "Cluster at scale",
+            bench::cluster_scale(&env, nodes.max(1), sessions).await?,
         ),
         Command::Call {
             devices,

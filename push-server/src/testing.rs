@@ -49,6 +49,13 @@ impl RedisServer {
         Self::launch(true, |_| Vec::new())
     }
 
+    /// Start one with an append-only file fsynced as `appendfsync` says (`always`, `everysec`,
+    /// `no`), for benchmarks that weigh durability against latency.
+    pub fn start_with_fsync(appendfsync: &str) -> std::io::Result<Self> {
+        let policy = appendfsync.to_string();
+        Self::launch(true, move |_| vec!["--appendfsync".into(), policy.clone()])
+    }
+
     /// Start one that speaks only TLS, with `certs`' server certificate, and requires clients
     /// to present a certificate from `certs`' CA.
     pub fn start_tls(certs: &TestCerts) -> std::io::Result<Self> {
@@ -202,6 +209,11 @@ impl RedisServer {
             spawner: (stop_tx, thread),
         });
         self.wait_ready()
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.running.as_ref().map(|r| r.child.id())
     }
 
     /// Kill it at once (SIGKILL): what it had not written to its append-only file is lost.
