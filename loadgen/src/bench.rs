@@ -642,10 +642,29 @@ pub async fn cluster_scale(env: &Env, nodes: usize, sessions: usize) -> anyhow::
         .await
         .context("cannot reach the cluster's redis")?;
     let ids: Vec<String> = (0..sessions).map(crate::push::device_id).collect();
-    let mut holders = Vec::with_capacity(sessions);
-    for chunk in ids.chunks(10_000) {
-        holders.extend(store.holders(chunk).await?);
-    }
+    // Phones a node turned away while it was busy come back after their backoff: count again
+    // until every device is held, for up to a minute.
+    let settle = Instant::now();
+    let holders = loop {
+        let mut holders = Vec::with_capacity(sessions);
+        for chunk in ids.chunks(10_000) {
+            holders.extend(store.holders(chunk).await?);
+        }
+        let held = holders.iter().filter(|h| h.is_some()).count();
+        if held == sessions || settle.elapsed() > Duration::from_secs(60) {
+            println!(
+                "  {held} of {sessions} devices held {:.1} s after the last worker reported",
+                settle.elapsed().as_secs_f64()
+            );
+            if held < sessions {
+                for server in &servers {
+                    println!("  {}", server.proc.log_tail());
+                }
+            }
+            break holders;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
     let mut total_rss = 0;
     for (k, server) in servers.iter().enumerate() {
         let node = format!("node-{k}");

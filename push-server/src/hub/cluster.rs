@@ -42,6 +42,8 @@ const HEARTBEAT_TTL_MS: u64 = 5_000;
 /// How often a node looks for deadlines of devices nobody holds, and how many it takes at once.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 const SWEEP_BATCH: usize = 64;
+/// How many devices a node claims at once (see `Link::claims`).
+const CLAIMS_IN_FLIGHT: usize = 32;
 /// How many inboxes a re-drain applies at once (each waits for Redis).
 const REDRAIN_CONCURRENCY: usize = 16;
 
@@ -62,6 +64,15 @@ pub(super) struct Link {
     redrain: std::sync::atomic::AtomicBool,
     /// Devices held here whose lease Redis no longer has: written back at the next heartbeat.
     lost: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// Claims in flight at once. In a login storm the excess waits here rather than in Redis's
+    /// queue, where each would run into its timeout and send its phone back to retry.
+    claims: tokio::sync::Semaphore,
+}
+
+/// A device held for a session about to log in (see [`Hub::hold_for_session`]).
+#[must_use = "the device may be let go once this is dropped: keep it until the login is recorded"]
+pub struct SessionHold {
+    _owner: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 /// Why an inbox drain failed: whether anything was applied in memory decides the recovery.
@@ -103,6 +114,7 @@ impl Link {
             ownership: parking_lot::Mutex::default(),
             redrain: std::sync::atomic::AtomicBool::new(false),
             lost: parking_lot::Mutex::default(),
+            claims: tokio::sync::Semaphore::new(CLAIMS_IN_FLIGHT),
             redis,
         }
     }
@@ -265,8 +277,17 @@ impl Hub {
     /// Cluster mode: hold `device_id` on this node so a session can log in here, taking it from
     /// whichever node holds it (a newer login wins). A no-op when already held here or in
     /// embedded mode. An unknown device is left to `login` to refuse.
-    pub async fn hold_for_session(&self, device_id: &str) -> Result<(), StoreError> {
-        self.hold(device_id, true).await.map(|_| ())
+    ///
+    /// Keep the returned guard until `login` returned: until then the device has no session,
+    /// and a release (the previous session's logout, a sweep) would let it go under the new
+    /// session, leaving a live phone that no node holds.
+    pub async fn hold_for_session(&self, device_id: &str) -> Result<SessionHold, StoreError> {
+        let Some(link) = self.link() else {
+            return Ok(SessionHold { _owner: None });
+        };
+        let owner = link.lock_device(device_id).await;
+        self.hold_locked(link, device_id, true).await?;
+        Ok(SessionHold { _owner: Some(owner) })
     }
 
     /// Hold `device_id` here (`steal`: even from a live node). Returns whether it is held here.
@@ -275,19 +296,35 @@ impl Hub {
             return Ok(true);
         };
         let _owner = link.lock_device(device_id).await;
-        if self.device(device_id).is_none() {
+        self.hold_locked(link, device_id, steal).await
+    }
+
+    /// `hold`, with the device's ownership lock held.
+    async fn hold_locked(&self, link: &Link, device_id: &str, steal: bool) -> Result<bool, StoreError> {
+        let drained = if self.device(device_id).is_none() {
+            let _permit = link.claims.acquire().await.map_err(|_| StoreError::Closed)?;
             match timed("claim", link.redis.claim(device_id, steal)).await? {
                 Claimed::Unknown | Claimed::Held { .. } => return Ok(false),
-                Claimed::Mine { previous, state, .. } => {
+                Claimed::Mine {
+                    previous,
+                    state,
+                    inbox,
+                    ..
+                } => {
                     if let Some(node) = previous {
                         tracing::info!(device = device_id, from = %node, "device taken over");
                     }
                     crate::observe::metrics::cluster("claimed");
                     self.install(state);
+                    // The claim read the inbox in the same script: no second round trip (a
+                    // login storm pays one per phone).
+                    self.apply_inbox(device_id, inbox).await
                 }
             }
-        }
-        match self.drain_locked(link, device_id).await {
+        } else {
+            self.drain_locked(link, device_id).await
+        };
+        match drained {
             Ok(()) => Ok(true),
             Err(failed) => Err(self.drain_failed(link, device_id, failed)),
         }
@@ -314,6 +351,12 @@ impl Hub {
         let commands = timed("inbox", link.redis.inbox(device_id))
             .await
             .map_err(DrainFailed::Unread)?;
+        self.apply_inbox(device_id, commands).await
+    }
+
+    /// Apply `commands`, the head of the device's inbox, and trim them in the same batch as
+    /// their outcome (call with the ownership lock held).
+    async fn apply_inbox(&self, device_id: &str, commands: Vec<Vec<u8>>) -> Result<(), DrainFailed> {
         let Some(device) = self.device(device_id).filter(|_| !commands.is_empty()) else {
             return Ok(());
         };
@@ -429,21 +472,25 @@ impl Hub {
     pub(super) async fn release_if_idle(&self, device_id: &str) {
         let Some(link) = self.link() else { return };
         let _owner = link.lock_device(device_id).await;
-        let earliest = {
-            let Some(device) = self.device(device_id) else {
-                return;
-            };
-            let slot = device.lock();
-            let core = &slot.core;
-            if core.session.is_some() || core.outbox.values().any(|q| q.voip == VoipLeg::Sending) {
-                return;
-            }
-            core.outbox.values().map(|q| q.push.expires_at_ms).min()
+        let Some(device) = self.device(device_id) else {
+            return;
         };
+        let idle = || {
+            let core = &device.lock().core;
+            let busy = core.session.is_some() || core.outbox.values().any(|q| q.voip == VoipLeg::Sending);
+            (!busy).then(|| core.outbox.values().map(|q| q.push.expires_at_ms).min())
+        };
+        if idle().is_none() {
+            return;
+        }
         // Wait for what was submitted about it, so its successor loads the latest state.
         if crate::store::commit(&*self.0.store, Vec::new()).await.is_err() {
             return;
         }
+        // A VoIP leg may have started meanwhile (a login cannot: it holds the ownership lock).
+        let Some(earliest) = idle() else {
+            return;
+        };
         if let Some(device) = self.0.devices.write().remove(device_id) {
             let slot = device.lock();
             let timers: Vec<_> = slot.core.timers().collect();
@@ -841,6 +888,14 @@ mod tests {
         }
     }
 
+    /// A plain connection to `server`, for what the test does behind the nodes' backs.
+    fn raw(server: &RedisServer) -> ::redis::Connection {
+        ::redis::Client::open(server.url.as_str())
+            .expect("client")
+            .get_connection()
+            .expect("connection")
+    }
+
     /// A live node's store.
     async fn node(server: &RedisServer, name: &str) -> Arc<RedisStore> {
         let redis = RedisStore::connect(&server.url, name, true)
@@ -916,10 +971,7 @@ mod tests {
         };
         send("m1").await.expect("stored");
 
-        let mut raw = ::redis::Client::open(server.url.as_str())
-            .expect("client")
-            .get_connection()
-            .expect("connection");
+        let mut raw = raw(&server);
         let _: () = ::redis::cmd("DEL")
             .arg("lp:{d:d1}:lease")
             .query(&mut raw)
@@ -938,5 +990,68 @@ mod tests {
             }
             _ => panic!("the device is free to claim"),
         }
+    }
+
+    /// Regression (found at 100,000 sessions on 6 nodes): a release that began while a new
+    /// session was between its claim and its login (the previous session's logout, a sweep)
+    /// let the device go under that session: a live phone no node held, whose pushes waited in
+    /// its inbox until they expired.
+    #[tokio::test]
+    async fn a_release_racing_a_login_never_lets_go_of_the_new_session() {
+        use crate::hub::MessageRequest;
+        let server = RedisServer::start().expect("redis-server starts");
+        let hub = holding_d1(&server).await;
+        let link = hub.link().expect("cluster mode");
+        assert!(link.redis.create_device(&record("d2")).await.expect("create"));
+        assert!(hub.hold("d2", true).await.expect("held"));
+
+        let hold = hub.hold_for_session("d1").await.expect("held for the session");
+        // Redis holds writes for a moment, so the release waits in its barrier.
+        let mut raw = raw(&server);
+        let _: () = ::redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(400)
+            .arg("WRITE")
+            .query(&mut raw)
+            .expect("paused");
+        let stalled = tokio::spawn({
+            let hub = hub.clone();
+            async move {
+                hub.send_message(MessageRequest {
+                    id: "m1".into(),
+                    device_ids: vec!["d2".into()],
+                    body: "hello".into(),
+                    ..Default::default()
+                })
+                .await
+            }
+        });
+        let release = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.release_if_idle("d1").await }
+        });
+        // One thread: each spawned task runs until it waits (for Redis, or for the lock).
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let claims = crate::auth::DeviceClaims {
+            sub: "d1".into(),
+            generation: 1,
+            iat: 0,
+            exp: u64::MAX,
+            aud: "lpush-device".into(),
+        };
+        let _login = hub
+            .login(&claims, &push_proto::device::Hello::default())
+            .expect("logged in");
+        drop(hold);
+        release.await.expect("release ran");
+        stalled.await.expect("send ran").expect("sent");
+        assert!(
+            hub.device("d1").is_some(),
+            "the device of a live session stays held"
+        );
+        let holders = link.redis.holders(&["d1".into()]).await.expect("holders");
+        assert_eq!(holders, [Some("A".to_string())]);
     }
 }

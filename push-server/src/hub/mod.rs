@@ -41,7 +41,7 @@ mod tests;
 
 pub use bus::{Heard, Watch};
 pub use clock::{Clock, SystemClock, now_ms};
-pub use cluster::{ClusterHealth, run_cluster};
+pub use cluster::{ClusterHealth, SessionHold, run_cluster};
 pub use device::{MAX_FLOOR, MAX_SEQ};
 pub use registry::DeviceView;
 pub use senders::{CallRequest, MessageRequest, RecipientOutcome, SendError, Sent};

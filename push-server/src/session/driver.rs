@@ -251,13 +251,18 @@ async fn authenticate(
         return None;
     }
     // Cluster mode: the device's state moves to this node first (a newer login wins).
-    if let Err(e) = env.hub.hold_for_session(&claims.sub).await {
-        metrics::login("unavailable");
-        tracing::warn!(%peer, device = %claims.sub, error = %e, "login deferred: the cluster store is unavailable");
-        session.goodbye(GoodbyeReason::Overloaded, "server unavailable; retry later");
-        return None;
-    }
-    let login = match env.hub.login(&claims, &hello) {
+    let hold = match env.hub.hold_for_session(&claims.sub).await {
+        Ok(hold) => hold,
+        Err(e) => {
+            metrics::login("unavailable");
+            tracing::warn!(%peer, device = %claims.sub, error = %e, "login deferred: the cluster store is unavailable");
+            session.goodbye(GoodbyeReason::Overloaded, "server unavailable; retry later");
+            return None;
+        }
+    };
+    let login = env.hub.login(&claims, &hello);
+    drop(hold);
+    let login = match login {
         Ok(login) => login,
         Err(e) => return refuse(session, e, peer),
     };
