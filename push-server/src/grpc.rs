@@ -124,20 +124,22 @@ impl Api {
         let (tx, rx) = mpsc::channel(64);
         let (hub, shutdown) = (self.hub.clone(), self.shutdown.clone());
         tokio::spawn(async move {
-            let mut states: HashMap<String, ReceiptState> = HashMap::new();
+            // The last update reported per device.
+            let mut states: HashMap<String, Receipt> = HashMap::new();
             let mut pending = current;
             loop {
                 for r in pending.drain(..) {
-                    // Receipts can race the initial read; never report a state going backwards.
-                    if states.get(&r.device_id).is_some_and(|s| s.is_final()) {
+                    // Receipts can race the initial read, and a re-read after a lag repeats what
+                    // was reported: never report a state going backwards, or the same twice.
+                    if states.get(&r.device_id).is_some_and(|last| !advances(last, &r)) {
                         continue;
                     }
-                    states.insert(r.device_id.clone(), r.state);
+                    states.insert(r.device_id.clone(), r.clone());
                     if tx.send(Ok(update(r))).await.is_err() {
                         return;
                     }
                 }
-                if states.values().all(|s| s.is_final()) {
+                if states.values().all(|r| r.state.is_final()) {
                     return;
                 }
                 tokio::select! {
@@ -155,6 +157,20 @@ impl Api {
         });
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
+}
+
+/// Whether `next` tells a watcher of a device more than `last` did: a later state, or the same
+/// non-final state with another path or reason (a VoIP leg's outcome).
+fn advances(last: &Receipt, next: &Receipt) -> bool {
+    let rank = |s: ReceiptState| match s {
+        ReceiptState::Accepted => 0,
+        ReceiptState::Delivered => 1,
+        _ => 2,
+    };
+    if last.state.is_final() || rank(next.state) < rank(last.state) {
+        return false;
+    }
+    next.state != last.state || next.path != last.path || next.reason != last.reason
 }
 
 #[tonic::async_trait]

@@ -6,7 +6,7 @@ mod common;
 use common::{Harness, next, to, within};
 use push_proto::{
     device::{CancelReason, GoodbyeReason, push},
-    sender::{CancelCallRequest, DeliveryState, PlaceCallRequest},
+    sender::{CancelCallRequest, DeliveryState, GetMessageStatusRequest, PlaceCallRequest},
 };
 use push_server::{
     client::ClientError,
@@ -408,4 +408,39 @@ async fn after_a_sentinel_failover_both_nodes_follow_the_new_master_and_messages
     beats_after(&b, switched).await;
     // ...and the phone's session on node B lived through the failover.
     relayed(&a, &mut phone, "after the failover").await;
+}
+
+/// A push forwarded through a device's inbox is announced ACCEPTED once, by the node the sender
+/// used (its forward wrote the receipt), not again when the holder applies it.
+#[tokio::test]
+async fn a_forwarded_message_is_reported_accepted_once() {
+    let c = Cluster::start().await;
+    let credential = c.a.issue("phone-1", &[]).await;
+    let sent = c.a.send("phone-1", "queued while the phone is away").await;
+    let mut updates =
+        c.a.sender()
+            .watch_message(GetMessageStatusRequest {
+                message_id: sent.message_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    let first = within(updates.message()).await.unwrap().expect("current state");
+    assert_eq!(first.state(), DeliveryState::Accepted);
+    let mut phone = c.b.connect(&credential, 0).await.expect("connects to node B");
+    let p = next(&mut phone).await;
+    phone.ack(&[p.seq]).await.unwrap();
+    let mut seen = vec![first.state()];
+    while seen.last() != Some(&DeliveryState::Acked) {
+        let u = within(updates.message()).await.unwrap().expect("an update");
+        seen.push(u.state());
+    }
+    assert_eq!(
+        seen,
+        [
+            DeliveryState::Accepted,
+            DeliveryState::Delivered,
+            DeliveryState::Acked
+        ]
+    );
 }

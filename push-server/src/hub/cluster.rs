@@ -33,7 +33,9 @@ use super::{
     Hub, Slot,
     device::{DeviceCore, Effects, Item, VoipLeg},
 };
-use crate::store::{Claimed, DeviceState, Forwarded, Heard, PushKind, Receipt, RedisStore, StoreError};
+use crate::store::{
+    Claimed, DeviceState, Forwarded, Heard, PushKind, Receipt, ReceiptState, RedisStore, StoreError,
+};
 
 /// How often a node renews its heartbeat, and how long one lasts: a node silent for longer is
 /// dead to the others, which may then take its devices without stealing.
@@ -365,9 +367,11 @@ impl Hub {
             let slot = &mut *device.lock();
             let mut fx = Effects::default();
             let mut invites = Vec::new();
+            let mut enqueued = Vec::new();
             for raw in &commands {
                 match decode(raw) {
                     Ok(Command::Enqueue(item)) => {
+                        enqueued.push(item.id.clone());
                         if let Ok(seq) = slot.core.enqueue(&mut fx, cx, &item)
                             && item.kind == PushKind::CallInvite
                         {
@@ -387,6 +391,13 @@ impl Hub {
                     }
                 }
             }
+            // The forwarding node wrote and announced each enqueued item's ACCEPTED.
+            let forwarded: std::collections::HashSet<&str> = enqueued.iter().map(String::as_str).collect();
+            let announced =
+                |r: &Receipt| r.state == ReceiptState::Accepted && forwarded.contains(r.id.as_str());
+            fx.receipts.retain(|a| !announced(&a.receipt));
+            fx.ops
+                .retain(|op| !matches!(op, crate::store::Op::PutReceipt(r) if announced(r)));
             fx.ops.push(crate::store::Op::TrimInbox {
                 device_id: device_id.into(),
                 count: commands.len(),
