@@ -700,13 +700,7 @@ impl Writer {
         });
         let seconds = started.elapsed().as_secs_f64();
         for (job, result) in jobs.into_iter().zip(results) {
-            if let Err(e) = &result {
-                tracing::debug!(error = %e, "redis batch failed");
-            }
-            // A fenced batch is this node's news, not a store failure.
-            let ok = !matches!(result, Err(StoreError::Redis(_) | StoreError::Io(_)));
-            crate::observe::metrics::store_commit(ok, seconds);
-            let _ = job.reply.send(result);
+            answer(job, result, seconds);
         }
     }
 
@@ -790,12 +784,7 @@ impl Writer {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             result = self.apply(job.ops.clone(), &job.fences).await;
         }
-        if let Err(e) = &result {
-            tracing::debug!(error = %e, "redis batch failed");
-        }
-        let ok = !matches!(result, Err(StoreError::Redis(_) | StoreError::Io(_)));
-        crate::observe::metrics::store_commit(ok, started.elapsed().as_secs_f64());
-        let _ = job.reply.send(result);
+        answer(job, result, started.elapsed().as_secs_f64());
     }
 
     async fn apply(&mut self, ops: Vec<Op>, fences: &HashMap<String, String>) -> Result<(), StoreError> {
@@ -920,6 +909,17 @@ impl Writer {
             .await
             .map_err(redis_err)
     }
+}
+
+/// Answer `job` with `result`, counted as a commit that took `seconds`.
+fn answer(job: Job, result: Result<(), StoreError>, seconds: f64) {
+    if let Err(e) = &result {
+        tracing::debug!(error = %e, "redis batch failed");
+    }
+    // A fenced batch is this node's news, not a store failure.
+    let ok = !matches!(result, Err(StoreError::Redis(_) | StoreError::Io(_)));
+    crate::observe::metrics::store_commit(ok, seconds);
+    let _ = job.reply.send(result);
 }
 
 /// Why a window must be sent again.
