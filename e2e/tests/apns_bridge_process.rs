@@ -93,6 +93,7 @@ async fn bridge_as_a_separate_process_rings_reports_and_invalidates_like_embedde
         caller_handle: "ext 4411".into(),
         video: false,
         ring_timeout_seconds: 20,
+        escalation: Vec::new(),
     };
 
     // No session: one VoIP push, reported with path "apns".

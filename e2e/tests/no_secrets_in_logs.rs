@@ -323,6 +323,7 @@ async fn no_secret_in_debug_log_metrics_or_errors() {
             caller_handle: "ext 4411".into(),
             video: false,
             ring_timeout_seconds: 20,
+            escalation: Vec::new(),
         }),
     )
     .await

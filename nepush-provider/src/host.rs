@@ -166,6 +166,8 @@ pub fn cancel_reason_name(r: CancelReason) -> &'static str {
         CancelReason::CallerCancelled => "callerCancelled",
         CancelReason::AnsweredElsewhere => "answeredElsewhere",
         CancelReason::DeclinedElsewhere => "declinedElsewhere",
+        CancelReason::Missed => "missed",
+        CancelReason::Escalated => "escalated",
         CancelReason::Unspecified => "unspecified",
     }
 }

@@ -297,6 +297,14 @@ impl push_sender_server::PushSender for Api {
         Ok(Response::new(self.watch(req.into_inner().call_id, key).await?))
     }
 
+    async fn get_call_status(
+        &self,
+        req: Request<WatchCallRequest>,
+    ) -> Result<Response<push_proto::sender::CallStatus>, Status> {
+        self.authorize(&req, Scope::Read)?;
+        Err(Status::unimplemented("GetCallStatus"))
+    }
+
     async fn list_devices(
         &self,
         req: Request<ListDevicesRequest>,
@@ -604,6 +612,7 @@ fn update(r: Receipt) -> DeliveryUpdate {
         reason: r.reason,
         at_ms: r.at_ms,
         path: r.path,
+        step: 0,
     }
 }
 

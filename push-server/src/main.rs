@@ -560,6 +560,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     caller_handle: args.caller_handle,
                     video: args.video,
                     ring_timeout_seconds: args.ring_secs,
+                    escalation: Vec::new(),
                 })
                 .await?
                 .into_inner();

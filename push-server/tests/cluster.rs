@@ -153,6 +153,7 @@ async fn a_call_placed_and_cancelled_on_one_node_rings_and_stops_on_the_other() 
             target: Some(to("phone-1")),
             caller_name: "Ward 4B".into(),
             ring_timeout_seconds: 30,
+            escalation: Vec::new(),
             ..Default::default()
         })
         .await

@@ -240,6 +240,7 @@ fn call(call_id: &str, device: &str, ring_secs: u32) -> PlaceCallRequest {
         caller_handle: "ext 4411".into(),
         video: false,
         ring_timeout_seconds: ring_secs,
+        escalation: Vec::new(),
     }
 }
 

@@ -15,6 +15,7 @@ fn call(call_id: &str, device: &str, caller: &str) -> PlaceCallRequest {
         caller_handle: "ext 4411".into(),
         video: false,
         ring_timeout_seconds: 60,
+        escalation: Vec::new(),
     }
 }
 

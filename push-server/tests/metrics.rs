@@ -97,6 +97,7 @@ async fn metrics_match_a_scripted_session() {
             target: Some(common::to("phone-a")),
             caller_name: "Dr. Okafor".into(),
             ring_timeout_seconds: 30,
+            escalation: Vec::new(),
             ..Default::default()
         })
         .await
@@ -111,6 +112,7 @@ async fn metrics_match_a_scripted_session() {
             target: Some(common::to("phone-b")),
             caller_name: "Dr. Okafor".into(),
             ring_timeout_seconds: 30,
+            escalation: Vec::new(),
             ..Default::default()
         })
         .await

@@ -163,6 +163,7 @@ impl Env {
                 caller_handle: "ext 4411".into(),
                 video: true,
                 ring_timeout_seconds: ring_secs,
+                escalation: Vec::new(),
             })
             .await
             .unwrap()
@@ -482,6 +483,7 @@ async fn bridge_down_is_reported_quickly_and_the_local_call_keeps_ringing() {
             target: Some(to("phone-1")),
             caller_name: "Dr. Okafor".into(),
             ring_timeout_seconds: 30,
+            escalation: Vec::new(),
             ..Default::default()
         })
         .await

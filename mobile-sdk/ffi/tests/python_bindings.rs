@@ -84,6 +84,7 @@ async fn python_drives_the_ffi_against_a_real_server() {
             target: to_device(),
             caller_name: "Ward 4B".into(),
             ring_timeout_seconds: 120,
+            escalation: Vec::new(),
             ..Default::default()
         })
         .await

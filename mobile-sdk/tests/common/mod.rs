@@ -163,6 +163,7 @@ impl ServerInfo {
                 caller_handle: "4711".into(),
                 video: false,
                 ring_timeout_seconds: 30,
+                escalation: Vec::new(),
             })
             .await
             .expect("PlaceCall")

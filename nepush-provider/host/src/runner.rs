@@ -469,6 +469,7 @@ impl Run<'_> {
                     caller_handle: c.caller_handle.clone(),
                     video: c.video,
                     ring_timeout_seconds: c.ring_seconds,
+                    escalation: Vec::new(),
                 };
                 let r = self
                     .site

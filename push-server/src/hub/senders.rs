@@ -493,6 +493,20 @@ impl Hub {
         }
     }
 
+    /// A device reports what its user did with a call.
+    pub async fn call_outcome(
+        &self,
+        _device_id: &str,
+        report: push_proto::device::CallOutcomeReport,
+    ) -> push_proto::device::CallOutcomeReply {
+        push_proto::device::CallOutcomeReply {
+            call_id: report.call_id,
+            outcome: report.outcome,
+            result: push_proto::device::CallOutcomeResult::UnknownCall as i32,
+            detail: "not yet decided".into(),
+        }
+    }
+
     /// Presence changes of every device as they happen.
     pub fn subscribe_presence(&self) -> broadcast::Receiver<PresenceEvent> {
         self.0.presence.watch_all()

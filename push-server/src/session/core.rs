@@ -7,8 +7,8 @@
 use std::{collections::VecDeque, time::Duration};
 
 use push_proto::device::{
-    Ack, ClientFrame, Goodbye, GoodbyeReason, Heartbeat, Hello, Push, ServerFrame, ServerHello, client_frame,
-    server_frame,
+    Ack, CallOutcome, CallOutcomeReply, CallOutcomeReport, ClientFrame, Goodbye, GoodbyeReason, Heartbeat,
+    Hello, Push, ServerFrame, ServerHello, client_frame, server_frame,
 };
 use tokio::time::Instant;
 
@@ -36,6 +36,8 @@ pub enum Event {
     NetworkChanged(String),
     /// The device registered (non-empty) or cleared (empty) its PushKit token.
     VoipToken(String),
+    /// The user acted on a call (answered, declined, ...): decide it, then `reply_call_outcome`.
+    CallOutcome(CallOutcomeReport),
     /// The session is over; send what `poll_transmit` still yields, then close the socket.
     Closed(CloseReason),
 }
@@ -183,6 +185,20 @@ impl Session {
             (Phase::Established { .. }, Kind::VoipToken(t)) => {
                 self.events.push_back(Event::VoipToken(t.token))
             }
+            (Phase::Established { .. }, Kind::CallOutcome(report)) => {
+                match super::fields::check_call_id(&report.call_id) {
+                    Err(why) => self.protocol_error(&why),
+                    Ok(())
+                        if !matches!(
+                            CallOutcome::try_from(report.outcome),
+                            Ok(o) if o != CallOutcome::Unspecified
+                        ) =>
+                    {
+                        self.protocol_error("unknown call outcome")
+                    }
+                    Ok(()) => self.events.push_back(Event::CallOutcome(report)),
+                }
+            }
             (_, Kind::Goodbye(bye)) => {
                 let reason = GoodbyeReason::try_from(bye.reason).unwrap_or(GoodbyeReason::Unspecified);
                 self.close(CloseReason::ClientGoodbye(reason));
@@ -257,6 +273,13 @@ impl Session {
         self.inflight.push_back(push.seq);
         self.send(server_frame::Kind::Push(push));
         true
+    }
+
+    /// The hub decided a `CallOutcomeReport`: tell the device, which may then forget it.
+    pub fn reply_call_outcome(&mut self, reply: CallOutcomeReply) {
+        if self.is_established() {
+            self.send(server_frame::Kind::CallOutcomeReply(reply));
+        }
     }
 
     /// The server ends the session (replaced, revoked, shutting down).

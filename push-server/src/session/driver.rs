@@ -139,6 +139,12 @@ pub async fn run(
                         }
                     }
                 }
+                Event::CallOutcome(report) => {
+                    if let Some(a) = &admitted {
+                        let reply = env.hub.call_outcome(&a.device_id, report).await;
+                        session.reply_call_outcome(reply);
+                    }
+                }
                 Event::Closed(reason) => closed = Some(reason),
             }
         }

@@ -31,6 +31,15 @@ pub fn check_ssid(ssid: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A call id a device names (`CallOutcomeReport.call_id`): as senders choose them, at most 128
+/// bytes without control characters, and not empty.
+pub fn check_call_id(call_id: &str) -> Result<(), String> {
+    if call_id.is_empty() {
+        return Err("call_id is empty".into());
+    }
+    check_text("call_id", call_id, 128)
+}
+
 /// Short text without control characters (may be empty).
 fn check_text(field: &str, value: &str, max: usize) -> Result<(), String> {
     if value.len() > max {
