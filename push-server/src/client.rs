@@ -1,13 +1,13 @@
 //! A minimal device client: enough to watch pushes arrive from the CLI and to drive the server
 //! in tests. It has no reconnection, backoff or de-duplication; `mobile-sdk` is the real client.
 
-use std::sync::Arc;
+use std::{collections::VecDeque, sync::Arc};
 
 use bytes::BytesMut;
 use push_proto::{
     device::{
-        Ack, ClientFrame, Goodbye, GoodbyeReason, HeartbeatReply, Hello, Push, ServerFrame, ServerHello,
-        client_frame, server_frame,
+        Ack, CallOutcome, CallOutcomeReply, CallOutcomeReport, ClientFrame, Goodbye, GoodbyeReason,
+        HeartbeatReply, Hello, Push, ServerFrame, ServerHello, client_frame, server_frame,
     },
     frame,
 };
@@ -67,6 +67,8 @@ pub struct DeviceClient {
     pub server_hello: ServerHello,
     /// Answer heartbeats automatically in `next_push`.
     pub auto_heartbeat: bool,
+    /// Pushes that arrived while waiting for something else, handed out first.
+    stash: VecDeque<Push>,
 }
 
 impl DeviceClient {
@@ -88,6 +90,7 @@ impl DeviceClient {
             rbuf: BytesMut::new(),
             server_hello: ServerHello::default(),
             auto_heartbeat: true,
+            stash: VecDeque::new(),
         };
         match client.next_frame().await?.and_then(|f| f.kind) {
             Some(server_frame::Kind::ServerHello(h)) => {
@@ -125,6 +128,9 @@ impl DeviceClient {
 
     /// Next push, answering heartbeats on the way (if `auto_heartbeat`). A goodbye is an error.
     pub async fn next_push(&mut self) -> Result<Push, ClientError> {
+        if let Some(p) = self.stash.pop_front() {
+            return Ok(p);
+        }
         loop {
             match self.next_frame().await?.and_then(|f| f.kind) {
                 Some(server_frame::Kind::Push(p)) => return Ok(p),
@@ -135,6 +141,36 @@ impl DeviceClient {
                         }))
                         .await?;
                     }
+                }
+                Some(server_frame::Kind::Goodbye(g)) => return Err(goodbye(g)),
+                Some(other) => return Err(ClientError::Unexpected(format!("{other:?}"))),
+                None => return Err(ClientError::Closed),
+            }
+        }
+    }
+
+    /// Report what the user did with a call and wait for the server's reply (pushes arriving
+    /// meanwhile are kept for `next_push`; heartbeats are answered).
+    pub async fn report_call(
+        &mut self,
+        call_id: &str,
+        outcome: CallOutcome,
+    ) -> Result<CallOutcomeReply, ClientError> {
+        self.send(client_frame::Kind::CallOutcome(CallOutcomeReport {
+            call_id: call_id.into(),
+            outcome: outcome as i32,
+            at_ms: 0,
+        }))
+        .await?;
+        loop {
+            match self.next_frame().await?.and_then(|f| f.kind) {
+                Some(server_frame::Kind::CallOutcomeReply(r)) if r.call_id == call_id => return Ok(r),
+                Some(server_frame::Kind::Push(p)) => self.stash.push_back(p),
+                Some(server_frame::Kind::Heartbeat(h)) => {
+                    self.send(client_frame::Kind::HeartbeatReply(HeartbeatReply {
+                        nonce: h.nonce,
+                    }))
+                    .await?
                 }
                 Some(server_frame::Kind::Goodbye(g)) => return Err(goodbye(g)),
                 Some(other) => return Err(ClientError::Unexpected(format!("{other:?}"))),

@@ -261,8 +261,10 @@ pub struct Limits {
     pub max_ttl_secs: u32,
     /// Ring time when the caller gives none.
     pub default_ring_secs: u32,
-    /// Longest ring time accepted.
+    /// Longest ring time accepted (a call with an escalation plan: the whole call).
     pub max_ring_secs: u32,
+    /// Most steps an escalation plan may have.
+    pub max_escalation_steps: usize,
     /// Largest message (title + body + data + collapse key + sender) accepted from senders.
     pub max_message_bytes: usize,
     /// Most recipients one send may expand to.
@@ -440,6 +442,7 @@ impl Default for Limits {
             max_ttl_secs: 7 * 24 * 3600,
             default_ring_secs: 30,
             max_ring_secs: 180,
+            max_escalation_steps: 8,
             max_message_bytes: 4 * 1024,
             max_recipients: 20_000,
             receipt_retention_secs: 7 * 24 * 3600,

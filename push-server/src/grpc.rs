@@ -7,14 +7,15 @@ use futures::Stream;
 use push_proto::{
     device::CancelReason,
     sender::{
-        ApiKeyInfo, ApiKeyState, CancelCallRequest, CancelCallResponse, CreateApiKeyRequest,
-        CreateApiKeyResponse, DeliveryState, DeliveryUpdate, DeviceInfo, EnrollDeviceRequest, Enrollment,
-        GetMessageStatusRequest, IssueDeviceCredentialRequest, IssueDeviceCredentialResponse,
-        ListApiKeysRequest, ListApiKeysResponse, ListDevicesRequest, ListDevicesResponse, MessageStatus,
-        PlaceCallRequest, PlaceCallResponse, PresenceEvent, Recipient, RevokeApiKeyRequest,
-        RevokeApiKeyResponse, RevokeDeviceRequest, RevokeDeviceResponse, SendMessageRequest,
-        SendMessageResponse, SetVoipTokenRequest, SetVoipTokenResponse, Target, VoipTokenState,
-        WatchCallRequest, WatchPresenceRequest, push_admin_server, push_sender_server, target,
+        ApiKeyInfo, ApiKeyState, CallState, CallStatus, CallStep, CancelCallRequest, CancelCallResponse,
+        CreateApiKeyRequest, CreateApiKeyResponse, DeliveryState, DeliveryUpdate, DeviceInfo,
+        EnrollDeviceRequest, Enrollment, GetMessageStatusRequest, IssueDeviceCredentialRequest,
+        IssueDeviceCredentialResponse, ListApiKeysRequest, ListApiKeysResponse, ListDevicesRequest,
+        ListDevicesResponse, MessageStatus, PlaceCallRequest, PlaceCallResponse, PresenceEvent, Recipient,
+        RevokeApiKeyRequest, RevokeApiKeyResponse, RevokeDeviceRequest, RevokeDeviceResponse,
+        SendMessageRequest, SendMessageResponse, SetVoipTokenRequest, SetVoipTokenResponse, Target,
+        VoipTokenState, WatchCallRequest, WatchPresenceRequest, push_admin_server, push_sender_server,
+        target,
     },
 };
 use tokio::sync::{broadcast, mpsc};
@@ -26,10 +27,10 @@ use crate::{
     admission::KeyedRate,
     auth::{Scope, bearer_token},
     enrollment::{Caller, EnrollError, Enroller, check_name},
-    hub::{CallRequest, Heard, Hub, MessageRequest, SendError, now_ms},
+    hub::{CallRequest, EscalationStep, Heard, Hub, MessageRequest, SendError, now_ms},
     keys::{Holder, KeyError, KeyState, KeySummary, Keys, NewKey},
     observe::metrics,
-    store::{Receipt, ReceiptState},
+    store::{CallEnd, CallRecord, PushKind, Receipt, ReceiptState},
 };
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -135,11 +136,22 @@ impl Api {
                         continue;
                     }
                     states.insert(r.device_id.clone(), r.clone());
-                    if tx.send(Ok(update(r))).await.is_err() {
+                    let call = hub.call_record(&r.id);
+                    let mut u = update(r);
+                    u.step = call.as_ref().map_or(0, |c| step_of(c, &u.device_id));
+                    if tx.send(Ok(u)).await.is_err() {
                         return;
                     }
                 }
-                if states.values().all(|r| r.state.is_final()) {
+                // A call is watched until it ended and each callee's outcome is known (its
+                // receipts say ACKED while it rings); a message until every receipt is final.
+                let call = hub.call_record(&id);
+                let kind = if call.is_some() {
+                    PushKind::CallInvite
+                } else {
+                    PushKind::Message
+                };
+                if call.is_none_or(|c| c.end.is_some()) && states.values().all(|r| r.state.ends(kind)) {
                     return;
                 }
                 tokio::select! {
@@ -162,12 +174,14 @@ impl Api {
 /// Whether `next` tells a watcher of a device more than `last` did: a later state, or the same
 /// non-final state with another path or reason (a VoIP leg's outcome).
 fn advances(last: &Receipt, next: &Receipt) -> bool {
+    // A call's ACKED (it rang) is followed by the callee's outcome.
     let rank = |s: ReceiptState| match s {
         ReceiptState::Accepted => 0,
         ReceiptState::Delivered => 1,
-        _ => 2,
+        ReceiptState::Acked => 2,
+        _ => 3,
     };
-    if last.state.is_final() || rank(next.state) < rank(last.state) {
+    if rank(last.state) == 3 || rank(next.state) < rank(last.state) {
         return false;
     }
     next.state != last.state || next.path != last.path || next.reason != last.reason
@@ -250,6 +264,16 @@ impl push_sender_server::PushSender for Api {
         let caller = self.authorize(&req, Scope::Call)?;
         let r = req.into_inner();
         let (device_ids, group) = targets(r.target)?;
+        let mut escalation = Vec::with_capacity(r.escalation.len());
+        for step in r.escalation {
+            let (device_ids, group) = targets(step.target)?;
+            escalation.push(EscalationStep {
+                device_ids,
+                group,
+                after_secs: step.after_seconds,
+                stop_earlier: step.stop_earlier,
+            });
+        }
         let (sent, call_uuid) = self
             .hub
             .place_call(CallRequest {
@@ -260,6 +284,7 @@ impl push_sender_server::PushSender for Api {
                 caller_handle: r.caller_handle,
                 video: r.video,
                 ring_secs: r.ring_timeout_seconds,
+                escalation,
             })
             .await
             .map_err(send_status)?;
@@ -297,12 +322,15 @@ impl push_sender_server::PushSender for Api {
         Ok(Response::new(self.watch(req.into_inner().call_id, key).await?))
     }
 
-    async fn get_call_status(
-        &self,
-        req: Request<WatchCallRequest>,
-    ) -> Result<Response<push_proto::sender::CallStatus>, Status> {
+    async fn get_call_status(&self, req: Request<WatchCallRequest>) -> Result<Response<CallStatus>, Status> {
         self.authorize(&req, Scope::Read)?;
-        Err(Status::unimplemented("GetCallStatus"))
+        let call_id = req.into_inner().call_id;
+        let record = self
+            .hub
+            .call_record(&call_id)
+            .ok_or_else(|| Status::not_found(format!("no call {call_id:?} is remembered here")))?;
+        let receipts = self.hub.receipts(&call_id).await.map_err(store_status)?;
+        Ok(Response::new(call_status(record, receipts)))
     }
 
     async fn list_devices(
@@ -601,6 +629,9 @@ fn state(s: ReceiptState) -> DeliveryState {
         ReceiptState::Undeliverable => DeliveryState::Undeliverable,
         ReceiptState::Superseded => DeliveryState::Superseded,
         ReceiptState::Cancelled => DeliveryState::Cancelled,
+        ReceiptState::Answered => DeliveryState::Answered,
+        ReceiptState::Declined => DeliveryState::Declined,
+        ReceiptState::Missed => DeliveryState::Missed,
     }
 }
 
@@ -613,6 +644,55 @@ fn update(r: Receipt) -> DeliveryUpdate {
         at_ms: r.at_ms,
         path: r.path,
         step: 0,
+    }
+}
+
+/// The step that rang `device_id` in `call`.
+fn step_of(call: &CallRecord, device_id: &str) -> u32 {
+    call.callees
+        .iter()
+        .find(|c| c.device_id == device_id)
+        .map_or(0, |c| c.step)
+}
+
+/// The whole picture of a call: its record and every callee's receipt.
+fn call_status(call: CallRecord, receipts: Vec<Receipt>) -> CallStatus {
+    let (state, answered_by) = match &call.end {
+        None => (CallState::Ringing, String::new()),
+        Some(CallEnd::Answered { device_id, .. }) => (CallState::Answered, device_id.clone()),
+        Some(CallEnd::Declined { .. }) => (CallState::Declined, String::new()),
+        Some(CallEnd::Missed { .. }) => (CallState::Missed, String::new()),
+        Some(CallEnd::Cancelled { .. }) => (CallState::Cancelled, String::new()),
+    };
+    let callees = receipts
+        .into_iter()
+        .map(|r| {
+            let step = step_of(&call, &r.device_id);
+            DeliveryUpdate { step, ..update(r) }
+        })
+        .collect();
+    CallStatus {
+        call_uuid: push_proto::call_uuid(&call.call_id),
+        call_id: call.call_id,
+        state: state as i32,
+        answered_by,
+        placed_at_ms: call.placed_at_ms,
+        ring_deadline_ms: call.deadline_ms,
+        ended_at_ms: call.end.as_ref().map_or(0, CallEnd::at_ms),
+        hung_up_at_ms: call.hung_up_at_ms,
+        steps: call
+            .steps
+            .into_iter()
+            .enumerate()
+            .map(|(index, s)| CallStep {
+                index: index as u32,
+                due_at_ms: s.due_ms,
+                started_at_ms: s.started_ms,
+                stop_earlier: s.stop_earlier,
+                device_ids: s.device_ids,
+            })
+            .collect(),
+        callees,
     }
 }
 

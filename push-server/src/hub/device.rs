@@ -18,9 +18,12 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use apns_bridge::{DeviceToken, VoipCall, VoipOutcome};
 use prost::Message as _;
-use push_proto::device::{Hello, Push, push};
+use push_proto::device::{CallCancel, CancelReason, Hello, Push, push};
 
-use super::timers::{Deadline, Timer, TimerChange};
+use super::{
+    calls::CalleeNote,
+    timers::{Deadline, Timer, TimerChange},
+};
 use crate::{
     observe::metrics,
     store::{DeviceRecord, Op, PushKind, Receipt, ReceiptState, StoredPush},
@@ -126,15 +129,6 @@ pub(super) struct VoipStart {
     pub(super) call: VoipCall,
     pub(super) token: DeviceToken,
     pub(super) why: &'static str,
-}
-
-/// A change to the call table: callee `device` of `call_id` holds invite `seq`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct CalleeNote {
-    pub(super) call_id: String,
-    pub(super) seq: u64,
-    /// The device acknowledged the invite.
-    pub(super) acked: bool,
 }
 
 /// What the driver must carry out after a decision, in this order: submit `ops` (one batch),
@@ -469,6 +463,7 @@ impl DeviceCore {
                     call_id: q.push.id.clone(),
                     seq,
                     acked: true,
+                    gone: None,
                 });
             }
             let r = receipt(
@@ -544,6 +539,7 @@ impl DeviceCore {
                 call_id: stored.id.clone(),
                 seq,
                 acked: false,
+                gone: None,
             });
         }
         fx.timers.push(TimerChange::Add(
@@ -720,6 +716,7 @@ impl DeviceCore {
         debug_assert!(state.is_final());
         if let Some(q) = self.outbox.remove(&seq) {
             fx.receipt(&q.push, state, reason, "", now);
+            note_gone(fx, &q, state);
             forget(fx, &q);
         }
     }
@@ -730,8 +727,62 @@ impl DeviceCore {
         if let Some(q) = self.outbox.remove(&seq) {
             let path = if q.voip == VoipLeg::Delivered { "apns" } else { "" };
             fx.receipt(&q.push, state, reason, path, now);
+            note_gone(fx, &q, state);
             forget(fx, &q);
         }
+    }
+
+    /// The call decided this callee's ring is over (see `calls::CallFx`): withdraw the invite of
+    /// `call_id` if still queued, and report `state` (`ring_out`: MISSED if the invite may have
+    /// rung, EXPIRED if it never reached the phone). If it may have rung, queue `cancel`;
+    /// returns whether a cancel was queued.
+    pub(super) fn stop_ringing(
+        &mut self,
+        fx: &mut Effects,
+        cx: Ctx,
+        call_id: &str,
+        state: StopState,
+        detail: &str,
+        cancel: Option<&Item>,
+    ) -> bool {
+        let queued = self
+            .outbox
+            .iter()
+            .find(|(_, q)| q.push.kind == PushKind::CallInvite && q.push.id == call_id)
+            .map(|(seq, _)| *seq);
+        // Not queued: acknowledged (it rang), perhaps on the node that held the device before.
+        let (reached, path) = match queued.and_then(|seq| self.outbox.remove(&seq)) {
+            Some(q) => {
+                forget(fx, &q);
+                let apns = q.voip == VoipLeg::Delivered;
+                let reached = q.handed || q.state == ReceiptState::Delivered || q.voip.may_have_rung();
+                (
+                    reached,
+                    if apns {
+                        "apns"
+                    } else if reached {
+                        "local"
+                    } else {
+                        ""
+                    },
+                )
+            }
+            None => (true, "local"),
+        };
+        let state = match state {
+            StopState::Is(s) => s,
+            StopState::RingOut if reached => ReceiptState::Missed,
+            StopState::RingOut => ReceiptState::Expired,
+        };
+        let detail = if state == ReceiptState::Expired {
+            "ring deadline passed before the device acknowledged the call"
+        } else {
+            detail
+        };
+        let r = receipt(call_id, &self.record.device_id, state, detail, path, cx.now);
+        fx.announce(PushKind::CallInvite, r, None);
+        // A full queue or a revoked device says why in the cancel's own receipt.
+        reached && cancel.is_some_and(|cancel| self.enqueue(fx, cx, cancel).is_ok())
     }
 
     // ---- The APNs VoIP fallback (policy in `fallback.rs`) ----
@@ -921,6 +972,42 @@ impl DeviceCore {
 }
 
 /// A push left the outbox: drop its store row and its timers.
+/// What [`DeviceCore::stop_ringing`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StopState {
+    /// This state.
+    Is(ReceiptState),
+    /// The ring deadline: MISSED if it may have rung, EXPIRED if not.
+    RingOut,
+}
+
+/// The cancel of call `call_id`, living until `expires`.
+pub(super) fn cancel_item(call_id: &str, uuid: &str, expires: i64, reason: CancelReason) -> Item {
+    Item {
+        id: format!("{call_id}#cancel"),
+        kind: PushKind::CallCancel,
+        collapse_key: String::new(),
+        expires,
+        body: push::Body::CallCancel(CallCancel {
+            call_id: call_id.into(),
+            call_uuid: uuid.into(),
+            reason: reason as i32,
+        }),
+    }
+}
+
+/// A call invite left the outbox with a final state the call did not decide: tell the call.
+fn note_gone(fx: &mut Effects, q: &Queued, state: ReceiptState) {
+    if q.push.kind == PushKind::CallInvite {
+        fx.callees.push(CalleeNote {
+            call_id: q.push.id.clone(),
+            seq: q.push.seq,
+            acked: false,
+            gone: Some(state),
+        });
+    }
+}
+
 fn forget(fx: &mut Effects, q: &Queued) {
     let (device_id, seq) = (q.push.device_id.clone(), q.push.seq);
     fx.ops.push(Op::DeletePush {

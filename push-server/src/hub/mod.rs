@@ -30,6 +30,7 @@ mod device;
 mod fallback;
 mod ids;
 mod registry;
+mod ringing;
 mod senders;
 mod sessions;
 mod timers;
@@ -44,7 +45,7 @@ pub use clock::{Clock, SystemClock, now_ms};
 pub use cluster::{ClusterHealth, SessionHold, run_cluster};
 pub use device::{MAX_FLOOR, MAX_SEQ};
 pub use registry::DeviceView;
-pub use senders::{CallRequest, MessageRequest, RecipientOutcome, SendError, Sent};
+pub use senders::{CallRequest, EscalationStep, MessageRequest, RecipientOutcome, SendError, Sent};
 pub use sessions::{Login, SessionCtl};
 pub use timers::run_timers;
 
@@ -159,12 +160,24 @@ impl Hub {
         }
         let mut timers = timers::Timers::default();
         let mut calls = calls::Calls::default();
+        for record in snapshot.calls {
+            let id = record.call_id.clone();
+            let Some(call) = calls::CallCore::from_record(record) else {
+                tracing::error!(call = %id, "stored call with an undecodable invite dropped");
+                continue;
+            };
+            // A step or deadline that passed while the server was down fires at once.
+            if let Some(at) = call.next_due() {
+                timers.apply(vec![timers::TimerChange::Add(at, timers::Timer::Call, id, 0)]);
+            }
+            calls.open(call);
+        }
         for push in snapshot.pushes {
             let Some(core) = devices.get_mut(&push.device_id) else {
                 tracing::warn!(device = %push.device_id, seq = push.seq, "dropping queued push of unknown device");
                 continue;
             };
-            calls.restore(&push);
+            calls.restore_invite(&push);
             timers.apply(vec![core.restore(push, now)]);
         }
         let devices = devices
@@ -244,10 +257,7 @@ impl Hub {
             self.0.timers_changed.notify_one();
         }
         if !fx.callees.is_empty() {
-            let mut calls = self.0.calls.lock();
-            for note in fx.callees {
-                calls.note(&slot.core.record.device_id, note);
-            }
+            self.note_callees(&slot.core.record.device_id.clone(), fx.callees);
         }
         if fx.wake
             && let Some(ctl) = &slot.ctl
@@ -401,6 +411,10 @@ impl Hub {
         let cx = self.ctx();
         let due = self.0.timers.lock().pop_due(cx.now);
         for (_, timer, device_id, seq) in due {
+            if timer == timers::Timer::Call {
+                self.call_due(&device_id, cx);
+                continue;
+            }
             let Some(device) = self.device(&device_id) else {
                 continue;
             };
@@ -409,11 +423,12 @@ impl Hub {
             match timer {
                 timers::Timer::Expire => slot.core.expire(&mut fx, cx, seq),
                 timers::Timer::AckWindow => slot.core.ack_window_ended(&mut fx, cx, seq),
+                timers::Timer::Call => unreachable!("handled above"),
             }
             let pending = self.apply(slot, fx);
             self.release(pending);
         }
-        self.0.calls.lock().forget_finished(cx.now);
+        self.forget_calls(cx.now);
     }
 
     /// The earliest queued deadline, Unix ms.

@@ -9,9 +9,11 @@ use tokio::sync::broadcast;
 
 use super::{
     Hub, Watch,
+    calls::CallCore,
     cluster::Routed,
     device::{Effects, Item},
     ids::{IdUse, call_digest, check_id, message_digest},
+    timers::{Timer, TimerChange},
 };
 use crate::store::{Op, PushKind, Receipt, ReceiptState, RequestRecord, StoreError};
 
@@ -81,8 +83,59 @@ pub struct CallRequest {
     pub caller_handle: String,
     /// Video call.
     pub video: bool,
-    /// Ring seconds; 0 for the default.
+    /// Ring seconds; 0 for the default (with a plan: its last step plus the default).
     pub ring_secs: u32,
+    /// Who rings next while nobody answers.
+    pub escalation: Vec<EscalationStep>,
+}
+
+/// One step of an escalation plan.
+#[derive(Debug, Clone, Default)]
+pub struct EscalationStep {
+    /// Explicit callees.
+    pub device_ids: Vec<String>,
+    /// A group whose members are callees too.
+    pub group: Option<String>,
+    /// Seconds after the previous step started before this one rings.
+    pub after_secs: u32,
+    /// Whether earlier steps stop ringing when this one starts.
+    pub stop_earlier: bool,
+}
+
+/// The ring time of a call: as asked, or the default (after the plan's last step), within
+/// the limits; the plan's steps each start before the deadline.
+fn ring_secs(req: &CallRequest, limits: &crate::config::Limits) -> Result<u32, SendError> {
+    let invalid = |why: String| Err(SendError::Invalid(why));
+    if req.escalation.len() > limits.max_escalation_steps {
+        return invalid(format!(
+            "{} escalation steps exceed the limit of {}",
+            req.escalation.len(),
+            limits.max_escalation_steps
+        ));
+    }
+    if let Some(k) = req.escalation.iter().position(|s| s.after_secs == 0) {
+        return invalid(format!(
+            "escalation step {} must start at least 1 s after the one before",
+            k + 1
+        ));
+    }
+    let last_step: u64 = req.escalation.iter().map(|s| u64::from(s.after_secs)).sum();
+    let ring = match req.ring_secs {
+        0 => last_step + u64::from(limits.default_ring_secs),
+        asked => u64::from(asked),
+    };
+    if ring > u64::from(limits.max_ring_secs) {
+        return invalid(format!(
+            "ring timeout {ring}s exceeds the maximum {}s",
+            limits.max_ring_secs
+        ));
+    }
+    if !req.escalation.is_empty() && last_step >= ring {
+        return invalid(format!(
+            "the last escalation step starts after {last_step}s, at or after the ring deadline ({ring}s)"
+        ));
+    }
+    Ok(ring as u32)
 }
 
 /// Outcome for one recipient.
@@ -186,26 +239,27 @@ impl Hub {
         })
     }
 
-    /// Ring callees until the ring deadline; returns once the invites are durable.
+    /// Ring callees until someone answers, everyone declined, the caller cancels or the ring
+    /// deadline passes, escalating by the plan; returns once the first step's invites are
+    /// durable.
     pub async fn place_call(&self, req: CallRequest) -> Result<(Sent, String), SendError> {
         let limits = self.limits();
         if req.call_id.is_empty() {
             return Err(SendError::Invalid("call_id is required".into()));
         }
         check_id(&req.call_id)?;
-        if req.ring_secs > limits.max_ring_secs {
-            return Err(SendError::Invalid(format!(
-                "ring timeout {}s exceeds the maximum {}s",
-                req.ring_secs, limits.max_ring_secs
-            )));
-        }
         let size = req.caller_name.len() + req.caller_handle.len();
         if size > 1024 {
             return Err(SendError::Invalid(
                 "caller name and handle exceed 1024 bytes".into(),
             ));
         }
+        let ring = ring_secs(&req, limits)?;
         let targets = self.resolve(&req.device_ids, req.group.as_deref()).await?;
+        let mut plan = Vec::with_capacity(req.escalation.len());
+        for step in &req.escalation {
+            plan.push(self.resolve(&step.device_ids, step.group.as_deref()).await?);
+        }
         let uuid = push_proto::call_uuid(&req.call_id);
         let digest = call_digest(&req);
         let claim = match self.claim_id(&req.call_id, PushKind::CallInvite, &digest)? {
@@ -213,11 +267,6 @@ impl Hub {
             IdUse::New(claim) => claim,
         };
         let now = self.now();
-        let ring = if req.ring_secs == 0 {
-            limits.default_ring_secs
-        } else {
-            req.ring_secs
-        };
         let deadline = now + i64::from(ring) * 1000;
         let request = Op::PutRequest {
             id: req.call_id.clone(),
@@ -228,9 +277,6 @@ impl Hub {
                 expires_at_ms: deadline,
             },
         };
-        if !self.0.calls.lock().open(&req.call_id, deadline, &uuid) {
-            return Err(SendError::CallExists(req.call_id));
-        }
         let invite = CallInvite {
             call_id: req.call_id.clone(),
             call_uuid: uuid.clone(),
@@ -240,13 +286,22 @@ impl Hub {
             created_at_ms: now,
             ring_deadline_ms: deadline,
         };
-        let item = Item {
-            id: req.call_id.clone(),
-            kind: PushKind::CallInvite,
-            collapse_key: String::new(),
-            expires: deadline,
-            body: push::Body::CallInvite(invite),
-        };
+        let mut due = now;
+        let later = req
+            .escalation
+            .iter()
+            .zip(plan)
+            .map(|(step, devices)| {
+                due += i64::from(step.after_secs) * 1000;
+                (due, step.stop_earlier, devices)
+            })
+            .collect();
+        let call = CallCore::new(invite, now, targets.clone(), later);
+        let item = call.invite_item();
+        let first_due = call.next_due();
+        if !self.0.calls.lock().open(call) {
+            return Err(SendError::CallExists(req.call_id));
+        }
         let result = self.enqueue_all(&item, &targets, Some(request), now).await;
         drop(claim);
         let (recipients, seqs) = match result {
@@ -256,10 +311,30 @@ impl Hub {
                 return Err(e);
             }
         };
-        // A phone may have taken and acked its invite before this commit returned: the table
-        // keeps that ack (taken under the call table's lock alone: device locks come first).
-        self.0.calls.lock().placed(&req.call_id, &seqs);
+        // What became of each invite: a phone may have acked one before this returned (the
+        // call kept the note), a cancel may have ended the call meanwhile (the call stops the
+        // invites it now learns of), a refused one may leave nobody ringing (the next step).
+        let placed: Vec<(String, Option<u64>)> = recipients
+            .iter()
+            .map(|r| {
+                let seq = seqs.iter().find(|(d, _)| *d == r.device_id).map(|(_, s)| *s);
+                let refused = r.state != ReceiptState::Accepted;
+                (r.device_id.clone(), if refused { None } else { seq.or(Some(0)) })
+            })
+            .collect();
+        let cx = self.ctx();
+        if let Some(at) = first_due
+            && self
+                .0
+                .timers
+                .lock()
+                .apply(vec![TimerChange::Add(at, Timer::Call, req.call_id.clone(), 0)])
+        {
+            self.0.timers_changed.notify_one();
+        }
+        let pending = self.call_placed(&req.call_id, cx, &placed);
         self.plan_voip(&seqs);
+        self.settle(pending).await?;
         Ok((
             Sent {
                 id: item.id,
@@ -276,33 +351,10 @@ impl Hub {
         if self.is_clustered() {
             return self.cancel_call_cluster(call_id, reason).await;
         }
-        let call = self
-            .0
-            .calls
-            .lock()
-            .close(call_id)
-            .ok_or_else(|| SendError::UnknownCall(call_id.into()))?;
-        let cx = self.ctx();
-        if cx.now >= call.deadline_ms {
-            return Ok(0);
+        match self.cancel_decided_call(call_id, reason).await {
+            None => Err(SendError::UnknownCall(call_id.into())),
+            Some(result) => Ok(result?),
         }
-        let cancel = call.cancel_item(call_id, reason);
-        let mut pending = Vec::new();
-        let mut sent = 0;
-        for (device_id, (seq, acked)) in &call.callees {
-            let Some(device) = self.device(device_id) else {
-                continue;
-            };
-            let slot = &mut *device.lock();
-            let mut fx = Effects::default();
-            let reached = slot.core.withdraw_invite(&mut fx, cx, *seq, call_id, *acked);
-            if reached && slot.core.enqueue(&mut fx, cx, &cancel).is_ok() {
-                sent += 1;
-            }
-            pending.push(self.apply(slot, fx));
-        }
-        self.settle(pending).await?;
-        Ok(sent)
     }
 
     /// Cluster mode: the call may have been placed on any node, and its callees may be held by
@@ -320,7 +372,7 @@ impl Hub {
             return Ok(0);
         }
         let uuid = push_proto::call_uuid(call_id);
-        let cancel = super::calls::cancel_item(call_id, &uuid, request.expires_at_ms, reason);
+        let cancel = super::device::cancel_item(call_id, &uuid, request.expires_at_ms, reason);
         let (mut pending, mut sent) = (Vec::new(), 0);
         for r in self.0.store.receipts(call_id)? {
             if let Some(device) = self.device(&r.device_id) {
@@ -459,7 +511,7 @@ impl Hub {
     }
 
     /// Queue `item` for a device held here (every device, in embedded mode).
-    fn enqueue_here(
+    pub(super) fn enqueue_here(
         &self,
         device_id: &str,
         item: &Item,
@@ -477,7 +529,7 @@ impl Hub {
     }
 
     /// A call's invites are durable: plan each callee's VoIP leg (see `fallback.rs`).
-    fn plan_voip(&self, seqs: &[(String, u64)]) {
+    pub(super) fn plan_voip(&self, seqs: &[(String, u64)]) {
         if self.0.bridge.is_none() {
             return;
         }
@@ -490,20 +542,6 @@ impl Hub {
                 let pending = self.apply(slot, fx);
                 self.release(pending);
             }
-        }
-    }
-
-    /// A device reports what its user did with a call.
-    pub async fn call_outcome(
-        &self,
-        _device_id: &str,
-        report: push_proto::device::CallOutcomeReport,
-    ) -> push_proto::device::CallOutcomeReply {
-        push_proto::device::CallOutcomeReply {
-            call_id: report.call_id,
-            outcome: report.outcome,
-            result: push_proto::device::CallOutcomeResult::UnknownCall as i32,
-            detail: "not yet decided".into(),
         }
     }
 

@@ -383,14 +383,22 @@ async fn a_ring_deadline_that_passes_first_makes_a_late_ack_harmless() {
     sim.advance(10_000);
     phone.ack(&sim.hub, &[invite[0].seq]);
     let states = states_of(&sim.announced(), "c1");
-    assert_eq!(states.last(), Some(&ReceiptState::Expired));
+    // Written to the phone, it rang: nobody answered by the deadline.
+    assert_eq!(states.last(), Some(&ReceiptState::Missed));
     assert!(!states.contains(&ReceiptState::Acked), "{states:?}");
     let stored = sim.store.receipts("c1").expect("receipts");
     assert_eq!(
         stored[0].state,
-        ReceiptState::Expired,
+        ReceiptState::Missed,
         "the stored receipt is the announced one"
     );
+    // The phone is told it missed the call; once it took that, no timer is left.
+    let told = phone.pump(&sim.hub);
+    let Some(push::Body::CallCancel(cancel)) = told.first().and_then(|p| p.body.clone()) else {
+        panic!("expected the missed call's cancel: {told:?}")
+    };
+    assert_eq!(cancel.reason(), CancelReason::Missed);
+    phone.ack(&sim.hub, &[told[0].seq]);
     assert_eq!(sim.hub.0.timers.lock().len(), 0, "no timer outlives its push");
 }
 

@@ -1,5 +1,6 @@
-//! One deadline queue for everything the hub must do at a time: expire a push (TTL or ring
-//! deadline) and end a call invite's ack window (then it rings through APNs). The cores emit
+//! One deadline queue for everything the hub must do at a time: a call's escalation step or
+//! ring deadline, expire a push (TTL or ring deadline) and end a call invite's ack window (then
+//! it rings through APNs). The cores emit
 //! [`TimerChange`]s; one task ([`run_timers`]) fires what is due, with the time as input, so
 //! tests fire timers with virtual time instead of sleeping.
 
@@ -19,13 +20,16 @@ const IDLE: Duration = Duration::from_secs(3600);
 /// What a timer does when it fires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum Timer {
+    /// A call's next step or ring deadline (the deadline's `String` is the call id, the `u64`
+    /// 0). First, so at one instant the call decides before its invites expire one by one.
+    Call,
     /// The push's TTL or ring deadline passed.
     Expire,
     /// The call invite's ack window ended.
     AckWindow,
 }
 
-/// `(at_ms, what, device_id, seq)`.
+/// `(at_ms, what, device_id, seq)`; `(at_ms, Call, call_id, 0)` for a call.
 pub(super) type Deadline = (i64, Timer, String, u64);
 
 /// A change the driver applies to the queue.
@@ -69,7 +73,7 @@ impl Timers {
     pub(super) fn pop_due(&mut self, now: i64) -> Vec<Deadline> {
         let later = self
             .due
-            .split_off(&(now.saturating_add(1), Timer::Expire, String::new(), 0));
+            .split_off(&(now.saturating_add(1), Timer::Call, String::new(), 0));
         std::mem::replace(&mut self.due, later).into_iter().collect()
     }
 

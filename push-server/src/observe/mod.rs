@@ -69,6 +69,9 @@ pub fn state_str(state: ReceiptState) -> &'static str {
         ReceiptState::Undeliverable => "undeliverable",
         ReceiptState::Superseded => "superseded",
         ReceiptState::Cancelled => "cancelled",
+        ReceiptState::Answered => "answered",
+        ReceiptState::Declined => "declined",
+        ReceiptState::Missed => "missed",
     }
 }
 

@@ -174,12 +174,24 @@ pub enum ReceiptState {
     Superseded,
     /// The call was cancelled first.
     Cancelled,
+    /// Calls: this callee answered first.
+    Answered,
+    /// Calls: the user declined on this callee.
+    Declined,
+    /// Calls: it rang, and nobody answered on it by the ring deadline.
+    Missed,
 }
 
 impl ReceiptState {
-    /// Whether no further change can follow.
+    /// Whether the push is settled: no further delivery change can follow. For a call invite,
+    /// `Acked` (it rang) can still be followed by the callee's outcome: see [`Self::ends`].
     pub fn is_final(self) -> bool {
         !matches!(self, Self::Accepted | Self::Delivered)
+    }
+
+    /// Whether nothing can follow for a push of `kind`: for calls, `Acked` is not the end.
+    pub fn ends(self, kind: PushKind) -> bool {
+        self.is_final() && !(kind == PushKind::CallInvite && self == Self::Acked)
     }
 }
 
@@ -247,6 +259,96 @@ pub struct RequestRecord {
     pub expires_at_ms: i64,
 }
 
+/// A call as the hub's call core keeps it (see `hub/calls.rs`): what rings, each escalation
+/// step, each callee's outcome, and how the call ended. Stored after every decision, so a restart
+/// mid-call resumes it (a step due meanwhile starts at once, a passed deadline ends it MISSED).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallRecord {
+    /// The caller-chosen call id.
+    pub call_id: String,
+    /// The `lpush.device.v1.CallInvite` every callee gets, encoded.
+    pub invite: Vec<u8>,
+    /// Unix ms it was placed.
+    pub placed_at_ms: i64,
+    /// Unix ms it stops ringing, whatever happens.
+    pub deadline_ms: i64,
+    /// Step 0 is the call's own target, then the escalation plan, in order.
+    pub steps: Vec<CallStepRecord>,
+    /// Every device rung so far, by device id.
+    pub callees: Vec<CalleeRecord>,
+    /// How it ended; `None` while ringing.
+    pub end: Option<CallEnd>,
+    /// Unix ms the answered call hung up (the phone reported ENDED); 0 if not.
+    pub hung_up_at_ms: i64,
+}
+
+/// One step of a call's escalation plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallStepRecord {
+    /// Unix ms it rings, while nobody answered.
+    pub due_ms: i64,
+    /// Whether earlier steps stop ringing when it starts.
+    pub stop_earlier: bool,
+    /// Who it rings.
+    pub device_ids: Vec<String>,
+    /// Unix ms it rang; 0: not (yet).
+    pub started_ms: i64,
+}
+
+/// One callee of a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CalleeRecord {
+    /// The device.
+    pub device_id: String,
+    /// The step that rang it.
+    pub step: u32,
+    /// Its invite's sequence number; 0 until known.
+    pub seq: u64,
+    /// Its invite may have rung it (acknowledged, written to its session, or sent through APNs).
+    pub rang: bool,
+    /// Its final state for this call, with the time; `None` while it may still ring.
+    pub outcome: Option<(ReceiptState, i64)>,
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallEnd {
+    /// `device_id` answered first, at `at_ms`.
+    Answered {
+        /// Who answered.
+        device_id: String,
+        /// When, Unix ms.
+        at_ms: i64,
+    },
+    /// Every callee declined (or could not be rung), and no step was left.
+    Declined {
+        /// When, Unix ms.
+        at_ms: i64,
+    },
+    /// Nobody answered by the ring deadline.
+    Missed {
+        /// When, Unix ms.
+        at_ms: i64,
+    },
+    /// The caller cancelled it.
+    Cancelled {
+        /// When, Unix ms.
+        at_ms: i64,
+    },
+}
+
+impl CallEnd {
+    /// When the call ended, Unix ms.
+    pub fn at_ms(&self) -> i64 {
+        match self {
+            Self::Answered { at_ms, .. }
+            | Self::Declined { at_ms }
+            | Self::Missed { at_ms }
+            | Self::Cancelled { at_ms } => *at_ms,
+        }
+    }
+}
+
 /// One change. A batch of ops is applied atomically, in order (a later op on a key wins).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -293,6 +395,13 @@ pub enum Op {
         /// The key's record.
         record: ApiKeyRecord,
     },
+    /// Insert or replace a call.
+    PutCall(CallRecord),
+    /// Remove a call; absent is not an error.
+    DeleteCall {
+        /// The call id.
+        call_id: String,
+    },
     /// Cluster mode: the first `count` commands of the device's inbox were applied (their
     /// outcome is in the same batch). The embedded store has no inbox and ignores it.
     TrimInbox {
@@ -315,6 +424,8 @@ pub struct Snapshot {
     pub pushes: Vec<StoredPush>,
     /// Sequence ceilings by device, ordered by device id.
     pub seq_ceilings: Vec<(String, u64)>,
+    /// Every stored call, ordered by call id.
+    pub calls: Vec<CallRecord>,
 }
 
 /// Durable storage, keeping the contract in the module documentation. Reads are synchronous

@@ -19,7 +19,7 @@ use redb::{
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
-use super::rows::{ApiKeyRow, ApiKeyV1, DeviceRow, PushRow, ReceiptRow, RequestRow, Row};
+use super::rows::{ApiKeyRow, ApiKeyV1, CallRow, DeviceRow, PushRow, ReceiptRow, RequestRow, Row};
 use super::{ApiKeyRecord, Op, Receipt, RequestRecord, Snapshot, Store, StoreError};
 
 // Values are postcard-encoded rows (see `rows`: one versioned enum per table, so records can
@@ -42,6 +42,8 @@ static RECEIPTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("re
 static REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("requests_v1");
 /// API keys by hash, values an [`ApiKeyRow`].
 static API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys_v2");
+/// Calls by id, values a [`CallRow`].
+static CALLS: TableDefinition<&str, &[u8]> = TableDefinition::new("calls_v1");
 static LEGACY_DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 static LEGACY_PUSHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("pushes");
 static LEGACY_RECEIPTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("receipts");
@@ -120,6 +122,7 @@ fn create_tables(db: &Database) -> Result<(), redb::Error> {
         <ApiKeyRow as From<ApiKeyV1>>::from,
     )?;
     txn.open_table(SEQ_CEILINGS)?;
+    txn.open_table(CALLS)?;
     {
         let mut meta = txn.open_table(META)?;
         if meta.get(EPOCH_KEY)?.is_none() {
@@ -189,6 +192,7 @@ impl Store for RedbStore {
             epoch,
             devices: read_all::<_, DeviceRow>(&txn, &DEVICES)?,
             pushes: read_all::<_, PushRow>(&txn, &PUSHES)?,
+            calls: read_all::<_, CallRow>(&txn, &CALLS)?,
             seq_ceilings: seq_ceilings
                 .iter()
                 .map_err(io)?
@@ -427,6 +431,7 @@ enum OpKey<'a> {
     Receipt(&'a str, &'a str),
     ApiKey(&'a str),
     Request(&'a str),
+    Call(&'a str),
 }
 
 fn op_key(op: &Op) -> Option<OpKey<'_>> {
@@ -438,6 +443,8 @@ fn op_key(op: &Op) -> Option<OpKey<'_>> {
         Op::PutReceipt(r) => OpKey::Receipt(&r.id, &r.device_id),
         Op::PutApiKey { hash, .. } => OpKey::ApiKey(hash),
         Op::PutRequest { id, .. } => OpKey::Request(id),
+        Op::PutCall(c) => OpKey::Call(&c.call_id),
+        Op::DeleteCall { call_id } => OpKey::Call(call_id),
         Op::PruneReceipts { .. } | Op::TrimInbox { .. } => return None,
     })
 }
@@ -472,6 +479,7 @@ struct Tables<'txn> {
     receipts: Table<'txn, (&'static str, &'static str), &'static [u8]>,
     api_keys: Table<'txn, &'static str, &'static [u8]>,
     requests: Table<'txn, &'static str, &'static [u8]>,
+    calls: Table<'txn, &'static str, &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -483,6 +491,7 @@ impl<'txn> Tables<'txn> {
             receipts: txn.open_table(RECEIPTS)?,
             api_keys: txn.open_table(API_KEYS)?,
             requests: txn.open_table(REQUESTS)?,
+            calls: txn.open_table(CALLS)?,
         })
     }
 
@@ -554,6 +563,15 @@ impl<'txn> Tables<'txn> {
             Op::PutRequest { id, record } => {
                 let value = encode::<RequestRow>(&REQUESTS, record)?;
                 self.requests.insert(id.as_str(), value.as_slice()).map_err(io)?;
+            }
+            Op::PutCall(call) => {
+                let value = encode::<CallRow>(&CALLS, call)?;
+                self.calls
+                    .insert(call.call_id.as_str(), value.as_slice())
+                    .map_err(io)?;
+            }
+            Op::DeleteCall { call_id } => {
+                self.calls.remove(call_id.as_str()).map_err(io)?;
             }
             // No inbox here: only cluster nodes forward commands.
             Op::TrimInbox { .. } => {}
@@ -873,6 +891,7 @@ mod tests {
                         pinned::push()
                     ],
                     seq_ceilings: vec![("a".into(), 11)],
+                    calls: Vec::new(),
                 }
             );
             assert_eq!(

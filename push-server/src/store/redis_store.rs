@@ -59,7 +59,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::redis_conn::{Master, MasterConn};
-use super::rows::{ApiKeyRow, DeviceRow, PushRow, ReceiptRow, RequestRow, Row};
+use super::rows::{ApiKeyRow, CallRow, DeviceRow, PushRow, ReceiptRow, RequestRow, Row};
 use super::{
     ApiKeyRecord, DeviceRecord, Op, Receipt, RequestRecord, Snapshot, Store, StoreError, StoredPush,
 };
@@ -578,7 +578,11 @@ fn op_device(op: &Op) -> Option<&str> {
         | Op::PutSeqCeiling { device_id, .. }
         | Op::TrimInbox { device_id, .. } => Some(device_id),
         Op::PutReceipt(r) => Some(&r.device_id),
-        Op::PruneReceipts { .. } | Op::PutRequest { .. } | Op::PutApiKey { .. } => None,
+        Op::PruneReceipts { .. }
+        | Op::PutRequest { .. }
+        | Op::PutApiKey { .. }
+        | Op::PutCall(_)
+        | Op::DeleteCall { .. } => None,
     }
 }
 
@@ -982,7 +986,11 @@ fn device_invocation(device: &str, ops: &[Op], fence: &str, retention: u64) -> S
             Op::TrimInbox { count, .. } => {
                 invocation.arg("trim").arg(*count);
             }
-            Op::PruneReceipts { .. } | Op::PutRequest { .. } | Op::PutApiKey { .. } => {
+            Op::PruneReceipts { .. }
+            | Op::PutRequest { .. }
+            | Op::PutApiKey { .. }
+            | Op::PutCall(_)
+            | Op::DeleteCall { .. } => {
                 unreachable!("shared ops are planned as shared steps")
             }
         }
@@ -1009,8 +1017,21 @@ fn shared_command(op: &Op, retention: u64) -> redis::Cmd {
                 .arg(expires)
                 .take()
         }
+        // Kept as long as its receipts are, whatever the node that wrote it does next.
+        Op::PutCall(call) => redis::cmd("SET")
+            .arg(call_key(&call.call_id))
+            .arg(encode::<CallRow>(call))
+            .arg("PXAT")
+            .arg((call.deadline_ms.max(0) as u64).max(now_ms()) + retention)
+            .take(),
+        Op::DeleteCall { call_id } => redis::cmd("DEL").arg(call_key(call_id)).take(),
         _ => unreachable!("device ops are planned as device steps, prunes run alone"),
     }
+}
+
+/// The key of a call's record.
+fn call_key(call_id: &str) -> String {
+    format!("lp:call:{{c:{call_id}}}")
 }
 
 /// The Redis store of one node.
@@ -1703,6 +1724,8 @@ impl Store for RedisStore {
             devices,
             pushes,
             seq_ceilings,
+            // A cluster node holds no call at start: each is read when a decision needs it.
+            calls: Vec::new(),
         })
     }
 

@@ -16,7 +16,10 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{ApiKeyRecord, DeviceRecord, PushKind, Receipt, ReceiptState, RequestRecord, StoredPush};
+use super::{
+    ApiKeyRecord, CallEnd, CallRecord, CallStepRecord, CalleeRecord, DeviceRecord, PushKind, Receipt,
+    ReceiptState, RequestRecord, StoredPush,
+};
 
 /// A stored row: what is written for a public record and how a row of any version is read back.
 pub(super) trait Row: Serialize + DeserializeOwned {
@@ -174,9 +177,12 @@ pub(super) enum ReceiptStateV1 {
     Cancelled,
 }
 
-impl From<ReceiptState> for ReceiptStateV1 {
-    fn from(state: ReceiptState) -> Self {
-        match state {
+impl TryFrom<ReceiptState> for ReceiptStateV1 {
+    type Error = ();
+
+    /// The states version 1 rows hold; a receipt in any other is written as a version 2 row.
+    fn try_from(state: ReceiptState) -> Result<Self, ()> {
+        Ok(match state {
             ReceiptState::Accepted => Self::Accepted,
             ReceiptState::Delivered => Self::Delivered,
             ReceiptState::Acked => Self::Acked,
@@ -184,7 +190,8 @@ impl From<ReceiptState> for ReceiptStateV1 {
             ReceiptState::Undeliverable => Self::Undeliverable,
             ReceiptState::Superseded => Self::Superseded,
             ReceiptState::Cancelled => Self::Cancelled,
-        }
+            ReceiptState::Answered | ReceiptState::Declined | ReceiptState::Missed => return Err(()),
+        })
     }
 }
 
@@ -206,6 +213,69 @@ impl From<ReceiptStateV1> for ReceiptState {
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) enum ReceiptRow {
     V1(ReceiptV1),
+    /// Written only for the states version 1 cannot hold (the call outcomes), so a receipt an
+    /// older binary can read stays readable by it.
+    V2(ReceiptV2),
+}
+
+/// [`ReceiptState`] as stored by version 2 rows (variant indices are the encoding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) enum ReceiptStateV2 {
+    Accepted,
+    Delivered,
+    Acked,
+    Expired,
+    Undeliverable,
+    Superseded,
+    Cancelled,
+    Answered,
+    Declined,
+    Missed,
+}
+
+impl From<ReceiptState> for ReceiptStateV2 {
+    fn from(state: ReceiptState) -> Self {
+        match state {
+            ReceiptState::Accepted => Self::Accepted,
+            ReceiptState::Delivered => Self::Delivered,
+            ReceiptState::Acked => Self::Acked,
+            ReceiptState::Expired => Self::Expired,
+            ReceiptState::Undeliverable => Self::Undeliverable,
+            ReceiptState::Superseded => Self::Superseded,
+            ReceiptState::Cancelled => Self::Cancelled,
+            ReceiptState::Answered => Self::Answered,
+            ReceiptState::Declined => Self::Declined,
+            ReceiptState::Missed => Self::Missed,
+        }
+    }
+}
+
+impl From<ReceiptStateV2> for ReceiptState {
+    fn from(state: ReceiptStateV2) -> Self {
+        match state {
+            ReceiptStateV2::Accepted => Self::Accepted,
+            ReceiptStateV2::Delivered => Self::Delivered,
+            ReceiptStateV2::Acked => Self::Acked,
+            ReceiptStateV2::Expired => Self::Expired,
+            ReceiptStateV2::Undeliverable => Self::Undeliverable,
+            ReceiptStateV2::Superseded => Self::Superseded,
+            ReceiptStateV2::Cancelled => Self::Cancelled,
+            ReceiptStateV2::Answered => Self::Answered,
+            ReceiptStateV2::Declined => Self::Declined,
+            ReceiptStateV2::Missed => Self::Missed,
+        }
+    }
+}
+
+/// [`Receipt`] with a call outcome.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct ReceiptV2 {
+    pub(super) id: String,
+    pub(super) device_id: String,
+    pub(super) state: ReceiptStateV2,
+    pub(super) reason: String,
+    pub(super) at_ms: i64,
+    pub(super) path: String,
 }
 
 /// [`Receipt`] as first stored; also the layout of the unversioned table `receipts`.
@@ -223,25 +293,44 @@ impl Row for ReceiptRow {
     type Record = Receipt;
 
     fn from_record(r: &Receipt) -> Self {
-        ReceiptRow::V1(ReceiptV1 {
-            id: r.id.clone(),
-            device_id: r.device_id.clone(),
-            state: r.state.into(),
-            reason: r.reason.clone(),
-            at_ms: r.at_ms,
-            path: r.path.clone(),
-        })
+        match ReceiptStateV1::try_from(r.state) {
+            Ok(state) => ReceiptRow::V1(ReceiptV1 {
+                id: r.id.clone(),
+                device_id: r.device_id.clone(),
+                state,
+                reason: r.reason.clone(),
+                at_ms: r.at_ms,
+                path: r.path.clone(),
+            }),
+            Err(()) => ReceiptRow::V2(ReceiptV2 {
+                id: r.id.clone(),
+                device_id: r.device_id.clone(),
+                state: r.state.into(),
+                reason: r.reason.clone(),
+                at_ms: r.at_ms,
+                path: r.path.clone(),
+            }),
+        }
     }
 
     fn into_record(self) -> Receipt {
-        let ReceiptRow::V1(r) = self;
-        Receipt {
-            id: r.id,
-            device_id: r.device_id,
-            state: r.state.into(),
-            reason: r.reason,
-            at_ms: r.at_ms,
-            path: r.path,
+        match self {
+            ReceiptRow::V1(r) => Receipt {
+                id: r.id,
+                device_id: r.device_id,
+                state: r.state.into(),
+                reason: r.reason,
+                at_ms: r.at_ms,
+                path: r.path,
+            },
+            ReceiptRow::V2(r) => Receipt {
+                id: r.id,
+                device_id: r.device_id,
+                state: r.state.into(),
+                reason: r.reason,
+                at_ms: r.at_ms,
+                path: r.path,
+            },
         }
     }
 }
@@ -340,6 +429,135 @@ impl Row for ApiKeyRow {
             expires_at_ms: k.expires_at_ms,
             revoked_at_ms: k.revoked_at_ms,
             enroll_groups: k.enroll_groups,
+        }
+    }
+}
+
+/// Table `calls_v1` (keyed by call id).
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) enum CallRow {
+    V1(CallV1),
+}
+
+/// [`CallRecord`] as first stored.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct CallV1 {
+    pub(super) call_id: String,
+    pub(super) invite: Vec<u8>,
+    pub(super) placed_at_ms: i64,
+    pub(super) deadline_ms: i64,
+    pub(super) steps: Vec<CallStepV1>,
+    pub(super) callees: Vec<CalleeV1>,
+    pub(super) end: Option<CallEndV1>,
+    pub(super) hung_up_at_ms: i64,
+}
+
+/// [`CallStepRecord`] as first stored.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct CallStepV1 {
+    pub(super) due_ms: i64,
+    pub(super) stop_earlier: bool,
+    pub(super) device_ids: Vec<String>,
+    pub(super) started_ms: i64,
+}
+
+/// [`CalleeRecord`] as first stored.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct CalleeV1 {
+    pub(super) device_id: String,
+    pub(super) step: u32,
+    pub(super) seq: u64,
+    pub(super) rang: bool,
+    pub(super) outcome: Option<(ReceiptStateV2, i64)>,
+}
+
+/// [`CallEnd`] as first stored.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) enum CallEndV1 {
+    Answered { device_id: String, at_ms: i64 },
+    Declined { at_ms: i64 },
+    Missed { at_ms: i64 },
+    Cancelled { at_ms: i64 },
+}
+
+impl Row for CallRow {
+    type Record = CallRecord;
+
+    fn from_record(c: &CallRecord) -> Self {
+        CallRow::V1(CallV1 {
+            call_id: c.call_id.clone(),
+            invite: c.invite.clone(),
+            placed_at_ms: c.placed_at_ms,
+            deadline_ms: c.deadline_ms,
+            steps: c
+                .steps
+                .iter()
+                .map(|s| CallStepV1 {
+                    due_ms: s.due_ms,
+                    stop_earlier: s.stop_earlier,
+                    device_ids: s.device_ids.clone(),
+                    started_ms: s.started_ms,
+                })
+                .collect(),
+            callees: c
+                .callees
+                .iter()
+                .map(|e| CalleeV1 {
+                    device_id: e.device_id.clone(),
+                    step: e.step,
+                    seq: e.seq,
+                    rang: e.rang,
+                    outcome: e.outcome.map(|(s, at)| (s.into(), at)),
+                })
+                .collect(),
+            end: c.end.as_ref().map(|e| match e {
+                CallEnd::Answered { device_id, at_ms } => CallEndV1::Answered {
+                    device_id: device_id.clone(),
+                    at_ms: *at_ms,
+                },
+                CallEnd::Declined { at_ms } => CallEndV1::Declined { at_ms: *at_ms },
+                CallEnd::Missed { at_ms } => CallEndV1::Missed { at_ms: *at_ms },
+                CallEnd::Cancelled { at_ms } => CallEndV1::Cancelled { at_ms: *at_ms },
+            }),
+            hung_up_at_ms: c.hung_up_at_ms,
+        })
+    }
+
+    fn into_record(self) -> CallRecord {
+        let CallRow::V1(c) = self;
+        CallRecord {
+            call_id: c.call_id,
+            invite: c.invite,
+            placed_at_ms: c.placed_at_ms,
+            deadline_ms: c.deadline_ms,
+            steps: c
+                .steps
+                .into_iter()
+                .map(|s| CallStepRecord {
+                    due_ms: s.due_ms,
+                    stop_earlier: s.stop_earlier,
+                    device_ids: s.device_ids,
+                    started_ms: s.started_ms,
+                })
+                .collect(),
+            callees: c
+                .callees
+                .into_iter()
+                .map(|e| CalleeRecord {
+                    device_id: e.device_id,
+                    step: e.step,
+                    seq: e.seq,
+                    rang: e.rang,
+                    outcome: e.outcome.map(|(s, at)| (s.into(), at)),
+                })
+                .collect(),
+            end: c.end.map(|e| match e {
+                CallEndV1::Answered { device_id, at_ms } => CallEnd::Answered { device_id, at_ms },
+                CallEndV1::Declined { at_ms } => CallEnd::Declined { at_ms },
+                CallEndV1::Missed { at_ms } => CallEnd::Missed { at_ms },
+                CallEndV1::Cancelled { at_ms } => CallEnd::Cancelled { at_ms },
+            }),
+            hung_up_at_ms: c.hung_up_at_ms,
         }
     }
 }
@@ -480,6 +698,79 @@ pub(super) mod tests {
                 "{state:?}"
             );
         }
+        let states_v2 = [
+            ReceiptStateV2::Accepted,
+            ReceiptStateV2::Delivered,
+            ReceiptStateV2::Acked,
+            ReceiptStateV2::Expired,
+            ReceiptStateV2::Undeliverable,
+            ReceiptStateV2::Superseded,
+            ReceiptStateV2::Cancelled,
+            ReceiptStateV2::Answered,
+            ReceiptStateV2::Declined,
+            ReceiptStateV2::Missed,
+        ];
+        for (index, state) in states_v2.into_iter().enumerate() {
+            assert_eq!(
+                postcard::to_allocvec(&state).expect("encode"),
+                [index as u8],
+                "{state:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_call_outcome_receipt_is_a_version_2_row_and_the_others_stay_version_1() {
+        let mut r = receipt();
+        assert_eq!(
+            encode::<ReceiptRow>(&r)[0],
+            0,
+            "version 1 rows stay readable by older binaries"
+        );
+        r.state = ReceiptState::Answered;
+        let row = encode::<ReceiptRow>(&r);
+        assert_eq!(row[0], 1);
+        assert_eq!(
+            postcard::from_bytes::<ReceiptRow>(&row)
+                .expect("decode")
+                .into_record(),
+            r
+        );
+    }
+
+    #[test]
+    fn a_call_reads_back_as_written() {
+        let call = CallRecord {
+            call_id: "c1".into(),
+            invite: vec![1, 2, 3],
+            placed_at_ms: 10,
+            deadline_ms: 30_010,
+            steps: vec![CallStepRecord {
+                due_ms: 10,
+                stop_earlier: true,
+                device_ids: vec!["a".into()],
+                started_ms: 10,
+            }],
+            callees: vec![CalleeRecord {
+                device_id: "a".into(),
+                step: 0,
+                seq: 7,
+                rang: true,
+                outcome: Some((ReceiptState::Declined, 20)),
+            }],
+            end: Some(CallEnd::Answered {
+                device_id: "a".into(),
+                at_ms: 25,
+            }),
+            hung_up_at_ms: 99,
+        };
+        let row = postcard::to_allocvec(&CallRow::from_record(&call)).expect("encode");
+        assert_eq!(
+            postcard::from_bytes::<CallRow>(&row)
+                .expect("decode")
+                .into_record(),
+            call
+        );
     }
 
     #[test]
@@ -509,7 +800,7 @@ pub(super) mod tests {
             Superseded,
             Cancelled,
         ] {
-            let stored = ReceiptStateV1::from(state);
+            let stored = ReceiptStateV1::try_from(state).expect("a version 1 state");
             assert_eq!(format!("{state:?}"), format!("{stored:?}"));
             assert_eq!(ReceiptState::from(stored), state);
         }
