@@ -187,8 +187,9 @@ async fn no_session_rings_through_one_voip_push(mode: Mode) {
     let e = start(mode, 300).await;
     e.offline_device("phone-1", &token(1)).await;
     let placed = e.call("call-1", "phone-1", 3).await;
+    // It rang through APNs and nobody answered: missed, not merely expired.
     let updates =
-        e.h.await_update("call-1", "phone-1", |u| u.state() == DeliveryState::Expired)
+        e.h.await_update("call-1", "phone-1", |u| u.state() == DeliveryState::Missed)
             .await;
     assert!(updates.iter().any(rang_through_apns), "{updates:?}");
     assert_eq!(

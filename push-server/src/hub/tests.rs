@@ -457,7 +457,7 @@ impl Model {
         self.f.hub.fire_due();
         self.check();
         let ends = |(id, _): &(String, String), finals: &[ReceiptState]| {
-            let call = id.starts_with("call-");
+            let call = id.starts_with("call-") && !id.contains('#');
             let rang = finals
                 .iter()
                 .filter(|s| call && **s == ReceiptState::Acked)
