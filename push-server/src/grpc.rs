@@ -136,7 +136,7 @@ impl Api {
                         continue;
                     }
                     states.insert(r.device_id.clone(), r.clone());
-                    let call = hub.call_record(&r.id);
+                    let call = hub.find_call(&r.id).await.ok().flatten();
                     let mut u = update(r);
                     u.step = call.as_ref().map_or(0, |c| step_of(c, &u.device_id));
                     if tx.send(Ok(u)).await.is_err() {
@@ -145,7 +145,7 @@ impl Api {
                 }
                 // A call is watched until it ended and each callee's outcome is known (its
                 // receipts say ACKED while it rings); a message until every receipt is final.
-                let call = hub.call_record(&id);
+                let call = hub.find_call(&id).await.ok().flatten();
                 let kind = if call.is_some() {
                     PushKind::CallInvite
                 } else {
@@ -327,8 +327,10 @@ impl push_sender_server::PushSender for Api {
         let call_id = req.into_inner().call_id;
         let record = self
             .hub
-            .call_record(&call_id)
-            .ok_or_else(|| Status::not_found(format!("no call {call_id:?} is remembered here")))?;
+            .find_call(&call_id)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("no call {call_id:?} is ringing or remembered")))?;
         let receipts = self.hub.receipts(&call_id).await.map_err(store_status)?;
         Ok(Response::new(call_status(record, receipts)))
     }

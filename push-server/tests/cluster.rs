@@ -5,8 +5,11 @@ mod common;
 
 use common::{Harness, next, to, within};
 use push_proto::{
-    device::{CancelReason, GoodbyeReason, push},
-    sender::{CancelCallRequest, DeliveryState, GetMessageStatusRequest, PlaceCallRequest},
+    device::{CallOutcome, CallOutcomeResult, CancelReason, GoodbyeReason, push},
+    sender::{
+        CallState, CancelCallRequest, DeliveryState, DeviceList, GetMessageStatusRequest, PlaceCallRequest,
+        Target, WatchCallRequest, target,
+    },
 };
 use push_server::{
     client::ClientError,
@@ -177,6 +180,69 @@ async fn a_call_placed_and_cancelled_on_one_node_rings_and_stops_on_the_other() 
     );
     c.a.await_state("call-1", "phone-1", DeliveryState::Cancelled)
         .await;
+}
+
+#[tokio::test]
+async fn two_phones_on_two_nodes_answering_at_once_one_wins_and_the_other_is_stopped() {
+    let c = Cluster::start().await;
+    let (on_a, on_b) = (c.a.issue("on-a", &[]).await, c.a.issue("on-b", &[]).await);
+    let mut phone_a = c.a.connect(&on_a, 0).await.expect("connects to node A");
+    let mut phone_b = c.b.connect(&on_b, 0).await.expect("connects to node B");
+    for round in 0..5 {
+        let call_id = format!("ward-{round}");
+        c.a.sender()
+            .place_call(PlaceCallRequest {
+                call_id: call_id.clone(),
+                target: Some(Target {
+                    kind: Some(target::Kind::Devices(DeviceList {
+                        device_ids: vec!["on-a".into(), "on-b".into()],
+                    })),
+                }),
+                caller_name: "Ward 4B".into(),
+                ring_timeout_seconds: 30,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        for phone in [&mut phone_a, &mut phone_b] {
+            let invite = next(phone).await;
+            assert!(
+                matches!(invite.body, Some(push::Body::CallInvite(_))),
+                "{invite:?}"
+            );
+            phone.ack(&[invite.seq]).await.unwrap();
+        }
+        // Both users answer at once, each on the node its phone holds a session with.
+        let (ra, rb) = tokio::join!(
+            phone_a.report_call(&call_id, CallOutcome::Answered),
+            phone_b.report_call(&call_id, CallOutcome::Answered)
+        );
+        let (ra, rb) = (ra.unwrap().result(), rb.unwrap().result());
+        let (winner, loser) = match (ra, rb) {
+            (CallOutcomeResult::Recorded, CallOutcomeResult::AnsweredElsewhere) => ("on-a", &mut phone_b),
+            (CallOutcomeResult::AnsweredElsewhere, CallOutcomeResult::Recorded) => ("on-b", &mut phone_a),
+            other => panic!("{call_id}: exactly one answer wins, got {other:?}"),
+        };
+        let cancel = next(loser).await;
+        let Some(push::Body::CallCancel(stop)) = &cancel.body else {
+            panic!("the loser is told to stop: {cancel:?}")
+        };
+        assert_eq!(stop.reason(), CancelReason::AnsweredElsewhere);
+        loser.ack(&[cancel.seq]).await.unwrap();
+        // Either node gives the same picture.
+        for node in [&c.a, &c.b] {
+            let s = node
+                .sender()
+                .get_call_status(WatchCallRequest {
+                    call_id: call_id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!((s.state(), s.answered_by.as_str()), (CallState::Answered, winner));
+        }
+        c.b.await_state(&call_id, winner, DeliveryState::Answered).await;
+    }
 }
 
 /// Poll `/healthz` of `h` until it answers `want` (each node checks Redis once a second).

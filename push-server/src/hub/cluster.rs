@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Hub, Slot,
-    device::{DeviceCore, Effects, Item, VoipLeg},
+    device::{DeviceCore, Effects, Item, StopState, VoipLeg},
 };
 use crate::store::{
     Claimed, DeviceState, Forwarded, Heard, PushKind, Receipt, ReceiptState, RedisStore, StoreError,
@@ -188,6 +188,36 @@ enum CommandV1 {
     },
     /// Set (non-empty) or clear the PushKit token.
     SetToken(String),
+    /// The call decided this callee's ring is over (`DeviceCore::stop_ringing`): `state` 0 is
+    /// the ring deadline (MISSED or EXPIRED), else the state's [`stop_code`]; `cancel` the
+    /// cancel's deadline and encoded push, for a phone that may have rung.
+    StopRinging {
+        call_id: String,
+        state: u8,
+        detail: String,
+        cancel: Option<(i64, Vec<u8>)>,
+    },
+}
+
+/// The code of a [`StopState`] in a `StopRinging` command.
+fn stop_code(state: StopState) -> u8 {
+    match state {
+        StopState::RingOut => 0,
+        StopState::Is(ReceiptState::Answered) => 2,
+        StopState::Is(ReceiptState::Declined) => 3,
+        StopState::Is(ReceiptState::Missed) => 4,
+        StopState::Is(_) => 1,
+    }
+}
+
+fn stop_state(code: u8) -> StopState {
+    match code {
+        0 => StopState::RingOut,
+        2 => StopState::Is(ReceiptState::Answered),
+        3 => StopState::Is(ReceiptState::Declined),
+        4 => StopState::Is(ReceiptState::Missed),
+        _ => StopState::Is(ReceiptState::Cancelled),
+    }
 }
 
 fn kind_code(kind: PushKind) -> u8 {
@@ -225,8 +255,17 @@ fn encode(command: CommandV1) -> Vec<u8> {
 /// What a command asks of the holder.
 enum Command {
     Enqueue(Item),
-    Withdraw { call_id: String, cancel: Item },
+    Withdraw {
+        call_id: String,
+        cancel: Item,
+    },
     SetToken(Option<apns_bridge::DeviceToken>),
+    StopRinging {
+        call_id: String,
+        state: StopState,
+        detail: String,
+        cancel: Option<Item>,
+    },
 }
 
 fn decode(raw: &[u8]) -> Result<Command, String> {
@@ -254,6 +293,19 @@ fn decode(raw: &[u8]) -> Result<Command, String> {
             call_id,
             cancel: decode_item(PushKind::CallCancel, String::new(), expires, &cancel)?,
         },
+        CommandV1::StopRinging {
+            call_id,
+            state,
+            detail,
+            cancel,
+        } => Command::StopRinging {
+            call_id,
+            state: stop_state(state),
+            detail,
+            cancel: cancel
+                .map(|(expires, push)| decode_item(PushKind::CallCancel, String::new(), expires, &push))
+                .transpose()?,
+        },
         CommandV1::SetToken(t) if t.is_empty() => Command::SetToken(None),
         CommandV1::SetToken(t) => Command::SetToken(Some(
             apns_bridge::DeviceToken::parse(&t).map_err(|e| e.to_string())?,
@@ -264,6 +316,11 @@ fn decode(raw: &[u8]) -> Result<Command, String> {
 impl Hub {
     fn link(&self) -> Option<&Link> {
         self.0.cluster.as_ref()
+    }
+
+    /// Cluster mode: the shared Redis store.
+    pub(super) fn link_redis(&self) -> Option<&Arc<RedisStore>> {
+        self.link().map(|l| &l.redis)
     }
 
     /// Cluster mode: the cluster as this node last saw it (`None` on a single node).
@@ -385,6 +442,15 @@ impl Hub {
                     }
                     Ok(Command::SetToken(token)) => {
                         slot.core.set_token(&mut fx, token);
+                    }
+                    Ok(Command::StopRinging {
+                        call_id,
+                        state,
+                        detail,
+                        cancel,
+                    }) => {
+                        slot.core
+                            .stop_ringing(&mut fx, cx, &call_id, state, &detail, cancel.as_ref());
                     }
                     Err(e) => {
                         tracing::error!(device = device_id, error = %e, "undecodable inbox command skipped")
@@ -573,6 +639,33 @@ impl Hub {
         matches!(
             link.redis
                 .forward(device_id, command, None, cancel.expires, usize::MAX)
+                .await,
+            Ok(Forwarded::Queued { .. })
+        )
+    }
+
+    /// Cluster mode: tell the holder of `device_id` (or its next holder) that a call stopped
+    /// ringing it (see `DeviceCore::stop_ringing`). Returns false when it could not be queued.
+    pub(super) async fn forward_stop(
+        &self,
+        device_id: &str,
+        call_id: &str,
+        state: StopState,
+        detail: &str,
+        cancel: Option<&Item>,
+    ) -> bool {
+        let Some(link) = self.link() else { return false };
+        let command = encode(CommandV1::StopRinging {
+            call_id: call_id.into(),
+            state: stop_code(state),
+            detail: detail.into(),
+            cancel: cancel.map(|c| (c.expires, encode_item(c))),
+        });
+        // Kept until the cancel (or, without one, the ring) can no longer matter.
+        let due = cancel.map_or(self.now() + 60_000, |c| c.expires);
+        matches!(
+            link.redis
+                .forward(device_id, command, None, due, usize::MAX)
                 .await,
             Ok(Forwarded::Queued { .. })
         )

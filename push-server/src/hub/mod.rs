@@ -412,7 +412,7 @@ impl Hub {
         let due = self.0.timers.lock().pop_due(cx.now);
         for (_, timer, device_id, seq) in due {
             if timer == timers::Timer::Call {
-                self.call_due(&device_id, cx);
+                self.call_due(&device_id, cx.now);
                 continue;
             }
             let Some(device) = self.device(&device_id) else {

@@ -13,7 +13,6 @@ use super::{
     cluster::Routed,
     device::{Effects, Item},
     ids::{IdUse, call_digest, check_id, message_digest},
-    timers::{Timer, TimerChange},
 };
 use crate::store::{Op, PushKind, Receipt, ReceiptState, RequestRecord, StoreError};
 
@@ -298,8 +297,7 @@ impl Hub {
             .collect();
         let call = CallCore::new(invite, now, targets.clone(), later);
         let item = call.invite_item();
-        let first_due = call.next_due();
-        if !self.0.calls.lock().open(call) {
+        if !self.open_call(call).await? {
             return Err(SendError::CallExists(req.call_id));
         }
         let result = self.enqueue_all(&item, &targets, Some(request), now).await;
@@ -307,7 +305,14 @@ impl Hub {
         let (recipients, seqs) = match result {
             Ok(placed) => placed,
             Err(e) => {
+                // Nothing rings (the sender retries the whole call): it ends here, cancelled.
                 self.0.calls.lock().close(&req.call_id);
+                if let Some(Err(e)) = self
+                    .cancel_decided_call(&req.call_id, CancelReason::CallerCancelled)
+                    .await
+                {
+                    tracing::warn!(call = %req.call_id, error = %e, "unplaced call not closed in the store");
+                }
                 return Err(e);
             }
         };
@@ -322,17 +327,7 @@ impl Hub {
                 (r.device_id.clone(), if refused { None } else { seq.or(Some(0)) })
             })
             .collect();
-        let cx = self.ctx();
-        if let Some(at) = first_due
-            && self
-                .0
-                .timers
-                .lock()
-                .apply(vec![TimerChange::Add(at, Timer::Call, req.call_id.clone(), 0)])
-        {
-            self.0.timers_changed.notify_one();
-        }
-        let pending = self.call_placed(&req.call_id, cx, &placed);
+        let pending = self.call_placed(&req.call_id, self.ctx(), &placed).await;
         self.plan_voip(&seqs);
         self.settle(pending).await?;
         Ok((
@@ -348,12 +343,12 @@ impl Hub {
     /// Stop ringing: invites not yet written are withdrawn, devices that got one are sent a
     /// cancel. Returns how many cancels were sent.
     pub async fn cancel_call(&self, call_id: &str, reason: CancelReason) -> Result<u32, SendError> {
-        if self.is_clustered() {
-            return self.cancel_call_cluster(call_id, reason).await;
-        }
         match self.cancel_decided_call(call_id, reason).await {
-            None => Err(SendError::UnknownCall(call_id.into())),
             Some(result) => Ok(result?),
+            // A call placed by a node of an older release has no record: its request and
+            // receipts name its callees.
+            None if self.is_clustered() => self.cancel_call_cluster(call_id, reason).await,
+            None => Err(SendError::UnknownCall(call_id.into())),
         }
     }
 

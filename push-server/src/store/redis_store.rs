@@ -61,7 +61,8 @@ use tokio_util::sync::CancellationToken;
 use super::redis_conn::{Master, MasterConn};
 use super::rows::{ApiKeyRow, CallRow, DeviceRow, PushRow, ReceiptRow, RequestRow, Row};
 use super::{
-    ApiKeyRecord, DeviceRecord, Op, Receipt, RequestRecord, Snapshot, Store, StoreError, StoredPush,
+    ApiKeyRecord, CallRecord, DeviceRecord, Op, Receipt, RequestRecord, Snapshot, Store, StoreError,
+    StoredPush,
 };
 
 /// A device as stored, loaded by the node that claims it.
@@ -380,6 +381,24 @@ return {'queued'}
 });
 
 /// KEYS: rec, lp:devices, group sets. ARGV: row, device.
+/// A call's record is replaced only if it is still the one its decision read (compare and
+/// set): two nodes deciding one call at once (two answers) cannot both win. `ARGV[1]` empty:
+/// create it, only if absent.
+static SWAP_CALL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local current = redis.call('GET', KEYS[1])
+if ARGV[1] == '' then
+  if current then return 0 end
+elseif current ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PXAT', ARGV[3])
+return 1
+"#,
+    )
+});
+
 static CREATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -1372,6 +1391,33 @@ impl RedisStore {
             }),
             other => Err(StoreError::Redis(format!("unexpected forward answer {other}"))),
         }
+    }
+
+    /// Call `call_id` as stored, with the stored bytes (what [`RedisStore::swap_call`] compares).
+    pub async fn call(&self, call_id: &str) -> Result<Option<(CallRecord, Vec<u8>)>, StoreError> {
+        let raw: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(call_key(call_id))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        raw.map(|raw| Ok((decode::<CallRow>("redis call", &raw)?, raw)))
+            .transpose()
+    }
+
+    /// Store `call` if the stored record is still `read` (the bytes [`RedisStore::call`]
+    /// returned; `None`: create it, if absent). False: another node decided first; read again.
+    pub async fn swap_call(&self, read: Option<&[u8]>, call: &CallRecord) -> Result<bool, StoreError> {
+        let retention = self.retention_ms.load(Ordering::Relaxed);
+        let keep_until = (call.deadline_ms.max(0) as u64).max(now_ms()) + retention;
+        let swapped: i64 = SWAP_CALL
+            .key(call_key(&call.call_id))
+            .arg(read.unwrap_or_default())
+            .arg(encode::<CallRow>(call))
+            .arg(keep_until)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        Ok(swapped == 1)
     }
 
     /// The inbox of a device this node holds, oldest first.
