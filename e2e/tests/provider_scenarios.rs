@@ -177,6 +177,7 @@ impl ProviderHost for Forgetful {
         self.shown_count.send_modify(|c| *c += 1);
     }
     fn persist_last_seen(&self, _: LastSeen) {}
+    fn call_outcome_replied(&self, _: nepush_provider::OutcomeReply) {}
     fn state_changed(&self, state: &State) {
         self.state.send_replace(state.clone());
     }
