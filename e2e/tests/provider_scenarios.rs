@@ -45,6 +45,14 @@ async fn normal_day_messages_once_calls_with_their_dictionary() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_outcomes_reach_the_server_running_stopped_or_killed() {
+    let r = run("call_outcomes_reach_the_server.toml").await;
+    assert_eq!(r.outcome_replies, 4, "each report replied once, none lost");
+    assert_eq!(r.call_reports, 1, "the invite only: no outcome ended a call");
+    assert_eq!(r.max_server_sessions, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hospital_new_instance_every_few_hours_never_two_sessions() {
     let r = run("hospital_8h.toml").await;
     assert_eq!(r.instances, 17);
@@ -177,6 +185,7 @@ impl ProviderHost for Forgetful {
         self.shown_count.send_modify(|c| *c += 1);
     }
     fn persist_last_seen(&self, _: LastSeen) {}
+    fn call_outcome_replied(&self, _: nepush_provider::OutcomeReply) {}
     fn state_changed(&self, state: &State) {
         self.state.send_replace(state.clone());
     }

@@ -263,7 +263,7 @@ impl EventHandler for Probe {
                     self.rec.arrive(k);
                 }
             }
-            Event::CallCancel(_) | Event::LastSeenSeq(_) => {}
+            Event::CallCancel(_) | Event::LastSeenSeq(_) | Event::CallOutcomeReplied(_) => {}
         }
     }
 }

@@ -29,7 +29,10 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    core::{Event, LastSeen, NetworkEvent, Session, State, StopReason, TransportCommand},
+    core::{
+        Event, LastSeen, NetworkEvent, OutcomeReport, PendingOutcomes, Session, State, StopReason,
+        TransportCommand,
+    },
     counters::{Counters, Guard, Resource},
 };
 
@@ -51,6 +54,7 @@ pub trait EventHandler: Send + Sync + 'static {
 pub(crate) enum Input {
     Network(NetworkEvent),
     VoipToken(String),
+    CallOutcome(OutcomeReport),
     SystemTimer,
 }
 
@@ -74,6 +78,9 @@ pub struct Shared {
     last_seen: Mutex<LastSeen>,
     /// The latest PushKit token the host gave, for the next start of the same client.
     voip_token: Mutex<Option<String>>,
+    /// Call-outcome reports not replied to yet, for the next session of the same client (a
+    /// restart) and as the source a new connection checks its session against.
+    outcomes: Mutex<PendingOutcomes>,
     stats: [AtomicU64; 5],
 }
 
@@ -107,6 +114,7 @@ impl Shared {
             state: Mutex::new(State::Idle),
             last_seen: Mutex::new(last_seen),
             voip_token: Mutex::new(voip_token),
+            outcomes: Mutex::new(PendingOutcomes::default()),
             stats: Default::default(),
         }
     }
@@ -138,6 +146,16 @@ impl Shared {
 
     pub(crate) fn set_voip_token(&self, token: String) {
         *self.voip_token.lock().expect("poisoned") = Some(token);
+    }
+
+    /// Keep a checked report until the server replies to it.
+    pub(crate) fn add_outcome(&self, report: OutcomeReport) {
+        self.outcomes.lock().expect("poisoned").insert(report);
+    }
+
+    /// Call-outcome reports not replied to yet, oldest first.
+    pub fn pending_outcomes(&self) -> Vec<OutcomeReport> {
+        self.outcomes.lock().expect("poisoned").iter().cloned().collect()
     }
 
     /// Statistics so far.
@@ -277,6 +295,10 @@ impl Driver {
                 }
                 Wake::Input(Some(Input::Network(event))) => self.session.handle_network(now(), event),
                 Wake::Input(Some(Input::VoipToken(token))) => self.session.handle_voip_token(now(), token),
+                Wake::Input(Some(Input::CallOutcome(report))) => {
+                    // Checked by the client before it was queued.
+                    let _ = self.session.handle_call_outcome(now(), report);
+                }
                 Wake::Input(Some(Input::SystemTimer)) => self.session.handle_system_timer(now()),
                 // Every client handle is gone: stop as if asked to.
                 Wake::Input(None) => {
@@ -328,7 +350,18 @@ impl Driver {
                 *self.shared.state.lock().expect("poisoned") = state.clone();
             }
             Event::LastSeenSeq(last_seen) => *self.shared.last_seen.lock().expect("poisoned") = *last_seen,
+            Event::CallOutcomeReplied(reply) => {
+                let mut outcomes = self.shared.outcomes.lock().expect("poisoned");
+                outcomes.remove(&reply.call_id, reply.outcome);
+            }
             _ => {}
+        }
+        if let Event::State(State::Connected { .. }) = &event {
+            // A report whose input was dropped (a full queue) is in `shared` only: hand it to
+            // the session now, which sends what it did not have. The rest are repeats it ignores.
+            for report in self.shared.pending_outcomes() {
+                let _ = self.session.handle_call_outcome(now(), report);
+            }
         }
         let seq = event.push_seq();
         self.handler.on_event(event);

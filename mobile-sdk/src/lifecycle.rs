@@ -25,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{ClientConfig, ConfigError},
-    core::{self, LastSeen, NetworkEvent, Session, State, StopReason},
+    core::{
+        self, CallOutcome, InvalidReport, LastSeen, NetworkEvent, OutcomeReport, Session, State, StopReason,
+    },
     counters::{Counters, Guard, Resource, Snapshot},
     driver::{Driver, DriverStats, EventHandler, Input, Shared, Transport},
     tls,
@@ -235,6 +237,8 @@ impl Registry {
             // A restarted client resumes from what its app took, not from its configuration.
             last_seen: client.shared.last_seen(),
             voip_token: client.shared.voip_token(),
+            // Reports of an earlier session of this client that the server never answered.
+            outcome_reports: client.shared.pending_outcomes(),
             timing: c.timing,
             backoff: c.backoff,
             jitter_seed: client.jitter_seed,
@@ -342,6 +346,35 @@ impl Client {
         self.inner.send(Input::VoipToken(token));
     }
 
+    /// Report what the user did with a call (CallKit's answer or end action, or a ring that
+    /// timed out), at `at_ms` by the phone's clock (Unix ms). Sent on the live session, and
+    /// again at the start of every later session of this client (restarts included) until the
+    /// server replies; then [`core::Event::CallOutcomeReplied`] tells the host, which deletes its
+    /// durable copy. Keep that copy (the app group) and report it again to a new client: this one
+    /// remembers only while it lives. Refused if the server would refuse it (empty or overlong
+    /// call id, unspecified outcome). A repeat of a pending report is not sent twice.
+    pub fn report_call_outcome(
+        &self,
+        call_id: String,
+        outcome: CallOutcome,
+        at_ms: i64,
+    ) -> Result<(), InvalidReport> {
+        let report = OutcomeReport {
+            call_id,
+            outcome,
+            at_ms,
+        };
+        report.check()?;
+        self.inner.shared.add_outcome(report.clone());
+        self.inner.send(Input::CallOutcome(report));
+        Ok(())
+    }
+
+    /// Call-outcome reports not replied to yet, oldest first.
+    pub fn pending_call_outcomes(&self) -> Vec<OutcomeReport> {
+        self.inner.shared.pending_outcomes()
+    }
+
     /// Report the host's periodic timer (`handleTimerEvent`): a backstop only.
     pub fn timer_event(&self) {
         self.inner.send(Input::SystemTimer);
@@ -425,7 +458,8 @@ impl ClientInner {
         if let Some(run) = run
             && let Err(e) = run.inputs.try_send(input)
         {
-            // Only a host flooding inputs fills the queue; the timer backstop covers a loss.
+            // Only a host flooding inputs fills the queue; the timer backstop covers a loss, and
+            // call outcomes are handed over again from `shared` at the next session.
             tracing::warn!(error = %e, "session input dropped");
         }
     }

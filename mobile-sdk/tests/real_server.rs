@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 use common::{ChildServer, Heartbeat, InProcServer, Recorder, STEP, ServerInfo};
 use mobile_sdk::{
     Registry, StartError, Trust,
-    core::{Disconnect, Event, LastSeen, State, StopCause, StopReason},
+    core::{
+        CallOutcome, CallOutcomeResult, Disconnect, Event, InvalidReport, LastSeen, OutcomeReply, State,
+        StopCause, StopReason,
+    },
 };
 use push_proto::{
     device::{CancelReason, GoodbyeReason},
@@ -613,6 +616,68 @@ async fn the_pushkit_token_reaches_the_server_and_can_be_cleared() {
     ServerInfo::wait_acked(&api, "v2").await;
     assert_eq!(voip_state(&api, "dev-voip").await, VoipTokenState::None as i32);
     client.stop(StopReason::HostRequested).await;
+}
+
+/// The next reply the host is told about for a report of `outcome` of `call_id`.
+async fn replied(events: &mut Recorder, call_id: &str, outcome: CallOutcome) -> OutcomeReply {
+    events
+        .wait_for(&format!("reply to {call_id} {outcome:?}"), |e| match e {
+            Event::CallOutcomeReplied(r) if r.call_id == call_id && r.outcome == outcome => Some(r.clone()),
+            _ => None,
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_outcomes_reach_the_server_before_start_while_connected_and_across_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let credential = server.info.issue("dev-out").await;
+    let reg = registry();
+    let (handler, mut events) = Recorder::new();
+    let client = reg
+        .client(server.info.client_config("dev-out", &credential), handler)
+        .unwrap();
+    assert_eq!(
+        client.report_call_outcome("c-1".into(), CallOutcome::Unspecified, 1),
+        Err(InvalidReport::Outcome)
+    );
+    // Before start: kept by the client, sent after the first hello.
+    client
+        .report_call_outcome("c-1".into(), CallOutcome::Answered, 1)
+        .unwrap();
+    client.start().await.unwrap();
+    let reply = replied(&mut events, "c-1", CallOutcome::Answered).await;
+    // The server decides no outcome yet: it knows no such call. Any decided result will do.
+    assert_ne!(reply.result, CallOutcomeResult::Unspecified, "{reply:?}");
+    client
+        .report_call_outcome("c-2".into(), CallOutcome::Declined, 2)
+        .unwrap();
+    replied(&mut events, "c-2", CallOutcome::Declined).await;
+    assert!(client.pending_call_outcomes().is_empty());
+
+    // Made while the server is down: kept through the reconnect, sent after the next hello.
+    server.shutdown().await;
+    events
+        .wait_for("disconnected", |e| {
+            matches!(e, Event::State(State::WaitingToRetry { .. })).then_some(())
+        })
+        .await;
+    client
+        .report_call_outcome("c-3".into(), CallOutcome::Missed, 3)
+        .unwrap();
+    assert_eq!(client.pending_call_outcomes().len(), 1);
+    server.restart().await;
+    replied(&mut events, "c-3", CallOutcome::Missed).await;
+    assert!(client.pending_call_outcomes().is_empty());
+    let replies = events
+        .seen
+        .iter()
+        .filter(|e| matches!(e, Event::CallOutcomeReplied(_)))
+        .count();
+    assert_eq!(replies, 3, "each reply told to the host once");
+    client.stop(StopReason::HostRequested).await;
+    assert!(reg.counters().is_quiet(), "{:?}", reg.counters());
 }
 
 /// Send a signal to the child server (STOP freezes it with its sockets open: a half-dead peer).

@@ -1,8 +1,10 @@
 //! What the provider asks of its host (the Swift `NEAppPushProvider` subclass, or the Linux
-//! lifecycle host): report calls, show notifications, persist the floor and its epoch.
+//! lifecycle host): report calls, show notifications, persist the floor and its epoch, delete
+//! the call outcomes the server replied to.
 
 use mobile_sdk::core::{
-    CallCancelPush, CallInvitePush, CancelReason, LastSeen, MessagePush, Priority, State,
+    CallCancelPush, CallInvitePush, CallOutcomeResult, CancelReason, LastSeen, MessagePush, OutcomeReply,
+    Priority, State,
 };
 use plist::{Dictionary, Value};
 
@@ -24,6 +26,12 @@ pub trait ProviderHost: Send + Sync + 'static {
     /// relaunched extension does not show pushes again. Called right after the push it covers
     /// was handed over, and when the server's store has a new epoch.
     fn persist_last_seen(&self, last_seen: LastSeen);
+
+    /// The server replied to a call-outcome report: delete it from the app group's pending
+    /// file ([`crate::outcomes`]), so it is not handed over again. Ending a call answered
+    /// elsewhere is not this callback's: the provider reports that with
+    /// [`Self::report_incoming_call`] (`kind` = `"end"`).
+    fn call_outcome_replied(&self, reply: OutcomeReply);
 
     /// The connection state changed (diagnostics, UI). Default: ignored.
     fn state_changed(&self, state: &State) {
@@ -59,6 +67,38 @@ pub struct LocalNotification {
 
 /// The notification category of messages.
 pub const MESSAGE_CATEGORY: &str = "lpush.message";
+/// The notification category of missed calls (the app may localise by it).
+pub const MISSED_CALL_CATEGORY: &str = "lpush.missedCall";
+
+/// What the provider remembers of an invite, to name the caller of a missed call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// Display name.
+    pub name: String,
+    /// Handle.
+    pub handle: String,
+    /// When the call was created, Unix ms (server clock).
+    pub created_at_ms: i64,
+}
+
+/// The local notification of a call nobody answered (a cancel with reason `MISSED`). Its id
+/// is derived from the call id, so a replayed cancel replaces it. `caller` is the invite's, if
+/// this instance saw it (a phone that was away did not: the notification still says a call
+/// was missed).
+pub fn missed_call_notification(cancel: &CallCancelPush, caller: Option<&Caller>) -> LocalNotification {
+    LocalNotification {
+        id: format!("missed-call:{}", cancel.call_id),
+        seq: cancel.seq,
+        title: "Missed call".into(),
+        body: caller.map(|c| c.name.clone()).unwrap_or_default(),
+        sender: caller.map(|c| c.handle.clone()).unwrap_or_default(),
+        thread_id: MISSED_CALL_CATEGORY.into(),
+        category: MISSED_CALL_CATEGORY.into(),
+        time_sensitive: false,
+        sent_at_ms: caller.map_or(0, |c| c.created_at_ms),
+        data: Vec::new(),
+    }
+}
 
 impl From<MessagePush> for LocalNotification {
     fn from(m: MessagePush) -> Self {
@@ -86,8 +126,15 @@ impl From<MessagePush> for LocalNotification {
 /// rather than the phone's clock), `seq`.
 ///
 /// A cancellation (`kind` = `"cancel"`): `callId`, `callUUID`, `reason` (`callerCancelled`,
-/// `answeredElsewhere`, `declinedElsewhere` or `unspecified`), `seq`. The app ends the call;
+/// `answeredElsewhere`, `declinedElsewhere`, `missed` (nobody answered by the ring deadline:
+/// the provider also shows a missed-call notification), `escalated` (the call moved to its
+/// next escalation step: end it quietly) or `unspecified`), `seq`. The app ends the call;
 /// if it never saw the invite it must still report and end it at once (iOS requires a report).
+///
+/// An end (`kind` = `"end"`): `callId`, `callUUID`, `reason` (`answeredElsewhere` or
+/// `callEnded`), `detail`. The server refused this phone's answer: another phone answered
+/// first, or the call had already ended. The app ends the CallKit call
+/// (`.answeredElsewhere` / `.remoteEnded`).
 pub mod user_info {
     /// `"call"` or `"cancel"`.
     pub const KIND: &str = "kind";
@@ -113,6 +160,10 @@ pub mod user_info {
     pub const KIND_CALL: &str = "call";
     /// [`KIND`] of a cancellation.
     pub const KIND_CANCEL: &str = "cancel";
+    /// [`KIND`] of an end: the server refused this phone's answer.
+    pub const KIND_END: &str = "end";
+    /// Why the server refused an answer, for people (an end's).
+    pub const DETAIL: &str = "detail";
 }
 
 /// The `userInfo` of a call invite.
@@ -160,6 +211,29 @@ pub fn cancel_user_info(c: &CallCancelPush) -> Dictionary {
     d
 }
 
+/// The `userInfo` of an end, if the reply means the user's answered call must end: the server
+/// refused the answer because another phone answered first or the call had already ended.
+/// Other replies leave CallKit as it is (a decline, a miss or a hang-up already ended the call
+/// on the phone; a recorded answer keeps it).
+pub fn end_user_info(reply: &OutcomeReply) -> Option<Dictionary> {
+    use mobile_sdk::core::CallOutcome;
+    let reason = match (reply.outcome, reply.result) {
+        (CallOutcome::Answered, CallOutcomeResult::AnsweredElsewhere) => "answeredElsewhere",
+        (CallOutcome::Answered, CallOutcomeResult::CallEnded) => "callEnded",
+        _ => return None,
+    };
+    let mut d = Dictionary::new();
+    d.insert(user_info::KIND.into(), Value::String(user_info::KIND_END.into()));
+    d.insert(user_info::CALL_ID.into(), Value::String(reply.call_id.clone()));
+    d.insert(
+        user_info::CALL_UUID.into(),
+        Value::String(push_proto::call_uuid(&reply.call_id)),
+    );
+    d.insert(user_info::REASON.into(), Value::String(reason.into()));
+    d.insert(user_info::DETAIL.into(), Value::String(reply.detail.clone()));
+    Some(d)
+}
+
 /// The `reason` value of a cancellation.
 pub fn cancel_reason_name(r: CancelReason) -> &'static str {
     match r {
@@ -175,6 +249,8 @@ pub fn cancel_reason_name(r: CancelReason) -> &'static str {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use mobile_sdk::core::CallOutcome;
 
     use super::*;
 
@@ -252,6 +328,82 @@ mod tests {
         assert_eq!(back["kind"].as_string(), Some("cancel"));
         assert_eq!(back["reason"].as_string(), Some("answeredElsewhere"));
         assert_eq!(back["callUUID"].as_string(), Some(c.call_uuid.as_str()));
+    }
+
+    fn reply(outcome: CallOutcome, result: CallOutcomeResult) -> OutcomeReply {
+        OutcomeReply {
+            call_id: "call-1".into(),
+            outcome,
+            result,
+            detail: "answered by nurse-4b-02".into(),
+        }
+    }
+
+    #[test]
+    fn only_a_refused_answer_ends_the_call() {
+        let d = end_user_info(&reply(
+            CallOutcome::Answered,
+            CallOutcomeResult::AnsweredElsewhere,
+        ))
+        .unwrap();
+        let back = xml_round_trip(&d);
+        assert_eq!(back, d);
+        assert_eq!(back["kind"].as_string(), Some("end"));
+        assert_eq!(back["reason"].as_string(), Some("answeredElsewhere"));
+        assert_eq!(back["detail"].as_string(), Some("answered by nurse-4b-02"));
+        assert_eq!(
+            back["callUUID"].as_string(),
+            Some(push_proto::call_uuid("call-1").as_str()),
+            "the UUID CallKit knows the call by"
+        );
+        let ended = end_user_info(&reply(CallOutcome::Answered, CallOutcomeResult::CallEnded)).unwrap();
+        assert_eq!(ended["reason"].as_string(), Some("callEnded"));
+        for (outcome, result) in [
+            (CallOutcome::Answered, CallOutcomeResult::Recorded),
+            (CallOutcome::Answered, CallOutcomeResult::UnknownCall),
+            (CallOutcome::Answered, CallOutcomeResult::Unspecified),
+            (CallOutcome::Declined, CallOutcomeResult::CallEnded),
+            (CallOutcome::Missed, CallOutcomeResult::AnsweredElsewhere),
+            (CallOutcome::Ended, CallOutcomeResult::CallEnded),
+        ] {
+            assert_eq!(
+                end_user_info(&reply(outcome, result)),
+                None,
+                "{outcome:?} {result:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missed_call_names_its_caller_when_the_invite_was_seen() {
+        let cancel = CallCancelPush {
+            seq: 11,
+            id: "p-11".into(),
+            call_id: "call-1".into(),
+            call_uuid: invite().call_uuid,
+            reason: CancelReason::Missed,
+        };
+        let caller = Caller {
+            name: "Dr. Okafor".into(),
+            handle: "ext 4411".into(),
+            created_at_ms: 5,
+        };
+        let n = missed_call_notification(&cancel, Some(&caller));
+        assert_eq!(
+            (
+                n.id.as_str(),
+                n.title.as_str(),
+                n.body.as_str(),
+                n.sender.as_str()
+            ),
+            ("missed-call:call-1", "Missed call", "Dr. Okafor", "ext 4411")
+        );
+        assert_eq!(
+            (n.category.as_str(), n.seq, n.sent_at_ms),
+            (MISSED_CALL_CATEGORY, 11, 5)
+        );
+        let unseen = missed_call_notification(&cancel, None);
+        assert_eq!((unseen.id, unseen.body), (n.id, String::new()));
     }
 
     #[test]

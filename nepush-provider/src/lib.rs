@@ -15,6 +15,9 @@
 //!   everything is released (then iOS's completion handler is called), `handle_timer_event`,
 //!   network changes, the PushKit token. One live session per device per process (the newest
 //!   instance wins); any instance can be dropped at any moment without leaking.
+//! - What the user did with calls ([`outcomes`]): the app group's pending file the app writes
+//!   and the extension reads, handed to the SDK until the server replies; a refused answer
+//!   ends the call (`kind` = `"end"`), a missed call is shown as a notification.
 //!
 //! It owns no I/O of its own: the session, its socket and its task belong to `mobile-sdk`.
 //! The Linux lifecycle host that drives providers the way iOS does is the `nepush-host` crate
@@ -24,11 +27,13 @@
 //! - [`config`]: [`ProviderConfiguration`] and its keys.
 //! - [`stop_reason`]: [`NEProviderStopReason`] and its meaning to the SDK.
 //! - [`host`]: [`ProviderHost`], [`LocalNotification`], the call dictionaries.
+//! - [`outcomes`]: [`PendingCallOutcomes`], the app group's pending call outcomes.
 //! - [`provider`]: [`Provider`] and [`ProviderError`].
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod config;
 pub mod host;
+pub mod outcomes;
 pub mod provider;
 pub mod stop_reason;
 
@@ -36,7 +41,11 @@ pub use config::{ConfigurationError, ProviderConfiguration};
 pub use host::{LocalNotification, ProviderHost, user_info};
 pub use mobile_sdk::{
     Registry,
-    core::{LastSeen, NetworkEvent, State, StopCause},
+    core::{
+        CallOutcome, CallOutcomeResult, InvalidReport, LastSeen, NetworkEvent, OutcomeReply, OutcomeReport,
+        State, StopCause,
+    },
 };
+pub use outcomes::PendingCallOutcomes;
 pub use provider::{Provider, ProviderError};
 pub use stop_reason::NEProviderStopReason;

@@ -1,17 +1,25 @@
 //! [`Provider`]: one `NEAppPushProvider` instance's logic.
 
-use std::sync::Arc;
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+};
 
 use mobile_sdk::{
     Client, DriverStats, EventHandler, Registry, StartError,
-    core::{Event, LastSeen, NetworkEvent, State},
+    core::{CallOutcome, CancelReason, Event, InvalidReport, LastSeen, NetworkEvent, State},
 };
 
 use crate::{
     config::{ConfigurationError, ProviderConfiguration},
-    host::{self, ProviderHost},
+    host::{self, Caller, ProviderHost},
+    outcomes::PendingCallOutcomes,
     stop_reason::NEProviderStopReason,
 };
+
+/// Invites remembered to name the caller of a missed call: a handful of calls ring a phone
+/// within a ring deadline.
+const CALLERS_KEPT: usize = 32;
 
 /// Why a provider could not be created or started.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -65,17 +73,71 @@ impl std::fmt::Debug for Provider {
     }
 }
 
-/// Turns SDK events into host callbacks. Holds the host only.
-struct Forward(Arc<dyn ProviderHost>);
+/// Turns SDK events into host callbacks. Holds the host (and the latest callers) only.
+struct Forward {
+    host: Arc<dyn ProviderHost>,
+    callers: Mutex<VecDeque<(String, Caller)>>,
+}
+
+impl Forward {
+    fn new(host: Arc<dyn ProviderHost>) -> Self {
+        Self {
+            host,
+            callers: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    fn remember(&self, call_id: &str, caller: Caller) {
+        let mut callers = self.callers.lock().expect("poisoned");
+        if callers.len() == CALLERS_KEPT {
+            callers.pop_front();
+        }
+        callers.push_back((call_id.to_owned(), caller));
+    }
+
+    fn caller(&self, call_id: &str) -> Option<Caller> {
+        let callers = self.callers.lock().expect("poisoned");
+        callers
+            .iter()
+            .rev()
+            .find(|(id, _)| id == call_id)
+            .map(|(_, c)| c.clone())
+    }
+}
 
 impl EventHandler for Forward {
     fn on_event(&self, event: Event) {
+        let host = &self.host;
         match event {
-            Event::Message(m) => self.0.show_notification(m.into()),
-            Event::CallInvite(c) => self.0.report_incoming_call(host::call_user_info(&c)),
-            Event::CallCancel(c) => self.0.report_incoming_call(host::cancel_user_info(&c)),
-            Event::LastSeenSeq(last_seen) => self.0.persist_last_seen(last_seen),
-            Event::State(s) => self.0.state_changed(&s),
+            Event::Message(m) => host.show_notification(m.into()),
+            Event::CallInvite(c) => {
+                self.remember(
+                    &c.call_id,
+                    Caller {
+                        name: c.caller_name.clone(),
+                        handle: c.caller_handle.clone(),
+                        created_at_ms: c.created_at_ms,
+                    },
+                );
+                host.report_incoming_call(host::call_user_info(&c))
+            }
+            Event::CallCancel(c) => {
+                // The app stops the ring (or learns of a call it never rang) either way.
+                host.report_incoming_call(host::cancel_user_info(&c));
+                if c.reason == CancelReason::Missed {
+                    let caller = self.caller(&c.call_id);
+                    host.show_notification(host::missed_call_notification(&c, caller.as_ref()));
+                }
+            }
+            Event::LastSeenSeq(last_seen) => host.persist_last_seen(last_seen),
+            Event::State(s) => host.state_changed(&s),
+            Event::CallOutcomeReplied(reply) => {
+                // The answer was refused: the app must end the call the user thinks they have.
+                if let Some(end) = host::end_user_info(&reply) {
+                    host.report_incoming_call(end);
+                }
+                host.call_outcome_replied(reply);
+            }
         }
     }
 }
@@ -102,7 +164,7 @@ impl Provider {
         client_config: mobile_sdk::ClientConfig,
         host: Arc<dyn ProviderHost>,
     ) -> Result<Self, ProviderError> {
-        let client = registry.client(client_config, Arc::new(Forward(host)))?;
+        let client = registry.client(client_config, Arc::new(Forward::new(host)))?;
         Ok(Self {
             client,
             configuration,
@@ -152,6 +214,36 @@ impl Provider {
         self.client.set_voip_token(token)
     }
 
+    /// What the user did with a call, as the app wrote it to the app group: sent to the server
+    /// now if connected, and at the start of every later session of this instance until the
+    /// server replies (then `call_outcome_replied`). A repeat of a pending report is not sent
+    /// twice. Refused if the server would refuse it.
+    pub fn report_call_outcome(
+        &self,
+        call_id: String,
+        outcome: CallOutcome,
+        at_ms: i64,
+    ) -> Result<(), InvalidReport> {
+        self.client.report_call_outcome(call_id, outcome, at_ms)
+    }
+
+    /// Every report in the app group's pending file (its bytes; see [`crate::outcomes`]): what
+    /// the extension does at start and when the app posts its Darwin notification. Returns how
+    /// many reports the file held.
+    pub fn report_pending_call_outcomes(&self, file: &[u8]) -> usize {
+        let pending = PendingCallOutcomes::parse(file);
+        for r in pending.reports() {
+            // `parse` keeps only reports the server takes.
+            let _ = self.report_call_outcome(r.call_id.clone(), r.outcome, r.at_ms);
+        }
+        pending.len()
+    }
+
+    /// Call-outcome reports handed to this instance and not replied to yet.
+    pub fn pending_call_outcomes(&self) -> Vec<mobile_sdk::core::OutcomeReport> {
+        self.client.pending_call_outcomes()
+    }
+
     /// Last reported connection state.
     pub fn state(&self) -> State {
         self.client.state()
@@ -182,7 +274,9 @@ impl Provider {
 mod tests {
     use std::{sync::Mutex, time::Duration};
 
-    use mobile_sdk::core::{MessagePush, Priority};
+    use mobile_sdk::core::{
+        CallCancelPush, CallInvitePush, CallOutcomeResult, MessagePush, OutcomeReply, Priority,
+    };
 
     use super::*;
     use crate::host::LocalNotification;
@@ -192,6 +286,7 @@ mod tests {
         calls: Mutex<Vec<plist::Dictionary>>,
         notes: Mutex<Vec<LocalNotification>>,
         persisted: Mutex<Vec<LastSeen>>,
+        replies: Mutex<Vec<OutcomeReply>>,
     }
 
     impl ProviderHost for Recorder {
@@ -203,6 +298,9 @@ mod tests {
         }
         fn persist_last_seen(&self, last_seen: LastSeen) {
             self.persisted.lock().unwrap().push(last_seen);
+        }
+        fn call_outcome_replied(&self, reply: OutcomeReply) {
+            self.replies.lock().unwrap().push(reply);
         }
     }
 
@@ -223,7 +321,7 @@ mod tests {
     #[test]
     fn events_become_host_callbacks() {
         let rec = Arc::new(Recorder::default());
-        let forward = Forward(rec.clone());
+        let forward = Forward::new(rec.clone());
         forward.on_event(Event::Message(MessagePush {
             seq: 1,
             id: "m1".into(),
@@ -241,6 +339,123 @@ mod tests {
         assert_eq!(rec.notes.lock().unwrap()[0].id, "m1");
         assert_eq!(*rec.persisted.lock().unwrap(), [last_seen]);
         assert!(rec.calls.lock().unwrap().is_empty());
+    }
+
+    fn cancel(call_id: &str, reason: CancelReason) -> Event {
+        Event::CallCancel(CallCancelPush {
+            seq: 2,
+            id: format!("{call_id}:cancel"),
+            call_id: call_id.into(),
+            call_uuid: String::new(),
+            reason,
+        })
+    }
+
+    #[test]
+    fn a_missed_call_is_ended_and_shown_naming_its_caller_and_an_escalated_one_quietly() {
+        let rec = Arc::new(Recorder::default());
+        let forward = Forward::new(rec.clone());
+        forward.on_event(Event::CallInvite(CallInvitePush {
+            seq: 1,
+            id: "c1".into(),
+            call_id: "c1".into(),
+            call_uuid: String::new(),
+            caller_name: "Dr. Okafor".into(),
+            caller_handle: "ext 4411".into(),
+            video: false,
+            created_at_ms: 0,
+            ring_deadline_ms: 30_000,
+            ring_remaining: Duration::from_secs(30),
+        }));
+        forward.on_event(cancel("c1", CancelReason::Missed));
+        forward.on_event(cancel("c2", CancelReason::Escalated));
+        // A phone that was away never saw the invite, and still learns it missed the call.
+        forward.on_event(cancel("c3", CancelReason::Missed));
+        let kinds: Vec<(String, String)> = rec
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                let s = |k: &str| d[k].as_string().unwrap().to_owned();
+                (s("kind"), s("callId"))
+            })
+            .collect();
+        let cancelled = |id: &str| ("cancel".to_owned(), id.to_owned());
+        assert_eq!(kinds[1..], [cancelled("c1"), cancelled("c2"), cancelled("c3")]);
+        let notes = rec.notes.lock().unwrap();
+        let shown: Vec<(&str, &str)> = notes.iter().map(|n| (n.id.as_str(), n.body.as_str())).collect();
+        assert_eq!(
+            shown,
+            [("missed-call:c1", "Dr. Okafor"), ("missed-call:c3", "")],
+            "escalated: no notification"
+        );
+    }
+
+    #[test]
+    fn a_reply_reaches_the_host_and_a_refused_answer_ends_the_call() {
+        let rec = Arc::new(Recorder::default());
+        let forward = Forward::new(rec.clone());
+        let reply = |outcome, result| OutcomeReply {
+            call_id: "c1".into(),
+            outcome,
+            result,
+            detail: String::new(),
+        };
+        forward.on_event(Event::CallOutcomeReplied(reply(
+            CallOutcome::Declined,
+            CallOutcomeResult::Recorded,
+        )));
+        assert!(
+            rec.calls.lock().unwrap().is_empty(),
+            "a recorded decline changes nothing"
+        );
+        forward.on_event(Event::CallOutcomeReplied(reply(
+            CallOutcome::Answered,
+            CallOutcomeResult::AnsweredElsewhere,
+        )));
+        let calls = rec.calls.lock().unwrap();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0]["kind"].as_string(), Some("end"));
+        assert_eq!(
+            rec.replies.lock().unwrap().len(),
+            2,
+            "every reply reaches the host"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn pending_reports_from_the_app_group_are_kept_by_an_unstarted_provider() {
+        let registry = Registry::new(tokio::runtime::Handle::current());
+        let p = Provider::new(
+            &registry,
+            configuration(),
+            LastSeen::default(),
+            Arc::new(Recorder::default()),
+        )
+        .unwrap();
+        let mut file = PendingCallOutcomes::default();
+        file.add(mobile_sdk::core::OutcomeReport {
+            call_id: "c1".into(),
+            outcome: CallOutcome::Answered,
+            at_ms: 7,
+        })
+        .unwrap();
+        file.add(mobile_sdk::core::OutcomeReport {
+            call_id: "c2".into(),
+            outcome: CallOutcome::Missed,
+            at_ms: 8,
+        })
+        .unwrap();
+        assert_eq!(p.report_pending_call_outcomes(&file.to_bytes()), 2);
+        // The Darwin notification again, with the same file: nothing doubles.
+        assert_eq!(p.report_pending_call_outcomes(&file.to_bytes()), 2);
+        let pending: Vec<_> = p.pending_call_outcomes().into_iter().map(|r| r.call_id).collect();
+        assert_eq!(pending, ["c1", "c2"]);
+        assert_eq!(
+            p.report_call_outcome(String::new(), CallOutcome::Answered, 0),
+            Err(InvalidReport::CallId("is empty"))
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]

@@ -1,6 +1,6 @@
 //! The one error enum Swift sees: few cases, each something the host can act on.
 
-use mobile_sdk::{ConfigError, StartError};
+use mobile_sdk::{ConfigError, StartError, core::InvalidReport};
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error, uniffi::Error)]
@@ -20,6 +20,21 @@ pub enum SdkError {
     /// The SDK is shutting down.
     #[error("the SDK is shutting down")]
     ShuttingDown,
+    /// A call-outcome report the server would refuse (empty or overlong call id); it is not
+    /// kept. Retrying the same report will not help.
+    #[error("invalid call-outcome report: {detail}")]
+    InvalidReport {
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl From<InvalidReport> for SdkError {
+    fn from(e: InvalidReport) -> Self {
+        SdkError::InvalidReport {
+            detail: e.to_string(),
+        }
+    }
 }
 
 impl From<ConfigError> for SdkError {

@@ -11,6 +11,7 @@
 //!   trait the host implements.
 //! - [`error`]: the one flat error enum, [`SdkError`].
 //! - [`voip`]: [`decide_voip_push`], the app's PushKit decision.
+//! - [`outcomes`]: the app group's pending call-outcomes file, as pure functions over its bytes.
 //! - [`provider`]: [`PushProvider`], the provider core (`nepush-provider`) for the
 //!   `NEAppPushProvider` subclass, and its [`ProviderHostCallbacks`].
 //!
@@ -20,6 +21,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod error;
+mod outcomes;
 mod provider;
 mod types;
 mod voip;
@@ -27,10 +29,12 @@ mod voip;
 use std::sync::{Arc, LazyLock};
 
 pub use error::SdkError;
+pub use outcomes::{add_pending_call_outcome, read_pending_call_outcomes, remove_pending_call_outcome};
 pub use provider::{LocalNotification, ProviderHostCallbacks, PushProvider};
 pub use types::{
-    CallCancel, CallInvite, ConnectionState, Counters, LastSeen, Message, NetworkChange, ProviderConfig,
-    PushEvent, PushListener, StopCause, StopReason,
+    CallCancel, CallInvite, CallOutcome, CallOutcomeReply, CallOutcomeReport, CallOutcomeResult,
+    ConnectionState, Counters, LastSeen, Message, NetworkChange, ProviderConfig, PushEvent, PushListener,
+    StopCause, StopReason,
 };
 pub use voip::{EndReason, KnownCall, VoipAction, VoipPayload, decide_voip_push};
 
@@ -93,6 +97,17 @@ impl PushClient {
     /// Register the PushKit token (hex of `PKPushCredentials.token`); empty clears it.
     pub fn set_voip_token(&self, token: String) {
         self.inner.set_voip_token(token)
+    }
+
+    /// What the user did with a call: sent now if connected, and at the start of every later
+    /// session of this client until the server replies (`PushEvent::CallOutcomeReplied`).
+    pub fn report_call_outcome(
+        &self,
+        call_id: String,
+        outcome: CallOutcome,
+        at_ms: i64,
+    ) -> Result<(), SdkError> {
+        Ok(self.inner.report_call_outcome(call_id, outcome.into(), at_ms)?)
     }
 
     /// Forward `NEAppPushProvider.handleTimerEvent()`: a backstop, not the retry schedule.

@@ -8,7 +8,7 @@ use nepush_provider as provider;
 
 use crate::{
     SDK, SdkError,
-    types::{ConnectionState, LastSeen, NetworkChange},
+    types::{CallOutcome, CallOutcomeReply, ConnectionState, LastSeen, NetworkChange},
 };
 
 /// What the provider asks of the Swift subclass. Called on an SDK thread, one call at a time
@@ -26,6 +26,10 @@ pub trait ProviderHostCallbacks: Send + Sync {
     fn persist_last_seen(&self, last_seen: LastSeen);
     /// The connection state changed.
     fn state_changed(&self, state: ConnectionState);
+    /// The server replied to a call-outcome report: delete it from the app group's pending
+    /// file (`remove_pending_call_outcome`). A refused answer also comes as a
+    /// `report_incoming_call` of `kind` `"end"`.
+    fn call_outcome_replied(&self, reply: CallOutcomeReply);
 }
 
 /// A text message to show (`UNMutableNotificationContent`).
@@ -94,6 +98,10 @@ impl provider::ProviderHost for Host {
     fn state_changed(&self, state: &provider::State) {
         self.0.state_changed(state.clone().into())
     }
+
+    fn call_outcome_replied(&self, reply: mobile_sdk::core::OutcomeReply) {
+        self.0.call_outcome_replied(reply.into())
+    }
 }
 
 /// One `NEAppPushProvider` instance's logic. Create it in the subclass's `init`, forward the
@@ -145,6 +153,24 @@ impl PushProvider {
     /// The PushKit token (hex) from the app group; empty clears it.
     pub fn set_voip_token(&self, token: String) {
         self.inner.set_voip_token(token)
+    }
+
+    /// What the user did with a call: sent now if connected, and at the start of every later
+    /// session of this instance until the server replies (`call_outcome_replied`).
+    pub fn report_call_outcome(
+        &self,
+        call_id: String,
+        outcome: CallOutcome,
+        at_ms: i64,
+    ) -> Result<(), SdkError> {
+        Ok(self.inner.report_call_outcome(call_id, outcome.into(), at_ms)?)
+    }
+
+    /// Every report in the app group's pending-outcomes file (its bytes; empty if there is no
+    /// file): at start, and whenever the app posts its Darwin notification. Returns how many
+    /// the file held.
+    pub fn report_pending_call_outcomes(&self, file: Vec<u8>) -> u32 {
+        u32::try_from(self.inner.report_pending_call_outcomes(&file)).unwrap_or(u32::MAX)
     }
 
     /// Current connection state.

@@ -125,6 +125,11 @@ pub enum PushEvent {
         /// The floor and its epoch.
         last_seen: LastSeen,
     },
+    /// The server replied to a `report_call_outcome`: delete the report from the app group.
+    CallOutcomeReplied {
+        /// The reply.
+        reply: CallOutcomeReply,
+    },
 }
 
 impl From<core::Event> for PushEvent {
@@ -135,6 +140,7 @@ impl From<core::Event> for PushEvent {
             core::Event::CallInvite(c) => PushEvent::CallInvite { invite: c.into() },
             core::Event::CallCancel(c) => PushEvent::CallCancel { cancel: c.into() },
             core::Event::LastSeenSeq(l) => PushEvent::LastSeenSeq { last_seen: l.into() },
+            core::Event::CallOutcomeReplied(r) => PushEvent::CallOutcomeReplied { reply: r.into() },
         }
     }
 }
@@ -367,6 +373,125 @@ impl From<core::CallInvitePush> for CallInvite {
     }
 }
 
+/// What the user did with a ringing call (CallKit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum CallOutcome {
+    /// `CXAnswerCallAction`.
+    Answered,
+    /// `CXEndCallAction` before answering.
+    Declined,
+    /// The ring timed out on the phone.
+    Missed,
+    /// `CXEndCallAction` after answering: the answered call hung up.
+    Ended,
+}
+
+impl From<CallOutcome> for core::CallOutcome {
+    fn from(o: CallOutcome) -> Self {
+        match o {
+            CallOutcome::Answered => core::CallOutcome::Answered,
+            CallOutcome::Declined => core::CallOutcome::Declined,
+            CallOutcome::Missed => core::CallOutcome::Missed,
+            CallOutcome::Ended => core::CallOutcome::Ended,
+        }
+    }
+}
+
+impl From<core::CallOutcome> for CallOutcome {
+    /// Reports and replies the SDK keeps are never unspecified (it refuses such reports, and
+    /// a reply must name a pending report): mapped to `Missed` only to stay total.
+    fn from(o: core::CallOutcome) -> Self {
+        match o {
+            core::CallOutcome::Answered => CallOutcome::Answered,
+            core::CallOutcome::Declined => CallOutcome::Declined,
+            core::CallOutcome::Ended => CallOutcome::Ended,
+            core::CallOutcome::Missed | core::CallOutcome::Unspecified => CallOutcome::Missed,
+        }
+    }
+}
+
+/// What the server decided about a call-outcome report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum CallOutcomeResult {
+    /// Recorded. For an answer: this phone answered first and has the call.
+    Recorded,
+    /// Another phone answered first: end the call in CallKit (`.answeredElsewhere`).
+    AnsweredElsewhere,
+    /// The call had already ended: end it in CallKit (`.remoteEnded`).
+    CallEnded,
+    /// No such call rang this phone (or it ended long ago): nothing to do.
+    UnknownCall,
+    /// A result this SDK does not know (a newer server): leave the call as it is.
+    Unspecified,
+}
+
+impl From<core::CallOutcomeResult> for CallOutcomeResult {
+    fn from(r: core::CallOutcomeResult) -> Self {
+        match r {
+            core::CallOutcomeResult::Recorded => CallOutcomeResult::Recorded,
+            core::CallOutcomeResult::AnsweredElsewhere => CallOutcomeResult::AnsweredElsewhere,
+            core::CallOutcomeResult::CallEnded => CallOutcomeResult::CallEnded,
+            core::CallOutcomeResult::UnknownCall => CallOutcomeResult::UnknownCall,
+            core::CallOutcomeResult::Unspecified => CallOutcomeResult::Unspecified,
+        }
+    }
+}
+
+/// A report of what the user did with a call, as the app group's pending file holds it.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct CallOutcomeReport {
+    /// The sender's call id (`callId` of the call dictionary).
+    pub call_id: String,
+    /// What the user did.
+    pub outcome: CallOutcome,
+    /// When, by the phone's clock, Unix ms.
+    pub at_ms: i64,
+}
+
+impl From<CallOutcomeReport> for core::OutcomeReport {
+    fn from(r: CallOutcomeReport) -> Self {
+        Self {
+            call_id: r.call_id,
+            outcome: r.outcome.into(),
+            at_ms: r.at_ms,
+        }
+    }
+}
+
+impl From<core::OutcomeReport> for CallOutcomeReport {
+    fn from(r: core::OutcomeReport) -> Self {
+        Self {
+            call_id: r.call_id,
+            outcome: r.outcome.into(),
+            at_ms: r.at_ms,
+        }
+    }
+}
+
+/// The server's answer to a call-outcome report.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct CallOutcomeReply {
+    /// The report's call id.
+    pub call_id: String,
+    /// The report's outcome.
+    pub outcome: CallOutcome,
+    /// What the server decided.
+    pub result: CallOutcomeResult,
+    /// For people (for example who answered).
+    pub detail: String,
+}
+
+impl From<core::OutcomeReply> for CallOutcomeReply {
+    fn from(r: core::OutcomeReply) -> Self {
+        Self {
+            call_id: r.call_id,
+            outcome: r.outcome.into(),
+            result: r.result.into(),
+            detail: r.detail,
+        }
+    }
+}
+
 /// A call to stop ringing.
 #[derive(Debug, Clone, uniffi::Record)]
 pub struct CallCancel {
@@ -376,7 +501,9 @@ pub struct CallCancel {
     pub call_id: String,
     /// CallKit UUID.
     pub call_uuid: String,
-    /// Why, as the protocol names it (for example `CANCEL_REASON_ANSWERED_ELSEWHERE`).
+    /// Why, as the protocol names it: `CANCEL_REASON_CALLER_CANCELLED`, `_ANSWERED_ELSEWHERE`,
+    /// `_DECLINED_ELSEWHERE`, `_MISSED` (nobody answered: show a missed call), `_ESCALATED` (the
+    /// call moved on: end it quietly) or `_UNSPECIFIED`.
     pub reason: String,
 }
 

@@ -61,10 +61,16 @@ fn the_swift_files_call_the_binding_as_it_is_generated() {
     let out = tempfile::tempdir().unwrap();
     let binding = squash(&generate_swift(out.path()));
     let ios = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nepush-provider/ios");
-    let swift: String = ["Extension/LocalPushProvider.swift", "App/VoipPushHandler.swift"]
-        .iter()
-        .map(|f| std::fs::read_to_string(ios.join(f)).unwrap())
-        .collect();
+    let swift: String = [
+        "Extension/LocalPushProvider.swift",
+        "App/VoipPushHandler.swift",
+        "App/CallOutcomeReporter.swift",
+        "App/IncomingCallReporter.swift",
+        "Shared/PendingCallOutcomesFile.swift",
+    ]
+    .iter()
+    .map(|f| std::fs::read_to_string(ios.join(f)).unwrap())
+    .collect();
     let swift = squash(&swift);
 
     // Constructors and functions called with labels: the same labels, in the same order.
@@ -74,6 +80,9 @@ fn the_swift_files_call_the_binding_as_it_is_generated() {
         ("publicstructVoipPayload:", "VoipPayload("),
         ("publicstructKnownCall:", "KnownCall("),
         ("publicstructLastSeen:", "returnLastSeen("),
+        ("publicstructCallOutcomeReport:", "=CallOutcomeReport("),
+        ("publicfuncaddPendingCallOutcome(", "addPendingCallOutcome("),
+        ("publicfuncremovePendingCallOutcome(", "removePendingCallOutcome("),
     ] {
         let at = binding
             .find(declared)
@@ -126,6 +135,29 @@ fn the_swift_files_call_the_binding_as_it_is_generated() {
         ("casecredentialRevoked", ".credentialRevoked"),
         ("caseauthFailed", ".authFailed"),
         ("casereport(ringForMs:Int64)", ".report(letringForMs)"),
+        // Call outcomes: the app's report, the extension's hand-over and the reply's deletion.
+        (
+            "funcreportPendingCallOutcomes(file:Data)->UInt32",
+            "reportPendingCallOutcomes(file:",
+        ),
+        (
+            "funcaddPendingCallOutcome(file:Data,report:CallOutcomeReport)throws->Data",
+            "tryaddPendingCallOutcome(file:",
+        ),
+        (
+            "funcremovePendingCallOutcome(file:Data,callId:String,outcome:CallOutcome)->Data",
+            "removePendingCallOutcome(file:",
+        ),
+        (
+            "funccallOutcomeReplied(reply:CallOutcomeReply)",
+            "funccallOutcomeReplied(reply:CallOutcomeReply)",
+        ),
+        ("publicvarcallId:String", "reply.callId"),
+        ("publicvaroutcome:CallOutcome", "reply.outcome"),
+        ("caseanswered", ".answered"),
+        ("casedeclined", ".declined"),
+        ("casemissed", ".missed"),
+        ("caseended", ".ended"),
         ("casereportAndEnd(", ".reportAndEnd"),
         ("casecompleteOnly(", ".completeOnly"),
     ] {

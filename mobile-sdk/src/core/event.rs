@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use push_proto::device::{CancelReason, GoodbyeReason, Priority};
+use push_proto::device::{CallOutcome, CallOutcomeResult, CancelReason, GoodbyeReason, Priority};
 
 /// Something for the app.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,6 +19,23 @@ pub enum Event {
     /// halves together (app-group storage) and pass them back at the next start, so a new
     /// provider instance does not show old pushes again.
     LastSeenSeq(LastSeen),
+    /// The server answered a call-outcome report (`Session::handle_call_outcome`): the SDK
+    /// forgot it, and the host may delete its durable copy. Acting on the result (ending a call
+    /// answered elsewhere) is the host's.
+    CallOutcomeReplied(OutcomeReply),
+}
+
+/// The server's answer to a report of what the user did with a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutcomeReply {
+    /// The call id of the report.
+    pub call_id: String,
+    /// The outcome of the report.
+    pub outcome: CallOutcome,
+    /// What the server decided; `Unspecified` for a result this SDK does not know.
+    pub result: CallOutcomeResult,
+    /// Human-readable detail (for example who answered).
+    pub detail: String,
 }
 
 /// The device's floor: the highest sequence with everything up to it taken by the app, and the
@@ -41,7 +58,7 @@ impl Event {
             Event::Message(m) => Some(m.seq),
             Event::CallInvite(c) => Some(c.seq),
             Event::CallCancel(c) => Some(c.seq),
-            Event::State(_) | Event::LastSeenSeq(_) => None,
+            Event::State(_) | Event::LastSeenSeq(_) | Event::CallOutcomeReplied(_) => None,
         }
     }
 }

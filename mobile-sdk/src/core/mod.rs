@@ -11,21 +11,25 @@
 //! - [`backoff`]: exponential backoff with full jitter and a cap.
 //! - [`dedup`]: dropping pushes the app has already seen.
 //! - [`ledger`]: what the app took, the acks owed, and the sequence the host persists.
+//! - [`outcomes`]: what the user did with calls, kept until the server replied.
 
 pub mod backoff;
 pub mod dedup;
 pub mod event;
 pub mod ledger;
+pub mod outcomes;
 pub mod session;
 
 pub use backoff::{Backoff, BackoffConfig};
 pub use event::{
-    CallCancelPush, CallInvitePush, Disconnect, Event, LastSeen, MessagePush, State, StopCause, StopReason,
+    CallCancelPush, CallInvitePush, Disconnect, Event, LastSeen, MessagePush, OutcomeReply, State, StopCause,
+    StopReason,
 };
+pub use outcomes::{InvalidReport, OutcomeReport, PendingOutcomes};
 pub use session::{Config, NetworkEvent, Session, Timing, TransportCommand};
 
 /// Protocol enums that appear in events.
-pub use push_proto::device::{CancelReason, Priority};
+pub use push_proto::device::{CallOutcome, CallOutcomeResult, CancelReason, Priority};
 
 #[cfg(test)]
 mod tests;

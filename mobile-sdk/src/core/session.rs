@@ -5,8 +5,9 @@ use std::{collections::VecDeque, time::Duration, time::Instant};
 use bytes::{Bytes, BytesMut};
 use push_proto::{
     device::{
-        Ack, ClientFrame, Goodbye, GoodbyeReason, HeartbeatReply, Hello, NetworkChange, Push, ServerFrame,
-        ServerHello, VoipToken, client_frame, push, server_frame,
+        Ack, CallOutcome, CallOutcomeReply, CallOutcomeReport, CallOutcomeResult, ClientFrame, Goodbye,
+        GoodbyeReason, HeartbeatReply, Hello, NetworkChange, Push, ServerFrame, ServerHello, VoipToken,
+        client_frame, push, server_frame,
     },
     frame,
 };
@@ -15,10 +16,11 @@ use super::{
     backoff::{Backoff, BackoffConfig},
     dedup::Dedup,
     event::{
-        CallCancelPush, CallInvitePush, Disconnect, Event, LastSeen, MessagePush, State, StopCause,
-        StopReason,
+        CallCancelPush, CallInvitePush, Disconnect, Event, LastSeen, MessagePush, OutcomeReply, State,
+        StopCause, StopReason,
     },
     ledger::Ledger,
+    outcomes::{self, Inserted, InvalidReport, OutcomeReport, PendingOutcomes},
 };
 
 /// Silence allowed when the server announces no heartbeat timing (30 s + 10 s, the defaults).
@@ -56,6 +58,11 @@ pub struct Config {
     pub recent_ids: usize,
     /// Events queued for the app before the session stops asking for input ([`Session::wants_read`]).
     pub max_pending_events: usize,
+    /// Call-outcome reports still waiting for the server's reply (from the host's durable copy,
+    /// or an earlier session of the same client): sent after the first `ServerHello`.
+    pub outcome_reports: Vec<OutcomeReport>,
+    /// Call-outcome reports kept at most (the oldest is dropped beyond it).
+    pub max_outcome_reports: usize,
 }
 
 impl Config {
@@ -73,6 +80,8 @@ impl Config {
             jitter_seed: 0,
             recent_ids: 512,
             max_pending_events: 256,
+            outcome_reports: Vec::new(),
+            max_outcome_reports: outcomes::DEFAULT_CAP,
         }
     }
 }
@@ -186,7 +195,8 @@ struct Network {
 ///   latest one seen): [`Session::handle_start`], [`Session::handle_stop`],
 ///   [`Session::handle_connected`], [`Session::handle_disconnected`], [`Session::handle_bytes`],
 ///   [`Session::handle_delivered`], [`Session::handle_network`], [`Session::handle_voip_token`],
-///   [`Session::handle_timeout`], [`Session::handle_system_timer`];
+///   [`Session::handle_call_outcome`], [`Session::handle_timeout`],
+///   [`Session::handle_system_timer`];
 /// - outputs, drained after every input, in this order: [`Session::poll_transmit`] (bytes for
 ///   the current connection), then [`Session::poll_transport`] until `None` (a `Close` comes
 ///   after the bytes it must follow), then [`Session::poll_event`] until `None`, and finally
@@ -218,12 +228,21 @@ pub struct Session {
     /// Pushes received and never shown (duplicates, stale calls, expired messages).
     dropped: u64,
     voip_token: Option<String>,
+    /// Call-outcome reports sent (or to send) on every session until the server replies.
+    outcomes: PendingOutcomes,
 }
 
 impl Session {
     /// A session that has not started.
     pub fn new(config: Config) -> Self {
+        let mut outcomes = PendingOutcomes::new(config.max_outcome_reports);
+        for report in config.outcome_reports {
+            if report.check().is_ok() {
+                outcomes.insert(report);
+            }
+        }
         Self {
+            outcomes,
             network: Network {
                 viable: true,
                 lost_deadline: None,
@@ -277,6 +296,16 @@ impl Session {
     /// messages (diagnostics: a high number after a reconnect means the server replayed).
     pub fn dropped_pushes(&self) -> u64 {
         self.dropped
+    }
+
+    /// Call-outcome reports not replied to yet, oldest first.
+    pub fn pending_outcomes(&self) -> impl Iterator<Item = &OutcomeReport> {
+        self.outcomes.iter()
+    }
+
+    /// Call-outcome reports dropped unreplied because too many were pending.
+    pub fn dropped_outcome_reports(&self) -> u64 {
+        self.outcomes.dropped()
     }
 
     /// Whether the session is stopped (by the host or for good by the server).
@@ -444,6 +473,34 @@ impl Session {
         if matches!(self.phase, Phase::Connected(_)) {
             self.encode(client_frame::Kind::VoipToken(VoipToken { token }));
         }
+    }
+
+    /// The user acted on a call (CallKit): report it to the server now if connected, and after
+    /// every later `ServerHello` until a `CallOutcomeReply` names it (then
+    /// [`Event::CallOutcomeReplied`]). A report already pending (same call id and outcome) is not
+    /// sent again. Refused if the server would refuse it.
+    pub fn handle_call_outcome(&mut self, now: Instant, report: OutcomeReport) -> Result<(), InvalidReport> {
+        self.clock(now);
+        report.check()?;
+        let frame = CallOutcomeReport {
+            call_id: report.call_id.clone(),
+            outcome: report.outcome as i32,
+            at_ms: report.at_ms,
+        };
+        match self.outcomes.insert(report) {
+            Inserted::Duplicate => return Ok(()),
+            Inserted::Added => {}
+            Inserted::AddedDropping(old) => tracing::warn!(
+                call_id = %old.call_id,
+                outcome = old.outcome.as_str_name(),
+                dropped = self.outcomes.dropped(),
+                "too many call-outcome reports pending; the oldest was dropped unreplied"
+            ),
+        }
+        if matches!(self.phase, Phase::Connected(_)) {
+            self.encode(client_frame::Kind::CallOutcome(frame));
+        }
+        Ok(())
     }
 
     /// The instant from `poll_timeout` arrived (or any later one).
@@ -629,6 +686,7 @@ impl Session {
                     nonce: hb.nonce,
                 }))
             }
+            (Phase::Connected(_), Kind::CallOutcomeReply(reply)) => self.on_outcome_reply(reply),
             (Phase::Connected(_), Kind::ServerHello(_)) => {
                 self.protocol_error(now, "second ServerHello".into())
             }
@@ -659,6 +717,20 @@ impl Session {
         if let Some(token) = self.voip_token.clone() {
             self.encode(client_frame::Kind::VoipToken(VoipToken { token }));
         }
+        // Unreplied reports again: the last session may have ended before the reply (or the
+        // report) crossed; the server answers a repeat as it answered the first.
+        let reports: Vec<CallOutcomeReport> = self
+            .outcomes
+            .iter()
+            .map(|r| CallOutcomeReport {
+                call_id: r.call_id.clone(),
+                outcome: r.outcome as i32,
+                at_ms: r.at_ms,
+            })
+            .collect();
+        for report in reports {
+            self.encode(client_frame::Kind::CallOutcome(report));
+        }
         self.set_state(State::Connected {
             session_id: hello.session_id,
             device_id: hello.device_id,
@@ -673,6 +745,21 @@ impl Session {
             GoodbyeReason::AuthFailed => self.terminate(StopCause::AuthFailed),
             _ => self.disconnect(now, Disconnect::ServerGoodbye(reason), None),
         }
+    }
+
+    /// A reply for a report not pending (a repeat answered twice, or dropped) changes nothing.
+    fn on_outcome_reply(&mut self, reply: CallOutcomeReply) {
+        let outcome = CallOutcome::try_from(reply.outcome).unwrap_or(CallOutcome::Unspecified);
+        if self.outcomes.remove(&reply.call_id, outcome).is_none() {
+            tracing::debug!(call_id = %reply.call_id, outcome = reply.outcome, "reply to no pending call-outcome report");
+            return;
+        }
+        self.events.push_back(Event::CallOutcomeReplied(OutcomeReply {
+            result: CallOutcomeResult::try_from(reply.result).unwrap_or(CallOutcomeResult::Unspecified),
+            call_id: reply.call_id,
+            outcome,
+            detail: reply.detail,
+        }));
     }
 
     fn on_push(&mut self, now: Instant, push: Push) {

@@ -6,6 +6,12 @@
 //! dropped and their sockets closed without a goodbye, as the kernel closes a killed process's
 //! sockets. A relaunch is a new runtime and registry, and new instances read the last seen
 //! sequence and its epoch from the app group, which survives.
+//!
+//! The container app's side of calls is here too: when the user answers, declines, hangs up
+//! or lets a call ring out, the app appends the report to the app group's pending-outcomes file
+//! and posts a Darwin notification; a running instance hands the file to its provider, a new
+//! instance does so when it is created, and each reply deletes its report from the file (the
+//! same file format and calls as the Swift files).
 
 use std::{
     collections::{HashSet, VecDeque},
@@ -18,8 +24,9 @@ use std::{
 
 use mobile_sdk::{Registry, Snapshot};
 use nepush_provider::{
-    LastSeen, LocalNotification, NEProviderStopReason, NetworkEvent, Provider, ProviderConfiguration,
-    ProviderHost, State, StopCause,
+    CallOutcome, LastSeen, LocalNotification, NEProviderStopReason, NetworkEvent, OutcomeReply,
+    OutcomeReport, PendingCallOutcomes, Provider, ProviderConfiguration, ProviderHost, State, StopCause,
+    user_info,
 };
 use tokio::{sync::watch, task::JoinHandle};
 
@@ -44,6 +51,12 @@ pub struct PhoneLog {
     pub calls: Vec<(u32, plist::Dictionary)>,
     /// The app group's last seen sequence and its epoch, stored as one value.
     pub app_group_last_seen: LastSeen,
+    /// The app group's pending call-outcomes file (its bytes; empty: no file).
+    pub app_group_outcomes: Vec<u8>,
+    /// Replies to call-outcome reports the instances were told: (instance, reply).
+    pub outcome_replies: Vec<(u32, OutcomeReply)>,
+    /// Every call outcome the app reported (call id, outcome).
+    pub outcomes_made: HashSet<(String, CallOutcome)>,
     /// Broken invariants seen in callbacks.
     pub violations: Vec<String>,
     seen_messages: HashSet<String>,
@@ -113,7 +126,9 @@ impl ProviderHost for InstanceHost {
                     .violations
                     .push(format!("call dictionary {call_id}: not a property list: {e}")),
             }
-            if !log.seen_calls.insert((kind.clone(), call_id.clone())) {
+            // An end may come again when a report crossed its reply (harmless: the app ends a
+            // call already ended); an invite or a cancel must come once.
+            if kind != user_info::KIND_END && !log.seen_calls.insert((kind.clone(), call_id.clone())) {
                 log.violations
                     .push(format!("{kind} {call_id} reported twice (instance {})", self.n));
             }
@@ -161,6 +176,23 @@ impl ProviderHost for InstanceHost {
                 ));
             }
             log.app_group_last_seen = last_seen;
+        });
+    }
+
+    fn call_outcome_replied(&self, reply: OutcomeReply) {
+        self.shared.update(|log| {
+            let key = (reply.call_id.clone(), reply.outcome);
+            if !log.outcomes_made.contains(&key) {
+                log.violations.push(format!(
+                    "instance {} was told of a reply to {key:?}, which the app never reported",
+                    self.n
+                ));
+            }
+            // What the extension does: delete the report from the app group's file.
+            let mut file = PendingCallOutcomes::parse(&log.app_group_outcomes);
+            file.remove(&reply.call_id, reply.outcome);
+            log.app_group_outcomes = file.to_bytes();
+            log.outcome_replies.push((self.n, reply));
         });
     }
 
@@ -435,6 +467,7 @@ impl Phone {
         let configuration = self.configuration.clone();
         let voip = self.voip_token.clone();
         let shared = self.shared.clone();
+        let outcomes = self.shared.with(|l| l.app_group_outcomes.clone());
         let process = self.ensure_process()?;
         let (state_tx, state) = watch::channel(State::Idle);
         let host = Arc::new(InstanceHost {
@@ -448,6 +481,8 @@ impl Phone {
         if let Some(t) = voip {
             provider.set_voip_token(t);
         }
+        // As the Swift `start()` does: every report still in the app group's file.
+        provider.report_pending_call_outcomes(&outcomes);
         let new = Instance {
             n,
             provider: Arc::new(provider),
@@ -455,6 +490,37 @@ impl Phone {
         };
         if let Some(old) = process.current.replace(new) {
             process.abandoned.push(old);
+        }
+        Ok(())
+    }
+
+    /// The user acted on a call in CallKit: the app appends the report to the app group's
+    /// pending file and posts its Darwin notification, which the current instance (if the
+    /// extension runs) answers by handing the whole file to its provider.
+    pub fn user_acted(&mut self, call_id: &str, outcome: CallOutcome) -> Result<(), String> {
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let report = OutcomeReport {
+            call_id: call_id.to_owned(),
+            outcome,
+            at_ms,
+        };
+        let mut result = Ok(());
+        self.shared.update(|log| {
+            let mut file = PendingCallOutcomes::parse(&log.app_group_outcomes);
+            match file.add(report) {
+                Ok(_) => {
+                    log.app_group_outcomes = file.to_bytes();
+                    log.outcomes_made.insert((call_id.to_owned(), outcome));
+                }
+                Err(e) => result = Err(format!("the app cannot report {call_id}: {e}")),
+            }
+        });
+        result?;
+        if let Some(i) = self.current() {
+            let file = self.shared.with(|l| l.app_group_outcomes.clone());
+            i.provider.report_pending_call_outcomes(&file);
         }
         Ok(())
     }

@@ -9,7 +9,9 @@ use std::{
 };
 
 use mobile_sdk::Snapshot;
-use nepush_provider::{NEProviderStopReason, ProviderConfiguration, user_info};
+use nepush_provider::{
+    CallOutcome, NEProviderStopReason, PendingCallOutcomes, ProviderConfiguration, user_info,
+};
 use push_proto::{
     device::{CancelReason, Priority},
     sender::{
@@ -22,8 +24,8 @@ use crate::{
     phone::{Phone, STEP_TIMEOUT},
     resources,
     scenario::{
-        CallExpectation, CancelExpectation, NotificationExpectation, OfflineExpectation, Repeat, Scenario,
-        Step, Within,
+        CallExpectation, CancelExpectation, NotificationExpectation, OfflineExpectation, OutcomeExpectation,
+        Repeat, Scenario, Step, Within, result_name,
     },
     site::{HeldSessions, Site},
     wifi::Wifi,
@@ -95,6 +97,8 @@ pub struct Report {
     pub notifications: usize,
     /// `reportIncomingCall` invocations.
     pub call_reports: usize,
+    /// Replies to call-outcome reports the instances were told.
+    pub outcome_replies: usize,
     /// Server logins of the device.
     pub server_logins: u64,
     /// Server offline events of the device.
@@ -149,12 +153,13 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "  phone: processes {}, kills {}, instances {}, notifications {}, call reports {}; wifi relayed {} connections, black-holed {}",
+            "  phone: processes {}, kills {}, instances {}, notifications {}, call reports {}, outcome replies {}; wifi relayed {} connections, black-holed {}",
             self.processes,
             self.kills,
             self.instances,
             self.notifications,
             self.call_reports,
+            self.outcome_replies,
             self.wifi_relayed,
             self.wifi_blackholed
         )?;
@@ -488,6 +493,8 @@ impl Run<'_> {
                     "callerCancelled" => CancelReason::CallerCancelled,
                     "answeredElsewhere" => CancelReason::AnsweredElsewhere,
                     "declinedElsewhere" => CancelReason::DeclinedElsewhere,
+                    "missed" => CancelReason::Missed,
+                    "escalated" => CancelReason::Escalated,
                     other => return Err(format!("unknown cancel reason {other:?}")),
                 };
                 let r = self
@@ -502,6 +509,18 @@ impl Run<'_> {
                     .map_err(|e| format!("CancelCall: {e}"))?
                     .into_inner();
                 self.sent.cancels.insert(c.id().to_owned(), r.cancels_sent);
+            }
+            Step::AnswerCall(id) => phone.user_acted(id, CallOutcome::Answered)?,
+            Step::DeclineCall(id) => phone.user_acted(id, CallOutcome::Declined)?,
+            Step::HangUpCall(id) => phone.user_acted(id, CallOutcome::Ended)?,
+            Step::LetCallRingOut(id) => phone.user_acted(id, CallOutcome::Missed)?,
+            Step::ExpectOutcomeReplied(o) => self.expect_outcome_replied(o).await?,
+            Step::ExpectPendingOutcomes(n) => self.expect_pending_outcomes(*n).await?,
+            Step::ExpectCallEnded(c) => self.expect_call_ended(c).await?,
+            Step::ExpectMissedCallNotification(id) => {
+                let note = format!("missed-call:{id}");
+                self.expect_notification(&NotificationExpectation::Id(note))
+                    .await?
             }
             Step::ExpectConnected(_) => self.expect_connected().await?,
             Step::ExpectOfflineOnServer(o) => self.expect_offline(o).await?,
@@ -746,6 +765,62 @@ impl Run<'_> {
         Ok(())
     }
 
+    async fn expect_outcome_replied(&mut self, o: &OutcomeExpectation) -> Result<(), String> {
+        let replied = |log: &crate::phone::PhoneLog| {
+            let told = log.outcome_replies.iter().any(|(_, r)| {
+                r.call_id == o.id && r.outcome == o.outcome && o.result.is_none_or(|x| x == r.result)
+            });
+            let deleted = !PendingCallOutcomes::parse(&log.app_group_outcomes)
+                .reports()
+                .any(|r| r.call_id == o.id && r.outcome == o.outcome);
+            told && deleted
+        };
+        if self.phone.shared.wait(STEP_TIMEOUT, replied).await {
+            return Ok(());
+        }
+        let (replies, pending) = self.phone.shared.with(|log| {
+            let replies: Vec<String> = log
+                .outcome_replies
+                .iter()
+                .map(|(n, r)| {
+                    format!(
+                        "{} {:?} {} (instance {n})",
+                        r.call_id,
+                        r.outcome,
+                        result_name(r.result)
+                    )
+                })
+                .collect();
+            (replies, PendingCallOutcomes::parse(&log.app_group_outcomes).len())
+        });
+        Err(format!(
+            "no reply to the {:?} report of {} deleted from the app group within {STEP_TIMEOUT:?}: replies {replies:?}, {pending} pending",
+            o.outcome, o.id
+        ))
+    }
+
+    async fn expect_pending_outcomes(&mut self, n: usize) -> Result<(), String> {
+        let count = |log: &crate::phone::PhoneLog| PendingCallOutcomes::parse(&log.app_group_outcomes).len();
+        if self.phone.shared.wait(STEP_TIMEOUT, |log| count(log) == n).await {
+            return Ok(());
+        }
+        Err(format!(
+            "the app group holds {} pending call outcomes, not {n}",
+            self.phone.shared.with(count)
+        ))
+    }
+
+    async fn expect_call_ended(&mut self, c: &CancelExpectation) -> Result<(), String> {
+        let d = self.reported(user_info::KIND_END, c.id()).await?;
+        if let CancelExpectation::Options { reason, .. } = c {
+            let got = d.get(user_info::REASON).and_then(|v| v.as_string());
+            if got != Some(reason.as_str()) {
+                return Err(format!("end of {}: reason {got:?}, expected {reason:?}", c.id()));
+            }
+        }
+        Ok(())
+    }
+
     async fn expect_apns(&mut self, id: &str) -> Result<(), String> {
         let mut stream = self
             .site
@@ -931,8 +1006,10 @@ impl Run<'_> {
         r.processes = stats.processes;
         r.kills = stats.kills;
         r.instances = stats.instances;
-        (r.notifications, r.call_reports) =
-            self.phone.shared.with(|l| (l.notifications_shown, l.calls.len()));
+        (r.notifications, r.call_reports, r.outcome_replies) = self
+            .phone
+            .shared
+            .with(|l| (l.notifications_shown, l.calls.len(), l.outcome_replies.len()));
         (
             r.server_logins,
             r.server_offline,

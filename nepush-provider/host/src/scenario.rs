@@ -3,7 +3,7 @@
 
 use std::{fmt, path::Path, time::Duration};
 
-use nepush_provider::NEProviderStopReason;
+use nepush_provider::{CallOutcome, CallOutcomeResult, NEProviderStopReason, outcomes};
 use serde::{Deserialize, Deserializer, de::Error as _};
 
 /// One scenario.
@@ -167,6 +167,15 @@ pub enum Step {
     Call(PlaceCall),
     /// The caller cancels: `"call-id"` or `{ id = "...", reason = "answeredElsewhere" }`.
     CancelCall(CancelCall),
+    /// The user answers the call in CallKit (`CXAnswerCallAction`): the app reports `answered`
+    /// through the app group (forwarded by a running provider, else after the next start).
+    AnswerCall(String),
+    /// The user declines the ringing call (`CXEndCallAction` before answering): `declined`.
+    DeclineCall(String),
+    /// The user hangs up the answered call (`CXEndCallAction` after answering): `ended`.
+    HangUpCall(String),
+    /// The call rings out on the phone unanswered (the app ends it): `missed`.
+    LetCallRingOut(String),
     /// The current instance is connected and the server shows the device online with the same
     /// session.
     ExpectConnected(Yes),
@@ -182,6 +191,17 @@ pub enum Step {
     /// The server rang this call through the APNs bridge (`WatchCall` path "apns", and the
     /// fake APNs received it).
     ExpectCallFellBackToApns(String),
+    /// The server replied to the app's report and the extension deleted it from the app group:
+    /// `{ id = "...", outcome = "answered", result = "recorded" }` (`result` left out: any).
+    ExpectOutcomeReplied(OutcomeExpectation),
+    /// The app group's pending-outcomes file holds exactly this many reports.
+    ExpectPendingOutcomes(usize),
+    /// The server refused the phone's answer and the provider told the app to end the call
+    /// (`reportIncomingCall`, `kind` = `"end"`): `"call-id"` or `{ id = "...", reason =
+    /// "answeredElsewhere" | "callEnded" }`.
+    ExpectCallEnded(CancelExpectation),
+    /// A missed-call notification was shown for this call (a cancel with reason `missed`).
+    ExpectMissedCallNotification(String),
     /// Run `steps` `times` times (churn); resources are compared between the end of the
     /// warm-up and the end.
     Repeat(Repeat),
@@ -223,6 +243,15 @@ impl Step {
             | Step::ExpectCallCancelled(CancelExpectation::Id(id) | CancelExpectation::Options { id, .. })
             | Step::ExpectCallFellBackToApns(id) => *id = sub(id),
             Step::ExpectIncomingCall(c) => c.id = sub(&c.id),
+            Step::AnswerCall(id)
+            | Step::DeclineCall(id)
+            | Step::HangUpCall(id)
+            | Step::LetCallRingOut(id)
+            | Step::ExpectMissedCallNotification(id)
+            | Step::ExpectCallEnded(CancelExpectation::Id(id) | CancelExpectation::Options { id, .. }) => {
+                *id = sub(id)
+            }
+            Step::ExpectOutcomeReplied(o) => o.id = sub(&o.id),
             _ => {}
         }
         step
@@ -261,12 +290,28 @@ impl fmt::Display for Step {
             Step::Send(m) => write!(f, "send {}", m.id),
             Step::Call(c) => write!(f, "call {}", c.id),
             Step::CancelCall(c) => write!(f, "cancel call {}", c.id()),
+            Step::AnswerCall(id) => write!(f, "the user answers call {id}"),
+            Step::DeclineCall(id) => write!(f, "the user declines call {id}"),
+            Step::HangUpCall(id) => write!(f, "the user hangs up call {id}"),
+            Step::LetCallRingOut(id) => write!(f, "call {id} rings out on the phone"),
             Step::ExpectConnected(_) => write!(f, "expect connected"),
             Step::ExpectOfflineOnServer(o) => write!(f, "expect offline on server within {}", o.within),
             Step::ExpectNotification(n) => write!(f, "expect notification {}", n.id()),
             Step::ExpectIncomingCall(c) => write!(f, "expect incoming call {}", c.id),
             Step::ExpectCallCancelled(c) => write!(f, "expect call cancelled {}", c.id()),
             Step::ExpectCallFellBackToApns(id) => write!(f, "expect call {id} fell back to APNs"),
+            Step::ExpectOutcomeReplied(o) => write!(
+                f,
+                "expect the {} report of call {} replied{}",
+                outcomes::outcome_name(o.outcome).unwrap_or("?"),
+                o.id,
+                o.result
+                    .map(|r| format!(" {}", result_name(r)))
+                    .unwrap_or_default()
+            ),
+            Step::ExpectPendingOutcomes(n) => write!(f, "expect {n} call outcomes pending in the app group"),
+            Step::ExpectCallEnded(c) => write!(f, "expect call {} ended by the server's reply", c.id()),
+            Step::ExpectMissedCallNotification(id) => write!(f, "expect a missed-call notification for {id}"),
             Step::Repeat(r) => write!(f, "repeat x{} ({} steps)", r.times, r.steps.len()),
         }
     }
@@ -584,6 +629,60 @@ impl CancelExpectation {
     }
 }
 
+/// `expect_outcome_replied`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutcomeExpectation {
+    /// Call id.
+    pub id: String,
+    /// The report's outcome: `answered`, `declined`, `missed` or `ended`.
+    #[serde(deserialize_with = "outcome")]
+    pub outcome: CallOutcome,
+    /// The server's result: `recorded`, `answeredElsewhere`, `callEnded` or `unknownCall`; left
+    /// out, any result passes.
+    #[serde(default, deserialize_with = "result")]
+    pub result: Option<CallOutcomeResult>,
+}
+
+const RESULTS: [(CallOutcomeResult, &str); 4] = [
+    (CallOutcomeResult::Recorded, "recorded"),
+    (CallOutcomeResult::AnsweredElsewhere, "answeredElsewhere"),
+    (CallOutcomeResult::CallEnded, "callEnded"),
+    (CallOutcomeResult::UnknownCall, "unknownCall"),
+];
+
+/// The scenario name of a result (`"unspecified"` for one no scenario can name).
+pub fn result_name(r: CallOutcomeResult) -> &'static str {
+    RESULTS
+        .iter()
+        .find(|(x, _)| *x == r)
+        .map_or("unspecified", |(_, n)| n)
+}
+
+fn outcome<'de, D: Deserializer<'de>>(d: D) -> Result<CallOutcome, D::Error> {
+    let name = String::deserialize(d)?;
+    outcomes::outcome_from_name(&name).ok_or_else(|| {
+        D::Error::custom(format!(
+            "unknown call outcome {name:?}; one of answered, declined, missed, ended"
+        ))
+    })
+}
+
+fn result<'de, D: Deserializer<'de>>(d: D) -> Result<Option<CallOutcomeResult>, D::Error> {
+    let name = String::deserialize(d)?;
+    RESULTS
+        .iter()
+        .find(|(_, n)| *n == name)
+        .map(|(r, _)| Some(*r))
+        .ok_or_else(|| {
+            let all: Vec<&str> = RESULTS.iter().map(|(_, n)| *n).collect();
+            D::Error::custom(format!(
+                "unknown call outcome result {name:?}; one of {}",
+                all.join(", ")
+            ))
+        })
+}
+
 /// `repeat`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -667,6 +766,102 @@ repeat = { times = 3, warmup = 1, steps = [{ timer = 2 }, { kill = true }, { rel
         assert!(err.to_string().contains("true"), "{err}");
         assert!(Scenario::parse(&format!("{base}[[step]]\nfly = true\n")).is_err());
         assert!(Scenario::parse(base).is_err(), "no steps");
+    }
+
+    #[test]
+    fn parses_the_users_call_steps_and_their_expectations() {
+        let s = Scenario::parse(
+            r#"
+name = "outcomes"
+[phone]
+device_id = "p"
+site_ssids = ["Ward 4B"]
+[[step]]
+answer_call = "c1"
+[[step]]
+decline_call = "c2"
+[[step]]
+hang_up_call = "c1"
+[[step]]
+let_call_ring_out = "c3"
+[[step]]
+expect_outcome_replied = { id = "c1", outcome = "answered", result = "answeredElsewhere" }
+[[step]]
+expect_outcome_replied = { id = "c3", outcome = "missed" }
+[[step]]
+expect_pending_outcomes = 0
+[[step]]
+expect_call_ended = { id = "c1", reason = "callEnded" }
+[[step]]
+expect_call_ended = "c1"
+[[step]]
+expect_missed_call_notification = "c3"
+"#,
+        )
+        .unwrap();
+        assert!(matches!(&s.steps[0], Step::AnswerCall(id) if id == "c1"));
+        assert!(matches!(&s.steps[1], Step::DeclineCall(id) if id == "c2"));
+        assert!(matches!(&s.steps[2], Step::HangUpCall(id) if id == "c1"));
+        assert!(matches!(&s.steps[3], Step::LetCallRingOut(id) if id == "c3"));
+        assert!(matches!(
+            &s.steps[4],
+            Step::ExpectOutcomeReplied(OutcomeExpectation {
+                outcome: CallOutcome::Answered,
+                result: Some(CallOutcomeResult::AnsweredElsewhere),
+                ..
+            })
+        ));
+        assert!(matches!(
+            &s.steps[5],
+            Step::ExpectOutcomeReplied(OutcomeExpectation {
+                outcome: CallOutcome::Missed,
+                result: None,
+                ..
+            })
+        ));
+        assert!(matches!(s.steps[6], Step::ExpectPendingOutcomes(0)));
+        assert!(matches!(
+            &s.steps[7],
+            Step::ExpectCallEnded(CancelExpectation::Options { reason, .. }) if reason == "callEnded"
+        ));
+        assert!(matches!(
+            &s.steps[8],
+            Step::ExpectCallEnded(CancelExpectation::Id(_))
+        ));
+        assert!(matches!(&s.steps[9], Step::ExpectMissedCallNotification(id) if id == "c3"));
+        assert!(
+            s.steps.iter().all(|s| !s.is_lifecycle()),
+            "the user's steps are no lifecycle events"
+        );
+        let step = Step::AnswerCall("c-{i}".into()).for_iteration(4);
+        assert!(matches!(step, Step::AnswerCall(id) if id == "c-4"));
+        assert_eq!(
+            s.steps[4].to_string(),
+            "expect the answered report of call c1 replied answeredElsewhere"
+        );
+    }
+
+    #[test]
+    fn outcome_mistakes_are_named() {
+        let base = "name = \"x\"\n[phone]\ndevice_id = \"p\"\nsite_ssids = [\"a\"]\n[[step]]\n";
+        let err = Scenario::parse(&format!(
+            "{base}expect_outcome_replied = {{ id = \"c\", outcome = \"picked up\" }}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("unknown call outcome \"picked up\""),
+            "{err:#}"
+        );
+        let err = Scenario::parse(&format!(
+            "{base}expect_outcome_replied = {{ id = \"c\", outcome = \"answered\", result = \"ok\" }}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("unknown call outcome result"),
+            "{err:#}"
+        );
+        assert!(Scenario::parse(&format!("{base}answer_call = true\n")).is_err());
+        assert!(Scenario::parse(&format!("{base}expect_pending_outcomes = -1\n")).is_err());
     }
 
     #[test]

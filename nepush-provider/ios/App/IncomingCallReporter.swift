@@ -1,7 +1,8 @@
 // Container app: calls that arrive over the site's Wi-Fi. The provider calls
 // reportIncomingCall(userInfo:); iOS launches the app (if needed) and hands the same dictionary
 // to appPushManager(_:didReceiveIncomingCallWithUserInfo:), which reports it to CallKit. Keys:
-// see nepush-provider/README.md ("The call dictionary").
+// see nepush-provider/README.md ("The call dictionary"). What the user then does with the call
+// goes back to the server through CallOutcomeReporter.
 
 import CallKit
 import Foundation
@@ -9,13 +10,15 @@ import NetworkExtension
 
 final class IncomingCallReporter: NSObject, NEAppPushDelegate {
     private let provider: CXProvider
+    private let outcomes: CallOutcomeReporter
     /// Calls reported to CallKit, by UUID, so the PushKit path (VoipPushHandler) does not ring
     /// a call twice and a cancellation finds its call.
     private(set) var reported = Set<UUID>()
     private(set) var cancelled = Set<UUID>()
 
-    init(provider: CXProvider) {
+    init(provider: CXProvider, outcomes: CallOutcomeReporter) {
         self.provider = provider
+        self.outcomes = outcomes
     }
 
     /// Set as the delegate of every saved NEAppPushManager (after loadAllFromPreferences).
@@ -36,21 +39,34 @@ final class IncomingCallReporter: NSObject, NEAppPushDelegate {
             update.remoteHandle = CXHandle(type: .generic, value: userInfo["callerHandle"] as? String ?? "")
             update.hasVideo = userInfo["video"] as? Bool ?? false
             reported.insert(uuid)
+            outcomes.ringing(uuid, callId: userInfo["callId"] as? String ?? "")
             provider.reportNewIncomingCall(with: uuid, update: update) { error in
                 if let error { NSLog("lpush: CallKit refused the call: \(error)") }
             }
             // Stop ringing on the server's schedule, not the phone's clock.
+            // Only if nobody acted on it meanwhile: then it is a missed call (reported MISSED).
             DispatchQueue.main.asyncAfter(deadline: .now() + .milliseconds(ringRemainingMs)) { [weak self] in
-                self?.end(uuid, reason: .unanswered)
+                guard let self, self.outcomes.ringTimedOut(uuid) else { return }
+                self.end(uuid, reason: .unanswered)
             }
         case "cancel":
             cancelled.insert(uuid)
+            // "missed": the provider also shows a missed-call notification; "escalated": the
+            // call moved to its next step, so the ring just stops.
             let reason: CXCallEndedReason =
                 switch userInfo["reason"] as? String {
                 case "answeredElsewhere": .answeredElsewhere
                 case "declinedElsewhere": .declinedElsewhere
+                case "missed": .unanswered
                 default: .remoteEnded
                 }
+            outcomes.endedByServer(uuid)
+            end(uuid, reason: reason)
+        case "end":
+            // The server refused this phone's answer (another phone answered first, or the
+            // call had already ended): the user must not stay in a call nobody is on.
+            let reason: CXCallEndedReason = userInfo["reason"] as? String == "answeredElsewhere" ? .answeredElsewhere : .remoteEnded
+            outcomes.endedByServer(uuid)
             end(uuid, reason: reason)
         default:
             return

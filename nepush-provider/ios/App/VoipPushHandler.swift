@@ -11,11 +11,13 @@ import PushKit
 final class VoipPushHandler: NSObject, PKPushRegistryDelegate {
     private let provider: CXProvider
     private let calls: IncomingCallReporter
+    private let outcomes: CallOutcomeReporter
     private let registry = PKPushRegistry(queue: .main)
 
-    init(provider: CXProvider, calls: IncomingCallReporter) {
+    init(provider: CXProvider, calls: IncomingCallReporter, outcomes: CallOutcomeReporter) {
         self.provider = provider
         self.calls = calls
+        self.outcomes = outcomes
         super.init()
         registry.delegate = self
         registry.desiredPushTypes = [.voIP]
@@ -62,8 +64,12 @@ final class VoipPushHandler: NSObject, PKPushRegistryDelegate {
 
         switch decideVoipPush(payload: voip, mustReport: mustReport, nowMs: now, known: known) {
         case .report(let ringForMs):
+            // Answered or declined off-site, the outcome waits in the app group until the
+            // extension next reaches the server.
+            outcomes.ringing(uuid, callId: voip.callId)
             provider.reportNewIncomingCall(with: uuid, update: update) { _ in completion() }
-            DispatchQueue.main.asyncAfter(deadline: .now() + .milliseconds(Int(ringForMs))) { [provider] in
+            DispatchQueue.main.asyncAfter(deadline: .now() + .milliseconds(Int(ringForMs))) { [provider, outcomes] in
+                guard outcomes.ringTimedOut(uuid) else { return }
                 provider.reportCall(with: uuid, endedAt: Date(), reason: .unanswered)
             }
         case .reportAndEnd:

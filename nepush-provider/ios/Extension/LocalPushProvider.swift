@@ -1,8 +1,8 @@
 // The NEAppPushProvider subclass: a thin shell over the Rust provider core (`PushProvider`
 // from the generated binding, module LpushSDK). Everything it decides lives in Rust and is tested on Linux
 // (nepush-provider/scenarios); this file only forwards iOS's calls and performs the host's
-// three side effects: report a call, show a notification, persist the last seen sequence and
-// its epoch.
+// side effects: report a call, show a notification, persist the last seen sequence and its
+// epoch, and carry the app's call outcomes (the app group's pending file) to the server.
 
 import Foundation
 import LpushSDK  // the Swift package build-xcframework.sh produces (generated binding + xcframework)
@@ -50,7 +50,10 @@ final class LocalPushProvider: NEAppPushProvider {
             if let token = group.string(forKey: "voipToken") {
                 core.setVoipToken(token: token)
             }
+            // Outcomes the app recorded while no instance ran (or that were never replied to).
+            _ = core.reportPendingCallOutcomes(file: PendingCallOutcomesFile.read())
             self.core = core
+            observeCallOutcomes()
             // A newer instance for the same device stops this process's older one first.
             Task { try? await core.start() }
         } catch {
@@ -64,6 +67,7 @@ final class LocalPushProvider: NEAppPushProvider {
 
     override func stop(with reason: NEProviderStopReason, completionHandler: @escaping () -> Void) {
         pathMonitor.cancel()
+        stopObservingCallOutcomes()
         let core = self.core
         self.core = nil
         Task {
@@ -78,8 +82,30 @@ final class LocalPushProvider: NEAppPushProvider {
         core?.handleTimerEvent()
     }
 
+    /// The app posts a Darwin notification after appending to the pending file: hand the
+    /// whole file over (the SDK ignores reports it already has).
+    private func observeCallOutcomes() {
+        // Unretained: removed in stop and deinit, so it never outlives this instance.
+        let observer = Unmanaged.passUnretained(self).toOpaque()
+        CFNotificationCenterAddObserver(
+            CFNotificationCenterGetDarwinNotifyCenter(), observer,
+            { _, observer, _, _, _ in
+                guard let observer else { return }
+                let provider = Unmanaged<LocalPushProvider>.fromOpaque(observer).takeUnretainedValue()
+                _ = provider.core?.reportPendingCallOutcomes(file: PendingCallOutcomesFile.read())
+            },
+            callOutcomesChangedNotification as CFString, nil, .deliverImmediately)
+    }
+
+    private func stopObservingCallOutcomes() {
+        CFNotificationCenterRemoveObserver(
+            CFNotificationCenterGetDarwinNotifyCenter(), Unmanaged.passUnretained(self).toOpaque(),
+            CFNotificationName(callOutcomesChangedNotification as CFString), nil)
+    }
+
     deinit {
         pathMonitor.cancel()
+        stopObservingCallOutcomes()
     }
 }
 
@@ -120,6 +146,14 @@ final class Callbacks: ProviderHostCallbacks {
     func persistLastSeen(lastSeen: LastSeen) {
         // One key, one write: both halves or neither (both stay below 2^53, so Int holds them).
         group.set(["epoch": Int(lastSeen.epoch), "seq": Int(lastSeen.seq)], forKey: "lastSeen")
+    }
+
+    func callOutcomeReplied(reply: CallOutcomeReply) {
+        // Replied: never hand it over again. (A refused answer also came as an "end" through
+        // reportIncomingCall, which the app turns into the end of the CallKit call.)
+        PendingCallOutcomesFile.update {
+            removePendingCallOutcome(file: $0, callId: reply.callId, outcome: reply.outcome)
+        }
     }
 
     func stateChanged(state: ConnectionState) {

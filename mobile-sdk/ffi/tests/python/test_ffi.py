@@ -75,6 +75,9 @@ class Recorder(sdk.PushListener):
     def persisted(self):
         return [e.last_seen for e in self.seen if e.is_LAST_SEEN_SEQ()]
 
+    def replies(self):
+        return [e.reply for e in self.seen if e.is_CALL_OUTCOME_REPLIED()]
+
 
 def quiet(counters):
     return (counters.sessions, counters.tasks, counters.sockets, counters.connected) == (0, 0, 0, 0)
@@ -204,6 +207,7 @@ class FfiSurface(unittest.TestCase):
         class Host(sdk.ProviderHostCallbacks):
             def __init__(self):
                 self.states = queue.Queue()
+                self.replies = queue.Queue()
                 self.persisted = []
 
             def report_incoming_call(self, user_info_plist):
@@ -217,6 +221,9 @@ class FfiSurface(unittest.TestCase):
 
             def state_changed(self, state):
                 self.states.put(state)
+
+            def call_outcome_replied(self, reply):
+                self.replies.put(reply)
 
         with self.assertRaises(sdk.SdkError.InvalidConfig) as caught:
             sdk.PushProvider(provider_configuration(port=None), NEW_INSTALL, Host())
@@ -244,6 +251,14 @@ class FfiSurface(unittest.TestCase):
             kept = (FfiSurface.last_seen.epoch, foreign.seq)
             self.assertEqual([(p.epoch, p.seq) for p in host.persisted], [kept])
             self.assertEqual((provider.last_seen().epoch, provider.last_seen().seq), kept)
+            # The app group's pending file, as the app writes it; the provider hands it over and
+            # the server's reply reaches the host. A decline never ends a call, whatever the result.
+            pending = sdk.add_pending_call_outcome(
+                b"", sdk.CallOutcomeReport(call_id=ENV["SDK_CALL_ID"], outcome=sdk.CallOutcome.DECLINED, at_ms=2))
+            self.assertEqual(provider.report_pending_call_outcomes(pending), 1)
+            reply = await asyncio.to_thread(host.replies.get, True, STEP)
+            self.assertEqual((reply.call_id, reply.outcome), (ENV["SDK_CALL_ID"], sdk.CallOutcome.DECLINED))
+            self.assertIsInstance(reply.result, sdk.CallOutcomeResult)
             provider.handle_timer_event()
             await provider.stop(4)  # NEProviderStopReason.unrecoverableNetworkChange
             self.assertEqual(
@@ -254,6 +269,54 @@ class FfiSurface(unittest.TestCase):
             del provider
             gc.collect()
             self.assertEqual(sdk.counters().instances, 0)
+
+        asyncio.run(body())
+
+    def test_7_call_outcomes_are_reported_and_replied(self):
+        for name in ("report_call_outcome",):
+            self.assertTrue(callable(getattr(sdk.PushClient, name, None)), name)
+        for name in ("report_call_outcome", "report_pending_call_outcomes"):
+            self.assertTrue(callable(getattr(sdk.PushProvider, name, None)), name)
+        for name in ("read_pending_call_outcomes", "add_pending_call_outcome", "remove_pending_call_outcome"):
+            self.assertTrue(callable(getattr(sdk, name, None)), name)
+
+        # The app group's file: appended once per call and outcome, deleted by the reply.
+        answered = sdk.CallOutcomeReport(call_id="c-1", outcome=sdk.CallOutcome.ANSWERED, at_ms=1_700_000_000_000)
+        ended = sdk.CallOutcomeReport(call_id="c-1", outcome=sdk.CallOutcome.ENDED, at_ms=1_700_000_060_000)
+        file = sdk.add_pending_call_outcome(b"", answered)
+        file = sdk.add_pending_call_outcome(file, answered)
+        file = sdk.add_pending_call_outcome(file, ended)
+        self.assertEqual(sdk.read_pending_call_outcomes(file), [answered, ended])
+        file = sdk.remove_pending_call_outcome(file, "c-1", sdk.CallOutcome.ANSWERED)
+        self.assertEqual(sdk.read_pending_call_outcomes(file), [ended])
+        self.assertEqual(sdk.read_pending_call_outcomes(b"not a plist"), [])
+        with self.assertRaises(sdk.SdkError.InvalidReport):
+            sdk.add_pending_call_outcome(b"", sdk.CallOutcomeReport(call_id="", outcome=sdk.CallOutcome.MISSED, at_ms=0))
+
+        async def body():
+            rec = Recorder()
+            client = sdk.PushClient(config(FfiSurface.last_seen), rec)
+            with self.assertRaises(sdk.SdkError.InvalidReport):
+                client.report_call_outcome("", sdk.CallOutcome.ANSWERED, 0)
+            # Before start: sent after the hello. The server has no outcome decisions yet and
+            # may answer UNKNOWN_CALL; what matters here is that a reply names the report.
+            client.report_call_outcome(ENV["SDK_CALL_ID"], sdk.CallOutcome.ANSWERED, 1)
+            await client.start()
+            reply = await rec.wait_for("reply to the answer", lambda e: e.reply if e.is_CALL_OUTCOME_REPLIED() else None)
+            self.assertEqual((reply.call_id, reply.outcome), (ENV["SDK_CALL_ID"], sdk.CallOutcome.ANSWERED))
+            self.assertIsInstance(reply.result, sdk.CallOutcomeResult)
+            self.assertNotEqual(reply.result, sdk.CallOutcomeResult.UNSPECIFIED)
+            # While connected: sent at once.
+            client.report_call_outcome(ENV["SDK_CALL_ID"], sdk.CallOutcome.ENDED, 2)
+            await rec.wait_for(
+                "reply to the hang-up",
+                lambda e: e.reply if e.is_CALL_OUTCOME_REPLIED() and e.reply.outcome == sdk.CallOutcome.ENDED else None,
+            )
+            self.assertEqual(len(rec.replies()), 2)
+            await client.stop(sdk.StopReason.HOST_REQUESTED)
+            del client
+            gc.collect()
+            self.assertTrue(quiet(sdk.counters()), sdk.counters())
 
         asyncio.run(body())
 

@@ -13,16 +13,18 @@
 //! - bytes are written only to an open connection; `Connect` and `Close` alternate sensibly;
 //! - heartbeats get replies with their nonce, and no reply is invented;
 //! - after a stop or a final goodbye, no connection is opened until the next start;
-//! - every timer wake-up produces output (no idle wake-ups, so no busy loop).
+//! - every timer wake-up produces output (no idle wake-ups, so no busy loop);
+//! - every call-outcome report pending goes out on each established session, a reply is told
+//!   to the host once and only for a report still pending, and nothing else is pending.
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::time::Duration;
 
 use proptest::prelude::*;
-use push_proto::device::{GoodbyeReason, Heartbeat, client_frame};
+use push_proto::device::{CallOutcome, CallOutcomeReply, GoodbyeReason, Heartbeat, client_frame};
 
 use super::*;
-use crate::core::{NetworkEvent, StopReason};
+use crate::core::{NetworkEvent, OutcomeReport, StopReason};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -51,6 +53,10 @@ enum Op {
     Take,
     TakeNewest,
     Network(u8),
+    /// The host reports outcome `.1` (0 is unspecified) of call `.0`.
+    Report(u8, i32),
+    /// The server replies to a report of outcome `.1` of call `.0` (pending or not).
+    Reply(u8, i32),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -75,6 +81,8 @@ fn op() -> impl Strategy<Value = Op> {
         6 => Just(Op::Take),
         1 => Just(Op::TakeNewest),
         3 => (0u8..6).prop_map(Op::Network),
+        3 => (0u8..4, 0i32..5).prop_map(|(c, o)| Op::Report(c, o)),
+        3 => (0u8..4, 0i32..5).prop_map(|(c, o)| Op::Reply(c, o)),
     ]
 }
 
@@ -103,6 +111,10 @@ struct Checker {
     halted: bool,
     split: Option<u8>,
     server_time_ms: i64,
+    /// Call-outcome reports the host made and the host was not told were replied.
+    pending: BTreeSet<(String, i32)>,
+    /// Reports written on the current connection.
+    reports_on_connection: BTreeSet<(String, i32)>,
 }
 
 impl Checker {
@@ -123,6 +135,8 @@ impl Checker {
             halted: false,
             split: None,
             server_time_ms: SERVER_TIME_MS,
+            pending: BTreeSet::new(),
+            reports_on_connection: BTreeSet::new(),
         }
     }
 
@@ -187,6 +201,7 @@ impl Checker {
                 if self.transport == Transport::Connecting {
                     self.transport = Transport::Open;
                     self.frames_on_connection = 0;
+                    self.reports_on_connection.clear();
                     self.h.s.handle_connected(now);
                 }
             }
@@ -285,6 +300,26 @@ impl Checker {
                 };
                 self.h.s.handle_network(now, event);
             }
+            Op::Report(call, outcome) => {
+                let report = OutcomeReport {
+                    call_id: format!("c{call}"),
+                    outcome: CallOutcome::try_from(outcome).unwrap(),
+                    at_ms: 0,
+                };
+                let accepted = self.h.s.handle_call_outcome(now, report).is_ok();
+                prop_assert_eq!(accepted, outcome != 0, "outcome {}", outcome);
+                if accepted {
+                    self.pending.insert((format!("c{call}"), outcome));
+                }
+            }
+            Op::Reply(call, outcome) => {
+                self.server_bytes(server_frame::Kind::CallOutcomeReply(CallOutcomeReply {
+                    call_id: format!("c{call}"),
+                    outcome,
+                    result: 1,
+                    detail: String::new(),
+                }))
+            }
         }
         let produced = self.drain()?;
         if wake {
@@ -368,11 +403,30 @@ impl Checker {
                     );
                     self.last_seen = *last_seen;
                 }
+                Event::State(State::Connected { .. }) => {
+                    prop_assert!(
+                        self.pending.is_subset(&self.reports_on_connection),
+                        "established without sending every pending report: {:?} sent of {:?}",
+                        self.reports_on_connection,
+                        self.pending
+                    );
+                }
                 Event::State(_) => {}
+                Event::CallOutcomeReplied(r) => {
+                    let key = (r.call_id.clone(), r.outcome as i32);
+                    prop_assert!(self.pending.remove(&key), "reply to {key:?} told, not pending");
+                }
             }
             self.h.events.push(e);
         }
         prop_assert_eq!(self.h.s.last_seen(), self.last_seen);
+        let pending: BTreeSet<(String, i32)> = self
+            .h
+            .s
+            .pending_outcomes()
+            .map(|r| (r.call_id.clone(), r.outcome as i32))
+            .collect();
+        prop_assert_eq!(&pending, &self.pending);
         // Checked once this drain's events are known: an ack written in the same batch as the
         // push it acknowledges is just as wrong.
         for seq in acked {
@@ -403,6 +457,17 @@ impl Checker {
                 };
                 prop_assert_eq!(sent, self.h.s.last_seen());
                 self.hello = Some(sent);
+            }
+            Some(client_frame::Kind::CallOutcome(r)) => {
+                let key = (r.call_id.clone(), r.outcome);
+                prop_assert!(
+                    self.pending.contains(&key),
+                    "sent {key:?}, never reported or replied"
+                );
+                prop_assert!(
+                    self.reports_on_connection.insert(key.clone()),
+                    "{key:?} sent twice on one connection"
+                );
             }
             Some(client_frame::Kind::HeartbeatReply(r)) => {
                 prop_assert!(
