@@ -415,6 +415,8 @@ impl Checker {
                 Event::CallOutcomeReplied(r) => {
                     let key = (r.call_id.clone(), r.outcome as i32);
                     prop_assert!(self.pending.remove(&key), "reply to {key:?} told, not pending");
+                    // Settled: the user may report it again, and it is then sent again.
+                    self.reports_on_connection.remove(&key);
                 }
             }
             self.h.events.push(e);
