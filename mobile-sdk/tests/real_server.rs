@@ -730,3 +730,72 @@ async fn a_frozen_server_is_detected_by_its_silence_and_left_for_a_new_connectio
     client.stop(StopReason::HostRequested).await;
     assert!(reg.counters().is_quiet());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_on_one_of_three_sdk_phones_stops_the_other_two_and_a_late_answer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let reg = registry();
+    let mut phones = Vec::new();
+    for id in ["ward-a", "ward-b", "ward-c"] {
+        let credential = server.info.issue(id).await;
+        let (handler, mut events) = Recorder::new();
+        let client = reg
+            .client(server.info.client_config(id, &credential), handler)
+            .unwrap();
+        client.start().await.unwrap();
+        events.connected().await;
+        phones.push((client, events));
+    }
+    let api = server.info.api().await;
+    api.sender()
+        .place_call(push_proto::sender::PlaceCallRequest {
+            call_id: "ring-ward".into(),
+            target: Some(push_proto::sender::Target {
+                kind: Some(push_proto::sender::target::Kind::Devices(
+                    push_proto::sender::DeviceList {
+                        device_ids: vec!["ward-a".into(), "ward-b".into(), "ward-c".into()],
+                    },
+                )),
+            }),
+            caller_name: "Bed 12".into(),
+            ring_timeout_seconds: 60,
+            ..Default::default()
+        })
+        .await
+        .expect("PlaceCall");
+    for (_, events) in &mut phones {
+        events
+            .wait_for("the invite", |e| {
+                matches!(e, Event::CallInvite(c) if c.call_id == "ring-ward").then_some(())
+            })
+            .await;
+    }
+    // The nurse on phone B answers in CallKit; the app hands it to the SDK.
+    let (b, b_events) = &mut phones[1];
+    b.report_call_outcome("ring-ward".into(), CallOutcome::Answered, 1)
+        .unwrap();
+    let won = replied(b_events, "ring-ward", CallOutcome::Answered).await;
+    assert_eq!(won.result, CallOutcomeResult::Recorded, "{won:?}");
+    for k in [0, 2] {
+        let reason = phones[k]
+            .1
+            .wait_for("the cancel", |e| match e {
+                Event::CallCancel(c) if c.call_id == "ring-ward" => Some(c.reason),
+                _ => None,
+            })
+            .await;
+        assert_eq!(reason, CancelReason::AnsweredElsewhere);
+    }
+    // A second answer, late, is refused with who has the call.
+    let (a, a_events) = &mut phones[0];
+    a.report_call_outcome("ring-ward".into(), CallOutcome::Answered, 2)
+        .unwrap();
+    let late = replied(a_events, "ring-ward", CallOutcome::Answered).await;
+    assert_eq!(late.result, CallOutcomeResult::AnsweredElsewhere, "{late:?}");
+    assert!(late.detail.contains("ward-b"), "{late:?}");
+    for (client, _) in phones {
+        client.stop(StopReason::HostRequested).await;
+    }
+    assert!(reg.counters().is_quiet(), "{:?}", reg.counters());
+}

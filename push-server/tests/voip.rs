@@ -20,7 +20,7 @@ use apns_bridge::{
 };
 use common::*;
 use push_proto::{
-    device::{CancelReason, VoipToken, client_frame, push},
+    device::{CallOutcome, CallOutcomeResult, CancelReason, VoipToken, client_frame, push},
     sender::{
         CancelCallRequest, DeliveryState, DeliveryUpdate, GetMessageStatusRequest, PlaceCallRequest,
         PlaceCallResponse, SetVoipTokenRequest, VoipTokenState, WatchCallRequest,
@@ -182,6 +182,53 @@ impl Env {
 fn rang_through_apns(u: &DeliveryUpdate) -> bool {
     u.state() == DeliveryState::Delivered && u.path == "apns"
 }
+
+async fn a_phone_rung_through_apns_answers_and_reports_it_on_site_later(mode: Mode) {
+    let e = start(mode, 300).await;
+    let credential = e.offline_device("phone-1", &token(1)).await;
+    e.call("call-1", "phone-1", 30).await;
+    e.h.await_update("call-1", "phone-1", rang_through_apns).await;
+    // The user answered from the PushKit ring off-site; the report waits in the app group
+    // until the phone is back on the ward's Wi-Fi and its provider connects.
+    let mut phone = e.h.connect(&credential, 0).await.unwrap();
+    let reply = within(phone.report_call("call-1", CallOutcome::Answered))
+        .await
+        .unwrap();
+    assert_eq!(reply.result(), CallOutcomeResult::Recorded, "{reply:?}");
+    let updates =
+        e.h.await_state("call-1", "phone-1", DeliveryState::Answered)
+            .await;
+    assert_eq!(
+        updates.last().unwrap().path,
+        "apns",
+        "the answer names the path that rang: {updates:?}"
+    );
+    // The invite replayed at the hello is the one PushKit rang (same call UUID: CallKit rings
+    // once); after the answer nothing more comes for the call, no cancel to the answerer.
+    let marker = e.h.send("phone-1", "marker").await;
+    let mut before_marker = Vec::new();
+    loop {
+        let p = next(&mut phone).await;
+        if p.id == marker.message_id {
+            break;
+        }
+        before_marker.push(p);
+    }
+    assert!(
+        before_marker.len() <= 1
+            && before_marker
+                .iter()
+                .all(|p| matches!(&p.body, Some(push::Body::CallInvite(_)))),
+        "{before_marker:?}"
+    );
+    assert_eq!(
+        e.fake.received_for(&token(1)).len(),
+        1,
+        "one VoIP push for the call"
+    );
+    e.assert_clean();
+}
+both_modes!(a_phone_rung_through_apns_answers_and_reports_it_on_site_later);
 
 async fn no_session_rings_through_one_voip_push(mode: Mode) {
     let e = start(mode, 300).await;
