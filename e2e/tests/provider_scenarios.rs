@@ -53,6 +53,14 @@ async fn call_outcomes_reach_the_server_running_stopped_or_killed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_declined_and_missed_are_decided_across_provider_restarts() {
+    let r = run("call_answered_declined_missed.toml").await;
+    assert_eq!(r.outcome_replies, 3, "each report replied once, none lost");
+    assert_eq!(r.notifications, 1, "the missed call, once");
+    assert_eq!(r.max_server_sessions, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hospital_new_instance_every_few_hours_never_two_sessions() {
     let r = run("hospital_8h.toml").await;
     assert_eq!(r.instances, 17);
