@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use push_proto::{
-    device::{CancelReason, Hello, Priority},
+    device::{CallOutcome, CancelReason, Hello, Priority, push},
     sender::{
         ApiKeyState, CancelCallRequest, CreateApiKeyRequest, DeviceList, EnrollDeviceRequest,
         GetMessageStatusRequest, IssueDeviceCredentialRequest, ListApiKeysRequest, ListDevicesRequest,
@@ -192,33 +192,48 @@ enum DeviceCommand {
         online: bool,
     },
     /// Act as a device: connect, print every push and acknowledge it.
-    Connect {
-        /// Device listener address.
-        #[arg(long, env = "PUSH_DEVICE_ADDR", default_value = "127.0.0.1:7443")]
-        addr: SocketAddr,
-        /// Credential, or @FILE to read it from a file.
-        #[arg(long, env = "PUSH_DEVICE_CREDENTIAL", hide_env_values = true)]
-        credential: String,
-        /// Data directory holding tls/ca.pem.
-        #[arg(long, env = "PUSH_DATA_DIR", default_value = "data")]
-        data_dir: PathBuf,
-        /// Name to verify in the server certificate.
-        #[arg(long, default_value = "localhost")]
-        server_name: String,
-        /// Highest sequence already seen (resume point).
-        #[arg(long, default_value_t = 0)]
-        last_seen: u64,
-        /// Store epoch that numbered `--last-seen` (printed on connect); 0 if unknown, in which
-        /// case the server acknowledges nothing on the strength of `--last-seen`.
-        #[arg(long, default_value_t = 0)]
-        epoch: u64,
-        /// SSID to report.
-        #[arg(long, default_value = "")]
-        ssid: String,
-        /// Exit after this many pushes (0: run until interrupted).
-        #[arg(long, default_value_t = 0)]
-        count: usize,
-    },
+    Connect(ConnectArgs),
+}
+
+#[derive(Args)]
+struct ConnectArgs {
+    /// Device listener address.
+    #[arg(long, env = "PUSH_DEVICE_ADDR", default_value = "127.0.0.1:7443")]
+    addr: SocketAddr,
+    /// Credential, or @FILE to read it from a file.
+    #[arg(long, env = "PUSH_DEVICE_CREDENTIAL", hide_env_values = true)]
+    credential: String,
+    /// Data directory holding tls/ca.pem.
+    #[arg(long, env = "PUSH_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// Name to verify in the server certificate.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Highest sequence already seen (resume point).
+    #[arg(long, default_value_t = 0)]
+    last_seen: u64,
+    /// Store epoch that numbered `--last-seen` (printed on connect); 0 if unknown, in which
+    /// case the server acknowledges nothing on the strength of `--last-seen`.
+    #[arg(long, default_value_t = 0)]
+    epoch: u64,
+    /// SSID to report.
+    #[arg(long, default_value = "")]
+    ssid: String,
+    /// Exit after this many pushes (0: run until interrupted).
+    #[arg(long, default_value_t = 0)]
+    count: usize,
+    /// What the phone's user does with each call that rings it: answer it (the first answer
+    /// of a call wins), decline it, or nothing (it rings until cancelled or missed).
+    #[arg(long, value_enum, default_value = "ignore")]
+    on_call: OnCall,
+}
+
+/// What `device connect` does with a call invite.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OnCall {
+    Answer,
+    Decline,
+    Ignore,
 }
 
 #[derive(Args)]
@@ -482,27 +497,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Device(DeviceCommand::Connect {
-            addr,
-            credential,
-            data_dir,
-            server_name,
-            last_seen,
-            epoch,
-            ssid,
-            count,
-        }) => {
-            connect(
-                addr,
-                credential,
-                data_dir,
-                server_name,
-                (last_seen, epoch),
-                ssid,
-                count,
-            )
-            .await
-        }
+        Command::Device(DeviceCommand::Connect(args)) => connect(args).await,
         Command::Send(args) => {
             let mut client = sender(&args.api).await?;
             let r = client
@@ -750,15 +745,18 @@ fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
     })
 }
 
-async fn connect(
-    addr: SocketAddr,
-    credential: String,
-    data_dir: PathBuf,
-    server_name: String,
-    (last_seen, epoch): (u64, u64),
-    ssid: String,
-    count: usize,
-) -> anyhow::Result<()> {
+async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
+    let ConnectArgs {
+        addr,
+        credential,
+        data_dir,
+        server_name,
+        last_seen,
+        epoch,
+        ssid,
+        count,
+        on_call,
+    } = args;
     let credential = match credential.strip_prefix('@') {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {path}"))?
@@ -795,6 +793,21 @@ async fn connect(
         println!("push seq={} id={} {:?}", push.seq, push.id, push.body);
         client.ack(&[push.seq]).await?;
         received += 1;
+        let outcome = match on_call {
+            OnCall::Answer => CallOutcome::Answered,
+            OnCall::Decline => CallOutcome::Declined,
+            OnCall::Ignore => continue,
+        };
+        if let Some(push::Body::CallInvite(invite)) = &push.body {
+            let reply = client.report_call(&invite.call_id, outcome).await?;
+            println!(
+                "call {}: {:?} -> {:?} {}",
+                reply.call_id,
+                outcome,
+                reply.result(),
+                reply.detail
+            );
+        }
     }
     client.close().await?;
     Ok(())
