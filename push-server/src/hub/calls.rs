@@ -106,6 +106,7 @@ impl CallCore {
                 device_id,
                 step: 0,
                 seq: 0,
+                placed: false,
                 rang: false,
                 outcome: None,
             })
@@ -194,6 +195,7 @@ impl CallCore {
             let Some(callee) = self.callee_mut(device_id) else {
                 continue;
             };
+            callee.placed = true;
             match seq {
                 Some(seq) => callee.seq = *seq,
                 None if callee.outcome.is_none() => callee.outcome = Some((ReceiptState::Undeliverable, now)),
@@ -211,9 +213,10 @@ impl CallCore {
         let Some(callee) = self.callee_mut(device_id) else {
             return fx;
         };
-        if callee.seq == 0 || callee.seq < note.seq {
+        if callee.seq < note.seq {
             callee.seq = note.seq;
         }
+        callee.placed = true;
         callee.rang |= note.acked;
         if let Some(state) = note.gone
             && callee.outcome.is_none()
@@ -353,6 +356,7 @@ impl CallCore {
                 device_id: device_id.clone(),
                 step: k as u32,
                 seq: 0,
+                placed: false,
                 rang: false,
                 outcome: None,
             });
@@ -402,10 +406,17 @@ impl CallCore {
         self.stop_live(fx, stop.0, &stop.1);
     }
 
-    /// Stop every callee that may still ring (and has its invite placed).
+    /// Stop every callee that may still ring. One whose placement has not come back yet is
+    /// stopped when it does (`placed` then finds the call over): a stop now could reach its
+    /// phone before the invite it stops.
     fn stop_live(&mut self, fx: &mut Vec<CallFx>, reason: CancelReason, detail: &str) {
         let at = self.rec.end.as_ref().map_or(0, CallEnd::at_ms);
-        for callee in self.rec.callees.iter_mut().filter(|c| c.outcome.is_none()) {
+        for callee in self
+            .rec
+            .callees
+            .iter_mut()
+            .filter(|c| c.outcome.is_none() && c.placed)
+        {
             // The state is the device core's to report (MISSED or EXPIRED for a deadline).
             let state = match reason {
                 CancelReason::Missed if callee.rang => ReceiptState::Missed,
@@ -514,6 +525,7 @@ impl Calls {
                 device_id: stored.device_id.clone(),
                 step: 0,
                 seq: stored.seq,
+                placed: true,
                 rang: false,
                 outcome: None,
             });

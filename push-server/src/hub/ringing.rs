@@ -304,11 +304,11 @@ impl Hub {
         }
     }
 
-    /// A device core's notes about its invites (taken under that device's lock, so decided
-    /// once it is released: see [`run_soon`]).
+    /// A device core's notes about its invites. Taken under that device's lock, so decided in
+    /// a task of its own: what they decide may lock other devices (an escalation step).
     pub(super) fn note_callees(&self, device_id: &str, notes: Vec<CalleeNote>) {
         let (hub, device_id) = (self.clone(), device_id.to_string());
-        run_soon(async move {
+        tokio::spawn(async move {
             let now = hub.now();
             for note in notes {
                 hub.run_decision(&note.call_id, |call| ((), call.note(&device_id, &note, now)))

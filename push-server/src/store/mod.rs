@@ -302,8 +302,11 @@ pub struct CalleeRecord {
     pub device_id: String,
     /// The step that rang it.
     pub step: u32,
-    /// Its invite's sequence number; 0 until known.
+    /// Its invite's sequence number; 0 until known (or held by another node).
     pub seq: u64,
+    /// Its invite was queued (here or in its holder's inbox): until then a stop waits for the
+    /// placement to come back, so it is never overtaken by the invite it stops.
+    pub placed: bool,
     /// Its invite may have rung it (acknowledged, written to its session, or sent through APNs).
     pub rang: bool,
     /// Its final state for this call, with the time; `None` while it may still ring.

@@ -467,6 +467,7 @@ pub(super) struct CalleeV1 {
     pub(super) device_id: String,
     pub(super) step: u32,
     pub(super) seq: u64,
+    pub(super) placed: bool,
     pub(super) rang: bool,
     pub(super) outcome: Option<(ReceiptStateV2, i64)>,
 }
@@ -506,6 +507,7 @@ impl Row for CallRow {
                     device_id: e.device_id.clone(),
                     step: e.step,
                     seq: e.seq,
+                    placed: e.placed,
                     rang: e.rang,
                     outcome: e.outcome.map(|(s, at)| (s.into(), at)),
                 })
@@ -547,6 +549,7 @@ impl Row for CallRow {
                     device_id: e.device_id,
                     step: e.step,
                     seq: e.seq,
+                    placed: e.placed,
                     rang: e.rang,
                     outcome: e.outcome.map(|(s, at)| (s.into(), at)),
                 })
@@ -755,6 +758,7 @@ pub(super) mod tests {
                 device_id: "a".into(),
                 step: 0,
                 seq: 7,
+                placed: true,
                 rang: true,
                 outcome: Some((ReceiptState::Declined, 20)),
             }],

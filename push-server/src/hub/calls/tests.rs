@@ -126,8 +126,10 @@ fn nobody_answering_rings_the_next_step_at_its_time_then_ends_missed_at_the_dead
     assert_eq!(rung(&fx), [("b".into(), 1)], "a rings on and is not rung twice");
     assert!(stopped(&fx).is_empty(), "step 1 keeps earlier steps ringing");
     assert_eq!(c.record().steps[1].started_ms, T0 + 10_000);
+    assert!(c.placed(T0 + 10_000, &[("b".into(), Some(9))]).is_empty());
     let fx = c.due(T0 + 20_000);
     assert_eq!(rung(&fx), [("sup".into(), 2)]);
+    assert!(c.placed(T0 + 20_000, &[("sup".into(), Some(3))]).is_empty());
     assert_eq!(
         stopped(&fx),
         [
@@ -175,6 +177,11 @@ fn a_step_due_at_the_instant_of_an_answer_starts_first_and_is_stopped_by_it() {
     let (r, fx) = c.report("a", CallOutcome::Answered, T0 + 10_000);
     assert_eq!(r.result, CallOutcomeResult::Recorded);
     assert_eq!(rung(&fx), [("b".into(), 1)]);
+    assert!(
+        stopped(&fx).is_empty(),
+        "b's invite is not queued yet: a stop now could overtake it"
+    );
+    let fx = c.placed(T0 + 10_000, &[("b".into(), Some(4))]);
     assert_eq!(stopped(&fx), [("b".into(), CancelReason::AnsweredElsewhere)]);
 }
 
@@ -183,10 +190,20 @@ fn a_cancel_racing_the_placement_stops_the_invites_placed_after_it() {
     let mut c = CallCore::new(invite(30_000), T0, ids(&["a", "b"]), Vec::new());
     let (ringing, fx) = c.cancel(T0 + 1, CancelReason::CallerCancelled);
     assert!(ringing);
-    assert_eq!(stopped(&fx).len(), 2, "both callees stop, placed or not");
-    // The placement returns afterwards, and a phone acks its invite: nothing rings again.
+    assert!(
+        fx.is_empty(),
+        "no invite is queued yet: a stop now could overtake its invite"
+    );
+    // The placement returns afterwards: each invite is stopped then, once; a late ack of one
+    // changes nothing.
     let fx = c.placed(T0 + 2, &[("a".into(), Some(5)), ("b".into(), Some(6))]);
-    assert!(fx.is_empty(), "{fx:?}");
+    assert_eq!(
+        stopped(&fx),
+        [
+            ("a".into(), CancelReason::CallerCancelled),
+            ("b".into(), CancelReason::CallerCancelled)
+        ]
+    );
     let note = CalleeNote {
         call_id: "c".into(),
         seq: 5,
