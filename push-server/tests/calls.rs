@@ -100,20 +100,36 @@ async fn an_answer_on_one_of_three_phones_stops_the_other_two_and_a_late_answer_
     let mut a = h.device("a").await;
     let mut b = h.device("b").await;
     let mut c = h.device("c").await;
-    h.sender().place_call(call("ward", &["a", "b", "c"], 60)).await.unwrap();
+    h.sender()
+        .place_call(call("ward", &["a", "b", "c"], 60))
+        .await
+        .unwrap();
     for phone in [&mut a, &mut b, &mut c] {
         rings(phone, "ward").await;
     }
     h.await_state("ward", "c", DeliveryState::Acked).await;
 
-    let reply = within(b.report_call("ward", CallOutcome::Answered)).await.unwrap();
+    let reply = within(b.report_call("ward", CallOutcome::Answered))
+        .await
+        .unwrap();
     assert_eq!(reply.result(), CallOutcomeResult::Recorded, "{reply:?}");
-    assert_eq!(told_to_stop(&mut a, "ward").await, CancelReason::AnsweredElsewhere);
-    assert_eq!(told_to_stop(&mut c, "ward").await, CancelReason::AnsweredElsewhere);
+    assert_eq!(
+        told_to_stop(&mut a, "ward").await,
+        CancelReason::AnsweredElsewhere
+    );
+    assert_eq!(
+        told_to_stop(&mut c, "ward").await,
+        CancelReason::AnsweredElsewhere
+    );
 
-    let late = within(a.report_call("ward", CallOutcome::Answered)).await.unwrap();
+    let late = within(a.report_call("ward", CallOutcome::Answered))
+        .await
+        .unwrap();
     assert_eq!(late.result(), CallOutcomeResult::AnsweredElsewhere);
-    assert!(late.detail.contains('b'), "the refusal names who answered: {late:?}");
+    assert!(
+        late.detail.contains('b'),
+        "the refusal names who answered: {late:?}"
+    );
 
     let s = status(&h, "ward").await;
     assert_eq!((s.state(), s.answered_by.as_str()), (CallState::Answered, "b"));
@@ -121,7 +137,11 @@ async fn an_answer_on_one_of_three_phones_stops_the_other_two_and_a_late_answer_
     assert_eq!(callee_state(&s, "a"), DeliveryState::Cancelled);
     assert_eq!(callee_state(&s, "c"), DeliveryState::Cancelled);
     let updates = watch_to_end(&h, "ward").await;
-    let b_states: Vec<_> = updates.iter().filter(|u| u.device_id == "b").map(|u| u.state()).collect();
+    let b_states: Vec<_> = updates
+        .iter()
+        .filter(|u| u.device_id == "b")
+        .map(|u| u.state())
+        .collect();
     assert_eq!(b_states.last(), Some(&DeliveryState::Answered), "{updates:?}");
 
     // The user hangs up: recorded on the call, idempotently.
@@ -140,7 +160,11 @@ async fn declined_on_every_phone_the_call_ends_declined() {
     rings(&mut b, "c1").await;
     let r = within(a.report_call("c1", CallOutcome::Declined)).await.unwrap();
     assert_eq!(r.result(), CallOutcomeResult::Recorded);
-    assert_eq!(status(&h, "c1").await.state(), CallState::Ringing, "b still rings");
+    assert_eq!(
+        status(&h, "c1").await.state(),
+        CallState::Ringing,
+        "b still rings"
+    );
     let r = within(b.report_call("c1", CallOutcome::Declined)).await.unwrap();
     assert_eq!(r.result(), CallOutcomeResult::Recorded);
     let s = status(&h, "c1").await;
@@ -151,7 +175,9 @@ async fn declined_on_every_phone_the_call_ends_declined() {
     // The same report again (its reply lost) gets the same answer.
     let again = within(b.report_call("c1", CallOutcome::Declined)).await.unwrap();
     assert_eq!(again.result(), CallOutcomeResult::Recorded);
-    let unknown = within(b.report_call("never-placed", CallOutcome::Answered)).await.unwrap();
+    let unknown = within(b.report_call("never-placed", CallOutcome::Answered))
+        .await
+        .unwrap();
     assert_eq!(unknown.result(), CallOutcomeResult::UnknownCall);
 }
 
@@ -185,8 +211,14 @@ async fn nobody_answering_the_next_step_rings_at_its_time_and_the_call_ends_miss
     assert_eq!(callee_state(&s, "charge"), DeliveryState::Missed);
     let updates = watch_to_end(&h, "esc").await;
     let charge_step = updates.iter().find(|u| u.device_id == "charge").map(|u| u.step);
-    assert_eq!(charge_step, Some(1), "the stream shows which step rang it: {updates:?}");
-    let late = within(nurse.report_call("esc", CallOutcome::Answered)).await.unwrap();
+    assert_eq!(
+        charge_step,
+        Some(1),
+        "the stream shows which step rang it: {updates:?}"
+    );
+    let late = within(nurse.report_call("esc", CallOutcome::Answered))
+        .await
+        .unwrap();
     assert_eq!(late.result(), CallOutcomeResult::CallEnded);
 }
 
@@ -239,7 +271,10 @@ async fn a_cancel_racing_the_placement_leaves_no_phone_ringing() {
                 other => panic!("unexpected {other:?}"),
             }
         }
-        assert!(!rang || stopped, "{id}: the phone rang and was never told to stop");
+        assert!(
+            !rang || stopped,
+            "{id}: the phone rang and was never told to stop"
+        );
     }
     assert_eq!(cancelled, 20);
 }
@@ -271,13 +306,22 @@ async fn a_step_due_while_the_server_was_down_rings_at_once_after_the_restart() 
     let mut charge = h.connect(&charge_credential, 0).await.unwrap();
     rings(&mut charge, "restart").await;
     let s = status(&h, "restart").await;
-    assert!(s.steps[1].started_at_ms >= restarted_at, "started after the restart: {s:?}");
+    assert!(
+        s.steps[1].started_at_ms >= restarted_at,
+        "started after the restart: {s:?}"
+    );
     assert_eq!(s.state(), CallState::Ringing);
     // The nurse's ring was stopped by the step (stop_earlier): she never rings.
     let mut nurse = h.connect(&nurse_credential, 0).await.unwrap();
     let marker = h.send("nurse", "marker").await;
-    assert_eq!(next(&mut nurse).await.id, marker.message_id, "the stopped invite is withdrawn");
-    let r = within(charge.report_call("restart", CallOutcome::Answered)).await.unwrap();
+    assert_eq!(
+        next(&mut nurse).await.id,
+        marker.message_id,
+        "the stopped invite is withdrawn"
+    );
+    let r = within(charge.report_call("restart", CallOutcome::Answered))
+        .await
+        .unwrap();
     assert_eq!(r.result(), CallOutcomeResult::Recorded);
     assert_eq!(status(&h, "restart").await.state(), CallState::Answered);
 }
