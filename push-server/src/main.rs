@@ -441,7 +441,8 @@ fn local_offset_secs(ms: i64) -> i64 {
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
     // SAFETY: localtime_r reads `t` and writes only `tm`, both live for the call.
     let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
-    if ok { i64::from(tm.tm_gmtoff) } else { 0 }
+    // `c_long`: i64 on the 64-bit targets we build for.
+    if ok { tm.tm_gmtoff as i64 } else { 0 }
 }
 
 /// Unix ms as `HH:MM:SS.mmm` at `offset_secs` from UTC.
