@@ -1,15 +1,20 @@
 //! The README walkthrough through the real CLI: issue a credential to a file, connect as the
-//! device in the background, send it a message, see it arrive, list the device.
+//! device in the background, send it a message, see it arrive, list the device. Then
+//! `call --wait` following a call live to its answer (exit 0) or to every phone declining
+//! (exit 3), and a bad `--escalate` refused by the argument parser.
 
 use std::{
     os::unix::fs::PermissionsExt,
     path::Path,
-    process::{Output, Stdio},
+    process::{Child, Output, Stdio},
     time::Duration,
 };
 
-use e2e::{LineReader, STEP_TIMEOUT, ServerProcess, server_command, wait_exit};
-use push_proto::sender::{DeliveryState, GetMessageStatusRequest};
+use e2e::{DeviceClient, LineReader, STEP_TIMEOUT, ServerProcess, server_command, wait_exit, within};
+use push_proto::{
+    device::{CallOutcome, CallOutcomeResult, push},
+    sender::{DeliveryState, GetMessageStatusRequest},
+};
 
 /// Run a CLI command to completion (bounded), asserting success.
 fn cli(args: &[&str]) -> String {
@@ -232,4 +237,188 @@ async fn readme_walkthrough_through_the_cli() {
         data_dir,
     ]);
     assert!(list.lines().any(|l| l.starts_with("phone-2 ")), "{list}");
+}
+
+/// Whether `line` starts with a local clock time, `HH:MM:SS.mmm`.
+fn starts_with_clock(line: &str) -> bool {
+    let b = line.as_bytes();
+    b.len() >= 12
+        && [0, 1, 3, 4, 6, 7, 9, 10, 11]
+            .iter()
+            .all(|&i| b[i].is_ascii_digit())
+        && (b[2], b[5], b[8]) == (b':', b':', b'.')
+}
+
+/// No run of 13 digits: times are printed for people, not as Unix ms.
+fn no_unix_ms(lines: &[String]) {
+    for l in lines {
+        assert!(
+            l.split(|c: char| !c.is_ascii_digit()).all(|run| run.len() < 13),
+            "raw Unix ms in {l:?}"
+        );
+    }
+}
+
+/// `push-server call ... --wait` for nurse-a and nurse-b, running; its stdout and stderr.
+fn call_wait(server: &ServerProcess, call_id: &str, extra: &[&str]) -> (Child, LineReader, LineReader) {
+    let mut child = server_command()
+        .args(["call", "--device", "nurse-a", "--device", "nurse-b"])
+        .args([
+            "--caller-name",
+            "Bed 12",
+            "--call-id",
+            call_id,
+            "--ring-secs",
+            "60",
+            "--wait",
+        ])
+        .args(extra)
+        .args(["--api", &server.api_addr.to_string()])
+        .args(["--data-dir", path_str(server.data_dir())])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn push-server call");
+    let out = LineReader::spawn(child.stdout.take().unwrap());
+    let err = LineReader::spawn(child.stderr.take().unwrap());
+    (child, out, err)
+}
+
+/// The next push, which must be an invite (`true`) or a cancel (`false`) of `call_id`; acked.
+async fn rings(phone: &mut DeviceClient, call_id: &str, invite: bool) {
+    let p = within("a push", phone.next_push()).await.expect("push arrives");
+    let id = match &p.body {
+        Some(push::Body::CallInvite(c)) if invite => &c.call_id,
+        Some(push::Body::CallCancel(c)) if !invite => &c.call_id,
+        other => panic!(
+            "expected {} of {call_id}, got {other:?}",
+            if invite { "an invite" } else { "a cancel" }
+        ),
+    };
+    assert_eq!(id, call_id);
+    phone.ack(&[p.seq]).await.unwrap();
+}
+
+/// Wait for the CLI to exit; its status code, with its output on failure.
+fn exit_code(child: &mut Child, out: &LineReader, err: &LineReader) -> i32 {
+    let status = wait_exit(child, STEP_TIMEOUT);
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "call --wait did not end; stdout: {:?}\nstderr: {:?}",
+            out.lines(),
+            err.lines()
+        )
+    });
+    status
+        .code()
+        .unwrap_or_else(|| panic!("killed by a signal: {status:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_wait_follows_the_call_live_and_exits_by_its_outcome() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&tmp.path().join("data"), &[]);
+    let cred_a = server.issue("nurse-a").await;
+    let cred_b = server.issue("nurse-b").await;
+    server.issue("charge").await;
+    let mut a = server.connect(&cred_a, 0).await.expect("nurse-a connects");
+    let mut b = server.connect(&cred_b, 0).await.expect("nurse-b connects");
+
+    // Answered on nurse-a: every change printed live, then the outcome; exit status 0.
+    let (mut child, out, err) = call_wait(&server, "code-blue", &["--escalate", "40:charge:stop"]);
+    let placed = out
+        .wait_for("rings until", STEP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}; stderr: {:?}", err.lines()));
+    assert!(placed.starts_with("call code-blue (uuid "), "{placed}");
+    rings(&mut a, "code-blue", true).await;
+    rings(&mut b, "code-blue", true).await;
+    // Live: the CLI shows nurse-a ringing before anyone answered.
+    let acked = out.wait_for("ACKED", STEP_TIMEOUT).unwrap();
+    assert!(starts_with_clock(&acked) && acked.contains("step 0"), "{acked}");
+    let reply = within("answer", a.report_call("code-blue", CallOutcome::Answered))
+        .await
+        .unwrap();
+    assert_eq!(reply.result(), CallOutcomeResult::Recorded, "{reply:?}");
+    rings(&mut b, "code-blue", false).await;
+    assert_eq!(
+        exit_code(&mut child, &out, &err),
+        0,
+        "answered: {:?}",
+        out.lines()
+    );
+
+    let lines = out.lines();
+    no_unix_ms(&lines);
+    let update = |device: &str, state: &str| {
+        lines.iter().position(|l| {
+            starts_with_clock(l) && l.contains(device) && l.contains(state) && l.contains("step 0  local")
+        })
+    };
+    let rang = update("nurse-a", "ACKED").unwrap_or_else(|| panic!("nurse-a ringing: {lines:#?}"));
+    let answered = update("nurse-a", "ANSWERED").unwrap_or_else(|| panic!("nurse-a answering: {lines:#?}"));
+    assert!(rang < answered, "in order, as it happened: {lines:#?}");
+    assert!(update("nurse-b", "CANCELLED").is_some(), "{lines:#?}");
+    let outcome = lines
+        .iter()
+        .find(|l| l.starts_with("call code-blue ANSWERED by nurse-a at "))
+        .unwrap_or_else(|| panic!("no outcome: {lines:#?}"));
+    assert!(outcome.contains(" s after it was placed (placed "), "{outcome}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("step 1  due ") && l.ends_with("did not ring  charge (stops earlier steps)")),
+        "the escalation step that never rang: {lines:#?}"
+    );
+
+    // Both decline: the outcome says so and the exit status is 3.
+    let (mut child, out, err) = call_wait(&server, "code-red", &[]);
+    out.wait_for("rings until", STEP_TIMEOUT).unwrap();
+    rings(&mut a, "code-red", true).await;
+    rings(&mut b, "code-red", true).await;
+    for phone in [&mut a, &mut b] {
+        let reply = within("decline", phone.report_call("code-red", CallOutcome::Declined))
+            .await
+            .unwrap();
+        assert_eq!(reply.result(), CallOutcomeResult::Recorded, "{reply:?}");
+    }
+    assert_eq!(
+        exit_code(&mut child, &out, &err),
+        3,
+        "declined: {:?}",
+        out.lines()
+    );
+    let lines = out.lines();
+    no_unix_ms(&lines);
+    assert!(
+        lines.iter().any(|l| l.starts_with("call code-red DECLINED at ")),
+        "{lines:#?}"
+    );
+    assert!(
+        err.lines().iter().all(|l| !l.starts_with("error:")),
+        "{:?}",
+        err.lines()
+    );
+
+    // A bad --escalate is the argument parser's error (status 2), naming the flag and why.
+    let bad = server_command()
+        .args([
+            "call",
+            "--device",
+            "nurse-a",
+            "--caller-name",
+            "x",
+            "--escalate",
+            "soon:charge",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("--escalate") && stderr.contains("\"soon\" is not a number of seconds"),
+        "{stderr}"
+    );
 }

@@ -5,12 +5,13 @@ use std::{net::SocketAddr, path::PathBuf};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use push_proto::{
-    device::{CallOutcome, CancelReason, Hello, Priority, push},
+    device::{CallOutcome, CancelReason, Hello, Priority, Push, push},
     sender::{
-        ApiKeyState, CancelCallRequest, CreateApiKeyRequest, DeviceList, EnrollDeviceRequest,
-        GetMessageStatusRequest, IssueDeviceCredentialRequest, ListApiKeysRequest, ListDevicesRequest,
-        PlaceCallRequest, RevokeApiKeyRequest, RevokeDeviceRequest, SendMessageRequest, SetVoipTokenRequest,
-        Target, VoipTokenState, target,
+        ApiKeyState, CallState, CallStatus, CancelCallRequest, CreateApiKeyRequest, DeliveryUpdate,
+        DeviceList, EnrollDeviceRequest, EscalationStep, GetMessageStatusRequest,
+        IssueDeviceCredentialRequest, ListApiKeysRequest, ListDevicesRequest, PlaceCallRequest,
+        RevokeApiKeyRequest, RevokeDeviceRequest, SendMessageRequest, SetVoipTokenRequest, Target,
+        VoipTokenState, WatchCallRequest, target,
     },
 };
 use push_server::{
@@ -51,7 +52,8 @@ enum Command {
         /// Message id.
         message_id: String,
     },
-    /// Ring devices.
+    /// Ring devices (with --wait: follow the call to its outcome; exit status 0 when answered,
+    /// 3 when it ended otherwise: declined, missed or cancelled).
     Call(CallArgs),
     /// Stop ringing a call.
     CancelCall {
@@ -305,9 +307,75 @@ struct CallArgs {
     /// Video call.
     #[arg(long)]
     video: bool,
-    /// Ring seconds (0: server default).
+    /// Ring seconds (0: server default); with --escalate it covers every step.
     #[arg(long, default_value_t = 0)]
     ring_secs: u32,
+    /// An escalation step, rung while nobody has answered (repeatable, in order):
+    /// `<after_secs>:<target>[,<target>...][:stop]`, where `after_secs` counts from the previous
+    /// step (the call itself for the first), a target is a device id or `group:<name>` (one group,
+    /// or any number of devices), and `:stop` stops the earlier steps' phones ringing.
+    /// Example: `--escalate 30:charge-nurse --escalate 60:group:ward:4B:stop`.
+    #[arg(long = "escalate", value_name = "AFTER_SECS:TARGETS[:stop]", value_parser = parse_escalation)]
+    escalate: Vec<EscalationStep>,
+    /// Follow the call: print every change live (local time, device, state, step, path), then
+    /// its outcome. Exit status 0 when it was answered, 3 when it ended otherwise (declined,
+    /// missed or cancelled), 1 on an error.
+    #[arg(long)]
+    wait: bool,
+}
+
+/// Exit status of `call --wait` when the call ended without an answer.
+const UNANSWERED_EXIT: u8 = 3;
+
+/// `call --wait` saw the call end without an answer (its outcome is already printed).
+#[derive(Debug)]
+struct Unanswered(CallState);
+
+impl std::fmt::Display for Unanswered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the call ended {}", call_state_name(self.0))
+    }
+}
+
+impl std::error::Error for Unanswered {}
+
+/// One `--escalate` value: `<after_secs>:<target>[,<target>...][:stop]`.
+fn parse_escalation(spec: &str) -> Result<EscalationStep, String> {
+    let (after, rest) = spec
+        .split_once(':')
+        .ok_or("expected <after_secs>:<target>[,<target>...][:stop]")?;
+    let after_seconds: u32 = after
+        .parse()
+        .map_err(|_| format!("{after:?} is not a number of seconds"))?;
+    if after_seconds == 0 {
+        return Err("a step starts at least 1 second after the previous one".into());
+    }
+    // `:stop` is a suffix, so group names with colons (`group:ward:4B`) stay whole.
+    let (targets, stop_earlier) = match rest.strip_suffix(":stop") {
+        Some(targets) => (targets, true),
+        None => (rest, false),
+    };
+    let mut devices = Vec::new();
+    let mut groups = Vec::new();
+    for t in targets.split(',') {
+        match t.strip_prefix("group:") {
+            Some("") => return Err("`group:` needs a group name".into()),
+            Some(g) => groups.push(g.to_string()),
+            None if t.is_empty() => return Err(format!("empty target in {targets:?}")),
+            None => devices.push(t.to_string()),
+        }
+    }
+    let kind = match (groups.as_slice(), devices.as_slice()) {
+        ([g], []) => target::Kind::Group(g.clone()),
+        ([], [d]) => target::Kind::DeviceId(d.clone()),
+        ([], _) => target::Kind::Devices(DeviceList { device_ids: devices }),
+        _ => return Err("a step rings one group or a list of devices, not both or several groups".into()),
+    };
+    Ok(EscalationStep {
+        target: Some(Target { kind: Some(kind) }),
+        after_seconds,
+        stop_earlier,
+    })
 }
 
 #[derive(Subcommand)]
@@ -351,6 +419,8 @@ async fn main() -> std::process::ExitCode {
     init_tracing(&cli.log_format);
     match run(cli.command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The outcome is printed already; the status says it.
+        Err(e) if e.is::<Unanswered>() => std::process::ExitCode::from(UNANSWERED_EXIT),
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -377,6 +447,135 @@ fn when(ms: i64, none: &str) -> String {
     } else {
         push_server::keys::fmt_utc(ms)
     }
+}
+
+/// The local time zone's offset from UTC at Unix ms `ms`, seconds (0 if unknown).
+fn local_offset_secs(ms: i64) -> i64 {
+    let t = ms.div_euclid(1000) as libc::time_t;
+    // SAFETY: an all-zero `tm` is a valid value (integers and a null zone name).
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: localtime_r reads `t` and writes only `tm`, both live for the call.
+    let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
+    // `c_long`: i64 on the 64-bit targets we build for.
+    if ok { tm.tm_gmtoff as i64 } else { 0 }
+}
+
+/// Unix ms as `HH:MM:SS.mmm` at `offset_secs` from UTC.
+fn clock_at(ms: i64, offset_secs: i64) -> String {
+    let local = ms + offset_secs * 1000;
+    let utc = push_server::keys::fmt_utc(local); // YYYY-MM-DDTHH:MM:SSZ
+    format!("{}.{:03}", &utc[11..19], local.rem_euclid(1000))
+}
+
+/// Unix ms as local `HH:MM:SS.mmm`, or `-` for 0.
+fn clock(ms: i64) -> String {
+    if ms == 0 {
+        "-".into()
+    } else {
+        clock_at(ms, local_offset_secs(ms))
+    }
+}
+
+/// Unix ms as local `YYYY-MM-DD HH:MM:SS`, or `-` for 0.
+fn local_datetime(ms: i64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let utc = push_server::keys::fmt_utc(ms + local_offset_secs(ms) * 1000);
+    format!("{} {}", &utc[..10], &utc[11..19])
+}
+
+/// A length of time in ms, for people: `2.35 s`, `1 min 5 s`.
+fn span(ms: i64) -> String {
+    if ms < 60_000 {
+        format!("{:.2} s", ms as f64 / 1000.0)
+    } else {
+        format!("{} min {} s", ms / 60_000, ms % 60_000 / 1000)
+    }
+}
+
+fn call_state_name(state: CallState) -> &'static str {
+    state.as_str_name().trim_start_matches("CALL_STATE_")
+}
+
+/// One `call --wait` line for a callee's change: when, who, what, which step, which path.
+fn update_line(u: &DeliveryUpdate) -> String {
+    let state = u.state().as_str_name().trim_start_matches("DELIVERY_STATE_");
+    let path = if u.path.is_empty() { "-" } else { &u.path };
+    let line = format!(
+        "{}  {:<24} {:<13} step {}  {:<5}  {}",
+        clock(u.at_ms),
+        u.device_id,
+        state,
+        u.step,
+        path,
+        u.reason
+    );
+    line.trim_end().to_string()
+}
+
+/// The outcome of a call, then its steps and callees, as `call --wait` ends.
+fn status_lines(s: &CallStatus) -> Vec<String> {
+    let mut head = format!("call {} {}", s.call_id, call_state_name(s.state()));
+    if s.state() == CallState::Answered {
+        let ended = s.ended_at_ms.max(s.placed_at_ms);
+        head += &format!(
+            " by {} at {}, {} after it was placed",
+            s.answered_by,
+            clock(ended),
+            span(ended - s.placed_at_ms)
+        );
+    } else if s.ended_at_ms > 0 {
+        head += &format!(" at {}", clock(s.ended_at_ms));
+    }
+    head += &format!(" (placed {})", clock(s.placed_at_ms));
+    let mut lines = vec![head];
+    for step in &s.steps {
+        let rang = if step.started_at_ms > 0 {
+            format!("rang {}", clock(step.started_at_ms))
+        } else {
+            "did not ring".into()
+        };
+        lines.push(format!(
+            "  step {}  due {}  {}  {}{}",
+            step.index,
+            clock(step.due_at_ms),
+            rang,
+            step.device_ids.join(", "),
+            if step.stop_earlier {
+                " (stops earlier steps)"
+            } else {
+                ""
+            }
+        ));
+    }
+    lines.extend(s.callees.iter().map(|u| format!("  {}", update_line(u))));
+    lines
+}
+
+/// What `device connect` prints for a push, with times for people.
+fn describe(p: &Push) -> String {
+    let body = match &p.body {
+        Some(push::Body::Message(m)) => format!(
+            "message title={:?} body={:?} from {:?}, sent {}, expires {}",
+            m.title,
+            m.body,
+            m.sender,
+            local_datetime(m.sent_at_ms),
+            local_datetime(m.expires_at_ms)
+        ),
+        Some(push::Body::CallInvite(c)) => format!(
+            "call invite {} from {:?} ({}){}, rings until {}",
+            c.call_id,
+            c.caller_name,
+            c.caller_handle,
+            if c.video { ", video" } else { "" },
+            clock(c.ring_deadline_ms)
+        ),
+        Some(push::Body::CallCancel(c)) => format!("call cancel {} ({:?})", c.call_id, c.reason()),
+        None => "empty".into(),
+    };
+    format!("push seq={} id={} {body}", p.seq, p.id)
 }
 
 /// Print a device's secret, or write it to `out` (mode 0600) and say where.
@@ -546,8 +745,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Call(args) => {
             let call_id = args.call_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-            let r = sender(&args.api)
-                .await?
+            let mut client = sender(&args.api).await?;
+            let r = client
                 .place_call(PlaceCallRequest {
                     call_id,
                     target: Some(args.to.target()?),
@@ -555,18 +754,38 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     caller_handle: args.caller_handle,
                     video: args.video,
                     ring_timeout_seconds: args.ring_secs,
-                    escalation: Vec::new(),
+                    escalation: args.escalate,
                 })
                 .await?
                 .into_inner();
             println!(
                 "call {} (uuid {}) rings until {}",
-                r.call_id, r.call_uuid, r.ring_deadline_ms
+                r.call_id,
+                r.call_uuid,
+                clock(r.ring_deadline_ms)
             );
             for rc in &r.recipients {
                 println!("  {:<24} {:?} {}", rc.device_id, rc.state(), rc.reason);
             }
-            Ok(())
+            if !args.wait {
+                return Ok(());
+            }
+            let req = WatchCallRequest {
+                call_id: r.call_id.clone(),
+            };
+            // WatchCall ends once the call ended and every callee's outcome is known.
+            let mut stream = client.watch_call(req.clone()).await?.into_inner();
+            while let Some(u) = stream.message().await? {
+                println!("{}", update_line(&u));
+            }
+            let status = client.get_call_status(req).await?.into_inner();
+            for line in status_lines(&status) {
+                println!("{line}");
+            }
+            match status.state() {
+                CallState::Answered => Ok(()),
+                other => Err(Unanswered(other).into()),
+            }
         }
         Command::CancelCall { api, call_id } => {
             let reason = CancelReason::CallerCancelled as i32;
@@ -790,7 +1009,7 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
     let mut received = 0;
     while count == 0 || received < count {
         let push = client.next_push().await?;
-        println!("push seq={} id={} {:?}", push.seq, push.id, push.body);
+        println!("{}", describe(&push));
         client.ack(&[push.seq]).await?;
         received += 1;
         let outcome = match on_call {
@@ -840,4 +1059,138 @@ async fn sender(args: &ApiArgs) -> anyhow::Result<SenderClient> {
 
 async fn admin(args: &ApiArgs) -> anyhow::Result<AdminClient> {
     Ok(api(args).await?.admin())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(step: &EscalationStep) -> target::Kind {
+        step.target.clone().unwrap().kind.unwrap()
+    }
+
+    #[test]
+    fn escalate_reads_devices_groups_and_stop() {
+        let s = parse_escalation("30:charge-nurse").unwrap();
+        assert_eq!((s.after_seconds, s.stop_earlier), (30, false));
+        assert_eq!(kind(&s), target::Kind::DeviceId("charge-nurse".into()));
+
+        let s = parse_escalation("60:a,b:stop").unwrap();
+        assert_eq!((s.after_seconds, s.stop_earlier), (60, true));
+        let list = DeviceList {
+            device_ids: vec!["a".into(), "b".into()],
+        };
+        assert_eq!(kind(&s), target::Kind::Devices(list));
+
+        // A group name may hold colons; only a trailing `:stop` is the flag.
+        let s = parse_escalation("5:group:ward:4B:stop").unwrap();
+        assert!(s.stop_earlier);
+        assert_eq!(kind(&s), target::Kind::Group("ward:4B".into()));
+        let s = parse_escalation("5:group:ward:4B").unwrap();
+        assert!(!s.stop_earlier);
+        assert_eq!(kind(&s), target::Kind::Group("ward:4B".into()));
+    }
+
+    #[test]
+    fn escalate_refuses_bad_syntax_with_a_reason() {
+        for (bad, says) in [
+            ("charge", "expected <after_secs>"),
+            ("x:charge", "not a number"),
+            ("-1:charge", "not a number"),
+            ("0:charge", "at least 1 second"),
+            ("10:", "empty target"),
+            ("10:a,,b", "empty target"),
+            ("10:group:", "needs a group name"),
+            ("10:group:a,group:b", "one group or a list"),
+            ("10:group:a,phone", "one group or a list"),
+        ] {
+            let e = parse_escalation(bad).expect_err(bad);
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn escalate_is_a_clap_error_on_the_command_line() {
+        let args = ["push-server", "call", "--device", "a", "--caller-name", "x"];
+        let ok = Cli::try_parse_from(args.iter().chain(&[
+            "--escalate",
+            "30:b",
+            "--escalate",
+            "60:group:ward:4B:stop",
+        ]));
+        let Ok(Cli {
+            command: Command::Call(call),
+            ..
+        }) = ok
+        else {
+            panic!("parsed: {:?}", ok.err());
+        };
+        assert_eq!(call.escalate.len(), 2);
+        assert!(call.escalate[1].stop_earlier);
+        let Err(e) = Cli::try_parse_from(args.iter().chain(&["--escalate", "soon:b"])) else {
+            panic!("a bad --escalate was accepted");
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("--escalate") && text.contains("not a number"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn times_are_wall_clock_with_milliseconds() {
+        // 2024-03-05T12:31:05.120Z
+        let ms = 1_709_641_865_120;
+        assert_eq!(clock_at(ms, 0), "12:31:05.120");
+        assert_eq!(clock_at(ms, 3600), "13:31:05.120");
+        assert_eq!(clock_at(ms, -13 * 3600), "23:31:05.120", "the day before");
+        assert_eq!(clock_at(ms + 7, 0), "12:31:05.127");
+        assert_eq!(clock(0), "-");
+        assert_eq!(span(2_345), "2.35 s");
+        assert_eq!(span(65_400), "1 min 5 s");
+    }
+
+    #[test]
+    fn the_outcome_names_who_answered_and_how_fast() {
+        let s = CallStatus {
+            call_id: "c1".into(),
+            state: CallState::Answered as i32,
+            answered_by: "nurse-a".into(),
+            placed_at_ms: 1_709_641_865_120,
+            ended_at_ms: 1_709_641_867_470,
+            steps: vec![push_proto::sender::CallStep {
+                index: 1,
+                due_at_ms: 1_709_641_895_120,
+                started_at_ms: 0,
+                stop_earlier: true,
+                device_ids: vec!["charge".into()],
+            }],
+            callees: vec![DeliveryUpdate {
+                device_id: "nurse-a".into(),
+                state: push_proto::sender::DeliveryState::Answered as i32,
+                at_ms: 1_709_641_867_470,
+                path: "local".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let lines = status_lines(&s);
+        assert!(
+            lines[0].starts_with("call c1 ANSWERED by nurse-a at "),
+            "{lines:?}"
+        );
+        assert!(lines[0].contains(", 2.35 s after it was placed"), "{lines:?}");
+        assert!(
+            lines[1].contains("did not ring  charge (stops earlier steps)"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[2].contains("nurse-a") && lines[2].contains("ANSWERED      step 0  local"),
+            "{lines:?}"
+        );
+        assert!(
+            lines.iter().all(|l| !l.contains("1709641")),
+            "no raw Unix ms: {lines:?}"
+        );
+    }
 }

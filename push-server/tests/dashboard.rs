@@ -1,4 +1,5 @@
-//! The ops dashboard: login roles and CSRF over plain HTTPS, and in headless Chromium (Debian's
+//! The ops dashboard: login roles and CSRF over plain HTTPS, the calls API (live and recent calls,
+//! one call, a device's call history), and in headless Chromium (Debian's
 //! `chromium` + `chromium-driver`, installed by `.ci/run`) the live device table following
 //! devices that connect and drop, with a screenshot saved under the target directory
 //! (`UPDATE_SCREENSHOT=1` writes `docs/dashboard.png` instead).
@@ -9,9 +10,14 @@ use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use common::*;
 use fantoccini::{Client, ClientBuilder, Locator};
-use push_proto::sender::{CreateApiKeyRequest, DeliveryState, PlaceCallRequest};
+use push_proto::{
+    device::{CallOutcome, CallOutcomeResult, push},
+    sender::{
+        CreateApiKeyRequest, DeliveryState, DeviceList, EscalationStep, PlaceCallRequest, Target, target,
+    },
+};
 use push_server::client::DeviceClient;
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// Longest wait for the page to reach a state.
 const PAGE_WAIT: Duration = Duration::from_secs(20);
@@ -117,6 +123,153 @@ async fn login_roles_and_csrf() {
             .await
             .0,
         401
+    );
+}
+
+/// `GET path` with the admin key as a bearer token; the status and the JSON body.
+async fn get_json(h: &Harness, path: &str) -> (u16, Value) {
+    let auth = format!("Bearer {}", h.admin_key());
+    let (status, _, body) = h.https("GET", path, &[("authorization", &auth)], "").await;
+    let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
+    (status, json)
+}
+
+/// The callees of a call view as `(device, status, path)`, by device.
+fn callees(call: &Value) -> Vec<(String, String, String)> {
+    let mut all: Vec<_> = call["callees"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no callees: {call}"))
+        .iter()
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+            (s("device_id"), s("status"), s("path"))
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+fn owned(rows: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
+    rows.iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn calls_api_shows_the_live_call_then_who_answered_it() {
+    let h = Harness::start().await;
+    let mut a = h.device("nurse-a").await;
+    let mut b = h.device("nurse-b").await;
+    h.issue("charge", &[]).await;
+    assert_eq!(h.https("GET", "/api/calls", &[], "").await.0, 401);
+
+    let placed_before = push_server::hub::now_ms();
+    h.sender()
+        .place_call(PlaceCallRequest {
+            call_id: "code-blue".into(),
+            target: Some(Target {
+                kind: Some(target::Kind::Devices(DeviceList {
+                    device_ids: vec!["nurse-a".into(), "nurse-b".into()],
+                })),
+            }),
+            caller_name: "Bed 12".into(),
+            ring_timeout_seconds: 60,
+            escalation: vec![EscalationStep {
+                target: Some(to("charge")),
+                after_seconds: 40,
+                stop_earlier: false,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for phone in [&mut a, &mut b] {
+        let invite = next(phone).await;
+        assert!(
+            matches!(invite.body, Some(push::Body::CallInvite(_))),
+            "{invite:?}"
+        );
+        phone.ack(&[invite.seq]).await.unwrap();
+    }
+    h.await_state("code-blue", "nurse-a", DeliveryState::Acked).await;
+    h.await_state("code-blue", "nurse-b", DeliveryState::Acked).await;
+
+    // Ringing: listed live, both phones ringing over the local session.
+    let (status, list) = get_json(&h, "/api/calls").await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["recent"], json!([]), "{list}");
+    let live = &list["live"][0];
+    assert_eq!(live["call_id"], "code-blue", "{list}");
+    assert_eq!(live["state"], "ringing");
+    assert_eq!(live["caller_name"], "Bed 12");
+    assert_eq!(
+        callees(live),
+        owned(&[("nurse-a", "ringing", "local"), ("nurse-b", "ringing", "local")])
+    );
+
+    // nurse-a answers: nurse-b is told to stop.
+    let reply = within(a.report_call("code-blue", CallOutcome::Answered))
+        .await
+        .unwrap();
+    assert_eq!(reply.result(), CallOutcomeResult::Recorded, "{reply:?}");
+    let cancel = next(&mut b).await;
+    assert!(
+        matches!(cancel.body, Some(push::Body::CallCancel(_))),
+        "{cancel:?}"
+    );
+    let answered_after = push_server::hub::now_ms();
+
+    let (_, list) = get_json(&h, "/api/calls").await;
+    assert_eq!(list["live"], json!([]), "{list}");
+    let call = &list["recent"][0];
+    assert_eq!(call["call_id"], "code-blue", "{list}");
+    assert_eq!(call["state"], "answered");
+    assert_eq!(call["answered_by"], "nurse-a");
+    let to_answer = call["time_to_answer_ms"].as_i64().expect("a time to answer");
+    assert!(
+        (0..=answered_after - placed_before).contains(&to_answer),
+        "{to_answer} ms"
+    );
+    assert_eq!(
+        callees(call),
+        owned(&[
+            ("nurse-a", "answered", "local"),
+            ("nurse-b", "cancelled", "local")
+        ])
+    );
+    // Step 0 rang at once; the escalation step was due 40 s later and never rang.
+    let steps = call["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2, "{call}");
+    assert!(steps[0]["started_at_ms"].as_i64().is_some(), "{call}");
+    assert_eq!(steps[1]["started_at_ms"], Value::Null, "{call}");
+    assert_eq!(steps[1]["device_ids"], json!(["charge"]));
+    assert_eq!(
+        steps[1]["due_at_ms"].as_i64().unwrap() - steps[0]["due_at_ms"].as_i64().unwrap(),
+        40_000
+    );
+
+    // The one call, whole: the same picture.
+    let (status, one) = get_json(&h, "/api/calls/code-blue").await;
+    assert_eq!(status, 200, "{one}");
+    assert_eq!(one["answered_by"], "nurse-a");
+    assert_eq!(callees(&one), callees(call));
+    assert_eq!(get_json(&h, "/api/calls/no-such-call").await.0, 404);
+
+    // Each phone's history has the call, with its own part in it.
+    let (_, detail) = get_json(&h, "/api/devices/nurse-b").await;
+    let mine = &detail["calls"][0];
+    assert_eq!(mine["call_id"], "code-blue", "{detail}");
+    assert_eq!(
+        (&mine["status"], &mine["call_state"], &mine["answered_by"]),
+        (&json!("cancelled"), &json!("answered"), &json!("nurse-a"))
+    );
+    let (_, detail) = get_json(&h, "/api/devices/nurse-a").await;
+    assert_eq!(detail["calls"][0]["status"], "answered", "{detail}");
+    let (_, detail) = get_json(&h, "/api/devices/charge").await;
+    assert_eq!(
+        detail["calls"],
+        json!([]),
+        "the escalation never rang it: {detail}"
     );
 }
 
@@ -326,8 +479,53 @@ async fn browser_sees_devices_connect_and_drop_live() {
     std::fs::write(&out, &png).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
 
-    // The device page: its session history and deliveries.
+    // The calls view: bed 12's call rings over the local session, then bed 12 answers it and
+    // it moves to the recent calls, live.
+    c.goto(&format!("{base}#calls")).await.unwrap();
+    wait_until(
+        &c,
+        "bed 12's call ringing",
+        "document.querySelector('#calls-live tr[data-call=\"call-bed12\"] .chip[data-device=\"phone-bed12\"]')?.innerText === 'phone-bed12 ringing · local'",
+    )
+    .await;
+    let reply = within(bed12.report_call("call-bed12", CallOutcome::Answered))
+        .await
+        .unwrap();
+    assert_eq!(reply.result(), CallOutcomeResult::Recorded, "{reply:?}");
+    wait_until(
+        &c,
+        "bed 12's call answered",
+        "document.querySelector('#calls-recent tr[data-call=\"call-bed12\"]')?.dataset.state === 'answered' \
+         && document.querySelector('#calls-recent .chip[data-device=\"phone-bed12\"]')?.dataset.status === 'answered'",
+    )
+    .await;
+    let shown = c
+        .execute("return document.querySelector('#calls-box').innerText;", vec![])
+        .await
+        .unwrap();
+    let shown = shown.as_str().unwrap_or_default();
+    assert!(
+        shown
+            .split(|c: char| !c.is_ascii_digit())
+            .all(|run| run.len() < 13),
+        "times are for people, not raw Unix ms:\n{shown}"
+    );
+    c.goto(&format!("{base}#call/call-bed12")).await.unwrap();
+    wait_until(
+        &c,
+        "the call's page naming who answered",
+        "document.querySelector('#call-facts [data-fact=\"Answered by\"]')?.innerText.includes('phone-bed12')",
+    )
+    .await;
+
+    // The device page: its session history, deliveries and calls.
     c.goto(&format!("{base}#device/phone-bed12")).await.unwrap();
+    wait_until(
+        &c,
+        "bed 12's call history",
+        "document.querySelector('#detail-calls tr[data-call=\"call-bed12\"]')?.innerText.includes('answered · local')",
+    )
+    .await;
     wait_until(
         &c,
         "bed 12's deliveries",

@@ -17,6 +17,9 @@
 //!   [`Keys`], so a revocation here is seen at once): a revoked or expired key's sessions are
 //!   logged out and its event streams end. `GET /api/enrollments` lists recent enrollments;
 //!   admins list keys (`GET /api/keys`, ids only) and revoke them (`POST /api/keys/{id}/revoke`).
+//! - Calls: `GET /api/calls` (live and recent calls, newest first) and `GET /api/calls/{id}`,
+//!   from the calls the hub remembers (while ringing and 15 minutes after; in cluster mode, the
+//!   calls this node decides); the device detail lists the recent calls that rang the device.
 
 use std::{
     collections::HashMap,
@@ -48,7 +51,11 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{DeliveryRecord, Diagnosis, SessionRecord, SiteHealth, metrics};
+use super::{
+    DeliveryRecord, Diagnosis, SessionRecord, SiteHealth,
+    calls::{CallView, DeviceCall, call_view, device_call},
+    metrics,
+};
 use crate::{
     auth::Scope,
     enrollment::{Caller, EnrollError, EnrollForm, Enroller},
@@ -63,6 +70,12 @@ const STYLE: &str = include_str!("assets/app.css");
 const COOKIE: &str = "lpush_session";
 const CSRF_HEADER: &str = "x-lpush-csrf";
 const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// Remembered calls looked at for a listing (the hub keeps ended calls 15 minutes).
+const CALLS_SCANNED: usize = 200;
+/// Ended calls listed by `/api/calls`.
+const RECENT_CALLS: usize = 50;
+/// Calls listed in a device's history.
+const DEVICE_CALLS: usize = 20;
 
 /// What a dashboard user may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -136,6 +149,18 @@ struct DeviceDetail {
     device: DeviceRow,
     sessions: Vec<SessionRecord>,
     deliveries: Vec<DeliveryRecord>,
+    /// Recent calls that rang it, newest first: only those the hub still remembers (ringing,
+    /// or ended within its memory window of 15 minutes).
+    calls: Vec<DeviceCall>,
+}
+
+#[derive(Serialize)]
+struct CallList {
+    now_ms: i64,
+    /// Still ringing (or a step still due), newest first.
+    live: Vec<CallView>,
+    /// Ended, newest first, at most [`RECENT_CALLS`].
+    recent: Vec<CallView>,
 }
 
 #[derive(Deserialize)]
@@ -191,6 +216,19 @@ impl Dashboard {
     async fn device_row(&self, id: &str) -> Option<DeviceRow> {
         let view = self.hub.device_view(id).await?;
         Some(self.row(view, now_ms()))
+    }
+
+    /// The views of the calls the hub remembers, newest first, at most `max`.
+    async fn calls(&self, max: usize) -> Result<Vec<CallView>, crate::store::StoreError> {
+        let records = self.hub.recent_calls(max);
+        // Concurrently: each read waits for the store's writes so far, which the writer batches.
+        let receipts =
+            futures::future::try_join_all(records.iter().map(|c| self.hub.receipts(&c.call_id))).await?;
+        Ok(records
+            .iter()
+            .zip(&receipts)
+            .map(|(c, r)| call_view(c, r))
+            .collect())
     }
 
     /// The `device` event for one device's current row.
@@ -283,6 +321,8 @@ pub fn router(dashboard: Shared) -> Router {
         .route("/api/overview", get(overview))
         .route("/api/devices/{id}", get(device))
         .route("/api/devices/{id}/revoke", post(revoke))
+        .route("/api/calls", get(calls))
+        .route("/api/calls/{id}", get(call))
         .route("/api/enrollments", get(enrollments))
         .route("/api/keys", get(list_keys))
         .route("/api/keys/{id}/revoke", post(revoke_key))
@@ -467,12 +507,55 @@ async fn device(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<Stri
         return error(StatusCode::NOT_FOUND, "no such device");
     };
     let (sessions, deliveries) = d.hub.observer().history(&id);
+    let calls = match d.calls(CALLS_SCANNED).await {
+        Ok(calls) => calls
+            .iter()
+            .filter_map(|c| device_call(c, &id))
+            .take(DEVICE_CALLS)
+            .collect(),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
     Json(DeviceDetail {
         device: row,
         sessions,
         deliveries,
+        calls,
     })
     .into_response()
+}
+
+async fn calls(State(d): State<Shared>, headers: HeaderMap) -> Response {
+    if d.caller(&headers).is_none() {
+        return unauthorized();
+    }
+    let all = match d.calls(CALLS_SCANNED).await {
+        Ok(all) => all,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
+    let (live, mut recent): (Vec<_>, Vec<_>) = all.into_iter().partition(|c| c.ended_at_ms.is_none());
+    recent.truncate(RECENT_CALLS);
+    Json(CallList {
+        now_ms: now_ms(),
+        live,
+        recent,
+    })
+    .into_response()
+}
+
+async fn call(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if d.caller(&headers).is_none() {
+        return unauthorized();
+    }
+    let Some(record) = d.hub.call_record(&id) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no such call is ringing or remembered here",
+        );
+    };
+    match d.hub.receipts(&id).await {
+        Ok(receipts) => Json(call_view(&record, &receipts)).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
 }
 
 async fn revoke(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {

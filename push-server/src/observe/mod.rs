@@ -18,6 +18,7 @@
 //!   (and at least `diag_site_drop_min_devices`) dropped within `diag_site_drop_window_secs`:
 //!   likely an access point or SSID problem, not the phones.
 
+pub mod calls;
 pub mod http;
 pub mod metrics;
 

@@ -27,6 +27,19 @@ function ago(ms) {
 }
 const time = (ms) => (ms ? new Date(ms).toLocaleString() : "–");
 const dur = (a, b) => (a && b ? ((b - a) / 1000).toFixed(1) + " s" : "–");
+// Wall-clock time of a Unix ms: the time alone today, with the date otherwise.
+function clock(ms) {
+  if (!ms) return "–";
+  const d = new Date(ms);
+  const t = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  return d.toDateString() === new Date().toDateString() ? t : d.toLocaleDateString() + " " + t;
+}
+// A length of time in ms, for people.
+function span(ms) {
+  if (ms == null) return "–";
+  const s = Math.max(0, ms) / 1000;
+  return s < 60 ? s.toFixed(1) + " s" : Math.floor(s / 60) + " min " + Math.round(s % 60) + " s";
+}
 
 async function api(path, opts) {
   const r = await fetch(path, Object.assign({ credentials: "same-origin" }, opts || {}));
@@ -65,6 +78,7 @@ async function refresh() {
   for (const d of overview.devices) devices.set(d.device_id, d);
   renderCluster();
   renderAll();
+  await renderCalls();
   await renderEnrollments();
   if (me && me.role === "admin") await renderKeys();
 }
@@ -236,13 +250,79 @@ function renderCharts() {
     svgEl("text", { x: W - 110, y: 12 }, "■ local"), svgEl("text", { x: W - 60, y: 12, fill: "#d98b00" }, "■ apns"));
 }
 
+// Calls (hash routes #calls and #call/ID): live and recent, from what the server remembers.
+const currentCall = () => (location.hash.startsWith("#call/") ? decodeURIComponent(location.hash.slice(6)) : null);
+const callLink = (id) => el("a", { href: "#call/" + encodeURIComponent(id) }, id);
+const caller = (c) => (c.caller_name || "–") + (c.caller_handle ? " (" + c.caller_handle + ")" : "");
+
+// A callee's state (ringing, answered, declined, missed, cancelled, ...) and the path that rang it.
+function chip(status, path, label, title) {
+  return el("span", { class: "chip " + status, "data-status": status, title: title || "" },
+    (label ? label + " " : "") + status + (path ? " · " + path : ""));
+}
+const callee = (c) => { const e = chip(c.status, c.path, c.device_id, c.reason || c.state); e.dataset.device = c.device_id; return e; };
+
+function stepsCell(c) {
+  return el("div", { class: "steps" }, ...c.steps.map((s) => el("div", {},
+    "step " + s.index + ": " + s.device_ids.join(", ") + " · " +
+    (s.started_at_ms ? "rang " + clock(s.started_at_ms) : "due " + clock(s.due_at_ms)) +
+    (s.stop_earlier ? " · stops earlier" : ""))));
+}
+
+const none = (cols, text) => el("tr", {}, el("td", { colSpan: cols, class: "note" }, text));
+
+async function renderCalls() {
+  const r = await api("/api/calls");
+  $("#calls-live-count").textContent = r.live.length ? r.live.length + " live" : "";
+  $("#calls-live tbody").replaceChildren(...(r.live.length ? r.live.map((c) =>
+    el("tr", { "data-call": c.call_id, "data-state": c.state },
+      el("td", {}, clock(c.placed_at_ms)), el("td", {}, callLink(c.call_id)), el("td", {}, caller(c)),
+      el("td", {}, span(r.now_ms - c.placed_at_ms)), el("td", {}, clock(c.deadline_ms)),
+      el("td", {}, stepsCell(c)), el("td", {}, ...c.callees.map(callee))))
+    : [none(7, "no call is ringing")]));
+  $("#calls-recent tbody").replaceChildren(...(r.recent.length ? r.recent.map((c) =>
+    el("tr", { "data-call": c.call_id, "data-state": c.state },
+      el("td", {}, clock(c.placed_at_ms)), el("td", {}, callLink(c.call_id)), el("td", {}, caller(c)),
+      el("td", { class: "state " + c.state }, c.state), el("td", {}, c.answered_by || "–"),
+      el("td", {}, span(c.time_to_answer_ms)), el("td", {}, clock(c.ended_at_ms)),
+      el("td", {}, stepsCell(c)), el("td", {}, ...c.callees.map(callee))))
+    : [none(9, "no call ended in the last 15 minutes")]));
+  const id = currentCall();
+  if (id) await loadCall(id);
+}
+
+async function loadCall(id) {
+  $("#call-id").textContent = id;
+  let c;
+  try { c = await api("/api/calls/" + encodeURIComponent(id)); } catch (e) {
+    $("#call-facts").replaceChildren(el("div", {}, el("span", {}, "Not found"), e.message));
+    $("#call-steps tbody").replaceChildren(); $("#call-callees tbody").replaceChildren();
+    return;
+  }
+  const facts = [["State", c.state], ["Caller", caller(c)], ["Video", c.video ? "yes" : "no"], ["Placed", clock(c.placed_at_ms)],
+    ["Rings until", clock(c.deadline_ms)], ["Ended", clock(c.ended_at_ms)], ["Answered by", c.answered_by || "–"],
+    ["Time to answer", span(c.time_to_answer_ms)], ["Hung up", clock(c.hung_up_at_ms)], ["Call UUID", c.call_uuid]];
+  $("#call-facts").replaceChildren(...facts.map(([k, v]) => el("div", { "data-fact": k }, el("span", {}, k), String(v))));
+  $("#call-steps tbody").replaceChildren(...c.steps.map((s) => el("tr", {},
+    el("td", {}, s.index), el("td", {}, clock(s.due_at_ms) + (s.index ? " (+" + span(s.due_at_ms - c.placed_at_ms) + ")" : "")),
+    el("td", {}, s.started_at_ms ? clock(s.started_at_ms) : "did not ring"), el("td", {}, s.stop_earlier ? "yes" : "no"),
+    el("td", {}, s.device_ids.join(", ")))));
+  $("#call-callees tbody").replaceChildren(...c.callees.map((x) => el("tr", { "data-device": x.device_id },
+    el("td", {}, el("a", { href: "#device/" + encodeURIComponent(x.device_id) }, x.device_id)), el("td", {}, x.step),
+    el("td", {}, chip(x.status, "")), el("td", {}, x.path || "–"), el("td", {}, clock(x.at_ms)), el("td", {}, x.reason || ""))));
+}
+
 // Per-device page (hash route #device/ID).
 const currentDetail = () => (location.hash.startsWith("#device/") ? decodeURIComponent(location.hash.slice(8)) : null);
 
 function route() {
-  const id = currentDetail();
-  $("#detail").hidden = !id; $("#list").hidden = !!id;
+  const id = currentDetail(), call = currentCall(), list = location.hash === "#calls";
+  const onCalls = !!call || list;
+  $("#detail").hidden = !id; $("#call-detail").hidden = !call; $("#calls-box").hidden = !list;
+  $("#list").hidden = !!id || onCalls;
+  $("#tab-calls").classList.toggle("on", onCalls); $("#tab-devices").classList.toggle("on", !onCalls);
   if (id) loadDetail(id);
+  if (call) loadCall(call);
 }
 
 async function loadDetail(id) {
@@ -263,6 +343,12 @@ async function loadDetail(id) {
   $("#detail-deliveries tbody").replaceChildren(...r.deliveries.map((x) => el("tr", {},
     el("td", {}, time(x.at_ms)), el("td", {}, x.id), el("td", {}, x.kind), el("td", {}, x.state), el("td", {}, x.path || "–"),
     el("td", {}, x.latency_ms == null ? "–" : x.latency_ms + " ms"), el("td", {}, x.reason || ""))));
+  $("#detail-calls tbody").replaceChildren(...(r.calls.length ? r.calls.map((x) => el("tr", { "data-call": x.call_id },
+    el("td", {}, clock(x.placed_at_ms)), el("td", {}, callLink(x.call_id)), el("td", {}, x.caller_name || "–"),
+    el("td", {}, chip(x.status, x.path, "", x.reason)), el("td", {}, x.step),
+    el("td", { class: "state " + x.call_state }, x.call_state), el("td", {}, x.answered_by || "–"),
+    el("td", {}, span(x.time_to_answer_ms))))
+    : [none(8, "no call rang it in the last 15 minutes")]));
 }
 
 async function revoke() {
