@@ -422,3 +422,89 @@ async fn call_wait_follows_the_call_live_and_exits_by_its_outcome() {
         "{stderr}"
     );
 }
+
+/// `push-server device connect` as one phone of the README's ward, in the background.
+fn phone(server: &ServerProcess, credential: &Path, on_call: &str, count: &str) -> (Child, LineReader) {
+    let credential = format!("@{}", credential.display());
+    let mut child = server_command()
+        .args(["device", "connect", "--credential", &credential, "--count", count])
+        .args(["--on-call", on_call])
+        .args(["--addr", &server.device_addr.to_string()])
+        .args(["--data-dir", path_str(server.data_dir())])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn device connect");
+    let out = LineReader::spawn(child.stdout.take().unwrap());
+    out.wait_for("connected as", STEP_TIMEOUT)
+        .expect("the phone connects");
+    (child, out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_a_ward_first_answer_wins_as_the_readme_shows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&tmp.path().join("data"), &[]);
+    let (api, data_dir) = (
+        server.api_addr.to_string(),
+        path_str(server.data_dir()).to_string(),
+    );
+    let mut creds = Vec::new();
+    for p in ["nurse-1", "nurse-2"] {
+        let file = tmp.path().join(format!("{p}.jwt"));
+        cli(&[
+            "device",
+            "issue",
+            p,
+            "--group",
+            "ward:4B",
+            "--out",
+            path_str(&file),
+            "--api",
+            &api,
+            "--data-dir",
+            &data_dir,
+        ]);
+        creds.push(file);
+    }
+    // nurse-1 lets it ring (the invite, then the cancel); nurse-2's user answers.
+    let (mut ringing, ringing_out) = phone(&server, &creds[0], "ignore", "2");
+    let (mut answering, answering_out) = phone(&server, &creds[1], "answer", "1");
+    let mut call = server_command()
+        .args([
+            "call",
+            "--group",
+            "ward:4B",
+            "--caller-name",
+            "Bed 12",
+            "--call-id",
+            "ward-4b",
+            "--wait",
+        ])
+        .args(["--api", &api, "--data-dir", &data_dir])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn push-server call");
+    let (out, err) = (
+        LineReader::spawn(call.stdout.take().unwrap()),
+        LineReader::spawn(call.stderr.take().unwrap()),
+    );
+    assert_eq!(exit_code(&mut call, &out, &err), 0, "answered: {:?}", out.lines());
+    let reply = answering_out
+        .wait_for("call ward-4b", STEP_TIMEOUT)
+        .expect("the answering phone prints the server's reply");
+    assert!(reply.contains("Answered -> Recorded"), "{reply}");
+    let stop = ringing_out
+        .wait_for("(AnsweredElsewhere)", STEP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("nurse-1 is told to stop: {e}; {:?}", ringing_out.lines()));
+    assert!(stop.contains("ward-4b"), "{stop}");
+    let summary = out.lines().join("\n");
+    assert!(summary.contains("ANSWERED by nurse-2"), "{summary}");
+    for child in [&mut ringing, &mut answering] {
+        assert!(
+            wait_exit(child, STEP_TIMEOUT).is_some_and(|s| s.success()),
+            "the phone exits after its pushes"
+        );
+    }
+}
