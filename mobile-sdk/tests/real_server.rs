@@ -799,3 +799,99 @@ async fn an_answer_on_one_of_three_sdk_phones_stops_the_other_two_and_a_late_ans
     }
     assert!(reg.counters().is_quiet(), "{:?}", reg.counters());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_phones_declining_end_the_call_declined_and_an_unanswered_one_is_told_it_missed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let reg = registry();
+    let mut phones = Vec::new();
+    for id in ["icu-a", "icu-b"] {
+        let credential = server.info.issue(id).await;
+        let (handler, mut events) = Recorder::new();
+        let client = reg
+            .client(server.info.client_config(id, &credential), handler)
+            .unwrap();
+        client.start().await.unwrap();
+        events.connected().await;
+        phones.push((client, events));
+    }
+    let api = server.info.api().await;
+    let place = |call_id: &str, ring_secs: u32| push_proto::sender::PlaceCallRequest {
+        call_id: call_id.into(),
+        target: Some(push_proto::sender::Target {
+            kind: Some(push_proto::sender::target::Kind::Devices(
+                push_proto::sender::DeviceList {
+                    device_ids: vec!["icu-a".into(), "icu-b".into()],
+                },
+            )),
+        }),
+        caller_name: "Bed 3".into(),
+        ring_timeout_seconds: ring_secs,
+        ..Default::default()
+    };
+    let status = |call_id: &str| {
+        let api = &api;
+        let call_id = call_id.to_string();
+        async move {
+            api.sender()
+                .get_call_status(push_proto::sender::WatchCallRequest { call_id })
+                .await
+                .expect("GetCallStatus")
+                .into_inner()
+        }
+    };
+    // Both decline: the call ends DECLINED.
+    api.sender()
+        .place_call(place("declined", 60))
+        .await
+        .expect("PlaceCall");
+    for (client, events) in &mut phones {
+        events
+            .wait_for("the invite", |e| {
+                matches!(e, Event::CallInvite(c) if c.call_id == "declined").then_some(())
+            })
+            .await;
+        client
+            .report_call_outcome("declined".into(), CallOutcome::Declined, 1)
+            .unwrap();
+        let r = replied(events, "declined", CallOutcome::Declined).await;
+        assert_eq!(r.result, CallOutcomeResult::Recorded, "{r:?}");
+    }
+    assert_eq!(
+        status("declined").await.state(),
+        push_proto::sender::CallState::Declined
+    );
+    // Nobody answers: at the deadline each phone is told it missed the call.
+    api.sender()
+        .place_call(place("missed", 1))
+        .await
+        .expect("PlaceCall");
+    for (_, events) in &mut phones {
+        let reason = events
+            .wait_for("the missed call", |e| match e {
+                Event::CallCancel(c) if c.call_id == "missed" => Some(c.reason),
+                _ => None,
+            })
+            .await;
+        assert_eq!(reason, CancelReason::Missed);
+    }
+    let s = status("missed").await;
+    assert_eq!(s.state(), push_proto::sender::CallState::Missed);
+    assert!(
+        s.callees
+            .iter()
+            .all(|c| c.state() == push_proto::sender::DeliveryState::Missed),
+        "{s:?}"
+    );
+    // The user taps a stale ring: refused, the app ends it in CallKit.
+    let (a, a_events) = &mut phones[0];
+    a.report_call_outcome("missed".into(), CallOutcome::Answered, 2)
+        .unwrap();
+    let late = replied(a_events, "missed", CallOutcome::Answered).await;
+    assert_eq!(late.result, CallOutcomeResult::CallEnded, "{late:?}");
+    for (client, _) in phones {
+        client.stop(StopReason::HostRequested).await;
+    }
+    assert!(reg.counters().is_quiet(), "{:?}", reg.counters());
+}
