@@ -43,7 +43,7 @@ pub struct Env {
 }
 
 impl Env {
-    fn runs(&self, s: System) -> bool {
+    pub(crate) fn runs(&self, s: System) -> bool {
         self.systems.contains(&s)
     }
 }
@@ -53,7 +53,7 @@ impl Env {
 pub struct Table(Vec<[String; 4]>);
 
 impl Table {
-    fn row(&mut self, system: &str, what: impl Into<String>, figure: impl Into<String>) {
+    pub(crate) fn row(&mut self, system: &str, what: impl Into<String>, figure: impl Into<String>) {
         let row = [system.into(), what.into(), figure.into(), loadavg()];
         println!("  {} | {} | {} | load {}", row[0], row[1], row[2], row[3]);
         self.0.push(row);
@@ -734,7 +734,11 @@ fn listen_drops() -> u64 {
 }
 
 /// A started server with `devices` registered and connected through the SDK.
-async fn connected(env: &Env, devices: usize, extra: &[String]) -> anyhow::Result<(PushServer, Fleet)> {
+pub(crate) async fn connected(
+    env: &Env,
+    devices: usize,
+    extra: &[String],
+) -> anyhow::Result<(PushServer, Fleet)> {
     let server = PushServer::start(&env.server_bin, extra).await?;
     let t = &server.target;
     let creds = t.register(devices).await?;

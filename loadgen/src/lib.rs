@@ -6,6 +6,7 @@
 //! The MQTT side uses rumqttc over rustls against Debian's Mosquitto. Everything is bounded
 //! in count and time, and every child process dies with the load generator.
 
+pub mod answer;
 pub mod bench;
 pub mod mqtt;
 pub mod procs;

@@ -110,6 +110,21 @@ enum Command {
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
     },
+    /// The clinical call loop: calls ringing a team of phones, one answers (round-robin); time
+    /// from its ANSWERED report to ANSWERED on the caller's WatchCall, to each other phone's
+    /// CallCancel{ANSWERED_ELSEWHERE}, and to its CallOutcomeReply. Every call is checked; a
+    /// violation fails the run.
+    Answer {
+        /// Measured calls (after a warm-up of 5 per slot).
+        #[arg(long, default_value_t = 1_000)]
+        calls: usize,
+        /// Phones each call rings (a team per slot: callees x in-flight phones in all).
+        #[arg(long, default_value_t = 3)]
+        callees: usize,
+        /// Calls under way at once, each slot placing its calls one after the other.
+        #[arg(long, default_value_t = 8)]
+        in_flight: usize,
+    },
     /// Reconnect storm: every device reconnects at once, with and without TLS resumption.
     Storm {
         #[arg(long, default_value_t = 10_000)]
@@ -216,6 +231,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             "Call alert latency",
             bench::call(&env, devices, rate, seconds).await?,
         ),
+        Command::Answer {
+            calls,
+            callees,
+            in_flight,
+        } => {
+            let (table, violations) = push_loadgen::answer::answer(&env, calls, callees, in_flight).await?;
+            table.print("The clinical call loop: answer to ANSWERED and to the others' cancel");
+            println!("\nload average at end: {}", loadavg());
+            if violations > 0 {
+                anyhow::bail!("{violations} calls broke a rule (see VIOLATION above)");
+            }
+            return Ok(());
+        }
         Command::Storm { devices } => ("Reconnect storm", bench::storm(&env, devices).await?),
         Command::Fanout { devices, repeats } => ("Fan-out", bench::fanout(&env, devices, repeats).await?),
         Command::Smoke { devices, messages } => {

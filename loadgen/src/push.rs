@@ -26,7 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
     procs::ChildProc,
-    recorder::{Recorder, parse_tag},
+    recorder::{CallSeen, Recorder, parse_tag},
 };
 
 /// Name in the server's certificate that clients verify.
@@ -236,6 +236,8 @@ async fn https_get(addr: SocketAddr, ca: &str, path: &str, bearer: &str) -> anyh
 
 /// One simulated device's view: forwards what the app would see to the recorder.
 struct Probe {
+    /// The device's index (`dev-00042` is 42).
+    index: usize,
     online: AtomicBool,
     rec: Arc<Recorder>,
 }
@@ -261,9 +263,21 @@ impl EventHandler for Probe {
             Event::CallInvite(c) => {
                 if let Some(k) = parse_tag(&c.call_id, 'c') {
                     self.rec.arrive(k);
+                    self.rec.call_event(k, self.index, CallSeen::Invite);
                 }
             }
-            Event::CallCancel(_) | Event::LastSeenSeq(_) | Event::CallOutcomeReplied(_) => {}
+            Event::CallCancel(c) => {
+                if let Some(k) = parse_tag(&c.call_id, 'c') {
+                    self.rec.call_event(k, self.index, CallSeen::Cancel(c.reason));
+                }
+            }
+            Event::CallOutcomeReplied(r) => {
+                if let Some(k) = parse_tag(&r.call_id, 'c') {
+                    self.rec
+                        .call_event(k, self.index, CallSeen::Reply(r.outcome, r.result));
+                }
+            }
+            Event::LastSeenSeq(_) => {}
         }
     }
 }
@@ -314,6 +328,7 @@ impl Fleet {
         config.local_addr = Some(source_addr(index));
         config.jitter_seed = Some(index as u64);
         let probe = Arc::new(Probe {
+            index,
             online: AtomicBool::new(false),
             rec: self.rec.clone(),
         });
@@ -392,6 +407,19 @@ impl Fleet {
             d.client = client;
         }
         Ok(())
+    }
+
+    /// Device at `position` in this fleet reports what the user did with a call (the app
+    /// hands it to the extension; the SDK sends it on the live session).
+    pub fn report_call_outcome(
+        &self,
+        position: usize,
+        call_id: &str,
+        outcome: mobile_sdk::core::CallOutcome,
+        at_ms: i64,
+    ) -> anyhow::Result<()> {
+        let d = self.devices.get(position).context("no device at that position")?;
+        Ok(d.client.report_call_outcome(call_id.into(), outcome, at_ms)?)
     }
 
     /// Wait until `n` devices are online.

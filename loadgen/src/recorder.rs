@@ -6,7 +6,30 @@ use std::sync::{
     atomic::{AtomicU64, AtomicUsize, Ordering},
 };
 
+use push_proto::device::{CallOutcome, CallOutcomeResult, CancelReason};
+use tokio::sync::mpsc;
+
 use crate::stats::now_ns;
+
+/// What a phone saw of a call (the `answer` benchmark).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallSeen {
+    /// The invite reached the app (the SDK acknowledges it once the callback returns).
+    Invite,
+    /// A `CallCancel`, with its reason.
+    Cancel(CancelReason),
+    /// The server's `CallOutcomeReply` to this phone's report.
+    Reply(CallOutcome, CallOutcomeResult),
+}
+
+/// One thing a phone saw of call number `k`, and when (`now_ns()`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallEvent {
+    /// The device's index (`dev-00042` is 42).
+    pub device: usize,
+    pub seen: CallSeen,
+    pub at: u64,
+}
 
 /// Arrival times of the messages of one run, indexed by message number.
 pub struct Arrivals {
@@ -54,6 +77,8 @@ pub struct Recorder {
     /// Sessions established since the start (reconnections included).
     pub logins: AtomicUsize,
     arrivals: RwLock<Arc<Arrivals>>,
+    /// Where the phones' events of numbered calls go, call `k` to channel `k`, when armed.
+    calls: RwLock<Arc<Vec<mpsc::UnboundedSender<CallEvent>>>>,
 }
 
 impl Default for Recorder {
@@ -62,6 +87,7 @@ impl Default for Recorder {
             online: AtomicUsize::new(0),
             logins: AtomicUsize::new(0),
             arrivals: RwLock::new(Arc::new(Arrivals::new(0, false))),
+            calls: RwLock::default(),
         }
     }
 }
@@ -78,6 +104,23 @@ impl Recorder {
     pub fn arrive(&self, k: usize) {
         let a = self.arrivals.read().expect("poisoned").clone();
         a.arrive(k);
+    }
+
+    /// Start recording what the phones see of calls `0..n` (invites, cancels, outcome
+    /// replies): receiver `k` gets call `k`'s events, in the order each phone saw them.
+    pub fn arm_calls(&self, n: usize) -> Vec<mpsc::UnboundedReceiver<CallEvent>> {
+        let (txs, rxs) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
+        *self.calls.write().expect("poisoned") = Arc::new(txs);
+        rxs
+    }
+
+    /// Device `device` saw `seen` of call number `k` (ignored unless armed for it).
+    pub fn call_event(&self, k: usize, device: usize, seen: CallSeen) {
+        let at = now_ns();
+        let calls = self.calls.read().expect("poisoned").clone();
+        if let Some(tx) = calls.get(k) {
+            let _ = tx.send(CallEvent { device, seen, at });
+        }
     }
 
     pub fn up(&self) {
