@@ -1,8 +1,9 @@
 //! The hub: which devices exist, which session each has, and what is queued for each.
 //!
 //! Built like a sans-IO protocol stack: the decisions live in pure cores that take the time as
-//! an input and return effects ([`device::DeviceCore`] per device, [`calls::Calls`] for ringing
-//! calls, [`timers::Timers`] for every deadline); this module is the thin driver around them. It
+//! an input and return effects ([`device::DeviceCore`] per device, [`calls::CallCore`] per
+//! clinical call, [`timers::Timers`] for every deadline); this module is the thin driver around
+//! them (`ringing` drives the call cores). It
 //! holds one mutex per device (so every decision about a device is serialised without a global
 //! lock on the hot path), reads the [`Clock`] once per operation, and applies a core's
 //! [`device::Effects`] before releasing the device's lock: store ops submitted in decision order,
@@ -11,6 +12,8 @@
 //! Faces, one module each:
 //! - `senders`: what the sender API calls (messages, calls, cancels, receipts), with `ids`
 //!   for caller-chosen ids;
+//! - `ringing`: what phones report about calls (answered, declined, ...) and every call
+//!   decision's effects, embedded or across a cluster;
 //! - `registry`: what enrollment, the CLI and the dashboard call (devices, groups, tokens);
 //! - `sessions`: what the session driver calls (login, pushes to write, acks, logout);
 //! - `timers` and `fallback`: the background task, and the APNs VoIP leg.
@@ -21,6 +24,8 @@
 //! - Sequence numbers per device strictly increase and are never reused, across restarts.
 //! - A push leaves the outbox only when acknowledged, expired, superseded, cancelled or the
 //!   device is revoked, and each of those reports a final receipt to the sender.
+//! - A call ends once (answered, declined, missed or cancelled), and each callee gets exactly
+//!   one outcome after its ring (see `calls.rs`).
 
 mod bus;
 mod calls;
