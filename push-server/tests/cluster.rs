@@ -245,6 +245,60 @@ async fn two_phones_on_two_nodes_answering_at_once_one_wins_and_the_other_is_sto
     }
 }
 
+#[tokio::test]
+async fn a_call_whose_node_is_gone_still_escalates_and_ends_missed_on_the_other_node() {
+    let mut c = Cluster::start().await;
+    let (nurse, charge) = (c.a.issue("nurse", &[]).await, c.a.issue("charge", &[]).await);
+    let mut nurse = c.b.connect(&nurse, 0).await.expect("connects to node B");
+    let mut charge = c.b.connect(&charge, 0).await.expect("connects to node B");
+    c.a.sender()
+        .place_call(PlaceCallRequest {
+            call_id: "orphan".into(),
+            target: Some(to("nurse")),
+            caller_name: "Bed 7".into(),
+            ring_timeout_seconds: 3,
+            escalation: vec![push_proto::sender::EscalationStep {
+                target: Some(to("charge")),
+                after_seconds: 1,
+                stop_earlier: false,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let invite = next(&mut nurse).await;
+    nurse.ack(&[invite.seq]).await.unwrap();
+    // The node that placed the call, and kept its timer, is gone.
+    c.a.shutdown().await;
+    // Node B's sweep rings the step at its time and ends the call at its deadline.
+    let invite = next(&mut charge).await;
+    assert!(
+        matches!(invite.body, Some(push::Body::CallInvite(_))),
+        "{invite:?}"
+    );
+    charge.ack(&[invite.seq]).await.unwrap();
+    for phone in [&mut nurse, &mut charge] {
+        let p = next(phone).await;
+        let Some(push::Body::CallCancel(stop)) = &p.body else {
+            panic!("the missed call is told: {p:?}")
+        };
+        assert_eq!(stop.reason(), CancelReason::Missed);
+    }
+    let s =
+        c.b.sender()
+            .get_call_status(WatchCallRequest {
+                call_id: "orphan".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(s.state(), CallState::Missed);
+    assert!(
+        s.steps[1].started_at_ms >= s.steps[1].due_at_ms,
+        "never early: {s:?}"
+    );
+}
+
 /// Poll `/healthz` of `h` until it answers `want` (each node checks Redis once a second).
 async fn health_becomes(h: &Harness, want: u16) -> String {
     within(async {

@@ -745,6 +745,7 @@ impl Hub {
                 Err(e) => tracing::warn!(device = %device_id, error = %e, "sweep claim failed"),
             }
         }
+        self.sweep_calls().await;
     }
 
     /// Renew this node's heartbeat and note what it learned.

@@ -20,6 +20,8 @@ use crate::store::{CallRecord, Op, ReceiptState, StoreError};
 
 /// Most times a cluster decision is taken again after losing a race to another node.
 const MAX_SWAPS: usize = 32;
+/// Most calls one sweep decides.
+const SWEEP_CALLS: usize = 64;
 
 /// A decision's value, its effects, the call as decided (for the invite and cancel items) and
 /// the stores to wait for.
@@ -71,10 +73,11 @@ impl Hub {
     /// Open a new call: embedded in the table, in a cluster also in Redis (once per id).
     /// False if a call with this id exists.
     pub(super) async fn open_call(&self, call: CallCore) -> Result<bool, StoreError> {
-        if let Some(link) = self.link_redis()
-            && !link.swap_call(None, call.record()).await?
-        {
-            return Ok(false);
+        if let Some(redis) = self.link_redis() {
+            if !redis.swap_call(None, call.record()).await? {
+                return Ok(false);
+            }
+            redis.plan_call(&call.record().call_id, call.next_due()).await?;
         }
         let (id, due) = (call.record().call_id.clone(), call.next_due());
         if !self.0.calls.lock().open(call) {
@@ -100,8 +103,12 @@ impl Hub {
             let Some(mut call) = CallCore::from_record(record.clone()) else {
                 return Ok(None);
             };
+            let before = call.next_due();
             let (value, fx) = decide(&mut call);
             if *call.record() == record || redis.swap_call(Some(&raw), call.record()).await? {
+                if call.next_due() != before {
+                    redis.plan_call(call_id, call.next_due()).await?;
+                }
                 // The node that placed the call keeps its timer; the others hold no copy.
                 let mut calls = self.0.calls.lock();
                 if let Some(mine) = calls.get_mut(call_id) {
@@ -321,6 +328,33 @@ impl Hub {
     pub(super) fn call_due(&self, call_id: &str, now: i64) {
         let (hub, call_id) = (self.clone(), call_id.to_string());
         run_soon(async move { hub.run_decision(&call_id, |call| ((), call.due(now))).await });
+    }
+
+    /// Cluster mode: decide every call due by now, whichever node placed it (one that died
+    /// included). Deciding one twice is harmless: the second finds nothing due.
+    pub(super) async fn sweep_calls(&self) {
+        let Some(redis) = self.link_redis() else { return };
+        let now = self.now();
+        let due = match redis.calls_due(now, SWEEP_CALLS).await {
+            Ok(due) => due,
+            Err(e) => return tracing::warn!(error = %e, "call sweep skipped"),
+        };
+        for call_id in due {
+            self.run_decision(&call_id, |call| ((), call.due(now))).await;
+            // An entry a node could not update (it died between its write and the plan) is put
+            // right here: the call's real next time, or none.
+            let next = match redis.call(&call_id).await {
+                Ok(call) => call
+                    .and_then(|(r, _)| CallCore::from_record(r))
+                    .and_then(|c| c.next_due()),
+                Err(_) => continue,
+            };
+            if next.is_none_or(|at| at > now)
+                && let Err(e) = redis.plan_call(&call_id, next).await
+            {
+                tracing::warn!(call = %call_id, error = %e, "call plan not updated");
+            }
+        }
     }
 
     /// Decide and carry out; the stores complete in the background (failures are logged).

@@ -146,6 +146,8 @@ const RECEIPTS_CHANNEL: &str = "lp:receipts";
 const PRESENCE_CHANNEL: &str = "lp:presence";
 const DEVICES: &str = "lp:devices";
 const DUE: &str = "lp:due";
+/// Calls by their next step or deadline (Unix ms), for the sweep of every node.
+const CALLS_DUE: &str = "lp:calls:due";
 const NODES: &str = "lp:nodes";
 const EPOCH: &str = "lp:epoch";
 const API_KEYS: &str = "lp:apikeys";
@@ -1455,6 +1457,29 @@ impl RedisStore {
     pub async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
         redis::cmd("ZRANGEBYSCORE")
             .arg(DUE)
+            .arg("-inf")
+            .arg(now_ms)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_err)
+    }
+
+    /// When call `call_id` must next be decided (a step or its deadline); `None`: never again.
+    pub async fn plan_call(&self, call_id: &str, at: Option<i64>) -> Result<(), StoreError> {
+        let cmd = match at {
+            Some(at) => redis::cmd("ZADD").arg(CALLS_DUE).arg(at).arg(call_id).take(),
+            None => redis::cmd("ZREM").arg(CALLS_DUE).arg(call_id).take(),
+        };
+        cmd.query_async::<()>(&mut self.conn()).await.map_err(redis_err)
+    }
+
+    /// Up to `limit` calls due by `now_ms`, whichever node placed them.
+    pub async fn calls_due(&self, now_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+        redis::cmd("ZRANGEBYSCORE")
+            .arg(CALLS_DUE)
             .arg("-inf")
             .arg(now_ms)
             .arg("LIMIT")
