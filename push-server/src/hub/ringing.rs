@@ -77,7 +77,10 @@ impl Hub {
             if !redis.swap_call(None, call.record()).await? {
                 return Ok(false);
             }
-            redis.plan_call(&call.record().call_id, call.next_due()).await?;
+            // Without its plan the call is still decided on time by this node's timer.
+            if let Err(e) = redis.plan_call(&call.record().call_id, call.next_due()).await {
+                tracing::warn!(call = %call.record().call_id, error = %e, "call plan not stored");
+            }
         }
         let (id, due) = (call.record().call_id.clone(), call.next_due());
         if !self.0.calls.lock().open(call) {
@@ -106,8 +109,12 @@ impl Hub {
             let before = call.next_due();
             let (value, fx) = decide(&mut call);
             if *call.record() == record || redis.swap_call(Some(&raw), call.record()).await? {
-                if call.next_due() != before {
-                    redis.plan_call(call_id, call.next_due()).await?;
+                // The decision stands whatever happens to the plan: a stale entry is put right
+                // by the sweep that finds it due.
+                if call.next_due() != before
+                    && let Err(e) = redis.plan_call(call_id, call.next_due()).await
+                {
+                    tracing::warn!(call = %call_id, error = %e, "call plan not updated");
                 }
                 // The node that placed the call keeps its timer; the others hold no copy.
                 let mut calls = self.0.calls.lock();
