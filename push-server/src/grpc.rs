@@ -116,7 +116,9 @@ impl Api {
 
     /// Stream the current receipts of `id`, then changes, until every recipient is final (or
     /// the caller's key ends).
-    async fn watch(&self, id: String, key: Holder) -> Result<BoxStream<DeliveryUpdate>, Status> {
+    /// Follow the receipts of message or call `id` (`call`: a call, whose updates name the step
+    /// that rang each callee and whose stream lasts until the call ended).
+    async fn watch(&self, id: String, key: Holder, call: bool) -> Result<BoxStream<DeliveryUpdate>, Status> {
         let mut changes = self.hub.watch_receipts(&id);
         let current = self.hub.receipts(&id).await.map_err(store_status)?;
         if current.is_empty() {
@@ -129,6 +131,7 @@ impl Api {
             let mut states: HashMap<String, Receipt> = HashMap::new();
             let mut pending = current;
             loop {
+                let mut fresh = Vec::with_capacity(pending.len());
                 for r in pending.drain(..) {
                     // Receipts can race the initial read, and a re-read after a lag repeats what
                     // was reported: never report a state going backwards, or the same twice.
@@ -136,22 +139,29 @@ impl Api {
                         continue;
                     }
                     states.insert(r.device_id.clone(), r.clone());
-                    let call = hub.find_call(&r.id).await.ok().flatten();
+                    fresh.push(r);
+                }
+                // A call is read once per batch (from Redis, in a cluster), after its receipts:
+                // it knows every callee they name, and whether it ended.
+                let record = match call {
+                    true => hub.find_call(&id).await.ok().flatten(),
+                    false => None,
+                };
+                for r in fresh {
                     let mut u = update(r);
-                    u.step = call.as_ref().map_or(0, |c| step_of(c, &u.device_id));
+                    u.step = record.as_ref().map_or(0, |c| step_of(c, &u.device_id));
                     if tx.send(Ok(u)).await.is_err() {
                         return;
                     }
                 }
                 // A call is watched until it ended and each callee's outcome is known (its
                 // receipts say ACKED while it rings); a message until every receipt is final.
-                let call = hub.find_call(&id).await.ok().flatten();
-                let kind = if call.is_some() {
+                let kind = if record.is_some() {
                     PushKind::CallInvite
                 } else {
                     PushKind::Message
                 };
-                if call.is_none_or(|c| c.end.is_some()) && states.values().all(|r| r.state.ends(kind)) {
+                if record.is_none_or(|c| c.end.is_some()) && states.values().all(|r| r.state.ends(kind)) {
                     return;
                 }
                 tokio::select! {
@@ -254,7 +264,9 @@ impl push_sender_server::PushSender for Api {
         req: Request<GetMessageStatusRequest>,
     ) -> Result<Response<Self::WatchMessageStream>, Status> {
         let key = self.authorize(&req, Scope::Read)?;
-        Ok(Response::new(self.watch(req.into_inner().message_id, key).await?))
+        Ok(Response::new(
+            self.watch(req.into_inner().message_id, key, false).await?,
+        ))
     }
 
     async fn place_call(
@@ -319,7 +331,9 @@ impl push_sender_server::PushSender for Api {
         req: Request<WatchCallRequest>,
     ) -> Result<Response<Self::WatchCallStream>, Status> {
         let key = self.authorize(&req, Scope::Read)?;
-        Ok(Response::new(self.watch(req.into_inner().call_id, key).await?))
+        Ok(Response::new(
+            self.watch(req.into_inner().call_id, key, true).await?,
+        ))
     }
 
     async fn get_call_status(&self, req: Request<WatchCallRequest>) -> Result<Response<CallStatus>, Status> {

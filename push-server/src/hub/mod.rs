@@ -262,7 +262,7 @@ impl Hub {
             self.0.timers_changed.notify_one();
         }
         if !fx.callees.is_empty() {
-            self.note_callees(&slot.core.record.device_id.clone(), fx.callees);
+            self.note_callees(&slot.core.record.device_id, fx.callees);
         }
         if fx.wake
             && let Some(ctl) = &slot.ctl

@@ -1,6 +1,8 @@
 //! The senders' face of the hub: queue messages, ring and cancel calls, read and watch
 //! receipts and presence.
 
+use std::collections::HashMap;
+
 use push_proto::{
     device::{CallInvite, CancelReason, Message, push},
     sender::PresenceEvent,
@@ -319,10 +321,11 @@ impl Hub {
         // What became of each invite: a phone may have acked one before this returned (the
         // call kept the note), a cancel may have ended the call meanwhile (the call stops the
         // invites it now learns of), a refused one may leave nobody ringing (the next step).
+        let queued_here: HashMap<&str, u64> = seqs.iter().map(|(d, s)| (d.as_str(), *s)).collect();
         let placed: Vec<(String, Option<u64>)> = recipients
             .iter()
             .map(|r| {
-                let seq = seqs.iter().find(|(d, _)| *d == r.device_id).map(|(_, s)| *s);
+                let seq = queued_here.get(r.device_id.as_str()).copied();
                 let refused = r.state != ReceiptState::Accepted;
                 (r.device_id.clone(), if refused { None } else { seq.or(Some(0)) })
             })

@@ -1455,8 +1455,13 @@ impl RedisStore {
 
     /// Up to `limit` devices nobody holds whose earliest deadline is at or before `now_ms`.
     pub async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.due_in(DUE, now_ms, limit).await
+    }
+
+    /// Up to `limit` members of the sorted set `key` scored at or before `now_ms`.
+    async fn due_in(&self, key: &str, now_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
         redis::cmd("ZRANGEBYSCORE")
-            .arg(DUE)
+            .arg(key)
             .arg("-inf")
             .arg(now_ms)
             .arg("LIMIT")
@@ -1478,16 +1483,7 @@ impl RedisStore {
 
     /// Up to `limit` calls due by `now_ms`, whichever node placed them.
     pub async fn calls_due(&self, now_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
-        redis::cmd("ZRANGEBYSCORE")
-            .arg(CALLS_DUE)
-            .arg("-inf")
-            .arg(now_ms)
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit)
-            .query_async(&mut self.conn())
-            .await
-            .map_err(redis_err)
+        self.due_in(CALLS_DUE, now_ms, limit).await
     }
 
     /// The node holding each device (`None`: nobody), in order.
