@@ -71,7 +71,8 @@ pub struct ClusterConfig {
     /// `node_name`, and all of them the same CA and device-credential key in their data
     /// directories (see README, "Running a cluster"). `rediss://` for TLS;
     /// `redis+sentinel://[:password@]host:port[,host:port...]/master_name[/db]` (or
-    /// `rediss+sentinel://`) to follow the master a set of Sentinels names.
+    /// `rediss+sentinel://`) to follow the master a set of Sentinels names; the Sentinels'
+    /// own credentials, if they need any, in `?sentinel_username=U&sentinel_password=P`.
     pub redis_url: String,
     /// PEM CA certificate(s) Redis's certificate must chain to (a site's private CA), instead
     /// of the system's trust store. Needs a `rediss` URL.

@@ -308,11 +308,16 @@ fn redis_certificates(cfg: &ClusterConfig) -> anyhow::Result<Option<redis::TlsCe
     )
 }
 
-/// `url` without its user and password (`redis://:secret@host` -> `redis://***@host`), for logs.
+/// `url` without its user and password (`redis://:secret@host` -> `redis://***@host`) and
+/// without its query (a Sentinel URL's credentials), for logs.
 fn redact_userinfo(url: &str) -> String {
+    let (url, query) = match url.split_once('?') {
+        Some((url, _)) => (url, "?***"),
+        None => (url, ""),
+    };
     match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}***{}", &url[..scheme + 3], &url[at..]),
-        _ => url.to_string(),
+        (Some(scheme), Some(at)) if at > scheme => format!("{}***{}{query}", &url[..scheme + 3], &url[at..]),
+        _ => format!("{url}{query}"),
     }
 }
 
@@ -436,6 +441,10 @@ mod tests {
         assert_eq!(
             super::redact_userinfo("rediss+sentinel://push:p@ss@s1:26379,s2:26379/mymaster/0"),
             "rediss+sentinel://***@s1:26379,s2:26379/mymaster/0"
+        );
+        assert_eq!(
+            super::redact_userinfo("redis+sentinel://s1/mymaster/0?sentinel_password=s3cret@x"),
+            "redis+sentinel://s1/mymaster/0?***"
         );
     }
 

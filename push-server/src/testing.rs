@@ -95,13 +95,15 @@ impl RedisServer {
 
     /// Start a Sentinel monitoring `master` as `mymaster`, with a quorum of one and timings
     /// short enough for a test: down after 500 ms, a failover in one or two seconds.
-    pub fn start_sentinel(master: &RedisServer) -> std::io::Result<Self> {
+    /// `requirepass`: the password clients must give the Sentinel (then in `url`'s query).
+    pub fn start_sentinel(master: &RedisServer, requirepass: Option<&str>) -> std::io::Result<Self> {
         let master = master.port;
+        let auth = requirepass.map_or(String::new(), |p| format!("requirepass {p}\n"));
         let mut server = Self::launch_as(
             false,
             |port| {
                 vec![format!(
-                    "port {port}\nbind 127.0.0.1\nprotected-mode no\n\
+                    "port {port}\nbind 127.0.0.1\nprotected-mode no\n{auth}\
                      sentinel monitor mymaster 127.0.0.1 {master} 1\n\
                      sentinel down-after-milliseconds mymaster 500\n\
                      sentinel failover-timeout mymaster 2000\n\
@@ -111,7 +113,8 @@ impl RedisServer {
             None,
             true,
         )?;
-        server.url = format!("redis+sentinel://127.0.0.1:{}/mymaster/0", server.port);
+        let query = requirepass.map_or(String::new(), |p| format!("?sentinel_password={p}"));
+        server.url = format!("redis+sentinel://127.0.0.1:{}/mymaster/0{query}", server.port);
         Ok(server)
     }
 
@@ -261,14 +264,16 @@ impl RedisServer {
     }
 }
 
-/// Whether a server on `port` answers `PING`.
+/// Whether a server on `port` answers `PING` (a password-protected one answers `NOAUTH`).
 fn ping(port: u16) -> bool {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     let mut reply = [0u8; 7];
-    stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && (&reply == b"+PONG\r\n" || &reply == b"-NOAUTH")
 }
 
 /// Whether the TLS server at `url` answers `PING`.

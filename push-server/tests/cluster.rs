@@ -411,13 +411,7 @@ async fn a_node_that_cannot_verify_redis_or_read_its_ca_refuses_to_start_and_say
     let redis = RedisServer::start_tls(&certs).expect("redis-server starts with TLS");
     let dir = tempfile::tempdir().unwrap();
     let start = |ca: std::path::PathBuf| {
-        let mut cfg = Config {
-            data_dir: dir.path().join("data"),
-            device_listen: "127.0.0.1:0".parse().unwrap(),
-            api_listen: "127.0.0.1:0".parse().unwrap(),
-            http_listen: "127.0.0.1:0".parse().unwrap(),
-            ..Config::default()
-        };
+        let mut cfg = loopback_config(dir.path());
         cfg.cluster.redis_url = redis.url.clone();
         cfg.cluster.redis_ca_file = Some(ca);
         cfg.cluster.redis_client_cert_file = Some(certs.client_cert.clone());
@@ -443,6 +437,17 @@ async fn a_node_that_cannot_verify_redis_or_read_its_ca_refuses_to_start_and_say
         error.contains("cannot read") && error.contains("missing.pem"),
         "{error}"
     );
+}
+
+/// A node's config on loopback ports the system picks, its data in `dir`.
+fn loopback_config(dir: &std::path::Path) -> Config {
+    Config {
+        data_dir: dir.join("data"),
+        device_listen: "127.0.0.1:0".parse().unwrap(),
+        api_listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    }
 }
 
 /// Poll `check` every 50 ms until it holds, for at most 10 s.
@@ -492,7 +497,7 @@ async fn after_a_sentinel_failover_both_nodes_follow_the_new_master_and_messages
             .is_ok_and(|i| i.contains("master_link_status:up"))
     })
     .await;
-    let sentinel = RedisServer::start_sentinel(&master).expect("sentinel starts");
+    let sentinel = RedisServer::start_sentinel(&master, None).expect("sentinel starts");
     let sentinel_plain = format!("redis://127.0.0.1:{}", sentinel.port);
     until("Sentinel knows the replica", || {
         query::<Vec<std::collections::HashMap<String, String>>>(
@@ -529,6 +534,36 @@ async fn after_a_sentinel_failover_both_nodes_follow_the_new_master_and_messages
     beats_after(&b, switched).await;
     // ...and the phone's session on node B lived through the failover.
     relayed(&a, &mut phone, "after the failover").await;
+}
+
+/// A Sentinel that requires a password is asked with the one in the URL's query; without it a
+/// node refuses to start and says why, never quoting the password.
+#[tokio::test]
+async fn a_sentinel_with_a_password_is_asked_with_the_urls_sentinel_password() {
+    let master = RedisServer::start().expect("master starts");
+    let sentinel = RedisServer::start_sentinel(&master, Some("s3ntinel")).expect("sentinel starts");
+    let (a, b) = nodes(|c| c.cluster.redis_url = sentinel.url.clone()).await;
+    let credential = a.issue("phone-1", &[]).await;
+    let mut phone = b.connect(&credential, 0).await.expect("connects to node B");
+    relayed(&a, &mut phone, "through a guarded Sentinel").await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let start = |url: String| {
+        let mut cfg = loopback_config(dir.path());
+        cfg.cluster.redis_url = url;
+        async move {
+            match within(Server::start(cfg)).await {
+                Ok(_) => panic!("the node must not start"),
+                Err(e) => format!("{e:#}"),
+            }
+        }
+    };
+    let bare = sentinel.url.split_once('?').unwrap().0.to_string();
+    let error = start(bare).await;
+    assert!(error.contains("cannot reach the cluster's Redis"), "{error}");
+    let error = start(sentinel.url.replace("s3ntinel", "wrong-one")).await;
+    assert!(error.contains("cannot reach the cluster's Redis"), "{error}");
+    assert!(!error.contains("wrong-one"), "{error}");
 }
 
 /// A push forwarded through a device's inbox is announced ACCEPTED once, by the node the sender

@@ -34,7 +34,7 @@ use super::{
     device::{DeviceCore, Effects, Item, StopState, VoipLeg},
 };
 use crate::store::{
-    Claimed, DeviceState, Forwarded, Heard, PushKind, Receipt, ReceiptState, RedisStore, StoreError,
+    Claimed, DeviceState, Forwarded, Heard, Inbox, PushKind, Receipt, ReceiptState, RedisStore, StoreError,
 };
 
 /// How often a node renews its heartbeat, and how long one lasts: a node silent for longer is
@@ -398,7 +398,7 @@ impl Hub {
         if self.0.timers.lock().apply(timers) {
             self.0.timers_changed.notify_one();
         }
-        let slot = Slot { core, ctl: None };
+        let slot = Slot::new(core);
         self.0
             .devices
             .write()
@@ -407,21 +407,31 @@ impl Hub {
 
     /// Apply the device's inbox (call with the ownership lock held).
     async fn drain_locked(&self, link: &Link, device_id: &str) -> Result<(), DrainFailed> {
-        let commands = timed("inbox", link.redis.inbox(device_id))
+        let inbox = timed("inbox", link.redis.inbox(device_id))
             .await
             .map_err(DrainFailed::Unread)?;
-        self.apply_inbox(device_id, commands).await
+        self.apply_inbox(device_id, inbox).await
     }
 
-    /// Apply `commands`, the head of the device's inbox, and trim them in the same batch as
-    /// their outcome (call with the ownership lock held).
-    async fn apply_inbox(&self, device_id: &str, commands: Vec<Vec<u8>>) -> Result<(), DrainFailed> {
-        let Some(device) = self.device(device_id).filter(|_| !commands.is_empty()) else {
+    /// Apply `inbox`, the head of the device's inbox up to command number `inbox.last`, and
+    /// trim it in the same batch as its outcome (call with the ownership lock held). Each
+    /// apply waits until that batch is durable, so under the lock the inbox's head is always
+    /// the first command not applied: once this returns Ok, command `last + 1` may be applied
+    /// straight from its hint.
+    async fn apply_inbox(&self, device_id: &str, inbox: Inbox) -> Result<(), DrainFailed> {
+        let Some(device) = self.device(device_id) else {
             return Ok(());
         };
+        let Inbox { commands, last } = inbox;
+        if commands.is_empty() {
+            device.lock().inbox_next = Some(last + 1);
+            return Ok(());
+        }
         let (pending, invites) = {
             let cx = self.ctx();
             let slot = &mut *device.lock();
+            // Unknown until this batch is durable: a failure leaves the next hint to read.
+            slot.inbox_next = None;
             let mut fx = Effects::default();
             let mut invites = Vec::new();
             let mut enqueued = Vec::new();
@@ -475,6 +485,7 @@ impl Hub {
         // Invites are durable now: plan their VoIP legs as a single node does.
         let cx = self.ctx();
         let slot = &mut *device.lock();
+        slot.inbox_next = Some(last + 1);
         let mut fx = Effects::default();
         for seq in invites {
             slot.core.plan_voip(&mut fx, cx, seq);
@@ -484,14 +495,33 @@ impl Hub {
         Ok(())
     }
 
-    /// Apply the inbox of a device held here (after a hint).
+    /// Apply the inbox of a device held here (after a lost hint or a failed drain).
     async fn drain(&self, device_id: &str) {
+        self.take_hinted(device_id, None).await;
+    }
+
+    /// Apply command `number` of the inbox of a device held here, from its hint: without
+    /// reading the inbox when it is the next one this node expects (one Redis round trip
+    /// less for every cross-node push), else the whole inbox as read now.
+    async fn take_hinted(&self, device_id: &str, hinted: Option<(u64, Vec<u8>)>) {
         let Some(link) = self.link() else { return };
         let _owner = link.lock_device(device_id).await;
-        if self.device(device_id).is_none() {
+        let Some(device) = self.device(device_id) else {
             return;
-        }
-        if let Err(failed) = self.drain_locked(link, device_id).await {
+        };
+        let expected = device.lock().inbox_next;
+        let drained = match hinted {
+            Some((number, command)) if Some(number) == expected => {
+                crate::observe::metrics::cluster("hint_applied");
+                let inbox = Inbox {
+                    commands: vec![command],
+                    last: number,
+                };
+                self.apply_inbox(device_id, inbox).await
+            }
+            _ => self.drain_locked(link, device_id).await,
+        };
+        if let Err(failed) = drained {
             self.drain_failed(link, device_id, failed);
         }
     }
@@ -609,12 +639,12 @@ impl Hub {
         let max = self.0.limits.max_queued_per_device;
         let forward = link
             .redis
-            .forward(device_id, command, Some(accepted.clone()), item.expires, max);
+            .forward(device_id, command, Some(accepted), item.expires, max);
         match timed("forward", forward).await {
+            // The forward script announced the ACCEPTED receipt to every node.
             Ok(Forwarded::Queued { .. }) => {
                 crate::observe::metrics::accepted(crate::observe::kind_str(item.kind));
                 crate::observe::metrics::cluster("forwarded");
-                link.publish_receipt(accepted);
                 Ok(Routed::Forwarded)
             }
             Ok(Forwarded::Unknown) => Ok(Routed::Refused("unknown device")),
@@ -870,9 +900,13 @@ impl Hub {
     async fn heard(&self, heard: Heard) {
         match heard {
             // Drains of different devices overlap (each waits for Redis).
-            Heard::Inbox(device) => {
+            Heard::Inbox {
+                device,
+                number,
+                command,
+            } => {
                 let hub = self.clone();
-                tokio::spawn(async move { hub.drain(&device).await });
+                tokio::spawn(async move { hub.take_hinted(&device, Some((number, command))).await });
             }
             Heard::Kick(device) => {
                 crate::observe::metrics::cluster("kicked");
@@ -1019,6 +1053,78 @@ mod tests {
         hub
     }
 
+    /// A cross-node push is applied from its hint, without reading the inbox, when it is the
+    /// next command the holder expects; a hint after a lost one, or a stale one, reads the
+    /// inbox instead, so every command is applied once and in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_next_hinted_command_is_applied_without_reading_the_inbox() {
+        use crate::hub::MessageRequest;
+        let server = RedisServer::start().expect("redis-server starts");
+        let a = holding_d1(&server).await;
+        let b = Hub::new_cluster(
+            node(&server, "B").await,
+            Limits::default(),
+            None,
+            Arc::new(SystemClock),
+        );
+        let redis_a = a.link().expect("cluster mode").redis.clone();
+        let mut raw = raw(&server);
+        let mut lranges = || {
+            let info: String = ::redis::cmd("INFO")
+                .arg("commandstats")
+                .query(&mut raw)
+                .expect("info");
+            info.lines()
+                .find_map(|l| l.strip_prefix("cmdstat_lrange:calls="))
+                .and_then(|l| l.split(',').next())
+                .map_or(0, |n| n.parse::<u64>().expect("a count"))
+        };
+        let send = |id: &'static str| {
+            b.send_message(MessageRequest {
+                id: id.into(),
+                device_ids: vec!["d1".into()],
+                body: id.into(),
+                ..Default::default()
+            })
+        };
+        let queued = || -> Vec<String> {
+            let device = a.device("d1").expect("held");
+            let slot = device.lock();
+            slot.core.outbox.values().map(|q| q.push.id.clone()).collect()
+        };
+        let command = |inbox: &Inbox, number: u64| {
+            let first = inbox.last + 1 - inbox.commands.len() as u64;
+            Some((number, inbox.commands[(number - first) as usize].clone()))
+        };
+
+        send("m1").await.expect("forwarded");
+        let inbox = redis_a.inbox("d1").await.expect("inbox");
+        assert_eq!(inbox.last, 1);
+        let reads = lranges();
+        a.take_hinted("d1", command(&inbox, 1)).await;
+        assert_eq!(queued(), ["m1"]);
+        assert_eq!(lranges(), reads, "applied from the hint: the inbox was not read");
+        assert_eq!(
+            redis_a.inbox("d1").await.expect("inbox").commands.len(),
+            0,
+            "trimmed"
+        );
+
+        // The hint for m2 is lost: m3's names a command after the one expected.
+        send("m2").await.expect("forwarded");
+        send("m3").await.expect("forwarded");
+        let inbox = redis_a.inbox("d1").await.expect("inbox");
+        let reads = lranges();
+        a.take_hinted("d1", command(&inbox, 3)).await;
+        assert_eq!(queued(), ["m1", "m2", "m3"], "both, in order");
+        assert_eq!(lranges(), reads + 1, "the inbox was read");
+
+        // m2's hint comes late: nothing is applied twice.
+        a.take_hinted("d1", command(&inbox, 2)).await;
+        assert_eq!(queued(), ["m1", "m2", "m3"]);
+        assert_eq!(a.device("d1").expect("held").lock().inbox_next, Some(4));
+    }
+
     /// Regression (a CI failure): while Redis restarted empty, a drain whose inbox read failed
     /// dropped the device, so the node's copy, by then the only one, was never written back and
     /// the phone's credential was refused ever after.
@@ -1091,7 +1197,7 @@ mod tests {
             Claimed::Mine { state, inbox, .. } => {
                 let queued: Vec<&str> = state.pushes.iter().map(|p| p.id.as_str()).collect();
                 assert_eq!(queued, ["m1"], "the queue written back");
-                assert_eq!(inbox.len(), 1, "m3 waits in the inbox");
+                assert_eq!(inbox.commands.len(), 1, "m3 waits in the inbox");
             }
             _ => panic!("the device is free to claim"),
         }

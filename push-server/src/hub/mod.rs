@@ -110,6 +110,19 @@ struct Inner {
 struct Slot {
     core: DeviceCore,
     ctl: Option<Arc<SessionCtl>>,
+    /// Cluster mode: the number of the inbox command this node applies next, when every
+    /// earlier one is applied and trimmed (`None`: unknown, so a hint reads the inbox).
+    inbox_next: Option<u64>,
+}
+
+impl Slot {
+    fn new(core: DeviceCore) -> Self {
+        Self {
+            core,
+            ctl: None,
+            inbox_next: None,
+        }
+    }
 }
 
 impl Hub {
@@ -187,7 +200,7 @@ impl Hub {
         }
         let devices = devices
             .into_iter()
-            .map(|(id, core)| (id, Arc::new(Mutex::new(Slot { core, ctl: None }))))
+            .map(|(id, core)| (id, Arc::new(Mutex::new(Slot::new(core)))))
             .collect();
         Self(Arc::new(Inner {
             devices: RwLock::new(devices),

@@ -104,10 +104,7 @@ impl Hub {
         match devices.entry(device_id.to_string()) {
             Entry::Occupied(e) => (e.get().clone(), false),
             Entry::Vacant(e) => {
-                let slot = Slot {
-                    core: DeviceCore::registered(device_id, now),
-                    ctl: None,
-                };
+                let slot = Slot::new(DeviceCore::registered(device_id, now));
                 (e.insert(Arc::new(Mutex::new(slot))).clone(), true)
             }
         }

@@ -30,12 +30,16 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 /// During an outage every failed request would ask again: at most one lookup this often.
 const LOOKUP_INTERVAL: Duration = Duration::from_millis(200);
 
-/// `redis+sentinel://[user[:password]@]host[:port][,host[:port]...]/master_name[/db]`: the
-/// credentials and db are the master's; Sentinels are asked without credentials.
+/// `redis+sentinel://[user[:password]@]host[:port][,host[:port]...]/master_name[/db]
+/// [?sentinel_username=U&sentinel_password=P]`: the credentials before the hosts and the db are
+/// the master's; the Sentinels' own (their `requirepass`, or an ACL user) go in the query,
+/// percent-encoded.
 struct SentinelSpec {
     sentinels: Vec<ConnectionAddr>,
     master_name: String,
     master: RedisConnectionInfo,
+    sentinel_username: Option<String>,
+    sentinel_password: Option<String>,
     tls: bool,
     certificates: Option<TlsCertificates>,
 }
@@ -55,9 +59,26 @@ impl SentinelSpec {
             RedisError::from((
                 redis::ErrorKind::InvalidClientConfig,
                 "invalid Sentinel URL",
-                format!("{what}; expected {SENTINEL_SCHEME}host:port[,host:port...]/master_name[/db]"),
+                format!(
+                    "{what}; expected {SENTINEL_SCHEME}host:port[,host:port...]/master_name[/db]\
+                     [?sentinel_username=U&sentinel_password=P]"
+                ),
             ))
         };
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (mut sentinel_username, mut sentinel_password) = (None, None);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = percent_encoding::percent_decode_str(value)
+                .decode_utf8()
+                .map_err(|_| invalid(&format!("{key} is not UTF-8 once decoded")))?
+                .into_owned();
+            match key {
+                "sentinel_username" => sentinel_username = Some(value),
+                "sentinel_password" => sentinel_password = Some(value),
+                _ => return Err(invalid(&format!("unknown parameter {key:?}"))),
+            }
+        }
         let (authority, path) = rest.split_once('/').ok_or_else(|| invalid("no master name"))?;
         let (userinfo, hosts) = match authority.rsplit_once('@') {
             Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
@@ -101,6 +122,8 @@ impl SentinelSpec {
             sentinels,
             master_name: master_name.to_string(),
             master,
+            sentinel_username,
+            sentinel_password,
             tls,
             certificates,
         }))
@@ -125,6 +148,12 @@ impl SentinelSpec {
         }
         if let Some(password) = self.master.password() {
             builder = builder.set_client_to_redis_password(password);
+        }
+        if let Some(username) = &self.sentinel_username {
+            builder = builder.set_client_to_sentinel_username(username);
+        }
+        if let Some(password) = &self.sentinel_password {
+            builder = builder.set_client_to_sentinel_password(password);
         }
         if self.tls {
             builder = builder.set_client_to_redis_tls_mode(TlsMode::Secure);
@@ -310,6 +339,13 @@ mod tests {
         assert_eq!(spec.master.db(), 0);
         assert!(matches!(spec.sentinels[0], ConnectionAddr::TcpTls { .. }));
         assert!(SentinelSpec::parse("redis://h:6379/0", None).unwrap().is_none());
+        assert_eq!((spec.sentinel_username, spec.sentinel_password), (None, None));
+        let spec =
+            parse("redis+sentinel://:m@s1/mymaster/1?sentinel_username=ops&sentinel_password=a%26b%3Dc");
+        assert_eq!(spec.master.password(), Some("m"));
+        assert_eq!(spec.master.db(), 1);
+        assert_eq!(spec.sentinel_username.as_deref(), Some("ops"));
+        assert_eq!(spec.sentinel_password.as_deref(), Some("a&b=c"));
     }
 
     #[test]
@@ -318,6 +354,8 @@ mod tests {
             "redis+sentinel://:hunter2@s1:26379",
             "redis+sentinel://:hunter2@s1:26379/",
             "redis+sentinel://:hunter2@s1:26379/m/notadb",
+            "redis+sentinel://s1:26379/m?sentinel_pasword=hunter2",
+            "redis+sentinel://s1:26379/m?sentinel_password=%ff%fehunter2",
         ] {
             let Err(e) = SentinelSpec::parse(url, None) else {
                 panic!("{url} must be refused")

@@ -12,7 +12,9 @@
 //!   final receipt can expire after the retention);
 //! - `lp:{d:ID}:lease` `"<node>|<token>"`: the node holding the device; `lp:{d:ID}:fence` the
 //!   counter tokens come from (it only grows, so a token is never reused);
-//! - `lp:{d:ID}:inbox` list of opaque commands for whoever holds the device.
+//! - `lp:{d:ID}:inbox` list of opaque commands for whoever holds the device; `lp:{d:ID}:ibn`
+//!   the number of the last command ever put there (a holder that applied up to `n - 1` may
+//!   apply command `n` straight from its hint).
 //!
 //! Shared keys: `lp:epoch`, `lp:devices` (set of ids), `lp:g:<group>` (set of ids),
 //! `lp:m:<push id>` (set of the devices a push went to, for `receipts(id)`), `lp:req:<id>`,
@@ -95,10 +97,18 @@ pub enum Claimed {
         previous: Option<String>,
         /// The device's stored state.
         state: DeviceState,
-        /// Commands waiting in its inbox, oldest first (trim them with `Op::TrimInbox` in the
-        /// batch that applies their outcome).
-        inbox: Vec<Vec<u8>>,
+        /// Commands waiting in its inbox (trim them with `Op::TrimInbox` in the batch that
+        /// applies their outcome).
+        inbox: Inbox,
     },
+}
+
+/// A device's inbox as read in one step: its commands, oldest first, and the number of the
+/// newest one (0 when none was ever queued), so the holder knows which hint comes next.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inbox {
+    pub commands: Vec<Vec<u8>>,
+    pub last: u64,
 }
 
 /// The answer to [`RedisStore::forward`].
@@ -115,8 +125,14 @@ pub enum Forwarded {
 /// Something another node (or Redis) told this node, from pub/sub.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Heard {
-    /// A command was queued in the inbox of a device this node holds.
-    Inbox(String),
+    /// A command was queued in the inbox of a device this node holds, with its number there
+    /// (counting from 1; 0 from a node that does not number its hints) and the command itself:
+    /// a holder that applied every command before it applies it without reading the inbox.
+    Inbox {
+        device: String,
+        number: u64,
+        command: Vec<u8>,
+    },
     /// Another node took this device: let go of it (no write will succeed anyway).
     Kick(String),
     /// A receipt announced by any node (this one included).
@@ -142,6 +158,8 @@ const DEFAULT_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 const CLAIM_ATTEMPTS: usize = 5;
 /// Capacity of the channel from the pub/sub listener to the hub.
 const HEARD_CAPACITY: usize = 1024;
+/// How long connecting and subscribing the pub/sub connection may take before it is retried.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 const RECEIPTS_CHANNEL: &str = "lp:receipts";
 const PRESENCE_CHANNEL: &str = "lp:presence";
 const DEVICES: &str = "lp:devices";
@@ -310,7 +328,7 @@ return 1
     ))
 });
 
-/// KEYS: rec, q, ceil, inbox, lease, fence, lp:due. ARGV: node, steal, the lease value read
+/// KEYS: rec, q, ceil, inbox, lease, fence, lp:due, ibn. ARGV: node, steal, the lease value read
 /// just before ('' for none), whether its holder is alive, device.
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
@@ -332,7 +350,8 @@ redis.call('SET', KEYS[5], ARGV[1] .. '|' .. string.format('%d', token))
 redis.call('ZREM', KEYS[7], ARGV[5])
 if prev ~= '' then redis.call('PUBLISH', 'lp:hint:' .. prev, 'kick:' .. ARGV[5]) end
 return {'mine', token, redis.call('GET', KEYS[1]), redis.call('HGETALL', KEYS[2]),
-  redis.call('GET', KEYS[3]) or '', redis.call('LRANGE', KEYS[4], 0, -1), prev}
+  redis.call('GET', KEYS[3]) or '', redis.call('LRANGE', KEYS[4], 0, -1), prev,
+  redis.call('GET', KEYS[8]) or '0'}
 "#
     ))
 });
@@ -358,8 +377,10 @@ return 1
     )
 });
 
-/// KEYS: rec, q, inbox, lease, lp:due[, receipt key, device set]. ARGV: command, max, device,
-/// due, retention[, push id, receipt row, final].
+/// KEYS: rec, q, inbox, lease, lp:due, ibn[, receipt key, device set]. ARGV: command, max,
+/// device, due, retention[, push id, receipt row, final].
+/// The hint carries the command (`cmd:<number>:<device length>:<device><command>`), and the
+/// receipt is announced from here, before the hint: no second round trip for either.
 static FORWARD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{LUA_HELPERS}{}",
@@ -369,11 +390,16 @@ if redis.call('HLEN', KEYS[2]) + redis.call('LLEN', KEYS[3]) >= tonumber(ARGV[2]
   return {'full'}
 end
 redis.call('RPUSH', KEYS[3], ARGV[1])
-if KEYS[6] then put_receipt(KEYS[6], KEYS[7], ARGV[6], ARGV[3], ARGV[7], ARGV[8], ARGV[5]) end
+local number = redis.call('INCR', KEYS[6])
+if KEYS[7] then
+  put_receipt(KEYS[7], KEYS[8], ARGV[6], ARGV[3], ARGV[7], ARGV[8], ARGV[5])
+  redis.call('PUBLISH', 'lp:receipts', ARGV[7])
+end
 local lease = redis.call('GET', KEYS[4])
 if lease then
   local holder = owner_of(lease)
-  redis.call('PUBLISH', 'lp:hint:' .. holder, 'inbox:' .. ARGV[3])
+  redis.call('PUBLISH', 'lp:hint:' .. holder,
+    'cmd:' .. number .. ':' .. #ARGV[3] .. ':' .. ARGV[3] .. ARGV[1])
   return {'queued', holder}
 end
 redis.call('ZADD', KEYS[5], 'LT', ARGV[4], ARGV[3])
@@ -1261,6 +1287,7 @@ impl RedisStore {
                 .key(dkey(device_id, "lease"))
                 .key(dkey(device_id, "fence"))
                 .key(DUE)
+                .key(dkey(device_id, "ibn"))
                 .arg(&self.node)
                 .arg(if steal { "1" } else { "0" })
                 .arg(lease.as_deref().unwrap_or(""))
@@ -1294,11 +1321,12 @@ impl RedisStore {
                         Value::BulkString(b) if b.is_empty() => 1,
                         value => into_u64("claim ceiling", value)?,
                     };
-                    let inbox = into_array("claim inbox", next())?
+                    let commands = into_array("claim inbox", next())?
                         .into_iter()
                         .map(|v| into_bytes("claim inbox", v))
                         .collect::<Result<Vec<_>, _>>()?;
                     let previous = into_string("claim", next())?;
+                    let last = into_u64("claim inbox number", next())?;
                     self.tokens.lock().insert(device_id.to_string(), token);
                     return Ok(Claimed::Mine {
                         token,
@@ -1308,7 +1336,7 @@ impl RedisStore {
                             pushes,
                             ceiling,
                         },
-                        inbox,
+                        inbox: Inbox { commands, last },
                     });
                 }
                 other => return Err(StoreError::Redis(format!("unexpected claim answer {other}"))),
@@ -1367,6 +1395,7 @@ impl RedisStore {
             .key(dkey(device_id, "inbox"))
             .key(dkey(device_id, "lease"))
             .key(DUE)
+            .key(dkey(device_id, "ibn"))
             .arg(command)
             .arg(max_queued)
             .arg(device_id)
@@ -1422,15 +1451,23 @@ impl RedisStore {
         Ok(swapped == 1)
     }
 
-    /// The inbox of a device this node holds, oldest first.
-    pub async fn inbox(&self, device_id: &str) -> Result<Vec<Vec<u8>>, StoreError> {
-        redis::cmd("LRANGE")
+    /// The inbox of a device this node holds, with the number of its newest command.
+    pub async fn inbox(&self, device_id: &str) -> Result<Inbox, StoreError> {
+        let (commands, last): (Vec<Vec<u8>>, Option<u64>) = redis::pipe()
+            .atomic()
+            .cmd("LRANGE")
             .arg(dkey(device_id, "inbox"))
             .arg(0)
             .arg(-1)
+            .cmd("GET")
+            .arg(dkey(device_id, "ibn"))
             .query_async(&mut self.conn())
             .await
-            .map_err(redis_err)
+            .map_err(redis_err)?;
+        Ok(Inbox {
+            commands,
+            last: last.unwrap_or(0),
+        })
     }
 
     /// Those of `device_ids` whose inbox holds commands, in order (one round trip per 1,000).
@@ -1654,10 +1691,17 @@ impl Listener {
         let mut connected_before = false;
         loop {
             let (generation, client) = self.master.current();
+            // Bounded: a master that accepts the connection and then says nothing (paused,
+            // half-open) must not stall the hints forever.
             let connect = async {
-                let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(&self.channels).await?;
-                Ok::<_, RedisError>(pubsub)
+                let subscribed = async {
+                    let mut pubsub = client.get_async_pubsub().await?;
+                    pubsub.subscribe(&self.channels).await?;
+                    Ok::<_, RedisError>(pubsub)
+                };
+                tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscribed)
+                    .await
+                    .unwrap_or_else(|_| Err(RedisError::from((redis::ErrorKind::Io, "subscribe timed out"))))
             };
             let connected = tokio::select! {
                 _ = self.stop.cancelled() => return,
@@ -1722,17 +1766,13 @@ impl Listener {
                     }
                 },
                 PRESENCE_CHANNEL => Heard::Presence(payload.to_vec()),
-                _ => {
-                    let text = String::from_utf8_lossy(payload);
-                    match text.split_once(':') {
-                        Some(("inbox", device)) => Heard::Inbox(device.to_string()),
-                        Some(("kick", device)) => Heard::Kick(device.to_string()),
-                        _ => {
-                            tracing::warn!(hint = %text, "unknown hint");
-                            continue;
-                        }
+                _ => match parse_hint(payload) {
+                    Some(heard) => heard,
+                    None => {
+                        tracing::warn!(hint = %String::from_utf8_lossy(payload), "unknown hint");
+                        continue;
                     }
-                }
+                },
             };
             // Never wait for the hub: a full channel drops announcements (the hub re-reads the
             // store when it needs them) and turns lost hints into a later `Resubscribed`.
@@ -1740,12 +1780,43 @@ impl Listener {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Closed(_)) => return false,
                 Err(mpsc::error::TrySendError::Full(heard)) => match heard {
-                    Heard::Inbox(_) | Heard::Kick(_) => self.lost = true,
+                    Heard::Inbox { .. } | Heard::Kick(_) => self.lost = true,
                     dropped => tracing::debug!(?dropped, "hub is behind; announcement dropped"),
                 },
             }
         }
     }
+}
+
+/// A hint on `lp:hint:<node>`: `cmd:<number>:<device length>:<device><command>` (from
+/// `FORWARD`), `kick:<device>` (from `CLAIM`), or `inbox:<device>` (an older node's forward).
+fn parse_hint(payload: &[u8]) -> Option<Heard> {
+    fn field(rest: &[u8]) -> Option<(u64, &[u8])> {
+        let colon = rest.iter().position(|&b| b == b':')?;
+        let value = std::str::from_utf8(&rest[..colon]).ok()?.parse().ok()?;
+        Some((value, &rest[colon + 1..]))
+    }
+    let utf8 = |bytes: &[u8]| String::from_utf8(bytes.to_vec()).ok();
+    if let Some(rest) = payload.strip_prefix(b"cmd:") {
+        let (number, rest) = field(rest)?;
+        let (len, rest) = field(rest)?;
+        let len = usize::try_from(len).ok().filter(|&len| len <= rest.len())?;
+        let (device, command) = rest.split_at(len);
+        return Some(Heard::Inbox {
+            device: utf8(device)?,
+            number,
+            command: command.to_vec(),
+        });
+    }
+    if let Some(device) = payload.strip_prefix(b"kick:") {
+        return Some(Heard::Kick(utf8(device)?));
+    }
+    let device = payload.strip_prefix(b"inbox:")?;
+    Some(Heard::Inbox {
+        device: utf8(device)?,
+        number: 0,
+        command: Vec::new(),
+    })
 }
 
 impl Store for RedisStore {
@@ -2283,7 +2354,11 @@ mod tests {
         let Claimed::Mine { inbox, .. } = a.claim("d1", false).await.expect("claim") else {
             panic!("claim")
         };
-        assert_eq!(inbox, [b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]);
+        let three = |commands: Vec<&[u8]>, last| Inbox {
+            commands: commands.into_iter().map(<[u8]>::to_vec).collect(),
+            last,
+        };
+        assert_eq!(inbox, three(vec![b"one", b"two", b"three"], 3));
         commit(
             &*a,
             vec![
@@ -2296,7 +2371,7 @@ mod tests {
         )
         .await
         .expect("trim");
-        assert_eq!(a.inbox("d1").await.expect("inbox"), [b"three".to_vec()]);
+        assert_eq!(a.inbox("d1").await.expect("inbox"), three(vec![b"three"], 3));
 
         // d1 holds one push and one command: a third item is refused, and nothing is written.
         assert_eq!(
@@ -2315,7 +2390,8 @@ mod tests {
             .expect("forward"),
             Forwarded::Unknown
         );
-        assert_eq!(a.inbox("d1").await.expect("inbox"), [b"three".to_vec()]);
+        // Refused commands take no number.
+        assert_eq!(a.inbox("d1").await.expect("inbox"), three(vec![b"three"], 3));
         assert_eq!(
             query::<u64>(
                 &server,
@@ -2351,8 +2427,12 @@ mod tests {
             }
         );
         assert_eq!(
-            heard(&mut heard_b, |h| matches!(h, Heard::Inbox(_))).await,
-            Heard::Inbox("d2".into())
+            heard(&mut heard_b, |h| matches!(h, Heard::Inbox { .. })).await,
+            Heard::Inbox {
+                device: "d2".into(),
+                number: 1,
+                command: b"cmd".to_vec()
+            }
         );
         assert!(
             !a.due(i64::MAX / 4, 10)
@@ -2360,7 +2440,41 @@ mod tests {
                 .expect("due")
                 .contains(&"d2".to_string())
         );
-        assert_eq!(b.inbox("d2").await.expect("inbox"), [b"cmd".to_vec()]);
+        assert_eq!(b.inbox("d2").await.expect("inbox"), three(vec![b"cmd"], 1));
+    }
+
+    #[test]
+    fn hints_carry_their_command_whatever_its_bytes() {
+        let hint = [b"cmd:12:5:a:b:c".as_slice(), &[0, b':', 255]].concat();
+        assert_eq!(
+            parse_hint(&hint),
+            Some(Heard::Inbox {
+                device: "a:b:c".into(),
+                number: 12,
+                command: vec![0, b':', 255],
+            })
+        );
+        assert_eq!(parse_hint(b"kick:d:1"), Some(Heard::Kick("d:1".into())));
+        // An older node's hint names only the device: number 0 is never expected, so the
+        // holder reads the inbox.
+        assert_eq!(
+            parse_hint(b"inbox:d1"),
+            Some(Heard::Inbox {
+                device: "d1".into(),
+                number: 0,
+                command: Vec::new(),
+            })
+        );
+        for bad in [
+            &b"cmd:1:9:short"[..],
+            b"cmd:x:1:d",
+            b"cmd:1",
+            b"cmd:1:2",
+            b"hello:d1",
+            b"",
+        ] {
+            assert_eq!(parse_hint(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2397,6 +2511,33 @@ mod tests {
             heard(&mut heard_a, |_| true).await,
             Heard::Presence(b"again".to_vec())
         );
+    }
+
+    /// Regression: a Redis that accepts the pub/sub connection and never answers (paused,
+    /// half-open) held the listener forever, so no hint reached the node again.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_redis_does_not_hold_the_listener_forever() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("redis://{}", silent.local_addr().expect("addr"));
+        let (tx, _rx) = mpsc::channel(1);
+        let stop = CancellationToken::new();
+        let listener = Listener {
+            master: Master::open(&url, None).await.expect("master"),
+            channels: vec!["lp:hint:A".into()],
+            tx,
+            stop: stop.clone(),
+            lost: false,
+        };
+        tokio::spawn(listener.run());
+        let mut held = Vec::new();
+        for attempt in 1..=2 {
+            let accepted = tokio::time::timeout(Duration::from_secs(60), silent.accept()).await;
+            let (socket, _) = accepted
+                .unwrap_or_else(|_| panic!("connection {attempt} never came"))
+                .expect("accept");
+            held.push(socket);
+        }
+        stop.cancel();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
