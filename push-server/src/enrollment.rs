@@ -51,7 +51,7 @@ pub const RECENT_ENROLLMENTS: usize = 200;
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
     /// A device id or group name is unusable.
-    #[error("{0} must be 1-128 bytes without control characters")]
+    #[error("{0} must be 1-128 bytes, not only spaces, without control characters")]
     InvalidName(&'static str),
     /// The caller may only enroll new devices and this one exists.
     #[error(
@@ -477,9 +477,10 @@ fn check_names(device_id: &str, groups: &[String]) -> Result<(), EnrollError> {
     groups.iter().try_for_each(|g| check_name("group", g))
 }
 
-/// A device id or group name: 1-128 bytes, no control characters.
+/// A device id or group name: 1-128 bytes, not only whitespace (the provider refuses a blank
+/// device id), no control characters.
 pub fn check_name(what: &'static str, value: &str) -> Result<(), EnrollError> {
-    if value.is_empty() || value.len() > MAX_NAME_BYTES || value.chars().any(char::is_control) {
+    if value.trim().is_empty() || value.len() > MAX_NAME_BYTES || value.chars().any(char::is_control) {
         return Err(EnrollError::InvalidName(what));
     }
     Ok(())
@@ -533,7 +534,9 @@ mod tests {
     #[test]
     fn names_are_checked() {
         assert!(check_name("device_id", "bed 12 / ward 4B").is_ok());
-        for bad in ["", "a\nb", &"x".repeat(129)] {
+        // Regression (found by the enrollment fuzz target): a device id of spaces was enrolled,
+        // and the provider refused the profile it was given.
+        for bad in ["", "   ", "\u{3000}", "a\nb", &"x".repeat(129)] {
             assert!(matches!(
                 check_name("device_id", bad),
                 Err(EnrollError::InvalidName("device_id"))

@@ -245,7 +245,7 @@ impl Keys {
     pub async fn create(&self, new: NewKey) -> Result<(String, KeySummary), KeyError> {
         let invalid = |m: String| Err(KeyError::Invalid(m));
         if check_name("name", &new.name).is_err() {
-            return invalid("name must be 1-128 bytes without control characters".into());
+            return invalid("name must be 1-128 bytes, not only spaces, without control characters".into());
         }
         if new.scopes.is_empty() {
             return invalid("at least one scope is required".into());
@@ -264,7 +264,9 @@ impl Keys {
             return invalid("enroll groups apply only to a key with the enroll scope".into());
         }
         if new.enroll_groups.iter().any(|g| check_name("group", g).is_err()) {
-            return invalid("a group must be 1-128 bytes without control characters".into());
+            return invalid(
+                "a group must be 1-128 bytes, not only spaces, without control characters".into(),
+            );
         }
         let now = now_ms();
         let record = ApiKeyRecord {
