@@ -97,24 +97,42 @@ impl RedisServer {
     /// short enough for a test: down after 500 ms, a failover in one or two seconds.
     /// `requirepass`: the password clients must give the Sentinel (then in `url`'s query).
     pub fn start_sentinel(master: &RedisServer, requirepass: Option<&str>) -> std::io::Result<Self> {
-        let master = master.port;
         let auth = requirepass.map_or(String::new(), |p| format!("requirepass {p}\n"));
         let mut server = Self::launch_as(
             false,
-            |port| {
-                vec![format!(
-                    "port {port}\nbind 127.0.0.1\nprotected-mode no\n{auth}\
-                     sentinel monitor mymaster 127.0.0.1 {master} 1\n\
-                     sentinel down-after-milliseconds mymaster 500\n\
-                     sentinel failover-timeout mymaster 2000\n\
-                     sentinel parallel-syncs mymaster 1\n"
-                )]
-            },
+            |port| vec![format!("port {port}\n{auth}{}", sentinel_conf(master))],
             None,
             true,
         )?;
         let query = requirepass.map_or(String::new(), |p| format!("?sentinel_password={p}"));
         server.url = format!("redis+sentinel://127.0.0.1:{}/mymaster/0{query}", server.port);
+        Ok(server)
+    }
+
+    /// Start a Sentinel, as `start_sentinel`, that speaks only TLS with `certs` (clients must
+    /// present a certificate from its CA) and reaches `master` (started with `start_tls`) over
+    /// TLS, with `certs`' client certificate.
+    pub fn start_sentinel_tls(master: &RedisServer, certs: &TestCerts) -> std::io::Result<Self> {
+        let path = |p: &PathBuf| p.display().to_string();
+        let mut server = Self::launch_as(
+            false,
+            |port| {
+                vec![format!(
+                    "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\n\
+                     tls-client-cert-file {}\ntls-client-key-file {}\ntls-ca-cert-file {}\n\
+                     tls-auth-clients yes\ntls-replication yes\n{}",
+                    path(&certs.server_cert),
+                    path(&certs.server_key),
+                    path(&certs.client_cert),
+                    path(&certs.client_key),
+                    path(&certs.ca),
+                    sentinel_conf(master),
+                )]
+            },
+            Some(certs.client()),
+            true,
+        )?;
+        server.url = format!("rediss+sentinel://127.0.0.1:{}/mymaster/0", server.port);
         Ok(server)
     }
 
@@ -262,6 +280,18 @@ impl RedisServer {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// A Sentinel's config after its port: `master` as `mymaster`, a quorum of one, short timings.
+fn sentinel_conf(master: &RedisServer) -> String {
+    format!(
+        "bind 127.0.0.1\nprotected-mode no\n\
+         sentinel monitor mymaster 127.0.0.1 {} 1\n\
+         sentinel down-after-milliseconds mymaster 500\n\
+         sentinel failover-timeout mymaster 2000\n\
+         sentinel parallel-syncs mymaster 1\n",
+        master.port
+    )
 }
 
 /// Whether a server on `port` answers `PING` (a password-protected one answers `NOAUTH`).

@@ -388,12 +388,11 @@ async fn redis_restarted_empty_is_detected_and_the_phones_it_held_resync_without
     // (API keys went with Redis's data: senders are back once they are restored from a backup.)
 }
 
-#[tokio::test]
-async fn nodes_reach_redis_over_tls_trusting_a_private_ca_with_a_client_certificate() {
-    let certs = TestCerts::generate("tls-relay").expect("certificates");
-    let redis = RedisServer::start_tls(&certs).expect("redis-server starts with TLS");
+/// Two nodes on the Redis at `url` (a `rediss` URL), trusting `certs`' CA and presenting its
+/// client certificate: a message crosses from node A to a phone on node B.
+async fn relayed_over_tls(certs: &TestCerts, url: &str, body: &str) {
     let (a, b) = nodes(|c| {
-        c.cluster.redis_url = redis.url.clone();
+        c.cluster.redis_url = url.to_string();
         c.cluster.redis_ca_file = Some(certs.ca.clone());
         c.cluster.redis_client_cert_file = Some(certs.client_cert.clone());
         c.cluster.redis_client_key_file = Some(certs.client_key.clone());
@@ -401,7 +400,22 @@ async fn nodes_reach_redis_over_tls_trusting_a_private_ca_with_a_client_certific
     .await;
     let credential = a.issue("phone-1", &[]).await;
     let mut phone = b.connect(&credential, 0).await.expect("connects to node B");
-    relayed(&a, &mut phone, "over TLS").await;
+    relayed(&a, &mut phone, body).await;
+}
+
+#[tokio::test]
+async fn nodes_reach_redis_over_tls_trusting_a_private_ca_with_a_client_certificate() {
+    let certs = TestCerts::generate("tls-relay").expect("certificates");
+    let redis = RedisServer::start_tls(&certs).expect("redis-server starts with TLS");
+    relayed_over_tls(&certs, &redis.url, "over TLS").await;
+}
+
+#[tokio::test]
+async fn nodes_follow_a_sentinel_over_tls_to_a_master_over_tls() {
+    let certs = TestCerts::generate("tls-sentinel").expect("certificates");
+    let master = RedisServer::start_tls(&certs).expect("redis-server starts with TLS");
+    let sentinel = RedisServer::start_sentinel_tls(&master, &certs).expect("sentinel starts with TLS");
+    relayed_over_tls(&certs, &sentinel.url, "through a Sentinel, all over TLS").await;
 }
 
 #[tokio::test]
