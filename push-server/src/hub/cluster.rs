@@ -34,9 +34,12 @@ use super::{
     device::{DeviceCore, Effects, Item, StopState, VoipLeg},
 };
 use crate::store::{
-    Claimed, DeviceState, Forwarded, Heard, Inbox, PushKind, Receipt, ReceiptState, RedisStore, StoreError,
+    Announcement, Claimed, DeviceState, Forwarded, Heard, Inbox, PushKind, Receipt, ReceiptState, RedisStore,
+    StoreError,
 };
 
+/// At most this many receipts and presence events go to Redis in one pipeline.
+const ANNOUNCE_BATCH: usize = 256;
 /// How often a node renews its heartbeat, and how long one lasts: a node silent for longer is
 /// dead to the others, which may then take its devices without stealing.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
@@ -962,13 +965,19 @@ pub async fn run_cluster(hub: Hub, shutdown: CancellationToken) {
     let publisher = {
         let redis = link.redis.clone();
         tokio::spawn(async move {
-            while let Some(item) = outbound.recv().await {
-                let result = match item {
-                    Outbound::Receipt(r) => redis.publish_receipt(&r).await,
-                    Outbound::Presence(e) => redis.publish_presence(e.encode_to_vec()).await,
-                };
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "announcement not published to the cluster");
+            // What queued while the previous announcements were on their way goes in one
+            // pipeline: one round trip, not one per receipt.
+            let mut batch = Vec::new();
+            while outbound.recv_many(&mut batch, ANNOUNCE_BATCH).await > 0 {
+                let all: Vec<Announcement> = batch
+                    .drain(..)
+                    .map(|item| match item {
+                        Outbound::Receipt(r) => Announcement::Receipt(r),
+                        Outbound::Presence(e) => Announcement::Presence(e.encode_to_vec()),
+                    })
+                    .collect();
+                if let Err(e) = redis.announce(&all).await {
+                    tracing::warn!(error = %e, count = all.len(), "announcements not published to the cluster");
                 }
             }
         })

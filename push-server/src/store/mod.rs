@@ -53,7 +53,7 @@ mod redis_store;
 mod rows;
 
 pub use redb_store::RedbStore;
-pub use redis_store::{Claimed, DeviceState, Forwarded, Heard, Inbox, NodeInfo, RedisStore};
+pub use redis_store::{Announcement, Claimed, DeviceState, Forwarded, Heard, Inbox, NodeInfo, RedisStore};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;

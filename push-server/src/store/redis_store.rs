@@ -143,6 +143,14 @@ pub enum Heard {
     Resubscribed,
 }
 
+/// What a node tells every node through pub/sub.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Announcement {
+    Receipt(Receipt),
+    /// An encoded `lpush.sender.v1.PresenceEvent`.
+    Presence(Vec<u8>),
+}
+
 /// One node's view of a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -1596,24 +1604,18 @@ impl RedisStore {
         Ok(members)
     }
 
-    /// Announce a receipt to every node (`Heard::Receipt`).
-    pub async fn publish_receipt(&self, receipt: &Receipt) -> Result<(), StoreError> {
-        self.publish(RECEIPTS_CHANNEL, encode::<ReceiptRow>(receipt))
-            .await
-    }
-
-    /// Announce an encoded presence event to every node (`Heard::Presence`).
-    pub async fn publish_presence(&self, event: Vec<u8>) -> Result<(), StoreError> {
-        self.publish(PRESENCE_CHANNEL, event).await
-    }
-
-    async fn publish(&self, channel: &str, payload: Vec<u8>) -> Result<(), StoreError> {
-        redis::cmd("PUBLISH")
-            .arg(channel)
-            .arg(payload)
-            .query_async::<()>(&mut self.conn())
-            .await
-            .map_err(redis_err)
+    /// Announce `all` to every node (`Heard::Receipt`, `Heard::Presence`), in order, in one
+    /// round trip.
+    pub async fn announce(&self, all: &[Announcement]) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        for a in all {
+            let (channel, payload) = match a {
+                Announcement::Receipt(r) => (RECEIPTS_CHANNEL, encode::<ReceiptRow>(r)),
+                Announcement::Presence(e) => (PRESENCE_CHANNEL, e.clone()),
+            };
+            pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn()).await.map_err(redis_err)
     }
 
     /// Start listening: hints for this node, receipts and presence of all nodes. Reconnects on
@@ -2485,14 +2487,16 @@ mod tests {
         let mut heard_b = b.subscribe();
         wait_subscribed(&server, "B").await;
         let sent = receipt("m1", "d1", ReceiptState::Acked);
-        a.publish_receipt(&sent).await.expect("publish");
-        a.publish_presence(b"here".to_vec()).await.expect("publish");
+        a.announce(&[
+            Announcement::Receipt(sent.clone()),
+            Announcement::Presence(b"here".to_vec()),
+        ])
+        .await
+        .expect("publish");
+        // In one round trip, in order.
+        assert_eq!(heard(&mut heard_b, |_| true).await, Heard::Receipt(sent));
         assert_eq!(
-            heard(&mut heard_b, |h| matches!(h, Heard::Receipt(_))).await,
-            Heard::Receipt(sent)
-        );
-        assert_eq!(
-            heard(&mut heard_b, |h| matches!(h, Heard::Presence(_))).await,
+            heard(&mut heard_b, |_| true).await,
             Heard::Presence(b"here".to_vec())
         );
     }
@@ -2506,7 +2510,9 @@ mod tests {
         let _: () = query(&server, &["CLIENT", "KILL", "TYPE", "pubsub"]);
         assert_eq!(heard(&mut heard_a, |_| true).await, Heard::Resubscribed);
         wait_subscribed(&server, "A").await;
-        a.publish_presence(b"again".to_vec()).await.expect("publish");
+        a.announce(&[Announcement::Presence(b"again".to_vec())])
+            .await
+            .expect("publish");
         assert_eq!(
             heard(&mut heard_a, |_| true).await,
             Heard::Presence(b"again".to_vec())
