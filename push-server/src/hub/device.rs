@@ -14,7 +14,10 @@
 //!   [`DeviceCore::ack`] and [`DeviceCore::apply_floor`]).
 //! - Only a queued, unacknowledged, unexpired call invite can become a VoIP start.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use apns_bridge::{DeviceToken, VoipCall, VoipOutcome};
 use prost::Message as _;
@@ -192,7 +195,16 @@ pub(super) struct DeviceCore {
     /// Sequence numbers below this are durably reserved; only those may reach the device.
     pub(super) durable_ceiling: u64,
     pub(super) session: Option<Session>,
+    /// Calls whose invite left the outbox with a final receipt the call did not decide
+    /// (revoked, expired, ...), until a while after their ring deadline: the call learns it
+    /// through a note that may arrive after the call decided this callee's end itself, and the
+    /// invite must not get a second final receipt then.
+    ended_invites: HashMap<String, i64>,
 }
+
+/// How long past its ring deadline an invite that ended on its own is remembered: longer than
+/// a call's decision can take to reach the device (a cluster sweep runs every second).
+const ENDED_INVITE_MEMORY_MS: i64 = 60_000;
 
 impl DeviceCore {
     /// A device whose numbers below `ceiling` may have been handed out before.
@@ -205,6 +217,7 @@ impl DeviceCore {
             ceiling,
             durable_ceiling: ceiling,
             session: None,
+            ended_invites: HashMap::new(),
         }
     }
 
@@ -716,7 +729,7 @@ impl DeviceCore {
         debug_assert!(state.is_final());
         if let Some(q) = self.outbox.remove(&seq) {
             fx.receipt(&q.push, state, reason, "", now);
-            note_gone(fx, &q, state);
+            self.invite_ended(fx, &q, state, now);
             forget(fx, &q);
         }
     }
@@ -727,9 +740,26 @@ impl DeviceCore {
         if let Some(q) = self.outbox.remove(&seq) {
             let path = if q.voip == VoipLeg::Delivered { "apns" } else { "" };
             fx.receipt(&q.push, state, reason, path, now);
-            note_gone(fx, &q, state);
+            self.invite_ended(fx, &q, state, now);
             forget(fx, &q);
         }
+    }
+
+    /// A call invite left the outbox with a final state the call did not decide: tell the
+    /// call, and remember it (see `ended_invites`).
+    fn invite_ended(&mut self, fx: &mut Effects, q: &Queued, state: ReceiptState, now: i64) {
+        if q.push.kind != PushKind::CallInvite {
+            return;
+        }
+        self.ended_invites
+            .retain(|_, deadline| *deadline + ENDED_INVITE_MEMORY_MS > now);
+        self.ended_invites.insert(q.push.id.clone(), q.push.expires_at_ms);
+        fx.callees.push(CalleeNote {
+            call_id: q.push.id.clone(),
+            seq: q.push.seq,
+            acked: false,
+            gone: Some(state),
+        });
     }
 
     /// The call decided this callee's ring is over (see `calls::CallFx`): withdraw the invite of
@@ -750,6 +780,10 @@ impl DeviceCore {
             .iter()
             .find(|(_, q)| q.push.kind == PushKind::CallInvite && q.push.id == call_id)
             .map(|(seq, _)| *seq);
+        // Ended on its own (revoked, expired): its final receipt is out, the call will hear.
+        if queued.is_none() && self.ended_invites.contains_key(call_id) {
+            return false;
+        }
         // Not queued: acknowledged (it rang), perhaps on the node that held the device before.
         let (reached, path) = match queued.and_then(|seq| self.outbox.remove(&seq)) {
             Some(q) => {
@@ -996,18 +1030,6 @@ pub(super) fn cancel_item(call_id: &str, uuid: &str, expires: i64, reason: Cance
     }
 }
 
-/// A call invite left the outbox with a final state the call did not decide: tell the call.
-fn note_gone(fx: &mut Effects, q: &Queued, state: ReceiptState) {
-    if q.push.kind == PushKind::CallInvite {
-        fx.callees.push(CalleeNote {
-            call_id: q.push.id.clone(),
-            seq: q.push.seq,
-            acked: false,
-            gone: Some(state),
-        });
-    }
-}
-
 fn forget(fx: &mut Effects, q: &Queued) {
     let (device_id, seq) = (q.push.device_id.clone(), q.push.seq);
     fx.ops.push(Op::DeletePush {
@@ -1058,6 +1080,60 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Regression (found by `delivery_invariants_hold_for_any_operations` under load): a
+    /// callee revoked mid-ring got UNDELIVERABLE, and then MISSED when the call's deadline was
+    /// decided before the call heard of the revocation (the note is applied by a task of its
+    /// own; in a cluster, on another node). One invite, two final receipts.
+    #[test]
+    fn an_invite_that_ended_on_its_own_gets_no_second_final_receipt_from_its_call() {
+        let mut core = DeviceCore::registered("d0", 0);
+        let mut fx = Effects::default();
+        let invite = Item {
+            id: "call-1".into(),
+            kind: PushKind::CallInvite,
+            collapse_key: String::new(),
+            expires: 30_000,
+            body: push::Body::CallInvite(Default::default()),
+        };
+        core.enqueue(&mut fx, ctx(), &invite).expect("queued");
+        let mut fx = Effects::default();
+        core.revoke(&mut fx, ctx());
+        let finals = |fx: &Effects| -> Vec<ReceiptState> {
+            fx.receipts
+                .iter()
+                .map(|a| a.receipt.state)
+                .filter(|s| s.is_final())
+                .collect()
+        };
+        assert_eq!(finals(&fx), [ReceiptState::Undeliverable]);
+        assert!(matches!(
+            fx.callees[..],
+            [CalleeNote {
+                gone: Some(ReceiptState::Undeliverable),
+                ..
+            }]
+        ));
+
+        let at_deadline = Ctx { now: 30_000, ..ctx() };
+        for state in [StopState::RingOut, StopState::Is(ReceiptState::Missed)] {
+            let mut fx = Effects::default();
+            core.stop_ringing(&mut fx, at_deadline, "call-1", state, "ring deadline", None);
+            assert_eq!(finals(&fx), [], "the invite had its final receipt");
+        }
+        // An invite acknowledged (it rang) still gets its call's outcome.
+        let mut fx = Effects::default();
+        let rang = Item {
+            id: "call-2".into(),
+            ..invite
+        };
+        let mut other = DeviceCore::registered("d1", 0);
+        let seq = other.enqueue(&mut fx, ctx(), &rang).expect("queued");
+        other.ack(&mut fx, ctx(), (seq, &[]), false);
+        let mut fx = Effects::default();
+        other.stop_ringing(&mut fx, at_deadline, "call-2", StopState::RingOut, "", None);
+        assert_eq!(finals(&fx), [ReceiptState::Missed]);
     }
 
     #[test]

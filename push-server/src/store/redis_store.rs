@@ -679,6 +679,21 @@ fn plan(ops: Vec<Op>) -> Vec<Step> {
     steps
 }
 
+/// One command of a writer's transaction.
+enum Command<'a> {
+    /// Ops about one device, from the adjacent steps of one or more jobs: one script.
+    Device {
+        device: &'a str,
+        fence: &'a str,
+        ops: Vec<Op>,
+        jobs: Vec<usize>,
+    },
+    Shared {
+        op: &'a Op,
+        job: usize,
+    },
+}
+
 /// A batch on its way to the writer.
 struct Job {
     ops: Vec<Op>,
@@ -765,18 +780,18 @@ impl Writer {
 
     /// One MULTI/EXEC of every step of `jobs`: each job's outcome, its first failed step's.
     /// Steps run in batch order; a failed step (a fenced device) does not stop the others, as
-    /// when each batch was sent alone.
+    /// when each batch was sent alone. Steps about one device that follow each other (a push
+    /// applied, then delivered, then acknowledged) run as one script: nothing moves past
+    /// anything else, and Redis runs one script instead of several.
     async fn transaction(
         &mut self,
         jobs: &[Job],
         planned: &[Vec<Step>],
     ) -> Result<Vec<Result<(), StoreError>>, Retry> {
         let retention = self.retention_ms.load(Ordering::Relaxed);
-        let mut pipe = redis::pipe();
-        pipe.atomic().ignore_errors();
         let mut outcomes: Vec<Result<(), StoreError>> = vec![Ok(()); jobs.len()];
-        // Per command: its job, and the device its script is about.
-        let mut owners: Vec<(usize, Option<&str>)> = Vec::new();
+        // Per command: the jobs it carries steps of, and the device its script is about.
+        let mut commands: Vec<Command<'_>> = Vec::new();
         for (i, (job, steps)) in jobs.iter().zip(planned).enumerate() {
             for step in steps {
                 match step {
@@ -792,13 +807,47 @@ impl Writer {
                         } else {
                             ""
                         };
-                        pipe.invoke_script(&device_invocation(device, ops, fence, retention));
-                        owners.push((i, Some(device)));
+                        match commands.last_mut() {
+                            Some(Command::Device {
+                                device: last,
+                                fence: last_fence,
+                                ops: all,
+                                jobs,
+                            }) if last == device && *last_fence == fence => {
+                                all.extend(ops.iter().cloned());
+                                if jobs.last() != Some(&i) {
+                                    jobs.push(i);
+                                }
+                            }
+                            _ => commands.push(Command::Device {
+                                device,
+                                fence,
+                                ops: ops.clone(),
+                                jobs: vec![i],
+                            }),
+                        }
                     }
-                    Step::Shared(op) => {
-                        pipe.add_command(shared_command(op, retention));
-                        owners.push((i, None));
-                    }
+                    Step::Shared(op) => commands.push(Command::Shared { op, job: i }),
+                }
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic().ignore_errors();
+        let mut owners: Vec<(Vec<usize>, Option<&str>)> = Vec::with_capacity(commands.len());
+        for command in commands {
+            match command {
+                Command::Device {
+                    device,
+                    fence,
+                    ops,
+                    jobs,
+                } => {
+                    pipe.invoke_script(&device_invocation(device, &ops, fence, retention));
+                    owners.push((jobs, Some(device)));
+                }
+                Command::Shared { op, job } => {
+                    pipe.add_command(shared_command(op, retention));
+                    owners.push((vec![job], None));
                 }
             }
         }
@@ -821,12 +870,15 @@ impl Writer {
         {
             return Err(Retry::NoScript);
         }
-        for ((i, device), reply) in owners.into_iter().zip(replies) {
-            if let (Err(e), Ok(())) = (reply, &outcomes[i]) {
-                outcomes[i] = Err(match device {
-                    Some(device) => script_err(device, e),
-                    None => redis_err(e),
-                });
+        for ((carried, device), reply) in owners.into_iter().zip(replies) {
+            let Err(e) = reply else { continue };
+            for i in carried {
+                if outcomes[i].is_ok() {
+                    outcomes[i] = Err(match device {
+                        Some(device) => script_err(device, e.clone()),
+                        None => redis_err(e.clone()),
+                    });
+                }
             }
         }
         Ok(outcomes)
@@ -2087,7 +2139,8 @@ mod tests {
             ));
         }
         a.forget("d2");
-        let execs_before = exec_calls(&server);
+        let execs_before = calls(&server, "exec");
+        let scripts_before = calls(&server, "evalsha");
         const N: u64 = 1000;
         let replies: Vec<_> = (1..=N)
             .map(|seq| {
@@ -2111,10 +2164,16 @@ mod tests {
         }
         let stored: u64 = query(&server, &["HLEN", &dkey("d1", "q")]);
         assert_eq!(stored, N - 1, "every other batch stored");
-        let execs = exec_calls(&server) - execs_before;
+        let execs = calls(&server, "exec") - execs_before;
         assert!(
             (1..N / 2).contains(&execs),
             "{N} batches took {execs} transactions"
+        );
+        // Adjacent batches of d1 ran as one script: at most d1, d2, d1 per transaction.
+        let scripts = calls(&server, "evalsha") - scripts_before;
+        assert!(
+            scripts <= 3 * execs && scripts < N / 2,
+            "{N} batches in {execs} transactions took {scripts} scripts"
         );
     }
 
@@ -2152,10 +2211,12 @@ mod tests {
         assert_eq!(requests, 1);
     }
 
-    fn exec_calls(server: &RedisServer) -> u64 {
+    /// How many times Redis ran `command` (lower case).
+    fn calls(server: &RedisServer, command: &str) -> u64 {
         let info: String = query(server, &["INFO", "commandstats"]);
+        let prefix = format!("cmdstat_{command}:calls=");
         info.lines()
-            .find_map(|l| l.strip_prefix("cmdstat_exec:calls="))
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
             .and_then(|rest| rest.split(',').next()?.parse().ok())
             .unwrap_or(0)
     }
