@@ -1044,8 +1044,33 @@ enum Retry {
 /// How many queued batches one transaction takes at most.
 const WINDOW_MAX: usize = 256;
 
+/// `ops` about one device, without the writes a later op of the same script overwrites: a
+/// receipt followed by a later state of the same push (DELIVERED, then ACKED), a queued push
+/// deleted or replaced, a ceiling replaced. The script is atomic, so nobody could have read
+/// what is left out: Redis ends in the same state with fewer writes.
+fn coalesce(ops: &[Op]) -> Vec<&Op> {
+    let (mut receipts, mut pushes, mut ceiling) = (HashSet::new(), HashSet::new(), false);
+    let mut kept: Vec<&Op> = ops
+        .iter()
+        .rev()
+        .filter(|op| match op {
+            Op::PutReceipt(r) => receipts.insert(r.id.as_str()),
+            Op::PutPush(p) => pushes.insert(p.seq),
+            Op::DeletePush { seq, .. } => {
+                pushes.insert(*seq);
+                true
+            }
+            Op::PutSeqCeiling { .. } => !std::mem::replace(&mut ceiling, true),
+            _ => true,
+        })
+        .collect();
+    kept.reverse();
+    kept
+}
+
 /// The apply script's invocation for `ops`, all about `device`.
 fn device_invocation(device: &str, ops: &[Op], fence: &str, retention: u64) -> ScriptInvocation<'static> {
+    let ops = coalesce(ops);
     let has_dev = ops.iter().any(|op| matches!(op, Op::PutDevice(_)));
     let mut invocation = APPLY.key(dkey(device, "lease"));
     invocation
@@ -2504,6 +2529,49 @@ mod tests {
                 .contains(&"d2".to_string())
         );
         assert_eq!(b.inbox("d2").await.expect("inbox"), three(vec![b"cmd"], 1));
+    }
+
+    #[test]
+    fn writes_a_later_op_of_the_same_script_overwrites_are_left_out() {
+        let trim = Op::TrimInbox {
+            device_id: "d1".into(),
+            count: 1,
+        };
+        let ceiling = |ceiling| Op::PutSeqCeiling {
+            device_id: "d1".into(),
+            ceiling,
+        };
+        let ops = vec![
+            ceiling(10),
+            Op::PutPush(push("d1", 5)),
+            trim.clone(),
+            Op::PutReceipt(receipt("m5", "d1", ReceiptState::Delivered)),
+            Op::PutPush(push("d1", 6)),
+            Op::PutReceipt(receipt("m6", "d1", ReceiptState::Accepted)),
+            ceiling(20),
+            Op::DeletePush {
+                device_id: "d1".into(),
+                seq: 5,
+            },
+            Op::PutReceipt(receipt("m5", "d1", ReceiptState::Acked)),
+            trim.clone(),
+        ];
+        let kept: Vec<Op> = coalesce(&ops).into_iter().cloned().collect();
+        assert_eq!(
+            kept,
+            [
+                trim.clone(),
+                Op::PutPush(push("d1", 6)),
+                Op::PutReceipt(receipt("m6", "d1", ReceiptState::Accepted)),
+                ceiling(20),
+                Op::DeletePush {
+                    device_id: "d1".into(),
+                    seq: 5,
+                },
+                Op::PutReceipt(receipt("m5", "d1", ReceiptState::Acked)),
+                trim,
+            ]
+        );
     }
 
     #[test]
