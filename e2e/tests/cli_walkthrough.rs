@@ -163,11 +163,41 @@ async fn readme_walkthrough_through_the_cli() {
     }
     let status_out = cli(&["status", &message_id, "--api", &api, "--data-dir", data_dir]);
     assert!(
-        status_out.contains("phone-1") && status_out.contains("Acked"),
+        status_out.contains("phone-1") && status_out.contains("acked"),
         "{status_out}"
     );
 
+    // The same, for scripts.
+    let json = |command: &[&str]| -> serde_json::Value {
+        let args = [command, &["--json", "--api", &api, "--data-dir", data_dir]].concat();
+        let out = cli(&args);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{command:?} --json: {e}: {out}"))
+    };
+    let status = json(&["status", &message_id]);
+    assert_eq!(status["message_id"], message_id.as_str(), "{status}");
+    let phone_1 = &status["recipients"][0];
+    assert_eq!(
+        (&phone_1["device_id"], &phone_1["state"]),
+        (&"phone-1".into(), &"acked".into()),
+        "{status}"
+    );
+    assert!(phone_1["at_ms"].as_i64().is_some_and(|ms| ms > 0), "{status}");
+
     // 6. The device is listed (and in its group).
+    let listed = json(&["device", "list"]);
+    let phone_1 = listed
+        .as_array()
+        .and_then(|all| all.iter().find(|d| d["device_id"] == "phone-1"))
+        .unwrap_or_else(|| panic!("phone-1 not listed: {listed}"));
+    assert_eq!(phone_1["groups"], serde_json::json!(["ward:4B"]), "{listed}");
+    assert_eq!(phone_1["voip_token"], "none", "{listed}");
+    let keys = json(&["key", "list"]);
+    assert!(
+        keys.as_array().is_some_and(|all| all
+            .iter()
+            .any(|k| k["state"] == "active" && k["scopes"] == serde_json::json!(["admin"]))),
+        "{keys}"
+    );
     let list = cli(&["device", "list", "--api", &api, "--data-dir", data_dir]);
     assert!(
         list.lines().next().is_some_and(|h| h.starts_with("DEVICE")),

@@ -7,11 +7,11 @@ use clap::{Args, Parser, Subcommand};
 use push_proto::{
     device::{CallOutcome, CancelReason, Hello, Priority, Push, push},
     sender::{
-        ApiKeyState, CallState, CallStatus, CancelCallRequest, CreateApiKeyRequest, DeliveryUpdate,
-        DeviceList, EnrollDeviceRequest, EscalationStep, GetMessageStatusRequest,
-        IssueDeviceCredentialRequest, ListApiKeysRequest, ListDevicesRequest, PlaceCallRequest,
-        RevokeApiKeyRequest, RevokeDeviceRequest, SendMessageRequest, SetVoipTokenRequest, Target,
-        VoipTokenState, WatchCallRequest, target,
+        ApiKeyInfo, ApiKeyState, CallState, CallStatus, CancelCallRequest, CreateApiKeyRequest,
+        DeliveryState, DeliveryUpdate, DeviceInfo, DeviceList, EnrollDeviceRequest, EscalationStep,
+        GetMessageStatusRequest, IssueDeviceCredentialRequest, ListApiKeysRequest, ListDevicesRequest,
+        PlaceCallRequest, RevokeApiKeyRequest, RevokeDeviceRequest, SendMessageRequest, SetVoipTokenRequest,
+        Target, VoipTokenState, WatchCallRequest, target,
     },
 };
 use push_server::{
@@ -51,6 +51,9 @@ enum Command {
         api: ApiArgs,
         /// Message id.
         message_id: String,
+        /// Print JSON (times as Unix ms) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Ring devices (with --wait: follow the call to its outcome; exit status 0 when answered,
     /// 3 when it ended otherwise: declined, missed or cancelled).
@@ -192,6 +195,9 @@ enum DeviceCommand {
         /// Only online devices.
         #[arg(long)]
         online: bool,
+        /// Print JSON (times as Unix ms) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Act as a device: connect, print every push and acknowledge it.
     Connect(ConnectArgs),
@@ -402,6 +408,9 @@ enum ApiKeyCommand {
     List {
         #[command(flatten)]
         api: ApiArgs,
+        /// Print JSON (times as Unix ms) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Revoke a key by id (from `key list`): refused from now on, its streams and dashboard
     /// sessions end.
@@ -443,6 +452,61 @@ fn init_tracing(format: &str) {
     } else {
         builder.init()
     }
+}
+
+/// `value` as pretty JSON on stdout, for `--json`.
+fn print_json(value: serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
+}
+
+/// A proto enum value as the CLI names it: `DELIVERY_STATE_ACKED` -> `acked`.
+fn short_name(name: &str, prefix: &str) -> String {
+    name.trim_start_matches(prefix).to_lowercase()
+}
+
+fn state_name(state: DeliveryState) -> String {
+    short_name(state.as_str_name(), "DELIVERY_STATE_")
+}
+
+fn update_json(u: &DeliveryUpdate) -> serde_json::Value {
+    serde_json::json!({
+        "device_id": u.device_id,
+        "state": state_name(u.state()),
+        "reason": u.reason,
+        "at_ms": u.at_ms,
+        "path": u.path,
+    })
+}
+
+fn device_json(d: &DeviceInfo) -> serde_json::Value {
+    serde_json::json!({
+        "device_id": d.device_id,
+        "groups": d.groups,
+        "online": d.online,
+        "revoked": d.revoked,
+        "last_seen_ms": d.last_seen_ms,
+        "ssid": d.ssid,
+        "session_age_seconds": d.session_age_seconds,
+        "sdk_version": d.sdk_version,
+        "last_disconnect_reason": d.last_disconnect_reason,
+        "queued": d.queued,
+        "voip_token": short_name(d.voip_token().as_str_name(), "VOIP_TOKEN_STATE_"),
+        "node": d.node,
+    })
+}
+
+fn key_json(k: &ApiKeyInfo) -> serde_json::Value {
+    serde_json::json!({
+        "key_id": k.key_id,
+        "name": k.name,
+        "state": short_name(k.state().as_str_name(), "API_KEY_STATE_"),
+        "scopes": k.scopes,
+        "enroll_groups": k.enroll_groups,
+        "created_at_ms": k.created_at_ms,
+        "expires_at_ms": k.expires_at_ms,
+        "revoked_at_ms": k.revoked_at_ms,
+    })
 }
 
 /// Unix ms as UTC text, or `none` for 0.
@@ -663,7 +727,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Device(DeviceCommand::List { api, group, online }) => {
+        Command::Device(DeviceCommand::List {
+            api,
+            group,
+            online,
+            json,
+        }) => {
             let r = sender(&api)
                 .await?
                 .list_devices(ListDevicesRequest {
@@ -671,11 +740,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     online_only: online,
                 })
                 .await?;
+            let devices = r.into_inner().devices;
+            if json {
+                return print_json(devices.iter().map(device_json).collect());
+            }
             println!(
                 "{:<24} {:<7} {:<16} {:>9} {:>6} {:<8} {:<12} LAST DROP",
                 "DEVICE", "ONLINE", "SSID", "AGE(s)", "QUEUED", "VOIP", "NODE"
             );
-            for d in r.into_inner().devices {
+            for d in devices {
                 let voip = match d.voip_token() {
                     VoipTokenState::None => "-",
                     VoipTokenState::Registered => "token",
@@ -737,14 +810,31 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Status { api, message_id } => {
+        Command::Status {
+            api,
+            message_id,
+            json,
+        } => {
             let r = sender(&api)
                 .await?
                 .get_message_status(GetMessageStatusRequest { message_id })
                 .await?
                 .into_inner();
+            if json {
+                let recipients = r.recipients.iter().map(update_json).collect();
+                return print_json(serde_json::json!({
+                    "message_id": r.message_id,
+                    "recipients": serde_json::Value::Array(recipients),
+                }));
+            }
             for u in r.recipients {
-                println!("{:<24} {:?} {}", u.device_id, u.state(), u.reason);
+                println!(
+                    "{:<24} {:<14} {:<20} {}",
+                    u.device_id,
+                    state_name(u.state()),
+                    when(u.at_ms, "-"),
+                    u.reason
+                );
             }
             Ok(())
         }
@@ -828,13 +918,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", r.api_key);
             Ok(())
         }
-        Command::Key(ApiKeyCommand::List { api }) => {
+        Command::Key(ApiKeyCommand::List { api, json }) => {
             let keys = admin(&api)
                 .await?
                 .list_api_keys(ListApiKeysRequest {})
                 .await?
                 .into_inner()
                 .keys;
+            if json {
+                return print_json(keys.iter().map(key_json).collect());
+            }
             println!(
                 "{:<12} {:<20} {:<8} {:<20} {:<20} {:<20} GROUPS",
                 "ID", "NAME", "STATE", "SCOPES", "CREATED", "EXPIRES"
