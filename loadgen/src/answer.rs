@@ -490,31 +490,24 @@ pub async fn answer(
         )
     };
     let what = format!("{calls} calls to {callees} phones, {in_flight} in flight");
-    table.row(
-        "push-server",
-        format!("{what}: ANSWERED report -> ANSWERED on the caller's WatchCall"),
-        f(Summary::of_ns(watch)),
-    );
-    table.row(
-        "push-server",
-        format!("{what}: ANSWERED report -> CallCancel{{ANSWERED_ELSEWHERE}} on each other phone"),
-        f(Summary::of_ns(cancel)),
-    );
-    table.row(
-        "push-server",
-        format!("{what}: ANSWERED report -> the last other phone's cancel"),
-        f(Summary::of_ns(last_cancel)),
-    );
-    table.row(
-        "push-server",
-        format!("{what}: ANSWERED report -> CallOutcomeReply on the answering phone"),
-        f(Summary::of_ns(reply)),
-    );
-    table.row(
-        "push-server",
-        format!("{what}: PlaceCall -> every phone ACKED on the watch (before answering)"),
-        f(Summary::of_ns(ringing)),
-    );
+    for (figure, ns) in [
+        ("ANSWERED report -> ANSWERED on the caller's WatchCall", watch),
+        (
+            "ANSWERED report -> CallCancel{ANSWERED_ELSEWHERE} on each other phone",
+            cancel,
+        ),
+        ("ANSWERED report -> the last other phone's cancel", last_cancel),
+        (
+            "ANSWERED report -> CallOutcomeReply on the answering phone",
+            reply,
+        ),
+        (
+            "PlaceCall -> every phone ACKED on the watch (before answering)",
+            ringing,
+        ),
+    ] {
+        table.row("push-server", format!("{what}: {figure}"), f(Summary::of_ns(ns)));
+    }
     table.row(
         "push-server",
         format!("{what}: calls that broke a rule (warm-up included)"),

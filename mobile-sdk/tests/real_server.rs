@@ -731,13 +731,14 @@ async fn a_frozen_server_is_detected_by_its_silence_and_left_for_a_new_connectio
     assert!(reg.counters().is_quiet());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_answer_on_one_of_three_sdk_phones_stops_the_other_two_and_a_late_answer_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
-    let reg = registry();
+/// SDK phones for `ids`, each issued a credential on `server`, started and connected.
+async fn connected_phones(
+    server: &InProcServer,
+    reg: &Registry,
+    ids: &[&str],
+) -> Vec<(mobile_sdk::Client, Recorder)> {
     let mut phones = Vec::new();
-    for id in ["ward-a", "ward-b", "ward-c"] {
+    for id in ids {
         let credential = server.info.issue(id).await;
         let (handler, mut events) = Recorder::new();
         let client = reg
@@ -747,21 +748,40 @@ async fn an_answer_on_one_of_three_sdk_phones_stops_the_other_two_and_a_late_ans
         events.connected().await;
         phones.push((client, events));
     }
+    phones
+}
+
+/// A call `call_id` ringing `ids` for `ring_secs`.
+fn ring(
+    call_id: &str,
+    ids: &[&str],
+    caller_name: &str,
+    ring_secs: u32,
+) -> push_proto::sender::PlaceCallRequest {
+    push_proto::sender::PlaceCallRequest {
+        call_id: call_id.into(),
+        target: Some(push_proto::sender::Target {
+            kind: Some(push_proto::sender::target::Kind::Devices(
+                push_proto::sender::DeviceList {
+                    device_ids: ids.iter().map(|id| id.to_string()).collect(),
+                },
+            )),
+        }),
+        caller_name: caller_name.into(),
+        ring_timeout_seconds: ring_secs,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_on_one_of_three_sdk_phones_stops_the_other_two_and_a_late_answer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let reg = registry();
+    let mut phones = connected_phones(&server, &reg, &["ward-a", "ward-b", "ward-c"]).await;
     let api = server.info.api().await;
     api.sender()
-        .place_call(push_proto::sender::PlaceCallRequest {
-            call_id: "ring-ward".into(),
-            target: Some(push_proto::sender::Target {
-                kind: Some(push_proto::sender::target::Kind::Devices(
-                    push_proto::sender::DeviceList {
-                        device_ids: vec!["ward-a".into(), "ward-b".into(), "ward-c".into()],
-                    },
-                )),
-            }),
-            caller_name: "Bed 12".into(),
-            ring_timeout_seconds: 60,
-            ..Default::default()
-        })
+        .place_call(ring("ring-ward", &["ward-a", "ward-b", "ward-c"], "Bed 12", 60))
         .await
         .expect("PlaceCall");
     for (_, events) in &mut phones {
@@ -805,31 +825,9 @@ async fn sdk_phones_declining_end_the_call_declined_and_an_unanswered_one_is_tol
     let dir = tempfile::tempdir().unwrap();
     let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
     let reg = registry();
-    let mut phones = Vec::new();
-    for id in ["icu-a", "icu-b"] {
-        let credential = server.info.issue(id).await;
-        let (handler, mut events) = Recorder::new();
-        let client = reg
-            .client(server.info.client_config(id, &credential), handler)
-            .unwrap();
-        client.start().await.unwrap();
-        events.connected().await;
-        phones.push((client, events));
-    }
+    let mut phones = connected_phones(&server, &reg, &["icu-a", "icu-b"]).await;
     let api = server.info.api().await;
-    let place = |call_id: &str, ring_secs: u32| push_proto::sender::PlaceCallRequest {
-        call_id: call_id.into(),
-        target: Some(push_proto::sender::Target {
-            kind: Some(push_proto::sender::target::Kind::Devices(
-                push_proto::sender::DeviceList {
-                    device_ids: vec!["icu-a".into(), "icu-b".into()],
-                },
-            )),
-        }),
-        caller_name: "Bed 3".into(),
-        ring_timeout_seconds: ring_secs,
-        ..Default::default()
-    };
+    let place = |call_id: &str, ring_secs: u32| ring(call_id, &["icu-a", "icu-b"], "Bed 3", ring_secs);
     let status = |call_id: &str| {
         let api = &api;
         let call_id = call_id.to_string();

@@ -685,7 +685,7 @@ enum Command<'a> {
     Device {
         device: &'a str,
         fence: &'a str,
-        ops: Vec<Op>,
+        ops: Vec<&'a Op>,
         jobs: Vec<usize>,
     },
     Shared {
@@ -814,7 +814,7 @@ impl Writer {
                                 ops: all,
                                 jobs,
                             }) if last == device && *last_fence == fence => {
-                                all.extend(ops.iter().cloned());
+                                all.extend(ops);
                                 if jobs.last() != Some(&i) {
                                     jobs.push(i);
                                 }
@@ -822,7 +822,7 @@ impl Writer {
                             _ => commands.push(Command::Device {
                                 device,
                                 fence,
-                                ops: ops.clone(),
+                                ops: ops.iter().collect(),
                                 jobs: vec![i],
                             }),
                         }
@@ -944,7 +944,8 @@ impl Writer {
         fence: &str,
         retention: u64,
     ) -> Result<(), StoreError> {
-        device_invocation(device, ops, fence, retention)
+        let ops: Vec<&Op> = ops.iter().collect();
+        device_invocation(device, &ops, fence, retention)
             .invoke_async::<()>(&mut self.conn)
             .await
             .map_err(|e| script_err(device, e))
@@ -1048,11 +1049,12 @@ const WINDOW_MAX: usize = 256;
 /// receipt followed by a later state of the same push (DELIVERED, then ACKED), a queued push
 /// deleted or replaced, a ceiling replaced. The script is atomic, so nobody could have read
 /// what is left out: Redis ends in the same state with fewer writes.
-fn coalesce(ops: &[Op]) -> Vec<&Op> {
+fn coalesce<'a>(ops: &[&'a Op]) -> Vec<&'a Op> {
     let (mut receipts, mut pushes, mut ceiling) = (HashSet::new(), HashSet::new(), false);
     let mut kept: Vec<&Op> = ops
         .iter()
         .rev()
+        .copied()
         .filter(|op| match op {
             Op::PutReceipt(r) => receipts.insert(r.id.as_str()),
             Op::PutPush(p) => pushes.insert(p.seq),
@@ -1069,7 +1071,7 @@ fn coalesce(ops: &[Op]) -> Vec<&Op> {
 }
 
 /// The apply script's invocation for `ops`, all about `device`.
-fn device_invocation(device: &str, ops: &[Op], fence: &str, retention: u64) -> ScriptInvocation<'static> {
+fn device_invocation(device: &str, ops: &[&Op], fence: &str, retention: u64) -> ScriptInvocation<'static> {
     let ops = coalesce(ops);
     let has_dev = ops.iter().any(|op| matches!(op, Op::PutDevice(_)));
     let mut invocation = APPLY.key(dkey(device, "lease"));
@@ -2556,7 +2558,7 @@ mod tests {
             Op::PutReceipt(receipt("m5", "d1", ReceiptState::Acked)),
             trim.clone(),
         ];
-        let kept: Vec<&Op> = coalesce(&ops);
+        let kept: Vec<&Op> = coalesce(&ops.iter().collect::<Vec<_>>());
         // Gone: the first ceiling, push 5's queue row and its DELIVERED receipt.
         let expected: Vec<&Op> = [2, 4, 5, 6, 7, 8, 9].iter().map(|&i| &ops[i]).collect();
         assert_eq!(kept, expected);
