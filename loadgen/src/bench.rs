@@ -941,6 +941,83 @@ pub async fn storm(env: &Env, devices: usize) -> anyhow::Result<Table> {
     Ok(table)
 }
 
+/// The server crashes (`SIGKILL`) with every phone connected, stays down for `down`, and comes
+/// back on the same data: how long after it is ready until every phone is online again, for
+/// each SDK backoff cap in `caps` (the SDK's default, and others to compare).
+pub async fn outage(env: &Env, devices: usize, down: Duration, caps: &[Duration]) -> anyhow::Result<Table> {
+    let mut table = Table::default();
+    if !env.runs(System::Push) {
+        return Ok(table);
+    }
+    for &cap in caps {
+        println!(
+            "== push-server: {devices} phones, the server killed and down {} s, SDK backoff capped at {:.1} s",
+            down.as_secs(),
+            cap.as_secs_f64()
+        );
+        let mut server = PushServer::start(&env.server_bin, &[]).await?;
+        let creds = server.target.register(devices).await?;
+        let mut fleet = Fleet::new(server.target.device_addr, &server.target.ca);
+        fleet.backoff.cap = cap;
+        fleet.add(creds.into_iter().enumerate())?;
+        fleet.start_paced(0..devices, WINDOW, CONNECT_TIMEOUT).await?;
+        server.kill();
+        fleet.wait_all_offline(Duration::from_secs(60)).await?;
+        tokio::time::sleep(down).await;
+        let (logins0, drops0) = (fleet.rec.logins(), listen_drops());
+        let ready = server.restart().await?;
+        // (time since ready, logins since ready), every 10 ms until all are back.
+        let mut samples = vec![(Duration::ZERO, 0usize)];
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        while fleet.rec.online() < devices {
+            if Instant::now() > deadline {
+                bail!(
+                    "only {} of {devices} phones back after {CONNECT_TIMEOUT:?}",
+                    fleet.rec.online()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            samples.push((ready.elapsed(), fleet.rec.logins() - logins0));
+        }
+        let back_at = |share: f64| {
+            let n = (devices as f64 * share).ceil() as usize;
+            samples
+                .iter()
+                .find(|(_, l)| *l >= n)
+                .map_or(Duration::ZERO, |(t, _)| *t)
+        };
+        // Busiest 100 ms of arrivals: a stampede shows as most of the fleet in one window.
+        let busiest = samples
+            .iter()
+            .map(|(t, l)| {
+                let before = samples
+                    .iter()
+                    .rev()
+                    .find(|(u, _)| *u + Duration::from_millis(100) <= *t)
+                    .map_or(0, |(_, l)| *l);
+                l - before
+            })
+            .max()
+            .unwrap_or(0);
+        let drops = listen_drops().saturating_sub(drops0);
+        table.row(
+            "push-server",
+            format!(
+                "{devices} phones, server killed and down {} s, SDK backoff cap {:.1} s",
+                down.as_secs(),
+                cap.as_secs_f64()
+            ),
+            format!(
+                "all back {:.2} s after the server was ready (half {:.2} s, 99 % {:.2} s); busiest 100 ms: {busiest} logins; {drops} SYNs dropped",
+                back_at(1.0).as_secs_f64(),
+                back_at(0.5).as_secs_f64(),
+                back_at(0.99).as_secs_f64()
+            ),
+        );
+    }
+    Ok(table)
+}
+
 /// One message to the group of every device: `SendMessage` to the first, median and last app
 /// callback.
 pub async fn fanout(env: &Env, devices: usize, repeats: usize) -> anyhow::Result<Table> {

@@ -130,6 +130,18 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         devices: usize,
     },
+    /// Recovery after an outage: the server killed with every phone connected, down for a
+    /// while, restarted; time until every phone is back, per SDK backoff cap.
+    Outage {
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+        /// Seconds the server stays down.
+        #[arg(long, default_value_t = 300)]
+        down_secs: u64,
+        /// SDK backoff caps to compare, seconds (3 is the SDK's default, 30 the cap before it).
+        #[arg(long, value_delimiter = ',', default_value = "3,30")]
+        caps: Vec<f64>,
+    },
     /// Fan-out: one message to a group of every device.
     Fanout {
         #[arg(long, default_value_t = 10_000)]
@@ -250,6 +262,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Storm { devices } => ("Reconnect storm", bench::storm(&env, devices).await?),
+        Command::Outage {
+            devices,
+            down_secs,
+            caps,
+        } => {
+            let caps = caps
+                .iter()
+                .map(|s| {
+                    Duration::try_from_secs_f64(*s)
+                        .map_err(|_| anyhow::anyhow!("--caps: {s} is not a duration"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            (
+                "Recovery after an outage",
+                bench::outage(&env, devices, Duration::from_secs(down_secs), &caps).await?,
+            )
+        }
         Command::Fanout { devices, repeats } => ("Fan-out", bench::fanout(&env, devices, repeats).await?),
         Command::Smoke { devices, messages } => {
             let server = push_loadgen::push::PushServer::start(&env.server_bin, &[]).await?;

@@ -94,6 +94,12 @@ impl ChildProc {
         }
     }
 
+    /// Kill it (`SIGKILL`) and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Send SIGTERM and wait up to `grace` for it to exit; kill it after that.
     pub fn terminate(&mut self, grace: std::time::Duration) {
         // SAFETY: plain syscall on our own child's pid.
@@ -114,8 +120,7 @@ impl ChildProc {
 
 impl Drop for ChildProc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 

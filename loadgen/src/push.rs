@@ -18,7 +18,7 @@ use anyhow::{Context, bail};
 use futures::{StreamExt, stream};
 use mobile_sdk::{
     Client, ClientConfig, EventHandler, Registry, Trust,
-    core::{Event, State, StopReason},
+    core::{BackoffConfig, Event, State, StopReason},
 };
 use push_proto::sender::{IssueDeviceCredentialRequest, Target, target};
 use push_server::api_client::ApiClient;
@@ -38,6 +38,7 @@ pub const GROUP: &str = "all";
 #[derive(Clone)]
 pub struct PushTarget {
     pub device_addr: SocketAddr,
+    pub api_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub api: ApiClient,
     pub ca: String,
@@ -48,7 +49,61 @@ pub struct PushTarget {
 pub struct PushServer {
     pub proc: ChildProc,
     pub target: PushTarget,
+    launch: Launch,
     _dir: tempfile::TempDir,
+}
+
+/// How the server process is started: binary, extra arguments, data directory.
+struct Launch {
+    bin: PathBuf,
+    extra: Vec<String>,
+    dir: PathBuf,
+}
+
+impl Launch {
+    /// Start `serve` listening on `[devices, api, dashboard]`; returns the process, its ready
+    /// line and when it was read, once it printed it.
+    fn spawn(&self, listen: [&String; 3]) -> anyhow::Result<(ChildProc, String, Instant)> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("serve")
+            .args([
+                "--device-listen",
+                listen[0],
+                "--api-listen",
+                listen[1],
+                "--http-listen",
+                listen[2],
+            ])
+            .args(&self.extra)
+            .arg("--config")
+            .arg(self.dir.join("loadgen.toml"))
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        let mut proc = ChildProc::spawn("push-server", &mut cmd, Some(&self.dir.join("server.log")))?;
+        let stdout = proc.child_mut().stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads the ready line, then keeps draining stdout so the server never blocks on it.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("push-server ready:") {
+                    let _ = tx.send((line, Instant::now()));
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok((line, at)) => Ok((proc, line, at)),
+            Err(_) => {
+                proc.check_alive()?;
+                bail!(
+                    "push-server did not report ready within 30 s; {}",
+                    proc.log_tail()
+                );
+            }
+        }
+    }
 }
 
 impl PushServer {
@@ -68,51 +123,17 @@ impl PushServer {
         // One API key sends every message of a run, and one machine's phones log in at once:
         // the per-key request rate and the per-device login rate, which guard a site against a
         // runaway client, are lifted so they do not cap what is measured.
-        let config = dir.path().join("loadgen.toml");
         std::fs::write(
-            &config,
+            dir.path().join("loadgen.toml"),
             "[limits]\napi_requests_per_sec_per_key = 1000000\napi_request_burst_per_key = 1000000\n",
         )?;
-        let mut cmd = Command::new(bin);
-        cmd.args([
-            "serve",
-            "--device-listen",
-            "127.0.0.1:0",
-            "--api-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .args(extra)
-        .arg("--config")
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
-        let log = dir.path().join("server.log");
-        let mut proc = ChildProc::spawn("push-server", &mut cmd, Some(&log))?;
-        let stdout = proc.child_mut().stdout.take().expect("piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Reads the ready line, then keeps draining stdout so the server never blocks on it.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("push-server ready:") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let ready = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => line,
-            Err(_) => {
-                proc.check_alive()?;
-                bail!(
-                    "push-server did not report ready within 30 s; {}",
-                    proc.log_tail()
-                );
-            }
+        let any = "127.0.0.1:0".to_string();
+        let launch = Launch {
+            bin: bin.to_path_buf(),
+            extra: extra.to_vec(),
+            dir: dir.path().to_path_buf(),
         };
+        let (proc, ready, _) = launch.spawn([&any, &any, &any])?;
         let addr = |key: &str| -> anyhow::Result<SocketAddr> {
             let word = ready
                 .split_whitespace()
@@ -133,13 +154,31 @@ impl PushServer {
             proc,
             target: PushTarget {
                 device_addr,
+                api_addr,
                 http_addr,
                 api,
                 ca,
                 api_key,
             },
+            launch,
             _dir: dir,
         })
+    }
+
+    /// Kill the server at once (`SIGKILL`: a crash or a pulled plug; no goodbye to anyone).
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Start the server again in its data directory on the same addresses (after [`Self::kill`]);
+    /// returns when it reported ready, once its API answers.
+    pub async fn restart(&mut self) -> anyhow::Result<Instant> {
+        let t = &self.target;
+        let [device, api, http] = [t.device_addr, t.api_addr, t.http_addr].map(|a| a.to_string());
+        let (proc, _, ready) = self.launch.spawn([&device, &api, &http])?;
+        self.proc = proc;
+        self.target.api = ApiClient::connect(t.api_addr, SERVER_NAME, &t.ca, &t.api_key).await?;
+        Ok(ready)
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -291,6 +330,8 @@ struct Device {
 /// Simulated devices of this process, all on one SDK registry (as one process would be).
 pub struct Fleet {
     registry: Registry,
+    /// The SDK's reconnection backoff for clients made from now on (the SDK's default unless set).
+    pub backoff: BackoffConfig,
     devices: Vec<Device>,
     device_addr: SocketAddr,
     ca: String,
@@ -301,6 +342,7 @@ impl Fleet {
     pub fn new(device_addr: SocketAddr, ca: &str) -> Self {
         Self {
             registry: Registry::new(tokio::runtime::Handle::current()),
+            backoff: BackoffConfig::default(),
             devices: Vec::new(),
             device_addr,
             ca: ca.into(),
@@ -327,6 +369,7 @@ impl Fleet {
         config.server_name = SERVER_NAME.into();
         config.local_addr = Some(source_addr(index));
         config.jitter_seed = Some(index as u64);
+        config.backoff = self.backoff;
         let probe = Arc::new(Probe {
             index,
             online: AtomicBool::new(false),
@@ -420,6 +463,18 @@ impl Fleet {
     ) -> anyhow::Result<()> {
         let d = self.devices.get(position).context("no device at that position")?;
         Ok(d.client.report_call_outcome(call_id.into(), outcome, at_ms)?)
+    }
+
+    /// Wait until no device is online.
+    pub async fn wait_all_offline(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.rec.online() > 0 {
+            if Instant::now() > deadline {
+                bail!("{} devices still online after {timeout:?}", self.rec.online());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
     }
 
     /// Wait until `n` devices are online.

@@ -26,6 +26,7 @@ async fn every_message_reaches_its_device() {
         .to_string();
     let target = PushTarget {
         device_addr: server.device_addr,
+        api_addr: server.api_addr,
         http_addr: server.http_addr,
         api: ApiClient::connect(server.api_addr, SERVER_NAME, &ca, &api_key)
             .await

@@ -446,8 +446,12 @@ impl Session {
                         self.connect(now);
                     }
                     // A different (or regained) matching network: the server is likely
-                    // reachable now, so do not sit out the backoff.
-                    Phase::Waiting { .. } if changed || !was_viable => {
+                    // reachable now, so do not sit out the backoff, nor an attempt whose SYNs
+                    // went out on the old path and may wait seconds for a retransmission.
+                    Phase::Waiting { .. } | Phase::Connecting { .. } if changed || !was_viable => {
+                        if matches!(self.phase, Phase::Connecting { .. }) {
+                            self.close_transport(None);
+                        }
                         self.backoff.reset();
                         self.connect(now);
                     }
@@ -525,12 +529,13 @@ impl Session {
         }
     }
 
-    /// The host's periodic timer (`handleTimerEvent`, about every 60 s). Only a backstop: the
-    /// session keeps its own schedule, but a path reported unviable may be wrong, and a
-    /// suspended process may have missed its own timer.
+    /// The host's periodic timer (`handleTimerEvent`, about every 60 s). A backstop and a retry
+    /// opportunity: a path reported unviable may be wrong, a suspended process may have missed
+    /// its own timer, and a device waiting out its backoff tries at once (iOS spreads these
+    /// timers over its devices, so this is no stampede).
     pub fn handle_system_timer(&mut self, now: Instant) {
         let now = self.clock(now);
-        if matches!(self.phase, Phase::Offline) {
+        if matches!(self.phase, Phase::Offline | Phase::Waiting { .. }) {
             self.connect(now);
         } else {
             self.handle_timeout(now);

@@ -429,6 +429,97 @@ fn joining_a_matching_network_retries_at_once_instead_of_waiting_out_the_backoff
 }
 
 #[test]
+fn rejoining_the_network_mid_attempt_starts_a_fresh_attempt() {
+    let mut h = Harness::new(config(0));
+    h.start();
+    h.s.handle_network(h.now, NetworkEvent::NotViable);
+    h.drain();
+    h.advance(SECOND);
+    // The attempt started on the old path may wait seconds for a SYN retransmission.
+    let (connects, closes) = (h.connects(), h.closes());
+    h.s.handle_network(
+        h.now,
+        NetworkEvent::Joined {
+            ssid: "ward-4b".into(),
+        },
+    );
+    h.drain();
+    assert_eq!(h.closes(), closes + 1, "the stale attempt is dropped");
+    assert_eq!(h.connects(), connects + 1, "and a new one starts at once");
+    assert_eq!(h.s.poll_timeout(), Some(h.now + TIMING.connect_timeout));
+}
+
+#[test]
+fn the_host_timer_retries_at_once_instead_of_waiting_out_the_backoff() {
+    let mut h = Harness::new(config(0));
+    h.start();
+    for _ in 0..10 {
+        h.disconnected("connection refused");
+        h.sleep();
+    }
+    h.disconnected("connection refused");
+    let State::WaitingToRetry { retry_in, .. } = *h.s.state() else {
+        panic!("{:?}", h.s.state())
+    };
+    assert!(retry_in > Duration::from_millis(10), "{retry_in:?}");
+    let connects = h.connects();
+    h.s.handle_system_timer(h.now);
+    h.drain();
+    assert_eq!(h.connects(), connects + 1);
+    assert!(matches!(h.s.state(), State::Connecting { .. }));
+}
+
+/// One phone of a fleet with the SDK's default backoff (seeded by `seed`), its server refusing
+/// connections for `outage`: how long after the server's return its next attempt starts.
+fn back_after(outage: Duration, seed: u64) -> Duration {
+    let mut h = Harness::new(Config {
+        backoff: BackoffConfig::default(),
+        jitter_seed: seed,
+        ..config(0)
+    });
+    h.start();
+    loop {
+        if matches!(h.s.state(), State::Connecting { .. }) {
+            if h.elapsed() >= outage {
+                return h.elapsed() - outage;
+            }
+            h.disconnected("connection refused");
+        }
+        h.sleep().expect("a refused phone keeps a retry scheduled");
+    }
+}
+
+#[test]
+fn after_an_outage_of_any_length_a_fleet_is_back_within_three_seconds_without_a_stampede() {
+    // The goal is every phone back within 5 s of the server's return: 3 s to the next attempt
+    // leaves 2 s for the handshakes of the fleet.
+    let within = Duration::from_secs(3);
+    for (outage, phones) in [(Duration::from_secs(90), 1000), (Duration::from_secs(3600), 300)] {
+        let mut back: Vec<Duration> = (0..phones).map(|i| back_after(outage, i)).collect();
+        back.sort();
+        let last = *back.last().unwrap();
+        // Arrivals per 100 ms after the return: spread over the cap, not a wave.
+        let mut buckets = vec![0usize; last.as_millis() as usize / 100 + 1];
+        for b in &back {
+            buckets[b.as_millis() as usize / 100] += 1;
+        }
+        let busiest = *buckets.iter().max().unwrap();
+        println!(
+            "outage {outage:?}, {phones} phones: median back after {:?}, last {last:?}, busiest 100 ms {busiest}",
+            back[phones as usize / 2]
+        );
+        assert!(
+            last <= within,
+            "a phone waited {last:?} after the server's return"
+        );
+        assert!(
+            busiest <= phones as usize / 10,
+            "{busiest} of {phones} phones in one 100 ms"
+        );
+    }
+}
+
+#[test]
 fn roaming_while_connected_reports_the_new_ssid() {
     let mut h = Harness::new(config(0));
     h.establish();
@@ -621,7 +712,8 @@ fn idle_hour_with_the_server_refusing_wakes_only_on_the_backoff_schedule() {
     println!("server refusing for 1 h: {wakeups} wake-ups, {connects} attempts (schedule: {expected})");
     assert_eq!(wakeups, expected);
     assert_eq!(connects, expected + 1, "the start plus one attempt per wake-up");
-    // Full jitter capped at 30 s averages 15 s at the cap: about 240 an hour.
+    // Full jitter capped at 30 s (these tests' backoff) averages 15 s at the cap: about 240 an
+    // hour.
     assert!((200..=300).contains(&wakeups), "{wakeups}");
 }
 
