@@ -1000,6 +1000,23 @@ pub async fn outage(env: &Env, devices: usize, down: Duration, caps: &[Duration]
             .max()
             .unwrap_or(0);
         let drops = listen_drops().saturating_sub(drops0);
+        let refused = server
+            .target
+            .metric("lpush_handshakes_refused_total", "listener=\"device\"")
+            .await?;
+        let cpu = server.proc.cpu_time();
+        // Logins by the end of each second after the server was ready: the shape of the return.
+        let per_second: Vec<String> = (1..=back_at(1.0).as_secs() + 1)
+            .map(|k| {
+                let by = samples
+                    .iter()
+                    .take_while(|(t, _)| *t <= Duration::from_secs(k))
+                    .last()
+                    .map_or(0, |(_, l)| *l);
+                format!("{k} s: {by}")
+            })
+            .collect();
+        println!("  back by {}", per_second.join(", "));
         table.row(
             "push-server",
             format!(
@@ -1008,10 +1025,11 @@ pub async fn outage(env: &Env, devices: usize, down: Duration, caps: &[Duration]
                 cap.as_secs_f64()
             ),
             format!(
-                "all back {:.2} s after the server was ready (half {:.2} s, 99 % {:.2} s); busiest 100 ms: {busiest} logins; {drops} SYNs dropped",
+                "all back {:.2} s after the server was ready (half {:.2} s, 99 % {:.2} s); busiest 100 ms: {busiest} logins; server CPU since the restart {:.0} µs per phone; {refused} handshakes refused, {drops} SYNs dropped",
                 back_at(1.0).as_secs_f64(),
                 back_at(0.5).as_secs_f64(),
-                back_at(0.99).as_secs_f64()
+                back_at(0.99).as_secs_f64(),
+                cpu.as_secs_f64() * 1e6 / devices as f64
             ),
         );
     }
