@@ -36,6 +36,7 @@ pub mod resources;
 pub mod runner;
 pub mod scenario;
 pub mod site;
+pub mod time;
 pub mod wifi;
 
 pub use runner::{Report, RunOptions, run};
