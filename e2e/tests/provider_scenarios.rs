@@ -99,6 +99,35 @@ async fn leaving_without_stop_goes_offline_by_heartbeat_and_calls_fall_back_to_a
         r.wifi_blackholed, 2,
         "the session left behind, then the one at the final leave"
     );
+    assert!(r.simulated >= Duration::from_secs(30 * 60), "{:?}", r.simulated);
+    assert_eq!(
+        r.call_reports, 1,
+        "the missed call's cancel only: the invite, over for 29 minutes, never rang"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_two_minute_outage_the_phone_is_back_within_seconds() {
+    // Needs the SDK's capped-at-a-few-seconds backoff (issue #14, item 2): with the 30 s cap
+    // the phone is usually still waiting when the bound passes.
+    let r = run("server_outage.toml").await;
+    assert_eq!(r.back_after.len(), 1);
+    let (took, limit) = r.back_after[0];
+    assert!(took <= limit, "{took:?}");
+    assert!(
+        r.clock_stops >= 8,
+        "the backoff played out attempt by attempt: {} stops",
+        r.clock_stops
+    );
+    assert_eq!(r.notifications, 2, "nothing lost, nothing twice");
+    assert_eq!(r.call_reports, 1, "the call placed right after the return rang");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_clock_five_minutes_fast_still_rings_its_calls() {
+    let r = run("wrong_phone_clock.toml").await;
+    assert_eq!(r.outcome_replies, 1);
+    assert_eq!(r.call_reports, 2, "the on-site call, and the off-site one's missed cancel");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,10 +162,10 @@ async fn stop_racing_start_leaks_nothing_and_never_doubles_a_session() {
 async fn kill_and_relaunch_delivers_queued_messages_exactly_once() {
     let r = run("kill_and_relaunch.toml").await;
     assert_eq!(
-        r.notifications, 24,
-        "every message once: none lost, none repeated"
+        r.notifications, 25,
+        "every message within its TTL once: none lost, none repeated"
     );
-    assert_eq!(r.call_reports, 1);
+    assert_eq!(r.call_reports, 0, "the 60 s call was over long before the relaunch");
     assert!(
         r.kills >= 12 && r.processes >= 13,
         "{} kills, {} processes",
@@ -156,6 +185,7 @@ async fn a_simulated_week_of_churn_grows_nothing() {
         w.simulated
     );
     assert!(w.lifecycle_events >= 12_000, "{}", w.lifecycle_events);
+    assert_eq!(r.notifications, 2016, "two of three messages per slot: the third expired");
     assert!(w.server_sessions >= 5_000, "{}", w.server_sessions);
     assert_eq!(r.max_server_sessions, 1);
     assert_eq!(

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mobile_sdk::Snapshot;
+use mobile_sdk::{Snapshot, voip};
 use nepush_provider::{
     CallOutcome, NEProviderStopReason, PendingCallOutcomes, ProviderConfiguration, State, user_info,
 };
@@ -571,6 +571,7 @@ impl Run<'_> {
             Step::ExpectIncomingCall(c) => self.expect_call(c).await?,
             Step::ExpectCallCancelled(c) => self.expect_cancel(c).await?,
             Step::ExpectCallFellBackToApns(id) => self.expect_apns(id).await?,
+            Step::ExpectVoipPushRings(id) => self.expect_voip_rings(id).await?,
             Step::Repeat(r) => self.repeat(r).await?,
         }
         Ok(())
@@ -961,6 +962,46 @@ impl Run<'_> {
             ));
         }
         self.site.wait_apns_request(id, STEP_TIMEOUT).await.map(|_| ())
+    }
+
+    /// What the app's PushKit handler does with the call's VoIP push, on the phone's clock.
+    async fn expect_voip_rings(&mut self, id: &str) -> Result<(), String> {
+        self.expect_apns(id).await?;
+        let Some((placed, uuid, deadline)) = self.sent.calls.get(id).cloned() else {
+            return Err(format!("call {id} was not placed by this scenario"));
+        };
+        let status = self
+            .site
+            .api
+            .sender()
+            .get_call_status(WatchCallRequest { call_id: id.into() })
+            .await
+            .map_err(|e| format!("GetCallStatus: {e}"))?
+            .into_inner();
+        // The `lpush` dictionary the bridge builds from the invite (see `apns-bridge`).
+        let payload = voip::VoipPayload {
+            version: voip::PAYLOAD_VERSION,
+            call_id: id.into(),
+            call_uuid: uuid,
+            caller_name: placed.caller_name,
+            caller_handle: placed.caller_handle,
+            video: placed.video,
+            created_at_ms: status.placed_at_ms,
+            ring_deadline_ms: deadline,
+        };
+        let known = voip::KnownCall {
+            reported: self.phone.shared.with(|log| log.ever_shown(id)),
+            cancelled: false,
+        };
+        let now_ms = self.phone.wall_ms();
+        let ring_ms = i64::from(placed.ring_timeout_seconds) * 1000;
+        match voip::decide(&payload, None, now_ms, known) {
+            voip::VoipAction::Report { ring_for_ms } if ring_for_ms > 0 && ring_for_ms <= ring_ms => Ok(()),
+            action => Err(format!(
+                "the PushKit handler decided {action:?} at phone time {now_ms} for a call placed at {} ringing until {deadline}",
+                status.placed_at_ms
+            )),
+        }
     }
 
     async fn repeat(&mut self, r: &Repeat) -> Result<(), String> {

@@ -201,6 +201,10 @@ pub enum Step {
     /// The server rang this call through the APNs bridge (`WatchCall` path "apns", and the
     /// fake APNs received it).
     ExpectCallFellBackToApns(String),
+    /// The call fell back to APNs (as `expect_call_fell_back_to_apns`) and the app's PushKit
+    /// handler, deciding with the phone's own clock (`mobile_sdk::voip::decide`, the payload the
+    /// bridge builds from the invite), rings it for at most its ring time.
+    ExpectVoipPushRings(String),
     /// The server replied to the app's report and the extension deleted it from the app group:
     /// `{ id = "...", outcome = "answered", result = "recorded" }` (`result` left out: any).
     ExpectOutcomeReplied(OutcomeExpectation),
@@ -263,7 +267,8 @@ impl Step {
                 NotificationExpectation::Id(id) | NotificationExpectation::Options { id, .. },
             )
             | Step::ExpectCallCancelled(CancelExpectation::Id(id) | CancelExpectation::Options { id, .. })
-            | Step::ExpectCallFellBackToApns(id) => *id = sub(id),
+            | Step::ExpectCallFellBackToApns(id)
+            | Step::ExpectVoipPushRings(id) => *id = sub(id),
             Step::ExpectIncomingCall(c) => c.id = sub(&c.id),
             Step::AnswerCall(id)
             | Step::DeclineCall(id)
@@ -326,6 +331,7 @@ impl fmt::Display for Step {
             Step::ExpectIncomingCall(c) => write!(f, "expect incoming call {}", c.id),
             Step::ExpectCallCancelled(c) => write!(f, "expect call cancelled {}", c.id()),
             Step::ExpectCallFellBackToApns(id) => write!(f, "expect call {id} fell back to APNs"),
+            Step::ExpectVoipPushRings(id) => write!(f, "expect the VoIP push of call {id} to ring"),
             Step::ExpectOutcomeReplied(o) => write!(
                 f,
                 "expect the {} report of call {} replied{}",
