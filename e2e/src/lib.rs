@@ -450,7 +450,8 @@ impl ServerProcess {
     /// (ahead of the wall clock) to `file`, signal the server (SIGUSR2) and wait until its hub
     /// reads the new time, so every deadline now due has been handed to its deadline task.
     pub fn set_clock_offset(&self, file: &Path, offset_ms: i64, timeout: Duration) -> Result<(), String> {
-        std::fs::write(file, offset_ms.to_string()).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+        std::fs::write(file, offset_ms.to_string())
+            .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
         let pid = libc::pid_t::try_from(self.pid()).expect("pid fits pid_t");
         // SAFETY: plain kill(2) on our own child, which has not been reaped yet (so the pid
         // cannot have been reused).

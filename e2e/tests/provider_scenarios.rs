@@ -127,7 +127,10 @@ async fn after_a_two_minute_outage_the_phone_is_back_within_seconds() {
 async fn a_phone_clock_five_minutes_fast_still_rings_its_calls() {
     let r = run("wrong_phone_clock.toml").await;
     assert_eq!(r.outcome_replies, 1);
-    assert_eq!(r.call_reports, 2, "the on-site call, and the off-site one's missed cancel");
+    assert_eq!(
+        r.call_reports, 2,
+        "the on-site call, and the off-site one's missed cancel"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,7 +168,10 @@ async fn kill_and_relaunch_delivers_queued_messages_exactly_once() {
         r.notifications, 25,
         "every message within its TTL once: none lost, none repeated"
     );
-    assert_eq!(r.call_reports, 0, "the 60 s call was over long before the relaunch");
+    assert_eq!(
+        r.call_reports, 0,
+        "the 60 s call was over long before the relaunch"
+    );
     assert!(
         r.kills >= 12 && r.processes >= 13,
         "{} kills, {} processes",
@@ -185,7 +191,10 @@ async fn a_simulated_week_of_churn_grows_nothing() {
         w.simulated
     );
     assert!(w.lifecycle_events >= 12_000, "{}", w.lifecycle_events);
-    assert_eq!(r.notifications, 2016, "two of three messages per slot: the third expired");
+    assert_eq!(
+        r.notifications, 2016,
+        "two of three messages per slot: the third expired"
+    );
     assert!(w.server_sessions >= 5_000, "{}", w.server_sessions);
     assert_eq!(r.max_server_sessions, 1);
     assert_eq!(

@@ -256,7 +256,10 @@ mod tests {
     async fn the_shift_moves_forward_only_and_maps_back_to_tokio_time() {
         let clock = Clock::default();
         let start = clock.now();
-        let settled = clock.advance_to(start + Duration::from_secs(600), T).await.unwrap();
+        let settled = clock
+            .advance_to(start + Duration::from_secs(600), T)
+            .await
+            .unwrap();
         assert_eq!(settled, Settled::default(), "no session: settled at once");
         assert!(clock.now() >= start + Duration::from_secs(600));
         let soon = clock.now() + Duration::from_secs(5);
@@ -303,7 +306,11 @@ mod tests {
         let waiting = tokio::spawn(async move { host.settle(T).await });
         assert!(!a.moved().await, "a settle request is no jump");
         a.park(true, None, false);
-        assert_eq!(waiting.await.unwrap().unwrap().sessions, 1, "dropped sessions leave");
+        assert_eq!(
+            waiting.await.unwrap().unwrap().sessions,
+            1,
+            "dropped sessions leave"
+        );
     }
 
     #[tokio::test(start_paused = true)]

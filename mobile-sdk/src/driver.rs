@@ -304,8 +304,12 @@ impl Driver {
                         .unwrap_or(StopReason::Other);
                     self.session.handle_stop(self.clock.now(), reason);
                 }
-                Wake::Input(Some(Input::Network(event))) => self.session.handle_network(self.clock.now(), event),
-                Wake::Input(Some(Input::VoipToken(token))) => self.session.handle_voip_token(self.clock.now(), token),
+                Wake::Input(Some(Input::Network(event))) => {
+                    self.session.handle_network(self.clock.now(), event)
+                }
+                Wake::Input(Some(Input::VoipToken(token))) => {
+                    self.session.handle_voip_token(self.clock.now(), token)
+                }
                 Wake::Input(Some(Input::CallOutcome(report))) => {
                     // Checked by the client before it was queued.
                     let _ = self.session.handle_call_outcome(self.clock.now(), report);

@@ -126,7 +126,12 @@ impl Server {
             tasks.clone(),
         ));
         if let (Some(clock), Some(path)) = (test_clock, &cfg.test_clock_file) {
-            tasks.spawn(watch_test_clock(clock, path.clone(), hub.clone(), shutdown.clone())?);
+            tasks.spawn(watch_test_clock(
+                clock,
+                path.clone(),
+                hub.clone(),
+                shutdown.clone(),
+            )?);
         }
         tasks.spawn(run_timers(hub.clone(), shutdown.clone()));
         tasks.spawn(run_cluster(hub.clone(), shutdown.clone()));

@@ -640,7 +640,11 @@ impl Phone {
     /// `d` of simulated time passes on the phone, stop by stop (see [`crate::time`]), or less
     /// if `done` holds on the settled SDK at a stop first. Returns how far the clock moved; the
     /// caller moves the server's clock by as much.
-    pub async fn advance(&mut self, d: Duration, done: impl Fn(&Settled) -> bool) -> Result<Duration, String> {
+    pub async fn advance(
+        &mut self,
+        d: Duration,
+        done: impl Fn(&Settled) -> bool,
+    ) -> Result<Duration, String> {
         let start = self.clock.shift();
         let target = start + d;
         let mut settled = self.clock.settle(STEP_TIMEOUT).await?;
@@ -648,7 +652,9 @@ impl Phone {
         while !done(&settled) && self.clock.shift() < target {
             stops += 1;
             if stops > MAX_STOPS {
-                return Err(format!("time stuck: {MAX_STOPS} stops without reaching the end ({settled:?})"));
+                return Err(format!(
+                    "time stuck: {MAX_STOPS} stops without reaching the end ({settled:?})"
+                ));
             }
             // The end in the phone's clock now: real time passes while the host steps, and the
             // server's clock with it, so the end is a shift, not an instant.

@@ -15,8 +15,8 @@ use nepush_provider::{
 use push_proto::{
     device::{CancelReason, Priority},
     sender::{
-        CallState, CancelCallRequest, DeliveryState, DeliveryUpdate, GetMessageStatusRequest, PlaceCallRequest,
-        SendMessageRequest, Target, WatchCallRequest, target,
+        CallState, CancelCallRequest, DeliveryState, DeliveryUpdate, GetMessageStatusRequest,
+        PlaceCallRequest, SendMessageRequest, Target, WatchCallRequest, target,
     },
 };
 
@@ -496,7 +496,9 @@ impl Run<'_> {
                         } else {
                             Priority::Normal
                         } as i32,
-                        ttl_seconds: m.ttl.map_or(0, |t| u32::try_from(t.0.as_secs()).unwrap_or(u32::MAX)),
+                        ttl_seconds: m
+                            .ttl
+                            .map_or(0, |t| u32::try_from(t.0.as_secs()).unwrap_or(u32::MAX)),
                         ..Default::default()
                     })
                     .await
@@ -632,7 +634,9 @@ impl Run<'_> {
             .site
             .api
             .sender()
-            .watch_message(GetMessageStatusRequest { message_id: id.into() })
+            .watch_message(GetMessageStatusRequest {
+                message_id: id.into(),
+            })
             .await
             .map_err(|e| format!("WatchMessage: {e}"))?
             .into_inner();
@@ -641,7 +645,9 @@ impl Run<'_> {
         let last = updates.iter().rev().find(|u| &u.device_id == device);
         let got = last.map_or("none", |u| delivery_state_name(u.state()));
         if got != want {
-            return Err(format!("message {id} is {got} for {device}, not {want}: {updates:?}"));
+            return Err(format!(
+                "message {id} is {got} for {device}, not {want}: {updates:?}"
+            ));
         }
         Ok(())
     }

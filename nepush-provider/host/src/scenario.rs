@@ -813,8 +813,12 @@ send = { id = "m", ttl = "5m" }
         assert!(matches!(r.steps[0].for_iteration(7), Step::Timer(2)));
         assert!(matches!(s.steps[10], Step::Outage(true)));
         assert!(matches!(s.steps[11], Step::ExpectBackWithin(SimDuration(d)) if d == Duration::from_secs(5)));
-        assert!(matches!(s.steps[12].for_iteration(3), Step::ExpectCallState(e) if e.id == "c-3" && e.state == "missed"));
-        assert!(matches!(&s.steps[13], Step::Send(m) if m.ttl == Some(SimDuration(Duration::from_secs(300)))));
+        assert!(
+            matches!(s.steps[12].for_iteration(3), Step::ExpectCallState(e) if e.id == "c-3" && e.state == "missed")
+        );
+        assert!(
+            matches!(&s.steps[13], Step::Send(m) if m.ttl == Some(SimDuration(Duration::from_secs(300))))
+        );
         assert_eq!(s.phone.clock_skew_ms, 0);
     }
 

@@ -210,7 +210,14 @@ impl Site {
         let server = tokio::task::spawn_blocking(move || {
             ServerProcess::start(
                 &data,
-                &["--config", &config, &interval, &timeout, "--test-clock-file", &clock_arg],
+                &[
+                    "--config",
+                    &config,
+                    &interval,
+                    &timeout,
+                    "--test-clock-file",
+                    &clock_arg,
+                ],
             )
         })
         .await

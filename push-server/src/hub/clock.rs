@@ -53,16 +53,22 @@ impl OffsetClock {
                 (offset_ms >= now).then_some(offset_ms)
             })
             .map(|_| ())
-            .map_err(|now| format!("clock offset {offset_ms} ms is behind the current {now} ms: time does not go back"))
+            .map_err(|now| {
+                format!("clock offset {offset_ms} ms is behind the current {now} ms: time does not go back")
+            })
     }
 
     /// Read the offset from `path` (ms, decimal, surrounding whitespace ignored) and move to it.
     pub fn move_to_file(&self, path: &Path) -> Result<i64, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let offset: i64 = text
-            .trim()
-            .parse()
-            .map_err(|_| format!("{}: {:?} is not a number of milliseconds", path.display(), text.trim()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let offset: i64 = text.trim().parse().map_err(|_| {
+            format!(
+                "{}: {:?} is not a number of milliseconds",
+                path.display(),
+                text.trim()
+            )
+        })?;
         self.move_to(offset)?;
         Ok(offset)
     }
