@@ -37,8 +37,11 @@ async fn run(file: &str) -> Report {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn normal_day_messages_once_calls_with_their_dictionary() {
     let r = run("normal_day.toml").await;
-    assert_eq!(r.notifications, 3, "each message shown once");
-    assert_eq!(r.call_reports, 3, "two invites and one cancel");
+    assert_eq!(
+        r.notifications, 4,
+        "each message shown once, and the missed-call notification of the call left ringing"
+    );
+    assert_eq!(r.call_reports, 4, "two invites and their cancels (missed, answered elsewhere)");
     assert_eq!(r.max_server_sessions, 1);
     assert_eq!(r.max_counters.connected, 1);
     assert_eq!(r.replaced_dead, 0);
