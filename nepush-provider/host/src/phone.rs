@@ -493,9 +493,9 @@ impl Phone {
 
     /// The Wi-Fi is gone (no stop).
     pub fn leave_network(&mut self) {
+        self.cut_at = Some(Instant::now());
         self.wifi.set_on_site(false);
         self.ssid = None;
-        self.cut_at = Some(Instant::now());
         self.notify_path(NetworkEvent::Left);
     }
 

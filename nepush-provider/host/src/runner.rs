@@ -451,8 +451,9 @@ impl Run<'_> {
                 self.site.advance_clock(moved).await?;
             }
             Step::Outage(true) => {
-                phone.wifi.set_server_reachable(false);
+                // Before the cut: the server may notice it before this thread runs again.
                 phone.cut_at = Some(Instant::now());
+                phone.wifi.set_server_reachable(false);
                 self.outage_ended = None;
                 // Both ends close at once: the SDK has seen it before time passes.
                 if let Some(i) = phone.current() {
