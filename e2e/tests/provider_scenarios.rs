@@ -41,7 +41,10 @@ async fn normal_day_messages_once_calls_with_their_dictionary() {
         r.notifications, 4,
         "each message shown once, and the missed-call notification of the call left ringing"
     );
-    assert_eq!(r.call_reports, 4, "two invites and their cancels (missed, answered elsewhere)");
+    assert_eq!(
+        r.call_reports, 4,
+        "two invites and their cancels (missed, answered elsewhere)"
+    );
     assert_eq!(r.max_server_sessions, 1);
     assert_eq!(r.max_counters.connected, 1);
     assert_eq!(r.replaced_dead, 0);

@@ -15,7 +15,7 @@ use nepush_provider::{
 use push_proto::{
     device::{CancelReason, Priority},
     sender::{
-        CallState, CancelCallRequest, DeliveryState, DeliveryUpdate, GetMessageStatusRequest,
+        CallState, CallStatus, CancelCallRequest, DeliveryState, DeliveryUpdate, GetMessageStatusRequest,
         PlaceCallRequest, SendMessageRequest, Target, WatchCallRequest, target,
     },
 };
@@ -608,25 +608,35 @@ impl Run<'_> {
 
     /// Watch the call to its end (every callee final), then its status.
     async fn expect_call_state(&mut self, id: &str, want: &str) -> Result<(), String> {
-        let sender = self.site.api.sender();
-        let stream = sender
-            .clone()
-            .watch_call(WatchCallRequest { call_id: id.into() })
-            .await
-            .map_err(|e| format!("WatchCall: {e}"))?
-            .into_inner();
-        drain(stream).await?;
-        let status = sender
-            .clone()
-            .get_call_status(WatchCallRequest { call_id: id.into() })
-            .await
-            .map_err(|e| format!("GetCallStatus: {e}"))?
-            .into_inner();
+        drain(self.watch_call(id).await?).await?;
+        let status = self.call_status(id).await?;
         let got = call_state_name(status.state());
         if got != want {
             return Err(format!("call {id} is {got}, not {want}: {status:?}"));
         }
         Ok(())
+    }
+
+    async fn watch_call(&self, id: &str) -> Result<tonic::Streaming<DeliveryUpdate>, String> {
+        let r = self
+            .site
+            .api
+            .sender()
+            .watch_call(WatchCallRequest { call_id: id.into() })
+            .await;
+        r.map(tonic::Response::into_inner)
+            .map_err(|e| format!("WatchCall: {e}"))
+    }
+
+    async fn call_status(&self, id: &str) -> Result<CallStatus, String> {
+        let r = self
+            .site
+            .api
+            .sender()
+            .get_call_status(WatchCallRequest { call_id: id.into() })
+            .await;
+        r.map(tonic::Response::into_inner)
+            .map_err(|e| format!("GetCallStatus: {e}"))
     }
 
     /// Watch the message to its end; the device's final state.
@@ -942,14 +952,7 @@ impl Run<'_> {
     }
 
     async fn expect_apns(&mut self, id: &str) -> Result<(), String> {
-        let mut stream = self
-            .site
-            .api
-            .sender()
-            .watch_call(WatchCallRequest { call_id: id.into() })
-            .await
-            .map_err(|e| format!("WatchCall: {e}"))?
-            .into_inner();
+        let mut stream = self.watch_call(id).await?;
         let mut seen = Vec::new();
         let found = tokio::time::timeout(STEP_TIMEOUT, async {
             while let Ok(Some(u)) = stream.message().await {
@@ -977,14 +980,7 @@ impl Run<'_> {
         let Some((placed, uuid, deadline)) = self.sent.calls.get(id).cloned() else {
             return Err(format!("call {id} was not placed by this scenario"));
         };
-        let status = self
-            .site
-            .api
-            .sender()
-            .get_call_status(WatchCallRequest { call_id: id.into() })
-            .await
-            .map_err(|e| format!("GetCallStatus: {e}"))?
-            .into_inner();
+        let status = self.call_status(id).await?;
         // The `lpush` dictionary the bridge builds from the invite (see `apns-bridge`).
         let payload = voip::VoipPayload {
             version: voip::PAYLOAD_VERSION,
