@@ -446,6 +446,24 @@ impl ServerProcess {
         }
     }
 
+    /// Simulated time, for a server started with `--test-clock-file FILE`: write `offset_ms`
+    /// (ahead of the wall clock) to `file`, signal the server (SIGUSR2) and wait until its hub
+    /// reads the new time, so every deadline now due has been handed to its deadline task.
+    pub fn set_clock_offset(&self, file: &Path, offset_ms: i64, timeout: Duration) -> Result<(), String> {
+        std::fs::write(file, offset_ms.to_string())
+            .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+        let pid = libc::pid_t::try_from(self.pid()).expect("pid fits pid_t");
+        // SAFETY: plain kill(2) on our own child, which has not been reaped yet (so the pid
+        // cannot have been reused).
+        if unsafe { libc::kill(pid, libc::SIGUSR2) } != 0 {
+            return Err(format!("kill(SIGUSR2): {}", std::io::Error::last_os_error()));
+        }
+        self.stdout
+            .wait_for(&format!("push-server clock: offset_ms={offset_ms}"), timeout)
+            .map(|_| ())
+            .map_err(|e| format!("the server did not move its clock: {e}; log:\n{}", self.log()))
+    }
+
     /// The server's CA certificate (PEM).
     pub fn ca_pem(&self) -> String {
         let path = self.data_dir.join("tls/ca.pem");

@@ -3,8 +3,9 @@
 //! Each turn of the loop: (1) write what the session wants written, (2) carry out its transport
 //! commands, (3) hand its events to the host and report the pushes taken, then (4) wait for
 //! exactly one input: stop, a host input, the connection attempt, bytes (only while the session
-//! wants them: flow control), or the session's single deadline. Time is tokio's clock, so tests
-//! can pause and advance it.
+//! wants them: flow control), or the session's single deadline. Time is the registry's
+//! [`crate::clock::Clock`]: tokio's clock (tests can pause and advance it), which the Linux
+//! lifecycle host can also move forward (`test-clock`).
 
 use std::{
     io,
@@ -29,6 +30,7 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    clock::SessionClock,
     core::{
         Event, LastSeen, NetworkEvent, OutcomeReport, PendingOutcomes, Session, State, StopReason,
         TransportCommand,
@@ -200,6 +202,8 @@ enum Wake {
     Connect(io::Result<Stream>),
     Read(io::Result<usize>),
     Timer,
+    /// The (simulated) clock moved; true if it jumped.
+    ClockMoved(bool),
 }
 
 /// Everything one session task owns.
@@ -212,10 +216,7 @@ pub(crate) struct Driver {
     pub(crate) cancel: CancellationToken,
     pub(crate) stop_reason: Arc<Mutex<Option<StopReason>>>,
     pub(crate) counters: Arc<Counters>,
-}
-
-fn now() -> std::time::Instant {
-    tokio::time::Instant::now().into_std()
+    pub(crate) clock: SessionClock,
 }
 
 impl Driver {
@@ -227,7 +228,7 @@ impl Driver {
         tokio::pin!(timer);
         let mut stopping = false;
         let mut reported_dropped = 0;
-        self.session.handle_start(now());
+        self.session.handle_start(self.clock.now());
         loop {
             self.shared.bump(Stat::LoopTurns);
             // (1) Bytes for the current connection.
@@ -236,7 +237,7 @@ impl Driver {
             {
                 conn = Conn::None;
                 self.session
-                    .handle_disconnected(now(), &format!("write failed: {e}"));
+                    .handle_disconnected(self.clock.now(), &format!("write failed: {e}"));
             }
             // (2) Transport commands, in order.
             while let Some(command) = self.session.poll_transport() {
@@ -271,15 +272,25 @@ impl Driver {
             // (4) Wait for one input.
             let deadline = self.session.poll_timeout();
             if let Some(at) = deadline {
-                timer.as_mut().reset(tokio::time::Instant::from_std(at));
+                timer.as_mut().reset(self.clock.tokio_instant(at));
             }
             let wants_read = self.session.wants_read();
+            let connected = matches!(self.session.state(), State::Connected { .. });
+            // Quiet: no attempt or handshake in flight, no input queued, nothing due.
+            let quiet = match conn {
+                Conn::Connecting(_) => false,
+                Conn::Open { .. } => connected,
+                Conn::None => true,
+            } && self.inputs.is_empty()
+                && deadline.is_none_or(|at| at > self.clock.now());
+            self.clock.park(quiet, deadline, connected);
             // Biased, in this order: a stop wins, and a due deadline is never starved by a
             // connection that always has bytes.
             let wake = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled(), if !stopping => Wake::Stop,
                 input = self.inputs.recv() => Wake::Input(input),
+                jumped = self.clock.moved() => Wake::ClockMoved(jumped),
                 _ = &mut timer, if deadline.is_some() => Wake::Timer,
                 io = next_io(&mut conn, wants_read) => io,
             };
@@ -291,19 +302,23 @@ impl Driver {
                         .lock()
                         .expect("poisoned")
                         .unwrap_or(StopReason::Other);
-                    self.session.handle_stop(now(), reason);
+                    self.session.handle_stop(self.clock.now(), reason);
                 }
-                Wake::Input(Some(Input::Network(event))) => self.session.handle_network(now(), event),
-                Wake::Input(Some(Input::VoipToken(token))) => self.session.handle_voip_token(now(), token),
+                Wake::Input(Some(Input::Network(event))) => {
+                    self.session.handle_network(self.clock.now(), event)
+                }
+                Wake::Input(Some(Input::VoipToken(token))) => {
+                    self.session.handle_voip_token(self.clock.now(), token)
+                }
                 Wake::Input(Some(Input::CallOutcome(report))) => {
                     // Checked by the client before it was queued.
-                    let _ = self.session.handle_call_outcome(now(), report);
+                    let _ = self.session.handle_call_outcome(self.clock.now(), report);
                 }
-                Wake::Input(Some(Input::SystemTimer)) => self.session.handle_system_timer(now()),
+                Wake::Input(Some(Input::SystemTimer)) => self.session.handle_system_timer(self.clock.now()),
                 // Every client handle is gone: stop as if asked to.
                 Wake::Input(None) => {
                     stopping = true;
-                    self.session.handle_stop(now(), StopReason::Other);
+                    self.session.handle_stop(self.clock.now(), StopReason::Other);
                 }
                 Wake::Connect(Ok(tls)) => {
                     conn = Conn::Open {
@@ -311,29 +326,31 @@ impl Driver {
                         buf: vec![0; READ_CHUNK].into_boxed_slice(),
                         accepted: None,
                     };
-                    self.session.handle_connected(now());
+                    self.session.handle_connected(self.clock.now());
                 }
                 Wake::Connect(Err(e)) => {
                     conn = Conn::None;
-                    self.session.handle_disconnected(now(), &e.to_string());
+                    self.session.handle_disconnected(self.clock.now(), &e.to_string());
                 }
                 Wake::Read(Ok(0)) => {
                     conn = Conn::None;
                     self.session
-                        .handle_disconnected(now(), "connection closed by the server");
+                        .handle_disconnected(self.clock.now(), "connection closed by the server");
                 }
                 Wake::Read(Ok(n)) => {
                     if let Conn::Open { buf, .. } = &conn {
-                        self.session.handle_bytes(now(), &buf[..n]);
+                        self.session.handle_bytes(self.clock.now(), &buf[..n]);
                     }
                 }
                 Wake::Read(Err(e)) => {
                     conn = Conn::None;
-                    self.session.handle_disconnected(now(), &e.to_string());
+                    self.session.handle_disconnected(self.clock.now(), &e.to_string());
                 }
+                Wake::ClockMoved(true) => self.session.handle_clock_jump(self.clock.now()),
+                Wake::ClockMoved(false) => {}
                 Wake::Timer => {
                     self.shared.bump(Stat::TimerWakeups);
-                    self.session.handle_timeout(now());
+                    self.session.handle_timeout(self.clock.now());
                 }
             }
         }
@@ -360,14 +377,14 @@ impl Driver {
             // A report whose input was dropped (a full queue) is in `shared` only: hand it to
             // the session now, which sends what it did not have. The rest are repeats it ignores.
             for report in self.shared.pending_outcomes() {
-                let _ = self.session.handle_call_outcome(now(), report);
+                let _ = self.session.handle_call_outcome(self.clock.now(), report);
             }
         }
         let seq = event.push_seq();
         self.handler.on_event(event);
         if let Some(seq) = seq {
             self.shared.bump(Stat::Pushes);
-            self.session.handle_delivered(now(), seq);
+            self.session.handle_delivered(self.clock.now(), seq);
         }
     }
 

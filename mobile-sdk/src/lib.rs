@@ -18,6 +18,8 @@
 //!   device (the newest instance wins), release on stop.
 //! - [`counters`]: live instances, sessions, tasks, sockets and connections, for tests and
 //!   diagnostics.
+//! - [`clock`]: where sessions read the time (tokio's clock; with the `test-clock` feature, one
+//!   the Linux lifecycle host moves forward).
 //! - [`config`]: the provider configuration ([`ClientConfig`], [`Trust`]).
 //! - [`tls`]: rustls client configuration: TLS 1.3, ALPN `lpush/1`, private CA and SPKI pins.
 //!
@@ -25,6 +27,7 @@
 //! [`Client`] and [`Registry`].
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod clock;
 pub mod config;
 pub mod core;
 pub mod counters;
@@ -33,6 +36,7 @@ pub mod lifecycle;
 pub mod tls;
 pub mod voip;
 
+pub use clock::Clock;
 pub use config::{ClientConfig, ConfigError, Trust};
 pub use counters::Snapshot;
 pub use driver::{DriverStats, EventHandler};

@@ -24,6 +24,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    clock::Clock,
     config::{ClientConfig, ConfigError},
     core::{
         self, CallOutcome, InvalidReport, LastSeen, NetworkEvent, OutcomeReport, Session, State, StopReason,
@@ -58,6 +59,7 @@ pub struct Registry {
 
 struct RegistryInner {
     runtime: Handle,
+    clock: Clock,
     counters: Arc<Counters>,
     slots: Mutex<HashMap<String, Slot>>,
     /// Per device, the floor (and its epoch) the latest ended session handed over: a newer
@@ -143,9 +145,21 @@ impl Drop for TaskGuard {
 impl Registry {
     /// A registry whose sessions run on `runtime`.
     pub fn new(runtime: Handle) -> Self {
+        Self::with_clock(runtime, Clock::default())
+    }
+
+    /// A registry whose sessions read the time from `clock`, which the Linux lifecycle host
+    /// moves forward (simulated time; never in the app).
+    #[cfg(feature = "test-clock")]
+    pub fn new_with_clock(runtime: Handle, clock: Clock) -> Self {
+        Self::with_clock(runtime, clock)
+    }
+
+    fn with_clock(runtime: Handle, clock: Clock) -> Self {
         Self {
             inner: Arc::new(RegistryInner {
                 runtime,
+                clock,
                 counters: Arc::new(Counters::default()),
                 slots: Mutex::new(HashMap::new()),
                 taken: Mutex::new(HashMap::new()),
@@ -253,6 +267,7 @@ impl Registry {
             cancel: cancel.clone(),
             stop_reason: reason.clone(),
             counters: self.inner.counters.clone(),
+            clock: self.inner.clock.session(),
         };
         // Created before the spawn, so even a task aborted before its first poll reports.
         let guard = TaskGuard {

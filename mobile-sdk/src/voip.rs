@@ -10,6 +10,14 @@
 //! synchronously with the parsed payload, `mustReport` (`None` before iOS 26.4, meaning true),
 //! the time and what the app already knows about the call. It reads no clock and does no I/O.
 //!
+//! The payload's times are the server's clock; the phone's may be minutes off (set by hand, no
+//! time sync on a hospital network without internet). The bridge sets `apns-expiration` no
+//! later than the ring deadline, and APNs does not deliver a push past its expiration, so a push
+//! that arrives was live when it left Apple. A phone whose clock puts the push outside the
+//! call's own timeline (before the call was placed, or past its deadline) by more than
+//! [`CLOCK_TOLERANCE_MS`] has the wrong time, not a stale call: it rings for the call's window
+//! instead of ending every call at once (fast clock) or ringing calls already over (slow clock).
+//!
 //! The payload is the `lpush` dictionary of the push:
 //! `{"aps":{},"lpush":{"v":1,"kind":"call_invite","call_id":…,"call_uuid":…,"caller_name":…,
 //! "caller_handle":…,"video":…,"created_at_ms":…,"ring_deadline_ms":…}}`. The call UUID is the
@@ -17,6 +25,10 @@
 
 /// Version of the `lpush` dictionary this SDK understands.
 pub const PAYLOAD_VERSION: u32 = 1;
+
+/// How far the phone's clock may put a push outside its call's timeline before [`decide`]
+/// takes the clock, not the call, to be wrong (delivery and launch take a few seconds).
+pub const CLOCK_TOLERANCE_MS: i64 = 5_000;
 
 /// The `lpush` dictionary of a VoIP push, as parsed by the app. Missing fields stay at their
 /// defaults; [`decide`] treats an unusable payload as malformed (it must still be reported).
@@ -90,27 +102,33 @@ pub enum VoipAction {
 /// Decide what the PushKit handler does with `payload`.
 ///
 /// `must_report` is `PKVoIPPushMetadata.mustReport` where iOS provides it (26.4 and later), `None`
-/// before (then every push must be reported). `now_ms` is the phone's Unix time in ms.
+/// before (then every push must be reported). `now_ms` is the phone's Unix time in ms; if it
+/// puts the push outside the call's timeline, the phone's clock is wrong (see the module).
 pub fn decide(payload: &VoipPayload, must_report: Option<bool>, now_ms: i64, known: KnownCall) -> VoipAction {
     let must = must_report.unwrap_or(true);
     let usable = payload.version == PAYLOAD_VERSION
         && is_uuid(&payload.call_uuid)
         && payload.ring_deadline_ms > payload.created_at_ms;
+    let window = payload.ring_deadline_ms.saturating_sub(payload.created_at_ms);
+    let clock_wrong = now_ms < payload.created_at_ms.saturating_sub(CLOCK_TOLERANCE_MS)
+        || now_ms > payload.ring_deadline_ms.saturating_add(CLOCK_TOLERANCE_MS);
     let end = if !usable {
         Some(EndReason::Malformed)
     } else if known.cancelled {
         Some(EndReason::Cancelled)
     } else if known.reported {
         Some(EndReason::AlreadyReported)
-    } else if now_ms >= payload.ring_deadline_ms {
+    } else if !clock_wrong && now_ms >= payload.ring_deadline_ms {
         Some(EndReason::Expired)
     } else {
         None
     };
     match end {
-        // A live call rings whether or not iOS insists (in the foreground it is still a call).
+        // A live call rings whether or not iOS insists (in the foreground it is still a call),
+        // never longer than its window.
+        None if clock_wrong => VoipAction::Report { ring_for_ms: window },
         None => VoipAction::Report {
-            ring_for_ms: payload.ring_deadline_ms - now_ms,
+            ring_for_ms: (payload.ring_deadline_ms - now_ms).min(window),
         },
         Some(reason) if must => VoipAction::ReportAndEnd { reason },
         Some(reason) => VoipAction::CompleteOnly { reason },
@@ -241,6 +259,32 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn a_phone_clock_minutes_off_still_rings_the_call_for_its_window() {
+        // Issue #14: the deadline is the server's clock. A phone 5 minutes fast ended every
+        // VoIP call at once as expired; one 5 minutes slow rang 5 minutes too long.
+        let window = 30_000;
+        for skew in [300_000, -300_000, 3_600_000, -86_400_000] {
+            assert_eq!(
+                decide(&payload(), None, NOW + skew, FRESH),
+                VoipAction::Report { ring_for_ms: window },
+                "clock off by {skew} ms"
+            );
+        }
+        // Within the tolerance the clock is trusted: late by transit, the call is over.
+        assert_eq!(
+            decide(&payload(), None, NOW + 28_000 + CLOCK_TOLERANCE_MS, FRESH),
+            VoipAction::ReportAndEnd {
+                reason: EndReason::Expired
+            }
+        );
+        // A clock a little slow never rings past the window.
+        assert_eq!(
+            decide(&payload(), None, NOW - 4_000, FRESH),
+            VoipAction::Report { ring_for_ms: window }
+        );
     }
 
     #[test]

@@ -60,6 +60,11 @@ pub struct Config {
     pub site: SiteConfig,
     /// Cluster mode: several nodes sharing state through Redis.
     pub cluster: ClusterConfig,
+    /// Simulated time for the lifecycle host (`serve --test-clock-file`, hidden): the hub's
+    /// clock runs this file's offset (ms) ahead of the wall clock, re-read on SIGUSR2. Not a
+    /// configuration-file key, so no configuration can turn it on.
+    #[serde(skip)]
+    pub test_clock_file: Option<PathBuf>,
 }
 
 /// `[cluster]`: empty (the default) runs one node on the embedded store.
@@ -117,6 +122,7 @@ impl Default for Config {
             apns: ApnsConfig::default(),
             site: SiteConfig::default(),
             cluster: ClusterConfig::default(),
+            test_clock_file: None,
         }
     }
 }

@@ -99,6 +99,10 @@ struct ServeArgs {
     /// Heartbeat answer deadline in milliseconds.
     #[arg(long, env = "PUSH_HEARTBEAT_TIMEOUT_MS")]
     heartbeat_timeout_ms: Option<u64>,
+    /// Simulated time, for the lifecycle host only: the hub's clock runs this file's offset
+    /// (ms) ahead of the wall clock, re-read on SIGUSR2. Hidden: no deployment sets it.
+    #[arg(long, hide = true)]
+    test_clock_file: Option<PathBuf>,
     /// Cluster mode: the Redis every node shares (`redis://host:port/db`, `rediss://` for TLS,
     /// `redis+sentinel://host:port[,host:port...]/master_name[/db]` through Sentinel); each node
     /// needs its own --node-name.
@@ -1000,6 +1004,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(v) = args.heartbeat_timeout_ms {
         cfg.heartbeat_timeout_ms = v;
     }
+    cfg.test_clock_file = args.test_clock_file;
     if let Some(v) = args.redis_url {
         cfg.cluster.redis_url = v;
     }

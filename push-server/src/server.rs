@@ -26,7 +26,7 @@ use crate::{
     config::{ApnsConfig, ApnsMode, ClusterConfig, Config},
     enrollment::{Enroller, SiteProfile},
     grpc::Api,
-    hub::{Hub, SystemClock, run_cluster, run_timers},
+    hub::{Clock, Hub, OffsetClock, SystemClock, run_cluster, run_timers},
     keys::{Keys, NewKey},
     listener::{serve_devices, tls_incoming},
     pki::{self, Pki, PkiStatus},
@@ -81,7 +81,8 @@ impl Server {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         prepare_data_dir(&cfg.data_dir)?;
         let (pki, pki_status) = pki::load_or_create(&cfg.data_dir.join(TLS_DIR), &cfg.server_names)?;
-        let (hub, store) = open_hub(&cfg, voip).await?;
+        let test_clock = cfg.test_clock_file.as_deref().map(open_test_clock).transpose()?;
+        let (hub, store) = open_hub(&cfg, voip, test_clock.clone()).await?;
         let auth = Arc::new(
             DeviceAuthority::load_or_create(&cfg.data_dir)
                 .context("cannot load the device credential key")?,
@@ -124,6 +125,14 @@ impl Server {
             shutdown.clone(),
             tasks.clone(),
         ));
+        if let (Some(clock), Some(path)) = (test_clock, &cfg.test_clock_file) {
+            tasks.spawn(watch_test_clock(
+                clock,
+                path.clone(),
+                hub.clone(),
+                shutdown.clone(),
+            )?);
+        }
         tasks.spawn(run_timers(hub.clone(), shutdown.clone()));
         tasks.spawn(run_cluster(hub.clone(), shutdown.clone()));
         let site = SiteProfile::new(&cfg, device_addr, &pki);
@@ -246,8 +255,15 @@ pub fn voip_bridge(cfg: &ApnsConfig) -> anyhow::Result<Option<Arc<dyn VoipBridge
 }
 
 /// The hub over the embedded store, or, with `[cluster] redis_url`, a cluster node over Redis.
-async fn open_hub(cfg: &Config, voip: Option<Arc<dyn VoipBridge>>) -> anyhow::Result<(Hub, Arc<dyn Store>)> {
-    let clock = Arc::new(SystemClock);
+async fn open_hub(
+    cfg: &Config,
+    voip: Option<Arc<dyn VoipBridge>>,
+    test_clock: Option<Arc<OffsetClock>>,
+) -> anyhow::Result<(Hub, Arc<dyn Store>)> {
+    let clock: Arc<dyn Clock> = match test_clock {
+        Some(c) => c,
+        None => Arc::new(SystemClock),
+    };
     if !cfg.cluster.redis_url.is_empty() {
         let certificates = redis_certificates(&cfg.cluster)?;
         let redis = RedisStore::connect_with(&cfg.cluster.redis_url, certificates, &cfg.node_name, true)
@@ -270,6 +286,45 @@ async fn open_hub(cfg: &Config, voip: Option<Arc<dyn VoipBridge>>) -> anyhow::Re
     );
     let hub = Hub::new(store.clone(), cfg.limits.clone(), snapshot, voip, clock);
     Ok((hub, store))
+}
+
+/// The lifecycle host's clock (`serve --test-clock-file`): the file's offset from the start, so
+/// a restarted server keeps the simulated time it had.
+fn open_test_clock(path: &Path) -> anyhow::Result<Arc<OffsetClock>> {
+    let clock = Arc::new(OffsetClock::default());
+    if path.exists() {
+        clock.move_to_file(path).map_err(anyhow::Error::msg)?;
+    }
+    tracing::warn!(file = %path.display(), offset_ms = clock.offset_ms(), "simulated time: the hub's clock runs ahead of the wall clock (tests only)");
+    Ok(clock)
+}
+
+/// On SIGUSR2, move the test clock to the file's offset, wake the deadline task, and print
+/// `push-server clock: offset_ms=N` on stdout once the hub reads the new time (the host waits
+/// for that line). A bad file is logged and changes nothing.
+fn watch_test_clock(
+    clock: Arc<OffsetClock>,
+    path: PathBuf,
+    hub: Hub,
+    shutdown: CancellationToken,
+) -> anyhow::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut usr2 = signal(SignalKind::user_defined2()).context("cannot install the SIGUSR2 handler")?;
+    Ok(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = usr2.recv() => {}
+            }
+            match clock.move_to_file(&path) {
+                Ok(offset) => {
+                    hub.clock_moved();
+                    println!("push-server clock: offset_ms={offset}");
+                }
+                Err(e) => tracing::error!(error = %e, "test clock not moved"),
+            }
+        }
+    })
 }
 
 /// The CA and client certificate `[cluster]` names for Redis, read and checked now: the

@@ -196,7 +196,7 @@ struct Network {
 ///   [`Session::handle_connected`], [`Session::handle_disconnected`], [`Session::handle_bytes`],
 ///   [`Session::handle_delivered`], [`Session::handle_network`], [`Session::handle_voip_token`],
 ///   [`Session::handle_call_outcome`], [`Session::handle_timeout`],
-///   [`Session::handle_system_timer`];
+///   [`Session::handle_system_timer`], [`Session::handle_clock_jump`];
 /// - outputs, drained after every input, in this order: [`Session::poll_transmit`] (bytes for
 ///   the current connection), then [`Session::poll_transport`] until `None` (a `Close` comes
 ///   after the bytes it must follow), then [`Session::poll_event`] until `None`, and finally
@@ -396,6 +396,18 @@ impl Session {
         if self.rx.is_empty() {
             // An idle session holds no read buffer.
             self.rx = BytesMut::new();
+        }
+    }
+
+    /// The clock jumped forward (simulated time: the Linux lifecycle host's `test-clock`) while
+    /// the connection stayed open. The server's heartbeats would have kept it alive through the
+    /// span, so it counts as heard from now rather than silent throughout; every other deadline
+    /// falls due as it would have. A connection that is in fact dead is found out by the silence
+    /// deadline after the jump.
+    pub fn handle_clock_jump(&mut self, now: Instant) {
+        let now = self.clock(now);
+        if let Phase::Connected(live) = &mut self.phase {
+            live.dead_at = now + live.silence;
         }
     }
 

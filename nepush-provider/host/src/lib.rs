@@ -11,8 +11,11 @@
 //! - The **extension process** ([`phone`]): its own tokio runtime and `mobile_sdk::Registry`;
 //!   a kill shuts the runtime down in the background (sockets close without a goodbye), a
 //!   relaunch builds new ones and reads the app group's last seen sequence and epoch.
-//! - **Time**: the 60 s timer and "every few hours" are simulated (the host fires the events);
-//!   network I/O and the server's heartbeats run at real speed.
+//! - **Time** ([`time`]): `advance` moves the server's clock (`--test-clock-file`) and the
+//!   SDK's ([`mobile_sdk::Clock`], feature `test-clock`) forward together; the phone's clock
+//!   stops at each SDK deadline and 60 s timer event in the span, so retries and backoff play
+//!   out against the real network; a connected phone leaps. Network I/O, TLS and the server's
+//!   heartbeats run at real speed.
 //!
 //! # Invariants checked after every step
 //! - At most one server session per device: no login replaced a session the phone still held
@@ -28,7 +31,8 @@
 //!
 //! # Layout
 //! - [`scenario`]: the file format. [`runner`]: steps, checks, [`Report`].
-//! - [`site`], [`wifi`], [`phone`], [`resources`]: the model.
+//! - [`site`], [`wifi`], [`phone`], [`resources`]: the model; [`time`]: how simulated time
+//!   passes.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod phone;
@@ -36,6 +40,7 @@ pub mod resources;
 pub mod runner;
 pub mod scenario;
 pub mod site;
+pub mod time;
 pub mod wifi;
 
 pub use runner::{Report, RunOptions, run};

@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mobile_sdk::{Registry, Snapshot};
+use mobile_sdk::{Clock, Registry, Snapshot, clock::Settled};
 use nepush_provider::{
     CallOutcome, LastSeen, LocalNotification, NEProviderStopReason, NetworkEvent, OutcomeReply,
     OutcomeReport, PendingCallOutcomes, Provider, ProviderConfiguration, ProviderHost, State, StopCause,
@@ -30,13 +30,17 @@ use nepush_provider::{
 };
 use tokio::{sync::watch, task::JoinHandle};
 
-use crate::{site::HeldSessions, wifi::Wifi};
+use crate::{site::HeldSessions, time, wifi::Wifi};
 
 /// Notifications kept in the log.
 pub const RECENT: usize = 256;
 
 /// Longest wait for anything the host waits on.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most stops of one `advance` (a phone retrying every 250 ms for a week would need more: a
+/// scenario that gets here is stuck, not slow).
+const MAX_STOPS: u32 = 100_000;
 
 /// What the phone's app saw, and what went wrong on the phone's side.
 #[derive(Debug, Default)]
@@ -61,6 +65,17 @@ pub struct PhoneLog {
     pub violations: Vec<String>,
     seen_messages: HashSet<String>,
     seen_calls: HashSet<(String, String)>,
+}
+
+impl PhoneLog {
+    /// Whether a notification or an incoming call with this id was ever shown or reported.
+    pub fn ever_shown(&self, id: &str) -> bool {
+        self.seen_messages.contains(id)
+            || self
+                .seen_calls
+                .iter()
+                .any(|(kind, call)| kind == user_info::KIND_CALL && call == id)
+    }
 }
 
 /// State shared with the instances' callbacks.
@@ -228,6 +243,19 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// Wait until the instance's state satisfies `pred`, at most `timeout`.
+    pub async fn wait_state(&self, timeout: Duration, pred: impl Fn(&State) -> bool) -> Result<(), String> {
+        let mut rx = self.state.clone();
+        match tokio::time::timeout(timeout, rx.wait_for(|s| pred(s))).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(format!(
+                "instance {}: still {:?} after {timeout:?}",
+                self.n,
+                self.provider.state()
+            )),
+        }
+    }
+
     /// Wait until the instance is connected; returns the server session id.
     pub async fn connected(&self, timeout: Duration) -> Result<String, String> {
         let mut rx = self.state.clone();
@@ -290,13 +318,13 @@ pub struct Process {
 }
 
 impl Process {
-    fn launch(id: u32, max: Arc<MaxCounters>) -> std::io::Result<Self> {
+    fn launch(id: u32, max: Arc<MaxCounters>, clock: Clock) -> std::io::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name(format!("extension-{id}"))
             .enable_all()
             .build()?;
-        let registry = Registry::new(runtime.handle().clone());
+        let registry = Registry::new_with_clock(runtime.handle().clone(), clock);
         let watched = registry.clone();
         // Every change of the counters is recorded (the predicate never holds).
         let monitor = tokio::spawn(async move {
@@ -352,10 +380,12 @@ pub struct PhoneStats {
     pub kills: u32,
     /// Provider instances created.
     pub instances: u32,
-    /// `handleTimerEvent` calls.
+    /// `handleTimerEvent` calls (collapsed ones included).
     pub timer_events: u64,
-    /// Simulated time.
+    /// Simulated time: how far the phone's clock was moved ahead.
     pub simulated: Duration,
+    /// Stops of the phone's clock while time passed (see [`crate::time`]).
+    pub clock_stops: u64,
 }
 
 /// The phone.
@@ -378,8 +408,14 @@ pub struct Phone {
     pub max: Arc<MaxCounters>,
     /// Figures.
     pub stats: PhoneStats,
-    /// When the phone was last cut off from the server (leave, stop, kill).
+    /// When the phone was last cut off from the server (leave, stop, kill, outage).
     pub cut_at: Option<Instant>,
+    /// The phone's clock, shared by every extension process it launches.
+    pub clock: Clock,
+    /// When iOS's next timer event is due, by the phone's clock.
+    next_timer: Instant,
+    /// How far the phone's wall clock is off (ms, positive: fast).
+    clock_skew_ms: i64,
 }
 
 impl Phone {
@@ -390,9 +426,14 @@ impl Phone {
         match_ssids: Vec<String>,
         voip_token: Option<String>,
         path_monitor: bool,
+        clock_skew_ms: i64,
         held: Arc<HeldSessions>,
     ) -> Self {
+        let clock = Clock::default();
         Self {
+            next_timer: clock.now() + time::TIMER_PERIOD,
+            clock,
+            clock_skew_ms,
             shared: Arc::new(PhoneShared {
                 log: Mutex::new(PhoneLog::default()),
                 version: watch::channel(0).0,
@@ -409,6 +450,16 @@ impl Phone {
             stats: PhoneStats::default(),
             cut_at: None,
         }
+    }
+
+    /// The phone's wall clock, Unix ms: the real one, moved ahead by the simulated time, off by
+    /// the scenario's skew.
+    pub fn wall_ms(&self) -> i64 {
+        let real = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let ahead = i64::try_from(self.clock.shift().as_millis()).unwrap_or(i64::MAX);
+        real.saturating_add(ahead).saturating_add(self.clock_skew_ms)
     }
 
     /// Server sessions the phone holds now.
@@ -442,16 +493,16 @@ impl Phone {
 
     /// The Wi-Fi is gone (no stop).
     pub fn leave_network(&mut self) {
+        self.cut_at = Some(Instant::now());
         self.wifi.set_on_site(false);
         self.ssid = None;
-        self.cut_at = Some(Instant::now());
         self.notify_path(NetworkEvent::Left);
     }
 
     fn ensure_process(&mut self) -> Result<&mut Process, String> {
         if self.process.is_none() {
             self.stats.processes += 1;
-            let p = Process::launch(self.stats.processes, self.max.clone())
+            let p = Process::launch(self.stats.processes, self.max.clone(), self.clock.clone())
                 .map_err(|e| format!("cannot launch the extension process: {e}"))?;
             self.process = Some(p);
         }
@@ -498,9 +549,7 @@ impl Phone {
     /// pending file and posts its Darwin notification, which the current instance (if the
     /// extension runs) answers by handing the whole file to its provider.
     pub fn user_acted(&mut self, call_id: &str, outcome: CallOutcome) -> Result<(), String> {
-        let at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let at_ms = self.wall_ms();
         let report = OutcomeReport {
             call_id: call_id.to_owned(),
             outcome,
@@ -574,27 +623,60 @@ impl Phone {
         }
     }
 
-    /// `handleTimerEvent()` on the current instance.
+    /// `handleTimerEvent()` `n` times on the current instance, now (the clock does not move).
     pub fn timer(&mut self, n: u32) {
+        self.fire_timer_events(u64::from(n));
+        self.stats.timer_events += u64::from(n);
+    }
+
+    fn fire_timer_events(&self, n: u64) {
         if let Some(i) = self.current() {
             for _ in 0..n {
                 i.provider.handle_timer_event();
             }
         }
-        self.stats.timer_events += u64::from(n);
-        self.stats.simulated += Duration::from_secs(60) * n;
     }
 
-    /// Simulated time passes; timer events every 60 s, consecutive ones collapsed to three.
-    pub fn advance(&mut self, d: Duration) {
-        let events = d.as_secs() / 60;
-        if let Some(i) = self.current() {
-            for _ in 0..events.min(3) {
-                i.provider.handle_timer_event();
+    /// `d` of simulated time passes on the phone, stop by stop (see [`crate::time`]), or less
+    /// if `done` holds on the settled SDK at a stop first. Returns how far the clock moved; the
+    /// caller moves the server's clock by as much.
+    pub async fn advance(
+        &mut self,
+        d: Duration,
+        done: impl Fn(&Settled) -> bool,
+    ) -> Result<Duration, String> {
+        let start = self.clock.shift();
+        let target = start + d;
+        let mut settled = self.clock.settle(STEP_TIMEOUT).await?;
+        let mut stops = 0;
+        while !done(&settled) && self.clock.shift() < target {
+            stops += 1;
+            if stops > MAX_STOPS {
+                return Err(format!(
+                    "time stuck: {MAX_STOPS} stops without reaching the end ({settled:?})"
+                ));
+            }
+            // The end in the phone's clock now: real time passes while the host steps, and the
+            // server's clock with it, so the end is a shift, not an instant.
+            let end = Instant::now() + target;
+            let stop = time::next_stop(end, settled.next_deadline, self.next_timer);
+            settled = if stop >= end {
+                self.clock.advance_shift_to(target, STEP_TIMEOUT).await?
+            } else {
+                self.clock.advance_to(stop, STEP_TIMEOUT).await?
+            };
+            let (due, fire, next) = time::timer_events(self.clock.now(), self.next_timer);
+            self.next_timer = next;
+            self.stats.timer_events += due;
+            if fire > 0 {
+                self.fire_timer_events(fire);
+                settled = self.clock.settle(STEP_TIMEOUT).await?;
             }
         }
-        self.stats.timer_events += events;
-        self.stats.simulated += d;
+        self.stats.clock_stops += u64::from(stops);
+        let moved = self.clock.shift().saturating_sub(start);
+        self.stats.simulated += moved;
+        Ok(moved)
     }
 
     /// Kill the extension process; returns once the OS would have closed everything.

@@ -8,15 +8,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mobile_sdk::Snapshot;
+use mobile_sdk::{Snapshot, voip};
 use nepush_provider::{
-    CallOutcome, NEProviderStopReason, PendingCallOutcomes, ProviderConfiguration, user_info,
+    CallOutcome, NEProviderStopReason, PendingCallOutcomes, ProviderConfiguration, State, user_info,
 };
 use push_proto::{
     device::{CancelReason, Priority},
     sender::{
-        CancelCallRequest, DeliveryState, PlaceCallRequest, SendMessageRequest, Target, WatchCallRequest,
-        target,
+        CallState, CallStatus, CancelCallRequest, DeliveryState, DeliveryUpdate, GetMessageStatusRequest,
+        PlaceCallRequest, SendMessageRequest, Target, WatchCallRequest, target,
     },
 };
 
@@ -85,6 +85,8 @@ pub struct Report {
     pub lifecycle_events: u64,
     /// Simulated time.
     pub simulated: Duration,
+    /// Stops of the phone's clock while simulated time passed.
+    pub clock_stops: u64,
     /// `handleTimerEvent` calls (collapsed ones included).
     pub timer_events: u64,
     /// Extension processes launched.
@@ -115,6 +117,8 @@ pub struct Report {
     pub wifi_blackholed: u64,
     /// Measured offline detections: (what, measured, limit).
     pub offline: Vec<(String, Duration, Duration)>,
+    /// Measured returns after an outage (phone's clock): (measured, limit).
+    pub back_after: Vec<(Duration, Duration)>,
     /// Per repeat.
     pub repeats: Vec<RepeatFigures>,
     /// Before anything started, and after everything was torn down and settled.
@@ -145,10 +149,11 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "  steps {} (lifecycle events {}), simulated {:.1} h, timer events {}",
+            "  steps {} (lifecycle events {}), simulated {:.1} h in {} clock stops, timer events {}",
             self.steps,
             self.lifecycle_events,
             self.simulated.as_secs_f64() / 3600.0,
+            self.clock_stops,
             self.timer_events
         )?;
         writeln!(
@@ -178,6 +183,14 @@ impl fmt::Display for Report {
             writeln!(
                 f,
                 "  offline on server after {what}: {} ms (limit {} ms)",
+                took.as_millis(),
+                limit.as_millis()
+            )?;
+        }
+        for (took, limit) in &self.back_after {
+            writeln!(
+                f,
+                "  back after the outage: {} ms (limit {} ms)",
                 took.as_millis(),
                 limit.as_millis()
             )?;
@@ -277,6 +290,8 @@ struct Run<'a> {
     report: Report,
     /// Lines printed as steps run (off inside repeats).
     verbose: bool,
+    /// When the last outage ended, by the phone's clock.
+    outage_ended: Option<Instant>,
 }
 
 /// Options of a run.
@@ -304,6 +319,7 @@ pub async fn run(scenario: &Scenario, options: RunOptions) -> Report {
                 sent: Sent::default(),
                 report,
                 verbose: options.verbose,
+                outage_ended: None,
             };
             run.steps(&scenario.steps, true).await;
             run.teardown().await;
@@ -373,6 +389,7 @@ async fn setup(scenario: &Scenario) -> anyhow::Result<(Site, Phone)> {
         match_ssids,
         scenario.phone.voip_token.clone(),
         scenario.phone.path_monitor,
+        scenario.phone.clock_skew_ms,
         held,
     );
     Ok((site, phone))
@@ -429,7 +446,33 @@ impl Run<'_> {
             Step::Start(_) => phone.start().await?,
             Step::Stop(reason) => phone.stop(*reason).await?,
             Step::Timer(n) => phone.timer(*n),
-            Step::Advance(d) => phone.advance(d.0),
+            Step::Advance(d) => {
+                let moved = phone.advance(d.0, |_| false).await?;
+                self.site.advance_clock(moved).await?;
+            }
+            Step::Outage(true) => {
+                // Before the cut: the server may notice it before this thread runs again.
+                phone.cut_at = Some(Instant::now());
+                phone.wifi.set_server_reachable(false);
+                self.outage_ended = None;
+                // Both ends close at once: the SDK has seen it before time passes.
+                if let Some(i) = phone.current() {
+                    i.wait_state(STEP_TIMEOUT, |s| !matches!(s, State::Connected { .. }))
+                        .await?;
+                }
+            }
+            Step::Outage(false) => {
+                phone.wifi.set_server_reachable(true);
+                self.outage_ended = Some(phone.clock.now());
+            }
+            Step::ExpectBackWithin(d) => self.expect_back_within(d.0).await?,
+            Step::ExpectNotShown(id) => {
+                if phone.shared.with(|log| log.ever_shown(id)) {
+                    return Err(format!("{id} was shown"));
+                }
+            }
+            Step::ExpectCallState(e) => self.expect_call_state(&e.id, &e.state).await?,
+            Step::ExpectMessageState(e) => self.expect_message_state(&e.id, &e.state).await?,
             Step::Kill(_) => phone.kill().await?,
             Step::Relaunch(_) => {
                 if phone.process.is_some() {
@@ -454,6 +497,9 @@ impl Run<'_> {
                         } else {
                             Priority::Normal
                         } as i32,
+                        ttl_seconds: m
+                            .ttl
+                            .map_or(0, |t| u32::try_from(t.0.as_secs()).unwrap_or(u32::MAX)),
                         ..Default::default()
                     })
                     .await
@@ -528,7 +574,91 @@ impl Run<'_> {
             Step::ExpectIncomingCall(c) => self.expect_call(c).await?,
             Step::ExpectCallCancelled(c) => self.expect_cancel(c).await?,
             Step::ExpectCallFellBackToApns(id) => self.expect_apns(id).await?,
+            Step::ExpectVoipPushRings(id) => self.expect_voip_rings(id).await?,
             Step::Repeat(r) => self.repeat(r).await?,
+        }
+        Ok(())
+    }
+
+    /// Time passes (stepped) from the outage's end until the phone is connected, at most
+    /// `limit`; then the server must show the session.
+    async fn expect_back_within(&mut self, limit: Duration) -> Result<(), String> {
+        let Some(ended) = self.outage_ended else {
+            return Err("no outage ended before (`outage = false`)".into());
+        };
+        let left = (ended + limit).saturating_duration_since(self.phone.clock.now());
+        let moved = self.phone.advance(left, |s| s.connected > 0).await?;
+        self.site.advance_clock(moved).await?;
+        let took = self.phone.clock.now().saturating_duration_since(ended);
+        let connected = self
+            .phone
+            .current()
+            .is_some_and(|i| matches!(i.provider.state(), State::Connected { .. }));
+        if !connected {
+            let state = self.phone.current().map(|i| i.provider.state());
+            return Err(format!(
+                "not connected {} ms after the outage ended (limit {} ms): {state:?}",
+                took.as_millis(),
+                limit.as_millis()
+            ));
+        }
+        self.report.back_after.push((took, limit));
+        self.expect_connected().await
+    }
+
+    /// Watch the call to its end (every callee final), then its status.
+    async fn expect_call_state(&mut self, id: &str, want: &str) -> Result<(), String> {
+        drain(self.watch_call(id).await?).await?;
+        let status = self.call_status(id).await?;
+        let got = call_state_name(status.state());
+        if got != want {
+            return Err(format!("call {id} is {got}, not {want}: {status:?}"));
+        }
+        Ok(())
+    }
+
+    async fn watch_call(&self, id: &str) -> Result<tonic::Streaming<DeliveryUpdate>, String> {
+        let r = self
+            .site
+            .api
+            .sender()
+            .watch_call(WatchCallRequest { call_id: id.into() })
+            .await;
+        r.map(tonic::Response::into_inner)
+            .map_err(|e| format!("WatchCall: {e}"))
+    }
+
+    async fn call_status(&self, id: &str) -> Result<CallStatus, String> {
+        let r = self
+            .site
+            .api
+            .sender()
+            .get_call_status(WatchCallRequest { call_id: id.into() })
+            .await;
+        r.map(tonic::Response::into_inner)
+            .map_err(|e| format!("GetCallStatus: {e}"))
+    }
+
+    /// Watch the message to its end; the device's final state.
+    async fn expect_message_state(&mut self, id: &str, want: &str) -> Result<(), String> {
+        let stream = self
+            .site
+            .api
+            .sender()
+            .watch_message(GetMessageStatusRequest {
+                message_id: id.into(),
+            })
+            .await
+            .map_err(|e| format!("WatchMessage: {e}"))?
+            .into_inner();
+        let updates = drain(stream).await?;
+        let device = &self.scenario.phone.device_id;
+        let last = updates.iter().rev().find(|u| &u.device_id == device);
+        let got = last.map_or("none", |u| delivery_state_name(u.state()));
+        if got != want {
+            return Err(format!(
+                "message {id} is {got} for {device}, not {want}: {updates:?}"
+            ));
         }
         Ok(())
     }
@@ -822,14 +952,7 @@ impl Run<'_> {
     }
 
     async fn expect_apns(&mut self, id: &str) -> Result<(), String> {
-        let mut stream = self
-            .site
-            .api
-            .sender()
-            .watch_call(WatchCallRequest { call_id: id.into() })
-            .await
-            .map_err(|e| format!("WatchCall: {e}"))?
-            .into_inner();
+        let mut stream = self.watch_call(id).await?;
         let mut seen = Vec::new();
         let found = tokio::time::timeout(STEP_TIMEOUT, async {
             while let Ok(Some(u)) = stream.message().await {
@@ -849,6 +972,39 @@ impl Run<'_> {
             ));
         }
         self.site.wait_apns_request(id, STEP_TIMEOUT).await.map(|_| ())
+    }
+
+    /// What the app's PushKit handler does with the call's VoIP push, on the phone's clock.
+    async fn expect_voip_rings(&mut self, id: &str) -> Result<(), String> {
+        self.expect_apns(id).await?;
+        let Some((placed, uuid, deadline)) = self.sent.calls.get(id).cloned() else {
+            return Err(format!("call {id} was not placed by this scenario"));
+        };
+        let status = self.call_status(id).await?;
+        // The `lpush` dictionary the bridge builds from the invite (see `apns-bridge`).
+        let payload = voip::VoipPayload {
+            version: voip::PAYLOAD_VERSION,
+            call_id: id.into(),
+            call_uuid: uuid,
+            caller_name: placed.caller_name,
+            caller_handle: placed.caller_handle,
+            video: placed.video,
+            created_at_ms: status.placed_at_ms,
+            ring_deadline_ms: deadline,
+        };
+        let known = voip::KnownCall {
+            reported: self.phone.shared.with(|log| log.ever_shown(id)),
+            cancelled: false,
+        };
+        let now_ms = self.phone.wall_ms();
+        let ring_ms = i64::from(placed.ring_timeout_seconds) * 1000;
+        match voip::decide(&payload, None, now_ms, known) {
+            voip::VoipAction::Report { ring_for_ms } if ring_for_ms > 0 && ring_for_ms <= ring_ms => Ok(()),
+            action => Err(format!(
+                "the PushKit handler decided {action:?} at phone time {now_ms} for a call placed at {} ringing until {deadline}",
+                status.placed_at_ms
+            )),
+        }
     }
 
     async fn repeat(&mut self, r: &Repeat) -> Result<(), String> {
@@ -1002,6 +1158,7 @@ impl Run<'_> {
             .with(|l| (l.logins, l.offline_count, l.replaced_dead, l.max_sessions));
         let r = &mut self.report;
         r.simulated = stats.simulated;
+        r.clock_stops = stats.clock_stops;
         r.timer_events = stats.timer_events;
         r.processes = stats.processes;
         r.kills = stats.kills;
@@ -1019,6 +1176,48 @@ impl Run<'_> {
         r.max_counters = self.phone.max.get();
         r.wifi_relayed = wifi.relayed;
         r.wifi_blackholed = wifi.blackholed;
+    }
+}
+
+/// Every update of a watch, to its end (the server ends it once everything is final).
+async fn drain(mut stream: tonic::Streaming<DeliveryUpdate>) -> Result<Vec<DeliveryUpdate>, String> {
+    let mut updates = Vec::new();
+    let read = async {
+        while let Some(u) = stream.message().await.map_err(|e| e.to_string())? {
+            updates.push(u);
+        }
+        Ok::<_, String>(())
+    };
+    match tokio::time::timeout(STEP_TIMEOUT, read).await {
+        Ok(r) => r.map(|()| updates),
+        Err(_) => Err(format!("not final within {STEP_TIMEOUT:?}: {updates:?}")),
+    }
+}
+
+fn call_state_name(s: CallState) -> &'static str {
+    match s {
+        CallState::Unspecified => "unspecified",
+        CallState::Ringing => "ringing",
+        CallState::Answered => "answered",
+        CallState::Declined => "declined",
+        CallState::Missed => "missed",
+        CallState::Cancelled => "cancelled",
+    }
+}
+
+fn delivery_state_name(s: DeliveryState) -> &'static str {
+    match s {
+        DeliveryState::Unspecified => "unspecified",
+        DeliveryState::Accepted => "accepted",
+        DeliveryState::Delivered => "delivered",
+        DeliveryState::Acked => "acked",
+        DeliveryState::Expired => "expired",
+        DeliveryState::Undeliverable => "undeliverable",
+        DeliveryState::Superseded => "superseded",
+        DeliveryState::Cancelled => "cancelled",
+        DeliveryState::Answered => "answered",
+        DeliveryState::Declined => "declined",
+        DeliveryState::Missed => "missed",
     }
 }
 

@@ -98,6 +98,10 @@ pub struct PhoneSettings {
     /// Swift subclass does from `NWPathMonitor` (default true).
     #[serde(default = "yes")]
     pub path_monitor: bool,
+    /// How far the phone's wall clock is off, ms (positive: fast). Only the app's own clock
+    /// readings see it (the PushKit handler, call-outcome times); the SDK runs on monotonic time.
+    #[serde(default)]
+    pub clock_skew_ms: i64,
 }
 
 fn yes() -> bool {
@@ -146,9 +150,15 @@ pub enum Step {
     Stop(#[serde(deserialize_with = "stop_reason")] NEProviderStopReason),
     /// `handleTimerEvent()` this many times.
     Timer(u32),
-    /// Simulated time passes ("4h", "10m", "90s"): iOS fires `handleTimerEvent()` every 60 s
-    /// meanwhile (consecutive events with nothing in between are collapsed to at most three).
+    /// Simulated time passes ("4h", "10m", "90s") for the server, the SDK and iOS (see
+    /// [`crate::time`]): the server's deadlines fire, the SDK's retries and timeouts play out,
+    /// iOS fires `handleTimerEvent()` every 60 s (consecutive events with nothing in between
+    /// collapsed to at most three).
     Advance(SimDuration),
+    /// `true`: the site loses the server (a crash, or its link cut): every open connection is
+    /// closed at both ends and new ones are refused, while the phone stays on the Wi-Fi.
+    /// `false`: the server is reachable again.
+    Outage(bool),
     /// The extension process is killed (jetsam, watchdog): no stop, no goodbye.
     Kill(Yes),
     /// iOS relaunches the killed extension: a new process reads the app group and starts a new
@@ -191,6 +201,10 @@ pub enum Step {
     /// The server rang this call through the APNs bridge (`WatchCall` path "apns", and the
     /// fake APNs received it).
     ExpectCallFellBackToApns(String),
+    /// The call fell back to APNs (as `expect_call_fell_back_to_apns`) and the app's PushKit
+    /// handler, deciding with the phone's own clock (`mobile_sdk::voip::decide`, the payload the
+    /// bridge builds from the invite), rings it for at most its ring time.
+    ExpectVoipPushRings(String),
     /// The server replied to the app's report and the extension deleted it from the app group:
     /// `{ id = "...", outcome = "answered", result = "recorded" }` (`result` left out: any).
     ExpectOutcomeReplied(OutcomeExpectation),
@@ -202,6 +216,17 @@ pub enum Step {
     ExpectCallEnded(CancelExpectation),
     /// A missed-call notification was shown for this call (a cancel with reason `missed`).
     ExpectMissedCallNotification(String),
+    /// Nothing with this id was shown or reported so far (no notification, no incoming call).
+    ExpectNotShown(String),
+    /// After the last `outage = false`, the phone is connected again within this much time
+    /// (simulated, stepped through its retries; "5s").
+    ExpectBackWithin(SimDuration),
+    /// The sender sees this outcome of the call once it ended (`WatchCall` to its end, then
+    /// `GetCallStatus`): `{ id, state = "missed" | "answered" | "declined" | "cancelled" }`.
+    ExpectCallState(StateExpectation),
+    /// The sender sees this final state of the message for the device (`WatchMessage` to its
+    /// end): `{ id, state = "acked" | "expired" }`.
+    ExpectMessageState(StateExpectation),
     /// Run `steps` `times` times (churn); resources are compared between the end of the
     /// warm-up and the end.
     Repeat(Repeat),
@@ -219,6 +244,7 @@ impl Step {
                 | Step::Stop(_)
                 | Step::Timer(_)
                 | Step::Advance(_)
+                | Step::Outage(_)
                 | Step::Kill(_)
                 | Step::Relaunch(_)
                 | Step::NewInstanceWithoutStop(_)
@@ -241,16 +267,19 @@ impl Step {
                 NotificationExpectation::Id(id) | NotificationExpectation::Options { id, .. },
             )
             | Step::ExpectCallCancelled(CancelExpectation::Id(id) | CancelExpectation::Options { id, .. })
-            | Step::ExpectCallFellBackToApns(id) => *id = sub(id),
+            | Step::ExpectCallFellBackToApns(id)
+            | Step::ExpectVoipPushRings(id) => *id = sub(id),
             Step::ExpectIncomingCall(c) => c.id = sub(&c.id),
             Step::AnswerCall(id)
             | Step::DeclineCall(id)
             | Step::HangUpCall(id)
             | Step::LetCallRingOut(id)
             | Step::ExpectMissedCallNotification(id)
+            | Step::ExpectNotShown(id)
             | Step::ExpectCallEnded(CancelExpectation::Id(id) | CancelExpectation::Options { id, .. }) => {
                 *id = sub(id)
             }
+            Step::ExpectCallState(e) | Step::ExpectMessageState(e) => e.id = sub(&e.id),
             Step::ExpectOutcomeReplied(o) => o.id = sub(&o.id),
             _ => {}
         }
@@ -268,6 +297,8 @@ impl fmt::Display for Step {
             Step::Stop(r) => write!(f, "stop {r}"),
             Step::Timer(n) => write!(f, "timer x{n}"),
             Step::Advance(d) => write!(f, "advance {d}"),
+            Step::Outage(true) => write!(f, "outage: the server is unreachable"),
+            Step::Outage(false) => write!(f, "outage ends: the server is reachable"),
             Step::Kill(_) => write!(f, "kill"),
             Step::Relaunch(_) => write!(f, "relaunch"),
             Step::NewInstanceWithoutStop(n) => {
@@ -300,6 +331,7 @@ impl fmt::Display for Step {
             Step::ExpectIncomingCall(c) => write!(f, "expect incoming call {}", c.id),
             Step::ExpectCallCancelled(c) => write!(f, "expect call cancelled {}", c.id()),
             Step::ExpectCallFellBackToApns(id) => write!(f, "expect call {id} fell back to APNs"),
+            Step::ExpectVoipPushRings(id) => write!(f, "expect the VoIP push of call {id} to ring"),
             Step::ExpectOutcomeReplied(o) => write!(
                 f,
                 "expect the {} report of call {} replied{}",
@@ -312,6 +344,10 @@ impl fmt::Display for Step {
             Step::ExpectPendingOutcomes(n) => write!(f, "expect {n} call outcomes pending in the app group"),
             Step::ExpectCallEnded(c) => write!(f, "expect call {} ended by the server's reply", c.id()),
             Step::ExpectMissedCallNotification(id) => write!(f, "expect a missed-call notification for {id}"),
+            Step::ExpectNotShown(id) => write!(f, "expect {id} never shown"),
+            Step::ExpectBackWithin(d) => write!(f, "expect the phone back within {d} of the outage's end"),
+            Step::ExpectCallState(e) => write!(f, "expect call {} {}", e.id, e.state),
+            Step::ExpectMessageState(e) => write!(f, "expect message {} {}", e.id, e.state),
             Step::Repeat(r) => write!(f, "repeat x{} ({} steps)", r.times, r.steps.len()),
         }
     }
@@ -459,6 +495,19 @@ pub struct SendMessage {
     /// Time-sensitive.
     #[serde(default)]
     pub high_priority: bool,
+    /// Time to live ("5m"); left out, the server's default (24 h).
+    #[serde(default)]
+    pub ttl: Option<SimDuration>,
+}
+
+/// `expect_call_state` and `expect_message_state`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateExpectation {
+    /// Call or message id.
+    pub id: String,
+    /// The state's short name (`missed`, `expired`, ...).
+    pub state: String,
 }
 
 /// `call`.
@@ -728,6 +777,14 @@ expect_offline_on_server = { within = "heartbeat", reason = "heartbeat" }
 cancel_call = { id = "c1", reason = "answeredElsewhere" }
 [[step]]
 repeat = { times = 3, warmup = 1, steps = [{ timer = 2 }, { kill = true }, { relaunch = true }] }
+[[step]]
+outage = true
+[[step]]
+expect_back_within = "5s"
+[[step]]
+expect_call_state = { id = "c-{i}", state = "missed" }
+[[step]]
+send = { id = "m", ttl = "5m" }
 "#,
         )
         .unwrap();
@@ -750,9 +807,19 @@ repeat = { times = 3, warmup = 1, steps = [{ timer = 2 }, { kill = true }, { rel
             title: String::new(),
             body: String::new(),
             high_priority: false,
+            ttl: None,
         });
         assert!(matches!(sent.for_iteration(7), Step::Send(m) if m.id == "m-7"));
         assert!(matches!(r.steps[0].for_iteration(7), Step::Timer(2)));
+        assert!(matches!(s.steps[10], Step::Outage(true)));
+        assert!(matches!(s.steps[11], Step::ExpectBackWithin(SimDuration(d)) if d == Duration::from_secs(5)));
+        assert!(
+            matches!(s.steps[12].for_iteration(3), Step::ExpectCallState(e) if e.id == "c-3" && e.state == "missed")
+        );
+        assert!(
+            matches!(&s.steps[13], Step::Send(m) if m.ttl == Some(SimDuration(Duration::from_secs(300))))
+        );
+        assert_eq!(s.phone.clock_skew_ms, 0);
     }
 
     #[test]

@@ -154,6 +154,9 @@ pub struct Site {
     watcher: JoinHandle<()>,
     /// The settings it was started with.
     pub settings: ServerSettings,
+    /// The server's simulated time (`--test-clock-file`): how far its clock runs ahead.
+    clock_file: std::path::PathBuf,
+    clock_offset: Duration,
     _dir: tempfile::TempDir,
 }
 
@@ -201,9 +204,21 @@ impl Site {
         let interval = format!("--heartbeat-interval-ms={}", settings.heartbeat_interval_ms);
         let timeout = format!("--heartbeat-timeout-ms={}", settings.heartbeat_timeout_ms);
         let data = dir.path().join("data");
+        let clock_file = dir.path().join("clock");
+        let clock_arg = clock_file.display().to_string();
         // ServerProcess::start blocks while the server boots.
         let server = tokio::task::spawn_blocking(move || {
-            ServerProcess::start(&data, &["--config", &config, &interval, &timeout])
+            ServerProcess::start(
+                &data,
+                &[
+                    "--config",
+                    &config,
+                    &interval,
+                    &timeout,
+                    "--test-clock-file",
+                    &clock_arg,
+                ],
+            )
         })
         .await
         .context("push-server did not start")?;
@@ -243,7 +258,23 @@ impl Site {
             presence,
             watcher,
             settings: settings.clone(),
+            clock_file,
+            clock_offset: Duration::ZERO,
             _dir: dir,
+        })
+    }
+
+    /// Simulated time passes on the server: its clock jumps `d` ahead, and everything then due
+    /// (ring deadlines, expiry, ack windows) fires. Returns once its hub reads the new time.
+    pub async fn advance_clock(&mut self, d: Duration) -> Result<(), String> {
+        if d.is_zero() {
+            return Ok(());
+        }
+        self.clock_offset += d;
+        let offset = i64::try_from(self.clock_offset.as_millis()).unwrap_or(i64::MAX);
+        tokio::task::block_in_place(|| {
+            self.server
+                .set_clock_offset(&self.clock_file, offset, crate::phone::STEP_TIMEOUT)
         })
     }
 

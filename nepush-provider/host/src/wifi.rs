@@ -5,7 +5,9 @@
 //! open, nothing gets through and neither side is told (as when a phone walks out of range:
 //! its address is gone, TCP on each side just stops hearing). Each end closes on its own terms:
 //! the server at its heartbeat deadline, the phone when its SDK gives up or the process dies.
-//! New connections while off the site's network are refused at once.
+//! New connections while off the site's network are refused at once. An outage (the server
+//! crashed, or the site's link to it is cut) closes every relayed connection at both ends and
+//! refuses new ones while the phone stays on the network.
 
 use std::{
     collections::HashMap,
@@ -50,8 +52,12 @@ pub struct Wifi {
 struct Shared {
     upstream: Mutex<Option<SocketAddr>>,
     on_site: Mutex<bool>,
+    /// False during an outage.
+    server_reachable: Mutex<bool>,
     /// Black-hole switch of every relayed connection not yet cut, by id.
     live: Mutex<HashMap<u64, CancellationToken>>,
+    /// Closes every relayed connection (an outage); replaced when the outage ends.
+    reset: Mutex<CancellationToken>,
     next_id: AtomicU64,
     relayed: AtomicU64,
     refused: AtomicU64,
@@ -71,7 +77,9 @@ impl Wifi {
         let shared = Arc::new(Shared {
             upstream: Mutex::new(None),
             on_site: Mutex::new(false),
+            server_reachable: Mutex::new(true),
             live: Mutex::new(HashMap::new()),
+            reset: Mutex::new(CancellationToken::new()),
             next_id: AtomicU64::new(0),
             relayed: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -108,6 +116,19 @@ impl Wifi {
                 self.shared.open_blackholed.fetch_add(1, Ordering::SeqCst);
                 t.cancel();
             }
+        }
+    }
+
+    /// An outage (`false`: the server crashed, or the site's link to it is cut) closes every
+    /// relayed connection at both ends and refuses new ones until the server is back (`true`).
+    /// The phone stays on the network: its path stays viable.
+    pub fn set_server_reachable(&self, reachable: bool) {
+        *self.shared.server_reachable.lock().expect("poisoned") = reachable;
+        let mut reset = self.shared.reset.lock().expect("poisoned");
+        if reachable {
+            *reset = CancellationToken::new();
+        } else {
+            reset.cancel();
         }
     }
 
@@ -151,8 +172,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             continue;
         };
         let on_site = *shared.on_site.lock().expect("poisoned");
+        let reachable = *shared.server_reachable.lock().expect("poisoned");
         let upstream = *shared.upstream.lock().expect("poisoned");
-        match upstream.filter(|_| on_site) {
+        match upstream.filter(|_| on_site && reachable) {
             None => {
                 // No route: the phone's connect fails at once.
                 shared.refused.fetch_add(1, Ordering::Relaxed);
@@ -164,13 +186,21 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 shared.live.lock().expect("poisoned").insert(id, cut.clone());
                 shared.relayed.fetch_add(1, Ordering::Relaxed);
                 shared.open.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(relay(phone, server, id, cut, shared.clone()));
+                let reset = shared.reset.lock().expect("poisoned").clone();
+                tokio::spawn(relay(phone, server, id, cut, reset, shared.clone()));
             }
         }
     }
 }
 
-async fn relay(phone: TcpStream, server: SocketAddr, id: u64, cut: CancellationToken, shared: Arc<Shared>) {
+async fn relay(
+    phone: TcpStream,
+    server: SocketAddr,
+    id: u64,
+    cut: CancellationToken,
+    reset: CancellationToken,
+    shared: Arc<Shared>,
+) {
     if let Ok(upstream) = TcpStream::connect(server).await {
         let _ = phone.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
@@ -180,7 +210,11 @@ async fn relay(phone: TcpStream, server: SocketAddr, id: u64, cut: CancellationT
         // a black hole must not.
         let a = pump(pr, &mut sw, cut.clone(), shared.shutdown.clone());
         let b = pump(sr, &mut pw, cut.clone(), shared.shutdown.clone());
-        tokio::join!(a, b);
+        // An outage ends both directions; dropping the halves closes both ends.
+        tokio::select! {
+            _ = async { tokio::join!(a, b) } => {}
+            _ = reset.cancelled() => {}
+        }
     }
     if cut.is_cancelled() {
         shared.open_blackholed.fetch_sub(1, Ordering::SeqCst);

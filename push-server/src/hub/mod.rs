@@ -46,7 +46,7 @@ mod sim;
 mod tests;
 
 pub use bus::{Heard, Watch};
-pub use clock::{Clock, SystemClock, now_ms};
+pub use clock::{Clock, OffsetClock, SystemClock, now_ms};
 pub use cluster::{ClusterHealth, SessionHold, run_cluster};
 pub use device::{MAX_FLOOR, MAX_SEQ};
 pub use registry::DeviceView;
@@ -246,6 +246,12 @@ impl Hub {
     /// Unix ms now, by the hub's clock.
     pub fn now(&self) -> i64 {
         self.0.clock.now_ms()
+    }
+
+    /// The clock jumped forward (the lifecycle host's simulated time): wake the deadline task,
+    /// which fires everything now due (ring deadlines, expiry, ack windows).
+    pub fn clock_moved(&self) {
+        self.0.timers_changed.notify_one();
     }
 
     /// The time and hub-wide facts a core decision needs.

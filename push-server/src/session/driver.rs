@@ -286,7 +286,7 @@ async fn authenticate(
             heartbeat_interval_ms: env.timing.heartbeat_interval.as_millis() as u32,
             heartbeat_timeout_ms: env.timing.heartbeat_timeout.as_millis() as u32,
             max_frame_size: env.max_frame as u32,
-            server_time_ms: now_ms(),
+            server_time_ms: env.hub.now(),
             replay_count: login.replay_count,
             epoch: env.hub.epoch(),
         },

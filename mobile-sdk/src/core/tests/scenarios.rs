@@ -194,6 +194,40 @@ fn dead_server_deadline_is_heartbeat_interval_plus_timeout_of_silence() {
 }
 
 #[test]
+fn a_clock_jump_counts_an_open_connection_as_heard_from_and_lets_other_deadlines_fall_due() {
+    let mut h = Harness::new(config(0));
+    h.establish();
+    let silence = Duration::from_millis(u64::from(HB_INTERVAL_MS + HB_TIMEOUT_MS));
+    // Half an hour passes at once while the connection stays open: still connected, silent
+    // for a full silence from the jump on.
+    h.advance(Duration::from_secs(1800));
+    h.s.handle_clock_jump(h.now);
+    h.drain();
+    assert_eq!(h.s.poll_timeout(), Some(h.now + silence));
+    assert!(matches!(h.s.state(), State::Connected { .. }));
+    assert_eq!(h.closes(), 0);
+    // Without the jump input the same span is silence: the session gives up on the server.
+    h.advance(Duration::from_secs(1800));
+    h.s.handle_timeout(h.now);
+    h.drain();
+    assert!(matches!(
+        h.s.state(),
+        State::WaitingToRetry {
+            reason: Disconnect::ServerSilent,
+            ..
+        }
+    ));
+    // Waiting to retry, a jump changes nothing: the retry falls due by the new time.
+    let retry_at = h.s.poll_timeout().expect("a retry is scheduled");
+    h.advance(Duration::from_secs(600));
+    h.s.handle_clock_jump(h.now);
+    assert_eq!(h.s.poll_timeout(), Some(retry_at));
+    h.s.handle_timeout(h.now);
+    h.drain();
+    assert_eq!(h.connects(), 2, "the retry went out at the new time");
+}
+
+#[test]
 fn call_past_its_ring_deadline_is_never_shown_judged_on_the_server_clock() {
     let mut h = Harness::new(config(0));
     h.establish();
