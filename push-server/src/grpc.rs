@@ -1,13 +1,13 @@
 //! The sender and admin gRPC API (tonic). The only module that knows tonic; it translates
 //! requests into hub calls and hub outcomes into statuses, and checks every caller's API key.
 
-use std::{collections::HashMap, net::SocketAddr, pin::Pin, sync::Arc};
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc};
 
 use futures::Stream;
 use push_proto::{
     device::CancelReason,
     sender::{
-        ApiKeyInfo, ApiKeyState, CallState, CallStatus, CallStep, CancelCallRequest, CancelCallResponse,
+        ApiKeyInfo, BackupChunk, BackupRequest, ApiKeyState, CallState, CallStatus, CallStep, CancelCallRequest, CancelCallResponse,
         CreateApiKeyRequest, CreateApiKeyResponse, DeliveryState, DeliveryUpdate, DeviceInfo,
         EnrollDeviceRequest, Enrollment, GetMessageStatusRequest, IssueDeviceCredentialRequest,
         IssueDeviceCredentialResponse, ListApiKeysRequest, ListApiKeysResponse, ListDevicesRequest,
@@ -44,12 +44,20 @@ pub struct Api {
     keys: Arc<Keys>,
     /// Requests per API key, by key (like `keys`: in memory only, never logged).
     rate: Arc<KeyedRate<String>>,
+    /// The data directory, for backups.
+    data_dir: PathBuf,
 }
 
 impl Api {
-    /// Services over `hub`, authenticating with `keys`; watch streams end at `shutdown` (and
-    /// when their key is revoked or expires).
-    pub fn new(hub: Hub, enroller: Enroller, keys: Arc<Keys>, shutdown: CancellationToken) -> Self {
+    /// Services over `hub` and the server's `data_dir`, authenticating with `keys`; watch
+    /// streams end at `shutdown` (and when their key is revoked or expires).
+    pub fn new(
+        hub: Hub,
+        enroller: Enroller,
+        keys: Arc<Keys>,
+        data_dir: PathBuf,
+        shutdown: CancellationToken,
+    ) -> Self {
         let limits = hub.limits();
         let rate = KeyedRate::new(
             std::time::Duration::from_secs(1),
@@ -62,6 +70,7 @@ impl Api {
             shutdown,
             keys,
             rate: Arc::new(rate),
+            data_dir,
         }
     }
 
@@ -561,6 +570,66 @@ impl push_admin_server::PushAdmin for Api {
         Ok(Response::new(RevokeApiKeyResponse {
             key: Some(key_info(summary)),
         }))
+    }
+
+    type BackupStream = BoxStream<BackupChunk>;
+
+    async fn backup(&self, req: Request<BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
+        let admin = self.authorize(&req, Scope::Admin)?;
+        let (dir, store) = (self.data_dir.clone(), self.hub.store().clone());
+        let taken = tokio::task::spawn_blocking(move || crate::backup::open_snapshot(&dir, &*store))
+            .await
+            .map_err(|e| Status::internal(format!("backup task failed: {e}")))?;
+        let (manifest, file) = taken.map_err(|e| match e {
+            crate::backup::BackupError::Store(crate::store::StoreError::Unsupported(m)) => {
+                Status::failed_precondition(m)
+            }
+            e => {
+                tracing::error!(error = %e, "backup failed");
+                Status::internal(format!("backup failed: {e}"))
+            }
+        })?;
+        tracing::info!(
+            api_key = %admin.name(),
+            files = ?manifest.files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(),
+            "backup taken"
+        );
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || send_backup(file, &manifest, &tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Stream a backup file in chunks of 64 KiB; the last (possibly empty) one names its contents,
+/// so a client can tell a whole backup from one cut short.
+fn send_backup(
+    mut file: std::fs::File,
+    manifest: &crate::backup::Manifest,
+    tx: &mpsc::Sender<Result<BackupChunk, Status>>,
+) {
+    use std::io::Read as _;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(Status::internal(format!("reading the backup: {e}"))));
+                return;
+            }
+        };
+        let last = n == 0;
+        let chunk = BackupChunk {
+            data: buf[..n].to_vec().into(),
+            created_at_ms: if last { manifest.created_at_ms } else { 0 },
+            files: if last {
+                manifest.files.iter().map(|f| f.path.clone()).collect()
+            } else {
+                Vec::new()
+            },
+        };
+        if tx.blocking_send(Ok(chunk)).is_err() || last {
+            return;
+        }
     }
 }
 

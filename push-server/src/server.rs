@@ -146,7 +146,7 @@ impl Server {
             api_listener,
             &pki,
             &cfg,
-            Api::new(hub, enroller, keys, shutdown.clone()),
+            Api::new(hub, enroller, keys, cfg.data_dir.clone(), shutdown.clone()),
             shutdown.clone(),
         )?);
         tracing::info!(%device_addr, %api_addr, %http_addr, node = %cfg.node_name, "push-server listening");

@@ -96,6 +96,9 @@ pub enum StoreError {
     /// Cluster mode: Redis cannot be reached or refused the request.
     #[error("redis: {0}")]
     Redis(String),
+    /// The backend does not do this (named) at all.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// A registered device.
@@ -454,6 +457,15 @@ pub trait Store: Send + Sync + 'static {
     /// Every committed API key record with its hash, ordered by hash (for listings: callers show
     /// at most a short prefix of the hash).
     fn api_keys(&self) -> Result<Vec<(String, ApiKeyRecord)>, StoreError>;
+    /// Write one consistent snapshot of the committed state (one read transaction) to a new
+    /// embedded store file at `path`, for a backup. Writers go on meanwhile. Only the embedded
+    /// store does it: a cluster's state is backed up with Redis's own tools (RDB, AOF).
+    fn snapshot_to(&self, path: &std::path::Path) -> Result<(), StoreError> {
+        let _ = path;
+        Err(StoreError::Unsupported(
+            "this store cannot write a snapshot: back up a cluster's Redis with its own tools (RDB, AOF)",
+        ))
+    }
     /// Make every batch submitted so far durable, then refuse further batches (`Closed`).
     /// Returns once that final commit is done, also when called concurrently. Idempotent.
     fn close(&self);
