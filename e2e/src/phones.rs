@@ -109,7 +109,7 @@ pub async fn phones(
             credential.clone(),
             Trust::ca(ca.to_string()),
         );
-        config.server_name = e2e::SERVER_NAME.into();
+        config.server_name = crate::SERVER_NAME.into();
         config.jitter_seed = Some(i as u64);
         let phone = Arc::new(Phone {
             id: id.clone(),

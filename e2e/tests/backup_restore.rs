@@ -26,6 +26,9 @@ const PHONES: usize = 3;
 /// SDK drops a re-delivered push by id among the last 512 it saw, so what was pending at the
 /// backup must be re-delivered within that many: a backup is restored with less traffic since.
 const BEFORE: usize = 60;
+/// Sent while the phones are connected; the rest are sent while they are cut off, so they are
+/// accepted but not delivered when the server is killed.
+const ONLINE: usize = 150;
 const TOTAL: usize = 180;
 
 /// Run the CLI; its exit status and its output (stdout and stderr).
@@ -37,6 +40,12 @@ fn cli(args: &[&str]) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
+}
+
+/// `push-server restore --from backup --data-dir data`.
+fn restore(backup: &Path, data: &Path) -> (bool, String) {
+    let arg = |p: &Path| p.to_str().unwrap().to_string();
+    cli(&["restore", "--from", &arg(backup), "--data-dir", &arg(data)])
 }
 
 /// The ids whose every recipient is ACKED, and for each id the recipients that are.
@@ -62,7 +71,7 @@ async fn acked(sender: &mut SenderClient, ids: &[String]) -> Vec<(String, Vec<St
 }
 
 async fn epoch_seen_by(server: &ServerProcess, credential: &str) -> u64 {
-    let mut probe = server.connect(credential, 0).await.expect("probe connects");
+    let probe = server.connect(credential, 0).await.expect("probe connects");
     let epoch = probe.server_hello.epoch;
     within("probe close", probe.close()).await.unwrap();
     epoch
@@ -85,7 +94,7 @@ async fn backup_under_traffic_kill_restore_delivers_every_message_once_and_acks_
     let ids: Vec<String> = (0..TOTAL).map(|i| format!("m-{i:03}")).collect();
     let (sent_tx, mut sent_rx) = tokio::sync::watch::channel(0usize);
     let traffic = {
-        let (mut sender, ids) = (server.api().await.sender(), ids.clone());
+        let (mut sender, ids) = (server.api().await.sender(), ids[..ONLINE].to_vec());
         tokio::spawn(async move {
             for (n, id) in ids.iter().enumerate() {
                 broadcast_on(&mut sender, id).await;
@@ -102,7 +111,15 @@ async fn backup_under_traffic_kill_restore_delivers_every_message_once_and_acks_
         let (api, dir, file) = (server.api_addr.to_string(), data.clone(), backup.clone());
         tokio::task::spawn_blocking(move || {
             let dir = dir.to_str().unwrap().to_string();
-            cli(&["backup", "--api", &api, "--data-dir", &dir, "--out", file.to_str().unwrap()])
+            cli(&[
+                "backup",
+                "--api",
+                &api,
+                "--data-dir",
+                &dir,
+                "--out",
+                file.to_str().unwrap(),
+            ])
         })
         .await
         .unwrap()
@@ -114,12 +131,19 @@ async fn backup_under_traffic_kill_restore_delivers_every_message_once_and_acks_
     assert_eq!(mode, 0o600, "the backup holds the keys: owner-only");
 
     // A running server's data directory is not restored over.
-    let (ok, out) = cli(&["restore", "--from", backup.to_str().unwrap(), "--data-dir", data.to_str().unwrap()]);
-    assert!(!ok && out.contains("running push-server"), "restore over a running server: {out}");
+    let (ok, out) = restore(&backup, &data);
+    assert!(
+        !ok && out.contains("running push-server"),
+        "restore over a running server: {out}"
+    );
     assert!(data.join("push.redb").exists());
 
     within("the rest of the traffic", traffic).await.unwrap();
+    balancer.cut();
     let mut sender = server.api().await.sender();
+    for id in &ids[ONLINE..] {
+        broadcast_on(&mut sender, id).await;
+    }
     let acked_live: Vec<String> = acked(&mut sender, &ids)
         .await
         .into_iter()
@@ -128,20 +152,26 @@ async fn backup_under_traffic_kill_restore_delivers_every_message_once_and_acks_
         .collect();
 
     // The machine dies; the site restores the backup and starts the server again.
-    balancer.cut();
     server.kill();
-    let (ok, out) = cli(&["restore", "--from", backup.to_str().unwrap(), "--data-dir", data.to_str().unwrap()]);
+    let (ok, out) = restore(&backup, &data);
     assert!(ok, "restore failed: {out}");
     let aside = only_sibling_named(tmp.path(), "data.before-restore-");
-    assert!(aside.join("push.redb").exists(), "the replaced data directory is kept");
+    assert!(
+        aside.join("push.redb").exists(),
+        "the replaced data directory is kept"
+    );
     server.restart();
     balancer.retarget(vec![server.device_addr]);
     let epoch_after = epoch_seen_by(&server, &probe).await;
-    assert_ne!(epoch_after, epoch_before, "a restored store must have a new epoch");
+    assert_ne!(
+        epoch_after, epoch_before,
+        "a restored store must have a new epoch"
+    );
 
     // The sender re-sends, with the same ids, every message it had not seen acknowledged.
     let mut sender = server.api().await.sender();
     let resent: Vec<&String> = ids.iter().filter(|id| !acked_live.contains(id)).collect();
+    assert!(resent.len() >= TOTAL - ONLINE, "{} re-sent", resent.len());
     for id in &resent {
         broadcast_on(&mut sender, id).await;
     }

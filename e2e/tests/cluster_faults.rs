@@ -4,11 +4,7 @@
 //! or shown twice to an app must be 0.
 
 use std::{
-    collections::HashMap,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -72,6 +68,7 @@ impl Nodes {
     async fn issue_all(&self, n: usize) -> Vec<(String, String)> {
         issue_group(&self.b, n, "all").await
     }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_node_during_traffic_moves_its_phones_and_loses_or_repeats_nothing() {

@@ -140,7 +140,8 @@ pub fn create(data_dir: &Path, store: &dyn Store, out: &Path) -> Result<Manifest
 /// to a client, is all that is left of it.
 pub fn open_snapshot(data_dir: &Path, store: &dyn Store) -> Result<(Manifest, File), BackupError> {
     let path = data_dir.join(format!(".backup-{:016x}.lpbak", rand::random::<u64>()));
-    let result = create(data_dir, store, &path).and_then(|m| Ok((m, File::open(&path).map_err(io_at(&path))?)));
+    let result =
+        create(data_dir, store, &path).and_then(|m| Ok((m, File::open(&path).map_err(io_at(&path))?)));
     let _ = fs::remove_file(&path);
     result
 }
@@ -183,8 +184,11 @@ fn write_archive(data_dir: &Path, snapshot: &Path, out: &Path) -> Result<Manifes
     }
     for ((_, path), entry) in sources.iter().zip(&manifest.files) {
         // Exactly the length the manifest says, even if a file changed since.
-        let copied = io::copy(&mut File::open(path).map_err(io_at(path))?.take(entry.len), &mut w)
-            .map_err(io_at(path))?;
+        let copied = io::copy(
+            &mut File::open(path).map_err(io_at(path))?.take(entry.len),
+            &mut w,
+        )
+        .map_err(io_at(path))?;
         if copied != entry.len {
             return Err(BackupError::Io {
                 path: path.clone(),
@@ -347,8 +351,8 @@ fn check_entries(files: &[Entry]) -> Result<(), String> {
             return Err(format!("{:?} appears twice", entry.path));
         }
     }
-    let required = std::iter::once(STORE_FILE.to_string())
-        .chain(known.into_iter().filter(|(_, r)| *r).map(|(n, _)| n));
+    let required =
+        std::iter::once(STORE_FILE.to_string()).chain(known.into_iter().filter(|(_, r)| *r).map(|(n, _)| n));
     for name in required {
         if !seen.contains(name.as_str()) {
             return Err(format!("{name:?} is missing"));
@@ -440,8 +444,26 @@ mod tests {
         store
     }
 
+    /// The key files a server's data directory has.
+    const KEYS: [&str; 5] = [
+        "device-jwt.key",
+        "admin.key",
+        "tls/ca.pem",
+        "tls/ca.key",
+        "tls/ca-next.key",
+    ];
+
     fn read(path: &Path) -> Vec<u8> {
         fs::read(path).unwrap()
+    }
+
+    /// A site in `tmp/live` and its backup `tmp/site.lpbak`.
+    fn backed_up(tmp: &Path) -> (PathBuf, Arc<RedbStore>, PathBuf) {
+        let live = tmp.join("live");
+        let store = site(&live);
+        let file = tmp.join("site.lpbak");
+        create(&live, &*store, &file).unwrap();
+        (live, store, file)
     }
 
     #[test]
@@ -455,21 +477,28 @@ mod tests {
         assert_eq!(fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
         let names: Vec<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(names[0], STORE_FILE);
-        for name in ["device-jwt.key", "admin.key", "tls/ca.pem", "tls/ca.key", "tls/ca-next.key"] {
+        for name in KEYS {
             assert!(names.contains(&name), "{name} missing from {names:?}");
         }
-        assert!(create(&live, &*store, &file).is_err(), "never over an existing file");
+        assert!(
+            create(&live, &*store, &file).is_err(),
+            "never over an existing file"
+        );
 
         // Into a directory that does not exist yet, then over an existing (stopped) one.
         let target = tmp.path().join("restored");
         let first = restore(&file, &target).unwrap();
         assert!(first.previous.is_none());
         assert_ne!(first.epoch, epoch);
-        for name in ["device-jwt.key", "admin.key", "tls/ca.pem", "tls/ca.key", "tls/ca-next.key"] {
+        for name in KEYS {
             assert_eq!(read(&target.join(name)), read(&live.join(name)), "{name}");
         }
         assert_eq!(
-            fs::metadata(target.join("tls/ca.key")).unwrap().permissions().mode() & 0o777,
+            fs::metadata(target.join("tls/ca.key"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
             0o600
         );
         let restored = RedbStore::open(&target.join(STORE_FILE)).unwrap().load().unwrap();
@@ -485,10 +514,7 @@ mod tests {
     #[test]
     fn a_damaged_or_foreign_file_changes_nothing() {
         let tmp = tempfile::tempdir().unwrap();
-        let live = tmp.path().join("live");
-        let store = site(&live);
-        let file = tmp.path().join("site.lpbak");
-        create(&live, &*store, &file).unwrap();
+        let (_, _store, file) = backed_up(tmp.path());
         let good = read(&file);
         let target = tmp.path().join("target");
         fs::create_dir(&target).unwrap();
@@ -501,16 +527,31 @@ mod tests {
             ("flipped", flipped, "checksum"),
             ("truncated", good[..good.len() - 40].to_vec(), "truncated"),
             ("extended", [&good[..], b"x"].concat(), "checksum belongs"),
-            ("foreign", b"PK\x03\x04 a zip file".to_vec(), "does not start like"),
-            ("newer", [&MAGIC[..], &2u32.to_be_bytes(), &good[12..]].concat(), "format version 2"),
+            (
+                "foreign",
+                b"PK\x03\x04 a zip file".to_vec(),
+                "does not start like",
+            ),
+            (
+                "newer",
+                [&MAGIC[..], &2u32.to_be_bytes(), &good[12..]].concat(),
+                "format version 2",
+            ),
         ];
         for (what, bytes, expected) in cases {
             let bad = tmp.path().join(format!("{what}.lpbak"));
             fs::write(&bad, bytes).unwrap();
             let err = restore(&bad, &target).unwrap_err();
             assert!(err.to_string().contains(expected), "{what}: {err}");
-            assert_eq!(fs::read_to_string(target.join("marker")).unwrap(), "old", "{what}");
-            let left: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+            assert_eq!(
+                fs::read_to_string(target.join("marker")).unwrap(),
+                "old",
+                "{what}"
+            );
+            let left: Vec<_> = fs::read_dir(tmp.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
             assert!(
                 !left.iter().any(|n| n.to_string_lossy().contains("restoring")),
                 "{what}: staging left behind: {left:?}"
@@ -521,10 +562,7 @@ mod tests {
     #[test]
     fn a_running_servers_directory_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
-        let live = tmp.path().join("live");
-        let store = site(&live);
-        let file = tmp.path().join("site.lpbak");
-        create(&live, &*store, &file).unwrap();
+        let (live, store, file) = backed_up(tmp.path());
         let err = restore(&file, &live).unwrap_err();
         assert!(matches!(err, BackupError::InUse { .. }), "{err}");
         drop(store);

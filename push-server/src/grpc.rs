@@ -7,15 +7,15 @@ use futures::Stream;
 use push_proto::{
     device::CancelReason,
     sender::{
-        ApiKeyInfo, BackupChunk, BackupRequest, ApiKeyState, CallState, CallStatus, CallStep, CancelCallRequest, CancelCallResponse,
-        CreateApiKeyRequest, CreateApiKeyResponse, DeliveryState, DeliveryUpdate, DeviceInfo,
-        EnrollDeviceRequest, Enrollment, GetMessageStatusRequest, IssueDeviceCredentialRequest,
-        IssueDeviceCredentialResponse, ListApiKeysRequest, ListApiKeysResponse, ListDevicesRequest,
-        ListDevicesResponse, MessageStatus, PlaceCallRequest, PlaceCallResponse, PresenceEvent, Recipient,
-        RevokeApiKeyRequest, RevokeApiKeyResponse, RevokeDeviceRequest, RevokeDeviceResponse,
-        SendMessageRequest, SendMessageResponse, SetVoipTokenRequest, SetVoipTokenResponse, Target,
-        VoipTokenState, WatchCallRequest, WatchPresenceRequest, push_admin_server, push_sender_server,
-        target,
+        ApiKeyInfo, ApiKeyState, BackupChunk, BackupRequest, CallState, CallStatus, CallStep,
+        CancelCallRequest, CancelCallResponse, CreateApiKeyRequest, CreateApiKeyResponse, DeliveryState,
+        DeliveryUpdate, DeviceInfo, EnrollDeviceRequest, Enrollment, GetMessageStatusRequest,
+        IssueDeviceCredentialRequest, IssueDeviceCredentialResponse, ListApiKeysRequest, ListApiKeysResponse,
+        ListDevicesRequest, ListDevicesResponse, MessageStatus, PlaceCallRequest, PlaceCallResponse,
+        PresenceEvent, Recipient, RevokeApiKeyRequest, RevokeApiKeyResponse, RevokeDeviceRequest,
+        RevokeDeviceResponse, SendMessageRequest, SendMessageResponse, SetVoipTokenRequest,
+        SetVoipTokenResponse, Target, VoipTokenState, WatchCallRequest, WatchPresenceRequest,
+        push_admin_server, push_sender_server, target,
     },
 };
 use tokio::sync::{broadcast, mpsc};
@@ -619,7 +619,7 @@ fn send_backup(
         };
         let last = n == 0;
         let chunk = BackupChunk {
-            data: buf[..n].to_vec().into(),
+            data: buf[..n].to_vec(),
             created_at_ms: if last { manifest.created_at_ms } else { 0 },
             files: if last {
                 manifest.files.iter().map(|f| f.path.clone()).collect()

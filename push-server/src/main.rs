@@ -7,11 +7,11 @@ use clap::{Args, Parser, Subcommand};
 use push_proto::{
     device::{CallOutcome, CancelReason, Hello, Priority, Push, push},
     sender::{
-        ApiKeyInfo, ApiKeyState, BackupRequest, CallState, CallStatus, CancelCallRequest, CreateApiKeyRequest,
-        DeliveryState, DeliveryUpdate, DeviceInfo, DeviceList, EnrollDeviceRequest, EscalationStep,
-        GetMessageStatusRequest, IssueDeviceCredentialRequest, ListApiKeysRequest, ListDevicesRequest,
-        PlaceCallRequest, RevokeApiKeyRequest, RevokeDeviceRequest, SendMessageRequest, SetVoipTokenRequest,
-        Target, VoipTokenState, WatchCallRequest, target,
+        ApiKeyInfo, ApiKeyState, BackupRequest, CallState, CallStatus, CancelCallRequest,
+        CreateApiKeyRequest, DeliveryState, DeliveryUpdate, DeviceInfo, DeviceList, EnrollDeviceRequest,
+        EscalationStep, GetMessageStatusRequest, IssueDeviceCredentialRequest, ListApiKeysRequest,
+        ListDevicesRequest, PlaceCallRequest, RevokeApiKeyRequest, RevokeDeviceRequest, SendMessageRequest,
+        SetVoipTokenRequest, Target, VoipTokenState, WatchCallRequest, target,
     },
 };
 use push_server::{
@@ -1172,7 +1172,11 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
         .open(&partial)
         .with_context(|| format!("cannot create {}", partial.display()))?;
     let received = async {
-        let mut stream = admin(&args.api).await?.backup(BackupRequest {}).await?.into_inner();
+        let mut stream = admin(&args.api)
+            .await?
+            .backup(BackupRequest {})
+            .await?
+            .into_inner();
         while let Some(chunk) = stream.message().await? {
             file.write_all(&chunk.data)?;
             if chunk.created_at_ms != 0 {

@@ -133,13 +133,21 @@ impl RedbStore {
         read_all::<_, RequestRow>(&txn, &REQUESTS)?;
         read_all::<_, ApiKeyRow>(&txn, &API_KEYS)?;
         read_all::<_, CallRow>(&txn, &CALLS)?;
-        let old = txn.open_table(META).map_err(io)?.get(EPOCH_KEY).map_err(io)?.map(|v| v.value());
+        let old = txn
+            .open_table(META)
+            .map_err(io)?
+            .get(EPOCH_KEY)
+            .map_err(io)?
+            .map(|v| v.value());
         drop(txn);
         let epoch = std::iter::repeat_with(new_epoch)
             .find(|e| Some(*e) != old)
             .unwrap_or(1);
         let txn = db.begin_write().map_err(io)?;
-        txn.open_table(META).map_err(io)?.insert(EPOCH_KEY, epoch).map_err(io)?;
+        txn.open_table(META)
+            .map_err(io)?
+            .insert(EPOCH_KEY, epoch)
+            .map_err(io)?;
         txn.commit().map_err(io)?;
         Ok(epoch)
     }
@@ -1300,20 +1308,38 @@ mod tests {
         assert_eq!(restored.receipts("m-1").unwrap(), store.receipts("m-1").unwrap());
     }
 
+    fn stored_epoch(db: &Database) -> u64 {
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        meta.get(EPOCH_KEY).unwrap().unwrap().value()
+    }
+
     #[test]
     fn renew_epoch_refuses_an_undecodable_row() {
         let (dir, path) = temp_db();
         drop(RedbStore::open(&path).expect("open"));
         let db = Database::open(&path).unwrap();
         let txn = db.begin_write().unwrap();
-        txn.open_table(DEVICES).unwrap().insert("a", &[0xff, 0xff][..]).unwrap();
+        txn.open_table(DEVICES)
+            .unwrap()
+            .insert("a", &[0xff, 0xff][..])
+            .unwrap();
         txn.commit().unwrap();
-        let before = db.begin_read().unwrap().open_table(META).unwrap().get(EPOCH_KEY).unwrap().unwrap().value();
+        let before = stored_epoch(&db);
         drop(db);
         let err = RedbStore::renew_epoch(&path).unwrap_err();
-        assert!(matches!(err, StoreError::Corrupt { table: "devices_v1", .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                StoreError::Corrupt {
+                    table: "devices_v1",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         let db = Database::open(&path).unwrap();
-        let after = db.begin_read().unwrap().open_table(META).unwrap().get(EPOCH_KEY).unwrap().unwrap().value();
+        let after = stored_epoch(&db);
         assert_eq!(after, before, "nothing changed");
         drop(dir);
     }
