@@ -48,6 +48,8 @@ pub struct Apps {
     pub shown: Mutex<HashMap<String, HashMap<String, u32>>>,
     /// Phones online now.
     pub online: AtomicUsize,
+    /// Why each phone's last connection or attempt ended.
+    pub last_disconnect: Mutex<HashMap<String, String>>,
     /// When each phone last came online.
     pub connected_at: Mutex<HashMap<String, Instant>>,
 }
@@ -63,6 +65,10 @@ impl EventHandler for Phone {
     fn on_event(&self, event: Event) {
         match event {
             Event::State(state) => {
+                if let State::WaitingToRetry { reason, .. } = &state {
+                    let reason = format!("{reason:?}");
+                    self.apps.last_disconnect.lock().insert(self.id.clone(), reason);
+                }
                 let online = matches!(state, State::Connected { .. });
                 if self.online.swap(online, Ordering::AcqRel) == online {
                     return;
@@ -92,7 +98,8 @@ impl EventHandler for Phone {
     }
 }
 
-/// Start one SDK client per credential against `addr`; returns once all are online.
+/// Start one SDK client per credential against `addr`, trusting the CA `ca`; returns once all
+/// are online.
 pub async fn phones(
     registry: &Registry,
     apps: &Arc<Apps>,
@@ -102,29 +109,43 @@ pub async fn phones(
 ) -> Vec<mobile_sdk::Client> {
     let mut clients = Vec::new();
     for (i, (id, credential)) in creds.iter().enumerate() {
-        let mut config = ClientConfig::new(
-            addr.ip().to_string(),
-            addr.port(),
-            id.clone(),
-            credential.clone(),
-            Trust::ca(ca.to_string()),
-        );
-        config.server_name = crate::SERVER_NAME.into();
-        config.jitter_seed = Some(i as u64);
-        let phone = Arc::new(Phone {
-            id: id.clone(),
-            apps: apps.clone(),
-            online: Default::default(),
-        });
-        let client = registry.client(config, phone).expect("client");
-        client.start().await.expect("start");
-        clients.push(client);
+        let trust = Trust::ca(ca.to_string());
+        clients.push(phone(registry, apps, (id, credential), trust, addr, i as u64).await);
     }
     until("every phone online", Duration::from_secs(60), || {
         apps.online.load(Ordering::Acquire) >= creds.len()
     })
     .await;
     clients
+}
+
+/// Start the SDK client of one phone (`id`, `credential`) trusting `trust`, its app counting
+/// into `apps`; `seed` fixes its backoff jitter.
+pub async fn phone(
+    registry: &Registry,
+    apps: &Arc<Apps>,
+    (id, credential): (&str, &str),
+    trust: Trust,
+    addr: std::net::SocketAddr,
+    seed: u64,
+) -> mobile_sdk::Client {
+    let mut config = ClientConfig::new(
+        addr.ip().to_string(),
+        addr.port(),
+        id.to_string(),
+        credential.to_string(),
+        trust,
+    );
+    config.server_name = crate::SERVER_NAME.into();
+    config.jitter_seed = Some(seed);
+    let phone = Arc::new(Phone {
+        id: id.to_string(),
+        apps: apps.clone(),
+        online: Default::default(),
+    });
+    let client = registry.client(config, phone).expect("client");
+    client.start().await.expect("start");
+    client
 }
 
 /// Poll `done` until it holds (the phones and nodes are other tasks and processes).

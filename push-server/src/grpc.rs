@@ -13,9 +13,9 @@ use push_proto::{
         IssueDeviceCredentialRequest, IssueDeviceCredentialResponse, ListApiKeysRequest, ListApiKeysResponse,
         ListDevicesRequest, ListDevicesResponse, MessageStatus, PlaceCallRequest, PlaceCallResponse,
         PresenceEvent, Recipient, RevokeApiKeyRequest, RevokeApiKeyResponse, RevokeDeviceRequest,
-        RevokeDeviceResponse, SendMessageRequest, SendMessageResponse, SetVoipTokenRequest,
-        SetVoipTokenResponse, Target, VoipTokenState, WatchCallRequest, WatchPresenceRequest,
-        push_admin_server, push_sender_server, target,
+        RevokeDeviceResponse, RotateCaRequest, RotateCaResponse, SendMessageRequest, SendMessageResponse,
+        SetVoipTokenRequest, SetVoipTokenResponse, Target, VoipTokenState, WatchCallRequest,
+        WatchPresenceRequest, push_admin_server, push_sender_server, target,
     },
 };
 use tokio::sync::{broadcast, mpsc};
@@ -46,6 +46,8 @@ pub struct Api {
     rate: Arc<KeyedRate<String>>,
     /// The data directory, for backups.
     data_dir: PathBuf,
+    /// CA rotations of this server.
+    rotator: Arc<crate::pki::Rotator>,
 }
 
 impl Api {
@@ -56,6 +58,7 @@ impl Api {
         enroller: Enroller,
         keys: Arc<Keys>,
         data_dir: PathBuf,
+        rotator: Arc<crate::pki::Rotator>,
         shutdown: CancellationToken,
     ) -> Self {
         let limits = hub.limits();
@@ -71,6 +74,7 @@ impl Api {
             keys,
             rate: Arc::new(rate),
             data_dir,
+            rotator,
         }
     }
 
@@ -597,6 +601,26 @@ impl push_admin_server::PushAdmin for Api {
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || send_backup(file, &manifest, &tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn rotate_ca(&self, req: Request<RotateCaRequest>) -> Result<Response<RotateCaResponse>, Status> {
+        let admin = self.authorize(&req, Scope::Admin)?;
+        let rotator = self.rotator.clone();
+        let pki = tokio::task::spawn_blocking(move || rotator.rotate())
+            .await
+            .map_err(|e| Status::internal(format!("rotation task failed: {e}")))?
+            .map_err(|e| {
+                tracing::error!(error = %e, "CA rotation failed");
+                Status::internal(format!("CA rotation failed: {e}"))
+            })?;
+        self.enroller.set_trust(&pki);
+        tracing::info!(api_key = %admin.name(), generation = pki.ca_generation, "CA rotation asked through the API");
+        Ok(Response::new(RotateCaResponse {
+            generation: pki.ca_generation,
+            ca_pin: pki.ca_pin,
+            next_ca_pin: pki.next_ca_pin,
+            ca_certificate: pki.ca_cert_pem,
+        }))
     }
 }
 

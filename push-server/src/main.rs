@@ -10,8 +10,8 @@ use push_proto::{
         ApiKeyInfo, ApiKeyState, BackupRequest, CallState, CallStatus, CancelCallRequest,
         CreateApiKeyRequest, DeliveryState, DeliveryUpdate, DeviceInfo, DeviceList, EnrollDeviceRequest,
         EscalationStep, GetMessageStatusRequest, IssueDeviceCredentialRequest, ListApiKeysRequest,
-        ListDevicesRequest, PlaceCallRequest, RevokeApiKeyRequest, RevokeDeviceRequest, SendMessageRequest,
-        SetVoipTokenRequest, Target, VoipTokenState, WatchCallRequest, target,
+        ListDevicesRequest, PlaceCallRequest, RevokeApiKeyRequest, RevokeDeviceRequest, RotateCaRequest,
+        SendMessageRequest, SetVoipTokenRequest, Target, VoipTokenState, WatchCallRequest, target,
     },
 };
 use push_server::{
@@ -70,9 +70,23 @@ enum Command {
     Key(ApiKeyCommand),
     /// Take a backup of a running server (store snapshot, CA and keys) into a new file, owner-only.
     Backup(BackupArgs),
+    /// The device-facing CA.
+    #[command(subcommand)]
+    Pki(PkiCommand),
     /// Check a backup and install it as a stopped server's data directory (the old one is
     /// moved aside); the restored store gets a new epoch.
     Restore(RestoreArgs),
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Rotate the CA of a running server: the standby key becomes the CA, the server
+    /// certificate is reissued, a new standby key is made; listeners present it at once. Phones
+    /// enrolled before the previous rotation must be enrolled again.
+    RotateCa {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 #[derive(Args)]
@@ -977,6 +991,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Backup(args) => backup(args).await,
+        Command::Pki(PkiCommand::RotateCa { api }) => rotate_ca(&api).await,
         Command::Restore(args) => restore(&args),
         Command::Key(ApiKeyCommand::Revoke { api, key_id }) => {
             let key = admin(&api)
@@ -1153,6 +1168,23 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         }
     }
     client.close().await?;
+    Ok(())
+}
+
+async fn rotate_ca(api: &ApiArgs) -> anyhow::Result<()> {
+    let r = admin(api)
+        .await?
+        .rotate_ca(RotateCaRequest {})
+        .await?
+        .into_inner();
+    println!(
+        "CA rotated to generation {}: CA pin {}, standby pin {}; new enrollments carry both. \
+         Phones enrolled before generation {} pin neither and must be enrolled again",
+        r.generation,
+        r.ca_pin,
+        r.next_ca_pin,
+        r.generation.saturating_sub(1)
+    );
     Ok(())
 }
 

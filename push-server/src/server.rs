@@ -115,7 +115,10 @@ impl Server {
             max_inflight: cfg.limits.max_inflight_per_session,
             logins: SessionEnv::login_rate(&cfg.limits),
         });
-        let device_tls = TlsAcceptor::from(Arc::new(pki::server_config(&pki)?));
+        // One chain for the three listeners, replaced in place by a CA rotation.
+        let certs = pki::CertSlot::new(&pki)?;
+        let rotator = Arc::new(pki::Rotator::new(&pki.dir, &cfg.server_names, certs.clone()));
+        let device_tls = TlsAcceptor::from(Arc::new(pki::server_config_from(certs.clone())?));
         tasks.spawn(serve_devices(
             device_listener,
             device_tls,
@@ -131,7 +134,7 @@ impl Server {
             tracing::warn!("enrollment: {warning}");
         }
         let enroller = Enroller::new(hub.clone(), auth.clone(), site);
-        let mut http_tls = pki::server_config(&pki)?;
+        let mut http_tls = pki::server_config_from(certs.clone())?;
         http_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         tasks.spawn(crate::observe::http::serve(
             http_listener,
@@ -144,9 +147,16 @@ impl Server {
         )?);
         tasks.spawn(serve_api(
             api_listener,
-            &pki,
+            certs,
             &cfg,
-            Api::new(hub, enroller, keys, cfg.data_dir.clone(), shutdown.clone()),
+            Api::new(
+                hub,
+                enroller,
+                keys,
+                cfg.data_dir.clone(),
+                rotator,
+                shutdown.clone(),
+            ),
             shutdown.clone(),
         )?);
         tracing::info!(%device_addr, %api_addr, %http_addr, node = %cfg.node_name, "push-server listening");
@@ -376,12 +386,12 @@ async fn bootstrap_admin_key(keys: &Keys, dir: &Path) -> anyhow::Result<Option<P
 /// and reflection so grpcurl-style tools work.
 fn serve_api(
     listener: TcpListener,
-    pki: &Pki,
+    certs: Arc<pki::CertSlot>,
     cfg: &Config,
     api: Api,
     shutdown: CancellationToken,
 ) -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
-    let mut tls = pki::server_config(pki)?;
+    let mut tls = pki::server_config_from(certs)?;
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let reflection = tonic_reflection::server::Builder::configure()
