@@ -37,7 +37,7 @@ const MAX_MANIFEST: u32 = 64 * 1024;
 
 /// What a backup holds besides the store, relative to the data directory, and whether a
 /// server's data directory always has it (the server certificate is reissued when missing).
-fn key_files() -> [(String, bool); 7] {
+fn key_files() -> [(String, bool); 8] {
     let tls = |name: &str| format!("{TLS_DIR}/{name}");
     [
         (auth::KEY_FILE.to_string(), true),
@@ -47,6 +47,7 @@ fn key_files() -> [(String, bool); 7] {
         (tls(pki::CA_NEXT_KEY_FILE), false),
         (tls(pki::SERVER_CERT_FILE), false),
         (tls(pki::SERVER_KEY_FILE), false),
+        (tls(pki::CA_GENERATION_FILE), false),
     ]
 }
 

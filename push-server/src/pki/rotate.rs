@@ -221,3 +221,104 @@ impl Rotator {
         Ok(pki)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{PkiStatus, client_config, server_config, spki_pin};
+
+    fn staged(dir: &Path, name: &str) -> std::path::PathBuf {
+        dir.join(format!("{name}{STAGED}"))
+    }
+
+    #[test]
+    fn a_rotation_promotes_the_standby_key_and_makes_a_new_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (before, _) = load_or_create(tmp.path(), &[]).unwrap();
+        assert_eq!(before.ca_generation, 0);
+        let after = rotate_ca(tmp.path(), &[]).unwrap();
+        assert_eq!(after.ca_generation, 1);
+        assert_eq!(after.ca_pin, before.next_ca_pin, "the standby key is the CA now");
+        assert_ne!(after.next_ca_pin, before.next_ca_pin);
+        assert_ne!(after.next_ca_pin, before.ca_pin);
+        assert_ne!(after.server_pin, before.server_pin);
+        // The chain verifies under the new CA, and the new files load as they are.
+        let (loaded, status) = load_or_create(tmp.path(), &[]).unwrap();
+        assert_eq!(status, PkiStatus::Loaded);
+        assert_eq!(loaded.ca_pin, after.ca_pin);
+        assert_eq!(loaded.ca_generation, 1);
+        let presented = crate::pki::pem_certs(&after.ca_cert_pem).unwrap();
+        assert_eq!(spki_pin(presented[0].as_ref()).unwrap(), before.next_ca_pin);
+        let left: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(
+            !left
+                .iter()
+                .any(|n| n.to_string_lossy().ends_with(STAGED) || n == COMMIT_MARKER),
+            "{left:?}"
+        );
+        assert_eq!(rotate_ca(tmp.path(), &[]).unwrap().ca_generation, 2);
+        // Both configs are usable (handshakes are covered by the e2e test with SDK phones).
+        server_config(&loaded).unwrap();
+        client_config(&loaded.ca_cert_pem).unwrap();
+    }
+
+    #[test]
+    fn an_uncommitted_rotation_is_undone_and_a_committed_one_finished() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (old, _) = load_or_create(tmp.path(), &[]).unwrap();
+        // What a finished rotation writes, from a copy of the same PKI.
+        let other = tempfile::tempdir().unwrap();
+        for name in [
+            CA_CERT_FILE,
+            CA_KEY_FILE,
+            CA_NEXT_KEY_FILE,
+            SERVER_CERT_FILE,
+            SERVER_KEY_FILE,
+        ] {
+            fs::copy(tmp.path().join(name), other.path().join(name)).unwrap();
+        }
+        let new = rotate_ca(other.path(), &[]).unwrap();
+
+        // Crash before the marker: some staged files, no marker. The old PKI stays.
+        fs::copy(other.path().join(CA_CERT_FILE), staged(tmp.path(), CA_CERT_FILE)).unwrap();
+        fs::copy(other.path().join(CA_KEY_FILE), staged(tmp.path(), CA_KEY_FILE)).unwrap();
+        let (kept, _) = load_or_create(tmp.path(), &[]).unwrap();
+        assert_eq!((kept.ca_pin, kept.ca_generation), (old.ca_pin.clone(), 0));
+        assert!(!staged(tmp.path(), CA_CERT_FILE).exists());
+
+        // Crash after the marker, some files already renamed: the rotation is finished.
+        for name in ROTATED {
+            fs::copy(other.path().join(name), staged(tmp.path(), name)).unwrap();
+        }
+        fs::rename(staged(tmp.path(), CA_CERT_FILE), tmp.path().join(CA_CERT_FILE)).unwrap();
+        fs::write(tmp.path().join(COMMIT_MARKER), "1").unwrap();
+        let (done, _) = load_or_create(tmp.path(), &[]).unwrap();
+        assert_eq!(done.ca_pin, new.ca_pin);
+        assert_eq!(done.next_ca_pin, new.next_ca_pin);
+        assert_eq!(done.ca_generation, 1);
+        assert!(!tmp.path().join(COMMIT_MARKER).exists());
+    }
+
+    #[test]
+    fn a_replaced_slot_presents_the_new_chain_and_forgets_old_tickets() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (before, _) = load_or_create(tmp.path(), &[]).unwrap();
+        let slot = CertSlot::new(&before).unwrap();
+        let ticket = slot.encrypt(b"session state").unwrap();
+        assert_eq!(slot.decrypt(&ticket).as_deref(), Some(&b"session state"[..]));
+        let chain = |slot: &CertSlot| spki_pin(slot.chain.read().cert[1].as_ref()).unwrap();
+        assert_eq!(chain(&slot), before.ca_pin);
+
+        let after = rotate_ca(tmp.path(), &[]).unwrap();
+        slot.replace(&after).unwrap();
+        assert_eq!(chain(&slot), after.ca_pin);
+        assert_eq!(
+            slot.decrypt(&ticket),
+            None,
+            "a ticket from before the rotation resumes nothing"
+        );
+    }
+}
