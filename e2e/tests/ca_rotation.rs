@@ -33,11 +33,26 @@ async fn enroll(server: &ServerProcess, device: &str) -> ProviderConfiguration {
         .expect("a provider configuration")
 }
 
-fn trust(pc: &ProviderConfiguration) -> Trust {
-    Trust {
+/// Start the SDK client of the phone enrolled as `pc`, trusting what its enrollment gave it,
+/// and wait until `online` phones are online.
+async fn start(
+    registry: &Registry,
+    apps: &Arc<Apps>,
+    pc: &ProviderConfiguration,
+    addr: std::net::SocketAddr,
+    online: usize,
+) -> mobile_sdk::Client {
+    let trust = Trust {
         ca_pem: Some(pc.ca_certificate.clone()),
         pins: pc.pins.clone(),
-    }
+    };
+    let seed = online as u64;
+    let client = phone(registry, apps, (&pc.device_id, &pc.credential), trust, addr, seed).await;
+    until("the phone online", Duration::from_secs(20), || {
+        apps.online.load(Ordering::Acquire) == online
+    })
+    .await;
+    client
 }
 
 /// Whether every phone in `ids` was shown message `id`.
@@ -74,19 +89,7 @@ async fn phones_enrolled_before_a_rotation_keep_connecting_and_two_rotations_beh
     // Generation 0: the early phone is enrolled.
     let early = enroll(&server, "early").await;
     assert_eq!(early.pins.len(), 2, "current and standby pins");
-    let early_client = phone(
-        &registry,
-        &apps,
-        ("early", &early.credential),
-        trust(&early),
-        balancer.addr,
-        1,
-    )
-    .await;
-    until("early online", Duration::from_secs(20), || {
-        apps.online.load(Ordering::Acquire) == 1
-    })
-    .await;
+    let early_client = start(&registry, &apps, &early, balancer.addr, 1).await;
 
     // Rotation 1, through the CLI: the early phone's session stays up, and its reconnects
     // verify the new chain through the standby pin.
@@ -128,19 +131,7 @@ async fn phones_enrolled_before_a_rotation_keep_connecting_and_two_rotations_beh
     // Generation 1: the late phone is enrolled with the new pins.
     let late = enroll(&server, "late").await;
     assert_eq!(late.pins[0], early.pins[1]);
-    let _late_client = phone(
-        &registry,
-        &apps,
-        ("late", &late.credential),
-        trust(&late),
-        balancer.addr,
-        2,
-    )
-    .await;
-    until("late online", Duration::from_secs(20), || {
-        apps.online.load(Ordering::Acquire) == 2
-    })
-    .await;
+    let _late_client = start(&registry, &apps, &late, balancer.addr, 2).await;
 
     // Rotation 2, through the API: the early phone pins neither key any more.
     let r = server
@@ -184,15 +175,7 @@ async fn phones_enrolled_before_a_rotation_keep_connecting_and_two_rotations_beh
     drop(early_client);
     let again = enroll(&server, "early").await;
     assert_eq!(again.pins, [r.ca_pin.clone(), r.next_ca_pin.clone()]);
-    let _again_client = phone(
-        &registry,
-        &apps,
-        ("early", &again.credential),
-        trust(&again),
-        balancer.addr,
-        3,
-    )
-    .await;
+    let _again_client = start(&registry, &apps, &again, balancer.addr, 2).await;
     until(
         "the re-enrolled phone shows what it missed",
         Duration::from_secs(30),

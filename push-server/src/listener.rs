@@ -276,3 +276,27 @@ pub fn tune(tcp: &TcpStream, limits: &Limits) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_refusing_the_certificate_is_told_apart_from_other_failures() {
+        let io = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let alert = |a| io(rustls::Error::AlertReceived(a));
+        use rustls::AlertDescription as A;
+        for refused in [
+            A::UnknownCA,
+            A::BadCertificate,
+            A::CertificateUnknown,
+            A::AccessDenied,
+        ] {
+            assert_eq!(refused_certificate(&alert(refused)), Some(refused));
+        }
+        assert_eq!(refused_certificate(&alert(A::HandshakeFailure)), None);
+        assert_eq!(refused_certificate(&io(rustls::Error::DecryptError)), None);
+        let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "tls handshake eof");
+        assert_eq!(refused_certificate(&eof), None);
+    }
+}

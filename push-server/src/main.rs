@@ -1178,13 +1178,15 @@ async fn rotate_ca(api: &ApiArgs) -> anyhow::Result<()> {
         .await?
         .into_inner();
     println!(
-        "CA rotated to generation {}: CA pin {}, standby pin {}; new enrollments carry both. \
-         Phones enrolled before generation {} pin neither and must be enrolled again",
-        r.generation,
-        r.ca_pin,
-        r.next_ca_pin,
-        r.generation.saturating_sub(1)
+        "CA rotated to generation {}: CA pin {}, standby pin {}; new enrollments carry both",
+        r.generation, r.ca_pin, r.next_ca_pin
     );
+    if let Some(cut_off) = r.generation.checked_sub(1).filter(|g| *g > 0) {
+        println!(
+            "phones enrolled before generation {cut_off} (the previous rotation) pin neither key: \
+             enroll them again"
+        );
+    }
     Ok(())
 }
 
