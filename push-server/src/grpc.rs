@@ -614,6 +614,7 @@ impl push_admin_server::PushAdmin for Api {
                 Status::internal(format!("CA rotation failed: {e}"))
             })?;
         self.enroller.set_trust(&pki);
+        self.hub.set_ca_generation(pki.ca_generation);
         tracing::info!(api_key = %admin.name(), generation = pki.ca_generation, "CA rotation asked through the API");
         Ok(Response::new(RotateCaResponse {
             generation: pki.ca_generation,

@@ -82,6 +82,7 @@ impl Server {
         prepare_data_dir(&cfg.data_dir)?;
         let (pki, pki_status) = pki::load_or_create(&cfg.data_dir.join(TLS_DIR), &cfg.server_names)?;
         let (hub, store) = open_hub(&cfg, voip).await?;
+        hub.set_ca_generation(pki.ca_generation);
         let auth = Arc::new(
             DeviceAuthority::load_or_create(&cfg.data_dir)
                 .context("cannot load the device credential key")?,

@@ -128,6 +128,10 @@ pub struct DeviceRecord {
     /// APNs refused `voip_token` for good (410 Unregistered, BadDeviceToken, ...); it is not used
     /// again until the device registers a new one.
     pub voip_token_invalid: bool,
+    /// Generation of the server's CA when the device's last credential was issued (`pki`): its
+    /// enrollment pinned that CA's key and the standby one, so it trusts the server only while
+    /// the CA is at most one generation newer.
+    pub ca_generation: u32,
 }
 
 /// What a queued push is.

@@ -706,6 +706,7 @@ mod tests {
             sdk_version: "1.0".into(),
             voip_token: "ab".repeat(32),
             voip_token_invalid: true,
+            ca_generation: 0,
         }
     }
 
@@ -900,6 +901,13 @@ mod tests {
             assert_eq!(row[0], 0, "a version 1 row");
             row[1..].to_vec()
         }
+        // Devices have a version 2 since: the unversioned layout is version 1's struct.
+        fn legacy_device(record: &DeviceRecord) -> Vec<u8> {
+            match DeviceRow::from_record(record) {
+                DeviceRow::V2(v2) => postcard::to_allocvec(&v2.v1).expect("encode"),
+                DeviceRow::V1(_) => unreachable!("devices are written as version 2"),
+            }
+        }
         let (_dir, path) = temp_db();
         let mut revoked = device("b");
         revoked.revoked = true;
@@ -931,7 +939,7 @@ mod tests {
             {
                 let mut t = txn.open_table(LEGACY_DEVICES).expect("table");
                 for d in &devices {
-                    t.insert(d.device_id.as_str(), legacy::<DeviceRow>(d).as_slice())
+                    t.insert(d.device_id.as_str(), legacy_device(d).as_slice())
                         .expect("insert");
                 }
                 // Bytes written by the previous release itself, not re-derived from our types.
