@@ -22,6 +22,8 @@ pub struct Balancer {
     /// Cancelled to cut every relayed connection at once (a network partition); replaced to
     /// let new ones through again.
     links: Arc<parking_lot::Mutex<CancellationToken>>,
+    /// Where new connections go (a server restarted on another port takes over its name).
+    backends: Arc<parking_lot::Mutex<Arc<Vec<SocketAddr>>>>,
 }
 
 impl Balancer {
@@ -31,9 +33,9 @@ impl Balancer {
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
         let links = Arc::new(parking_lot::Mutex::new(CancellationToken::new()));
-        let backends = Arc::new(backends);
+        let backends = Arc::new(parking_lot::Mutex::new(Arc::new(backends)));
         let next_source = Arc::new(AtomicU32::new(1));
-        let (token, cut) = (stop.clone(), links.clone());
+        let (token, cut, targets) = (stop.clone(), links.clone(), backends.clone());
         tokio::spawn(async move {
             loop {
                 let (inbound, _) = tokio::select! {
@@ -46,7 +48,7 @@ impl Balancer {
                 if link.is_cancelled() {
                     continue; // Partitioned: the connection is dropped at once.
                 }
-                let backends = backends.clone();
+                let backends = targets.lock().clone();
                 tokio::spawn(async move {
                     let Some(mut outbound) = connect_first(&backends, source).await else {
                         return;
@@ -59,12 +61,22 @@ impl Balancer {
                 });
             }
         });
-        Ok(Self { addr, stop, links })
+        Ok(Self {
+            addr,
+            stop,
+            links,
+            backends,
+        })
     }
 
     /// Cut every relayed connection and refuse new ones, until [`Balancer::heal`].
     pub fn cut(&self) {
         self.links.lock().cancel();
+    }
+
+    /// Send new connections to `backends` from now on (relayed ones stay where they are).
+    pub fn retarget(&self, backends: Vec<SocketAddr>) {
+        *self.backends.lock() = Arc::new(backends);
     }
 
     /// Let connections through again.

@@ -8,6 +8,7 @@
 //! `APNS_BRIDGE_BIN`).
 
 pub mod balancer;
+pub mod phones;
 
 use std::{
     fmt::Write as _,

@@ -4,24 +4,17 @@
 //! or shown twice to an app must be 0.
 
 use std::{
-    collections::HashMap,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
-use e2e::{ServerProcess, balancer::Balancer};
-use mobile_sdk::{
-    ClientConfig, EventHandler, Registry, Trust,
-    core::{Event, State},
+use e2e::{
+    ServerProcess,
+    balancer::Balancer,
+    phones::{Apps, broadcast, delivered_all, issue_group, phones, tally, until},
 };
-use parking_lot::Mutex;
-use push_proto::{
-    device::GoodbyeReason,
-    sender::{IssueDeviceCredentialRequest, SendMessageRequest, Target, target},
-};
+use mobile_sdk::Registry;
+use push_proto::device::GoodbyeReason;
 use push_server::{
     client::ClientError,
     testing::{RedisServer, copy_dir},
@@ -73,164 +66,8 @@ impl Nodes {
     }
 
     async fn issue_all(&self, n: usize) -> Vec<(String, String)> {
-        let mut admin = self.b.api().await.admin();
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let id = format!("phone-{i:04}");
-            let credential = admin
-                .issue_device_credential(IssueDeviceCredentialRequest {
-                    device_id: id.clone(),
-                    groups: vec!["all".into()],
-                    valid_days: 0,
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .credential;
-            out.push((id, credential));
-        }
-        out
+        issue_group(&self.b, n, "all").await
     }
-}
-
-/// What the apps saw, all phones together.
-#[derive(Default)]
-struct Apps {
-    /// Message id -> phone -> times the app was shown it.
-    shown: Mutex<HashMap<String, HashMap<String, u32>>>,
-    online: AtomicUsize,
-    /// When each phone last came online.
-    connected_at: Mutex<HashMap<String, Instant>>,
-}
-
-struct Phone {
-    id: String,
-    apps: Arc<Apps>,
-    online: std::sync::atomic::AtomicBool,
-}
-
-impl EventHandler for Phone {
-    fn on_event(&self, event: Event) {
-        match event {
-            Event::State(state) => {
-                let online = matches!(state, State::Connected { .. });
-                if self.online.swap(online, Ordering::AcqRel) == online {
-                    return;
-                }
-                if online {
-                    self.apps.online.fetch_add(1, Ordering::AcqRel);
-                    self.apps
-                        .connected_at
-                        .lock()
-                        .insert(self.id.clone(), Instant::now());
-                } else {
-                    self.apps.online.fetch_sub(1, Ordering::AcqRel);
-                }
-            }
-            Event::Message(m) => {
-                *self
-                    .apps
-                    .shown
-                    .lock()
-                    .entry(m.id)
-                    .or_default()
-                    .entry(self.id.clone())
-                    .or_default() += 1;
-            }
-            _ => {}
-        }
-    }
-}
-
-/// Start one SDK client per credential against `addr`; returns once all are online.
-async fn phones(
-    registry: &Registry,
-    apps: &Arc<Apps>,
-    creds: &[(String, String)],
-    addr: std::net::SocketAddr,
-    ca: &str,
-) -> Vec<mobile_sdk::Client> {
-    let mut clients = Vec::new();
-    for (i, (id, credential)) in creds.iter().enumerate() {
-        let mut config = ClientConfig::new(
-            addr.ip().to_string(),
-            addr.port(),
-            id.clone(),
-            credential.clone(),
-            Trust::ca(ca.to_string()),
-        );
-        config.server_name = e2e::SERVER_NAME.into();
-        config.jitter_seed = Some(i as u64);
-        let phone = Arc::new(Phone {
-            id: id.clone(),
-            apps: apps.clone(),
-            online: Default::default(),
-        });
-        let client = registry.client(config, phone).expect("client");
-        client.start().await.expect("start");
-        clients.push(client);
-    }
-    until("every phone online", Duration::from_secs(60), || {
-        apps.online.load(Ordering::Acquire) >= creds.len()
-    })
-    .await;
-    clients
-}
-
-/// Poll `done` until it holds (the phones and nodes are other tasks and processes).
-async fn until(what: &str, limit: Duration, done: impl Fn() -> bool) -> Duration {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    started.elapsed()
-}
-
-/// Send one message to the group `all`, retrying while no node can route it (a real sender
-/// retries an UNAVAILABLE with the same id, which the server answers idempotently).
-async fn broadcast(node: &ServerProcess, id: &str) {
-    let mut sender = node.api().await.sender();
-    let started = Instant::now();
-    loop {
-        let r = sender
-            .send_message(SendMessageRequest {
-                target: Some(Target {
-                    kind: Some(target::Kind::Group("all".into())),
-                }),
-                body: id.into(),
-                message_id: id.into(),
-                ..Default::default()
-            })
-            .await;
-        match r {
-            Ok(_) => return,
-            Err(e) if e.code() == tonic::Code::Unavailable && started.elapsed() < Duration::from_secs(30) => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("send {id}: {e}"),
-        }
-    }
-}
-
-/// Lost: (message, phone) pairs never shown; duplicated: shown more than once.
-fn tally(apps: &Apps, ids: &[String], phones: &[(String, String)]) -> (usize, usize) {
-    let shown = apps.shown.lock();
-    let (mut lost, mut duplicated) = (0, 0);
-    for id in ids {
-        for (phone, _) in phones {
-            match shown.get(id).and_then(|m| m.get(phone)) {
-                None => lost += 1,
-                Some(n) if *n > 1 => duplicated += 1,
-                Some(_) => {}
-            }
-        }
-    }
-    (lost, duplicated)
-}
-
-fn delivered_all(apps: &Apps, ids: &[String], phones: &[(String, String)]) -> bool {
-    tally(apps, ids, phones).0 == 0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -459,7 +459,8 @@ async fn connect(t: Arc<Transport>, counters: Arc<Counters>) -> io::Result<Strea
     };
     let tls = TlsConnector::from(t.tls.clone())
         .connect(t.server_name.clone(), tcp)
-        .await?;
+        .await
+        .map_err(crate::tls::explain)?;
     if tls.get_ref().1.alpn_protocol() != Some(push_proto::ALPN) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,

@@ -112,6 +112,40 @@ impl PinningVerifier {
     }
 }
 
+/// The server presented no key the device pins. With a site's own server that means its CA
+/// was rotated twice since the device was enrolled (an enrollment pins the CA of its day and
+/// the standby one), so the device must be enrolled again.
+#[derive(Debug)]
+pub struct NotPinned;
+
+impl std::fmt::Display for NotPinned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "the server presents no key this device pins: its CA was rotated past this \
+             enrollment (or it is not the site's server); enroll the device again",
+        )
+    }
+}
+
+impl std::error::Error for NotPinned {}
+
+/// A failed handshake's error, with [`NotPinned`]'s own words when that is the cause (rustls
+/// shows a custom certificate error only by its type name).
+pub(crate) fn explain(e: std::io::Error) -> std::io::Error {
+    let not_pinned = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<Error>())
+        .is_some_and(|tls| match tls {
+            Error::InvalidCertificate(CertificateError::Other(other)) => other.0.is::<NotPinned>(),
+            _ => false,
+        });
+    if not_pinned {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, NotPinned.to_string())
+    } else {
+        e
+    }
+}
+
 fn parse_pin(pin: &str) -> Option<[u8; 32]> {
     let b64 = pin.trim().strip_prefix("sha256/")?;
     let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
@@ -151,7 +185,19 @@ impl ServerCertVerifier for PinningVerifier {
         let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
             .build()
             .map_err(|e| Error::General(e.to_string()))?;
-        verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        verifier
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .map_err(|e| {
+                // The server presented no key this device pins: say what fixes it.
+                let pinned = intermediates.iter().any(|c| self.pinned(c));
+                if self.pins.is_empty() || pinned {
+                    e
+                } else {
+                    Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+                        NotPinned,
+                    ))))
+                }
+            })
     }
 
     fn verify_tls12_signature(

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 const AUDIENCE: &str = "lpush-device";
-const KEY_FILE: &str = "device-jwt.key";
+/// File holding the device-credential signing key (mode 0600) in the data directory.
+pub const KEY_FILE: &str = "device-jwt.key";
 
 /// Claims of a device credential.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -212,7 +212,8 @@ impl From<EnrollForm> for EnrollDeviceRequest {
 pub struct Enroller {
     hub: Hub,
     auth: Arc<DeviceAuthority>,
-    site: Arc<SiteProfile>,
+    /// Replaced (trust only) by a CA rotation.
+    site: Arc<parking_lot::RwLock<Arc<SiteProfile>>>,
     /// Enrollments per `enroll` key (by key id). Only authenticated keys reach it, so its
     /// memory is bounded by the number of keys.
     limiter: Arc<DefaultKeyedRateLimiter<String>>,
@@ -227,10 +228,19 @@ impl Enroller {
         Self {
             hub,
             auth,
-            site: Arc::new(site),
+            site: Arc::new(parking_lot::RwLock::new(Arc::new(site))),
             limiter: Arc::new(RateLimiter::keyed(Quota::per_minute(per_minute))),
             recent: Arc::default(),
         }
+    }
+
+    /// Hand out `pki`'s CA and pins (current and standby) from now on (after a CA rotation).
+    pub fn set_trust(&self, pki: &Pki) {
+        let mut site = self.site.write();
+        let mut new = SiteProfile::clone(&site);
+        new.ca_pem = pki.ca_cert_pem.clone();
+        new.pins = vec![pki.ca_pin.clone(), pki.next_ca_pin.clone()];
+        *site = Arc::new(new);
     }
 
     /// The latest enrollments and credential issues, newest first (at most
@@ -382,7 +392,7 @@ impl Enroller {
             )));
         };
         self.remember(caller, &req.device_id, kind, groups, &credential);
-        let site = &self.site;
+        let site = self.site.read().clone();
         let managers: Vec<PushManagerConfig> = site
             .ssids
             .chunks(SSIDS_PER_MANAGER)

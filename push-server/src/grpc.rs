@@ -1,21 +1,21 @@
 //! The sender and admin gRPC API (tonic). The only module that knows tonic; it translates
 //! requests into hub calls and hub outcomes into statuses, and checks every caller's API key.
 
-use std::{collections::HashMap, net::SocketAddr, pin::Pin, sync::Arc};
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc};
 
 use futures::Stream;
 use push_proto::{
     device::CancelReason,
     sender::{
-        ApiKeyInfo, ApiKeyState, CallState, CallStatus, CallStep, CancelCallRequest, CancelCallResponse,
-        CreateApiKeyRequest, CreateApiKeyResponse, DeliveryState, DeliveryUpdate, DeviceInfo,
-        EnrollDeviceRequest, Enrollment, GetMessageStatusRequest, IssueDeviceCredentialRequest,
-        IssueDeviceCredentialResponse, ListApiKeysRequest, ListApiKeysResponse, ListDevicesRequest,
-        ListDevicesResponse, MessageStatus, PlaceCallRequest, PlaceCallResponse, PresenceEvent, Recipient,
-        RevokeApiKeyRequest, RevokeApiKeyResponse, RevokeDeviceRequest, RevokeDeviceResponse,
-        SendMessageRequest, SendMessageResponse, SetVoipTokenRequest, SetVoipTokenResponse, Target,
-        VoipTokenState, WatchCallRequest, WatchPresenceRequest, push_admin_server, push_sender_server,
-        target,
+        ApiKeyInfo, ApiKeyState, BackupChunk, BackupRequest, CallState, CallStatus, CallStep,
+        CancelCallRequest, CancelCallResponse, CreateApiKeyRequest, CreateApiKeyResponse, DeliveryState,
+        DeliveryUpdate, DeviceInfo, EnrollDeviceRequest, Enrollment, GetMessageStatusRequest,
+        IssueDeviceCredentialRequest, IssueDeviceCredentialResponse, ListApiKeysRequest, ListApiKeysResponse,
+        ListDevicesRequest, ListDevicesResponse, MessageStatus, PlaceCallRequest, PlaceCallResponse,
+        PresenceEvent, Recipient, RevokeApiKeyRequest, RevokeApiKeyResponse, RevokeDeviceRequest,
+        RevokeDeviceResponse, RotateCaRequest, RotateCaResponse, SendMessageRequest, SendMessageResponse,
+        SetVoipTokenRequest, SetVoipTokenResponse, Target, VoipTokenState, WatchCallRequest,
+        WatchPresenceRequest, push_admin_server, push_sender_server, target,
     },
 };
 use tokio::sync::{broadcast, mpsc};
@@ -44,12 +44,23 @@ pub struct Api {
     keys: Arc<Keys>,
     /// Requests per API key, by key (like `keys`: in memory only, never logged).
     rate: Arc<KeyedRate<String>>,
+    /// The data directory, for backups.
+    data_dir: PathBuf,
+    /// CA rotations of this server.
+    rotator: Arc<crate::pki::Rotator>,
 }
 
 impl Api {
-    /// Services over `hub`, authenticating with `keys`; watch streams end at `shutdown` (and
-    /// when their key is revoked or expires).
-    pub fn new(hub: Hub, enroller: Enroller, keys: Arc<Keys>, shutdown: CancellationToken) -> Self {
+    /// Services over `hub` and the server's `data_dir`, authenticating with `keys`; watch
+    /// streams end at `shutdown` (and when their key is revoked or expires).
+    pub fn new(
+        hub: Hub,
+        enroller: Enroller,
+        keys: Arc<Keys>,
+        data_dir: PathBuf,
+        rotator: Arc<crate::pki::Rotator>,
+        shutdown: CancellationToken,
+    ) -> Self {
         let limits = hub.limits();
         let rate = KeyedRate::new(
             std::time::Duration::from_secs(1),
@@ -62,6 +73,8 @@ impl Api {
             shutdown,
             keys,
             rate: Arc::new(rate),
+            data_dir,
+            rotator,
         }
     }
 
@@ -561,6 +574,87 @@ impl push_admin_server::PushAdmin for Api {
         Ok(Response::new(RevokeApiKeyResponse {
             key: Some(key_info(summary)),
         }))
+    }
+
+    type BackupStream = BoxStream<BackupChunk>;
+
+    async fn backup(&self, req: Request<BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
+        let admin = self.authorize(&req, Scope::Admin)?;
+        let (dir, store) = (self.data_dir.clone(), self.hub.store().clone());
+        let taken = tokio::task::spawn_blocking(move || crate::backup::open_snapshot(&dir, &*store))
+            .await
+            .map_err(|e| Status::internal(format!("backup task failed: {e}")))?;
+        let (manifest, file) = taken.map_err(|e| match e {
+            crate::backup::BackupError::Store(crate::store::StoreError::Unsupported(m)) => {
+                Status::failed_precondition(m)
+            }
+            e => {
+                tracing::error!(error = %e, "backup failed");
+                Status::internal(format!("backup failed: {e}"))
+            }
+        })?;
+        tracing::info!(
+            api_key = %admin.name(),
+            files = ?manifest.files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(),
+            "backup taken"
+        );
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || send_backup(file, &manifest, &tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn rotate_ca(&self, req: Request<RotateCaRequest>) -> Result<Response<RotateCaResponse>, Status> {
+        let admin = self.authorize(&req, Scope::Admin)?;
+        let rotator = self.rotator.clone();
+        let pki = tokio::task::spawn_blocking(move || rotator.rotate())
+            .await
+            .map_err(|e| Status::internal(format!("rotation task failed: {e}")))?
+            .map_err(|e| {
+                tracing::error!(error = %e, "CA rotation failed");
+                Status::internal(format!("CA rotation failed: {e}"))
+            })?;
+        self.enroller.set_trust(&pki);
+        self.hub.set_ca_generation(pki.ca_generation);
+        tracing::info!(api_key = %admin.name(), generation = pki.ca_generation, "CA rotation asked through the API");
+        Ok(Response::new(RotateCaResponse {
+            generation: pki.ca_generation,
+            ca_pin: pki.ca_pin,
+            next_ca_pin: pki.next_ca_pin,
+            ca_certificate: pki.ca_cert_pem,
+        }))
+    }
+}
+
+/// Stream a backup file in chunks of 64 KiB; the last (possibly empty) one names its contents,
+/// so a client can tell a whole backup from one cut short.
+fn send_backup(
+    mut file: std::fs::File,
+    manifest: &crate::backup::Manifest,
+    tx: &mpsc::Sender<Result<BackupChunk, Status>>,
+) {
+    use std::io::Read as _;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(Status::internal(format!("reading the backup: {e}"))));
+                return;
+            }
+        };
+        let last = n == 0;
+        let chunk = BackupChunk {
+            data: buf[..n].to_vec(),
+            created_at_ms: if last { manifest.created_at_ms } else { 0 },
+            files: if last {
+                manifest.files.iter().map(|f| f.path.clone()).collect()
+            } else {
+                Vec::new()
+            },
+        };
+        if tx.blocking_send(Ok(chunk)).is_err() || last {
+            return;
+        }
     }
 }
 

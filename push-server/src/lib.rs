@@ -6,6 +6,7 @@
 //! - [`pki`]: the private CA and the iOS-compliant server certificate, TLS configurations.
 //! - [`auth`]: device credentials (JWT) and sender API key hashing.
 //! - [`keys`]: sender API keys: authentication, expiry, listing, revocation.
+//! - [`backup`]: backups of an embedded server (a store snapshot and the keys) and restores.
 //! - [`store`]: durable state behind the [`store::Store`] trait; [`store::RedbStore`] embeds it.
 //! - [`hub`]: the decisions: registry, one session per device, outboxes, sequence numbers,
 //!   receipts, expiry, and call routing to the APNs VoIP fallback (`apns-bridge`). The seam a
@@ -24,6 +25,7 @@
 pub mod admission;
 pub mod api_client;
 pub mod auth;
+pub mod backup;
 pub mod client;
 pub mod config;
 pub mod enrollment;

@@ -164,16 +164,39 @@ fn accept_devices(
                     }
                     sessions.spawn(crate::session::driver::run(tls, env, peer, shutdown, permit));
                 }
-                Ok(Err(e)) => {
-                    metrics::handshake("failed");
-                    tracing::warn!(%peer, error = %e, "TLS handshake failed")
-                }
+                Ok(Err(e)) => match refused_certificate(&e) {
+                    // The device cannot be told anything over TLS it refused: say it here.
+                    Some(alert) => {
+                        metrics::handshake("certificate_refused");
+                        tracing::warn!(
+                            %peer, ?alert,
+                            "the device refused the server's certificate: a phone enrolled before the \
+                             previous CA rotation pins neither CA key and must be enrolled again"
+                        )
+                    }
+                    None => {
+                        metrics::handshake("failed");
+                        tracing::warn!(%peer, error = %e, "TLS handshake failed")
+                    }
+                },
                 Err(_) => {
                     metrics::handshake("timeout");
                     tracing::warn!(%peer, timeout_ms = handshake_timeout.as_millis() as u64, "TLS handshake timed out")
                 }
             }
         });
+    }
+}
+
+/// The alert with which a client refused the server's certificate chain, if that is how its
+/// handshake failed (a pin or trust mismatch on the device's side).
+fn refused_certificate(e: &std::io::Error) -> Option<rustls::AlertDescription> {
+    use rustls::AlertDescription::{AccessDenied, BadCertificate, CertificateUnknown, UnknownCA};
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(
+            alert @ (UnknownCA | BadCertificate | CertificateUnknown | AccessDenied),
+        ) => Some(*alert),
+        _ => None,
     }
 }
 
@@ -251,5 +274,29 @@ pub fn tune(tcp: &TcpStream, limits: &Limits) {
         if let Err(e) = r {
             tracing::debug!(error = %e, "socket option not applied");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_refusing_the_certificate_is_told_apart_from_other_failures() {
+        let io = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let alert = |a| io(rustls::Error::AlertReceived(a));
+        use rustls::AlertDescription as A;
+        for refused in [
+            A::UnknownCA,
+            A::BadCertificate,
+            A::CertificateUnknown,
+            A::AccessDenied,
+        ] {
+            assert_eq!(refused_certificate(&alert(refused)), Some(refused));
+        }
+        assert_eq!(refused_certificate(&alert(A::HandshakeFailure)), None);
+        assert_eq!(refused_certificate(&io(rustls::Error::DecryptError)), None);
+        let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "tls handshake eof");
+        assert_eq!(refused_certificate(&eof), None);
     }
 }

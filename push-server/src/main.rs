@@ -7,11 +7,11 @@ use clap::{Args, Parser, Subcommand};
 use push_proto::{
     device::{CallOutcome, CancelReason, Hello, Priority, Push, push},
     sender::{
-        ApiKeyInfo, ApiKeyState, CallState, CallStatus, CancelCallRequest, CreateApiKeyRequest,
-        DeliveryState, DeliveryUpdate, DeviceInfo, DeviceList, EnrollDeviceRequest, EscalationStep,
-        GetMessageStatusRequest, IssueDeviceCredentialRequest, ListApiKeysRequest, ListDevicesRequest,
-        PlaceCallRequest, RevokeApiKeyRequest, RevokeDeviceRequest, SendMessageRequest, SetVoipTokenRequest,
-        Target, VoipTokenState, WatchCallRequest, target,
+        ApiKeyInfo, ApiKeyState, BackupRequest, CallState, CallStatus, CancelCallRequest,
+        CreateApiKeyRequest, DeliveryState, DeliveryUpdate, DeviceInfo, DeviceList, EnrollDeviceRequest,
+        EscalationStep, GetMessageStatusRequest, IssueDeviceCredentialRequest, ListApiKeysRequest,
+        ListDevicesRequest, PlaceCallRequest, RevokeApiKeyRequest, RevokeDeviceRequest, RotateCaRequest,
+        SendMessageRequest, SetVoipTokenRequest, Target, VoipTokenState, WatchCallRequest, target,
     },
 };
 use push_server::{
@@ -68,6 +68,44 @@ enum Command {
     /// Manage sender API keys: create, list, revoke (`api-key` is the old name).
     #[command(subcommand, visible_alias = "api-key")]
     Key(ApiKeyCommand),
+    /// Take a backup of a running server (store snapshot, CA and keys) into a new file, owner-only.
+    Backup(BackupArgs),
+    /// The device-facing CA.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Check a backup and install it as a stopped server's data directory (the old one is
+    /// moved aside); the restored store gets a new epoch.
+    Restore(RestoreArgs),
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Rotate the CA of a running server: the standby key becomes the CA, the server
+    /// certificate is reissued, a new standby key is made; listeners present it at once. Phones
+    /// enrolled before the previous rotation must be enrolled again.
+    RotateCa {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Args)]
+struct BackupArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// The backup file to create (mode 0600; an existing file is not overwritten).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// The backup file.
+    #[arg(long = "from")]
+    from: PathBuf,
+    /// The data directory to install it as (its server must be stopped).
+    #[arg(long, env = "PUSH_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -956,6 +994,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Backup(args) => backup(args).await,
+        Command::Pki(PkiCommand::RotateCa { api }) => rotate_ca(&api).await,
+        Command::Restore(args) => restore(&args),
         Command::Key(ApiKeyCommand::Revoke { api, key_id }) => {
             let key = admin(&api)
                 .await?
@@ -1132,6 +1173,90 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         }
     }
     client.close().await?;
+    Ok(())
+}
+
+async fn rotate_ca(api: &ApiArgs) -> anyhow::Result<()> {
+    let r = admin(api)
+        .await?
+        .rotate_ca(RotateCaRequest {})
+        .await?
+        .into_inner();
+    println!(
+        "CA rotated to generation {}: CA pin {}, standby pin {}; new enrollments carry both",
+        r.generation, r.ca_pin, r.next_ca_pin
+    );
+    if let Some(cut_off) = r.generation.checked_sub(1).filter(|g| *g > 0) {
+        println!(
+            "phones enrolled before generation {cut_off} (the previous rotation) pin neither key: \
+             enroll them again"
+        );
+    }
+    Ok(())
+}
+
+/// Stream the server's backup into `<out>.partial`, renamed to `out` once the last chunk came.
+async fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    if args.out.exists() {
+        bail!("{} exists; a backup never overwrites a file", args.out.display());
+    }
+    let mut partial = args.out.clone().into_os_string();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&partial)
+        .with_context(|| format!("cannot create {}", partial.display()))?;
+    let received = async {
+        let mut stream = admin(&args.api)
+            .await?
+            .backup(BackupRequest {})
+            .await?
+            .into_inner();
+        while let Some(chunk) = stream.message().await? {
+            file.write_all(&chunk.data)?;
+            if chunk.created_at_ms != 0 {
+                file.sync_all()?;
+                return Ok(chunk);
+            }
+        }
+        bail!("the server ended the backup before its last chunk")
+    }
+    .await;
+    let last = match received {
+        Ok(last) => last,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&partial, &args.out)
+        .with_context(|| format!("cannot rename {} to {}", partial.display(), args.out.display()))?;
+    println!(
+        "backup of {} written to {} (owner-only: it holds the site's keys): {}",
+        when(last.created_at_ms, "-"),
+        args.out.display(),
+        last.files.join(", ")
+    );
+    Ok(())
+}
+
+fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
+    let restored = push_server::backup::restore(&args.from, &args.data_dir)?;
+    println!(
+        "restored the backup of {} (push-server {}) into {}; new store epoch {}: phones renumber \
+         above what they have seen, and messages accepted after the backup must be sent again",
+        when(restored.manifest.created_at_ms, "-"),
+        restored.manifest.server_version,
+        args.data_dir.display(),
+        restored.epoch
+    );
+    if let Some(previous) = restored.previous {
+        println!("the replaced data directory is now {}", previous.display());
+    }
     Ok(())
 }
 

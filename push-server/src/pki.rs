@@ -35,6 +35,9 @@ use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::time::ASN1Time;
 use x509_parser::x509::X509Name;
 
+mod rotate;
+pub use rotate::{CertSlot, Rotator, rotate_ca};
+
 /// File name of the CA certificate (PEM) inside the PKI directory.
 pub const CA_CERT_FILE: &str = "ca.pem";
 /// File name of the CA private key (PKCS#8 PEM, mode 0600) inside the PKI directory.
@@ -43,6 +46,9 @@ pub const CA_KEY_FILE: &str = "ca.key";
 /// Its pin is handed out at enrollment next to the current CA's, so devices enrolled today
 /// still trust the server after the CA is rotated onto it.
 pub const CA_NEXT_KEY_FILE: &str = "ca-next.key";
+/// File name of the CA's generation (decimal text): 0, or absent, for the first CA of a site,
+/// one more after each rotation ([`rotate_ca`]).
+pub const CA_GENERATION_FILE: &str = "ca-generation";
 /// File name of the server certificate (PEM) inside the PKI directory.
 pub const SERVER_CERT_FILE: &str = "server.pem";
 /// File name of the server private key (PKCS#8 PEM, mode 0600) inside the PKI directory.
@@ -217,6 +223,9 @@ pub struct Pki {
     pub server_names: Vec<String>,
     /// End of the server certificate's validity.
     pub server_not_after: SystemTime,
+    /// The CA's generation: 0 for a site's first CA, one more after each rotation. A device
+    /// enrolled at generation `g` pins generations `g` and `g + 1`.
+    pub ca_generation: u32,
 }
 
 impl fmt::Debug for Pki {
@@ -231,6 +240,7 @@ impl fmt::Debug for Pki {
             .field("server_pin", &self.server_pin)
             .field("server_names", &self.server_names)
             .field("server_not_after", &self.server_not_after)
+            .field("ca_generation", &self.ca_generation)
             .finish()
     }
 }
@@ -275,6 +285,13 @@ pub fn load_or_create(dir: &Path, server_names: &[String]) -> Result<(Pki, PkiSt
             })?;
     }
 
+    match rotate::recover(dir)? {
+        Some(true) => tracing::info!(dir = %dir.display(), "finished a CA rotation that was interrupted"),
+        Some(false) => {
+            tracing::warn!(dir = %dir.display(), "undid a CA rotation interrupted before its commit")
+        }
+        None => {}
+    }
     let ca_cert_exists = exists(&paths.ca_cert)?;
     let ca_key_exists = exists(&paths.ca_key)?;
     let now = unix_now();
@@ -375,6 +392,31 @@ pub fn spki_pin(cert_der: &[u8]) -> Result<String, PkiError> {
 /// The rustls configuration of the device listener: TLS 1.3 only, ALPN [`push_proto::ALPN`],
 /// no client authentication, aws-lc-rs, stateless resumption with TLS 1.3 session tickets.
 pub fn server_config(pki: &Pki) -> Result<rustls::ServerConfig, PkiError> {
+    server_config_from(CertSlot::new(pki)?)
+}
+
+/// [`server_config`] presenting whatever `certs` holds at each handshake, so a CA rotation
+/// reaches new connections without a restart.
+pub fn server_config_from(certs: Arc<CertSlot>) -> Result<rustls::ServerConfig, PkiError> {
+    let tls = |source| PkiError::Tls {
+        what: "server",
+        source,
+    };
+    let mut config = rustls::ServerConfig::builder_with_provider(server_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls)?
+        .with_no_client_auth()
+        .with_cert_resolver(certs.clone());
+    config.alpn_protocols = vec![push_proto::ALPN.to_vec()];
+    // Our order of suites, not the client's (which puts AES-256-GCM-SHA384 first).
+    config.ignore_client_order = true;
+    config.ticketer = certs;
+    config.send_tls13_tickets = TLS13_TICKETS;
+    Ok(config)
+}
+
+/// The chain (server certificate, then the CA) and key the listeners present.
+fn certified_key(pki: &Pki) -> Result<rustls::sign::CertifiedKey, PkiError> {
     let server_cert = pki.dir.join(SERVER_CERT_FILE);
     let server_key = pki.dir.join(SERVER_KEY_FILE);
     let mut chain = pem_certs(&pki.server_cert_pem).map_err(|reason| PkiError::InvalidCertificate {
@@ -393,23 +435,10 @@ pub fn server_config(pki: &Pki) -> Result<rustls::ServerConfig, PkiError> {
         path: server_key,
         reason,
     })?;
-    let tls = |source| PkiError::Tls {
+    rustls::sign::CertifiedKey::from_der(chain, key, &server_provider()).map_err(|source| PkiError::Tls {
         what: "server",
         source,
-    };
-
-    let mut config = rustls::ServerConfig::builder_with_provider(server_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls)?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(tls)?;
-    config.alpn_protocols = vec![push_proto::ALPN.to_vec()];
-    // Our order of suites, not the client's (which puts AES-256-GCM-SHA384 first).
-    config.ignore_client_order = true;
-    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(tls)?;
-    config.send_tls13_tickets = TLS13_TICKETS;
-    Ok(config)
+    })
 }
 
 /// A client configuration trusting only the CA in `ca_cert_pem` (for test clients and the CLI):
@@ -549,8 +578,21 @@ struct Ca {
 
 impl Ca {
     fn create(paths: &Paths, now: i64) -> Result<Self, PkiError> {
+        let key =
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|source| PkiError::Generate {
+                what: "CA key",
+                source,
+            })?;
+        let ca = Self::self_signed(paths, &key, now)?;
+        write_file(&paths.ca_key, key.serialize_pem().as_bytes(), 0o600)?;
+        write_file(&paths.ca_cert, ca.cert_pem.as_bytes(), 0o644)?;
+        Ok(ca)
+    }
+
+    /// A new CA certificate for `key`, valid from `now` (minus the backdate) for ten years.
+    /// Nothing is written.
+    fn self_signed(paths: &Paths, key: &KeyPair, now: i64) -> Result<Self, PkiError> {
         let generate = |what| move |source| PkiError::Generate { what, source };
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(generate("CA key"))?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, CA_COMMON_NAME);
@@ -567,15 +609,9 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let not_before = now - secs(BACKDATE);
         set_validity(&mut params, not_before, not_before + secs(CA_VALIDITY))?;
-        let cert = params.self_signed(&key).map_err(generate("CA certificate"))?;
-        let cert_pem = cert.pem();
-        let key_pem = key.serialize_pem();
-
+        let cert = params.self_signed(key).map_err(generate("CA certificate"))?;
         // Round-trip through the same path as an existing CA, so what we write is what we load.
-        let ca = Self::from_pem(paths, cert_pem, &key_pem)?;
-        write_file(&paths.ca_key, key_pem.as_bytes(), 0o600)?;
-        write_file(&paths.ca_cert, ca.cert_pem.as_bytes(), 0o644)?;
-        Ok(ca)
+        Self::from_pem(paths, cert.pem(), &key.serialize_pem())
     }
 
     fn load(paths: &Paths) -> Result<Self, PkiError> {
@@ -798,6 +834,7 @@ fn assemble(dir: &Path, paths: &Paths, ca: &Ca, next_ca_pin: String) -> Result<P
         server_pin,
         server_names,
         server_not_after,
+        ca_generation: rotate::generation(dir)?,
     })
 }
 

@@ -83,6 +83,7 @@ impl Server {
         let (pki, pki_status) = pki::load_or_create(&cfg.data_dir.join(TLS_DIR), &cfg.server_names)?;
         let test_clock = cfg.test_clock_file.as_deref().map(open_test_clock).transpose()?;
         let (hub, store) = open_hub(&cfg, voip, test_clock.clone()).await?;
+        hub.set_ca_generation(pki.ca_generation);
         let auth = Arc::new(
             DeviceAuthority::load_or_create(&cfg.data_dir)
                 .context("cannot load the device credential key")?,
@@ -116,7 +117,10 @@ impl Server {
             max_inflight: cfg.limits.max_inflight_per_session,
             logins: SessionEnv::login_rate(&cfg.limits),
         });
-        let device_tls = TlsAcceptor::from(Arc::new(pki::server_config(&pki)?));
+        // One chain for the three listeners, replaced in place by a CA rotation.
+        let certs = pki::CertSlot::new(&pki)?;
+        let rotator = Arc::new(pki::Rotator::new(&pki.dir, &cfg.server_names, certs.clone()));
+        let device_tls = TlsAcceptor::from(Arc::new(pki::server_config_from(certs.clone())?));
         tasks.spawn(serve_devices(
             device_listener,
             device_tls,
@@ -140,7 +144,7 @@ impl Server {
             tracing::warn!("enrollment: {warning}");
         }
         let enroller = Enroller::new(hub.clone(), auth.clone(), site);
-        let mut http_tls = pki::server_config(&pki)?;
+        let mut http_tls = pki::server_config_from(certs.clone())?;
         http_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         tasks.spawn(crate::observe::http::serve(
             http_listener,
@@ -153,9 +157,16 @@ impl Server {
         )?);
         tasks.spawn(serve_api(
             api_listener,
-            &pki,
+            certs,
             &cfg,
-            Api::new(hub, enroller, keys, shutdown.clone()),
+            Api::new(
+                hub,
+                enroller,
+                keys,
+                cfg.data_dir.clone(),
+                rotator,
+                shutdown.clone(),
+            ),
             shutdown.clone(),
         )?);
         tracing::info!(%device_addr, %api_addr, %http_addr, node = %cfg.node_name, "push-server listening");
@@ -431,12 +442,12 @@ async fn bootstrap_admin_key(keys: &Keys, dir: &Path) -> anyhow::Result<Option<P
 /// and reflection so grpcurl-style tools work.
 fn serve_api(
     listener: TcpListener,
-    pki: &Pki,
+    certs: Arc<pki::CertSlot>,
     cfg: &Config,
     api: Api,
     shutdown: CancellationToken,
 ) -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
-    let mut tls = pki::server_config(pki)?;
+    let mut tls = pki::server_config_from(certs)?;
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let reflection = tonic_reflection::server::Builder::configure()

@@ -13,7 +13,8 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use push_proto::{
     device::{CallOutcome, CallOutcomeResult, push},
     sender::{
-        CreateApiKeyRequest, DeliveryState, DeviceList, EscalationStep, PlaceCallRequest, Target, target,
+        CreateApiKeyRequest, DeliveryState, DeviceList, EscalationStep, PlaceCallRequest, RotateCaRequest,
+        Target, target,
     },
 };
 use push_server::client::DeviceClient;
@@ -132,6 +133,37 @@ async fn get_json(h: &Harness, path: &str) -> (u16, Value) {
     let (status, _, body) = h.https("GET", path, &[("authorization", &auth)], "").await;
     let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
     (status, json)
+}
+
+#[tokio::test]
+async fn a_device_enrolled_before_the_previous_ca_rotation_is_flagged_for_re_enrollment() {
+    let mut h = Harness::start().await;
+    h.issue("early", &[]).await;
+    let rotate = |h: &Harness| {
+        let mut admin = h.admin();
+        async move { admin.rotate_ca(RotateCaRequest {}).await.unwrap().into_inner() }
+    };
+    let first = rotate(&h).await;
+    h.issue("late", &[]).await;
+    let second = rotate(&h).await;
+    assert_eq!((first.generation, second.generation), (1, 2));
+    // The dashboard's listener presents the new CA at once.
+    h.ca = second.ca_certificate.clone();
+    let flagged = |device: &Value| {
+        let flags = device["device"]["flags"].as_array().unwrap().clone();
+        (
+            device["device"]["ca_generation"].as_u64().unwrap(),
+            flags.contains(&json!("needs_re-enrollment")),
+        )
+    };
+    let (_, early) = get_json(&h, "/api/devices/early").await;
+    let (_, late) = get_json(&h, "/api/devices/late").await;
+    assert_eq!(flagged(&early), (0, true), "{early}");
+    assert_eq!(flagged(&late), (1, false), "{late}");
+    // Enrolled again, it pins the CA of today.
+    h.issue("early", &[]).await;
+    let (_, early) = get_json(&h, "/api/devices/early").await;
+    assert_eq!(flagged(&early), (2, false), "{early}");
 }
 
 /// The callees of a call view as `(device, status, path)`, by device.

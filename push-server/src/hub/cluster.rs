@@ -1033,6 +1033,7 @@ mod tests {
             sdk_version: String::new(),
             voip_token: String::new(),
             voip_token_invalid: false,
+            ca_generation: 0,
         }
     }
 

@@ -48,6 +48,8 @@ pub(super) struct Ctx {
     pub(super) now: i64,
     /// The store's epoch (see `device.proto`, "Epochs and the floor").
     pub(super) epoch: u64,
+    /// The generation of the server's CA (stamped on a registration).
+    pub(super) ca_generation: u32,
     /// Whether the APNs VoIP fallback is configured.
     pub(super) voip: bool,
     /// `limits.max_queued_per_device`.
@@ -236,6 +238,7 @@ impl DeviceCore {
                 sdk_version: String::new(),
                 voip_token: String::new(),
                 voip_token_invalid: false,
+                ca_generation: 0,
             },
             1,
         )
@@ -635,6 +638,8 @@ impl DeviceCore {
         existed: bool,
     ) -> (Vec<String>, Option<Session>) {
         let old = std::mem::replace(&mut self.record.groups, groups);
+        // The credential about to be issued goes with an enrollment of this CA's pins.
+        self.record.ca_generation = cx.ca_generation;
         let mut ended = None;
         if existed {
             self.record.revoked = false;
@@ -1056,6 +1061,7 @@ mod tests {
         Ctx {
             now: 1_000,
             epoch: 7,
+            ca_generation: 0,
             voip: false,
             max_queued: 100,
             ack_window_ms: 3_000,

@@ -86,6 +86,8 @@ struct Inner {
     /// The store's epoch, sent in every `ServerHello` (see `device.proto`). Changes only in
     /// cluster mode, when Redis lost its data.
     epoch: std::sync::atomic::AtomicU64,
+    /// The generation of the server's CA (`pki`), stamped on every device registered.
+    ca_generation: std::sync::atomic::AtomicU32,
     limits: Limits,
     clock: Arc<dyn Clock>,
     presence: bus::Bus<PresenceEvent>,
@@ -207,6 +209,7 @@ impl Hub {
             groups: RwLock::new(groups),
             store,
             epoch: snapshot.epoch.into(),
+            ca_generation: Default::default(),
             presence: bus::Bus::new(4096),
             receipts: bus::Bus::new(16 * 1024),
             timers: Mutex::new(timers),
@@ -226,6 +229,19 @@ impl Hub {
     /// The store's epoch, for `ServerHello.epoch`.
     pub fn epoch(&self) -> u64 {
         self.0.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The generation of the server's CA, as last set.
+    pub fn ca_generation(&self) -> u32 {
+        self.0.ca_generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The server's CA is at `generation` (at start, and after each rotation): devices
+    /// registered from now on are stamped with it.
+    pub fn set_ca_generation(&self, generation: u32) {
+        self.0
+            .ca_generation
+            .store(generation, std::sync::atomic::Ordering::Release);
     }
 
     /// The limits in force.
@@ -259,6 +275,7 @@ impl Hub {
         Ctx {
             now: self.now(),
             epoch: self.epoch(),
+            ca_generation: self.ca_generation(),
             voip: self.0.bridge.is_some(),
             max_queued: self.0.limits.max_queued_per_device,
             ack_window_ms: self.0.limits.call_ack_window_ms as i64,

@@ -72,6 +72,7 @@ impl Hub {
         };
         let mut record = DeviceCore::registered(device_id, self.now()).record;
         record.groups = groups.to_vec();
+        record.ca_generation = self.ca_generation();
         link.redis.create_device(&record).await
     }
 

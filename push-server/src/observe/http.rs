@@ -126,6 +126,8 @@ pub struct DeviceRow {
     voip_token: &'static str,
     heartbeat_misses: u32,
     instance_changes: u32,
+    /// The CA generation its enrollment pinned (with the next one).
+    ca_generation: u32,
     flags: Vec<&'static str>,
 }
 
@@ -179,8 +181,12 @@ type Shared = Arc<Dashboard>;
 
 impl Dashboard {
     fn row(&self, v: DeviceView, now: i64) -> DeviceRow {
-        let o = self.hub.observer().device(&v.record.device_id, now);
+        let mut o = self.hub.observer().device(&v.record.device_id, now);
         let r = v.record;
+        // Enrolled before the previous CA rotation: it pins neither key the server presents.
+        if r.ca_generation.saturating_add(1) < self.hub.ca_generation() {
+            o.flags.push("needs_re-enrollment");
+        }
         DeviceRow {
             online: v.online,
             revoked: r.revoked,
@@ -207,6 +213,7 @@ impl Dashboard {
             },
             heartbeat_misses: o.heartbeat_misses,
             instance_changes: o.instance_changes,
+            ca_generation: r.ca_generation,
             flags: o.flags,
             groups: r.groups,
             device_id: r.device_id,

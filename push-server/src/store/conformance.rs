@@ -78,6 +78,7 @@ fn device(id: &str, generation: u64) -> DeviceRecord {
         sdk_version: "1.0".into(),
         voip_token: "ab".repeat(32),
         voip_token_invalid: false,
+        ca_generation: 0,
     }
 }
 

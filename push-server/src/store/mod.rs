@@ -96,6 +96,9 @@ pub enum StoreError {
     /// Cluster mode: Redis cannot be reached or refused the request.
     #[error("redis: {0}")]
     Redis(String),
+    /// The backend does not do this (named) at all.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// A registered device.
@@ -125,6 +128,10 @@ pub struct DeviceRecord {
     /// APNs refused `voip_token` for good (410 Unregistered, BadDeviceToken, ...); it is not used
     /// again until the device registers a new one.
     pub voip_token_invalid: bool,
+    /// Generation of the server's CA when the device's last credential was issued (`pki`): its
+    /// enrollment pinned that CA's key and the standby one, so it trusts the server only while
+    /// the CA is at most one generation newer.
+    pub ca_generation: u32,
 }
 
 /// What a queued push is.
@@ -454,6 +461,15 @@ pub trait Store: Send + Sync + 'static {
     /// Every committed API key record with its hash, ordered by hash (for listings: callers show
     /// at most a short prefix of the hash).
     fn api_keys(&self) -> Result<Vec<(String, ApiKeyRecord)>, StoreError>;
+    /// Write one consistent snapshot of the committed state (one read transaction) to a new
+    /// embedded store file at `path`, for a backup. Writers go on meanwhile. Only the embedded
+    /// store does it: a cluster's state is backed up with Redis's own tools (RDB, AOF).
+    fn snapshot_to(&self, path: &std::path::Path) -> Result<(), StoreError> {
+        let _ = path;
+        Err(StoreError::Unsupported(
+            "this store cannot write a snapshot: back up a cluster's Redis with its own tools (RDB, AOF)",
+        ))
+    }
     /// Make every batch submitted so far durable, then refuse further batches (`Closed`).
     /// Returns once that final commit is done, also when called concurrently. Idempotent.
     fn close(&self);

@@ -105,6 +105,69 @@ impl RedbStore {
     }
 }
 
+impl RedbStore {
+    /// Whether another process (a running server) has the database at `path` open. redb locks
+    /// the file while it is open, so this is what a second server would run into.
+    pub fn in_use(path: &Path) -> bool {
+        matches!(
+            Database::open(path),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen)
+        )
+    }
+
+    /// Make the store file at `path` (a snapshot being restored) a store of its own: check that
+    /// every row of every table decodes, then give it a new epoch, durably. A restored store has
+    /// lost the writes made after its snapshot, so devices must not trust sequence numbers
+    /// from the old epoch (`device.proto`, "Epochs and the floor"). Returns the new epoch.
+    pub fn renew_epoch(path: &Path) -> Result<u64, StoreError> {
+        let open_error = |source: &dyn Display| StoreError::Open {
+            path: path.display().to_string(),
+            detail: source.to_string(),
+        };
+        let db = Database::open(path).map_err(|e| open_error(&e))?;
+        create_tables(&db).map_err(|e| open_error(&e))?;
+        let txn = db.begin_read().map_err(io)?;
+        read_all::<_, DeviceRow>(&txn, &DEVICES)?;
+        read_all::<_, PushRow>(&txn, &PUSHES)?;
+        read_all::<_, ReceiptRow>(&txn, &RECEIPTS)?;
+        read_all::<_, RequestRow>(&txn, &REQUESTS)?;
+        read_all::<_, ApiKeyRow>(&txn, &API_KEYS)?;
+        read_all::<_, CallRow>(&txn, &CALLS)?;
+        let old = txn
+            .open_table(META)
+            .map_err(io)?
+            .get(EPOCH_KEY)
+            .map_err(io)?
+            .map(|v| v.value());
+        drop(txn);
+        let epoch = std::iter::repeat_with(new_epoch)
+            .find(|e| Some(*e) != old)
+            .unwrap_or(1);
+        let txn = db.begin_write().map_err(io)?;
+        txn.open_table(META)
+            .map_err(io)?
+            .insert(EPOCH_KEY, epoch)
+            .map_err(io)?;
+        txn.commit().map_err(io)?;
+        Ok(epoch)
+    }
+}
+
+/// Copy every row of `table` from a read snapshot into a write transaction.
+fn copy_table<K: Key + 'static, V: redb::Value + 'static>(
+    from: &ReadTransaction,
+    to: &WriteTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<(), StoreError> {
+    let source = from.open_table(table).map_err(io)?;
+    let mut target = to.open_table(table).map_err(io)?;
+    for entry in source.iter().map_err(io)? {
+        let (key, value) = entry.map_err(io)?;
+        target.insert(key.value(), value.value()).map_err(io)?;
+    }
+    Ok(())
+}
+
 /// Creates every table up front, so that reads of a fresh database find empty tables rather
 /// than `TableDoesNotExist`, and migrates rows of earlier releases, all in one transaction (so
 /// a crash during the migration leaves the old tables or the new ones, never half of each).
@@ -271,6 +334,27 @@ impl Store for RedbStore {
                 ))
             })
             .collect()
+    }
+
+    fn snapshot_to(&self, path: &Path) -> Result<(), StoreError> {
+        let open_error = |source: &dyn Display| StoreError::Open {
+            path: path.display().to_string(),
+            detail: source.to_string(),
+        };
+        // One read transaction: every table as of one commit, however the writer goes on.
+        let from = self.db.begin_read().map_err(io)?;
+        let copy = Database::create(path).map_err(|e| open_error(&e))?;
+        create_tables(&copy).map_err(|e| open_error(&e))?;
+        let to = copy.begin_write().map_err(io)?;
+        copy_table(&from, &to, DEVICES)?;
+        copy_table(&from, &to, PUSHES)?;
+        copy_table(&from, &to, SEQ_CEILINGS)?;
+        copy_table(&from, &to, RECEIPTS)?;
+        copy_table(&from, &to, REQUESTS)?;
+        copy_table(&from, &to, API_KEYS)?;
+        copy_table(&from, &to, CALLS)?;
+        copy_table(&from, &to, META)?;
+        to.commit().map_err(io)
     }
 
     fn close(&self) {
@@ -622,6 +706,7 @@ mod tests {
             sdk_version: "1.0".into(),
             voip_token: "ab".repeat(32),
             voip_token_invalid: true,
+            ca_generation: 0,
         }
     }
 
@@ -816,6 +901,13 @@ mod tests {
             assert_eq!(row[0], 0, "a version 1 row");
             row[1..].to_vec()
         }
+        // Devices have a version 2 since: the unversioned layout is version 1's struct.
+        fn legacy_device(record: &DeviceRecord) -> Vec<u8> {
+            match DeviceRow::from_record(record) {
+                DeviceRow::V2(v2) => postcard::to_allocvec(&v2.v1).expect("encode"),
+                DeviceRow::V1(_) => unreachable!("devices are written as version 2"),
+            }
+        }
         let (_dir, path) = temp_db();
         let mut revoked = device("b");
         revoked.revoked = true;
@@ -847,7 +939,7 @@ mod tests {
             {
                 let mut t = txn.open_table(LEGACY_DEVICES).expect("table");
                 for d in &devices {
-                    t.insert(d.device_id.as_str(), legacy::<DeviceRow>(d).as_slice())
+                    t.insert(d.device_id.as_str(), legacy_device(d).as_slice())
                         .expect("insert");
                 }
                 // Bytes written by the previous release itself, not re-derived from our types.
@@ -1177,5 +1269,86 @@ mod tests {
             .map(|r| r.device_id)
             .collect();
         assert_eq!(kept, ["new-acked", "old-accepted", "old-delivered"]);
+    }
+
+    #[test]
+    fn a_snapshot_holds_every_table_and_row_and_a_renewed_epoch_keeps_them() {
+        let (dir, path) = temp_db();
+        let store = RedbStore::open(&path).expect("open");
+        submit_and_wait(
+            &store,
+            vec![
+                Op::PutDevice(device("a")),
+                Op::PutPush(push("a", 7)),
+                Op::PutSeqCeiling {
+                    device_id: "a".into(),
+                    ceiling: 1031,
+                },
+                Op::PutReceipt(receipt("m-1", "a", ReceiptState::Delivered, 5)),
+            ],
+        )
+        .expect("commit");
+        let copy = dir.path().join("copy.redb");
+        store.snapshot_to(&copy).expect("snapshot of an open store");
+        let before = store.load().unwrap();
+
+        // Every table of the store is in the copy (a table added later must be copied too).
+        let tables = |db: &Database| -> Vec<String> {
+            let txn = db.begin_read().unwrap();
+            let mut names: Vec<String> = txn.list_tables().unwrap().map(|t| t.name().to_string()).collect();
+            names.sort();
+            names
+        };
+        assert!(RedbStore::in_use(&path), "the store is open here");
+        assert!(!RedbStore::in_use(&copy));
+        let copied = Database::open(&copy).unwrap();
+        assert_eq!(tables(&copied), tables(&store.db));
+        drop(copied);
+
+        let epoch = RedbStore::renew_epoch(&copy).expect("renew");
+        assert_ne!(epoch, before.epoch);
+        let restored = RedbStore::open(&copy).expect("open the copy");
+        let after = restored.load().unwrap();
+        assert_eq!(after.epoch, epoch);
+        assert_eq!(after.devices, before.devices);
+        assert_eq!(after.pushes, before.pushes);
+        assert_eq!(after.seq_ceilings, vec![("a".into(), 1031)]);
+        assert_eq!(restored.receipts("m-1").unwrap(), store.receipts("m-1").unwrap());
+    }
+
+    fn stored_epoch(db: &Database) -> u64 {
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        meta.get(EPOCH_KEY).unwrap().unwrap().value()
+    }
+
+    #[test]
+    fn renew_epoch_refuses_an_undecodable_row() {
+        let (dir, path) = temp_db();
+        drop(RedbStore::open(&path).expect("open"));
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(DEVICES)
+            .unwrap()
+            .insert("a", &[0xff, 0xff][..])
+            .unwrap();
+        txn.commit().unwrap();
+        let before = stored_epoch(&db);
+        drop(db);
+        let err = RedbStore::renew_epoch(&path).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Corrupt {
+                    table: "devices_v1",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let db = Database::open(&path).unwrap();
+        let after = stored_epoch(&db);
+        assert_eq!(after, before, "nothing changed");
+        drop(dir);
     }
 }

@@ -265,11 +265,11 @@ local function varint(s, i)
     mul = mul * 128
   end
 end
--- The groups of a postcard DeviceRow::V1 (variant, device_id, groups, ...): keep in step with
--- rows.rs when a device row version is added.
+-- The groups of a postcard DeviceRow::V1 or V2 (variant, device_id, groups, ...; V2 starts
+-- with V1's fields): keep in step with rows.rs when a device row version is added.
 local function row_groups(row)
   local variant, i = varint(row, 1)
-  if variant ~= 0 then return nil end
+  if variant ~= 0 and variant ~= 1 then return nil end
   local n
   n, i = varint(row, i)
   if not n then return nil end
@@ -2077,6 +2077,7 @@ mod tests {
             sdk_version: "1.0".into(),
             voip_token: String::new(),
             voip_token_invalid: false,
+            ca_generation: 0,
         }
     }
 

@@ -35,6 +35,7 @@ pub(super) trait Row: Serialize + DeserializeOwned {
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) enum DeviceRow {
     V1(DeviceV1),
+    V2(DeviceV2),
 }
 
 /// [`DeviceRecord`] as first stored; also the layout of the unversioned table `devices`.
@@ -53,11 +54,18 @@ pub(super) struct DeviceV1 {
     pub(super) voip_token_invalid: bool,
 }
 
+/// [`DeviceRecord`] with the CA generation of its enrollment: version 1 and `ca_generation`.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct DeviceV2 {
+    pub(super) v1: DeviceV1,
+    pub(super) ca_generation: u32,
+}
+
 impl Row for DeviceRow {
     type Record = DeviceRecord;
 
     fn from_record(d: &DeviceRecord) -> Self {
-        DeviceRow::V1(DeviceV1 {
+        let v1 = DeviceV1 {
             device_id: d.device_id.clone(),
             groups: d.groups.clone(),
             created_at_ms: d.created_at_ms,
@@ -69,11 +77,18 @@ impl Row for DeviceRow {
             sdk_version: d.sdk_version.clone(),
             voip_token: d.voip_token.clone(),
             voip_token_invalid: d.voip_token_invalid,
+        };
+        DeviceRow::V2(DeviceV2 {
+            v1,
+            ca_generation: d.ca_generation,
         })
     }
 
     fn into_record(self) -> DeviceRecord {
-        let DeviceRow::V1(d) = self;
+        let (d, ca_generation) = match self {
+            DeviceRow::V1(d) => (d, 0),
+            DeviceRow::V2(DeviceV2 { v1, ca_generation }) => (v1, ca_generation),
+        };
         DeviceRecord {
             device_id: d.device_id,
             groups: d.groups,
@@ -86,6 +101,7 @@ impl Row for DeviceRow {
             sdk_version: d.sdk_version,
             voip_token: d.voip_token,
             voip_token_invalid: d.voip_token_invalid,
+            ca_generation,
         }
     }
 }
@@ -585,6 +601,7 @@ pub(super) mod tests {
             sdk_version: "1.0".into(),
             voip_token: "ab".into(),
             voip_token_invalid: true,
+            ca_generation: 0,
         }
     }
 
@@ -659,7 +676,9 @@ pub(super) mod tests {
     /// of a stored version fails here instead of corrupting databases in the field.
     #[test]
     fn encoding_is_stable() {
-        assert_eq!(encode::<DeviceRow>(&device()), versioned(0, LEGACY_DEVICE));
+        // Version 2: version 1's fields, then the CA generation.
+        let v2 = [&[1][..], LEGACY_DEVICE, &[0]].concat();
+        assert_eq!(encode::<DeviceRow>(&device()), v2);
         assert_eq!(encode::<PushRow>(&push()), versioned(0, LEGACY_PUSH));
         assert_eq!(encode::<ReceiptRow>(&receipt()), versioned(0, LEGACY_RECEIPT));
         assert_eq!(encode::<RequestRow>(&request()), versioned(0, LEGACY_REQUEST));
