@@ -8,8 +8,11 @@
 //!   `x-lpush-csrf: 1` header (a cross-site form cannot set it; SameSite=Strict already keeps
 //!   the cookie off cross-site requests).
 //! - API clients and Prometheus may send `Authorization: Bearer <api key>` instead of a cookie.
+//! - The device table comes a page at a time (`GET /api/devices`, filtered, searched and sorted
+//!   here, see [`listing`]); JSON is gzip-compressed for clients that accept it.
 //! - Live updates: Server-Sent Events fed by the hub's presence and receipt broadcasts and the
-//!   observer's diagnoses.
+//!   observer's diagnoses, batched every [`CHANGES_EVERY`] into one `changed` event naming the
+//!   devices that changed (the page refetches its visible rows when they concern it).
 //! - `POST /v1/enroll` (Bearer key with the `enroll` or `admin` scope, JSON body
 //!   `{"deviceId", "groups", "validDays"}`): the enrollment as an XML property list, for
 //!   container apps that speak HTTPS but not gRPC (see [`crate::enrollment`]).
@@ -34,7 +37,7 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{ConnectInfo, Path, State},
+    extract::{ConnectInfo, Path, Query, State, rejection::QueryRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response, Sse, sse::Event, sse::KeepAlive},
     routing::{get, post},
@@ -50,10 +53,12 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tower_http::compression::CompressionLayer;
 
 use super::{
     DeliveryRecord, Diagnosis, SessionRecord, SiteHealth,
     calls::{CallView, DeviceCall, call_view, device_call},
+    listing::{self, Changes, Counts, DeviceRow, ListQuery},
     metrics,
 };
 use crate::{
@@ -105,37 +110,14 @@ pub struct Dashboard {
     streams: AtomicUsize,
 }
 
-/// One row of the device table.
-#[derive(Debug, Clone, Serialize)]
-pub struct DeviceRow {
-    device_id: String,
-    groups: Vec<String>,
-    online: bool,
-    revoked: bool,
-    ssid: String,
-    node: String,
-    session_started_ms: Option<i64>,
-    last_seen_ms: i64,
-    last_heard_ms: i64,
-    sdk_version: String,
-    instance_id: String,
-    last_stop_reason: String,
-    last_call_path: String,
-    last_call_state: String,
-    queued: usize,
-    voip_token: &'static str,
-    heartbeat_misses: u32,
-    instance_changes: u32,
-    flags: Vec<&'static str>,
-}
-
 #[derive(Serialize)]
 struct Overview {
     node: String,
     /// Cluster mode: Redis and the nodes, as this node last saw them.
     cluster: Option<crate::hub::ClusterHealth>,
     now_ms: i64,
-    devices: Vec<DeviceRow>,
+    /// Totals over every device (the rows come a page at a time from `/api/devices`).
+    counts: Counts,
     sites: Vec<SiteHealth>,
     diagnoses: Vec<Diagnosis>,
     /// `[unix ms, devices online]`.
@@ -178,10 +160,13 @@ struct Me {
 type Shared = Arc<Dashboard>;
 
 impl Dashboard {
-    fn row(&self, v: DeviceView, now: i64) -> DeviceRow {
+    /// The row of `v`; `online_by_ssid` says which sites are up (for its problem).
+    fn row(&self, v: DeviceView, now: i64, online_by_ssid: &HashMap<String, usize>) -> DeviceRow {
         let o = self.hub.observer().device(&v.record.device_id, now);
         let r = v.record;
+        let site_up = online_by_ssid.get(&r.last_ssid).is_some_and(|n| *n > 0);
         DeviceRow {
+            problem: listing::problem(&o.flags, v.online, r.revoked, site_up),
             online: v.online,
             revoked: r.revoked,
             ssid: r.last_ssid,
@@ -213,9 +198,25 @@ impl Dashboard {
         }
     }
 
-    async fn device_row(&self, id: &str) -> Option<DeviceRow> {
-        let view = self.hub.device_view(id).await?;
-        Some(self.row(view, now_ms()))
+    /// Every device's row, and the devices online per SSID.
+    async fn rows(&self, now: i64) -> Result<(Vec<DeviceRow>, HashMap<String, usize>), crate::store::StoreError> {
+        let views = self.hub.list_devices(None, false).await?;
+        let online_by_ssid = online_by_ssid(&views);
+        let rows = views
+            .into_iter()
+            .map(|v| self.row(v, now, &online_by_ssid))
+            .collect();
+        Ok((rows, online_by_ssid))
+    }
+
+    async fn device_row(&self, id: &str) -> Result<Option<DeviceRow>, crate::store::StoreError> {
+        let now = now_ms();
+        let online_by_ssid = online_by_ssid(&self.hub.list_devices(None, true).await?);
+        Ok(self
+            .hub
+            .device_view(id)
+            .await
+            .map(|view| self.row(view, now, &online_by_ssid)))
     }
 
     /// The views of the calls the hub remembers, newest first, at most `max`.
@@ -229,12 +230,6 @@ impl Dashboard {
             .zip(&receipts)
             .map(|(c, r)| call_view(c, r))
             .collect())
-    }
-
-    /// The `device` event for one device's current row.
-    async fn row_event(&self, id: &str) -> Option<Event> {
-        let row = self.device_row(id).await?;
-        Event::default().event("device").json_data(row).ok()
     }
 
     /// The caller, from the session cookie or a bearer API key, with its role and whether it
@@ -264,6 +259,15 @@ impl Dashboard {
         let (holder, role) = role_of(self.keys.authenticate(key).ok()?)?;
         Some((holder, role, false))
     }
+}
+
+/// Devices online per SSID.
+fn online_by_ssid(views: &[DeviceView]) -> HashMap<String, usize> {
+    let mut online: HashMap<String, usize> = HashMap::new();
+    for v in views.iter().filter(|v| v.online) {
+        *online.entry(v.record.last_ssid.clone()).or_default() += 1;
+    }
+    online
 }
 
 /// The dashboard role an API key grants, if any.
@@ -319,6 +323,7 @@ pub fn router(dashboard: Shared) -> Router {
         .route("/api/logout", post(logout))
         .route("/api/me", get(me))
         .route("/api/overview", get(overview))
+        .route("/api/devices", get(devices))
         .route("/api/devices/{id}", get(device))
         .route("/api/devices/{id}/revoke", post(revoke))
         .route("/api/calls", get(calls))
@@ -329,6 +334,8 @@ pub fn router(dashboard: Shared) -> Router {
         .route("/api/events", get(events))
         .route("/v1/enroll", post(enroll))
         .layer(axum::middleware::map_response(security_headers))
+        // gzip for clients that accept it (JSON shrinks ~10x); never the event stream.
+        .layer(CompressionLayer::new())
         .with_state(dashboard)
 }
 
@@ -477,21 +484,17 @@ async fn overview(State(d): State<Shared>, headers: HeaderMap) -> Response {
         return unauthorized();
     }
     let now = now_ms();
-    let views = match d.hub.list_devices(None, false).await {
-        Ok(views) => views,
+    let (rows, online_by_ssid) = match d.rows(now).await {
+        Ok(all) => all,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
-    let mut online_by_ssid: HashMap<String, usize> = HashMap::new();
-    for v in views.iter().filter(|v| v.online) {
-        *online_by_ssid.entry(v.record.last_ssid.clone()).or_default() += 1;
-    }
     let observer = d.hub.observer();
     Json(Overview {
         node: d.node.clone(),
         cluster: d.hub.cluster_health(),
         now_ms: now,
+        counts: Counts::of(&rows),
         sites: observer.sites(&online_by_ssid, now),
-        devices: views.into_iter().map(|v| d.row(v, now)).collect(),
         diagnoses: observer.diagnoses(),
         series: observer.series(),
         latencies: observer.latencies(),
@@ -499,12 +502,38 @@ async fn overview(State(d): State<Shared>, headers: HeaderMap) -> Response {
     .into_response()
 }
 
+/// One page of the device table: `?q=&state=&ssid=&sort=&desc=&offset=&limit=` (see
+/// [`ListQuery`]).
+async fn devices(
+    State(d): State<Shared>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Response {
+    if d.caller(&headers).is_none() {
+        return unauthorized();
+    }
+    let query = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    if let Err(e) = query.validate() {
+        return error(StatusCode::BAD_REQUEST, &e);
+    }
+    let now = now_ms();
+    match d.rows(now).await {
+        Ok((rows, _)) => Json(listing::page(rows, &query, now)).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
 async fn device(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     if d.caller(&headers).is_none() {
         return unauthorized();
     }
-    let Some(row) = d.device_row(&id).await else {
-        return error(StatusCode::NOT_FOUND, "no such device");
+    let row = match d.device_row(&id).await {
+        Ok(Some(row)) => row,
+        Ok(None) => return error(StatusCode::NOT_FOUND, "no such device"),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
     let (sessions, deliveries) = d.hub.observer().history(&id);
     let calls = match d.calls(CALLS_SCANNED).await {
@@ -665,6 +694,10 @@ impl Drop for StreamGuard {
     }
 }
 
+/// How often the live stream tells the page what changed: the events of a burst (a ward's
+/// receipts, a thousand phones connecting) reach the page as a few small `changed` events.
+const CHANGES_EVERY: Duration = Duration::from_millis(250);
+
 async fn events(State(d): State<Shared>, headers: HeaderMap) -> Response {
     let Some((holder, _, _)) = d.caller(&headers) else {
         return unauthorized();
@@ -681,8 +714,11 @@ async fn events(State(d): State<Shared>, headers: HeaderMap) -> Response {
         let _ = tx
             .send(Ok(Event::default().event("hello").data(d.node.clone())))
             .await;
+        let mut changes = Changes::default();
+        let mut flush = tokio::time::interval(CHANGES_EVERY);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let event = tokio::select! {
+            tokio::select! {
                 _ = d.shutdown.cancelled() => return,
                 _ = tx.closed() => return,
                 // The key was revoked or expired: say so and end the stream (the page then finds
@@ -691,35 +727,28 @@ async fn events(State(d): State<Shared>, headers: HeaderMap) -> Response {
                     let _ = tx.send(Ok(Event::default().event("logout").data(end.to_string()))).await;
                     return;
                 }
+                _ = flush.tick() => {
+                    if let Some(e) = changes.take().and_then(|c| Event::default().event("changed").json_data(c).ok())
+                        && tx.send(Ok(e)).await.is_err()
+                    {
+                        return;
+                    }
+                }
                 p = presence.recv() => match p {
-                    Ok(p) => d.row_event(&p.device_id).await,
-                    Err(broadcast::error::RecvError::Lagged(_)) => Some(Event::default().event("resync").data("lagged")),
+                    Ok(p) => changes.device(&p.device_id),
+                    Err(broadcast::error::RecvError::Lagged(_)) => changes.everything(),
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
                 r = receipts.recv() => match r {
-                    Ok(r) => {
-                        let receipt = Event::default().event("receipt").json_data(serde_json::json!({
-                            "id": r.id, "device_id": r.device_id, "state": super::state_str(r.state),
-                            "path": r.path, "reason": r.reason, "at_ms": r.at_ms,
-                        })).ok();
-                        if let Some(e) = receipt && tx.send(Ok(e)).await.is_err() {
-                            return;
-                        }
-                        d.row_event(&r.device_id).await
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => Some(Event::default().event("resync").data("lagged")),
+                    Ok(r) => changes.device(&r.device_id),
+                    Err(broadcast::error::RecvError::Lagged(_)) => changes.everything(),
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
                 x = diagnoses.recv() => match x {
-                    Ok(x) => Event::default().event("diagnosis").json_data(x).ok(),
-                    Err(broadcast::error::RecvError::Lagged(_)) => Some(Event::default().event("resync").data("lagged")),
+                    Ok(_) => changes.overview(),
+                    Err(broadcast::error::RecvError::Lagged(_)) => changes.everything(),
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
-            };
-            if let Some(e) = event
-                && tx.send(Ok(e)).await.is_err()
-            {
-                return;
             }
         }
     });

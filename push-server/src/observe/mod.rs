@@ -20,6 +20,7 @@
 
 pub mod calls;
 pub mod http;
+pub mod listing;
 pub mod metrics;
 
 use std::{
