@@ -128,6 +128,59 @@ async fn login_roles_and_csrf() {
     );
 }
 
+#[tokio::test]
+async fn device_list_is_paged_sorted_and_compressed() {
+    let h = Harness::start().await;
+    for id in ["bed-1", "bed-2", "bed-3", "station"] {
+        h.issue(id, &["ward:4B"]).await;
+    }
+    let _online = h.device("bed-2").await;
+    let (status, page) = get_json(&h, "/api/devices?q=BED&sort=state&limit=2").await;
+    assert_eq!(status, 200, "{page}");
+    let ids: Vec<&str> = page["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["device_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["bed-2", "bed-1"], "online first, then by id: {page}");
+    assert_eq!(
+        (
+            &page["matched"],
+            &page["counts"]["total"],
+            &page["counts"]["online"]
+        ),
+        (&json!(3), &json!(4), &json!(1))
+    );
+    let (_, page) = get_json(&h, "/api/devices?desc=true&offset=1&limit=1").await;
+    assert_eq!(page["rows"][0]["device_id"], "bed-3", "{page}");
+    for (query, says) in [
+        ("sort=nope", "sort"),
+        ("limit=0", "limit"),
+        ("limit=501", "limit"),
+        ("offset=-1", "offset"),
+        ("colour=red", "colour"),
+    ] {
+        let (status, body) = get_json(&h, &format!("/api/devices?{query}")).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body["error"].as_str().unwrap().contains(says), "{query}: {body}");
+    }
+    // JSON is gzipped for a client that accepts it.
+    let auth = format!("Bearer {}", h.admin_key());
+    let (_, head, _) = h
+        .https(
+            "GET",
+            "/api/devices",
+            &[("authorization", &auth), ("accept-encoding", "gzip")],
+            "",
+        )
+        .await;
+    assert!(
+        head.to_ascii_lowercase().contains("content-encoding: gzip"),
+        "{head}"
+    );
+}
+
 /// `GET path` with the admin key as a bearer token; the status and the JSON body.
 async fn get_json(h: &Harness, path: &str) -> (u16, Value) {
     let auth = format!("Bearer {}", h.admin_key());
@@ -706,6 +759,7 @@ async fn await_outcomes(h: &Harness, id: &str, acked: usize, expired: usize) {
 /// Watches the page's main thread (long tasks, over 50 ms) and what it receives (resource
 /// transfer sizes, live-stream event bytes).
 const PROBE: &str = r#"
+performance.setResourceTimingBufferSize(100000);
 window.lpushProbe = { long: [], bytes: 0 };
 new PerformanceObserver((l) => { for (const e of l.getEntries()) lpushProbe.long.push(e.duration); }).observe({ type: "longtask" });
 new PerformanceObserver((l) => { for (const e of l.getEntries()) lpushProbe.bytes += e.transferSize; }).observe({ type: "resource" });
@@ -733,7 +787,10 @@ async fn probe_reading(c: &Client) -> (f64, u64, f64) {
 async fn settle_then_read(c: &Client, what: &str) -> (f64, u64, f64) {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let (longest, count, bytes) = probe_reading(c).await;
-    println!("dashboard bench: {what}: longest main-thread task {longest:.0} ms ({count} over 50 ms), {:.0} KB received", bytes / 1000.0);
+    println!(
+        "dashboard bench: {what}: longest main-thread task {longest:.0} ms ({count} over 50 ms), {:.0} KB received",
+        bytes / 1000.0
+    );
     (longest, count, bytes)
 }
 
@@ -777,36 +834,85 @@ async fn dashboard_at_10000_devices() {
     let browser = Browser::start().await;
     let c = &browser.client;
     let base = log_in(c, &h).await;
-    wait_until(c, "the first page", "document.querySelectorAll('#devices tbody tr[data-device]').length === 50").await;
+    wait_until(
+        c,
+        "the first page",
+        "document.querySelectorAll('#devices tbody tr[data-device]').length === 50",
+    )
+    .await;
     // By id: ward 0's phones among them online, the others offline (no phone of their wards
     // is online, so they are not missed).
     let first_page: Vec<String> = (0..50)
-        .map(|i| format!("{} {} ", bench_id(i), if ward0.contains(&i) { "online" } else { "offline" }))
+        .map(|i| {
+            format!(
+                "{} {} ",
+                bench_id(i),
+                if ward0.contains(&i) { "online" } else { "offline" }
+            )
+        })
         .collect();
     assert_eq!(shown_rows(c).await, first_page);
-    wait_until(c, "the page's totals", "document.querySelector('#page-info').innerText === '1–50 of 10000 devices'").await;
+    wait_until(
+        c,
+        "the page's totals",
+        "document.querySelector('#page-info').innerText === '1–50 of 10000 devices'",
+    )
+    .await;
 
     // First paint of the device list on a fresh load (logged in), three times.
     let mut paints = Vec::new();
     for _ in 0..3 {
         c.goto(&base).await.unwrap();
-        wait_until(c, "the device list painted", "performance.getEntriesByName('lpush:devices-painted').length > 0").await;
+        wait_until(
+            c,
+            "the device list painted",
+            "performance.getEntriesByName('lpush:devices-painted').length > 0",
+        )
+        .await;
         let at = c
-            .execute("return performance.getEntriesByName('lpush:devices-painted')[0].startTime;", vec![])
+            .execute(
+                "return performance.getEntriesByName('lpush:devices-painted')[0].startTime;",
+                vec![],
+            )
             .await
             .unwrap();
         paints.push(at.as_f64().unwrap());
     }
     println!("dashboard bench: first paint of the device list (ms after navigation): {paints:.0?}");
-    wait_until(c, "the live stream", "document.querySelector('#live').classList.contains('on')").await;
+    wait_until(
+        c,
+        "the live stream",
+        "document.querySelector('#live').classList.contains('on')",
+    )
+    .await;
     c.execute(PROBE, vec![]).await.unwrap();
     // The probe sees a task of the page that blocks it for 120 ms.
-    c.execute("setTimeout(() => { const t = performance.now(); while (performance.now() - t < 120); }, 0);", vec![]).await.unwrap();
-    wait_until(c, "the probe seeing a long task", "lpushProbe.long.some((d) => d >= 100)").await;
+    c.execute(
+        "setTimeout(() => { const t = performance.now(); while (performance.now() - t < 120); }, 0);",
+        vec![],
+    )
+    .await
+    .unwrap();
+    wait_until(
+        c,
+        "the probe seeing a long task",
+        "lpushProbe.long.some((d) => d >= 100)",
+    )
+    .await;
 
     // Online first: the rows that the ward's events change are on screen.
-    c.find(Locator::Css("#devices th[data-sort='state']")).await.unwrap().click().await.unwrap();
-    wait_until(c, "online devices first", "document.querySelector('#devices tbody tr')?.dataset.state === 'online'").await;
+    c.find(Locator::Css("#devices th[data-sort='state']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_until(
+        c,
+        "online devices first",
+        "document.querySelector('#devices tbody tr')?.dataset.state === 'online'",
+    )
+    .await;
     probe_reading(c).await;
 
     // A ward-wide message: 200 phones acknowledge it, 300 are offline and it expires for them.
@@ -829,7 +935,10 @@ async fn dashboard_at_10000_devices() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     for n in 0..4 {
         let task = spawn_phone(&h, CHURNING, &format!("restart-{n}"), tx.clone());
-        within(rx.recv()).await.unwrap().expect("the churning phone connects");
+        within(rx.recv())
+            .await
+            .unwrap()
+            .expect("the churning phone connects");
         phones.push(task);
     }
 
@@ -839,8 +948,16 @@ async fn dashboard_at_10000_devices() {
     phones.extend(connect_all(&h, &others).await);
     settle_then_read(c, "1,000 phones connecting at once").await;
     let online = WARD_ONLINE + CONNECTING + 1;
-    wait_until(c, "every phone online in the counter", &format!("document.querySelector('#stat-online').innerText === '{online}'")).await;
-    assert!(shown_rows(c).await.iter().all(|r| r.contains(" online ")), "online first");
+    wait_until(
+        c,
+        "every phone online in the counter",
+        &format!("document.querySelector('#stat-online').innerText === '{online}'"),
+    )
+    .await;
+    assert!(
+        shown_rows(c).await.iter().all(|r| r.contains(" online ")),
+        "online first"
+    );
 
     // Steady traffic: a message every 250 ms to an online phone, for 10 s.
     probe_reading(c).await;
@@ -852,7 +969,10 @@ async fn dashboard_at_10000_devices() {
     }
     let (_, _, bytes) = probe_reading(c).await;
     let per_sec = bytes / started.elapsed().as_secs_f64();
-    println!("dashboard bench: steady traffic per tab (4 messages/s, {online} online, online-first view): {:.1} KB/s", per_sec / 1000.0);
+    println!(
+        "dashboard bench: steady traffic per tab (4 messages/s, {online} online, online-first view): {:.1} KB/s",
+        per_sec / 1000.0
+    );
 
     // Search: typed one key every 20 ms; the time from the last key to the one row.
     let searched = c
@@ -881,33 +1001,102 @@ async fn dashboard_at_10000_devices() {
         searched.as_f64().unwrap(),
         request.as_f64().unwrap_or(f64::NAN)
     );
-    wait_until(c, "the search's totals", "document.querySelector('#page-info').innerText === '1–1 of 1 matching (10000 devices)'").await;
+    wait_until(
+        c,
+        "the search's totals",
+        "document.querySelector('#page-info').innerText === '1–1 of 1 matching (10000 devices)'",
+    )
+    .await;
 
     // Filters and the problems first, from the server's filtering and sorting.
-    c.execute("const s = document.querySelector('#search'); s.value = ''; s.dispatchEvent(new Event('input'));", vec![]).await.unwrap();
+    c.execute(
+        "const s = document.querySelector('#search'); s.value = ''; s.dispatchEvent(new Event('input'));",
+        vec![],
+    )
+    .await
+    .unwrap();
     c.execute("const f = document.querySelector('#filter-state'); f.value = 'online'; f.dispatchEvent(new Event('input'));", vec![]).await.unwrap();
-    wait_until(c, "only the online devices", &format!("document.querySelector('#page-info').innerText === '1–50 of {online} matching (10000 devices)'")).await;
+    wait_until(
+        c,
+        "only the online devices",
+        &format!(
+            "document.querySelector('#page-info').innerText === '1–50 of {online} matching (10000 devices)'"
+        ),
+    )
+    .await;
     c.execute("const f = document.querySelector('#filter-state'); f.value = ''; f.dispatchEvent(new Event('input'));", vec![]).await.unwrap();
-    c.find(Locator::Css("#problems-first")).await.unwrap().click().await.unwrap();
-    wait_until(c, "the churning phone first", &format!("document.querySelector('#devices tbody tr')?.dataset.device === '{}'", bench_id(CHURNING))).await;
+    c.find(Locator::Css("#problems-first"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_until(
+        c,
+        "the churning phone first",
+        &format!(
+            "document.querySelector('#devices tbody tr')?.dataset.device === '{}'",
+            bench_id(CHURNING)
+        ),
+    )
+    .await;
     let rows = shown_rows(c).await;
     assert_eq!(rows[0], format!("{} online instance_churn", bench_id(CHURNING)));
     // Then the phones offline while their SSID has phones online (every ward's now), by id.
     let missing = (0..DEVICES)
         .find(|i| !ward0.contains(i) && !others.contains(i))
         .unwrap();
-    assert_eq!(rows[1], format!("{} offline offline_expected", bench_id(missing)), "{rows:?}");
-    assert!(rows[1..].iter().all(|r| r.ends_with(" offline offline_expected")), "{rows:?}");
+    assert_eq!(
+        rows[1],
+        format!("{} offline offline_expected", bench_id(missing)),
+        "{rows:?}"
+    );
+    assert!(
+        rows[1..].iter().all(|r| r.ends_with(" offline offline_expected")),
+        "{rows:?}"
+    );
 
     // Paging, and the device page over the list: closing it leaves the list where it was.
-    c.find(Locator::Css("#devices th[data-sort='device']")).await.unwrap().click().await.unwrap();
-    wait_until(c, "sorted by device", "document.querySelector('#devices tbody tr')?.dataset.device === 'dev-00000'").await;
-    c.find(Locator::Css("#page-next")).await.unwrap().click().await.unwrap();
-    wait_until(c, "the second page", "document.querySelector('#devices tbody tr')?.dataset.device === 'dev-00050'").await;
-    c.find(Locator::Css("tr[data-device='dev-00060'] a")).await.unwrap().click().await.unwrap();
+    c.find(Locator::Css("#devices th[data-sort='device']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_until(
+        c,
+        "sorted by device",
+        "document.querySelector('#devices tbody tr')?.dataset.device === 'dev-00000'",
+    )
+    .await;
+    c.find(Locator::Css("#page-next"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_until(
+        c,
+        "the second page",
+        "document.querySelector('#devices tbody tr')?.dataset.device === 'dev-00050'",
+    )
+    .await;
+    c.find(Locator::Css("tr[data-device='dev-00060'] a"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     wait_until(c, "the device page", "!document.querySelector('#detail').hidden && document.querySelector('#detail-id').innerText === 'dev-00060'").await;
-    c.execute("window.lpushScroll = window.scrollY;", vec![]).await.unwrap();
-    c.find(Locator::Css("#detail-close")).await.unwrap().click().await.unwrap();
+    c.execute("window.lpushScroll = window.scrollY;", vec![])
+        .await
+        .unwrap();
+    c.find(Locator::Css("#detail-close"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     wait_until(c, "the list where it was", "document.querySelector('#detail').hidden && !document.querySelector('#list').hidden && document.querySelector('#devices tbody tr')?.dataset.device === 'dev-00050' && window.scrollY === window.lpushScroll && window.lpushScroll > 0").await;
 
     for phone in phones {

@@ -58,7 +58,7 @@ use tower_http::compression::CompressionLayer;
 use super::{
     DeliveryRecord, Diagnosis, SessionRecord, SiteHealth,
     calls::{CallView, DeviceCall, call_view, device_call},
-    listing::{self, Changes, Counts, DeviceRow, ListQuery},
+    listing::{self, Changes, Counts, DevicePage, DeviceRow, ListQuery},
     metrics,
 };
 use crate::{
@@ -67,6 +67,7 @@ use crate::{
     hub::{DeviceView, Hub, now_ms},
     keys::{Holder, KeyError, Keys},
     listener::tls_incoming,
+    store::StoreError,
 };
 
 const INDEX: &str = include_str!("assets/index.html");
@@ -163,19 +164,15 @@ impl Dashboard {
     /// The row of `v`; `online_by_ssid` says which sites are up (for its problem).
     fn row(&self, v: DeviceView, now: i64, online_by_ssid: &HashMap<String, usize>) -> DeviceRow {
         let o = self.hub.observer().device(&v.record.device_id, now);
+        let node = self.node_of(&v).to_string();
         let r = v.record;
-        let site_up = online_by_ssid.get(&r.last_ssid).is_some_and(|n| *n > 0);
+        let site_up = listing::site_up(online_by_ssid, &r.last_ssid);
         DeviceRow {
             problem: listing::problem(&o.flags, v.online, r.revoked, site_up),
             online: v.online,
             revoked: r.revoked,
             ssid: r.last_ssid,
-            // Cluster mode: the node holding the phone (none when offline).
-            node: match &v.node {
-                Some(n) => n.clone(),
-                None if self.hub.is_clustered() => String::new(),
-                None => self.node.clone(),
-            },
+            node,
             session_started_ms: v.session_started_ms,
             last_seen_ms: r.last_seen_ms,
             last_heard_ms: if v.online { o.last_heard_ms } else { 0 },
@@ -198,20 +195,42 @@ impl Dashboard {
         }
     }
 
-    /// Every device's row, and the devices online per SSID.
-    async fn rows(&self, now: i64) -> Result<(Vec<DeviceRow>, HashMap<String, usize>), crate::store::StoreError> {
-        let views = self.hub.list_devices(None, false).await?;
-        let online_by_ssid = online_by_ssid(&views);
-        let rows = views
-            .into_iter()
-            .map(|v| self.row(v, now, &online_by_ssid))
-            .collect();
-        Ok((rows, online_by_ssid))
+    /// The node shown for a device: cluster mode, the node holding it (none when offline).
+    fn node_of<'a>(&'a self, v: &'a DeviceView) -> &'a str {
+        match &v.node {
+            Some(n) => n,
+            None if self.hub.is_clustered() => "",
+            None => &self.node,
+        }
     }
 
-    async fn device_row(&self, id: &str) -> Result<Option<DeviceRow>, crate::store::StoreError> {
+    /// The page of the device table `query` asks for.
+    async fn page(&self, query: &ListQuery, now: i64) -> Result<DevicePage, StoreError> {
+        let (views, counts, online_by_ssid) = self.devices(now).await?;
+        let (needle, mut buf) = (query.needle(), String::new());
+        let rows = views
+            .into_iter()
+            .filter(|v| query.finds(&needle, v, self.node_of(v), &mut buf))
+            .map(|v| self.row(v, now, &online_by_ssid))
+            .collect();
+        Ok(listing::page(rows, counts, query, now))
+    }
+
+    /// Every device, the totals over them, and the devices online per SSID.
+    async fn devices(
+        &self,
+        now: i64,
+    ) -> Result<(Vec<DeviceView>, Counts, HashMap<String, usize>), StoreError> {
+        let views = self.hub.list_devices(None, false).await?;
+        let online_by_ssid = listing::online_by_ssid(&views);
+        let flagged = self.hub.observer().flagged_devices(now);
+        let counts = Counts::of(&views, &flagged, &online_by_ssid);
+        Ok((views, counts, online_by_ssid))
+    }
+
+    async fn device_row(&self, id: &str) -> Result<Option<DeviceRow>, StoreError> {
         let now = now_ms();
-        let online_by_ssid = online_by_ssid(&self.hub.list_devices(None, true).await?);
+        let online_by_ssid = listing::online_by_ssid(&self.hub.list_devices(None, true).await?);
         Ok(self
             .hub
             .device_view(id)
@@ -220,7 +239,7 @@ impl Dashboard {
     }
 
     /// The views of the calls the hub remembers, newest first, at most `max`.
-    async fn calls(&self, max: usize) -> Result<Vec<CallView>, crate::store::StoreError> {
+    async fn calls(&self, max: usize) -> Result<Vec<CallView>, StoreError> {
         let records = self.hub.recent_calls(max);
         // Concurrently: each read waits for the store's writes so far, which the writer batches.
         let receipts =
@@ -259,15 +278,6 @@ impl Dashboard {
         let (holder, role) = role_of(self.keys.authenticate(key).ok()?)?;
         Some((holder, role, false))
     }
-}
-
-/// Devices online per SSID.
-fn online_by_ssid(views: &[DeviceView]) -> HashMap<String, usize> {
-    let mut online: HashMap<String, usize> = HashMap::new();
-    for v in views.iter().filter(|v| v.online) {
-        *online.entry(v.record.last_ssid.clone()).or_default() += 1;
-    }
-    online
 }
 
 /// The dashboard role an API key grants, if any.
@@ -484,7 +494,7 @@ async fn overview(State(d): State<Shared>, headers: HeaderMap) -> Response {
         return unauthorized();
     }
     let now = now_ms();
-    let (rows, online_by_ssid) = match d.rows(now).await {
+    let (_, counts, online_by_ssid) = match d.devices(now).await {
         Ok(all) => all,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
@@ -493,7 +503,7 @@ async fn overview(State(d): State<Shared>, headers: HeaderMap) -> Response {
         node: d.node.clone(),
         cluster: d.hub.cluster_health(),
         now_ms: now,
-        counts: Counts::of(&rows),
+        counts,
         sites: observer.sites(&online_by_ssid, now),
         diagnoses: observer.diagnoses(),
         series: observer.series(),
@@ -520,8 +530,8 @@ async fn devices(
         return error(StatusCode::BAD_REQUEST, &e);
     }
     let now = now_ms();
-    match d.rows(now).await {
-        Ok((rows, _)) => Json(listing::page(rows, &query, now)).into_response(),
+    match d.page(&query, now).await {
+        Ok(page) => Json(page).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
 }

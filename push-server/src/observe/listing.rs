@@ -2,9 +2,14 @@
 //! server, so a browser holds one page of rows whatever the site's size; and the batches of
 //! changed devices its live stream sends instead of a row per event.
 
-use std::{cmp::Ordering, collections::BTreeSet};
+use std::{
+    cmp::Ordering,
+    collections::{BTreeSet, HashMap},
+};
 
 use serde::{Deserialize, Serialize};
+
+use crate::hub::DeviceView;
 
 /// Rows per page when the query names none.
 pub const DEFAULT_LIMIT: usize = 50;
@@ -165,16 +170,41 @@ pub struct Counts {
 }
 
 impl Counts {
-    /// The totals over `rows`.
-    pub fn of(rows: &[DeviceRow]) -> Self {
-        Self {
-            total: rows.len(),
-            online: rows.iter().filter(|r| r.online).count(),
-            queued: rows.iter().map(|r| r.queued).sum(),
-            flagged: rows.iter().filter(|r| !r.flags.is_empty()).count(),
-            problems: rows.iter().filter(|r| !r.problem.is_empty()).count(),
+    /// The totals over every device: `views`, the devices `flagged` (by id, with their flags)
+    /// and the devices online per SSID.
+    pub fn of(
+        views: &[DeviceView],
+        flagged: &HashMap<String, Vec<&'static str>>,
+        online_by_ssid: &HashMap<String, usize>,
+    ) -> Self {
+        let mut counts = Self {
+            total: views.len(),
+            ..Self::default()
+        };
+        for v in views {
+            let flags = flagged.get(&v.record.device_id).map_or(&[][..], |f| &f[..]);
+            counts.online += usize::from(v.online);
+            counts.queued += v.queued;
+            counts.flagged += usize::from(!flags.is_empty());
+            let site_up = site_up(online_by_ssid, &v.record.last_ssid);
+            counts.problems += usize::from(!problem(flags, v.online, v.record.revoked, site_up).is_empty());
         }
+        counts
     }
+}
+
+/// Devices online per SSID.
+pub fn online_by_ssid(views: &[DeviceView]) -> HashMap<String, usize> {
+    let mut online: HashMap<String, usize> = HashMap::new();
+    for v in views.iter().filter(|v| v.online) {
+        *online.entry(v.record.last_ssid.clone()).or_default() += 1;
+    }
+    online
+}
+
+/// Whether devices are online on `ssid`.
+pub fn site_up(online_by_ssid: &HashMap<String, usize>, ssid: &str) -> bool {
+    online_by_ssid.get(ssid).is_some_and(|n| *n > 0)
 }
 
 /// One page of the device table.
@@ -194,28 +224,50 @@ pub struct DevicePage {
     pub rows: Vec<DeviceRow>,
 }
 
-/// Whether `hay` contains `needle`, ignoring ASCII case (`needle` already lowercase).
-fn contains_ci(hay: &str, needle: &str) -> bool {
-    let n = needle.len();
-    n == 0 || hay.as_bytes().windows(n).any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+/// Whether `hay` contains `needle`, ignoring ASCII case (`needle` already lowercase); `buf`
+/// is scratch space, reused so a search of every device allocates once.
+fn contains_ci(buf: &mut String, hay: &str, needle: &str) -> bool {
+    buf.clear();
+    buf.push_str(hay);
+    buf.make_ascii_lowercase();
+    buf.contains(needle)
 }
 
-fn matches(r: &DeviceRow, query: &ListQuery, needle: &str) -> bool {
-    let state = match query.state {
+impl ListQuery {
+    /// The search text as matched: trimmed, ASCII-lowercase.
+    pub fn needle(&self) -> String {
+        self.q.trim().to_ascii_lowercase()
+    }
+
+    /// Whether device `v` (shown on `node`) passes the SSID filter and the search (`needle`
+    /// from [`Self::needle`]: in the id, SSID, node, SDK version, last stop reason and groups).
+    /// Only the devices it finds become rows, so a search of 10,000 devices builds a few.
+    pub fn finds(&self, needle: &str, v: &DeviceView, node: &str, buf: &mut String) -> bool {
+        let r = &v.record;
+        (self.ssid.is_empty() || r.last_ssid == self.ssid)
+            && (needle.is_empty()
+                || [
+                    &r.device_id,
+                    &r.last_ssid,
+                    node,
+                    &r.sdk_version,
+                    &r.last_disconnect_reason,
+                ]
+                .into_iter()
+                .chain(r.groups.iter().map(String::as_str))
+                .any(|f| contains_ci(buf, f, needle)))
+    }
+}
+
+fn shows(r: &DeviceRow, query: &ListQuery) -> bool {
+    match query.state {
         StateFilter::All => true,
         StateFilter::Online => r.online,
         StateFilter::Offline => !r.online,
         StateFilter::Flagged => !r.flags.is_empty(),
         StateFilter::Problems => !r.problem.is_empty(),
         StateFilter::Revoked => r.revoked,
-    };
-    state
-        && (query.ssid.is_empty() || r.ssid == query.ssid)
-        && (needle.is_empty()
-            || [&r.device_id, &r.ssid, &r.node, &r.sdk_version, &r.last_stop_reason]
-                .into_iter()
-                .chain(&r.groups)
-                .any(|f| contains_ci(f, needle)))
+    }
 }
 
 /// Online 0, offline 1, revoked 2.
@@ -245,11 +297,10 @@ fn compare(a: &DeviceRow, b: &DeviceRow, key: SortKey, now: i64) -> Ordering {
     }
 }
 
-/// The page of `rows` (every device, each with its problem set) that `query` asks for.
-pub fn page(rows: Vec<DeviceRow>, query: &ListQuery, now: i64) -> DevicePage {
-    let counts = Counts::of(&rows);
-    let needle = query.q.trim().to_ascii_lowercase();
-    let mut found: Vec<DeviceRow> = rows.into_iter().filter(|r| matches(r, query, &needle)).collect();
+/// The page that `query` asks for of `rows`: the devices it [finds](ListQuery::finds), each
+/// with its problem set; `counts` are over every device.
+pub fn page(rows: Vec<DeviceRow>, counts: Counts, query: &ListQuery, now: i64) -> DevicePage {
+    let mut found: Vec<DeviceRow> = rows.into_iter().filter(|r| shows(r, query)).collect();
     found.sort_unstable_by(|a, b| {
         let order = compare(a, b, query.sort, now).then_with(|| a.device_id.cmp(&b.device_id));
         if query.desc { order.reverse() } else { order }
@@ -382,7 +433,10 @@ mod tests {
 
     #[test]
     fn problems_are_ranked_flags_first() {
-        assert_eq!(problem(&["instance_churn", "heartbeat_silent"], true, false, true), "heartbeat_silent");
+        assert_eq!(
+            problem(&["instance_churn", "heartbeat_silent"], true, false, true),
+            "heartbeat_silent"
+        );
         assert_eq!(problem(&["instance_churn"], false, false, true), "instance_churn");
         assert_eq!(problem(&[], false, false, true), "offline_expected");
         // Offline on a site where nobody is online, online, or revoked: no problem.
@@ -394,15 +448,23 @@ mod tests {
     #[test]
     fn pages_are_sorted_then_sliced() {
         let rows: Vec<DeviceRow> = (0..120).map(|i| row(&format!("p{i:03}"))).collect();
-        let first = page(rows.clone(), &ListQuery::default(), NOW);
+        let first = page(rows.clone(), Counts::default(), &ListQuery::default(), NOW);
         assert_eq!((first.matched, first.rows.len(), first.offset), (120, 50, 0));
         assert_eq!(ids(&first)[..2], ["p000", "p001"]);
-        let last = page(rows.clone(), &query(|q| q.offset = 100), NOW);
-        assert_eq!(ids(&last), (100..120).map(|i| format!("p{i:03}")).collect::<Vec<_>>());
-        let reversed = page(rows.clone(), &query(|q| (q.desc, q.limit) = (true, Some(2))), NOW);
+        let last = page(rows.clone(), Counts::default(), &query(|q| q.offset = 100), NOW);
+        assert_eq!(
+            ids(&last),
+            (100..120).map(|i| format!("p{i:03}")).collect::<Vec<_>>()
+        );
+        let reversed = page(
+            rows.clone(),
+            Counts::default(),
+            &query(|q| (q.desc, q.limit) = (true, Some(2))),
+            NOW,
+        );
         assert_eq!(ids(&reversed), ["p119", "p118"]);
         // Past the end: empty, offset clamped.
-        let beyond = page(rows, &query(|q| q.offset = 5000), NOW);
+        let beyond = page(rows, Counts::default(), &query(|q| q.offset = 5000), NOW);
         assert_eq!((beyond.rows.len(), beyond.offset), (0, 120));
     }
 
@@ -414,46 +476,147 @@ mod tests {
         let mut missing = row("m-missing");
         missing.problem = "offline_expected";
         let rows = vec![row("a-fine"), missing, online("b-online", NOW - 5000), silent];
-        let by_problem = page(rows.clone(), &query(|q| q.sort = SortKey::Problems), NOW);
+        let by_problem = page(
+            rows.clone(),
+            Counts::default(),
+            &query(|q| q.sort = SortKey::Problems),
+            NOW,
+        );
         assert_eq!(ids(&by_problem), ["z-silent", "m-missing", "a-fine", "b-online"]);
-        assert_eq!((by_problem.counts.problems, by_problem.counts.flagged), (2, 1));
-        let by_state = page(rows.clone(), &query(|q| q.sort = SortKey::State), NOW);
+        let by_state = page(
+            rows.clone(),
+            Counts::default(),
+            &query(|q| q.sort = SortKey::State),
+            NOW,
+        );
         assert_eq!(ids(&by_state)[0], "b-online");
-        let only = page(rows, &query(|q| q.state = StateFilter::Problems), NOW);
+        let only = page(
+            rows,
+            Counts::default(),
+            &query(|q| q.state = StateFilter::Problems),
+            NOW,
+        );
         assert_eq!(ids(&only), ["m-missing", "z-silent"]);
     }
 
     #[test]
     fn session_age_sorts_youngest_first_and_offline_last() {
-        let rows = vec![row("off"), online("old", NOW - 90_000), online("new", NOW - 1_000)];
-        let p = page(rows, &query(|q| q.sort = SortKey::Session), NOW);
+        let rows = vec![
+            row("off"),
+            online("old", NOW - 90_000),
+            online("new", NOW - 1_000),
+        ];
+        let p = page(
+            rows,
+            Counts::default(),
+            &query(|q| q.sort = SortKey::Session),
+            NOW,
+        );
         assert_eq!(ids(&p), ["new", "old", "off"]);
     }
 
+    fn view(id: &str, ssid: &str, online: bool, revoked: bool) -> DeviceView {
+        DeviceView {
+            record: crate::store::DeviceRecord {
+                device_id: id.into(),
+                groups: vec!["ward:4B".into()],
+                created_at_ms: 0,
+                credential_generation: 0,
+                revoked,
+                last_seen_ms: 0,
+                last_ssid: ssid.into(),
+                last_disconnect_reason: "device goodbye: GOODBYE_REASON_CLIENT_STOPPING".into(),
+                sdk_version: "lpush-sdk/0.3.1".into(),
+                voip_token: String::new(),
+                voip_token_invalid: false,
+            },
+            online,
+            session_started_ms: None,
+            queued: 2,
+            node: None,
+        }
+    }
+
     #[test]
-    fn search_and_filters_narrow_the_rows() {
-        let mut icu = online("icu-7", NOW - 1);
-        icu.ssid = "ICU".into();
-        icu.groups = vec!["icu".into()];
-        let mut old_sdk = row("bed-12");
-        old_sdk.sdk_version = "lpush-sdk/0.2.9".into();
-        let mut revoked = row("lost-phone");
-        revoked.revoked = true;
-        let rows = vec![icu, old_sdk, revoked, row("bed-120")];
-        let search = |text: &str| ids(&page(rows.clone(), &query(|q| q.q = text.into()), NOW)).len();
+    fn search_and_ssid_find_devices() {
+        let mut icu = view("icu-7", "ICU", true, false);
+        icu.record.groups = vec!["icu".into()];
+        let mut old_sdk = view("bed-12", "Ward 4B", false, false);
+        old_sdk.record.sdk_version = "lpush-sdk/0.2.9".into();
+        let views = [icu, old_sdk, view("bed-120", "Ward 4B", false, false)];
+        let found = |q: ListQuery| -> Vec<&str> {
+            let (needle, mut buf) = (q.needle(), String::new());
+            views
+                .iter()
+                .filter(|v| q.finds(&needle, v, "node-b", &mut buf))
+                .map(|v| v.record.device_id.as_str())
+                .collect()
+        };
+        let search = |text: &str| found(query(|q| q.q = text.into())).len();
         assert_eq!(search("BED-12"), 2, "case-insensitive, by id");
         assert_eq!(search("  0.2.9 "), 1, "by SDK version, trimmed");
         assert_eq!(search("icu"), 1, "by SSID");
-        assert_eq!(search("ward:4b"), 3, "by group");
+        assert_eq!(search("ward:4b"), 2, "by group");
+        assert_eq!(search("node-b"), 3, "by node");
+        assert_eq!(search("client_stopping"), 3, "by stop reason");
         assert_eq!(search("nothing-like-it"), 0);
-        let filtered = |f: StateFilter| ids(&page(rows.clone(), &query(|q| q.state = f), NOW)).len();
+        assert_eq!(found(query(|q| q.ssid = "ICU".into())), ["icu-7"]);
         assert_eq!(
-            [StateFilter::Online, StateFilter::Offline, StateFilter::Revoked].map(filtered),
-            [1, 3, 1]
+            found(query(|q| (q.ssid, q.q) = ("Ward 4B".into(), "120".into()))),
+            ["bed-120"]
         );
-        let icu_only = page(rows.clone(), &query(|q| q.ssid = "ICU".into()), NOW);
-        assert_eq!(ids(&icu_only), ["icu-7"]);
-        assert_eq!(icu_only.counts.total, 4, "counts cover every device");
+    }
+
+    #[test]
+    fn state_filters_narrow_the_rows() {
+        let mut revoked = row("lost-phone");
+        revoked.revoked = true;
+        let rows = vec![online("icu-7", NOW - 1), row("bed-12"), revoked, row("bed-120")];
+        let filtered = |f: StateFilter| {
+            ids(&page(
+                rows.clone(),
+                Counts::default(),
+                &query(|q| q.state = f),
+                NOW,
+            ))
+            .len()
+        };
+        assert_eq!(
+            [
+                StateFilter::All,
+                StateFilter::Online,
+                StateFilter::Offline,
+                StateFilter::Revoked
+            ]
+            .map(filtered),
+            [4, 1, 3, 1]
+        );
+    }
+
+    #[test]
+    fn counts_cover_every_device() {
+        let views = [
+            view("on", "Ward 4B", true, false),
+            view("missing", "Ward 4B", false, false),
+            view("home", "Ward 5C", false, false),
+            view("gone", "Ward 4B", false, true),
+            view("churning", "Ward 5C", true, false),
+            view("elsewhere", "Ward 6D", false, false),
+        ];
+        let flagged = HashMap::from([("churning".to_string(), vec!["instance_churn"])]);
+        let counts = Counts::of(&views, &flagged, &online_by_ssid(&views));
+        assert_eq!(
+            counts,
+            Counts {
+                total: 6,
+                online: 2,
+                queued: 12,
+                flagged: 1,
+                // The churning phone and the two offline while their ward has a phone online;
+                // not the revoked one, nor the one on a ward with nobody online.
+                problems: 3,
+            }
+        );
     }
 
     #[test]
@@ -472,7 +635,10 @@ mod tests {
         c.device("a");
         c.device("b");
         let once = c.take().unwrap();
-        assert_eq!((once.ids, once.many, once.overview), (vec!["a".into(), "b".into()], false, false));
+        assert_eq!(
+            (once.ids, once.many, once.overview),
+            (vec!["a".into(), "b".into()], false, false)
+        );
         assert_eq!(c.take(), None, "taken");
         for i in 0..=MAX_CHANGED_IDS {
             c.device(&format!("p{i}"));

@@ -185,6 +185,20 @@ struct DeviceObs {
     touched_ms: i64,
 }
 
+impl DeviceObs {
+    /// Flags raised within `window` of `now`.
+    fn flags(&self, now: i64, window: i64) -> Vec<&'static str> {
+        let mut flags = Vec::new();
+        if self.churn_flag_ms.is_some_and(|t| now - t <= window) {
+            flags.push("instance_churn");
+        }
+        if self.heartbeat_flag_ms.is_some_and(|t| now - t <= window) {
+            flags.push("heartbeat_silent");
+        }
+        flags
+    }
+}
+
 #[derive(Default)]
 struct SiteObs {
     /// Devices whose last session was on this SSID (kept as sessions start, so that a session
@@ -561,13 +575,7 @@ impl Observer {
             return DeviceObservation::default();
         };
         let window = self.window_ms();
-        let mut flags = Vec::new();
-        if d.churn_flag_ms.is_some_and(|t| now - t <= window) {
-            flags.push("instance_churn");
-        }
-        if d.heartbeat_flag_ms.is_some_and(|t| now - t <= window) {
-            flags.push("heartbeat_silent");
-        }
+        let flags = d.flags(now, window);
         let (last_call_path, last_call_state) = d
             .last_call
             .clone()
@@ -582,6 +590,19 @@ impl Observer {
             instance_changes: d.instance_changes.iter().filter(|t| **t > now - window).count() as u32,
             flags,
         }
+    }
+
+    /// The devices with a flag raised and still within its window, with their flags (one pass
+    /// under one lock: the dashboard's counters need them for every device).
+    pub fn flagged_devices(&self, now: i64) -> HashMap<String, Vec<&'static str>> {
+        let st = self.state.lock();
+        let window = self.window_ms();
+        st.devices
+            .iter()
+            .map(|(id, d)| (id, d.flags(now, window)))
+            .filter(|(_, flags)| !flags.is_empty())
+            .map(|(id, flags)| (id.clone(), flags))
+            .collect()
     }
 
     /// A device's recent sessions and deliveries, newest first.
