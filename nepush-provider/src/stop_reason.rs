@@ -1,6 +1,6 @@
 //! `NEProviderStopReason`, mirrored with Apple's raw values, and what each means to the SDK.
 
-use mobile_sdk::core::StopReason;
+use mobile_sdk::core::{HostStop, StopReason};
 
 /// Why iOS stops the provider (`stop(with:completionHandler:)`): every case of Apple's
 /// `NEProviderStopReason`, with its raw value (`NEProvider.h`: `NSInteger`, 0 to 17).
@@ -141,6 +141,16 @@ impl NEProviderStopReason {
 impl From<NEProviderStopReason> for StopReason {
     fn from(r: NEProviderStopReason) -> Self {
         r.sdk_reason()
+    }
+}
+
+/// The SDK's reason, and Apple's case name for the server (its dashboard and metrics).
+impl From<NEProviderStopReason> for HostStop {
+    fn from(r: NEProviderStopReason) -> Self {
+        Self {
+            reason: r.sdk_reason(),
+            provider_reason: r.name(),
+        }
     }
 }
 

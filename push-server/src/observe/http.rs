@@ -190,6 +190,8 @@ impl Dashboard {
             heartbeat_misses: o.heartbeat_misses,
             instance_changes: o.instance_changes,
             flags: o.flags,
+            last_provider_stop_reason: o.last_provider_stop_reason,
+            left_wifi: o.left_wifi,
             groups: r.groups,
             device_id: r.device_id,
         }

@@ -42,6 +42,10 @@ pub struct DeviceRow {
     pub(super) heartbeat_misses: u32,
     pub(super) instance_changes: u32,
     pub(super) flags: Vec<&'static str>,
+    /// Why iOS last stopped its provider (Apple's `NEProviderStopReason` name), if it said.
+    pub(super) last_provider_stop_reason: &'static str,
+    /// Its last session ended because it left the Wi-Fi.
+    pub(super) left_wifi: bool,
     /// The worst problem (see [`problem`]), empty when none.
     pub(super) problem: &'static str,
 }
@@ -408,6 +412,8 @@ mod tests {
             heartbeat_misses: 0,
             instance_changes: 0,
             flags: Vec::new(),
+            last_provider_stop_reason: "",
+            left_wifi: false,
             problem: "",
         }
     }
