@@ -187,6 +187,14 @@ mod tests {
     }
 
     #[test]
+    fn the_goodbye_names_the_case_as_apple_does() {
+        for r in NEProviderStopReason::ALL {
+            let stop = HostStop::from(r);
+            assert_eq!((stop.reason, stop.provider_reason), (r.sdk_reason(), r.name()));
+        }
+    }
+
+    #[test]
     fn maps_onto_sdk_stop_reasons() {
         use NEProviderStopReason as R;
         let expect = [

@@ -167,7 +167,8 @@ function renderSites() {
     el("tr", { class: s.drop_flagged ? "flagged" : "" },
       el("td", {}, s.ssid), el("td", {}, s.online + " / " + s.expected),
       el("td", {}, s.reconnects_per_device.toFixed(2)), el("td", {}, s.heartbeat_misses),
-      el("td", {}, s.duplicate_instances),
+      el("td", {}, s.duplicate_instances), el("td", {}, s.left_wifi),
+      el("td", { class: "ios-stops" }, Object.entries(s.provider_stops).map(([k, n]) => k + " " + n).join(", ") || "–"),
       el("td", {}, s.drop_flagged ? el("span", { class: "flag" }, "site-wide drop") : "ok"))));
   const sel = $("#filter-ssid"), cur = sel.value;
   const ssids = overview.sites.map((s) => s.ssid);
@@ -201,6 +202,12 @@ async function loadDevices() {
 }
 
 const problemNames = { offline_expected: "offline while expected" };
+// The last stop reason, with why iOS stopped the provider when it said, and whether the phone
+// left the Wi-Fi (not a fault) rather than going silent on it.
+function stopReason(d) {
+  return (d.last_stop_reason || "–") + (d.last_provider_stop_reason ? " · iOS: " + d.last_provider_stop_reason : "") +
+    (d.left_wifi ? " · left the Wi-Fi" : "");
+}
 function renderDevices() {
   shown = new Set(page.rows.map((d) => d.device_id));
   $("#devices tbody").replaceChildren(...(page.rows.length ? page.rows.map((d) => {
@@ -215,7 +222,7 @@ function renderDevices() {
       el("td", {}, d.online ? ago(d.session_started_ms) : "–"),
       el("td", {}, d.online ? ago(d.last_heard_ms) + " ago" : "last seen " + ago(d.last_seen_ms) + " ago"),
       el("td", {}, d.sdk_version || "–"),
-      el("td", { class: "reason" }, d.last_stop_reason || "–"),
+      el("td", { class: "reason" }, stopReason(d)),
       el("td", {}, call), el("td", {}, d.queued), el("td", {}, ...marks));
   }) : [none(11, "no device matches")]));
   const last = page.offset + page.rows.length;
@@ -359,14 +366,15 @@ async function loadDetail(id) {
   const facts = [["State", stateOf(d)], ["SSID", d.ssid || "–"], ["Node", d.node], ["Groups", d.groups.join(", ") || "–"],
     ["Session age", d.online ? ago(d.session_started_ms) : "–"], ["Last heard", d.online ? ago(d.last_heard_ms) + " ago" : "–"],
     ["Last seen", time(d.last_seen_ms)], ["SDK", d.sdk_version || "–"], ["Instance", d.instance_id || "–"],
-    ["Last stop reason", d.last_stop_reason || "–"], ["Last call path", d.last_call_path || "–"], ["VoIP token", d.voip_token],
+    ["Last stop reason", stopReason(d)], ["iOS stop reason", d.last_provider_stop_reason || "–"], ["Last call path", d.last_call_path || "–"], ["VoIP token", d.voip_token],
     ["Queued", d.queued], ["Heartbeat misses", d.heartbeat_misses], ["Instance changes (window)", d.instance_changes], ["Flags", d.flags.join(", ") || "none"]];
   $("#detail-facts").replaceChildren(...facts.map(([k, v]) => el("div", {}, el("span", {}, k), String(v))));
   $("#revoke").hidden = !(me && me.role === "admin") || d.revoked;
   $("#detail-sessions tbody").replaceChildren(...r.sessions.map((s) => el("tr", {},
     el("td", {}, s.session_id), el("td", {}, time(s.started_ms)), el("td", {}, s.ended_ms ? time(s.ended_ms) : "live"),
     el("td", {}, dur(s.started_ms, s.ended_ms || Date.now())), el("td", {}, s.ssid), el("td", {}, s.instance_id),
-    el("td", {}, s.sdk_version), el("td", {}, s.reason || "–"))));
+    el("td", {}, s.sdk_version), el("td", {}, s.reason || "–"),
+    el("td", { class: "ios" }, s.provider_stop_reason || "–"), el("td", {}, s.left_wifi ? "left the Wi-Fi" : ""))));
   $("#detail-deliveries tbody").replaceChildren(...r.deliveries.map((x) => el("tr", {},
     el("td", {}, time(x.at_ms)), el("td", {}, x.id), el("td", {}, x.kind), el("td", {}, x.state), el("td", {}, x.path || "–"),
     el("td", {}, x.latency_ms == null ? "–" : x.latency_ms + " ms"), el("td", {}, x.reason || ""))));
