@@ -15,11 +15,38 @@ use mobile_sdk::{
 };
 use push_proto::{
     device::{CancelReason, GoodbyeReason},
-    sender::{ListDevicesRequest, RevokeDeviceRequest, VoipTokenState, WatchPresenceRequest},
+    sender::{ListDevicesRequest, PresenceEvent, RevokeDeviceRequest, VoipTokenState, WatchPresenceRequest},
 };
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 
 server_process_entry!();
+
+/// Watch presence from now on; the future ends with the event saying `device` went offline.
+async fn offline_presence(
+    api: &push_server::api_client::ApiClient,
+    device: &str,
+) -> impl Future<Output = PresenceEvent> {
+    let mut presence = api
+        .sender()
+        .watch_presence(WatchPresenceRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let device = device.to_string();
+    async move {
+        let offline = async {
+            loop {
+                let e = presence.message().await.unwrap().expect("presence stream");
+                if e.device_id == device && !e.online {
+                    return e;
+                }
+            }
+        };
+        tokio::time::timeout(STEP, offline)
+            .await
+            .expect("offline presence")
+    }
+}
 
 fn registry() -> Registry {
     Registry::new(tokio::runtime::Handle::current())
@@ -430,12 +457,7 @@ async fn start_and_stop_are_idempotent_and_stop_says_goodbye() {
     client.start().await.unwrap();
     events.connected().await;
     assert_eq!(reg.counters().tasks, 1);
-    let mut presence = api
-        .sender()
-        .watch_presence(WatchPresenceRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let offline = offline_presence(&api, "dev-i").await;
     client.stop(StopReason::HostRequested).await;
     assert!(reg.counters().is_quiet(), "{:?}", reg.counters());
     client.stop(StopReason::HostRequested).await;
@@ -443,16 +465,7 @@ async fn start_and_stop_are_idempotent_and_stop_says_goodbye() {
         client.state(),
         State::Stopped(StopCause::Host(StopReason::HostRequested))
     );
-    let offline = tokio::time::timeout(STEP, async {
-        loop {
-            let e = presence.message().await.unwrap().expect("presence stream");
-            if e.device_id == "dev-i" && !e.online {
-                return e;
-            }
-        }
-    })
-    .await
-    .expect("offline presence");
+    let offline = offline.await;
     assert!(offline.reason.contains("CLIENT_STOPPING"), "{}", offline.reason);
     // And it starts again.
     client.start().await.unwrap();
@@ -477,28 +490,14 @@ async fn why_ios_stopped_the_provider_reaches_the_dashboard_and_metrics() {
     let client = reg.client(config, handler).unwrap();
     client.start().await.unwrap();
     events.connected().await;
-    let mut presence = api
-        .sender()
-        .watch_presence(WatchPresenceRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let offline = offline_presence(&api, "dev-ios").await;
     client
         .stop(HostStop {
             reason: StopReason::NoNetwork,
             provider_reason: "noNetworkAvailable",
         })
         .await;
-    let offline = tokio::time::timeout(STEP, async {
-        loop {
-            let e = presence.message().await.unwrap().expect("presence stream");
-            if e.device_id == "dev-ios" && !e.online {
-                return e;
-            }
-        }
-    })
-    .await
-    .expect("offline presence");
+    let offline = offline.await;
     assert!(
         offline.reason.contains("(iOS: noNetworkAvailable)"),
         "{}",

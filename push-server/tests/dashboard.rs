@@ -442,13 +442,25 @@ async fn log_in(c: &Client, h: &Harness) -> String {
         .send_keys(&h.admin_key())
         .await
         .unwrap();
-    c.find(Locator::Css("#login-form button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "#login-form button").await;
     base
+}
+
+/// Click the element `css` selects.
+async fn click(c: &Client, css: &str) {
+    c.find(Locator::Css(css)).await.unwrap().click().await.unwrap();
+}
+
+/// Set the input `css` selects to `value`, as typing it does.
+async fn set_input(c: &Client, css: &str, value: &str) {
+    let script = "const e = document.querySelector(arguments[0]); e.value = arguments[1]; e.dispatchEvent(new Event('input'));";
+    c.execute(script, vec![json!(css), json!(value)]).await.unwrap();
+}
+
+/// Wait until the device table's first row is `device`.
+async fn wait_first_row(c: &Client, what: &str, device: &str) {
+    let script = format!("document.querySelector('#devices tbody tr')?.dataset.device === '{device}'");
+    wait_until(c, what, &script).await;
 }
 
 fn row_state(device: &str, state: &str) -> String {
@@ -733,15 +745,7 @@ async fn connect_all(h: &Harness, ids: &[usize]) -> Vec<tokio::task::JoinHandle<
 
 /// Follow a push's receipts until `acked` devices acknowledged it and `expired` saw it expire.
 async fn await_outcomes(h: &Harness, id: &str, acked: usize, expired: usize) {
-    use push_proto::sender::GetMessageStatusRequest;
-    let mut stream = h
-        .sender()
-        .watch_message(GetMessageStatusRequest {
-            message_id: id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = h.watch(id).await;
     let mut states = std::collections::HashMap::new();
     tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(u) = stream.message().await.unwrap() {
@@ -813,18 +817,10 @@ async fn shown_rows(c: &Client) -> Vec<String> {
 /// `cargo test -p push-server --test dashboard dashboard_at_10000_devices -- --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_at_10000_devices() {
-    let open = push_server::config::HandshakeLimits {
-        in_progress: 10_000,
-        in_progress_per_ip: 10_000,
-        per_sec: 100_000,
-        burst: 100_000,
-        per_sec_per_ip: 100_000,
-        burst_per_ip: 100_000,
-    };
     let h = Harness::start_with(|cfg| {
         preload_devices(&cfg.data_dir);
-        cfg.limits.device_handshakes = open;
-        cfg.limits.http_handshakes = open;
+        cfg.limits.device_handshakes = OPEN_HANDSHAKES;
+        cfg.limits.http_handshakes = OPEN_HANDSHAKES;
         cfg.limits.diag_instance_churn_max = 2;
     })
     .await;
@@ -901,12 +897,7 @@ async fn dashboard_at_10000_devices() {
     .await;
 
     // Online first: the rows that the ward's events change are on screen.
-    c.find(Locator::Css("#devices th[data-sort='state']"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "#devices th[data-sort='state']").await;
     wait_until(
         c,
         "online devices first",
@@ -1009,13 +1000,8 @@ async fn dashboard_at_10000_devices() {
     .await;
 
     // Filters and the problems first, from the server's filtering and sorting.
-    c.execute(
-        "const s = document.querySelector('#search'); s.value = ''; s.dispatchEvent(new Event('input'));",
-        vec![],
-    )
-    .await
-    .unwrap();
-    c.execute("const f = document.querySelector('#filter-state'); f.value = 'online'; f.dispatchEvent(new Event('input'));", vec![]).await.unwrap();
+    set_input(c, "#search", "").await;
+    set_input(c, "#filter-state", "online").await;
     wait_until(
         c,
         "only the online devices",
@@ -1024,22 +1010,9 @@ async fn dashboard_at_10000_devices() {
         ),
     )
     .await;
-    c.execute("const f = document.querySelector('#filter-state'); f.value = ''; f.dispatchEvent(new Event('input'));", vec![]).await.unwrap();
-    c.find(Locator::Css("#problems-first"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    wait_until(
-        c,
-        "the churning phone first",
-        &format!(
-            "document.querySelector('#devices tbody tr')?.dataset.device === '{}'",
-            bench_id(CHURNING)
-        ),
-    )
-    .await;
+    set_input(c, "#filter-state", "").await;
+    click(c, "#problems-first").await;
+    wait_first_row(c, "the churning phone first", &bench_id(CHURNING)).await;
     let rows = shown_rows(c).await;
     assert_eq!(rows[0], format!("{} online instance_churn", bench_id(CHURNING)));
     // Then the phones offline while their SSID has phones online (every ward's now), by id.
@@ -1057,46 +1030,16 @@ async fn dashboard_at_10000_devices() {
     );
 
     // Paging, and the device page over the list: closing it leaves the list where it was.
-    c.find(Locator::Css("#devices th[data-sort='device']"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    wait_until(
-        c,
-        "sorted by device",
-        "document.querySelector('#devices tbody tr')?.dataset.device === 'dev-00000'",
-    )
-    .await;
-    c.find(Locator::Css("#page-next"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    wait_until(
-        c,
-        "the second page",
-        "document.querySelector('#devices tbody tr')?.dataset.device === 'dev-00050'",
-    )
-    .await;
-    c.find(Locator::Css("tr[data-device='dev-00060'] a"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "#devices th[data-sort='device']").await;
+    wait_first_row(c, "sorted by device", "dev-00000").await;
+    click(c, "#page-next").await;
+    wait_first_row(c, "the second page", "dev-00050").await;
+    click(c, "tr[data-device='dev-00060'] a").await;
     wait_until(c, "the device page", "!document.querySelector('#detail').hidden && document.querySelector('#detail-id').innerText === 'dev-00060'").await;
     c.execute("window.lpushScroll = window.scrollY;", vec![])
         .await
         .unwrap();
-    c.find(Locator::Css("#detail-close"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "#detail-close").await;
     wait_until(c, "the list where it was", "document.querySelector('#detail').hidden && !document.querySelector('#list').hidden && document.querySelector('#devices tbody tr')?.dataset.device === 'dev-00050' && window.scrollY === window.lpushScroll && window.lpushScroll > 0").await;
 
     for phone in phones {
