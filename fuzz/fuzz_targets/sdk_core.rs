@@ -198,6 +198,7 @@ fuzz_target!(|data: &[u8]| {
             tag::GOODBYE => c.server(server_frame::Kind::Goodbye(Goodbye {
                 reason: s.u32() as i32,
                 detail: "bye".into(),
+                ..Default::default()
             })),
             tag::EMPTY_FRAME => c.s.handle_bytes(c.now, &[0, 0, 0, 0]),
             tag::DELIVERED => {

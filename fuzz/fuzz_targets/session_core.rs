@@ -150,6 +150,7 @@ fuzz_target!(|data: &[u8]| {
             tag::CLIENT_GOODBYE => c.frame(client_frame::Kind::Goodbye(Goodbye {
                 reason: s.u32() as i32,
                 detail: String::new(),
+                provider_stop_reason: ["", "noNetworkAvailable", "junk"][s.u32() as usize % 3].into(),
             })),
             tag::EMPTY_FRAME => c.session.handle_frame(c.now, ClientFrame { kind: None }),
             tag::ACCEPT => c.session.accept(

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     clock::SessionClock,
     core::{
-        Event, LastSeen, NetworkEvent, OutcomeReport, PendingOutcomes, Session, State, StopReason,
+        Event, HostStop, LastSeen, NetworkEvent, OutcomeReport, PendingOutcomes, Session, State, StopReason,
         TransportCommand,
     },
     counters::{Counters, Guard, Resource},
@@ -214,7 +214,7 @@ pub(crate) struct Driver {
     pub(crate) shared: Arc<Shared>,
     pub(crate) inputs: mpsc::Receiver<Input>,
     pub(crate) cancel: CancellationToken,
-    pub(crate) stop_reason: Arc<Mutex<Option<StopReason>>>,
+    pub(crate) stop_reason: Arc<Mutex<Option<HostStop>>>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) clock: SessionClock,
 }
@@ -301,7 +301,7 @@ impl Driver {
                         .stop_reason
                         .lock()
                         .expect("poisoned")
-                        .unwrap_or(StopReason::Other);
+                        .unwrap_or(StopReason::Other.into());
                     self.session.handle_stop(self.clock.now(), reason);
                 }
                 Wake::Input(Some(Input::Network(event))) => {

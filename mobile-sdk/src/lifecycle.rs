@@ -27,7 +27,8 @@ use crate::{
     clock::Clock,
     config::{ClientConfig, ConfigError},
     core::{
-        self, CallOutcome, InvalidReport, LastSeen, NetworkEvent, OutcomeReport, Session, State, StopReason,
+        self, CallOutcome, HostStop, InvalidReport, LastSeen, NetworkEvent, OutcomeReport, Session, State,
+        StopReason,
     },
     counters::{Counters, Guard, Resource, Snapshot},
     driver::{Driver, DriverStats, EventHandler, Input, Shared, Transport},
@@ -78,7 +79,7 @@ struct Slot {
 /// A running session task, as seen from outside.
 struct Running {
     cancel: CancellationToken,
-    reason: Arc<Mutex<Option<StopReason>>>,
+    reason: Arc<Mutex<Option<HostStop>>>,
     inputs: mpsc::Sender<Input>,
     finished: watch::Receiver<bool>,
     abort: AbortHandle,
@@ -95,7 +96,7 @@ impl Running {
     }
 
     /// Stop gracefully; abort only if the task does not finish within the grace period.
-    async fn stop(&self, reason: StopReason) {
+    async fn stop(&self, reason: HostStop) {
         self.reason.lock().expect("poisoned").get_or_insert(reason);
         self.cancel.cancel();
         if tokio::time::timeout(STOP_GRACE, self.wait_finished())
@@ -325,7 +326,7 @@ impl Drop for ClientInner {
             run.reason
                 .lock()
                 .expect("poisoned")
-                .get_or_insert(StopReason::HostRequested);
+                .get_or_insert(StopReason::HostRequested.into());
             run.cancel.cancel();
         }
     }
@@ -341,10 +342,10 @@ impl Client {
             .unwrap_or(Err(StartError::RuntimeGone))
     }
 
-    /// Stop: say goodbye, close the connection, end the task. Returns once all of it is
-    /// released. Does nothing if not running.
-    pub async fn stop(&self, reason: StopReason) {
-        let inner = self.inner.clone();
+    /// Stop: say goodbye (with the host's reason, see [`HostStop`]), close the connection, end
+    /// the task. Returns once all of it is released. Does nothing if not running.
+    pub async fn stop(&self, reason: impl Into<HostStop>) {
+        let (inner, reason) = (self.inner.clone(), reason.into());
         // Only fails if the runtime itself is gone, and with it every task.
         let _ = self.on_runtime(async move { inner.stop(reason).await }).await;
     }
@@ -448,7 +449,7 @@ impl ClientInner {
         let registry = &self.registry;
         if let Some(older) = registry.claim(&self.config.device_id, self.generation)? {
             tracing::info!(device = %self.config.device_id, "a newer instance supersedes the running session");
-            older.stop(StopReason::Superseded).await;
+            older.stop(StopReason::Superseded.into()).await;
         }
         let taken = registry.inner.taken.lock().expect("poisoned");
         if let Some(seen) = taken.get(&self.config.device_id) {
@@ -460,7 +461,7 @@ impl ClientInner {
         Ok(())
     }
 
-    async fn stop(&self, reason: StopReason) {
+    async fn stop(&self, reason: HostStop) {
         let _op = self.ops.lock().await;
         let run = self.run.lock().expect("poisoned").take();
         if let Some(run) = run {

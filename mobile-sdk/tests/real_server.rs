@@ -9,17 +9,44 @@ use common::{ChildServer, Heartbeat, InProcServer, Recorder, STEP, ServerInfo};
 use mobile_sdk::{
     Registry, StartError, Trust,
     core::{
-        CallOutcome, CallOutcomeResult, Disconnect, Event, InvalidReport, LastSeen, OutcomeReply, State,
-        StopCause, StopReason,
+        CallOutcome, CallOutcomeResult, Disconnect, Event, HostStop, InvalidReport, LastSeen, OutcomeReply,
+        State, StopCause, StopReason,
     },
 };
 use push_proto::{
     device::{CancelReason, GoodbyeReason},
-    sender::{ListDevicesRequest, RevokeDeviceRequest, VoipTokenState, WatchPresenceRequest},
+    sender::{ListDevicesRequest, PresenceEvent, RevokeDeviceRequest, VoipTokenState, WatchPresenceRequest},
 };
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 
 server_process_entry!();
+
+/// Watch presence from now on; the future ends with the event saying `device` went offline.
+async fn offline_presence(
+    api: &push_server::api_client::ApiClient,
+    device: &str,
+) -> impl Future<Output = PresenceEvent> {
+    let mut presence = api
+        .sender()
+        .watch_presence(WatchPresenceRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let device = device.to_string();
+    async move {
+        let offline = async {
+            loop {
+                let e = presence.message().await.unwrap().expect("presence stream");
+                if e.device_id == device && !e.online {
+                    return e;
+                }
+            }
+        };
+        tokio::time::timeout(STEP, offline)
+            .await
+            .expect("offline presence")
+    }
+}
 
 fn registry() -> Registry {
     Registry::new(tokio::runtime::Handle::current())
@@ -430,12 +457,7 @@ async fn start_and_stop_are_idempotent_and_stop_says_goodbye() {
     client.start().await.unwrap();
     events.connected().await;
     assert_eq!(reg.counters().tasks, 1);
-    let mut presence = api
-        .sender()
-        .watch_presence(WatchPresenceRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let offline = offline_presence(&api, "dev-i").await;
     client.stop(StopReason::HostRequested).await;
     assert!(reg.counters().is_quiet(), "{:?}", reg.counters());
     client.stop(StopReason::HostRequested).await;
@@ -443,21 +465,82 @@ async fn start_and_stop_are_idempotent_and_stop_says_goodbye() {
         client.state(),
         State::Stopped(StopCause::Host(StopReason::HostRequested))
     );
-    let offline = tokio::time::timeout(STEP, async {
-        loop {
-            let e = presence.message().await.unwrap().expect("presence stream");
-            if e.device_id == "dev-i" && !e.online {
-                return e;
-            }
-        }
-    })
-    .await
-    .expect("offline presence");
+    let offline = offline.await;
     assert!(offline.reason.contains("CLIENT_STOPPING"), "{}", offline.reason);
     // And it starts again.
     client.start().await.unwrap();
     events.connected().await;
     client.stop(StopReason::HostRequested).await;
+}
+
+/// iOS stops the provider because the phone left the Wi-Fi: the goodbye carries Apple's name,
+/// and the server shows it per session, per device and per site, counts it in its metrics, and
+/// does not take the phone for one gone silent on the SSID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn why_ios_stopped_the_provider_reaches_the_dashboard_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let info = &server.info;
+    let api = info.api().await;
+    let credential = info.issue("dev-ios").await;
+    let reg = registry();
+    let (handler, mut events) = Recorder::new();
+    let mut config = info.client_config("dev-ios", &credential);
+    config.ssid = "Ward 4B".into();
+    let client = reg.client(config, handler).unwrap();
+    client.start().await.unwrap();
+    events.connected().await;
+    let offline = offline_presence(&api, "dev-ios").await;
+    client
+        .stop(HostStop {
+            reason: StopReason::NoNetwork,
+            provider_reason: "noNetworkAvailable",
+        })
+        .await;
+    let offline = offline.await;
+    assert!(
+        offline.reason.contains("(iOS: noNetworkAvailable)"),
+        "{}",
+        offline.reason
+    );
+
+    let (status, body) = server.dashboard_get("/api/devices/dev-ios").await;
+    assert_eq!(status, 200, "{body}");
+    let detail: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let (device, session) = (&detail["device"], &detail["sessions"][0]);
+    assert_eq!(
+        device["last_provider_stop_reason"], "noNetworkAvailable",
+        "{detail}"
+    );
+    assert_eq!(
+        (&device["left_wifi"], &device["flags"]),
+        (&serde_json::json!(true), &serde_json::json!([]))
+    );
+    assert_eq!(session["provider_stop_reason"], "noNetworkAvailable", "{detail}");
+    let (_, body) = server.dashboard_get("/api/overview").await;
+    let overview: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let site = &overview["sites"][0];
+    assert_eq!(
+        (&site["ssid"], &site["left_wifi"], &site["provider_stops"]),
+        (
+            &serde_json::json!("Ward 4B"),
+            &serde_json::json!(1),
+            &serde_json::json!({"noNetworkAvailable": 1})
+        ),
+        "{overview}"
+    );
+    let (status, metrics) = server.dashboard_get("/metrics").await;
+    assert_eq!(status, 200, "{metrics}");
+    // Counted (at least once: the recorder is the process's, shared with the other tests).
+    for name in [
+        "lpush_provider_stops_total{reason=\"noNetworkAvailable\"}",
+        "lpush_sessions_left_wifi_total",
+    ] {
+        let count = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok());
+        assert!(count >= Some(1), "no `{name}` in:\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

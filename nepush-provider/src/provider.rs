@@ -182,7 +182,7 @@ impl Provider {
     /// handler. Idempotent.
     pub async fn stop(&self, reason: NEProviderStopReason) {
         tracing::info!(device = %self.configuration.device_id, %reason, "provider stopped by the system");
-        self.client.stop(reason.into()).await
+        self.client.stop(reason).await
     }
 
     /// [`Provider::stop`] with Swift's `NEProviderStopReason.rawValue`; a value this build does

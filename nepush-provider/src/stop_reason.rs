@@ -1,6 +1,6 @@
 //! `NEProviderStopReason`, mirrored with Apple's raw values, and what each means to the SDK.
 
-use mobile_sdk::core::StopReason;
+use mobile_sdk::core::{HostStop, StopReason};
 
 /// Why iOS stops the provider (`stop(with:completionHandler:)`): every case of Apple's
 /// `NEProviderStopReason`, with its raw value (`NEProvider.h`: `NSInteger`, 0 to 17).
@@ -144,6 +144,16 @@ impl From<NEProviderStopReason> for StopReason {
     }
 }
 
+/// The SDK's reason, and Apple's case name for the server (its dashboard and metrics).
+impl From<NEProviderStopReason> for HostStop {
+    fn from(r: NEProviderStopReason) -> Self {
+        Self {
+            reason: r.sdk_reason(),
+            provider_reason: r.name(),
+        }
+    }
+}
+
 impl std::fmt::Display for NEProviderStopReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -174,6 +184,14 @@ mod tests {
             None,
             "Apple's spelling"
         );
+    }
+
+    #[test]
+    fn the_goodbye_names_the_case_as_apple_does() {
+        for r in NEProviderStopReason::ALL {
+            let stop = HostStop::from(r);
+            assert_eq!((stop.reason, stop.provider_reason), (r.sdk_reason(), r.name()));
+        }
     }
 
     #[test]

@@ -199,10 +199,17 @@ impl DeviceClient {
     }
 
     /// Say goodbye and close.
-    pub async fn close(mut self) -> Result<(), ClientError> {
+    pub async fn close(self) -> Result<(), ClientError> {
+        self.stopped_by_ios("").await
+    }
+
+    /// Say goodbye as an iOS provider that `provider_stop_reason` stopped (Apple's
+    /// `NEProviderStopReason` case name), and close.
+    pub async fn stopped_by_ios(mut self, provider_stop_reason: &str) -> Result<(), ClientError> {
         let bye = Goodbye {
             reason: GoodbyeReason::ClientStopping as i32,
-            detail: String::new(),
+            provider_stop_reason: provider_stop_reason.into(),
+            ..Default::default()
         };
         self.send(client_frame::Kind::Goodbye(bye)).await?;
         self.tls.shutdown().await?;

@@ -10,7 +10,7 @@ mod common;
 
 use std::{net::SocketAddr, sync::Arc};
 
-use common::{Harness, WAIT, next, to, within};
+use common::{Harness, OPEN_HANDSHAKES, WAIT, next, to, within};
 use push_proto::{
     device::{GoodbyeReason, Hello, NetworkChange, client_frame},
     sender::{
@@ -28,16 +28,6 @@ use tokio::{
     net::{TcpSocket, TcpStream},
 };
 use tokio_rustls::{TlsConnector, client::TlsStream};
-
-/// Limits that never refuse (so a test configures only the one it exercises).
-const OPEN: HandshakeLimits = HandshakeLimits {
-    in_progress: 10_000,
-    in_progress_per_ip: 10_000,
-    per_sec: 100_000,
-    burst: 100_000,
-    per_sec_per_ip: 100_000,
-    burst_per_ip: 100_000,
-};
 
 /// A TCP connection to `addr` from the loopback address `src`.
 async fn tcp_from(src: &str, addr: SocketAddr) -> TcpStream {
@@ -113,7 +103,7 @@ async fn device_listener_refuses_an_address_over_its_handshake_limits() {
             in_progress_per_ip: 2,
             per_sec_per_ip: 1,
             burst_per_ip: 3,
-            ..OPEN
+            ..OPEN_HANDSHAKES
         }
     })
     .await;
@@ -160,12 +150,12 @@ async fn api_and_dashboard_listeners_have_handshake_limits_too() {
     let h = Harness::start_with(|c| {
         c.limits.api_handshakes = HandshakeLimits {
             in_progress: 2,
-            ..OPEN
+            ..OPEN_HANDSHAKES
         };
         c.limits.http_handshakes = HandshakeLimits {
             per_sec: 1,
             burst: 2,
-            ..OPEN
+            ..OPEN_HANDSHAKES
         };
     })
     .await;

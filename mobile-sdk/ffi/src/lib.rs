@@ -86,7 +86,7 @@ impl PushClient {
     /// Say goodbye, close, and release everything; returns when all of it is released.
     /// Idempotent.
     pub async fn stop(&self, reason: StopReason) {
-        self.inner.stop(reason.into()).await
+        self.inner.stop(mobile_sdk::core::StopReason::from(reason)).await
     }
 
     /// Report a network change (`NWPathMonitor`, SSID changes).

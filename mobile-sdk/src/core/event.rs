@@ -139,6 +139,26 @@ pub enum StopReason {
     Other,
 }
 
+/// A stop as the host reports it: what the SDK makes of it, and the host's own name for it,
+/// which the goodbye carries to the server (from an iOS provider: Apple's
+/// `NEProviderStopReason` case name, such as `noNetworkAvailable`; empty from other hosts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostStop {
+    /// What the SDK makes of it.
+    pub reason: StopReason,
+    /// The host's name for it (empty: none).
+    pub provider_reason: &'static str,
+}
+
+impl From<StopReason> for HostStop {
+    fn from(reason: StopReason) -> Self {
+        Self {
+            reason,
+            provider_reason: "",
+        }
+    }
+}
+
 impl StopReason {
     /// Text for the goodbye's detail (logs on the server).
     pub fn as_str(self) -> &'static str {

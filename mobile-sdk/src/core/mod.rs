@@ -22,8 +22,8 @@ pub mod session;
 
 pub use backoff::{Backoff, BackoffConfig};
 pub use event::{
-    CallCancelPush, CallInvitePush, Disconnect, Event, LastSeen, MessagePush, OutcomeReply, State, StopCause,
-    StopReason,
+    CallCancelPush, CallInvitePush, Disconnect, Event, HostStop, LastSeen, MessagePush, OutcomeReply, State,
+    StopCause, StopReason,
 };
 pub use outcomes::{InvalidReport, OutcomeReport, PendingOutcomes};
 pub use session::{Config, NetworkEvent, Session, Timing, TransportCommand};

@@ -16,8 +16,8 @@ use super::{
     backoff::{Backoff, BackoffConfig},
     dedup::Dedup,
     event::{
-        CallCancelPush, CallInvitePush, Disconnect, Event, LastSeen, MessagePush, OutcomeReply, State,
-        StopCause, StopReason,
+        CallCancelPush, CallInvitePush, Disconnect, Event, HostStop, LastSeen, MessagePush, OutcomeReply,
+        State, StopCause,
     },
     ledger::Ledger,
     outcomes::{self, Inserted, InvalidReport, OutcomeReport, PendingOutcomes},
@@ -326,7 +326,11 @@ impl Session {
     }
 
     /// Stop: say goodbye if connected, close, and stay stopped until started again.
-    pub fn handle_stop(&mut self, now: Instant, reason: StopReason) {
+    pub fn handle_stop(&mut self, now: Instant, stop: impl Into<HostStop>) {
+        let HostStop {
+            reason,
+            provider_reason,
+        } = stop.into();
         self.clock(now);
         match self.phase {
             Phase::Idle | Phase::Stopped => return,
@@ -336,6 +340,7 @@ impl Session {
                 self.encode(client_frame::Kind::Goodbye(Goodbye {
                     reason: GoodbyeReason::ClientStopping as i32,
                     detail: reason.as_str().into(),
+                    provider_stop_reason: provider_reason.into(),
                 }));
                 self.commands.push_back(TransportCommand::Close);
             }
@@ -636,6 +641,7 @@ impl Session {
             self.encode(client_frame::Kind::Goodbye(Goodbye {
                 reason: reason as i32,
                 detail,
+                ..Default::default()
             }));
         }
         self.commands.push_back(TransportCommand::Close);

@@ -252,6 +252,37 @@ impl InProcServer {
         }
     }
 
+    /// `GET path` on the dashboard listener with the admin key as a bearer token (HTTP/1.1 over
+    /// TLS, trusting the server's CA); the status and the body.
+    pub async fn dashboard_get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.server.as_ref().expect("running").http_addr;
+        let mut tls = push_server::pki::client_config(&self.info.ca_pem()).expect("CA");
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("dashboard listener");
+        let name = rustls::pki_types::ServerName::try_from(SERVER_NAME).unwrap();
+        let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(name, tcp)
+            .await
+            .expect("TLS");
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nhost: {SERVER_NAME}\r\nauthorization: Bearer {}\r\nconnection: close\r\n\r\n",
+            self.info.admin_key()
+        );
+        stream.write_all(request.as_bytes()).await.expect("request");
+        let mut raw = Vec::new();
+        // The server may close without close_notify: keep what was read.
+        let _ = tokio::time::timeout(STEP, stream.read_to_end(&mut raw)).await;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+        (
+            head.split_whitespace().nth(1).unwrap().parse().unwrap(),
+            body.to_string(),
+        )
+    }
+
     /// Graceful shutdown: goodbye SERVER_SHUTDOWN to every device, store flushed.
     pub async fn shutdown(&mut self) {
         if let Some(server) = self.server.take() {

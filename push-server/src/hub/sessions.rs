@@ -177,7 +177,8 @@ impl Hub {
     /// The device reports a new SSID mid-session.
     pub fn network_changed(&self, device_id: &str, session_id: u64, ssid: &str) {
         self.with_device(device_id, Some(session_id), |core, fx, cx| {
-            core.network_changed(fx, cx, ssid)
+            core.network_changed(fx, cx, ssid);
+            self.0.observer.network_changed(device_id);
         });
     }
 

@@ -8,8 +8,11 @@
 //!   `x-lpush-csrf: 1` header (a cross-site form cannot set it; SameSite=Strict already keeps
 //!   the cookie off cross-site requests).
 //! - API clients and Prometheus may send `Authorization: Bearer <api key>` instead of a cookie.
+//! - The device table comes a page at a time (`GET /api/devices`, filtered, searched and sorted
+//!   here, see [`listing`]); JSON is gzip-compressed for clients that accept it.
 //! - Live updates: Server-Sent Events fed by the hub's presence and receipt broadcasts and the
-//!   observer's diagnoses.
+//!   observer's diagnoses, batched every [`CHANGES_EVERY`] into one `changed` event naming the
+//!   devices that changed (the page refetches its visible rows when they concern it).
 //! - `POST /v1/enroll` (Bearer key with the `enroll` or `admin` scope, JSON body
 //!   `{"deviceId", "groups", "validDays"}`): the enrollment as an XML property list, for
 //!   container apps that speak HTTPS but not gRPC (see [`crate::enrollment`]).
@@ -34,7 +37,7 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{ConnectInfo, Path, State},
+    extract::{ConnectInfo, Path, Query, State, rejection::QueryRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response, Sse, sse::Event, sse::KeepAlive},
     routing::{get, post},
@@ -50,10 +53,12 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tower_http::compression::CompressionLayer;
 
 use super::{
     DeliveryRecord, Diagnosis, SessionRecord, SiteHealth,
     calls::{CallView, DeviceCall, call_view, device_call},
+    listing::{self, Changes, Counts, DevicePage, DeviceRow, ListQuery},
     metrics,
 };
 use crate::{
@@ -62,6 +67,7 @@ use crate::{
     hub::{DeviceView, Hub, now_ms},
     keys::{Holder, KeyError, Keys},
     listener::tls_incoming,
+    store::StoreError,
 };
 
 const INDEX: &str = include_str!("assets/index.html");
@@ -105,39 +111,14 @@ pub struct Dashboard {
     streams: AtomicUsize,
 }
 
-/// One row of the device table.
-#[derive(Debug, Clone, Serialize)]
-pub struct DeviceRow {
-    device_id: String,
-    groups: Vec<String>,
-    online: bool,
-    revoked: bool,
-    ssid: String,
-    node: String,
-    session_started_ms: Option<i64>,
-    last_seen_ms: i64,
-    last_heard_ms: i64,
-    sdk_version: String,
-    instance_id: String,
-    last_stop_reason: String,
-    last_call_path: String,
-    last_call_state: String,
-    queued: usize,
-    voip_token: &'static str,
-    heartbeat_misses: u32,
-    instance_changes: u32,
-    /// The CA generation its enrollment pinned (with the next one).
-    ca_generation: u32,
-    flags: Vec<&'static str>,
-}
-
 #[derive(Serialize)]
 struct Overview {
     node: String,
     /// Cluster mode: Redis and the nodes, as this node last saw them.
     cluster: Option<crate::hub::ClusterHealth>,
     now_ms: i64,
-    devices: Vec<DeviceRow>,
+    /// Totals over every device (the rows come a page at a time from `/api/devices`).
+    counts: Counts,
     sites: Vec<SiteHealth>,
     diagnoses: Vec<Diagnosis>,
     /// `[unix ms, devices online]`.
@@ -180,23 +161,22 @@ struct Me {
 type Shared = Arc<Dashboard>;
 
 impl Dashboard {
-    fn row(&self, v: DeviceView, now: i64) -> DeviceRow {
+    /// The row of `v`; `online_by_ssid` says which sites are up (for its problem).
+    fn row(&self, v: DeviceView, now: i64, online_by_ssid: &HashMap<String, usize>) -> DeviceRow {
         let mut o = self.hub.observer().device(&v.record.device_id, now);
+        let node = self.node_of(&v).to_string();
         let r = v.record;
         // Enrolled before the previous CA rotation: it pins neither key the server presents.
         if r.ca_generation.saturating_add(1) < self.hub.ca_generation() {
             o.flags.push("needs_re-enrollment");
         }
+        let site_up = listing::site_up(online_by_ssid, &r.last_ssid);
         DeviceRow {
+            problem: listing::problem(&o.flags, v.online, r.revoked, site_up),
             online: v.online,
             revoked: r.revoked,
             ssid: r.last_ssid,
-            // Cluster mode: the node holding the phone (none when offline).
-            node: match &v.node {
-                Some(n) => n.clone(),
-                None if self.hub.is_clustered() => String::new(),
-                None => self.node.clone(),
-            },
+            node,
             session_started_ms: v.session_started_ms,
             last_seen_ms: r.last_seen_ms,
             last_heard_ms: if v.online { o.last_heard_ms } else { 0 },
@@ -215,18 +195,58 @@ impl Dashboard {
             instance_changes: o.instance_changes,
             ca_generation: r.ca_generation,
             flags: o.flags,
+            last_provider_stop_reason: o.last_provider_stop_reason,
+            left_wifi: o.left_wifi,
             groups: r.groups,
             device_id: r.device_id,
         }
     }
 
-    async fn device_row(&self, id: &str) -> Option<DeviceRow> {
-        let view = self.hub.device_view(id).await?;
-        Some(self.row(view, now_ms()))
+    /// The node shown for a device: cluster mode, the node holding it (none when offline).
+    fn node_of<'a>(&'a self, v: &'a DeviceView) -> &'a str {
+        match &v.node {
+            Some(n) => n,
+            None if self.hub.is_clustered() => "",
+            None => &self.node,
+        }
+    }
+
+    /// The page of the device table `query` asks for.
+    async fn page(&self, query: &ListQuery, now: i64) -> Result<DevicePage, StoreError> {
+        let (views, counts, online_by_ssid) = self.devices(now).await?;
+        let (needle, mut buf) = (query.needle(), String::new());
+        let rows = views
+            .into_iter()
+            .filter(|v| query.finds(&needle, v, self.node_of(v), &mut buf))
+            .map(|v| self.row(v, now, &online_by_ssid))
+            .collect();
+        Ok(listing::page(rows, counts, query, now))
+    }
+
+    /// Every device, the totals over them, and the devices online per SSID.
+    async fn devices(
+        &self,
+        now: i64,
+    ) -> Result<(Vec<DeviceView>, Counts, HashMap<String, usize>), StoreError> {
+        let views = self.hub.list_devices(None, false).await?;
+        let online_by_ssid = listing::online_by_ssid(&views);
+        let flagged = self.hub.observer().flagged_devices(now);
+        let counts = Counts::of(&views, &flagged, &online_by_ssid);
+        Ok((views, counts, online_by_ssid))
+    }
+
+    async fn device_row(&self, id: &str) -> Result<Option<DeviceRow>, StoreError> {
+        let now = now_ms();
+        let online_by_ssid = listing::online_by_ssid(&self.hub.list_devices(None, true).await?);
+        Ok(self
+            .hub
+            .device_view(id)
+            .await
+            .map(|view| self.row(view, now, &online_by_ssid)))
     }
 
     /// The views of the calls the hub remembers, newest first, at most `max`.
-    async fn calls(&self, max: usize) -> Result<Vec<CallView>, crate::store::StoreError> {
+    async fn calls(&self, max: usize) -> Result<Vec<CallView>, StoreError> {
         let records = self.hub.recent_calls(max);
         // Concurrently: each read waits for the store's writes so far, which the writer batches.
         let receipts =
@@ -236,12 +256,6 @@ impl Dashboard {
             .zip(&receipts)
             .map(|(c, r)| call_view(c, r))
             .collect())
-    }
-
-    /// The `device` event for one device's current row.
-    async fn row_event(&self, id: &str) -> Option<Event> {
-        let row = self.device_row(id).await?;
-        Event::default().event("device").json_data(row).ok()
     }
 
     /// The caller, from the session cookie or a bearer API key, with its role and whether it
@@ -326,6 +340,7 @@ pub fn router(dashboard: Shared) -> Router {
         .route("/api/logout", post(logout))
         .route("/api/me", get(me))
         .route("/api/overview", get(overview))
+        .route("/api/devices", get(devices))
         .route("/api/devices/{id}", get(device))
         .route("/api/devices/{id}/revoke", post(revoke))
         .route("/api/calls", get(calls))
@@ -336,6 +351,8 @@ pub fn router(dashboard: Shared) -> Router {
         .route("/api/events", get(events))
         .route("/v1/enroll", post(enroll))
         .layer(axum::middleware::map_response(security_headers))
+        // gzip for clients that accept it (JSON shrinks ~10x); never the event stream.
+        .layer(CompressionLayer::new())
         .with_state(dashboard)
 }
 
@@ -484,21 +501,17 @@ async fn overview(State(d): State<Shared>, headers: HeaderMap) -> Response {
         return unauthorized();
     }
     let now = now_ms();
-    let views = match d.hub.list_devices(None, false).await {
-        Ok(views) => views,
+    let (_, counts, online_by_ssid) = match d.devices(now).await {
+        Ok(all) => all,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
-    let mut online_by_ssid: HashMap<String, usize> = HashMap::new();
-    for v in views.iter().filter(|v| v.online) {
-        *online_by_ssid.entry(v.record.last_ssid.clone()).or_default() += 1;
-    }
     let observer = d.hub.observer();
     Json(Overview {
         node: d.node.clone(),
         cluster: d.hub.cluster_health(),
         now_ms: now,
+        counts,
         sites: observer.sites(&online_by_ssid, now),
-        devices: views.into_iter().map(|v| d.row(v, now)).collect(),
         diagnoses: observer.diagnoses(),
         series: observer.series(),
         latencies: observer.latencies(),
@@ -506,12 +519,38 @@ async fn overview(State(d): State<Shared>, headers: HeaderMap) -> Response {
     .into_response()
 }
 
+/// One page of the device table: `?q=&state=&ssid=&sort=&desc=&offset=&limit=` (see
+/// [`ListQuery`]).
+async fn devices(
+    State(d): State<Shared>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Response {
+    if d.caller(&headers).is_none() {
+        return unauthorized();
+    }
+    let query = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    if let Err(e) = query.validate() {
+        return error(StatusCode::BAD_REQUEST, &e);
+    }
+    let now = now_ms();
+    match d.page(&query, now).await {
+        Ok(page) => Json(page).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
 async fn device(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     if d.caller(&headers).is_none() {
         return unauthorized();
     }
-    let Some(row) = d.device_row(&id).await else {
-        return error(StatusCode::NOT_FOUND, "no such device");
+    let row = match d.device_row(&id).await {
+        Ok(Some(row)) => row,
+        Ok(None) => return error(StatusCode::NOT_FOUND, "no such device"),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
     let (sessions, deliveries) = d.hub.observer().history(&id);
     let calls = match d.calls(CALLS_SCANNED).await {
@@ -672,6 +711,10 @@ impl Drop for StreamGuard {
     }
 }
 
+/// How often the live stream tells the page what changed: the events of a burst (a ward's
+/// receipts, a thousand phones connecting) reach the page as a few small `changed` events.
+const CHANGES_EVERY: Duration = Duration::from_millis(250);
+
 async fn events(State(d): State<Shared>, headers: HeaderMap) -> Response {
     let Some((holder, _, _)) = d.caller(&headers) else {
         return unauthorized();
@@ -688,8 +731,11 @@ async fn events(State(d): State<Shared>, headers: HeaderMap) -> Response {
         let _ = tx
             .send(Ok(Event::default().event("hello").data(d.node.clone())))
             .await;
+        let mut changes = Changes::default();
+        let mut flush = tokio::time::interval(CHANGES_EVERY);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let event = tokio::select! {
+            tokio::select! {
                 _ = d.shutdown.cancelled() => return,
                 _ = tx.closed() => return,
                 // The key was revoked or expired: say so and end the stream (the page then finds
@@ -698,35 +744,28 @@ async fn events(State(d): State<Shared>, headers: HeaderMap) -> Response {
                     let _ = tx.send(Ok(Event::default().event("logout").data(end.to_string()))).await;
                     return;
                 }
+                _ = flush.tick() => {
+                    if let Some(e) = changes.take().and_then(|c| Event::default().event("changed").json_data(c).ok())
+                        && tx.send(Ok(e)).await.is_err()
+                    {
+                        return;
+                    }
+                }
                 p = presence.recv() => match p {
-                    Ok(p) => d.row_event(&p.device_id).await,
-                    Err(broadcast::error::RecvError::Lagged(_)) => Some(Event::default().event("resync").data("lagged")),
+                    Ok(p) => changes.device(&p.device_id),
+                    Err(broadcast::error::RecvError::Lagged(_)) => changes.everything(),
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
                 r = receipts.recv() => match r {
-                    Ok(r) => {
-                        let receipt = Event::default().event("receipt").json_data(serde_json::json!({
-                            "id": r.id, "device_id": r.device_id, "state": super::state_str(r.state),
-                            "path": r.path, "reason": r.reason, "at_ms": r.at_ms,
-                        })).ok();
-                        if let Some(e) = receipt && tx.send(Ok(e)).await.is_err() {
-                            return;
-                        }
-                        d.row_event(&r.device_id).await
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => Some(Event::default().event("resync").data("lagged")),
+                    Ok(r) => changes.device(&r.device_id),
+                    Err(broadcast::error::RecvError::Lagged(_)) => changes.everything(),
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
                 x = diagnoses.recv() => match x {
-                    Ok(x) => Event::default().event("diagnosis").json_data(x).ok(),
-                    Err(broadcast::error::RecvError::Lagged(_)) => Some(Event::default().event("resync").data("lagged")),
+                    Ok(_) => changes.overview(),
+                    Err(broadcast::error::RecvError::Lagged(_)) => changes.everything(),
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
-            };
-            if let Some(e) = event
-                && tx.send(Ok(e)).await.is_err()
-            {
-                return;
             }
         }
     });

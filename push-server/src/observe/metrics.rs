@@ -27,6 +27,12 @@ pub const API_RATE_LIMITED: &str = "lpush_api_requests_rate_limited_total";
 pub const LOGINS: &str = "lpush_logins_total";
 /// Sessions that ended, by `reason` (see [`reason_class`]).
 pub const SESSIONS_ENDED: &str = "lpush_sessions_ended_total";
+/// Sessions an iOS provider ended with a goodbye saying why iOS stopped it, by `reason`
+/// (Apple's `NEProviderStopReason` case name, or `unknown`).
+pub const PROVIDER_STOPS: &str = "lpush_provider_stops_total";
+/// Sessions that ended because the phone left the Wi-Fi (a stop for a network reason, or
+/// heartbeat silence after the phone reported a network change): not a fault.
+pub const LEFT_WIFI: &str = "lpush_sessions_left_wifi_total";
 /// Live sessions now.
 pub const SESSIONS_ONLINE: &str = "lpush_sessions_online";
 /// Registered devices now (revoked included).
@@ -139,6 +145,11 @@ fn describe() {
     );
     describe_counter!(LOGINS, "Device logins, by result.");
     describe_counter!(SESSIONS_ENDED, "Device sessions that ended, by reason.");
+    describe_counter!(
+        PROVIDER_STOPS,
+        "Sessions iOS stopped, by its NEProviderStopReason."
+    );
+    describe_counter!(LEFT_WIFI, "Sessions that ended because the phone left the Wi-Fi.");
     describe_gauge!(SESSIONS_ONLINE, "Live device sessions.");
     describe_gauge!(DEVICES, "Registered devices.");
     describe_gauge!(QUEUED, "Pushes queued and not yet final, all devices.");
@@ -239,6 +250,17 @@ pub fn session_ended(reason: &str) {
     counter!(SESSIONS_ENDED, "reason" => class).increment(1);
     if class == "heartbeat_timeout" {
         counter!(HEARTBEAT_MISSES).increment(1);
+    }
+}
+
+/// A session ended as an iOS provider stopped for `reason` (a known name or `unknown`), and
+/// whether the phone `left` the Wi-Fi.
+pub fn session_stopped(reason: &'static str, left: bool) {
+    if !reason.is_empty() {
+        counter!(PROVIDER_STOPS, "reason" => reason).increment(1);
+    }
+    if left {
+        counter!(LEFT_WIFI).increment(1);
     }
 }
 

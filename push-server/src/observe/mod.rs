@@ -13,17 +13,22 @@
 //! - **instance churn**: the extension logs in with a new `Hello.instance_id` more than
 //!   `diag_instance_churn_max` times within `diag_window_secs` (iOS keeps restarting it);
 //! - **heartbeat silent**: a session ended `HEARTBEAT_TIMEOUT`, i.e. the phone stopped answering
-//!   while its TCP connection stayed open (the session core ends such sessions);
+//!   while its TCP connection stayed open (the session core ends such sessions), and the phone
+//!   had not reported a network change in it: silence after a network change, or a goodbye
+//!   saying iOS stopped the provider for a network reason ([`provider_stop`]), is the phone
+//!   **leaving the Wi-Fi**, counted per device and site but never flagged;
 //! - **site drop**: at least `diag_site_drop_percent` % of the devices last seen on one SSID
 //!   (and at least `diag_site_drop_min_devices`) dropped within `diag_site_drop_window_secs`:
 //!   likely an access point or SSID problem, not the phones.
 
 pub mod calls;
 pub mod http;
+pub mod listing;
 pub mod metrics;
+pub mod provider_stop;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{
         Arc,
         atomic::{AtomicI64, Ordering},
@@ -93,6 +98,11 @@ pub struct SessionRecord {
     pub sdk_version: String,
     /// Why it ended.
     pub reason: String,
+    /// Why iOS stopped the provider, from its goodbye (Apple's `NEProviderStopReason` name,
+    /// `unknown`, or empty).
+    pub provider_stop_reason: &'static str,
+    /// It ended because the phone left the Wi-Fi.
+    pub left_wifi: bool,
 }
 
 /// One receipt in a device's history.
@@ -146,6 +156,10 @@ pub struct DeviceObservation {
     pub instance_changes: u32,
     /// Flags raised and still within their window (`instance_churn`, `heartbeat_silent`).
     pub flags: Vec<&'static str>,
+    /// Why iOS last stopped the provider (Apple's `NEProviderStopReason` name), if it said.
+    pub last_provider_stop_reason: &'static str,
+    /// The last session ended because the phone left the Wi-Fi.
+    pub left_wifi: bool,
 }
 
 /// A site's health (site = SSID).
@@ -165,6 +179,10 @@ pub struct SiteHealth {
     pub duplicate_instances: u64,
     /// Whether a site-wide drop is flagged within the window.
     pub drop_flagged: bool,
+    /// Sessions on it that ended with the phone leaving the Wi-Fi (since start).
+    pub left_wifi: u64,
+    /// Sessions on it iOS stopped, by `NEProviderStopReason` name (since start).
+    pub provider_stops: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Default)]
@@ -179,9 +197,27 @@ struct DeviceObs {
     churn_flag_ms: Option<i64>,
     heartbeat_misses: u32,
     heartbeat_flag_ms: Option<i64>,
+    /// The phone reported a network change in its current session.
+    network_changed: bool,
+    last_provider_stop: &'static str,
+    left_wifi: bool,
     last_call: Option<(String, &'static str)>,
     /// Unix ms of the last thing recorded about the device (which devices to forget first).
     touched_ms: i64,
+}
+
+impl DeviceObs {
+    /// Flags raised within `window` of `now`.
+    fn flags(&self, now: i64, window: i64) -> Vec<&'static str> {
+        let mut flags = Vec::new();
+        if self.churn_flag_ms.is_some_and(|t| now - t <= window) {
+            flags.push("instance_churn");
+        }
+        if self.heartbeat_flag_ms.is_some_and(|t| now - t <= window) {
+            flags.push("heartbeat_silent");
+        }
+        flags
+    }
 }
 
 #[derive(Default)]
@@ -194,6 +230,8 @@ struct SiteObs {
     drops: VecDeque<i64>,
     heartbeat_misses: u64,
     duplicate_instances: u64,
+    left_wifi: u64,
+    provider_stops: BTreeMap<&'static str, u64>,
     drop_flag_ms: Option<i64>,
     /// Unix ms of the last login or drop on the site (which sites to forget first).
     touched_ms: i64,
@@ -372,6 +410,8 @@ impl Observer {
                 instance_id: instance_id.into(),
                 sdk_version: sdk_version.into(),
                 reason: String::new(),
+                provider_stop_reason: "",
+                left_wifi: false,
             },
             self.limits.observe_sessions_per_device,
         );
@@ -387,6 +427,7 @@ impl Observer {
             }
         }
         d.instance_id = instance_id.into();
+        d.network_changed = false;
         if !d.online {
             st.online += 1;
         }
@@ -425,6 +466,14 @@ impl Observer {
         heard
     }
 
+    /// The device reported a network change in its live session (the hub calls it as it
+    /// records the new SSID): a silence that follows is the phone leaving the Wi-Fi.
+    pub fn network_changed(&self, device_id: &str) {
+        if let Some(d) = self.state.lock().devices.get_mut(device_id) {
+            d.network_changed = true;
+        }
+    }
+
     /// The device's current session ended (called by the hub when it clears presence).
     pub fn session_ended(&self, device_id: &str, session_id: u64, reason: &str, now: i64) {
         metrics::session_ended(reason);
@@ -436,9 +485,18 @@ impl Observer {
             return;
         };
         d.touched_ms = now;
+        let ios = provider_stop::in_reason(reason);
+        let left = provider_stop::is_network(ios) || (class == "heartbeat_timeout" && d.network_changed);
+        metrics::session_stopped(ios, left);
+        if !ios.is_empty() {
+            d.last_provider_stop = ios;
+        }
+        d.left_wifi = left;
         if let Some(s) = d.sessions.iter_mut().rev().find(|s| s.session_id == session_id) {
             s.ended_ms = Some(now);
             s.reason = reason.into();
+            s.provider_stop_reason = ios;
+            s.left_wifi = left;
         }
         if d.online {
             d.online = false;
@@ -448,7 +506,7 @@ impl Observer {
         let mut raise = Vec::new();
         if class == "heartbeat_timeout" {
             d.heartbeat_misses += 1;
-            if d.heartbeat_flag_ms.is_none_or(|t| now - t > window) {
+            if !left && d.heartbeat_flag_ms.is_none_or(|t| now - t > window) {
                 d.heartbeat_flag_ms = Some(now);
                 raise.push(Diagnosis {
                     kind: "heartbeat_silent",
@@ -459,11 +517,15 @@ impl Observer {
                 });
             }
         }
-        let site_drop = !matches!(class, "replaced" | "revoked" | "shutdown" | "device_goodbye");
+        let site_drop = !left && !matches!(class, "replaced" | "revoked" | "shutdown" | "device_goodbye");
         let site = st.site(&ssid, self.limits.observe_max_sites, now);
         let expected = site.members;
         if class == "heartbeat_timeout" {
             site.heartbeat_misses += 1;
+        }
+        site.left_wifi += u64::from(left);
+        if !ios.is_empty() {
+            *site.provider_stops.entry(ios).or_default() += 1;
         }
         if site_drop && !ssid.is_empty() {
             let site_window = self.limits.diag_site_drop_window_secs as i64 * 1000;
@@ -560,13 +622,7 @@ impl Observer {
             return DeviceObservation::default();
         };
         let window = self.window_ms();
-        let mut flags = Vec::new();
-        if d.churn_flag_ms.is_some_and(|t| now - t <= window) {
-            flags.push("instance_churn");
-        }
-        if d.heartbeat_flag_ms.is_some_and(|t| now - t <= window) {
-            flags.push("heartbeat_silent");
-        }
+        let flags = d.flags(now, window);
         let (last_call_path, last_call_state) = d
             .last_call
             .clone()
@@ -580,7 +636,22 @@ impl Observer {
             heartbeat_misses: d.heartbeat_misses,
             instance_changes: d.instance_changes.iter().filter(|t| **t > now - window).count() as u32,
             flags,
+            last_provider_stop_reason: d.last_provider_stop,
+            left_wifi: d.left_wifi,
         }
+    }
+
+    /// The devices with a flag raised and still within its window, with their flags (one pass
+    /// under one lock: the dashboard's counters need them for every device).
+    pub fn flagged_devices(&self, now: i64) -> HashMap<String, Vec<&'static str>> {
+        let st = self.state.lock();
+        let window = self.window_ms();
+        st.devices
+            .iter()
+            .map(|(id, d)| (id, d.flags(now, window)))
+            .filter(|(_, flags)| !flags.is_empty())
+            .map(|(id, flags)| (id.clone(), flags))
+            .collect()
     }
 
     /// A device's recent sessions and deliveries, newest first.
@@ -619,6 +690,8 @@ impl Observer {
                     heartbeat_misses: s.heartbeat_misses,
                     duplicate_instances: s.duplicate_instances,
                     drop_flagged: s.drop_flag_ms.is_some_and(|t| now - t <= site_window.max(window)),
+                    left_wifi: s.left_wifi,
+                    provider_stops: s.provider_stops.clone(),
                 }
             })
             .collect();
@@ -716,6 +789,47 @@ mod tests {
         assert_eq!(o.diagnoses()[0].kind, "heartbeat_silent");
         let (sessions, _) = o.history("p");
         assert_eq!(sessions[0].reason, "heartbeat timeout");
+    }
+
+    #[test]
+    fn leaving_the_wifi_is_told_apart_from_silence_on_the_ssid() {
+        let o = observer();
+        // Silent after reporting a network change: it walked out of the Wi-Fi.
+        o.session_started("walker", 1, "Ward", "i", "sdk", 0);
+        o.network_changed("walker");
+        o.session_ended("walker", 1, "heartbeat timeout", 10);
+        // Stopped by iOS for a network reason, said in its goodbye.
+        o.session_started("leaver", 2, "Ward", "i", "sdk", 0);
+        let bye = "device goodbye: GOODBYE_REASON_CLIENT_STOPPING (iOS: noNetworkAvailable)";
+        o.session_ended("leaver", 2, bye, 20);
+        // Silent with no network change: on the SSID and not answering, the case to flag. Its
+        // earlier session's network change does not carry over.
+        o.session_started("silent", 3, "Ward", "i", "sdk", 0);
+        o.network_changed("silent");
+        o.session_started("silent", 4, "Ward", "i", "sdk", 5);
+        o.session_ended("silent", 4, "heartbeat timeout", 30);
+        for (device, left, flags) in [
+            ("walker", true, vec![]),
+            ("leaver", true, vec![]),
+            ("silent", false, vec!["heartbeat_silent"]),
+        ] {
+            let d = o.device(device, 40);
+            assert_eq!((d.left_wifi, d.flags), (left, flags), "{device}");
+        }
+        assert_eq!(
+            o.device("leaver", 40).last_provider_stop_reason,
+            "noNetworkAvailable"
+        );
+        let (sessions, _) = o.history("leaver");
+        assert_eq!(
+            (sessions[0].provider_stop_reason, sessions[0].left_wifi),
+            ("noNetworkAvailable", true)
+        );
+        let site = &o.sites(&HashMap::new(), 40)[0];
+        assert_eq!((site.left_wifi, site.heartbeat_misses), (2, 2));
+        assert_eq!(site.provider_stops, BTreeMap::from([("noNetworkAvailable", 1)]));
+        let diagnosed: Vec<_> = o.diagnoses().into_iter().map(|d| d.device_id).collect();
+        assert_eq!(diagnosed, ["silent"]);
     }
 
     #[test]

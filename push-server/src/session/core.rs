@@ -53,8 +53,9 @@ pub enum CloseReason {
     ProtocolError(String),
     /// Authentication failed.
     AuthFailed(String),
-    /// The device said goodbye.
-    ClientGoodbye(GoodbyeReason),
+    /// The device said goodbye; from an iOS provider, with why iOS stopped it (a name of
+    /// [`crate::observe::provider_stop::KNOWN`], `unknown`, or empty).
+    ClientGoodbye(GoodbyeReason, &'static str),
     /// The server ended it (replaced, revoked, shutting down).
     ServerGoodbye(GoodbyeReason),
 }
@@ -66,7 +67,8 @@ impl std::fmt::Display for CloseReason {
             Self::HeartbeatTimeout => write!(f, "heartbeat timeout"),
             Self::ProtocolError(d) => write!(f, "protocol error: {d}"),
             Self::AuthFailed(d) => write!(f, "authentication failed: {d}"),
-            Self::ClientGoodbye(r) => write!(f, "device goodbye: {}", r.as_str_name()),
+            Self::ClientGoodbye(r, "") => write!(f, "device goodbye: {}", r.as_str_name()),
+            Self::ClientGoodbye(r, ios) => write!(f, "device goodbye: {} (iOS: {ios})", r.as_str_name()),
             Self::ServerGoodbye(r) => write!(f, "server goodbye: {}", r.as_str_name()),
         }
     }
@@ -201,7 +203,8 @@ impl Session {
             }
             (_, Kind::Goodbye(bye)) => {
                 let reason = GoodbyeReason::try_from(bye.reason).unwrap_or(GoodbyeReason::Unspecified);
-                self.close(CloseReason::ClientGoodbye(reason));
+                let ios = crate::observe::provider_stop::parse(&bye.provider_stop_reason);
+                self.close(CloseReason::ClientGoodbye(reason, ios));
             }
         }
     }
@@ -331,6 +334,7 @@ impl Session {
         self.send(server_frame::Kind::Goodbye(Goodbye {
             reason: reason as i32,
             detail: detail.into(),
+            ..Default::default()
         }));
     }
 
@@ -412,6 +416,37 @@ mod tests {
             Some(server_frame::Kind::Goodbye(g)) => GoodbyeReason::try_from(g.reason).ok(),
             _ => None,
         })
+    }
+
+    #[test]
+    fn a_goodbye_keeps_why_ios_stopped_the_provider() {
+        let t0 = Instant::now();
+        for (sent, kept) in [
+            (
+                "unrecoverableNetworkChange",
+                "device goodbye: GOODBYE_REASON_CLIENT_STOPPING (iOS: unrecoverableNetworkChange)",
+            ),
+            (
+                "notAnAppleReason",
+                "device goodbye: GOODBYE_REASON_CLIENT_STOPPING (iOS: unknown)",
+            ),
+            ("", "device goodbye: GOODBYE_REASON_CLIENT_STOPPING"),
+        ] {
+            let mut s = established(t0);
+            s.handle_frame(
+                t0,
+                frame(client_frame::Kind::Goodbye(Goodbye {
+                    reason: GoodbyeReason::ClientStopping as i32,
+                    provider_stop_reason: sent.into(),
+                    ..Default::default()
+                })),
+            );
+            let closed = std::iter::from_fn(|| s.poll_event()).find_map(|e| match e {
+                Event::Closed(reason) => Some(reason.to_string()),
+                _ => None,
+            });
+            assert_eq!(closed.as_deref(), Some(kept), "{sent}");
+        }
     }
 
     #[test]

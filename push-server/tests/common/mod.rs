@@ -19,6 +19,16 @@ use push_server::{
 };
 use tempfile::TempDir;
 
+/// Handshake limits that never refuse (so a test configures only the one it exercises).
+pub const OPEN_HANDSHAKES: push_server::config::HandshakeLimits = push_server::config::HandshakeLimits {
+    in_progress: 10_000,
+    in_progress_per_ip: 10_000,
+    per_sec: 100_000,
+    burst: 100_000,
+    per_sec_per_ip: 100_000,
+    burst_per_ip: 100_000,
+};
+
 /// Upper bound for any single wait in a test; a hang fails instead of blocking CI.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -204,6 +214,14 @@ impl Harness {
         self.await_update(id, device_id, |u| u.state() == state).await
     }
 
+    /// A push's receipts as they change (the stream starts with the current state).
+    pub async fn watch(&self, id: &str) -> tonic::Streaming<DeliveryUpdate> {
+        let req = GetMessageStatusRequest {
+            message_id: id.into(),
+        };
+        self.sender().watch_message(req).await.unwrap().into_inner()
+    }
+
     /// Follow a push's receipts until an update for `device_id` satisfies `done`; returns every
     /// update seen for that device on the way (the stream starts with the current state).
     pub async fn await_update(
@@ -212,14 +230,7 @@ impl Harness {
         device_id: &str,
         done: impl Fn(&DeliveryUpdate) -> bool,
     ) -> Vec<DeliveryUpdate> {
-        let mut stream = self
-            .sender()
-            .watch_message(GetMessageStatusRequest {
-                message_id: id.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream = self.watch(id).await;
         let mut seen = Vec::new();
         within(async {
             while let Some(u) = stream.message().await.unwrap() {

@@ -202,6 +202,7 @@ impl Harness {
         self.server(server_frame::Kind::Goodbye(Goodbye {
             reason: reason as i32,
             detail: "bye".into(),
+            ..Default::default()
         }));
     }
 

@@ -266,6 +266,7 @@ impl Checker {
                 self.server_bytes(server_frame::Kind::Goodbye(Goodbye {
                     reason,
                     detail: String::new(),
+                    ..Default::default()
                 }));
                 if !was_stopped && self.h.s.is_stopped() {
                     prop_assert!(terminal, "goodbye {reason} stopped the session for good");

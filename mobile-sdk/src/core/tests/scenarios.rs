@@ -5,7 +5,7 @@ use std::time::Duration;
 use push_proto::device::{GoodbyeReason, client_frame, server_frame};
 
 use super::*;
-use crate::core::{Backoff, Disconnect, NetworkEvent, StopCause, StopReason};
+use crate::core::{Backoff, Disconnect, HostStop, NetworkEvent, StopCause, StopReason};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -629,6 +629,35 @@ fn stop_acks_says_goodbye_closes_and_is_idempotent() {
     h.start();
     h.connected();
     assert_eq!(h.hellos().last().unwrap().last_seen_seq, 1);
+}
+
+#[test]
+fn the_goodbye_carries_the_hosts_stop_reason() {
+    for (stop, sent) in [
+        (
+            HostStop {
+                reason: StopReason::NetworkChange,
+                provider_reason: "unrecoverableNetworkChange",
+            },
+            "unrecoverableNetworkChange",
+        ),
+        (StopReason::HostRequested.into(), ""),
+    ] {
+        let mut h = Harness::new(config(0));
+        h.establish();
+        h.s.handle_stop(h.now, stop);
+        h.drain();
+        let bye = h.sent.iter().rev().find_map(|f| match &f.kind {
+            Some(client_frame::Kind::Goodbye(g)) => Some(g.clone()),
+            _ => None,
+        });
+        let bye = bye.expect("a goodbye");
+        assert_eq!(
+            (bye.provider_stop_reason.as_str(), bye.detail.as_str()),
+            (sent, stop.reason.as_str())
+        );
+        assert_eq!(h.s.state(), &State::Stopped(StopCause::Host(stop.reason)));
+    }
 }
 
 #[test]

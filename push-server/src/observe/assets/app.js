@@ -3,7 +3,6 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const devices = new Map(); // device_id -> row
 let me = null;
 let overview = null;
 let source = null;
@@ -57,9 +56,10 @@ async function start() {
   try { me = await api("/api/me"); } catch (e) { return; }
   $("#login").hidden = true; $("#app").hidden = false; $("#who").hidden = false;
   $("#node").textContent = me.node; $("#user").textContent = me.name; $("#role").textContent = me.role;
-  await refresh();
   connect();
   route();
+  // The device list paints as soon as its page arrives, without waiting for the rest.
+  await Promise.all([loadDevices(), refresh()]);
 }
 
 // Cluster mode: Redis as this node sees it, and every node with its heartbeat.
@@ -72,12 +72,11 @@ function renderCluster() {
   $("#cluster").className = c.redis_up ? "" : "bad";
 }
 
+// Everything but the device rows: counters, sites, diagnoses, charts, calls, enrollments, keys.
 async function refresh() {
   overview = await api("/api/overview");
-  devices.clear();
-  for (const d of overview.devices) devices.set(d.device_id, d);
   renderCluster();
-  renderAll();
+  renderStats(overview.counts); renderDiagnoses(); renderSites(); renderCharts();
   await renderCalls();
   await renderEnrollments();
   if (me && me.role === "admin") await renderKeys();
@@ -115,43 +114,43 @@ async function revokeKey(k) {
   renderKeys().catch(() => {});
 }
 
-// Sites, counters and charts follow every live event (coalesced), the table row at once.
-let pending = null;
-function refreshSoon() {
-  if (pending) return;
-  pending = setTimeout(() => { pending = null; refresh().catch(() => {}); }, 300);
+// Work that live events ask for, at most once per `ms` (the first at once, later ones
+// coalesced into one at the end of the interval): a burst of events costs a few requests.
+function throttled(ms, work) {
+  let last = 0, timer = null;
+  return () => {
+    if (timer) return;
+    timer = setTimeout(() => { timer = null; last = Date.now(); work().catch(() => {}); }, Math.max(0, last + ms - Date.now()));
+  };
 }
+const reloadSoon = throttled(1000, () => loadDevices());
+const refreshSoon = throttled(2000, () => refresh());
+const detailSoon = throttled(1000, () => (currentDetail() ? loadDetail(currentDetail()) : Promise.resolve()));
 
+// The server batches what changed (device ids, or "many") every quarter second.
 function connect() {
   if (source) source.close();
   source = new EventSource("/api/events");
   source.addEventListener("hello", () => $("#live").classList.add("on"));
-  source.addEventListener("device", (e) => {
-    const row = JSON.parse(e.data);
-    devices.set(row.device_id, row);
-    renderDevices(); renderStats();
-    if (currentDetail() === row.device_id) loadDetail(row.device_id);
-    refreshSoon();
+  source.addEventListener("changed", (e) => {
+    const c = JSON.parse(e.data);
+    const hit = (id) => c.many || c.ids.includes(id);
+    if (c.overview) refreshSoon();
+    if (currentDetail() && hit(currentDetail())) detailSoon();
+    // Only a change to a row on screen, or one that may move rows into or within the page.
+    if (c.many || c.ids.some((id) => shown.has(id)) || orderMayChange()) reloadSoon();
   });
-  source.addEventListener("receipt", refreshSoon);
-  source.addEventListener("diagnosis", (e) => {
-    if (overview) { overview.diagnoses.unshift(JSON.parse(e.data)); renderDiagnoses(); }
-    refreshSoon();
-  });
-  source.addEventListener("resync", () => refresh());
   // Our key was revoked or expired: the session is gone.
   source.addEventListener("logout", () => showLogin());
   source.onerror = () => $("#live").classList.remove("on");
 }
 
-function renderAll() { renderStats(); renderDiagnoses(); renderSites(); renderDevices(); renderCharts(); }
-
-function renderStats() {
-  const all = [...devices.values()];
-  $("#stat-online").textContent = all.filter((d) => d.online).length;
-  $("#stat-total").textContent = all.length;
-  $("#stat-queued").textContent = all.reduce((n, d) => n + d.queued, 0);
-  $("#stat-flagged").textContent = all.filter((d) => d.flags.length).length;
+function renderStats(counts) {
+  $("#stat-online").textContent = counts.online;
+  $("#stat-total").textContent = counts.total;
+  $("#stat-queued").textContent = counts.queued;
+  $("#stat-flagged").textContent = counts.flagged;
+  $("#stat-problems").textContent = counts.problems;
 }
 
 function renderDiagnoses() {
@@ -168,44 +167,78 @@ function renderSites() {
     el("tr", { class: s.drop_flagged ? "flagged" : "" },
       el("td", {}, s.ssid), el("td", {}, s.online + " / " + s.expected),
       el("td", {}, s.reconnects_per_device.toFixed(2)), el("td", {}, s.heartbeat_misses),
-      el("td", {}, s.duplicate_instances),
+      el("td", {}, s.duplicate_instances), el("td", {}, s.left_wifi),
+      el("td", { class: "ios-stops" }, Object.entries(s.provider_stops).map(([k, n]) => k + " " + n).join(", ") || "–"),
       el("td", {}, s.drop_flagged ? el("span", { class: "flag" }, "site-wide drop") : "ok"))));
   const sel = $("#filter-ssid"), cur = sel.value;
-  const ssids = [...new Set([...devices.values()].map((d) => d.ssid).filter(Boolean))].sort();
+  const ssids = overview.sites.map((s) => s.ssid);
+  if (cur && !ssids.includes(cur)) ssids.push(cur);
   sel.replaceChildren(el("option", { value: "" }, "every SSID"), ...ssids.map((s) => el("option", { value: s }, s)));
   sel.value = cur;
 }
 
-function matches(d) {
-  const q = $("#search").value.trim().toLowerCase();
-  const st = $("#filter-state").value, ssid = $("#filter-ssid").value;
-  if (st === "online" && !d.online) return false;
-  if (st === "offline" && d.online) return false;
-  if (st === "flagged" && !d.flags.length) return false;
-  if (ssid && d.ssid !== ssid) return false;
-  if (!q) return true;
-  return [d.device_id, d.ssid, d.sdk_version, d.last_stop_reason, ...d.groups].join(" ").toLowerCase().includes(q);
-}
-
 function stateOf(d) { return d.revoked ? "revoked" : d.online ? "online" : "offline"; }
 
+// The device table: one page from the server, which filters, searches and sorts every device.
+const view = { q: "", state: "", ssid: "", sort: "device", desc: false, offset: 0, limit: 50 };
+let page = null; // the last /api/devices answer
+let shown = new Set(); // ids of the rows on screen
+let pageRequest = null; // the AbortController of the page request in flight
+const orderMayChange = () => view.sort !== "device" || view.state !== "" || view.ssid !== "" || view.q !== "";
+
+async function loadDevices() {
+  if (pageRequest) pageRequest.abort(); // a newer question replaces the one in flight
+  const ctl = (pageRequest = new AbortController());
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(view)) if (v !== "" && v !== false) q.set(k, v);
+  let r;
+  try { r = await api("/api/devices?" + q, { signal: ctl.signal }); } catch (e) {
+    if (e.name !== "AbortError") $("#page-info").textContent = "failed: " + e.message;
+    return;
+  } finally { if (pageRequest === ctl) pageRequest = null; }
+  page = r;
+  renderDevices();
+  renderStats(r.counts);
+}
+
+const problemNames = { offline_expected: "offline while expected" };
+// The last stop reason, with why iOS stopped the provider when it said, and whether the phone
+// left the Wi-Fi (not a fault) rather than going silent on it.
+function stopReason(d) {
+  return (d.last_stop_reason || "–") + (d.last_provider_stop_reason ? " · iOS: " + d.last_provider_stop_reason : "") +
+    (d.left_wifi ? " · left the Wi-Fi" : "");
+}
 function renderDevices() {
-  const rows = [...devices.values()].filter(matches).sort((a, b) => a.device_id.localeCompare(b.device_id));
-  $("#devices tbody").replaceChildren(...rows.map((d) => {
+  shown = new Set(page.rows.map((d) => d.device_id));
+  $("#devices tbody").replaceChildren(...(page.rows.length ? page.rows.map((d) => {
     const s = stateOf(d);
     const call = d.last_call_path ? d.last_call_path + " (" + d.last_call_state + ")" : "–";
-    return el("tr", { class: s + (d.flags.length ? " flagged" : ""), "data-device": d.device_id, "data-state": s },
+    const marks = d.flags.map((f) => el("span", { class: "flag" }, f.replace("_", " ")));
+    if (problemNames[d.problem]) marks.push(el("span", { class: "flag mild" }, problemNames[d.problem]));
+    return el("tr", { class: s + (d.problem ? " flagged" : ""), "data-device": d.device_id, "data-state": s, "data-problem": d.problem },
       el("td", {}, el("a", { href: "#device/" + encodeURIComponent(d.device_id) }, d.device_id)),
       el("td", { class: "state " + s }, s),
       el("td", {}, d.ssid || "–"), el("td", {}, d.node),
       el("td", {}, d.online ? ago(d.session_started_ms) : "–"),
       el("td", {}, d.online ? ago(d.last_heard_ms) + " ago" : "last seen " + ago(d.last_seen_ms) + " ago"),
       el("td", {}, d.sdk_version || "–"),
-      el("td", { class: "reason" }, d.last_stop_reason || "–"),
-      el("td", {}, call), el("td", {}, d.queued),
-      el("td", {}, ...d.flags.map((f) => el("span", { class: "flag" }, f.replace("_", " ")))));
-  }));
+      el("td", { class: "reason" }, stopReason(d)),
+      el("td", {}, call), el("td", {}, d.queued), el("td", {}, ...marks));
+  }) : [none(11, "no device matches")]));
+  const last = page.offset + page.rows.length;
+  $("#page-info").textContent = (page.rows.length ? (page.offset + 1) + "–" + last : "0") + " of " + page.matched +
+    (page.matched === page.counts.total ? " devices" : " matching (" + page.counts.total + " devices)");
+  $("#page-prev").disabled = page.offset === 0;
+  $("#page-next").disabled = last >= page.matched;
+  for (const th of document.querySelectorAll("#devices th[data-sort]")) {
+    th.classList.toggle("sorted", th.dataset.sort === view.sort);
+    th.classList.toggle("desc", th.dataset.sort === view.sort && view.desc);
+  }
+  if (!performance.getEntriesByName("lpush:devices-painted").length) performance.mark("lpush:devices-painted");
 }
+
+// A new question about the list starts at its first page.
+function ask(change) { Object.assign(view, change, { offset: 0 }); loadDevices(); }
 
 // Inline SVG charts, drawn here (no chart library).
 function svgEl(tag, attrs, text) {
@@ -219,7 +252,7 @@ function renderCharts() {
   const W = 400, H = 120, L = 30, B = 18;
   // Connected devices over time: a step line.
   const svg = $("#chart-online");
-  const pts = overview.series.concat([[Date.now(), [...devices.values()].filter((d) => d.online).length]]);
+  const pts = overview.series.concat([[Date.now(), overview.counts.online]]);
   const t0 = pts[0][0], t1 = Math.max(pts[pts.length - 1][0], t0 + 1);
   const max = Math.max(1, ...pts.map((p) => p[1]));
   const x = (t) => L + ((t - t0) / (t1 - t0)) * (W - L - 5), y = (v) => H - B - (v / max) * (H - B - 10);
@@ -318,8 +351,9 @@ const currentDetail = () => (location.hash.startsWith("#device/") ? decodeURICom
 function route() {
   const id = currentDetail(), call = currentCall(), list = location.hash === "#calls";
   const onCalls = !!call || list;
+  // The device page opens over the list, which keeps its page, sort and scroll position.
   $("#detail").hidden = !id; $("#call-detail").hidden = !call; $("#calls-box").hidden = !list;
-  $("#list").hidden = !!id || onCalls;
+  $("#list").hidden = onCalls;
   $("#tab-calls").classList.toggle("on", onCalls); $("#tab-devices").classList.toggle("on", !onCalls);
   if (id) loadDetail(id);
   if (call) loadCall(call);
@@ -332,14 +366,15 @@ async function loadDetail(id) {
   const facts = [["State", stateOf(d)], ["SSID", d.ssid || "–"], ["Node", d.node], ["Groups", d.groups.join(", ") || "–"],
     ["Session age", d.online ? ago(d.session_started_ms) : "–"], ["Last heard", d.online ? ago(d.last_heard_ms) + " ago" : "–"],
     ["Last seen", time(d.last_seen_ms)], ["SDK", d.sdk_version || "–"], ["Instance", d.instance_id || "–"],
-    ["Last stop reason", d.last_stop_reason || "–"], ["Last call path", d.last_call_path || "–"], ["VoIP token", d.voip_token],
+    ["Last stop reason", stopReason(d)], ["iOS stop reason", d.last_provider_stop_reason || "–"], ["Last call path", d.last_call_path || "–"], ["VoIP token", d.voip_token],
     ["Queued", d.queued], ["Heartbeat misses", d.heartbeat_misses], ["Instance changes (window)", d.instance_changes], ["Flags", d.flags.join(", ") || "none"]];
   $("#detail-facts").replaceChildren(...facts.map(([k, v]) => el("div", {}, el("span", {}, k), String(v))));
   $("#revoke").hidden = !(me && me.role === "admin") || d.revoked;
   $("#detail-sessions tbody").replaceChildren(...r.sessions.map((s) => el("tr", {},
     el("td", {}, s.session_id), el("td", {}, time(s.started_ms)), el("td", {}, s.ended_ms ? time(s.ended_ms) : "live"),
     el("td", {}, dur(s.started_ms, s.ended_ms || Date.now())), el("td", {}, s.ssid), el("td", {}, s.instance_id),
-    el("td", {}, s.sdk_version), el("td", {}, s.reason || "–"))));
+    el("td", {}, s.sdk_version), el("td", {}, s.reason || "–"),
+    el("td", { class: "ios" }, s.provider_stop_reason || "–"), el("td", {}, s.left_wifi ? "left the Wi-Fi" : ""))));
   $("#detail-deliveries tbody").replaceChildren(...r.deliveries.map((x) => el("tr", {},
     el("td", {}, time(x.at_ms)), el("td", {}, x.id), el("td", {}, x.kind), el("td", {}, x.state), el("td", {}, x.path || "–"),
     el("td", {}, x.latency_ms == null ? "–" : x.latency_ms + " ms"), el("td", {}, x.reason || ""))));
@@ -372,9 +407,24 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("#logout").addEventListener("click", async () => { await fetch("/api/logout", { method: "POST", credentials: "same-origin" }); showLogin(); });
   $("#revoke").addEventListener("click", revoke);
-  for (const id of ["#search", "#filter-state", "#filter-ssid"]) $(id).addEventListener("input", renderDevices);
+  let typing = null;
+  $("#search").addEventListener("input", () => { clearTimeout(typing); typing = setTimeout(() => ask({ q: $("#search").value.trim() }), 50); });
+  $("#filter-state").addEventListener("input", () => ask({ state: $("#filter-state").value }));
+  $("#filter-ssid").addEventListener("input", () => ask({ ssid: $("#filter-ssid").value }));
+  $("#page-size").addEventListener("input", () => ask({ limit: Number($("#page-size").value) }));
+  $("#problems-first").addEventListener("click", () => ask({ sort: "problems", desc: false }));
+  for (const th of document.querySelectorAll("#devices th[data-sort]")) {
+    th.addEventListener("click", () => ask({ sort: th.dataset.sort, desc: view.sort === th.dataset.sort && !view.desc }));
+  }
+  $("#page-prev").addEventListener("click", () => { view.offset = Math.max(0, view.offset - view.limit); loadDevices(); });
+  $("#page-next").addEventListener("click", () => { view.offset += view.limit; loadDevices(); });
+  // Closing the device page leaves the list exactly where it was (no jump to the top).
+  const closeDetail = () => { history.pushState(null, "", location.pathname + location.search); route(); };
+  $("#detail-close").addEventListener("click", closeDetail);
+  document.addEventListener("keydown", (e) => { if (e.key === "Escape" && currentDetail()) closeDetail(); });
   window.addEventListener("hashchange", route);
-  // Sites, charts and ages refresh in place every 5 s; device rows change live via SSE.
-  setInterval(() => { if (!$("#app").hidden) refresh().catch(() => {}); }, 5000);
+  // Counters, sites, charts and the rows' ages refresh every 5 s; rows that change refresh
+  // live (at most once a second).
+  setInterval(() => { if (!$("#app").hidden) { refresh().catch(() => {}); loadDevices(); } }, 5000);
   start();
 });
