@@ -715,6 +715,7 @@ fn preload_devices(data_dir: &std::path::Path) {
                 sdk_version: "lpush-sdk/0.3.1".into(),
                 voip_token: String::new(),
                 voip_token_invalid: false,
+                ca_generation: 0,
             })
         })
         .collect();
