@@ -218,6 +218,13 @@ fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
 }
 
+/// The phone's wall clock, Unix ms (0 if it is before 1970).
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 impl Driver {
     /// Run until the session stops (by the host, or for good by the server).
     pub(crate) async fn run(mut self) {
@@ -311,7 +318,7 @@ impl Driver {
                         buf: vec![0; READ_CHUNK].into_boxed_slice(),
                         accepted: None,
                     };
-                    self.session.handle_connected(now());
+                    self.session.handle_connected(now(), wall_ms());
                 }
                 Wake::Connect(Err(e)) => {
                     conn = Conn::None;

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 const AUDIENCE: &str = "lpush-device";
-const KEY_FILE: &str = "device-jwt.key";
+/// The device-credential signing key inside the data directory (mode 0600).
+pub const KEY_FILE: &str = "device-jwt.key";
 
 /// Claims of a device credential.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -114,6 +114,33 @@ pub struct Credential {
     pub expires_at_ms: i64,
 }
 
+/// What phones are told to dial when nothing better is known (it only works on this machine).
+pub const FALLBACK_HOST: &str = "localhost";
+const FALLBACK_HOST_WARNING: &str = "site.device_host is not set and the device listener binds every \
+     address: phones are told \"localhost\", which only works on this machine; set site.device_host";
+
+/// The host and port phones dial: `site.device_host`, else the first of `server_names`, else the
+/// device listener's address ([`FALLBACK_HOST`] when it binds every address); `site.device_port`,
+/// else the listener's port. `device_addr` is the listener's bound address.
+pub fn device_endpoint(cfg: &Config, device_addr: SocketAddr) -> (String, u16) {
+    let site = &cfg.site;
+    let host = if !site.device_host.is_empty() {
+        site.device_host.clone()
+    } else if let Some(name) = cfg.server_names.first() {
+        name.clone()
+    } else if !device_addr.ip().is_unspecified() {
+        device_addr.ip().to_string()
+    } else {
+        FALLBACK_HOST.into()
+    };
+    let port = if site.device_port != 0 {
+        site.device_port
+    } else {
+        device_addr.port()
+    };
+    (host, port)
+}
+
 /// Where and how phones reach this server: fixed for the life of the process.
 #[derive(Debug, Clone)]
 pub struct SiteProfile {
@@ -128,29 +155,18 @@ pub struct SiteProfile {
 impl SiteProfile {
     /// The profile from the configuration, the device listener's bound address and the PKI.
     pub fn new(cfg: &Config, device_addr: SocketAddr, pki: &Pki) -> Self {
-        let site = &cfg.site;
         let mut warnings = Vec::new();
-        let host = if !site.device_host.is_empty() {
-            site.device_host.clone()
-        } else if let Some(name) = cfg.server_names.first() {
-            name.clone()
-        } else if !device_addr.ip().is_unspecified() {
-            device_addr.ip().to_string()
-        } else {
-            warnings.push(
-                "site.device_host is not set and the device listener binds every address: phones \
-                 are told \"localhost\", which only works on this machine; set site.device_host"
-                    .into(),
-            );
-            "localhost".into()
-        };
+        let (host, port) = device_endpoint(cfg, device_addr);
+        if host == FALLBACK_HOST {
+            warnings.push(FALLBACK_HOST_WARNING.into());
+        }
         if !pki.server_names.iter().any(|n| n.eq_ignore_ascii_case(&host)) {
             warnings.push(format!(
                 "{host:?} is not in the server certificate ({}); add it to server_names",
                 pki.server_names.join(", ")
             ));
         }
-        let ssids = site.ssids.clone();
+        let ssids = cfg.site.ssids.clone();
         if ssids.is_empty() {
             warnings
                 .push("site.ssids is empty: iOS starts the provider only on listed Wi-Fi networks".into());
@@ -164,11 +180,7 @@ impl SiteProfile {
         }
         Self {
             host,
-            port: if site.device_port != 0 {
-                site.device_port
-            } else {
-                device_addr.port()
-            },
+            port,
             ca_pem: pki.ca_cert_pem.clone(),
             pins: vec![pki.ca_pin.clone(), pki.next_ca_pin.clone()],
             ssids,

@@ -20,12 +20,15 @@
 //! - [`server`]: wiring and graceful shutdown.
 //! - [`api_client`]: a gRPC client for the API (CLI, tests).
 //! - [`client`]: a minimal device client for the CLI and tests (the real one is `mobile-sdk`).
+//! - [`doctor`]: the site pre-flight (`push-server doctor`): certificate, DNS, reachability,
+//!   SSIDs, clocks, the data directory, and the Wi-Fi pitfalls to check on the access points.
 
 pub mod admission;
 pub mod api_client;
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod doctor;
 pub mod enrollment;
 pub mod grpc;
 pub mod hub;

@@ -68,6 +68,10 @@ enum Command {
     /// Manage sender API keys: create, list, revoke (`api-key` is the old name).
     #[command(subcommand, visible_alias = "api-key")]
     Key(ApiKeyCommand),
+    /// Site pre-flight: check what breaks sites (certificate names, DNS, reachability, SSIDs,
+    /// phone clocks, the data directory) and print the Wi-Fi pitfalls to check on the access
+    /// points; one line per finding, exit status 1 on any failure.
+    Doctor(push_server::doctor::DoctorArgs),
 }
 
 #[derive(Args)]
@@ -430,6 +434,7 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // The outcome is printed already; the status says it.
         Err(e) if e.is::<Unanswered>() => std::process::ExitCode::from(UNANSWERED_EXIT),
+        Err(e) if e.is::<push_server::doctor::Failed>() => std::process::ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -663,6 +668,7 @@ fn hand_out(out: Option<PathBuf>, what: &str, device_id: &str, secret: &str) -> 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => serve(args).await,
+        Command::Doctor(args) => Ok(push_server::doctor::run(args).await?),
         Command::Device(DeviceCommand::Issue { api, device }) => {
             let r = admin(&api)
                 .await?
@@ -1089,6 +1095,7 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         ssid,
         instance_id: uuid::Uuid::new_v4().to_string(),
         epoch,
+        device_time_ms: push_server::hub::now_ms(),
     };
     let mut client = DeviceClient::connect(ClientOptions {
         addr,
