@@ -88,9 +88,9 @@ async fn a_healthy_site_passes_and_a_phone_with_a_wrong_clock_fails_it() {
     assert_eq!(code, 0, "{report}");
     assert!(!report.contains("FAIL"), "{report}");
     for (check, needle) in [
-        ("ok   certificate:", &format!("cover \"{ip}\"")),
-        ("ok   dns:", &ip.to_string()),
-        ("ok   reach:", &format!("{ip}:{}", server.device_addr.port())),
+        ("ok   certificate:", format!("cover \"{ip}\"").as_str()),
+        ("ok   dns:", ip.to_string().as_str()),
+        ("ok   reach:", format!("{ip}:{}", server.device_addr.port()).as_str()),
         ("ok   ssids:", "2 SSIDs"),
         ("ok   data-dir:", "mode 700"),
         ("ok   clock:", "1 phones online"),
@@ -151,15 +151,15 @@ async fn a_broken_site_fails_with_one_line_per_finding() {
     for (check, needle) in [
         (
             "FAIL certificate:",
-            &format!("the device host \"{ip}\" is not among the certificate's names"),
+            format!("the device host \"{ip}\" is not among the certificate's names").as_str(),
         ),
         (
             "FAIL ssids:",
-            &"site.ssids[2] repeats site.ssids[0] \"Ward-4B\"".to_string(),
+            "site.ssids[2] repeats site.ssids[0] \"Ward-4B\"",
         ),
-        ("WARN ssids:", &"differ only in case".to_string()),
-        ("FAIL data-dir:", &"is world-writable (mode 777)".to_string()),
-        ("doctor:", &"3 failed".to_string()),
+        ("WARN ssids:", "differ only in case"),
+        ("FAIL data-dir:", "is world-writable (mode 777)"),
+        ("doctor:", "3 failed"),
     ] {
         assert!(
             has_line(&lines, check, needle),
