@@ -65,18 +65,17 @@ fn a_device_host_missing_from_the_certificate_fails_naming_both() {
 
 #[test]
 fn every_ios_rule_is_its_own_failure() {
-    let cases: Vec<(Box<dyn Fn(&mut CertFacts)>, &str)> = vec![
-        (Box::new(|c| c.server_auth = false), "serverAuth"),
-        (
-            Box::new(|c| c.not_after_ms = c.not_before_ms + 826 * DAY),
-            "valid for 826 days",
-        ),
-        (Box::new(|c| c.key = KeyKind::Rsa(1024)), "Rsa(1024)"),
-        (Box::new(|c| c.key = KeyKind::Ec(521)), "Ec(521)"),
-        (Box::new(|c| c.key = KeyKind::Other("Ed25519".into())), "Ed25519"),
-        (Box::new(|c| c.sha2_signature = false), "SHA-2"),
-        (Box::new(|c| c.not_after_ms = NOW - 1), "expired at"),
-        (Box::new(|c| c.not_before_ms = NOW + DAY), "not valid before"),
+    /// Breaks one rule of a good certificate.
+    type Break = fn(&mut CertFacts);
+    let cases: [(Break, &str); 8] = [
+        (|c| c.server_auth = false, "serverAuth"),
+        (|c| c.not_after_ms = c.not_before_ms + 826 * DAY, "valid for 826 days"),
+        (|c| c.key = KeyKind::Rsa(1024), "Rsa(1024)"),
+        (|c| c.key = KeyKind::Ec(521), "Ec(521)"),
+        (|c| c.key = KeyKind::Other("Ed25519".into()), "Ed25519"),
+        (|c| c.sha2_signature = false, "SHA-2"),
+        (|c| c.not_after_ms = NOW - 1, "expired at"),
+        (|c| c.not_before_ms = NOW + DAY, "not valid before"),
     ];
     for (break_it, needle) in cases {
         let mut cert = good_cert();
