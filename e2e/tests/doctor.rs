@@ -27,6 +27,22 @@ fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// A server on `dir`/data run with the configuration `text` (saved as `dir`/`name`), its device
+/// listener on every address as a site's would be.
+fn start_site(dir: &Path, name: &str, text: &str) -> (PathBuf, ServerProcess) {
+    let config = write_config(dir, name, text);
+    let server = ServerProcess::start(
+        &dir.join("data"),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--device-listen",
+            "0.0.0.0:0",
+        ],
+    );
+    (config, server)
+}
+
 /// Run `push-server doctor` on `config` and `server`'s data directory, with the listener
 /// addresses the server really bound (as `serve` takes them, from the environment).
 async fn doctor(config: &Path, server: &ServerProcess) -> (i32, Vec<String>) {
@@ -65,21 +81,12 @@ async fn a_healthy_site_passes_and_a_phone_with_a_wrong_clock_fails_it() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
+    let (config, server) = start_site(
         dir.path(),
         "site.toml",
         &format!(
             "server_names = [\"{ip}\"]\n[site]\nssids = [\"Ward-4B\", \"Ward-5A\"]\ndevice_host = \"{ip}\"\n"
         ),
-    );
-    let server = ServerProcess::start(
-        &dir.path().join("data"),
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--device-listen",
-            "0.0.0.0:0",
-        ],
     );
     let _good = phone(&server, "phone-good", 150).await;
 
@@ -90,7 +97,10 @@ async fn a_healthy_site_passes_and_a_phone_with_a_wrong_clock_fails_it() {
     for (check, needle) in [
         ("ok   certificate:", format!("cover \"{ip}\"").as_str()),
         ("ok   dns:", ip.to_string().as_str()),
-        ("ok   reach:", format!("{ip}:{}", server.device_addr.port()).as_str()),
+        (
+            "ok   reach:",
+            format!("{ip}:{}", server.device_addr.port()).as_str(),
+        ),
         ("ok   ssids:", "2 SSIDs"),
         ("ok   data-dir:", "mode 700"),
         ("ok   clock:", "1 phones online"),
@@ -124,19 +134,10 @@ async fn a_broken_site_fails_with_one_line_per_finding() {
     let dir = tempfile::tempdir().unwrap();
     // The server runs without the site's address in server_names, so its certificate lacks it;
     // then the operator edits the SSIDs badly and opens the data directory to everyone.
-    let started = write_config(
+    let (_, server) = start_site(
         dir.path(),
         "started.toml",
         &format!("[site]\nssids = [\"Ward-4B\"]\ndevice_host = \"{ip}\"\n"),
-    );
-    let server = ServerProcess::start(
-        &dir.path().join("data"),
-        &[
-            "--config",
-            started.to_str().unwrap(),
-            "--device-listen",
-            "0.0.0.0:0",
-        ],
     );
     let edited = write_config(
         dir.path(),
@@ -153,10 +154,7 @@ async fn a_broken_site_fails_with_one_line_per_finding() {
             "FAIL certificate:",
             format!("the device host \"{ip}\" is not among the certificate's names").as_str(),
         ),
-        (
-            "FAIL ssids:",
-            "site.ssids[2] repeats site.ssids[0] \"Ward-4B\"",
-        ),
+        ("FAIL ssids:", "site.ssids[2] repeats site.ssids[0] \"Ward-4B\""),
         ("WARN ssids:", "differ only in case"),
         ("FAIL data-dir:", "is world-writable (mode 777)"),
         ("doctor:", "3 failed"),

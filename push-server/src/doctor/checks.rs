@@ -197,14 +197,7 @@ pub fn ssids(list: &[String]) -> Vec<Finding> {
             list.len().div_ceil(SSIDS_PER_MANAGER)
         )));
     }
-    if out.is_empty() {
-        out.push(Finding::new(
-            Ok,
-            "ssids",
-            format!("{} SSIDs: {list:?}", list.len()),
-        ));
-    }
-    out
+    or_ok(out, "ssids", || format!("{} SSIDs: {list:?}", list.len()))
 }
 
 /// Whether `name` (a DNS name or an IP address) is one of the certificate's names.
@@ -277,18 +270,21 @@ pub fn certificate(cert: &Result<CertFacts, String>, host: &str, now_ms: i64) ->
     if !c.sha2_signature {
         out.push(fail("signature hash is not SHA-2: iOS refuses it".into()));
     }
-    if out.is_empty() {
-        out.push(Finding::new(
-            Ok,
-            "certificate",
-            format!(
-                "names {} cover {host:?}; {key}, serverAuth, {days} days, expires {}",
-                c.names.join(", "),
-                fmt_utc(c.not_after_ms)
-            ),
-        ));
+    or_ok(out, "certificate", || {
+        format!(
+            "names {} cover {host:?}; {key}, serverAuth, {days} days, expires {}",
+            c.names.join(", "),
+            fmt_utc(c.not_after_ms)
+        )
+    })
+}
+
+/// `found`, or one `ok` line saying what was checked when nothing was found.
+fn or_ok(mut found: Vec<Finding>, check: &'static str, checked: impl FnOnce() -> String) -> Vec<Finding> {
+    if found.is_empty() {
+        found.push(Finding::new(Ok, check, checked()));
     }
-    out
+    found
 }
 
 /// The device host resolves, quickly, to an address phones can dial.
@@ -414,19 +410,14 @@ pub fn data_dir(path: &std::path::Path, facts: &Result<DirFacts, String>) -> Vec
             ),
         ));
     }
-    if out.is_empty() {
-        out.push(Finding::new(
-            Ok,
-            "data-dir",
-            format!(
-                "{shown} mode {:o}, {} key files owner-only, {} MiB free",
-                d.mode & 0o7777,
-                d.secret_files.len(),
-                mib(d.avail_bytes)
-            ),
-        ));
-    }
-    out
+    or_ok(out, "data-dir", || {
+        format!(
+            "{shown} mode {:o}, {} key files owner-only, {} MiB free",
+            d.mode & 0o7777,
+            d.secret_files.len(),
+            mib(d.avail_bytes)
+        )
+    })
 }
 
 fn secs(ms: i64) -> String {

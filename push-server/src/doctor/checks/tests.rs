@@ -69,7 +69,10 @@ fn every_ios_rule_is_its_own_failure() {
     type Break = fn(&mut CertFacts);
     let cases: [(Break, &str); 8] = [
         (|c| c.server_auth = false, "serverAuth"),
-        (|c| c.not_after_ms = c.not_before_ms + 826 * DAY, "valid for 826 days"),
+        (
+            |c| c.not_after_ms = c.not_before_ms + 826 * DAY,
+            "valid for 826 days",
+        ),
         (|c| c.key = KeyKind::Rsa(1024), "Rsa(1024)"),
         (|c| c.key = KeyKind::Ec(521), "Ec(521)"),
         (|c| c.key = KeyKind::Other("Ed25519".into()), "Ed25519"),
