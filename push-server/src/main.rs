@@ -494,6 +494,7 @@ fn device_json(d: &DeviceInfo) -> serde_json::Value {
         "ssid": d.ssid,
         "session_age_seconds": d.session_age_seconds,
         "sdk_version": d.sdk_version,
+        "clock_offset_ms": d.clock_offset_ms,
         "last_disconnect_reason": d.last_disconnect_reason,
         "queued": d.queued,
         "voip_token": short_name(d.voip_token().as_str_name(), "VOIP_TOKEN_STATE_"),
