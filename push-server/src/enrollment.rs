@@ -114,31 +114,38 @@ pub struct Credential {
     pub expires_at_ms: i64,
 }
 
-/// What phones are told to dial when nothing better is known (it only works on this machine).
-pub const FALLBACK_HOST: &str = "localhost";
-const FALLBACK_HOST_WARNING: &str = "site.device_host is not set and the device listener binds every \
-     address: phones are told \"localhost\", which only works on this machine; set site.device_host";
+/// Where phones dial this server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceEndpoint {
+    /// Host name or IP address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Nothing named a host and the listener binds every address: `host` is "localhost", which
+    /// only works on this machine.
+    pub fallback: bool,
+}
 
-/// The host and port phones dial: `site.device_host`, else the first of `server_names`, else the
-/// device listener's address ([`FALLBACK_HOST`] when it binds every address); `site.device_port`,
-/// else the listener's port. `device_addr` is the listener's bound address.
-pub fn device_endpoint(cfg: &Config, device_addr: SocketAddr) -> (String, u16) {
+/// Where phones dial: `site.device_host`, else the first of `server_names`, else the device
+/// listener's address ("localhost" when it binds every address); `site.device_port`, else the
+/// listener's port. `device_addr` is the listener's bound address.
+pub fn device_endpoint(cfg: &Config, device_addr: SocketAddr) -> DeviceEndpoint {
     let site = &cfg.site;
-    let host = if !site.device_host.is_empty() {
-        site.device_host.clone()
+    let (host, fallback) = if !site.device_host.is_empty() {
+        (site.device_host.clone(), false)
     } else if let Some(name) = cfg.server_names.first() {
-        name.clone()
+        (name.clone(), false)
     } else if !device_addr.ip().is_unspecified() {
-        device_addr.ip().to_string()
+        (device_addr.ip().to_string(), false)
     } else {
-        FALLBACK_HOST.into()
+        ("localhost".into(), true)
     };
     let port = if site.device_port != 0 {
         site.device_port
     } else {
         device_addr.port()
     };
-    (host, port)
+    DeviceEndpoint { host, port, fallback }
 }
 
 /// Where and how phones reach this server: fixed for the life of the process.
@@ -156,9 +163,13 @@ impl SiteProfile {
     /// The profile from the configuration, the device listener's bound address and the PKI.
     pub fn new(cfg: &Config, device_addr: SocketAddr, pki: &Pki) -> Self {
         let mut warnings = Vec::new();
-        let (host, port) = device_endpoint(cfg, device_addr);
-        if host == FALLBACK_HOST {
-            warnings.push(FALLBACK_HOST_WARNING.into());
+        let DeviceEndpoint { host, port, fallback } = device_endpoint(cfg, device_addr);
+        if fallback {
+            warnings.push(
+                "site.device_host is not set and the device listener binds every address: phones \
+                 are told \"localhost\", which only works on this machine; set site.device_host"
+                    .into(),
+            );
         }
         if !pki.server_names.iter().any(|n| n.eq_ignore_ascii_case(&host)) {
             warnings.push(format!(

@@ -60,7 +60,8 @@ pub async fn gather(args: &DoctorArgs) -> Result<Facts, Finding> {
     let mut rest = cfg.clone();
     rest.site.ssids.clear();
     let config_problem = rest.validate().err().map(|e| e.to_string());
-    let (device_host, device_port) = device_endpoint(&cfg, cfg.device_listen);
+    let endpoint = device_endpoint(&cfg, cfg.device_listen);
+    let (device_host, device_port) = (endpoint.host, endpoint.port);
     let resolution = resolve(&device_host, device_port);
     let addrs = match &resolution {
         Resolution::Literal(ip) => vec![*ip],
