@@ -523,6 +523,7 @@ impl ServerProcess {
                 ssid: "e2e-wifi".into(),
                 instance_id: format!("e2e-{last_seen_seq}"),
                 epoch: self.epoch.load(std::sync::atomic::Ordering::SeqCst),
+                device_time_ms: 0,
             },
         }
     }
@@ -631,19 +632,17 @@ fn spawn_server(
         .expect("a free log name");
     let log = std::fs::File::create(&log_path).expect("create log file");
     let mut cmd = server_command();
-    cmd.arg("serve").arg("--data-dir").arg(data_dir).args([
-        "--device-listen",
-        "127.0.0.1:0",
-        "--api-listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-    ]);
+    cmd.arg("serve").arg("--data-dir").arg(data_dir);
     let has = |flag: &str| {
         extra_args
             .iter()
             .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
     };
+    for flag in ["--device-listen", "--api-listen", "--http-listen"] {
+        if !has(flag) {
+            cmd.args([flag, "127.0.0.1:0"]);
+        }
+    }
     if !has("--heartbeat-interval-ms") {
         cmd.arg(format!("--heartbeat-interval-ms={DEFAULT_HEARTBEAT_INTERVAL_MS}"));
     }

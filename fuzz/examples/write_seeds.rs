@@ -124,7 +124,7 @@ fn record(last_seen_seq: u64, queued: u8) -> Recording {
     let mut sdk = SdkSession::new(config);
     sdk.handle_start(t0);
     rec.sdk_script.u8(sdk_tag::START);
-    sdk.handle_connected(t0);
+    sdk.handle_connected(t0, 0);
     rec.sdk_script.u8(sdk_tag::CONNECTED);
 
     let mut session_id = 0;

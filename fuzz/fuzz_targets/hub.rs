@@ -116,6 +116,7 @@ fuzz_target!(|data: &[u8]| {
                     epoch: s.u64(),
                     ssid: s.string(),
                     instance_id: s.string(),
+                    device_time_ms: 0,
                 };
                 let stale = s.u8() % 2 == 1;
                 let claims = DeviceClaims {

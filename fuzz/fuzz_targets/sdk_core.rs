@@ -167,7 +167,7 @@ fuzz_target!(|data: &[u8]| {
                 ][usize::from(s.u8() % 5)];
                 c.s.handle_stop(c.now, reason)
             }
-            tag::CONNECTED => c.s.handle_connected(c.now),
+            tag::CONNECTED => c.s.handle_connected(c.now, 0),
             tag::DISCONNECTED => c.s.handle_disconnected(c.now, "reset"),
             tag::BYTES => {
                 c.raw = true;

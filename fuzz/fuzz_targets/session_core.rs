@@ -134,6 +134,7 @@ fuzz_target!(|data: &[u8]| {
                     ssid,
                     instance_id: String::new(),
                     epoch,
+                    device_time_ms: 0,
                 }))
             }
             tag::ACK => {

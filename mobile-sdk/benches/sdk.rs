@@ -120,7 +120,7 @@ fn core_only() {
     let t0 = Instant::now();
     let mut s = Session::new(Config::new("cred"));
     s.handle_start(t0);
-    s.handle_connected(t0);
+    s.handle_connected(t0, 0);
     let mut hello = BytesMut::new();
     frame::encode(
         &ServerFrame {

@@ -27,6 +27,13 @@ impl Clock {
         tokio::time::Instant::now().into_std() + self.shift()
     }
 
+    /// The phone's wall clock, Unix ms (running the same shift ahead as [`Clock::now`]).
+    pub fn wall_ms(&self) -> i64 {
+        let wall = std::time::SystemTime::now() + self.shift();
+        wall.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+    }
+
     /// How far this clock runs ahead of tokio's (always zero without `test-clock`).
     pub fn shift(&self) -> Duration {
         #[cfg(feature = "test-clock")]
@@ -62,6 +69,10 @@ pub(crate) struct SessionClock {
 impl SessionClock {
     pub(crate) fn now(&self) -> Instant {
         self.clock.now()
+    }
+
+    pub(crate) fn wall_ms(&self) -> i64 {
+        self.clock.wall_ms()
     }
 
     pub(crate) fn tokio_instant(&self, at: Instant) -> tokio::time::Instant {

@@ -219,6 +219,7 @@ pub(crate) struct Driver {
     pub(crate) clock: SessionClock,
 }
 
+/// The phone's wall clock, Unix ms (0 if it is before 1970).
 impl Driver {
     /// Run until the session stops (by the host, or for good by the server).
     pub(crate) async fn run(mut self) {
@@ -326,7 +327,7 @@ impl Driver {
                         buf: vec![0; READ_CHUNK].into_boxed_slice(),
                         accepted: None,
                     };
-                    self.session.handle_connected(self.clock.now());
+                    self.session.handle_connected(self.clock.now(), self.clock.wall_ms());
                 }
                 Wake::Connect(Err(e)) => {
                     conn = Conn::None;

@@ -114,6 +114,40 @@ pub struct Credential {
     pub expires_at_ms: i64,
 }
 
+/// Where phones dial this server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceEndpoint {
+    /// Host name or IP address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Nothing named a host and the listener binds every address: `host` is "localhost", which
+    /// only works on this machine.
+    pub fallback: bool,
+}
+
+/// Where phones dial: `site.device_host`, else the first of `server_names`, else the device
+/// listener's address ("localhost" when it binds every address); `site.device_port`, else the
+/// listener's port. `device_addr` is the listener's bound address.
+pub fn device_endpoint(cfg: &Config, device_addr: SocketAddr) -> DeviceEndpoint {
+    let site = &cfg.site;
+    let (host, fallback) = if !site.device_host.is_empty() {
+        (site.device_host.clone(), false)
+    } else if let Some(name) = cfg.server_names.first() {
+        (name.clone(), false)
+    } else if !device_addr.ip().is_unspecified() {
+        (device_addr.ip().to_string(), false)
+    } else {
+        ("localhost".into(), true)
+    };
+    let port = if site.device_port != 0 {
+        site.device_port
+    } else {
+        device_addr.port()
+    };
+    DeviceEndpoint { host, port, fallback }
+}
+
 /// Where and how phones reach this server: fixed for the life of the process.
 #[derive(Debug, Clone)]
 pub struct SiteProfile {
@@ -128,29 +162,22 @@ pub struct SiteProfile {
 impl SiteProfile {
     /// The profile from the configuration, the device listener's bound address and the PKI.
     pub fn new(cfg: &Config, device_addr: SocketAddr, pki: &Pki) -> Self {
-        let site = &cfg.site;
         let mut warnings = Vec::new();
-        let host = if !site.device_host.is_empty() {
-            site.device_host.clone()
-        } else if let Some(name) = cfg.server_names.first() {
-            name.clone()
-        } else if !device_addr.ip().is_unspecified() {
-            device_addr.ip().to_string()
-        } else {
+        let DeviceEndpoint { host, port, fallback } = device_endpoint(cfg, device_addr);
+        if fallback {
             warnings.push(
                 "site.device_host is not set and the device listener binds every address: phones \
                  are told \"localhost\", which only works on this machine; set site.device_host"
                     .into(),
             );
-            "localhost".into()
-        };
+        }
         if !pki.server_names.iter().any(|n| n.eq_ignore_ascii_case(&host)) {
             warnings.push(format!(
                 "{host:?} is not in the server certificate ({}); add it to server_names",
                 pki.server_names.join(", ")
             ));
         }
-        let ssids = site.ssids.clone();
+        let ssids = cfg.site.ssids.clone();
         if ssids.is_empty() {
             warnings
                 .push("site.ssids is empty: iOS starts the provider only on listed Wi-Fi networks".into());
@@ -164,11 +191,7 @@ impl SiteProfile {
         }
         Self {
             host,
-            port: if site.device_port != 0 {
-                site.device_port
-            } else {
-                device_addr.port()
-            },
+            port,
             ca_pem: pki.ca_cert_pem.clone(),
             pins: vec![pki.ca_pin.clone(), pki.next_ca_pin.clone()],
             ssids,

@@ -386,6 +386,7 @@ impl push_sender_server::PushSender for Api {
                     .session_started_ms
                     .map_or(0, |t| ((now - t).max(0) / 1000) as u64),
                 sdk_version: v.record.sdk_version,
+                clock_offset_ms: v.clock_offset_ms,
                 last_disconnect_reason: v.record.last_disconnect_reason,
                 queued: v.queued as u32,
                 revoked: v.record.revoked,

@@ -21,6 +21,8 @@
 //! - [`server`]: wiring and graceful shutdown.
 //! - [`api_client`]: a gRPC client for the API (CLI, tests).
 //! - [`client`]: a minimal device client for the CLI and tests (the real one is `mobile-sdk`).
+//! - [`doctor`]: the site pre-flight (`push-server doctor`): certificate, DNS, reachability,
+//!   SSIDs, clocks, the data directory, and the Wi-Fi pitfalls to check on the access points.
 
 pub mod admission;
 pub mod api_client;
@@ -28,6 +30,7 @@ pub mod auth;
 pub mod backup;
 pub mod client;
 pub mod config;
+pub mod doctor;
 pub mod enrollment;
 pub mod grpc;
 pub mod hub;

@@ -76,6 +76,10 @@ enum Command {
     /// Check a backup and install it as a stopped server's data directory (the old one is
     /// moved aside); the restored store gets a new epoch.
     Restore(RestoreArgs),
+    /// Site pre-flight: check what breaks sites (certificate names, DNS, reachability, SSIDs,
+    /// phone clocks, the data directory) and print the Wi-Fi pitfalls to check on the access
+    /// points; one line per finding, exit status 1 on any failure.
+    Doctor(push_server::doctor::DoctorArgs),
 }
 
 #[derive(Subcommand)]
@@ -472,6 +476,7 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // The outcome is printed already; the status says it.
         Err(e) if e.is::<Unanswered>() => std::process::ExitCode::from(UNANSWERED_EXIT),
+        Err(e) if e.is::<push_server::doctor::Failed>() => std::process::ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -531,6 +536,7 @@ fn device_json(d: &DeviceInfo) -> serde_json::Value {
         "ssid": d.ssid,
         "session_age_seconds": d.session_age_seconds,
         "sdk_version": d.sdk_version,
+        "clock_offset_ms": d.clock_offset_ms,
         "last_disconnect_reason": d.last_disconnect_reason,
         "queued": d.queued,
         "voip_token": short_name(d.voip_token().as_str_name(), "VOIP_TOKEN_STATE_"),
@@ -705,6 +711,7 @@ fn hand_out(out: Option<PathBuf>, what: &str, device_id: &str, secret: &str) -> 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => serve(args).await,
+        Command::Doctor(args) => Ok(push_server::doctor::run(args).await?),
         Command::Device(DeviceCommand::Issue { api, device }) => {
             let r = admin(&api)
                 .await?
@@ -1135,6 +1142,7 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         ssid,
         instance_id: uuid::Uuid::new_v4().to_string(),
         epoch,
+        device_time_ms: push_server::hub::now_ms(),
     };
     let mut client = DeviceClient::connect(ClientOptions {
         addr,

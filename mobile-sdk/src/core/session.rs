@@ -352,8 +352,9 @@ impl Session {
         self.set_state(State::Stopped(StopCause::Host(reason)));
     }
 
-    /// The connection asked for by `Connect` is up (TCP and TLS): the hello goes out.
-    pub fn handle_connected(&mut self, now: Instant) {
+    /// The connection asked for by `Connect` is up (TCP and TLS): the hello goes out, with
+    /// `wall_ms`, the phone's wall clock now (Unix ms), so the server can see a skewed clock.
+    pub fn handle_connected(&mut self, now: Instant, wall_ms: i64) {
         self.clock(now);
         if let Phase::Connecting { deadline } = self.phase {
             let sent = self.last_seen();
@@ -365,6 +366,7 @@ impl Session {
                 ssid: self.network.ssid.clone(),
                 instance_id: self.instance_id.clone(),
                 epoch: sent.epoch,
+                device_time_ms: wall_ms,
             };
             self.encode(client_frame::Kind::Hello(hello));
         }

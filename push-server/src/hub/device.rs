@@ -115,6 +115,8 @@ pub(super) struct Queued {
 pub(super) struct Session {
     pub(super) id: u64,
     pub(super) started_ms: i64,
+    /// The device's clock minus ours at its hello, if it reported its clock.
+    pub(super) clock_offset_ms: Option<i64>,
 }
 
 /// A receipt to announce (broadcast, history, metrics); its store op is already in the effects.
@@ -590,6 +592,7 @@ impl DeviceCore {
         let old = self.session.replace(Session {
             id,
             started_ms: cx.now,
+            clock_offset_ms: (hello.device_time_ms != 0).then(|| hello.device_time_ms.saturating_sub(cx.now)),
         });
         self.apply_floor(fx, cx, hello.last_seen_seq, hello.epoch);
         // A block ahead (after a restart the counter sits at the ceiling): durable a commit after

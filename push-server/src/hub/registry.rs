@@ -19,6 +19,8 @@ pub struct DeviceView {
     pub online: bool,
     /// Unix ms the live session started.
     pub session_started_ms: Option<i64>,
+    /// The device's clock minus ours at the live session's hello, if it reported its clock.
+    pub clock_offset_ms: Option<i64>,
     /// Pushes queued.
     pub queued: usize,
     /// Cluster mode: the node holding the device (its session's node), if any.
@@ -270,6 +272,7 @@ impl Hub {
             record: core.record.clone(),
             online: core.session.is_some(),
             session_started_ms: core.session.map(|s| s.started_ms),
+            clock_offset_ms: core.session.and_then(|s| s.clock_offset_ms),
             queued: core.outbox.len(),
             node: self.0.cluster.as_ref().map(|l| l.redis.node().to_string()),
         }
@@ -283,6 +286,7 @@ fn remote_view(record: DeviceRecord, queued: usize, node: Option<String>) -> Dev
         record,
         online: node.is_some(),
         session_started_ms: None,
+        clock_offset_ms: None,
         queued,
         node,
     }

@@ -529,3 +529,32 @@ fn renumbered_pushes_keep_their_content_and_deadline() {
     );
     assert_eq!(timers.len(), 1, "and the old number's expiry is gone");
 }
+
+#[test]
+fn a_phone_reports_its_clock_at_hello_and_a_wild_one_cannot_overflow() {
+    use super::clock::Clock as _;
+    let f = Fixture::new(None);
+    let _rt = f.enter();
+    let now = f.clock.now_ms();
+    let offset = |device: &str| {
+        f.rt.block_on(f.hub.list_devices(None, true))
+            .expect("list")
+            .into_iter()
+            .find(|v| v.record.device_id == device)
+            .map(|v| v.clock_offset_ms)
+    };
+    for (device, device_time_ms, expected) in [
+        ("d0", now - 42_000, Some(-42_000)),
+        ("d1", 0, None),
+        ("d2", i64::MIN, Some(i64::MIN)),
+        // A new session replaces the old one's report.
+        ("d0", i64::MAX, Some(i64::MAX - now)),
+    ] {
+        let hello = Hello {
+            device_time_ms,
+            ..Default::default()
+        };
+        f.hub.login(&f.claims(device), &hello).expect("login");
+        assert_eq!(offset(device), Some(expected), "{device}");
+    }
+}

@@ -545,6 +545,7 @@ mod tests {
             session_started_ms: None,
             queued: 2,
             node: None,
+            clock_offset_ms: None,
         }
     }
 

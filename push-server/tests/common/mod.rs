@@ -177,6 +177,7 @@ impl Harness {
                 ssid: "Ward 4B".into(),
                 instance_id: "test-instance".into(),
                 epoch: self.epoch.load(std::sync::atomic::Ordering::SeqCst),
+                device_time_ms: 0,
             },
         }
     }

@@ -31,6 +31,8 @@ const BACKOFF: BackoffConfig = BackoffConfig {
 const HB_INTERVAL_MS: u32 = 30_000;
 const HB_TIMEOUT_MS: u32 = 10_000;
 const SERVER_TIME_MS: i64 = 1_700_000_000_000;
+/// The phone's wall clock at `t0`: a little ahead of the scripted server's.
+const PHONE_TIME_MS: i64 = SERVER_TIME_MS + 2_500;
 /// The scripted server's store epoch, and the one [`config`] resumes with.
 const EPOCH: u64 = 1;
 
@@ -138,7 +140,8 @@ impl Harness {
     }
 
     fn connected(&mut self) {
-        self.s.handle_connected(self.now);
+        let wall = PHONE_TIME_MS + (self.now - self.t0).as_millis() as i64;
+        self.s.handle_connected(self.now, wall);
         self.drain();
     }
 

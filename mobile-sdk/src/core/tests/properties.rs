@@ -202,7 +202,7 @@ impl Checker {
                     self.transport = Transport::Open;
                     self.frames_on_connection = 0;
                     self.reports_on_connection.clear();
-                    self.h.s.handle_connected(now);
+                    self.h.s.handle_connected(now, 0);
                 }
             }
             Op::Disconnected => {

@@ -24,6 +24,10 @@ fn start_connects_at_once_and_the_hello_carries_what_the_server_needs() {
     assert_eq!(hello.ssid, "ward-4b");
     assert_eq!(hello.instance_id, "inst-1");
     assert!(hello.sdk_version.starts_with("mobile-sdk/"));
+    assert_eq!(
+        hello.device_time_ms, PHONE_TIME_MS,
+        "the phone's clock, for the server's skew check"
+    );
     h.server_hello();
     assert_eq!(
         h.s.state(),
