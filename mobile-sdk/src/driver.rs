@@ -327,7 +327,8 @@ impl Driver {
                         buf: vec![0; READ_CHUNK].into_boxed_slice(),
                         accepted: None,
                     };
-                    self.session.handle_connected(self.clock.now(), self.clock.wall_ms());
+                    self.session
+                        .handle_connected(self.clock.now(), self.clock.wall_ms());
                 }
                 Wake::Connect(Err(e)) => {
                     conn = Conn::None;
