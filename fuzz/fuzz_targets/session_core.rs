@@ -146,6 +146,7 @@ fuzz_target!(|data: &[u8]| {
             })),
             tag::NETWORK_CHANGE => c.frame(client_frame::Kind::NetworkChange(NetworkChange {
                 ssid: s.string(),
+                path_lost: s.u32() % 2 == 1,
             })),
             tag::VOIP_TOKEN => c.frame(client_frame::Kind::VoipToken(VoipToken { token: s.string() })),
             tag::CLIENT_GOODBYE => c.frame(client_frame::Kind::Goodbye(Goodbye {

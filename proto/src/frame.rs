@@ -116,6 +116,7 @@ mod tests {
         let msg = ClientFrame {
             kind: Some(client_frame::Kind::NetworkChange(crate::device::NetworkChange {
                 ssid: "x".repeat(100),
+                path_lost: false,
             })),
         };
         let mut out = BytesMut::new();

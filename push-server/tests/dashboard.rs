@@ -11,7 +11,7 @@ use std::{path::PathBuf, process::Stdio, time::Duration};
 use common::*;
 use fantoccini::{Client, ClientBuilder, Locator};
 use push_proto::{
-    device::{CallOutcome, CallOutcomeResult, push},
+    device::{CallOutcome, CallOutcomeResult, NetworkChange, client_frame, push},
     sender::{
         CreateApiKeyRequest, DeliveryState, DeviceList, EscalationStep, PlaceCallRequest, RotateCaRequest,
         Target, target,
@@ -188,6 +188,70 @@ async fn get_json(h: &Harness, path: &str) -> (u16, Value) {
     let (status, _, body) = h.https("GET", path, &[("authorization", &auth)], "").await;
     let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
     (status, json)
+}
+
+#[tokio::test]
+async fn a_phone_that_said_its_path_was_failing_left_the_wifi_and_is_not_flagged_silent() {
+    let h = Harness::start_with(|c| {
+        c.heartbeat_interval_ms = 200;
+        c.heartbeat_timeout_ms = 300;
+    })
+    .await;
+    let mut presence = h
+        .sender()
+        .watch_presence(push_proto::sender::WatchPresenceRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let path = |lost| {
+        client_frame::Kind::NetworkChange(NetworkChange {
+            ssid: "Ward 4B".into(),
+            path_lost: lost,
+        })
+    };
+    // Walking out: iOS said the Wi-Fi was going, then the connection went silent.
+    let mut faded = h.device("faded").await;
+    // A flap: the path failed and came back; the silence after it is on the SSID.
+    let mut flapper = h.device("flapper").await;
+    for (phone, reports) in [(&mut faded, vec![true]), (&mut flapper, vec![true, false])] {
+        phone.auto_heartbeat = false;
+        for lost in reports {
+            phone.send(path(lost)).await.unwrap();
+        }
+    }
+    let mut silent = Vec::new();
+    within(async {
+        while silent.len() < 2 {
+            let e = presence.message().await.unwrap().unwrap();
+            if !e.online && e.reason == "heartbeat timeout" {
+                silent.push(e.device_id);
+            }
+        }
+    })
+    .await;
+    let (_, page) = get_json(&h, "/api/devices").await;
+    let row = |id: &str| {
+        page["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["device_id"] == id)
+            .unwrap_or_else(|| panic!("{id} in {page}"))
+            .clone()
+    };
+    let (faded, flapper) = (row("faded"), row("flapper"));
+    assert_eq!(
+        (&faded["left_wifi"], &faded["flags"]),
+        (&json!(true), &json!([])),
+        "{faded}"
+    );
+    assert_eq!(
+        (&flapper["left_wifi"], &flapper["flags"]),
+        (&json!(false), &json!(["heartbeat_silent"])),
+        "{flapper}"
+    );
+    // The record keeps the SSID: a failing path is no move to another site.
+    assert_eq!(faded["ssid"], "Ward 4B");
 }
 
 #[tokio::test]

@@ -323,6 +323,7 @@ async fn oversized_hello_and_network_change_fields_are_refused_and_change_nothin
     phone
         .send(client_frame::Kind::NetworkChange(NetworkChange {
             ssid: "n".repeat(33),
+            path_lost: false,
         }))
         .await
         .unwrap();

@@ -433,6 +433,12 @@ impl Session {
         let now = self.clock(now);
         match event {
             NetworkEvent::NotViable | NetworkEvent::Left => {
+                if self.network.viable {
+                    // Best effort, while the connection may still carry it: the server then
+                    // reads the silence that follows as leaving the Wi-Fi, not a phone silent
+                    // on the SSID.
+                    self.report_path(true);
+                }
                 if event == NetworkEvent::Left {
                     self.network.ssid.clear();
                 }
@@ -445,6 +451,7 @@ impl Session {
                 if !self.network.viable {
                     self.network.viable = true;
                     self.network.lost_deadline = None;
+                    self.report_path(false);
                     if matches!(self.phase, Phase::Offline) {
                         self.backoff.reset();
                         self.connect(now);
@@ -474,13 +481,22 @@ impl Session {
                         self.backoff.reset();
                         self.connect(now);
                     }
-                    Phase::Connected(_) if changed => {
-                        let ssid = self.network.ssid.clone();
-                        self.encode(client_frame::Kind::NetworkChange(NetworkChange { ssid }));
-                    }
+                    // Roamed to another SSID, or back on the path after losing it.
+                    Phase::Connected(_) if changed || !was_viable => self.report_path(false),
                     _ => {}
                 }
             }
+        }
+    }
+
+    /// Tell a connected server the path is failing (`lost`) or back, on the current SSID.
+    fn report_path(&mut self, lost: bool) {
+        if matches!(self.phase, Phase::Connected(_)) {
+            let ssid = self.network.ssid.clone();
+            self.encode(client_frame::Kind::NetworkChange(NetworkChange {
+                ssid,
+                path_lost: lost,
+            }));
         }
     }
 

@@ -175,10 +175,17 @@ impl Hub {
     }
 
     /// The device reports a new SSID mid-session.
-    pub fn network_changed(&self, device_id: &str, session_id: u64, ssid: &str) {
+    pub fn network_changed(&self, device_id: &str, session_id: u64, ssid: &str, path_lost: bool) {
         self.with_device(device_id, Some(session_id), |core, fx, cx| {
-            core.network_changed(fx, cx, ssid);
-            self.0.observer.network_changed(device_id);
+            if path_lost {
+                self.0.observer.path_lost(device_id, true);
+            } else if ssid == core.record.last_ssid {
+                // The same SSID: the path came back within the SDK's debounce.
+                self.0.observer.path_lost(device_id, false);
+            } else {
+                core.network_changed(fx, cx, ssid);
+                self.0.observer.network_changed(device_id);
+            }
         });
     }
 

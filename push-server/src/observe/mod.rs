@@ -469,8 +469,15 @@ impl Observer {
     /// The device reported a network change in its live session (the hub calls it as it
     /// records the new SSID): a silence that follows is the phone leaving the Wi-Fi.
     pub fn network_changed(&self, device_id: &str) {
+        self.path_lost(device_id, true);
+    }
+
+    /// The device reported its path to the server failing (`lost`: iOS says the Wi-Fi is
+    /// unviable or gone, so a silence that follows is the phone leaving the Wi-Fi) or back on
+    /// the same SSID (a silence that follows is a phone silent on the SSID again).
+    pub fn path_lost(&self, device_id: &str, lost: bool) {
         if let Some(d) = self.state.lock().devices.get_mut(device_id) {
-            d.network_changed = true;
+            d.network_changed = lost;
         }
     }
 
@@ -808,10 +815,21 @@ mod tests {
         o.network_changed("silent");
         o.session_started("silent", 4, "Ward", "i", "sdk", 5);
         o.session_ended("silent", 4, "heartbeat timeout", 30);
+        // Its path failed (iOS said the Wi-Fi went) and the connection died with it.
+        o.session_started("faded", 5, "Ward", "i", "sdk", 0);
+        o.path_lost("faded", true);
+        o.session_ended("faded", 5, "heartbeat timeout", 30);
+        // Its path failed and came back: a silence after that is on the SSID again.
+        o.session_started("flapper", 6, "Ward", "i", "sdk", 0);
+        o.path_lost("flapper", true);
+        o.path_lost("flapper", false);
+        o.session_ended("flapper", 6, "heartbeat timeout", 30);
         for (device, left, flags) in [
             ("walker", true, vec![]),
             ("leaver", true, vec![]),
             ("silent", false, vec!["heartbeat_silent"]),
+            ("faded", true, vec![]),
+            ("flapper", false, vec!["heartbeat_silent"]),
         ] {
             let d = o.device(device, 40);
             assert_eq!((d.left_wifi, d.flags), (left, flags), "{device}");
@@ -826,10 +844,10 @@ mod tests {
             ("noNetworkAvailable", true)
         );
         let site = &o.sites(&HashMap::new(), 40)[0];
-        assert_eq!((site.left_wifi, site.heartbeat_misses), (2, 2));
+        assert_eq!((site.left_wifi, site.heartbeat_misses), (3, 4));
         assert_eq!(site.provider_stops, BTreeMap::from([("noNetworkAvailable", 1)]));
         let diagnosed: Vec<_> = o.diagnoses().into_iter().map(|d| d.device_id).collect();
-        assert_eq!(diagnosed, ["silent"]);
+        assert_eq!(diagnosed, ["flapper", "silent"], "newest first");
     }
 
     #[test]

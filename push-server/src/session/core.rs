@@ -8,7 +8,7 @@ use std::{collections::VecDeque, time::Duration};
 
 use push_proto::device::{
     Ack, CallOutcome, CallOutcomeReply, CallOutcomeReport, ClientFrame, Goodbye, GoodbyeReason, Heartbeat,
-    Hello, Push, ServerFrame, ServerHello, client_frame, server_frame,
+    Hello, NetworkChange, Push, ServerFrame, ServerHello, client_frame, server_frame,
 };
 use tokio::time::Instant;
 
@@ -32,8 +32,8 @@ pub enum Event {
     Hello(Hello),
     /// The device acknowledged pushes.
     Acked(Ack),
-    /// The device reports a new SSID.
-    NetworkChanged(String),
+    /// The device reports a new SSID, or that its path to the server is failing or back.
+    NetworkChanged(NetworkChange),
     /// The device registered (non-empty) or cleared (empty) its PushKit token.
     VoipToken(String),
     /// The user acted on a call (answered, declined, ...): decide it, then `reply_call_outcome`.
@@ -180,7 +180,7 @@ impl Session {
             }
             (Phase::Established { .. }, Kind::NetworkChange(change)) => {
                 match super::fields::check_ssid(&change.ssid) {
-                    Ok(()) => self.events.push_back(Event::NetworkChanged(change.ssid)),
+                    Ok(()) => self.events.push_back(Event::NetworkChanged(change)),
                     Err(why) => self.protocol_error(&why),
                 }
             }
@@ -594,7 +594,10 @@ mod tests {
         s.handle_frame(
             now,
             frame(client_frame::Kind::NetworkChange(
-                push_proto::device::NetworkChange { ssid: "s".repeat(33) },
+                push_proto::device::NetworkChange {
+                    ssid: "s".repeat(33),
+                    path_lost: false,
+                },
             )),
         );
         assert_eq!(goodbye_reason(&mut s), Some(GoodbyeReason::ProtocolError));

@@ -120,9 +120,10 @@ pub async fn run(
                         env.hub.ack(&a.device_id, a.session_id, ack.up_to_seq, &ack.seqs);
                     }
                 }
-                Event::NetworkChanged(ssid) => {
+                Event::NetworkChanged(change) => {
                     if let Some(a) = &admitted {
-                        env.hub.network_changed(&a.device_id, a.session_id, &ssid);
+                        env.hub
+                            .network_changed(&a.device_id, a.session_id, &change.ssid, change.path_lost);
                     }
                 }
                 Event::VoipToken(token) => {

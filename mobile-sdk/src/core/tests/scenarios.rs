@@ -416,6 +416,43 @@ fn short_viability_flap_keeps_the_session() {
     assert_eq!(h.connects(), 1);
 }
 
+/// The `NetworkChange` frames the session sent, as (ssid, path_lost).
+fn path_reports(h: &Harness) -> Vec<(String, bool)> {
+    h.sent
+        .iter()
+        .filter_map(|f| match &f.kind {
+            Some(client_frame::Kind::NetworkChange(c)) => Some((c.ssid.clone(), c.path_lost)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_failing_path_is_told_to_the_server_while_the_connection_may_still_carry_it() {
+    let mut h = Harness::new(config(0));
+    h.establish();
+    // A flap: lost, then back within the debounce; the session stays and says both.
+    h.s.handle_network(h.now, NetworkEvent::NotViable);
+    h.drain();
+    h.s.handle_network(h.now, NetworkEvent::NotViable);
+    h.drain();
+    h.advance(SECOND);
+    h.s.handle_network(h.now, NetworkEvent::Viable);
+    h.drain();
+    let ward = "ward-4b".to_string();
+    assert_eq!(path_reports(&h), [(ward.clone(), true), (ward.clone(), false)]);
+    // Walking out: the SSID is left; the report names the SSID being left.
+    h.s.handle_network(h.now, NetworkEvent::Left);
+    h.drain();
+    assert_eq!(path_reports(&h).last(), Some(&(ward.clone(), true)));
+    // Back on it before the debounce ran out: the path is back, on the same SSID.
+    h.s.handle_network(h.now, NetworkEvent::Joined { ssid: ward.clone() });
+    h.drain();
+    assert_eq!(path_reports(&h).last(), Some(&(ward, false)));
+    assert_eq!(path_reports(&h).len(), 4);
+    assert_eq!(h.connects(), 1);
+}
+
 #[test]
 fn long_loss_of_the_path_closes_and_waits_for_the_network_without_timers() {
     let mut h = Harness::new(config(0));
