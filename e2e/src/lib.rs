@@ -524,6 +524,7 @@ impl ServerProcess {
                 instance_id: format!("e2e-{last_seen_seq}"),
                 epoch: self.epoch.load(std::sync::atomic::Ordering::SeqCst),
                 device_time_ms: 0,
+                previous_stop_reason: String::new(),
             },
         }
     }

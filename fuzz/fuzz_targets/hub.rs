@@ -117,6 +117,7 @@ fuzz_target!(|data: &[u8]| {
                     ssid: s.string(),
                     instance_id: s.string(),
                     device_time_ms: 0,
+                    previous_stop_reason: String::new(),
                 };
                 let stale = s.u8() % 2 == 1;
                 let claims = DeviceClaims {

@@ -135,6 +135,7 @@ fuzz_target!(|data: &[u8]| {
                     instance_id: String::new(),
                     epoch,
                     device_time_ms: 0,
+                    previous_stop_reason: String::new(),
                 }))
             }
             tag::ACK => {

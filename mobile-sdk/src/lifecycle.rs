@@ -67,6 +67,9 @@ struct RegistryInner {
     /// instance starts from it even if the host created it from a persisted value not yet up
     /// to date.
     taken: Mutex<HashMap<String, LastSeen>>,
+    /// Per device, why the host stopped its latest session (Apple's name), for the next
+    /// session's hello: the goodbye that said it may not have got through.
+    stops: Mutex<HashMap<String, &'static str>>,
     next_generation: AtomicU64,
 }
 
@@ -164,6 +167,7 @@ impl Registry {
                 counters: Arc::new(Counters::default()),
                 slots: Mutex::new(HashMap::new()),
                 taken: Mutex::new(HashMap::new()),
+                stops: Mutex::new(HashMap::new()),
                 next_generation: AtomicU64::new(1),
             }),
         }
@@ -254,6 +258,13 @@ impl Registry {
             voip_token: client.shared.voip_token(),
             // Reports of an earlier session of this client that the server never answered.
             outcome_reports: client.shared.pending_outcomes(),
+            previous_stop: self
+                .inner
+                .stops
+                .lock()
+                .expect("poisoned")
+                .remove(device_id)
+                .unwrap_or(""),
             timing: c.timing,
             backoff: c.backoff,
             jitter_seed: client.jitter_seed,
@@ -466,6 +477,10 @@ impl ClientInner {
         let run = self.run.lock().expect("poisoned").take();
         if let Some(run) = run {
             run.stop(reason).await;
+            if !reason.provider_reason.is_empty() {
+                let mut stops = self.registry.inner.stops.lock().expect("poisoned");
+                stops.insert(self.config.device_id.clone(), reason.provider_reason);
+            }
         }
     }
 

@@ -1143,6 +1143,7 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         instance_id: uuid::Uuid::new_v4().to_string(),
         epoch,
         device_time_ms: push_server::hub::now_ms(),
+        previous_stop_reason: String::new(),
     };
     let mut client = DeviceClient::connect(ClientOptions {
         addr,

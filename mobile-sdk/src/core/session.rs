@@ -63,6 +63,9 @@ pub struct Config {
     pub outcome_reports: Vec<OutcomeReport>,
     /// Call-outcome reports kept at most (the oldest is dropped beyond it).
     pub max_outcome_reports: usize,
+    /// Why the host stopped the device's previous session (Apple's name, empty if none): told
+    /// in the hellos until a `ServerHello` answers, as its goodbye may not have got through.
+    pub previous_stop: &'static str,
 }
 
 impl Config {
@@ -82,6 +85,7 @@ impl Config {
             max_pending_events: 256,
             outcome_reports: Vec::new(),
             max_outcome_reports: outcomes::DEFAULT_CAP,
+            previous_stop: "",
         }
     }
 }
@@ -230,6 +234,8 @@ pub struct Session {
     voip_token: Option<String>,
     /// Call-outcome reports sent (or to send) on every session until the server replies.
     outcomes: PendingOutcomes,
+    /// [`Config::previous_stop`], until a `ServerHello` answers a hello that carried it.
+    previous_stop: &'static str,
 }
 
 impl Session {
@@ -268,6 +274,7 @@ impl Session {
             now: None,
             dropped: 0,
             voip_token: config.voip_token,
+            previous_stop: config.previous_stop,
         }
     }
 
@@ -367,6 +374,7 @@ impl Session {
                 instance_id: self.instance_id.clone(),
                 epoch: sent.epoch,
                 device_time_ms: wall_ms,
+                previous_stop_reason: self.previous_stop.into(),
             };
             self.encode(client_frame::Kind::Hello(hello));
         }
@@ -718,6 +726,7 @@ impl Session {
         };
         match (&self.phase, kind) {
             (&Phase::Handshaking { sent, .. }, Kind::ServerHello(hello)) => {
+                self.previous_stop = "";
                 self.established(now, sent, hello)
             }
             (_, Kind::Goodbye(bye)) => self.on_goodbye(now, bye),

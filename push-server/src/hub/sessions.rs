@@ -81,6 +81,9 @@ impl Hub {
         }
         let pending = self.apply(slot, fx);
         self.release(pending);
+        self.0
+            .observer
+            .previous_stop(&claims.sub, &hello.previous_stop_reason);
         let heard = self.0.observer.session_started(
             &claims.sub,
             session_id,

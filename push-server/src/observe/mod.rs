@@ -481,6 +481,41 @@ impl Observer {
         }
     }
 
+    /// A login's hello says why the host stopped the device's previous session (`name`, Apple's
+    /// case name), whose goodbye may never have reached the server: if that session ended in a
+    /// heartbeat silence nothing explained and `name` is a network reason, the phone had left
+    /// the Wi-Fi. It is counted so, and the silence's flag is dropped (its log line stays).
+    pub fn previous_stop(&self, device_id: &str, name: &str) {
+        let name = provider_stop::parse(name);
+        if !provider_stop::is_network(name) {
+            return;
+        }
+        let mut st = self.state.lock();
+        let st = &mut *st;
+        let Some(d) = st.devices.get_mut(device_id) else {
+            return;
+        };
+        let Some(s) = d.sessions.back_mut() else {
+            return;
+        };
+        if s.ended_ms.is_none() || s.left_wifi || metrics::reason_class(&s.reason) != "heartbeat_timeout" {
+            return;
+        }
+        s.left_wifi = true;
+        s.provider_stop_reason = name;
+        d.left_wifi = true;
+        d.last_provider_stop = name;
+        if d.heartbeat_flag_ms == s.ended_ms {
+            d.heartbeat_flag_ms = None;
+        }
+        let ssid = s.ssid.clone();
+        metrics::session_stopped(name, true);
+        if let Some(site) = st.sites.get_mut(&ssid) {
+            site.left_wifi += 1;
+            *site.provider_stops.entry(name).or_default() += 1;
+        }
+    }
+
     /// The device's current session ended (called by the hub when it clears presence).
     pub fn session_ended(&self, device_id: &str, session_id: u64, reason: &str, now: i64) {
         metrics::session_ended(reason);
@@ -845,9 +880,30 @@ mod tests {
         );
         let site = &o.sites(&HashMap::new(), 40)[0];
         assert_eq!((site.left_wifi, site.heartbeat_misses), (3, 4));
-        assert_eq!(site.provider_stops, BTreeMap::from([("noNetworkAvailable", 1)]));
+        // Silent with its connection already dead, then back: its next hello says iOS stopped
+        // it for leaving the network. The silence was the walk out; the flag goes.
+        o.previous_stop("silent", "noNetworkAvailable");
+        let d = o.device("silent", 40);
+        assert_eq!(
+            (d.left_wifi, d.flags, d.last_provider_stop_reason),
+            (true, vec![], "noNetworkAvailable")
+        );
+        // Said twice, or for a reason that is not the network, or about a session that did
+        // not end in silence: nothing changes.
+        o.previous_stop("silent", "noNetworkAvailable");
+        o.previous_stop("flapper", "userInitiated");
+        o.previous_stop("leaver", "noNetworkAvailable");
+        let site = &o.sites(&HashMap::new(), 40)[0];
+        assert_eq!((site.left_wifi, site.heartbeat_misses), (4, 4));
+        assert_eq!(o.device("flapper", 40).flags, ["heartbeat_silent"]);
+        // The leaver's goodbye and the silent phone's late word.
+        assert_eq!(site.provider_stops, BTreeMap::from([("noNetworkAvailable", 2)]));
         let diagnosed: Vec<_> = o.diagnoses().into_iter().map(|d| d.device_id).collect();
-        assert_eq!(diagnosed, ["flapper", "silent"], "newest first");
+        assert_eq!(
+            diagnosed,
+            ["flapper", "silent"],
+            "newest first; a log line stays said"
+        );
     }
 
     #[test]

@@ -178,6 +178,7 @@ impl Harness {
                 instance_id: "test-instance".into(),
                 epoch: self.epoch.load(std::sync::atomic::Ordering::SeqCst),
                 device_time_ms: 0,
+                previous_stop_reason: String::new(),
             },
         }
     }

@@ -454,6 +454,30 @@ fn a_failing_path_is_told_to_the_server_while_the_connection_may_still_carry_it(
 }
 
 #[test]
+fn the_hellos_say_why_the_previous_session_was_stopped_until_the_server_answers() {
+    let mut h = Harness::new(Config {
+        previous_stop: "noNetworkAvailable",
+        ..config(0)
+    });
+    h.start();
+    h.connected();
+    // No answer: the next attempt says it again.
+    h.disconnected("connection reset");
+    h.sleep();
+    h.connected();
+    h.server_hello();
+    h.disconnected("connection reset");
+    h.sleep();
+    h.connected();
+    let said: Vec<_> = h
+        .hellos()
+        .iter()
+        .map(|hello| hello.previous_stop_reason.clone())
+        .collect();
+    assert_eq!(said, ["noNetworkAvailable", "noNetworkAvailable", ""]);
+}
+
+#[test]
 fn long_loss_of_the_path_closes_and_waits_for_the_network_without_timers() {
     let mut h = Harness::new(config(0));
     h.establish();
