@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use push_proto::sender::{CreateApiKeyRequest, ListDevicesRequest, SendMessageRequest, WatchPresenceRequest};
+use push_proto::sender::{CreateApiKeyRequest, ListDevicesRequest, SendMessageRequest};
 use push_server::api_client::ApiClient;
 
 #[tokio::test]
@@ -82,12 +82,7 @@ async fn api_keys_are_required_and_scoped() {
 #[tokio::test]
 async fn device_listing_and_presence_follow_sessions() {
     let h = Harness::start().await;
-    let mut presence = h
-        .sender()
-        .watch_presence(WatchPresenceRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut presence = h.presence().await;
     let phone = h.device("phone-1").await;
     h.issue("phone-2", &["ward:4B"]).await;
     let online = within(presence.message()).await.unwrap().unwrap();

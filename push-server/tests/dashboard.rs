@@ -197,12 +197,7 @@ async fn a_phone_that_said_its_path_was_failing_left_the_wifi_and_is_not_flagged
         c.heartbeat_timeout_ms = 300;
     })
     .await;
-    let mut presence = h
-        .sender()
-        .watch_presence(push_proto::sender::WatchPresenceRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut presence = h.presence().await;
     let path = |lost| {
         client_frame::Kind::NetworkChange(NetworkChange {
             ssid: "Ward 4B".into(),

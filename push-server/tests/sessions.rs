@@ -7,7 +7,7 @@ use bytes::BufMut;
 use common::*;
 use push_proto::{
     device::GoodbyeReason,
-    sender::{DeliveryState, RevokeDeviceRequest, WatchPresenceRequest},
+    sender::{DeliveryState, RevokeDeviceRequest},
 };
 use push_server::{auth::unix_secs, client::ClientError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -55,12 +55,7 @@ async fn heartbeat_deadline_marks_a_silent_device_offline() {
         c.heartbeat_timeout_ms = 300;
     })
     .await;
-    let mut presence = h
-        .sender()
-        .watch_presence(WatchPresenceRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut presence = h.presence().await;
     let mut alive = h.device("alive").await;
     let mut silent = h.device("silent").await;
     silent.auto_heartbeat = false;

@@ -217,6 +217,15 @@ impl Harness {
     }
 
     /// A push's receipts as they change (the stream starts with the current state).
+    /// Every device's presence changes from now on (online, offline with the reason).
+    pub async fn presence(&self) -> tonic::Streaming<push_proto::sender::PresenceEvent> {
+        self.sender()
+            .watch_presence(push_proto::sender::WatchPresenceRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     pub async fn watch(&self, id: &str) -> tonic::Streaming<DeliveryUpdate> {
         let req = GetMessageStatusRequest {
             message_id: id.into(),
