@@ -194,7 +194,7 @@ impl MqttFleet {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if let Some(k) = p.payload.get(..8) {
-                            rec.arrive(u64::from_le_bytes(k.try_into().expect("8 bytes")) as usize);
+                            rec.arrive(u64::from_le_bytes(k.try_into().expect("8 bytes")) as usize, index);
                         }
                     }
                     Ok(_) => {}

@@ -296,12 +296,12 @@ impl EventHandler for Probe {
             }
             Event::Message(m) => {
                 if let Some(k) = parse_tag(&m.title, 'm') {
-                    self.rec.arrive(k);
+                    self.rec.arrive(k, self.index);
                 }
             }
             Event::CallInvite(c) => {
                 if let Some(k) = parse_tag(&c.call_id, 'c') {
-                    self.rec.arrive(k);
+                    self.rec.arrive(k, self.index);
                     self.rec.call_event(k, self.index, CallSeen::Invite);
                 }
             }

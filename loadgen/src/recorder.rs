@@ -1,9 +1,12 @@
 //! What the simulated devices saw, and when: sessions up and down, and the arrival time of each
 //! numbered message or call. Lock-free on the hot path (one atomic store per arrival).
 
-use std::sync::{
-    Arc, Mutex, RwLock,
-    atomic::{AtomicU64, AtomicUsize, Ordering},
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
 };
 
 use push_proto::device::{CallOutcome, CallOutcomeResult, CancelReason};
@@ -39,24 +42,36 @@ pub struct Arrivals {
     pub count: AtomicUsize,
     /// Every arrival time, when the run asked for them (fan-out: one message, many devices).
     pub all: Option<Mutex<Vec<u64>>>,
+    /// Which device saw which message, when the run checks that none saw one twice (a lock
+    /// per arrival: the smoke run, not the timed benchmarks).
+    seen: Option<Mutex<HashSet<(usize, usize)>>>,
+    /// Arrivals of a message at a device that had already seen it (counted only with `seen`).
+    pub duplicates: AtomicUsize,
 }
 
 impl Arrivals {
-    fn new(n: usize, keep_all: bool) -> Self {
+    fn new(n: usize, keep_all: bool, exactly_once: bool) -> Self {
         Self {
             first: (0..n).map(|_| AtomicU64::new(0)).collect(),
             count: AtomicUsize::new(0),
             all: keep_all.then(|| Mutex::new(Vec::with_capacity(16 * 1024))),
+            seen: exactly_once.then(Mutex::default),
+            duplicates: AtomicUsize::new(0),
         }
     }
 
-    /// Record an arrival of message `k` (ignored when out of range).
-    pub fn arrive(&self, k: usize) {
+    /// Record an arrival of message `k` at device `device` (ignored when out of range).
+    pub fn arrive(&self, k: usize, device: usize) {
         let t = now_ns();
         let Some(slot) = self.first.get(k) else { return };
         let _ = slot.compare_exchange(0, t, Ordering::AcqRel, Ordering::Acquire);
         if let Some(all) = &self.all {
             all.lock().expect("poisoned").push(t);
+        }
+        if let Some(seen) = &self.seen
+            && !seen.lock().expect("poisoned").insert((k, device))
+        {
+            self.duplicates.fetch_add(1, Ordering::AcqRel);
         }
         self.count.fetch_add(1, Ordering::AcqRel);
     }
@@ -76,6 +91,8 @@ pub struct Recorder {
     pub online: AtomicUsize,
     /// Sessions established since the start (reconnections included).
     pub logins: AtomicUsize,
+    /// Runs armed from now on check that no device sees a message twice.
+    pub exactly_once: AtomicBool,
     arrivals: RwLock<Arc<Arrivals>>,
     /// Where the phones' events of numbered calls go, call `k` to channel `k`, when armed.
     calls: RwLock<Arc<Vec<mpsc::UnboundedSender<CallEvent>>>>,
@@ -86,7 +103,8 @@ impl Default for Recorder {
         Self {
             online: AtomicUsize::new(0),
             logins: AtomicUsize::new(0),
-            arrivals: RwLock::new(Arc::new(Arrivals::new(0, false))),
+            exactly_once: AtomicBool::new(false),
+            arrivals: RwLock::new(Arc::new(Arrivals::new(0, false, false))),
             calls: RwLock::default(),
         }
     }
@@ -95,15 +113,16 @@ impl Default for Recorder {
 impl Recorder {
     /// Start recording a run of `n` numbered messages; returns its arrivals.
     pub fn arm(&self, n: usize, keep_all: bool) -> Arc<Arrivals> {
-        let a = Arc::new(Arrivals::new(n, keep_all));
+        let exactly_once = self.exactly_once.load(Ordering::Acquire);
+        let a = Arc::new(Arrivals::new(n, keep_all, exactly_once));
         *self.arrivals.write().expect("poisoned") = a.clone();
         a
     }
 
-    /// Message number `k` arrived.
-    pub fn arrive(&self, k: usize) {
+    /// Message number `k` arrived at device `device`.
+    pub fn arrive(&self, k: usize, device: usize) {
         let a = self.arrivals.read().expect("poisoned").clone();
-        a.arrive(k);
+        a.arrive(k, device);
     }
 
     /// Start recording what the phones see of calls `0..n` (invites, cancels, outcome
@@ -151,6 +170,27 @@ pub fn parse_tag(tag: &str, prefix: char) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn a_message_seen_twice_by_one_device_is_a_duplicate_when_checked() {
+        let rec = super::Recorder::default();
+        let unchecked = rec.arm(2, false);
+        unchecked.arrive(1, 7);
+        unchecked.arrive(1, 7);
+        assert_eq!(unchecked.duplicates.load(Ordering::Acquire), 0);
+        rec.exactly_once.store(true, Ordering::Release);
+        let checked = rec.arm(2, false);
+        rec.arrive(1, 7);
+        rec.arrive(1, 8);
+        rec.arrive(0, 7);
+        assert_eq!(checked.duplicates.load(Ordering::Acquire), 0);
+        rec.arrive(1, 7);
+        assert_eq!(checked.duplicates.load(Ordering::Acquire), 1);
+        assert_eq!(checked.count.load(Ordering::Acquire), 4);
+        assert_eq!(checked.arrived(), 2);
+    }
+
     #[test]
     fn tags() {
         assert_eq!(super::parse_tag("m42", 'm'), Some(42));
