@@ -47,6 +47,7 @@
 
 #[cfg(test)]
 mod conformance;
+mod journal;
 mod redb_store;
 mod redis_conn;
 mod redis_store;

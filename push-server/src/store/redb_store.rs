@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::fmt::Display;
 use std::path::Path;
 use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use std::thread::JoinHandle;
@@ -19,6 +20,7 @@ use redb::{
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
+use super::journal::{self, AppendError, Checkpoints, Journal};
 use super::rows::{ApiKeyRow, ApiKeyV1, CallRow, DeviceRow, PushRow, ReceiptRow, RequestRow, Row};
 use super::{ApiKeyRecord, Op, Receipt, RequestRecord, Snapshot, Store, StoreError};
 
@@ -74,7 +76,8 @@ pub struct RedbStore {
 }
 
 impl RedbStore {
-    /// Open the database at `path`, creating it if missing, and start its writer thread.
+    /// Open the database at `path`, creating it if missing, replay its journal (`<path>.journal`:
+    /// the group commits since the last checkpoint), and start its writer thread.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
         let open_error = |source: &dyn Display| StoreError::Open {
             path: path.display().to_string(),
@@ -82,9 +85,13 @@ impl RedbStore {
         };
         let db = Arc::new(Database::create(path).map_err(|e| open_error(&e))?);
         create_tables(&db).map_err(|e| open_error(&e))?;
+        let journal = recover(&db, &journal::path_of(path))?;
 
         let writer = Writer {
             db: Arc::clone(&db),
+            journal,
+            checkpoints: Checkpoints::new(CHECKPOINT_BYTES, CHECKPOINT_AGE),
+            broken: None,
             #[cfg(test)]
             commits: Arc::default(),
         };
@@ -103,6 +110,43 @@ impl RedbStore {
             commits,
         })
     }
+}
+
+/// Replay the journal at `path` into `db` and empty it: every whole record, in order, in one
+/// durable transaction. The database came back at its last durable commit, which may already
+/// hold some of the records (a crash between a checkpoint's commit and its emptying of the
+/// journal); replaying them again changes nothing, see [`Writer::checkpoint`]. A torn last
+/// record is dropped: its batches were never answered.
+fn recover(db: &Database, path: &Path) -> Result<Journal, StoreError> {
+    let open_error = |detail: String| StoreError::Open {
+        path: path.display().to_string(),
+        detail,
+    };
+    let (mut journal, bytes) = Journal::open(path).map_err(|e| open_error(e.to_string()))?;
+    if bytes.is_empty() {
+        return Ok(journal);
+    }
+    let contents = journal::decode(&bytes).map_err(open_error)?;
+    let txn = db.begin_write().map_err(|e| open_error(e.to_string()))?;
+    {
+        let mut tables = Tables::open(&txn).map_err(|e| open_error(e.to_string()))?;
+        for (index, ops) in contents.groups.iter().enumerate() {
+            for op in ops {
+                tables
+                    .apply(op)
+                    .map_err(|e| open_error(format!("replaying record {index}: {e}")))?;
+            }
+        }
+    }
+    txn.commit().map_err(|e| open_error(e.to_string()))?;
+    journal.clear().map_err(|e| open_error(e.to_string()))?;
+    tracing::info!(
+        records = contents.groups.len(),
+        torn_tail_at = contents.torn_at,
+        journal = %path.display(),
+        "store journal replayed"
+    );
+    Ok(journal)
 }
 
 impl RedbStore {
@@ -143,6 +187,12 @@ impl RedbStore {
         let epoch = std::iter::repeat_with(new_epoch)
             .find(|e| Some(*e) != old)
             .unwrap_or(1);
+        // A journal beside a snapshot is another store's: replayed over the snapshot, it would
+        // bring back writes the restore is meant to roll back.
+        let stale = journal::path_of(path);
+        if stale.exists() {
+            std::fs::remove_file(&stale).map_err(|e| open_error(&format!("{}: {e}", stale.display())))?;
+        }
         let txn = db.begin_write().map_err(io)?;
         txn.open_table(META)
             .map_err(io)?
@@ -394,6 +444,12 @@ fn read_all<K: Key + 'static, R: Row>(
 /// The writer thread's state.
 struct Writer {
     db: Arc<Database>,
+    journal: Journal,
+    checkpoints: Checkpoints,
+    /// Set when the writer can no longer tell what is durable (a commit failed after its record
+    /// was journaled, or a failed append could not be cut off): every later batch is refused
+    /// with this, until the store is reopened (which replays the journal).
+    broken: Option<String>,
     #[cfg(test)]
     commits: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -402,7 +458,7 @@ struct Writer {
 enum Failure {
     /// Batch `.0` of the group failed (e.g. a corrupt record); the other batches may be fine.
     Batch(usize, StoreError),
-    /// The transaction itself failed: nothing of the group is on disk.
+    /// The transaction itself failed: the outcome of the group is unknown.
     Transaction(String),
 }
 
@@ -416,6 +472,15 @@ impl Failure {
 /// sender's answer. When sessions and the writer want the same core, the sessions go first.
 const WRITER_NICE: libc::c_int = 5;
 
+/// A checkpoint falls due once the journal holds this much. It bounds the replay at open (a few
+/// MiB decode and apply in well under a second) and redb's memory of the pages that its
+/// non-durable commits freed (it can reuse them only after a durable commit).
+const CHECKPOINT_BYTES: u64 = 4 << 20;
+/// ... or once its oldest record is this old. A checkpoint costs one durable redb commit (about
+/// what every group cost before the journal), so once a second is noise next to a thousand
+/// groups a second, and an idle server's journal is empty a second after its last write.
+const CHECKPOINT_AGE: Duration = Duration::from_secs(1);
+
 /// Lower the calling thread's CPU priority (on Linux, `PRIO_PROCESS` with `who = 0` is the
 /// calling thread). Failing to is harmless: the writer just competes as an equal.
 fn lower_priority() {
@@ -426,26 +491,69 @@ fn lower_priority() {
 }
 
 impl Writer {
-    /// Commits groups until `close` drops the queue's sender. `recv` reports that only once the
-    /// queue is empty, so every batch submitted before `close` is committed.
-    fn run(self, batches: &mpsc::Receiver<Batch>) {
+    /// Commits groups until `close` drops the queue's sender, checkpointing when one is due.
+    /// `recv` reports the end only once the queue is empty, so every batch submitted before
+    /// `close` is committed; a last checkpoint then leaves the journal empty.
+    fn run(mut self, batches: &mpsc::Receiver<Batch>) {
         lower_priority();
-        while let Ok(first) = batches.recv() {
+        loop {
+            let first = match self.checkpoints.deadline() {
+                None => batches.recv().ok(),
+                Some(deadline) => {
+                    match batches.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                        Ok(batch) => Some(batch),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            self.checkpoint();
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => None,
+                    }
+                }
+            };
+            let Some(first) = first else { break };
             let mut group = vec![first];
             group.extend(batches.try_iter().take(MAX_GROUP - 1));
             self.commit_group(group);
+            if self.checkpoints.due(self.journal.len(), Instant::now()) {
+                self.checkpoint();
+            }
         }
+        if self.checkpoints.deadline().is_some() {
+            self.checkpoint();
+        }
+    }
+
+    /// Make every commit since the last checkpoint durable in redb, then empty the journal.
+    ///
+    /// An empty durable commit persists every non-durable one before it. A crash between that
+    /// commit and the journal's emptying leaves records that the database already holds, and
+    /// the next open replays them over it; that gives the same state as replaying them over the
+    /// state before them, because every op is a blind write of one key (a put or delete: its
+    /// last write in the journal decides the key, whatever was there), or a prune, which only
+    /// drops final receipts and requests older than the bound it carries (never the clock):
+    /// applying the same prunes again drops nothing more, and a key that a later put wrote is
+    /// decided by that put and the prunes after it, as the first time.
+    fn checkpoint(&mut self) {
+        // `Immediate` is a write transaction's default durability.
+        let durable = |db: &Database| -> Result<(), redb::Error> { Ok(db.begin_write()?.commit()?) };
+        let made = durable(&self.db)
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.journal.clear().map_err(|e| format!("emptying the journal: {e}")));
+        if let Err(error) = &made {
+            tracing::error!(%error, "store checkpoint failed; the journal keeps the commits");
+        }
+        self.checkpoints.finished(made.is_ok(), Instant::now());
     }
 
     /// Commits `group` in one transaction and answers every caller. A batch that fails is
     /// answered with its error and the transaction is redone without it: a bad batch costs the
     /// others a retry, never their data. Every batch of the group is answered before the next
-    /// group is taken, and only after its commit returned (an `Immediate` commit is fsynced), so
-    /// an empty batch is answered only once all earlier ones are: that is the barrier.
-    fn commit_group(&self, mut group: Vec<Batch>) {
+    /// group is taken, and only after its journal record was synced, so an empty batch is
+    /// answered only once all earlier ones are durable: that is the barrier.
+    fn commit_group(&mut self, mut group: Vec<Batch>) {
         while !group.is_empty() {
             // Receivers may have been dropped; their callers no longer want the answer.
-            let started = std::time::Instant::now();
+            let started = Instant::now();
             let result = self.write(&group);
             crate::observe::metrics::store_commit(
                 !matches!(result, Err(Failure::Transaction(_))),
@@ -473,37 +581,73 @@ impl Writer {
         }
     }
 
-    /// Applies every batch of `group` in one durable transaction, or none of them.
-    fn write(&self, group: &[Batch]) -> Result<(), Failure> {
-        let mut txn = self.db.begin_write().map_err(Failure::transaction)?;
-        // The default, but it is the whole point: `commit` returns once the data is fsynced.
-        txn.set_durability(Durability::Immediate)
-            .map_err(Failure::transaction)?;
-        if let Err(failure) = apply_group(&txn, group) {
-            if let Err(error) = txn.abort() {
-                tracing::warn!(%error, "aborting a failed store transaction failed");
-            }
-            return Err(failure);
+    /// Applies every batch of `group` in one transaction, or none of them: the ops are applied
+    /// to redb without durability, journaled and synced, and only then committed (which shows
+    /// them to reads). A crash before the sync loses the group, unanswered; after it, the next
+    /// open replays it.
+    fn write(&mut self, group: &[Batch]) -> Result<(), Failure> {
+        if let Some(detail) = &self.broken {
+            return Err(Failure::Transaction(detail.clone()));
         }
-        txn.commit().map_err(Failure::transaction)?;
+        let mut txn = self.db.begin_write().map_err(Failure::transaction)?;
+        txn.set_durability(Durability::None)
+            .map_err(Failure::transaction)?;
+        let record = match apply_group(&txn, group) {
+            Ok(applied) => applied,
+            Err(failure) => {
+                if let Err(error) = txn.abort() {
+                    tracing::warn!(%error, "aborting a failed store transaction failed");
+                }
+                return Err(failure);
+            }
+        };
+        if let Some(record) = record {
+            if let Err(error) = self.journal.append(&record) {
+                if let Err(error) = txn.abort() {
+                    tracing::warn!(%error, "aborting a store transaction failed");
+                }
+                return Err(match error {
+                    AppendError::Failed(error) => Failure::Transaction(format!("journal: {error}")),
+                    AppendError::Broken(detail) => self.break_down(format!("journal: {detail}")),
+                });
+            }
+            self.checkpoints.appended(Instant::now());
+        }
+        // The group is durable in the journal: failing to show it now would make reads disagree
+        // with what the next open replays.
+        txn.commit()
+            .map_err(|error| self.break_down(format!("commit after journaling: {error}")))?;
         #[cfg(test)]
         self.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
+
+    fn break_down(&mut self, detail: String) -> Failure {
+        let detail = format!("{detail}; the store refuses writes until it is reopened");
+        self.broken = Some(detail.clone());
+        Failure::Transaction(detail)
+    }
 }
 
-fn apply_group(txn: &WriteTransaction, group: &[Batch]) -> Result<(), Failure> {
+/// Applies the ops of `group` that a later op of the group does not supersede, and returns the
+/// journal record of those ops (`None` when there are none: a group of barriers).
+fn apply_group(txn: &WriteTransaction, group: &[Batch]) -> Result<Option<Vec<u8>>, Failure> {
     let mut tables = Tables::open(txn).map_err(Failure::transaction)?;
     let skip = superseded(group);
+    let mut applied = Vec::new();
     for (index, (ops, _)) in group.iter().enumerate() {
         for (i, op) in ops.iter().enumerate() {
             if skip.contains(&(index, i)) {
                 continue;
             }
             tables.apply(op).map_err(|error| Failure::Batch(index, error))?;
+            applied.push(op);
         }
     }
-    Ok(())
+    if applied.is_empty() {
+        return Ok(None);
+    }
+    journal::encode(applied).map(Some).map_err(Failure::Transaction)
 }
 
 /// The key an op writes, for [`superseded`]; `None` for ops that are not a write of one key.
