@@ -79,18 +79,35 @@ impl RedbStore {
     /// Open the database at `path`, creating it if missing, replay its journal (`<path>.journal`:
     /// the group commits since the last checkpoint), and start its writer thread.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        Self::open_with(path, Checkpoints::new(CHECKPOINT_BYTES, CHECKPOINT_AGE))
+    }
+
+    fn open_with(path: &Path, checkpoints: Checkpoints) -> Result<RedbStore, StoreError> {
         let open_error = |source: &dyn Display| StoreError::Open {
             path: path.display().to_string(),
             detail: source.to_string(),
         };
+        let journal_path = journal::path_of(path);
+        // A journal with records beside no database holds only the last writes of a store whose
+        // file is gone: replaying them alone would bring back a fragment of it.
+        if !path.exists() && std::fs::metadata(&journal_path).is_ok_and(|m| m.len() > 0) {
+            return Err(StoreError::Open {
+                path: journal_path.display().to_string(),
+                detail: format!(
+                    "the journal holds writes but {} does not exist: move the journal away to \
+                     start an empty store",
+                    path.display()
+                ),
+            });
+        }
         let db = Arc::new(Database::create(path).map_err(|e| open_error(&e))?);
         create_tables(&db).map_err(|e| open_error(&e))?;
-        let journal = recover(&db, &journal::path_of(path))?;
+        let journal = recover(&db, &journal_path)?;
 
         let writer = Writer {
             db: Arc::clone(&db),
             journal,
-            checkpoints: Checkpoints::new(CHECKPOINT_BYTES, CHECKPOINT_AGE),
+            checkpoints,
             broken: None,
             #[cfg(test)]
             commits: Arc::default(),
@@ -1494,5 +1511,324 @@ mod tests {
         let after = stored_epoch(&db);
         assert_eq!(after, before, "nothing changed");
         drop(dir);
+    }
+
+    /// A store that never checkpoints while open: what it answered lives in the journal only.
+    fn never_checkpointing(path: &Path) -> RedbStore {
+        let never = Checkpoints::new(u64::MAX, Duration::from_secs(24 * 3600));
+        RedbStore::open_with(path, never).expect("open")
+    }
+
+    fn journal_len(path: &Path) -> u64 {
+        std::fs::metadata(journal::path_of(path)).expect("journal").len()
+    }
+
+    fn write_journal(path: &Path, groups: &[Vec<Op>]) {
+        let bytes: Vec<u8> = groups
+            .iter()
+            .flat_map(|ops| journal::encode(ops).expect("encode"))
+            .collect();
+        std::fs::write(journal::path_of(path), bytes).expect("write journal");
+    }
+
+    /// Pushes in the database file as its last durable commit left it, without the journal:
+    /// what a copy of the file as it is now (the file as a killed process leaves it) opens at.
+    fn durable_pushes(path: &Path) -> u64 {
+        let copy = path.with_extension("copy");
+        std::fs::copy(path, &copy).expect("copy");
+        let db = Database::create(&copy).expect("open the copy alone");
+        let txn = db.begin_read().expect("read");
+        txn.open_table(PUSHES).expect("table").len().expect("len")
+    }
+
+    /// Everything the ops of [`history`] touch, to compare two stores.
+    fn state(store: &RedbStore) -> (Snapshot, Vec<Receipt>, Option<RequestRecord>, Vec<(String, ApiKeyRecord)>) {
+        let receipts = ["m1", "m2"]
+            .iter()
+            .flat_map(|id| store.receipts(id).expect("receipts"))
+            .collect();
+        (
+            store.load().expect("load"),
+            receipts,
+            store.request("m1").expect("request"),
+            store.api_keys().expect("keys"),
+        )
+    }
+
+    /// Groups of puts, deletes, re-puts after a delete or a prune, and prunes.
+    fn history() -> Vec<Vec<Op>> {
+        let call = crate::store::CallRecord {
+            call_id: "c1".into(),
+            invite: vec![1],
+            placed_at_ms: 1,
+            deadline_ms: 2,
+            steps: Vec::new(),
+            callees: Vec::new(),
+            end: None,
+            hung_up_at_ms: 0,
+        };
+        let request = RequestRecord {
+            kind: PushKind::Message,
+            digest: vec![1],
+            at_ms: 1,
+            expires_at_ms: 100,
+        };
+        let ceiling = |ceiling| Op::PutSeqCeiling {
+            device_id: "a".into(),
+            ceiling,
+        };
+        let delete = |seq| Op::DeletePush {
+            device_id: "a".into(),
+            seq,
+        };
+        vec![
+            vec![
+                Op::PutDevice(device("a")),
+                Op::PutPush(push("a", 1)),
+                Op::PutPush(push("a", 2)),
+                ceiling(3),
+                Op::PutReceipt(receipt("m1", "a", ReceiptState::Accepted, 100)),
+                Op::PutRequest {
+                    id: "m1".into(),
+                    record: request,
+                },
+                Op::PutCall(call),
+            ],
+            vec![
+                delete(1),
+                Op::PutReceipt(receipt("m1", "a", ReceiptState::Acked, 110)),
+                Op::PutReceipt(receipt("m2", "a", ReceiptState::Acked, 50)),
+                Op::PutReceipt(receipt("m2", "b", ReceiptState::Delivered, 50)),
+            ],
+            vec![Op::PruneReceipts { before_ms: 120 }],
+            vec![Op::PutReceipt(receipt("m1", "a", ReceiptState::Acked, 105))],
+            vec![
+                Op::PutPush(push("a", 1)),
+                Op::DeleteCall {
+                    call_id: "c1".into(),
+                },
+                ceiling(5),
+                Op::PutApiKey {
+                    hash: "k".into(),
+                    record: ApiKeyRecord::new("n", vec!["send".into()], 1),
+                },
+                delete(2),
+            ],
+            vec![
+                Op::PutReceipt(receipt("m2", "c", ReceiptState::Expired, 106)),
+                Op::PruneReceipts { before_ms: 106 },
+            ],
+        ]
+    }
+
+    #[test]
+    fn a_journal_is_replayed_at_open_and_emptied_and_replaying_it_again_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = dir.path().join("empty.redb");
+        drop(RedbStore::open(&empty).expect("create"));
+        let copy = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::copy(&empty, &path).expect("copy");
+            path
+        };
+        // The reference: the same groups committed by the writer.
+        let live = copy("live.redb");
+        let expected = {
+            let store = RedbStore::open(&live).expect("open");
+            for ops in history() {
+                submit_and_wait(&store, ops).expect("commit");
+            }
+            state(&store)
+        };
+        assert_eq!(expected.0.pushes, vec![push("a", 1)], "the history is not trivial");
+        // m1 was put again after the first prune, then pruned by the second.
+        assert_eq!(
+            expected.1,
+            vec![
+                receipt("m2", "b", ReceiptState::Delivered, 50),
+                receipt("m2", "c", ReceiptState::Expired, 106)
+            ]
+        );
+
+        // Over the state before it, and over every state a crash after a checkpoint of the
+        // first `k` groups can leave (the checkpoint's commit done, the journal not yet emptied).
+        let groups = history();
+        for k in 0..=groups.len() {
+            let path = copy(&format!("replayed-{k}.redb"));
+            write_journal(&path, &groups[..k]);
+            drop(RedbStore::open(&path).expect("replay the first groups"));
+            assert_eq!(journal_len(&path), 0, "emptied once replayed");
+            write_journal(&path, &groups);
+            let store = RedbStore::open(&path).expect("replay the whole journal");
+            assert_eq!(state(&store), expected, "replayed over the first {k} groups");
+            assert_eq!(journal_len(&path), 0);
+        }
+    }
+
+    #[test]
+    fn a_torn_last_record_is_dropped_and_the_store_opens() {
+        let (_dir, path) = temp_db();
+        drop(RedbStore::open(&path).expect("create"));
+        let groups = history();
+        write_journal(&path, &groups[..2]);
+        let torn = journal::encode(&groups[2]).expect("encode");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(journal::path_of(&path))
+            .expect("journal");
+        std::io::Write::write_all(&mut file, &torn[..torn.len() - 1]).expect("append");
+        drop(file);
+
+        let store = RedbStore::open(&path).expect("a torn tail never fails the open");
+        let receipts = store.receipts("m2").expect("receipts");
+        assert_eq!(receipts.len(), 2, "the second group is there, the prune after it is not");
+        assert_eq!(journal_len(&path), 0);
+    }
+
+    #[test]
+    fn a_damaged_record_in_the_middle_fails_the_open_and_changes_nothing() {
+        let (_dir, path) = temp_db();
+        drop(RedbStore::open(&path).expect("create"));
+        write_journal(&path, &history());
+        let journal_path = journal::path_of(&path);
+        let mut bytes = std::fs::read(&journal_path).expect("read");
+        let second = journal::encode(&history()[0]).expect("encode").len();
+        bytes[second + 20] ^= 1;
+        std::fs::write(&journal_path, &bytes).expect("write");
+
+        let opened = RedbStore::open(&path);
+        match opened {
+            Err(StoreError::Open { path: named, detail }) => {
+                assert_eq!(named, journal_path.display().to_string());
+                assert!(detail.contains(&format!("byte {second}")), "{detail}");
+            }
+            other => panic!("expected StoreError::Open, got {:?}", other.err()),
+        }
+        assert_eq!(std::fs::read(&journal_path).expect("read"), bytes, "the journal is kept");
+        assert_eq!(durable_pushes(&path), 0, "nothing was replayed");
+    }
+
+    #[test]
+    fn a_journal_without_its_database_fails_the_open() {
+        let (_dir, path) = temp_db();
+        write_journal(&path, &history());
+        let opened = RedbStore::open(&path);
+        assert!(
+            matches!(&opened, Err(StoreError::Open { detail, .. }) if detail.contains("does not exist")),
+            "{:?}",
+            opened.err()
+        );
+        assert!(journal_len(&path) > 0, "the journal is kept");
+        assert!(!path.exists(), "no database was created: a second open fails the same way");
+    }
+
+    #[test]
+    fn a_checkpoint_makes_the_commits_durable_in_the_database_and_empties_the_journal() {
+        let (_dir, path) = temp_db();
+        let store = never_checkpointing(&path);
+        submit_and_wait(&store, vec![Op::PutPush(push("a", 1))]).expect("commit");
+        assert!(journal_len(&path) > 0, "answered once journaled");
+        assert_eq!(durable_pushes(&path), 0, "and not yet durable in the database");
+        // Close checkpoints: the database holds the push without its journal.
+        drop(store);
+        assert_eq!(journal_len(&path), 0);
+        assert_eq!(durable_pushes(&path), 1);
+
+        // By size: a journal past the bound is checkpointed before the next group is taken.
+        let store = RedbStore::open_with(&path, Checkpoints::new(1, Duration::from_secs(24 * 3600)))
+            .expect("open");
+        submit_and_wait(&store, vec![Op::PutPush(push("a", 2))]).expect("commit");
+        submit_and_wait(&store, vec![]).expect("barrier");
+        assert_eq!(journal_len(&path), 0);
+        assert_eq!(durable_pushes(&path), 2, "durable while the store is still open");
+        drop(store);
+    }
+
+    #[test]
+    fn a_snapshot_holds_what_is_only_journaled_and_a_restore_drops_a_stale_journal() {
+        let (dir, path) = temp_db();
+        let store = never_checkpointing(&path);
+        submit_and_wait(&store, vec![Op::PutPush(push("a", 1))]).expect("commit");
+        let copy = dir.path().join("copy.redb");
+        store.snapshot_to(&copy).expect("snapshot");
+        // A journal that is not the snapshot's: renewing the epoch removes it.
+        write_journal(&copy, &[vec![Op::PutPush(push("z", 9))]]);
+        RedbStore::renew_epoch(&copy).expect("renew");
+        assert!(!journal::path_of(&copy).exists());
+        let restored = RedbStore::open(&copy).expect("open the copy");
+        assert_eq!(restored.load().expect("load").pushes, vec![push("a", 1)]);
+    }
+
+    /// Environment variable naming the database of [`crash_child`].
+    const CRASH_CHILD_DB: &str = "LPUSH_STORE_CRASH_CHILD_DB";
+
+    /// Not a test on its own: the process [`acknowledged_batches_survive_sigkill`] starts (this
+    /// test binary again) and kills. Commits message-like batches one at a time, printing each
+    /// answer, until it is killed.
+    #[test]
+    #[ignore = "run by acknowledged_batches_survive_sigkill"]
+    fn crash_child() {
+        let Some(path) = std::env::var_os(CRASH_CHILD_DB) else {
+            return;
+        };
+        let store = never_checkpointing(Path::new(&path));
+        for seq in 0..100_000 {
+            let ops = vec![
+                Op::PutPush(push("a", seq)),
+                Op::PutReceipt(receipt(&format!("m{seq}"), "a", ReceiptState::Accepted, 1)),
+            ];
+            submit_and_wait(&store, ops).expect("commit");
+            println!("acked {seq}");
+        }
+    }
+
+    /// A crash right after answers: the process is killed with SIGKILL (no destructor, no
+    /// close), with every answered batch in the journal only. Reopening replays them all.
+    #[test]
+    fn acknowledged_batches_survive_sigkill() {
+        use std::io::BufRead;
+        let (_dir, path) = temp_db();
+        let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", "store::redb_store::tests::crash_child", "--ignored", "--nocapture"])
+            .env(CRASH_CHILD_DB, &path)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut acked = None;
+        for line in lines.by_ref() {
+            if let Some(seq) = line.expect("line").strip_prefix("acked ") {
+                acked = Some(seq.parse::<u64>().expect("seq"));
+                if acked == Some(49) {
+                    break;
+                }
+            }
+        }
+        assert_eq!(acked, Some(49), "the child answered 50 batches");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+        // Answers printed before the kill landed still count.
+        for line in lines {
+            if let Some(seq) = line.expect("line").strip_prefix("acked ") {
+                acked = Some(seq.parse().expect("seq"));
+            }
+        }
+        let acked = acked.expect("acked");
+
+        assert_eq!(durable_pushes(&path), 0, "the database alone has none of them");
+        assert!(journal_len(&path) > 0);
+        let store = RedbStore::open(&path).expect("reopen after the crash");
+        let seqs: Vec<u64> = store.load().expect("load").pushes.iter().map(|p| p.seq).collect();
+        // Every answered batch, whole, in order; at most the one in flight besides.
+        assert!(
+            seqs.len() as u64 == acked + 1 || seqs.len() as u64 == acked + 2,
+            "{} pushes for {} answers",
+            seqs.len(),
+            acked + 1
+        );
+        assert!(seqs.iter().copied().eq(0..seqs.len() as u64));
+        for seq in &seqs {
+            assert_eq!(store.receipts(&format!("m{seq}")).expect("receipts").len(), 1, "m{seq}");
+        }
     }
 }
