@@ -1,8 +1,27 @@
-//! Embedded [`Store`]: one redb file, written by a single group-committing thread.
+//! Embedded [`Store`]: one redb file and its journal, written by a single group-committing
+//! thread.
 //!
-//! redb allows one write transaction at a time and every durable commit costs an fsync, so all
-//! writes go through one thread that folds whatever batches are queued into one transaction:
-//! under load, many callers share one fsync instead of queueing for one each.
+//! redb allows one write transaction at a time, so all writes go through one thread that folds
+//! whatever batches are queued into one transaction: under load, many callers share one commit
+//! instead of queueing for one each.
+//!
+//! # What is durable when
+//!
+//! A durable redb commit (copy-on-write pages with checksums, then `fsync`) cost most of a
+//! message's store time, so a group is made durable by the journal (`journal`) instead:
+//!
+//! 1. the group is applied in a redb transaction with [`Durability::None`];
+//! 2. the ops applied are appended to `<db>.journal` as one record and `fdatasync`ed: from here
+//!    the group survives a crash of the process or the machine;
+//! 3. the transaction is committed (in memory: reads see it now) and the callers are answered.
+//!
+//! A checkpoint (an empty commit with [`Durability::Immediate`], which persists every commit
+//! before it, then emptying the journal) runs when the journal is `CHECKPOINT_AGE` old or
+//! `CHECKPOINT_BYTES` long, and when the store closes. Opening the store finds redb at its last
+//! checkpoint and replays the journal's whole records over it, in order, in one durable
+//! transaction, then empties the journal; only then does it serve. A torn last record (its group
+//! was never answered) is dropped; a damaged record followed by a valid one fails the open.
+//! If the journal cannot be written, the group is aborted and answered [`StoreError::Io`].
 
 use std::collections::HashSet;
 use std::fmt::Display;
