@@ -58,11 +58,19 @@ fn one_message_per_group_commit() {
     let store = RedbStore::open(&dir.path().join("push.redb")).expect("open");
     // Warm up: the tables' first pages, the writer thread.
     for seq in 0..100 {
-        store.submit(message(seq)).blocking_recv().unwrap().expect("commit");
+        store
+            .submit(message(seq))
+            .blocking_recv()
+            .unwrap()
+            .expect("commit");
     }
     let (cpu, wall) = (process_cpu(), Instant::now());
     for seq in 100..100 + COMMITS {
-        store.submit(message(seq)).blocking_recv().unwrap().expect("commit");
+        store
+            .submit(message(seq))
+            .blocking_recv()
+            .unwrap()
+            .expect("commit");
     }
     let (cpu, wall) = (process_cpu() - cpu, wall.elapsed());
     assert_eq!(store.load().expect("load").pushes.len() as u64, 100 + COMMITS);

@@ -261,7 +261,9 @@ impl Journal {
             }
             Err(error) => match self.file.set_len(self.len).and_then(|()| self.file.sync_all()) {
                 Ok(()) => Err(AppendError::Failed(error)),
-                Err(cut) => Err(AppendError::Broken(format!("{error}; cutting it back failed: {cut}"))),
+                Err(cut) => Err(AppendError::Broken(format!(
+                    "{error}; cutting it back failed: {cut}"
+                ))),
             },
         }
     }
@@ -410,7 +412,10 @@ mod tests {
     }
 
     fn journal_of(groups: &[Vec<Op>]) -> Vec<u8> {
-        groups.iter().flat_map(|ops| encode(ops).expect("encode")).collect()
+        groups
+            .iter()
+            .flat_map(|ops| encode(ops).expect("encode"))
+            .collect()
     }
 
     #[test]
@@ -486,7 +491,7 @@ mod tests {
             assert_eq!(contents.torn_at, (cut > 0).then_some(whole.len()));
         }
         for filler in [0x00, 0xff] {
-            let torn = [&whole[..], &vec![filler; 100]].concat();
+            let torn = [&whole[..], &[filler; 100]].concat();
             assert_eq!(decode(&torn).expect("torn").groups, groups);
         }
         // The same record with its payload zeroed, as a crash can leave it.
@@ -539,7 +544,11 @@ mod tests {
         assert!(checkpoints.due(1000, start), "full");
         checkpoints.appended(start);
         checkpoints.appended(start + second / 2);
-        assert_eq!(checkpoints.deadline(), Some(start + second), "from the oldest record");
+        assert_eq!(
+            checkpoints.deadline(),
+            Some(start + second),
+            "from the oldest record"
+        );
         assert!(!checkpoints.due(999, start + second / 2));
         assert!(checkpoints.due(999, start + second));
         checkpoints.finished(true, start + second);
@@ -566,7 +575,10 @@ mod tests {
         assert_eq!(journal.len(), 2 * record.len() as u64);
         drop(journal);
         let (mut journal, bytes) = Journal::open(&path).expect("reopen");
-        assert_eq!(decode(&bytes).expect("decode").groups, vec![every_op(), every_op()]);
+        assert_eq!(
+            decode(&bytes).expect("decode").groups,
+            vec![every_op(), every_op()]
+        );
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "owner-only: it holds message payloads");

@@ -572,9 +572,11 @@ impl Writer {
     fn checkpoint(&mut self) {
         // `Immediate` is a write transaction's default durability.
         let durable = |db: &Database| -> Result<(), redb::Error> { Ok(db.begin_write()?.commit()?) };
-        let made = durable(&self.db)
-            .map_err(|e| e.to_string())
-            .and_then(|()| self.journal.clear().map_err(|e| format!("emptying the journal: {e}")));
+        let made = durable(&self.db).map_err(|e| e.to_string()).and_then(|()| {
+            self.journal
+                .clear()
+                .map_err(|e| format!("emptying the journal: {e}"))
+        });
         if let Err(error) = &made {
             tracing::error!(%error, "store checkpoint failed; the journal keeps the commits");
         }
@@ -1561,17 +1563,24 @@ mod tests {
     }
 
     /// Everything the ops of [`history`] touch, to compare two stores.
-    fn state(store: &RedbStore) -> (Snapshot, Vec<Receipt>, Option<RequestRecord>, Vec<(String, ApiKeyRecord)>) {
-        let receipts = ["m1", "m2"]
-            .iter()
-            .flat_map(|id| store.receipts(id).expect("receipts"))
-            .collect();
-        (
-            store.load().expect("load"),
-            receipts,
-            store.request("m1").expect("request"),
-            store.api_keys().expect("keys"),
-        )
+    #[derive(Debug, PartialEq)]
+    struct State {
+        snapshot: Snapshot,
+        receipts: Vec<Receipt>,
+        request: Option<RequestRecord>,
+        api_keys: Vec<(String, ApiKeyRecord)>,
+    }
+
+    fn state(store: &RedbStore) -> State {
+        State {
+            snapshot: store.load().expect("load"),
+            receipts: ["m1", "m2"]
+                .iter()
+                .flat_map(|id| store.receipts(id).expect("receipts"))
+                .collect(),
+            request: store.request("m1").expect("request"),
+            api_keys: store.api_keys().expect("keys"),
+        }
     }
 
     /// Groups of puts, deletes, re-puts after a delete or a prune, and prunes.
@@ -1623,9 +1632,7 @@ mod tests {
             vec![Op::PutReceipt(receipt("m1", "a", ReceiptState::Acked, 105))],
             vec![
                 Op::PutPush(push("a", 1)),
-                Op::DeleteCall {
-                    call_id: "c1".into(),
-                },
+                Op::DeleteCall { call_id: "c1".into() },
                 ceiling(5),
                 Op::PutApiKey {
                     hash: "k".into(),
@@ -1659,10 +1666,14 @@ mod tests {
             }
             state(&store)
         };
-        assert_eq!(expected.0.pushes, vec![push("a", 1)], "the history is not trivial");
+        assert_eq!(
+            expected.snapshot.pushes,
+            vec![push("a", 1)],
+            "the history is not trivial"
+        );
         // m1 was put again after the first prune, then pruned by the second.
         assert_eq!(
-            expected.1,
+            expected.receipts,
             vec![
                 receipt("m2", "b", ReceiptState::Delivered, 50),
                 receipt("m2", "c", ReceiptState::Expired, 106)
@@ -1700,7 +1711,11 @@ mod tests {
 
         let store = RedbStore::open(&path).expect("a torn tail never fails the open");
         let receipts = store.receipts("m2").expect("receipts");
-        assert_eq!(receipts.len(), 2, "the second group is there, the prune after it is not");
+        assert_eq!(
+            receipts.len(),
+            2,
+            "the second group is there, the prune after it is not"
+        );
         assert_eq!(journal_len(&path), 0);
     }
 
@@ -1723,7 +1738,11 @@ mod tests {
             }
             other => panic!("expected StoreError::Open, got {:?}", other.err()),
         }
-        assert_eq!(std::fs::read(&journal_path).expect("read"), bytes, "the journal is kept");
+        assert_eq!(
+            std::fs::read(&journal_path).expect("read"),
+            bytes,
+            "the journal is kept"
+        );
         assert_eq!(durable_pushes(&path), 0, "nothing was replayed");
     }
 
@@ -1738,7 +1757,10 @@ mod tests {
             opened.err()
         );
         assert!(journal_len(&path) > 0, "the journal is kept");
-        assert!(!path.exists(), "no database was created: a second open fails the same way");
+        assert!(
+            !path.exists(),
+            "no database was created: a second open fails the same way"
+        );
     }
 
     #[test]
@@ -1754,8 +1776,8 @@ mod tests {
         assert_eq!(durable_pushes(&path), 1);
 
         // By size: a journal past the bound is checkpointed before the next group is taken.
-        let store = RedbStore::open_with(&path, Checkpoints::new(1, Duration::from_secs(24 * 3600)))
-            .expect("open");
+        let store =
+            RedbStore::open_with(&path, Checkpoints::new(1, Duration::from_secs(24 * 3600))).expect("open");
         submit_and_wait(&store, vec![Op::PutPush(push("a", 2))]).expect("commit");
         submit_and_wait(&store, vec![]).expect("barrier");
         assert_eq!(journal_len(&path), 0);
@@ -1808,7 +1830,12 @@ mod tests {
         use std::io::BufRead;
         let (_dir, path) = temp_db();
         let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", "store::redb_store::tests::crash_child", "--ignored", "--nocapture"])
+            .args([
+                "--exact",
+                "store::redb_store::tests::crash_child",
+                "--ignored",
+                "--nocapture",
+            ])
             .env(CRASH_CHILD_DB, &path)
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -1847,7 +1874,11 @@ mod tests {
         );
         assert!(seqs.iter().copied().eq(0..seqs.len() as u64));
         for seq in &seqs {
-            assert_eq!(store.receipts(&format!("m{seq}")).expect("receipts").len(), 1, "m{seq}");
+            assert_eq!(
+                store.receipts(&format!("m{seq}")).expect("receipts").len(),
+                1,
+                "m{seq}"
+            );
         }
     }
 }
