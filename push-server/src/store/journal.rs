@@ -534,6 +534,26 @@ mod tests {
         assert!(error.contains("record at byte 0"), "{error}");
     }
 
+    proptest::proptest! {
+        /// Whatever a damaged file holds, reading it answers (it never panics), and damage to
+        /// one byte of a journal never yields groups that were not written.
+        #[test]
+        fn reading_any_bytes_answers_and_damage_never_invents_groups(
+            garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            at in 0usize..10_000,
+            flip in 1u8..=255,
+        ) {
+            let _ = decode(&garbage);
+            let groups = vec![every_op(), vec![Op::PruneReceipts { before_ms: 1 }], every_op()];
+            let mut bytes = journal_of(&groups);
+            let at = at % bytes.len();
+            bytes[at] ^= flip;
+            if let Ok(contents) = decode(&bytes) {
+                proptest::prop_assert!(groups.starts_with(&contents.groups));
+            }
+        }
+    }
+
     #[test]
     fn checkpoints_fall_due_by_size_or_by_age() {
         let start = Instant::now();
