@@ -569,7 +569,14 @@ impl Writer {
     /// drops final receipts and requests older than the bound it carries (never the clock):
     /// applying the same prunes again drops nothing more, and a key that a later put wrote is
     /// decided by that put and the prunes after it, as the first time.
+    ///
+    /// A broken writer does not checkpoint (its redb state may lack a journaled group, which
+    /// the next open replays); it only puts the next try off.
     fn checkpoint(&mut self) {
+        if self.broken.is_some() {
+            self.checkpoints.finished(false, Instant::now());
+            return;
+        }
         // `Immediate` is a write transaction's default durability.
         let durable = |db: &Database| -> Result<(), redb::Error> { Ok(db.begin_write()?.commit()?) };
         let made = durable(&self.db).map_err(|e| e.to_string()).and_then(|()| {
