@@ -3,7 +3,9 @@
 //!
 //! The store is a write-behind mirror of the hub's in-memory state: the hub decides, the store
 //! remembers. Writes are batches of [`Op`]s applied atomically and durably; concurrent batches may
-//! be group-committed (one fsync for many callers), which keeps the per-message cost low.
+//! be group-committed (one fsync for many callers), which keeps the per-message cost low. The
+//! embedded store makes a group durable with one append to its journal (`journal`) rather than a
+//! durable redb commit; `redb_store` says what is durable when.
 //!
 //! # The contract
 //!
@@ -47,6 +49,7 @@
 
 #[cfg(test)]
 mod conformance;
+mod journal;
 mod redb_store;
 mod redis_conn;
 mod redis_store;

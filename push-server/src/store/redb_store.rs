@@ -1,13 +1,33 @@
-//! Embedded [`Store`]: one redb file, written by a single group-committing thread.
+//! Embedded [`Store`]: one redb file and its journal, written by a single group-committing
+//! thread.
 //!
-//! redb allows one write transaction at a time and every durable commit costs an fsync, so all
-//! writes go through one thread that folds whatever batches are queued into one transaction:
-//! under load, many callers share one fsync instead of queueing for one each.
+//! redb allows one write transaction at a time, so all writes go through one thread that folds
+//! whatever batches are queued into one transaction: under load, many callers share one commit
+//! instead of queueing for one each.
+//!
+//! # What is durable when
+//!
+//! A durable redb commit (copy-on-write pages with checksums, then `fsync`) cost most of a
+//! message's store time, so a group is made durable by the journal (`journal`) instead:
+//!
+//! 1. the group is applied in a redb transaction with [`Durability::None`];
+//! 2. the ops applied are appended to `<db>.journal` as one record and `fdatasync`ed: from here
+//!    the group survives a crash of the process or the machine;
+//! 3. the transaction is committed (in memory: reads see it now) and the callers are answered.
+//!
+//! A checkpoint (an empty commit with [`Durability::Immediate`], which persists every commit
+//! before it, then emptying the journal) runs when the journal is `CHECKPOINT_AGE` old or
+//! `CHECKPOINT_BYTES` long, and when the store closes. Opening the store finds redb at its last
+//! checkpoint and replays the journal's whole records over it, in order, in one durable
+//! transaction, then empties the journal; only then does it serve. A torn last record (its group
+//! was never answered) is dropped; a damaged record followed by a valid one fails the open.
+//! If the journal cannot be written, the group is aborted and answered [`StoreError::Io`].
 
 use std::collections::HashSet;
 use std::fmt::Display;
 use std::path::Path;
 use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use std::thread::JoinHandle;
@@ -19,6 +39,7 @@ use redb::{
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
+use super::journal::{self, AppendError, Checkpoints, Journal};
 use super::rows::{ApiKeyRow, ApiKeyV1, CallRow, DeviceRow, PushRow, ReceiptRow, RequestRow, Row};
 use super::{ApiKeyRecord, Op, Receipt, RequestRecord, Snapshot, Store, StoreError};
 
@@ -74,17 +95,39 @@ pub struct RedbStore {
 }
 
 impl RedbStore {
-    /// Open the database at `path`, creating it if missing, and start its writer thread.
+    /// Open the database at `path`, creating it if missing, replay its journal (`<path>.journal`:
+    /// the group commits since the last checkpoint), and start its writer thread.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        Self::open_with(path, Checkpoints::new(CHECKPOINT_BYTES, CHECKPOINT_AGE))
+    }
+
+    fn open_with(path: &Path, checkpoints: Checkpoints) -> Result<RedbStore, StoreError> {
         let open_error = |source: &dyn Display| StoreError::Open {
             path: path.display().to_string(),
             detail: source.to_string(),
         };
+        let journal_path = journal::path_of(path);
+        // A journal with records beside no database holds only the last writes of a store whose
+        // file is gone: replaying them alone would bring back a fragment of it.
+        if !path.exists() && std::fs::metadata(&journal_path).is_ok_and(|m| m.len() > 0) {
+            return Err(StoreError::Open {
+                path: journal_path.display().to_string(),
+                detail: format!(
+                    "the journal holds writes but {} does not exist: move the journal away to \
+                     start an empty store",
+                    path.display()
+                ),
+            });
+        }
         let db = Arc::new(Database::create(path).map_err(|e| open_error(&e))?);
         create_tables(&db).map_err(|e| open_error(&e))?;
+        let journal = recover(&db, &journal_path)?;
 
         let writer = Writer {
             db: Arc::clone(&db),
+            journal,
+            checkpoints,
+            broken: None,
             #[cfg(test)]
             commits: Arc::default(),
         };
@@ -103,6 +146,43 @@ impl RedbStore {
             commits,
         })
     }
+}
+
+/// Replay the journal at `path` into `db` and empty it: every whole record, in order, in one
+/// durable transaction. The database came back at its last durable commit, which may already
+/// hold some of the records (a crash between a checkpoint's commit and its emptying of the
+/// journal); replaying them again changes nothing, see [`Writer::checkpoint`]. A torn last
+/// record is dropped: its batches were never answered.
+fn recover(db: &Database, path: &Path) -> Result<Journal, StoreError> {
+    let open_error = |detail: String| StoreError::Open {
+        path: path.display().to_string(),
+        detail,
+    };
+    let (mut journal, bytes) = Journal::open(path).map_err(|e| open_error(e.to_string()))?;
+    if bytes.is_empty() {
+        return Ok(journal);
+    }
+    let contents = journal::decode(&bytes).map_err(open_error)?;
+    let txn = db.begin_write().map_err(|e| open_error(e.to_string()))?;
+    {
+        let mut tables = Tables::open(&txn).map_err(|e| open_error(e.to_string()))?;
+        for (index, ops) in contents.groups.iter().enumerate() {
+            for op in ops {
+                tables
+                    .apply(op)
+                    .map_err(|e| open_error(format!("replaying record {index}: {e}")))?;
+            }
+        }
+    }
+    txn.commit().map_err(|e| open_error(e.to_string()))?;
+    journal.clear().map_err(|e| open_error(e.to_string()))?;
+    tracing::info!(
+        records = contents.groups.len(),
+        torn_tail_at = contents.torn_at,
+        journal = %path.display(),
+        "store journal replayed"
+    );
+    Ok(journal)
 }
 
 impl RedbStore {
@@ -143,6 +223,12 @@ impl RedbStore {
         let epoch = std::iter::repeat_with(new_epoch)
             .find(|e| Some(*e) != old)
             .unwrap_or(1);
+        // A journal beside a snapshot is another store's: replayed over the snapshot, it would
+        // bring back writes the restore is meant to roll back.
+        let stale = journal::path_of(path);
+        if stale.exists() {
+            std::fs::remove_file(&stale).map_err(|e| open_error(&format!("{}: {e}", stale.display())))?;
+        }
         let txn = db.begin_write().map_err(io)?;
         txn.open_table(META)
             .map_err(io)?
@@ -394,6 +480,12 @@ fn read_all<K: Key + 'static, R: Row>(
 /// The writer thread's state.
 struct Writer {
     db: Arc<Database>,
+    journal: Journal,
+    checkpoints: Checkpoints,
+    /// Set when the writer can no longer tell what is durable (a commit failed after its record
+    /// was journaled, or a failed append could not be cut off): every later batch is refused
+    /// with this, until the store is reopened (which replays the journal).
+    broken: Option<String>,
     #[cfg(test)]
     commits: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -402,7 +494,7 @@ struct Writer {
 enum Failure {
     /// Batch `.0` of the group failed (e.g. a corrupt record); the other batches may be fine.
     Batch(usize, StoreError),
-    /// The transaction itself failed: nothing of the group is on disk.
+    /// The transaction itself failed: the outcome of the group is unknown.
     Transaction(String),
 }
 
@@ -416,6 +508,15 @@ impl Failure {
 /// sender's answer. When sessions and the writer want the same core, the sessions go first.
 const WRITER_NICE: libc::c_int = 5;
 
+/// A checkpoint falls due once the journal holds this much. It bounds the replay at open (a few
+/// MiB decode and apply in well under a second) and redb's memory of the pages that its
+/// non-durable commits freed (it can reuse them only after a durable commit).
+const CHECKPOINT_BYTES: u64 = 4 << 20;
+/// ... or once its oldest record is this old. A checkpoint costs one durable redb commit (about
+/// what every group cost before the journal), so once a second is noise next to a thousand
+/// groups a second, and an idle server's journal is empty a second after its last write.
+const CHECKPOINT_AGE: Duration = Duration::from_secs(1);
+
 /// Lower the calling thread's CPU priority (on Linux, `PRIO_PROCESS` with `who = 0` is the
 /// calling thread). Failing to is harmless: the writer just competes as an equal.
 fn lower_priority() {
@@ -426,26 +527,78 @@ fn lower_priority() {
 }
 
 impl Writer {
-    /// Commits groups until `close` drops the queue's sender. `recv` reports that only once the
-    /// queue is empty, so every batch submitted before `close` is committed.
-    fn run(self, batches: &mpsc::Receiver<Batch>) {
+    /// Commits groups until `close` drops the queue's sender, checkpointing when one is due.
+    /// `recv` reports the end only once the queue is empty, so every batch submitted before
+    /// `close` is committed; a last checkpoint then leaves the journal empty.
+    fn run(mut self, batches: &mpsc::Receiver<Batch>) {
         lower_priority();
-        while let Ok(first) = batches.recv() {
+        loop {
+            let first = match self.checkpoints.deadline() {
+                None => batches.recv().ok(),
+                Some(deadline) => {
+                    match batches.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                        Ok(batch) => Some(batch),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            self.checkpoint();
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => None,
+                    }
+                }
+            };
+            let Some(first) = first else { break };
             let mut group = vec![first];
             group.extend(batches.try_iter().take(MAX_GROUP - 1));
             self.commit_group(group);
+            if self.checkpoints.due(self.journal.len(), Instant::now()) {
+                self.checkpoint();
+            }
         }
+        if self.checkpoints.deadline().is_some() {
+            self.checkpoint();
+        }
+    }
+
+    /// Make every commit since the last checkpoint durable in redb, then empty the journal.
+    ///
+    /// An empty durable commit persists every non-durable one before it. A crash between that
+    /// commit and the journal's emptying leaves records that the database already holds, and
+    /// the next open replays them over it; that gives the same state as replaying them over the
+    /// state before them, because every op is a blind write of one key (a put or delete: its
+    /// last write in the journal decides the key, whatever was there), or a prune, which only
+    /// drops final receipts and requests older than the bound it carries (never the clock):
+    /// applying the same prunes again drops nothing more, and a key that a later put wrote is
+    /// decided by that put and the prunes after it, as the first time.
+    ///
+    /// A broken writer does not checkpoint (its redb state may lack a journaled group, which
+    /// the next open replays); it only puts the next try off.
+    fn checkpoint(&mut self) {
+        if self.broken.is_some() {
+            self.checkpoints.finished(false, Instant::now());
+            return;
+        }
+        // `Immediate` is a write transaction's default durability.
+        let durable = |db: &Database| -> Result<(), redb::Error> { Ok(db.begin_write()?.commit()?) };
+        let made = durable(&self.db).map_err(|e| e.to_string()).and_then(|()| {
+            self.journal
+                .clear()
+                .map_err(|e| format!("emptying the journal: {e}"))
+        });
+        if let Err(error) = &made {
+            tracing::error!(%error, "store checkpoint failed; the journal keeps the commits");
+        }
+        self.checkpoints.finished(made.is_ok(), Instant::now());
     }
 
     /// Commits `group` in one transaction and answers every caller. A batch that fails is
     /// answered with its error and the transaction is redone without it: a bad batch costs the
     /// others a retry, never their data. Every batch of the group is answered before the next
-    /// group is taken, and only after its commit returned (an `Immediate` commit is fsynced), so
-    /// an empty batch is answered only once all earlier ones are: that is the barrier.
-    fn commit_group(&self, mut group: Vec<Batch>) {
+    /// group is taken, and only after its journal record was synced, so an empty batch is
+    /// answered only once all earlier ones are durable: that is the barrier.
+    fn commit_group(&mut self, mut group: Vec<Batch>) {
         while !group.is_empty() {
             // Receivers may have been dropped; their callers no longer want the answer.
-            let started = std::time::Instant::now();
+            let started = Instant::now();
             let result = self.write(&group);
             crate::observe::metrics::store_commit(
                 !matches!(result, Err(Failure::Transaction(_))),
@@ -473,37 +626,73 @@ impl Writer {
         }
     }
 
-    /// Applies every batch of `group` in one durable transaction, or none of them.
-    fn write(&self, group: &[Batch]) -> Result<(), Failure> {
-        let mut txn = self.db.begin_write().map_err(Failure::transaction)?;
-        // The default, but it is the whole point: `commit` returns once the data is fsynced.
-        txn.set_durability(Durability::Immediate)
-            .map_err(Failure::transaction)?;
-        if let Err(failure) = apply_group(&txn, group) {
-            if let Err(error) = txn.abort() {
-                tracing::warn!(%error, "aborting a failed store transaction failed");
-            }
-            return Err(failure);
+    /// Applies every batch of `group` in one transaction, or none of them: the ops are applied
+    /// to redb without durability, journaled and synced, and only then committed (which shows
+    /// them to reads). A crash before the sync loses the group, unanswered; after it, the next
+    /// open replays it.
+    fn write(&mut self, group: &[Batch]) -> Result<(), Failure> {
+        if let Some(detail) = &self.broken {
+            return Err(Failure::Transaction(detail.clone()));
         }
-        txn.commit().map_err(Failure::transaction)?;
+        let mut txn = self.db.begin_write().map_err(Failure::transaction)?;
+        txn.set_durability(Durability::None)
+            .map_err(Failure::transaction)?;
+        let record = match apply_group(&txn, group) {
+            Ok(applied) => applied,
+            Err(failure) => {
+                if let Err(error) = txn.abort() {
+                    tracing::warn!(%error, "aborting a failed store transaction failed");
+                }
+                return Err(failure);
+            }
+        };
+        if let Some(record) = record {
+            if let Err(error) = self.journal.append(&record) {
+                if let Err(error) = txn.abort() {
+                    tracing::warn!(%error, "aborting a store transaction failed");
+                }
+                return Err(match error {
+                    AppendError::Failed(error) => Failure::Transaction(format!("journal: {error}")),
+                    AppendError::Broken(detail) => self.break_down(format!("journal: {detail}")),
+                });
+            }
+            self.checkpoints.appended(Instant::now());
+        }
+        // The group is durable in the journal: failing to show it now would make reads disagree
+        // with what the next open replays.
+        txn.commit()
+            .map_err(|error| self.break_down(format!("commit after journaling: {error}")))?;
         #[cfg(test)]
         self.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
+
+    fn break_down(&mut self, detail: String) -> Failure {
+        let detail = format!("{detail}; the store refuses writes until it is reopened");
+        self.broken = Some(detail.clone());
+        Failure::Transaction(detail)
+    }
 }
 
-fn apply_group(txn: &WriteTransaction, group: &[Batch]) -> Result<(), Failure> {
+/// Applies the ops of `group` that a later op of the group does not supersede, and returns the
+/// journal record of those ops (`None` when there are none: a group of barriers).
+fn apply_group(txn: &WriteTransaction, group: &[Batch]) -> Result<Option<Vec<u8>>, Failure> {
     let mut tables = Tables::open(txn).map_err(Failure::transaction)?;
     let skip = superseded(group);
+    let mut applied = Vec::new();
     for (index, (ops, _)) in group.iter().enumerate() {
         for (i, op) in ops.iter().enumerate() {
             if skip.contains(&(index, i)) {
                 continue;
             }
             tables.apply(op).map_err(|error| Failure::Batch(index, error))?;
+            applied.push(op);
         }
     }
-    Ok(())
+    if applied.is_empty() {
+        return Ok(None);
+    }
+    journal::encode(applied).map(Some).map_err(Failure::Transaction)
 }
 
 /// The key an op writes, for [`superseded`]; `None` for ops that are not a write of one key.
@@ -1350,5 +1539,353 @@ mod tests {
         let after = stored_epoch(&db);
         assert_eq!(after, before, "nothing changed");
         drop(dir);
+    }
+
+    /// A store that never checkpoints while open: what it answered lives in the journal only.
+    fn never_checkpointing(path: &Path) -> RedbStore {
+        let never = Checkpoints::new(u64::MAX, Duration::from_secs(24 * 3600));
+        RedbStore::open_with(path, never).expect("open")
+    }
+
+    fn journal_len(path: &Path) -> u64 {
+        std::fs::metadata(journal::path_of(path)).expect("journal").len()
+    }
+
+    fn write_journal(path: &Path, groups: &[Vec<Op>]) {
+        let bytes: Vec<u8> = groups
+            .iter()
+            .flat_map(|ops| journal::encode(ops).expect("encode"))
+            .collect();
+        std::fs::write(journal::path_of(path), bytes).expect("write journal");
+    }
+
+    /// Pushes in the database file as its last durable commit left it, without the journal:
+    /// what a copy of the file as it is now (the file as a killed process leaves it) opens at.
+    fn durable_pushes(path: &Path) -> u64 {
+        let copy = path.with_extension("copy");
+        std::fs::copy(path, &copy).expect("copy");
+        let db = Database::create(&copy).expect("open the copy alone");
+        let txn = db.begin_read().expect("read");
+        txn.open_table(PUSHES).expect("table").len().expect("len")
+    }
+
+    /// Everything the ops of [`history`] touch, to compare two stores.
+    #[derive(Debug, PartialEq)]
+    struct State {
+        snapshot: Snapshot,
+        receipts: Vec<Receipt>,
+        request: Option<RequestRecord>,
+        api_keys: Vec<(String, ApiKeyRecord)>,
+    }
+
+    fn state(store: &RedbStore) -> State {
+        State {
+            snapshot: store.load().expect("load"),
+            receipts: ["m1", "m2"]
+                .iter()
+                .flat_map(|id| store.receipts(id).expect("receipts"))
+                .collect(),
+            request: store.request("m1").expect("request"),
+            api_keys: store.api_keys().expect("keys"),
+        }
+    }
+
+    /// Groups of puts, deletes, re-puts after a delete or a prune, and prunes.
+    fn history() -> Vec<Vec<Op>> {
+        let call = crate::store::CallRecord {
+            call_id: "c1".into(),
+            invite: vec![1],
+            placed_at_ms: 1,
+            deadline_ms: 2,
+            steps: Vec::new(),
+            callees: Vec::new(),
+            end: None,
+            hung_up_at_ms: 0,
+        };
+        let request = RequestRecord {
+            kind: PushKind::Message,
+            digest: vec![1],
+            at_ms: 1,
+            expires_at_ms: 100,
+        };
+        let ceiling = |ceiling| Op::PutSeqCeiling {
+            device_id: "a".into(),
+            ceiling,
+        };
+        let delete = |seq| Op::DeletePush {
+            device_id: "a".into(),
+            seq,
+        };
+        vec![
+            vec![
+                Op::PutDevice(device("a")),
+                Op::PutPush(push("a", 1)),
+                Op::PutPush(push("a", 2)),
+                ceiling(3),
+                Op::PutReceipt(receipt("m1", "a", ReceiptState::Accepted, 100)),
+                Op::PutRequest {
+                    id: "m1".into(),
+                    record: request,
+                },
+                Op::PutCall(call),
+            ],
+            vec![
+                delete(1),
+                Op::PutReceipt(receipt("m1", "a", ReceiptState::Acked, 110)),
+                Op::PutReceipt(receipt("m2", "a", ReceiptState::Acked, 50)),
+                Op::PutReceipt(receipt("m2", "b", ReceiptState::Delivered, 50)),
+            ],
+            vec![Op::PruneReceipts { before_ms: 120 }],
+            vec![Op::PutReceipt(receipt("m1", "a", ReceiptState::Acked, 105))],
+            vec![
+                Op::PutPush(push("a", 1)),
+                Op::DeleteCall { call_id: "c1".into() },
+                ceiling(5),
+                Op::PutApiKey {
+                    hash: "k".into(),
+                    record: ApiKeyRecord::new("n", vec!["send".into()], 1),
+                },
+                delete(2),
+            ],
+            vec![
+                Op::PutReceipt(receipt("m2", "c", ReceiptState::Expired, 106)),
+                Op::PruneReceipts { before_ms: 106 },
+            ],
+        ]
+    }
+
+    #[test]
+    fn a_journal_is_replayed_at_open_and_emptied_and_replaying_it_again_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = dir.path().join("empty.redb");
+        drop(RedbStore::open(&empty).expect("create"));
+        let copy = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::copy(&empty, &path).expect("copy");
+            path
+        };
+        // The reference: the same groups committed by the writer.
+        let live = copy("live.redb");
+        let expected = {
+            let store = RedbStore::open(&live).expect("open");
+            for ops in history() {
+                submit_and_wait(&store, ops).expect("commit");
+            }
+            state(&store)
+        };
+        assert_eq!(
+            expected.snapshot.pushes,
+            vec![push("a", 1)],
+            "the history is not trivial"
+        );
+        // m1 was put again after the first prune, then pruned by the second.
+        assert_eq!(
+            expected.receipts,
+            vec![
+                receipt("m2", "b", ReceiptState::Delivered, 50),
+                receipt("m2", "c", ReceiptState::Expired, 106)
+            ]
+        );
+
+        // Over the state before it, and over every state a crash after a checkpoint of the
+        // first `k` groups can leave (the checkpoint's commit done, the journal not yet emptied).
+        let groups = history();
+        for k in 0..=groups.len() {
+            let path = copy(&format!("replayed-{k}.redb"));
+            write_journal(&path, &groups[..k]);
+            drop(RedbStore::open(&path).expect("replay the first groups"));
+            assert_eq!(journal_len(&path), 0, "emptied once replayed");
+            write_journal(&path, &groups);
+            let store = RedbStore::open(&path).expect("replay the whole journal");
+            assert_eq!(state(&store), expected, "replayed over the first {k} groups");
+            assert_eq!(journal_len(&path), 0);
+        }
+    }
+
+    #[test]
+    fn a_torn_last_record_is_dropped_and_the_store_opens() {
+        let (_dir, path) = temp_db();
+        drop(RedbStore::open(&path).expect("create"));
+        let groups = history();
+        write_journal(&path, &groups[..2]);
+        let torn = journal::encode(&groups[2]).expect("encode");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(journal::path_of(&path))
+            .expect("journal");
+        std::io::Write::write_all(&mut file, &torn[..torn.len() - 1]).expect("append");
+        drop(file);
+
+        let store = RedbStore::open(&path).expect("a torn tail never fails the open");
+        let receipts = store.receipts("m2").expect("receipts");
+        assert_eq!(
+            receipts.len(),
+            2,
+            "the second group is there, the prune after it is not"
+        );
+        assert_eq!(journal_len(&path), 0);
+    }
+
+    #[test]
+    fn a_damaged_record_in_the_middle_fails_the_open_and_changes_nothing() {
+        let (_dir, path) = temp_db();
+        drop(RedbStore::open(&path).expect("create"));
+        write_journal(&path, &history());
+        let journal_path = journal::path_of(&path);
+        let mut bytes = std::fs::read(&journal_path).expect("read");
+        let second = journal::encode(&history()[0]).expect("encode").len();
+        bytes[second + 20] ^= 1;
+        std::fs::write(&journal_path, &bytes).expect("write");
+
+        let opened = RedbStore::open(&path);
+        match opened {
+            Err(StoreError::Open { path: named, detail }) => {
+                assert_eq!(named, journal_path.display().to_string());
+                assert!(detail.contains(&format!("byte {second}")), "{detail}");
+            }
+            other => panic!("expected StoreError::Open, got {:?}", other.err()),
+        }
+        assert_eq!(
+            std::fs::read(&journal_path).expect("read"),
+            bytes,
+            "the journal is kept"
+        );
+        assert_eq!(durable_pushes(&path), 0, "nothing was replayed");
+    }
+
+    #[test]
+    fn a_journal_without_its_database_fails_the_open() {
+        let (_dir, path) = temp_db();
+        write_journal(&path, &history());
+        let opened = RedbStore::open(&path);
+        assert!(
+            matches!(&opened, Err(StoreError::Open { detail, .. }) if detail.contains("does not exist")),
+            "{:?}",
+            opened.err()
+        );
+        assert!(journal_len(&path) > 0, "the journal is kept");
+        assert!(
+            !path.exists(),
+            "no database was created: a second open fails the same way"
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_makes_the_commits_durable_in_the_database_and_empties_the_journal() {
+        let (_dir, path) = temp_db();
+        let store = never_checkpointing(&path);
+        submit_and_wait(&store, vec![Op::PutPush(push("a", 1))]).expect("commit");
+        assert!(journal_len(&path) > 0, "answered once journaled");
+        assert_eq!(durable_pushes(&path), 0, "and not yet durable in the database");
+        // Close checkpoints: the database holds the push without its journal.
+        drop(store);
+        assert_eq!(journal_len(&path), 0);
+        assert_eq!(durable_pushes(&path), 1);
+
+        // By size: a journal past the bound is checkpointed before the next group is taken.
+        let store =
+            RedbStore::open_with(&path, Checkpoints::new(1, Duration::from_secs(24 * 3600))).expect("open");
+        submit_and_wait(&store, vec![Op::PutPush(push("a", 2))]).expect("commit");
+        submit_and_wait(&store, vec![]).expect("barrier");
+        assert_eq!(journal_len(&path), 0);
+        assert_eq!(durable_pushes(&path), 2, "durable while the store is still open");
+        drop(store);
+    }
+
+    #[test]
+    fn a_snapshot_holds_what_is_only_journaled_and_a_restore_drops_a_stale_journal() {
+        let (dir, path) = temp_db();
+        let store = never_checkpointing(&path);
+        submit_and_wait(&store, vec![Op::PutPush(push("a", 1))]).expect("commit");
+        let copy = dir.path().join("copy.redb");
+        store.snapshot_to(&copy).expect("snapshot");
+        // A journal that is not the snapshot's: renewing the epoch removes it.
+        write_journal(&copy, &[vec![Op::PutPush(push("z", 9))]]);
+        RedbStore::renew_epoch(&copy).expect("renew");
+        assert!(!journal::path_of(&copy).exists());
+        let restored = RedbStore::open(&copy).expect("open the copy");
+        assert_eq!(restored.load().expect("load").pushes, vec![push("a", 1)]);
+    }
+
+    /// Environment variable naming the database of [`crash_child`].
+    const CRASH_CHILD_DB: &str = "LPUSH_STORE_CRASH_CHILD_DB";
+
+    /// Not a test on its own: the process [`acknowledged_batches_survive_sigkill`] starts (this
+    /// test binary again) and kills. Commits message-like batches one at a time, printing each
+    /// answer, until it is killed.
+    #[test]
+    #[ignore = "run by acknowledged_batches_survive_sigkill"]
+    fn crash_child() {
+        let Some(path) = std::env::var_os(CRASH_CHILD_DB) else {
+            return;
+        };
+        let store = never_checkpointing(Path::new(&path));
+        for seq in 0..100_000 {
+            let ops = vec![
+                Op::PutPush(push("a", seq)),
+                Op::PutReceipt(receipt(&format!("m{seq}"), "a", ReceiptState::Accepted, 1)),
+            ];
+            submit_and_wait(&store, ops).expect("commit");
+            println!("acked {seq}");
+        }
+    }
+
+    /// A crash right after answers: the process is killed with SIGKILL (no destructor, no
+    /// close), with every answered batch in the journal only. Reopening replays them all.
+    #[test]
+    fn acknowledged_batches_survive_sigkill() {
+        use std::io::BufRead;
+        let (_dir, path) = temp_db();
+        let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "store::redb_store::tests::crash_child",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env(CRASH_CHILD_DB, &path)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut acked = None;
+        for line in lines.by_ref() {
+            if let Some(seq) = line.expect("line").strip_prefix("acked ") {
+                acked = Some(seq.parse::<u64>().expect("seq"));
+                if acked == Some(49) {
+                    break;
+                }
+            }
+        }
+        assert_eq!(acked, Some(49), "the child answered 50 batches");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+        // Answers printed before the kill landed still count.
+        for line in lines {
+            if let Some(seq) = line.expect("line").strip_prefix("acked ") {
+                acked = Some(seq.parse().expect("seq"));
+            }
+        }
+        let acked = acked.expect("acked");
+
+        assert_eq!(durable_pushes(&path), 0, "the database alone has none of them");
+        assert!(journal_len(&path) > 0);
+        let store = RedbStore::open(&path).expect("reopen after the crash");
+        let seqs: Vec<u64> = store.load().expect("load").pushes.iter().map(|p| p.seq).collect();
+        // Every answered batch, whole, in order; at most the one in flight besides.
+        assert!(
+            seqs.len() as u64 == acked + 1 || seqs.len() as u64 == acked + 2,
+            "{} pushes for {} answers",
+            seqs.len(),
+            acked + 1
+        );
+        assert!(seqs.iter().copied().eq(0..seqs.len() as u64));
+        for seq in &seqs {
+            assert_eq!(
+                store.receipts(&format!("m{seq}")).expect("receipts").len(),
+                1,
+                "m{seq}"
+            );
+        }
     }
 }
