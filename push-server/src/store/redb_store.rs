@@ -8,15 +8,19 @@
 //! # What is durable when
 //!
 //! A durable redb commit (copy-on-write pages with checksums, then `fsync`) cost most of a
-//! message's store time, so a group is made durable by the journal (`journal`) instead:
+//! message's store time, and even a non-durable one (tree inserts, pages rewritten and
+//! checksummed) costs several times a journal record, so a group is made durable by the journal
+//! (`journal`) and reaches redb later, in bulk:
 //!
-//! 1. the group is applied in a redb transaction with [`Durability::None`];
-//! 2. the ops applied are appended to `<db>.journal` as one record and `fdatasync`ed: from here
-//!    the group survives a crash of the process or the machine;
-//! 3. the transaction is committed (in memory: reads see it now) and the callers are answered.
+//! 1. the group's ops (less those a later op of the group overwrites) are appended to
+//!    `<db>.journal` as one record and `fdatasync`ed: from here the group survives a crash of
+//!    the process or the machine, and its callers are answered;
+//! 2. answered groups are applied to redb in one transaction with [`Durability::None`] every
+//!    100 ms or 8,192 ops, and by any read first (`Unapplied`), so reads see every answered
+//!    batch; a group with a prune is applied before it is answered (it can fail on a stored row).
 //!
-//! A checkpoint (an empty commit with [`Durability::Immediate`], which persists every commit
-//! before it, then emptying the journal) runs when the journal is `CHECKPOINT_AGE` old or
+//! A checkpoint (the bulk apply, an empty commit with [`Durability::Immediate`], which persists
+//! every commit before it, then emptying the journal) runs when the journal is `CHECKPOINT_AGE` old or
 //! `CHECKPOINT_BYTES` long, and when the store closes. Opening the store finds redb at its last
 //! checkpoint and replays the journal's whole records over it, in order, in one durable
 //! transaction, then empties the journal; only then does it serve. A torn last record (its group
@@ -85,23 +89,28 @@ type Batch = (Vec<Op>, Reply);
 pub struct RedbStore {
     /// Shared with the writer thread; reads use it directly (redb reads run beside a write).
     db: Arc<Database>,
+    /// Answered groups not yet applied to `db`; a read applies them first (see [`Unapplied`]).
+    unapplied: Arc<Unapplied>,
     /// Queue to the writer; `None` once closed, so that late batches are refused, not lost.
     queue: Mutex<Option<mpsc::Sender<Batch>>>,
     /// Joined by `close`, so that a closed store has everything submitted on disk.
     writer: Mutex<Option<JoinHandle<()>>>,
-    /// Transactions committed by the writer, to show that batches really are grouped.
+    /// Groups committed by the writer, to show that batches really are grouped.
     #[cfg(test)]
     commits: Arc<std::sync::atomic::AtomicUsize>,
+    /// Bulk applies of answered groups by the writer.
+    #[cfg(test)]
+    applies: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl RedbStore {
     /// Open the database at `path`, creating it if missing, replay its journal (`<path>.journal`:
     /// the group commits since the last checkpoint), and start its writer thread.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
-        Self::open_with(path, Checkpoints::new(CHECKPOINT_BYTES, CHECKPOINT_AGE))
+        Self::open_with(path, Checkpoints::new(CHECKPOINT_BYTES, CHECKPOINT_AGE), BULK)
     }
 
-    fn open_with(path: &Path, checkpoints: Checkpoints) -> Result<RedbStore, StoreError> {
+    fn open_with(path: &Path, checkpoints: Checkpoints, bulk: Bulk) -> Result<RedbStore, StoreError> {
         let open_error = |source: &dyn Display| StoreError::Open {
             path: path.display().to_string(),
             detail: source.to_string(),
@@ -122,17 +131,24 @@ impl RedbStore {
         let db = Arc::new(Database::create(path).map_err(|e| open_error(&e))?);
         create_tables(&db).map_err(|e| open_error(&e))?;
         let journal = recover(&db, &journal_path)?;
+        let unapplied = Arc::new(Unapplied::default());
 
         let writer = Writer {
             db: Arc::clone(&db),
+            unapplied: Arc::clone(&unapplied),
+            bulk,
+            unapplied_ops: 0,
+            unapplied_since: None,
             journal,
             checkpoints,
             broken: None,
             #[cfg(test)]
             commits: Arc::default(),
+            #[cfg(test)]
+            applies: Arc::default(),
         };
         #[cfg(test)]
-        let commits = Arc::clone(&writer.commits);
+        let (commits, applies) = (Arc::clone(&writer.commits), Arc::clone(&writer.applies));
         let (queue, batches) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
@@ -140,10 +156,13 @@ impl RedbStore {
             .map_err(|e| open_error(&e))?;
         Ok(RedbStore {
             db,
+            unapplied,
             queue: Mutex::new(Some(queue)),
             writer: Mutex::new(Some(thread)),
             #[cfg(test)]
             commits,
+            #[cfg(test)]
+            applies,
         })
     }
 }
@@ -186,6 +205,17 @@ fn recover(db: &Database, path: &Path) -> Result<Journal, StoreError> {
 }
 
 impl RedbStore {
+    /// A read transaction that sees every answered batch: groups the writer answered but has
+    /// not applied yet are applied first.
+    fn read(&self) -> Result<ReadTransaction, StoreError> {
+        let mut unapplied = self.unapplied.groups.lock();
+        if !unapplied.is_empty() {
+            apply_unapplied(&self.db, &mut unapplied)?;
+        }
+        // Begun under the lock, so no later apply can come between.
+        self.db.begin_read().map_err(io)
+    }
+
     /// Whether another process (a running server) has the database at `path` open. redb locks
     /// the file while it is open, so this is what a second server would run into.
     pub fn in_use(path: &Path) -> bool {
@@ -325,7 +355,7 @@ pub(super) fn new_epoch() -> u64 {
 
 impl Store for RedbStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
+        let txn = self.read()?;
         let seq_ceilings = txn.open_table(SEQ_CEILINGS).map_err(io)?;
         let epoch = txn
             .open_table(META)
@@ -374,7 +404,7 @@ impl Store for RedbStore {
     }
 
     fn receipts(&self, id: &str) -> Result<Vec<Receipt>, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
+        let txn = self.read()?;
         let table = txn.open_table(RECEIPTS).map_err(io)?;
         let mut receipts = Vec::new();
         // ("id", "") is the smallest key of `id`; its keys are contiguous, so stop at the first
@@ -390,7 +420,7 @@ impl Store for RedbStore {
     }
 
     fn request(&self, id: &str) -> Result<Option<RequestRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
+        let txn = self.read()?;
         let table = txn.open_table(REQUESTS).map_err(io)?;
         let value = table.get(id).map_err(io)?;
         value
@@ -399,7 +429,7 @@ impl Store for RedbStore {
     }
 
     fn api_key(&self, hash: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
+        let txn = self.read()?;
         let table = txn.open_table(API_KEYS).map_err(io)?;
         let value = table.get(hash).map_err(io)?;
         value
@@ -408,7 +438,7 @@ impl Store for RedbStore {
     }
 
     fn api_keys(&self) -> Result<Vec<(String, ApiKeyRecord)>, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
+        let txn = self.read()?;
         let table = txn.open_table(API_KEYS).map_err(io)?;
         let entries = table.iter().map_err(io)?;
         entries
@@ -428,7 +458,7 @@ impl Store for RedbStore {
             detail: source.to_string(),
         };
         // One read transaction: every table as of one commit, however the writer goes on.
-        let from = self.db.begin_read().map_err(io)?;
+        let from = self.read()?;
         let copy = Database::create(path).map_err(|e| open_error(&e))?;
         create_tables(&copy).map_err(|e| open_error(&e))?;
         let to = copy.begin_write().map_err(io)?;
@@ -477,9 +507,82 @@ fn read_all<K: Key + 'static, R: Row>(
         .collect()
 }
 
+/// Groups the writer answered (durable in the journal) but has not applied to the database yet.
+///
+/// Applying a group to redb (tree inserts, then a commit that rewrites and checksums every page
+/// it touched) costs several times writing its journal record, so answered groups are applied
+/// in bulk: once enough have gathered or a while after the first ([`BULK`]), before a
+/// checkpoint or a group that must be applied at once, and whenever a read comes (a read must
+/// see every answered batch, so it applies them itself). In bulk, what a later group overwrites
+/// is skipped ([`superseded`]): a push stored, delivered, acked and deleted between two bulk
+/// applies never reaches the tree.
+///
+/// Every write transaction after the open is begun under this lock, the writer's and a
+/// reader's alike: that orders them, and the lock order is lock, then transaction, everywhere.
+#[derive(Default)]
+struct Unapplied {
+    groups: Mutex<Vec<Vec<Op>>>,
+}
+
+/// Apply `groups` (answered, in answer order) to `db` in one non-durable transaction and
+/// forget them; on an error they stay, for the next try. Their durability is the journal's.
+fn apply_unapplied(db: &Database, groups: &mut Vec<Vec<Op>>) -> Result<(), StoreError> {
+    let mut txn = db.begin_write().map_err(io)?;
+    txn.set_durability(Durability::None).map_err(io)?;
+    let applied = (|| {
+        let mut tables = Tables::open(&txn).map_err(io)?;
+        let batches: Vec<&[Op]> = groups.iter().map(Vec::as_slice).collect();
+        let skip = superseded(&batches);
+        for (index, ops) in batches.iter().enumerate() {
+            for (i, op) in ops.iter().enumerate() {
+                if !skip.contains(&(index, i)) {
+                    tables.apply(op)?;
+                }
+            }
+        }
+        Ok::<_, StoreError>(())
+    })();
+    if let Err(error) = applied {
+        if let Err(abort) = txn.abort() {
+            tracing::warn!(error = %abort, "aborting a failed store transaction failed");
+        }
+        return Err(error);
+    }
+    txn.commit().map_err(io)?;
+    groups.clear();
+    Ok(())
+}
+
+/// Ops that are applied to the database before their group is answered, not in bulk later:
+/// a prune reads what it removes, and an undecodable row fails its batch (see `Tables::apply`),
+/// which must be known before the batch is answered.
+fn applied_at_once(op: &Op) -> bool {
+    matches!(op, Op::PruneReceipts { .. })
+}
+
+/// When the writer applies answered groups to the database: once `ops` ops have gathered, or
+/// `age` after the first of them.
+#[derive(Debug, Clone, Copy)]
+struct Bulk {
+    ops: usize,
+    age: Duration,
+}
+
+/// 100 ms bounds the work a read may find to do and how long the writer holds answered groups
+/// in memory; 8,192 ops (about 2,700 messages' pushes and receipts) bound it under load.
+const BULK: Bulk = Bulk {
+    ops: 8192,
+    age: Duration::from_millis(100),
+};
+
 /// The writer thread's state.
 struct Writer {
     db: Arc<Database>,
+    unapplied: Arc<Unapplied>,
+    bulk: Bulk,
+    /// Ops answered since the writer last applied them, and when the first was answered.
+    unapplied_ops: usize,
+    unapplied_since: Option<Instant>,
     journal: Journal,
     checkpoints: Checkpoints,
     /// Set when the writer can no longer tell what is durable (a commit failed after its record
@@ -488,6 +591,8 @@ struct Writer {
     broken: Option<String>,
     #[cfg(test)]
     commits: Arc<std::sync::atomic::AtomicUsize>,
+    #[cfg(test)]
+    applies: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Why a group could not be committed.
@@ -533,13 +638,19 @@ impl Writer {
     fn run(mut self, batches: &mpsc::Receiver<Batch>) {
         lower_priority();
         loop {
-            let first = match self.checkpoints.deadline() {
+            let apply_at = self.unapplied_since.map(|since| since + self.bulk.age);
+            let first = match self.checkpoints.deadline().into_iter().chain(apply_at).min() {
                 None => batches.recv().ok(),
                 Some(deadline) => {
                     match batches.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                         Ok(batch) => Some(batch),
                         Err(mpsc::RecvTimeoutError::Timeout) => {
-                            self.checkpoint();
+                            let now = Instant::now();
+                            if self.checkpoints.due(self.journal.len(), now) {
+                                self.checkpoint();
+                            } else {
+                                self.apply();
+                            }
                             continue;
                         }
                         Err(mpsc::RecvTimeoutError::Disconnected) => None,
@@ -552,6 +663,8 @@ impl Writer {
             self.commit_group(group);
             if self.checkpoints.due(self.journal.len(), Instant::now()) {
                 self.checkpoint();
+            } else if self.unapplied_ops >= self.bulk.ops {
+                self.apply();
             }
         }
         if self.checkpoints.deadline().is_some() {
@@ -573,6 +686,7 @@ impl Writer {
     /// A broken writer does not checkpoint (its redb state may lack a journaled group, which
     /// the next open replays); it only puts the next try off.
     fn checkpoint(&mut self) {
+        self.apply();
         if self.broken.is_some() {
             self.checkpoints.finished(false, Instant::now());
             return;
@@ -634,6 +748,81 @@ impl Writer {
         if let Some(detail) = &self.broken {
             return Err(Failure::Transaction(detail.clone()));
         }
+        if group.iter().any(|(ops, _)| ops.iter().any(applied_at_once)) {
+            return self.write_at_once(group);
+        }
+        let batches: Vec<&[Op]> = group.iter().map(|(ops, _)| ops.as_slice()).collect();
+        let skip = superseded(&batches);
+        let ops: Vec<Op> = batches
+            .iter()
+            .enumerate()
+            .flat_map(|(index, ops)| ops.iter().enumerate().map(move |(i, op)| ((index, i), op)))
+            .filter(|(at, _)| !skip.contains(at))
+            .map(|(_, op)| op.clone())
+            .collect();
+        // A group of barriers: answered now, after every group before it.
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let record = journal::encode(&ops).map_err(Failure::Transaction)?;
+        self.append(&record)?;
+        self.unapplied_ops += ops.len();
+        self.unapplied_since.get_or_insert_with(Instant::now);
+        self.unapplied.groups.lock().push(ops);
+        #[cfg(test)]
+        self.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Append `record` to the journal and sync it; on failure the record is cut off again (or
+    /// the writer is broken, when it cannot be).
+    fn append(&mut self, record: &[u8]) -> Result<(), Failure> {
+        match self.journal.append(record) {
+            Ok(()) => {
+                self.checkpoints.appended(Instant::now());
+                Ok(())
+            }
+            Err(AppendError::Failed(error)) => Err(Failure::Transaction(format!("journal: {error}"))),
+            Err(AppendError::Broken(detail)) => Err(self.break_down(format!("journal: {detail}"))),
+        }
+    }
+
+    /// Apply the answered groups to the database now (see [`Unapplied`]).
+    fn apply(&mut self) {
+        self.unapplied_ops = 0;
+        self.unapplied_since = None;
+        let unapplied = Arc::clone(&self.unapplied);
+        let mut groups = unapplied.groups.lock();
+        if groups.is_empty() || self.broken.is_some() {
+            return;
+        }
+        match apply_unapplied(&self.db, &mut groups) {
+            #[cfg(test)]
+            Ok(()) => {
+                self.applies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            #[cfg(not(test))]
+            Ok(()) => {}
+            Err(error) => {
+                drop(groups);
+                tracing::error!(%error, "applying answered store groups failed; the journal keeps them");
+                self.break_down(format!("applying answered groups: {error}"));
+            }
+        }
+    }
+
+    /// [`Writer::write`] for a group with an op of [`applied_at_once`]: after the answered
+    /// groups, applied to redb without durability, journaled and synced, and only then
+    /// committed (which shows it to reads). A batch that fails is reported before anything of
+    /// the group is journaled.
+    fn write_at_once(&mut self, group: &[Batch]) -> Result<(), Failure> {
+        self.apply();
+        if let Some(detail) = &self.broken {
+            return Err(Failure::Transaction(detail.clone()));
+        }
+        let unapplied = Arc::clone(&self.unapplied);
+        // Held until the commit: no reader's apply can come between (none is pending anyway).
+        let _order = unapplied.groups.lock();
         let mut txn = self.db.begin_write().map_err(Failure::transaction)?;
         txn.set_durability(Durability::None)
             .map_err(Failure::transaction)?;
@@ -646,17 +835,13 @@ impl Writer {
                 return Err(failure);
             }
         };
-        if let Some(record) = record {
-            if let Err(error) = self.journal.append(&record) {
-                if let Err(error) = txn.abort() {
-                    tracing::warn!(%error, "aborting a store transaction failed");
-                }
-                return Err(match error {
-                    AppendError::Failed(error) => Failure::Transaction(format!("journal: {error}")),
-                    AppendError::Broken(detail) => self.break_down(format!("journal: {detail}")),
-                });
+        if let Some(record) = record
+            && let Err(failure) = self.append(&record)
+        {
+            if let Err(error) = txn.abort() {
+                tracing::warn!(%error, "aborting a store transaction failed");
             }
-            self.checkpoints.appended(Instant::now());
+            return Err(failure);
         }
         // The group is durable in the journal: failing to show it now would make reads disagree
         // with what the next open replays.
@@ -678,7 +863,8 @@ impl Writer {
 /// journal record of those ops (`None` when there are none: a group of barriers).
 fn apply_group(txn: &WriteTransaction, group: &[Batch]) -> Result<Option<Vec<u8>>, Failure> {
     let mut tables = Tables::open(txn).map_err(Failure::transaction)?;
-    let skip = superseded(group);
+    let batches: Vec<&[Op]> = group.iter().map(|(ops, _)| ops.as_slice()).collect();
+    let skip = superseded(&batches);
     let mut applied = Vec::new();
     for (index, (ops, _)) in group.iter().enumerate() {
         for (i, op) in ops.iter().enumerate() {
@@ -729,10 +915,10 @@ fn op_key(op: &Op) -> Option<OpKey<'_>> {
 /// receipt write and one delete instead of five writes. A prune only removes keys, so a later
 /// write of a key still decides its state. If a batch fails, the group is retried without it
 /// and this is computed afresh.
-fn superseded(group: &[Batch]) -> HashSet<(usize, usize)> {
+fn superseded(group: &[&[Op]]) -> HashSet<(usize, usize)> {
     let mut later = HashSet::new();
     let mut skip = HashSet::new();
-    for (index, (ops, _)) in group.iter().enumerate().rev() {
+    for (index, ops) in group.iter().enumerate().rev() {
         for (i, op) in ops.iter().enumerate().rev() {
             if let Some(key) = op_key(op)
                 && !later.insert(key)
@@ -1371,11 +1557,74 @@ mod tests {
         assert_eq!(states("m2"), [ReceiptState::Accepted]);
     }
 
+    fn pushes_in_the_file(store: &RedbStore) -> u64 {
+        let txn = store.db.begin_read().expect("read");
+        txn.open_table(PUSHES).expect("table").len().expect("len")
+    }
+
+    #[test]
+    fn answered_groups_reach_the_database_in_bulk_and_a_read_applies_them_first() {
+        let (_dir, path) = temp_db();
+        let day = Duration::from_secs(24 * 3600);
+        let never = Bulk {
+            ops: usize::MAX,
+            age: day,
+        };
+        let store = RedbStore::open_with(&path, Checkpoints::new(u64::MAX, day), never).expect("open");
+        for seq in 0..50 {
+            submit_and_wait(&store, vec![Op::PutPush(push("d", seq))]).expect("commit");
+        }
+        // Answered (journaled) but not applied: the database file's tree has none of them.
+        assert_eq!(store.commits.load(Ordering::Relaxed), 50);
+        assert_eq!(store.applies.load(Ordering::Relaxed), 0);
+        assert_eq!(pushes_in_the_file(&store), 0);
+        // A read applies them first, so it sees every answered batch.
+        assert_eq!(store.load().expect("load").pushes.len(), 50);
+        assert_eq!(pushes_in_the_file(&store), 50);
+        // A prune goes at once, after the answered groups, in their order: the receipt put
+        // before it is old and final, so the prune removes it.
+        submit_and_wait(
+            &store,
+            vec![Op::PutReceipt(receipt("m1", "d", ReceiptState::Acked, 10))],
+        )
+        .expect("commit");
+        submit_and_wait(&store, vec![Op::PruneReceipts { before_ms: 20 }]).expect("prune");
+        assert!(store.receipts("m1").expect("read").is_empty());
+        // Closing applies and checkpoints what is left: all of it is in the file.
+        submit_and_wait(
+            &store,
+            vec![Op::DeletePush {
+                device_id: "d".into(),
+                seq: 0,
+            }],
+        )
+        .expect("commit");
+        store.close();
+        // The writer applied twice: the receipt ahead of the prune, the delete at close.
+        assert_eq!(store.applies.load(Ordering::Relaxed), 2);
+        assert_eq!(pushes_in_the_file(&store), 49);
+    }
+
+    #[test]
+    fn the_writer_applies_answered_groups_once_enough_have_gathered() {
+        let (_dir, path) = temp_db();
+        let day = Duration::from_secs(24 * 3600);
+        let bulk = Bulk { ops: 10, age: day };
+        let store = RedbStore::open_with(&path, Checkpoints::new(u64::MAX, day), bulk).expect("open");
+        for seq in 0..25 {
+            submit_and_wait(&store, vec![Op::PutPush(push("d", seq))]).expect("commit");
+        }
+        // Applied after the 10th and the 20th op; the last 5 wait for more, or a read.
+        assert_eq!(store.applies.load(Ordering::Relaxed), 2);
+        assert_eq!(pushes_in_the_file(&store), 20);
+    }
+
     #[test]
     fn queued_batches_share_one_commit() {
         let (_dir, path) = temp_db();
         let store = RedbStore::open(&path).expect("open");
-        let blocker = store.db.begin_write().expect("begin write");
+        // The writer hands every group it journaled to the bulk apply under this lock.
+        let blocker = store.unapplied.groups.lock();
         let answers: Vec<_> = std::thread::scope(|scope| {
             let threads: Vec<_> = (0..4)
                 .map(|thread| {
@@ -1544,7 +1793,7 @@ mod tests {
     /// A store that never checkpoints while open: what it answered lives in the journal only.
     fn never_checkpointing(path: &Path) -> RedbStore {
         let never = Checkpoints::new(u64::MAX, Duration::from_secs(24 * 3600));
-        RedbStore::open_with(path, never).expect("open")
+        RedbStore::open_with(path, never, BULK).expect("open")
     }
 
     fn journal_len(path: &Path) -> u64 {
@@ -1783,8 +2032,8 @@ mod tests {
         assert_eq!(durable_pushes(&path), 1);
 
         // By size: a journal past the bound is checkpointed before the next group is taken.
-        let store =
-            RedbStore::open_with(&path, Checkpoints::new(1, Duration::from_secs(24 * 3600))).expect("open");
+        let store = RedbStore::open_with(&path, Checkpoints::new(1, Duration::from_secs(24 * 3600)), BULK)
+            .expect("open");
         submit_and_wait(&store, vec![Op::PutPush(push("a", 2))]).expect("commit");
         submit_and_wait(&store, vec![]).expect("barrier");
         assert_eq!(journal_len(&path), 0);
