@@ -159,15 +159,12 @@ impl DeviceTls {
         used: &mut usize,
         deliver: &mut impl FnMut(&[u8]) -> bool,
     ) -> io::Result<bool> {
-        // Bytes kept from before may hold whole records already (the handshake's last read).
-        let mut fresh = *used > 0;
+        // rustls first: it may hold data already (what came with the client's Finished).
         loop {
-            if fresh {
-                match self.process(buf, used, deliver)? {
-                    Progress::More => {}
-                    Progress::PeerClosed => return Ok(false),
-                    Progress::Declined => return Ok(true),
-                }
+            match self.process(buf, used, deliver)? {
+                Progress::More => {}
+                Progress::PeerClosed => return Ok(false),
+                Progress::Declined => return Ok(true),
             }
             if buf.len() - *used < READ_SIZE {
                 // Only a handshake message spanning records grows it (rustls bounds those).
@@ -175,10 +172,7 @@ impl DeviceTls {
             }
             match self.tcp.try_read(&mut buf[*used..]) {
                 Ok(0) => return Err(unexpected_eof()),
-                Ok(n) => {
-                    *used += n;
-                    fresh = true;
-                }
+                Ok(n) => *used += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
                 Err(e) => return Err(e),
             }
@@ -406,6 +400,48 @@ mod tests {
         }
     }
 
+    /// Like [`connect`], but the client queues `data` before the handshake, so it goes out in
+    /// the same write as the client's Finished.
+    async fn connect_with_finished(data: &[u8]) -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let (pki, _) = crate::pki::load_or_create(dir.path(), &["localhost".to_string()]).unwrap();
+        let server_cfg = Arc::new(crate::pki::server_config(&pki).unwrap());
+        let client_cfg = Arc::new(crate::pki::client_config(&pki.ca_cert_pem).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (server, (client, client_tcp)) = tokio::join!(
+            async {
+                let (tcp, _) = listener.accept().await.unwrap();
+                DeviceTls::accept(server_cfg, tcp).await.unwrap()
+            },
+            async {
+                let mut tcp = TcpStream::connect(addr).await.unwrap();
+                let mut client = ClientConnection::new(client_cfg, "localhost".try_into().unwrap()).unwrap();
+                client.writer().write_all(data).unwrap();
+                loop {
+                    let mut out = Vec::new();
+                    while client.wants_write() {
+                        client.write_tls(&mut out).unwrap();
+                    }
+                    tcp.write_all(&out).await.unwrap();
+                    if !client.is_handshaking() {
+                        break (client, tcp);
+                    }
+                    let mut buf = vec![0; 16 * 1024];
+                    let n = tcp.read(&mut buf).await.unwrap();
+                    client.read_tls(&mut &buf[..n]).unwrap();
+                    client.process_new_packets().unwrap();
+                }
+            },
+        );
+        Pair {
+            server,
+            client,
+            client_tcp,
+            _pki: dir,
+        }
+    }
+
     impl Pair {
         /// The client's records for `data`.
         fn seal(&mut self, data: &[u8]) -> Vec<u8> {
@@ -472,6 +508,22 @@ mod tests {
         assert!(p.read_until(&mut got, |_, got| !got.is_empty()).await.unwrap());
         assert_eq!(got, b"hello, server");
         assert_eq!(p.server.buffered(), 0, "an idle session holds no buffer");
+    }
+
+    /// Regression: data that came with the client's Finished sat in rustls, unread, while the
+    /// session waited for the socket to turn readable again.
+    #[tokio::test]
+    async fn data_sent_with_the_clients_finished_is_read_without_waiting_for_the_socket() {
+        let mut p = connect_with_finished(b"hello with the finished").await;
+        let mut got = Vec::new();
+        // As the driver does: one read before the first wait.
+        assert!(p.server.read_available(|data| {
+            got.extend_from_slice(data);
+            true
+        })
+        .unwrap());
+        assert_eq!(got, b"hello with the finished");
+        assert_eq!(p.server.buffered(), 0);
     }
 
     #[tokio::test]
