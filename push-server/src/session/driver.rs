@@ -327,11 +327,7 @@ fn frame_limit(session: &Session, configured: usize) -> usize {
 
 /// Write every queued frame in one burst under the write deadline. Returns the sequence
 /// numbers of the pushes written.
-async fn flush(
-    tls: &mut DeviceTls,
-    session: &mut Session,
-    env: &SessionEnv,
-) -> io::Result<Vec<u64>> {
+async fn flush(tls: &mut DeviceTls, session: &mut Session, env: &SessionEnv) -> io::Result<Vec<u64>> {
     let mut out = BytesMut::new();
     let mut seqs = Vec::new();
     while let Some(f) = session.poll_transmit() {

@@ -10,8 +10,8 @@ use std::{cell::RefCell, io, sync::Arc};
 
 use rustls::{
     ServerConfig,
-    server::UnbufferedServerConnection,
     server::ServerConnectionData,
+    server::UnbufferedServerConnection,
     unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus, WriteTraffic},
 };
 use tokio::{io::AsyncReadExt, io::AsyncWriteExt, net::TcpStream};
@@ -216,7 +216,9 @@ impl DeviceTls {
                     self.send_now();
                     None
                 }
-                Ok(ConnectionState::WriteTraffic(_) | ConnectionState::BlockedHandshake) => Some(Progress::More),
+                Ok(ConnectionState::WriteTraffic(_) | ConnectionState::BlockedHandshake) => {
+                    Some(Progress::More)
+                }
                 Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => Some(Progress::PeerClosed),
                 Ok(other) => return Err(io::Error::other(format!("unexpected TLS state {other:?}"))),
             };
@@ -257,7 +259,10 @@ impl DeviceTls {
     fn encrypt(
         &mut self,
         size: usize,
-        mut write: impl FnMut(&mut WriteTraffic<'_, ServerConnectionData>, &mut [u8]) -> Result<usize, EncryptError>,
+        mut write: impl FnMut(
+            &mut WriteTraffic<'_, ServerConnectionData>,
+            &mut [u8],
+        ) -> Result<usize, EncryptError>,
     ) -> io::Result<()> {
         loop {
             // The unconsumed bytes go in again: rustls tracks its place in them.
@@ -378,7 +383,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (pki, _) = crate::pki::load_or_create(dir.path(), &["localhost".to_string()]).unwrap();
         let server_cfg = Arc::new(crate::pki::server_config(&pki).unwrap());
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(crate::pki::client_config(&pki.ca_cert_pem).unwrap()));
+        let connector =
+            tokio_rustls::TlsConnector::from(Arc::new(crate::pki::client_config(&pki.ca_cert_pem).unwrap()));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (server, client) = tokio::join!(
@@ -388,7 +394,10 @@ mod tests {
             },
             async {
                 let tcp = TcpStream::connect(addr).await.unwrap();
-                connector.connect("localhost".try_into().unwrap(), tcp).await.unwrap()
+                connector
+                    .connect("localhost".try_into().unwrap(), tcp)
+                    .await
+                    .unwrap()
             },
         );
         let (client_tcp, client) = client.into_inner();
@@ -458,7 +467,11 @@ mod tests {
         }
 
         /// Wait for the socket and read until `done` holds of what was delivered.
-        async fn read_until(&mut self, got: &mut Vec<u8>, done: impl Fn(&DeviceTls, &[u8]) -> bool) -> io::Result<bool> {
+        async fn read_until(
+            &mut self,
+            got: &mut Vec<u8>,
+            done: impl Fn(&DeviceTls, &[u8]) -> bool,
+        ) -> io::Result<bool> {
             loop {
                 self.server.readable().await?;
                 let open = self.server.read_available(|data| {
@@ -500,7 +513,11 @@ mod tests {
         p.client_tcp.write_all(first).await.unwrap();
         let mut got = Vec::new();
         let first_len = first.len();
-        assert!(p.read_until(&mut got, |s, _| s.unprocessed.len() == first_len).await.unwrap());
+        assert!(
+            p.read_until(&mut got, |s, _| s.unprocessed.len() == first_len)
+                .await
+                .unwrap()
+        );
         assert!(got.is_empty(), "half a record decrypts to nothing");
         assert_eq!(p.server.unprocessed, first, "the half record is kept");
 
@@ -517,11 +534,14 @@ mod tests {
         let mut p = connect_with_finished(b"hello with the finished").await;
         let mut got = Vec::new();
         // As the driver does: one read before the first wait.
-        assert!(p.server.read_available(|data| {
-            got.extend_from_slice(data);
-            true
-        })
-        .unwrap());
+        assert!(
+            p.server
+                .read_available(|data| {
+                    got.extend_from_slice(data);
+                    true
+                })
+                .unwrap()
+        );
         assert_eq!(got, b"hello with the finished");
         assert_eq!(p.server.buffered(), 0);
     }
@@ -589,7 +609,9 @@ mod tests {
         assert_eq!(tls_error, Some(&rustls::Error::DecryptError));
         assert_eq!(
             p.receive().await,
-            Err(rustls::Error::AlertReceived(rustls::AlertDescription::BadRecordMac))
+            Err(rustls::Error::AlertReceived(
+                rustls::AlertDescription::BadRecordMac
+            ))
         );
     }
 
