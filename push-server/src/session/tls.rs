@@ -20,6 +20,9 @@ use tokio::{io::AsyncReadExt, io::AsyncWriteExt, net::TcpStream};
 /// more, so one record never needs two reads for lack of space.
 const READ_SIZE: usize = 18 * 1024;
 
+/// The handshake's first read buffer: a client's flights fit (a ClientHello is ~300 bytes).
+const HANDSHAKE_READ: usize = 2048;
+
 thread_local! {
     /// Lent to one read at a time: a read never waits while it holds it.
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -69,8 +72,10 @@ impl DeviceTls {
             unprocessed: Vec::new(),
             outgoing: Vec::new(),
         };
-        // The handshake's own buffer lives in the handshake task, which ends with it.
-        let mut incoming = vec![0; READ_SIZE];
+        // The handshake's own buffer lives in the handshake task, which ends with it. Small: a
+        // client's flights are a few hundred bytes, and while a whole site reconnects thousands of
+        // handshakes run at once, the holes they leave in the heap counting towards every session.
+        let mut incoming = vec![0; HANDSHAKE_READ];
         let mut used = 0;
         loop {
             let UnbufferedStatus { discard, state } = tls.conn.process_tls_records(&mut incoming[..used]);
@@ -109,7 +114,8 @@ impl DeviceTls {
                 Ok(Step::Ready) if !tls.conn.is_handshaking() => break,
                 Ok(Step::Read | Step::Ready) => {
                     if used == incoming.len() {
-                        // A handshake message spanning records (rustls bounds it at 64 KiB).
+                        // A larger flight, or a handshake message spanning records (rustls
+                        // bounds it at 64 KiB).
                         incoming.resize(used + READ_SIZE, 0);
                     }
                     match tls.tcp.read(&mut incoming[used..]).await? {
