@@ -17,7 +17,7 @@ use crate::{
     admission::{Handshakes, Listener},
     config::Limits,
     observe::metrics,
-    session::driver::SessionEnv,
+    session::{driver::SessionEnv, tls::DeviceTls},
 };
 
 /// Accept queue of the device listener; the kernel caps it at `net.core.somaxconn` (4096 on
@@ -51,7 +51,7 @@ const ACCEPT_POLL: Duration = Duration::from_millis(50);
 /// then wait in tokio, established, for their handshake (within the handshake deadline).
 pub async fn serve_devices(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Arc<rustls::ServerConfig>,
     env: Arc<SessionEnv>,
     limits: Limits,
     shutdown: CancellationToken,
@@ -69,7 +69,7 @@ pub async fn serve_devices(
     let spawned = std::thread::Builder::new()
         .name("device-accept".into())
         .spawn(move || {
-            accept_devices(listener, &handle, acceptor, env, limits, shutdown, tracker);
+            accept_devices(listener, &handle, tls, env, limits, shutdown, tracker);
             let _ = done.send(());
         });
     match spawned {
@@ -83,7 +83,7 @@ pub async fn serve_devices(
 fn accept_devices(
     listener: std::net::TcpListener,
     handle: &tokio::runtime::Handle,
-    acceptor: TlsAcceptor,
+    tls: Arc<rustls::ServerConfig>,
     env: Arc<SessionEnv>,
     limits: Limits,
     shutdown: CancellationToken,
@@ -143,14 +143,13 @@ fn accept_devices(
             continue;
         };
         tune(&tcp, &limits);
-        let (acceptor, env, shutdown, sessions) =
-            (acceptor.clone(), env.clone(), shutdown.clone(), tracker.clone());
+        let (tls, env, shutdown, sessions) = (tls.clone(), env.clone(), shutdown.clone(), tracker.clone());
         // The handshake runs in its own task and the session in a new one: a task's allocation is
         // sized for its largest state, and the handshake's is more than twice the session's, so
         // one task for both would cost every idle session ~4.5 KiB for nothing.
         tracker.spawn(async move {
             let peer = peer.to_string();
-            let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp));
+            let handshake = tokio::time::timeout(handshake_timeout, DeviceTls::accept(tls, tcp));
             let tls = tokio::select! {
                 r = handshake => r,
                 _ = shutdown.cancelled() => return,
@@ -159,7 +158,7 @@ fn accept_devices(
             match tls {
                 Ok(Ok(tls)) => {
                     metrics::handshake("ok");
-                    if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                    if tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
                         metrics::handshake_resumed();
                     }
                     sessions.spawn(crate::session::driver::run(tls, env, peer, shutdown, permit));

@@ -120,7 +120,7 @@ impl Server {
         // One chain for the three listeners, replaced in place by a CA rotation.
         let certs = pki::CertSlot::new(&pki)?;
         let rotator = Arc::new(pki::Rotator::new(&pki.dir, &cfg.server_names, certs.clone()));
-        let device_tls = TlsAcceptor::from(Arc::new(pki::server_config_from(certs.clone())?));
+        let device_tls = Arc::new(pki::server_config_from(certs.clone())?);
         tasks.spawn(serve_devices(
             device_listener,
             device_tls,

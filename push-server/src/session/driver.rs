@@ -1,27 +1,24 @@
 //! Runs one [`Session`] over a TLS stream with tokio: one task, one timer, a fixed loop.
 //!
 //! Memory while idle is the point of the design: between bursts the task holds no read or write
-//! buffer. It waits for socket readiness (not for bytes into a buffer), then drains what rustls
-//! has into a buffer allocated for that burst, and frees it again when no partial frame remains.
+//! buffer. It waits for socket readiness (not for bytes into a buffer), then decrypts what the
+//! socket has in a buffer lent for the read ([`DeviceTls`]) into one allocated for that burst,
+//! and frees it again when no partial frame remains.
 
 use std::{io, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
-use futures::FutureExt;
 use push_proto::{
     device::{ClientFrame, GoodbyeReason, ServerFrame, ServerHello, server_frame},
     frame,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-    sync::OwnedSemaphorePermit,
-    time::Instant,
-};
-use tokio_rustls::server::TlsStream;
+use tokio::{sync::OwnedSemaphorePermit, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::core::{Event, Session, Timing};
+use super::{
+    core::{Event, Session, Timing},
+    tls::DeviceTls,
+};
 use crate::{
     admission::KeyedRate,
     auth::{CredentialError, DeviceAuthority},
@@ -91,7 +88,7 @@ enum Wake {
 /// Drive one session until it ends. Never panics on peer input; every way out is logged once.
 /// `permit` is the session's slot under `limits.max_sessions`, released when the session ends.
 pub async fn run(
-    mut tls: TlsStream<TcpStream>,
+    mut tls: DeviceTls,
     env: Arc<SessionEnv>,
     peer: String,
     shutdown: CancellationToken,
@@ -100,8 +97,8 @@ pub async fn run(
     let mut session = Session::new(Instant::now(), env.timing);
     let mut admitted: Option<Admitted> = None;
     let mut rbuf = BytesMut::new();
-    // The handshake may already have pulled the hello into rustls, and then the socket never
-    // turns readable for it: read once before the first wait.
+    // The handshake may already have read the hello, and then the socket never turns readable
+    // for it: read once before the first wait.
     let mut unread = true;
     // Set when the stream ended or failed: what was read before it is still applied (an ack
     // followed at once by the close must not be lost), then the loop ends.
@@ -199,7 +196,7 @@ pub async fn run(
             tokio::select! {
             biased;
             _ = shutdown.cancelled() => Wake::Shutdown,
-            r = tls.get_ref().0.readable() => match r { Ok(()) => Wake::Readable, Err(e) => break format!("socket error: {e}") },
+            r = tls.readable() => match r { Ok(()) => Wake::Readable, Err(e) => break format!("socket error: {e}") },
             _ = async { match &admitted { Some(a) => a.ctl.woken().await, None => std::future::pending().await } } => Wake::Hub,
             _ = async { match timer { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => Wake::Timer,
             }
@@ -330,11 +327,7 @@ fn frame_limit(session: &Session, configured: usize) -> usize {
 
 /// Write every queued frame in one burst under the write deadline. Returns the sequence
 /// numbers of the pushes written.
-async fn flush(
-    tls: &mut TlsStream<TcpStream>,
-    session: &mut Session,
-    env: &SessionEnv,
-) -> io::Result<Vec<u64>> {
+async fn flush(tls: &mut DeviceTls, session: &mut Session, env: &SessionEnv) -> io::Result<Vec<u64>> {
     let mut out = BytesMut::new();
     let mut seqs = Vec::new();
     while let Some(f) = session.poll_transmit() {
@@ -346,11 +339,7 @@ async fn flush(
     if out.is_empty() {
         return Ok(seqs);
     }
-    let write = async {
-        tls.write_all(&out).await?;
-        tls.flush().await
-    };
-    match tokio::time::timeout(env.write_timeout, write).await {
+    match tokio::time::timeout(env.write_timeout, tls.write_all(&out)).await {
         Ok(r) => r.map(|()| seqs),
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -369,36 +358,20 @@ fn encode(f: &ServerFrame, out: &mut BytesMut, max: usize) {
 /// Drain everything readable without blocking, feeding whole frames to the session.
 /// Returns `Ok(false)` on a clean end of stream.
 fn read_frames(
-    tls: &mut TlsStream<TcpStream>,
+    tls: &mut DeviceTls,
     rbuf: &mut BytesMut,
     session: &mut Session,
     max_frame: usize,
 ) -> io::Result<bool> {
-    let mut open = true;
-    loop {
-        if rbuf.capacity() - rbuf.len() < 1024 {
-            rbuf.reserve(4096);
-        }
-        match tls.read_buf(rbuf).now_or_never() {
-            None => break,
-            Some(Ok(0)) => {
-                open = false;
-                break;
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Some(Err(e)) => return Err(e),
-        }
-        if !decode_all(rbuf, session, max_frame) {
-            break;
-        }
-    }
-    decode_all(rbuf, session, max_frame);
+    let open = tls.read_available(|data| {
+        rbuf.extend_from_slice(data);
+        decode_all(rbuf, session, max_frame)
+    });
     if rbuf.is_empty() {
         // Idle sessions hold no read buffer.
         *rbuf = BytesMut::new();
     }
-    Ok(open)
+    open
 }
 
 /// Decode whole frames; false once the session is closed (the rest is ignored).
