@@ -10,7 +10,7 @@ use push_proto::{
 use tokio::sync::broadcast;
 
 use super::{
-    Hub, Watch,
+    Hub, Watch, WatchRefused,
     calls::CallCore,
     cluster::Routed,
     device::{Effects, Item},
@@ -553,8 +553,9 @@ impl Hub {
         self.0.receipts.watch_all()
     }
 
-    /// Receipt changes of message or call `id` only, from now on.
-    pub fn watch_receipts(&self, id: &str) -> Watch<Receipt> {
+    /// Receipt changes of message or call `id` only, from now on; refused over
+    /// `limits.max_watchers_per_id` and `limits.max_watchers`.
+    pub fn watch_receipts(&self, id: &str) -> Result<Watch<Receipt>, WatchRefused> {
         self.0.receipts.watch(id)
     }
 
