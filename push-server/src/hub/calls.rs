@@ -533,8 +533,10 @@ impl Calls {
         gone
     }
 
-    /// A queued invite loaded at start-up from a store written before calls were stored: its
-    /// call rings on with that callee, until its deadline.
+    /// A queued invite loaded at start-up: its callee was placed with that number (`PlaceCall`
+    /// returns before the record saying so is durable: the invite is what proves it). One from
+    /// a store written before calls were stored: its call rings on with that callee, until its
+    /// deadline.
     pub(super) fn restore_invite(&mut self, stored: &StoredPush) {
         if stored.kind != PushKind::CallInvite {
             return;
@@ -550,7 +552,12 @@ impl Calls {
             .calls
             .entry(stored.id.clone())
             .or_insert_with(|| CallCore::new(invite.clone(), invite.created_at_ms, Vec::new(), Vec::new()));
-        if call.callee(&stored.device_id).is_none() {
+        if let Some(callee) = call.callee_mut(&stored.device_id) {
+            if !callee.placed {
+                callee.placed = true;
+                callee.seq = stored.seq;
+            }
+        } else {
             call.rec.callees.push(CalleeRecord {
                 device_id: stored.device_id.clone(),
                 step: 0,

@@ -299,6 +299,13 @@ impl Hub {
     /// (a delivery receipt can never land before the push it is about).
     fn apply(&self, slot: &mut Slot, fx: Effects) -> Pending {
         let pending = self.submit(fx.ops);
+        // First, so the session's task runs while the rest is done (it takes the pushes under
+        // this device's lock, so it sees them only once they are all applied).
+        if fx.wake
+            && let Some(ctl) = &slot.ctl
+        {
+            ctl.wake();
+        }
         for a in fx.receipts {
             self.announce(a);
         }
@@ -307,11 +314,6 @@ impl Hub {
         }
         if !fx.callees.is_empty() {
             self.note_callees(&slot.core.record.device_id, fx.callees);
-        }
-        if fx.wake
-            && let Some(ctl) = &slot.ctl
-        {
-            ctl.wake();
         }
         for start in fx.voip {
             self.spawn_voip(&slot.core.record.device_id, start);

@@ -88,13 +88,29 @@ impl Hub {
             return Ok(false);
         }
         // Embedded, every receipt of the call is announced here: its watchers are answered
-        // from memory. In a cluster other nodes announce some, through Redis.
+        // from memory. In a cluster other nodes announce some, through Redis. The record goes
+        // to the store ahead of the invites, so it is durable with them: a restart finds the
+        // call, its plan and (from the queued invites, `restore_invite`) who was placed.
         if !self.is_clustered() {
             calls.hear(&id);
+            self.persist(vec![Op::PutCall(
+                calls.get(&id).expect("just opened").record().clone(),
+            )]);
         }
         drop(calls);
         self.replan(&id, None, due);
         Ok(true)
+    }
+
+    /// A call whose invites could not be stored ends here, unplaced: forgotten, in the store too
+    /// (a retry of the sender may use its id again, after a restart as well).
+    pub(super) fn drop_unplaced_call(&self, call_id: &str) {
+        self.0.calls.lock().close(call_id);
+        if !self.is_clustered() {
+            self.persist(vec![Op::DeleteCall {
+                call_id: call_id.into(),
+            }]);
+        }
     }
 
     /// Take a decision on call `call_id`; `None` if it is unknown.

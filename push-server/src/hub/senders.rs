@@ -242,7 +242,8 @@ impl Hub {
 
     /// Ring callees until someone answers, everyone declined, the caller cancels or the ring
     /// deadline passes, escalating by the plan; returns once the first step's invites are
-    /// durable.
+    /// durable (with the call's record, stored ahead of them; what the placement then decides
+    /// is stored in the background: a restart rebuilds it from the queued invites).
     pub async fn place_call(&self, req: CallRequest) -> Result<(Sent, String), SendError> {
         let limits = self.limits();
         if req.call_id.is_empty() {
@@ -308,7 +309,7 @@ impl Hub {
             Ok(placed) => placed,
             Err(e) => {
                 // Nothing rings (the sender retries the whole call): it ends here, cancelled.
-                self.0.calls.lock().close(&req.call_id);
+                self.drop_unplaced_call(&req.call_id);
                 if let Some(Err(e)) = self
                     .cancel_decided_call(&req.call_id, CancelReason::CallerCancelled)
                     .await
@@ -332,7 +333,14 @@ impl Hub {
             .collect();
         let pending = self.call_placed(&req.call_id, self.ctx(), &placed).await;
         self.plan_voip(&seqs);
-        self.settle(pending).await?;
+        if !pending.is_empty() {
+            let (hub, call_id) = (self.clone(), req.call_id.clone());
+            tokio::spawn(async move {
+                if let Err(e) = hub.settle(pending).await {
+                    tracing::warn!(call = %call_id, error = %e, "call placement not stored");
+                }
+            });
+        }
         Ok((
             Sent {
                 id: item.id,
