@@ -88,14 +88,9 @@ impl Hub {
             return Ok(false);
         }
         // Embedded, every receipt of the call is announced here: its watchers are answered
-        // from memory. In a cluster other nodes announce some, through Redis. The record goes
-        // to the store ahead of the invites, so it is durable with them: a restart finds the
-        // call, its plan and (from the queued invites, `restore_invite`) who was placed.
+        // from memory. In a cluster other nodes announce some, through Redis.
         if !self.is_clustered() {
             calls.hear(&id);
-            self.persist(vec![Op::PutCall(
-                calls.get(&id).expect("just opened").record().clone(),
-            )]);
         }
         drop(calls);
         self.replan(&id, None, due);

@@ -231,7 +231,9 @@ impl Hub {
             expires,
             body: push::Body::Message(message),
         };
-        let (recipients, _) = self.enqueue_all(&item, &targets, request, now).await?;
+        let (recipients, _) = self
+            .enqueue_all(&item, &targets, request.into_iter().collect(), now)
+            .await?;
         drop(claim);
         Ok(Sent {
             id: item.id,
@@ -242,8 +244,8 @@ impl Hub {
 
     /// Ring callees until someone answers, everyone declined, the caller cancels or the ring
     /// deadline passes, escalating by the plan; returns once the first step's invites are
-    /// durable (with the call's record, stored ahead of them; what the placement then decides
-    /// is stored in the background: a restart rebuilds it from the queued invites).
+    /// durable, with the call's record (what the placement then decides is stored in the
+    /// background: a restart rebuilds it from the queued invites, `Calls::restore_invite`).
     pub async fn place_call(&self, req: CallRequest) -> Result<(Sent, String), SendError> {
         let limits = self.limits();
         if req.call_id.is_empty() {
@@ -300,10 +302,15 @@ impl Hub {
             .collect();
         let call = CallCore::new(invite, now, targets.clone(), later);
         let item = call.invite_item();
+        // Embedded, the record is stored with the invites (in a cluster, Redis holds it).
+        let mut stored_with = vec![request];
+        if !self.is_clustered() {
+            stored_with.push(Op::PutCall(call.record().clone()));
+        }
         if !self.open_call(call).await? {
             return Err(SendError::CallExists(req.call_id));
         }
-        let result = self.enqueue_all(&item, &targets, Some(request), now).await;
+        let result = self.enqueue_all(&item, &targets, stored_with, now).await;
         drop(claim);
         let (recipients, seqs) = match result {
             Ok(placed) => placed,
@@ -424,13 +431,13 @@ impl Hub {
 
     /// Queue `item` for every target and wait until durable. Returns the outcomes and the
     /// sequence number each accepted recipient got.
-    /// `request` (the caller-chosen id's record) is stored with them when any recipient
-    /// accepted.
+    /// `stored_with` (the caller-chosen id's record, a call's record) is stored after them when
+    /// any recipient accepted.
     async fn enqueue_all(
         &self,
         item: &Item,
         targets: &[String],
-        request: Option<Op>,
+        stored_with: Vec<Op>,
         now: i64,
     ) -> Result<(Vec<RecipientOutcome>, Vec<(String, u64)>), SendError> {
         let mut pending = Vec::with_capacity(targets.len());
@@ -466,8 +473,8 @@ impl Hub {
         if let Some(e) = unavailable.filter(|_| !accepted) {
             return Err(e.into());
         }
-        if let Some(request) = request.filter(|_| accepted) {
-            pending.push(self.submit(vec![request]));
+        if accepted && !stored_with.is_empty() {
+            pending.push(self.submit(stored_with));
         }
         if let Err(e) = self.settle(pending).await {
             // Cluster mode: a device another node took meanwhile was let go here; its push goes
