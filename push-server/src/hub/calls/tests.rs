@@ -306,7 +306,6 @@ fn a_restart_finds_a_callee_placed_by_its_queued_invite_when_the_placement_was_n
             id: "c".into(),
             seq: 7,
             body: Some(push::Body::CallInvite(invite(30_000))),
-            ..Push::default()
         }
         .encode_to_vec(),
         collapse_key: String::new(),
