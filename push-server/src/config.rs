@@ -278,6 +278,12 @@ pub struct Limits {
     pub max_recipients: usize,
     /// How long final delivery receipts are kept for status queries.
     pub receipt_retention_secs: u64,
+    /// `WatchMessage` / `WatchCall` streams open on one message or call at once; more are
+    /// answered `RESOURCE_EXHAUSTED`.
+    pub max_watchers_per_id: usize,
+    /// `WatchMessage` / `WatchCall` streams open at once, all ids together; more are answered
+    /// `RESOURCE_EXHAUSTED`.
+    pub max_watchers: usize,
     /// How long a device with a live session has to acknowledge a call invite before the call
     /// also rings through the APNs VoIP fallback (when enabled and the device registered a
     /// token). Devices without a session fall back at once.
@@ -453,6 +459,8 @@ impl Default for Limits {
             max_message_bytes: 4 * 1024,
             max_recipients: 20_000,
             receipt_retention_secs: 7 * 24 * 3600,
+            max_watchers_per_id: 64,
+            max_watchers: 20_000,
             call_ack_window_ms: 3_000,
             diag_instance_churn_max: 3,
             diag_window_secs: 600,
@@ -526,6 +534,9 @@ impl Config {
             return bad(
                 "limits.diag_window_secs and diag_site_drop_window_secs must be positive, diag_site_drop_percent at most 100",
             );
+        }
+        if l.max_watchers_per_id == 0 || l.max_watchers == 0 {
+            return bad("limits.max_watchers_per_id and max_watchers must be positive");
         }
         if l.observe_max_devices == 0 || l.observe_max_sites == 0 {
             return bad("limits.observe_max_devices and observe_max_sites must be positive");

@@ -127,13 +127,17 @@ impl Api {
         )))
     }
 
-    /// Stream the current receipts of `id`, then changes, until every recipient is final (or
-    /// the caller's key ends).
-    /// Follow the receipts of message or call `id` (`call`: a call, whose updates name the step
-    /// that rang each callee and whose stream lasts until the call ended).
+    /// Follow the receipts of message or call `id`: the current ones, then changes, until every
+    /// recipient is final (`call`: a call, whose updates name the step that rang each callee
+    /// and whose stream lasts until the call ended), the caller's key ends or the caller goes.
     async fn watch(&self, id: String, key: Holder, call: bool) -> Result<BoxStream<DeliveryUpdate>, Status> {
-        let mut changes = self.hub.watch_receipts(&id);
-        let current = self.hub.receipts(&id).await.map_err(store_status)?;
+        let mut changes = self
+            .hub
+            .watch_receipts(&id)
+            .map_err(|e| Status::resource_exhausted(format!("cannot watch {id:?}: {e}; retry later")))?;
+        let current = current_receipts(&self.hub, &id, call)
+            .await
+            .map_err(store_status)?;
         if current.is_empty() {
             return Err(Status::not_found(format!("no message or call {id:?}")));
         }
@@ -179,10 +183,13 @@ impl Api {
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
+                    // The caller went: its place among the watchers is free at once, not at the
+                    // id's next receipt.
+                    _ = tx.closed() => return,
                     end = key.ended() => { let _ = tx.send(Err(key_status(end))).await; return; }
                     r = changes.recv() => match r {
                         Heard::Item(r) => pending.push(r),
-                        Heard::Lagged => match hub.receipts(&id).await {
+                        Heard::Lagged => match current_receipts(&hub, &id, call).await {
                             Ok(all) => pending = all,
                             Err(e) => { let _ = tx.send(Err(store_status(e))).await; return; }
                         },
@@ -191,6 +198,14 @@ impl Api {
             }
         });
         Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+/// The receipts of `id` as stored: a call's from memory while its node holds them.
+async fn current_receipts(hub: &Hub, id: &str, call: bool) -> Result<Vec<Receipt>, crate::store::StoreError> {
+    match call {
+        true => hub.call_receipts(id).await,
+        false => hub.receipts(id).await,
     }
 }
 
@@ -358,7 +373,7 @@ impl push_sender_server::PushSender for Api {
             .await
             .map_err(store_status)?
             .ok_or_else(|| Status::not_found(format!("no call {call_id:?} is ringing or remembered")))?;
-        let receipts = self.hub.receipts(&call_id).await.map_err(store_status)?;
+        let receipts = self.hub.call_receipts(&call_id).await.map_err(store_status)?;
         Ok(Response::new(call_status(record, receipts)))
     }
 

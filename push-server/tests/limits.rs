@@ -14,8 +14,8 @@ use common::{Harness, OPEN_HANDSHAKES, WAIT, next, to, within};
 use push_proto::{
     device::{GoodbyeReason, Hello, NetworkChange, client_frame},
     sender::{
-        DeviceList, ListDevicesRequest, SendMessageRequest, Target, push_sender_client::PushSenderClient,
-        target,
+        DeviceList, GetMessageStatusRequest, ListDevicesRequest, SendMessageRequest, Target,
+        push_sender_client::PushSenderClient, target,
     },
 };
 use push_server::{
@@ -470,4 +470,35 @@ async fn the_apns_bridge_link_accepts_tls_1_3_only() {
         Some(rustls::ProtocolVersion::TLSv1_3)
     );
     let _ = stop.send(());
+}
+
+#[tokio::test]
+async fn watchers_of_one_id_are_bounded_and_one_whose_client_went_frees_its_place() {
+    let h = Harness::start_with(|c| c.limits.max_watchers_per_id = 2).await;
+    // Registered, never online: the message stays ACCEPTED, so its watchers stay open.
+    h.issue("away", &[]).await;
+    let id = h.send("away", "hello").await.message_id;
+    let watch = || {
+        let (mut sender, message_id) = (h.sender(), id.clone());
+        async move { sender.watch_message(GetMessageStatusRequest { message_id }).await }
+    };
+    let first = watch().await.expect("first watcher");
+    let _second = watch().await.expect("second watcher");
+    let refused = watch().await.expect_err("a third watcher of one id");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    drop(first);
+    // The server frees the place as soon as it sees the stream reset, without a receipt of the
+    // message to wake its watcher.
+    within(async {
+        loop {
+            match watch().await {
+                Ok(_) => return,
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await
+                }
+                Err(s) => panic!("{s:?}"),
+            }
+        }
+    })
+    .await;
 }

@@ -4,8 +4,9 @@
 //! everything (the dashboard, presence streams) share one broadcast.
 //!
 //! A watcher that falls behind is told so ([`Heard::Lagged`]) instead of silently missing
-//! items: it re-reads the stored state, which is complete. In cluster mode the same interface
-//! is fed from Redis pub/sub.
+//! items: it re-reads the stored state, which is complete. Keyed watchers are bounded, per key
+//! and in all ([`WatchLimits`]), so senders opening streams cannot grow the server without end.
+//! In cluster mode the same interface is fed from Redis pub/sub.
 
 use std::{
     collections::HashMap,
@@ -30,6 +31,26 @@ pub enum Heard<T> {
     Lagged,
 }
 
+/// Why a keyed watch was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WatchRefused {
+    /// The key has `limits.max_watchers_per_id` watchers already.
+    #[error("this id has {0} watchers already (limits.max_watchers_per_id)")]
+    KeyFull(usize),
+    /// The bus has `limits.max_watchers` keyed watchers already.
+    #[error("the server has {0} watchers already (limits.max_watchers)")]
+    Full(usize),
+}
+
+/// Most keyed watchers, of one key and in all.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchLimits {
+    /// Watchers of one key.
+    pub per_key: usize,
+    /// Watchers of all keys together.
+    pub total: usize,
+}
+
 /// A publish/subscribe point for one kind of item.
 pub struct Bus<T> {
     everything: broadcast::Sender<T>,
@@ -37,8 +58,15 @@ pub struct Bus<T> {
 }
 
 struct Keyed<T> {
-    taps: Mutex<HashMap<String, Vec<Tap<T>>>>,
+    taps: Mutex<Taps<T>>,
     next_id: AtomicU64,
+    limits: WatchLimits,
+}
+
+struct Taps<T> {
+    by_key: HashMap<String, Vec<Tap<T>>>,
+    /// Taps in `by_key`, all keys together.
+    count: usize,
 }
 
 struct Tap<T> {
@@ -48,13 +76,18 @@ struct Tap<T> {
 }
 
 impl<T: Clone> Bus<T> {
-    /// A bus whose watch-everything subscribers may fall `capacity` items behind.
-    pub fn new(capacity: usize) -> Self {
+    /// A bus whose watch-everything subscribers may fall `capacity` items behind, with at most
+    /// `limits` keyed watchers.
+    pub fn new(capacity: usize, limits: WatchLimits) -> Self {
         Self {
             everything: broadcast::channel(capacity).0,
             keyed: Arc::new(Keyed {
-                taps: Mutex::new(HashMap::new()),
+                taps: Mutex::new(Taps {
+                    by_key: HashMap::new(),
+                    count: 0,
+                }),
                 next_id: AtomicU64::new(0),
+                limits,
             }),
         }
     }
@@ -62,7 +95,7 @@ impl<T: Clone> Bus<T> {
     /// Deliver `item` to the watchers of its key (`key` reads it from the item) and of
     /// everything. Never blocks.
     pub fn publish(&self, item: T, key: impl Fn(&T) -> &str) {
-        if let Some(taps) = self.keyed.taps.lock().get(key(&item)) {
+        if let Some(taps) = self.keyed.taps.lock().by_key.get(key(&item)) {
             for tap in taps {
                 if tap.tx.try_send(item.clone()).is_err() {
                     tap.lagged.store(true, Ordering::Release);
@@ -73,28 +106,34 @@ impl<T: Clone> Bus<T> {
     }
 
     /// Watch the items of `key` from now on (subscribe before reading the stored state, so
-    /// nothing falls between the read and the first item).
-    pub fn watch(&self, key: &str) -> Watch<T> {
+    /// nothing falls between the read and the first item); refused over the limits.
+    pub fn watch(&self, key: &str) -> Result<Watch<T>, WatchRefused> {
+        let limits = self.keyed.limits;
+        let mut taps = self.keyed.taps.lock();
+        if taps.count >= limits.total {
+            return Err(WatchRefused::Full(taps.count));
+        }
+        let of_key = taps.by_key.get(key).map_or(0, Vec::len);
+        if of_key >= limits.per_key {
+            return Err(WatchRefused::KeyFull(of_key));
+        }
         let (tx, rx) = mpsc::channel(WATCH_QUEUE);
         let lagged = Arc::new(AtomicBool::new(false));
         let id = self.keyed.next_id.fetch_add(1, Ordering::Relaxed);
-        self.keyed
-            .taps
-            .lock()
-            .entry(key.to_string())
-            .or_default()
-            .push(Tap {
-                id,
-                tx,
-                lagged: lagged.clone(),
-            });
-        Watch {
+        taps.by_key.entry(key.to_string()).or_default().push(Tap {
+            id,
+            tx,
+            lagged: lagged.clone(),
+        });
+        taps.count += 1;
+        drop(taps);
+        Ok(Watch {
             rx,
             lagged,
             keyed: self.keyed.clone(),
             key: key.to_string(),
             id,
-        }
+        })
     }
 
     /// Every item from now on.
@@ -105,7 +144,7 @@ impl<T: Clone> Bus<T> {
     /// Keys with at least one watcher (for tests: watchers must not outlive their streams).
     #[cfg(test)]
     pub fn watched_keys(&self) -> usize {
-        self.keyed.taps.lock().len()
+        self.keyed.taps.lock().by_key.len()
     }
 }
 
@@ -136,11 +175,13 @@ impl<T> Watch<T> {
 
 impl<T> Drop for Watch<T> {
     fn drop(&mut self) {
-        let mut taps = self.keyed.taps.lock();
-        if let Some(list) = taps.get_mut(&self.key) {
+        let taps = &mut *self.keyed.taps.lock();
+        if let Some(list) = taps.by_key.get_mut(&self.key) {
+            let before = list.len();
             list.retain(|t| t.id != self.id);
+            taps.count -= before - list.len();
             if list.is_empty() {
-                taps.remove(&self.key);
+                taps.by_key.remove(&self.key);
             }
         }
     }
@@ -148,12 +189,16 @@ impl<T> Drop for Watch<T> {
 
 #[cfg(test)]
 mod tests {
+    use futures::FutureExt as _;
+
     use super::*;
+
+    const ROOMY: WatchLimits = WatchLimits { per_key: 8, total: 8 };
 
     #[tokio::test]
     async fn a_watcher_hears_only_its_key_and_stops_watching_when_dropped() {
-        let bus = Bus::new(16);
-        let mut a = bus.watch("a");
+        let bus = Bus::new(16, ROOMY);
+        let mut a = bus.watch("a").expect("watch");
         let mut all = bus.watch_all();
         bus.publish(("b", 1), |i| i.0);
         bus.publish(("a", 2), |i| i.0);
@@ -167,13 +212,39 @@ mod tests {
 
     #[tokio::test]
     async fn a_watcher_that_falls_behind_is_told_once_then_hears_new_items() {
-        let bus = Bus::new(16);
-        let mut a = bus.watch("a");
+        let bus = Bus::new(16, ROOMY);
+        let mut a = bus.watch("a").expect("watch");
         for i in 0..WATCH_QUEUE + 1 {
             bus.publish(("a", i), |i| i.0);
         }
         assert_eq!(a.recv().await, Heard::Lagged);
         bus.publish(("a", 7), |i| i.0);
         assert_eq!(a.recv().await, Heard::Item(("a", 7)));
+    }
+
+    #[test]
+    fn another_keys_items_do_not_wake_a_watcher() {
+        let bus = Bus::new(16, ROOMY);
+        let mut a = bus.watch("a").expect("watch");
+        for i in 0..WATCH_QUEUE + 1 {
+            bus.publish(("b", i), |i| i.0);
+        }
+        assert_eq!(
+            a.recv().now_or_never(),
+            None,
+            "nothing queued for `a`, not even a lag"
+        );
+    }
+
+    #[test]
+    fn watchers_are_bounded_per_key_and_in_all_and_a_dropped_one_frees_its_place() {
+        let bus: Bus<(&str, usize)> = Bus::new(16, WatchLimits { per_key: 2, total: 3 });
+        let a1 = bus.watch("a").expect("first of a");
+        let _a2 = bus.watch("a").expect("second of a");
+        assert_eq!(bus.watch("a").err(), Some(WatchRefused::KeyFull(2)));
+        let _b1 = bus.watch("b").expect("first of b");
+        assert_eq!(bus.watch("c").err(), Some(WatchRefused::Full(3)));
+        drop(a1);
+        assert!(bus.watch("c").is_ok(), "a dropped watcher's place is free again");
     }
 }

@@ -11,13 +11,15 @@
 //! cancelled (the caller). A callee noted after the end (an invite placed while a cancel raced
 //! the placement) is stopped at once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use prost::Message as _;
 use push_proto::device::{CallInvite, CallOutcome, CallOutcomeResult, CancelReason, Push, push};
 
 use super::device::Item;
-use crate::store::{CallEnd, CallRecord, CallStepRecord, CalleeRecord, PushKind, ReceiptState, StoredPush};
+use crate::store::{
+    CallEnd, CallRecord, CallStepRecord, CalleeRecord, PushKind, Receipt, ReceiptState, StoredPush,
+};
 
 /// How long a finished call is remembered (status reads, a late report, the dashboard).
 pub(super) const CALL_MEMORY_MS: i64 = 15 * 60_000;
@@ -462,9 +464,35 @@ impl CallCore {
 #[derive(Debug, Default)]
 pub(super) struct Calls {
     calls: HashMap<String, CallCore>,
+    /// The latest receipt of each callee, with its number (`durable.rs`), of the calls placed
+    /// by this process: their watchers are answered from here. A call restored from the store
+    /// has none (its earlier receipts are only in the store).
+    heard: HashMap<String, BTreeMap<String, (Receipt, u64)>>,
 }
 
 impl Calls {
+    /// Keep call `call_id`'s receipts from now on (it was just placed: none came before).
+    pub(super) fn hear(&mut self, call_id: &str) {
+        if self.calls.contains_key(call_id) {
+            self.heard.insert(call_id.into(), BTreeMap::new());
+        }
+    }
+
+    /// A receipt of a call was announced as number `n`.
+    pub(super) fn heard(&mut self, r: &Receipt, n: u64) {
+        if let Some(callees) = self.heard.get_mut(&r.id) {
+            callees.insert(r.device_id.clone(), (r.clone(), n));
+        }
+    }
+
+    /// The latest receipt of each callee of call `call_id`, by device id, and the highest number
+    /// among them; `None` if its receipts are not kept here.
+    pub(super) fn receipts(&self, call_id: &str) -> Option<(Vec<Receipt>, u64)> {
+        let callees = self.heard.get(call_id)?;
+        let last = callees.values().map(|(_, n)| *n).max().unwrap_or(0);
+        Some((callees.values().map(|(r, _)| r.clone()).collect(), last))
+    }
+
     /// Open a call; false if one with this id is still remembered.
     pub(super) fn open(&mut self, call: CallCore) -> bool {
         if self.calls.contains_key(&call.rec.call_id) {
@@ -486,6 +514,7 @@ impl Calls {
 
     /// Remove a call (its placement failed).
     pub(super) fn close(&mut self, call_id: &str) -> Option<CallCore> {
+        self.heard.remove(call_id);
         self.calls.remove(call_id)
     }
 
@@ -499,12 +528,15 @@ impl Calls {
             .collect();
         for id in &gone {
             self.calls.remove(id);
+            self.heard.remove(id);
         }
         gone
     }
 
-    /// A queued invite loaded at start-up from a store written before calls were stored: its
-    /// call rings on with that callee, until its deadline.
+    /// A queued invite loaded at start-up: its callee was placed with that number (`PlaceCall`
+    /// returns before the record saying so is durable: the invite is what proves it). One from
+    /// a store written before calls were stored: its call rings on with that callee, until its
+    /// deadline.
     pub(super) fn restore_invite(&mut self, stored: &StoredPush) {
         if stored.kind != PushKind::CallInvite {
             return;
@@ -520,7 +552,12 @@ impl Calls {
             .calls
             .entry(stored.id.clone())
             .or_insert_with(|| CallCore::new(invite.clone(), invite.created_at_ms, Vec::new(), Vec::new()));
-        if call.callee(&stored.device_id).is_none() {
+        if let Some(callee) = call.callee_mut(&stored.device_id) {
+            if !callee.placed {
+                callee.placed = true;
+                callee.seq = stored.seq;
+            }
+        } else {
             call.rec.callees.push(CalleeRecord {
                 device_id: stored.device_id.clone(),
                 step: 0,

@@ -32,6 +32,7 @@ mod calls;
 mod clock;
 mod cluster;
 mod device;
+mod durable;
 mod fallback;
 mod ids;
 mod registry;
@@ -45,7 +46,7 @@ mod sim;
 #[cfg(test)]
 mod tests;
 
-pub use bus::{Heard, Watch};
+pub use bus::{Heard, Watch, WatchRefused};
 pub use clock::{Clock, OffsetClock, SystemClock, now_ms};
 pub use cluster::{ClusterHealth, SessionHold, run_cluster};
 pub use device::{MAX_FLOOR, MAX_SEQ};
@@ -71,7 +72,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Limits,
     observe::{self, Observer, metrics},
-    store::{DeviceRecord, Op, Receipt, ReceiptState, RedisStore, Snapshot, Store, StoreError},
+    store::{DeviceRecord, Op, PushKind, Receipt, ReceiptState, RedisStore, Snapshot, Store, StoreError},
 };
 use device::{Announce, Ctx, DeviceCore, Effects};
 
@@ -95,6 +96,8 @@ struct Inner {
     timers: Mutex<timers::Timers>,
     timers_changed: Notify,
     calls: Mutex<calls::Calls>,
+    /// Which of the call receipts kept in `calls` the store has answered.
+    durable: durable::DurableMark,
     /// Caller-chosen ids of requests being placed (not yet committed).
     ids_in_flight: Mutex<HashSet<String>>,
     next_session: AtomicU64,
@@ -204,17 +207,22 @@ impl Hub {
             .into_iter()
             .map(|(id, core)| (id, Arc::new(Mutex::new(Slot::new(core)))))
             .collect();
+        let watchers = bus::WatchLimits {
+            per_key: limits.max_watchers_per_id,
+            total: limits.max_watchers,
+        };
         Self(Arc::new(Inner {
             devices: RwLock::new(devices),
             groups: RwLock::new(groups),
             store,
             epoch: snapshot.epoch.into(),
             ca_generation: Default::default(),
-            presence: bus::Bus::new(4096),
-            receipts: bus::Bus::new(16 * 1024),
+            presence: bus::Bus::new(4096, watchers),
+            receipts: bus::Bus::new(16 * 1024, watchers),
             timers: Mutex::new(timers),
             timers_changed: Notify::new(),
             calls: Mutex::new(calls),
+            durable: durable::DurableMark::new(),
             ids_in_flight: Mutex::default(),
             next_session: AtomicU64::new(1),
             bridge: voip,
@@ -291,6 +299,13 @@ impl Hub {
     /// (a delivery receipt can never land before the push it is about).
     fn apply(&self, slot: &mut Slot, fx: Effects) -> Pending {
         let pending = self.submit(fx.ops);
+        // First, so the session's task runs while the rest is done (it takes the pushes under
+        // this device's lock, so it sees them only once they are all applied).
+        if fx.wake
+            && let Some(ctl) = &slot.ctl
+        {
+            ctl.wake();
+        }
         for a in fx.receipts {
             self.announce(a);
         }
@@ -299,11 +314,6 @@ impl Hub {
         }
         if !fx.callees.is_empty() {
             self.note_callees(&slot.core.record.device_id, fx.callees);
-        }
-        if fx.wake
-            && let Some(ctl) = &slot.ctl
-        {
-            ctl.wake();
         }
         for start in fx.voip {
             self.spawn_voip(&slot.core.record.device_id, start);
@@ -340,6 +350,12 @@ impl Hub {
             // Every node's watchers hear it from Redis, this node's included.
             Some(link) => link.publish_receipt(r),
             None => {
+                // Kept for the call's watchers before it is published (`Hub::call_receipts`):
+                // its batch was submitted by `apply` before this announcement.
+                if a.kind == PushKind::CallInvite {
+                    let n = self.0.durable.number(&*self.0.store);
+                    self.0.calls.lock().heard(&r, n);
+                }
                 self.0.receipts.publish(r, |r| &r.id);
             }
         }

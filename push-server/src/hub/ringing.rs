@@ -16,7 +16,7 @@ use super::{
     device::{Ctx, DeviceCore, Effects, StopState},
     timers::{Timer, TimerChange},
 };
-use crate::store::{CallRecord, Op, ReceiptState, StoreError};
+use crate::store::{CallRecord, Op, Receipt, ReceiptState, StoreError};
 
 /// Most times a cluster decision is taken again after losing a race to another node.
 const MAX_SWAPS: usize = 32;
@@ -83,11 +83,29 @@ impl Hub {
             }
         }
         let (id, due) = (call.record().call_id.clone(), call.next_due());
-        if !self.0.calls.lock().open(call) {
+        let mut calls = self.0.calls.lock();
+        if !calls.open(call) {
             return Ok(false);
         }
+        // Embedded, every receipt of the call is announced here: its watchers are answered
+        // from memory. In a cluster other nodes announce some, through Redis.
+        if !self.is_clustered() {
+            calls.hear(&id);
+        }
+        drop(calls);
         self.replan(&id, None, due);
         Ok(true)
+    }
+
+    /// A call whose invites could not be stored ends here, unplaced: forgotten, in the store too
+    /// (a retry of the sender may use its id again, after a restart as well).
+    pub(super) fn drop_unplaced_call(&self, call_id: &str) {
+        self.0.calls.lock().close(call_id);
+        if !self.is_clustered() {
+            self.persist(vec![Op::DeleteCall {
+                call_id: call_id.into(),
+            }]);
+        }
     }
 
     /// Take a decision on call `call_id`; `None` if it is unknown.
@@ -409,6 +427,20 @@ impl Hub {
         match self.link_redis() {
             Some(redis) => Ok(redis.call(call_id).await?.map(|(record, _)| record)),
             None => Ok(self.call_record(call_id)),
+        }
+    }
+
+    /// The receipts of call `call_id`, as stored: those of a call placed by this process
+    /// straight from memory, once the store has answered their writes (usually at once: see
+    /// `durable.rs`); of any other (in a cluster, restored, a message id) behind a store barrier.
+    pub async fn call_receipts(&self, call_id: &str) -> Result<Vec<Receipt>, StoreError> {
+        let kept = self.0.calls.lock().receipts(call_id);
+        match kept {
+            Some((receipts, last)) => {
+                self.0.durable.answered(&*self.0.store, last).await?;
+                Ok(receipts)
+            }
+            None => self.receipts(call_id).await,
         }
     }
 

@@ -10,7 +10,7 @@ use push_proto::{
 use tokio::sync::broadcast;
 
 use super::{
-    Hub, Watch,
+    Hub, Watch, WatchRefused,
     calls::CallCore,
     cluster::Routed,
     device::{Effects, Item},
@@ -231,7 +231,9 @@ impl Hub {
             expires,
             body: push::Body::Message(message),
         };
-        let (recipients, _) = self.enqueue_all(&item, &targets, request, now).await?;
+        let (recipients, _) = self
+            .enqueue_all(&item, &targets, request.into_iter().collect(), now)
+            .await?;
         drop(claim);
         Ok(Sent {
             id: item.id,
@@ -242,7 +244,8 @@ impl Hub {
 
     /// Ring callees until someone answers, everyone declined, the caller cancels or the ring
     /// deadline passes, escalating by the plan; returns once the first step's invites are
-    /// durable.
+    /// durable, with the call's record (what the placement then decides is stored in the
+    /// background: a restart rebuilds it from the queued invites, `Calls::restore_invite`).
     pub async fn place_call(&self, req: CallRequest) -> Result<(Sent, String), SendError> {
         let limits = self.limits();
         if req.call_id.is_empty() {
@@ -299,16 +302,21 @@ impl Hub {
             .collect();
         let call = CallCore::new(invite, now, targets.clone(), later);
         let item = call.invite_item();
+        // Embedded, the record is stored with the invites (in a cluster, Redis holds it).
+        let mut stored_with = vec![request];
+        if !self.is_clustered() {
+            stored_with.push(Op::PutCall(call.record().clone()));
+        }
         if !self.open_call(call).await? {
             return Err(SendError::CallExists(req.call_id));
         }
-        let result = self.enqueue_all(&item, &targets, Some(request), now).await;
+        let result = self.enqueue_all(&item, &targets, stored_with, now).await;
         drop(claim);
         let (recipients, seqs) = match result {
             Ok(placed) => placed,
             Err(e) => {
                 // Nothing rings (the sender retries the whole call): it ends here, cancelled.
-                self.0.calls.lock().close(&req.call_id);
+                self.drop_unplaced_call(&req.call_id);
                 if let Some(Err(e)) = self
                     .cancel_decided_call(&req.call_id, CancelReason::CallerCancelled)
                     .await
@@ -332,7 +340,14 @@ impl Hub {
             .collect();
         let pending = self.call_placed(&req.call_id, self.ctx(), &placed).await;
         self.plan_voip(&seqs);
-        self.settle(pending).await?;
+        if !pending.is_empty() {
+            let (hub, call_id) = (self.clone(), req.call_id.clone());
+            tokio::spawn(async move {
+                if let Err(e) = hub.settle(pending).await {
+                    tracing::warn!(call = %call_id, error = %e, "call placement not stored");
+                }
+            });
+        }
         Ok((
             Sent {
                 id: item.id,
@@ -416,13 +431,13 @@ impl Hub {
 
     /// Queue `item` for every target and wait until durable. Returns the outcomes and the
     /// sequence number each accepted recipient got.
-    /// `request` (the caller-chosen id's record) is stored with them when any recipient
-    /// accepted.
+    /// `stored_with` (the caller-chosen id's record, a call's record) is stored after them when
+    /// any recipient accepted.
     async fn enqueue_all(
         &self,
         item: &Item,
         targets: &[String],
-        request: Option<Op>,
+        stored_with: Vec<Op>,
         now: i64,
     ) -> Result<(Vec<RecipientOutcome>, Vec<(String, u64)>), SendError> {
         let mut pending = Vec::with_capacity(targets.len());
@@ -458,8 +473,8 @@ impl Hub {
         if let Some(e) = unavailable.filter(|_| !accepted) {
             return Err(e.into());
         }
-        if let Some(request) = request.filter(|_| accepted) {
-            pending.push(self.submit(vec![request]));
+        if accepted && !stored_with.is_empty() {
+            pending.push(self.submit(stored_with));
         }
         if let Err(e) = self.settle(pending).await {
             // Cluster mode: a device another node took meanwhile was let go here; its push goes
@@ -553,8 +568,9 @@ impl Hub {
         self.0.receipts.watch_all()
     }
 
-    /// Receipt changes of message or call `id` only, from now on.
-    pub fn watch_receipts(&self, id: &str) -> Watch<Receipt> {
+    /// Receipt changes of message or call `id` only, from now on; refused over
+    /// `limits.max_watchers_per_id` and `limits.max_watchers`.
+    pub fn watch_receipts(&self, id: &str) -> Result<Watch<Receipt>, WatchRefused> {
         self.0.receipts.watch(id)
     }
 

@@ -7,7 +7,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use apns_bridge::{DeviceToken, VoipBridge, VoipCall, VoipOutcome};
-use futures::future::BoxFuture;
+use futures::{FutureExt as _, future::BoxFuture};
 use parking_lot::Mutex;
 use push_proto::device::{
     Ack, CancelReason, ClientFrame, GoodbyeReason, Hello, Push, ServerHello, client_frame, push, server_frame,
@@ -27,22 +27,32 @@ use crate::{
     },
 };
 
-/// A store that commits every batch at once, in memory (the sim's disk).
+/// A store that commits every batch at once, in memory (the sim's disk), unless its commits
+/// are held: then batches wait, in order, until released (a slow disk, in a chosen order).
 #[derive(Default)]
 struct MemStore {
     pushes: Mutex<BTreeMap<(String, u64), StoredPush>>,
     receipts: Mutex<BTreeMap<(String, String), Receipt>>,
+    held: Mutex<Option<Vec<Held>>>,
 }
 
-impl Store for MemStore {
-    fn load(&self) -> Result<Snapshot, StoreError> {
-        Ok(Snapshot {
-            epoch: 7,
-            ..Snapshot::default()
-        })
+type Held = (Vec<Op>, oneshot::Sender<Result<(), StoreError>>);
+
+impl MemStore {
+    /// Hold every commit from now on.
+    fn hold(&self) {
+        self.held.lock().get_or_insert_with(Vec::new);
     }
 
-    fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<(), StoreError>> {
+    /// Commit what was held, in order, and commit at once again.
+    fn release(&self) {
+        for (ops, answer) in self.held.lock().take().unwrap_or_default() {
+            self.apply(ops);
+            let _ = answer.send(Ok(()));
+        }
+    }
+
+    fn apply(&self, ops: Vec<Op>) {
         for op in ops {
             match op {
                 Op::PutPush(p) => {
@@ -60,7 +70,24 @@ impl Store for MemStore {
                 _ => {}
             }
         }
+    }
+}
+
+impl Store for MemStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        Ok(Snapshot {
+            epoch: 7,
+            ..Snapshot::default()
+        })
+    }
+
+    fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<(), StoreError>> {
         let (tx, rx) = oneshot::channel();
+        if let Some(held) = &mut *self.held.lock() {
+            held.push((ops, tx));
+            return rx;
+        }
+        self.apply(ops);
         let _ = tx.send(Ok(()));
         rx
     }
@@ -471,4 +498,58 @@ async fn acked_and_expired_pushes_leave_no_timer_behind() {
     sim.advance(i64::from(sim.hub.limits().max_ttl_secs) * 1000);
     assert_eq!(sim.hub.0.timers.lock().len(), 0);
     assert!(sim.store.pushes.lock().is_empty());
+}
+
+#[tokio::test]
+async fn a_watcher_of_a_live_call_reads_it_from_memory_but_only_what_the_store_holds() {
+    let sim = Sim::new(2).await;
+    let (mut d0, mut d1) = (sim.connect("d0"), sim.connect("d1"));
+    sim.call("c1", &["d0"], 30).await;
+    sim.call("c2", &["d1"], 30).await;
+    let invite = d0.pump(&sim.hub);
+    d0.ack(&sim.hub, &[invite[0].seq]);
+    let ringing = d1.pump(&sim.hub);
+    // A busy disk: nothing submitted from now on is durable until released.
+    sim.store.hold();
+    let c1 = sim.hub.call_receipts("c1").now_or_never();
+    let states = |rs: Vec<Receipt>| rs.into_iter().map(|r| (r.device_id, r.state)).collect::<Vec<_>>();
+    assert_eq!(
+        c1.map(|r| states(r.expect("read"))),
+        Some(vec![("d0".to_string(), ReceiptState::Acked)]),
+        "a live call's stored state is answered at once, with no barrier behind the busy disk"
+    );
+    // d1 acks while the disk is busy: its ACKED is not reported before the store holds it.
+    d1.ack(&sim.hub, &[ringing[0].seq]);
+    let mut c2 = Box::pin(sim.hub.call_receipts("c2"));
+    assert!(
+        futures::poll!(c2.as_mut()).is_pending(),
+        "ACKED is not stored yet"
+    );
+    sim.store.release();
+    assert_eq!(
+        states(c2.await.expect("read")),
+        vec![("d1".to_string(), ReceiptState::Acked)]
+    );
+    assert_eq!(
+        sim.store.receipts("c2").expect("stored")[0].state,
+        ReceiptState::Acked,
+        "what the watcher was told is what the store holds"
+    );
+}
+
+#[tokio::test]
+async fn a_receipt_of_another_call_does_not_wake_a_call_watcher() {
+    let sim = Sim::new(2).await;
+    let mut watcher = sim.hub.watch_receipts("c1").expect("watch");
+    sim.call("c2", &["d1"], 30).await;
+    assert!(
+        watcher.recv().now_or_never().is_none(),
+        "c2's receipts are not c1's watcher's business"
+    );
+    sim.call("c1", &["d0"], 30).await;
+    let heard = watcher.recv().now_or_never();
+    assert!(
+        matches!(&heard, Some(super::Heard::Item(r)) if r.id == "c1" && r.state == ReceiptState::Accepted),
+        "{heard:?}"
+    );
 }

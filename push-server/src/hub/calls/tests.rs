@@ -290,3 +290,36 @@ fn finished_calls_are_remembered_then_forgotten() {
     assert_eq!(calls.forget_finished(T0 + 30_000 + CALL_MEMORY_MS), ["c"]);
     assert!(calls.get("c").is_none());
 }
+
+#[test]
+fn a_restart_finds_a_callee_placed_by_its_queued_invite_when_the_placement_was_not_stored() {
+    // Stored at opening, before the invites: nobody placed yet.
+    let opened = CallCore::new(invite(30_000), T0, ids(&["a", "b"]), Vec::new());
+    let mut calls = Calls::default();
+    assert!(calls.open(CallCore::from_record(opened.record().clone()).expect("decodes")));
+    let queued = StoredPush {
+        device_id: "a".into(),
+        seq: 7,
+        id: "c".into(),
+        kind: PushKind::CallInvite,
+        encoded: Push {
+            id: "c".into(),
+            seq: 7,
+            body: Some(push::Body::CallInvite(invite(30_000))),
+        }
+        .encode_to_vec(),
+        collapse_key: String::new(),
+        expires_at_ms: T0 + 30_000,
+    };
+    calls.restore_invite(&queued);
+    let call = calls.get_mut("c").expect("restored");
+    let a = call.callee("a").expect("a");
+    assert!(
+        a.placed && a.seq == 7,
+        "its queued invite says it was placed: {a:?}"
+    );
+    // So a cancel stops it (a callee never placed would wait for a placement that never comes).
+    let (ringing, fx) = call.cancel(T0 + 1_000, CancelReason::CallerCancelled);
+    assert!(ringing);
+    assert_eq!(stopped(&fx), [("a".into(), CancelReason::CallerCancelled)]);
+}
