@@ -268,8 +268,8 @@ impl Phone {
                 // Drained below.
             }
         }
-        while let Some(frame) = self.session.poll_transmit() {
-            if let Some(server_frame::Kind::Push(p)) = frame.kind {
+        while let Some(t) = self.session.poll_transmit() {
+            if let Some(server_frame::Kind::Push(p)) = t.frame().kind {
                 if !self.app.contains(&p.id) {
                     self.app.push(p.id.clone());
                 }

@@ -9,7 +9,7 @@ use std::{io, sync::Arc, time::Duration};
 use bytes::BytesMut;
 use futures::FutureExt;
 use push_proto::{
-    device::{ClientFrame, GoodbyeReason, ServerFrame, ServerHello, server_frame},
+    device::{ClientFrame, GoodbyeReason, ServerHello},
     frame,
 };
 use tokio::{
@@ -21,7 +21,7 @@ use tokio::{
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
-use super::core::{Event, Session, Timing};
+use super::core::{Event, Session, Timing, Transmit};
 use crate::{
     admission::KeyedRate,
     auth::{CredentialError, DeviceAuthority},
@@ -337,11 +337,18 @@ async fn flush(
 ) -> io::Result<Vec<u64>> {
     let mut out = BytesMut::new();
     let mut seqs = Vec::new();
-    while let Some(f) = session.poll_transmit() {
-        if let Some(server_frame::Kind::Push(p)) = &f.kind {
-            seqs.push(p.seq);
+    while let Some(t) = session.poll_transmit() {
+        let encoded = match t {
+            Transmit::Frame(f) => frame::encode(&f, &mut out, env.max_frame),
+            // Only a push written is reported delivered.
+            Transmit::Push(p) => p
+                .write_frame(&mut out, env.max_frame)
+                .map(|()| seqs.push(p.seq())),
+        };
+        if let Err(e) = encoded {
+            // The hub bounds message sizes well below the frame limit, so this is a bug, not input.
+            tracing::error!(error = %e, "server frame over the limit dropped");
         }
-        encode(&f, &mut out, env.max_frame);
     }
     if out.is_empty() {
         return Ok(seqs);
@@ -356,13 +363,6 @@ async fn flush(
             io::ErrorKind::TimedOut,
             "write timed out (device not reading)",
         )),
-    }
-}
-
-fn encode(f: &ServerFrame, out: &mut BytesMut, max: usize) {
-    if let Err(e) = frame::encode(f, out, max) {
-        // The hub bounds message sizes well below the frame limit, so this is a bug, not input.
-        tracing::error!(error = %e, "server frame over the limit dropped");
     }
 }
 
