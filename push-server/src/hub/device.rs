@@ -1089,6 +1089,16 @@ mod tests {
         )
     }
 
+    fn invite(call_id: &str) -> Item {
+        Item::new(
+            call_id.into(),
+            PushKind::CallInvite,
+            String::new(),
+            30_000,
+            push::Body::CallInvite(Default::default()),
+        )
+    }
+
     fn ceilings(fx: &Effects) -> Vec<u64> {
         fx.ops
             .iter()
@@ -1107,14 +1117,7 @@ mod tests {
     fn an_invite_that_ended_on_its_own_gets_no_second_final_receipt_from_its_call() {
         let mut core = DeviceCore::registered("d0", 0);
         let mut fx = Effects::default();
-        let invite = Item::new(
-            "call-1".into(),
-            PushKind::CallInvite,
-            String::new(),
-            30_000,
-            push::Body::CallInvite(Default::default()),
-        );
-        core.enqueue(&mut fx, ctx(), &invite).expect("queued");
+        core.enqueue(&mut fx, ctx(), &invite("call-1")).expect("queued");
         let mut fx = Effects::default();
         core.revoke(&mut fx, ctx());
         let finals = |fx: &Effects| -> Vec<ReceiptState> {
@@ -1141,13 +1144,7 @@ mod tests {
         }
         // An invite acknowledged (it rang) still gets its call's outcome.
         let mut fx = Effects::default();
-        let rang = Item::new(
-            "call-2".into(),
-            PushKind::CallInvite,
-            String::new(),
-            30_000,
-            push::Body::CallInvite(Default::default()),
-        );
+        let rang = invite("call-2");
         let mut other = DeviceCore::registered("d1", 0);
         let seq = other.enqueue(&mut fx, ctx(), &rang).expect("queued");
         other.ack(&mut fx, ctx(), (seq, &[]), false);
