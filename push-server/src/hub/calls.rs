@@ -141,13 +141,13 @@ impl CallCore {
 
     /// The invite each callee is queued.
     pub(super) fn invite_item(&self) -> Item {
-        Item {
-            id: self.rec.call_id.clone(),
-            kind: PushKind::CallInvite,
-            collapse_key: String::new(),
-            expires: self.rec.deadline_ms,
-            body: push::Body::CallInvite(self.invite.clone()),
-        }
+        Item::new(
+            self.rec.call_id.clone(),
+            PushKind::CallInvite,
+            String::new(),
+            self.rec.deadline_ms,
+            push::Body::CallInvite(self.invite.clone()),
+        )
     }
 
     /// The cancel a stopped callee's phone gets. A missed call's lives `missed_ttl_ms` past the

@@ -231,24 +231,10 @@ fn kind_code(kind: PushKind) -> u8 {
     }
 }
 
-fn encode_item(item: &Item) -> Vec<u8> {
-    Push {
-        seq: 0,
-        id: item.id.clone(),
-        body: Some(item.body.clone()),
-    }
-    .encode_to_vec()
-}
-
 fn decode_item(kind: PushKind, collapse_key: String, expires: i64, push: &[u8]) -> Result<Item, String> {
     let push = Push::decode(push).map_err(|e| e.to_string())?;
-    Ok(Item {
-        id: push.id,
-        kind,
-        collapse_key,
-        expires,
-        body: push.body.ok_or("push without a body")?,
-    })
+    let body = push.body.ok_or("push without a body")?;
+    Ok(Item::new(push.id, kind, collapse_key, expires, body))
 }
 
 fn encode(command: CommandV1) -> Vec<u8> {
@@ -629,7 +615,7 @@ impl Hub {
             kind: kind_code(item.kind),
             collapse_key: item.collapse_key.clone(),
             expires: item.expires,
-            push: encode_item(item),
+            push: item.unnumbered.to_vec(),
         });
         let accepted = super::device::receipt(
             &item.id,
@@ -666,7 +652,7 @@ impl Hub {
         let command = encode(CommandV1::Withdraw {
             call_id: call_id.into(),
             expires: cancel.expires,
-            cancel: encode_item(cancel),
+            cancel: cancel.unnumbered.to_vec(),
         });
         // A cancel is never refused for a full queue: it only ends a ring.
         matches!(
@@ -692,7 +678,7 @@ impl Hub {
             call_id: call_id.into(),
             state: stop_code(state),
             detail: detail.into(),
-            cancel: cancel.map(|c| (c.expires, encode_item(c))),
+            cancel: cancel.map(|c| (c.expires, c.unnumbered.to_vec())),
         });
         // Kept until the cancel (or, without one, the ring) can no longer matter.
         let due = cancel.map_or(self.now() + 60_000, |c| c.expires);

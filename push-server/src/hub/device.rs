@@ -25,6 +25,7 @@ use push_proto::device::{CallCancel, CancelReason, Hello, Push, push};
 
 use super::{
     calls::CalleeNote,
+    encoded::{self, EncodedPush},
     timers::{Deadline, Timer, TimerChange},
 };
 use crate::{
@@ -58,14 +59,34 @@ pub(super) struct Ctx {
     pub(super) ack_window_ms: i64,
 }
 
-/// One push to fan out.
+/// One push to fan out, encoded once for all its recipients.
 #[derive(Debug, Clone)]
 pub(super) struct Item {
     pub(super) id: String,
     pub(super) kind: PushKind,
     pub(super) collapse_key: String,
     pub(super) expires: i64,
-    pub(super) body: push::Body,
+    /// The `Push` without its sequence number (see `encoded.rs`).
+    pub(super) unnumbered: Arc<[u8]>,
+}
+
+impl Item {
+    pub(super) fn new(
+        id: String,
+        kind: PushKind,
+        collapse_key: String,
+        expires: i64,
+        body: push::Body,
+    ) -> Self {
+        let unnumbered = encoded::unnumbered(&id, body);
+        Self {
+            id,
+            kind,
+            collapse_key,
+            expires,
+            unnumbered,
+        }
+    }
 }
 
 /// Where the VoIP fallback stands for one queued call invite. Moves only forward.
@@ -139,7 +160,7 @@ pub(super) struct VoipStart {
 }
 
 /// What the driver must carry out after a decision, in this order: submit `ops` (one batch),
-/// announce `receipts`, apply `timers`, note `callees`, wake the session, start `voip`.
+/// apply `timers`, announce `receipts`, note `callees`, wake the session, start `voip`.
 #[derive(Debug, Default)]
 pub(super) struct Effects {
     pub(super) ops: Vec<Op>,
@@ -358,11 +379,6 @@ impl DeviceCore {
         self.reserve_seq(fx);
         let seq = self.next_seq;
         self.next_seq += 1;
-        let push = Push {
-            seq,
-            id: item.id.clone(),
-            body: Some(item.body.clone()),
-        };
         let stored = Arc::new(StoredPush {
             device_id: self.record.device_id.clone(),
             seq,
@@ -370,7 +386,7 @@ impl DeviceCore {
             kind: item.kind,
             collapse_key: item.collapse_key.clone(),
             expires_at_ms: item.expires,
-            encoded: push.encode_to_vec(),
+            encoded: encoded::numbered(seq, &item.unnumbered),
         });
         fx.ops.push(Op::PutPush((*stored).clone()));
         fx.receipt(&stored, ReceiptState::Accepted, "", "", cx.now);
@@ -399,7 +415,7 @@ impl DeviceCore {
 
     /// Pushes for session `session_id` to write: above `after_seq`, unexpired, durably
     /// numbered, at most `max`; each is marked handed. Empty for any other session.
-    pub(super) fn take(&mut self, session_id: u64, after_seq: u64, max: usize, now: i64) -> Vec<Push> {
+    pub(super) fn take(&mut self, session_id: u64, after_seq: u64, max: usize, now: i64) -> Vec<EncodedPush> {
         if !self.is_session(session_id) {
             return Vec::new();
         }
@@ -408,21 +424,13 @@ impl DeviceCore {
         if start >= self.durable_ceiling {
             return Vec::new();
         }
-        let device_id = &self.record.device_id;
         self.outbox
             .range_mut(start..self.durable_ceiling)
             .filter(|(_, q)| q.push.expires_at_ms > now)
             .take(max)
             .map(|(_, q)| {
                 q.handed = true;
-                &*q
-            })
-            .filter_map(|q| match Push::decode(&q.push.encoded[..]) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::error!(device = %device_id, seq = q.push.seq, error = %e, "undecodable queued push skipped");
-                    None
-                }
+                EncodedPush::new(q.push.clone())
             })
             .collect()
     }
@@ -1025,17 +1033,17 @@ pub(super) enum StopState {
 
 /// The cancel of call `call_id`, living until `expires`.
 pub(super) fn cancel_item(call_id: &str, uuid: &str, expires: i64, reason: CancelReason) -> Item {
-    Item {
-        id: format!("{call_id}#cancel"),
-        kind: PushKind::CallCancel,
-        collapse_key: String::new(),
+    Item::new(
+        format!("{call_id}#cancel"),
+        PushKind::CallCancel,
+        String::new(),
         expires,
-        body: push::Body::CallCancel(CallCancel {
+        push::Body::CallCancel(CallCancel {
             call_id: call_id.into(),
             call_uuid: uuid.into(),
             reason: reason as i32,
         }),
-    }
+    )
 }
 
 fn forget(fx: &mut Effects, q: &Queued) {
@@ -1072,13 +1080,23 @@ mod tests {
     }
 
     fn message(id: &str) -> Item {
-        Item {
-            id: id.into(),
-            kind: PushKind::Message,
-            collapse_key: String::new(),
-            expires: 60_000,
-            body: push::Body::Message(Default::default()),
-        }
+        Item::new(
+            id.into(),
+            PushKind::Message,
+            String::new(),
+            60_000,
+            push::Body::Message(Default::default()),
+        )
+    }
+
+    fn invite(call_id: &str) -> Item {
+        Item::new(
+            call_id.into(),
+            PushKind::CallInvite,
+            String::new(),
+            30_000,
+            push::Body::CallInvite(Default::default()),
+        )
     }
 
     fn ceilings(fx: &Effects) -> Vec<u64> {
@@ -1099,14 +1117,7 @@ mod tests {
     fn an_invite_that_ended_on_its_own_gets_no_second_final_receipt_from_its_call() {
         let mut core = DeviceCore::registered("d0", 0);
         let mut fx = Effects::default();
-        let invite = Item {
-            id: "call-1".into(),
-            kind: PushKind::CallInvite,
-            collapse_key: String::new(),
-            expires: 30_000,
-            body: push::Body::CallInvite(Default::default()),
-        };
-        core.enqueue(&mut fx, ctx(), &invite).expect("queued");
+        core.enqueue(&mut fx, ctx(), &invite("call-1")).expect("queued");
         let mut fx = Effects::default();
         core.revoke(&mut fx, ctx());
         let finals = |fx: &Effects| -> Vec<ReceiptState> {
@@ -1133,10 +1144,7 @@ mod tests {
         }
         // An invite acknowledged (it rang) still gets its call's outcome.
         let mut fx = Effects::default();
-        let rang = Item {
-            id: "call-2".into(),
-            ..invite
-        };
+        let rang = invite("call-2");
         let mut other = DeviceCore::registered("d1", 0);
         let seq = other.enqueue(&mut fx, ctx(), &rang).expect("queued");
         other.ack(&mut fx, ctx(), (seq, &[]), false);

@@ -33,6 +33,7 @@ mod clock;
 mod cluster;
 mod device;
 mod durable;
+mod encoded;
 mod fallback;
 mod ids;
 mod registry;
@@ -50,6 +51,7 @@ pub use bus::{Heard, Watch, WatchRefused};
 pub use clock::{Clock, OffsetClock, SystemClock, now_ms};
 pub use cluster::{ClusterHealth, SessionHold, run_cluster};
 pub use device::{MAX_FLOOR, MAX_SEQ};
+pub use encoded::EncodedPush;
 pub use registry::DeviceView;
 pub use senders::{CallRequest, EscalationStep, MessageRequest, RecipientOutcome, SendError, Sent};
 pub use sessions::{Login, SessionCtl};
@@ -297,8 +299,16 @@ impl Hub {
     /// Carry out a device core's effects. **Call while holding that device's lock**: the store
     /// applies batches in submission order, so the stored order is the order the core decided
     /// (a delivery receipt can never land before the push it is about).
-    fn apply(&self, slot: &mut Slot, fx: Effects) -> Pending {
-        let pending = self.submit(fx.ops);
+    fn apply(&self, slot: &mut Slot, mut fx: Effects) -> Pending {
+        let pending = self.submit(std::mem::take(&mut fx.ops));
+        self.apply_timers(std::mem::take(&mut fx.timers));
+        self.apply_submitted(slot, fx);
+        pending
+    }
+
+    /// Carry out a device core's effects after its store ops and timers (see [`Hub::apply`];
+    /// still under the device's lock).
+    fn apply_submitted(&self, slot: &Slot, fx: Effects) {
         // First, so the session's task runs while the rest is done (it takes the pushes under
         // this device's lock, so it sees them only once they are all applied).
         if fx.wake
@@ -309,16 +319,19 @@ impl Hub {
         for a in fx.receipts {
             self.announce(a);
         }
-        if !fx.timers.is_empty() && self.0.timers.lock().apply(fx.timers) {
-            self.0.timers_changed.notify_one();
-        }
         if !fx.callees.is_empty() {
             self.note_callees(&slot.core.record.device_id, fx.callees);
         }
         for start in fx.voip {
             self.spawn_voip(&slot.core.record.device_id, start);
         }
-        pending
+    }
+
+    /// Queue timer changes (one lock for any number of devices' changes).
+    fn apply_timers(&self, changes: Vec<timers::TimerChange>) {
+        if !changes.is_empty() && self.0.timers.lock().apply(changes) {
+            self.0.timers_changed.notify_one();
+        }
     }
 
     /// Announce a receipt: metrics, dashboard history, the receipt broadcast.

@@ -44,6 +44,16 @@ pub enum SendError {
     Store(#[from] StoreError),
 }
 
+/// Recipients of a send queued under one store batch (their locks are held together while it
+/// is decided and submitted): one submission and one commit's share instead of one each.
+const BATCH_DEVICES: usize = 256;
+
+/// Mark a recipient undeliverable, for `reason`.
+fn refuse(outcome: &mut RecipientOutcome, reason: &str) {
+    outcome.state = ReceiptState::Undeliverable;
+    outcome.reason = reason.into();
+}
+
 /// A message to queue.
 #[derive(Debug, Clone, Default)]
 pub struct MessageRequest {
@@ -224,13 +234,13 @@ impl Hub {
             expires_at_ms: expires,
             sender: req.sender,
         };
-        let item = Item {
+        let item = Item::new(
             id,
-            kind: PushKind::Message,
-            collapse_key: req.collapse_key,
+            PushKind::Message,
+            req.collapse_key,
             expires,
-            body: push::Body::Message(message),
-        };
+            push::Body::Message(message),
+        );
         let (recipients, _) = self
             .enqueue_all(&item, &targets, request.into_iter().collect(), now)
             .await?;
@@ -440,35 +450,50 @@ impl Hub {
         stored_with: Vec<Op>,
         now: i64,
     ) -> Result<(Vec<RecipientOutcome>, Vec<(String, u64)>), SendError> {
-        let mut pending = Vec::with_capacity(targets.len());
+        let mut pending = Vec::new();
         let mut outcomes = Vec::with_capacity(targets.len());
         let mut seqs = Vec::with_capacity(targets.len());
         let cx = super::device::Ctx { now, ..self.ctx() };
         let (mut accepted, mut unavailable) = (false, None);
-        for device_id in targets {
-            let result = match self.route_item(device_id, item, now).await {
-                Ok(Routed::Here) => self.enqueue_here(device_id, item, cx, &mut pending).map(Some),
-                Ok(Routed::Forwarded) => Ok(None),
-                Ok(Routed::Refused(reason)) => Err(reason),
+        // Indices of the targets held here whose batch is not yet queued.
+        let mut here = Vec::with_capacity(targets.len().min(BATCH_DEVICES));
+        for (i, device_id) in targets.iter().enumerate() {
+            let refused = match self.route_item(device_id, item, now).await {
+                Ok(Routed::Here) => {
+                    here.push(i);
+                    None
+                }
+                Ok(Routed::Forwarded) => {
+                    accepted = true;
+                    None
+                }
+                Ok(Routed::Refused(reason)) => Some(reason),
                 Err(e) => {
                     unavailable = Some(e);
-                    Err("the cluster store is unavailable")
+                    Some("the cluster store is unavailable")
                 }
-            };
-            let (state, reason) = match result {
-                Ok(seq) => {
-                    accepted = true;
-                    seqs.extend(seq.map(|seq| (device_id.clone(), seq)));
-                    (ReceiptState::Accepted, "")
-                }
-                Err(reason) => (ReceiptState::Undeliverable, reason),
             };
             outcomes.push(RecipientOutcome {
                 device_id: device_id.clone(),
-                state,
-                reason: reason.into(),
+                state: ReceiptState::Accepted,
+                reason: String::new(),
             });
+            if let Some(reason) = refused {
+                refuse(&mut outcomes[i], reason);
+            }
+            if here.len() == BATCH_DEVICES || (i + 1 == targets.len() && !here.is_empty()) {
+                let ids: Vec<&str> = here.iter().map(|&i| targets[i].as_str()).collect();
+                let (results, batch) = self.enqueue_batch(&ids, item, cx);
+                pending.push(batch);
+                for (i, result) in here.drain(..).zip(results) {
+                    match result {
+                        Ok(seq) => seqs.push((targets[i].clone(), seq)),
+                        Err(reason) => refuse(&mut outcomes[i], reason),
+                    }
+                }
+            }
         }
+        accepted |= !seqs.is_empty();
         // Nobody could be reached: the sender retries the whole request (same id) later.
         if let Some(e) = unavailable.filter(|_| !accepted) {
             return Err(e.into());
@@ -521,6 +546,47 @@ impl Hub {
             }
         }
         Ok((outcomes, kept))
+    }
+
+    /// Queue `item` for devices held here (`device_ids` in ascending order), in one store
+    /// batch. Each device's lock is held from its decision until the batch is submitted, so the
+    /// stored order is still every device's decided order (see [`Hub::apply`]); locks are taken
+    /// in id order, and no other holder of a device's lock waits for another device's.
+    /// Returns each device's result, in order, and the batch.
+    fn enqueue_batch(
+        &self,
+        device_ids: &[&str],
+        item: &Item,
+        cx: super::device::Ctx,
+    ) -> (Vec<Result<u64, &'static str>>, super::Pending) {
+        debug_assert!(device_ids.is_sorted(), "locks are taken in id order");
+        let devices: Vec<_> = {
+            let map = self.0.devices.read();
+            device_ids.iter().map(|id| map.get(*id).cloned()).collect()
+        };
+        let mut results = Vec::with_capacity(devices.len());
+        let mut held = Vec::with_capacity(devices.len());
+        let (mut ops, mut timers) = (Vec::new(), Vec::new());
+        for device in &devices {
+            // Answered in the response only: nothing is kept, stored or counted per unknown
+            // id, so a sender naming junk ids cannot grow the server.
+            let Some(device) = device else {
+                results.push(Err("unknown device"));
+                continue;
+            };
+            let mut slot = device.lock();
+            let mut fx = Effects::default();
+            results.push(slot.core.enqueue(&mut fx, cx, item));
+            ops.append(&mut fx.ops);
+            timers.append(&mut fx.timers);
+            held.push((slot, fx));
+        }
+        let batch = self.submit(ops);
+        self.apply_timers(timers);
+        for (slot, fx) in held {
+            self.apply_submitted(&slot, fx);
+        }
+        (results, batch)
     }
 
     /// Queue `item` for a device held here (every device, in embedded mode).

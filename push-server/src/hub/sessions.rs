@@ -9,12 +9,12 @@ use std::sync::{
 use apns_bridge::DeviceToken;
 use parking_lot::Mutex;
 use push_proto::{
-    device::{GoodbyeReason, Hello, Push},
+    device::{GoodbyeReason, Hello},
     sender::PresenceEvent,
 };
 use tokio::sync::Notify;
 
-use super::{Hub, Slot, device::Effects};
+use super::{EncodedPush, Hub, Slot, device::Effects};
 use crate::auth::{CredentialError, DeviceClaims};
 
 /// How the hub reaches a live session: wake it to pull pushes, or tell it to say goodbye.
@@ -147,7 +147,13 @@ impl Hub {
 
     /// Pushes for the session to write: above `after_seq`, unexpired, durably numbered, at most
     /// `max`. Empty if `session_id` is no longer the device's session.
-    pub fn take_pushes(&self, device_id: &str, session_id: u64, after_seq: u64, max: usize) -> Vec<Push> {
+    pub fn take_pushes(
+        &self,
+        device_id: &str,
+        session_id: u64,
+        after_seq: u64,
+        max: usize,
+    ) -> Vec<EncodedPush> {
         let Some(device) = self.device(device_id) else {
             return Vec::new();
         };

@@ -4,7 +4,14 @@
 //! luck (an ack against a cancel, against the ring deadline, against the ack window) are played
 //! here in a chosen order, every time.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use apns_bridge::{DeviceToken, VoipBridge, VoipCall, VoipOutcome};
 use futures::{FutureExt as _, future::BoxFuture};
@@ -17,7 +24,7 @@ use tokio::{
     time::Instant,
 };
 
-use super::{CallRequest, Hub, Login, MessageRequest, clock::ManualClock, now_ms};
+use super::{CallRequest, Hub, Login, MessageRequest, SendError, clock::ManualClock, now_ms};
 use crate::{
     auth::DeviceClaims,
     config::Limits,
@@ -34,6 +41,10 @@ struct MemStore {
     pushes: Mutex<BTreeMap<(String, u64), StoredPush>>,
     receipts: Mutex<BTreeMap<(String, String), Receipt>>,
     held: Mutex<Option<Vec<Held>>>,
+    /// The number of pushes each batch that stored any stored.
+    push_batches: Mutex<Vec<usize>>,
+    /// Batches to refuse, from the next one (applying nothing of them, as the contract says).
+    fail_next: AtomicUsize,
 }
 
 type Held = (Vec<Op>, oneshot::Sender<Result<(), StoreError>>);
@@ -83,6 +94,19 @@ impl Store for MemStore {
 
     fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<(), StoreError>> {
         let (tx, rx) = oneshot::channel();
+        let fail = |n: usize| n.checked_sub(1);
+        if self
+            .fail_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, fail)
+            .is_ok()
+        {
+            let _ = tx.send(Err(StoreError::Io("disk full".into())));
+            return rx;
+        }
+        let stored = ops.iter().filter(|op| matches!(op, Op::PutPush(_))).count();
+        if stored > 0 {
+            self.push_batches.lock().push(stored);
+        }
         if let Some(held) = &mut *self.held.lock() {
             held.push((ops, tx));
             return rx;
@@ -295,8 +319,8 @@ impl Phone {
                 // Drained below.
             }
         }
-        while let Some(frame) = self.session.poll_transmit() {
-            if let Some(server_frame::Kind::Push(p)) = frame.kind {
+        while let Some(t) = self.session.poll_transmit() {
+            if let Some(server_frame::Kind::Push(p)) = t.frame().kind {
                 if !self.app.contains(&p.id) {
                     self.app.push(p.id.clone());
                 }
@@ -551,5 +575,105 @@ async fn a_receipt_of_another_call_does_not_wake_a_call_watcher() {
     assert!(
         matches!(&heard, Some(super::Heard::Item(r)) if r.id == "c1" && r.state == ReceiptState::Accepted),
         "{heard:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_group_send_is_one_store_batch_per_256_recipients_and_every_phone_reads_the_message() {
+    let mut sim = Sim::new(300).await;
+    let mut phones: Vec<Phone> = (0..300).map(|i| sim.connect(&format!("d{i}"))).collect();
+    sim.store.push_batches.lock().clear();
+    let sent = sim
+        .hub
+        .send_message(MessageRequest {
+            group: Some("ward".into()),
+            title: "Code blue".into(),
+            body: "Ward 4B, bed 12".into(),
+            data: vec![7, 0, 255],
+            priority: 2,
+            sender: "Nurse call".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("sent");
+    assert!(sent.recipients.iter().all(|r| r.state == ReceiptState::Accepted));
+    assert_eq!(
+        *sim.store.push_batches.lock(),
+        vec![256, 44],
+        "one batch per 256 recipients"
+    );
+    for phone in &mut phones {
+        let written = phone.pump(&sim.hub);
+        let [push] = &written[..] else {
+            panic!("{} was written {written:?}", phone.device);
+        };
+        assert_eq!(push.id, sent.id);
+        let Some(push::Body::Message(m)) = &push.body else {
+            panic!("not a message: {push:?}");
+        };
+        assert_eq!(
+            (
+                m.title.as_str(),
+                m.body.as_str(),
+                &m.data[..],
+                m.priority,
+                m.sender.as_str()
+            ),
+            ("Code blue", "Ward 4B, bed 12", &[7, 0, 255][..], 2, "Nurse call")
+        );
+        assert_eq!(m.expires_at_ms, sent.expires_at_ms);
+    }
+    let delivered = sim
+        .announced()
+        .into_iter()
+        .filter(|(id, _, state, _)| *id == sent.id && *state == ReceiptState::Delivered)
+        .count();
+    assert_eq!(delivered, 300);
+}
+
+#[tokio::test]
+async fn a_group_send_whose_batch_fails_leaves_nothing_queued_or_stored() {
+    let mut sim = Sim::new(3).await;
+    let mut phones: Vec<Phone> = (0..3).map(|i| sim.connect(&format!("d{i}"))).collect();
+    sim.announced();
+    sim.store.fail_next.store(1, Ordering::SeqCst);
+    let sent = sim
+        .hub
+        .send_message(MessageRequest {
+            group: Some("ward".into()),
+            body: "lost".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(matches!(sent, Err(SendError::Store(_))), "{sent:?}");
+    assert_eq!(
+        sim.store.fail_next.load(Ordering::SeqCst),
+        0,
+        "one batch for the group"
+    );
+    for phone in &mut phones {
+        assert!(
+            phone.pump(&sim.hub).is_empty(),
+            "{} is sent nothing",
+            phone.device
+        );
+        let device = sim.hub.device(&phone.device).expect("registered");
+        assert!(
+            device.lock().core.outbox.is_empty(),
+            "{} has nothing queued",
+            phone.device
+        );
+    }
+    assert!(sim.store.pushes.lock().is_empty(), "nothing stored");
+    let finals: Vec<ReceiptState> = sim
+        .announced()
+        .into_iter()
+        .map(|(_, _, state, _)| state)
+        .filter(|s| s.is_final())
+        .collect();
+    assert_eq!(
+        finals,
+        vec![ReceiptState::Undeliverable; 3],
+        "each recipient is told"
     );
 }

@@ -11,8 +11,8 @@ use proptest::prelude::*;
 use push_proto::device::{CancelReason, Hello, Push, push};
 
 use super::{
-    CallRequest, Hub, MAX_FLOOR, MAX_SEQ, MessageRequest, clock::ManualClock, device::Effects, now_ms,
-    timers::Timer,
+    CallRequest, EncodedPush, Hub, MAX_FLOOR, MAX_SEQ, MessageRequest, clock::ManualClock, device::Effects,
+    now_ms, timers::Timer,
 };
 use crate::{
     auth::DeviceClaims,
@@ -348,7 +348,7 @@ impl Model {
                 let pushes = hub.take_pushes(DEVICES[device], session, phone.last_sent, max);
                 let now = now_ms();
                 let mut seqs = Vec::new();
-                for p in pushes {
+                for p in pushes.iter().map(EncodedPush::decode) {
                     assert!(p.seq > phone.last_sent, "pushes come in order above the floor");
                     if let Some(push::Body::CallInvite(invite)) = &p.body {
                         assert!(invite.ring_deadline_ms > now, "no invite after its deadline");
@@ -518,7 +518,7 @@ fn renumbered_pushes_keep_their_content_and_deadline() {
     });
     let pushes = f.hub.take_pushes("d0", login.session_id, 5000, 10);
     assert_eq!(pushes.len(), 1);
-    let p: &Push = &pushes[0];
+    let p: &Push = &pushes[0].decode();
     assert_eq!((p.id.as_str(), p.seq), (sent.id.as_str(), 5001));
     assert!(matches!(&p.body, Some(push::Body::Message(m)) if m.body == "queued"));
     let timers = f.hub.0.timers.lock();

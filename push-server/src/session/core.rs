@@ -8,11 +8,11 @@ use std::{collections::VecDeque, time::Duration};
 
 use push_proto::device::{
     Ack, CallOutcome, CallOutcomeReply, CallOutcomeReport, ClientFrame, Goodbye, GoodbyeReason, Heartbeat,
-    Hello, NetworkChange, Push, ServerFrame, ServerHello, client_frame, server_frame,
+    Hello, NetworkChange, ServerFrame, ServerHello, client_frame, server_frame,
 };
 use tokio::time::Instant;
 
-use crate::hub::MAX_FLOOR;
+use crate::hub::{EncodedPush, MAX_FLOOR};
 
 /// Timing of a session.
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +40,29 @@ pub enum Event {
     CallOutcome(CallOutcomeReport),
     /// The session is over; send what `poll_transmit` still yields, then close the socket.
     Closed(CloseReason),
+}
+
+/// A frame to write: one the session made, or a push the hub encoded when it was queued
+/// (written as is: see [`EncodedPush::write_frame`]).
+#[derive(Debug)]
+pub enum Transmit {
+    /// A frame of the session's own.
+    Frame(ServerFrame),
+    /// `ServerFrame { push }`.
+    Push(EncodedPush),
+}
+
+#[cfg(test)]
+impl Transmit {
+    /// The frame, decoded (tests look inside what a session wrote).
+    pub(crate) fn frame(self) -> ServerFrame {
+        match self {
+            Self::Frame(f) => f,
+            Self::Push(p) => ServerFrame {
+                kind: Some(server_frame::Kind::Push(p.decode())),
+            },
+        }
+    }
 }
 
 /// Why a session ended, for presence events and logs.
@@ -92,7 +115,7 @@ enum Phase {
 pub struct Session {
     timing: Timing,
     phase: Phase,
-    transmit: VecDeque<ServerFrame>,
+    transmit: VecDeque<Transmit>,
     events: VecDeque<Event>,
     nonce: u64,
     /// Highest sequence written in this session; the hub hands out pushes above it.
@@ -268,13 +291,14 @@ impl Session {
     /// Write a push. The caller keeps within the in-flight window and hands pushes in sequence
     /// order; a push at or below the last one written is skipped, so a replay race cannot
     /// deliver twice.
-    pub fn push(&mut self, push: Push) -> bool {
-        if !self.is_established() || push.seq <= self.last_sent_seq {
+    pub fn push(&mut self, push: EncodedPush) -> bool {
+        let seq = push.seq();
+        if !self.is_established() || seq <= self.last_sent_seq {
             return false;
         }
-        self.last_sent_seq = push.seq;
-        self.inflight.push_back(push.seq);
-        self.send(server_frame::Kind::Push(push));
+        self.last_sent_seq = seq;
+        self.inflight.push_back(seq);
+        self.transmit.push_back(Transmit::Push(push));
         true
     }
 
@@ -300,7 +324,7 @@ impl Session {
     }
 
     /// Next frame to write.
-    pub fn poll_transmit(&mut self) -> Option<ServerFrame> {
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmit.pop_front()
     }
 
@@ -346,14 +370,15 @@ impl Session {
     }
 
     fn send(&mut self, kind: server_frame::Kind) {
-        self.transmit.push_back(ServerFrame { kind: Some(kind) });
+        self.transmit
+            .push_back(Transmit::Frame(ServerFrame { kind: Some(kind) }));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use push_proto::device::{HeartbeatReply, push};
+    use push_proto::device::{HeartbeatReply, Push, push};
 
     const T: Timing = Timing {
         hello_timeout: Duration::from_secs(5),
@@ -378,7 +403,7 @@ mod tests {
                 })),
             );
             assert!(
-                matches!(s.poll_transmit().and_then(|f| f.kind), Some(server_frame::Kind::Goodbye(g)) if g.reason == GoodbyeReason::ProtocolError as i32),
+                matches!(s.poll_transmit().and_then(|f| f.frame().kind), Some(server_frame::Kind::Goodbye(g)) if g.reason == GoodbyeReason::ProtocolError as i32),
                 "floor {floor}"
             );
             assert!(!matches!(s.poll_event(), Some(Event::Hello(_))));
@@ -397,22 +422,22 @@ mod tests {
         assert!(matches!(s.poll_event(), Some(Event::Hello(h)) if h.last_seen_seq == 4));
         s.accept(now, ServerHello::default(), 4);
         assert!(matches!(
-            s.poll_transmit().unwrap().kind,
+            s.poll_transmit().unwrap().frame().kind,
             Some(server_frame::Kind::ServerHello(_))
         ));
         s
     }
 
-    fn push_frame(seq: u64) -> Push {
-        Push {
+    fn push_frame(seq: u64) -> EncodedPush {
+        EncodedPush::of(&Push {
             seq,
             id: format!("m{seq}"),
             body: Some(push::Body::Message(Default::default())),
-        }
+        })
     }
 
     fn goodbye_reason(s: &mut Session) -> Option<GoodbyeReason> {
-        std::iter::from_fn(|| s.poll_transmit()).find_map(|f| match f.kind {
+        std::iter::from_fn(|| s.poll_transmit()).find_map(|f| match f.frame().kind {
             Some(server_frame::Kind::Goodbye(g)) => GoodbyeReason::try_from(g.reason).ok(),
             _ => None,
         })
@@ -489,7 +514,7 @@ mod tests {
         let due = t0 + T.heartbeat_interval;
         assert_eq!(s.poll_timeout(), Some(due));
         s.handle_timeout(due);
-        let Some(server_frame::Kind::Heartbeat(hb)) = s.poll_transmit().unwrap().kind else {
+        let Some(server_frame::Kind::Heartbeat(hb)) = s.poll_transmit().unwrap().frame().kind else {
             panic!()
         };
         assert_eq!(s.poll_timeout(), Some(due + T.heartbeat_timeout));

@@ -9,14 +9,14 @@ use std::{io, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
 use push_proto::{
-    device::{ClientFrame, GoodbyeReason, ServerFrame, ServerHello, server_frame},
+    device::{ClientFrame, GoodbyeReason, ServerHello},
     frame,
 };
 use tokio::{sync::OwnedSemaphorePermit, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    core::{Event, Session, Timing},
+    core::{Event, Session, Timing, Transmit},
     tls::DeviceTls,
 };
 use crate::{
@@ -330,11 +330,18 @@ fn frame_limit(session: &Session, configured: usize) -> usize {
 async fn flush(tls: &mut DeviceTls, session: &mut Session, env: &SessionEnv) -> io::Result<Vec<u64>> {
     let mut out = BytesMut::new();
     let mut seqs = Vec::new();
-    while let Some(f) = session.poll_transmit() {
-        if let Some(server_frame::Kind::Push(p)) = &f.kind {
-            seqs.push(p.seq);
+    while let Some(t) = session.poll_transmit() {
+        let encoded = match t {
+            Transmit::Frame(f) => frame::encode(&f, &mut out, env.max_frame),
+            // Only a push written is reported delivered.
+            Transmit::Push(p) => p
+                .write_frame(&mut out, env.max_frame)
+                .map(|()| seqs.push(p.seq())),
+        };
+        if let Err(e) = encoded {
+            // The hub bounds message sizes well below the frame limit, so this is a bug, not input.
+            tracing::error!(error = %e, "server frame over the limit dropped");
         }
-        encode(&f, &mut out, env.max_frame);
     }
     if out.is_empty() {
         return Ok(seqs);
@@ -345,13 +352,6 @@ async fn flush(tls: &mut DeviceTls, session: &mut Session, env: &SessionEnv) -> 
             io::ErrorKind::TimedOut,
             "write timed out (device not reading)",
         )),
-    }
-}
-
-fn encode(f: &ServerFrame, out: &mut BytesMut, max: usize) {
-    if let Err(e) = frame::encode(f, out, max) {
-        // The hub bounds message sizes well below the frame limit, so this is a bug, not input.
-        tracing::error!(error = %e, "server frame over the limit dropped");
     }
 }
 
