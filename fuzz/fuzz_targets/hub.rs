@@ -188,8 +188,8 @@ fn take(hub: &Hub, device: &str, session: u64, after_seq: u64, max: u8) -> Optio
     assert!(pushes.len() <= usize::from(max), "more pushes than asked for");
     let mut prev = after_seq;
     for p in &pushes {
-        assert!(p.seq > prev, "push {} after {prev}", p.seq);
-        prev = p.seq;
+        assert!(p.seq() > prev, "push {} after {prev}", p.seq());
+        prev = p.seq();
     }
-    pushes.last().map(|p| p.seq)
+    pushes.last().map(|p| p.seq())
 }

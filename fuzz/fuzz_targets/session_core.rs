@@ -18,11 +18,14 @@ use lpush_fuzz::{Script, session_tag as tag};
 use push_proto::{
     device::{
         Ack, ClientFrame, Goodbye, GoodbyeReason, HeartbeatReply, Hello, NetworkChange, Push, ServerHello,
-        VoipToken, client_frame, server_frame,
+        VoipToken, client_frame,
     },
     frame::{self, DEFAULT_MAX_FRAME},
 };
-use push_server::session::core::{Event, Session, Timing};
+use push_server::{
+    hub::EncodedPush,
+    session::core::{Event, Session, Timing, Transmit},
+};
 use tokio::time::Instant;
 
 struct Checker {
@@ -57,11 +60,11 @@ impl Checker {
 
     fn push(&mut self, seq: u64) {
         let established = self.session.is_established();
-        let written = self.session.push(Push {
+        let written = self.session.push(EncodedPush::of(&Push {
             seq,
             id: format!("m-{seq}"),
             body: None,
-        });
+        }));
         if written {
             assert!(established, "a push was written outside an established session");
             self.pushes_written += 1;
@@ -78,18 +81,22 @@ impl Checker {
 
     /// Drain outputs as the driver does and check them.
     fn drain(&mut self) {
-        while let Some(f) = self.session.poll_transmit() {
-            if let Some(server_frame::Kind::Push(p)) = &f.kind {
-                assert!(
-                    p.seq > self.last_push_seq,
-                    "push {} after {}",
-                    p.seq,
-                    self.last_push_seq
-                );
-                self.last_push_seq = p.seq;
-            }
+        while let Some(t) = self.session.poll_transmit() {
             let mut wire = BytesMut::new();
-            frame::encode(&f, &mut wire, DEFAULT_MAX_FRAME).expect("a server frame fits the default limit");
+            match t {
+                Transmit::Frame(f) => frame::encode(&f, &mut wire, DEFAULT_MAX_FRAME),
+                Transmit::Push(p) => {
+                    assert!(
+                        p.seq() > self.last_push_seq,
+                        "push {} after {}",
+                        p.seq(),
+                        self.last_push_seq
+                    );
+                    self.last_push_seq = p.seq();
+                    p.write_frame(&mut wire, DEFAULT_MAX_FRAME)
+                }
+            }
+            .expect("a server frame fits the default limit");
         }
         while let Some(e) = self.session.poll_event() {
             if matches!(e, Event::Closed(_)) {

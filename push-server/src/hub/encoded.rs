@@ -81,9 +81,9 @@ impl EncodedPush {
         Ok(())
     }
 
-    /// `push` as if queued for device `d0` (tests of the session core).
-    #[cfg(test)]
-    pub(crate) fn of(push: &Push) -> Self {
+    /// `push` as if queued for device `d0`: for what drives the session core without a hub
+    /// (its tests, the fuzz target).
+    pub fn of(push: &Push) -> Self {
         Self(Arc::new(StoredPush {
             device_id: "d0".into(),
             seq: push.seq,
