@@ -713,7 +713,7 @@ impl Writer {
         while !group.is_empty() {
             // Receivers may have been dropped; their callers no longer want the answer.
             let started = Instant::now();
-            let result = self.write(&group);
+            let result = self.write(&mut group);
             crate::observe::metrics::store_commit(
                 !matches!(result, Err(Failure::Transaction(_))),
                 started.elapsed().as_secs_f64(),
@@ -744,21 +744,30 @@ impl Writer {
     /// to redb without durability, journaled and synced, and only then committed (which shows
     /// them to reads). A crash before the sync loses the group, unanswered; after it, the next
     /// open replays it.
-    fn write(&mut self, group: &[Batch]) -> Result<(), Failure> {
+    fn write(&mut self, group: &mut [Batch]) -> Result<(), Failure> {
         if let Some(detail) = &self.broken {
             return Err(Failure::Transaction(detail.clone()));
         }
         if group.iter().any(|(ops, _)| ops.iter().any(applied_at_once)) {
             return self.write_at_once(group);
         }
-        let batches: Vec<&[Op]> = group.iter().map(|(ops, _)| ops.as_slice()).collect();
-        let skip = superseded(&batches);
-        let ops: Vec<Op> = batches
-            .iter()
+        let skip = {
+            let batches: Vec<&[Op]> = group.iter().map(|(ops, _)| ops.as_slice()).collect();
+            superseded(&batches)
+        };
+        // Moved out, not copied: past this point the group is either answered `Ok` or failed
+        // whole (a journal error), never retried without a batch.
+        let ops: Vec<Op> = group
+            .iter_mut()
             .enumerate()
-            .flat_map(|(index, ops)| ops.iter().enumerate().map(move |(i, op)| ((index, i), op)))
+            .flat_map(|(index, (ops, _))| {
+                std::mem::take(ops)
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(i, op)| ((index, i), op))
+            })
             .filter(|(at, _)| !skip.contains(at))
-            .map(|(_, op)| op.clone())
+            .map(|(_, op)| op)
             .collect();
         // A group of barriers: answered now, after every group before it.
         if ops.is_empty() {
