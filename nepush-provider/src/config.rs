@@ -1,8 +1,8 @@
 //! The provider configuration: `NEAppPushManager.providerConfiguration`, a property-list
 //! dictionary the container app saved from the push-server's enrollment answer.
 //!
-//! The keys are fixed by the enrollment endpoint (`push-server/src/enrollment.rs`); they are
-//! listed in [`keys`]. Parsing never panics: every problem is a [`ConfigurationError`] that
+//! The keys are listed once, in `push_proto::provider_keys`, which the enrollment endpoint
+//! (`push-server/src/enrollment.rs`) writes with. Parsing never panics: every problem is a [`ConfigurationError`] that
 //! names the key. Unknown keys are ignored, so a newer server can add some without breaking
 //! deployed extensions.
 
@@ -10,27 +10,7 @@ use std::io::Cursor;
 
 use plist::{Dictionary, Value};
 
-/// The dictionary keys, as the enrollment endpoint writes them.
-pub mod keys {
-    /// Server host name or IP address (string, required).
-    pub const HOST: &str = "host";
-    /// Server port (integer 1-65535, required).
-    pub const PORT: &str = "port";
-    /// Name the server certificate must carry (string, optional; default: `host`).
-    pub const SERVER_NAME: &str = "serverName";
-    /// Device id the credential was issued for (string, required).
-    pub const DEVICE_ID: &str = "deviceId";
-    /// Device credential, a JWT (string, required).
-    pub const CREDENTIAL: &str = "credential";
-    /// PEM of the CA certificate(s) to trust (string, optional).
-    pub const CA_CERTIFICATE: &str = "caCertificate";
-    /// SPKI pins, `sha256/<base64>` (array of strings, optional). At least one of
-    /// `caCertificate` and `pins` is required.
-    pub const PINS: &str = "pins";
-    /// The site's SSIDs (array of strings, optional): informational for the provider (iOS
-    /// matches networks from the manager's own `matchSSIDs`).
-    pub const MATCH_SSIDS: &str = "matchSSIDs";
-}
+use push_proto::provider_keys as keys;
 
 /// What the provider reads from `providerConfiguration`.
 #[derive(Debug, Clone, PartialEq, Eq)]

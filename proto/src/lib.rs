@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`device`]: prost types of the device protocol (`proto/device.proto`, package `lpush.device.v1`).
 //! - [`frame`]: the length-delimited frame codec. Pure functions over buffers; does no I/O.
+//! - [`provider_keys`]: the keys of the provider's `providerConfiguration` dictionary.
 //! - [`sender`] (feature `grpc`): the tonic sender and admin API (`proto/sender.proto`).
 //! - [`apns`] (feature `grpc`): the APNs bridge API (`proto/apns.proto`), between a push-server
 //!   and an apns-bridge running on another host.
@@ -12,6 +13,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod frame;
+pub mod provider_keys;
 
 /// Generated code, nested as the proto packages are (cross-package references need it).
 #[allow(missing_docs, clippy::all, unreachable_pub)]

@@ -460,17 +460,21 @@ impl Enroller {
 /// `managers` (`localizedDescription`, `matchSSIDs`) and `warnings`.
 pub fn to_plist(e: &Enrollment) -> plist::Dictionary {
     use plist::Value;
+    use push_proto::provider_keys as keys;
     let strings = |v: &[String]| Value::Array(v.iter().cloned().map(Value::String).collect());
     let mut provider = plist::Dictionary::new();
     if let Some(p) = &e.provider_configuration {
-        provider.insert("host".into(), Value::String(p.host.clone()));
-        provider.insert("port".into(), Value::Integer(u64::from(p.port).into()));
-        provider.insert("serverName".into(), Value::String(p.server_name.clone()));
-        provider.insert("deviceId".into(), Value::String(p.device_id.clone()));
-        provider.insert("credential".into(), Value::String(p.credential.clone()));
-        provider.insert("caCertificate".into(), Value::String(p.ca_certificate.clone()));
-        provider.insert("pins".into(), strings(&p.pins));
-        provider.insert("matchSSIDs".into(), strings(&p.match_ssids));
+        provider.insert(keys::HOST.into(), Value::String(p.host.clone()));
+        provider.insert(keys::PORT.into(), Value::Integer(u64::from(p.port).into()));
+        provider.insert(keys::SERVER_NAME.into(), Value::String(p.server_name.clone()));
+        provider.insert(keys::DEVICE_ID.into(), Value::String(p.device_id.clone()));
+        provider.insert(keys::CREDENTIAL.into(), Value::String(p.credential.clone()));
+        provider.insert(
+            keys::CA_CERTIFICATE.into(),
+            Value::String(p.ca_certificate.clone()),
+        );
+        provider.insert(keys::PINS.into(), strings(&p.pins));
+        provider.insert(keys::MATCH_SSIDS.into(), strings(&p.match_ssids));
     }
     let managers = e
         .managers
