@@ -22,6 +22,10 @@
 //! - [`clock`]: wall-clock time as an input.
 //!
 //! The binary (`src/main.rs`) is `apns-bridge serve`: the remote mode's server.
+//!
+//! # Dependencies
+//! Depends only on `push-proto` among the workspace's crates; `push-server` depends on it
+//! (through [`VoipBridge`]), never the other way.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod apple;

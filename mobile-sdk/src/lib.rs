@@ -25,6 +25,11 @@
 //!
 //! The Swift (and Python) bindings live in the `mobile-sdk-ffi` crate, a thin layer over
 //! [`Client`] and [`Registry`].
+//!
+//! # Dependencies
+//! Depends only on `push-proto` (without `grpc`) among the workspace's crates. It must never
+//! depend on `push-server`, `nepush-provider` or the bindings: they build on it, and it runs
+//! inside an iOS extension's 50 MB.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod clock;

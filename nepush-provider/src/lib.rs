@@ -29,6 +29,10 @@
 //! - [`host`]: [`ProviderHost`], [`LocalNotification`], the call dictionaries.
 //! - [`outcomes`]: [`PendingCallOutcomes`], the app group's pending call outcomes.
 //! - [`provider`]: [`Provider`] and [`ProviderError`].
+//!
+//! # Dependencies
+//! Depends on `mobile-sdk` and `push-proto` only; never on the bindings (`mobile-sdk-ffi`
+//! depends on it) or on the server.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod config;

@@ -10,6 +10,10 @@
 //!
 //! This crate depends on neither tokio nor any TLS stack, so the SDK can use it inside the iOS
 //! extension and fuzzers can drive the codec directly.
+//!
+//! # Dependencies
+//! Depends on no crate of the workspace. Everything else depends on it, so it must not depend on
+//! tokio, a TLS stack or any server code (tonic only behind `grpc`).
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod frame;

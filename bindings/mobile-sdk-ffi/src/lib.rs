@@ -18,6 +18,10 @@
 //! Generate the Swift binding from the built library:
 //! `cargo run -p mobile-sdk-ffi --bin uniffi-bindgen -- generate --library
 //! target/<profile>/libmobile_sdk_ffi.<so|dylib|a> --language swift --out-dir <dir>`.
+//!
+//! # Dependencies
+//! The top of the device side: depends on `mobile-sdk` and `nepush-provider`; nothing in the
+//! workspace depends on it.
 #![warn(missing_docs, unreachable_pub)]
 
 mod error;

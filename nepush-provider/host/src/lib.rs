@@ -33,6 +33,10 @@
 //! - [`scenario`]: the file format. [`runner`]: steps, checks, [`Report`].
 //! - [`site`], [`wifi`], [`phone`], [`resources`]: the model; [`time`]: how simulated time
 //!   passes.
+//!
+//! # Dependencies
+//! A test tool: it depends on `nepush-provider`, `mobile-sdk`, `push-proto` and (for its
+//! site) `push-server`'s library; nothing shipped depends on it.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod phone;
