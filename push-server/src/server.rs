@@ -17,18 +17,20 @@ use apns_bridge::{
 };
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    admission::Listener,
+    api::{
+        dashboard,
+        enrollment::{Enroller, SiteProfile},
+        grpc::{self, Api},
+        keys::{Keys, NewKey},
+    },
     auth::{DeviceAuthority, write_secret},
     config::{ApnsConfig, ApnsMode, ClusterConfig, Config},
-    enrollment::{Enroller, SiteProfile},
-    grpc::Api,
-    hub::{Clock, Hub, OffsetClock, SystemClock, run_cluster, run_timers},
-    keys::{Keys, NewKey},
-    listener::{serve_devices, tls_incoming},
+    hub::{Clock, Hub, OffsetClock, SystemClock, now_ms, run_cluster, run_timers},
+    listener::serve_devices,
+    observe::run_ticks,
     pki::{self, Pki, PkiStatus},
     session::{core::Timing, driver::SessionEnv},
     store::{RedbStore, RedisStore, Store},
@@ -74,7 +76,7 @@ impl Server {
     pub async fn start_with_voip(cfg: Config, voip: Option<Arc<dyn VoipBridge>>) -> anyhow::Result<Self> {
         cfg.validate()?;
         // Before anything records a metric.
-        crate::observe::metrics::install();
+        crate::metrics::install();
         // Our own TLS configs name aws-lc-rs explicitly; the Redis client's (`rediss://`) take
         // the process default, pinned here so that another provider entering the dependency
         // tree cannot leave it ambiguous (rustls then panics). Err: already installed.
@@ -146,7 +148,8 @@ impl Server {
         let enroller = Enroller::new(hub.clone(), auth.clone(), site);
         let mut http_tls = pki::server_config_from(certs.clone())?;
         http_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        tasks.spawn(crate::observe::http::serve(
+        tasks.spawn(run_ticks(hub.observer().clone(), now_ms, shutdown.clone()));
+        tasks.spawn(dashboard::serve(
             http_listener,
             TlsAcceptor::from(Arc::new(http_tls)),
             hub.clone(),
@@ -155,18 +158,20 @@ impl Server {
             cfg.node_name.clone(),
             shutdown.clone(),
         )?);
-        tasks.spawn(serve_api(
+        let api = Api::new(
+            hub,
+            enroller,
+            keys,
+            store.clone(),
+            cfg.data_dir.clone(),
+            rotator,
+            shutdown.clone(),
+        );
+        tasks.spawn(grpc::serve(
             api_listener,
             certs,
-            &cfg,
-            Api::new(
-                hub,
-                enroller,
-                keys,
-                cfg.data_dir.clone(),
-                rotator,
-                shutdown.clone(),
-            ),
+            cfg.limits.clone(),
+            api,
             shutdown.clone(),
         )?);
         tracing::info!(%device_addr, %api_addr, %http_addr, node = %cfg.node_name, "push-server listening");
@@ -436,60 +441,6 @@ async fn bootstrap_admin_key(keys: &Keys, dir: &Path) -> anyhow::Result<Option<P
     let (key, _) = keys.create(new).await?;
     write_secret(&path, &key).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(Some(path))
-}
-
-/// The gRPC API over TLS 1.3 (same certificate as the device listener, ALPN h2), with health
-/// and reflection so grpcurl-style tools work.
-fn serve_api(
-    listener: TcpListener,
-    certs: Arc<pki::CertSlot>,
-    cfg: &Config,
-    api: Api,
-    shutdown: CancellationToken,
-) -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
-    let mut tls = pki::server_config_from(certs)?;
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(push_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    // v1alpha too: older grpcurl and the grpcio-based clients only ask for it.
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(push_proto::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-    let (health, health_service) = tonic_health::server::health_reporter();
-    let incoming = tls_incoming(
-        listener,
-        acceptor,
-        cfg.limits.clone(),
-        shutdown.clone(),
-        Listener::Api,
-    );
-    let incoming = ReceiverStream::new(incoming).map(|(tls, _peer)| Ok::<_, std::io::Error>(tls));
-    let sender = api.sender();
-    let admin = api.admin();
-    Ok(async move {
-        health
-            .set_serving::<push_proto::sender::push_sender_server::PushSenderServer<Api>>()
-            .await;
-        health
-            .set_serving::<push_proto::sender::push_admin_server::PushAdminServer<Api>>()
-            .await;
-        let result = tonic::transport::Server::builder()
-            .layer(tower::util::MapResponseLayer::new(
-                crate::grpc::oversized_is_resource_exhausted::<tonic::body::Body>,
-            ))
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(reflection_v1alpha)
-            .add_service(sender)
-            .add_service(admin)
-            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "API server failed");
-        }
-    })
 }
 
 #[cfg(test)]

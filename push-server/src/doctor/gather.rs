@@ -24,9 +24,9 @@ use super::{
     checks::{CertFacts, DirFacts, Facts, KeyKind, PhoneClock, Resolution},
 };
 use crate::{
+    api::enrollment::device_endpoint,
     api_client::ApiClient,
     config::Config,
-    enrollment::device_endpoint,
     hub::now_ms,
     pki::{CA_CERT_FILE, CA_KEY_FILE, CA_NEXT_KEY_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE},
     server::{ADMIN_KEY_FILE, STORE_FILE, TLS_DIR},

@@ -29,10 +29,10 @@ use push_proto::sender::{EnrollDeviceRequest, Enrollment, ProviderConfiguration,
 use serde::Serialize;
 
 use crate::{
+    api::keys::Holder,
     auth::{DeviceAuthority, Scope},
     config::Config,
     hub::{Hub, now_ms},
-    keys::Holder,
     pki::Pki,
     store::StoreError,
 };

@@ -15,7 +15,7 @@
 //!   devices that changed (the page refetches its visible rows when they concern it).
 //! - `POST /v1/enroll` (Bearer key with the `enroll` or `admin` scope, JSON body
 //!   `{"deviceId", "groups", "validDays"}`): the enrollment as an XML property list, for
-//!   container apps that speak HTTPS but not gRPC (see [`crate::enrollment`]).
+//!   container apps that speak HTTPS but not gRPC (see [`super::enrollment`]).
 //! - Sessions remember the key's hash, not the key, and re-check it on every request (through
 //!   [`Keys`], so a revocation here is seen at once): a revoked or expired key's sessions are
 //!   logged out and its event streams end. `GET /api/enrollments` lists recent enrollments;
@@ -23,6 +23,9 @@
 //! - Calls: `GET /api/calls` (live and recent calls, newest first) and `GET /api/calls/{id}`,
 //!   from the calls the hub remembers (while ringing and 15 minutes after; in cluster mode, the
 //!   calls this node decides); the device detail lists the recent calls that rang the device.
+
+pub mod calls;
+pub mod listing;
 
 use std::{
     collections::HashMap,
@@ -55,18 +58,19 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tower_http::compression::CompressionLayer;
 
+use calls::{CallView, DeviceCall, call_view, device_call};
+use listing::{Changes, Counts, DevicePage, DeviceRow, ListQuery};
+
 use super::{
-    DeliveryRecord, Diagnosis, SessionRecord, SiteHealth,
-    calls::{CallView, DeviceCall, call_view, device_call},
-    listing::{self, Changes, Counts, DevicePage, DeviceRow, ListQuery},
-    metrics,
+    enrollment::{Caller, EnrollError, EnrollForm, Enroller},
+    keys::{Holder, KeyError, Keys},
 };
 use crate::{
     auth::Scope,
-    enrollment::{Caller, EnrollError, EnrollForm, Enroller},
     hub::{DeviceView, Hub, now_ms},
-    keys::{Holder, KeyError, Keys},
     listener::tls_incoming,
+    metrics,
+    observe::{DeliveryRecord, Diagnosis, SessionRecord, SiteHealth},
     store::StoreError,
 };
 
@@ -269,9 +273,9 @@ impl Dashboard {
                 sessions.get(&id).map(|s| s.key_hash.clone())
             };
             if let Some(hash) = hash {
-                match self.keys.by_hash(&hash).ok().and_then(role_of) {
-                    Some((holder, role)) => return Some((holder, role, true)),
-                    None => {
+                match self.keys.by_hash(&hash).and_then(role_of) {
+                    Ok((holder, role)) => return Some((holder, role, true)),
+                    Err(_) => {
                         tracing::info!("dashboard session ended: its API key was revoked or expired");
                         self.sessions
                             .lock()
@@ -281,28 +285,25 @@ impl Dashboard {
                 }
             }
         }
-        let key = bearer(headers)?;
-        let (holder, role) = role_of(self.keys.authenticate(key).ok()?)?;
+        let (holder, role) = self.keys.caller(authorization(headers)).and_then(role_of).ok()?;
         Some((holder, role, false))
     }
 }
 
-/// The dashboard role an API key grants, if any.
-fn role_of(holder: Holder) -> Option<(Holder, Role)> {
-    if holder.grants(Scope::Admin) {
-        Some((holder, Role::Admin))
-    } else if holder.grants(Scope::Read) {
-        Some((holder, Role::Read))
+/// The dashboard role an API key grants: it needs the read scope (which admin includes).
+fn role_of(holder: Holder) -> Result<(Holder, Role), KeyError> {
+    let holder = holder.require(Scope::Read)?;
+    let role = if holder.grants(Scope::Admin) {
+        Role::Admin
     } else {
-        None
-    }
+        Role::Read
+    };
+    Ok((holder, role))
 }
 
-/// The key of an `Authorization: Bearer <key>` header (scheme case-insensitive).
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, key) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+/// The request's `Authorization` value.
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION)?.to_str().ok()
 }
 
 /// The session id in the request's cookie header, if any.
@@ -422,7 +423,7 @@ async fn login(State(d): State<Shared>, Json(form): Json<LoginForm>) -> Response
             return error(StatusCode::UNAUTHORIZED, &e.to_string());
         }
     };
-    let Some((holder, role)) = role_of(holder) else {
+    let Ok((holder, role)) = role_of(holder) else {
         tracing::warn!("dashboard login refused: neither read nor admin scope");
         return error(
             StatusCode::UNAUTHORIZED,
@@ -675,14 +676,14 @@ async fn enroll(
     headers: HeaderMap,
     Json(form): Json<EnrollForm>,
 ) -> Response {
-    let Some(key) = bearer(&headers) else {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "send `Authorization: Bearer <api key>` (scope enroll)",
-        );
-    };
-    let holder = match d.keys.authenticate(key) {
+    let holder = match d.keys.caller(authorization(&headers)) {
         Ok(holder) => holder,
+        Err(KeyError::Missing) => {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "send `Authorization: Bearer <api key>` (scope enroll)",
+            );
+        }
         Err(e @ KeyError::Store(_)) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
         Err(e) => return error(StatusCode::UNAUTHORIZED, &e.to_string()),
     };
@@ -836,16 +837,6 @@ pub fn serve(
         shutdown.clone(),
         crate::admission::Listener::Dashboard,
     );
-    let ticker_shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(10));
-        loop {
-            tokio::select! {
-                _ = every.tick() => hub.observer().tick(now_ms()),
-                _ = ticker_shutdown.cancelled() => return,
-            }
-        }
-    });
     let app = router(dashboard);
     Ok(async move {
         let incoming = TlsIncoming { rx, addr };
