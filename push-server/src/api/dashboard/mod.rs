@@ -40,8 +40,8 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{ConnectInfo, Path, Query, State, rejection::QueryRejection},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    extract::{ConnectInfo, FromRequestParts, Path, Query, State, rejection::QueryRejection},
+    http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts},
     response::{IntoResponse, Response, Sse, sse::Event, sse::KeepAlive},
     routing::{get, post},
 };
@@ -264,7 +264,7 @@ impl Dashboard {
 
     /// The caller, from the session cookie or a bearer API key, with its role and whether it
     /// came by cookie. A session whose key was revoked or expired is ended here.
-    fn caller(&self, headers: &HeaderMap) -> Option<(Holder, Role, bool)> {
+    fn caller(&self, headers: &HeaderMap) -> Option<User> {
         if let Some(id) = cookie(headers) {
             let hash = {
                 let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
@@ -274,7 +274,7 @@ impl Dashboard {
             };
             if let Some(hash) = hash {
                 match self.keys.by_hash(&hash).and_then(role_of) {
-                    Ok((holder, role)) => return Some((holder, role, true)),
+                    Ok((holder, role)) => return Some(User(holder, role, true)),
                     Err(_) => {
                         tracing::info!("dashboard session ended: its API key was revoked or expired");
                         self.sessions
@@ -286,7 +286,37 @@ impl Dashboard {
             }
         }
         let (holder, role) = self.keys.caller(authorization(headers)).and_then(role_of).ok()?;
-        Some((holder, role, false))
+        Some(User(holder, role, false))
+    }
+}
+
+/// A request's caller (session cookie or bearer key), with its role and whether it came by
+/// cookie: a handler that takes one answers 401 to a request without.
+struct User(Holder, Role, bool);
+
+impl FromRequestParts<Shared> for User {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, d: &Shared) -> Result<Self, Response> {
+        d.caller(&parts.headers).ok_or_else(unauthorized)
+    }
+}
+
+/// The caller of a state-changing request: an admin, and with a cookie also the CSRF header.
+struct Admin(Holder);
+
+impl FromRequestParts<Shared> for Admin {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, d: &Shared) -> Result<Self, Response> {
+        let User(holder, role, by_cookie) = User::from_request_parts(parts, d).await?;
+        if by_cookie && parts.headers.get(CSRF_HEADER).is_none_or(|v| v != "1") {
+            return Err(error(StatusCode::FORBIDDEN, "missing the x-lpush-csrf header"));
+        }
+        if role != Role::Admin {
+            return Err(error(StatusCode::FORBIDDEN, "this needs an admin API key"));
+        }
+        Ok(Admin(holder))
     }
 }
 
@@ -389,10 +419,7 @@ async fn style() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE)
 }
 
-async fn metrics_text(State(d): State<Shared>, headers: HeaderMap) -> Response {
-    if d.caller(&headers).is_none() {
-        return unauthorized();
-    }
+async fn metrics_text(State(d): State<Shared>, _: User) -> Response {
     let views = match d.hub.list_devices(None, false).await {
         Ok(views) => views,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
@@ -468,16 +495,12 @@ async fn logout(State(d): State<Shared>, headers: HeaderMap) -> Response {
     ([(header::SET_COOKIE, clear)], StatusCode::NO_CONTENT).into_response()
 }
 
-async fn me(State(d): State<Shared>, headers: HeaderMap) -> Response {
-    match d.caller(&headers) {
-        Some((holder, role, _)) => Json(Me {
-            name: holder.name().to_string(),
-            role,
-            node: d.node.clone(),
-        })
-        .into_response(),
-        None => unauthorized(),
-    }
+async fn me(State(d): State<Shared>, User(holder, role, _): User) -> Json<Me> {
+    Json(Me {
+        name: holder.name().to_string(),
+        role,
+        node: d.node.clone(),
+    })
 }
 
 /// For load balancers and supervisors, without a key: 200 when this node can serve, 503 when a
@@ -497,10 +520,7 @@ async fn healthz(State(d): State<Shared>) -> Response {
     }
 }
 
-async fn overview(State(d): State<Shared>, headers: HeaderMap) -> Response {
-    if d.caller(&headers).is_none() {
-        return unauthorized();
-    }
+async fn overview(State(d): State<Shared>, _: User) -> Response {
     let now = now_ms();
     let (_, counts, online_by_ssid) = match d.devices(now).await {
         Ok(all) => all,
@@ -524,12 +544,9 @@ async fn overview(State(d): State<Shared>, headers: HeaderMap) -> Response {
 /// [`ListQuery`]).
 async fn devices(
     State(d): State<Shared>,
-    headers: HeaderMap,
+    _: User,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Response {
-    if d.caller(&headers).is_none() {
-        return unauthorized();
-    }
     let query = match query {
         Ok(Query(q)) => q,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
@@ -544,10 +561,7 @@ async fn devices(
     }
 }
 
-async fn device(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if d.caller(&headers).is_none() {
-        return unauthorized();
-    }
+async fn device(State(d): State<Shared>, _: User, Path(id): Path<String>) -> Response {
     let row = match d.device_row(&id).await {
         Ok(Some(row)) => row,
         Ok(None) => return error(StatusCode::NOT_FOUND, "no such device"),
@@ -571,10 +585,7 @@ async fn device(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<Stri
     .into_response()
 }
 
-async fn calls(State(d): State<Shared>, headers: HeaderMap) -> Response {
-    if d.caller(&headers).is_none() {
-        return unauthorized();
-    }
+async fn calls(State(d): State<Shared>, _: User) -> Response {
     let all = match d.calls(CALLS_SCANNED).await {
         Ok(all) => all,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
@@ -589,10 +600,7 @@ async fn calls(State(d): State<Shared>, headers: HeaderMap) -> Response {
     .into_response()
 }
 
-async fn call(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if d.caller(&headers).is_none() {
-        return unauthorized();
-    }
+async fn call(State(d): State<Shared>, _: User, Path(id): Path<String>) -> Response {
     let Some(record) = d.hub.call_record(&id) else {
         return error(
             StatusCode::NOT_FOUND,
@@ -605,14 +613,10 @@ async fn call(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<String
     }
 }
 
-async fn revoke(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    let name = match admin_change(&d, &headers) {
-        Ok(holder) => holder.name().to_string(),
-        Err(refused) => return refused,
-    };
+async fn revoke(State(d): State<Shared>, Admin(admin): Admin, Path(id): Path<String>) -> Response {
     match d.hub.revoke_device(&id).await {
         Ok(Some(closed)) => {
-            tracing::info!(api_key = %name, device = %id, session_closed = closed, "device revoked from the dashboard");
+            tracing::info!(api_key = %admin, device = %id, session_closed = closed, "device revoked from the dashboard");
             Json(serde_json::json!({ "session_closed": closed })).into_response()
         }
         Ok(None) => error(StatusCode::NOT_FOUND, "no such device"),
@@ -620,44 +624,21 @@ async fn revoke(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<Stri
     }
 }
 
-/// A state-changing request: an admin, and with a cookie also the CSRF header.
-#[allow(clippy::result_large_err)] // the Err is the response itself, built once
-fn admin_change(d: &Dashboard, headers: &HeaderMap) -> Result<Holder, Response> {
-    let Some((holder, role, by_cookie)) = d.caller(headers) else {
-        return Err(unauthorized());
-    };
-    if by_cookie && headers.get(CSRF_HEADER).is_none_or(|v| v != "1") {
-        return Err(error(StatusCode::FORBIDDEN, "missing the x-lpush-csrf header"));
-    }
-    if role != Role::Admin {
-        return Err(error(StatusCode::FORBIDDEN, "this needs an admin API key"));
-    }
-    Ok(holder)
-}
-
-async fn enrollments(State(d): State<Shared>, headers: HeaderMap) -> Response {
-    if d.caller(&headers).is_none() {
-        return unauthorized();
-    }
+async fn enrollments(State(d): State<Shared>, _: User) -> Response {
     Json(serde_json::json!({ "enrollments": d.enroller.recent() })).into_response()
 }
 
-async fn list_keys(State(d): State<Shared>, headers: HeaderMap) -> Response {
-    match d.caller(&headers) {
-        None => unauthorized(),
-        Some((_, Role::Read, _)) => error(StatusCode::FORBIDDEN, "listing keys needs an admin API key"),
-        Some((_, Role::Admin, _)) => match d.keys.list() {
+async fn list_keys(State(d): State<Shared>, User(_, role, _): User) -> Response {
+    match role {
+        Role::Read => error(StatusCode::FORBIDDEN, "listing keys needs an admin API key"),
+        Role::Admin => match d.keys.list() {
             Ok(keys) => Json(serde_json::json!({ "keys": keys })).into_response(),
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
         },
     }
 }
 
-async fn revoke_key(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    let admin = match admin_change(&d, &headers) {
-        Ok(holder) => holder,
-        Err(refused) => return refused,
-    };
+async fn revoke_key(State(d): State<Shared>, Admin(admin): Admin, Path(id): Path<String>) -> Response {
     match d.keys.revoke(&id).await {
         Ok(key) => {
             tracing::info!(api_key = %admin, name = %key.name, key_id = %key.id, "API key revoked from the dashboard");
@@ -716,10 +697,7 @@ impl Drop for StreamGuard {
 /// receipts, a thousand phones connecting) reach the page as a few small `changed` events.
 const CHANGES_EVERY: Duration = Duration::from_millis(250);
 
-async fn events(State(d): State<Shared>, headers: HeaderMap) -> Response {
-    let Some((holder, _, _)) = d.caller(&headers) else {
-        return unauthorized();
-    };
+async fn events(State(d): State<Shared>, User(holder, ..): User) -> Response {
     let mut presence = d.hub.subscribe_presence();
     let mut receipts = d.hub.subscribe_receipts();
     let mut diagnoses = d.hub.observer().subscribe_diagnoses();
