@@ -352,6 +352,14 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
+/// A store failure, as answered.
+fn unavailable(e: impl ToString) -> Response {
+    error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+}
+
+/// A handler's answer: the refusal is an answer too.
+type Answer = Result<Response, Response>;
+
 fn unauthorized() -> Response {
     error(
         StatusCode::UNAUTHORIZED,
@@ -419,11 +427,8 @@ async fn style() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE)
 }
 
-async fn metrics_text(State(d): State<Shared>, _: User) -> Response {
-    let views = match d.hub.list_devices(None, false).await {
-        Ok(views) => views,
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-    };
+async fn metrics_text(State(d): State<Shared>, _: User) -> Answer {
+    let views = d.hub.list_devices(None, false).await.map_err(unavailable)?;
     let (churn, hb, sites) = d.hub.observer().flagged(now_ms());
     let snapshot = metrics::Snapshot {
         sessions_online: views.iter().filter(|v| v.online).count(),
@@ -435,11 +440,12 @@ async fn metrics_text(State(d): State<Shared>, _: User) -> Response {
         sites_flagged: sites,
         streams: d.streams.load(Ordering::Relaxed),
     };
-    (
+    let text = metrics::render(&d.metrics, &snapshot);
+    Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        metrics::render(&d.metrics, &snapshot),
+        text,
     )
-        .into_response()
+        .into_response())
 }
 
 async fn login(State(d): State<Shared>, Json(form): Json<LoginForm>) -> Response {
@@ -520,14 +526,11 @@ async fn healthz(State(d): State<Shared>) -> Response {
     }
 }
 
-async fn overview(State(d): State<Shared>, _: User) -> Response {
+async fn overview(State(d): State<Shared>, _: User) -> Answer {
     let now = now_ms();
-    let (_, counts, online_by_ssid) = match d.devices(now).await {
-        Ok(all) => all,
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-    };
+    let (_, counts, online_by_ssid) = d.devices(now).await.map_err(unavailable)?;
     let observer = d.hub.observer();
-    Json(Overview {
+    Ok(Json(Overview {
         node: d.node.clone(),
         cluster: d.hub.cluster_health(),
         now_ms: now,
@@ -537,7 +540,7 @@ async fn overview(State(d): State<Shared>, _: User) -> Response {
         series: observer.series(),
         latencies: observer.latencies(),
     })
-    .into_response()
+    .into_response())
 }
 
 /// One page of the device table: `?q=&state=&ssid=&sort=&desc=&offset=&limit=` (see
@@ -546,71 +549,54 @@ async fn devices(
     State(d): State<Shared>,
     _: User,
     query: Result<Query<ListQuery>, QueryRejection>,
-) -> Response {
-    let query = match query {
-        Ok(Query(q)) => q,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
-    };
-    if let Err(e) = query.validate() {
-        return error(StatusCode::BAD_REQUEST, &e);
-    }
-    let now = now_ms();
-    match d.page(&query, now).await {
-        Ok(page) => Json(page).into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-    }
+) -> Answer {
+    let bad = |e: &str| error(StatusCode::BAD_REQUEST, e);
+    let Query(query) = query.map_err(|e| bad(&e.body_text()))?;
+    query.validate().map_err(|e| bad(&e))?;
+    Ok(Json(d.page(&query, now_ms()).await.map_err(unavailable)?).into_response())
 }
 
-async fn device(State(d): State<Shared>, _: User, Path(id): Path<String>) -> Response {
-    let row = match d.device_row(&id).await {
-        Ok(Some(row)) => row,
-        Ok(None) => return error(StatusCode::NOT_FOUND, "no such device"),
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-    };
+async fn device(State(d): State<Shared>, _: User, Path(id): Path<String>) -> Answer {
+    let row = d.device_row(&id).await.map_err(unavailable)?;
+    let row = row.ok_or_else(|| error(StatusCode::NOT_FOUND, "no such device"))?;
     let (sessions, deliveries) = d.hub.observer().history(&id);
-    let calls = match d.calls(CALLS_SCANNED).await {
-        Ok(calls) => calls
-            .iter()
-            .filter_map(|c| device_call(c, &id))
-            .take(DEVICE_CALLS)
-            .collect(),
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-    };
-    Json(DeviceDetail {
+    let calls = d.calls(CALLS_SCANNED).await.map_err(unavailable)?;
+    let calls = calls
+        .iter()
+        .filter_map(|c| device_call(c, &id))
+        .take(DEVICE_CALLS)
+        .collect();
+    Ok(Json(DeviceDetail {
         device: row,
         sessions,
         deliveries,
         calls,
     })
-    .into_response()
+    .into_response())
 }
 
-async fn calls(State(d): State<Shared>, _: User) -> Response {
-    let all = match d.calls(CALLS_SCANNED).await {
-        Ok(all) => all,
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-    };
+async fn calls(State(d): State<Shared>, _: User) -> Answer {
+    let all = d.calls(CALLS_SCANNED).await.map_err(unavailable)?;
     let (live, mut recent): (Vec<_>, Vec<_>) = all.into_iter().partition(|c| c.ended_at_ms.is_none());
     recent.truncate(RECENT_CALLS);
-    Json(CallList {
+    Ok(Json(CallList {
         now_ms: now_ms(),
         live,
         recent,
     })
-    .into_response()
+    .into_response())
 }
 
-async fn call(State(d): State<Shared>, _: User, Path(id): Path<String>) -> Response {
-    let Some(record) = d.hub.call_record(&id) else {
-        return error(
+async fn call(State(d): State<Shared>, _: User, Path(id): Path<String>) -> Answer {
+    let not_found = || {
+        error(
             StatusCode::NOT_FOUND,
             "no such call is ringing or remembered here",
-        );
+        )
     };
-    match d.hub.receipts(&id).await {
-        Ok(receipts) => Json(call_view(&record, &receipts)).into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-    }
+    let record = d.hub.call_record(&id).ok_or_else(not_found)?;
+    let receipts = d.hub.receipts(&id).await.map_err(unavailable)?;
+    Ok(Json(call_view(&record, &receipts)).into_response())
 }
 
 async fn revoke(State(d): State<Shared>, Admin(admin): Admin, Path(id): Path<String>) -> Response {
@@ -620,7 +606,7 @@ async fn revoke(State(d): State<Shared>, Admin(admin): Admin, Path(id): Path<Str
             Json(serde_json::json!({ "session_closed": closed })).into_response()
         }
         Ok(None) => error(StatusCode::NOT_FOUND, "no such device"),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(e) => unavailable(e),
     }
 }
 
@@ -633,7 +619,7 @@ async fn list_keys(State(d): State<Shared>, User(_, role, _): User) -> Response 
         Role::Read => error(StatusCode::FORBIDDEN, "listing keys needs an admin API key"),
         Role::Admin => match d.keys.list() {
             Ok(keys) => Json(serde_json::json!({ "keys": keys })).into_response(),
-            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+            Err(e) => unavailable(e),
         },
     }
 }
@@ -647,7 +633,7 @@ async fn revoke_key(State(d): State<Shared>, Admin(admin): Admin, Path(id): Path
         Err(KeyError::Unknown) => error(StatusCode::NOT_FOUND, "no API key with that id"),
         Err(e @ KeyError::Invalid(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e @ KeyError::Refused(_)) => error(StatusCode::CONFLICT, &e.to_string()),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(e) => unavailable(e),
     }
 }
 
@@ -665,7 +651,7 @@ async fn enroll(
                 "send `Authorization: Bearer <api key>` (scope enroll)",
             );
         }
-        Err(e @ KeyError::Store(_)) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(e @ KeyError::Store(_)) => return unavailable(e),
         Err(e) => return error(StatusCode::UNAUTHORIZED, &e.to_string()),
     };
     let req = push_proto::sender::EnrollDeviceRequest::from(form);
@@ -680,7 +666,7 @@ async fn enroll(
         Err(e @ EnrollError::AlreadyEnrolled(_)) => error(StatusCode::CONFLICT, &e.to_string()),
         Err(e @ EnrollError::NotAllowed(_)) => error(StatusCode::FORBIDDEN, &e.to_string()),
         Err(e @ EnrollError::RateLimited(_)) => error(StatusCode::TOO_MANY_REQUESTS, &e.to_string()),
-        Err(EnrollError::Store(e)) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(EnrollError::Store(e)) => unavailable(e),
     }
 }
 
