@@ -5,6 +5,7 @@
 //! - [`config`]: configuration and every limit, in one place.
 //! - [`pki`]: the private CA and the iOS-compliant server certificate, TLS configurations.
 //! - [`auth`]: device credentials (JWT) and sender API key hashing.
+//! - [`data_dir`]: the data directory's layout, created owner-only.
 //! - [`backup`]: backups of an embedded server (a store snapshot and the keys) and restores.
 //! - [`store`]: durable state behind the [`store::Store`] trait; [`store::RedbStore`] embeds it.
 //! - [`hub`]: the decisions: registry, one session per device, outboxes, sequence numbers,
@@ -31,6 +32,7 @@ pub mod auth;
 pub mod backup;
 pub mod client;
 pub mod config;
+pub mod data_dir;
 pub mod doctor;
 pub mod hub;
 pub mod listener;

@@ -18,8 +18,9 @@ use push_server::{
     api_client::{AdminClient, ApiClient, SenderClient},
     client::{ClientOptions, DeviceClient},
     config::Config,
+    data_dir::{ADMIN_KEY_FILE, TLS_DIR},
     pki::PkiStatus,
-    server::{ADMIN_KEY_FILE, Server, TLS_DIR},
+    server::Server,
 };
 
 #[derive(Parser)]

@@ -28,6 +28,7 @@ use crate::{
     },
     auth::{DeviceAuthority, write_secret},
     config::{ApnsConfig, ApnsMode, ClusterConfig, Config},
+    data_dir::{self, ADMIN_KEY_FILE, STORE_FILE, TLS_DIR},
     hub::{Clock, Hub, OffsetClock, SystemClock, now_ms, run_cluster, run_timers},
     listener::serve_devices,
     observe::run_ticks,
@@ -35,13 +36,6 @@ use crate::{
     session::{core::Timing, driver::SessionEnv},
     store::{RedbStore, RedisStore, Store},
 };
-
-/// File holding the bootstrap admin API key (mode 0600).
-pub const ADMIN_KEY_FILE: &str = "admin.key";
-/// Directory of the CA and server certificate inside the data directory.
-pub const TLS_DIR: &str = "tls";
-/// The store inside the data directory (message content, PushKit tokens: owner-only).
-pub const STORE_FILE: &str = "push.redb";
 
 /// A running server.
 pub struct Server {
@@ -81,7 +75,7 @@ impl Server {
         // the process default, pinned here so that another provider entering the dependency
         // tree cannot leave it ambiguous (rustls then panics). Err: already installed.
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        prepare_data_dir(&cfg.data_dir)?;
+        data_dir::prepare(&cfg.data_dir)?;
         let (pki, pki_status) = pki::load_or_create(&cfg.data_dir.join(TLS_DIR), &cfg.server_names)?;
         let test_clock = cfg.test_clock_file.as_deref().map(open_test_clock).transpose()?;
         let (hub, store) = open_hub(&cfg, voip, test_clock.clone()).await?;
@@ -392,41 +386,6 @@ fn redact_userinfo(url: &str) -> String {
     }
 }
 
-/// Create the data directory owner-only (0700) and an empty store file (0600) when missing: they
-/// hold every key and the messages' content, which the process umask (usually 022) would leave
-/// readable by every local user. An existing directory keeps its mode, with a warning if it is
-/// open to group or others.
-fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
-    let mode = std::fs::metadata(dir)
-        .with_context(|| format!("cannot read data directory {}", dir.display()))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        tracing::warn!(
-            dir = %dir.display(),
-            mode = format!("{:o}", mode & 0o777),
-            "the data directory is open to group/others; it holds the keys and message content: chmod 700 it"
-        );
-    }
-    // redb initialises an empty file as a new database; creating it here decides its mode.
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(dir.join(STORE_FILE))
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("cannot create {}", dir.join(STORE_FILE).display())),
-    }
-}
-
 /// On first start, create an admin API key and write it to the data directory.
 async fn bootstrap_admin_key(keys: &Keys, dir: &Path) -> anyhow::Result<Option<PathBuf>> {
     let path = dir.join(ADMIN_KEY_FILE);
@@ -463,29 +422,5 @@ mod tests {
             super::redact_userinfo("redis+sentinel://s1/mymaster/0?sentinel_password=s3cret@x"),
             "redis+sentinel://s1/mymaster/0?***"
         );
-    }
-
-    use std::os::unix::fs::PermissionsExt;
-
-    use super::*;
-
-    fn mode(path: &Path) -> u32 {
-        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
-    }
-
-    #[test]
-    fn new_data_dir_and_store_are_owner_only_and_the_store_opens() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("var/lpush");
-        prepare_data_dir(&dir).unwrap();
-        assert_eq!(mode(&dir), 0o700);
-        assert_eq!(mode(&dir.join(STORE_FILE)), 0o600);
-        // The empty file becomes a working store, and a second start keeps it.
-        let store = RedbStore::open(&dir.join(STORE_FILE)).unwrap();
-        assert!(store.load().unwrap().devices.is_empty());
-        drop(store);
-        prepare_data_dir(&dir).unwrap();
-        assert_eq!(mode(&dir.join(STORE_FILE)), 0o600);
-        RedbStore::open(&dir.join(STORE_FILE)).unwrap();
     }
 }

@@ -696,7 +696,7 @@ fn key_status(e: KeyError) -> Status {
         KeyError::Missing | KeyError::Unknown | KeyError::Revoked { .. } | KeyError::Expired { .. } => {
             Status::unauthenticated(e.to_string())
         }
-        KeyError::Forbidden { .. } => Status::permission_denied(e.to_string()),
+        KeyError::Forbidden(..) => Status::permission_denied(e.to_string()),
         KeyError::Invalid(m) => Status::invalid_argument(m),
         KeyError::Refused(m) => Status::failed_precondition(m),
         KeyError::Store(e) => store_status(e),

@@ -28,7 +28,6 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    api::enrollment::check_name,
     auth::{Scope, api_key_hash, new_api_key},
     hub::{fmt_utc, now_ms},
     store::{ApiKeyRecord, Op, Store, StoreError, commit},
@@ -38,6 +37,8 @@ use crate::{
 pub const ID_LEN: usize = 12;
 /// How long a verified key is trusted without a store read.
 pub const CACHE_TTL: Duration = Duration::from_secs(1);
+/// Longest key name, device id or group name.
+const MAX_NAME_BYTES: usize = 128;
 /// Most keys cached; the cache is cleared when full (keys are few; this only bounds junk).
 const CACHE_MAX: usize = 256;
 /// Longest key lifetime that can be asked for, in days.
@@ -50,14 +51,9 @@ pub enum KeyError {
     /// The request names no key.
     #[error("missing `authorization: Bearer <api key>`")]
     Missing,
-    /// The key lacks the scope the request needs.
-    #[error("API key {name:?} lacks the {scope:?} scope")]
-    Forbidden {
-        /// The key's name.
-        name: String,
-        /// The scope needed.
-        scope: Scope,
-    },
+    /// The key (by name) lacks the scope the request needs.
+    #[error("API key {0:?} lacks the {1:?} scope")]
+    Forbidden(String, Scope),
     /// No key with that secret (or id).
     #[error("unknown API key")]
     Unknown,
@@ -160,10 +156,7 @@ impl Holder {
     pub fn require(self, scope: Scope) -> Result<Self, KeyError> {
         match self.grants(scope) {
             true => Ok(self),
-            false => Err(KeyError::Forbidden {
-                name: self.record.name,
-                scope,
-            }),
+            false => Err(KeyError::Forbidden(self.record.name, scope)),
         }
     }
 
@@ -279,7 +272,7 @@ impl Keys {
     /// Create and store a key; returns the key (shown once) and its listing.
     pub async fn create(&self, new: NewKey) -> Result<(String, KeySummary), KeyError> {
         let invalid = |m: String| Err(KeyError::Invalid(m));
-        if check_name("name", &new.name).is_err() {
+        if !valid_name(&new.name) {
             return invalid("name must be 1-128 bytes, not only spaces, without control characters".into());
         }
         if new.scopes.is_empty() {
@@ -298,7 +291,7 @@ impl Keys {
         if !new.enroll_groups.is_empty() && !new.scopes.iter().any(|s| s == "enroll") {
             return invalid("enroll groups apply only to a key with the enroll scope".into());
         }
-        if new.enroll_groups.iter().any(|g| check_name("group", g).is_err()) {
+        if !new.enroll_groups.iter().all(|g| valid_name(g)) {
             return invalid(
                 "a group must be 1-128 bytes, not only spaces, without control characters".into(),
             );
@@ -389,6 +382,12 @@ impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.record.name)
     }
+}
+
+/// Whether `value` may name a key, device or group: 1-128 bytes, not only whitespace (the
+/// provider refuses a blank device id), no control characters.
+pub fn valid_name(value: &str) -> bool {
+    !value.trim().is_empty() && value.len() <= MAX_NAME_BYTES && !value.chars().any(char::is_control)
 }
 
 /// The key in an `authorization` value `Bearer <key>`.

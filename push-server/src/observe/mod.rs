@@ -743,22 +743,12 @@ impl Observer {
         let st = self.state.lock();
         let window = self.window_ms();
         let site_window = (self.limits.diag_site_drop_window_secs as i64 * 1000).max(window);
-        let churn = st
-            .devices
-            .values()
-            .filter(|d| d.churn_flag_ms.is_some_and(|t| now - t <= window))
-            .count();
-        let hb = st
-            .devices
-            .values()
-            .filter(|d| d.heartbeat_flag_ms.is_some_and(|t| now - t <= window))
-            .count();
-        let sites = st
-            .sites
-            .values()
-            .filter(|s| s.drop_flag_ms.is_some_and(|t| now - t <= site_window))
-            .count();
-        (churn, hb, sites)
+        let within = |at: Option<i64>, window| at.is_some_and(|t| now - t <= window);
+        let devices =
+            |at: fn(&DeviceObs) -> Option<i64>| st.devices.values().filter(|d| within(at(d), window)).count();
+        let sites = st.sites.values().filter(|s| within(s.drop_flag_ms, site_window));
+        let churn = devices(|d| d.churn_flag_ms);
+        (churn, devices(|d| d.heartbeat_flag_ms), sites.count())
     }
 }
 

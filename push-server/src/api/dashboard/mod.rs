@@ -78,6 +78,7 @@ const INDEX: &str = include_str!("assets/index.html");
 const SCRIPT: &str = include_str!("assets/app.js");
 const STYLE: &str = include_str!("assets/app.css");
 const COOKIE: &str = "lpush_session";
+const NO_ENROLL_KEY: &str = "send `Authorization: Bearer <api key>` (scope enroll)";
 const CSRF_HEADER: &str = "x-lpush-csrf";
 const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Remembered calls looked at for a listing (the hub keeps ended calls 15 minutes).
@@ -645,12 +646,7 @@ async fn enroll(
 ) -> Response {
     let holder = match d.keys.caller(authorization(&headers)) {
         Ok(holder) => holder,
-        Err(KeyError::Missing) => {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "send `Authorization: Bearer <api key>` (scope enroll)",
-            );
-        }
+        Err(KeyError::Missing) => return error(StatusCode::UNAUTHORIZED, NO_ENROLL_KEY),
         Err(e @ KeyError::Store(_)) => return unavailable(e),
         Err(e) => return error(StatusCode::UNAUTHORIZED, &e.to_string()),
     };
