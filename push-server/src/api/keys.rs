@@ -37,8 +37,6 @@ use crate::{
 pub const ID_LEN: usize = 12;
 /// How long a verified key is trusted without a store read.
 pub const CACHE_TTL: Duration = Duration::from_secs(1);
-/// Longest key name, device id or group name.
-const MAX_NAME_BYTES: usize = 128;
 /// Most keys cached; the cache is cleared when full (keys are few; this only bounds junk).
 const CACHE_MAX: usize = 256;
 /// Longest key lifetime that can be asked for, in days.
@@ -383,6 +381,9 @@ impl std::fmt::Display for Holder {
         f.write_str(&self.record.name)
     }
 }
+
+/// Longest key name, device id or group name.
+const MAX_NAME_BYTES: usize = 128;
 
 /// Whether `value` may name a key, device or group: 1-128 bytes, not only whitespace (the
 /// provider refuses a blank device id), no control characters.
