@@ -22,9 +22,9 @@ use push_proto::{
     frame::{self, DEFAULT_MAX_FRAME},
 };
 use push_server::{
+    api::enrollment::{Caller, Enroller, SiteProfile},
     auth::{DeviceAuthority, DeviceClaims},
     config::{Config, Limits},
-    enrollment::{Caller, Enroller, SiteProfile},
     hub::{CallRequest, MessageRequest},
     pki,
     session::core::{Event as ServerEvent, Session as ServerSession, Timing},
@@ -322,7 +322,7 @@ fn write_enrollment_and_plist() {
     ];
     for (name, body) in bodies {
         write("enrollment", name, body.as_bytes());
-        let Ok(form) = serde_json::from_str::<push_server::enrollment::EnrollForm>(body) else {
+        let Ok(form) = serde_json::from_str::<push_server::api::enrollment::EnrollForm>(body) else {
             continue;
         };
         let Ok(enrollment) = rt.block_on(enroller.enroll(form.into(), Caller::Admin)) else {

@@ -12,10 +12,12 @@ use libfuzzer_sys::fuzz_target;
 use lpush_fuzz::{hub_in, runtime, scratch_dir};
 use nepush_provider::config::ProviderConfiguration;
 use push_server::{
+    api::{
+        enrollment::{Caller, EnrollForm, Enroller, SiteProfile},
+        keys::{Holder, Keys, NewKey},
+    },
     auth::DeviceAuthority,
     config::{Config, Limits},
-    enrollment::{Caller, EnrollForm, Enroller, SiteProfile},
-    keys::{Holder, Keys, NewKey},
     pki,
 };
 

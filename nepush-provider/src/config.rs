@@ -2,7 +2,7 @@
 //! dictionary the container app saved from the push-server's enrollment answer.
 //!
 //! The keys are listed once, in `push_proto::provider_keys`, which the enrollment endpoint
-//! (`push-server/src/enrollment.rs`) writes with. Parsing never panics: every problem is a [`ConfigurationError`] that
+//! (`push-server/src/api/enrollment.rs`) writes with. Parsing never panics: every problem is a [`ConfigurationError`] that
 //! names the key. Unknown keys are ignored, so a newer server can add some without breaking
 //! deployed extensions.
 

@@ -23,7 +23,7 @@ use std::{
 
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-use crate::{config::HandshakeLimits, observe::metrics};
+use crate::{config::HandshakeLimits, metrics};
 
 /// Most keys a keyed limiter holds before it is swept at once; a key that is still limited
 /// after the sweep stays, and new keys are refused until the sweep frees room. Keys are swept

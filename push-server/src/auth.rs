@@ -180,13 +180,6 @@ pub fn api_key_hash(key: &str) -> String {
         .collect()
 }
 
-/// The credentials of an `authorization: Bearer <credentials>` value. The scheme is
-/// case-insensitive (RFC 9110, section 11.1), so `bearer xyz` works as clients send it.
-pub fn bearer_token(value: &str) -> Option<&str> {
-    let (scheme, token) = value.trim_start().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
-
 /// Write a secret file readable only by its owner.
 pub fn write_secret(path: &Path, contents: &str) -> std::io::Result<()> {
     let mut f = std::fs::OpenOptions::new()

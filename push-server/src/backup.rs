@@ -23,8 +23,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::{
-    auth, pki,
-    server::{ADMIN_KEY_FILE, STORE_FILE, TLS_DIR},
+    auth,
+    data_dir::{ADMIN_KEY_FILE, STORE_FILE, TLS_DIR},
+    pki,
     store::{RedbStore, Store, StoreError},
 };
 

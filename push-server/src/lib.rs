@@ -5,7 +5,7 @@
 //! - [`config`]: configuration and every limit, in one place.
 //! - [`pki`]: the private CA and the iOS-compliant server certificate, TLS configurations.
 //! - [`auth`]: device credentials (JWT) and sender API key hashing.
-//! - [`keys`]: sender API keys: authentication, expiry, listing, revocation.
+//! - [`data_dir`]: the data directory's layout, created owner-only.
 //! - [`backup`]: backups of an embedded server (a store snapshot and the keys) and restores.
 //! - [`store`]: durable state behind the [`store::Store`] trait; [`store::RedbStore`] embeds it.
 //! - [`hub`]: the decisions: registry, one session per device, outboxes, sequence numbers,
@@ -15,9 +15,10 @@
 //! - [`admission`]: rate and concurrency limits checked before work (handshakes per listener,
 //!   logins per device, requests per API key), with bounded memory.
 //! - [`listener`]: accept loops, TCP tuning, handshake deadlines, the session limit.
-//! - [`grpc`]: the sender and admin API (the only module that knows tonic).
-//! - [`observe`]: Prometheus metrics, the ops dashboard (HTTPS, `/metrics`), session and
-//!   delivery history, diagnoses.
+//! - [`api`]: the faces callers see: the gRPC services, the ops dashboard's HTTPS API (and
+//!   `/metrics`), enrollment, and the API keys both authenticate through.
+//! - [`observe`]: the recorder below the hub: session and delivery history, diagnoses.
+//! - [`metrics`]: every Prometheus metric; a leaf any layer may call.
 //! - [`server`]: wiring and graceful shutdown.
 //! - [`api_client`]: a gRPC client for the API (CLI, tests).
 //! - [`client`]: a minimal device client for the CLI and tests (the real one is `mobile-sdk`).
@@ -25,17 +26,17 @@
 //!   SSIDs, clocks, the data directory, and the Wi-Fi pitfalls to check on the access points.
 
 pub mod admission;
+pub mod api;
 pub mod api_client;
 pub mod auth;
 pub mod backup;
 pub mod client;
 pub mod config;
+pub mod data_dir;
 pub mod doctor;
-pub mod enrollment;
-pub mod grpc;
 pub mod hub;
-pub mod keys;
 pub mod listener;
+pub mod metrics;
 pub mod observe;
 pub mod pki;
 pub mod server;

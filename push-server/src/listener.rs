@@ -16,7 +16,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admission::{Handshakes, Listener},
     config::Limits,
-    observe::metrics,
+    metrics,
     session::{driver::SessionEnv, tls::DeviceTls},
 };
 

@@ -18,8 +18,9 @@ use push_server::{
     api_client::{AdminClient, ApiClient, SenderClient},
     client::{ClientOptions, DeviceClient},
     config::Config,
+    data_dir::{ADMIN_KEY_FILE, TLS_DIR},
     pki::PkiStatus,
-    server::{ADMIN_KEY_FILE, Server, TLS_DIR},
+    server::Server,
 };
 
 #[derive(Parser)]
@@ -562,7 +563,7 @@ fn when(ms: i64, none: &str) -> String {
     if ms == 0 {
         none.into()
     } else {
-        push_server::keys::fmt_utc(ms)
+        push_server::hub::fmt_utc(ms)
     }
 }
 
@@ -580,7 +581,7 @@ fn local_offset_secs(ms: i64) -> i64 {
 /// Unix ms as `HH:MM:SS.mmm` at `offset_secs` from UTC.
 fn clock_at(ms: i64, offset_secs: i64) -> String {
     let local = ms + offset_secs * 1000;
-    let utc = push_server::keys::fmt_utc(local); // YYYY-MM-DDTHH:MM:SSZ
+    let utc = push_server::hub::fmt_utc(local); // YYYY-MM-DDTHH:MM:SSZ
     format!("{}.{:03}", &utc[11..19], local.rem_euclid(1000))
 }
 
@@ -598,7 +599,7 @@ fn local_datetime(ms: i64) -> String {
     if ms == 0 {
         return "-".into();
     }
-    let utc = push_server::keys::fmt_utc(ms + local_offset_secs(ms) * 1000);
+    let utc = push_server::hub::fmt_utc(ms + local_offset_secs(ms) * 1000);
     format!("{} {}", &utc[..10], &utc[11..19])
 }
 

@@ -17,29 +17,25 @@ use apns_bridge::{
 };
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    admission::Listener,
+    api::{
+        dashboard,
+        enrollment::{Enroller, SiteProfile},
+        grpc::{self, Api},
+        keys::{Keys, NewKey},
+    },
     auth::{DeviceAuthority, write_secret},
     config::{ApnsConfig, ApnsMode, ClusterConfig, Config},
-    enrollment::{Enroller, SiteProfile},
-    grpc::Api,
-    hub::{Clock, Hub, OffsetClock, SystemClock, run_cluster, run_timers},
-    keys::{Keys, NewKey},
-    listener::{serve_devices, tls_incoming},
+    data_dir::{self, ADMIN_KEY_FILE, STORE_FILE, TLS_DIR},
+    hub::{Clock, Hub, OffsetClock, SystemClock, now_ms, run_cluster, run_timers},
+    listener::serve_devices,
+    observe::run_ticks,
     pki::{self, Pki, PkiStatus},
     session::{core::Timing, driver::SessionEnv},
     store::{RedbStore, RedisStore, Store},
 };
-
-/// File holding the bootstrap admin API key (mode 0600).
-pub const ADMIN_KEY_FILE: &str = "admin.key";
-/// Directory of the CA and server certificate inside the data directory.
-pub const TLS_DIR: &str = "tls";
-/// The store inside the data directory (message content, PushKit tokens: owner-only).
-pub const STORE_FILE: &str = "push.redb";
 
 /// A running server.
 pub struct Server {
@@ -74,12 +70,12 @@ impl Server {
     pub async fn start_with_voip(cfg: Config, voip: Option<Arc<dyn VoipBridge>>) -> anyhow::Result<Self> {
         cfg.validate()?;
         // Before anything records a metric.
-        crate::observe::metrics::install();
+        crate::metrics::install();
         // Our own TLS configs name aws-lc-rs explicitly; the Redis client's (`rediss://`) take
         // the process default, pinned here so that another provider entering the dependency
         // tree cannot leave it ambiguous (rustls then panics). Err: already installed.
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        prepare_data_dir(&cfg.data_dir)?;
+        data_dir::prepare(&cfg.data_dir)?;
         let (pki, pki_status) = pki::load_or_create(&cfg.data_dir.join(TLS_DIR), &cfg.server_names)?;
         let test_clock = cfg.test_clock_file.as_deref().map(open_test_clock).transpose()?;
         let (hub, store) = open_hub(&cfg, voip, test_clock.clone()).await?;
@@ -146,7 +142,8 @@ impl Server {
         let enroller = Enroller::new(hub.clone(), auth.clone(), site);
         let mut http_tls = pki::server_config_from(certs.clone())?;
         http_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        tasks.spawn(crate::observe::http::serve(
+        tasks.spawn(run_ticks(hub.observer().clone(), now_ms, shutdown.clone()));
+        tasks.spawn(dashboard::serve(
             http_listener,
             TlsAcceptor::from(Arc::new(http_tls)),
             hub.clone(),
@@ -155,18 +152,20 @@ impl Server {
             cfg.node_name.clone(),
             shutdown.clone(),
         )?);
-        tasks.spawn(serve_api(
+        let api = Api::new(
+            hub,
+            enroller,
+            keys,
+            store.clone(),
+            cfg.data_dir.clone(),
+            rotator,
+            shutdown.clone(),
+        );
+        tasks.spawn(grpc::serve(
             api_listener,
             certs,
-            &cfg,
-            Api::new(
-                hub,
-                enroller,
-                keys,
-                cfg.data_dir.clone(),
-                rotator,
-                shutdown.clone(),
-            ),
+            cfg.limits.clone(),
+            api,
             shutdown.clone(),
         )?);
         tracing::info!(%device_addr, %api_addr, %http_addr, node = %cfg.node_name, "push-server listening");
@@ -387,41 +386,6 @@ fn redact_userinfo(url: &str) -> String {
     }
 }
 
-/// Create the data directory owner-only (0700) and an empty store file (0600) when missing: they
-/// hold every key and the messages' content, which the process umask (usually 022) would leave
-/// readable by every local user. An existing directory keeps its mode, with a warning if it is
-/// open to group or others.
-fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
-    let mode = std::fs::metadata(dir)
-        .with_context(|| format!("cannot read data directory {}", dir.display()))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        tracing::warn!(
-            dir = %dir.display(),
-            mode = format!("{:o}", mode & 0o777),
-            "the data directory is open to group/others; it holds the keys and message content: chmod 700 it"
-        );
-    }
-    // redb initialises an empty file as a new database; creating it here decides its mode.
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(dir.join(STORE_FILE))
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("cannot create {}", dir.join(STORE_FILE).display())),
-    }
-}
-
 /// On first start, create an admin API key and write it to the data directory.
 async fn bootstrap_admin_key(keys: &Keys, dir: &Path) -> anyhow::Result<Option<PathBuf>> {
     let path = dir.join(ADMIN_KEY_FILE);
@@ -436,60 +400,6 @@ async fn bootstrap_admin_key(keys: &Keys, dir: &Path) -> anyhow::Result<Option<P
     let (key, _) = keys.create(new).await?;
     write_secret(&path, &key).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(Some(path))
-}
-
-/// The gRPC API over TLS 1.3 (same certificate as the device listener, ALPN h2), with health
-/// and reflection so grpcurl-style tools work.
-fn serve_api(
-    listener: TcpListener,
-    certs: Arc<pki::CertSlot>,
-    cfg: &Config,
-    api: Api,
-    shutdown: CancellationToken,
-) -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
-    let mut tls = pki::server_config_from(certs)?;
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(push_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    // v1alpha too: older grpcurl and the grpcio-based clients only ask for it.
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(push_proto::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-    let (health, health_service) = tonic_health::server::health_reporter();
-    let incoming = tls_incoming(
-        listener,
-        acceptor,
-        cfg.limits.clone(),
-        shutdown.clone(),
-        Listener::Api,
-    );
-    let incoming = ReceiverStream::new(incoming).map(|(tls, _peer)| Ok::<_, std::io::Error>(tls));
-    let sender = api.sender();
-    let admin = api.admin();
-    Ok(async move {
-        health
-            .set_serving::<push_proto::sender::push_sender_server::PushSenderServer<Api>>()
-            .await;
-        health
-            .set_serving::<push_proto::sender::push_admin_server::PushAdminServer<Api>>()
-            .await;
-        let result = tonic::transport::Server::builder()
-            .layer(tower::util::MapResponseLayer::new(
-                crate::grpc::oversized_is_resource_exhausted::<tonic::body::Body>,
-            ))
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(reflection_v1alpha)
-            .add_service(sender)
-            .add_service(admin)
-            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "API server failed");
-        }
-    })
 }
 
 #[cfg(test)]
@@ -512,29 +422,5 @@ mod tests {
             super::redact_userinfo("redis+sentinel://s1/mymaster/0?sentinel_password=s3cret@x"),
             "redis+sentinel://s1/mymaster/0?***"
         );
-    }
-
-    use std::os::unix::fs::PermissionsExt;
-
-    use super::*;
-
-    fn mode(path: &Path) -> u32 {
-        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
-    }
-
-    #[test]
-    fn new_data_dir_and_store_are_owner_only_and_the_store_opens() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("var/lpush");
-        prepare_data_dir(&dir).unwrap();
-        assert_eq!(mode(&dir), 0o700);
-        assert_eq!(mode(&dir.join(STORE_FILE)), 0o600);
-        // The empty file becomes a working store, and a second start keeps it.
-        let store = RedbStore::open(&dir.join(STORE_FILE)).unwrap();
-        assert!(store.load().unwrap().devices.is_empty());
-        drop(store);
-        prepare_data_dir(&dir).unwrap();
-        assert_eq!(mode(&dir.join(STORE_FILE)), 0o600);
-        RedbStore::open(&dir.join(STORE_FILE)).unwrap();
     }
 }

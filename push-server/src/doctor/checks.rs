@@ -10,7 +10,7 @@ use super::{
     Finding,
     Severity::{Fail, Note, Ok, Warn},
 };
-use crate::{config::MAX_SSID_BYTES, enrollment::SSIDS_PER_MANAGER, keys::fmt_utc};
+use crate::{api::enrollment::SSIDS_PER_MANAGER, config::MAX_SSID_BYTES, hub::fmt_utc};
 
 /// Apple's longest validity for a TLS server certificate.
 pub const MAX_CERT_DAYS: i64 = 825;

@@ -24,12 +24,12 @@ use super::{
     checks::{CertFacts, DirFacts, Facts, KeyKind, PhoneClock, Resolution},
 };
 use crate::{
+    api::enrollment::device_endpoint,
     api_client::ApiClient,
     config::Config,
-    enrollment::device_endpoint,
+    data_dir::{ADMIN_KEY_FILE, STORE_FILE, TLS_DIR},
     hub::now_ms,
     pki::{CA_CERT_FILE, CA_KEY_FILE, CA_NEXT_KEY_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE},
-    server::{ADMIN_KEY_FILE, STORE_FILE, TLS_DIR},
 };
 
 /// Longest wait for the device host to resolve.

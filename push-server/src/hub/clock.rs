@@ -17,6 +17,28 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Unix ms as `YYYY-MM-DDTHH:MM:SSZ` (UTC), for messages and listings.
+pub fn fmt_utc(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Where the hub reads the time.
 pub trait Clock: Send + Sync + 'static {
     /// Unix milliseconds now.
@@ -107,6 +129,13 @@ impl Clock for ManualClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utc_formatting() {
+        assert_eq!(fmt_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(fmt_utc(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(fmt_utc(1_796_083_199_000), "2026-11-30T23:59:59Z");
+    }
 
     #[test]
     fn the_offset_clock_only_moves_forward() {

@@ -362,7 +362,7 @@ impl Hub {
                     if let Some(node) = previous {
                         tracing::info!(device = device_id, from = %node, "device taken over");
                     }
-                    crate::observe::metrics::cluster("claimed");
+                    crate::metrics::cluster("claimed");
                     self.install(state);
                     // The claim read the inbox in the same script: no second round trip (a
                     // login storm pays one per phone).
@@ -470,7 +470,7 @@ impl Hub {
             (self.apply(slot, fx), invites)
         };
         self.settle(vec![pending]).await.map_err(DrainFailed::Unstored)?;
-        crate::observe::metrics::cluster("drained");
+        crate::metrics::cluster("drained");
         // Invites are durable now: plan their VoIP legs as a single node does.
         let cx = self.ctx();
         let slot = &mut *device.lock();
@@ -501,7 +501,7 @@ impl Hub {
         let expected = device.lock().inbox_next;
         let drained = match hinted {
             Some((number, command)) if Some(number) == expected => {
-                crate::observe::metrics::cluster("hint_applied");
+                crate::metrics::cluster("hint_applied");
                 let inbox = Inbox {
                     commands: vec![command],
                     last: number,
@@ -593,7 +593,7 @@ impl Hub {
             self.0.timers.lock().remove_all(timers);
         }
         if let Err(e) = timed("release", link.redis.release(device_id, earliest)).await {
-            crate::observe::metrics::cluster("release_failed");
+            crate::metrics::cluster("release_failed");
             tracing::warn!(device = device_id, error = %e, "release failed; the lease will be taken over");
         }
     }
@@ -632,8 +632,8 @@ impl Hub {
         match timed("forward", forward).await {
             // The forward script announced the ACCEPTED receipt to every node.
             Ok(Forwarded::Queued { .. }) => {
-                crate::observe::metrics::accepted(crate::observe::kind_str(item.kind));
-                crate::observe::metrics::cluster("forwarded");
+                crate::metrics::accepted(item.kind.label());
+                crate::metrics::cluster("forwarded");
                 Ok(Routed::Forwarded)
             }
             Ok(Forwarded::Unknown) => Ok(Routed::Refused("unknown device")),
@@ -756,7 +756,7 @@ impl Hub {
         for device_id in due {
             match self.hold(&device_id, false).await {
                 Ok(true) => {
-                    crate::observe::metrics::cluster("swept");
+                    crate::metrics::cluster("swept");
                     self.fire_due();
                     self.release_if_idle(&device_id).await;
                 }
@@ -780,7 +780,7 @@ impl Hub {
                     let lost: Vec<String> = link.lost.lock().drain().collect();
                     for device_id in lost {
                         tracing::warn!(device = %device_id, "lease lost (a failover?): writing the device back");
-                        crate::observe::metrics::cluster("lease_lost");
+                        crate::metrics::cluster("lease_lost");
                         self.reseed_device(link, &device_id).await;
                     }
                 }
@@ -808,7 +808,7 @@ impl Hub {
             }
         }
         let alive = health.nodes.iter().filter(|(_, a)| *a).count();
-        crate::observe::metrics::redis_health(health.redis_up, alive);
+        crate::metrics::redis_health(health.redis_up, alive);
     }
 
     /// Redis came back empty (or was replaced): adopt its new epoch and write back what this
@@ -827,7 +827,7 @@ impl Hub {
             "redis lost its data (restarted empty or replaced): re-seeding the devices held here; \
              devices held by no node, API keys and receipts must be restored from a backup"
         );
-        crate::observe::metrics::cluster("redis_data_lost");
+        crate::metrics::cluster("redis_data_lost");
         link.health.lock().redis_data_lost_ms = self.now();
         link.lost.lock().clear();
         let held: Vec<String> = self.0.devices.read().keys().cloned().collect();
@@ -898,7 +898,7 @@ impl Hub {
                 tokio::spawn(async move { hub.take_hinted(&device, Some((number, command))).await });
             }
             Heard::Kick(device) => {
-                crate::observe::metrics::cluster("kicked");
+                crate::metrics::cluster("kicked");
                 self.let_go(
                     &device,
                     GoodbyeReason::Replaced,
@@ -935,7 +935,7 @@ async fn timed<T>(
     let started = std::time::Instant::now();
     let result = request.await;
     let ok = !matches!(result, Err(StoreError::Redis(_) | StoreError::Io(_)));
-    crate::observe::metrics::redis_request(op, ok, started.elapsed().as_secs_f64());
+    crate::metrics::redis_request(op, ok, started.elapsed().as_secs_f64());
     result
 }
 

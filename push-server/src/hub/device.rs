@@ -29,7 +29,7 @@ use super::{
     timers::{Deadline, Timer, TimerChange},
 };
 use crate::{
-    observe::metrics,
+    metrics,
     store::{DeviceRecord, Op, PushKind, Receipt, ReceiptState, StoredPush},
 };
 

@@ -21,7 +21,7 @@
 use apns_bridge::{DeviceToken, VoipOutcome};
 
 use super::{Hub, device::Effects, device::VoipStart};
-use crate::observe::metrics;
+use crate::metrics;
 
 impl Hub {
     /// Hand an invite to the bridge; its answer is applied under the device's lock.

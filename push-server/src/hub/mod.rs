@@ -48,7 +48,7 @@ mod sim;
 mod tests;
 
 pub use bus::{Heard, Watch, WatchRefused};
-pub use clock::{Clock, OffsetClock, SystemClock, now_ms};
+pub use clock::{Clock, OffsetClock, SystemClock, fmt_utc, now_ms};
 pub use cluster::{ClusterHealth, SessionHold, run_cluster};
 pub use device::{MAX_FLOOR, MAX_SEQ};
 pub use encoded::EncodedPush;
@@ -73,7 +73,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Limits,
-    observe::{self, Observer, metrics},
+    metrics,
+    observe::Observer,
     store::{DeviceRecord, Op, PushKind, Receipt, ReceiptState, RedisStore, Snapshot, Store, StoreError},
 };
 use device::{Announce, Ctx, DeviceCore, Effects};
@@ -264,11 +265,6 @@ impl Hub {
         &self.0.observer
     }
 
-    /// The store behind the hub.
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.0.store
-    }
-
     /// Unix ms now, by the hub's clock.
     pub fn now(&self) -> i64 {
         self.0.clock.now_ms()
@@ -336,10 +332,10 @@ impl Hub {
 
     /// Announce a receipt: metrics, dashboard history, the receipt broadcast.
     fn announce(&self, a: Announce) {
-        let (k, r) = (observe::kind_str(a.kind), a.receipt);
+        let (k, r) = (a.kind.label(), a.receipt);
         match r.state {
             ReceiptState::Accepted if r.reason.is_empty() => metrics::accepted(k),
-            s if s.is_final() => metrics::finished(k, observe::state_str(s)),
+            s if s.is_final() => metrics::finished(k, s.label()),
             _ => {}
         }
         match (r.state, a.latency_ms) {

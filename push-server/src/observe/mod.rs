@@ -1,12 +1,12 @@
-//! Observability: Prometheus metrics ([`metrics`]), the in-memory history behind the ops
-//! dashboard ([`Observer`]), the diagnoses for the hard cases, and the dashboard itself
-//! ([`http`]).
+//! The recorder: the in-memory history of sessions and deliveries behind the ops dashboard
+//! ([`Observer`]), and the diagnoses for the hard cases. It sits below the hub, which tells it
+//! what happened; it decides nothing about devices and depends on nothing above it (the
+//! dashboard in `api::dashboard` reads it). [`run_ticks`] samples its series.
 //!
 //! The [`Observer`] only remembers, in bounded rings, what the hub tells it (sessions started
-//! and ended, receipts); it decides nothing about devices. It lives in memory only: a restart
-//! starts with an empty history (the registry facts the dashboard shows, such as last SSID and
-//! last stop reason, come from the store through the hub). In cluster mode each node observes
-//! its own sessions.
+//! and ended, receipts). It lives in memory only: a restart starts with an empty history (the
+//! registry facts the dashboard shows, such as last SSID and last stop reason, come from the
+//! store through the hub). In cluster mode each node observes its own sessions.
 //!
 //! Diagnoses (thresholds in `config::Limits`, each raised once per window with one warning
 //! line, a counter and a flag in the dashboard):
@@ -21,10 +21,6 @@
 //!   (and at least `diag_site_drop_min_devices`) dropped within `diag_site_drop_window_secs`:
 //!   likely an access point or SSID problem, not the phones.
 
-pub mod calls;
-pub mod http;
-pub mod listing;
-pub mod metrics;
 pub mod provider_stop;
 
 use std::{
@@ -40,14 +36,19 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::{
     config::Limits,
+    metrics,
     store::{PushKind, ReceiptState},
 };
 
 /// Points kept for the "connected devices" chart (one per change, at most one per second, plus
-/// a sample every 10 s from the dashboard task): about an hour.
+/// a sample every [`TICK`] from [`run_ticks`]): about an hour.
 const SERIES_POINTS: usize = 720;
+/// How often [`run_ticks`] samples the series.
+const TICK: std::time::Duration = std::time::Duration::from_secs(10);
 /// Recent delivery latencies kept for the latency chart.
 const LATENCIES: usize = 1000;
 /// Recent diagnoses kept for the dashboard.
@@ -55,31 +56,6 @@ const DIAGNOSES: usize = 100;
 /// Instance changes kept per device (the churn count only needs those within the window, and
 /// the login rate keeps them far fewer).
 const INSTANCE_CHANGES: usize = 1024;
-
-/// The label of a push kind.
-pub fn kind_str(kind: PushKind) -> &'static str {
-    match kind {
-        PushKind::Message => "message",
-        PushKind::CallInvite => "call_invite",
-        PushKind::CallCancel => "call_cancel",
-    }
-}
-
-/// The label of a receipt state.
-pub fn state_str(state: ReceiptState) -> &'static str {
-    match state {
-        ReceiptState::Accepted => "accepted",
-        ReceiptState::Delivered => "delivered",
-        ReceiptState::Acked => "acked",
-        ReceiptState::Expired => "expired",
-        ReceiptState::Undeliverable => "undeliverable",
-        ReceiptState::Superseded => "superseded",
-        ReceiptState::Cancelled => "cancelled",
-        ReceiptState::Answered => "answered",
-        ReceiptState::Declined => "declined",
-        ReceiptState::Missed => "missed",
-    }
-}
 
 /// One session in a device's history.
 #[derive(Debug, Clone, Serialize)]
@@ -613,7 +589,7 @@ impl Observer {
     ) {
         let mut st = self.state.lock();
         let st = &mut *st;
-        let kind = kind_str(kind);
+        let kind = kind.label();
         if let (Some(ms), ReceiptState::Delivered) = (latency_ms, state) {
             push_bounded(&mut st.latencies, (at_ms, kind, path.to_string(), ms), LATENCIES);
         }
@@ -640,14 +616,14 @@ impl Observer {
         limits: &Limits,
     ) {
         if kind == "call_invite" && !path.is_empty() {
-            d.last_call = Some((path.to_string(), state_str(state)));
+            d.last_call = Some((path.to_string(), state.label()));
         }
         push_bounded(
             &mut d.deliveries,
             DeliveryRecord {
                 id: id.into(),
                 kind,
-                state: state_str(state),
+                state: state.label(),
                 path: path.into(),
                 reason: reason.into(),
                 at_ms,
@@ -746,7 +722,7 @@ impl Observer {
         self.state.lock().diagnoses.iter().rev().cloned().collect()
     }
 
-    /// Record a point of the connected-devices series now (the dashboard samples periodically
+    /// Record a point of the connected-devices series now ([`run_ticks`] samples periodically
     /// so the chart has points when nothing changes).
     pub fn tick(&self, now: i64) {
         Self::sample(&mut self.state.lock(), now);
@@ -767,22 +743,23 @@ impl Observer {
         let st = self.state.lock();
         let window = self.window_ms();
         let site_window = (self.limits.diag_site_drop_window_secs as i64 * 1000).max(window);
-        let churn = st
-            .devices
-            .values()
-            .filter(|d| d.churn_flag_ms.is_some_and(|t| now - t <= window))
-            .count();
-        let hb = st
-            .devices
-            .values()
-            .filter(|d| d.heartbeat_flag_ms.is_some_and(|t| now - t <= window))
-            .count();
-        let sites = st
-            .sites
-            .values()
-            .filter(|s| s.drop_flag_ms.is_some_and(|t| now - t <= site_window))
-            .count();
-        (churn, hb, sites)
+        let within = |at: Option<i64>, window| at.is_some_and(|t| now - t <= window);
+        let devices =
+            |at: fn(&DeviceObs) -> Option<i64>| st.devices.values().filter(|d| within(at(d), window)).count();
+        let sites = st.sites.values().filter(|s| within(s.drop_flag_ms, site_window));
+        let churn = devices(|d| d.churn_flag_ms);
+        (churn, devices(|d| d.heartbeat_flag_ms), sites.count())
+    }
+}
+
+/// Sample `observer`'s series every [`TICK`], at the time `now` reads, until `shutdown`.
+pub async fn run_ticks(observer: Arc<Observer>, now: fn() -> i64, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(TICK);
+    loop {
+        tokio::select! {
+            _ = every.tick() => observer.tick(now()),
+            _ = shutdown.cancelled() => return,
+        }
     }
 }
 

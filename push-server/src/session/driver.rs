@@ -23,7 +23,7 @@ use crate::{
     admission::KeyedRate,
     auth::{CredentialError, DeviceAuthority},
     hub::{Hub, SessionCtl, now_ms},
-    observe::metrics,
+    metrics,
 };
 
 /// What a session needs from the server.

@@ -148,6 +148,17 @@ pub enum PushKind {
     CallCancel,
 }
 
+impl PushKind {
+    /// Its label in metrics, histories and listings.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Message => "message",
+            Self::CallInvite => "call_invite",
+            Self::CallCancel => "call_cancel",
+        }
+    }
+}
+
 /// A push waiting for one device, keyed by `(device_id, seq)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredPush {
@@ -193,6 +204,22 @@ pub enum ReceiptState {
 }
 
 impl ReceiptState {
+    /// Its label in metrics, histories and listings.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Delivered => "delivered",
+            Self::Acked => "acked",
+            Self::Expired => "expired",
+            Self::Undeliverable => "undeliverable",
+            Self::Superseded => "superseded",
+            Self::Cancelled => "cancelled",
+            Self::Answered => "answered",
+            Self::Declined => "declined",
+            Self::Missed => "missed",
+        }
+    }
+
     /// Whether the push is settled: no further delivery change can follow. For a call invite,
     /// `Acked` (it rang) can still be followed by the callee's outcome: see [`Self::ends`].
     pub fn is_final(self) -> bool {

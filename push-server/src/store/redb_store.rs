@@ -714,7 +714,7 @@ impl Writer {
             // Receivers may have been dropped; their callers no longer want the answer.
             let started = Instant::now();
             let result = self.write(&mut group);
-            crate::observe::metrics::store_commit(
+            crate::metrics::store_commit(
                 !matches!(result, Err(Failure::Transaction(_))),
                 started.elapsed().as_secs_f64(),
             );

@@ -1030,7 +1030,7 @@ fn answer(job: Job, result: Result<(), StoreError>, seconds: f64) {
     }
     // A fenced batch is this node's news, not a store failure.
     let ok = !matches!(result, Err(StoreError::Redis(_) | StoreError::Io(_)));
-    crate::observe::metrics::store_commit(ok, seconds);
+    crate::metrics::store_commit(ok, seconds);
     let _ = job.reply.send(result);
 }
 

@@ -5,6 +5,8 @@
 //! useless to an attacker (it is a prefix of a hash of 256 random bits).
 //!
 //! Every API entry point (gRPC, dashboard, `POST /v1/enroll`) authenticates through [`Keys`]:
+//! - [`Keys::caller`] reads the key from a request's `authorization: Bearer <key>` value and
+//!   [`Holder::require`] checks a scope: the faces only map the refusal to their own answers.
 //! - Verified keys are cached for [`CACHE_TTL`] so a busy sender does not cost a store read per
 //!   request; the TTL bounds how long a change made elsewhere (another node, later) takes to be
 //!   seen. A revocation made here drops the cache entry at once, and a lookup that raced with it
@@ -27,8 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::{Scope, api_key_hash, new_api_key},
-    enrollment::check_name,
-    hub::now_ms,
+    hub::{fmt_utc, now_ms},
     store::{ApiKeyRecord, Op, Store, StoreError, commit},
 };
 
@@ -45,6 +46,12 @@ pub const MAX_KEY_DAYS: u32 = 3650;
 /// contains a key or a full hash.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
+    /// The request names no key.
+    #[error("missing `authorization: Bearer <api key>`")]
+    Missing,
+    /// The key (by name) lacks the scope the request needs.
+    #[error("API key {0:?} lacks the {1:?} scope")]
+    Forbidden(String, Scope),
     /// No key with that secret (or id).
     #[error("unknown API key")]
     Unknown,
@@ -143,6 +150,19 @@ impl Holder {
         scope.granted_by(&self.record.scopes)
     }
 
+    /// The holder, if its key grants `scope`.
+    pub fn require(self, scope: Scope) -> Result<Self, KeyError> {
+        match self.grants(scope) {
+            true => Ok(self),
+            false => Err(KeyError::Forbidden(self.record.name, scope)),
+        }
+    }
+
+    /// The key's hash, for sessions that re-check the key on every request.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
     /// Resolves when the key is revoked on this node or reaches its expiry, with the reason.
     /// Streams opened with the key select on it and end with that error.
     pub async fn ended(&self) -> KeyError {
@@ -190,6 +210,12 @@ impl Keys {
             tokens: Mutex::default(),
             revocations: AtomicU64::new(0),
         }
+    }
+
+    /// The caller of a request whose `authorization` value is `Bearer <key>` (the scheme
+    /// case-insensitive, RFC 9110 section 11.1): the key, authenticated.
+    pub fn caller(&self, authorization: Option<&str>) -> Result<Holder, KeyError> {
+        self.authenticate(authorization.and_then(bearer).ok_or(KeyError::Missing)?)
     }
 
     /// Authenticate the secret `key`.
@@ -244,7 +270,7 @@ impl Keys {
     /// Create and store a key; returns the key (shown once) and its listing.
     pub async fn create(&self, new: NewKey) -> Result<(String, KeySummary), KeyError> {
         let invalid = |m: String| Err(KeyError::Invalid(m));
-        if check_name("name", &new.name).is_err() {
+        if !valid_name(&new.name) {
             return invalid("name must be 1-128 bytes, not only spaces, without control characters".into());
         }
         if new.scopes.is_empty() {
@@ -263,7 +289,7 @@ impl Keys {
         if !new.enroll_groups.is_empty() && !new.scopes.iter().any(|s| s == "enroll") {
             return invalid("enroll groups apply only to a key with the enroll scope".into());
         }
-        if new.enroll_groups.iter().any(|g| check_name("group", g).is_err()) {
+        if !new.enroll_groups.iter().all(|g| valid_name(g)) {
             return invalid(
                 "a group must be 1-128 bytes, not only spaces, without control characters".into(),
             );
@@ -287,14 +313,7 @@ impl Keys {
             }
         };
         let hash = api_key_hash(&key);
-        commit(
-            &*self.store,
-            vec![Op::PutApiKey {
-                hash: hash.clone(),
-                record: record.clone(),
-            }],
-        )
-        .await?;
+        self.put(&hash, &record).await?;
         Ok((key, summary(&hash, &record, now)))
     }
 
@@ -340,14 +359,7 @@ impl Keys {
             )));
         }
         record.revoked_at_ms = now;
-        commit(
-            &*self.store,
-            vec![Op::PutApiKey {
-                hash: hash.clone(),
-                record: record.clone(),
-            }],
-        )
-        .await?;
+        self.put(&hash, &record).await?;
         // Durable first, then forget: a lookup from here on reads the revoked record.
         self.revocations.fetch_add(1, Ordering::SeqCst);
         lock(&self.cache).remove(&hash);
@@ -356,12 +368,10 @@ impl Keys {
         }
         Ok(summary(&hash, &record, now))
     }
-}
 
-impl Holder {
-    /// The key's hash, for sessions that re-check the key on every request.
-    pub fn hash(&self) -> &str {
-        &self.hash
+    async fn put(&self, hash: &str, record: &ApiKeyRecord) -> Result<(), StoreError> {
+        let (hash, record) = (hash.to_owned(), record.clone());
+        commit(&*self.store, vec![Op::PutApiKey { hash, record }]).await
     }
 }
 
@@ -370,6 +380,21 @@ impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.record.name)
     }
+}
+
+/// Longest key name, device id or group name.
+const MAX_NAME_BYTES: usize = 128;
+
+/// Whether `value` may name a key, device or group: 1-128 bytes, not only whitespace (the
+/// provider refuses a blank device id), no control characters.
+pub fn valid_name(value: &str) -> bool {
+    !value.trim().is_empty() && value.len() <= MAX_NAME_BYTES && !value.chars().any(char::is_control)
+}
+
+/// The key in an `authorization` value `Bearer <key>`.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, key) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
 /// The listed id of the key with hash `hash`.
@@ -396,38 +421,9 @@ fn summary(hash: &str, r: &ApiKeyRecord, now: i64) -> KeySummary {
     }
 }
 
-/// Unix ms as `YYYY-MM-DDTHH:MM:SSZ` (UTC), for messages and listings.
-pub fn fmt_utc(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn utc_formatting() {
-        assert_eq!(fmt_utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(fmt_utc(951_782_400_000), "2000-02-29T00:00:00Z");
-        assert_eq!(fmt_utc(1_796_083_199_000), "2026-11-30T23:59:59Z");
-    }
 
     #[test]
     fn ids_are_short_prefixes() {

@@ -29,10 +29,10 @@ use push_proto::sender::{EnrollDeviceRequest, Enrollment, ProviderConfiguration,
 use serde::Serialize;
 
 use crate::{
+    api::keys::{Holder, valid_name},
     auth::{DeviceAuthority, Scope},
     config::Config,
     hub::{Hub, now_ms},
-    keys::Holder,
     pki::Pki,
     store::StoreError,
 };
@@ -42,8 +42,6 @@ pub const SSIDS_PER_MANAGER: usize = 10;
 /// Default and longest credential lifetime, in days.
 const DEFAULT_VALID_DAYS: u32 = 365;
 const MAX_VALID_DAYS: u32 = 3650;
-/// Longest device id or group name.
-const MAX_NAME_BYTES: usize = 128;
 /// Enrollments kept for the dashboard.
 pub const RECENT_ENROLLMENTS: usize = 200;
 
@@ -514,13 +512,11 @@ fn check_names(device_id: &str, groups: &[String]) -> Result<(), EnrollError> {
     groups.iter().try_for_each(|g| check_name("group", g))
 }
 
-/// A device id or group name: 1-128 bytes, not only whitespace (the provider refuses a blank
-/// device id), no control characters.
+/// `value` as a device id or group name ([`valid_name`]), else the error naming `what`.
 pub fn check_name(what: &'static str, value: &str) -> Result<(), EnrollError> {
-    if value.trim().is_empty() || value.len() > MAX_NAME_BYTES || value.chars().any(char::is_control) {
-        return Err(EnrollError::InvalidName(what));
-    }
-    Ok(())
+    valid_name(value)
+        .then_some(())
+        .ok_or(EnrollError::InvalidName(what))
 }
 
 #[cfg(test)]

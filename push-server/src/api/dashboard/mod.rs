@@ -15,7 +15,7 @@
 //!   devices that changed (the page refetches its visible rows when they concern it).
 //! - `POST /v1/enroll` (Bearer key with the `enroll` or `admin` scope, JSON body
 //!   `{"deviceId", "groups", "validDays"}`): the enrollment as an XML property list, for
-//!   container apps that speak HTTPS but not gRPC (see [`crate::enrollment`]).
+//!   container apps that speak HTTPS but not gRPC (see [`super::enrollment`]).
 //! - Sessions remember the key's hash, not the key, and re-check it on every request (through
 //!   [`Keys`], so a revocation here is seen at once): a revoked or expired key's sessions are
 //!   logged out and its event streams end. `GET /api/enrollments` lists recent enrollments;
@@ -23,6 +23,9 @@
 //! - Calls: `GET /api/calls` (live and recent calls, newest first) and `GET /api/calls/{id}`,
 //!   from the calls the hub remembers (while ringing and 15 minutes after; in cluster mode, the
 //!   calls this node decides); the device detail lists the recent calls that rang the device.
+
+pub mod calls;
+pub mod listing;
 
 use std::{
     collections::HashMap,
@@ -37,8 +40,8 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{ConnectInfo, Path, Query, State, rejection::QueryRejection},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    extract::{ConnectInfo, FromRequestParts, Path, Query, State, rejection::QueryRejection},
+    http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts},
     response::{IntoResponse, Response, Sse, sse::Event, sse::KeepAlive},
     routing::{get, post},
 };
@@ -55,18 +58,19 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tower_http::compression::CompressionLayer;
 
+use calls::{CallView, DeviceCall, call_view, device_call};
+use listing::{Changes, Counts, DevicePage, DeviceRow, ListQuery};
+
 use super::{
-    DeliveryRecord, Diagnosis, SessionRecord, SiteHealth,
-    calls::{CallView, DeviceCall, call_view, device_call},
-    listing::{self, Changes, Counts, DevicePage, DeviceRow, ListQuery},
-    metrics,
+    enrollment::{Caller, EnrollError, EnrollForm, Enroller},
+    keys::{Holder, KeyError, Keys},
 };
 use crate::{
     auth::Scope,
-    enrollment::{Caller, EnrollError, EnrollForm, Enroller},
     hub::{DeviceView, Hub, now_ms},
-    keys::{Holder, KeyError, Keys},
     listener::tls_incoming,
+    metrics,
+    observe::{DeliveryRecord, Diagnosis, SessionRecord, SiteHealth},
     store::StoreError,
 };
 
@@ -74,6 +78,7 @@ const INDEX: &str = include_str!("assets/index.html");
 const SCRIPT: &str = include_str!("assets/app.js");
 const STYLE: &str = include_str!("assets/app.css");
 const COOKIE: &str = "lpush_session";
+const NO_ENROLL_KEY: &str = "send `Authorization: Bearer <api key>` (scope enroll)";
 const CSRF_HEADER: &str = "x-lpush-csrf";
 const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Remembered calls looked at for a listing (the hub keeps ended calls 15 minutes).
@@ -260,7 +265,7 @@ impl Dashboard {
 
     /// The caller, from the session cookie or a bearer API key, with its role and whether it
     /// came by cookie. A session whose key was revoked or expired is ended here.
-    fn caller(&self, headers: &HeaderMap) -> Option<(Holder, Role, bool)> {
+    fn caller(&self, headers: &HeaderMap) -> Option<User> {
         if let Some(id) = cookie(headers) {
             let hash = {
                 let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
@@ -269,9 +274,9 @@ impl Dashboard {
                 sessions.get(&id).map(|s| s.key_hash.clone())
             };
             if let Some(hash) = hash {
-                match self.keys.by_hash(&hash).ok().and_then(role_of) {
-                    Some((holder, role)) => return Some((holder, role, true)),
-                    None => {
+                match self.keys.by_hash(&hash).and_then(role_of) {
+                    Ok((holder, role)) => return Some(User(holder, role, true)),
+                    Err(_) => {
                         tracing::info!("dashboard session ended: its API key was revoked or expired");
                         self.sessions
                             .lock()
@@ -281,28 +286,55 @@ impl Dashboard {
                 }
             }
         }
-        let key = bearer(headers)?;
-        let (holder, role) = role_of(self.keys.authenticate(key).ok()?)?;
-        Some((holder, role, false))
+        let (holder, role) = self.keys.caller(authorization(headers)).and_then(role_of).ok()?;
+        Some(User(holder, role, false))
     }
 }
 
-/// The dashboard role an API key grants, if any.
-fn role_of(holder: Holder) -> Option<(Holder, Role)> {
-    if holder.grants(Scope::Admin) {
-        Some((holder, Role::Admin))
-    } else if holder.grants(Scope::Read) {
-        Some((holder, Role::Read))
+/// A request's caller (session cookie or bearer key), with its role and whether it came by
+/// cookie: a handler that takes one answers 401 to a request without.
+struct User(Holder, Role, bool);
+
+impl FromRequestParts<Shared> for User {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, d: &Shared) -> Result<Self, Response> {
+        d.caller(&parts.headers).ok_or_else(unauthorized)
+    }
+}
+
+/// The caller of a state-changing request: an admin, and with a cookie also the CSRF header.
+struct Admin(Holder);
+
+impl FromRequestParts<Shared> for Admin {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, d: &Shared) -> Result<Self, Response> {
+        let User(holder, role, by_cookie) = User::from_request_parts(parts, d).await?;
+        if by_cookie && parts.headers.get(CSRF_HEADER).is_none_or(|v| v != "1") {
+            return Err(error(StatusCode::FORBIDDEN, "missing the x-lpush-csrf header"));
+        }
+        if role != Role::Admin {
+            return Err(error(StatusCode::FORBIDDEN, "this needs an admin API key"));
+        }
+        Ok(Admin(holder))
+    }
+}
+
+/// The dashboard role an API key grants: it needs the read scope (which admin includes).
+fn role_of(holder: Holder) -> Result<(Holder, Role), KeyError> {
+    let holder = holder.require(Scope::Read)?;
+    let role = if holder.grants(Scope::Admin) {
+        Role::Admin
     } else {
-        None
-    }
+        Role::Read
+    };
+    Ok((holder, role))
 }
 
-/// The key of an `Authorization: Bearer <key>` header (scheme case-insensitive).
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, key) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+/// The request's `Authorization` value.
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION)?.to_str().ok()
 }
 
 /// The session id in the request's cookie header, if any.
@@ -320,6 +352,14 @@ fn cookie(headers: &HeaderMap) -> Option<String> {
 fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
+
+/// A store failure, as answered.
+fn unavailable(e: impl ToString) -> Response {
+    error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+}
+
+/// A handler's answer: the refusal is an answer too.
+type Answer = Result<Response, Response>;
 
 fn unauthorized() -> Response {
     error(
@@ -388,14 +428,8 @@ async fn style() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE)
 }
 
-async fn metrics_text(State(d): State<Shared>, headers: HeaderMap) -> Response {
-    if d.caller(&headers).is_none() {
-        return unauthorized();
-    }
-    let views = match d.hub.list_devices(None, false).await {
-        Ok(views) => views,
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-    };
+async fn metrics_text(State(d): State<Shared>, _: User) -> Answer {
+    let views = d.hub.list_devices(None, false).await.map_err(unavailable)?;
     let (churn, hb, sites) = d.hub.observer().flagged(now_ms());
     let snapshot = metrics::Snapshot {
         sessions_online: views.iter().filter(|v| v.online).count(),
@@ -407,11 +441,12 @@ async fn metrics_text(State(d): State<Shared>, headers: HeaderMap) -> Response {
         sites_flagged: sites,
         streams: d.streams.load(Ordering::Relaxed),
     };
-    (
+    let text = metrics::render(&d.metrics, &snapshot);
+    Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        metrics::render(&d.metrics, &snapshot),
+        text,
     )
-        .into_response()
+        .into_response())
 }
 
 async fn login(State(d): State<Shared>, Json(form): Json<LoginForm>) -> Response {
@@ -422,7 +457,7 @@ async fn login(State(d): State<Shared>, Json(form): Json<LoginForm>) -> Response
             return error(StatusCode::UNAUTHORIZED, &e.to_string());
         }
     };
-    let Some((holder, role)) = role_of(holder) else {
+    let Ok((holder, role)) = role_of(holder) else {
         tracing::warn!("dashboard login refused: neither read nor admin scope");
         return error(
             StatusCode::UNAUTHORIZED,
@@ -467,16 +502,12 @@ async fn logout(State(d): State<Shared>, headers: HeaderMap) -> Response {
     ([(header::SET_COOKIE, clear)], StatusCode::NO_CONTENT).into_response()
 }
 
-async fn me(State(d): State<Shared>, headers: HeaderMap) -> Response {
-    match d.caller(&headers) {
-        Some((holder, role, _)) => Json(Me {
-            name: holder.name().to_string(),
-            role,
-            node: d.node.clone(),
-        })
-        .into_response(),
-        None => unauthorized(),
-    }
+async fn me(State(d): State<Shared>, User(holder, role, _): User) -> Json<Me> {
+    Json(Me {
+        name: holder.name().to_string(),
+        role,
+        node: d.node.clone(),
+    })
 }
 
 /// For load balancers and supervisors, without a key: 200 when this node can serve, 503 when a
@@ -496,17 +527,11 @@ async fn healthz(State(d): State<Shared>) -> Response {
     }
 }
 
-async fn overview(State(d): State<Shared>, headers: HeaderMap) -> Response {
-    if d.caller(&headers).is_none() {
-        return unauthorized();
-    }
+async fn overview(State(d): State<Shared>, _: User) -> Answer {
     let now = now_ms();
-    let (_, counts, online_by_ssid) = match d.devices(now).await {
-        Ok(all) => all,
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-    };
+    let (_, counts, online_by_ssid) = d.devices(now).await.map_err(unavailable)?;
     let observer = d.hub.observer();
-    Json(Overview {
+    Ok(Json(Overview {
         node: d.node.clone(),
         cluster: d.hub.cluster_health(),
         now_ms: now,
@@ -516,147 +541,91 @@ async fn overview(State(d): State<Shared>, headers: HeaderMap) -> Response {
         series: observer.series(),
         latencies: observer.latencies(),
     })
-    .into_response()
+    .into_response())
 }
 
 /// One page of the device table: `?q=&state=&ssid=&sort=&desc=&offset=&limit=` (see
 /// [`ListQuery`]).
 async fn devices(
     State(d): State<Shared>,
-    headers: HeaderMap,
+    _: User,
     query: Result<Query<ListQuery>, QueryRejection>,
-) -> Response {
-    if d.caller(&headers).is_none() {
-        return unauthorized();
-    }
-    let query = match query {
-        Ok(Query(q)) => q,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
-    };
-    if let Err(e) = query.validate() {
-        return error(StatusCode::BAD_REQUEST, &e);
-    }
-    let now = now_ms();
-    match d.page(&query, now).await {
-        Ok(page) => Json(page).into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-    }
+) -> Answer {
+    let bad = |e: &str| error(StatusCode::BAD_REQUEST, e);
+    let Query(query) = query.map_err(|e| bad(&e.body_text()))?;
+    query.validate().map_err(|e| bad(&e))?;
+    Ok(Json(d.page(&query, now_ms()).await.map_err(unavailable)?).into_response())
 }
 
-async fn device(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if d.caller(&headers).is_none() {
-        return unauthorized();
-    }
-    let row = match d.device_row(&id).await {
-        Ok(Some(row)) => row,
-        Ok(None) => return error(StatusCode::NOT_FOUND, "no such device"),
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-    };
+async fn device(State(d): State<Shared>, _: User, Path(id): Path<String>) -> Answer {
+    let row = d.device_row(&id).await.map_err(unavailable)?;
+    let row = row.ok_or_else(|| error(StatusCode::NOT_FOUND, "no such device"))?;
     let (sessions, deliveries) = d.hub.observer().history(&id);
-    let calls = match d.calls(CALLS_SCANNED).await {
-        Ok(calls) => calls
-            .iter()
-            .filter_map(|c| device_call(c, &id))
-            .take(DEVICE_CALLS)
-            .collect(),
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-    };
-    Json(DeviceDetail {
+    let calls = d.calls(CALLS_SCANNED).await.map_err(unavailable)?;
+    let calls = calls
+        .iter()
+        .filter_map(|c| device_call(c, &id))
+        .take(DEVICE_CALLS)
+        .collect();
+    Ok(Json(DeviceDetail {
         device: row,
         sessions,
         deliveries,
         calls,
     })
-    .into_response()
+    .into_response())
 }
 
-async fn calls(State(d): State<Shared>, headers: HeaderMap) -> Response {
-    if d.caller(&headers).is_none() {
-        return unauthorized();
-    }
-    let all = match d.calls(CALLS_SCANNED).await {
-        Ok(all) => all,
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-    };
+async fn calls(State(d): State<Shared>, _: User) -> Answer {
+    let all = d.calls(CALLS_SCANNED).await.map_err(unavailable)?;
     let (live, mut recent): (Vec<_>, Vec<_>) = all.into_iter().partition(|c| c.ended_at_ms.is_none());
     recent.truncate(RECENT_CALLS);
-    Json(CallList {
+    Ok(Json(CallList {
         now_ms: now_ms(),
         live,
         recent,
     })
-    .into_response()
+    .into_response())
 }
 
-async fn call(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if d.caller(&headers).is_none() {
-        return unauthorized();
-    }
-    let Some(record) = d.hub.call_record(&id) else {
-        return error(
+async fn call(State(d): State<Shared>, _: User, Path(id): Path<String>) -> Answer {
+    let not_found = || {
+        error(
             StatusCode::NOT_FOUND,
             "no such call is ringing or remembered here",
-        );
+        )
     };
-    match d.hub.receipts(&id).await {
-        Ok(receipts) => Json(call_view(&record, &receipts)).into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-    }
+    let record = d.hub.call_record(&id).ok_or_else(not_found)?;
+    let receipts = d.hub.receipts(&id).await.map_err(unavailable)?;
+    Ok(Json(call_view(&record, &receipts)).into_response())
 }
 
-async fn revoke(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    let name = match admin_change(&d, &headers) {
-        Ok(holder) => holder.name().to_string(),
-        Err(refused) => return refused,
-    };
+async fn revoke(State(d): State<Shared>, Admin(admin): Admin, Path(id): Path<String>) -> Response {
     match d.hub.revoke_device(&id).await {
         Ok(Some(closed)) => {
-            tracing::info!(api_key = %name, device = %id, session_closed = closed, "device revoked from the dashboard");
+            tracing::info!(api_key = %admin, device = %id, session_closed = closed, "device revoked from the dashboard");
             Json(serde_json::json!({ "session_closed": closed })).into_response()
         }
         Ok(None) => error(StatusCode::NOT_FOUND, "no such device"),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(e) => unavailable(e),
     }
 }
 
-/// A state-changing request: an admin, and with a cookie also the CSRF header.
-#[allow(clippy::result_large_err)] // the Err is the response itself, built once
-fn admin_change(d: &Dashboard, headers: &HeaderMap) -> Result<Holder, Response> {
-    let Some((holder, role, by_cookie)) = d.caller(headers) else {
-        return Err(unauthorized());
-    };
-    if by_cookie && headers.get(CSRF_HEADER).is_none_or(|v| v != "1") {
-        return Err(error(StatusCode::FORBIDDEN, "missing the x-lpush-csrf header"));
-    }
-    if role != Role::Admin {
-        return Err(error(StatusCode::FORBIDDEN, "this needs an admin API key"));
-    }
-    Ok(holder)
-}
-
-async fn enrollments(State(d): State<Shared>, headers: HeaderMap) -> Response {
-    if d.caller(&headers).is_none() {
-        return unauthorized();
-    }
+async fn enrollments(State(d): State<Shared>, _: User) -> Response {
     Json(serde_json::json!({ "enrollments": d.enroller.recent() })).into_response()
 }
 
-async fn list_keys(State(d): State<Shared>, headers: HeaderMap) -> Response {
-    match d.caller(&headers) {
-        None => unauthorized(),
-        Some((_, Role::Read, _)) => error(StatusCode::FORBIDDEN, "listing keys needs an admin API key"),
-        Some((_, Role::Admin, _)) => match d.keys.list() {
+async fn list_keys(State(d): State<Shared>, User(_, role, _): User) -> Response {
+    match role {
+        Role::Read => error(StatusCode::FORBIDDEN, "listing keys needs an admin API key"),
+        Role::Admin => match d.keys.list() {
             Ok(keys) => Json(serde_json::json!({ "keys": keys })).into_response(),
-            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+            Err(e) => unavailable(e),
         },
     }
 }
 
-async fn revoke_key(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    let admin = match admin_change(&d, &headers) {
-        Ok(holder) => holder,
-        Err(refused) => return refused,
-    };
+async fn revoke_key(State(d): State<Shared>, Admin(admin): Admin, Path(id): Path<String>) -> Response {
     match d.keys.revoke(&id).await {
         Ok(key) => {
             tracing::info!(api_key = %admin, name = %key.name, key_id = %key.id, "API key revoked from the dashboard");
@@ -665,7 +634,7 @@ async fn revoke_key(State(d): State<Shared>, headers: HeaderMap, Path(id): Path<
         Err(KeyError::Unknown) => error(StatusCode::NOT_FOUND, "no API key with that id"),
         Err(e @ KeyError::Invalid(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e @ KeyError::Refused(_)) => error(StatusCode::CONFLICT, &e.to_string()),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(e) => unavailable(e),
     }
 }
 
@@ -675,15 +644,10 @@ async fn enroll(
     headers: HeaderMap,
     Json(form): Json<EnrollForm>,
 ) -> Response {
-    let Some(key) = bearer(&headers) else {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "send `Authorization: Bearer <api key>` (scope enroll)",
-        );
-    };
-    let holder = match d.keys.authenticate(key) {
+    let holder = match d.keys.caller(authorization(&headers)) {
         Ok(holder) => holder,
-        Err(e @ KeyError::Store(_)) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(KeyError::Missing) => return error(StatusCode::UNAUTHORIZED, NO_ENROLL_KEY),
+        Err(e @ KeyError::Store(_)) => return unavailable(e),
         Err(e) => return error(StatusCode::UNAUTHORIZED, &e.to_string()),
     };
     let req = push_proto::sender::EnrollDeviceRequest::from(form);
@@ -698,7 +662,7 @@ async fn enroll(
         Err(e @ EnrollError::AlreadyEnrolled(_)) => error(StatusCode::CONFLICT, &e.to_string()),
         Err(e @ EnrollError::NotAllowed(_)) => error(StatusCode::FORBIDDEN, &e.to_string()),
         Err(e @ EnrollError::RateLimited(_)) => error(StatusCode::TOO_MANY_REQUESTS, &e.to_string()),
-        Err(EnrollError::Store(e)) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(EnrollError::Store(e)) => unavailable(e),
     }
 }
 
@@ -715,10 +679,7 @@ impl Drop for StreamGuard {
 /// receipts, a thousand phones connecting) reach the page as a few small `changed` events.
 const CHANGES_EVERY: Duration = Duration::from_millis(250);
 
-async fn events(State(d): State<Shared>, headers: HeaderMap) -> Response {
-    let Some((holder, _, _)) = d.caller(&headers) else {
-        return unauthorized();
-    };
+async fn events(State(d): State<Shared>, User(holder, ..): User) -> Response {
     let mut presence = d.hub.subscribe_presence();
     let mut receipts = d.hub.subscribe_receipts();
     let mut diagnoses = d.hub.observer().subscribe_diagnoses();
@@ -836,16 +797,6 @@ pub fn serve(
         shutdown.clone(),
         crate::admission::Listener::Dashboard,
     );
-    let ticker_shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(10));
-        loop {
-            tokio::select! {
-                _ = every.tick() => hub.observer().tick(now_ms()),
-                _ = ticker_shutdown.cancelled() => return,
-            }
-        }
-    });
     let app = router(dashboard);
     Ok(async move {
         let incoming = TlsIncoming { rx, addr };

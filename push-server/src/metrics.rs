@@ -1,6 +1,8 @@
 //! Every Prometheus metric the server exports: names, help texts, and one small function per
 //! thing that happens, called at the place that decides it (hub, session driver, listener,
-//! fallback, store). Nothing else in the crate names a metric.
+//! fallback, store, admission, API). Nothing else in the crate names a metric. A leaf: it
+//! depends on no other module of the crate (callers pass labels as strings), so every layer may
+//! call it.
 //!
 //! The recorder is process-wide (the `metrics` facade has one global recorder), built here
 //! without the exporter's own HTTP server: `/metrics` on the dashboard listener renders it.
@@ -365,7 +367,7 @@ mod tests {
     /// The Grafana dashboard in the repository queries only metrics this module exports.
     #[test]
     fn grafana_dashboard_uses_exported_names() {
-        let grafana = include_str!("../../../deploy/grafana/push-server.json");
+        let grafana = include_str!("../../deploy/grafana/push-server.json");
         let source = include_str!("metrics.rs");
         let mut rest = grafana;
         let mut checked = 0;

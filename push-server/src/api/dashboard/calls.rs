@@ -4,7 +4,6 @@
 use prost::Message;
 use serde::Serialize;
 
-use super::state_str;
 use crate::store::{CallEnd, CallRecord, Receipt, ReceiptState};
 
 /// One call, whole.
@@ -95,7 +94,7 @@ fn callee_status(receipt: Option<&Receipt>, outcome: Option<ReceiptState>, rang:
         .filter(|s| s.is_final() && *s != ReceiptState::Acked)
         .or(outcome)
     {
-        Some(s) => state_str(s),
+        Some(s) => s.label(),
         None if rang || matches!(state, Some(ReceiptState::Delivered | ReceiptState::Acked)) => "ringing",
         None => "waiting",
     }
@@ -117,7 +116,7 @@ pub fn call_view(call: &CallRecord, receipts: &[Receipt]) -> CallView {
                 device_id: c.device_id.clone(),
                 step: c.step,
                 status: callee_status(r, c.outcome.map(|(s, _)| s), c.rang),
-                state: r.map_or("accepted", |r| state_str(r.state)),
+                state: r.map_or("accepted", |r| r.state.label()),
                 path: r.map(|r| r.path.clone()).unwrap_or_default(),
                 at_ms: r
                     .map(|r| r.at_ms)
@@ -134,7 +133,7 @@ pub fn call_view(call: &CallRecord, receipts: &[Receipt]) -> CallView {
                 device_id: r.device_id.clone(),
                 step: 0,
                 status: callee_status(Some(r), None, false),
-                state: state_str(r.state),
+                state: r.state.label(),
                 path: r.path.clone(),
                 at_ms: r.at_ms,
                 reason: r.reason.clone(),

@@ -1,5 +1,6 @@
-//! The sender and admin gRPC API (tonic). The only module that knows tonic; it translates
-//! requests into hub calls and hub outcomes into statuses, and checks every caller's API key.
+//! The sender and admin gRPC API (tonic), served over TLS 1.3 with health and reflection. The
+//! only module that knows tonic; it translates requests into hub calls and hub outcomes into
+//! statuses, and checks every caller's API key.
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc};
 
@@ -18,19 +19,27 @@ use push_proto::{
         WatchPresenceRequest, push_admin_server, push_sender_server, target,
     },
 };
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::{
+    net::TcpListener,
+    sync::{broadcast, mpsc},
+};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::{
-    admission::KeyedRate,
-    auth::{Scope, bearer_token},
+use super::{
     enrollment::{Caller, EnrollError, Enroller, check_name},
-    hub::{CallRequest, EscalationStep, Heard, Hub, MessageRequest, SendError, now_ms},
     keys::{Holder, KeyError, KeyState, KeySummary, Keys, NewKey},
-    observe::metrics,
-    store::{CallEnd, CallRecord, PushKind, Receipt, ReceiptState},
+};
+use crate::{
+    admission::{KeyedRate, Listener},
+    auth::Scope,
+    config::Limits,
+    hub::{CallRequest, EscalationStep, Heard, Hub, MessageRequest, SendError, now_ms},
+    listener::tls_incoming,
+    metrics, pki,
+    store::{CallEnd, CallRecord, PushKind, Receipt, ReceiptState, Store},
 };
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -42,21 +51,23 @@ pub struct Api {
     enroller: Enroller,
     shutdown: CancellationToken,
     keys: Arc<Keys>,
-    /// Requests per API key, by key (like `keys`: in memory only, never logged).
+    /// Requests per API key, by the key's hash (in memory only, never logged).
     rate: Arc<KeyedRate<String>>,
-    /// The data directory, for backups.
+    /// The data directory and the store, for backups.
     data_dir: PathBuf,
+    store: Arc<dyn Store>,
     /// CA rotations of this server.
     rotator: Arc<crate::pki::Rotator>,
 }
 
 impl Api {
-    /// Services over `hub` and the server's `data_dir`, authenticating with `keys`; watch
-    /// streams end at `shutdown` (and when their key is revoked or expires).
+    /// Services over `hub`, and the server's `store` and `data_dir` for backups, authenticating
+    /// with `keys`; watch streams end at `shutdown` (and when their key is revoked or expires).
     pub fn new(
         hub: Hub,
         enroller: Enroller,
         keys: Arc<Keys>,
+        store: Arc<dyn Store>,
         data_dir: PathBuf,
         rotator: Arc<crate::pki::Rotator>,
         shutdown: CancellationToken,
@@ -74,6 +85,7 @@ impl Api {
             keys,
             rate: Arc::new(rate),
             data_dir,
+            store,
             rotator,
         }
     }
@@ -90,33 +102,20 @@ impl Api {
 
     /// Check the caller's API key for `scope`.
     fn authorize<T>(&self, req: &Request<T>, scope: Scope) -> Result<Holder, Status> {
-        let holder = self.caller(req)?;
-        if !holder.grants(scope) {
-            return Err(Status::permission_denied(format!(
-                "API key {:?} lacks the {scope:?} scope",
-                holder.name()
-            )));
-        }
-        Ok(holder)
+        self.caller(req)?.require(scope).map_err(key_status)
     }
 
-    /// The caller's API key: known, not revoked, not expired.
+    /// The caller's API key: known, not revoked, not expired, within its rate.
     fn caller<T>(&self, req: &Request<T>) -> Result<Holder, Status> {
-        let key = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(bearer_token)
-            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <api key>`"))?;
-        let holder = self.keys.authenticate(key).map_err(key_status)?;
-        self.within_rate(key, holder)
+        let authorization = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        self.within_rate(self.keys.caller(authorization).map_err(key_status)?)
     }
 
     /// Take one request from the key's rate (`limits.api_requests_per_sec_per_key`): a sender
     /// in a retry loop must not take the hub from the others. Only known keys get here, so the
     /// limiter holds at most one entry per key.
-    fn within_rate(&self, key: &str, holder: Holder) -> Result<Holder, Status> {
-        if self.rate.check(&key.to_owned()) {
+    fn within_rate(&self, holder: Holder) -> Result<Holder, Status> {
+        if self.rate.check(&holder.hash().to_owned()) {
             return Ok(holder);
         }
         metrics::api_rate_limited();
@@ -596,7 +595,7 @@ impl push_admin_server::PushAdmin for Api {
 
     async fn backup(&self, req: Request<BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
         let admin = self.authorize(&req, Scope::Admin)?;
-        let (dir, store) = (self.data_dir.clone(), self.hub.store().clone());
+        let (dir, store) = (self.data_dir.clone(), self.store.clone());
         let taken = tokio::task::spawn_blocking(move || crate::backup::open_snapshot(&dir, &*store))
             .await
             .map_err(|e| Status::internal(format!("backup task failed: {e}")))?;
@@ -694,9 +693,10 @@ fn key_info(k: KeySummary) -> ApiKeyInfo {
 /// Refused keys are UNAUTHENTICATED with the reason (unknown, revoked, expired at ...).
 fn key_status(e: KeyError) -> Status {
     match e {
-        KeyError::Unknown | KeyError::Revoked { .. } | KeyError::Expired { .. } => {
+        KeyError::Missing | KeyError::Unknown | KeyError::Revoked { .. } | KeyError::Expired { .. } => {
             Status::unauthenticated(e.to_string())
         }
+        KeyError::Forbidden(..) => Status::permission_denied(e.to_string()),
         KeyError::Invalid(m) => Status::invalid_argument(m),
         KeyError::Refused(m) => Status::failed_precondition(m),
         KeyError::Store(e) => store_status(e),
@@ -726,11 +726,59 @@ fn targets(target: Option<Target>) -> Result<(Vec<String>, Option<String>), Stat
     Ok((ids, group))
 }
 
+/// The gRPC API over TLS 1.3 (same certificate as the device listener, ALPN h2), with health
+/// and reflection so grpcurl-style tools work.
+pub fn serve(
+    listener: TcpListener,
+    certs: Arc<pki::CertSlot>,
+    limits: Limits,
+    api: Api,
+    shutdown: CancellationToken,
+) -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    let mut tls = pki::server_config_from(certs)?;
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(push_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    // v1alpha too: older grpcurl and the grpcio-based clients only ask for it.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(push_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let incoming = tls_incoming(listener, acceptor, limits, shutdown.clone(), Listener::Api);
+    let incoming = ReceiverStream::new(incoming).map(|(tls, _peer)| Ok::<_, std::io::Error>(tls));
+    let sender = api.sender();
+    let admin = api.admin();
+    Ok(async move {
+        health
+            .set_serving::<push_sender_server::PushSenderServer<Api>>()
+            .await;
+        health
+            .set_serving::<push_admin_server::PushAdminServer<Api>>()
+            .await;
+        let result = tonic::transport::Server::builder()
+            .layer(tower::util::MapResponseLayer::new(
+                oversized_is_resource_exhausted::<tonic::body::Body>,
+            ))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(reflection_v1alpha)
+            .add_service(sender)
+            .add_service(admin)
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "API server failed");
+        }
+    })
+}
+
 /// Tonic answers a request over its message size limit with OUT_OF_RANGE, which clients treat
 /// as a bad argument value; gRPC's convention (and every other gRPC server) says
 /// RESOURCE_EXHAUSTED. Such an answer is trailers-only (the status is in the headers), since
 /// the request was refused before the handler ran, so only those headers need rewriting.
-pub fn oversized_is_resource_exhausted<B>(mut res: http::Response<B>) -> http::Response<B> {
+fn oversized_is_resource_exhausted<B>(mut res: http::Response<B>) -> http::Response<B> {
     let headers = res.headers_mut();
     let oversized = headers.get("grpc-status").is_some_and(|s| s == "11")
         && headers
