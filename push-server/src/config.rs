@@ -1,9 +1,10 @@
 //! Configuration: defaults, then a TOML file, then environment variables and flags (those two
-//! are merged by clap in `main.rs`). Every limit lives in [`Limits`], so the hostile-input pass
-//! and operators tune one place.
+//! merged by clap into [`ServeArgs`], which [`ServeArgs::load`] lays over the file). Every limit
+//! lives in [`Limits`], so the hostile-input pass and operators tune one place.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use anyhow::Context as _;
 use serde::Deserialize;
 
 /// Why a configuration could not be used.
@@ -65,6 +66,101 @@ pub struct Config {
     /// configuration-file key, so no configuration can turn it on.
     #[serde(skip)]
     pub test_clock_file: Option<PathBuf>,
+}
+
+/// The flags of `push-server serve`, each with its environment variable (clap prefers the flag):
+/// the ones given override the configuration file.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration file; flags and environment variables override it.
+    #[arg(long, env = "PUSH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (store, keys, certificates).
+    #[arg(long, env = "PUSH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Device listener address.
+    #[arg(long, env = "PUSH_DEVICE_LISTEN")]
+    pub device_listen: Option<SocketAddr>,
+    /// gRPC API listener address.
+    #[arg(long, env = "PUSH_API_LISTEN")]
+    pub api_listen: Option<SocketAddr>,
+    /// Dashboard and /metrics listener address (HTTPS).
+    #[arg(long, env = "PUSH_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// This node's name in the dashboard (default: the host name).
+    #[arg(long, env = "PUSH_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Host name or IP devices use to reach the server (repeatable; goes into the certificate).
+    #[arg(long = "server-name", env = "PUSH_SERVER_NAMES", value_delimiter = ',')]
+    pub server_names: Vec<String>,
+    /// Heartbeat interval in milliseconds.
+    #[arg(long, env = "PUSH_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// Heartbeat answer deadline in milliseconds.
+    #[arg(long, env = "PUSH_HEARTBEAT_TIMEOUT_MS")]
+    pub heartbeat_timeout_ms: Option<u64>,
+    /// Simulated time, for the lifecycle host only: the hub's clock runs this file's offset
+    /// (ms) ahead of the wall clock, re-read on SIGUSR2. Hidden: no deployment sets it.
+    #[arg(long, hide = true)]
+    pub test_clock_file: Option<PathBuf>,
+    /// Cluster mode: the Redis every node shares (`redis://host:port/db`, `rediss://` for TLS,
+    /// `redis+sentinel://host:port[,host:port...]/master_name[/db]` through Sentinel); each node
+    /// needs its own --node-name.
+    #[arg(long, env = "PUSH_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// PEM CA certificate to verify Redis with (`rediss`), instead of the system's.
+    #[arg(long, env = "PUSH_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// PEM client certificate for Redis (with --redis-client-key-file).
+    #[arg(long, env = "PUSH_REDIS_CLIENT_CERT_FILE")]
+    pub redis_client_cert_file: Option<PathBuf>,
+    /// PEM private key of --redis-client-cert-file.
+    #[arg(long, env = "PUSH_REDIS_CLIENT_KEY_FILE")]
+    pub redis_client_key_file: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// The configuration to serve: defaults, then the `--config` file (checked, errors naming
+    /// it), then every flag or environment variable given.
+    pub fn load(self) -> anyhow::Result<Config> {
+        fn set<T>(slot: &mut T, flag: Option<T>) {
+            if let Some(v) = flag {
+                *slot = v;
+            }
+        }
+        let mut cfg = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        set(&mut cfg.data_dir, self.data_dir);
+        set(&mut cfg.device_listen, self.device_listen);
+        set(&mut cfg.api_listen, self.api_listen);
+        set(&mut cfg.http_listen, self.http_listen);
+        set(&mut cfg.node_name, self.node_name);
+        set(
+            &mut cfg.server_names,
+            Some(self.server_names).filter(|n| !n.is_empty()),
+        );
+        set(&mut cfg.heartbeat_interval_ms, self.heartbeat_interval_ms);
+        set(&mut cfg.heartbeat_timeout_ms, self.heartbeat_timeout_ms);
+        cfg.test_clock_file = self.test_clock_file;
+        let cluster = &mut cfg.cluster;
+        set(&mut cluster.redis_url, self.redis_url);
+        set(&mut cluster.redis_ca_file, self.redis_ca_file.map(Some));
+        set(
+            &mut cluster.redis_client_cert_file,
+            self.redis_client_cert_file.map(Some),
+        );
+        set(
+            &mut cluster.redis_client_key_file,
+            self.redis_client_key_file.map(Some),
+        );
+        if let Some(path) = &self.config {
+            cfg.validate()
+                .with_context(|| format!("in config file {}", path.display()))?;
+        }
+        Ok(cfg)
+    }
 }
 
 /// `[cluster]`: empty (the default) runs one node on the embedded store.
