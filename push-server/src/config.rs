@@ -1,5 +1,5 @@
 //! Configuration: defaults, then a TOML file, then environment variables and flags (those two
-//! merged by clap into [`ServeArgs`], which [`ServeArgs::load`] lays over the file). Every limit
+//! merged by clap into [`ConfigArgs`] and [`ServeArgs`], which lay them over the file). Every limit
 //! lives in [`Limits`], so the hostile-input pass and operators tune one place.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -68,10 +68,10 @@ pub struct Config {
     pub test_clock_file: Option<PathBuf>,
 }
 
-/// The flags of `push-server serve`, each with its environment variable (clap prefers the flag):
-/// the ones given override the configuration file.
+/// Where the configuration comes from, for `serve` and `doctor`: the file, then the flags given
+/// (each with its environment variable; clap prefers the flag).
 #[derive(Debug, clap::Args)]
-pub struct ServeArgs {
+pub struct ConfigArgs {
     /// TOML configuration file; flags and environment variables override it.
     #[arg(long, env = "PUSH_CONFIG")]
     pub config: Option<PathBuf>,
@@ -84,6 +84,27 @@ pub struct ServeArgs {
     /// gRPC API listener address.
     #[arg(long, env = "PUSH_API_LISTEN")]
     pub api_listen: Option<SocketAddr>,
+}
+
+impl ConfigArgs {
+    /// The file's configuration (the defaults without one) under the flags given, unchecked.
+    pub fn read(&self) -> Result<Config, ConfigError> {
+        let mut cfg = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        set(&mut cfg.data_dir, self.data_dir.clone());
+        set(&mut cfg.device_listen, self.device_listen);
+        set(&mut cfg.api_listen, self.api_listen);
+        Ok(cfg)
+    }
+}
+
+/// The flags of `push-server serve`: [`ConfigArgs`] and the ones only the server reads.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
     /// Dashboard and /metrics listener address (HTTPS).
     #[arg(long, env = "PUSH_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
@@ -120,21 +141,10 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// The configuration to serve: defaults, then the `--config` file (checked, errors naming
-    /// it), then every flag or environment variable given.
+    /// The configuration to serve: [`ConfigArgs::read`] under the other flags given, checked
+    /// (naming the file, if any, in the error).
     pub fn load(self) -> anyhow::Result<Config> {
-        fn set<T>(slot: &mut T, flag: Option<T>) {
-            if let Some(v) = flag {
-                *slot = v;
-            }
-        }
-        let mut cfg = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
-        };
-        set(&mut cfg.data_dir, self.data_dir);
-        set(&mut cfg.device_listen, self.device_listen);
-        set(&mut cfg.api_listen, self.api_listen);
+        let mut cfg = self.config.read()?;
         set(&mut cfg.http_listen, self.http_listen);
         set(&mut cfg.node_name, self.node_name);
         set(
@@ -155,11 +165,18 @@ impl ServeArgs {
             &mut cluster.redis_client_key_file,
             self.redis_client_key_file.map(Some),
         );
-        if let Some(path) = &self.config {
+        if let Some(path) = &self.config.config {
             cfg.validate()
                 .with_context(|| format!("in config file {}", path.display()))?;
         }
         Ok(cfg)
+    }
+}
+
+/// A flag given overrides the configuration's value.
+fn set<T>(slot: &mut T, flag: Option<T>) {
+    if let Some(v) = flag {
+        *slot = v;
     }
 }
 
@@ -812,6 +829,49 @@ mod tests {
         let cfg: Config = toml::from_str("[limits.http_handshakes]\nburst = 0\n").unwrap();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("limits.http_handshakes"), "{err}");
+    }
+
+    #[test]
+    fn a_flag_given_overrides_the_file_and_the_file_the_defaults() {
+        #[derive(clap::Parser)]
+        struct Serve {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "data_dir = \"file\"\nnode_name = \"n1\"\n[cluster]\nredis_url = \"redis://f\"\n",
+        )
+        .unwrap();
+        let config = path.to_str().unwrap();
+        let flags = [
+            "serve",
+            "--config",
+            config,
+            "--data-dir",
+            "flag",
+            "--server-name",
+            "a,b",
+        ];
+        let cfg = <Serve as clap::Parser>::parse_from(flags).args.load().unwrap();
+        assert_eq!(cfg.data_dir, PathBuf::from("flag"));
+        assert_eq!(cfg.server_names, ["a", "b"]);
+        assert_eq!(
+            (cfg.node_name.as_str(), cfg.cluster.redis_url.as_str()),
+            ("n1", "redis://f")
+        );
+        assert_eq!(cfg.api_listen, Config::default().api_listen);
+        let flags = ["serve", "--config", config, "--heartbeat-timeout-ms", "0"];
+        let err = <Serve as clap::Parser>::parse_from(flags)
+            .args
+            .load()
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("c.toml: invalid configuration: heartbeat"),
+            "{err:#}"
+        );
     }
 
     #[test]

@@ -277,16 +277,9 @@ pub struct CallArgs {
 pub const UNANSWERED_EXIT: u8 = 3;
 
 /// `call --wait` saw the call end without an answer (its outcome is already printed).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("the call ended {}", call_state_name(*.0))]
 pub struct Unanswered(CallState);
-
-impl std::fmt::Display for Unanswered {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the call ended {}", call_state_name(self.0))
-    }
-}
-
-impl std::error::Error for Unanswered {}
 
 /// One `--escalate` value: `<after_secs>:<target>[,<target>...][:stop]`.
 fn parse_escalation(spec: &str) -> Result<EscalationStep, String> {
@@ -426,11 +419,8 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             token,
             clear,
         }) => {
-            let token = if clear {
-                String::new()
-            } else {
-                token.unwrap_or_default()
-            };
+            // clap refuses a token with --clear.
+            let token = token.unwrap_or_default();
             admin(&api)
                 .await?
                 .set_voip_token(SetVoipTokenRequest {

@@ -54,38 +54,27 @@ pub enum OnCall {
 }
 
 pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
-    let ConnectArgs {
-        addr,
-        credential,
-        data_dir,
-        server_name,
-        last_seen,
-        epoch,
-        ssid,
-        count,
-        on_call,
-    } = args;
-    let credential = match credential.strip_prefix('@') {
+    let credential = match args.credential.strip_prefix('@') {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {path}"))?
             .trim()
             .to_string(),
-        None => credential,
+        None => args.credential,
     };
-    let ca_pem = read_ca(&data_dir)?;
+    let ca_pem = read_ca(&args.data_dir)?;
     let hello = Hello {
         credential,
         sdk_version: concat!("push-server-cli/", env!("CARGO_PKG_VERSION")).into(),
-        last_seen_seq: last_seen,
-        ssid,
+        last_seen_seq: args.last_seen,
+        ssid: args.ssid,
         instance_id: uuid::Uuid::new_v4().to_string(),
-        epoch,
+        epoch: args.epoch,
         device_time_ms: push_server::hub::now_ms(),
         previous_stop_reason: String::new(),
     };
     let mut client = DeviceClient::connect(ClientOptions {
-        addr,
-        server_name,
+        addr: args.addr,
+        server_name: args.server_name,
         ca_pem,
         hello,
     })
@@ -98,12 +87,12 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         client.server_hello.replay_count
     );
     let mut received = 0;
-    while count == 0 || received < count {
+    while args.count == 0 || received < args.count {
         let push = client.next_push().await?;
         println!("{}", describe(&push));
         client.ack(&[push.seq]).await?;
         received += 1;
-        let outcome = match on_call {
+        let outcome = match args.on_call {
             OnCall::Answer => CallOutcome::Answered,
             OnCall::Decline => CallOutcome::Declined,
             OnCall::Ignore => continue,

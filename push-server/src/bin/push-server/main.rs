@@ -7,7 +7,7 @@ mod output;
 mod serve;
 
 use clap::{Parser, Subcommand};
-use push_server::config::ServeArgs;
+use push_server::config::{ConfigArgs, ServeArgs};
 
 #[derive(Parser)]
 #[command(
@@ -32,7 +32,7 @@ enum Command {
     /// Site pre-flight: check what breaks sites (certificate names, DNS, reachability, SSIDs,
     /// phone clocks, the data directory) and print the Wi-Fi pitfalls to check on the access
     /// points; one line per finding, exit status 1 on any failure.
-    Doctor(push_server::doctor::DoctorArgs),
+    Doctor(ConfigArgs),
 }
 
 #[tokio::main]
