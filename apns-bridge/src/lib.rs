@@ -20,6 +20,7 @@
 //!   the push-server's client for it; both modes run the same [`Bridge`].
 //! - [`tls13`]: the TLS 1.3-only configurations and accept loop of the remote link.
 //! - [`clock`]: wall-clock time as an input.
+//! - [`daemon`]: logging and the shutdown signal of the daemons (this one and `push-server`).
 //!
 //! The binary (`src/main.rs`) is `apns-bridge serve`: the remote mode's server.
 //!
@@ -32,6 +33,7 @@ pub mod apple;
 pub mod bridge;
 pub mod clock;
 pub mod contract;
+pub mod daemon;
 pub mod fake;
 pub mod policy;
 pub mod remote;

@@ -84,16 +84,7 @@ struct ServeArgs {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal (and without NO_COLOR): journald and log files get plain text.
-        .with_ansi(
-            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
-        )
-        .init();
+    apns_bridge::daemon::init_tracing(false);
     let Command::Serve(args) = Cli::parse().command;
     match serve(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -189,7 +180,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if tls.is_none() && !addr.ip().is_loopback() {
         bail!("{}", remote::RemoteError::PlaintextNotLoopback(addr.to_string()));
     }
-    let signal = shutdown_signal()?;
+    let signal = apns_bridge::daemon::shutdown_signal()?;
     let bridge = Arc::new(Bridge::new(transport, settings));
     let tls_note = if tls.is_some() {
         "tls"
@@ -201,18 +192,4 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     server.await?;
     tracing::info!("apns-bridge stopped");
     Ok(())
-}
-
-/// SIGTERM or SIGINT.
-fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    Ok(async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("shutdown requested");
-    })
 }

@@ -56,10 +56,11 @@ async fn readme_walkthrough_through_the_cli() {
     let api = server.api_addr.to_string();
     let addr = server.device_addr.to_string();
     let data_dir = path_str(&data);
+    let cli_api = |command: &[&str]| cli(&[command, &["--api", &api, "--data-dir", data_dir]].concat());
 
     // 1. Issue a credential into a file readable only by its owner.
     let cred_file = tmp.path().join("phone-1.cred");
-    let out = cli(&[
+    let out = cli_api(&[
         "device",
         "issue",
         "phone-1",
@@ -67,10 +68,6 @@ async fn readme_walkthrough_through_the_cli() {
         "ward:4B",
         "--out",
         path_str(&cred_file),
-        "--api",
-        &api,
-        "--data-dir",
-        data_dir,
     ]);
     assert!(out.contains("phone-1"), "{out}");
     let mode = std::fs::metadata(&cred_file).unwrap().permissions().mode();
@@ -104,17 +101,7 @@ async fn readme_walkthrough_through_the_cli() {
     assert!(hello.contains("phone-1"), "{hello}");
 
     // 3. Send it a message.
-    let out = cli(&[
-        "send",
-        "--device",
-        "phone-1",
-        "--body",
-        "hi",
-        "--api",
-        &api,
-        "--data-dir",
-        data_dir,
-    ]);
+    let out = cli_api(&["send", "--device", "phone-1", "--body", "hi"]);
     let message_id = out
         .lines()
         .find_map(|l| l.strip_prefix("message "))
@@ -161,7 +148,7 @@ async fn readme_walkthrough_through_the_cli() {
         assert!(std::time::Instant::now() < deadline, "not acked: {status:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let status_out = cli(&["status", &message_id, "--api", &api, "--data-dir", data_dir]);
+    let status_out = cli_api(&["status", &message_id]);
     assert!(
         status_out.contains("phone-1") && status_out.contains("acked"),
         "{status_out}"
@@ -169,8 +156,7 @@ async fn readme_walkthrough_through_the_cli() {
 
     // The same, for scripts.
     let json = |command: &[&str]| -> serde_json::Value {
-        let args = [command, &["--json", "--api", &api, "--data-dir", data_dir]].concat();
-        let out = cli(&args);
+        let out = cli_api(&[command, &["--json"]].concat());
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{command:?} --json: {e}: {out}"))
     };
     let status = json(&["status", &message_id]);
@@ -198,38 +184,20 @@ async fn readme_walkthrough_through_the_cli() {
             .any(|k| k["state"] == "active" && k["scopes"] == serde_json::json!(["admin"]))),
         "{keys}"
     );
-    let list = cli(&["device", "list", "--api", &api, "--data-dir", data_dir]);
+    let list = cli_api(&["device", "list"]);
     assert!(
         list.lines().next().is_some_and(|h| h.starts_with("DEVICE")),
         "{list}"
     );
     assert!(list.lines().any(|l| l.starts_with("phone-1 ")), "{list}");
-    let list = cli(&[
-        "device",
-        "list",
-        "--group",
-        "ward:4B",
-        "--api",
-        &api,
-        "--data-dir",
-        data_dir,
-    ]);
+    let list = cli_api(&["device", "list", "--group", "ward:4B"]);
     assert!(list.lines().any(|l| l.starts_with("phone-1 ")), "{list}");
-    let list = cli(&[
-        "device",
-        "list",
-        "--group",
-        "ward:9Z",
-        "--api",
-        &api,
-        "--data-dir",
-        data_dir,
-    ]);
+    let list = cli_api(&["device", "list", "--group", "ward:9Z"]);
     assert!(!list.contains("phone-1"), "{list}");
 
     // 7. Enroll a second phone: the property list its container app saves, owner-only.
     let plist_file = tmp.path().join("phone-2.plist");
-    cli(&[
+    cli_api(&[
         "device",
         "enroll",
         "phone-2",
@@ -237,10 +205,6 @@ async fn readme_walkthrough_through_the_cli() {
         "ward:4B",
         "--out",
         path_str(&plist_file),
-        "--api",
-        &api,
-        "--data-dir",
-        data_dir,
     ]);
     let mode = std::fs::metadata(&plist_file).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "enrollment file mode {mode:o}");
@@ -256,16 +220,7 @@ async fn readme_walkthrough_through_the_cli() {
         2,
         "current and next pin"
     );
-    let list = cli(&[
-        "device",
-        "list",
-        "--group",
-        "ward:4B",
-        "--api",
-        &api,
-        "--data-dir",
-        data_dir,
-    ]);
+    let list = cli_api(&["device", "list", "--group", "ward:4B"]);
     assert!(list.lines().any(|l| l.starts_with("phone-2 ")), "{list}");
 }
 

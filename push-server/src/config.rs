@@ -1,9 +1,10 @@
 //! Configuration: defaults, then a TOML file, then environment variables and flags (those two
-//! are merged by clap in `main.rs`). Every limit lives in [`Limits`], so the hostile-input pass
-//! and operators tune one place.
+//! merged by clap into [`ConfigArgs`] and [`ServeArgs`], which lay them over the file). Every limit
+//! lives in [`Limits`], so the hostile-input pass and operators tune one place.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use anyhow::Context as _;
 use serde::Deserialize;
 
 /// Why a configuration could not be used.
@@ -65,6 +66,118 @@ pub struct Config {
     /// configuration-file key, so no configuration can turn it on.
     #[serde(skip)]
     pub test_clock_file: Option<PathBuf>,
+}
+
+/// Where the configuration comes from, for `serve` and `doctor`: the file, then the flags given
+/// (each with its environment variable; clap prefers the flag).
+#[derive(Debug, clap::Args)]
+pub struct ConfigArgs {
+    /// TOML configuration file; flags and environment variables override it.
+    #[arg(long, env = "PUSH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (store, keys, certificates).
+    #[arg(long, env = "PUSH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Device listener address.
+    #[arg(long, env = "PUSH_DEVICE_LISTEN")]
+    pub device_listen: Option<SocketAddr>,
+    /// gRPC API listener address.
+    #[arg(long, env = "PUSH_API_LISTEN")]
+    pub api_listen: Option<SocketAddr>,
+}
+
+impl ConfigArgs {
+    /// The file's configuration (the defaults without one) under the flags given, unchecked.
+    pub fn read(&self) -> Result<Config, ConfigError> {
+        let mut cfg = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        set(&mut cfg.data_dir, self.data_dir.clone());
+        set(&mut cfg.device_listen, self.device_listen);
+        set(&mut cfg.api_listen, self.api_listen);
+        Ok(cfg)
+    }
+}
+
+/// The flags of `push-server serve`: [`ConfigArgs`] and the ones only the server reads.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Dashboard and /metrics listener address (HTTPS).
+    #[arg(long, env = "PUSH_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// This node's name in the dashboard (default: the host name).
+    #[arg(long, env = "PUSH_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Host name or IP devices use to reach the server (repeatable; goes into the certificate).
+    #[arg(long = "server-name", env = "PUSH_SERVER_NAMES", value_delimiter = ',')]
+    pub server_names: Vec<String>,
+    /// Heartbeat interval in milliseconds.
+    #[arg(long, env = "PUSH_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// Heartbeat answer deadline in milliseconds.
+    #[arg(long, env = "PUSH_HEARTBEAT_TIMEOUT_MS")]
+    pub heartbeat_timeout_ms: Option<u64>,
+    /// Simulated time, for the lifecycle host only: the hub's clock runs this file's offset
+    /// (ms) ahead of the wall clock, re-read on SIGUSR2. Hidden: no deployment sets it.
+    #[arg(long, hide = true)]
+    pub test_clock_file: Option<PathBuf>,
+    /// Cluster mode: the Redis every node shares (`redis://host:port/db`, `rediss://` for TLS,
+    /// `redis+sentinel://host:port[,host:port...]/master_name[/db]` through Sentinel); each node
+    /// needs its own --node-name.
+    #[arg(long, env = "PUSH_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// PEM CA certificate to verify Redis with (`rediss`), instead of the system's.
+    #[arg(long, env = "PUSH_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// PEM client certificate for Redis (with --redis-client-key-file).
+    #[arg(long, env = "PUSH_REDIS_CLIENT_CERT_FILE")]
+    pub redis_client_cert_file: Option<PathBuf>,
+    /// PEM private key of --redis-client-cert-file.
+    #[arg(long, env = "PUSH_REDIS_CLIENT_KEY_FILE")]
+    pub redis_client_key_file: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// The configuration to serve: [`ConfigArgs::read`] under the other flags given, checked
+    /// (naming the file, if any, in the error).
+    pub fn load(self) -> anyhow::Result<Config> {
+        let mut cfg = self.config.read()?;
+        set(&mut cfg.http_listen, self.http_listen);
+        set(&mut cfg.node_name, self.node_name);
+        set(
+            &mut cfg.server_names,
+            Some(self.server_names).filter(|n| !n.is_empty()),
+        );
+        set(&mut cfg.heartbeat_interval_ms, self.heartbeat_interval_ms);
+        set(&mut cfg.heartbeat_timeout_ms, self.heartbeat_timeout_ms);
+        cfg.test_clock_file = self.test_clock_file;
+        let cluster = &mut cfg.cluster;
+        set(&mut cluster.redis_url, self.redis_url);
+        set(&mut cluster.redis_ca_file, self.redis_ca_file.map(Some));
+        set(
+            &mut cluster.redis_client_cert_file,
+            self.redis_client_cert_file.map(Some),
+        );
+        set(
+            &mut cluster.redis_client_key_file,
+            self.redis_client_key_file.map(Some),
+        );
+        if let Some(path) = &self.config.config {
+            cfg.validate()
+                .with_context(|| format!("in config file {}", path.display()))?;
+        }
+        Ok(cfg)
+    }
+}
+
+/// A flag given overrides the configuration's value.
+fn set<T>(slot: &mut T, flag: Option<T>) {
+    if let Some(v) = flag {
+        *slot = v;
+    }
 }
 
 /// `[cluster]`: empty (the default) runs one node on the embedded store.
@@ -716,6 +829,49 @@ mod tests {
         let cfg: Config = toml::from_str("[limits.http_handshakes]\nburst = 0\n").unwrap();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("limits.http_handshakes"), "{err}");
+    }
+
+    #[test]
+    fn a_flag_given_overrides_the_file_and_the_file_the_defaults() {
+        #[derive(clap::Parser)]
+        struct Serve {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "data_dir = \"file\"\nnode_name = \"n1\"\n[cluster]\nredis_url = \"redis://f\"\n",
+        )
+        .unwrap();
+        let config = path.to_str().unwrap();
+        let flags = [
+            "serve",
+            "--config",
+            config,
+            "--data-dir",
+            "flag",
+            "--server-name",
+            "a,b",
+        ];
+        let cfg = <Serve as clap::Parser>::parse_from(flags).args.load().unwrap();
+        assert_eq!(cfg.data_dir, PathBuf::from("flag"));
+        assert_eq!(cfg.server_names, ["a", "b"]);
+        assert_eq!(
+            (cfg.node_name.as_str(), cfg.cluster.redis_url.as_str()),
+            ("n1", "redis://f")
+        );
+        assert_eq!(cfg.api_listen, Config::default().api_listen);
+        let flags = ["serve", "--config", config, "--heartbeat-timeout-ms", "0"];
+        let err = <Serve as clap::Parser>::parse_from(flags)
+            .args
+            .load()
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("c.toml: invalid configuration: heartbeat"),
+            "{err:#}"
+        );
     }
 
     #[test]

@@ -56,6 +56,61 @@ pub struct Server {
     store: Arc<dyn Store>,
 }
 
+/// The line `push-server serve` prints on stdout once it listens (and will shut down cleanly on
+/// SIGTERM): launchers read the bound addresses from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ready {
+    /// Where devices connect.
+    pub devices: SocketAddr,
+    /// Where the gRPC API listens.
+    pub api: SocketAddr,
+    /// Where the dashboard and `/metrics` listen (HTTPS).
+    pub dashboard: SocketAddr,
+}
+
+impl Ready {
+    /// How the line starts.
+    pub const PREFIX: &str = "push-server ready: ";
+}
+
+impl std::fmt::Display for Ready {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            devices,
+            api,
+            dashboard,
+        } = self;
+        write!(
+            f,
+            "{}devices={devices} api={api} dashboard=https://{dashboard}/",
+            Self::PREFIX
+        )
+    }
+}
+
+/// A line that is not a [`Ready`] line.
+#[derive(Debug, thiserror::Error)]
+#[error("not a push-server ready line: {0:?}")]
+pub struct NotReady(String);
+
+impl std::str::FromStr for Ready {
+    type Err = NotReady;
+
+    fn from_str(line: &str) -> Result<Self, NotReady> {
+        let parse = || {
+            let rest = line.strip_prefix(Self::PREFIX)?.strip_prefix("devices=")?;
+            let (devices, rest) = rest.split_once(" api=")?;
+            let (api, dashboard) = rest.split_once(" dashboard=https://")?;
+            Some(Self {
+                devices: devices.parse().ok()?,
+                api: api.parse().ok()?,
+                dashboard: dashboard.strip_suffix('/')?.parse().ok()?,
+            })
+        };
+        parse().ok_or_else(|| NotReady(line.into()))
+    }
+}
+
 impl Server {
     /// Prepare the data directory, open the store and start listening, with the APNs VoIP
     /// fallback the configuration's `[apns]` section asks for.
@@ -422,5 +477,37 @@ mod tests {
             super::redact_userinfo("redis+sentinel://s1/mymaster/0?sentinel_password=s3cret@x"),
             "redis+sentinel://s1/mymaster/0?***"
         );
+    }
+
+    use super::*;
+
+    #[test]
+    fn the_ready_line_reads_back_what_it_says() {
+        let ready = Ready {
+            devices: "0.0.0.0:7443".parse().unwrap(),
+            api: "127.0.0.1:7444".parse().unwrap(),
+            dashboard: "[::1]:7445".parse().unwrap(),
+        };
+        let line = ready.to_string();
+        assert_eq!(
+            line,
+            "push-server ready: devices=0.0.0.0:7443 api=127.0.0.1:7444 dashboard=https://[::1]:7445/"
+        );
+        assert_eq!(line.parse::<Ready>().unwrap(), ready);
+    }
+
+    #[test]
+    fn anything_else_is_not_a_ready_line() {
+        for bad in [
+            "",
+            "apns-bridge ready: listen=0.0.0.0:7450 transport=tls",
+            "push-server ready: devices=127.0.0.1:1 api=127.0.0.1:2",
+            "push-server ready: devices=x api=127.0.0.1:2 dashboard=https://127.0.0.1:3/",
+            "push-server ready: devices=127.0.0.1:1 api=127.0.0.1:2 dashboard=http://127.0.0.1:3/",
+            "push-server ready: devices=127.0.0.1:1 api=127.0.0.1:2 dashboard=https://127.0.0.1:3/ more",
+        ] {
+            let err = bad.parse::<Ready>().unwrap_err().to_string();
+            assert!(err.contains("not a push-server ready line"), "{bad}: {err}");
+        }
     }
 }

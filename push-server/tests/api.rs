@@ -4,17 +4,12 @@ mod common;
 
 use common::*;
 use push_proto::sender::{CreateApiKeyRequest, ListDevicesRequest, SendMessageRequest};
-use push_server::api_client::ApiClient;
 
 #[tokio::test]
 async fn api_keys_are_required_and_scoped() {
     let h = Harness::start().await;
     h.issue("phone-1", &[]).await;
-    let addr = h.server.as_ref().unwrap().api_addr;
-
-    let nobody = ApiClient::connect(addr, "localhost", &h.ca, "lpk_wrong")
-        .await
-        .unwrap();
+    let nobody = h.client("lpk_wrong").await;
     let err = nobody
         .sender()
         .list_devices(ListDevicesRequest::default())
@@ -22,20 +17,9 @@ async fn api_keys_are_required_and_scoped() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 
-    let reader_key = h
-        .admin()
-        .create_api_key(CreateApiKeyRequest {
-            name: "dashboard".into(),
-            scopes: vec!["read".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .api_key;
-    let reader = ApiClient::connect(addr, "localhost", &h.ca, &reader_key)
-        .await
-        .unwrap();
+    let reader = h
+        .client(&h.create_key("dashboard", &["read"], &[]).await.api_key)
+        .await;
     assert_eq!(
         reader
             .sender()

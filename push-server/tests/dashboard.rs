@@ -12,10 +12,7 @@ use common::*;
 use fantoccini::{Client, ClientBuilder, Locator};
 use push_proto::{
     device::{CallOutcome, CallOutcomeResult, NetworkChange, client_frame, push},
-    sender::{
-        CreateApiKeyRequest, DeliveryState, DeviceList, EscalationStep, PlaceCallRequest, RotateCaRequest,
-        Target, target,
-    },
+    sender::{DeliveryState, DeviceList, EscalationStep, PlaceCallRequest, RotateCaRequest, Target, target},
 };
 use push_server::client::DeviceClient;
 use serde_json::{Value, json};
@@ -27,28 +24,8 @@ const PAGE_WAIT: Duration = Duration::from_secs(20);
 async fn login_roles_and_csrf() {
     let h = Harness::start().await;
     h.issue("phone-1", &[]).await;
-    let reader = h
-        .admin()
-        .create_api_key(CreateApiKeyRequest {
-            name: "ward-screen".into(),
-            scopes: vec!["read".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .api_key;
-    let sender = h
-        .admin()
-        .create_api_key(CreateApiKeyRequest {
-            name: "nurse-call".into(),
-            scopes: vec!["send".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .api_key;
+    let reader = h.create_key("ward-screen", &["read"], &[]).await.api_key;
+    let sender = h.create_key("nurse-call", &["send"], &[]).await.api_key;
     let json_ct = ("content-type", "application/json");
     let login = |key: String| {
         let h = &h;

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use push_proto::sender::{CreateApiKeyRequest, EnrollDeviceRequest, Enrollment, SendMessageRequest};
+use push_proto::sender::{EnrollDeviceRequest, Enrollment, SendMessageRequest};
 use push_server::{api_client::ApiClient, hub::now_ms};
 use tonic::Code;
 
@@ -42,21 +42,8 @@ async fn key(h: &Harness, scopes: &[&str]) -> ApiClient {
 
 /// A new key with enroll groups: the key and a client using it.
 async fn key_with(h: &Harness, name: &str, scopes: &[&str], groups: &[&str]) -> (String, ApiClient) {
-    let key = h
-        .admin()
-        .create_api_key(CreateApiKeyRequest {
-            name: name.into(),
-            scopes: scopes.iter().map(|s| s.to_string()).collect(),
-            enroll_groups: groups.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .api_key;
-    let addr = h.server.as_ref().unwrap().api_addr;
-    let client = ApiClient::connect(addr, "localhost", &h.ca, &key).await.unwrap();
-    (key, client)
+    let key = h.create_key(name, scopes, groups).await.api_key;
+    (key.clone(), h.client(&key).await)
 }
 
 fn request(device_id: &str) -> EnrollDeviceRequest {
@@ -176,16 +163,8 @@ async fn an_enroll_key_enrolls_new_devices_only_and_can_do_nothing_else() {
 async fn https_enrollment_returns_a_property_list() {
     let h = site().await;
     let app_key = h
-        .admin()
-        .create_api_key(CreateApiKeyRequest {
-            name: "container app".into(),
-            scopes: vec!["enroll".into()],
-            enroll_groups: vec!["ward:4B".into()],
-            ..Default::default()
-        })
+        .create_key("container app", &["enroll"], &["ward:4B"])
         .await
-        .unwrap()
-        .into_inner()
         .api_key;
     let auth = format!("Bearer {app_key}");
     let headers = [

@@ -8,12 +8,11 @@ use common::*;
 use push_proto::{
     device::GoodbyeReason,
     sender::{
-        ApiKeyInfo, ApiKeyState, CreateApiKeyRequest, ListApiKeysRequest, ListDevicesRequest,
-        RevokeApiKeyRequest, WatchPresenceRequest,
+        ApiKeyInfo, ApiKeyState, ListApiKeysRequest, ListDevicesRequest, RevokeApiKeyRequest,
+        WatchPresenceRequest,
     },
 };
 use push_server::{
-    api_client::ApiClient,
     auth::api_key_hash,
     client::ClientError,
     hub::now_ms,
@@ -23,22 +22,8 @@ use serde_json::json;
 use tonic::Code;
 
 async fn create(h: &Harness, name: &str, scopes: &[&str]) -> (String, String) {
-    let r = h
-        .admin()
-        .create_api_key(CreateApiKeyRequest {
-            name: name.into(),
-            scopes: scopes.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = h.create_key(name, scopes, &[]).await;
     (r.api_key, r.key_id)
-}
-
-async fn client(h: &Harness, key: &str) -> ApiClient {
-    let addr = h.server.as_ref().unwrap().api_addr;
-    ApiClient::connect(addr, "localhost", &h.ca, key).await.unwrap()
 }
 
 async fn list(h: &Harness) -> Vec<ApiKeyInfo> {
@@ -75,7 +60,7 @@ async fn dashboard_login(h: &Harness, key: &str) -> String {
 async fn a_revoked_key_is_refused_at_once_and_its_stream_and_dashboard_session_end() {
     let h = Harness::start().await;
     let (key, id) = create(&h, "ward-screen", &["read"]).await;
-    let screen = client(&h, &key).await;
+    let screen = h.client(&key).await;
     let mut presence = screen
         .sender()
         .watch_presence(WatchPresenceRequest {})
@@ -188,7 +173,8 @@ async fn the_last_admin_key_cannot_be_revoked_and_the_dashboard_revokes_for_admi
     let (status, _, body) = h.https("POST", &path, &[("cookie", &cookie), csrf], "").await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"state\":\"revoked\""), "{body}");
-    let e = client(&h, &sender_key)
+    let e = h
+        .client(&sender_key)
         .await
         .sender()
         .list_devices(ListDevicesRequest::default())
@@ -233,7 +219,8 @@ async fn expired_keys_are_refused_and_their_streams_end_at_expiry() {
     ];
     let h = Harness::start_with(|c| preload(&c.data_dir, keys)).await;
 
-    let e = client(&h, &expired)
+    let e = h
+        .client(&expired)
         .await
         .sender()
         .list_devices(ListDevicesRequest::default())
@@ -247,7 +234,8 @@ async fn expired_keys_are_refused_and_their_streams_end_at_expiry() {
     assert_eq!(state("temp-screen"), ApiKeyState::Active);
 
     // A stream opened with a key that expires ends at the expiry, not at the next request.
-    let mut presence = client(&h, &expiring)
+    let mut presence = h
+        .client(&expiring)
         .await
         .sender()
         .watch_presence(WatchPresenceRequest {})

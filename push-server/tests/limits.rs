@@ -19,7 +19,6 @@ use push_proto::{
     },
 };
 use push_server::{
-    api_client::ApiClient,
     client::{ClientError, DeviceClient},
     config::HandshakeLimits,
 };
@@ -216,21 +215,9 @@ async fn an_api_key_over_its_rate_is_answered_resource_exhausted() {
     })
     .await;
     let mut healthy = h.device("healthy").await;
-    let noisy_key = h
-        .admin()
-        .create_api_key(push_proto::sender::CreateApiKeyRequest {
-            name: "noisy".into(),
-            scopes: vec!["read".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .api_key;
-    let addr = h.server.as_ref().unwrap().api_addr;
-    let noisy = ApiClient::connect(addr, "localhost", &h.ca, &noisy_key)
-        .await
-        .unwrap();
+    let noisy = h
+        .client(&h.create_key("noisy", &["read"], &[]).await.api_key)
+        .await;
     let mut ok = 0;
     let status = loop {
         match noisy.sender().list_devices(ListDevicesRequest::default()).await {

@@ -20,13 +20,13 @@ use x509_parser::{
 };
 
 use super::{
-    DoctorArgs, Finding, Severity,
+    Finding, Severity,
     checks::{CertFacts, DirFacts, Facts, KeyKind, PhoneClock, Resolution},
 };
 use crate::{
     api::enrollment::device_endpoint,
     api_client::ApiClient,
-    config::Config,
+    config::{Config, ConfigArgs},
     data_dir::{ADMIN_KEY_FILE, STORE_FILE, TLS_DIR},
     hub::now_ms,
     pki::{CA_CERT_FILE, CA_KEY_FILE, CA_NEXT_KEY_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE},
@@ -38,24 +38,12 @@ const DNS_TIMEOUT: Duration = Duration::from_secs(5);
 const NET_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Gather every fact; `Err` when the configuration cannot even be read.
-pub async fn gather(args: &DoctorArgs) -> Result<Facts, Finding> {
-    let mut cfg = match &args.config {
-        Some(path) => Config::from_file(path).map_err(|e| Finding {
-            severity: Severity::Fail,
-            check: "config",
-            message: e.to_string(),
-        })?,
-        None => Config::default(),
-    };
-    if let Some(dir) = &args.data_dir {
-        cfg.data_dir = dir.clone();
-    }
-    if let Some(addr) = args.device_listen {
-        cfg.device_listen = addr;
-    }
-    if let Some(addr) = args.api_listen {
-        cfg.api_listen = addr;
-    }
+pub async fn gather(args: &ConfigArgs) -> Result<Facts, Finding> {
+    let cfg = args.read().map_err(|e| Finding {
+        severity: Severity::Fail,
+        check: "config",
+        message: e.to_string(),
+    })?;
     // The SSIDs get their own, fuller check.
     let mut rest = cfg.clone();
     rest.site.ssids.clear();

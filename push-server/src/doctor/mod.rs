@@ -7,7 +7,9 @@
 pub mod checks;
 pub mod gather;
 
-use std::{fmt, net::SocketAddr, path::PathBuf};
+use std::fmt;
+
+use crate::config::ConfigArgs;
 
 /// How bad a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -55,30 +57,13 @@ impl fmt::Display for Finding {
     }
 }
 
-/// `push-server doctor`'s arguments.
-#[derive(Debug, clap::Args)]
-pub struct DoctorArgs {
-    /// The server's TOML configuration file (the one `serve --config` reads).
-    #[arg(long, env = "PUSH_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Data directory, over the configuration's.
-    #[arg(long, env = "PUSH_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Device listener address, over the configuration's (as `serve` takes it).
-    #[arg(long, env = "PUSH_DEVICE_LISTEN")]
-    pub device_listen: Option<SocketAddr>,
-    /// gRPC API address, over the configuration's (as `serve` takes it).
-    #[arg(long, env = "PUSH_API_LISTEN")]
-    pub api_listen: Option<SocketAddr>,
-}
-
 /// A check failed (its finding is printed already).
 #[derive(Debug, thiserror::Error)]
 #[error("{0} doctor checks failed")]
 pub struct Failed(pub usize);
 
 /// Run every check and print one line per finding; `Err` when any failed.
-pub async fn run(args: DoctorArgs) -> Result<(), Failed> {
+pub async fn run(args: ConfigArgs) -> Result<(), Failed> {
     let findings = match gather::gather(&args).await {
         Ok(facts) => checks::all(&facts),
         Err(finding) => vec![finding],

@@ -6,8 +6,8 @@ use std::{future::Future, time::Duration};
 use push_proto::{
     device::{Hello, Push, push},
     sender::{
-        DeliveryState, DeliveryUpdate, GetMessageStatusRequest, IssueDeviceCredentialRequest,
-        SendMessageRequest, SendMessageResponse, Target, target,
+        CreateApiKeyRequest, CreateApiKeyResponse, DeliveryState, DeliveryUpdate, GetMessageStatusRequest,
+        IssueDeviceCredentialRequest, SendMessageRequest, SendMessageResponse, Target, target,
     },
 };
 use push_server::{
@@ -145,6 +145,27 @@ impl Harness {
 
     pub fn admin(&self) -> AdminClient {
         self.api.admin()
+    }
+
+    /// A new API key named `name` with `scopes` (and, for an enroll key, the `groups` it enrolls
+    /// devices into).
+    pub async fn create_key(&self, name: &str, scopes: &[&str], groups: &[&str]) -> CreateApiKeyResponse {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        let request = CreateApiKeyRequest {
+            name: name.into(),
+            scopes: strings(scopes),
+            enroll_groups: strings(groups),
+            ..Default::default()
+        };
+        self.admin().create_api_key(request).await.unwrap().into_inner()
+    }
+
+    /// An API client presenting `key`.
+    pub async fn client(&self, key: &str) -> ApiClient {
+        let addr = self.server.as_ref().unwrap().api_addr;
+        ApiClient::connect(addr, "localhost", &self.ca, key)
+            .await
+            .unwrap()
     }
 
     /// The server's own credential authority (to forge expired credentials).

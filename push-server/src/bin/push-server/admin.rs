@@ -1,46 +1,36 @@
-//! `push-server`: run the server, administer it, and try it out.
+//! The commands that talk to a running server's API (and `restore`, which replaces a stopped
+//! one's data directory).
 
 use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Subcommand};
 use push_proto::{
-    device::{CallOutcome, CancelReason, Hello, Priority, Push, push},
+    device::{CancelReason, Priority},
     sender::{
-        ApiKeyInfo, ApiKeyState, BackupRequest, CallState, CallStatus, CancelCallRequest,
-        CreateApiKeyRequest, DeliveryState, DeliveryUpdate, DeviceInfo, DeviceList, EnrollDeviceRequest,
-        EscalationStep, GetMessageStatusRequest, IssueDeviceCredentialRequest, ListApiKeysRequest,
-        ListDevicesRequest, PlaceCallRequest, RevokeApiKeyRequest, RevokeDeviceRequest, RotateCaRequest,
-        SendMessageRequest, SetVoipTokenRequest, Target, VoipTokenState, WatchCallRequest, target,
+        ApiKeyState, BackupRequest, CallState, CancelCallRequest, CreateApiKeyRequest, DeviceList,
+        EnrollDeviceRequest, EscalationStep, GetMessageStatusRequest, IssueDeviceCredentialRequest,
+        ListApiKeysRequest, ListDevicesRequest, PlaceCallRequest, RevokeApiKeyRequest, RevokeDeviceRequest,
+        RotateCaRequest, SendMessageRequest, SetVoipTokenRequest, Target, VoipTokenState, WatchCallRequest,
+        target,
     },
 };
 use push_server::{
     api_client::{AdminClient, ApiClient, SenderClient},
-    client::{ClientOptions, DeviceClient},
-    config::Config,
     data_dir::{ADMIN_KEY_FILE, TLS_DIR},
-    pki::PkiStatus,
-    server::Server,
 };
 
-#[derive(Parser)]
-#[command(
-    name = "push-server",
-    version,
-    about = "Local push server for iOS push provider extensions"
-)]
-struct Cli {
-    /// Log format: text or json.
-    #[arg(long, env = "PUSH_LOG_FORMAT", global = true, default_value = "text")]
-    log_format: String,
-    #[command(subcommand)]
-    command: Command,
-}
+use crate::{
+    device::{self, ConnectArgs},
+    output::{
+        call_state_name, clock, device_json, key_json, print_json, state_name, status_lines, update_json,
+        update_line, when,
+    },
+};
 
+/// The commands besides `serve` and `doctor`, in the order `--help` lists them.
 #[derive(Subcommand)]
-enum Command {
-    /// Run the server (creates the data directory, CA and admin key on first start).
-    Serve(ServeArgs),
+pub enum Command {
     /// Manage and try out devices.
     #[command(subcommand)]
     Device(DeviceCommand),
@@ -77,14 +67,10 @@ enum Command {
     /// Check a backup and install it as a stopped server's data directory (the old one is
     /// moved aside); the restored store gets a new epoch.
     Restore(RestoreArgs),
-    /// Site pre-flight: check what breaks sites (certificate names, DNS, reachability, SSIDs,
-    /// phone clocks, the data directory) and print the Wi-Fi pitfalls to check on the access
-    /// points; one line per finding, exit status 1 on any failure.
-    Doctor(push_server::doctor::DoctorArgs),
 }
 
 #[derive(Subcommand)]
-enum PkiCommand {
+pub enum PkiCommand {
     /// Rotate the CA of a running server: the standby key becomes the CA, the server
     /// certificate is reissued, a new standby key is made; listeners present it at once. Phones
     /// enrolled before the previous rotation must be enrolled again.
@@ -95,7 +81,7 @@ enum PkiCommand {
 }
 
 #[derive(Args)]
-struct BackupArgs {
+pub struct BackupArgs {
     #[command(flatten)]
     api: ApiArgs,
     /// The backup file to create (mode 0600; an existing file is not overwritten).
@@ -104,7 +90,7 @@ struct BackupArgs {
 }
 
 #[derive(Args)]
-struct RestoreArgs {
+pub struct RestoreArgs {
     /// The backup file.
     #[arg(long = "from")]
     from: PathBuf,
@@ -113,57 +99,8 @@ struct RestoreArgs {
     data_dir: PathBuf,
 }
 
-#[derive(Args)]
-struct ServeArgs {
-    /// TOML configuration file; flags and environment variables override it.
-    #[arg(long, env = "PUSH_CONFIG")]
-    config: Option<PathBuf>,
-    /// Data directory (store, keys, certificates).
-    #[arg(long, env = "PUSH_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// Device listener address.
-    #[arg(long, env = "PUSH_DEVICE_LISTEN")]
-    device_listen: Option<SocketAddr>,
-    /// gRPC API listener address.
-    #[arg(long, env = "PUSH_API_LISTEN")]
-    api_listen: Option<SocketAddr>,
-    /// Dashboard and /metrics listener address (HTTPS).
-    #[arg(long, env = "PUSH_HTTP_LISTEN")]
-    http_listen: Option<SocketAddr>,
-    /// This node's name in the dashboard (default: the host name).
-    #[arg(long, env = "PUSH_NODE_NAME")]
-    node_name: Option<String>,
-    /// Host name or IP devices use to reach the server (repeatable; goes into the certificate).
-    #[arg(long = "server-name", env = "PUSH_SERVER_NAMES", value_delimiter = ',')]
-    server_names: Vec<String>,
-    /// Heartbeat interval in milliseconds.
-    #[arg(long, env = "PUSH_HEARTBEAT_INTERVAL_MS")]
-    heartbeat_interval_ms: Option<u64>,
-    /// Heartbeat answer deadline in milliseconds.
-    #[arg(long, env = "PUSH_HEARTBEAT_TIMEOUT_MS")]
-    heartbeat_timeout_ms: Option<u64>,
-    /// Simulated time, for the lifecycle host only: the hub's clock runs this file's offset
-    /// (ms) ahead of the wall clock, re-read on SIGUSR2. Hidden: no deployment sets it.
-    #[arg(long, hide = true)]
-    test_clock_file: Option<PathBuf>,
-    /// Cluster mode: the Redis every node shares (`redis://host:port/db`, `rediss://` for TLS,
-    /// `redis+sentinel://host:port[,host:port...]/master_name[/db]` through Sentinel); each node
-    /// needs its own --node-name.
-    #[arg(long, env = "PUSH_REDIS_URL", hide_env_values = true)]
-    redis_url: Option<String>,
-    /// PEM CA certificate to verify Redis with (`rediss`), instead of the system's.
-    #[arg(long, env = "PUSH_REDIS_CA_FILE")]
-    redis_ca_file: Option<PathBuf>,
-    /// PEM client certificate for Redis (with --redis-client-key-file).
-    #[arg(long, env = "PUSH_REDIS_CLIENT_CERT_FILE")]
-    redis_client_cert_file: Option<PathBuf>,
-    /// PEM private key of --redis-client-cert-file.
-    #[arg(long, env = "PUSH_REDIS_CLIENT_KEY_FILE")]
-    redis_client_key_file: Option<PathBuf>,
-}
-
 #[derive(Args, Clone)]
-struct ApiArgs {
+pub struct ApiArgs {
     /// API address.
     #[arg(long, env = "PUSH_API", default_value = "127.0.0.1:7444")]
     api: SocketAddr,
@@ -180,7 +117,7 @@ struct ApiArgs {
 
 /// A device to register, and where its secret goes.
 #[derive(Args)]
-struct Registration {
+pub struct Registration {
     /// Device id.
     device_id: String,
     /// Group (repeatable), e.g. ward:4B.
@@ -195,7 +132,7 @@ struct Registration {
 }
 
 #[derive(Subcommand)]
-enum DeviceCommand {
+pub enum DeviceCommand {
     /// Register a device and print a new credential for it.
     Issue {
         #[command(flatten)]
@@ -251,48 +188,7 @@ enum DeviceCommand {
 }
 
 #[derive(Args)]
-struct ConnectArgs {
-    /// Device listener address.
-    #[arg(long, env = "PUSH_DEVICE_ADDR", default_value = "127.0.0.1:7443")]
-    addr: SocketAddr,
-    /// Credential, or @FILE to read it from a file.
-    #[arg(long, env = "PUSH_DEVICE_CREDENTIAL", hide_env_values = true)]
-    credential: String,
-    /// Data directory holding tls/ca.pem.
-    #[arg(long, env = "PUSH_DATA_DIR", default_value = "data")]
-    data_dir: PathBuf,
-    /// Name to verify in the server certificate.
-    #[arg(long, default_value = "localhost")]
-    server_name: String,
-    /// Highest sequence already seen (resume point).
-    #[arg(long, default_value_t = 0)]
-    last_seen: u64,
-    /// Store epoch that numbered `--last-seen` (printed on connect); 0 if unknown, in which
-    /// case the server acknowledges nothing on the strength of `--last-seen`.
-    #[arg(long, default_value_t = 0)]
-    epoch: u64,
-    /// SSID to report.
-    #[arg(long, default_value = "")]
-    ssid: String,
-    /// Exit after this many pushes (0: run until interrupted).
-    #[arg(long, default_value_t = 0)]
-    count: usize,
-    /// What the phone's user does with each call that rings it: answer it (the first answer
-    /// of a call wins), decline it, or nothing (it rings until cancelled or missed).
-    #[arg(long, value_enum, default_value = "ignore")]
-    on_call: OnCall,
-}
-
-/// What `device connect` does with a call invite.
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum OnCall {
-    Answer,
-    Decline,
-    Ignore,
-}
-
-#[derive(Args)]
-struct Recipients {
+pub struct Recipients {
     /// Device id (repeatable).
     #[arg(long = "device")]
     devices: Vec<String>,
@@ -317,7 +213,7 @@ impl Recipients {
 }
 
 #[derive(Args)]
-struct SendArgs {
+pub struct SendArgs {
     #[command(flatten)]
     api: ApiArgs,
     #[command(flatten)]
@@ -343,7 +239,7 @@ struct SendArgs {
 }
 
 #[derive(Args)]
-struct CallArgs {
+pub struct CallArgs {
     #[command(flatten)]
     api: ApiArgs,
     #[command(flatten)]
@@ -378,19 +274,12 @@ struct CallArgs {
 }
 
 /// Exit status of `call --wait` when the call ended without an answer.
-const UNANSWERED_EXIT: u8 = 3;
+pub const UNANSWERED_EXIT: u8 = 3;
 
 /// `call --wait` saw the call end without an answer (its outcome is already printed).
-#[derive(Debug)]
-struct Unanswered(CallState);
-
-impl std::fmt::Display for Unanswered {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the call ended {}", call_state_name(self.0))
-    }
-}
-
-impl std::error::Error for Unanswered {}
+#[derive(Debug, thiserror::Error)]
+#[error("the call ended {}", call_state_name(*.0))]
+pub struct Unanswered(CallState);
 
 /// One `--escalate` value: `<after_secs>:<target>[,<target>...][:stop]`.
 fn parse_escalation(spec: &str) -> Result<EscalationStep, String> {
@@ -432,7 +321,7 @@ fn parse_escalation(spec: &str) -> Result<EscalationStep, String> {
 }
 
 #[derive(Subcommand)]
-enum ApiKeyCommand {
+pub enum ApiKeyCommand {
     /// Create a sender API key and print it on stdout (shown once; its id goes to stderr).
     Create {
         #[command(flatten)]
@@ -469,233 +358,6 @@ enum ApiKeyCommand {
     },
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    init_tracing(&cli.log_format);
-    match run(cli.command).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        // The outcome is printed already; the status says it.
-        Err(e) if e.is::<Unanswered>() => std::process::ExitCode::from(UNANSWERED_EXIT),
-        Err(e) if e.is::<push_server::doctor::Failed>() => std::process::ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal (and without NO_COLOR): journald and log files get plain text.
-        .with_ansi(
-            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
-        );
-    if format == "json" {
-        builder.json().init()
-    } else {
-        builder.init()
-    }
-}
-
-/// `value` as pretty JSON on stdout, for `--json`.
-fn print_json(value: serde_json::Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(&value)?);
-    Ok(())
-}
-
-/// A proto enum value as the CLI names it: `DELIVERY_STATE_ACKED` -> `acked`.
-fn short_name(name: &str, prefix: &str) -> String {
-    name.trim_start_matches(prefix).to_lowercase()
-}
-
-fn state_name(state: DeliveryState) -> String {
-    short_name(state.as_str_name(), "DELIVERY_STATE_")
-}
-
-fn update_json(u: &DeliveryUpdate) -> serde_json::Value {
-    serde_json::json!({
-        "device_id": u.device_id,
-        "state": state_name(u.state()),
-        "reason": u.reason,
-        "at_ms": u.at_ms,
-        "path": u.path,
-    })
-}
-
-fn device_json(d: &DeviceInfo) -> serde_json::Value {
-    serde_json::json!({
-        "device_id": d.device_id,
-        "groups": d.groups,
-        "online": d.online,
-        "revoked": d.revoked,
-        "last_seen_ms": d.last_seen_ms,
-        "ssid": d.ssid,
-        "session_age_seconds": d.session_age_seconds,
-        "sdk_version": d.sdk_version,
-        "clock_offset_ms": d.clock_offset_ms,
-        "last_disconnect_reason": d.last_disconnect_reason,
-        "queued": d.queued,
-        "voip_token": short_name(d.voip_token().as_str_name(), "VOIP_TOKEN_STATE_"),
-        "node": d.node,
-    })
-}
-
-fn key_json(k: &ApiKeyInfo) -> serde_json::Value {
-    serde_json::json!({
-        "key_id": k.key_id,
-        "name": k.name,
-        "state": short_name(k.state().as_str_name(), "API_KEY_STATE_"),
-        "scopes": k.scopes,
-        "enroll_groups": k.enroll_groups,
-        "created_at_ms": k.created_at_ms,
-        "expires_at_ms": k.expires_at_ms,
-        "revoked_at_ms": k.revoked_at_ms,
-    })
-}
-
-/// Unix ms as UTC text, or `none` for 0.
-fn when(ms: i64, none: &str) -> String {
-    if ms == 0 {
-        none.into()
-    } else {
-        push_server::hub::fmt_utc(ms)
-    }
-}
-
-/// The local time zone's offset from UTC at Unix ms `ms`, seconds (0 if unknown).
-fn local_offset_secs(ms: i64) -> i64 {
-    let t = ms.div_euclid(1000) as libc::time_t;
-    // SAFETY: an all-zero `tm` is a valid value (integers and a null zone name).
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: localtime_r reads `t` and writes only `tm`, both live for the call.
-    let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
-    // `c_long`: i64 on the 64-bit targets we build for.
-    if ok { tm.tm_gmtoff as i64 } else { 0 }
-}
-
-/// Unix ms as `HH:MM:SS.mmm` at `offset_secs` from UTC.
-fn clock_at(ms: i64, offset_secs: i64) -> String {
-    let local = ms + offset_secs * 1000;
-    let utc = push_server::hub::fmt_utc(local); // YYYY-MM-DDTHH:MM:SSZ
-    format!("{}.{:03}", &utc[11..19], local.rem_euclid(1000))
-}
-
-/// Unix ms as local `HH:MM:SS.mmm`, or `-` for 0.
-fn clock(ms: i64) -> String {
-    if ms == 0 {
-        "-".into()
-    } else {
-        clock_at(ms, local_offset_secs(ms))
-    }
-}
-
-/// Unix ms as local `YYYY-MM-DD HH:MM:SS`, or `-` for 0.
-fn local_datetime(ms: i64) -> String {
-    if ms == 0 {
-        return "-".into();
-    }
-    let utc = push_server::hub::fmt_utc(ms + local_offset_secs(ms) * 1000);
-    format!("{} {}", &utc[..10], &utc[11..19])
-}
-
-/// A length of time in ms, for people: `2.35 s`, `1 min 5 s`.
-fn span(ms: i64) -> String {
-    if ms < 60_000 {
-        format!("{:.2} s", ms as f64 / 1000.0)
-    } else {
-        format!("{} min {} s", ms / 60_000, ms % 60_000 / 1000)
-    }
-}
-
-fn call_state_name(state: CallState) -> &'static str {
-    state.as_str_name().trim_start_matches("CALL_STATE_")
-}
-
-/// One `call --wait` line for a callee's change: when, who, what, which step, which path.
-fn update_line(u: &DeliveryUpdate) -> String {
-    let state = u.state().as_str_name().trim_start_matches("DELIVERY_STATE_");
-    let path = if u.path.is_empty() { "-" } else { &u.path };
-    let line = format!(
-        "{}  {:<24} {:<13} step {}  {:<5}  {}",
-        clock(u.at_ms),
-        u.device_id,
-        state,
-        u.step,
-        path,
-        u.reason
-    );
-    line.trim_end().to_string()
-}
-
-/// The outcome of a call, then its steps and callees, as `call --wait` ends.
-fn status_lines(s: &CallStatus) -> Vec<String> {
-    let mut head = format!("call {} {}", s.call_id, call_state_name(s.state()));
-    if s.state() == CallState::Answered {
-        let ended = s.ended_at_ms.max(s.placed_at_ms);
-        head += &format!(
-            " by {} at {}, {} after it was placed",
-            s.answered_by,
-            clock(ended),
-            span(ended - s.placed_at_ms)
-        );
-    } else if s.ended_at_ms > 0 {
-        head += &format!(" at {}", clock(s.ended_at_ms));
-    }
-    head += &format!(" (placed {})", clock(s.placed_at_ms));
-    let mut lines = vec![head];
-    for step in &s.steps {
-        let rang = if step.started_at_ms > 0 {
-            format!("rang {}", clock(step.started_at_ms))
-        } else {
-            "did not ring".into()
-        };
-        lines.push(format!(
-            "  step {}  due {}  {}  {}{}",
-            step.index,
-            clock(step.due_at_ms),
-            rang,
-            step.device_ids.join(", "),
-            if step.stop_earlier {
-                " (stops earlier steps)"
-            } else {
-                ""
-            }
-        ));
-    }
-    lines.extend(s.callees.iter().map(|u| format!("  {}", update_line(u))));
-    lines
-}
-
-/// What `device connect` prints for a push, with times for people.
-fn describe(p: &Push) -> String {
-    let body = match &p.body {
-        Some(push::Body::Message(m)) => format!(
-            "message title={:?} body={:?} from {:?}, sent {}, expires {}",
-            m.title,
-            m.body,
-            m.sender,
-            local_datetime(m.sent_at_ms),
-            local_datetime(m.expires_at_ms)
-        ),
-        Some(push::Body::CallInvite(c)) => format!(
-            "call invite {} from {:?} ({}){}, rings until {}",
-            c.call_id,
-            c.caller_name,
-            c.caller_handle,
-            if c.video { ", video" } else { "" },
-            clock(c.ring_deadline_ms)
-        ),
-        Some(push::Body::CallCancel(c)) => format!("call cancel {} ({:?})", c.call_id, c.reason()),
-        None => "empty".into(),
-    };
-    format!("push seq={} id={} {body}", p.seq, p.id)
-}
-
 /// Print a device's secret, or write it to `out` (mode 0600) and say where.
 fn hand_out(out: Option<PathBuf>, what: &str, device_id: &str, secret: &str) -> anyhow::Result<()> {
     match out {
@@ -709,10 +371,8 @@ fn hand_out(out: Option<PathBuf>, what: &str, device_id: &str, secret: &str) -> 
     Ok(())
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+pub async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve(args) => serve(args).await,
-        Command::Doctor(args) => Ok(push_server::doctor::run(args).await?),
         Command::Device(DeviceCommand::Issue { api, device }) => {
             let r = admin(&api)
                 .await?
@@ -759,11 +419,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             token,
             clear,
         }) => {
-            let token = if clear {
-                String::new()
-            } else {
-                token.unwrap_or_default()
-            };
+            // clap refuses a token with --clear.
+            let token = token.unwrap_or_default();
             admin(&api)
                 .await?
                 .set_voip_token(SetVoipTokenRequest {
@@ -824,7 +481,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Device(DeviceCommand::Connect(args)) => connect(args).await,
+        Command::Device(DeviceCommand::Connect(args)) => device::connect(args).await,
         Command::Send(args) => {
             let mut client = sender(&args.api).await?;
             let r = client
@@ -1024,168 +681,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut cfg = match &args.config {
-        Some(path) => Config::from_file(path)?,
-        None => Config::default(),
-    };
-    if let Some(v) = args.data_dir {
-        cfg.data_dir = v;
-    }
-    if let Some(v) = args.device_listen {
-        cfg.device_listen = v;
-    }
-    if let Some(v) = args.api_listen {
-        cfg.api_listen = v;
-    }
-    if let Some(v) = args.http_listen {
-        cfg.http_listen = v;
-    }
-    if let Some(v) = args.node_name {
-        cfg.node_name = v;
-    }
-    if !args.server_names.is_empty() {
-        cfg.server_names = args.server_names;
-    }
-    if let Some(v) = args.heartbeat_interval_ms {
-        cfg.heartbeat_interval_ms = v;
-    }
-    if let Some(v) = args.heartbeat_timeout_ms {
-        cfg.heartbeat_timeout_ms = v;
-    }
-    cfg.test_clock_file = args.test_clock_file;
-    if let Some(v) = args.redis_url {
-        cfg.cluster.redis_url = v;
-    }
-    if let Some(v) = args.redis_ca_file {
-        cfg.cluster.redis_ca_file = Some(v);
-    }
-    if let Some(v) = args.redis_client_cert_file {
-        cfg.cluster.redis_client_cert_file = Some(v);
-    }
-    if let Some(v) = args.redis_client_key_file {
-        cfg.cluster.redis_client_key_file = Some(v);
-    }
-    if let Some(path) = &args.config {
-        cfg.validate()
-            .with_context(|| format!("in config file {}", path.display()))?;
-    }
-    // Before "ready": a supervisor may send SIGTERM the moment it sees that line.
-    let signal = shutdown_signal()?;
-    let server = Server::start(cfg.clone()).await?;
-    let tls = cfg.data_dir.join(TLS_DIR);
-    println!("data directory: {}", cfg.data_dir.display());
-    match server.pki_status {
-        PkiStatus::CreatedCa => println!("created a private CA: {}", tls.join("ca.pem").display()),
-        PkiStatus::ReissuedServerCert => println!(
-            "reissued the server certificate: {}",
-            tls.join("server.pem").display()
-        ),
-        PkiStatus::Loaded => {}
-    }
-    println!(
-        "CA pin (pin this in the provider configuration): {}",
-        server.pki.ca_pin
-    );
-    println!("server certificate names: {}", server.pki.server_names.join(", "));
-    if let Some(path) = &server.created_admin_key {
-        println!(
-            "admin API key written to {} (owner-only; use it with --api-key or PUSH_API_KEY)",
-            path.display()
-        );
-    }
-    println!(
-        "push-server ready: devices={} api={} dashboard=https://{}/",
-        server.device_addr, server.api_addr, server.http_addr
-    );
-    server.run_until(signal).await;
-    Ok(())
-}
-
-/// Install the SIGTERM and SIGINT handlers now; the future resolves on either.
-fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    Ok(async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("shutdown requested");
-    })
-}
-
-async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
-    let ConnectArgs {
-        addr,
-        credential,
-        data_dir,
-        server_name,
-        last_seen,
-        epoch,
-        ssid,
-        count,
-        on_call,
-    } = args;
-    let credential = match credential.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {path}"))?
-            .trim()
-            .to_string(),
-        None => credential,
-    };
-    let ca_pem = read_ca(&data_dir)?;
-    let hello = Hello {
-        credential,
-        sdk_version: concat!("push-server-cli/", env!("CARGO_PKG_VERSION")).into(),
-        last_seen_seq: last_seen,
-        ssid,
-        instance_id: uuid::Uuid::new_v4().to_string(),
-        epoch,
-        device_time_ms: push_server::hub::now_ms(),
-        previous_stop_reason: String::new(),
-    };
-    let mut client = DeviceClient::connect(ClientOptions {
-        addr,
-        server_name,
-        ca_pem,
-        hello,
-    })
-    .await?;
-    println!(
-        "connected as {} (session {}, epoch {}), {} queued push(es) to replay",
-        client.server_hello.device_id,
-        client.server_hello.session_id,
-        client.server_hello.epoch,
-        client.server_hello.replay_count
-    );
-    let mut received = 0;
-    while count == 0 || received < count {
-        let push = client.next_push().await?;
-        println!("{}", describe(&push));
-        client.ack(&[push.seq]).await?;
-        received += 1;
-        let outcome = match on_call {
-            OnCall::Answer => CallOutcome::Answered,
-            OnCall::Decline => CallOutcome::Declined,
-            OnCall::Ignore => continue,
-        };
-        if let Some(push::Body::CallInvite(invite)) = &push.body {
-            let reply = client.report_call(&invite.call_id, outcome).await?;
-            println!(
-                "call {}: {:?} -> {:?} {}",
-                reply.call_id,
-                outcome,
-                reply.result(),
-                reply.detail
-            );
-        }
-    }
-    client.close().await?;
-    Ok(())
-}
-
 async fn rotate_ca(api: &ApiArgs) -> anyhow::Result<()> {
     let r = admin(api)
         .await?
@@ -1270,7 +765,7 @@ fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read_ca(data_dir: &std::path::Path) -> anyhow::Result<String> {
+pub fn read_ca(data_dir: &std::path::Path) -> anyhow::Result<String> {
     let path = data_dir.join(TLS_DIR).join("ca.pem");
     std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read the server's CA at {}", path.display()))
@@ -1301,6 +796,8 @@ async fn admin(args: &ApiArgs) -> anyhow::Result<AdminClient> {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser as _;
+
     use super::*;
 
     fn kind(step: &EscalationStep) -> target::Kind {
@@ -1350,14 +847,14 @@ mod tests {
     #[test]
     fn escalate_is_a_clap_error_on_the_command_line() {
         let args = ["push-server", "call", "--device", "a", "--caller-name", "x"];
-        let ok = Cli::try_parse_from(args.iter().chain(&[
+        let ok = crate::Cli::try_parse_from(args.iter().chain(&[
             "--escalate",
             "30:b",
             "--escalate",
             "60:group:ward:4B:stop",
         ]));
-        let Ok(Cli {
-            command: Command::Call(call),
+        let Ok(crate::Cli {
+            command: crate::Command::Admin(Command::Call(call)),
             ..
         }) = ok
         else {
@@ -1365,70 +862,13 @@ mod tests {
         };
         assert_eq!(call.escalate.len(), 2);
         assert!(call.escalate[1].stop_earlier);
-        let Err(e) = Cli::try_parse_from(args.iter().chain(&["--escalate", "soon:b"])) else {
+        let Err(e) = crate::Cli::try_parse_from(args.iter().chain(&["--escalate", "soon:b"])) else {
             panic!("a bad --escalate was accepted");
         };
         let text = e.to_string();
         assert!(
             text.contains("--escalate") && text.contains("not a number"),
             "{text}"
-        );
-    }
-
-    #[test]
-    fn times_are_wall_clock_with_milliseconds() {
-        // 2024-03-05T12:31:05.120Z
-        let ms = 1_709_641_865_120;
-        assert_eq!(clock_at(ms, 0), "12:31:05.120");
-        assert_eq!(clock_at(ms, 3600), "13:31:05.120");
-        assert_eq!(clock_at(ms, -13 * 3600), "23:31:05.120", "the day before");
-        assert_eq!(clock_at(ms + 7, 0), "12:31:05.127");
-        assert_eq!(clock(0), "-");
-        assert_eq!(span(2_345), "2.35 s");
-        assert_eq!(span(65_400), "1 min 5 s");
-    }
-
-    #[test]
-    fn the_outcome_names_who_answered_and_how_fast() {
-        let s = CallStatus {
-            call_id: "c1".into(),
-            state: CallState::Answered as i32,
-            answered_by: "nurse-a".into(),
-            placed_at_ms: 1_709_641_865_120,
-            ended_at_ms: 1_709_641_867_470,
-            steps: vec![push_proto::sender::CallStep {
-                index: 1,
-                due_at_ms: 1_709_641_895_120,
-                started_at_ms: 0,
-                stop_earlier: true,
-                device_ids: vec!["charge".into()],
-            }],
-            callees: vec![DeliveryUpdate {
-                device_id: "nurse-a".into(),
-                state: push_proto::sender::DeliveryState::Answered as i32,
-                at_ms: 1_709_641_867_470,
-                path: "local".into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        let lines = status_lines(&s);
-        assert!(
-            lines[0].starts_with("call c1 ANSWERED by nurse-a at "),
-            "{lines:?}"
-        );
-        assert!(lines[0].contains(", 2.35 s after it was placed"), "{lines:?}");
-        assert!(
-            lines[1].contains("did not ring  charge (stops earlier steps)"),
-            "{lines:?}"
-        );
-        assert!(
-            lines[2].contains("nurse-a") && lines[2].contains("ANSWERED      step 0  local"),
-            "{lines:?}"
-        );
-        assert!(
-            lines.iter().all(|l| !l.contains("1709641")),
-            "no raw Unix ms: {lines:?}"
         );
     }
 }
