@@ -1,16 +1,24 @@
 //! The server side of one device session as a state machine: no sockets, no clock, no hub.
 //!
-//! Call order, as in quinn-proto: feed inputs (`handle_frame`, `handle_timeout`, and the
-//! decisions `accept` / `reject` / `push` / `goodbye`), then drain outputs (`poll_transmit` until
-//! `None`, `poll_event` until `None`), then sleep until `poll_timeout`. Time only moves forward.
+//! Call order, as in quinn-proto: feed inputs (`handle_bytes`, `handle_timeout`, and the
+//! decisions `accept` / `reject` / `push` / `goodbye`), then drain outputs (`poll_transmit`,
+//! `poll_event` until `None`), then sleep until `poll_timeout`. Time only moves forward. As the
+//! SDK's core: decrypted bytes in, bytes to encrypt out, time (`std::time::Instant`) passed in;
+//! a test checks that these sources name no I/O and no clock.
 
-use std::{collections::VecDeque, time::Duration};
-
-use push_proto::device::{
-    Ack, CallOutcome, CallOutcomeReply, CallOutcomeReport, ClientFrame, Goodbye, GoodbyeReason, Heartbeat,
-    Hello, NetworkChange, ServerFrame, ServerHello, client_frame, server_frame,
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
 };
-use tokio::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use push_proto::{
+    device::{
+        Ack, CallOutcome, CallOutcomeReply, CallOutcomeReport, ClientFrame, Goodbye, GoodbyeReason,
+        Heartbeat, Hello, NetworkChange, ServerFrame, ServerHello, client_frame, server_frame,
+    },
+    frame,
+};
 
 use crate::hub::{EncodedPush, MAX_FLOOR};
 
@@ -42,27 +50,20 @@ pub enum Event {
     Closed(CloseReason),
 }
 
-/// A frame to write: one the session made, or a push the hub encoded when it was queued
-/// (written as is: see [`EncodedPush::write_frame`]).
-#[derive(Debug)]
-pub enum Transmit {
-    /// A frame of the session's own.
-    Frame(ServerFrame),
-    /// `ServerFrame { push }`.
-    Push(EncodedPush),
-}
-
-#[cfg(test)]
-impl Transmit {
-    /// The frame, decoded (tests look inside what a session wrote).
-    pub(crate) fn frame(self) -> ServerFrame {
-        match self {
-            Self::Frame(f) => f,
-            Self::Push(p) => ServerFrame {
-                kind: Some(server_frame::Kind::Push(p.decode())),
-            },
-        }
-    }
+/// What the hub decided for an accepted device: the `ServerHello` says it, with the session's
+/// timing and frame limit.
+#[derive(Debug, Clone, Default)]
+pub struct Welcome {
+    /// The session's id (unique per process).
+    pub session_id: u64,
+    /// The device the credential names.
+    pub device_id: String,
+    /// Pushes queued for replay.
+    pub replay_count: u32,
+    /// The store's epoch.
+    pub epoch: u64,
+    /// The server's wall clock, Unix ms.
+    pub server_time_ms: i64,
 }
 
 /// Why a session ended, for presence events and logs.
@@ -110,12 +111,17 @@ enum Phase {
     Closed,
 }
 
-/// One session's protocol state.
+/// One session's protocol state. Its buffers are empty, not merely cleared, while idle.
 #[derive(Debug)]
 pub struct Session {
     timing: Timing,
+    /// The configured frame limit (before the hello is accepted, the protocol's default caps it).
+    max_frame: usize,
     phase: Phase,
-    transmit: VecDeque<Transmit>,
+    /// Received bytes not yet a whole frame.
+    rx: BytesMut,
+    /// Encoded frames not yet taken by `poll_transmit`.
+    tx: BytesMut,
     events: VecDeque<Event>,
     nonce: u64,
     /// Highest sequence written in this session; the hub hands out pushes above it.
@@ -125,14 +131,16 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session whose TLS handshake completed at `now`.
-    pub fn new(now: Instant, timing: Timing) -> Self {
+    /// A session whose TLS handshake completed at `now`; `max_frame` is the configured limit.
+    pub fn new(now: Instant, timing: Timing, max_frame: usize) -> Self {
         Self {
             timing,
+            max_frame,
             phase: Phase::AwaitingHello {
                 deadline: now + timing.hello_timeout,
             },
-            transmit: VecDeque::new(),
+            rx: BytesMut::new(),
+            tx: BytesMut::new(),
             events: VecDeque::new(),
             nonce: 0,
             last_sent_seq: 0,
@@ -160,8 +168,29 @@ impl Session {
         self.inflight.len()
     }
 
-    /// A frame arrived from the device.
-    pub fn handle_frame(&mut self, now: Instant, frame: ClientFrame) {
+    /// Bytes arrived from the device. Whole frames are applied; once the session closed, the
+    /// rest is ignored. Until the hello is accepted the protocol's default frame limit applies,
+    /// so an unauthenticated peer can never make the server buffer more than that.
+    pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) {
+        self.rx.extend_from_slice(data);
+        while !self.is_closed() {
+            let limit = match self.phase {
+                Phase::Established { .. } => self.max_frame,
+                _ => self.max_frame.min(frame::DEFAULT_MAX_FRAME),
+            };
+            match frame::decode::<ClientFrame>(&mut self.rx, limit) {
+                Ok(Some(f)) => self.on_frame(now, f),
+                Ok(None) => break,
+                Err(e) => self.protocol_error(&e.to_string()),
+            }
+        }
+        if self.rx.is_empty() || self.is_closed() {
+            // An idle session holds no read buffer.
+            self.rx = BytesMut::new();
+        }
+    }
+
+    fn on_frame(&mut self, now: Instant, frame: ClientFrame) {
         use client_frame::Kind;
         let Some(kind) = frame.kind else {
             return self.protocol_error("frame without content");
@@ -232,11 +261,6 @@ impl Session {
         }
     }
 
-    /// Bytes could not be decoded as a frame.
-    pub fn handle_decode_error(&mut self, detail: String) {
-        self.protocol_error(&detail);
-    }
-
     /// The timer set by `poll_timeout` fired (or any time passed).
     pub fn handle_timeout(&mut self, now: Instant) {
         match &mut self.phase {
@@ -265,8 +289,9 @@ impl Session {
         }
     }
 
-    /// The hub accepted the hello. `hello` is sent as is; pushes may follow.
-    pub fn accept(&mut self, now: Instant, hello: ServerHello, last_seen_seq: u64) {
+    /// The hub accepted the hello: the `ServerHello` goes out, and pushes above `last_seen_seq`
+    /// may follow.
+    pub fn accept(&mut self, now: Instant, welcome: Welcome, last_seen_seq: u64) {
         if !matches!(self.phase, Phase::Authenticating) {
             return;
         }
@@ -275,7 +300,16 @@ impl Session {
             next_heartbeat: now + self.timing.heartbeat_interval,
             outstanding: None,
         };
-        self.send(server_frame::Kind::ServerHello(hello));
+        self.send(server_frame::Kind::ServerHello(ServerHello {
+            session_id: welcome.session_id.to_string(),
+            device_id: welcome.device_id,
+            heartbeat_interval_ms: self.timing.heartbeat_interval.as_millis() as u32,
+            heartbeat_timeout_ms: self.timing.heartbeat_timeout.as_millis() as u32,
+            max_frame_size: self.max_frame as u32,
+            server_time_ms: welcome.server_time_ms,
+            replay_count: welcome.replay_count,
+            epoch: welcome.epoch,
+        }));
     }
 
     /// The hub refused the hello. Nothing more is sent if the session already closed (the
@@ -288,17 +322,21 @@ impl Session {
         self.close(CloseReason::AuthFailed(detail.into()));
     }
 
-    /// Write a push. The caller keeps within the in-flight window and hands pushes in sequence
-    /// order; a push at or below the last one written is skipped, so a replay race cannot
-    /// deliver twice.
+    /// Write a push; whether it was. The caller keeps within the in-flight window and hands
+    /// pushes in sequence order; a push at or below the last one written is skipped, so a replay
+    /// race cannot deliver twice.
     pub fn push(&mut self, push: EncodedPush) -> bool {
         let seq = push.seq();
         if !self.is_established() || seq <= self.last_sent_seq {
             return false;
         }
         self.last_sent_seq = seq;
+        if let Err(e) = push.write_frame(&mut self.tx, self.max_frame) {
+            // The hub bounds message sizes well below the frame limit, so this is a bug, not input.
+            tracing::error!(seq, error = %e, "push over the frame limit dropped");
+            return false;
+        }
         self.inflight.push_back(seq);
-        self.transmit.push_back(Transmit::Push(push));
         true
     }
 
@@ -318,14 +356,15 @@ impl Session {
         self.close(CloseReason::ServerGoodbye(reason));
     }
 
-    /// Whether `poll_transmit` has frames.
+    /// Whether `poll_transmit` has bytes.
     pub fn wants_transmit(&self) -> bool {
-        !self.transmit.is_empty()
+        !self.tx.is_empty()
     }
 
-    /// Next frame to write.
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmit.pop_front()
+    /// The frames queued so far, encoded, to write in one burst.
+    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        self.wants_transmit()
+            .then(|| std::mem::take(&mut self.tx).freeze())
     }
 
     /// Next event for the driver.
@@ -370,8 +409,11 @@ impl Session {
     }
 
     fn send(&mut self, kind: server_frame::Kind) {
-        self.transmit
-            .push_back(Transmit::Frame(ServerFrame { kind: Some(kind) }));
+        let frame = ServerFrame { kind: Some(kind) };
+        if let Err(e) = frame::encode(&frame, &mut self.tx, self.max_frame) {
+            // The session's own frames are small, so this is a bug, not input.
+            tracing::error!(error = %e, "server frame over the limit dropped");
+        }
     }
 }
 

@@ -1,6 +1,23 @@
 use super::*;
 use push_proto::device::{HeartbeatReply, Push, push};
 
+/// Frames in and out, for tests that speak in frames (here and `hub::sim`).
+impl Session {
+    pub(crate) fn handle_frame(&mut self, now: Instant, frame: ClientFrame) {
+        let mut bytes = BytesMut::new();
+        frame::encode(&frame, &mut bytes, frame::DEFAULT_MAX_FRAME).unwrap();
+        self.handle_bytes(now, &bytes);
+    }
+
+    /// What `poll_transmit` yields, decoded.
+    pub(crate) fn poll_frames(&mut self) -> Vec<server_frame::Kind> {
+        let mut buf = BytesMut::from(&self.poll_transmit().unwrap_or_default()[..]);
+        std::iter::from_fn(|| frame::decode::<ServerFrame>(&mut buf, usize::MAX).unwrap())
+            .filter_map(|f| f.kind)
+            .collect()
+    }
+}
+
 const T: Timing = Timing {
     hello_timeout: Duration::from_secs(5),
     heartbeat_interval: Duration::from_secs(30),
@@ -15,7 +32,7 @@ fn frame(kind: client_frame::Kind) -> ClientFrame {
 fn a_floor_at_or_above_2_pow_52_is_a_protocol_error() {
     let now = Instant::now();
     for floor in [MAX_FLOOR, 1 << 53, u64::MAX] {
-        let mut s = Session::new(now, T);
+        let mut s = Session::new(now, T, frame::DEFAULT_MAX_FRAME);
         s.handle_frame(
             now,
             frame(client_frame::Kind::Hello(Hello {
@@ -24,7 +41,7 @@ fn a_floor_at_or_above_2_pow_52_is_a_protocol_error() {
             })),
         );
         assert!(
-            matches!(s.poll_transmit().and_then(|f| f.frame().kind), Some(server_frame::Kind::Goodbye(g)) if g.reason == GoodbyeReason::ProtocolError as i32),
+            matches!(s.poll_frames().first(), Some(server_frame::Kind::Goodbye(g)) if g.reason == GoodbyeReason::ProtocolError as i32),
             "floor {floor}"
         );
         assert!(!matches!(s.poll_event(), Some(Event::Hello(_))));
@@ -32,7 +49,7 @@ fn a_floor_at_or_above_2_pow_52_is_a_protocol_error() {
 }
 
 fn established(now: Instant) -> Session {
-    let mut s = Session::new(now, T);
+    let mut s = Session::new(now, T, frame::DEFAULT_MAX_FRAME);
     s.handle_frame(
         now,
         frame(client_frame::Kind::Hello(Hello {
@@ -41,10 +58,10 @@ fn established(now: Instant) -> Session {
         })),
     );
     assert!(matches!(s.poll_event(), Some(Event::Hello(h)) if h.last_seen_seq == 4));
-    s.accept(now, ServerHello::default(), 4);
+    s.accept(now, Welcome::default(), 4);
     assert!(matches!(
-        s.poll_transmit().unwrap().frame().kind,
-        Some(server_frame::Kind::ServerHello(_))
+        s.poll_frames()[..],
+        [server_frame::Kind::ServerHello(_)]
     ));
     s
 }
@@ -58,8 +75,8 @@ fn push_frame(seq: u64) -> EncodedPush {
 }
 
 fn goodbye_reason(s: &mut Session) -> Option<GoodbyeReason> {
-    std::iter::from_fn(|| s.poll_transmit()).find_map(|f| match f.frame().kind {
-        Some(server_frame::Kind::Goodbye(g)) => GoodbyeReason::try_from(g.reason).ok(),
+    s.poll_frames().into_iter().find_map(|f| match f {
+        server_frame::Kind::Goodbye(g) => GoodbyeReason::try_from(g.reason).ok(),
         _ => None,
     })
 }
@@ -98,7 +115,7 @@ fn a_goodbye_keeps_why_ios_stopped_the_provider() {
 #[test]
 fn hello_timeout_closes_with_goodbye() {
     let t0 = Instant::now();
-    let mut s = Session::new(t0, T);
+    let mut s = Session::new(t0, T, frame::DEFAULT_MAX_FRAME);
     assert_eq!(s.poll_timeout(), Some(t0 + T.hello_timeout));
     s.handle_timeout(t0 + T.hello_timeout - Duration::from_millis(1));
     assert!(!s.is_closed());
@@ -110,7 +127,7 @@ fn hello_timeout_closes_with_goodbye() {
 #[test]
 fn first_frame_must_be_hello() {
     let t0 = Instant::now();
-    let mut s = Session::new(t0, T);
+    let mut s = Session::new(t0, T, frame::DEFAULT_MAX_FRAME);
     s.handle_frame(t0, frame(client_frame::Kind::Ack(Ack::default())));
     assert_eq!(goodbye_reason(&mut s), Some(GoodbyeReason::ProtocolError));
     assert!(matches!(
@@ -118,6 +135,24 @@ fn first_frame_must_be_hello() {
         Some(Event::Closed(CloseReason::ProtocolError(_)))
     ));
     assert!(s.poll_timeout().is_none(), "a closed session wants no timer");
+}
+
+/// Until the hello is accepted the protocol's default limit caps the configured one.
+#[test]
+fn a_frame_over_the_default_limit_is_refused_until_the_hello_is_accepted() {
+    let t0 = Instant::now();
+    let header = (frame::DEFAULT_MAX_FRAME as u32 + 1).to_be_bytes();
+    let mut s = Session::new(t0, T, 2 * frame::DEFAULT_MAX_FRAME);
+    s.handle_bytes(t0, &header);
+    assert_eq!(goodbye_reason(&mut s), Some(GoodbyeReason::ProtocolError));
+    let mut s = Session::new(t0, T, 2 * frame::DEFAULT_MAX_FRAME);
+    s.handle_frame(t0, frame(client_frame::Kind::Hello(Hello::default())));
+    s.accept(t0, Welcome::default(), 0);
+    s.handle_bytes(t0, &header);
+    assert!(
+        !s.is_closed(),
+        "within the configured limit: the rest of the frame is awaited"
+    );
 }
 
 #[test]
@@ -135,7 +170,7 @@ fn heartbeat_cycle_and_deadline() {
     let due = t0 + T.heartbeat_interval;
     assert_eq!(s.poll_timeout(), Some(due));
     s.handle_timeout(due);
-    let Some(server_frame::Kind::Heartbeat(hb)) = s.poll_transmit().unwrap().frame().kind else {
+    let [server_frame::Kind::Heartbeat(hb)] = &s.poll_frames()[..] else {
         panic!()
     };
     assert_eq!(s.poll_timeout(), Some(due + T.heartbeat_timeout));
@@ -182,7 +217,7 @@ fn pushes_are_written_once_in_order_and_acks_free_the_window() {
     assert!(!s.push(push_frame(6)), "out of order would break resume");
     assert!(!s.push(push_frame(7)), "a duplicate is never written");
     assert_eq!(s.inflight(), 2);
-    assert_eq!(std::iter::from_fn(|| s.poll_transmit()).count(), 2);
+    assert_eq!(s.poll_frames().len(), 2);
     s.handle_frame(
         t0,
         frame(client_frame::Kind::Ack(Ack {
@@ -197,7 +232,7 @@ fn pushes_are_written_once_in_order_and_acks_free_the_window() {
 #[test]
 fn no_push_before_accept_and_second_hello_is_error() {
     let t0 = Instant::now();
-    let mut s = Session::new(t0, T);
+    let mut s = Session::new(t0, T, frame::DEFAULT_MAX_FRAME);
     assert!(!s.push(push_frame(1)));
     let mut s = established(t0);
     s.handle_frame(t0, frame(client_frame::Kind::Hello(Hello::default())));
@@ -215,7 +250,7 @@ fn voip_token_is_an_event_only_after_hello() {
     let mut s = established(t0);
     s.handle_frame(t0, token("abcd"));
     assert_eq!(s.poll_event(), Some(Event::VoipToken("abcd".into())));
-    let mut s = Session::new(t0, T);
+    let mut s = Session::new(t0, T, frame::DEFAULT_MAX_FRAME);
     s.handle_frame(t0, token("abcd"));
     assert!(s.is_closed(), "hello must come first");
 }
@@ -223,7 +258,7 @@ fn voip_token_is_an_event_only_after_hello() {
 #[test]
 fn oversized_hello_or_network_change_fields_end_the_session_before_any_event() {
     let now = Instant::now();
-    let mut s = Session::new(now, T);
+    let mut s = Session::new(now, T, frame::DEFAULT_MAX_FRAME);
     s.handle_frame(
         now,
         frame(client_frame::Kind::Hello(Hello {
@@ -259,7 +294,7 @@ fn goodbye_is_sent_once() {
     let mut s = established(t0);
     s.goodbye(GoodbyeReason::Replaced, "newer session");
     s.goodbye(GoodbyeReason::ServerShutdown, "again");
-    assert_eq!(std::iter::from_fn(|| s.poll_transmit()).count(), 1);
+    assert_eq!(s.poll_frames().len(), 1);
     assert_eq!(
         s.poll_event(),
         Some(Event::Closed(CloseReason::ServerGoodbye(GoodbyeReason::Replaced)))
@@ -273,16 +308,24 @@ fn goodbye_is_sent_once() {
 #[test]
 fn reject_after_close_sends_nothing() {
     let t0 = Instant::now();
-    let mut s = Session::new(t0, T);
+    let mut s = Session::new(t0, T, frame::DEFAULT_MAX_FRAME);
     s.handle_frame(t0, frame(client_frame::Kind::Hello(Hello::default())));
     s.handle_frame(t0, frame(client_frame::Kind::Ack(Ack::default())));
     assert!(s.is_closed());
     s.reject(GoodbyeReason::AuthFailed, "credential refused");
-    assert_eq!(std::iter::from_fn(|| s.poll_transmit()).count(), 1);
+    assert_eq!(s.poll_frames().len(), 1);
     assert!(matches!(s.poll_event(), Some(Event::Hello(_))));
     assert!(matches!(
         s.poll_event(),
         Some(Event::Closed(CloseReason::ProtocolError(_)))
     ));
     assert_eq!(s.poll_event(), None);
+}
+
+/// Architecture invariant, as the SDK core's: the core does no I/O and reads no clock.
+#[test]
+fn core_sources_name_no_io_and_no_clock() {
+    let session = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/session");
+    let core = [session.join("core.rs"), session.join("fields.rs")];
+    assert_eq!(crate::testing::assert_sans_io(&core), 2);
 }
