@@ -68,16 +68,11 @@ impl Checker {
     /// Drain outputs as the driver does and check them.
     fn drain(&mut self) {
         let mut wire = BytesMut::from(&self.session.poll_transmit().unwrap_or_default()[..]);
-        while let Some(f) = frame::decode::<ServerFrame>(&mut wire, DEFAULT_MAX_FRAME).expect("whole frames")
-        {
+        while let Some(f) = frame::decode::<ServerFrame>(&mut wire, DEFAULT_MAX_FRAME).expect("frames") {
             if let Some(server_frame::Kind::Push(p)) = f.kind {
-                assert!(
-                    p.seq > self.last_push_seq,
-                    "push {} after {}",
-                    p.seq,
-                    self.last_push_seq
-                );
-                self.last_push_seq = p.seq;
+                let (seq, last) = (p.seq, self.last_push_seq);
+                assert!(seq > last, "push {seq} after {last}");
+                self.last_push_seq = seq;
             }
         }
         assert!(wire.is_empty(), "half a frame out");

@@ -283,7 +283,6 @@ impl Sim {
             ..Default::default()
         };
         session.accept(now, welcome, hello.last_seen_seq);
-        session.poll_transmit();
         Phone {
             device: device.into(),
             session,
@@ -313,9 +312,7 @@ impl Phone {
         );
         let mut written = Vec::new();
         for p in pushes {
-            if self.session.push(p) {
-                // Drained below.
-            }
+            self.session.push(p);
         }
         for f in self.session.poll_frames() {
             if let server_frame::Kind::Push(p) = f {

@@ -2,9 +2,9 @@
 //!
 //! Call order, as in quinn-proto: feed inputs (`handle_bytes`, `handle_timeout`, and the
 //! decisions `accept` / `reject` / `push` / `goodbye`), then drain outputs (`poll_transmit`,
-//! `poll_event` until `None`), then sleep until `poll_timeout`. Time only moves forward. As the
-//! SDK's core: decrypted bytes in, bytes to encrypt out, time (`std::time::Instant`) passed in;
-//! a test checks that these sources name no I/O and no clock.
+//! `poll_event` until `None`), then sleep until `poll_timeout`. Time only moves forward. As in
+//! the SDK's core, bytes go in and out, time (`std::time::Instant`) is passed in, and a test
+//! checks that these sources name no I/O and no clock.
 
 use std::{
     collections::VecDeque,
@@ -118,9 +118,8 @@ pub struct Session {
     /// The configured frame limit (before the hello is accepted, the protocol's default caps it).
     max_frame: usize,
     phase: Phase,
-    /// Received bytes not yet a whole frame.
+    /// Received bytes not yet a whole frame, and encoded frames not yet taken.
     rx: BytesMut,
-    /// Encoded frames not yet taken by `poll_transmit`.
     tx: BytesMut,
     events: VecDeque<Event>,
     nonce: u64,
@@ -168,9 +167,9 @@ impl Session {
         self.inflight.len()
     }
 
-    /// Bytes arrived from the device. Whole frames are applied; once the session closed, the
-    /// rest is ignored. Until the hello is accepted the protocol's default frame limit applies,
-    /// so an unauthenticated peer can never make the server buffer more than that.
+    /// Bytes arrived from the device: whole frames are applied, until the session closes. Before
+    /// the hello is accepted the protocol's default frame limit caps the configured one, so an
+    /// unauthenticated peer can never make the server buffer more than that.
     pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) {
         self.rx.extend_from_slice(data);
         while !self.is_closed() {

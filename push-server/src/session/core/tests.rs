@@ -137,7 +137,6 @@ fn first_frame_must_be_hello() {
     assert!(s.poll_timeout().is_none(), "a closed session wants no timer");
 }
 
-/// Until the hello is accepted the protocol's default limit caps the configured one.
 #[test]
 fn a_frame_over_the_default_limit_is_refused_until_the_hello_is_accepted() {
     let t0 = Instant::now();
