@@ -1,7 +1,7 @@
-//! Support for tests that need a real Redis (this crate's, `e2e`'s): a `redis-server` of its
-//! own on a free loopback port (plain or TLS, a replica, or a Sentinel), in a directory of its
-//! own, stopped when dropped, and killed by the kernel if the test process dies first. Not used
-//! by the server itself.
+//! Support for tests (this crate's, `e2e`'s, the SDK's): a `redis-server` of its own on a free
+//! loopback port (plain or TLS, a replica, or a Sentinel), in a directory of its own, stopped when
+//! dropped and killed by the kernel if the test process dies first; the sans-IO cores' source
+//! scan. Not used by the server itself.
 
 use std::{
     io::{Read, Write},
