@@ -18,7 +18,7 @@ use bytes::{Bytes, BytesMut};
 use lpush_fuzz::{ScriptWriter, hub_in, hub_tag, runtime, scratch_dir, sdk_tag, session_tag};
 use mobile_sdk::core::{Config as SdkConfig, Session as SdkSession, StopReason};
 use push_proto::{
-    device::{CancelReason, ClientFrame, ServerFrame, ServerHello, client_frame},
+    device::{CancelReason, ClientFrame, ServerFrame, client_frame},
     frame::{self, DEFAULT_MAX_FRAME},
 };
 use push_server::{
@@ -27,7 +27,7 @@ use push_server::{
     config::{Config, Limits},
     hub::{CallRequest, MessageRequest},
     pki,
-    session::core::{Event as ServerEvent, Session as ServerSession, Timing},
+    session::core::{Event as ServerEvent, Session as ServerSession, Timing, Welcome},
     store::Store,
 };
 
@@ -64,6 +64,7 @@ fn name_client(f: &ClientFrame) -> String {
         Some(client_frame::Kind::NetworkChange(_)) => "network-change",
         Some(client_frame::Kind::VoipToken(_)) => "voip-token",
         Some(client_frame::Kind::Goodbye(_)) => "goodbye",
+        Some(client_frame::Kind::CallOutcome(_)) => "call-outcome",
         None => "empty",
     }
     .into()
@@ -81,9 +82,22 @@ fn name_server(f: &ServerFrame) -> String {
         },
         Some(Kind::Heartbeat(_)) => "heartbeat",
         Some(Kind::Goodbye(_)) => "goodbye",
+        Some(Kind::CallOutcomeReply(_)) => "call-outcome-reply",
         None => "empty",
     }
     .into()
+}
+
+/// The frames in `bytes`, each with its own bytes.
+fn frames<M: prost::Message + Default>(bytes: &[u8]) -> Vec<(M, Bytes)> {
+    let mut buf = BytesMut::from(bytes);
+    let mut frames = Vec::new();
+    while let Some(f) = frame::decode::<M>(&mut buf, DEFAULT_MAX_FRAME).unwrap() {
+        let mut one = BytesMut::new();
+        frame::encode(&f, &mut one, DEFAULT_MAX_FRAME).unwrap();
+        frames.push((f, one.freeze()));
+    }
+    frames
 }
 
 /// One device's session through the real cores and hub: hello, replay of queued messages, a
@@ -116,10 +130,9 @@ fn record(last_seen_seq: u64, queued: u8) -> Recording {
     rec.session_script.u16(9_999).u16(29_999).u16(9_999);
     rec.sdk_script.u16(last_seen_seq as u16).u8(255);
     let t0 = Instant::now();
-    let s0 = tokio::time::Instant::now();
-    let mut server = ServerSession::new(s0, timing);
+    let mut server = ServerSession::new(t0, timing, DEFAULT_MAX_FRAME);
     let mut config = SdkConfig::new("header.claims.signature");
-    config.last_seen_seq = last_seen_seq;
+    config.last_seen.seq = last_seen_seq;
     config.ssid = "Ward 4B".into();
     let mut sdk = SdkSession::new(config);
     sdk.handle_start(t0);
@@ -133,13 +146,10 @@ fn record(last_seen_seq: u64, queued: u8) -> Recording {
     // Rounds of: device bytes to the server, hub decisions, server bytes to the device.
     for round in 0..6 {
         while let Some(bytes) = sdk.poll_transmit() {
-            let mut buf = BytesMut::from(&bytes[..]);
-            while let Some(f) = frame::decode::<ClientFrame>(&mut buf, DEFAULT_MAX_FRAME).unwrap() {
-                let mut one = BytesMut::new();
-                frame::encode(&f, &mut one, DEFAULT_MAX_FRAME).unwrap();
-                rec.device.push((name_client(&f), one.freeze()));
-                server.handle_frame(s0 + elapsed, f);
+            for (f, one) in frames::<ClientFrame>(&bytes) {
+                rec.device.push((name_client(&f), one));
             }
+            server.handle_bytes(t0 + elapsed, &bytes);
             rec.session_script.u8(session_tag::BYTES).bytes(&bytes);
         }
         while sdk.poll_transport().is_some() {}
@@ -163,17 +173,14 @@ fn record(last_seen_seq: u64, queued: u8) -> Recording {
                         .u8(0);
                     session_id = login.session_id;
                     last_taken = hello.last_seen_seq;
-                    let sh = ServerHello {
-                        session_id: session_id.to_string(),
+                    let welcome = Welcome {
+                        session_id,
                         device_id: claims.sub,
-                        heartbeat_interval_ms: 30_000,
-                        heartbeat_timeout_ms: 10_000,
-                        max_frame_size: DEFAULT_MAX_FRAME as u32,
-                        server_time_ms: push_server::hub::now_ms(),
                         replay_count: login.replay_count,
                         epoch: hub.epoch(),
+                        server_time_ms: push_server::hub::now_ms(),
                     };
-                    server.accept(s0 + elapsed, sh, hello.last_seen_seq);
+                    server.accept(t0 + elapsed, welcome, hello.last_seen_seq);
                     rec.session_script
                         .u8(session_tag::ACCEPT)
                         .u64(hello.last_seen_seq);
@@ -216,10 +223,10 @@ fn record(last_seen_seq: u64, queued: u8) -> Recording {
             rec.hub_script.u8(hub_tag::SETTLE);
             let pushes = hub.take_pushes("phone-1", session_id, last_taken, 64);
             rec.hub_script.u8(hub_tag::TAKE_NEXT).u8(0).u8(64);
-            let seqs: Vec<u64> = pushes.iter().map(|p| p.seq).collect();
+            let seqs: Vec<u64> = pushes.iter().map(|p| p.seq()).collect();
             for p in pushes {
-                last_taken = p.seq;
-                rec.session_script.u8(session_tag::PUSH).u64(p.seq);
+                last_taken = p.seq();
+                rec.session_script.u8(session_tag::PUSH).u64(p.seq());
                 server.push(p);
             }
             if !seqs.is_empty() {
@@ -230,14 +237,12 @@ fn record(last_seen_seq: u64, queued: u8) -> Recording {
         if round == 3 {
             // Past the heartbeat interval: the server asks, the device answers.
             elapsed += Duration::from_secs(30);
-            server.handle_timeout(s0 + elapsed);
+            server.handle_timeout(t0 + elapsed);
             rec.session_script.u8(session_tag::ADVANCE).u16(30_000);
             rec.session_script.u8(session_tag::FIRE_TIMER);
         }
-        while let Some(f) = server.poll_transmit() {
-            let mut one = BytesMut::new();
-            frame::encode(&f, &mut one, DEFAULT_MAX_FRAME).unwrap();
-            rec.server.push((name_server(&f), one.clone().freeze()));
+        for (f, one) in frames::<ServerFrame>(&server.poll_transmit().unwrap_or_default()) {
+            rec.server.push((name_server(&f), one.clone()));
             sdk.handle_bytes(t0 + elapsed, &one);
             rec.sdk_script.u8(sdk_tag::BYTES).bytes(&one);
         }

@@ -3,6 +3,7 @@
 //! values), a hub that accepts, rejects, pushes and ends it, and synthetic time.
 //!
 //! Properties, beyond "never panics":
+//! - what goes out is whole frames within the default limit;
 //! - pushes go out in strictly increasing sequence order, and only while established;
 //! - the in-flight count never exceeds the pushes written;
 //! - once the `Closed` event is out and the queues drained, nothing more is ever sent or
@@ -10,52 +11,37 @@
 //! - right after the timer fired, the next deadline is in the future (the driver never spins).
 #![no_main]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use lpush_fuzz::{Script, session_tag as tag};
 use push_proto::{
     device::{
-        Ack, ClientFrame, Goodbye, GoodbyeReason, HeartbeatReply, Hello, NetworkChange, Push, ServerHello,
-        VoipToken, client_frame,
+        Ack, ClientFrame, Goodbye, GoodbyeReason, HeartbeatReply, Hello, NetworkChange, Push, ServerFrame,
+        VoipToken, client_frame, server_frame,
     },
     frame::{self, DEFAULT_MAX_FRAME},
 };
 use push_server::{
     hub::EncodedPush,
-    session::core::{Event, Session, Timing, Transmit},
+    session::core::{Event, Session, Timing, Welcome},
 };
-use tokio::time::Instant;
 
 struct Checker {
     session: Session,
     now: Instant,
-    rbuf: BytesMut,
     last_push_seq: u64,
     pushes_written: usize,
     closed_seen: bool,
 }
 
 impl Checker {
+    /// A well-formed frame of any size (the session applies the limit).
     fn frame(&mut self, kind: client_frame::Kind) {
-        self.session
-            .handle_frame(self.now, ClientFrame { kind: Some(kind) });
-    }
-
-    /// The driver's read path: decode whole frames, one decode error ends the session.
-    fn bytes(&mut self, data: &[u8]) {
-        self.rbuf.extend_from_slice(data);
-        while !self.session.is_closed() {
-            match frame::decode::<ClientFrame>(&mut self.rbuf, DEFAULT_MAX_FRAME) {
-                Ok(Some(f)) => self.session.handle_frame(self.now, f),
-                Ok(None) => break,
-                Err(e) => {
-                    self.rbuf.clear();
-                    self.session.handle_decode_error(e.to_string());
-                }
-            }
-        }
+        let mut wire = BytesMut::new();
+        frame::encode(&ClientFrame { kind: Some(kind) }, &mut wire, usize::MAX).expect("any size");
+        self.session.handle_bytes(self.now, &wire);
     }
 
     fn push(&mut self, seq: u64) {
@@ -81,23 +67,15 @@ impl Checker {
 
     /// Drain outputs as the driver does and check them.
     fn drain(&mut self) {
-        while let Some(t) = self.session.poll_transmit() {
-            let mut wire = BytesMut::new();
-            match t {
-                Transmit::Frame(f) => frame::encode(&f, &mut wire, DEFAULT_MAX_FRAME),
-                Transmit::Push(p) => {
-                    assert!(
-                        p.seq() > self.last_push_seq,
-                        "push {} after {}",
-                        p.seq(),
-                        self.last_push_seq
-                    );
-                    self.last_push_seq = p.seq();
-                    p.write_frame(&mut wire, DEFAULT_MAX_FRAME)
-                }
+        let mut wire = BytesMut::from(&self.session.poll_transmit().unwrap_or_default()[..]);
+        while let Some(f) = frame::decode::<ServerFrame>(&mut wire, DEFAULT_MAX_FRAME).expect("frames") {
+            if let Some(server_frame::Kind::Push(p)) = f.kind {
+                let (seq, last) = (p.seq, self.last_push_seq);
+                assert!(seq > last, "push {seq} after {last}");
+                self.last_push_seq = seq;
             }
-            .expect("a server frame fits the default limit");
         }
+        assert!(wire.is_empty(), "half a frame out");
         while let Some(e) = self.session.poll_event() {
             if matches!(e, Event::Closed(_)) {
                 assert!(!self.closed_seen, "closed twice");
@@ -121,9 +99,8 @@ fuzz_target!(|data: &[u8]| {
         heartbeat_timeout: ms(),
     };
     let mut c = Checker {
-        session: Session::new(base, timing),
+        session: Session::new(base, timing, DEFAULT_MAX_FRAME),
         now: base,
-        rbuf: BytesMut::new(),
         last_push_seq: 0,
         pushes_written: 0,
         closed_seen: false,
@@ -131,7 +108,7 @@ fuzz_target!(|data: &[u8]| {
     while !s.is_empty() {
         let closed_before = c.closed_seen;
         match s.u8() % tag::COUNT {
-            tag::BYTES => c.bytes(s.bytes()),
+            tag::BYTES => c.session.handle_bytes(c.now, s.bytes()),
             tag::HELLO => {
                 let (last_seen_seq, epoch, ssid) = (s.u64(), s.u64(), s.string());
                 c.frame(client_frame::Kind::Hello(Hello {
@@ -162,11 +139,12 @@ fuzz_target!(|data: &[u8]| {
                 detail: String::new(),
                 provider_stop_reason: ["", "noNetworkAvailable", "junk"][s.u32() as usize % 3].into(),
             })),
-            tag::EMPTY_FRAME => c.session.handle_frame(c.now, ClientFrame { kind: None }),
+            // A frame of length 0: a `ClientFrame` without content.
+            tag::EMPTY_FRAME => c.session.handle_bytes(c.now, &[0; 4]),
             tag::ACCEPT => c.session.accept(
                 c.now,
-                ServerHello {
-                    session_id: "1".into(),
+                Welcome {
+                    session_id: 1,
                     device_id: "d".into(),
                     ..Default::default()
                 },

@@ -1,7 +1,7 @@
-//! Support for tests that need a real Redis (this crate's, `e2e`'s): a `redis-server` of its
-//! own on a free loopback port (plain or TLS, a replica, or a Sentinel), in a directory of its
-//! own, stopped when dropped, and killed by the kernel if the test process dies first. Not used
-//! by the server itself.
+//! Support for tests (this crate's, `e2e`'s, the SDK's): a `redis-server` of its own on a free
+//! loopback port (plain or TLS, a replica, or a Sentinel), in a directory of its own, stopped when
+//! dropped and killed by the kernel if the test process dies first; the sans-IO cores' source
+//! scan. Not used by the server itself.
 
 use std::{
     io::{Read, Write},
@@ -417,4 +417,28 @@ pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result
         }
     }
     Ok(())
+}
+
+/// Architecture invariant of a sans-IO core (the server's session core, the SDK's): its sources
+/// outside `tests` name no I/O, thread or clock. Checks the files under `paths`; returns how many.
+pub fn assert_sans_io(paths: &[PathBuf]) -> usize {
+    let banned = "tokio rustls std::net std::io std::fs std::thread Instant::now SystemTime";
+    let mut checked = 0;
+    let mut stack = paths.to_vec();
+    while let Some(path) = stack.pop() {
+        if path.file_stem().is_some_and(|name| name == "tests") {
+            // The tests may use anything; the core itself may not.
+        } else if path.is_dir() {
+            stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            let text = std::fs::read_to_string(&path).unwrap();
+            for line in text.lines().filter(|l| !l.trim_start().starts_with("//")) {
+                for banned in banned.split(' ') {
+                    assert!(!line.contains(banned), "{} uses {banned}", path.display());
+                }
+            }
+            checked += 1;
+        }
+    }
+    checked
 }

@@ -10,25 +10,23 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use apns_bridge::{DeviceToken, VoipBridge, VoipCall, VoipOutcome};
 use futures::{FutureExt as _, future::BoxFuture};
 use parking_lot::Mutex;
-use push_proto::device::{
-    Ack, CancelReason, ClientFrame, GoodbyeReason, Hello, Push, ServerHello, client_frame, push, server_frame,
+use push_proto::{
+    device::{Ack, CancelReason, ClientFrame, GoodbyeReason, Hello, Push, client_frame, push, server_frame},
+    frame::DEFAULT_MAX_FRAME,
 };
-use tokio::{
-    sync::{broadcast, mpsc, oneshot},
-    time::Instant,
-};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{CallRequest, Hub, Login, MessageRequest, SendError, clock::ManualClock, now_ms};
 use crate::{
     auth::DeviceClaims,
     config::Limits,
-    session::core::{Event, Session, Timing},
+    session::core::{Event, Session, Timing, Welcome},
     store::{
         ApiKeyRecord, Op, Receipt, ReceiptState, RequestRecord, Snapshot, Store, StoreError, StoredPush,
     },
@@ -249,7 +247,7 @@ impl Sim {
             heartbeat_timeout: Duration::from_secs(10),
         };
         let now = Instant::now();
-        let mut session = Session::new(now, timing);
+        let mut session = Session::new(now, timing, DEFAULT_MAX_FRAME);
         let hello = Hello {
             instance_id: format!("{device}-instance"),
             ..Default::default()
@@ -279,13 +277,12 @@ impl Sim {
             aud: "lpush-device".into(),
         };
         let login = self.hub.login(&claims, &hello).expect("login");
-        let server_hello = ServerHello {
-            session_id: login.session_id.to_string(),
+        let welcome = Welcome {
+            session_id: login.session_id,
             epoch: self.hub.epoch(),
             ..Default::default()
         };
-        session.accept(now, server_hello, hello.last_seen_seq);
-        while session.poll_transmit().is_some() {}
+        session.accept(now, welcome, hello.last_seen_seq);
         Phone {
             device: device.into(),
             session,
@@ -315,12 +312,10 @@ impl Phone {
         );
         let mut written = Vec::new();
         for p in pushes {
-            if self.session.push(p) {
-                // Drained below.
-            }
+            self.session.push(p);
         }
-        while let Some(t) = self.session.poll_transmit() {
-            if let Some(server_frame::Kind::Push(p)) = t.frame().kind {
+        for f in self.session.poll_frames() {
+            if let server_frame::Kind::Push(p) = f {
                 if !self.app.contains(&p.id) {
                     self.app.push(p.id.clone());
                 }

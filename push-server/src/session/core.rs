@@ -1,16 +1,24 @@
 //! The server side of one device session as a state machine: no sockets, no clock, no hub.
 //!
-//! Call order, as in quinn-proto: feed inputs (`handle_frame`, `handle_timeout`, and the
-//! decisions `accept` / `reject` / `push` / `goodbye`), then drain outputs (`poll_transmit` until
-//! `None`, `poll_event` until `None`), then sleep until `poll_timeout`. Time only moves forward.
+//! Call order, as in quinn-proto: feed inputs (`handle_bytes`, `handle_timeout`, and the
+//! decisions `accept` / `reject` / `push` / `goodbye`), then drain outputs (`poll_transmit`,
+//! `poll_event` until `None`), then sleep until `poll_timeout`. Time only moves forward. As in
+//! the SDK's core, bytes go in and out, time (`std::time::Instant`) is passed in, and a test
+//! checks that these sources name no I/O and no clock.
 
-use std::{collections::VecDeque, time::Duration};
-
-use push_proto::device::{
-    Ack, CallOutcome, CallOutcomeReply, CallOutcomeReport, ClientFrame, Goodbye, GoodbyeReason, Heartbeat,
-    Hello, NetworkChange, ServerFrame, ServerHello, client_frame, server_frame,
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
 };
-use tokio::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use push_proto::{
+    device::{
+        Ack, CallOutcome, CallOutcomeReply, CallOutcomeReport, ClientFrame, Goodbye, GoodbyeReason,
+        Heartbeat, Hello, NetworkChange, ServerFrame, ServerHello, client_frame, server_frame,
+    },
+    frame,
+};
 
 use crate::hub::{EncodedPush, MAX_FLOOR};
 
@@ -42,27 +50,20 @@ pub enum Event {
     Closed(CloseReason),
 }
 
-/// A frame to write: one the session made, or a push the hub encoded when it was queued
-/// (written as is: see [`EncodedPush::write_frame`]).
-#[derive(Debug)]
-pub enum Transmit {
-    /// A frame of the session's own.
-    Frame(ServerFrame),
-    /// `ServerFrame { push }`.
-    Push(EncodedPush),
-}
-
-#[cfg(test)]
-impl Transmit {
-    /// The frame, decoded (tests look inside what a session wrote).
-    pub(crate) fn frame(self) -> ServerFrame {
-        match self {
-            Self::Frame(f) => f,
-            Self::Push(p) => ServerFrame {
-                kind: Some(server_frame::Kind::Push(p.decode())),
-            },
-        }
-    }
+/// What the hub decided for an accepted device: the `ServerHello` says it, with the session's
+/// timing and frame limit.
+#[derive(Debug, Clone, Default)]
+pub struct Welcome {
+    /// The session's id (unique per process).
+    pub session_id: u64,
+    /// The device the credential names.
+    pub device_id: String,
+    /// Pushes queued for replay.
+    pub replay_count: u32,
+    /// The store's epoch.
+    pub epoch: u64,
+    /// The server's wall clock, Unix ms.
+    pub server_time_ms: i64,
 }
 
 /// Why a session ended, for presence events and logs.
@@ -110,12 +111,16 @@ enum Phase {
     Closed,
 }
 
-/// One session's protocol state.
+/// One session's protocol state. Its buffers are empty, not merely cleared, while idle.
 #[derive(Debug)]
 pub struct Session {
     timing: Timing,
+    /// The configured frame limit (before the hello is accepted, the protocol's default caps it).
+    max_frame: usize,
     phase: Phase,
-    transmit: VecDeque<Transmit>,
+    /// Received bytes not yet a whole frame, and encoded frames not yet taken.
+    rx: BytesMut,
+    tx: BytesMut,
     events: VecDeque<Event>,
     nonce: u64,
     /// Highest sequence written in this session; the hub hands out pushes above it.
@@ -125,14 +130,16 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session whose TLS handshake completed at `now`.
-    pub fn new(now: Instant, timing: Timing) -> Self {
+    /// A session whose TLS handshake completed at `now`; `max_frame` is the configured limit.
+    pub fn new(now: Instant, timing: Timing, max_frame: usize) -> Self {
         Self {
             timing,
+            max_frame,
             phase: Phase::AwaitingHello {
                 deadline: now + timing.hello_timeout,
             },
-            transmit: VecDeque::new(),
+            rx: BytesMut::new(),
+            tx: BytesMut::new(),
             events: VecDeque::new(),
             nonce: 0,
             last_sent_seq: 0,
@@ -160,8 +167,29 @@ impl Session {
         self.inflight.len()
     }
 
-    /// A frame arrived from the device.
-    pub fn handle_frame(&mut self, now: Instant, frame: ClientFrame) {
+    /// Bytes arrived from the device: whole frames are applied, until the session closes. Before
+    /// the hello is accepted the protocol's default frame limit caps the configured one, so an
+    /// unauthenticated peer can never make the server buffer more than that.
+    pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) {
+        self.rx.extend_from_slice(data);
+        while !self.is_closed() {
+            let limit = match self.phase {
+                Phase::Established { .. } => self.max_frame,
+                _ => self.max_frame.min(frame::DEFAULT_MAX_FRAME),
+            };
+            match frame::decode::<ClientFrame>(&mut self.rx, limit) {
+                Ok(Some(f)) => self.on_frame(now, f),
+                Ok(None) => break,
+                Err(e) => self.protocol_error(&e.to_string()),
+            }
+        }
+        if self.rx.is_empty() || self.is_closed() {
+            // An idle session holds no read buffer.
+            self.rx = BytesMut::new();
+        }
+    }
+
+    fn on_frame(&mut self, now: Instant, frame: ClientFrame) {
         use client_frame::Kind;
         let Some(kind) = frame.kind else {
             return self.protocol_error("frame without content");
@@ -232,11 +260,6 @@ impl Session {
         }
     }
 
-    /// Bytes could not be decoded as a frame.
-    pub fn handle_decode_error(&mut self, detail: String) {
-        self.protocol_error(&detail);
-    }
-
     /// The timer set by `poll_timeout` fired (or any time passed).
     pub fn handle_timeout(&mut self, now: Instant) {
         match &mut self.phase {
@@ -265,8 +288,9 @@ impl Session {
         }
     }
 
-    /// The hub accepted the hello. `hello` is sent as is; pushes may follow.
-    pub fn accept(&mut self, now: Instant, hello: ServerHello, last_seen_seq: u64) {
+    /// The hub accepted the hello: the `ServerHello` goes out, and pushes above `last_seen_seq`
+    /// may follow.
+    pub fn accept(&mut self, now: Instant, welcome: Welcome, last_seen_seq: u64) {
         if !matches!(self.phase, Phase::Authenticating) {
             return;
         }
@@ -275,7 +299,16 @@ impl Session {
             next_heartbeat: now + self.timing.heartbeat_interval,
             outstanding: None,
         };
-        self.send(server_frame::Kind::ServerHello(hello));
+        self.send(server_frame::Kind::ServerHello(ServerHello {
+            session_id: welcome.session_id.to_string(),
+            device_id: welcome.device_id,
+            heartbeat_interval_ms: self.timing.heartbeat_interval.as_millis() as u32,
+            heartbeat_timeout_ms: self.timing.heartbeat_timeout.as_millis() as u32,
+            max_frame_size: self.max_frame as u32,
+            server_time_ms: welcome.server_time_ms,
+            replay_count: welcome.replay_count,
+            epoch: welcome.epoch,
+        }));
     }
 
     /// The hub refused the hello. Nothing more is sent if the session already closed (the
@@ -288,17 +321,21 @@ impl Session {
         self.close(CloseReason::AuthFailed(detail.into()));
     }
 
-    /// Write a push. The caller keeps within the in-flight window and hands pushes in sequence
-    /// order; a push at or below the last one written is skipped, so a replay race cannot
-    /// deliver twice.
+    /// Write a push; whether it was. The caller keeps within the in-flight window and hands
+    /// pushes in sequence order; a push at or below the last one written is skipped, so a replay
+    /// race cannot deliver twice.
     pub fn push(&mut self, push: EncodedPush) -> bool {
         let seq = push.seq();
         if !self.is_established() || seq <= self.last_sent_seq {
             return false;
         }
         self.last_sent_seq = seq;
+        if let Err(e) = push.write_frame(&mut self.tx, self.max_frame) {
+            // The hub bounds message sizes well below the frame limit, so this is a bug, not input.
+            tracing::error!(seq, error = %e, "push over the frame limit dropped");
+            return false;
+        }
         self.inflight.push_back(seq);
-        self.transmit.push_back(Transmit::Push(push));
         true
     }
 
@@ -318,14 +355,15 @@ impl Session {
         self.close(CloseReason::ServerGoodbye(reason));
     }
 
-    /// Whether `poll_transmit` has frames.
+    /// Whether `poll_transmit` has bytes.
     pub fn wants_transmit(&self) -> bool {
-        !self.transmit.is_empty()
+        !self.tx.is_empty()
     }
 
-    /// Next frame to write.
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmit.pop_front()
+    /// The frames queued so far, encoded, to write in one burst.
+    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        self.wants_transmit()
+            .then(|| std::mem::take(&mut self.tx).freeze())
     }
 
     /// Next event for the driver.
@@ -370,299 +408,13 @@ impl Session {
     }
 
     fn send(&mut self, kind: server_frame::Kind) {
-        self.transmit
-            .push_back(Transmit::Frame(ServerFrame { kind: Some(kind) }));
+        let frame = ServerFrame { kind: Some(kind) };
+        if let Err(e) = frame::encode(&frame, &mut self.tx, self.max_frame) {
+            // The session's own frames are small, so this is a bug, not input.
+            tracing::error!(error = %e, "server frame over the limit dropped");
+        }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use push_proto::device::{HeartbeatReply, Push, push};
-
-    const T: Timing = Timing {
-        hello_timeout: Duration::from_secs(5),
-        heartbeat_interval: Duration::from_secs(30),
-        heartbeat_timeout: Duration::from_secs(10),
-    };
-
-    fn frame(kind: client_frame::Kind) -> ClientFrame {
-        ClientFrame { kind: Some(kind) }
-    }
-
-    #[test]
-    fn a_floor_at_or_above_2_pow_52_is_a_protocol_error() {
-        let now = Instant::now();
-        for floor in [MAX_FLOOR, 1 << 53, u64::MAX] {
-            let mut s = Session::new(now, T);
-            s.handle_frame(
-                now,
-                frame(client_frame::Kind::Hello(Hello {
-                    last_seen_seq: floor,
-                    ..Default::default()
-                })),
-            );
-            assert!(
-                matches!(s.poll_transmit().and_then(|f| f.frame().kind), Some(server_frame::Kind::Goodbye(g)) if g.reason == GoodbyeReason::ProtocolError as i32),
-                "floor {floor}"
-            );
-            assert!(!matches!(s.poll_event(), Some(Event::Hello(_))));
-        }
-    }
-
-    fn established(now: Instant) -> Session {
-        let mut s = Session::new(now, T);
-        s.handle_frame(
-            now,
-            frame(client_frame::Kind::Hello(Hello {
-                last_seen_seq: 4,
-                ..Default::default()
-            })),
-        );
-        assert!(matches!(s.poll_event(), Some(Event::Hello(h)) if h.last_seen_seq == 4));
-        s.accept(now, ServerHello::default(), 4);
-        assert!(matches!(
-            s.poll_transmit().unwrap().frame().kind,
-            Some(server_frame::Kind::ServerHello(_))
-        ));
-        s
-    }
-
-    fn push_frame(seq: u64) -> EncodedPush {
-        EncodedPush::of(&Push {
-            seq,
-            id: format!("m{seq}"),
-            body: Some(push::Body::Message(Default::default())),
-        })
-    }
-
-    fn goodbye_reason(s: &mut Session) -> Option<GoodbyeReason> {
-        std::iter::from_fn(|| s.poll_transmit()).find_map(|f| match f.frame().kind {
-            Some(server_frame::Kind::Goodbye(g)) => GoodbyeReason::try_from(g.reason).ok(),
-            _ => None,
-        })
-    }
-
-    #[test]
-    fn a_goodbye_keeps_why_ios_stopped_the_provider() {
-        let t0 = Instant::now();
-        for (sent, kept) in [
-            (
-                "unrecoverableNetworkChange",
-                "device goodbye: GOODBYE_REASON_CLIENT_STOPPING (iOS: unrecoverableNetworkChange)",
-            ),
-            (
-                "notAnAppleReason",
-                "device goodbye: GOODBYE_REASON_CLIENT_STOPPING (iOS: unknown)",
-            ),
-            ("", "device goodbye: GOODBYE_REASON_CLIENT_STOPPING"),
-        ] {
-            let mut s = established(t0);
-            s.handle_frame(
-                t0,
-                frame(client_frame::Kind::Goodbye(Goodbye {
-                    reason: GoodbyeReason::ClientStopping as i32,
-                    provider_stop_reason: sent.into(),
-                    ..Default::default()
-                })),
-            );
-            let closed = std::iter::from_fn(|| s.poll_event()).find_map(|e| match e {
-                Event::Closed(reason) => Some(reason.to_string()),
-                _ => None,
-            });
-            assert_eq!(closed.as_deref(), Some(kept), "{sent}");
-        }
-    }
-
-    #[test]
-    fn hello_timeout_closes_with_goodbye() {
-        let t0 = Instant::now();
-        let mut s = Session::new(t0, T);
-        assert_eq!(s.poll_timeout(), Some(t0 + T.hello_timeout));
-        s.handle_timeout(t0 + T.hello_timeout - Duration::from_millis(1));
-        assert!(!s.is_closed());
-        s.handle_timeout(t0 + T.hello_timeout);
-        assert_eq!(goodbye_reason(&mut s), Some(GoodbyeReason::ProtocolError));
-        assert_eq!(s.poll_event(), Some(Event::Closed(CloseReason::HelloTimeout)));
-    }
-
-    #[test]
-    fn first_frame_must_be_hello() {
-        let t0 = Instant::now();
-        let mut s = Session::new(t0, T);
-        s.handle_frame(t0, frame(client_frame::Kind::Ack(Ack::default())));
-        assert_eq!(goodbye_reason(&mut s), Some(GoodbyeReason::ProtocolError));
-        assert!(matches!(
-            s.poll_event(),
-            Some(Event::Closed(CloseReason::ProtocolError(_)))
-        ));
-        assert!(s.poll_timeout().is_none(), "a closed session wants no timer");
-    }
-
-    #[test]
-    fn empty_frame_is_protocol_error() {
-        let t0 = Instant::now();
-        let mut s = established(t0);
-        s.handle_frame(t0, ClientFrame { kind: None });
-        assert!(s.is_closed());
-    }
-
-    #[test]
-    fn heartbeat_cycle_and_deadline() {
-        let t0 = Instant::now();
-        let mut s = established(t0);
-        let due = t0 + T.heartbeat_interval;
-        assert_eq!(s.poll_timeout(), Some(due));
-        s.handle_timeout(due);
-        let Some(server_frame::Kind::Heartbeat(hb)) = s.poll_transmit().unwrap().frame().kind else {
-            panic!()
-        };
-        assert_eq!(s.poll_timeout(), Some(due + T.heartbeat_timeout));
-        // Answered in time: the deadline goes away and the next heartbeat is scheduled.
-        s.handle_frame(
-            due + Duration::from_secs(1),
-            frame(client_frame::Kind::HeartbeatReply(HeartbeatReply {
-                nonce: hb.nonce,
-            })),
-        );
-        assert_eq!(s.poll_timeout(), Some(due + T.heartbeat_interval));
-        // Not answered: closed exactly at the deadline.
-        let due2 = due + T.heartbeat_interval;
-        s.handle_timeout(due2);
-        assert!(s.poll_transmit().is_some());
-        s.handle_timeout(due2 + T.heartbeat_timeout - Duration::from_millis(1));
-        assert!(!s.is_closed());
-        s.handle_timeout(due2 + T.heartbeat_timeout);
-        assert_eq!(goodbye_reason(&mut s), Some(GoodbyeReason::HeartbeatTimeout));
-        assert_eq!(s.poll_event(), Some(Event::Closed(CloseReason::HeartbeatTimeout)));
-    }
-
-    #[test]
-    fn stale_heartbeat_reply_does_not_clear_deadline() {
-        let t0 = Instant::now();
-        let mut s = established(t0);
-        s.handle_timeout(t0 + T.heartbeat_interval);
-        let _ = s.poll_transmit();
-        s.handle_frame(
-            t0,
-            frame(client_frame::Kind::HeartbeatReply(HeartbeatReply { nonce: 0 })),
-        );
-        s.handle_timeout(t0 + T.heartbeat_interval + T.heartbeat_timeout);
-        assert!(s.is_closed());
-    }
-
-    #[test]
-    fn pushes_are_written_once_in_order_and_acks_free_the_window() {
-        let t0 = Instant::now();
-        let mut s = established(t0);
-        assert!(!s.push(push_frame(4)), "at or below last_seen is never written");
-        assert!(s.push(push_frame(5)));
-        assert!(s.push(push_frame(7)));
-        assert!(!s.push(push_frame(6)), "out of order would break resume");
-        assert!(!s.push(push_frame(7)), "a duplicate is never written");
-        assert_eq!(s.inflight(), 2);
-        assert_eq!(std::iter::from_fn(|| s.poll_transmit()).count(), 2);
-        s.handle_frame(
-            t0,
-            frame(client_frame::Kind::Ack(Ack {
-                up_to_seq: 5,
-                seqs: vec![7],
-            })),
-        );
-        assert_eq!(s.inflight(), 0);
-        assert!(matches!(s.poll_event(), Some(Event::Acked(a)) if a.up_to_seq == 5));
-    }
-
-    #[test]
-    fn no_push_before_accept_and_second_hello_is_error() {
-        let t0 = Instant::now();
-        let mut s = Session::new(t0, T);
-        assert!(!s.push(push_frame(1)));
-        let mut s = established(t0);
-        s.handle_frame(t0, frame(client_frame::Kind::Hello(Hello::default())));
-        assert!(s.is_closed());
-    }
-
-    #[test]
-    fn voip_token_is_an_event_only_after_hello() {
-        let t0 = Instant::now();
-        let token = |t: &str| {
-            frame(client_frame::Kind::VoipToken(push_proto::device::VoipToken {
-                token: t.into(),
-            }))
-        };
-        let mut s = established(t0);
-        s.handle_frame(t0, token("abcd"));
-        assert_eq!(s.poll_event(), Some(Event::VoipToken("abcd".into())));
-        let mut s = Session::new(t0, T);
-        s.handle_frame(t0, token("abcd"));
-        assert!(s.is_closed(), "hello must come first");
-    }
-
-    #[test]
-    fn oversized_hello_or_network_change_fields_end_the_session_before_any_event() {
-        let now = Instant::now();
-        let mut s = Session::new(now, T);
-        s.handle_frame(
-            now,
-            frame(client_frame::Kind::Hello(Hello {
-                credential: "c".into(),
-                ssid: "s".repeat(3000),
-                ..Hello::default()
-            })),
-        );
-        assert_eq!(goodbye_reason(&mut s), Some(GoodbyeReason::ProtocolError));
-        assert!(
-            matches!(s.poll_event(), Some(Event::Closed(CloseReason::ProtocolError(d))) if d.contains("ssid"))
-        );
-        let mut s = established(now);
-        s.handle_frame(
-            now,
-            frame(client_frame::Kind::NetworkChange(
-                push_proto::device::NetworkChange {
-                    ssid: "s".repeat(33),
-                    path_lost: false,
-                },
-            )),
-        );
-        assert_eq!(goodbye_reason(&mut s), Some(GoodbyeReason::ProtocolError));
-        assert!(s.is_closed());
-        while let Some(e) = s.poll_event() {
-            assert!(!matches!(e, Event::NetworkChanged(_)), "{e:?}");
-        }
-    }
-
-    #[test]
-    fn goodbye_is_sent_once() {
-        let t0 = Instant::now();
-        let mut s = established(t0);
-        s.goodbye(GoodbyeReason::Replaced, "newer session");
-        s.goodbye(GoodbyeReason::ServerShutdown, "again");
-        assert_eq!(std::iter::from_fn(|| s.poll_transmit()).count(), 1);
-        assert_eq!(
-            s.poll_event(),
-            Some(Event::Closed(CloseReason::ServerGoodbye(GoodbyeReason::Replaced)))
-        );
-        assert_eq!(s.poll_event(), None);
-    }
-
-    /// Nothing is queued after the close (a property of the `session_core` fuzz target): a hello
-    /// and a second frame in one read close the session (protocol error, goodbye sent) before the
-    /// driver authenticates the hello, and a refused credential then queued a second goodbye.
-    #[test]
-    fn reject_after_close_sends_nothing() {
-        let t0 = Instant::now();
-        let mut s = Session::new(t0, T);
-        s.handle_frame(t0, frame(client_frame::Kind::Hello(Hello::default())));
-        s.handle_frame(t0, frame(client_frame::Kind::Ack(Ack::default())));
-        assert!(s.is_closed());
-        s.reject(GoodbyeReason::AuthFailed, "credential refused");
-        assert_eq!(std::iter::from_fn(|| s.poll_transmit()).count(), 1);
-        assert!(matches!(s.poll_event(), Some(Event::Hello(_))));
-        assert!(matches!(
-            s.poll_event(),
-            Some(Event::Closed(CloseReason::ProtocolError(_)))
-        ));
-        assert_eq!(s.poll_event(), None);
-    }
-}
+mod tests;

@@ -2,21 +2,21 @@
 //!
 //! Memory while idle is the point of the design: between bursts the task holds no read or write
 //! buffer. It waits for socket readiness (not for bytes into a buffer), then decrypts what the
-//! socket has in a buffer lent for the read ([`DeviceTls`]) into one allocated for that burst,
-//! and frees it again when no partial frame remains.
+//! socket has in a buffer lent for the read ([`DeviceTls`]) and hands it to the [`Session`],
+//! which keeps only a partial frame; what the session encodes is taken for one write.
 
-use std::{io, sync::Arc, time::Duration};
-
-use bytes::BytesMut;
-use push_proto::{
-    device::{ClientFrame, GoodbyeReason, ServerHello},
-    frame,
+use std::{
+    io,
+    sync::Arc,
+    time::{Duration, Instant},
 };
-use tokio::{sync::OwnedSemaphorePermit, time::Instant};
+
+use push_proto::device::GoodbyeReason;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    core::{Event, Session, Timing, Transmit},
+    core::{Event, Session, Timing, Welcome},
     tls::DeviceTls,
 };
 use crate::{
@@ -94,9 +94,8 @@ pub async fn run(
     shutdown: CancellationToken,
     permit: OwnedSemaphorePermit,
 ) {
-    let mut session = Session::new(Instant::now(), env.timing);
+    let mut session = Session::new(Instant::now(), env.timing, env.max_frame);
     let mut admitted: Option<Admitted> = None;
-    let mut rbuf = BytesMut::new();
     // The handshake may already have read the hello, and then the socket never turns readable
     // for it: read once before the first wait.
     let mut unread = true;
@@ -157,6 +156,7 @@ pub async fn run(
             break reason.to_string();
         }
         // 2. Inputs decided by others: stop requests, then pushes the window allows.
+        let mut written = Vec::new();
         if let (Some(a), None) = (&admitted, &ended) {
             if let Some((reason, detail)) = a.ctl.take_stop() {
                 session.goodbye(reason, &detail);
@@ -167,20 +167,21 @@ pub async fn run(
                     .hub
                     .take_pushes(&a.device_id, a.session_id, session.last_sent_seq(), room)
                 {
-                    session.push(push);
+                    let seq = push.seq();
+                    if session.push(push) {
+                        written.push(seq);
+                    }
                 }
             }
         }
-        // 3. Outputs.
+        // 3. Outputs. Only a push written is reported delivered.
         // Boxed: the write burst's state exists only while writing, not in every idle task.
-        let written = if session.wants_transmit() && ended.is_none() {
-            match Box::pin(flush(&mut tls, &mut session, &env)).await {
-                Ok(seqs) => seqs,
-                Err(e) => break format!("write failed: {e}"),
-            }
-        } else {
-            Vec::new()
-        };
+        if session.wants_transmit()
+            && ended.is_none()
+            && let Err(e) = Box::pin(flush(&mut tls, &mut session, &env)).await
+        {
+            break format!("write failed: {e}");
+        }
         if let (Some(a), false) = (&admitted, written.is_empty()) {
             env.hub.mark_delivered(&a.device_id, &written);
         }
@@ -198,19 +199,19 @@ pub async fn run(
             _ = shutdown.cancelled() => Wake::Shutdown,
             r = tls.readable() => match r { Ok(()) => Wake::Readable, Err(e) => break format!("socket error: {e}") },
             _ = async { match &admitted { Some(a) => a.ctl.woken().await, None => std::future::pending().await } } => Wake::Hub,
-            _ = async { match timer { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => Wake::Timer,
+            _ = async { match timer { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } } => Wake::Timer,
             }
         };
         match wake {
             Wake::Shutdown => {
                 // Take acks that already arrived, so they are not replayed after the restart.
-                let _ = read_frames(&mut tls, &mut rbuf, &mut session, env.max_frame);
+                let _ = read(&mut tls, &mut session);
                 session.goodbye(GoodbyeReason::ServerShutdown, "server shutting down");
             }
             Wake::Timer => session.handle_timeout(Instant::now()),
             Wake::Hub => {}
             Wake::Readable => {
-                match read_frames(&mut tls, &mut rbuf, &mut session, env.max_frame).inspect(|_| {
+                match read(&mut tls, &mut session).inspect(|_| {
                     if let Some(a) = &admitted {
                         a.heard.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
                     }
@@ -276,20 +277,14 @@ async fn authenticate(
         %peer, device = %claims.sub, session = login.session_id, sdk = ?hello.sdk_version,
         ssid = ?hello.ssid, instance = ?hello.instance_id, last_seen_seq = hello.last_seen_seq, replay = login.replay_count, "session started"
     );
-    session.accept(
-        Instant::now(),
-        ServerHello {
-            session_id: login.session_id.to_string(),
-            device_id: claims.sub.clone(),
-            heartbeat_interval_ms: env.timing.heartbeat_interval.as_millis() as u32,
-            heartbeat_timeout_ms: env.timing.heartbeat_timeout.as_millis() as u32,
-            max_frame_size: env.max_frame as u32,
-            server_time_ms: env.hub.now(),
-            replay_count: login.replay_count,
-            epoch: env.hub.epoch(),
-        },
-        hello.last_seen_seq,
-    );
+    let welcome = Welcome {
+        session_id: login.session_id,
+        device_id: claims.sub.clone(),
+        replay_count: login.replay_count,
+        epoch: env.hub.epoch(),
+        server_time_ms: env.hub.now(),
+    };
+    session.accept(Instant::now(), welcome, hello.last_seen_seq);
     Some(Admitted {
         hub: env.hub.clone(),
         device_id: claims.sub,
@@ -315,39 +310,13 @@ fn refuse(session: &mut Session, e: CredentialError, peer: &str) -> Option<Admit
     None
 }
 
-/// Until the hello is accepted the protocol's default limit applies, so an unauthenticated peer
-/// can never make the server buffer more than that.
-fn frame_limit(session: &Session, configured: usize) -> usize {
-    if session.is_established() {
-        configured
-    } else {
-        configured.min(frame::DEFAULT_MAX_FRAME)
-    }
-}
-
-/// Write every queued frame in one burst under the write deadline. Returns the sequence
-/// numbers of the pushes written.
-async fn flush(tls: &mut DeviceTls, session: &mut Session, env: &SessionEnv) -> io::Result<Vec<u64>> {
-    let mut out = BytesMut::new();
-    let mut seqs = Vec::new();
-    while let Some(t) = session.poll_transmit() {
-        let encoded = match t {
-            Transmit::Frame(f) => frame::encode(&f, &mut out, env.max_frame),
-            // Only a push written is reported delivered.
-            Transmit::Push(p) => p
-                .write_frame(&mut out, env.max_frame)
-                .map(|()| seqs.push(p.seq())),
-        };
-        if let Err(e) = encoded {
-            // The hub bounds message sizes well below the frame limit, so this is a bug, not input.
-            tracing::error!(error = %e, "server frame over the limit dropped");
-        }
-    }
-    if out.is_empty() {
-        return Ok(seqs);
-    }
+/// Write what the session queued in one burst under the write deadline.
+async fn flush(tls: &mut DeviceTls, session: &mut Session, env: &SessionEnv) -> io::Result<()> {
+    let Some(out) = session.poll_transmit() else {
+        return Ok(());
+    };
     match tokio::time::timeout(env.write_timeout, tls.write_all(&out)).await {
-        Ok(r) => r.map(|()| seqs),
+        Ok(r) => r,
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             "write timed out (device not reading)",
@@ -355,36 +324,12 @@ async fn flush(tls: &mut DeviceTls, session: &mut Session, env: &SessionEnv) -> 
     }
 }
 
-/// Drain everything readable without blocking, feeding whole frames to the session.
-/// Returns `Ok(false)` on a clean end of stream.
-fn read_frames(
-    tls: &mut DeviceTls,
-    rbuf: &mut BytesMut,
-    session: &mut Session,
-    max_frame: usize,
-) -> io::Result<bool> {
-    let open = tls.read_available(|data| {
-        rbuf.extend_from_slice(data);
-        decode_all(rbuf, session, max_frame)
-    });
-    if rbuf.is_empty() {
-        // Idle sessions hold no read buffer.
-        *rbuf = BytesMut::new();
-    }
-    open
-}
-
-/// Decode whole frames; false once the session is closed (the rest is ignored).
-fn decode_all(rbuf: &mut BytesMut, session: &mut Session, max_frame: usize) -> bool {
-    while !session.is_closed() {
-        match frame::decode::<ClientFrame>(rbuf, frame_limit(session, max_frame)) {
-            Ok(Some(f)) => session.handle_frame(Instant::now(), f),
-            Ok(None) => return true,
-            Err(e) => {
-                rbuf.clear();
-                session.handle_decode_error(e.to_string());
-            }
-        }
-    }
-    false
+/// Hand the session everything readable without blocking, until it closes. Returns `Ok(false)`
+/// on a clean end of stream.
+fn read(tls: &mut DeviceTls, session: &mut Session) -> io::Result<bool> {
+    let now = Instant::now();
+    tls.read_available(|data| {
+        session.handle_bytes(now, data);
+        !session.is_closed()
+    })
 }

@@ -296,37 +296,7 @@ fn call_cancel(seq: u64, call_id: &str) -> Push {
 /// Architecture invariant: the core does no I/O and reads no clock.
 #[test]
 fn core_sources_name_no_io_and_no_clock() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/core");
-    let mut checked = 0;
-    let mut stack = vec![dir];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                // The tests may use anything; the core itself may not.
-                if path.file_name().unwrap() != "tests" {
-                    stack.push(path);
-                }
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).unwrap();
-            for banned in [
-                "tokio",
-                "rustls",
-                "std::net",
-                "Instant::now",
-                "SystemTime",
-                "std::thread",
-            ] {
-                let code: String = text
-                    .lines()
-                    .filter(|l| !l.trim_start().starts_with("//"))
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                assert!(!code.contains(banned), "{} uses {banned}", path.display());
-            }
-            checked += 1;
-        }
-    }
+    let core = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/core");
+    let checked = push_server::testing::assert_sans_io(&[core]);
     assert!(checked >= 7, "checked {checked} files");
 }
