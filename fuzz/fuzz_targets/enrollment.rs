@@ -39,7 +39,7 @@ fn world() -> &'static World {
             let _enter = rt.enter();
             hub_in(dir.path(), Limits::default())
         };
-        let keys = Keys::new(store);
+        let keys = Keys::new(store, &Limits::default());
         let admin = rt
             .block_on(async {
                 let (key, _) = keys

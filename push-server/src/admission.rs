@@ -34,7 +34,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// The listener a connection arrived on (the label of its metrics and log lines).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Listener {
+pub(crate) enum Listener {
     /// Phones (device protocol).
     Device,
     /// The sender/admin gRPC API.
@@ -45,7 +45,7 @@ pub enum Listener {
 
 impl Listener {
     /// Label for metrics and logs.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Self::Device => "device",
             Self::Api => "api",
@@ -54,7 +54,7 @@ impl Listener {
     }
 
     /// This listener's handshake limits.
-    pub fn handshake_limits(self, limits: &crate::config::Limits) -> HandshakeLimits {
+    pub(crate) fn handshake_limits(self, limits: &crate::config::Limits) -> HandshakeLimits {
         match self {
             Self::Device => limits.device_handshakes,
             Self::Api => limits.api_handshakes,
@@ -65,7 +65,7 @@ impl Listener {
 
 /// Why a connection was closed before its handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// `in_progress` handshakes are running.
     InProgress,
     /// `in_progress_per_ip` handshakes from this address are running.
@@ -80,7 +80,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// Label for metrics and logs.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Self::InProgress => "in_progress",
             Self::InProgressPerIp => "in_progress_per_ip",
@@ -94,7 +94,7 @@ impl Refusal {
 /// The address a limit applies to: an IPv4 address, or the /64 of an IPv6 address (one host
 /// usually holds a whole /64, so counting single v6 addresses would limit nothing). IPv4-mapped
 /// IPv6 addresses count as their IPv4 address.
-pub fn source(ip: IpAddr) -> IpAddr {
+pub(crate) fn source(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -174,7 +174,7 @@ struct Running {
 }
 
 /// The handshake gate of one listener.
-pub struct Handshakes {
+pub(crate) struct Handshakes {
     listener: Listener,
     limits: HandshakeLimits,
     rate: DefaultDirectRateLimiter,
@@ -186,7 +186,7 @@ pub struct Handshakes {
 }
 
 /// A handshake slot; dropping it ends the handshake's claim.
-pub struct Ticket {
+pub(crate) struct Ticket {
     gate: Arc<Handshakes>,
     ip: IpAddr,
 }
@@ -206,7 +206,7 @@ impl Drop for Ticket {
 
 impl Handshakes {
     /// The gate of `listener` with `limits`.
-    pub fn new(listener: Listener, limits: HandshakeLimits) -> Arc<Self> {
+    pub(crate) fn new(listener: Listener, limits: HandshakeLimits) -> Arc<Self> {
         Arc::new(Self {
             listener,
             limits,
@@ -220,7 +220,7 @@ impl Handshakes {
 
     /// Admit a connection from `peer` to its handshake, or refuse it (counted and logged; the
     /// caller closes the connection). The ticket must live until the handshake has ended.
-    pub fn admit(self: &Arc<Self>, peer: std::net::SocketAddr) -> Result<Ticket, Refusal> {
+    pub(crate) fn admit(self: &Arc<Self>, peer: std::net::SocketAddr) -> Result<Ticket, Refusal> {
         let ip = source(peer.ip());
         let result = self.try_admit(ip);
         if let Err(why) = result {
@@ -271,8 +271,9 @@ impl Handshakes {
         }
     }
 
-    /// Handshakes admitted and not finished (for tests).
-    pub fn in_progress(&self) -> usize {
+    /// Handshakes admitted and not finished.
+    #[cfg(test)]
+    fn in_progress(&self) -> usize {
         self.running.lock().unwrap_or_else(|p| p.into_inner()).total
     }
 }

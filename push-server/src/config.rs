@@ -103,6 +103,7 @@ impl ConfigArgs {
 /// The flags of `push-server serve`: [`ConfigArgs`] and the ones only the server reads.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
+    /// The flags `doctor` reads too.
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Dashboard and /metrics listener address (HTTPS).
@@ -397,6 +398,28 @@ pub struct Limits {
     /// `WatchMessage` / `WatchCall` streams open at once, all ids together; more are answered
     /// `RESOURCE_EXHAUSTED`.
     pub max_watchers: usize,
+    /// Longest caller-chosen message or call id.
+    pub max_id_bytes: usize,
+    /// Longest caller name and handle of a call, together.
+    pub max_caller_bytes: usize,
+    /// Longest device id, group name or API key name.
+    pub max_name_bytes: usize,
+    /// Verified API keys remembered, so a busy sender costs no store read per request.
+    pub key_cache_entries: usize,
+    /// How long a remembered API key is trusted before the store is read again (a revocation
+    /// on another node takes effect within it; on this node at once).
+    pub key_cache_ttl_ms: u64,
+    /// Receipts one `WatchMessage` / `WatchCall` stream may fall behind before it is told it
+    /// lagged.
+    pub watch_queue: usize,
+    /// Presence events the presence and dashboard streams may fall behind.
+    pub presence_backlog: usize,
+    /// Receipts the dashboard's receipt stream may fall behind.
+    pub receipt_backlog: usize,
+    /// Diagnoses the dashboard's diagnosis stream may fall behind.
+    pub diagnosis_backlog: usize,
+    /// On shutdown, how long sessions get to say goodbye before the store is closed anyway.
+    pub shutdown_drain_ms: u64,
     /// How long a device with a live session has to acknowledge a call invite before the call
     /// also rings through the APNs VoIP fallback (when enabled and the device registered a
     /// token). Devices without a session fall back at once.
@@ -574,6 +597,16 @@ impl Default for Limits {
             receipt_retention_secs: 7 * 24 * 3600,
             max_watchers_per_id: 64,
             max_watchers: 20_000,
+            max_id_bytes: 128,
+            max_caller_bytes: 1024,
+            max_name_bytes: 128,
+            key_cache_entries: 256,
+            key_cache_ttl_ms: 1_000,
+            watch_queue: 256,
+            presence_backlog: 4096,
+            receipt_backlog: 16 * 1024,
+            diagnosis_backlog: 256,
+            shutdown_drain_ms: 10_000,
             call_ack_window_ms: 3_000,
             diag_instance_churn_max: 3,
             diag_window_secs: 600,
@@ -650,6 +683,25 @@ impl Config {
         }
         if l.max_watchers_per_id == 0 || l.max_watchers == 0 {
             return bad("limits.max_watchers_per_id and max_watchers must be positive");
+        }
+        if [
+            l.max_id_bytes,
+            l.max_caller_bytes,
+            l.max_name_bytes,
+            l.key_cache_entries,
+        ]
+        .into_iter()
+        .chain([
+            l.watch_queue,
+            l.presence_backlog,
+            l.receipt_backlog,
+            l.diagnosis_backlog,
+        ])
+        .any(|n| n == 0)
+        {
+            return bad(
+                "limits.max_id_bytes, max_caller_bytes, max_name_bytes, key_cache_entries, watch_queue and the *_backlog limits must be positive",
+            );
         }
         if l.observe_max_devices == 0 || l.observe_max_sites == 0 {
             return bad("limits.observe_max_devices and observe_max_sites must be positive");

@@ -25,7 +25,9 @@
 //! - [`doctor`]: the site pre-flight (`push-server doctor`): certificate, DNS, reachability,
 //!   SSIDs, clocks, the data directory, and the Wi-Fi pitfalls to check on the access points.
 
-pub mod admission;
+#![warn(missing_docs, unreachable_pub)]
+
+pub(crate) mod admission;
 pub mod api;
 pub mod api_client;
 pub mod auth;
@@ -35,9 +37,9 @@ pub mod config;
 pub mod data_dir;
 pub mod doctor;
 pub mod hub;
-pub mod listener;
-pub mod metrics;
-pub mod observe;
+pub(crate) mod listener;
+pub(crate) mod metrics;
+pub(crate) mod observe;
 pub mod pki;
 pub mod server;
 pub mod session;

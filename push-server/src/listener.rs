@@ -27,7 +27,7 @@ use crate::{
 const DEVICE_BACKLOG: u32 = 8192;
 
 /// Listen for devices on `addr` with the accept queue above.
-pub fn bind_devices(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub(crate) fn bind_devices(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -49,7 +49,7 @@ const ACCEPT_POLL: Duration = Duration::from_millis(50);
 /// the kernel's accept queue to overflow (each dropped SYN costs a device a 1 s
 /// retransmission). The thread drains the queue as fast as the kernel fills it; connections
 /// then wait in tokio, established, for their handshake (within the handshake deadline).
-pub async fn serve_devices(
+pub(crate) async fn serve_devices(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     env: Arc<SessionEnv>,
@@ -202,7 +202,7 @@ fn refused_certificate(e: &std::io::Error) -> Option<rustls::AlertDescription> {
 /// Accept TLS connections for the HTTP servers (the gRPC API, the dashboard) until `shutdown`.
 /// Each handshake runs in its own task under the handshake deadline, so a stalled client never
 /// holds up the others; established streams come out of the returned channel.
-pub fn tls_incoming(
+pub(crate) fn tls_incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     limits: Limits,
@@ -257,7 +257,7 @@ async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
 }
 
 /// Internet-tuned TCP defaults do not suit a ward: detect dead peers and stuck writes.
-pub fn tune(tcp: &TcpStream, limits: &Limits) {
+pub(crate) fn tune(tcp: &TcpStream, limits: &Limits) {
     let sock = SockRef::from(tcp);
     let idle = Duration::from_secs(limits.tcp_keepalive_secs);
     let keepalive = TcpKeepalive::new()

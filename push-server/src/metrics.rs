@@ -15,83 +15,83 @@ use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gau
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// TLS handshakes on the device listener, by `result` (`ok`, `failed`, `timeout`).
-pub const HANDSHAKES: &str = "lpush_tls_handshakes_total";
+pub(crate) const HANDSHAKES: &str = "lpush_tls_handshakes_total";
 /// Device TLS handshakes that resumed an earlier session with a TLS 1.3 ticket (also counted
 /// in [`HANDSHAKES`] as `ok`).
-pub const HANDSHAKES_RESUMED: &str = "lpush_tls_resumed_total";
+pub(crate) const HANDSHAKES_RESUMED: &str = "lpush_tls_resumed_total";
 /// Connections closed before their TLS handshake, by `listener` (`device`, `api`,
 /// `dashboard`) and `reason` (`in_progress`, `in_progress_per_ip`, `rate`, `rate_per_ip`,
 /// `too_many_sources`); see `config::HandshakeLimits`.
-pub const HANDSHAKES_REFUSED: &str = "lpush_handshakes_refused_total";
+pub(crate) const HANDSHAKES_REFUSED: &str = "lpush_handshakes_refused_total";
 /// gRPC requests refused `RESOURCE_EXHAUSTED` because their API key was over its rate.
-pub const API_RATE_LIMITED: &str = "lpush_api_requests_rate_limited_total";
+pub(crate) const API_RATE_LIMITED: &str = "lpush_api_requests_rate_limited_total";
 /// Device logins, by `result` (`ok`, `auth_failed`, `revoked`, `rate_limited`).
-pub const LOGINS: &str = "lpush_logins_total";
+pub(crate) const LOGINS: &str = "lpush_logins_total";
 /// Sessions that ended, by `reason` (see [`reason_class`]).
-pub const SESSIONS_ENDED: &str = "lpush_sessions_ended_total";
+pub(crate) const SESSIONS_ENDED: &str = "lpush_sessions_ended_total";
 /// Sessions an iOS provider ended with a goodbye saying why iOS stopped it, by `reason`
 /// (Apple's `NEProviderStopReason` case name, or `unknown`).
-pub const PROVIDER_STOPS: &str = "lpush_provider_stops_total";
+pub(crate) const PROVIDER_STOPS: &str = "lpush_provider_stops_total";
 /// Sessions that ended because the phone left the Wi-Fi (a stop for a network reason, or
 /// heartbeat silence after the phone reported a network change): not a fault.
-pub const LEFT_WIFI: &str = "lpush_sessions_left_wifi_total";
+pub(crate) const LEFT_WIFI: &str = "lpush_sessions_left_wifi_total";
 /// Live sessions now.
-pub const SESSIONS_ONLINE: &str = "lpush_sessions_online";
+pub(crate) const SESSIONS_ONLINE: &str = "lpush_sessions_online";
 /// Registered devices now (revoked included).
-pub const DEVICES: &str = "lpush_devices_registered";
+pub(crate) const DEVICES: &str = "lpush_devices_registered";
 /// Pushes queued and not final, all devices.
-pub const QUEUED: &str = "lpush_queued_pushes";
+pub(crate) const QUEUED: &str = "lpush_queued_pushes";
 /// Largest queue of one device.
-pub const QUEUED_MAX: &str = "lpush_queued_pushes_max_per_device";
+pub(crate) const QUEUED_MAX: &str = "lpush_queued_pushes_max_per_device";
 /// Heartbeats a live session did not answer in time (the session ends `HEARTBEAT_TIMEOUT`).
-pub const HEARTBEAT_MISSES: &str = "lpush_heartbeat_misses_total";
+pub(crate) const HEARTBEAT_MISSES: &str = "lpush_heartbeat_misses_total";
 /// Pushes accepted for a device, by `kind` (`message`, `call_invite`, `call_cancel`).
-pub const ACCEPTED: &str = "lpush_pushes_accepted_total";
+pub(crate) const ACCEPTED: &str = "lpush_pushes_accepted_total";
 /// Pushes that reached a device, by `kind` and `path` (`local`, `apns`).
-pub const DELIVERED: &str = "lpush_pushes_delivered_total";
+pub(crate) const DELIVERED: &str = "lpush_pushes_delivered_total";
 /// Final receipts, by `kind` and `state` (`acked`, `expired`, ...).
-pub const FINAL: &str = "lpush_pushes_final_total";
+pub(crate) const FINAL: &str = "lpush_pushes_final_total";
 /// Accepted to delivered, by `kind` and `path`.
-pub const DELIVERY_LATENCY: &str = "lpush_delivery_latency_seconds";
+pub(crate) const DELIVERY_LATENCY: &str = "lpush_delivery_latency_seconds";
 /// Accepted to acknowledged by the device, by `kind`.
-pub const ACK_LATENCY: &str = "lpush_ack_latency_seconds";
+pub(crate) const ACK_LATENCY: &str = "lpush_ack_latency_seconds";
 /// VoIP pushes handed to the APNs bridge, by `outcome`.
-pub const VOIP: &str = "lpush_voip_pushes_total";
+pub(crate) const VOIP: &str = "lpush_voip_pushes_total";
 /// Pushes other than call invites that reached the VoIP fallback's gate (and were stopped
 /// there: a VoIP push not reported as a call gets the app killed). Must stay 0: alert on any
 /// increase, it means the hub routed a message or cancel towards APNs.
-pub const VOIP_NON_CALL: &str = "lpush_voip_non_call_pushes_total";
+pub(crate) const VOIP_NON_CALL: &str = "lpush_voip_non_call_pushes_total";
 /// Store group commits, by `result` (`ok`, `failed`).
-pub const STORE_COMMITS: &str = "lpush_store_commits_total";
+pub(crate) const STORE_COMMITS: &str = "lpush_store_commits_total";
 /// 1 if the store's last commit succeeded, else 0.
-pub const STORE_OK: &str = "lpush_store_last_commit_ok";
+pub(crate) const STORE_OK: &str = "lpush_store_last_commit_ok";
 /// Time of one store group commit (fsync included).
-pub const STORE_COMMIT_LATENCY: &str = "lpush_store_commit_seconds";
+pub(crate) const STORE_COMMIT_LATENCY: &str = "lpush_store_commit_seconds";
 /// Diagnoses raised, by `kind` (`instance_churn`, `heartbeat_silent`, `site_drop`).
-pub const DIAGNOSES: &str = "lpush_diagnoses_total";
+pub(crate) const DIAGNOSES: &str = "lpush_diagnoses_total";
 /// Devices currently flagged, by `kind` (`instance_churn`, `heartbeat_silent`).
-pub const FLAGGED_DEVICES: &str = "lpush_flagged_devices";
+pub(crate) const FLAGGED_DEVICES: &str = "lpush_flagged_devices";
 /// Sites (SSIDs) currently flagged for a site-wide drop.
-pub const FLAGGED_SITES: &str = "lpush_flagged_sites";
+pub(crate) const FLAGGED_SITES: &str = "lpush_flagged_sites";
 /// Open dashboard live-update streams.
-pub const SSE_CLIENTS: &str = "lpush_dashboard_streams";
+pub(crate) const SSE_CLIENTS: &str = "lpush_dashboard_streams";
 /// Cluster mode: time of one Redis request made by the hub, by `op`.
-pub const REDIS_LATENCY: &str = "lpush_redis_request_seconds";
+pub(crate) const REDIS_LATENCY: &str = "lpush_redis_request_seconds";
 /// Cluster mode: Redis requests that failed (unreachable, refused), by `op`.
-pub const REDIS_ERRORS: &str = "lpush_redis_errors_total";
+pub(crate) const REDIS_ERRORS: &str = "lpush_redis_errors_total";
 /// Cluster mode: 1 while this node's last heartbeat reached Redis.
-pub const REDIS_UP: &str = "lpush_redis_up";
+pub(crate) const REDIS_UP: &str = "lpush_redis_up";
 /// Cluster mode: routing and ownership events, by `event` (`forwarded`, `drained`, `claimed`,
 /// `released`, `kicked`, `fenced`, `swept`).
-pub const CLUSTER_EVENTS: &str = "lpush_cluster_events_total";
+pub(crate) const CLUSTER_EVENTS: &str = "lpush_cluster_events_total";
 /// Cluster mode: nodes whose heartbeat is current, as this node sees them.
-pub const CLUSTER_NODES: &str = "lpush_cluster_nodes_alive";
+pub(crate) const CLUSTER_NODES: &str = "lpush_cluster_nodes_alive";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Install the process-wide recorder once and return its handle (later calls return the same
 /// handle). Latencies are exported as histograms with buckets from 1 ms to 30 s.
-pub fn install() -> PrometheusHandle {
+pub(crate) fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let buckets = [
@@ -196,7 +196,7 @@ fn describe() {
 }
 
 /// A short, bounded label for why a session ended (the reason strings are free text).
-pub fn reason_class(reason: &str) -> &'static str {
+pub(crate) fn reason_class(reason: &str) -> &'static str {
     let r = reason.to_ascii_lowercase();
     if r.contains("heartbeat") {
         "heartbeat_timeout"
@@ -222,32 +222,32 @@ pub fn reason_class(reason: &str) -> &'static str {
 }
 
 /// A device TLS handshake finished (`ok`, `failed`, `timeout`).
-pub fn handshake(result: &'static str) {
+pub(crate) fn handshake(result: &'static str) {
     counter!(HANDSHAKES, "result" => result).increment(1);
 }
 
 /// A device TLS handshake resumed a session with a ticket.
-pub fn handshake_resumed() {
+pub(crate) fn handshake_resumed() {
     counter!(HANDSHAKES_RESUMED).increment(1);
 }
 
 /// A connection was closed before its TLS handshake by a limit of `listener`.
-pub fn handshake_refused(listener: &'static str, reason: &'static str) {
+pub(crate) fn handshake_refused(listener: &'static str, reason: &'static str) {
     counter!(HANDSHAKES_REFUSED, "listener" => listener, "reason" => reason).increment(1);
 }
 
 /// A gRPC request was refused: its API key was over its rate.
-pub fn api_rate_limited() {
+pub(crate) fn api_rate_limited() {
     counter!(API_RATE_LIMITED).increment(1);
 }
 
 /// A hello was answered (`ok`, `auth_failed`, `revoked`, `rate_limited`).
-pub fn login(result: &'static str) {
+pub(crate) fn login(result: &'static str) {
     counter!(LOGINS, "result" => result).increment(1);
 }
 
 /// A session ended.
-pub fn session_ended(reason: &str) {
+pub(crate) fn session_ended(reason: &str) {
     let class = reason_class(reason);
     counter!(SESSIONS_ENDED, "reason" => class).increment(1);
     if class == "heartbeat_timeout" {
@@ -257,7 +257,7 @@ pub fn session_ended(reason: &str) {
 
 /// A session ended as an iOS provider stopped for `reason` (a known name or `unknown`), and
 /// whether the phone `left` the Wi-Fi.
-pub fn session_stopped(reason: &'static str, left: bool) {
+pub(crate) fn session_stopped(reason: &'static str, left: bool) {
     if !reason.is_empty() {
         counter!(PROVIDER_STOPS, "reason" => reason).increment(1);
     }
@@ -267,45 +267,45 @@ pub fn session_stopped(reason: &'static str, left: bool) {
 }
 
 /// A push was queued for a device.
-pub fn accepted(kind: &'static str) {
+pub(crate) fn accepted(kind: &'static str) {
     counter!(ACCEPTED, "kind" => kind).increment(1);
 }
 
 /// A push reached a device `ms` after it was accepted.
-pub fn delivered(kind: &'static str, path: &'static str, ms: i64) {
+pub(crate) fn delivered(kind: &'static str, path: &'static str, ms: i64) {
     counter!(DELIVERED, "kind" => kind, "path" => path).increment(1);
     histogram!(DELIVERY_LATENCY, "kind" => kind, "path" => path).record(ms.max(0) as f64 / 1000.0);
 }
 
 /// The device acknowledged a push `ms` after it was accepted.
-pub fn acked(kind: &'static str, ms: i64) {
+pub(crate) fn acked(kind: &'static str, ms: i64) {
     histogram!(ACK_LATENCY, "kind" => kind).record(ms.max(0) as f64 / 1000.0);
 }
 
 /// A push got its final receipt.
-pub fn finished(kind: &'static str, state: &'static str) {
+pub(crate) fn finished(kind: &'static str, state: &'static str) {
     counter!(FINAL, "kind" => kind, "state" => state).increment(1);
 }
 
 /// A VoIP push was handed to the bridge and came back with `outcome`.
-pub fn voip(outcome: &'static str) {
+pub(crate) fn voip(outcome: &'static str) {
     counter!(VOIP, "outcome" => outcome).increment(1);
 }
 
 /// A push that is not a call invite reached the VoIP fallback's gate and was stopped there.
-pub fn voip_non_call() {
+pub(crate) fn voip_non_call() {
     counter!(VOIP_NON_CALL).increment(1);
 }
 
 /// A store group commit finished.
-pub fn store_commit(ok: bool, seconds: f64) {
+pub(crate) fn store_commit(ok: bool, seconds: f64) {
     counter!(STORE_COMMITS, "result" => if ok { "ok" } else { "failed" }).increment(1);
     gauge!(STORE_OK).set(if ok { 1.0 } else { 0.0 });
     histogram!(STORE_COMMIT_LATENCY).record(seconds);
 }
 
 /// Cluster mode: a Redis request made by the hub finished.
-pub fn redis_request(op: &'static str, ok: bool, seconds: f64) {
+pub(crate) fn redis_request(op: &'static str, ok: bool, seconds: f64) {
     histogram!(REDIS_LATENCY, "op" => op).record(seconds);
     if !ok {
         counter!(REDIS_ERRORS, "op" => op).increment(1);
@@ -313,23 +313,23 @@ pub fn redis_request(op: &'static str, ok: bool, seconds: f64) {
 }
 
 /// Cluster mode: whether this node's heartbeat reached Redis, and how many nodes are alive.
-pub fn redis_health(up: bool, nodes_alive: usize) {
+pub(crate) fn redis_health(up: bool, nodes_alive: usize) {
     gauge!(REDIS_UP).set(if up { 1.0 } else { 0.0 });
     gauge!(CLUSTER_NODES).set(nodes_alive as f64);
 }
 
 /// Cluster mode: a routing or ownership event.
-pub fn cluster(event: &'static str) {
+pub(crate) fn cluster(event: &'static str) {
     counter!(CLUSTER_EVENTS, "event" => event).increment(1);
 }
 
 /// A diagnosis was raised.
-pub fn diagnosis(kind: &'static str) {
+pub(crate) fn diagnosis(kind: &'static str) {
     counter!(DIAGNOSES, "kind" => kind).increment(1);
 }
 
 /// State gauges, set at scrape time.
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// Live sessions.
     pub sessions_online: usize,
     /// Registered devices.
@@ -349,7 +349,7 @@ pub struct Snapshot {
 }
 
 /// Set the state gauges and render the exposition text.
-pub fn render(handle: &PrometheusHandle, s: &Snapshot) -> String {
+pub(crate) fn render(handle: &PrometheusHandle, s: &Snapshot) -> String {
     gauge!(SESSIONS_ONLINE).set(s.sessions_online as f64);
     gauge!(DEVICES).set(s.devices as f64);
     gauge!(QUEUED).set(s.queued as f64);

@@ -54,6 +54,8 @@ pub struct Server {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     store: Arc<dyn Store>,
+    /// `limits.shutdown_drain_ms`: how long sessions get to say goodbye.
+    drain: Duration,
 }
 
 /// The line `push-server serve` prints on stdout once it listens (and will shut down cleanly on
@@ -139,7 +141,7 @@ impl Server {
             DeviceAuthority::load_or_create(&cfg.data_dir)
                 .context("cannot load the device credential key")?,
         );
-        let keys = Arc::new(Keys::new(store.clone()));
+        let keys = Arc::new(Keys::new(store.clone(), &cfg.limits));
         let created_admin_key = bootstrap_admin_key(&keys, &cfg.data_dir).await?;
 
         let device_listener = crate::listener::bind_devices(cfg.device_listen)
@@ -234,6 +236,7 @@ impl Server {
             shutdown,
             tasks,
             store,
+            drain: Duration::from_millis(cfg.limits.shutdown_drain_ms),
         })
     }
 
@@ -247,11 +250,11 @@ impl Server {
     pub async fn shutdown(self) {
         self.shutdown.cancel();
         self.tasks.close();
-        if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("some sessions did not finish within 10 s; closing anyway");
+        let drain = self.drain;
+        if tokio::time::timeout(drain, self.tasks.wait()).await.is_err() {
+            tracing::warn!(
+                "some sessions did not finish within {drain:?} (limits.shutdown_drain_ms); closing anyway"
+            );
         }
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.close()).await;

@@ -317,10 +317,15 @@ fn ping_tls(url: &str, certs: &redis::TlsCertificates) -> bool {
 /// A CA of its own, a certificate for a TLS `redis-server` on 127.0.0.1 (and `localhost`), and
 /// a client certificate, written as PEM files in a directory removed on drop.
 pub struct TestCerts {
+    /// The CA's certificate.
     pub ca: PathBuf,
+    /// The server's certificate and key.
     pub server_cert: PathBuf,
+    #[allow(missing_docs)]
     pub server_key: PathBuf,
+    /// The client's certificate and key.
     pub client_cert: PathBuf,
+    #[allow(missing_docs)]
     pub client_key: PathBuf,
     dir: PathBuf,
 }

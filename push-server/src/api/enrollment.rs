@@ -49,8 +49,8 @@ pub const RECENT_ENROLLMENTS: usize = 200;
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
     /// A device id or group name is unusable.
-    #[error("{0} must be 1-128 bytes, not only spaces, without control characters")]
-    InvalidName(&'static str),
+    #[error("{0} must be 1-{1} bytes, not only spaces, without control characters")]
+    InvalidName(&'static str, usize),
     /// The caller may only enroll new devices and this one exists.
     #[error(
         "device {0:?} is already enrolled; an admin re-enrolls it (`push-server device enroll`, admin key)"
@@ -286,7 +286,7 @@ impl Enroller {
                 caller.key.name()
             )));
         }
-        check_names(device_id, &groups)?;
+        check_names(device_id, &groups, self.hub.limits().max_name_bytes)?;
         let days = match valid_days {
             0 => DEFAULT_VALID_DAYS,
             d => d.min(MAX_VALID_DAYS),
@@ -365,7 +365,7 @@ impl Enroller {
     ) -> Result<Enrollment, EnrollError> {
         let mut warnings = Vec::new();
         let (credential, kind, groups) = if caller.key.grants(Scope::Admin) {
-            check_names(&req.device_id, &req.groups)?;
+            check_names(&req.device_id, &req.groups, self.hub.limits().max_name_bytes)?;
             let days = match req.valid_days {
                 0 => DEFAULT_VALID_DAYS,
                 d => d.min(MAX_VALID_DAYS),
@@ -380,7 +380,7 @@ impl Enroller {
                 tracing::warn!(api_key = %caller.key.name(), key_id = %caller.key.id, "enrollment rate limit reached");
                 return Err(EnrollError::RateLimited(caller.key.name().into()));
             }
-            check_names(&req.device_id, &req.groups)?;
+            check_names(&req.device_id, &req.groups, self.hub.limits().max_name_bytes)?;
             let allowed = &caller.key.record.enroll_groups;
             let groups = if req.groups.is_empty() {
                 allowed.clone()
@@ -507,16 +507,16 @@ pub fn to_plist_xml(e: &Enrollment) -> String {
     String::from_utf8(out).expect("XML plists are UTF-8")
 }
 
-fn check_names(device_id: &str, groups: &[String]) -> Result<(), EnrollError> {
-    check_name("device_id", device_id)?;
-    groups.iter().try_for_each(|g| check_name("group", g))
+fn check_names(device_id: &str, groups: &[String], max_bytes: usize) -> Result<(), EnrollError> {
+    check_name("device_id", device_id, max_bytes)?;
+    groups.iter().try_for_each(|g| check_name("group", g, max_bytes))
 }
 
 /// `value` as a device id or group name ([`valid_name`]), else the error naming `what`.
-pub fn check_name(what: &'static str, value: &str) -> Result<(), EnrollError> {
-    valid_name(value)
+pub fn check_name(what: &'static str, value: &str, max_bytes: usize) -> Result<(), EnrollError> {
+    valid_name(value, max_bytes)
         .then_some(())
-        .ok_or(EnrollError::InvalidName(what))
+        .ok_or(EnrollError::InvalidName(what, max_bytes))
 }
 
 #[cfg(test)]
@@ -566,13 +566,13 @@ mod tests {
 
     #[test]
     fn names_are_checked() {
-        assert!(check_name("device_id", "bed 12 / ward 4B").is_ok());
+        assert!(check_name("device_id", "bed 12 / ward 4B", 128).is_ok());
         // Regression (found by the enrollment fuzz target): a device id of spaces was enrolled,
         // and the provider refused the profile it was given.
         for bad in ["", "   ", "\u{3000}", "a\nb", &"x".repeat(129)] {
             assert!(matches!(
-                check_name("device_id", bad),
-                Err(EnrollError::InvalidName("device_id"))
+                check_name("device_id", bad, 128),
+                Err(EnrollError::InvalidName("device_id", 128))
             ));
         }
     }

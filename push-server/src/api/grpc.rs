@@ -46,7 +46,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Shared by both services.
 #[derive(Clone)]
-pub struct Api {
+pub(crate) struct Api {
     hub: Hub,
     enroller: Enroller,
     shutdown: CancellationToken,
@@ -63,7 +63,7 @@ pub struct Api {
 impl Api {
     /// Services over `hub`, and the server's `store` and `data_dir` for backups, authenticating
     /// with `keys`; watch streams end at `shutdown` (and when their key is revoked or expires).
-    pub fn new(
+    pub(crate) fn new(
         hub: Hub,
         enroller: Enroller,
         keys: Arc<Keys>,
@@ -91,12 +91,12 @@ impl Api {
     }
 
     /// The sender service.
-    pub fn sender(&self) -> push_sender_server::PushSenderServer<Api> {
+    pub(crate) fn sender(&self) -> push_sender_server::PushSenderServer<Api> {
         push_sender_server::PushSenderServer::new(self.clone())
     }
 
     /// The admin service.
-    pub fn admin(&self) -> push_admin_server::PushAdminServer<Api> {
+    pub(crate) fn admin(&self) -> push_admin_server::PushAdminServer<Api> {
         push_admin_server::PushAdminServer::new(self.clone())
     }
 
@@ -232,7 +232,7 @@ impl push_sender_server::PushSender for Api {
     ) -> Result<Response<SendMessageResponse>, Status> {
         let sender = self.authorize(&req, Scope::Send)?;
         let r = req.into_inner();
-        let (device_ids, group) = targets(r.target)?;
+        let (device_ids, group) = targets(r.target, self.hub.limits().max_name_bytes)?;
         // Forwarded to phones as is: only values the device protocol defines.
         if push_proto::device::Priority::try_from(r.priority).is_err() {
             return Err(Status::invalid_argument(format!(
@@ -302,10 +302,10 @@ impl push_sender_server::PushSender for Api {
     ) -> Result<Response<PlaceCallResponse>, Status> {
         let caller = self.authorize(&req, Scope::Call)?;
         let r = req.into_inner();
-        let (device_ids, group) = targets(r.target)?;
+        let (device_ids, group) = targets(r.target, self.hub.limits().max_name_bytes)?;
         let mut escalation = Vec::with_capacity(r.escalation.len());
         for step in r.escalation {
-            let (device_ids, group) = targets(step.target)?;
+            let (device_ids, group) = targets(step.target, self.hub.limits().max_name_bytes)?;
             escalation.push(EscalationStep {
                 device_ids,
                 group,
@@ -706,7 +706,7 @@ fn key_status(e: KeyError) -> Status {
 /// The devices or group a send names. Ids and group names follow the rule of enrollment (1-128
 /// bytes, no control characters), so a sender cannot make receipts, logs or the store carry
 /// kilobytes per recipient.
-fn targets(target: Option<Target>) -> Result<(Vec<String>, Option<String>), Status> {
+fn targets(target: Option<Target>, max_name: usize) -> Result<(Vec<String>, Option<String>), Status> {
     let (ids, group) = match target.and_then(|t| t.kind) {
         Some(target::Kind::DeviceId(id)) => (vec![id], None),
         Some(target::Kind::Devices(list)) => (list.device_ids, None),
@@ -718,17 +718,17 @@ fn targets(target: Option<Target>) -> Result<(Vec<String>, Option<String>), Stat
         }
     };
     for id in &ids {
-        check_name("device_id", id).map_err(enroll_status)?;
+        check_name("device_id", id, max_name).map_err(enroll_status)?;
     }
     if let Some(g) = &group {
-        check_name("group", g).map_err(enroll_status)?;
+        check_name("group", g, max_name).map_err(enroll_status)?;
     }
     Ok((ids, group))
 }
 
 /// The gRPC API over TLS 1.3 (same certificate as the device listener, ALPN h2), with health
 /// and reflection so grpcurl-style tools work.
-pub fn serve(
+pub(crate) fn serve(
     listener: TcpListener,
     certs: Arc<pki::CertSlot>,
     limits: Limits,
@@ -889,7 +889,7 @@ fn send_status(e: SendError) -> Status {
 
 fn enroll_status(e: EnrollError) -> Status {
     match e {
-        EnrollError::InvalidName(_) => Status::invalid_argument(e.to_string()),
+        EnrollError::InvalidName(..) => Status::invalid_argument(e.to_string()),
         EnrollError::AlreadyEnrolled(_) => Status::already_exists(e.to_string()),
         EnrollError::NotAllowed(_) => Status::permission_denied(e.to_string()),
         EnrollError::RateLimited(_) => Status::resource_exhausted(e.to_string()),

@@ -7,7 +7,7 @@
 //! Every API entry point (gRPC, dashboard, `POST /v1/enroll`) authenticates through [`Keys`]:
 //! - [`Keys::caller`] reads the key from a request's `authorization: Bearer <key>` value and
 //!   [`Holder::require`] checks a scope: the faces only map the refusal to their own answers.
-//! - Verified keys are cached for [`CACHE_TTL`] so a busy sender does not cost a store read per
+//! - Verified keys are cached for `limits.key_cache_ttl_ms` so a busy sender does not cost a store read per
 //!   request; the TTL bounds how long a change made elsewhere (another node, later) takes to be
 //!   seen. A revocation made here drops the cache entry at once, and a lookup that raced with it
 //!   does not re-fill the cache (see `revocations`).
@@ -29,16 +29,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::{Scope, api_key_hash, new_api_key},
+    config::Limits,
     hub::{fmt_utc, now_ms},
     store::{ApiKeyRecord, Op, Store, StoreError, commit},
 };
 
 /// Hex digits of the key's hash shown as its id.
 pub const ID_LEN: usize = 12;
-/// How long a verified key is trusted without a store read.
-pub const CACHE_TTL: Duration = Duration::from_secs(1);
-/// Most keys cached; the cache is cleared when full (keys are few; this only bounds junk).
-const CACHE_MAX: usize = 256;
 /// Longest key lifetime that can be asked for, in days.
 pub const MAX_KEY_DAYS: u32 = 3650;
 
@@ -193,6 +190,11 @@ pub struct Keys {
     /// Bumped by every revocation: a lookup that read the store before a revocation committed
     /// must not put its (stale) record into the cache after the revocation cleared it.
     revocations: AtomicU64,
+    /// `limits.max_name_bytes`, `key_cache_entries` (the cache is cleared when full: keys are
+    /// few, this only bounds junk) and `key_cache_ttl_ms`.
+    name_max: usize,
+    cache_max: usize,
+    cache_ttl: Duration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -202,13 +204,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Keys {
-    /// Keys stored in `store`.
-    pub fn new(store: Arc<dyn Store>) -> Self {
+    /// Keys stored in `store`, names and the cache bounded by `limits`.
+    pub fn new(store: Arc<dyn Store>, limits: &Limits) -> Self {
         Self {
             store,
             cache: Mutex::default(),
             tokens: Mutex::default(),
             revocations: AtomicU64::new(0),
+            name_max: limits.max_name_bytes,
+            cache_max: limits.key_cache_entries,
+            cache_ttl: Duration::from_millis(limits.key_cache_ttl_ms),
         }
     }
 
@@ -251,7 +256,7 @@ impl Keys {
     /// The record under `hash`, from the cache or the store.
     fn record(&self, hash: &str) -> Result<ApiKeyRecord, KeyError> {
         if let Some((record, at)) = lock(&self.cache).get(hash)
-            && at.elapsed() < CACHE_TTL
+            && at.elapsed() < self.cache_ttl
         {
             return Ok(record.clone());
         }
@@ -259,7 +264,7 @@ impl Keys {
         let record = self.store.api_key(hash)?.ok_or(KeyError::Unknown)?;
         let mut cache = lock(&self.cache);
         if self.revocations.load(Ordering::SeqCst) == before {
-            if cache.len() >= CACHE_MAX {
+            if cache.len() >= self.cache_max {
                 cache.clear();
             }
             cache.insert(hash.to_owned(), (record.clone(), Instant::now()));
@@ -270,8 +275,12 @@ impl Keys {
     /// Create and store a key; returns the key (shown once) and its listing.
     pub async fn create(&self, new: NewKey) -> Result<(String, KeySummary), KeyError> {
         let invalid = |m: String| Err(KeyError::Invalid(m));
-        if !valid_name(&new.name) {
-            return invalid("name must be 1-128 bytes, not only spaces, without control characters".into());
+        let name_rule = format!(
+            "1-{} bytes, not only spaces, without control characters",
+            self.name_max
+        );
+        if !valid_name(&new.name, self.name_max) {
+            return invalid(format!("name must be {name_rule}"));
         }
         if new.scopes.is_empty() {
             return invalid("at least one scope is required".into());
@@ -289,10 +298,8 @@ impl Keys {
         if !new.enroll_groups.is_empty() && !new.scopes.iter().any(|s| s == "enroll") {
             return invalid("enroll groups apply only to a key with the enroll scope".into());
         }
-        if !new.enroll_groups.iter().all(|g| valid_name(g)) {
-            return invalid(
-                "a group must be 1-128 bytes, not only spaces, without control characters".into(),
-            );
+        if !new.enroll_groups.iter().all(|g| valid_name(g, self.name_max)) {
+            return invalid(format!("a group must be {name_rule}"));
         }
         let now = now_ms();
         let record = ApiKeyRecord {
@@ -382,13 +389,10 @@ impl std::fmt::Display for Holder {
     }
 }
 
-/// Longest key name, device id or group name.
-const MAX_NAME_BYTES: usize = 128;
-
-/// Whether `value` may name a key, device or group: 1-128 bytes, not only whitespace (the
-/// provider refuses a blank device id), no control characters.
-pub fn valid_name(value: &str) -> bool {
-    !value.trim().is_empty() && value.len() <= MAX_NAME_BYTES && !value.chars().any(char::is_control)
+/// Whether `value` may name a key, device or group: 1 to `max_bytes` (`limits.max_name_bytes`)
+/// bytes, not only whitespace (the provider refuses a blank device id), no control characters.
+pub fn valid_name(value: &str, max_bytes: usize) -> bool {
+    !value.trim().is_empty() && value.len() <= max_bytes && !value.chars().any(char::is_control)
 }
 
 /// The key in an `authorization` value `Bearer <key>`.

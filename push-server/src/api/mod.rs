@@ -7,7 +7,7 @@
 //! needs beyond the hub (the store, for a backup) is handed to it by `server`: the hub does not
 //! lend its store.
 
-pub mod dashboard;
+pub(crate) mod dashboard;
 pub mod enrollment;
-pub mod grpc;
+pub(crate) mod grpc;
 pub mod keys;

@@ -19,9 +19,6 @@ use std::{
 use parking_lot::Mutex;
 use tokio::sync::{broadcast, mpsc};
 
-/// Items a keyed watcher may have queued before it counts as lagging.
-const WATCH_QUEUE: usize = 256;
-
 /// What a watcher hears next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Heard<T> {
@@ -42,17 +39,19 @@ pub enum WatchRefused {
     Full(usize),
 }
 
-/// Most keyed watchers, of one key and in all.
+/// Most keyed watchers, of one key and in all, and how far each may fall behind.
 #[derive(Debug, Clone, Copy)]
-pub struct WatchLimits {
+pub(super) struct WatchLimits {
     /// Watchers of one key.
     pub per_key: usize,
     /// Watchers of all keys together.
     pub total: usize,
+    /// Items one watcher may fall behind before it is told it lagged.
+    pub queue: usize,
 }
 
 /// A publish/subscribe point for one kind of item.
-pub struct Bus<T> {
+pub(super) struct Bus<T> {
     everything: broadcast::Sender<T>,
     keyed: Arc<Keyed<T>>,
 }
@@ -78,7 +77,7 @@ struct Tap<T> {
 impl<T: Clone> Bus<T> {
     /// A bus whose watch-everything subscribers may fall `capacity` items behind, with at most
     /// `limits` keyed watchers.
-    pub fn new(capacity: usize, limits: WatchLimits) -> Self {
+    pub(super) fn new(capacity: usize, limits: WatchLimits) -> Self {
         Self {
             everything: broadcast::channel(capacity).0,
             keyed: Arc::new(Keyed {
@@ -94,7 +93,7 @@ impl<T: Clone> Bus<T> {
 
     /// Deliver `item` to the watchers of its key (`key` reads it from the item) and of
     /// everything. Never blocks.
-    pub fn publish(&self, item: T, key: impl Fn(&T) -> &str) {
+    pub(super) fn publish(&self, item: T, key: impl Fn(&T) -> &str) {
         if let Some(taps) = self.keyed.taps.lock().by_key.get(key(&item)) {
             for tap in taps {
                 if tap.tx.try_send(item.clone()).is_err() {
@@ -107,7 +106,7 @@ impl<T: Clone> Bus<T> {
 
     /// Watch the items of `key` from now on (subscribe before reading the stored state, so
     /// nothing falls between the read and the first item); refused over the limits.
-    pub fn watch(&self, key: &str) -> Result<Watch<T>, WatchRefused> {
+    pub(super) fn watch(&self, key: &str) -> Result<Watch<T>, WatchRefused> {
         let limits = self.keyed.limits;
         let mut taps = self.keyed.taps.lock();
         if taps.count >= limits.total {
@@ -117,7 +116,7 @@ impl<T: Clone> Bus<T> {
         if of_key >= limits.per_key {
             return Err(WatchRefused::KeyFull(of_key));
         }
-        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        let (tx, rx) = mpsc::channel(limits.queue);
         let lagged = Arc::new(AtomicBool::new(false));
         let id = self.keyed.next_id.fetch_add(1, Ordering::Relaxed);
         taps.by_key.entry(key.to_string()).or_default().push(Tap {
@@ -137,13 +136,13 @@ impl<T: Clone> Bus<T> {
     }
 
     /// Every item from now on.
-    pub fn watch_all(&self) -> broadcast::Receiver<T> {
+    pub(super) fn watch_all(&self) -> broadcast::Receiver<T> {
         self.everything.subscribe()
     }
 
     /// Keys with at least one watcher (for tests: watchers must not outlive their streams).
     #[cfg(test)]
-    pub fn watched_keys(&self) -> usize {
+    pub(super) fn watched_keys(&self) -> usize {
         self.keyed.taps.lock().by_key.len()
     }
 }
@@ -193,7 +192,11 @@ mod tests {
 
     use super::*;
 
-    const ROOMY: WatchLimits = WatchLimits { per_key: 8, total: 8 };
+    const ROOMY: WatchLimits = WatchLimits {
+        per_key: 8,
+        total: 8,
+        queue: 256,
+    };
 
     #[tokio::test]
     async fn a_watcher_hears_only_its_key_and_stops_watching_when_dropped() {
@@ -214,7 +217,7 @@ mod tests {
     async fn a_watcher_that_falls_behind_is_told_once_then_hears_new_items() {
         let bus = Bus::new(16, ROOMY);
         let mut a = bus.watch("a").expect("watch");
-        for i in 0..WATCH_QUEUE + 1 {
+        for i in 0..ROOMY.queue + 1 {
             bus.publish(("a", i), |i| i.0);
         }
         assert_eq!(a.recv().await, Heard::Lagged);
@@ -226,7 +229,7 @@ mod tests {
     fn another_keys_items_do_not_wake_a_watcher() {
         let bus = Bus::new(16, ROOMY);
         let mut a = bus.watch("a").expect("watch");
-        for i in 0..WATCH_QUEUE + 1 {
+        for i in 0..ROOMY.queue + 1 {
             bus.publish(("b", i), |i| i.0);
         }
         assert_eq!(
@@ -238,7 +241,14 @@ mod tests {
 
     #[test]
     fn watchers_are_bounded_per_key_and_in_all_and_a_dropped_one_frees_its_place() {
-        let bus: Bus<(&str, usize)> = Bus::new(16, WatchLimits { per_key: 2, total: 3 });
+        let bus: Bus<(&str, usize)> = Bus::new(
+            16,
+            WatchLimits {
+                per_key: 2,
+                total: 3,
+                queue: 256,
+            },
+        );
         let a1 = bus.watch("a").expect("first of a");
         let _a2 = bus.watch("a").expect("second of a");
         assert_eq!(bus.watch("a").err(), Some(WatchRefused::KeyFull(2)));

@@ -104,17 +104,17 @@ impl Clock for OffsetClock {
 
 /// A clock that moves only when told to.
 #[cfg(test)]
-pub struct ManualClock(std::sync::atomic::AtomicI64);
+pub(super) struct ManualClock(std::sync::atomic::AtomicI64);
 
 #[cfg(test)]
 impl ManualClock {
     /// A clock showing `at` (Unix ms).
-    pub fn new(at: i64) -> Self {
+    pub(super) fn new(at: i64) -> Self {
         Self(std::sync::atomic::AtomicI64::new(at))
     }
 
     /// Move forward by `ms`.
-    pub fn advance(&self, ms: i64) {
+    pub(super) fn advance(&self, ms: i64) {
         self.0.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
     }
 }

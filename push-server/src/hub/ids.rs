@@ -130,11 +130,11 @@ fn outcome_of(r: Receipt) -> RecipientOutcome {
     }
 }
 
-pub(super) fn check_id(id: &str) -> Result<(), SendError> {
-    if id.len() > 128 || id.contains('#') || id.chars().any(char::is_control) {
-        return Err(SendError::Invalid(
-            "ids are at most 128 bytes, without '#' or control characters".into(),
-        ));
+pub(super) fn check_id(id: &str, max_bytes: usize) -> Result<(), SendError> {
+    if id.len() > max_bytes || id.contains('#') || id.chars().any(char::is_control) {
+        return Err(SendError::Invalid(format!(
+            "ids are at most {max_bytes} bytes, without '#' or control characters"
+        )));
     }
     Ok(())
 }

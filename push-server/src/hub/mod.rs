@@ -213,6 +213,7 @@ impl Hub {
         let watchers = bus::WatchLimits {
             per_key: limits.max_watchers_per_id,
             total: limits.max_watchers,
+            queue: limits.watch_queue,
         };
         Self(Arc::new(Inner {
             devices: RwLock::new(devices),
@@ -220,8 +221,8 @@ impl Hub {
             store,
             epoch: snapshot.epoch.into(),
             ca_generation: Default::default(),
-            presence: bus::Bus::new(4096, watchers),
-            receipts: bus::Bus::new(16 * 1024, watchers),
+            presence: bus::Bus::new(limits.presence_backlog, watchers),
+            receipts: bus::Bus::new(limits.receipt_backlog, watchers),
             timers: Mutex::new(timers),
             timers_changed: Notify::new(),
             calls: Mutex::new(calls),

@@ -189,7 +189,7 @@ impl Hub {
                 req.ttl_secs, limits.max_ttl_secs
             )));
         }
-        check_id(&req.id)?;
+        check_id(&req.id, limits.max_id_bytes)?;
         let id = if req.id.is_empty() {
             // A v4 UUID from the thread's CSPRNG: `new_v4` makes a getrandom syscall per id.
             uuid::Builder::from_random_bytes(rand::random())
@@ -261,12 +261,13 @@ impl Hub {
         if req.call_id.is_empty() {
             return Err(SendError::Invalid("call_id is required".into()));
         }
-        check_id(&req.call_id)?;
+        check_id(&req.call_id, limits.max_id_bytes)?;
         let size = req.caller_name.len() + req.caller_handle.len();
-        if size > 1024 {
-            return Err(SendError::Invalid(
-                "caller name and handle exceed 1024 bytes".into(),
-            ));
+        if size > limits.max_caller_bytes {
+            return Err(SendError::Invalid(format!(
+                "caller name and handle exceed {} bytes",
+                limits.max_caller_bytes
+            )));
         }
         let ring = ring_secs(&req, limits)?;
         let targets = self.resolve(&req.device_ids, req.group.as_deref()).await?;

@@ -21,7 +21,7 @@
 //!   (and at least `diag_site_drop_min_devices`) dropped within `diag_site_drop_window_secs`:
 //!   likely an access point or SSID problem, not the phones.
 
-pub mod provider_stop;
+pub(crate) mod provider_stop;
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -322,7 +322,7 @@ impl Observer {
         Self {
             limits: limits.clone(),
             state: Mutex::new(State::default()),
-            diagnoses: broadcast::channel(256).0,
+            diagnoses: broadcast::channel(limits.diagnosis_backlog).0,
         }
     }
 
@@ -753,7 +753,7 @@ impl Observer {
 }
 
 /// Sample `observer`'s series every [`TICK`], at the time `now` reads, until `shutdown`.
-pub async fn run_ticks(observer: Arc<Observer>, now: fn() -> i64, shutdown: CancellationToken) {
+pub(crate) async fn run_ticks(observer: Arc<Observer>, now: fn() -> i64, shutdown: CancellationToken) {
     let mut every = tokio::time::interval(TICK);
     loop {
         tokio::select! {

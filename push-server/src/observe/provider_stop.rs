@@ -5,7 +5,7 @@
 /// Apple's `NEProviderStopReason` cases, as Swift spells them (`NEProvider.h`, raw values 0 to
 /// 17; the SDK side is `nepush_provider::NEProviderStopReason`). Only these become labels
 /// and dashboard values, so a device cannot grow them.
-pub const KNOWN: [&str; 18] = [
+pub(crate) const KNOWN: [&str; 18] = [
     "none",
     "userInitiated",
     "providerFailed",
@@ -28,7 +28,7 @@ pub const KNOWN: [&str; 18] = [
 
 /// The name a goodbye gave, as kept: a known case; `unknown` for anything else (a newer iOS,
 /// or junk); empty when none was given (other hosts, older SDKs).
-pub fn parse(name: &str) -> &'static str {
+pub(crate) fn parse(name: &str) -> &'static str {
     match name {
         "" => "",
         _ => KNOWN.iter().find(|k| **k == name).copied().unwrap_or("unknown"),
@@ -37,7 +37,7 @@ pub fn parse(name: &str) -> &'static str {
 
 /// The name in a session's end reason, as [`crate::session::core::CloseReason`] writes it
 /// (`device goodbye: GOODBYE_REASON_CLIENT_STOPPING (iOS: noNetworkAvailable)`); empty if none.
-pub fn in_reason(reason: &str) -> &'static str {
+pub(crate) fn in_reason(reason: &str) -> &'static str {
     reason
         .strip_prefix("device goodbye: ")
         .and_then(|r| r.split_once(" (iOS: "))
@@ -47,7 +47,7 @@ pub fn in_reason(reason: &str) -> &'static str {
 
 /// Whether iOS stopped the provider because the phone left the matching network (or it
 /// changed for good): the phone left the Wi-Fi.
-pub fn is_network(name: &str) -> bool {
+pub(crate) fn is_network(name: &str) -> bool {
     matches!(name, "noNetworkAvailable" | "unrecoverableNetworkChange")
 }
 

@@ -70,6 +70,7 @@ use super::{
 /// A device as stored, loaded by the node that claims it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceState {
+    /// Its record.
     pub record: DeviceRecord,
     /// Queued pushes, ordered by seq.
     pub pushes: Vec<StoredPush>,
@@ -107,7 +108,9 @@ pub enum Claimed {
 /// newest one (0 when none was ever queued), so the holder knows which hint comes next.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Inbox {
+    /// Encoded commands, oldest first.
     pub commands: Vec<Vec<u8>>,
+    /// The number of the newest command ever queued.
     pub last: u64,
 }
 
@@ -115,7 +118,10 @@ pub struct Inbox {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Forwarded {
     /// In the device's inbox; `owner` is the node holding the device (hinted), if any.
-    Queued { owner: Option<String> },
+    Queued {
+        /// The hinted holder.
+        owner: Option<String>,
+    },
     /// No such device: nothing was written.
     Unknown,
     /// The device's queue and inbox hold `max_queued` items already: nothing was written.
@@ -129,8 +135,11 @@ pub enum Heard {
     /// (counting from 1; 0 from a node that does not number its hints) and the command itself:
     /// a holder that applied every command before it applies it without reading the inbox.
     Inbox {
+        /// The device.
         device: String,
+        /// The command's number in the inbox.
         number: u64,
+        /// The encoded command.
         command: Vec<u8>,
     },
     /// Another node took this device: let go of it (no write will succeed anyway).
@@ -146,6 +155,7 @@ pub enum Heard {
 /// What a node tells every node through pub/sub.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Announcement {
+    /// A receipt, for every node's watchers.
     Receipt(Receipt),
     /// An encoded `lpush.sender.v1.PresenceEvent`.
     Presence(Vec<u8>),
@@ -154,6 +164,7 @@ pub enum Announcement {
 /// One node's view of a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {
+    /// Its name.
     pub node: String,
     /// Its heartbeat has not expired.
     pub alive: bool,

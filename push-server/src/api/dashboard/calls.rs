@@ -8,7 +8,7 @@ use crate::store::{CallEnd, CallRecord, Receipt, ReceiptState};
 
 /// One call, whole.
 #[derive(Debug, Clone, Serialize)]
-pub struct CallView {
+pub(crate) struct CallView {
     pub call_id: String,
     pub call_uuid: String,
     pub caller_name: String,
@@ -30,7 +30,7 @@ pub struct CallView {
 
 /// One step of a call.
 #[derive(Debug, Clone, Serialize)]
-pub struct StepView {
+pub(crate) struct StepView {
     pub index: u32,
     pub due_at_ms: i64,
     /// `None`: it did not ring (yet).
@@ -41,7 +41,7 @@ pub struct StepView {
 
 /// One callee of a call.
 #[derive(Debug, Clone, Serialize)]
-pub struct CalleeView {
+pub(crate) struct CalleeView {
     pub device_id: String,
     /// The step that rang it.
     pub step: u32,
@@ -59,7 +59,7 @@ pub struct CalleeView {
 
 /// A call as one device's history shows it.
 #[derive(Debug, Clone, Serialize)]
-pub struct DeviceCall {
+pub(crate) struct DeviceCall {
     pub call_id: String,
     pub caller_name: String,
     pub placed_at_ms: i64,
@@ -101,7 +101,7 @@ fn callee_status(receipt: Option<&Receipt>, outcome: Option<ReceiptState>, rang:
 }
 
 /// The view of `call`, with `receipts` (its callees' latest receipts, any order).
-pub fn call_view(call: &CallRecord, receipts: &[Receipt]) -> CallView {
+pub(crate) fn call_view(call: &CallRecord, receipts: &[Receipt]) -> CallView {
     let invite = push_proto::device::CallInvite::decode(call.invite.as_slice()).unwrap_or_default();
     let answered = match &call.end {
         Some(CallEnd::Answered { device_id, at_ms }) => Some((device_id.clone(), *at_ms)),
@@ -170,7 +170,7 @@ pub fn call_view(call: &CallRecord, receipts: &[Receipt]) -> CallView {
 }
 
 /// `device_id`'s part in `call`, if the call rang (or meant to ring) it.
-pub fn device_call(call: &CallView, device_id: &str) -> Option<DeviceCall> {
+pub(crate) fn device_call(call: &CallView, device_id: &str) -> Option<DeviceCall> {
     let me = call.callees.iter().find(|c| c.device_id == device_id)?;
     Some(DeviceCall {
         call_id: call.call_id.clone(),

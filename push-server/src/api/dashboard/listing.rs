@@ -12,17 +12,17 @@ use serde::{Deserialize, Serialize};
 use crate::hub::DeviceView;
 
 /// Rows per page when the query names none.
-pub const DEFAULT_LIMIT: usize = 50;
+pub(crate) const DEFAULT_LIMIT: usize = 50;
 /// Most rows a page may ask for.
-pub const MAX_LIMIT: usize = 500;
+pub(crate) const MAX_LIMIT: usize = 500;
 /// Longest search text accepted.
-pub const MAX_QUERY: usize = 256;
+pub(crate) const MAX_QUERY: usize = 256;
 /// Most device ids one `changed` event lists; beyond that it says "many".
-pub const MAX_CHANGED_IDS: usize = 100;
+pub(crate) const MAX_CHANGED_IDS: usize = 100;
 
 /// One row of the device table.
 #[derive(Debug, Clone, Serialize)]
-pub struct DeviceRow {
+pub(crate) struct DeviceRow {
     pub(super) device_id: String,
     pub(super) groups: Vec<String>,
     pub(super) online: bool,
@@ -55,7 +55,7 @@ pub struct DeviceRow {
 /// The worst problem of a device, worst first: a raised flag (`heartbeat_silent`,
 /// `needs_re-enrollment`: two CA rotations behind, it cannot connect; `instance_churn`), then `offline_expected` (not revoked, offline while other devices are
 /// online on the SSID it was last on: the site works, this phone is not on it); empty if none.
-pub fn problem(flags: &[&'static str], online: bool, revoked: bool, site_up: bool) -> &'static str {
+pub(crate) fn problem(flags: &[&'static str], online: bool, revoked: bool, site_up: bool) -> &'static str {
     if let Some(worst) = ["heartbeat_silent", "needs_re-enrollment", "instance_churn"]
         .into_iter()
         .find(|f| flags.contains(f))
@@ -82,7 +82,7 @@ fn problem_rank(problem: &str) -> u8 {
 /// Which devices a page shows.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum StateFilter {
+pub(crate) enum StateFilter {
     /// Every device.
     #[default]
     #[serde(alias = "")]
@@ -102,7 +102,7 @@ pub enum StateFilter {
 /// The column a page is sorted by; ties are broken by device id (`desc` reverses both).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum SortKey {
+pub(crate) enum SortKey {
     /// Device id.
     #[default]
     #[serde(alias = "")]
@@ -130,7 +130,7 @@ pub enum SortKey {
 /// `GET /api/devices` query: `?q=&state=&ssid=&sort=&desc=&offset=&limit=`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct ListQuery {
+pub(crate) struct ListQuery {
     /// Text searched (case-insensitively for ASCII) in the id, groups, SSID, node, SDK version
     /// and last stop reason.
     pub q: String,
@@ -150,7 +150,7 @@ pub struct ListQuery {
 
 impl ListQuery {
     /// Refuse what no page can answer.
-    pub fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         if self.q.len() > MAX_QUERY {
             return Err(format!("q is longer than {MAX_QUERY} bytes"));
         }
@@ -163,7 +163,7 @@ impl ListQuery {
 
 /// Totals over every device, whatever the page shows.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Counts {
+pub(crate) struct Counts {
     /// Devices registered.
     pub total: usize,
     /// Devices online.
@@ -179,7 +179,7 @@ pub struct Counts {
 impl Counts {
     /// The totals over every device: `views`, the devices `flagged` (by id, with their flags)
     /// and the devices online per SSID.
-    pub fn of(
+    pub(crate) fn of(
         views: &[DeviceView],
         flagged: &HashMap<String, Vec<&'static str>>,
         online_by_ssid: &HashMap<String, usize>,
@@ -201,7 +201,7 @@ impl Counts {
 }
 
 /// Devices online per SSID.
-pub fn online_by_ssid(views: &[DeviceView]) -> HashMap<String, usize> {
+pub(crate) fn online_by_ssid(views: &[DeviceView]) -> HashMap<String, usize> {
     let mut online: HashMap<String, usize> = HashMap::new();
     for v in views.iter().filter(|v| v.online) {
         *online.entry(v.record.last_ssid.clone()).or_default() += 1;
@@ -210,13 +210,13 @@ pub fn online_by_ssid(views: &[DeviceView]) -> HashMap<String, usize> {
 }
 
 /// Whether devices are online on `ssid`.
-pub fn site_up(online_by_ssid: &HashMap<String, usize>, ssid: &str) -> bool {
+pub(crate) fn site_up(online_by_ssid: &HashMap<String, usize>, ssid: &str) -> bool {
     online_by_ssid.get(ssid).is_some_and(|n| *n > 0)
 }
 
 /// One page of the device table.
 #[derive(Debug, Serialize)]
-pub struct DevicePage {
+pub(crate) struct DevicePage {
     /// Unix ms the page was made.
     pub now_ms: i64,
     /// Totals over every device.
@@ -242,14 +242,14 @@ fn contains_ci(buf: &mut String, hay: &str, needle: &str) -> bool {
 
 impl ListQuery {
     /// The search text as matched: trimmed, ASCII-lowercase.
-    pub fn needle(&self) -> String {
+    pub(crate) fn needle(&self) -> String {
         self.q.trim().to_ascii_lowercase()
     }
 
     /// Whether device `v` (shown on `node`) passes the SSID filter and the search (`needle`
     /// from [`Self::needle`]: in the id, SSID, node, SDK version, last stop reason and groups).
     /// Only the devices it finds become rows, so a search of 10,000 devices builds a few.
-    pub fn finds(&self, needle: &str, v: &DeviceView, node: &str, buf: &mut String) -> bool {
+    pub(crate) fn finds(&self, needle: &str, v: &DeviceView, node: &str, buf: &mut String) -> bool {
         let r = &v.record;
         (self.ssid.is_empty() || r.last_ssid == self.ssid)
             && (needle.is_empty()
@@ -306,7 +306,7 @@ fn compare(a: &DeviceRow, b: &DeviceRow, key: SortKey, now: i64) -> Ordering {
 
 /// The page that `query` asks for of `rows`: the devices it [finds](ListQuery::finds), each
 /// with its problem set; `counts` are over every device.
-pub fn page(rows: Vec<DeviceRow>, counts: Counts, query: &ListQuery, now: i64) -> DevicePage {
+pub(crate) fn page(rows: Vec<DeviceRow>, counts: Counts, query: &ListQuery, now: i64) -> DevicePage {
     let mut found: Vec<DeviceRow> = rows.into_iter().filter(|r| shows(r, query)).collect();
     found.sort_unstable_by(|a, b| {
         let order = compare(a, b, query.sort, now).then_with(|| a.device_id.cmp(&b.device_id));
@@ -331,7 +331,7 @@ pub fn page(rows: Vec<DeviceRow>, counts: Counts, query: &ListQuery, now: i64) -
 /// refetches what it shows when a change concerns it, so a burst of events costs one small
 /// event per flush instead of a row per event.
 #[derive(Debug, Default)]
-pub struct Changes {
+pub(crate) struct Changes {
     ids: BTreeSet<String>,
     many: bool,
     overview: bool,
@@ -339,7 +339,7 @@ pub struct Changes {
 
 /// The `changed` event's body.
 #[derive(Debug, PartialEq, Eq, Serialize)]
-pub struct Changed {
+pub(crate) struct Changed {
     /// The devices that changed; empty when `many`.
     pub ids: Vec<String>,
     /// More devices changed than are listed: the page refetches whatever it shows.
@@ -350,7 +350,7 @@ pub struct Changed {
 
 impl Changes {
     /// A device changed.
-    pub fn device(&mut self, id: &str) {
+    pub(crate) fn device(&mut self, id: &str) {
         if self.many || self.ids.contains(id) {
             return;
         }
@@ -363,19 +363,19 @@ impl Changes {
     }
 
     /// Events were missed: everything may have changed.
-    pub fn everything(&mut self) {
+    pub(crate) fn everything(&mut self) {
         self.ids.clear();
         self.many = true;
         self.overview = true;
     }
 
     /// The overview changed.
-    pub fn overview(&mut self) {
+    pub(crate) fn overview(&mut self) {
         self.overview = true;
     }
 
     /// The event for what changed since the last call, if anything did.
-    pub fn take(&mut self) -> Option<Changed> {
+    pub(crate) fn take(&mut self) -> Option<Changed> {
         if self.ids.is_empty() && !self.many && !self.overview {
             return None;
         }

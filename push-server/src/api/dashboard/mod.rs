@@ -24,8 +24,8 @@
 //!   from the calls the hub remembers (while ringing and 15 minutes after; in cluster mode, the
 //!   calls this node decides); the device detail lists the recent calls that rang the device.
 
-pub mod calls;
-pub mod listing;
+pub(crate) mod calls;
+pub(crate) mod listing;
 
 use std::{
     collections::HashMap,
@@ -91,7 +91,7 @@ const DEVICE_CALLS: usize = 20;
 /// What a dashboard user may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Role {
+pub(crate) enum Role {
     /// See everything.
     Read,
     /// See everything and revoke devices.
@@ -105,7 +105,7 @@ struct WebSession {
 }
 
 /// Shared state of the dashboard.
-pub struct Dashboard {
+pub(crate) struct Dashboard {
     hub: Hub,
     enroller: Enroller,
     keys: Arc<Keys>,
@@ -369,7 +369,7 @@ fn unauthorized() -> Response {
 }
 
 /// Build the router.
-pub fn router(dashboard: Shared) -> Router {
+pub(crate) fn router(dashboard: Shared) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/app.js", get(script))
@@ -658,7 +658,7 @@ async fn enroll(
     };
     match d.enroller.enroll(req, caller).await {
         Ok(enrollment) => ([(header::CONTENT_TYPE, "application/x-plist")], enrollment.plist).into_response(),
-        Err(e @ EnrollError::InvalidName(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e @ EnrollError::InvalidName(..)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e @ EnrollError::AlreadyEnrolled(_)) => error(StatusCode::CONFLICT, &e.to_string()),
         Err(e @ EnrollError::NotAllowed(_)) => error(StatusCode::FORBIDDEN, &e.to_string()),
         Err(e @ EnrollError::RateLimited(_)) => error(StatusCode::TOO_MANY_REQUESTS, &e.to_string()),
@@ -770,7 +770,7 @@ impl axum::serve::Listener for TlsIncoming {
 }
 
 /// Serve the dashboard and `/metrics` on `listener` until `shutdown`.
-pub fn serve(
+pub(crate) fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     hub: Hub,
