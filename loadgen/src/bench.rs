@@ -532,7 +532,7 @@ pub async fn cluster(
 ) -> anyhow::Result<Table> {
     let mut table = Table::default();
     let body: Arc<str> = "x".repeat(payload).into();
-    let redis = push_server::testing::RedisServer::start_with_fsync(appendfsync)?;
+    let redis = testkit::redis::RedisServer::start_with_fsync(appendfsync)?;
     let args = |node: &str| -> Vec<String> {
         vec![
             "--redis-url".into(),
@@ -592,7 +592,7 @@ pub async fn cluster(
 /// Redis's leases, so each is a claim the cluster agrees on) and memory per session.
 pub async fn cluster_scale(env: &Env, nodes: usize, sessions: usize) -> anyhow::Result<Table> {
     let mut table = Table::default();
-    let redis = push_server::testing::RedisServer::start_durable()?;
+    let redis = testkit::redis::RedisServer::start_durable()?;
     let args = |k: usize| -> Vec<String> {
         vec![
             "--redis-url".into(),

@@ -118,7 +118,7 @@ impl PushServer {
     pub async fn start_from(bin: &Path, extra: &[String], template: Option<&Path>) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("push-loadgen-server").tempdir()?;
         if let Some(from) = template {
-            push_server::testing::copy_dir(from, dir.path())?;
+            testkit::redis::copy_dir(from, dir.path())?;
         }
         // One API key sends every message of a run, and one machine's phones log in at once:
         // the per-key request rate and the per-device login rate, which guard a site against a

@@ -41,4 +41,3 @@ pub mod pki;
 pub mod server;
 pub mod session;
 pub mod store;
-pub mod testing;

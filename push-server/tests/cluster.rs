@@ -15,8 +15,8 @@ use push_server::{
     client::ClientError,
     config::Config,
     server::Server,
-    testing::{RedisServer, TestCerts, copy_dir},
 };
+use testkit::redis::{RedisServer, TestCerts, copy_dir};
 
 /// Two nodes on one Redis. Node B's data directory starts as a copy of node A's: every node of a
 /// cluster needs the same CA and device-credential key (and here, the admin key file).

@@ -1,7 +1,7 @@
-//! Support for tests that need a real Redis (this crate's, `e2e`'s): a `redis-server` of its
-//! own on a free loopback port (plain or TLS, a replica, or a Sentinel), in a directory of its
-//! own, stopped when dropped, and killed by the kernel if the test process dies first. Not used
-//! by the server itself.
+//! A real Redis for tests (push-server's store and cluster, `e2e`, loadgen's cluster
+//! benchmarks): a `redis-server` of its own on a free loopback port (plain or TLS, a replica, or
+//! a Sentinel), in a directory of its own, stopped when dropped, and killed by the kernel if the
+//! test process dies first; the certificates a TLS one needs.
 
 use std::{
     io::{Read, Write},
@@ -317,10 +317,15 @@ fn ping_tls(url: &str, certs: &redis::TlsCertificates) -> bool {
 /// A CA of its own, a certificate for a TLS `redis-server` on 127.0.0.1 (and `localhost`), and
 /// a client certificate, written as PEM files in a directory removed on drop.
 pub struct TestCerts {
+    /// The CA certificate.
     pub ca: PathBuf,
+    /// The server's certificate and key.
     pub server_cert: PathBuf,
+    /// See [`Self::server_cert`].
     pub server_key: PathBuf,
+    /// The client's certificate and key.
     pub client_cert: PathBuf,
+    /// See [`Self::client_cert`].
     pub client_key: PathBuf,
     dir: PathBuf,
 }
