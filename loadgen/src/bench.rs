@@ -710,7 +710,7 @@ pub async fn cluster_scale(env: &Env, nodes: usize, sessions: usize) -> anyhow::
             took.as_secs_f64(),
             sessions as f64 / took.as_secs_f64(),
             total_rss as f64 / 1024.0,
-            crate::stats::rss_kib(redis.pid().context("redis-server stopped")?)? as f64 / 1024.0,
+            testkit::process::rss_kib(redis.pid().context("redis-server stopped")?)? as f64 / 1024.0,
         ),
     );
     Ok(table)

@@ -18,7 +18,9 @@ use anyhow::{Context, bail};
 use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS, TlsConfiguration, Transport};
 use tokio::task::JoinHandle;
 
-use crate::{procs::ChildProc, push::device_id, recorder::Recorder, tls};
+use testkit::process::{ChildProc, free_port};
+
+use crate::{push::device_id, recorder::Recorder, tls};
 
 /// Where Debian's package puts the broker.
 pub const DEFAULT_MOSQUITTO: &str = "/usr/sbin/mosquitto";
@@ -45,7 +47,7 @@ impl Mosquitto {
             .prefix("push-loadgen-mosquitto")
             .tempdir()?;
         let certs = tls::broker_certs(dir.path())?;
-        let port = crate::procs::free_port()?;
+        let port = free_port()?;
         let data = dir.path().join("data");
         std::fs::create_dir(&data)?;
         // SAFETY: plain syscall.

@@ -3,7 +3,6 @@
 //! core, lifecycle registry) bound to its own source address in 127.0.0.0/8.
 
 use std::{
-    io::{BufRead, BufReader},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -24,10 +23,12 @@ use push_proto::sender::{IssueDeviceCredentialRequest, Target, target};
 use push_server::api_client::ApiClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{
-    procs::ChildProc,
-    recorder::{CallSeen, Recorder, parse_tag},
+use testkit::{
+    launcher::{ReadyAddrs, parse_ready},
+    process::{ChildProc, LineReader},
 };
+
+use crate::recorder::{CallSeen, Recorder, parse_tag};
 
 /// Name in the server's certificate that clients verify.
 pub const SERVER_NAME: &str = "localhost";
@@ -61,9 +62,9 @@ struct Launch {
 }
 
 impl Launch {
-    /// Start `serve` listening on `[devices, api, dashboard]`; returns the process, its ready
-    /// line and when it was read, once it printed it.
-    fn spawn(&self, listen: [&String; 3]) -> anyhow::Result<(ChildProc, String, Instant)> {
+    /// Start `serve` listening on `[devices, api, dashboard]`; returns the process, the
+    /// addresses in its ready line and when it was read, once it printed it.
+    fn spawn(&self, listen: [&String; 3]) -> anyhow::Result<(ChildProc, ReadyAddrs, Instant)> {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("serve")
             .args([
@@ -83,24 +84,17 @@ impl Launch {
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
         let mut proc = ChildProc::spawn("push-server", &mut cmd, Some(&self.dir.join("server.log")))?;
-        let stdout = proc.child_mut().stdout.take().expect("piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Reads the ready line, then keeps draining stdout so the server never blocks on it.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("push-server ready:") {
-                    let _ = tx.send((line, Instant::now()));
-                }
+        // Keeps draining stdout so the server never blocks on it.
+        let stdout = LineReader::spawn(proc.child_mut().stdout.take().expect("piped"));
+        match stdout.wait_for("push-server ready:", Duration::from_secs(30)) {
+            Ok(line) => {
+                let at = Instant::now();
+                let ready = parse_ready(&line).with_context(|| format!("no addresses in {line:?}"))?;
+                Ok((proc, ready, at))
             }
-        });
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok((line, at)) => Ok((proc, line, at)),
-            Err(_) => {
+            Err(e) => {
                 proc.check_alive()?;
-                bail!(
-                    "push-server did not report ready within 30 s; {}",
-                    proc.log_tail()
-                );
+                bail!("push-server did not report ready: {e}; {}", proc.log_tail());
             }
         }
     }
@@ -134,17 +128,8 @@ impl PushServer {
             dir: dir.path().to_path_buf(),
         };
         let (proc, ready, _) = launch.spawn([&any, &any, &any])?;
-        let addr = |key: &str| -> anyhow::Result<SocketAddr> {
-            let word = ready
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix(key))
-                .with_context(|| format!("no {key} in {ready:?}"))?;
-            Ok(word
-                .trim_start_matches("https://")
-                .trim_end_matches('/')
-                .parse()?)
-        };
-        let (device_addr, api_addr, http_addr) = (addr("devices=")?, addr("api=")?, addr("dashboard=")?);
+        let (device_addr, api_addr) = (ready.devices, ready.api);
+        let http_addr = ready.dashboard.context("no dashboard address in the ready line")?;
         let ca = std::fs::read_to_string(dir.path().join("tls/ca.pem"))?;
         let api_key = std::fs::read_to_string(dir.path().join("admin.key"))?
             .trim()

@@ -16,7 +16,9 @@ use std::{
 use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
-use crate::{mqtt::MqttFleet, procs::ChildProc, push::Fleet};
+use testkit::process::ChildProc;
+
+use crate::{mqtt::MqttFleet, push::Fleet};
 
 /// Devices one process holds by default (sockets count against its 20,000 open files).
 pub const PER_PROCESS: usize = 10_000;

@@ -1,10 +1,8 @@
 //! The sender API: authentication and scopes, device listing, presence, health, reflection.
 
-mod common;
-
-use common::*;
 use push_proto::sender::{CreateApiKeyRequest, ListDevicesRequest, SendMessageRequest};
 use push_server::api_client::ApiClient;
+use testkit::harness::*;
 
 #[tokio::test]
 async fn api_keys_are_required_and_scoped() {

@@ -1,15 +1,13 @@
 //! Session lifecycle over real TLS: replacement, heartbeats, credentials, hostile input,
 //! graceful shutdown. Every bad client is followed by proof that a healthy session carries on.
 
-mod common;
-
 use bytes::BufMut;
-use common::*;
 use push_proto::{
     device::GoodbyeReason,
     sender::{DeliveryState, RevokeDeviceRequest},
 };
 use push_server::{auth::unix_secs, client::ClientError};
+use testkit::harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn goodbye_reason(r: Result<impl Sized, ClientError>) -> GoodbyeReason {
