@@ -129,7 +129,9 @@ impl PushServer {
         };
         let (proc, ready, _) = launch.spawn([&any, &any, &any])?;
         let (device_addr, api_addr) = (ready.devices, ready.api);
-        let http_addr = ready.dashboard.context("no dashboard address in the ready line")?;
+        let http_addr = ready
+            .dashboard
+            .context("no dashboard address in the ready line")?;
         let ca = std::fs::read_to_string(dir.path().join("tls/ca.pem"))?;
         let api_key = std::fs::read_to_string(dir.path().join("admin.key"))?
             .trim()

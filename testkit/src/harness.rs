@@ -57,6 +57,42 @@ pub async fn within<T>(fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(WAIT, fut).await.expect("timed out waiting")
 }
 
+/// One HTTPS request to a dashboard listener at `addr` (trusting `ca`, HTTP/1.1,
+/// `Connection: close`); returns the status, the response head and the body.
+pub async fn https(
+    addr: SocketAddr,
+    ca: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = push_server::pki::client_config(ca).unwrap();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let tcp = within(tokio::net::TcpStream::connect(addr)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(SERVER_NAME).unwrap();
+    let mut stream = within(connector.connect(name, tcp)).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {SERVER_NAME}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    within(stream.write_all(req.as_bytes())).await.unwrap();
+    let mut raw = Vec::new();
+    // The server may close without close_notify after the response: keep what was read.
+    let _ = within(stream.read_to_end(&mut raw)).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, head.to_string(), body.to_string())
+}
+
 /// Heartbeat interval and timeout of a test server.
 #[derive(Debug, Clone, Copy)]
 pub struct Heartbeat {
@@ -158,7 +194,11 @@ impl Harness {
         Self::launch(cfg, None, None).await
     }
 
-    async fn launch(cfg: Config, voip: Option<Arc<dyn apns_bridge::VoipBridge>>, dir: Option<TempDir>) -> Self {
+    async fn launch(
+        cfg: Config,
+        voip: Option<Arc<dyn apns_bridge::VoipBridge>>,
+        dir: Option<TempDir>,
+    ) -> Self {
         let server = start_server(cfg.clone(), voip.clone()).await;
         let info = ServerInfo {
             dir: cfg.data_dir.clone(),
@@ -187,8 +227,7 @@ impl Harness {
         self.server.as_ref().unwrap().http_addr
     }
 
-    /// One HTTPS request to the dashboard listener (trusting the server's CA, HTTP/1.1,
-    /// `Connection: close`); returns the status, the response head and the body.
+    /// One HTTPS request to the dashboard listener, see [`https`].
     pub async fn https(
         &self,
         method: &str,
@@ -196,30 +235,7 @@ impl Harness {
         headers: &[(&str, &str)],
         body: &str,
     ) -> (u16, String, String) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut tls = push_server::pki::client_config(&self.ca).unwrap();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
-        let tcp = tokio::net::TcpStream::connect(self.http_addr()).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from(SERVER_NAME).unwrap();
-        let mut stream = within(connector.connect(name, tcp)).await.unwrap();
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: {}\r\n",
-            body.len()
-        );
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
-        stream.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        // The server may close without close_notify after the response: keep what was read.
-        let _ = within(stream.read_to_end(&mut raw)).await;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-        (status, head.to_string(), body.to_string())
+        https(self.http_addr(), &self.ca, method, path, headers, body).await
     }
 
     /// `GET path` on the dashboard listener with the admin key as a bearer token; the status and
@@ -679,9 +695,7 @@ pub fn run_server_process() {
         let mut cfg = test_config(Path::new(&dir));
         cfg.device_listen = listen;
         hb.apply(&mut cfg);
-        let server = Server::start(cfg)
-            .await
-            .expect("server start");
+        let server = Server::start(cfg).await.expect("server start");
         println!("{READY}{} {}", server.device_addr, server.api_addr);
         let stdin_closed = tokio::task::spawn_blocking(|| {
             let mut sink = String::new();
@@ -691,4 +705,3 @@ pub fn run_server_process() {
         server.shutdown().await;
     });
 }
-

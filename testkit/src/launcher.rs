@@ -166,26 +166,25 @@ impl BridgeProcess {
         write("bridge-ca.pem", &pki.ca_cert_pem)?;
         write("bridge-api.key", BRIDGE_API_KEY)?;
         let mut cmd = Command::new(bridge_binary());
-        cmd
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--bundle-id",
-                BRIDGE_BUNDLE_ID,
-            ])
-            .arg("--api-key-file")
-            .arg(dir.join("bridge-api.key"))
-            .arg("--tls-cert")
-            .arg(dir.join("bridge.pem"))
-            .arg("--tls-key")
-            .arg(dir.join("bridge.key.pem"))
-            .arg("--fake-apns")
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped());
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--bundle-id",
+            BRIDGE_BUNDLE_ID,
+        ])
+        .arg("--api-key-file")
+        .arg(dir.join("bridge-api.key"))
+        .arg("--tls-cert")
+        .arg(dir.join("bridge.pem"))
+        .arg("--tls-key")
+        .arg(dir.join("bridge.key.pem"))
+        .arg("--fake-apns")
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
         let mut child = ChildProc::spawn("apns-bridge", &mut cmd, Some(&dir.join("bridge.log")))
             .map_err(|e| format!("{e:#}"))?;
         let stdout = LineReader::spawn(child.child_mut().stdout.take().expect("piped"));
@@ -614,7 +613,11 @@ pub fn parse_ready(line: &str) -> Option<ReadyAddrs> {
         } else if let Some(v) = part.strip_prefix("api=") {
             api = v.parse().ok();
         } else if let Some(v) = part.strip_prefix("dashboard=") {
-            dashboard = v.trim_start_matches("https://").trim_end_matches('/').parse().ok();
+            dashboard = v
+                .trim_start_matches("https://")
+                .trim_end_matches('/')
+                .parse()
+                .ok();
         }
     }
     Some(ReadyAddrs {
