@@ -30,6 +30,7 @@ use push_server::{
 
 use crate::{
     SERVER_NAME,
+    harness::ServerInfo,
     process::{ChildProc, LineReader, wait_exit},
 };
 
@@ -385,29 +386,28 @@ impl ServerProcess {
             .map_err(|e| format!("the server did not move its clock: {e}; log:\n{}", self.log()))
     }
 
+    /// Where it runs now (its CA, admin key, API client).
+    pub fn info(&self) -> ServerInfo {
+        ServerInfo {
+            dir: self.data_dir.clone(),
+            device_addr: self.device_addr,
+            api_addr: self.api_addr,
+        }
+    }
+
     /// The server's CA certificate (PEM).
     pub fn ca_pem(&self) -> String {
-        let path = self.data_dir.join("tls/ca.pem");
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+        self.info().ca_pem()
     }
 
     /// The bootstrap admin API key.
     pub fn admin_key(&self) -> String {
-        let path = self.data_dir.join("admin.key");
-        std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
-            .trim()
-            .to_string()
+        self.info().admin_key()
     }
 
     /// A gRPC client with the admin key.
     pub async fn api(&self) -> ApiClient {
-        within(
-            "connect to the API",
-            ApiClient::connect(self.api_addr, SERVER_NAME, &self.ca_pem(), &self.admin_key()),
-        )
-        .await
-        .expect("API connection")
+        self.info().api().await
     }
 
     /// Register `device_id` through the admin API and return a new credential for it.
