@@ -24,8 +24,8 @@ use push_server::api_client::ApiClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use testkit::{
-    launcher::{ReadyAddrs, parse_ready},
-    process::{ChildProc, LineReader},
+    launcher::{ReadyAddrs, spawn_ready},
+    process::ChildProc,
 };
 
 use crate::recorder::{CallSeen, Recorder, parse_tag};
@@ -81,22 +81,10 @@ impl Launch {
             .arg("--data-dir")
             .arg(&self.dir)
             .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped());
-        let mut proc = ChildProc::spawn("push-server", &mut cmd, Some(&self.dir.join("server.log")))?;
-        // Keeps draining stdout so the server never blocks on it.
-        let stdout = LineReader::spawn(proc.child_mut().stdout.take().expect("piped"));
-        match stdout.wait_for("push-server ready:", Duration::from_secs(30)) {
-            Ok(line) => {
-                let at = Instant::now();
-                let ready = parse_ready(&line).with_context(|| format!("no addresses in {line:?}"))?;
-                Ok((proc, ready, at))
-            }
-            Err(e) => {
-                proc.check_alive()?;
-                bail!("push-server did not report ready: {e}; {}", proc.log_tail());
-            }
-        }
+            .stdin(Stdio::null());
+        let (proc, _, ready) = spawn_ready(&mut cmd, &self.dir.join("server.log"), Duration::from_secs(30))
+            .map_err(anyhow::Error::msg)?;
+        Ok((proc, ready, Instant::now()))
     }
 }
 

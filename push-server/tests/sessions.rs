@@ -250,8 +250,7 @@ async fn graceful_shutdown_says_goodbye_and_keeps_the_queue() {
     );
 
     // Same data directory, new process state.
-    let server = push_server::server::Server::start(h.cfg.clone()).await.unwrap();
-    h.server = Some(server);
+    h.restart().await;
     let mut phone2 = h.connect(&offline_credential, 0).await.unwrap();
     assert_eq!(next(&mut phone2).await.id, queued.message_id);
 }

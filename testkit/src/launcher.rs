@@ -569,26 +569,38 @@ fn spawn_server(
     if !has("--heartbeat-timeout-ms") {
         cmd.arg(format!("--heartbeat-timeout-ms={DEFAULT_HEARTBEAT_TIMEOUT_MS}"));
     }
-    cmd.args(extra_args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdout(Stdio::piped());
-    let mut child = ChildProc::spawn("push-server", &mut cmd, Some(&log_path)).expect("spawn push-server");
+    cmd.args(extra_args).envs(env.iter().map(|(k, v)| (k, v)));
+    match spawn_ready(&mut cmd, &log_path, READY_TIMEOUT) {
+        Ok((child, stdout, ready)) => (child, log_path, stdout, ready.devices, ready.api),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Spawn `cmd`, a `push-server serve`, its stderr to `log`, and wait up to `timeout` for its
+/// ready line: the process, its stdout (drained for as long as it runs) and the addresses; or,
+/// once it is killed, why not with its exit status, stdout and log.
+pub fn spawn_ready(
+    cmd: &mut Command,
+    log: &Path,
+    timeout: Duration,
+) -> Result<(ChildProc, LineReader, ReadyAddrs), String> {
+    let mut child = ChildProc::spawn("push-server", cmd.stdout(Stdio::piped()), Some(log))
+        .map_err(|e| format!("{e:#}"))?;
     let stdout = LineReader::spawn(child.child_mut().stdout.take().expect("piped stdout"));
-    let ready = stdout.wait_for(READY_PREFIX, READY_TIMEOUT);
-    let failure = match ready {
+    let failure = match stdout.wait_for(READY_PREFIX, timeout) {
         Ok(line) => match parse_ready(&line) {
-            Some(ready) => return (child, log_path, stdout, ready.devices, ready.api),
+            Some(ready) => return Ok((child, stdout, ready)),
             None => format!("cannot parse the ready line {line:?}"),
         },
         Err(e) => e,
     };
     child.kill();
     let status = child.child_mut().wait();
-    panic!(
+    Err(format!(
         "push-server did not become ready: {failure} (exit: {status:?})\nstdout:\n{}\nlog:\n{}",
         stdout.lines().join("\n"),
-        std::fs::read_to_string(&log_path).unwrap_or_default()
-    );
+        std::fs::read_to_string(log).unwrap_or_default()
+    ))
 }
 
 /// The addresses in a push-server's ready line.
