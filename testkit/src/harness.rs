@@ -263,16 +263,7 @@ impl Harness {
 
     /// Register `device_id` in `groups`; its credential.
     pub async fn issue(&self, device_id: &str, groups: &[&str]) -> String {
-        self.admin()
-            .issue_device_credential(IssueDeviceCredentialRequest {
-                device_id: device_id.into(),
-                groups: groups.iter().map(|g| g.to_string()).collect(),
-                valid_days: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .credential
+        issue(&self.api, device_id, groups).await
     }
 
     /// How a device with `credential` that has seen up to `last_seen_seq` connects.
@@ -444,18 +435,7 @@ impl ServerInfo {
 
     /// Register a device and return its credential.
     pub async fn issue(&self, device_id: &str) -> String {
-        self.api()
-            .await
-            .admin()
-            .issue_device_credential(IssueDeviceCredentialRequest {
-                device_id: device_id.into(),
-                groups: vec![],
-                valid_days: 0,
-            })
-            .await
-            .expect("IssueDeviceCredential")
-            .into_inner()
-            .credential
+        issue(&self.api().await, device_id, &[]).await
     }
 
     /// Send a text message; returns once the server stored it durably.
@@ -541,6 +521,20 @@ impl ServerInfo {
             .find(|d| d.device_id == device_id)
             .is_some_and(|d| d.online)
     }
+}
+
+/// Register `device_id` in `groups` through `api`; its credential.
+async fn issue(api: &ApiClient, device_id: &str, groups: &[&str]) -> String {
+    api.admin()
+        .issue_device_credential(IssueDeviceCredentialRequest {
+            device_id: device_id.into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            valid_days: 0,
+        })
+        .await
+        .expect("IssueDeviceCredential")
+        .into_inner()
+        .credential
 }
 
 /// A target of one device.
