@@ -85,7 +85,7 @@ impl Mosquitto {
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         let log = dir.path().join("mosquitto.log");
-        let mut proc = ChildProc::spawn("mosquitto", &mut cmd, Some(&log))?;
+        let mut proc = ChildProc::spawn("mosquitto", cmd, Some(&log))?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while tokio::net::TcpStream::connect(addr).await.is_err() {

@@ -33,7 +33,7 @@ impl Profiler {
         .arg(&out)
         .stdin(Stdio::null())
         .stdout(Stdio::null());
-        match ChildProc::spawn("perf", &mut cmd, None) {
+        match ChildProc::spawn("perf", cmd, None) {
             Ok(p) => {
                 println!("  profiling process {pid} into {}", out.display());
                 Self(Some(p))

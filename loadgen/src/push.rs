@@ -82,7 +82,7 @@ impl Launch {
             .arg(&self.dir)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null());
-        let (proc, _, ready) = spawn_ready(&mut cmd, &self.dir.join("server.log"), Duration::from_secs(30))
+        let (proc, _, ready) = spawn_ready(cmd, &self.dir.join("server.log"), Duration::from_secs(30))
             .map_err(anyhow::Error::msg)?;
         Ok((proc, ready, Instant::now()))
     }

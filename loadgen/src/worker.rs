@@ -65,7 +65,7 @@ impl Worker {
             cmd.arg("--creds-file").arg(f);
         }
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
-        let mut proc = ChildProc::spawn("load-generator worker", &mut cmd, Some(log))?;
+        let mut proc = ChildProc::spawn("load-generator worker", cmd, Some(log))?;
         let stdin = proc.child_mut().stdin.take().expect("piped");
         let stdout = BufReader::new(proc.child_mut().stdout.take().expect("piped"));
         Ok(Self {

@@ -186,7 +186,7 @@ impl BridgeProcess {
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
-        let mut child = ChildProc::spawn("apns-bridge", &mut cmd, Some(&dir.join("bridge.log")))
+        let mut child = ChildProc::spawn("apns-bridge", cmd, Some(&dir.join("bridge.log")))
             .map_err(|e| format!("{e:#}"))?;
         let stdout = LineReader::spawn(child.child_mut().stdout.take().expect("piped"));
         let mut bridge = Self {
@@ -570,7 +570,7 @@ fn spawn_server(
         cmd.arg(format!("--heartbeat-timeout-ms={DEFAULT_HEARTBEAT_TIMEOUT_MS}"));
     }
     cmd.args(extra_args).envs(env.iter().map(|(k, v)| (k, v)));
-    match spawn_ready(&mut cmd, &log_path, READY_TIMEOUT) {
+    match spawn_ready(cmd, &log_path, READY_TIMEOUT) {
         Ok((child, stdout, ready)) => (child, log_path, stdout, ready.devices, ready.api),
         Err(e) => panic!("{e}"),
     }
@@ -580,12 +580,12 @@ fn spawn_server(
 /// ready line: the process, its stdout (drained for as long as it runs) and the addresses; or,
 /// once it is killed, why not with its exit status, stdout and log.
 pub fn spawn_ready(
-    cmd: &mut Command,
+    mut cmd: Command,
     log: &Path,
     timeout: Duration,
 ) -> Result<(ChildProc, LineReader, ReadyAddrs), String> {
-    let mut child = ChildProc::spawn("push-server", cmd.stdout(Stdio::piped()), Some(log))
-        .map_err(|e| format!("{e:#}"))?;
+    cmd.stdout(Stdio::piped());
+    let mut child = ChildProc::spawn("push-server", cmd, Some(log)).map_err(|e| format!("{e:#}"))?;
     let stdout = LineReader::spawn(child.child_mut().stdout.take().expect("piped stdout"));
     let failure = match stdout.wait_for(READY_PREFIX, timeout) {
         Ok(line) => match parse_ready(&line) {

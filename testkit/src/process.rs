@@ -9,6 +9,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex, mpsc},
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -19,12 +20,15 @@ pub struct ChildProc {
     name: String,
     child: Child,
     log: Option<PathBuf>,
+    /// `PR_SET_PDEATHSIG` fires when the spawning *thread* exits (a test's `spawn_blocking`
+    /// thread ends when idle): a thread of its own spawns it and lives as long as it.
+    spawner: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
 }
 
 impl ChildProc {
     /// Spawn `cmd`; its stderr goes to `log` (if given, else nowhere), stdin and stdout as the
     /// caller set them (default: none).
-    pub fn spawn(name: &str, cmd: &mut Command, log: Option<&Path>) -> anyhow::Result<Self> {
+    pub fn spawn(name: &str, mut cmd: Command, log: Option<&Path>) -> anyhow::Result<Self> {
         let stderr = match log {
             Some(path) => Stdio::from(
                 std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
@@ -41,13 +45,26 @@ impl ChildProc {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
+        let program = cmd.get_program().to_owned();
+        let (child_tx, child_rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let spawned = cmd.spawn();
+            let ok = spawned.is_ok();
+            let _ = child_tx.send(spawned);
+            if ok {
+                let _ = stop_rx.recv();
+            }
+        });
+        let child = child_rx
+            .recv()
+            .context("the spawning thread died")?
+            .with_context(|| format!("cannot start {name} ({program:?})"))?;
         Ok(Self {
             name: name.into(),
             child,
             log: log.map(Path::to_path_buf),
+            spawner: Some((stop_tx, thread)),
         })
     }
 
@@ -67,7 +84,7 @@ impl ChildProc {
     }
 
     /// CPU time used so far.
-    pub fn cpu_time(&self) -> std::time::Duration {
+    pub fn cpu_time(&self) -> Duration {
         cpu_time(self.pid())
     }
 
@@ -101,23 +118,20 @@ impl ChildProc {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some((stop, thread)) = self.spawner.take() {
+            drop(stop);
+            let _ = thread.join();
+        }
     }
 
     /// Send SIGTERM and wait up to `grace` for it to exit; kill it after that.
-    pub fn terminate(&mut self, grace: std::time::Duration) {
+    pub fn terminate(&mut self, grace: Duration) {
         // SAFETY: plain syscall on our own child's pid.
         unsafe {
             libc::kill(self.pid() as i32, libc::SIGTERM);
         }
-        let deadline = std::time::Instant::now() + grace;
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        wait_exit(&mut self.child, grace);
+        self.kill();
     }
 }
 
@@ -126,6 +140,7 @@ impl Drop for ChildProc {
         self.kill();
     }
 }
+
 /// A free TCP port on 127.0.0.1 (bound, then released: good enough for a child to take it).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

@@ -6,13 +6,12 @@
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
-    os::unix::process::CommandExt,
     path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    thread::JoinHandle,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
+
+use crate::process::ChildProc;
 
 /// A running `redis-server`.
 pub struct RedisServer {
@@ -27,14 +26,7 @@ pub struct RedisServer {
     sentinel: bool,
     /// TLS: what a client needs to reach it (to know it is up).
     tls: Option<redis::TlsCertificates>,
-    running: Option<Running>,
-}
-
-/// The process, and the thread that spawned it: `PR_SET_PDEATHSIG` fires when the spawning
-/// *thread* exits, so that thread lives as long as the server.
-struct Running {
-    child: Child,
-    spawner: (mpsc::Sender<()>, JoinHandle<()>),
+    running: Option<ChildProc>,
 }
 
 impl RedisServer {
@@ -201,51 +193,21 @@ impl RedisServer {
                 .arg(&self.dir)
                 .args(&self.extra);
         }
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let (child_tx, child_rx) = mpsc::channel();
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let spawned = command.spawn();
-            let ok = spawned.is_ok();
-            let _ = child_tx.send(spawned);
-            if ok {
-                let _ = stop_rx.recv();
-            }
-        });
-        let child = child_rx
-            .recv()
-            .map_err(|e| std::io::Error::other(e.to_string()))??;
-        self.running = Some(Running {
-            child,
-            spawner: (stop_tx, thread),
-        });
+        command.stdin(Stdio::null()).stdout(Stdio::null());
+        let child = ChildProc::spawn("redis-server", command, None).map_err(std::io::Error::other)?;
+        self.running = Some(child);
         self.wait_ready()
     }
 
     /// Its process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.running.as_ref().map(|r| r.child.id())
+        self.running.as_ref().map(ChildProc::pid)
     }
 
     /// Kill it at once (SIGKILL): what it had not written to its append-only file is lost.
     pub fn kill(&mut self) {
-        if let Some(mut r) = self.running.take() {
-            let _ = r.child.kill();
-            let _ = r.child.wait();
-            let (stop, thread) = r.spawner;
-            drop(stop);
-            let _ = thread.join();
-        }
+        // Dropping it kills and reaps it.
+        self.running = None;
     }
 
     /// Start it again on the same port, with its data (`durable`) or empty.
@@ -263,7 +225,7 @@ impl RedisServer {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(r) = &mut self.running
-                && let Ok(Some(status)) = r.child.try_wait()
+                && let Ok(Some(status)) = r.child_mut().try_wait()
             {
                 return Err(std::io::Error::other(format!("redis-server exited: {status}")));
             }
