@@ -557,7 +557,9 @@ pub async fn next(client: &mut DeviceClient) -> Push {
     within(client.next_push()).await.expect("push arrives")
 }
 
-const ENV_DIR: &str = "TESTKIT_SERVER_DIR";
+/// Set in a [`ChildServer`]'s process (to its data directory): a bench without libtest's
+/// harness checks it and calls [`run_server_process`].
+pub const SERVER_PROCESS_ENV: &str = "TESTKIT_SERVER_DIR";
 const ENV_DEVICE_LISTEN: &str = "TESTKIT_DEVICE_LISTEN";
 const ENV_HB: &str = "TESTKIT_HEARTBEAT_MS";
 const READY: &str = "TESTKIT-SERVER READY ";
@@ -641,7 +643,7 @@ fn spawn_child(
             "--nocapture",
             "--test-threads=1",
         ])
-        .env(ENV_DIR, dir)
+        .env(SERVER_PROCESS_ENV, dir)
         .env(ENV_DEVICE_LISTEN, listen.to_string())
         .env(ENV_HB, format!("{},{}", hb.interval_ms, hb.timeout_ms))
         .env("RUST_LOG", "off")
@@ -672,7 +674,7 @@ fn spawn_child(
 
 /// Body of the child process: serve until stdin closes (the parent ends or kills us).
 pub fn run_server_process() {
-    let dir = std::env::var(ENV_DIR).expect("only the tests run this");
+    let dir = std::env::var(SERVER_PROCESS_ENV).expect("only the tests run this");
     let listen: SocketAddr = std::env::var(ENV_DEVICE_LISTEN).unwrap().parse().unwrap();
     let hb = std::env::var(ENV_HB).unwrap();
     let (interval, timeout) = hb.split_once(',').unwrap();
