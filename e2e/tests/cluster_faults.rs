@@ -15,10 +15,8 @@ use e2e::{
 };
 use mobile_sdk::Registry;
 use push_proto::device::GoodbyeReason;
-use push_server::{
-    client::ClientError,
-    testing::{RedisServer, copy_dir},
-};
+use push_server::client::ClientError;
+use testkit::redis::{RedisServer, copy_dir};
 
 /// Redis, two nodes sharing it, their data in a temporary directory.
 struct Nodes {

@@ -12,7 +12,7 @@
 //! the cookie values, the bridge's API key, the device-credential signing key and the private
 //! keys of the CA, the standby CA, the server and the bridge.
 
-use std::{path::Path, sync::Arc};
+use std::path::Path;
 
 use e2e::{ApiClient, BridgeProcess, ClientError, STEP_TIMEOUT, ServerProcess, within};
 use push_proto::{
@@ -23,8 +23,7 @@ use push_proto::{
     },
 };
 use push_server::auth::{DeviceAuthority, new_api_key, unix_secs};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
+use testkit::harness::https;
 
 /// A secret and what it is (the name is what a failure reports).
 struct Secret {
@@ -94,48 +93,6 @@ fn to(device_id: &str) -> Target {
     Target {
         kind: Some(target::Kind::DeviceId(device_id.into())),
     }
-}
-
-/// One HTTPS request to the dashboard listener: (status, head, body).
-async fn https(
-    addr: std::net::SocketAddr,
-    ca: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String, String) {
-    let mut tls = push_server::pki::client_config(ca).unwrap();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = within("dashboard TCP", tokio::net::TcpStream::connect(addr))
-        .await
-        .unwrap();
-    let name = ServerName::try_from("localhost").unwrap();
-    let mut stream = within(
-        "dashboard TLS",
-        TlsConnector::from(Arc::new(tls)).connect(name, tcp),
-    )
-    .await
-    .unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    within("dashboard write", stream.write_all(req.as_bytes()))
-        .await
-        .unwrap();
-    let mut raw = Vec::new();
-    // The server may close without close_notify after the response: keep what was read.
-    let _ = within("dashboard read", stream.read_to_end(&mut raw)).await;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, head.to_string(), body.to_string())
 }
 
 /// The session cookie's value from a login response.

@@ -532,7 +532,7 @@ pub async fn cluster(
 ) -> anyhow::Result<Table> {
     let mut table = Table::default();
     let body: Arc<str> = "x".repeat(payload).into();
-    let redis = push_server::testing::RedisServer::start_with_fsync(appendfsync)?;
+    let redis = testkit::redis::RedisServer::start_with_fsync(appendfsync)?;
     let args = |node: &str| -> Vec<String> {
         vec![
             "--redis-url".into(),
@@ -592,7 +592,7 @@ pub async fn cluster(
 /// Redis's leases, so each is a claim the cluster agrees on) and memory per session.
 pub async fn cluster_scale(env: &Env, nodes: usize, sessions: usize) -> anyhow::Result<Table> {
     let mut table = Table::default();
-    let redis = push_server::testing::RedisServer::start_durable()?;
+    let redis = testkit::redis::RedisServer::start_durable()?;
     let args = |k: usize| -> Vec<String> {
         vec![
             "--redis-url".into(),
@@ -710,7 +710,7 @@ pub async fn cluster_scale(env: &Env, nodes: usize, sessions: usize) -> anyhow::
             took.as_secs_f64(),
             sessions as f64 / took.as_secs_f64(),
             total_rss as f64 / 1024.0,
-            crate::stats::rss_kib(redis.pid().context("redis-server stopped")?)? as f64 / 1024.0,
+            testkit::process::rss_kib(redis.pid().context("redis-server stopped")?)? as f64 / 1024.0,
         ),
     );
     Ok(table)

@@ -18,7 +18,9 @@ use anyhow::{Context, bail};
 use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS, TlsConfiguration, Transport};
 use tokio::task::JoinHandle;
 
-use crate::{procs::ChildProc, push::device_id, recorder::Recorder, tls};
+use testkit::process::{ChildProc, free_port};
+
+use crate::{push::device_id, recorder::Recorder, tls};
 
 /// Where Debian's package puts the broker.
 pub const DEFAULT_MOSQUITTO: &str = "/usr/sbin/mosquitto";
@@ -45,7 +47,7 @@ impl Mosquitto {
             .prefix("push-loadgen-mosquitto")
             .tempdir()?;
         let certs = tls::broker_certs(dir.path())?;
-        let port = crate::procs::free_port()?;
+        let port = free_port()?;
         let data = dir.path().join("data");
         std::fs::create_dir(&data)?;
         // SAFETY: plain syscall.
@@ -83,7 +85,7 @@ impl Mosquitto {
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         let log = dir.path().join("mosquitto.log");
-        let mut proc = ChildProc::spawn("mosquitto", &mut cmd, Some(&log))?;
+        let mut proc = ChildProc::spawn("mosquitto", cmd, Some(&log))?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while tokio::net::TcpStream::connect(addr).await.is_err() {

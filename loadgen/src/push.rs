@@ -3,7 +3,6 @@
 //! core, lifecycle registry) bound to its own source address in 127.0.0.0/8.
 
 use std::{
-    io::{BufRead, BufReader},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -21,13 +20,12 @@ use mobile_sdk::{
     core::{BackoffConfig, Event, State, StopReason},
 };
 use push_proto::sender::{IssueDeviceCredentialRequest, Target, target};
-use push_server::api_client::ApiClient;
+use push_server::{api_client::ApiClient, server::Ready};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{
-    procs::ChildProc,
-    recorder::{CallSeen, Recorder, parse_tag},
-};
+use testkit::{launcher::spawn_ready, process::ChildProc};
+
+use crate::recorder::{CallSeen, Recorder, parse_tag};
 
 /// Name in the server's certificate that clients verify.
 pub const SERVER_NAME: &str = "localhost";
@@ -61,9 +59,9 @@ struct Launch {
 }
 
 impl Launch {
-    /// Start `serve` listening on `[devices, api, dashboard]`; returns the process, its ready
-    /// line and when it was read, once it printed it.
-    fn spawn(&self, listen: [&String; 3]) -> anyhow::Result<(ChildProc, String, Instant)> {
+    /// Start `serve` listening on `[devices, api, dashboard]`; returns the process, the
+    /// addresses in its ready line and when it was read, once it printed it.
+    fn spawn(&self, listen: [&String; 3]) -> anyhow::Result<(ChildProc, Ready, Instant)> {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("serve")
             .args([
@@ -80,29 +78,10 @@ impl Launch {
             .arg("--data-dir")
             .arg(&self.dir)
             .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped());
-        let mut proc = ChildProc::spawn("push-server", &mut cmd, Some(&self.dir.join("server.log")))?;
-        let stdout = proc.child_mut().stdout.take().expect("piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Reads the ready line, then keeps draining stdout so the server never blocks on it.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("push-server ready:") {
-                    let _ = tx.send((line, Instant::now()));
-                }
-            }
-        });
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok((line, at)) => Ok((proc, line, at)),
-            Err(_) => {
-                proc.check_alive()?;
-                bail!(
-                    "push-server did not report ready within 30 s; {}",
-                    proc.log_tail()
-                );
-            }
-        }
+            .stdin(Stdio::null());
+        let (proc, _, ready) = spawn_ready(cmd, &self.dir.join("server.log"), Duration::from_secs(30))
+            .map_err(anyhow::Error::msg)?;
+        Ok((proc, ready, Instant::now()))
     }
 }
 
@@ -118,7 +97,7 @@ impl PushServer {
     pub async fn start_from(bin: &Path, extra: &[String], template: Option<&Path>) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("push-loadgen-server").tempdir()?;
         if let Some(from) = template {
-            push_server::testing::copy_dir(from, dir.path())?;
+            testkit::redis::copy_dir(from, dir.path())?;
         }
         // One API key sends every message of a run, and one machine's phones log in at once:
         // the per-key request rate and the per-device login rate, which guard a site against a
@@ -134,17 +113,8 @@ impl PushServer {
             dir: dir.path().to_path_buf(),
         };
         let (proc, ready, _) = launch.spawn([&any, &any, &any])?;
-        let addr = |key: &str| -> anyhow::Result<SocketAddr> {
-            let word = ready
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix(key))
-                .with_context(|| format!("no {key} in {ready:?}"))?;
-            Ok(word
-                .trim_start_matches("https://")
-                .trim_end_matches('/')
-                .parse()?)
-        };
-        let (device_addr, api_addr, http_addr) = (addr("devices=")?, addr("api=")?, addr("dashboard=")?);
+        let (device_addr, api_addr) = (ready.devices, ready.api);
+        let http_addr = ready.dashboard;
         let ca = std::fs::read_to_string(dir.path().join("tls/ca.pem"))?;
         let api_key = std::fs::read_to_string(dir.path().join("admin.key"))?
             .trim()

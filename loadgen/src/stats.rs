@@ -63,32 +63,8 @@ pub fn loadavg() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-/// Resident memory of process `pid` (VmRSS), KiB.
-pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS for process {pid}"))
-}
-
-/// CPU time process `pid` has used so far: the sum over its threads of the scheduler's run time
-/// (nanosecond precision). Threads that already ended are not counted, so measure deltas over
-/// periods in which the process keeps its threads (tokio workers do).
-pub fn cpu_time(pid: u32) -> Duration {
-    let ns: u64 = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum();
-    Duration::from_nanos(ns)
-}
-
 /// CPU time of process `pid` by thread name (tokio workers, the store writer, ...), sorted by
-/// name; see [`cpu_time`].
+/// name; see [`testkit::process::cpu_time`].
 pub fn cpu_by_thread(pid: u32) -> Vec<(String, Duration)> {
     let mut by: std::collections::BTreeMap<String, u64> = Default::default();
     for t in std::fs::read_dir(format!("/proc/{pid}/task"))

@@ -16,7 +16,9 @@ use std::{
 use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
-use crate::{mqtt::MqttFleet, procs::ChildProc, push::Fleet};
+use testkit::process::ChildProc;
+
+use crate::{mqtt::MqttFleet, push::Fleet};
 
 /// Devices one process holds by default (sockets count against its 20,000 open files).
 pub const PER_PROCESS: usize = 10_000;
@@ -63,7 +65,7 @@ impl Worker {
             cmd.arg("--creds-file").arg(f);
         }
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
-        let mut proc = ChildProc::spawn("load-generator worker", &mut cmd, Some(log))?;
+        let mut proc = ChildProc::spawn("load-generator worker", cmd, Some(log))?;
         let stdin = proc.child_mut().stdin.take().expect("piped");
         let stdout = BufReader::new(proc.child_mut().stdout.take().expect("piped"));
         Ok(Self {

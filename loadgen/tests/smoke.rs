@@ -5,38 +5,22 @@
 
 use std::time::Duration;
 
-use push_loadgen::push::{PushTarget, SERVER_NAME};
-use push_server::{api_client::ApiClient, config::Config, server::Server};
+use push_loadgen::push::PushTarget;
+use testkit::harness::Harness;
 
 const DEVICES: usize = 2_000;
 const MESSAGES: usize = 3_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_reaches_its_devices_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(Config {
-        data_dir: dir.path().to_path_buf(),
-        device_listen: "127.0.0.1:0".parse().unwrap(),
-        api_listen: "127.0.0.1:0".parse().unwrap(),
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let ca = std::fs::read_to_string(dir.path().join("tls/ca.pem")).unwrap();
-    let api_key = std::fs::read_to_string(dir.path().join("admin.key"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let mut server = Harness::start().await;
     let target = PushTarget {
-        device_addr: server.device_addr,
-        api_addr: server.api_addr,
-        http_addr: server.http_addr,
-        api: ApiClient::connect(server.api_addr, SERVER_NAME, &ca, &api_key)
-            .await
-            .unwrap(),
-        ca,
-        api_key,
+        device_addr: server.info.device_addr,
+        api_addr: server.info.api_addr,
+        http_addr: server.http_addr(),
+        api: server.api.clone(),
+        ca: server.ca.clone(),
+        api_key: server.admin_key(),
     };
     let run = tokio::time::timeout(
         Duration::from_secs(240),

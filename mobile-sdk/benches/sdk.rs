@@ -26,7 +26,7 @@ use std::{
 };
 
 use bytes::BytesMut;
-use common::{ChildServer, Heartbeat, Recorder, ServerInfo};
+use common::{Recorder, SdkConfig};
 use mobile_sdk::{
     EventHandler, Registry,
     core::{Config, Event, Session, State, StopReason},
@@ -35,6 +35,7 @@ use push_proto::{
     device::{Message, Push, ServerFrame, ServerHello, push, server_frame},
     frame,
 };
+use testkit::harness::{ChildServer, Heartbeat, ServerInfo};
 use tokio::sync::mpsc;
 
 /// Counts live heap bytes.
@@ -65,25 +66,18 @@ fn heap() -> usize {
 }
 
 fn rss_kib() -> i64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    testkit::process::rss_kib(std::process::id()).unwrap() as i64
 }
 
-/// CPU time of this process: the sum over its threads of the scheduler's run time (ns
-/// precision; `/proc/self/stat` counts in 10 ms ticks, too coarse here).
+/// CPU time of this process, ns precision (`/proc/self/stat` counts in 10 ms ticks, too coarse
+/// here).
 fn cpu() -> Duration {
-    let ns: u64 = std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum();
-    Duration::from_nanos(ns)
+    testkit::process::cpu_time(std::process::id())
 }
 
 fn main() {
-    if std::env::var_os("SDK_TEST_SERVER_DIR").is_some() {
-        return common::run_server_process();
+    if std::env::var_os(testkit::harness::SERVER_PROCESS_ENV).is_some() {
+        return testkit::harness::run_server_process();
     }
     core_only();
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -4,10 +4,11 @@
 
 mod common;
 
-use common::{ChildServer, Heartbeat, Recorder, STEP};
+use common::{Recorder, SdkConfig};
 use mobile_sdk::{Registry, core::StopReason};
+use testkit::harness::{ChildServer, Heartbeat, STEP};
 
-server_process_entry!();
+testkit::server_process_entry!();
 
 const CYCLES: usize = 1_000;
 /// Cycles before the baseline: allocator pools, lazy statics, the runtime's threads.

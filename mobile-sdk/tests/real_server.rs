@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{ChildServer, Heartbeat, InProcServer, Recorder, STEP, ServerInfo};
+use common::{Recorder, SdkConfig};
 use mobile_sdk::{
     Registry, StartError, Trust,
     core::{
@@ -18,8 +18,9 @@ use push_proto::{
     sender::{ListDevicesRequest, PresenceEvent, RevokeDeviceRequest, VoipTokenState, WatchPresenceRequest},
 };
 use rustls::pki_types::{CertificateDer, pem::PemObject};
+use testkit::harness::{ChildServer, Harness, Heartbeat, STEP, ServerInfo};
 
-server_process_entry!();
+testkit::server_process_entry!();
 
 /// Watch presence from now on; the future ends with the event saying `device` went offline.
 async fn offline_presence(
@@ -55,7 +56,7 @@ fn registry() -> Registry {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receives_messages_in_order_and_acks_them_after_the_app_took_them() {
     let dir = tempfile::tempdir().unwrap();
-    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
     let info = &server.info;
     let api = info.api().await;
     let credential = info.issue("dev-a").await;
@@ -99,7 +100,7 @@ async fn receives_messages_in_order_and_acks_them_after_the_app_took_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_invites_carry_what_callkit_needs_and_cancels_follow() {
     let dir = tempfile::tempdir().unwrap();
-    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
     let info = &server.info;
     let api = info.api().await;
     let credential = info.issue("dev-c").await;
@@ -151,7 +152,7 @@ async fn heartbeats_are_answered_so_the_session_survives_many_rounds() {
         interval_ms: 200,
         timeout_ms: 400,
     };
-    let server = InProcServer::start(dir.path(), hb).await;
+    let server = Harness::start_in(dir.path(), hb).await;
     let info = &server.info;
     let api = info.api().await;
     let credential = info.issue("dev-h").await;
@@ -172,7 +173,7 @@ async fn heartbeats_are_answered_so_the_session_survives_many_rounds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_on_its_own_within_seconds_after_a_graceful_server_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let mut server = Harness::start_in(dir.path(), Heartbeat::default()).await;
     let credential = server.info.issue("dev-r").await;
     let reg = registry();
     let (handler, mut events) = Recorder::new();
@@ -302,7 +303,7 @@ async fn resumes_without_loss_or_duplicates_after_a_server_kill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_floor_under_another_epoch_acknowledges_nothing_and_the_queue_still_arrives() {
     let dir = tempfile::tempdir().unwrap();
-    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
     let info = &server.info;
     let api = info.api().await;
     let credential = info.issue("dev-e").await;
@@ -349,7 +350,7 @@ async fn a_floor_under_another_epoch_acknowledges_nothing_and_the_queue_still_ar
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_instance_for_the_device_supersedes_the_first_in_the_same_process() {
     let dir = tempfile::tempdir().unwrap();
-    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
     let info = &server.info;
     let api = info.api().await;
     let credential = info.issue("dev-2").await;
@@ -407,7 +408,7 @@ async fn a_second_instance_for_the_device_supersedes_the_first_in_the_same_proce
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_for_one_device_end_with_one_server_session_and_no_fight() {
     let dir = tempfile::tempdir().unwrap();
-    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
     let info = &server.info;
     let credential = info.issue("dev-p").await;
     // Separate registries: as if two processes (or a host bypassing the registry).
@@ -443,7 +444,7 @@ async fn two_processes_for_one_device_end_with_one_server_session_and_no_fight()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_and_stop_are_idempotent_and_stop_says_goodbye() {
     let dir = tempfile::tempdir().unwrap();
-    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
     let info = &server.info;
     let api = info.api().await;
     let credential = info.issue("dev-i").await;
@@ -479,7 +480,7 @@ async fn start_and_stop_are_idempotent_and_stop_says_goodbye() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn why_ios_stopped_the_provider_reaches_the_dashboard_and_metrics() {
     let dir = tempfile::tempdir().unwrap();
-    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
     let info = &server.info;
     let api = info.api().await;
     let credential = info.issue("dev-ios").await;
@@ -546,7 +547,7 @@ async fn why_ios_stopped_the_provider_reaches_the_dashboard_and_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_or_refused_credentials_stop_for_good() {
     let dir = tempfile::tempdir().unwrap();
-    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
     let info = &server.info;
     let api = info.api().await;
     let credential = info.issue("dev-v").await;
@@ -618,7 +619,7 @@ async fn first_outcome(info: &ServerInfo, credential: &str, trust: Trust) -> Sta
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trust_by_ca_by_pins_and_rotation_lists() {
     let dir = tempfile::tempdir().unwrap();
-    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
     let info = &server.info;
     let credential = info.issue("dev-t").await;
     let other = format!("sha256/{}=", "A".repeat(43));
@@ -650,7 +651,7 @@ async fn trust_by_ca_by_pins_and_rotation_lists() {
     assert!(connected(&s), "{s:?}");
     // Another CA is refused.
     let other_dir = tempfile::tempdir().unwrap();
-    let other_server = InProcServer::start(other_dir.path(), Heartbeat::default()).await;
+    let other_server = Harness::start_in(other_dir.path(), Heartbeat::default()).await;
     let s = first_outcome(info, &credential, Trust::ca(other_server.info.ca_pem())).await;
     assert!(!connected(&s), "{s:?}");
 }
@@ -674,7 +675,7 @@ async fn voip_state(api: &push_server::api_client::ApiClient, device_id: &str) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pushkit_token_reaches_the_server_and_can_be_cleared() {
     let dir = tempfile::tempdir().unwrap();
-    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
     let info = &server.info;
     let api = info.api().await;
     let credential = info.issue("dev-voip").await;
@@ -714,7 +715,7 @@ async fn replied(events: &mut Recorder, call_id: &str, outcome: CallOutcome) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_outcomes_reach_the_server_before_start_while_connected_and_across_a_server_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let mut server = Harness::start_in(dir.path(), Heartbeat::default()).await;
     let credential = server.info.issue("dev-out").await;
     let reg = registry();
     let (handler, mut events) = Recorder::new();
@@ -816,7 +817,7 @@ async fn a_frozen_server_is_detected_by_its_silence_and_left_for_a_new_connectio
 
 /// SDK phones for `ids`, each issued a credential on `server`, started and connected.
 async fn connected_phones(
-    server: &InProcServer,
+    server: &Harness,
     reg: &Registry,
     ids: &[&str],
 ) -> Vec<(mobile_sdk::Client, Recorder)> {
@@ -859,7 +860,7 @@ fn ring(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_on_one_of_three_sdk_phones_stops_the_other_two_and_a_late_answer_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
     let reg = registry();
     let mut phones = connected_phones(&server, &reg, &["ward-a", "ward-b", "ward-c"]).await;
     let api = server.info.api().await;
@@ -906,7 +907,7 @@ async fn an_answer_on_one_of_three_sdk_phones_stops_the_other_two_and_a_late_ans
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_phones_declining_end_the_call_declined_and_an_unanswered_one_is_told_it_missed() {
     let dir = tempfile::tempdir().unwrap();
-    let server = InProcServer::start(dir.path(), Heartbeat::default()).await;
+    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
     let reg = registry();
     let mut phones = connected_phones(&server, &reg, &["icu-a", "icu-b"]).await;
     let api = server.info.api().await;

@@ -44,4 +44,3 @@ pub mod pki;
 pub mod server;
 pub mod session;
 pub mod store;
-pub mod testing;

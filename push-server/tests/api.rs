@@ -1,9 +1,7 @@
 //! The sender API: authentication and scopes, device listing, presence, health, reflection.
 
-mod common;
-
-use common::*;
 use push_proto::sender::{CreateApiKeyRequest, ListDevicesRequest, SendMessageRequest};
+use testkit::harness::*;
 
 #[tokio::test]
 async fn api_keys_are_required_and_scoped() {

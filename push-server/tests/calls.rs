@@ -2,9 +2,6 @@
 //! answer wins, declines and missed calls end the call, escalation steps ring at their time
 //! (also across a restart), and a cancel racing the placement stops every ring.
 
-mod common;
-
-use common::*;
 use push_proto::{
     device::{CallOutcome, CallOutcomeResult, CancelReason, Push, push},
     sender::{
@@ -13,6 +10,7 @@ use push_proto::{
     },
 };
 use push_server::{api_client::ApiClient, client::DeviceClient, server::Server};
+use testkit::harness::*;
 
 fn devices(ids: &[&str]) -> Target {
     Target {

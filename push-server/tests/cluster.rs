@@ -1,9 +1,6 @@
 //! Cluster mode: two in-process nodes over real TLS sharing one real `redis-server`. Phones and
 //! senders use whichever node they like; what one does, the other sees.
 
-mod common;
-
-use common::{Harness, next, to, within};
 use push_proto::{
     device::{CallOutcome, CallOutcomeResult, CancelReason, GoodbyeReason, push},
     sender::{
@@ -11,12 +8,9 @@ use push_proto::{
         Target, WatchCallRequest, target,
     },
 };
-use push_server::{
-    client::ClientError,
-    config::Config,
-    server::Server,
-    testing::{RedisServer, TestCerts, copy_dir},
-};
+use push_server::{client::ClientError, config::Config, server::Server};
+use testkit::harness::{Harness, next, to, within};
+use testkit::redis::{RedisServer, TestCerts, copy_dir};
 
 /// Two nodes on one Redis. Node B's data directory starts as a copy of node A's: every node of a
 /// cluster needs the same CA and device-credential key (and here, the admin key file).

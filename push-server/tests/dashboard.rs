@@ -4,11 +4,8 @@
 //! devices that connect and drop, with a screenshot saved under the target directory
 //! (`UPDATE_SCREENSHOT=1` writes `docs/dashboard.png` instead).
 
-mod common;
-
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
-use common::*;
 use fantoccini::{Client, ClientBuilder, Locator};
 use push_proto::{
     device::{CallOutcome, CallOutcomeResult, NetworkChange, client_frame, push},
@@ -16,6 +13,7 @@ use push_proto::{
 };
 use push_server::client::DeviceClient;
 use serde_json::{Value, json};
+use testkit::harness::*;
 
 /// Longest wait for the page to reach a state.
 const PAGE_WAIT: Duration = Duration::from_secs(20);

@@ -1,8 +1,5 @@
 //! Delivery over real TLS sessions: acks, receipts, ordered replay, expiry, collapse, calls.
 
-mod common;
-
-use common::*;
 use push_proto::{
     device::{CancelReason, push},
     sender::{
@@ -10,6 +7,7 @@ use push_proto::{
         SendMessageRequest, Target, target,
     },
 };
+use testkit::harness::*;
 
 #[tokio::test]
 async fn message_is_delivered_acked_and_reported_in_order() {

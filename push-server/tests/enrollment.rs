@@ -1,10 +1,8 @@
 //! Enrollment: what a container app receives to save its push managers, over gRPC and HTTPS.
 
-mod common;
-
-use common::*;
 use push_proto::sender::{EnrollDeviceRequest, Enrollment, SendMessageRequest};
 use push_server::{api_client::ApiClient, hub::now_ms};
+use testkit::harness::*;
 use tonic::Code;
 
 const SITE_SSIDS: [&str; 12] = [

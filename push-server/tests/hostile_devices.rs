@@ -2,12 +2,10 @@
 //! ward for others, or turn into a receipt that did not happen. Each test reproduces a defect of
 //! the hardening issue over real TLS and fails on the code before its fix.
 
-mod common;
-
-use common::*;
 use push_proto::device::{GoodbyeReason, client_frame};
 use push_proto::sender::{DeliveryState, SendMessageRequest, Target, target};
 use push_server::client::ClientError;
+use testkit::harness::*;
 
 fn group(name: &str) -> Target {
     Target {

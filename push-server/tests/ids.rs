@@ -2,10 +2,8 @@
 //! refused with ALREADY_EXISTS, whatever kind used the id first. Each test fails on the code
 //! before the fix.
 
-mod common;
-
-use common::*;
 use push_proto::sender::{CancelCallRequest, DeliveryState, PlaceCallRequest, SendMessageRequest};
+use testkit::harness::*;
 
 fn call(call_id: &str, device: &str, caller: &str) -> PlaceCallRequest {
     PlaceCallRequest {

@@ -2,9 +2,6 @@
 //! open streams, dashboard sessions), expiry, keys stored by the previous release, and device
 //! credentials re-issued over an old one.
 
-mod common;
-
-use common::*;
 use push_proto::{
     device::GoodbyeReason,
     sender::{
@@ -19,6 +16,7 @@ use push_server::{
     store::{ApiKeyRecord, Op, RedbStore, Store},
 };
 use serde_json::json;
+use testkit::harness::*;
 use tonic::Code;
 
 async fn create(h: &Harness, name: &str, scopes: &[&str]) -> (String, String) {

@@ -6,11 +6,8 @@
 //! their own loopback addresses (127.0.0.2 and up) so per-address limits do not touch the
 //! healthy phone on 127.0.0.1.
 
-mod common;
-
 use std::{net::SocketAddr, sync::Arc};
 
-use common::{Harness, OPEN_HANDSHAKES, WAIT, next, to, within};
 use push_proto::{
     device::{GoodbyeReason, Hello, NetworkChange, client_frame},
     sender::{
@@ -22,6 +19,7 @@ use push_server::{
     client::{ClientError, DeviceClient},
     config::HandshakeLimits,
 };
+use testkit::harness::{Harness, OPEN_HANDSHAKES, WAIT, next, to, within};
 use tokio::{
     io::AsyncReadExt,
     net::{TcpSocket, TcpStream},

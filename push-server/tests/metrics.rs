@@ -3,16 +3,14 @@
 //! The metrics recorder is process-wide, so this file holds exactly one test: nothing else in
 //! this test binary records metrics.
 
-mod common;
-
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use apns_bridge::{Bridge, BridgeSettings, BundleId, fake::FakeApns};
-use common::*;
 use push_proto::{
     device::{Push, push},
     sender::{DeliveryState, PlaceCallRequest, SetVoipTokenRequest},
 };
+use testkit::harness::*;
 
 const BUNDLE: &str = "com.example.ward";
 
@@ -94,7 +92,7 @@ async fn metrics_match_a_scripted_session() {
     h.sender()
         .place_call(PlaceCallRequest {
             call_id: "call-1".into(),
-            target: Some(common::to("phone-a")),
+            target: Some(testkit::harness::to("phone-a")),
             caller_name: "Dr. Okafor".into(),
             ring_timeout_seconds: 30,
             escalation: Vec::new(),
@@ -109,7 +107,7 @@ async fn metrics_match_a_scripted_session() {
     h.sender()
         .place_call(PlaceCallRequest {
             call_id: "call-2".into(),
-            target: Some(common::to("phone-b")),
+            target: Some(testkit::harness::to("phone-b")),
             caller_name: "Dr. Okafor".into(),
             ring_timeout_seconds: 30,
             escalation: Vec::new(),

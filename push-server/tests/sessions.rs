@@ -1,15 +1,13 @@
 //! Session lifecycle over real TLS: replacement, heartbeats, credentials, hostile input,
 //! graceful shutdown. Every bad client is followed by proof that a healthy session carries on.
 
-mod common;
-
 use bytes::BufMut;
-use common::*;
 use push_proto::{
     device::GoodbyeReason,
     sender::{DeliveryState, RevokeDeviceRequest},
 };
 use push_server::{auth::unix_secs, client::ClientError};
+use testkit::harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn goodbye_reason(r: Result<impl Sized, ClientError>) -> GoodbyeReason {
@@ -252,8 +250,7 @@ async fn graceful_shutdown_says_goodbye_and_keeps_the_queue() {
     );
 
     // Same data directory, new process state.
-    let server = push_server::server::Server::start(h.cfg.clone()).await.unwrap();
-    h.server = Some(server);
+    h.restart().await;
     let mut phone2 = h.connect(&offline_credential, 0).await.unwrap();
     assert_eq!(next(&mut phone2).await.id, queued.message_id);
 }

@@ -8,8 +8,6 @@
 //! ack windows in deadline order, so once the marker's push arrived, every earlier decision has
 //! been made.
 
-mod common;
-
 use std::{sync::Arc, time::Duration};
 
 use apns_bridge::{
@@ -18,7 +16,6 @@ use apns_bridge::{
     policy::RetryPolicy,
     remote::{self, TlsIdentity},
 };
-use common::*;
 use push_proto::{
     device::{CallOutcome, CallOutcomeResult, CancelReason, VoipToken, client_frame, push},
     sender::{
@@ -27,6 +24,7 @@ use push_proto::{
     },
 };
 use push_server::config::ApnsMode;
+use testkit::harness::*;
 use tokio::sync::oneshot;
 
 const BUNDLE: &str = "com.example.ward";

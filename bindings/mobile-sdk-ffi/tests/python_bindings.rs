@@ -7,10 +7,9 @@ mod common;
 use std::{path::Path, process::Stdio, time::Duration};
 
 use push_proto::sender::{
-    DeliveryState, GetMessageStatusRequest, IssueDeviceCredentialRequest, PlaceCallRequest,
-    SendMessageRequest, Target, target,
+    DeliveryState, GetMessageStatusRequest, PlaceCallRequest, SendMessageRequest, Target, target,
 };
-use push_server::{api_client::ApiClient, config::Config, server::Server};
+use testkit::harness::Harness;
 
 const DEVICE: &str = "py-dev";
 const MESSAGES: [&str; 3] = ["py-1", "py-2", "py-3"];
@@ -34,38 +33,15 @@ async fn python_drives_the_ffi_against_a_real_server() {
     let out = tempfile::tempdir().unwrap();
     generate_binding(out.path());
 
-    let data = tempfile::tempdir().unwrap();
-    let server = Server::start(Config {
-        data_dir: data.path().to_path_buf(),
-        device_listen: "127.0.0.1:0".parse().unwrap(),
-        api_listen: "127.0.0.1:0".parse().unwrap(),
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        // The Python suite starts and stops one device's client 25 times in a row: far above a
-        // phone's login rate, which is not what it tests.
-        limits: push_server::config::Limits {
-            device_logins_per_minute: 6_000,
-            device_login_burst: 1_000,
-            ..Default::default()
-        },
-        ..Default::default()
+    // The Python suite starts and stops one device's client 25 times in a row: far above a
+    // phone's login rate, which is not what it tests.
+    let mut server = Harness::start_with(|cfg| {
+        cfg.limits.device_logins_per_minute = 6_000;
+        cfg.limits.device_login_burst = 1_000;
     })
-    .await
-    .unwrap();
-    let ca_pem = std::fs::read_to_string(data.path().join("tls/ca.pem")).unwrap();
-    let admin_key = std::fs::read_to_string(data.path().join("admin.key")).unwrap();
-    let api = ApiClient::connect(server.api_addr, "localhost", &ca_pem, admin_key.trim())
-        .await
-        .unwrap();
-    let credential = api
-        .admin()
-        .issue_device_credential(IssueDeviceCredentialRequest {
-            device_id: DEVICE.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .credential;
+    .await;
+    let (api, ca_pem) = (&server.api, server.ca.clone());
+    let credential = server.issue(DEVICE, &[]).await;
     // Queued before the device connects: the Python side receives them as replay.
     for id in MESSAGES {
         api.sender()
@@ -96,7 +72,7 @@ async fn python_drives_the_ffi_against_a_real_server() {
         .env("PYTHONPATH", out.path())
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("SDK_HOST", "127.0.0.1")
-        .env("SDK_PORT", server.device_addr.port().to_string())
+        .env("SDK_PORT", server.info.device_addr.port().to_string())
         .env("SDK_CA_PEM", &ca_pem)
         .env("SDK_DEVICE_ID", DEVICE)
         .env("SDK_CREDENTIAL", &credential)

@@ -1004,7 +1004,8 @@ pub async fn run_cluster(hub: Hub, shutdown: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::Limits, hub::clock::SystemClock, store::DeviceRecord, testing::RedisServer};
+    use crate::{config::Limits, hub::clock::SystemClock, store::DeviceRecord};
+    use testkit::redis::RedisServer;
 
     fn record(id: &str) -> DeviceRecord {
         DeviceRecord {

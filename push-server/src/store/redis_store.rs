@@ -2055,7 +2055,7 @@ mod tests {
 
     use super::*;
     use crate::store::{PushKind, ReceiptState, commit};
-    use crate::testing::RedisServer;
+    use testkit::redis::RedisServer;
 
     // Each test gets fresh servers; the factory keeps one per directory, so opening a directory
     // again ("reopen") connects to the same server. The servers die with the factory.

@@ -297,6 +297,6 @@ fn call_cancel(seq: u64, call_id: &str) -> Push {
 #[test]
 fn core_sources_name_no_io_and_no_clock() {
     let core = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/core");
-    let checked = push_server::testing::assert_sans_io(&[core]);
+    let checked = testkit::sans_io::assert_sans_io(&[core]);
     assert!(checked >= 7, "checked {checked} files");
 }

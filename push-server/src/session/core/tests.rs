@@ -326,5 +326,5 @@ fn reject_after_close_sends_nothing() {
 fn core_sources_name_no_io_and_no_clock() {
     let session = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/session");
     let core = [session.join("core.rs"), session.join("fields.rs")];
-    assert_eq!(crate::testing::assert_sans_io(&core), 2);
+    assert_eq!(testkit::sans_io::assert_sans_io(&core), 2);
 }

@@ -1,18 +1,17 @@
-//! Support for tests (this crate's, `e2e`'s, the SDK's): a `redis-server` of its own on a free
-//! loopback port (plain or TLS, a replica, or a Sentinel), in a directory of its own, stopped when
-//! dropped and killed by the kernel if the test process dies first; the sans-IO cores' source
-//! scan. Not used by the server itself.
+//! A real Redis for tests (push-server's store and cluster, `e2e`, loadgen's cluster
+//! benchmarks): a `redis-server` of its own on a free loopback port (plain or TLS, a replica, or
+//! a Sentinel), in a directory of its own, stopped when dropped, and killed by the kernel if the
+//! test process dies first; the certificates a TLS one needs.
 
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
-    os::unix::process::CommandExt,
     path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    thread::JoinHandle,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
+
+use crate::process::ChildProc;
 
 /// A running `redis-server`.
 pub struct RedisServer {
@@ -27,14 +26,7 @@ pub struct RedisServer {
     sentinel: bool,
     /// TLS: what a client needs to reach it (to know it is up).
     tls: Option<redis::TlsCertificates>,
-    running: Option<Running>,
-}
-
-/// The process, and the thread that spawned it: `PR_SET_PDEATHSIG` fires when the spawning
-/// *thread* exits, so that thread lives as long as the server.
-struct Running {
-    child: Child,
-    spawner: (mpsc::Sender<()>, JoinHandle<()>),
+    running: Option<ChildProc>,
 }
 
 impl RedisServer {
@@ -201,51 +193,21 @@ impl RedisServer {
                 .arg(&self.dir)
                 .args(&self.extra);
         }
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let (child_tx, child_rx) = mpsc::channel();
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let spawned = command.spawn();
-            let ok = spawned.is_ok();
-            let _ = child_tx.send(spawned);
-            if ok {
-                let _ = stop_rx.recv();
-            }
-        });
-        let child = child_rx
-            .recv()
-            .map_err(|e| std::io::Error::other(e.to_string()))??;
-        self.running = Some(Running {
-            child,
-            spawner: (stop_tx, thread),
-        });
+        command.stdin(Stdio::null()).stdout(Stdio::null());
+        let child = ChildProc::spawn("redis-server", command, None).map_err(std::io::Error::other)?;
+        self.running = Some(child);
         self.wait_ready()
     }
 
     /// Its process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.running.as_ref().map(|r| r.child.id())
+        self.running.as_ref().map(ChildProc::pid)
     }
 
     /// Kill it at once (SIGKILL): what it had not written to its append-only file is lost.
     pub fn kill(&mut self) {
-        if let Some(mut r) = self.running.take() {
-            let _ = r.child.kill();
-            let _ = r.child.wait();
-            let (stop, thread) = r.spawner;
-            drop(stop);
-            let _ = thread.join();
-        }
+        // Dropping it kills and reaps it.
+        self.running = None;
     }
 
     /// Start it again on the same port, with its data (`durable`) or empty.
@@ -263,7 +225,7 @@ impl RedisServer {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(r) = &mut self.running
-                && let Ok(Some(status)) = r.child.try_wait()
+                && let Ok(Some(status)) = r.child_mut().try_wait()
             {
                 return Err(std::io::Error::other(format!("redis-server exited: {status}")));
             }
@@ -317,15 +279,15 @@ fn ping_tls(url: &str, certs: &redis::TlsCertificates) -> bool {
 /// A CA of its own, a certificate for a TLS `redis-server` on 127.0.0.1 (and `localhost`), and
 /// a client certificate, written as PEM files in a directory removed on drop.
 pub struct TestCerts {
-    /// The CA's certificate.
+    /// The CA certificate.
     pub ca: PathBuf,
     /// The server's certificate and key.
     pub server_cert: PathBuf,
-    #[allow(missing_docs)]
+    /// See [`Self::server_cert`].
     pub server_key: PathBuf,
     /// The client's certificate and key.
     pub client_cert: PathBuf,
-    #[allow(missing_docs)]
+    /// See [`Self::client_cert`].
     pub client_key: PathBuf,
     dir: PathBuf,
 }
@@ -422,28 +384,4 @@ pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result
         }
     }
     Ok(())
-}
-
-/// Architecture invariant of a sans-IO core (the server's session core, the SDK's): its sources
-/// outside `tests` name no I/O, thread or clock. Checks the files under `paths`; returns how many.
-pub fn assert_sans_io(paths: &[PathBuf]) -> usize {
-    let banned = "tokio rustls std::net std::io std::fs std::thread Instant::now SystemTime";
-    let mut checked = 0;
-    let mut stack = paths.to_vec();
-    while let Some(path) = stack.pop() {
-        if path.file_stem().is_some_and(|name| name == "tests") {
-            // The tests may use anything; the core itself may not.
-        } else if path.is_dir() {
-            stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
-        } else {
-            let text = std::fs::read_to_string(&path).unwrap();
-            for line in text.lines().filter(|l| !l.trim_start().starts_with("//")) {
-                for banned in banned.split(' ') {
-                    assert!(!line.contains(banned), "{} uses {banned}", path.display());
-                }
-            }
-            checked += 1;
-        }
-    }
-    checked
 }
