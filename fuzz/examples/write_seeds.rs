@@ -15,7 +15,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use lpush_fuzz::{ScriptWriter, hub_in, hub_tag, runtime, scratch_dir, sdk_tag, session_tag};
+use lpush_fuzz::{ScriptWriter, admin_in, hub_in, hub_tag, runtime, scratch_dir, sdk_tag, session_tag};
 use mobile_sdk::core::{Config as SdkConfig, Session as SdkSession, StopReason};
 use push_proto::{
     device::{CancelReason, ClientFrame, ServerFrame, client_frame},
@@ -304,7 +304,8 @@ fn write_enrollment_and_plist() {
     let dir = scratch_dir();
     let rt = runtime();
     let _enter = rt.enter();
-    let (hub, _store) = hub_in(dir.path(), Limits::default());
+    let (hub, store) = hub_in(dir.path(), Limits::default());
+    let admin = admin_in(&rt, store);
     let auth = DeviceAuthority::load_or_create(dir.path()).unwrap();
     let names = vec!["push.ward.local".to_string()];
     let (pki, _) = pki::load_or_create(&dir.path().join("tls"), &names).unwrap();
@@ -330,7 +331,14 @@ fn write_enrollment_and_plist() {
         let Ok(form) = serde_json::from_str::<push_server::api::enrollment::EnrollForm>(body) else {
             continue;
         };
-        let Ok(enrollment) = rt.block_on(enroller.enroll(form.into(), Caller::Admin)) else {
+        let Ok(enrollment) = rt.block_on(enroller.enroll(
+            form.into(),
+            Caller {
+                key: &admin,
+                source: None,
+                via: "https",
+            },
+        )) else {
             continue;
         };
         let root = plist::Value::from_reader_xml(enrollment.plist.as_bytes()).unwrap();

@@ -9,12 +9,12 @@
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use lpush_fuzz::{hub_in, runtime, scratch_dir};
+use lpush_fuzz::{admin_in, hub_in, runtime, scratch_dir};
 use nepush_provider::config::ProviderConfiguration;
 use push_server::{
     api::{
         enrollment::{Caller, EnrollForm, Enroller, SiteProfile},
-        keys::{Holder, Keys, NewKey},
+        keys::Holder,
     },
     auth::DeviceAuthority,
     config::{Config, Limits},
@@ -39,20 +39,7 @@ fn world() -> &'static World {
             let _enter = rt.enter();
             hub_in(dir.path(), Limits::default())
         };
-        let keys = Keys::new(store, &Limits::default());
-        let admin = rt
-            .block_on(async {
-                let (key, _) = keys
-                    .create(NewKey {
-                        name: "fuzz-admin".into(),
-                        scopes: vec!["admin".into()],
-                        valid_days: 0,
-                        enroll_groups: Vec::new(),
-                    })
-                    .await?;
-                keys.authenticate(&key)
-            })
-            .expect("an admin key");
+        let admin = admin_in(&rt, store);
         let auth = DeviceAuthority::load_or_create(dir.path()).expect("device key");
         let names = vec!["push.ward.local".to_string()];
         let (pki, _) = pki::load_or_create(&dir.path().join("tls"), &names).expect("pki");

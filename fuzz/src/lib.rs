@@ -3,6 +3,7 @@
 use std::{path::Path, sync::Arc};
 
 use push_server::{
+    api::keys::{Holder, Keys, NewKey},
     config::Limits,
     hub::{Hub, SystemClock},
     store::{RedbStore, Store},
@@ -26,6 +27,22 @@ pub fn hub_in(dir: &Path, limits: Limits) -> (Hub, Arc<RedbStore>) {
     let snapshot = store.load().expect("store loads");
     let hub = Hub::new(store.clone(), limits, snapshot, None, Arc::new(SystemClock));
     (hub, store)
+}
+
+/// An authenticated admin key made in `store`, for targets that act as an admin.
+pub fn admin_in(rt: &tokio::runtime::Runtime, store: Arc<RedbStore>) -> Holder {
+    let keys = Keys::new(store, &Limits::default());
+    rt.block_on(async {
+        let new = NewKey {
+            name: "fuzz-admin".into(),
+            scopes: vec!["admin".into()],
+            valid_days: 0,
+            enroll_groups: Vec::new(),
+        };
+        let (key, _) = keys.create(new).await?;
+        keys.authenticate(&key)
+    })
+    .expect("an admin key")
 }
 
 /// A current-thread runtime, as the hub needs one for the tasks it spawns.

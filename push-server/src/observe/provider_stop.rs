@@ -35,7 +35,7 @@ pub(crate) fn parse(name: &str) -> &'static str {
     }
 }
 
-/// The name in a session's end reason, as [`crate::session::core::CloseReason`] writes it
+/// The name in a session's end reason, as `session::core::CloseReason` writes it
 /// (`device goodbye: GOODBYE_REASON_CLIENT_STOPPING (iOS: noNetworkAvailable)`); empty if none.
 pub(crate) fn in_reason(reason: &str) -> &'static str {
     reason
