@@ -24,6 +24,17 @@
 //! - [`client`]: a minimal device client for the CLI and tests (the real one is `mobile-sdk`).
 //! - [`doctor`]: the site pre-flight (`push-server doctor`): certificate, DNS, reachability,
 //!   SSIDs, clocks, the data directory, and the Wi-Fi pitfalls to check on the access points.
+//!
+//! The `push-server` binary (`src/bin/push-server/`) is a thin shell over this library.
+//!
+//! # Dependencies
+//! Layers, each depending only on those before it: the leaves `config`, `auth`, `pki` and
+//! `metrics`; `store` and `data_dir`; `observe` (the recorder, fed by the hub); `hub`;
+//! `session` (driven by the hub's decisions); `admission` and `listener`; `backup`; `api`;
+//! `server`, which wires them. `doctor`, `client` and `api_client` sit beside, for the CLI. No
+//! module depends on one that depends back on it, and nothing below `api` knows tonic, axum or
+//! an API key. Among the workspace's crates it depends on `push-proto` and `apns-bridge` only:
+//! never on the SDK, the provider or `testkit` (tests only).
 
 #![warn(missing_docs, unreachable_pub)]
 
