@@ -12,13 +12,13 @@
 //!   receipts, expiry, and call routing to the APNs VoIP fallback (`apns-bridge`). The seam a
 //!   cluster router will sit behind.
 //! - [`session`]: the sans-IO session state machine ([`session::core`]) and its tokio driver.
-//! - [`admission`]: rate and concurrency limits checked before work (handshakes per listener,
+//! - `admission`: rate and concurrency limits checked before work (handshakes per listener,
 //!   logins per device, requests per API key), with bounded memory.
-//! - [`listener`]: accept loops, TCP tuning, handshake deadlines, the session limit.
+//! - `listener`: accept loops, TCP tuning, handshake deadlines, the session limit.
 //! - [`api`]: the faces callers see: the gRPC services, the ops dashboard's HTTPS API (and
 //!   `/metrics`), enrollment, and the API keys both authenticate through.
-//! - [`observe`]: the recorder below the hub: session and delivery history, diagnoses.
-//! - [`metrics`]: every Prometheus metric; a leaf any layer may call.
+//! - `observe`: the recorder below the hub: session and delivery history, diagnoses.
+//! - `metrics`: every Prometheus metric; a leaf any layer may call.
 //! - [`server`]: wiring and graceful shutdown.
 //! - [`api_client`]: a gRPC client for the API (CLI, tests).
 //! - [`client`]: a minimal device client for the CLI and tests (the real one is `mobile-sdk`).

@@ -1,5 +1,5 @@
-//! The faces callers see, side by side: [`grpc`] (the sender and admin services, the only
-//! module that knows tonic), [`dashboard`] (the ops dashboard's HTTPS API, page and `/metrics`),
+//! The faces callers see, side by side: `grpc` (the sender and admin services, the only
+//! module that knows tonic), `dashboard` (the ops dashboard's HTTPS API, page and `/metrics`),
 //! [`enrollment`] (served by both), and [`keys`], the API keys and the one way a request's key
 //! becomes a caller (bearer value parsed, key checked through a short cache, scope checked).
 //!
