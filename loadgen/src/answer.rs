@@ -459,11 +459,11 @@ pub async fn answer(
     .await?;
     report("warm-up", &warm);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let cpu0 = server.proc.cpu_time();
+    let cpu0 = server.proc().cpu_time();
     let started = Instant::now();
     let done = round(&t, &fleet, "measured", calls, callees, in_flight).await?;
     let took = started.elapsed() - LATE_GRACE;
-    let cpu = server.proc.cpu_time() - cpu0;
+    let cpu = server.proc().cpu_time() - cpu0;
     report("measured", &done);
     let (mut watch, mut cancel, mut last_cancel, mut reply, mut ringing) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());

@@ -106,7 +106,7 @@ pub async fn idle(env: &Env, push_counts: &[usize], mqtt_counts: &[usize]) -> an
         let t = &server.target;
         let creds = t.register(total).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let base = server.proc.rss_kib()?;
+        let base = server.proc().rss_kib()?;
         println!("  server RSS with {total} devices registered and no session: {base} KiB");
         let ca_file = server.data_dir().join("tls/ca.pem");
         let creds_file = server.data_dir().join("loadgen-creds.txt");
@@ -116,7 +116,7 @@ pub async fn idle(env: &Env, push_counts: &[usize], mqtt_counts: &[usize]) -> an
         let mut have = 0;
         for &stage in push_counts {
             let drops0 = listen_drops();
-            let cpu0 = server.proc.cpu_time();
+            let cpu0 = server.proc().cpu_time();
             let started = Instant::now();
             while have < stage {
                 let (from, to) = (have, stage.min(have + env.per_process - have % env.per_process));
@@ -142,9 +142,9 @@ pub async fn idle(env: &Env, push_counts: &[usize], mqtt_counts: &[usize]) -> an
                 have = to;
             }
             let took = started.elapsed();
-            let cpu = server.proc.cpu_time() - cpu0;
+            let cpu = server.proc().cpu_time() - cpu0;
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let rss = server.proc.rss_kib()?;
+            let rss = server.proc().rss_kib()?;
             let per = (rss.saturating_sub(base)) as f64 / stage as f64;
             let added = stage - previous_stage(push_counts, stage);
             table.row(
@@ -443,7 +443,7 @@ pub async fn latency(
             tokio::time::sleep(Duration::from_secs(1)).await;
             let n = (rate * seconds).round() as usize;
             let server_pid = match (&_server, &_broker) {
-                (Some(s), _) => s.proc.pid(),
+                (Some(s), _) => s.proc().pid(),
                 (_, Some(b)) => b.proc.pid(),
                 _ => unreachable!("one of them runs"),
             };
@@ -623,9 +623,9 @@ pub async fn cluster_scale(env: &Env, nodes: usize, sessions: usize) -> anyhow::
     tokio::time::sleep(Duration::from_secs(1)).await;
     let base: Vec<u64> = servers
         .iter()
-        .map(|s| s.proc.rss_kib())
+        .map(|s| s.proc().rss_kib())
         .collect::<anyhow::Result<_>>()?;
-    let cpu0: Vec<Duration> = servers.iter().map(|s| s.proc.cpu_time()).collect();
+    let cpu0: Vec<Duration> = servers.iter().map(|s| s.proc().cpu_time()).collect();
     // Node k holds devices [k * per_node, (k + 1) * per_node).
     let per_node = sessions.div_ceil(nodes);
     let mut workers = Vec::new();
@@ -669,7 +669,7 @@ pub async fn cluster_scale(env: &Env, nodes: usize, sessions: usize) -> anyhow::
             );
             if held < sessions {
                 for server in &servers {
-                    println!("  {}", server.proc.log_tail());
+                    println!("  {}", server.proc().log_tail());
                 }
             }
             break holders;
@@ -684,9 +684,9 @@ pub async fn cluster_scale(env: &Env, nodes: usize, sessions: usize) -> anyhow::
             .iter()
             .filter(|h| h.as_deref() == Some(node.as_str()))
             .count();
-        let rss = server.proc.rss_kib()?;
+        let rss = server.proc().rss_kib()?;
         total_rss += rss;
-        let cpu = server.proc.cpu_time() - cpu0[k];
+        let cpu = server.proc().cpu_time() - cpu0[k];
         table.row(
             "push-server cluster",
             format!("{node}: {expected} idle sessions"),
@@ -910,16 +910,16 @@ pub async fn storm(env: &Env, devices: usize) -> anyhow::Result<Table> {
             .target
             .metric("lpush_tls_handshakes_total", "result=\"ok\"")
             .await?;
-        let cpu0 = cpu_by_thread(server.proc.pid());
+        let cpu0 = cpu_by_thread(server.proc().pid());
         let self0 = cpu_by_thread(std::process::id());
         let net0 = listen_drops();
         let profiler =
-            crate::procs::Profiler::start(server.proc.pid(), &format!("storm-resumption-{resumption}"));
+            crate::procs::Profiler::start(server.proc().pid(), &format!("storm-resumption-{resumption}"));
         let took = fleet.start_all_at_once(CONNECT_TIMEOUT).await?;
         drop(profiler);
         let drops = listen_drops().saturating_sub(net0);
-        let cpu_line = cpu_per_item(&cpu0, &cpu_by_thread(server.proc.pid()), devices);
-        let cpu = cpu_by_thread(server.proc.pid())
+        let cpu_line = cpu_per_item(&cpu0, &cpu_by_thread(server.proc().pid()), devices);
+        let cpu = cpu_by_thread(server.proc().pid())
             .iter()
             .map(|(_, t)| *t)
             .sum::<Duration>()
@@ -1015,7 +1015,7 @@ pub async fn outage(env: &Env, devices: usize, down: Duration, caps: &[Duration]
             .target
             .metric("lpush_handshakes_refused_total", "listener=\"device\"")
             .await?;
-        let cpu = server.proc.cpu_time();
+        let cpu = server.proc().cpu_time();
         // Logins by the end of each second after the server was ready: the shape of the return.
         let per_second: Vec<String> = (1..=back_at(1.0).as_secs() + 1)
             .map(|k| {
@@ -1062,13 +1062,13 @@ pub async fn fanout(env: &Env, devices: usize, repeats: usize) -> anyhow::Result
     for r in 0..=repeats {
         if r == 1 {
             (server0, self0) = (
-                cpu_by_thread(server.proc.pid()),
+                cpu_by_thread(server.proc().pid()),
                 cpu_by_thread(std::process::id()),
             );
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         let arrivals = fleet.rec.arm(1, true);
-        let profiler = crate::procs::Profiler::start(server.proc.pid(), &format!("fanout-{r}"));
+        let profiler = crate::procs::Profiler::start(server.proc().pid(), &format!("fanout-{r}"));
         let t0 = now_ns();
         api.send_message(SendMessageRequest {
             target: to_group(),
@@ -1113,7 +1113,7 @@ pub async fn fanout(env: &Env, devices: usize, repeats: usize) -> anyhow::Result
     }
     println!(
         "  CPU per recipient (rounds, pauses between them included): server {}; load generator {}",
-        cpu_per_item(&server0, &cpu_by_thread(server.proc.pid()), devices * repeats),
+        cpu_per_item(&server0, &cpu_by_thread(server.proc().pid()), devices * repeats),
         cpu_per_item(&self0, &cpu_by_thread(std::process::id()), devices * repeats)
     );
     lasts.sort_by(|a, b| a.0.total_cmp(&b.0));

@@ -293,7 +293,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let run = bench::smoke(&server.target, devices, messages, rate).await;
             // A graceful stop, so a server run under a profiler (`--server-bin` a wrapper that
             // execs `valgrind --tool=callgrind`) writes its counts.
-            server.proc.terminate(Duration::from_secs(120));
+            server.process.terminate_within(Duration::from_secs(120));
             println!("{}", run?.line(devices, messages));
             return Ok(());
         }
