@@ -3,6 +3,7 @@
 //! figure with the machine's load average, and kills what it started.
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -13,6 +14,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use push_proto::sender::{DeliveryState, PlaceCallRequest, SendMessageRequest, WatchCallRequest};
+use testkit::process::ChildProc;
 
 use crate::{
     mqtt::{Mosquitto, MqttFleet, MqttPublisher},
@@ -94,7 +96,7 @@ fn ratio(a: f64, b: f64) -> String {
 /// Server resident memory per idle session, and logins per second, at growing session counts.
 pub async fn idle(env: &Env, push_counts: &[usize], mqtt_counts: &[usize]) -> anyhow::Result<Table> {
     let mut table = Table::default();
-    let mut per_session = Vec::new();
+    let (mut push_per, mut mqtt_per) = (Vec::new(), Vec::new());
     if env.runs(System::Push) && !push_counts.is_empty() {
         println!("== push-server: idle authenticated TLS 1.3 sessions (heartbeat every 600 s)");
         let total = *push_counts.iter().max().expect("not empty");
@@ -108,58 +110,28 @@ pub async fn idle(env: &Env, push_counts: &[usize], mqtt_counts: &[usize]) -> an
         tokio::time::sleep(Duration::from_secs(1)).await;
         let base = server.proc().rss_kib()?;
         println!("  server RSS with {total} devices registered and no session: {base} KiB");
-        let ca_file = server.data_dir().join("tls/ca.pem");
         let creds_file = server.data_dir().join("loadgen-creds.txt");
         std::fs::write(&creds_file, creds.join("\n"))?;
         let mut fleet = Fleet::new(t.device_addr, &t.ca);
-        let mut workers = Vec::new();
-        let mut have = 0;
-        for &stage in push_counts {
-            let drops0 = listen_drops();
-            let cpu0 = server.proc().cpu_time();
-            let started = Instant::now();
-            while have < stage {
-                let (from, to) = (have, stage.min(have + env.per_process - have % env.per_process));
-                if from < env.per_process {
-                    let start = fleet.len();
-                    fleet.add((from..to).map(|i| (i, creds[i].clone())))?;
-                    fleet
-                        .start_paced(start..fleet.len(), WINDOW, CONNECT_TIMEOUT)
-                        .await?;
-                } else {
-                    if workers.len() < from / env.per_process {
-                        let log = server.data_dir().join(format!("worker-{}.log", workers.len()));
-                        workers.push(Worker::spawn(
-                            System::Push,
-                            t.device_addr,
-                            &ca_file,
-                            Some(&creds_file),
-                            &log,
-                        )?);
-                    }
-                    workers.last_mut().expect("spawned").connect(from, to)?;
-                }
-                have = to;
-            }
-            let took = started.elapsed();
-            let cpu = server.proc().cpu_time() - cpu0;
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let rss = server.proc().rss_kib()?;
-            let per = (rss.saturating_sub(base)) as f64 / stage as f64;
-            let added = stage - previous_stage(push_counts, stage);
-            table.row(
-                "push-server",
-                idle_label(stage, env.per_process),
-                format!(
-                    "RSS {:.1} MiB, {per:.2} KiB/session; {:.0} logins/s, server CPU {:.0} µs/login{}",
-                    rss as f64 / 1024.0,
-                    added as f64 / took.as_secs_f64(),
-                    cpu.as_secs_f64() * 1e6 / added as f64,
-                    syn_drops(drops0),
-                ),
-            );
-            per_session.push(("push", stage, per));
-        }
+        let run = IdleRun {
+            system: System::Push,
+            proc: server.proc(),
+            addr: t.device_addr,
+            dir: server.data_dir(),
+            ca_file: server.data_dir().join("tls/ca.pem"),
+            creds_file: Some(creds_file),
+            base,
+            words: ["push-server", "logins", "server", "login"],
+        };
+        push_per = run
+            .stages(env, push_counts, &mut table, async |from, to| {
+                let start = fleet.len();
+                fleet.add((from..to).map(|i| (i, creds[i].clone())))?;
+                fleet
+                    .start_paced(start..fleet.len(), WINDOW, CONNECT_TIMEOUT)
+                    .await
+            })
+            .await?;
     }
     if env.runs(System::Mqtt) && !mqtt_counts.is_empty() {
         println!(
@@ -172,47 +144,24 @@ pub async fn idle(env: &Env, push_counts: &[usize], mqtt_counts: &[usize]) -> an
         let ca_file = broker.data_dir().join("loadgen-ca.pem");
         std::fs::write(&ca_file, &broker.ca)?;
         let mut fleet = MqttFleet::new(broker.addr, &broker.ca, IDLE_KEEPALIVE)?;
-        let mut workers = Vec::new();
-        let mut have = 0;
-        for &stage in mqtt_counts {
-            let drops0 = listen_drops();
-            let cpu0 = broker.proc.cpu_time();
-            let started = Instant::now();
-            while have < stage {
-                let (from, to) = (have, stage.min(have + env.per_process - have % env.per_process));
-                if from < env.per_process {
-                    fleet.start_paced(from..to, WINDOW, CONNECT_TIMEOUT).await?;
-                } else {
-                    if workers.len() < from / env.per_process {
-                        let log = broker.data_dir().join(format!("worker-{}.log", workers.len()));
-                        workers.push(Worker::spawn(System::Mqtt, broker.addr, &ca_file, None, &log)?);
-                    }
-                    workers.last_mut().expect("spawned").connect(from, to)?;
-                }
-                have = to;
-            }
-            let took = started.elapsed();
-            let cpu = broker.proc.cpu_time() - cpu0;
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let rss = broker.proc.rss_kib()?;
-            let per = (rss.saturating_sub(base)) as f64 / stage as f64;
-            let added = stage - previous_stage(mqtt_counts, stage);
-            table.row(
-                "mosquitto",
-                idle_label(stage, env.per_process),
-                format!(
-                    "RSS {:.1} MiB, {per:.2} KiB/session; {:.0} connects+subscribes/s, broker CPU {:.0} µs/session{}",
-                    rss as f64 / 1024.0,
-                    added as f64 / took.as_secs_f64(),
-                    cpu.as_secs_f64() * 1e6 / added as f64,
-                    syn_drops(drops0),
-                ),
-            );
-            per_session.push(("mqtt", stage, per));
-        }
+        let run = IdleRun {
+            system: System::Mqtt,
+            proc: &broker.proc,
+            addr: broker.addr,
+            dir: broker.data_dir(),
+            ca_file,
+            creds_file: None,
+            base,
+            words: ["mosquitto", "connects+subscribes", "broker", "session"],
+        };
+        mqtt_per = run
+            .stages(env, mqtt_counts, &mut table, async |from, to| {
+                fleet.start_paced(from..to, WINDOW, CONNECT_TIMEOUT).await
+            })
+            .await?;
     }
-    for &(_, stage, push) in per_session.iter().filter(|p| p.0 == "push") {
-        if let Some(&(_, _, mqtt)) = per_session.iter().find(|p| p.0 == "mqtt" && p.1 == stage) {
+    for &(stage, push) in &push_per {
+        if let Some(&(_, mqtt)) = mqtt_per.iter().find(|p| p.0 == stage) {
             table.row(
                 "ratio",
                 format!("{stage} sessions, push-server / Mosquitto KiB per session"),
@@ -221,6 +170,78 @@ pub async fn idle(env: &Env, push_counts: &[usize], mqtt_counts: &[usize]) -> an
         }
     }
     Ok(table)
+}
+
+/// One system of [`idle`]: the process measured and where its sessions' worker processes
+/// connect.
+struct IdleRun<'a> {
+    system: System,
+    proc: &'a ChildProc,
+    addr: SocketAddr,
+    /// Where the workers' logs go.
+    dir: PathBuf,
+    ca_file: PathBuf,
+    creds_file: Option<PathBuf>,
+    /// RSS before any session, KiB.
+    base: u64,
+    /// The row's system and words: `{rate} {1}/s, {2} CPU {µs} µs/{3}`.
+    words: [&'static str; 4],
+}
+
+impl IdleRun<'_> {
+    /// Grow to each of `counts` sessions, the first `env.per_process` with `connect(from, to)`
+    /// in this process and the rest in workers, and add a row per stage; returns the KiB per
+    /// session at each stage.
+    async fn stages(
+        &self,
+        env: &Env,
+        counts: &[usize],
+        table: &mut Table,
+        mut connect: impl AsyncFnMut(usize, usize) -> anyhow::Result<Duration>,
+    ) -> anyhow::Result<Vec<(usize, f64)>> {
+        let [system, what, who, each] = self.words;
+        let mut workers = Vec::new();
+        let mut have = 0;
+        let mut per_session = Vec::new();
+        for &stage in counts {
+            let drops0 = listen_drops();
+            let cpu0 = self.proc.cpu_time();
+            let started = Instant::now();
+            while have < stage {
+                let (from, to) = (have, stage.min(have + env.per_process - have % env.per_process));
+                if from < env.per_process {
+                    connect(from, to).await?;
+                } else {
+                    if workers.len() < from / env.per_process {
+                        let log = self.dir.join(format!("worker-{}.log", workers.len()));
+                        let creds = self.creds_file.as_deref();
+                        workers.push(Worker::spawn(self.system, self.addr, &self.ca_file, creds, &log)?);
+                    }
+                    workers.last_mut().expect("spawned").connect(from, to)?;
+                }
+                have = to;
+            }
+            let took = started.elapsed();
+            let cpu = self.proc.cpu_time() - cpu0;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let rss = self.proc.rss_kib()?;
+            let per = (rss.saturating_sub(self.base)) as f64 / stage as f64;
+            let added = stage - previous_stage(counts, stage);
+            table.row(
+                system,
+                idle_label(stage, env.per_process),
+                format!(
+                    "RSS {:.1} MiB, {per:.2} KiB/session; {:.0} {what}/s, {who} CPU {:.0} µs/{each}{}",
+                    rss as f64 / 1024.0,
+                    added as f64 / took.as_secs_f64(),
+                    cpu.as_secs_f64() * 1e6 / added as f64,
+                    syn_drops(drops0),
+                ),
+            );
+            per_session.push((stage, per));
+        }
+        Ok(per_session)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
