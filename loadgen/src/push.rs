@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use futures::{StreamExt, stream};
 use mobile_sdk::{
     Client, ClientConfig, EventHandler, Registry, Trust,
@@ -408,28 +408,13 @@ impl Fleet {
 
     /// Wait until no device is online.
     pub async fn wait_all_offline(&self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        while self.rec.online() > 0 {
-            if Instant::now() > deadline {
-                bail!("{} devices still online after {timeout:?}", self.rec.online());
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        Ok(())
+        (self.rec.wait_online(timeout, |online| online == 0).await)
+            .map_err(|online| anyhow!("{online} devices still online after {timeout:?}"))
     }
 
     /// Wait until `n` devices are online.
     pub async fn wait_online(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        while self.rec.online() < n {
-            if Instant::now() > deadline {
-                bail!(
-                    "only {} of {n} devices online after {timeout:?}",
-                    self.rec.online()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        Ok(())
+        (self.rec.wait_online(timeout, |online| online >= n).await)
+            .map_err(|online| anyhow!("only {online} of {n} devices online after {timeout:?}"))
     }
 }
