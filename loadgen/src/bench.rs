@@ -257,6 +257,14 @@ pub enum Sender {
 }
 
 impl Sender {
+    /// Warm-up: `n` messages in a second (connections, caches, allocator), checked, not measured.
+    async fn warm_up(&self, rec: &Recorder, devices: usize, n: usize, what: &str) -> anyhow::Result<()> {
+        let RateRun { sent, received, .. } = run_rate(self, rec, devices, n as f64, n, 7).await?;
+        let lost = sent.saturating_sub(received);
+        anyhow::ensure!(lost == 0, "{what} lost {lost} of {sent} messages");
+        Ok(())
+    }
+
     async fn send(&self, k: usize, device: usize) -> anyhow::Result<()> {
         match self {
             Sender::Push(t, body) => {
@@ -451,15 +459,9 @@ pub async fn latency(
                 )
             }
         };
-        // Warm-up: connections, caches, allocator; not measured.
-        let warm = run_rate(&sender, &rec, devices, 1000.0, 1000, 7).await?;
-        if warm.received < warm.sent {
-            bail!(
-                "{name}: warm-up lost {} of {} messages",
-                warm.sent - warm.received,
-                warm.sent
-            );
-        }
+        sender
+            .warm_up(&rec, devices, 1000, &format!("{name}: warm-up"))
+            .await?;
         for &rate in rates {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let n = (rate * seconds).round() as usize;
@@ -578,14 +580,7 @@ pub async fn cluster(
         ("sender and phone on node B", &b),
     ] {
         let sender = Sender::Push(Box::new(node.target.clone()), body.clone());
-        let warm = run_rate(&sender, &rec, devices, 500.0, 500, 7).await?;
-        if warm.received < warm.sent {
-            bail!(
-                "cluster warm-up lost {} of {} messages",
-                warm.sent - warm.received,
-                warm.sent
-            );
-        }
+        sender.warm_up(&rec, devices, 500, "cluster warm-up").await?;
         for &rate in rates {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let n = (rate * seconds).round() as usize;
