@@ -20,9 +20,9 @@ use mobile_sdk::{
 };
 use push_proto::sender::{IssueDeviceCredentialRequest, Target, target};
 use push_server::api_client::ApiClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use testkit::{
+    harness::https,
     launcher::{Launch, ServerProcess},
     process::ChildProc,
 };
@@ -151,7 +151,19 @@ impl PushTarget {
 
     /// Sum of the samples of Prometheus metric `name` whose labels contain `label` ("" for any).
     pub async fn metric(&self, name: &str, label: &str) -> anyhow::Result<f64> {
-        let text = https_get(self.http_addr, &self.ca, "/metrics", &self.api_key).await?;
+        let bearer = format!("Bearer {}", self.api_key);
+        let (status, head, text) = https(
+            self.http_addr,
+            &self.ca,
+            "GET",
+            "/metrics",
+            &[("authorization", &bearer)],
+            "",
+        )
+        .await;
+        if status != 200 {
+            bail!("GET /metrics: {}", head.lines().next().unwrap_or("no response"));
+        }
         Ok(text
             .lines()
             .filter(|l| !l.starts_with('#'))
@@ -190,28 +202,6 @@ pub fn source_addr(i: usize) -> IpAddr {
         (block / 250) as u8,
         (block % 250 + 1) as u8,
     ))
-}
-
-/// Minimal HTTPS GET (HTTP/1.1, `Connection: close`) with a bearer key, trusting `ca`.
-async fn https_get(addr: SocketAddr, ca: &str, path: &str, bearer: &str) -> anyhow::Result<String> {
-    let config = crate::tls::client_config(ca, &[])?;
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let name = rustls::pki_types::ServerName::try_from(SERVER_NAME)?;
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await?;
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {SERVER_NAME}\r\nAuthorization: Bearer {bearer}\r\nConnection: close\r\n\r\n"
-    );
-    tls.write_all(req.as_bytes()).await?;
-    let mut body = Vec::new();
-    // A server that closes without close_notify still gave us the whole response.
-    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut body)).await;
-    let text = String::from_utf8_lossy(&body).into_owned();
-    if !text.starts_with("HTTP/1.1 200") {
-        bail!("GET {path}: {}", text.lines().next().unwrap_or("no response"));
-    }
-    Ok(text)
 }
 
 /// One simulated device's view: forwards what the app would see to the recorder.
