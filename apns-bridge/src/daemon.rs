@@ -5,7 +5,13 @@ use anyhow::Context;
 
 /// Log to stderr at `RUST_LOG`'s levels (default `info`), as JSON lines with `json`.
 pub fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    init_tracing_at("info", json)
+}
+
+/// [`init_tracing`] with `default` levels where `RUST_LOG` is unset (the workspace's other
+/// programs, `push-loadgen` and the provider host, log `warn` and up).
+pub fn init_tracing_at(default: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -62,15 +62,16 @@ fn shown_on(apps: &Apps, id: &str, ids: &[&str]) -> bool {
         .all(|p| shown.get(id).is_some_and(|m| m.get(*p) == Some(&1)))
 }
 
-/// Drop every phone's connection: each reconnects through a new handshake.
-async fn reconnect_all(balancer: &Balancer, apps: &Apps, expected: usize) {
+/// Drop every phone's connection: each reconnects through a new handshake; `back` names the
+/// wait for `expected` phones online again.
+async fn reconnect_all(balancer: &Balancer, apps: &Apps, expected: usize, back: &str) {
     balancer.cut();
     until("every phone offline", Duration::from_secs(20), || {
         apps.online.load(Ordering::Acquire) == 0
     })
     .await;
     balancer.heal();
-    until("phones back online", Duration::from_secs(60), || {
+    until(back, Duration::from_secs(60), || {
         apps.online.load(Ordering::Acquire) == expected
     })
     .await;
@@ -121,7 +122,7 @@ async fn phones_enrolled_before_a_rotation_keep_connecting_and_two_rotations_beh
         "a rotation ends no session"
     );
     assert_ne!(server.ca_pem(), early.ca_certificate);
-    reconnect_all(&balancer, &apps, 1).await;
+    reconnect_all(&balancer, &apps, 1, "phones back online").await;
     broadcast_on(&mut sender, "after-rotation-1").await;
     until("shown after rotation 1", Duration::from_secs(20), || {
         shown_on(&apps, "after-rotation-1", &["early"])
@@ -145,16 +146,7 @@ async fn phones_enrolled_before_a_rotation_keep_connecting_and_two_rotations_beh
     assert_eq!(r.generation, 2);
     assert_eq!(r.ca_pin, late.pins[1]);
     apps.last_disconnect.lock().clear();
-    balancer.cut();
-    until("every phone offline", Duration::from_secs(20), || {
-        apps.online.load(Ordering::Acquire) == 0
-    })
-    .await;
-    balancer.heal();
-    until("late back online", Duration::from_secs(60), || {
-        apps.online.load(Ordering::Acquire) == 1
-    })
-    .await;
+    reconnect_all(&balancer, &apps, 1, "late back online").await;
     until("early refused", Duration::from_secs(60), || {
         apps.last_disconnect
             .lock()

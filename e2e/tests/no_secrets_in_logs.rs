@@ -145,6 +145,9 @@ async fn no_secret_in_debug_log_metrics_or_errors() {
         .expect("a dashboard address in the ready line")
         .parse()
         .unwrap();
+    let dash = async |method: &str, path: &str, headers: &[(&str, &str)], body: &str| {
+        https(http, &ca, method, path, headers, body).await
+    };
     let connect_with = |key: String| {
         let (api_addr, ca) = (server.api_addr, ca.clone());
         async move {
@@ -214,9 +217,7 @@ async fn no_secret_in_debug_log_metrics_or_errors() {
     .into_inner();
     let enrolled_jwt = enrolled.provider_configuration.unwrap().credential;
     secrets.extend(jwt_secrets("credential enrolled over gRPC", &enrolled_jwt));
-    let (status, _, plist) = https(
-        http,
-        &ca,
+    let (status, _, plist) = dash(
         "POST",
         "/v1/enroll",
         &[
@@ -301,9 +302,7 @@ async fn no_secret_in_debug_log_metrics_or_errors() {
 
     // The dashboard: a reader and an admin log in (cookies), read, scrape, revoke, log out.
     let json = ("content-type", "application/json");
-    let (status, head, body) = https(
-        http,
-        &ca,
+    let (status, head, body) = dash(
         "POST",
         "/api/login",
         &[json],
@@ -312,9 +311,7 @@ async fn no_secret_in_debug_log_metrics_or_errors() {
     .await;
     assert_eq!(status, 200, "{body}");
     let read_cookie = cookie_of(&head);
-    let (status, head, body) = https(
-        http,
-        &ca,
+    let (status, head, body) = dash(
         "POST",
         "/api/login",
         &[json],
@@ -328,24 +325,14 @@ async fn no_secret_in_debug_log_metrics_or_errors() {
     let read_cookie_header = format!("lpush_session={read_cookie}");
     let admin_cookie_header = format!("lpush_session={admin_cookie}");
     for path in ["/api/me", "/api/overview", "/api/devices/phone-1"] {
-        let (status, _, body) = https(http, &ca, "GET", path, &[("cookie", &read_cookie_header)], "").await;
+        let (status, _, body) = dash("GET", path, &[("cookie", &read_cookie_header)], "").await;
         assert_eq!(status, 200, "{path}: {body}");
     }
-    let (status, _, body) = https(
-        http,
-        &ca,
-        "GET",
-        "/metrics",
-        &[("cookie", &read_cookie_header)],
-        "",
-    )
-    .await;
+    let (status, _, body) = dash("GET", "/metrics", &[("cookie", &read_cookie_header)], "").await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("lpush_"), "{body}");
     metrics_texts.push(body);
-    let (status, _, body) = https(
-        http,
-        &ca,
+    let (status, _, body) = dash(
         "GET",
         "/metrics",
         &[("authorization", &format!("Bearer {read_key}"))],
@@ -354,9 +341,7 @@ async fn no_secret_in_debug_log_metrics_or_errors() {
     .await;
     assert_eq!(status, 200, "{body}");
     metrics_texts.push(body);
-    let (status, _, body) = https(
-        http,
-        &ca,
+    let (status, _, body) = dash(
         "POST",
         "/api/devices/phone-http/revoke",
         &[("cookie", &admin_cookie_header), ("x-lpush-csrf", "1")],
@@ -482,32 +467,16 @@ async fn no_secret_in_debug_log_metrics_or_errors() {
         ),
     ];
     for (method, path, headers, body) in failing {
-        let (status, head, text) = https(http, &ca, method, path, &headers, body).await;
+        let (status, head, text) = dash(method, path, &headers, body).await;
         assert!(
             status >= 400,
             "{method} {path} succeeded with a wrong key: {text}"
         );
         errors.push(format!("{method} {path}: {head}\n{text}"));
     }
-    let (status, _, _) = https(
-        http,
-        &ca,
-        "POST",
-        "/api/logout",
-        &[("cookie", &read_cookie_header)],
-        "",
-    )
-    .await;
+    let (status, _, _) = dash("POST", "/api/logout", &[("cookie", &read_cookie_header)], "").await;
     assert_eq!(status, 204);
-    let (status, head, text) = https(
-        http,
-        &ca,
-        "GET",
-        "/api/me",
-        &[("cookie", &read_cookie_header)],
-        "",
-    )
-    .await;
+    let (status, head, text) = dash("GET", "/api/me", &[("cookie", &read_cookie_header)], "").await;
     assert_eq!(status, 401, "a cookie still works after logout: {text}");
     errors.push(format!("GET /api/me after logout: {head}\n{text}"));
 

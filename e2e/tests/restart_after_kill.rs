@@ -12,6 +12,20 @@ async fn next_push(client: &mut DeviceClient, what: &str) -> Push {
         .unwrap_or_else(|e| panic!("{what}: {e}"))
 }
 
+/// SIGKILL the server, start it again on its data and connect the device, which has seen up to
+/// `last_seen_seq`.
+async fn crash_and_connect(
+    server: &mut ServerProcess,
+    credential: &str,
+    last_seen_seq: u64,
+    crash: &str,
+) -> DeviceClient {
+    server.kill();
+    server.restart();
+    (server.connect(credential, last_seen_seq).await)
+        .unwrap_or_else(|e| panic!("connect after {crash}: {e:?}"))
+}
+
 fn body_of(push: &Push) -> &str {
     match &push.body {
         Some(push::Body::Message(m)) => &m.body,
@@ -32,12 +46,7 @@ async fn sigkill_loses_nothing_repeats_nothing_and_never_reuses_sequence_numbers
     }
 
     // Crash 1, then the device connects from scratch: exactly those five, in order.
-    server.kill();
-    server.restart();
-    let mut device = server
-        .connect(&credential, 0)
-        .await
-        .expect("connect after crash 1");
+    let mut device = crash_and_connect(&mut server, &credential, 0, "crash 1").await;
     assert_eq!(device.server_hello.device_id, DEVICE);
     assert_eq!(device.server_hello.replay_count, 5, "replay count after crash 1");
     let mut first = Vec::new();
@@ -74,12 +83,7 @@ async fn sigkill_loses_nothing_repeats_nothing_and_never_reuses_sequence_numbers
 
     // Crash 2: resuming after the second message yields exactly the remaining three, with the
     // sequence numbers they had before; the acknowledged sentinel is not replayed.
-    server.kill();
-    server.restart();
-    let mut device = server
-        .connect(&credential, first[1])
-        .await
-        .expect("connect after crash 2");
+    let mut device = crash_and_connect(&mut server, &credential, first[1], "crash 2").await;
     assert_eq!(device.server_hello.replay_count, 3, "replay count after crash 2");
     for (i, id) in ids.iter().enumerate().skip(2) {
         let p = next_push(&mut device, "replay after crash 2").await;
@@ -113,12 +117,7 @@ async fn sigkill_loses_nothing_repeats_nothing_and_never_reuses_sequence_numbers
 
     // Crash 3: what was delivered and acknowledged is not replayed, even to a device that
     // claims to have seen nothing, and numbering still moves forward.
-    server.kill();
-    server.restart();
-    let mut device = server
-        .connect(&credential, 0)
-        .await
-        .expect("connect after crash 3");
+    let mut device = crash_and_connect(&mut server, &credential, 0, "crash 3").await;
     assert_eq!(
         device.server_hello.replay_count, 0,
         "acknowledged messages queued again after a crash"

@@ -202,21 +202,21 @@ struct Done {
     rx: UnboundedReceiver<CallEvent>,
 }
 
-/// Feed `check` from the phones and the watch until `until` holds or `deadline`; false on the
-/// deadline.
+/// Feed `check` from the phones and the watch until `until` holds, for at most
+/// [`PHASE_TIMEOUT`]; false on the deadline.
 async fn pump<W, E>(
     check: &mut CallCheck,
     team: &[usize],
     rx: &mut UnboundedReceiver<CallEvent>,
     watch: &mut Option<W>,
     until: impl Fn(&CallCheck) -> bool,
-    deadline: Instant,
 ) -> bool
 where
     W: futures::Stream<Item = Result<DeliveryUpdate, E>> + Unpin,
     E: std::fmt::Display,
 {
     let ids: Vec<String> = team.iter().map(|&d| device_id(d)).collect();
+    let deadline = Instant::now() + PHASE_TIMEOUT;
     while !until(check) {
         tokio::select! {
             ev = rx.recv() => match ev {
@@ -295,17 +295,7 @@ async fn one_call(
             return done(check, None, rx);
         }
     };
-    let deadline = Instant::now() + PHASE_TIMEOUT;
-    if !pump(
-        &mut check,
-        &team,
-        &mut rx,
-        &mut watch,
-        CallCheck::ringing,
-        deadline,
-    )
-    .await
-    {
+    if !pump(&mut check, &team, &mut rx, &mut watch, CallCheck::ringing).await {
         let (inv, rang) = (
             check.invited.iter().filter(|&&b| b).count(),
             check.rang.iter().filter(|&&b| b).count(),
@@ -326,17 +316,7 @@ async fn one_call(
         check.fail(format!("the SDK refused the report: {e:#}"));
         return done(check, Some(ringing), rx);
     }
-    let deadline = Instant::now() + PHASE_TIMEOUT;
-    if !pump(
-        &mut check,
-        &team,
-        &mut rx,
-        &mut watch,
-        CallCheck::settled,
-        deadline,
-    )
-    .await
-    {
+    if !pump(&mut check, &team, &mut rx, &mut watch, CallCheck::settled).await {
         check.fail(format!("not settled {PHASE_TIMEOUT:?} after the answer"));
     }
     done(check, Some(ringing), rx)
@@ -459,11 +439,11 @@ pub async fn answer(
     .await?;
     report("warm-up", &warm);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let cpu0 = server.proc.cpu_time();
+    let cpu0 = server.proc().cpu_time();
     let started = Instant::now();
     let done = round(&t, &fleet, "measured", calls, callees, in_flight).await?;
     let took = started.elapsed() - LATE_GRACE;
-    let cpu = server.proc.cpu_time() - cpu0;
+    let cpu = server.proc().cpu_time() - cpu0;
     report("measured", &done);
     let (mut watch, mut cancel, mut last_cancel, mut reply, mut ringing) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());

@@ -3,6 +3,7 @@
 //! figure with the machine's load average, and kills what it started.
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -13,6 +14,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use push_proto::sender::{DeliveryState, PlaceCallRequest, SendMessageRequest, WatchCallRequest};
+use testkit::process::ChildProc;
 
 use crate::{
     mqtt::{Mosquitto, MqttFleet, MqttPublisher},
@@ -94,7 +96,7 @@ fn ratio(a: f64, b: f64) -> String {
 /// Server resident memory per idle session, and logins per second, at growing session counts.
 pub async fn idle(env: &Env, push_counts: &[usize], mqtt_counts: &[usize]) -> anyhow::Result<Table> {
     let mut table = Table::default();
-    let mut per_session = Vec::new();
+    let (mut push_per, mut mqtt_per) = (Vec::new(), Vec::new());
     if env.runs(System::Push) && !push_counts.is_empty() {
         println!("== push-server: idle authenticated TLS 1.3 sessions (heartbeat every 600 s)");
         let total = *push_counts.iter().max().expect("not empty");
@@ -106,60 +108,30 @@ pub async fn idle(env: &Env, push_counts: &[usize], mqtt_counts: &[usize]) -> an
         let t = &server.target;
         let creds = t.register(total).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let base = server.proc.rss_kib()?;
+        let base = server.proc().rss_kib()?;
         println!("  server RSS with {total} devices registered and no session: {base} KiB");
-        let ca_file = server.data_dir().join("tls/ca.pem");
         let creds_file = server.data_dir().join("loadgen-creds.txt");
         std::fs::write(&creds_file, creds.join("\n"))?;
         let mut fleet = Fleet::new(t.device_addr, &t.ca);
-        let mut workers = Vec::new();
-        let mut have = 0;
-        for &stage in push_counts {
-            let drops0 = listen_drops();
-            let cpu0 = server.proc.cpu_time();
-            let started = Instant::now();
-            while have < stage {
-                let (from, to) = (have, stage.min(have + env.per_process - have % env.per_process));
-                if from < env.per_process {
-                    let start = fleet.len();
-                    fleet.add((from..to).map(|i| (i, creds[i].clone())))?;
-                    fleet
-                        .start_paced(start..fleet.len(), WINDOW, CONNECT_TIMEOUT)
-                        .await?;
-                } else {
-                    if workers.len() < from / env.per_process {
-                        let log = server.data_dir().join(format!("worker-{}.log", workers.len()));
-                        workers.push(Worker::spawn(
-                            System::Push,
-                            t.device_addr,
-                            &ca_file,
-                            Some(&creds_file),
-                            &log,
-                        )?);
-                    }
-                    workers.last_mut().expect("spawned").connect(from, to)?;
-                }
-                have = to;
-            }
-            let took = started.elapsed();
-            let cpu = server.proc.cpu_time() - cpu0;
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let rss = server.proc.rss_kib()?;
-            let per = (rss.saturating_sub(base)) as f64 / stage as f64;
-            let added = stage - previous_stage(push_counts, stage);
-            table.row(
-                "push-server",
-                idle_label(stage, env.per_process),
-                format!(
-                    "RSS {:.1} MiB, {per:.2} KiB/session; {:.0} logins/s, server CPU {:.0} µs/login{}",
-                    rss as f64 / 1024.0,
-                    added as f64 / took.as_secs_f64(),
-                    cpu.as_secs_f64() * 1e6 / added as f64,
-                    syn_drops(drops0),
-                ),
-            );
-            per_session.push(("push", stage, per));
-        }
+        let run = IdleRun {
+            system: System::Push,
+            proc: server.proc(),
+            addr: t.device_addr,
+            dir: server.data_dir(),
+            ca_file: server.data_dir().join("tls/ca.pem"),
+            creds_file: Some(creds_file),
+            base,
+            words: ["push-server", "logins", "server", "login"],
+        };
+        push_per = run
+            .stages(env, push_counts, &mut table, async |from, to| {
+                let start = fleet.len();
+                fleet.add((from..to).map(|i| (i, creds[i].clone())))?;
+                fleet
+                    .start_paced(start..fleet.len(), WINDOW, CONNECT_TIMEOUT)
+                    .await
+            })
+            .await?;
     }
     if env.runs(System::Mqtt) && !mqtt_counts.is_empty() {
         println!(
@@ -172,47 +144,24 @@ pub async fn idle(env: &Env, push_counts: &[usize], mqtt_counts: &[usize]) -> an
         let ca_file = broker.data_dir().join("loadgen-ca.pem");
         std::fs::write(&ca_file, &broker.ca)?;
         let mut fleet = MqttFleet::new(broker.addr, &broker.ca, IDLE_KEEPALIVE)?;
-        let mut workers = Vec::new();
-        let mut have = 0;
-        for &stage in mqtt_counts {
-            let drops0 = listen_drops();
-            let cpu0 = broker.proc.cpu_time();
-            let started = Instant::now();
-            while have < stage {
-                let (from, to) = (have, stage.min(have + env.per_process - have % env.per_process));
-                if from < env.per_process {
-                    fleet.start_paced(from..to, WINDOW, CONNECT_TIMEOUT).await?;
-                } else {
-                    if workers.len() < from / env.per_process {
-                        let log = broker.data_dir().join(format!("worker-{}.log", workers.len()));
-                        workers.push(Worker::spawn(System::Mqtt, broker.addr, &ca_file, None, &log)?);
-                    }
-                    workers.last_mut().expect("spawned").connect(from, to)?;
-                }
-                have = to;
-            }
-            let took = started.elapsed();
-            let cpu = broker.proc.cpu_time() - cpu0;
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let rss = broker.proc.rss_kib()?;
-            let per = (rss.saturating_sub(base)) as f64 / stage as f64;
-            let added = stage - previous_stage(mqtt_counts, stage);
-            table.row(
-                "mosquitto",
-                idle_label(stage, env.per_process),
-                format!(
-                    "RSS {:.1} MiB, {per:.2} KiB/session; {:.0} connects+subscribes/s, broker CPU {:.0} µs/session{}",
-                    rss as f64 / 1024.0,
-                    added as f64 / took.as_secs_f64(),
-                    cpu.as_secs_f64() * 1e6 / added as f64,
-                    syn_drops(drops0),
-                ),
-            );
-            per_session.push(("mqtt", stage, per));
-        }
+        let run = IdleRun {
+            system: System::Mqtt,
+            proc: &broker.proc,
+            addr: broker.addr,
+            dir: broker.data_dir(),
+            ca_file,
+            creds_file: None,
+            base,
+            words: ["mosquitto", "connects+subscribes", "broker", "session"],
+        };
+        mqtt_per = run
+            .stages(env, mqtt_counts, &mut table, async |from, to| {
+                fleet.start_paced(from..to, WINDOW, CONNECT_TIMEOUT).await
+            })
+            .await?;
     }
-    for &(_, stage, push) in per_session.iter().filter(|p| p.0 == "push") {
-        if let Some(&(_, _, mqtt)) = per_session.iter().find(|p| p.0 == "mqtt" && p.1 == stage) {
+    for &(stage, push) in &push_per {
+        if let Some(&(_, mqtt)) = mqtt_per.iter().find(|p| p.0 == stage) {
             table.row(
                 "ratio",
                 format!("{stage} sessions, push-server / Mosquitto KiB per session"),
@@ -221,6 +170,78 @@ pub async fn idle(env: &Env, push_counts: &[usize], mqtt_counts: &[usize]) -> an
         }
     }
     Ok(table)
+}
+
+/// One system of [`idle`]: the process measured and where its sessions' worker processes
+/// connect.
+struct IdleRun<'a> {
+    system: System,
+    proc: &'a ChildProc,
+    addr: SocketAddr,
+    /// Where the workers' logs go.
+    dir: PathBuf,
+    ca_file: PathBuf,
+    creds_file: Option<PathBuf>,
+    /// RSS before any session, KiB.
+    base: u64,
+    /// The row's system and words: `{rate} {1}/s, {2} CPU {µs} µs/{3}`.
+    words: [&'static str; 4],
+}
+
+impl IdleRun<'_> {
+    /// Grow to each of `counts` sessions, the first `env.per_process` with `connect(from, to)`
+    /// in this process and the rest in workers, and add a row per stage; returns the KiB per
+    /// session at each stage.
+    async fn stages(
+        &self,
+        env: &Env,
+        counts: &[usize],
+        table: &mut Table,
+        mut connect: impl AsyncFnMut(usize, usize) -> anyhow::Result<Duration>,
+    ) -> anyhow::Result<Vec<(usize, f64)>> {
+        let [system, what, who, each] = self.words;
+        let mut workers = Vec::new();
+        let mut have = 0;
+        let mut per_session = Vec::new();
+        for &stage in counts {
+            let drops0 = listen_drops();
+            let cpu0 = self.proc.cpu_time();
+            let started = Instant::now();
+            while have < stage {
+                let (from, to) = (have, stage.min(have + env.per_process - have % env.per_process));
+                if from < env.per_process {
+                    connect(from, to).await?;
+                } else {
+                    if workers.len() < from / env.per_process {
+                        let log = self.dir.join(format!("worker-{}.log", workers.len()));
+                        let creds = self.creds_file.as_deref();
+                        workers.push(Worker::spawn(self.system, self.addr, &self.ca_file, creds, &log)?);
+                    }
+                    workers.last_mut().expect("spawned").connect(from, to)?;
+                }
+                have = to;
+            }
+            let took = started.elapsed();
+            let cpu = self.proc.cpu_time() - cpu0;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let rss = self.proc.rss_kib()?;
+            let per = (rss.saturating_sub(self.base)) as f64 / stage as f64;
+            let added = stage - previous_stage(counts, stage);
+            table.row(
+                system,
+                idle_label(stage, env.per_process),
+                format!(
+                    "RSS {:.1} MiB, {per:.2} KiB/session; {:.0} {what}/s, {who} CPU {:.0} µs/{each}{}",
+                    rss as f64 / 1024.0,
+                    added as f64 / took.as_secs_f64(),
+                    cpu.as_secs_f64() * 1e6 / added as f64,
+                    syn_drops(drops0),
+                ),
+            );
+            per_session.push((stage, per));
+        }
+        Ok(per_session)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -236,6 +257,14 @@ pub enum Sender {
 }
 
 impl Sender {
+    /// Warm-up: `n` messages in a second (connections, caches, allocator), checked, not measured.
+    async fn warm_up(&self, rec: &Recorder, devices: usize, n: usize, what: &str) -> anyhow::Result<()> {
+        let RateRun { sent, received, .. } = run_rate(self, rec, devices, n as f64, n, 7).await?;
+        let lost = sent.saturating_sub(received);
+        anyhow::ensure!(lost == 0, "{what} lost {lost} of {sent} messages");
+        Ok(())
+    }
+
     async fn send(&self, k: usize, device: usize) -> anyhow::Result<()> {
         match self {
             Sender::Push(t, body) => {
@@ -430,20 +459,14 @@ pub async fn latency(
                 )
             }
         };
-        // Warm-up: connections, caches, allocator; not measured.
-        let warm = run_rate(&sender, &rec, devices, 1000.0, 1000, 7).await?;
-        if warm.received < warm.sent {
-            bail!(
-                "{name}: warm-up lost {} of {} messages",
-                warm.sent - warm.received,
-                warm.sent
-            );
-        }
+        sender
+            .warm_up(&rec, devices, 1000, &format!("{name}: warm-up"))
+            .await?;
         for &rate in rates {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let n = (rate * seconds).round() as usize;
             let server_pid = match (&_server, &_broker) {
-                (Some(s), _) => s.proc.pid(),
+                (Some(s), _) => s.proc().pid(),
                 (_, Some(b)) => b.proc.pid(),
                 _ => unreachable!("one of them runs"),
             };
@@ -557,14 +580,7 @@ pub async fn cluster(
         ("sender and phone on node B", &b),
     ] {
         let sender = Sender::Push(Box::new(node.target.clone()), body.clone());
-        let warm = run_rate(&sender, &rec, devices, 500.0, 500, 7).await?;
-        if warm.received < warm.sent {
-            bail!(
-                "cluster warm-up lost {} of {} messages",
-                warm.sent - warm.received,
-                warm.sent
-            );
-        }
+        sender.warm_up(&rec, devices, 500, "cluster warm-up").await?;
         for &rate in rates {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let n = (rate * seconds).round() as usize;
@@ -623,9 +639,9 @@ pub async fn cluster_scale(env: &Env, nodes: usize, sessions: usize) -> anyhow::
     tokio::time::sleep(Duration::from_secs(1)).await;
     let base: Vec<u64> = servers
         .iter()
-        .map(|s| s.proc.rss_kib())
+        .map(|s| s.proc().rss_kib())
         .collect::<anyhow::Result<_>>()?;
-    let cpu0: Vec<Duration> = servers.iter().map(|s| s.proc.cpu_time()).collect();
+    let cpu0: Vec<Duration> = servers.iter().map(|s| s.proc().cpu_time()).collect();
     // Node k holds devices [k * per_node, (k + 1) * per_node).
     let per_node = sessions.div_ceil(nodes);
     let mut workers = Vec::new();
@@ -669,7 +685,7 @@ pub async fn cluster_scale(env: &Env, nodes: usize, sessions: usize) -> anyhow::
             );
             if held < sessions {
                 for server in &servers {
-                    println!("  {}", server.proc.log_tail());
+                    println!("  {}", server.proc().log_tail());
                 }
             }
             break holders;
@@ -684,9 +700,9 @@ pub async fn cluster_scale(env: &Env, nodes: usize, sessions: usize) -> anyhow::
             .iter()
             .filter(|h| h.as_deref() == Some(node.as_str()))
             .count();
-        let rss = server.proc.rss_kib()?;
+        let rss = server.proc().rss_kib()?;
         total_rss += rss;
-        let cpu = server.proc.cpu_time() - cpu0[k];
+        let cpu = server.proc().cpu_time() - cpu0[k];
         table.row(
             "push-server cluster",
             format!("{node}: {expected} idle sessions"),
@@ -910,16 +926,16 @@ pub async fn storm(env: &Env, devices: usize) -> anyhow::Result<Table> {
             .target
             .metric("lpush_tls_handshakes_total", "result=\"ok\"")
             .await?;
-        let cpu0 = cpu_by_thread(server.proc.pid());
+        let cpu0 = cpu_by_thread(server.proc().pid());
         let self0 = cpu_by_thread(std::process::id());
         let net0 = listen_drops();
         let profiler =
-            crate::procs::Profiler::start(server.proc.pid(), &format!("storm-resumption-{resumption}"));
+            crate::procs::Profiler::start(server.proc().pid(), &format!("storm-resumption-{resumption}"));
         let took = fleet.start_all_at_once(CONNECT_TIMEOUT).await?;
         drop(profiler);
         let drops = listen_drops().saturating_sub(net0);
-        let cpu_line = cpu_per_item(&cpu0, &cpu_by_thread(server.proc.pid()), devices);
-        let cpu = cpu_by_thread(server.proc.pid())
+        let cpu_line = cpu_per_item(&cpu0, &cpu_by_thread(server.proc().pid()), devices);
+        let cpu = cpu_by_thread(server.proc().pid())
             .iter()
             .map(|(_, t)| *t)
             .sum::<Duration>()
@@ -1015,7 +1031,7 @@ pub async fn outage(env: &Env, devices: usize, down: Duration, caps: &[Duration]
             .target
             .metric("lpush_handshakes_refused_total", "listener=\"device\"")
             .await?;
-        let cpu = server.proc.cpu_time();
+        let cpu = server.proc().cpu_time();
         // Logins by the end of each second after the server was ready: the shape of the return.
         let per_second: Vec<String> = (1..=back_at(1.0).as_secs() + 1)
             .map(|k| {
@@ -1062,13 +1078,13 @@ pub async fn fanout(env: &Env, devices: usize, repeats: usize) -> anyhow::Result
     for r in 0..=repeats {
         if r == 1 {
             (server0, self0) = (
-                cpu_by_thread(server.proc.pid()),
+                cpu_by_thread(server.proc().pid()),
                 cpu_by_thread(std::process::id()),
             );
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         let arrivals = fleet.rec.arm(1, true);
-        let profiler = crate::procs::Profiler::start(server.proc.pid(), &format!("fanout-{r}"));
+        let profiler = crate::procs::Profiler::start(server.proc().pid(), &format!("fanout-{r}"));
         let t0 = now_ns();
         api.send_message(SendMessageRequest {
             target: to_group(),
@@ -1113,7 +1129,7 @@ pub async fn fanout(env: &Env, devices: usize, repeats: usize) -> anyhow::Result
     }
     println!(
         "  CPU per recipient (rounds, pauses between them included): server {}; load generator {}",
-        cpu_per_item(&server0, &cpu_by_thread(server.proc.pid()), devices * repeats),
+        cpu_per_item(&server0, &cpu_by_thread(server.proc().pid()), devices * repeats),
         cpu_per_item(&self0, &cpu_by_thread(std::process::id()), devices * repeats)
     );
     lasts.sort_by(|a, b| a.0.total_cmp(&b.0));

@@ -168,17 +168,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal (and without NO_COLOR): journald and log files get plain text.
-        .with_ansi(
-            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
-        )
-        .init();
+    apns_bridge::daemon::init_tracing_at("warn", false);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -293,7 +283,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let run = bench::smoke(&server.target, devices, messages, rate).await;
             // A graceful stop, so a server run under a profiler (`--server-bin` a wrapper that
             // execs `valgrind --tool=callgrind`) writes its counts.
-            server.proc.terminate(Duration::from_secs(120));
+            server.process.terminate_within(Duration::from_secs(120));
             println!("{}", run?.line(devices, messages));
             return Ok(());
         }

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS, TlsConfiguration, Transport};
 use tokio::task::JoinHandle;
 
@@ -240,15 +240,9 @@ impl MqttFleet {
             let device = self.spawn(i);
             self.devices.push(device);
         }
-        while self.rec.online() < target {
-            if Instant::now() > deadline {
-                bail!(
-                    "{} of {target} MQTT sessions after {timeout:?}",
-                    self.rec.online()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        (self.rec.wait_online(left, |online| online >= target).await)
+            .map_err(|online| anyhow!("{online} of {target} MQTT sessions after {timeout:?}"))?;
         Ok(started.elapsed())
     }
 }

@@ -5,7 +5,6 @@
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -13,17 +12,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use futures::{StreamExt, stream};
 use mobile_sdk::{
     Client, ClientConfig, EventHandler, Registry, Trust,
     core::{BackoffConfig, Event, State, StopReason},
 };
 use push_proto::sender::{IssueDeviceCredentialRequest, Target, target};
-use push_server::{api_client::ApiClient, server::Ready};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use push_server::api_client::ApiClient;
 
-use testkit::{launcher::spawn_ready, process::ChildProc};
+use testkit::{
+    harness::https,
+    launcher::{Launch, ServerProcess},
+    process::ChildProc,
+};
 
 use crate::recorder::{CallSeen, Recorder, parse_tag};
 
@@ -45,44 +47,9 @@ pub struct PushTarget {
 
 /// The `push-server` binary, running in a temporary data directory; killed on drop.
 pub struct PushServer {
-    pub proc: ChildProc,
+    pub process: ServerProcess,
     pub target: PushTarget,
-    launch: Launch,
     _dir: tempfile::TempDir,
-}
-
-/// How the server process is started: binary, extra arguments, data directory.
-struct Launch {
-    bin: PathBuf,
-    extra: Vec<String>,
-    dir: PathBuf,
-}
-
-impl Launch {
-    /// Start `serve` listening on `[devices, api, dashboard]`; returns the process, the
-    /// addresses in its ready line and when it was read, once it printed it.
-    fn spawn(&self, listen: [&String; 3]) -> anyhow::Result<(ChildProc, Ready, Instant)> {
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("serve")
-            .args([
-                "--device-listen",
-                listen[0],
-                "--api-listen",
-                listen[1],
-                "--http-listen",
-                listen[2],
-            ])
-            .args(&self.extra)
-            .arg("--config")
-            .arg(self.dir.join("loadgen.toml"))
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null());
-        let (proc, _, ready) = spawn_ready(cmd, &self.dir.join("server.log"), Duration::from_secs(30))
-            .map_err(anyhow::Error::msg)?;
-        Ok((proc, ready, Instant::now()))
-    }
 }
 
 impl PushServer {
@@ -102,53 +69,57 @@ impl PushServer {
         // One API key sends every message of a run, and one machine's phones log in at once:
         // the per-key request rate and the per-device login rate, which guard a site against a
         // runaway client, are lifted so they do not cap what is measured.
+        let config = dir.path().join("loadgen.toml");
         std::fs::write(
-            dir.path().join("loadgen.toml"),
+            &config,
             "[limits]\napi_requests_per_sec_per_key = 1000000\napi_request_burst_per_key = 1000000\n",
         )?;
-        let any = "127.0.0.1:0".to_string();
         let launch = Launch {
-            bin: bin.to_path_buf(),
-            extra: extra.to_vec(),
-            dir: dir.path().to_path_buf(),
+            bin: Some(bin.to_path_buf()),
+            args: [extra, &["--config".into(), config.display().to_string()]].concat(),
+            env: vec![("RUST_LOG".into(), "warn".into())],
+            test_heartbeats: false,
+            ready_timeout: Duration::from_secs(30),
         };
-        let (proc, ready, _) = launch.spawn([&any, &any, &any])?;
-        let (device_addr, api_addr) = (ready.devices, ready.api);
-        let http_addr = ready.dashboard;
+        let proc = ServerProcess::launch(dir.path(), launch).map_err(anyhow::Error::msg)?;
         let ca = std::fs::read_to_string(dir.path().join("tls/ca.pem"))?;
         let api_key = std::fs::read_to_string(dir.path().join("admin.key"))?
             .trim()
             .to_string();
-        let api = ApiClient::connect(api_addr, SERVER_NAME, &ca, &api_key).await?;
+        let api = ApiClient::connect(proc.api_addr, SERVER_NAME, &ca, &api_key).await?;
+        let target = PushTarget {
+            device_addr: proc.device_addr,
+            api_addr: proc.api_addr,
+            http_addr: proc.http_addr,
+            api,
+            ca,
+            api_key,
+        };
         Ok(Self {
-            proc,
-            target: PushTarget {
-                device_addr,
-                api_addr,
-                http_addr,
-                api,
-                ca,
-                api_key,
-            },
-            launch,
+            process: proc,
+            target,
             _dir: dir,
         })
     }
 
     /// Kill the server at once (`SIGKILL`: a crash or a pulled plug; no goodbye to anyone).
     pub fn kill(&mut self) {
-        self.proc.kill();
+        self.process.kill();
     }
 
     /// Start the server again in its data directory on the same addresses (after [`Self::kill`]);
     /// returns when it reported ready, once its API answers.
     pub async fn restart(&mut self) -> anyhow::Result<Instant> {
+        self.process.restart_in_place().map_err(anyhow::Error::msg)?;
+        let ready = Instant::now();
         let t = &self.target;
-        let [device, api, http] = [t.device_addr, t.api_addr, t.http_addr].map(|a| a.to_string());
-        let (proc, _, ready) = self.launch.spawn([&device, &api, &http])?;
-        self.proc = proc;
         self.target.api = ApiClient::connect(t.api_addr, SERVER_NAME, &t.ca, &t.api_key).await?;
         Ok(ready)
+    }
+
+    /// The server process (its pid, CPU time, memory, log tail).
+    pub fn proc(&self) -> &ChildProc {
+        self.process.proc()
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -180,7 +151,19 @@ impl PushTarget {
 
     /// Sum of the samples of Prometheus metric `name` whose labels contain `label` ("" for any).
     pub async fn metric(&self, name: &str, label: &str) -> anyhow::Result<f64> {
-        let text = https_get(self.http_addr, &self.ca, "/metrics", &self.api_key).await?;
+        let bearer = format!("Bearer {}", self.api_key);
+        let (status, head, text) = https(
+            self.http_addr,
+            &self.ca,
+            "GET",
+            "/metrics",
+            &[("authorization", &bearer)],
+            "",
+        )
+        .await;
+        if status != 200 {
+            bail!("GET /metrics: {}", head.lines().next().unwrap_or("no response"));
+        }
         Ok(text
             .lines()
             .filter(|l| !l.starts_with('#'))
@@ -219,28 +202,6 @@ pub fn source_addr(i: usize) -> IpAddr {
         (block / 250) as u8,
         (block % 250 + 1) as u8,
     ))
-}
-
-/// Minimal HTTPS GET (HTTP/1.1, `Connection: close`) with a bearer key, trusting `ca`.
-async fn https_get(addr: SocketAddr, ca: &str, path: &str, bearer: &str) -> anyhow::Result<String> {
-    let config = crate::tls::client_config(ca, &[])?;
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let name = rustls::pki_types::ServerName::try_from(SERVER_NAME)?;
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await?;
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {SERVER_NAME}\r\nAuthorization: Bearer {bearer}\r\nConnection: close\r\n\r\n"
-    );
-    tls.write_all(req.as_bytes()).await?;
-    let mut body = Vec::new();
-    // A server that closes without close_notify still gave us the whole response.
-    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut body)).await;
-    let text = String::from_utf8_lossy(&body).into_owned();
-    if !text.starts_with("HTTP/1.1 200") {
-        bail!("GET {path}: {}", text.lines().next().unwrap_or("no response"));
-    }
-    Ok(text)
 }
 
 /// One simulated device's view: forwards what the app would see to the recorder.
@@ -437,28 +398,13 @@ impl Fleet {
 
     /// Wait until no device is online.
     pub async fn wait_all_offline(&self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        while self.rec.online() > 0 {
-            if Instant::now() > deadline {
-                bail!("{} devices still online after {timeout:?}", self.rec.online());
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        Ok(())
+        (self.rec.wait_online(timeout, |online| online == 0).await)
+            .map_err(|online| anyhow!("{online} devices still online after {timeout:?}"))
     }
 
     /// Wait until `n` devices are online.
     pub async fn wait_online(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        while self.rec.online() < n {
-            if Instant::now() > deadline {
-                bail!(
-                    "only {} of {n} devices online after {timeout:?}",
-                    self.rec.online()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        Ok(())
+        (self.rec.wait_online(timeout, |online| online >= n).await)
+            .map_err(|online| anyhow!("only {online} of {n} devices online after {timeout:?}"))
     }
 }

@@ -7,6 +7,7 @@ use std::{
         Arc, Mutex, RwLock,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use push_proto::device::{CallOutcome, CallOutcomeResult, CancelReason};
@@ -153,6 +154,19 @@ impl Recorder {
 
     pub fn online(&self) -> usize {
         self.online.load(Ordering::Acquire)
+    }
+
+    /// Wait until `done(online)` holds, checking every millisecond for at most `timeout`;
+    /// `Err` carries how many were online then.
+    pub async fn wait_online(&self, timeout: Duration, done: impl Fn(usize) -> bool) -> Result<(), usize> {
+        let deadline = Instant::now() + timeout;
+        while !done(self.online()) {
+            if Instant::now() > deadline {
+                return Err(self.online());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
     }
 
     pub fn logins(&self) -> usize {

@@ -125,7 +125,12 @@ fn newest_mtime(path: &Path) -> Option<(SystemTime, PathBuf)> {
 /// A `push-server` command with a clean environment: no `PUSH_*` variables leak in from the
 /// caller, logs at info level without colours. Stdin is closed.
 pub fn server_command() -> Command {
-    let mut cmd = Command::new(server_binary());
+    command_for(&server_binary())
+}
+
+/// [`server_command`] for the binary at `bin`.
+fn command_for(bin: &Path) -> Command {
+    let mut cmd = Command::new(bin);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("PUSH_") {
             cmd.env_remove(key);
@@ -240,18 +245,47 @@ impl BridgeProcess {
     }
 }
 
+/// How a [`ServerProcess`] is launched; [`Launch::default`] is what tests use.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    /// The binary; [`server_binary`] when `None`.
+    pub bin: Option<PathBuf>,
+    /// Arguments after `serve --data-dir DIR` (and the loopback listen defaults).
+    pub args: Vec<String>,
+    /// Environment set on top of [`server_command`]'s (for example `("RUST_LOG", "debug")`).
+    pub env: Vec<(String, String)>,
+    /// Add the test heartbeat defaults (see [`DEFAULT_HEARTBEAT_INTERVAL_MS`]) unless `args`
+    /// set them; a benchmark measures the server's own.
+    pub test_heartbeats: bool,
+    /// How long the server may take to print its ready line.
+    pub ready_timeout: Duration,
+}
+
+impl Default for Launch {
+    fn default() -> Self {
+        Self {
+            bin: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            test_heartbeats: true,
+            ready_timeout: READY_TIMEOUT,
+        }
+    }
+}
+
 /// A `push-server serve` process on loopback with ephemeral ports.
 pub struct ServerProcess {
     child: Option<ChildProc>,
     data_dir: PathBuf,
-    extra_args: Vec<String>,
-    env: Vec<(String, String)>,
+    launch: Launch,
     log_path: PathBuf,
     stdout: LineReader,
-    /// Where devices connect (changes on every start).
+    /// Where devices connect (changes on every start, unless [`Self::restart_in_place`]).
     pub device_addr: SocketAddr,
-    /// Where the gRPC API listens (changes on every start).
+    /// Where the gRPC API listens (changes on every start, unless [`Self::restart_in_place`]).
     pub api_addr: SocketAddr,
+    /// Where the dashboard and `/metrics` listen (HTTPS).
+    pub http_addr: SocketAddr,
     /// The store epoch of the last `ServerHello`, sent with the floor as an SDK does.
     epoch: std::sync::atomic::AtomicU64,
 }
@@ -268,33 +302,73 @@ impl ServerProcess {
     /// Like [`Self::start`], with environment variables set for the server on top of
     /// [`server_command`]'s (for example `("RUST_LOG", "debug")`); kept across restarts.
     pub fn start_with_env(data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
-        let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let (child, log_path, stdout, device_addr, api_addr) = spawn_server(data_dir, &extra_args, &env);
-        Self {
+        let launch = Launch {
+            args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Launch::default()
+        };
+        Self::launch(data_dir, launch).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Start the server as `launch` says on `data_dir` (created if missing); `Err` carries why
+    /// it did not become ready, with its output.
+    pub fn launch(data_dir: &Path, launch: Launch) -> Result<Self, String> {
+        let (child, log_path, stdout, ready) = spawn_server(data_dir, &launch, &[])?;
+        Ok(Self {
             child: Some(child),
             data_dir: data_dir.to_path_buf(),
-            extra_args,
-            env,
+            launch,
             log_path,
             stdout,
-            device_addr,
-            api_addr,
+            device_addr: ready.devices,
+            api_addr: ready.api,
+            http_addr: ready.dashboard,
             epoch: Default::default(),
-        }
+        })
     }
 
     /// Start a new process on the same data directory with the same arguments (killing the
     /// current one first if it still runs). The addresses are updated.
     pub fn restart(&mut self) {
+        self.respawn(&[]).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Like [`Self::restart`], listening on the same addresses as before (clients reconnect
+    /// to where they were).
+    pub fn restart_in_place(&mut self) -> Result<(), String> {
+        let listen = [self.device_addr, self.api_addr, self.http_addr].map(|a| a.to_string());
+        self.respawn(&[
+            "--device-listen",
+            &listen[0],
+            "--api-listen",
+            &listen[1],
+            "--http-listen",
+            &listen[2],
+        ])
+    }
+
+    fn respawn(&mut self, listen: &[&str]) -> Result<(), String> {
         self.kill();
-        let (child, log_path, stdout, device_addr, api_addr) =
-            spawn_server(&self.data_dir, &self.extra_args, &self.env);
+        let (child, log_path, stdout, ready) = spawn_server(&self.data_dir, &self.launch, listen)?;
         self.child = Some(child);
         self.log_path = log_path;
         self.stdout = stdout;
-        self.device_addr = device_addr;
-        self.api_addr = api_addr;
+        self.device_addr = ready.devices;
+        self.api_addr = ready.api;
+        self.http_addr = ready.dashboard;
+        Ok(())
+    }
+
+    /// The running process (its pid, CPU time, memory, log tail).
+    pub fn proc(&self) -> &ChildProc {
+        self.child.as_ref().expect("server not running")
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; see [`ChildProc::terminate`].
+    pub fn terminate_within(&mut self, grace: Duration) {
+        if let Some(child) = self.child.as_mut() {
+            child.terminate(grace);
+        }
     }
 
     /// The data directory.
@@ -304,7 +378,7 @@ impl ServerProcess {
 
     /// Process id of the running server.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("server not running").pid()
+        self.proc().pid()
     }
 
     /// SIGKILL: no goodbye, no flush. Returns once the process is gone.
@@ -536,25 +610,30 @@ impl Drop for ServerProcess {
 
 fn spawn_server(
     data_dir: &Path,
-    extra_args: &[String],
-    env: &[(String, String)],
-) -> (ChildProc, PathBuf, LineReader, SocketAddr, SocketAddr) {
+    launch: &Launch,
+    listen: &[&str],
+) -> Result<(ChildProc, PathBuf, LineReader, Ready), String> {
     use std::os::unix::fs::DirBuilderExt;
     // Owner-only, as the server makes it (else it warns that the directory is open).
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(data_dir)
-        .expect("create data dir");
+        .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
     let log_path = (1..)
         .map(|n| data_dir.join(format!("server-{n}.log")))
         .find(|p| !p.exists())
         .expect("a free log name");
-    let mut cmd = server_command();
-    cmd.arg("serve").arg("--data-dir").arg(data_dir);
+    let mut cmd = match &launch.bin {
+        Some(bin) => command_for(bin),
+        None => server_command(),
+    };
+    cmd.arg("serve").arg("--data-dir").arg(data_dir).args(listen);
     let has = |flag: &str| {
-        extra_args
+        listen
             .iter()
+            .copied()
+            .chain(launch.args.iter().map(String::as_str))
             .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
     };
     for flag in ["--device-listen", "--api-listen", "--http-listen"] {
@@ -562,17 +641,16 @@ fn spawn_server(
             cmd.args([flag, "127.0.0.1:0"]);
         }
     }
-    if !has("--heartbeat-interval-ms") {
+    if launch.test_heartbeats && !has("--heartbeat-interval-ms") {
         cmd.arg(format!("--heartbeat-interval-ms={DEFAULT_HEARTBEAT_INTERVAL_MS}"));
     }
-    if !has("--heartbeat-timeout-ms") {
+    if launch.test_heartbeats && !has("--heartbeat-timeout-ms") {
         cmd.arg(format!("--heartbeat-timeout-ms={DEFAULT_HEARTBEAT_TIMEOUT_MS}"));
     }
-    cmd.args(extra_args).envs(env.iter().map(|(k, v)| (k, v)));
-    match spawn_ready(cmd, &log_path, READY_TIMEOUT) {
-        Ok((child, stdout, ready)) => (child, log_path, stdout, ready.devices, ready.api),
-        Err(e) => panic!("{e}"),
-    }
+    cmd.args(&launch.args)
+        .envs(launch.env.iter().map(|(k, v)| (k, v)));
+    let (child, stdout, ready) = spawn_ready(cmd, &log_path, launch.ready_timeout)?;
+    Ok((child, log_path, stdout, ready))
 }
 
 /// Spawn `cmd`, a `push-server serve`, its stderr to `log`, and wait up to `timeout` for its
