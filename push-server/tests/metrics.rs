@@ -43,6 +43,18 @@ fn value(m: &HashMap<String, f64>, key: &str) -> f64 {
     })
 }
 
+/// Dr. Okafor calling `device`, ringing 30 s.
+fn call(call_id: &str, device: &str) -> PlaceCallRequest {
+    PlaceCallRequest {
+        call_id: call_id.into(),
+        target: Some(to(device)),
+        caller_name: "Dr. Okafor".into(),
+        ring_timeout_seconds: 30,
+        escalation: Vec::new(),
+        ..Default::default()
+    }
+}
+
 #[tokio::test]
 async fn metrics_match_a_scripted_session() {
     let fake = FakeApns::new(BundleId::parse(BUNDLE).unwrap());
@@ -89,32 +101,12 @@ async fn metrics_match_a_scripted_session() {
         }
     })
     .await;
-    h.sender()
-        .place_call(PlaceCallRequest {
-            call_id: "call-1".into(),
-            target: Some(testkit::harness::to("phone-a")),
-            caller_name: "Dr. Okafor".into(),
-            ring_timeout_seconds: 30,
-            escalation: Vec::new(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    h.place(call("call-1", "phone-a")).await.unwrap();
     let invite: Push = next(&mut a).await;
     assert!(matches!(invite.body, Some(push::Body::CallInvite(_))));
     a.ack(&[invite.seq]).await.unwrap();
     h.await_state("call-1", "phone-a", DeliveryState::Acked).await;
-    h.sender()
-        .place_call(PlaceCallRequest {
-            call_id: "call-2".into(),
-            target: Some(testkit::harness::to("phone-b")),
-            caller_name: "Dr. Okafor".into(),
-            ring_timeout_seconds: 30,
-            escalation: Vec::new(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    h.place(call("call-2", "phone-b")).await.unwrap();
     h.await_update("call-2", "phone-b", |u| u.path == "apns").await;
 
     let (status, head, body) = h

@@ -332,7 +332,23 @@ impl Harness {
 
     /// Send `req`; the server's answer.
     pub async fn send_req(&self, req: SendMessageRequest) -> SendMessageResponse {
-        self.sender().send_message(req).await.unwrap().into_inner()
+        self.try_send(req).await.unwrap()
+    }
+
+    /// Send `req`: the server's answer, or why it refused.
+    pub async fn try_send(&self, req: SendMessageRequest) -> Result<SendMessageResponse, tonic::Status> {
+        self.sender()
+            .send_message(req)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Place the call `req`: the server's answer, or why it refused.
+    pub async fn place(&self, req: PlaceCallRequest) -> Result<PlaceCallResponse, tonic::Status> {
+        self.sender()
+            .place_call(req)
+            .await
+            .map(tonic::Response::into_inner)
     }
 
     /// Follow a message's (or call's) receipts until `device_id` reaches `state`; returns every
@@ -556,6 +572,12 @@ async fn issue(api: &ApiClient, device_id: &str, groups: &[&str]) -> String {
         .expect("IssueDeviceCredential")
         .into_inner()
         .credential
+}
+
+/// Every device `api`'s key may list, or why the server refused.
+pub async fn list_devices_as(api: &ApiClient) -> Result<Vec<push_proto::sender::DeviceInfo>, tonic::Status> {
+    let req = ListDevicesRequest::default();
+    Ok(api.sender().list_devices(req).await?.into_inner().devices)
 }
 
 /// A target of one device.
