@@ -9,7 +9,7 @@ use push_proto::{
     },
 };
 use push_server::{client::ClientError, config::Config, server::Server};
-use testkit::harness::{Harness, next, to, within};
+use testkit::harness::{Harness, call_to, next, to, within};
 use testkit::redis::{RedisServer, TestCerts, copy_dir};
 
 /// Two nodes on one Redis. Node B's data directory starts as a copy of node A's: every node of a
@@ -144,16 +144,7 @@ async fn a_call_placed_and_cancelled_on_one_node_rings_and_stops_on_the_other() 
     let c = Cluster::start().await;
     let credential = c.a.issue("phone-1", &[]).await;
     let mut phone = c.b.connect(&credential, 0).await.expect("connects to node B");
-    c.a.place(PlaceCallRequest {
-        call_id: "call-1".into(),
-        target: Some(to("phone-1")),
-        caller_name: "Ward 4B".into(),
-        ring_timeout_seconds: 30,
-        escalation: Vec::new(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    c.a.place(call_to("call-1", "phone-1", "Ward 4B")).await.unwrap();
     let invite = next(&mut phone).await;
     assert!(matches!(invite.body, Some(push::Body::CallInvite(_))));
     let cancelled =

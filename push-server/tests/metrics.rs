@@ -8,7 +8,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use apns_bridge::{Bridge, BridgeSettings, BundleId, fake::FakeApns};
 use push_proto::{
     device::{Push, push},
-    sender::{DeliveryState, PlaceCallRequest, SetVoipTokenRequest},
+    sender::{DeliveryState, SetVoipTokenRequest},
 };
 use testkit::harness::*;
 
@@ -41,18 +41,6 @@ fn value(m: &HashMap<String, f64>, key: &str) -> f64 {
         keys.sort();
         panic!("{key} not exported; have {keys:#?}")
     })
-}
-
-/// Dr. Okafor calling `device`, ringing 30 s.
-fn call(call_id: &str, device: &str) -> PlaceCallRequest {
-    PlaceCallRequest {
-        call_id: call_id.into(),
-        target: Some(to(device)),
-        caller_name: "Dr. Okafor".into(),
-        ring_timeout_seconds: 30,
-        escalation: Vec::new(),
-        ..Default::default()
-    }
 }
 
 #[tokio::test]
@@ -101,12 +89,12 @@ async fn metrics_match_a_scripted_session() {
         }
     })
     .await;
-    h.place(call("call-1", "phone-a")).await.unwrap();
+    h.place(call_to("call-1", "phone-a", "Dr. Okafor")).await.unwrap();
     let invite: Push = next(&mut a).await;
     assert!(matches!(invite.body, Some(push::Body::CallInvite(_))));
     a.ack(&[invite.seq]).await.unwrap();
     h.await_state("call-1", "phone-a", DeliveryState::Acked).await;
-    h.place(call("call-2", "phone-b")).await.unwrap();
+    h.place(call_to("call-2", "phone-b", "Dr. Okafor")).await.unwrap();
     h.await_update("call-2", "phone-b", |u| u.path == "apns").await;
 
     let (status, head, body) = h

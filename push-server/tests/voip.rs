@@ -520,17 +520,7 @@ async fn bridge_down_is_reported_quickly_and_the_local_call_keeps_ringing() {
         })
         .await
         .unwrap();
-    let placed = h
-        .place(PlaceCallRequest {
-            call_id: "call-v".into(),
-            target: Some(to("phone-1")),
-            caller_name: "Dr. Okafor".into(),
-            ring_timeout_seconds: 30,
-            escalation: Vec::new(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let placed = h.place(call_to("call-v", "phone-1", "Dr. Okafor")).await.unwrap();
     let updates = h
         .await_update("call-v", "phone-1", |u| !u.reason.is_empty())
         .await;

@@ -493,13 +493,8 @@ impl ServerInfo {
     pub async fn place_call(api: &ApiClient, device_id: &str, call_id: &str) -> PlaceCallResponse {
         api.sender()
             .place_call(PlaceCallRequest {
-                call_id: call_id.into(),
-                target: Some(to(device_id)),
-                caller_name: "Ward 4B".into(),
                 caller_handle: "4711".into(),
-                video: false,
-                ring_timeout_seconds: 30,
-                escalation: Vec::new(),
+                ..call_to(call_id, device_id, "Ward 4B")
             })
             .await
             .expect("PlaceCall")
@@ -578,6 +573,17 @@ async fn issue(api: &ApiClient, device_id: &str, groups: &[&str]) -> String {
 pub async fn list_devices_as(api: &ApiClient) -> Result<Vec<push_proto::sender::DeviceInfo>, tonic::Status> {
     let req = ListDevicesRequest::default();
     Ok(api.sender().list_devices(req).await?.into_inner().devices)
+}
+
+/// `caller_name` calling `device_id` as `call_id`, ringing 30 s.
+pub fn call_to(call_id: &str, device_id: &str, caller_name: &str) -> PlaceCallRequest {
+    PlaceCallRequest {
+        call_id: call_id.into(),
+        target: Some(to(device_id)),
+        caller_name: caller_name.into(),
+        ring_timeout_seconds: 30,
+        ..Default::default()
+    }
 }
 
 /// A target of one device.
