@@ -18,7 +18,7 @@ use push_proto::{
     sender::{ListDevicesRequest, PresenceEvent, RevokeDeviceRequest, VoipTokenState, WatchPresenceRequest},
 };
 use rustls::pki_types::{CertificateDer, pem::PemObject};
-use testkit::harness::{ChildServer, Harness, Heartbeat, STEP, ServerInfo};
+use testkit::harness::{ChildServer, Harness, Heartbeat, STEP, ServerInfo, to_devices};
 
 testkit::server_process_entry!();
 
@@ -734,13 +734,7 @@ fn ring(
 ) -> push_proto::sender::PlaceCallRequest {
     push_proto::sender::PlaceCallRequest {
         call_id: call_id.into(),
-        target: Some(push_proto::sender::Target {
-            kind: Some(push_proto::sender::target::Kind::Devices(
-                push_proto::sender::DeviceList {
-                    device_ids: ids.iter().map(|id| id.to_string()).collect(),
-                },
-            )),
-        }),
+        target: Some(to_devices(ids)),
         caller_name: caller_name.into(),
         ring_timeout_seconds: ring_secs,
         ..Default::default()

@@ -5,25 +5,17 @@
 use push_proto::{
     device::{CallOutcome, CallOutcomeResult, CancelReason, Push, push},
     sender::{
-        CallState, CallStatus, CancelCallRequest, DeliveryState, DeviceList, EscalationStep,
-        PlaceCallRequest, Target, WatchCallRequest, target,
+        CallState, CallStatus, CancelCallRequest, DeliveryState, EscalationStep, PlaceCallRequest,
+        WatchCallRequest,
     },
 };
 use push_server::{api_client::ApiClient, client::DeviceClient, server::Server};
 use testkit::harness::*;
 
-fn devices(ids: &[&str]) -> Target {
-    Target {
-        kind: Some(target::Kind::Devices(DeviceList {
-            device_ids: ids.iter().map(|d| d.to_string()).collect(),
-        })),
-    }
-}
-
 fn call(call_id: &str, callees: &[&str], ring_secs: u32) -> PlaceCallRequest {
     PlaceCallRequest {
         call_id: call_id.into(),
-        target: Some(devices(callees)),
+        target: Some(to_devices(callees)),
         caller_name: "Bed 12".into(),
         caller_handle: "4711".into(),
         video: false,

@@ -4,12 +4,12 @@
 use push_proto::{
     device::{CallOutcome, CallOutcomeResult, CancelReason, GoodbyeReason, push},
     sender::{
-        CallState, CancelCallRequest, DeliveryState, DeviceList, GetMessageStatusRequest, PlaceCallRequest,
-        Target, WatchCallRequest, target,
+        CallState, CancelCallRequest, DeliveryState, GetMessageStatusRequest, PlaceCallRequest,
+        WatchCallRequest,
     },
 };
 use push_server::{client::ClientError, config::Config, server::Server};
-use testkit::harness::{Harness, call_to, next, to, within};
+use testkit::harness::{Harness, call_to, next, to, to_devices, within};
 use testkit::redis::{RedisServer, TestCerts, copy_dir};
 
 /// Two nodes on one Redis. Node B's data directory starts as a copy of node A's: every node of a
@@ -176,11 +176,7 @@ async fn two_phones_on_two_nodes_answering_at_once_one_wins_and_the_other_is_sto
         let call_id = format!("ward-{round}");
         c.a.place(PlaceCallRequest {
             call_id: call_id.clone(),
-            target: Some(Target {
-                kind: Some(target::Kind::Devices(DeviceList {
-                    device_ids: vec!["on-a".into(), "on-b".into()],
-                })),
-            }),
+            target: Some(to_devices(&["on-a", "on-b"])),
             caller_name: "Ward 4B".into(),
             ring_timeout_seconds: 30,
             ..Default::default()

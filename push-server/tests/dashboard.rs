@@ -9,7 +9,7 @@ use std::{path::PathBuf, process::Stdio, time::Duration};
 use fantoccini::{Client, ClientBuilder, Locator};
 use push_proto::{
     device::{CallOutcome, CallOutcomeResult, NetworkChange, client_frame, push},
-    sender::{DeliveryState, DeviceList, EscalationStep, PlaceCallRequest, RotateCaRequest, Target, target},
+    sender::{DeliveryState, EscalationStep, PlaceCallRequest, RotateCaRequest, Target, target},
 };
 use push_server::client::DeviceClient;
 use serde_json::{Value, json};
@@ -287,11 +287,7 @@ async fn calls_api_shows_the_live_call_then_who_answered_it() {
     let placed_before = push_server::hub::now_ms();
     h.place(PlaceCallRequest {
         call_id: "code-blue".into(),
-        target: Some(Target {
-            kind: Some(target::Kind::Devices(DeviceList {
-                device_ids: vec!["nurse-a".into(), "nurse-b".into()],
-            })),
-        }),
+        target: Some(to_devices(&["nurse-a", "nurse-b"])),
         caller_name: "Bed 12".into(),
         ring_timeout_seconds: 60,
         escalation: vec![EscalationStep {

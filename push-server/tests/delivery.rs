@@ -3,8 +3,8 @@
 use push_proto::{
     device::{CancelReason, push},
     sender::{
-        CancelCallRequest, DeliveryState, DeviceList, GetMessageStatusRequest, PlaceCallRequest,
-        SendMessageRequest, Target, target,
+        CancelCallRequest, DeliveryState, GetMessageStatusRequest, PlaceCallRequest, SendMessageRequest,
+        Target, target,
     },
 };
 use testkit::harness::*;
@@ -133,11 +133,7 @@ async fn unknown_devices_full_queues_and_oversized_messages_are_refused_clearly(
     h.issue("phone-1", &[]).await;
     let sent = h
         .send_req(SendMessageRequest {
-            target: Some(Target {
-                kind: Some(target::Kind::Devices(DeviceList {
-                    device_ids: vec!["phone-1".into(), "ghost".into()],
-                })),
-            }),
+            target: Some(to_devices(&["phone-1", "ghost"])),
             body: "x".into(),
             ..Default::default()
         })

@@ -593,6 +593,15 @@ pub fn to(device_id: &str) -> Target {
     }
 }
 
+/// A target of the devices `ids`.
+pub fn to_devices(ids: &[&str]) -> Target {
+    Target {
+        kind: Some(target::Kind::Devices(push_proto::sender::DeviceList {
+            device_ids: ids.iter().map(|d| d.to_string()).collect(),
+        })),
+    }
+}
+
 /// The text of a message push.
 pub fn body(p: &Push) -> String {
     match &p.body {
