@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Recorder, SdkConfig};
+use common::{Recorder, SdkConfig, connect};
 use mobile_sdk::{Registry, core::StopReason};
 use testkit::harness::{ChildServer, Heartbeat, STEP};
 
@@ -68,10 +68,7 @@ async fn a_thousand_start_stop_and_supersede_cycles_leave_nothing_behind() {
     // the host drops the previous one (as iOS should, and sometimes does not).
     let mut previous = None;
     for _ in 0..CYCLES {
-        let (handler, mut events) = Recorder::new();
-        let client = registry.client(config.clone(), handler).unwrap();
-        client.start().await.unwrap();
-        events.connected().await;
+        let (client, _events) = connect(&registry, config.clone()).await;
         let snap = registry.counters();
         assert_eq!(
             (snap.sessions, snap.sockets, snap.connected),

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Recorder, SdkConfig};
+use common::{Recorder, SdkConfig, connect, phone, registry, sdk_server};
 use mobile_sdk::{
     Registry, StartError, Trust,
     core::{
@@ -18,7 +18,7 @@ use push_proto::{
     sender::{ListDevicesRequest, PresenceEvent, RevokeDeviceRequest, VoipTokenState, WatchPresenceRequest},
 };
 use rustls::pki_types::{CertificateDer, pem::PemObject};
-use testkit::harness::{ChildServer, Harness, Heartbeat, STEP, ServerInfo};
+use testkit::harness::{ChildServer, Harness, Heartbeat, STEP, ServerInfo, to_devices};
 
 testkit::server_process_entry!();
 
@@ -49,24 +49,13 @@ async fn offline_presence(
     }
 }
 
-fn registry() -> Registry {
-    Registry::new(tokio::runtime::Handle::current())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receives_messages_in_order_and_acks_them_after_the_app_took_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
+    let server = sdk_server(Heartbeat::default()).await;
     let info = &server.info;
     let api = info.api().await;
-    let credential = info.issue("dev-a").await;
     let reg = registry();
-    let (handler, mut events) = Recorder::new();
-    let client = reg
-        .client(info.client_config("dev-a", &credential), handler)
-        .unwrap();
-    client.start().await.unwrap();
-    events.connected().await;
+    let (client, mut events) = phone(&reg, info, "dev-a").await;
     for i in 1..=3 {
         ServerInfo::send(&api, "dev-a", &format!("m{i}")).await;
     }
@@ -99,18 +88,11 @@ async fn receives_messages_in_order_and_acks_them_after_the_app_took_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_invites_carry_what_callkit_needs_and_cancels_follow() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
+    let server = sdk_server(Heartbeat::default()).await;
     let info = &server.info;
     let api = info.api().await;
-    let credential = info.issue("dev-c").await;
     let reg = registry();
-    let (handler, mut events) = Recorder::new();
-    let client = reg
-        .client(info.client_config("dev-c", &credential), handler)
-        .unwrap();
-    client.start().await.unwrap();
-    events.connected().await;
+    let (client, mut events) = phone(&reg, info, "dev-c").await;
     let placed = ServerInfo::place_call(&api, "dev-c", "call-1").await;
     let invite = events
         .wait_for("call invite", |e| match e {
@@ -145,24 +127,17 @@ async fn call_invites_carry_what_callkit_needs_and_cancels_follow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_are_answered_so_the_session_survives_many_rounds() {
-    let dir = tempfile::tempdir().unwrap();
     // A heartbeat every 200 ms, 400 ms to answer: about 15 rounds in 3 s, any miss ends the
     // session (the margin is for a loaded CI machine, not for the SDK).
     let hb = Heartbeat {
         interval_ms: 200,
         timeout_ms: 400,
     };
-    let server = Harness::start_in(dir.path(), hb).await;
+    let server = sdk_server(hb).await;
     let info = &server.info;
     let api = info.api().await;
-    let credential = info.issue("dev-h").await;
     let reg = registry();
-    let (handler, mut events) = Recorder::new();
-    let client = reg
-        .client(info.client_config("dev-h", &credential), handler)
-        .unwrap();
-    client.start().await.unwrap();
-    events.connected().await;
+    let (client, mut events) = phone(&reg, info, "dev-h").await;
     let during = events.quiet_for(Duration::from_secs(3)).await;
     assert!(during.is_empty(), "the session changed state: {during:?}");
     assert!(ServerInfo::online(&api, "dev-h").await);
@@ -172,24 +147,17 @@ async fn heartbeats_are_answered_so_the_session_survives_many_rounds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_on_its_own_within_seconds_after_a_graceful_server_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut server = Harness::start_in(dir.path(), Heartbeat::default()).await;
-    let credential = server.info.issue("dev-r").await;
+    let mut server = sdk_server(Heartbeat::default()).await;
     let reg = registry();
-    let (handler, mut events) = Recorder::new();
-    let client = reg
-        .client(server.info.client_config("dev-r", &credential), handler)
-        .unwrap();
-    client.start().await.unwrap();
-    events.connected().await;
+    let (client, mut events) = phone(&reg, &server.info, "dev-r").await;
     ServerInfo::send(&server.info.api().await, "dev-r", "before").await;
     events
-        .wait_for("message before", |e| matches!(e, Event::Message(_)).then_some(()))
+        .until("message before", |e| matches!(e, Event::Message(_)))
         .await;
 
     server.shutdown().await;
     events
-        .wait_for("goodbye SERVER_SHUTDOWN", |e| {
+        .until("goodbye SERVER_SHUTDOWN", |e| {
             matches!(
                 e,
                 Event::State(State::WaitingToRetry {
@@ -197,7 +165,6 @@ async fn reconnects_on_its_own_within_seconds_after_a_graceful_server_restart() 
                     ..
                 })
             )
-            .then_some(())
         })
         .await;
     server.restart().await;
@@ -212,11 +179,7 @@ async fn reconnects_on_its_own_within_seconds_after_a_graceful_server_restart() 
     );
 
     ServerInfo::send(&server.info.api().await, "dev-r", "after").await;
-    events
-        .wait_for("message after", |e| {
-            matches!(e, Event::Message(m) if m.id == "after").then_some(())
-        })
-        .await;
+    events.message("message after", "after").await;
     assert_eq!(events.message_ids(), ["before", "after"]);
     client.stop(StopReason::HostRequested).await;
 }
@@ -227,12 +190,7 @@ async fn resumes_without_loss_or_duplicates_after_a_server_kill() {
     let mut server = ChildServer::start(dir.path(), Heartbeat::default());
     let credential = server.info.issue("dev-k").await;
     let reg = registry();
-    let (handler, mut events) = Recorder::new();
-    let client = reg
-        .client(server.info.client_config("dev-k", &credential), handler)
-        .unwrap();
-    client.start().await.unwrap();
-    events.connected().await;
+    let (client, mut events) = connect(&reg, server.info.client_config("dev-k", &credential)).await;
     let api = server.info.api().await;
     let ids: Vec<String> = (1..=30).map(|i| format!("k{i:02}")).collect();
     for id in &ids[..10] {
@@ -241,11 +199,7 @@ async fn resumes_without_loss_or_duplicates_after_a_server_kill() {
     // Taken by the app and acked, but the server persists acks lazily: kill it at once, so
     // some acks are lost and the restarted server replays pushes the app already has.
     let tenth = ids[9].clone();
-    events
-        .wait_for("first ten", |e| {
-            matches!(e, Event::Message(m) if m.id == tenth).then_some(())
-        })
-        .await;
+    events.message("first ten", &tenth).await;
     // Queued durably, maybe in flight when the server dies.
     for id in &ids[10..20] {
         ServerInfo::send(&api, "dev-k", id).await;
@@ -253,8 +207,8 @@ async fn resumes_without_loss_or_duplicates_after_a_server_kill() {
     server.kill();
     drop(api);
     events
-        .wait_for("disconnect", |e| {
-            matches!(e, Event::State(State::WaitingToRetry { .. })).then_some(())
+        .until("disconnect", |e| {
+            matches!(e, Event::State(State::WaitingToRetry { .. }))
         })
         .await;
     server.restart();
@@ -264,11 +218,7 @@ async fn resumes_without_loss_or_duplicates_after_a_server_kill() {
         ServerInfo::send(&api, "dev-k", id).await;
     }
     let last = ids[29].clone();
-    events
-        .wait_for("all thirty", |e| {
-            matches!(e, Event::Message(m) if m.id == last).then_some(())
-        })
-        .await;
+    events.message("all thirty", &last).await;
     ServerInfo::wait_acked(&api, &last).await;
     // Late duplicates would arrive right after the replay; give them a chance to show up.
     events.quiet_for(Duration::from_millis(500)).await;
@@ -281,16 +231,9 @@ async fn resumes_without_loss_or_duplicates_after_a_server_kill() {
     client.stop(StopReason::HostRequested).await;
     let mut config = server.info.client_config("dev-k", &credential);
     config.last_seen = persisted;
-    let (handler, mut relaunched) = Recorder::new();
-    let again = reg.client(config, handler).unwrap();
-    again.start().await.unwrap();
-    relaunched.connected().await;
+    let (again, mut relaunched) = connect(&reg, config).await;
     ServerInfo::send(&api, "dev-k", "k31").await;
-    relaunched
-        .wait_for("k31", |e| {
-            matches!(e, Event::Message(m) if m.id == "k31").then_some(())
-        })
-        .await;
+    relaunched.message("k31", "k31").await;
     assert_eq!(relaunched.message_ids(), ["k31"], "nothing old shown again");
     again.stop(StopReason::HostRequested).await;
     assert!(reg.counters().is_quiet());
@@ -302,8 +245,7 @@ async fn resumes_without_loss_or_duplicates_after_a_server_kill() {
 /// store's epoch. (Needs the server's floor rule from `device.proto`, "Epochs and the floor".)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_floor_under_another_epoch_acknowledges_nothing_and_the_queue_still_arrives() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
+    let server = sdk_server(Heartbeat::default()).await;
     let info = &server.info;
     let api = info.api().await;
     let credential = info.issue("dev-e").await;
@@ -314,10 +256,7 @@ async fn a_floor_under_another_epoch_acknowledges_nothing_and_the_queue_still_ar
     let mut config = info.client_config("dev-e", &credential);
     config.last_seen = LastSeen { epoch: 0, seq: 5 };
     let reg = registry();
-    let (handler, mut events) = Recorder::new();
-    let client = reg.client(config, handler).unwrap();
-    client.start().await.unwrap();
-    events.connected().await;
+    let (client, mut events) = connect(&reg, config).await;
     // Before the `Connected` state: the store's epoch, with the floor kept.
     let persisted: Vec<LastSeen> = events
         .seen
@@ -331,11 +270,7 @@ async fn a_floor_under_another_epoch_acknowledges_nothing_and_the_queue_still_ar
         panic!("{persisted:?}");
     };
     assert_ne!(epoch, 0);
-    events
-        .wait_for("e2", |e| {
-            matches!(e, Event::Message(m) if m.id == "e2").then_some(())
-        })
-        .await;
+    events.message("e2", "e2").await;
     assert_eq!(events.message_ids(), ["e1", "e2"]);
     for id in ["e1", "e2"] {
         ServerInfo::wait_acked(&api, id).await;
@@ -349,8 +284,7 @@ async fn a_floor_under_another_epoch_acknowledges_nothing_and_the_queue_still_ar
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_instance_for_the_device_supersedes_the_first_in_the_same_process() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
+    let server = sdk_server(Heartbeat::default()).await;
     let info = &server.info;
     let api = info.api().await;
     let credential = info.issue("dev-2").await;
@@ -395,7 +329,7 @@ async fn a_second_instance_for_the_device_supersedes_the_first_in_the_same_proce
     assert!(ServerInfo::online(&api, "dev-2").await);
     ServerInfo::send(&api, "dev-2", "only-b").await;
     b_events
-        .wait_for("message", |e| matches!(e, Event::Message(_)).then_some(()))
+        .until("message", |e| matches!(e, Event::Message(_)))
         .await;
     assert!(a_events.message_ids().is_empty());
     drop(a);
@@ -407,27 +341,16 @@ async fn a_second_instance_for_the_device_supersedes_the_first_in_the_same_proce
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_for_one_device_end_with_one_server_session_and_no_fight() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
+    let server = sdk_server(Heartbeat::default()).await;
     let info = &server.info;
     let credential = info.issue("dev-p").await;
     // Separate registries: as if two processes (or a host bypassing the registry).
     let (reg_a, reg_b) = (registry(), registry());
-    let (ha, mut a_events) = Recorder::new();
-    let (hb, mut b_events) = Recorder::new();
-    let a = reg_a
-        .client(info.client_config("dev-p", &credential), ha)
-        .unwrap();
-    let b = reg_b
-        .client(info.client_config("dev-p", &credential), hb)
-        .unwrap();
-    a.start().await.unwrap();
-    a_events.connected().await;
-    b.start().await.unwrap();
-    b_events.connected().await;
+    let (_a, mut a_events) = connect(&reg_a, info.client_config("dev-p", &credential)).await;
+    let (b, mut b_events) = connect(&reg_b, info.client_config("dev-p", &credential)).await;
     a_events
-        .wait_for("REPLACED", |e| {
-            matches!(e, Event::State(State::Stopped(StopCause::Replaced))).then_some(())
+        .until("REPLACED", |e| {
+            matches!(e, Event::State(State::Stopped(StopCause::Replaced)))
         })
         .await;
     // The replaced instance does not come back to fight over the device.
@@ -443,8 +366,7 @@ async fn two_processes_for_one_device_end_with_one_server_session_and_no_fight()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_and_stop_are_idempotent_and_stop_says_goodbye() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
+    let server = sdk_server(Heartbeat::default()).await;
     let info = &server.info;
     let api = info.api().await;
     let credential = info.issue("dev-i").await;
@@ -479,18 +401,14 @@ async fn start_and_stop_are_idempotent_and_stop_says_goodbye() {
 /// does not take the phone for one gone silent on the SSID.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn why_ios_stopped_the_provider_reaches_the_dashboard_and_metrics() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
+    let server = sdk_server(Heartbeat::default()).await;
     let info = &server.info;
     let api = info.api().await;
     let credential = info.issue("dev-ios").await;
     let reg = registry();
-    let (handler, mut events) = Recorder::new();
     let mut config = info.client_config("dev-ios", &credential);
     config.ssid = "Ward 4B".into();
-    let client = reg.client(config, handler).unwrap();
-    client.start().await.unwrap();
-    events.connected().await;
+    let (client, _events) = connect(&reg, config).await;
     let offline = offline_presence(&api, "dev-ios").await;
     client
         .stop(HostStop {
@@ -546,18 +464,11 @@ async fn why_ios_stopped_the_provider_reaches_the_dashboard_and_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_or_refused_credentials_stop_for_good() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
+    let server = sdk_server(Heartbeat::default()).await;
     let info = &server.info;
     let api = info.api().await;
-    let credential = info.issue("dev-v").await;
     let reg = registry();
-    let (handler, mut events) = Recorder::new();
-    let client = reg
-        .client(info.client_config("dev-v", &credential), handler)
-        .unwrap();
-    client.start().await.unwrap();
-    events.connected().await;
+    let (client, mut events) = phone(&reg, info, "dev-v").await;
     api.admin()
         .revoke_device(RevokeDeviceRequest {
             device_id: "dev-v".into(),
@@ -565,8 +476,8 @@ async fn revoked_or_refused_credentials_stop_for_good() {
         .await
         .unwrap();
     events
-        .wait_for("revoked", |e| {
-            matches!(e, Event::State(State::Stopped(StopCause::CredentialRevoked))).then_some(())
+        .until("revoked", |e| {
+            matches!(e, Event::State(State::Stopped(StopCause::CredentialRevoked)))
         })
         .await;
     // The task ends by itself: nothing left running, no retries.
@@ -579,8 +490,8 @@ async fn revoked_or_refused_credentials_stop_for_good() {
         .unwrap();
     bogus.start().await.unwrap();
     refused
-        .wait_for("auth failed", |e| {
-            matches!(e, Event::State(State::Stopped(StopCause::AuthFailed))).then_some(())
+        .until("auth failed", |e| {
+            matches!(e, Event::State(State::Stopped(StopCause::AuthFailed)))
         })
         .await;
     assert!(reg.wait_for_counters(STEP, |s| s.is_quiet()).await.is_ok());
@@ -618,8 +529,7 @@ async fn first_outcome(info: &ServerInfo, credential: &str, trust: Trust) -> Sta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trust_by_ca_by_pins_and_rotation_lists() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
+    let server = sdk_server(Heartbeat::default()).await;
     let info = &server.info;
     let credential = info.issue("dev-t").await;
     let other = format!("sha256/{}=", "A".repeat(43));
@@ -650,8 +560,7 @@ async fn trust_by_ca_by_pins_and_rotation_lists() {
     let s = first_outcome(info, &credential, Trust::pins([ca_pin(info)])).await;
     assert!(connected(&s), "{s:?}");
     // Another CA is refused.
-    let other_dir = tempfile::tempdir().unwrap();
-    let other_server = Harness::start_in(other_dir.path(), Heartbeat::default()).await;
+    let other_server = sdk_server(Heartbeat::default()).await;
     let s = first_outcome(info, &credential, Trust::ca(other_server.info.ca_pem())).await;
     assert!(!connected(&s), "{s:?}");
 }
@@ -674,19 +583,15 @@ async fn voip_state(api: &push_server::api_client::ApiClient, device_id: &str) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pushkit_token_reaches_the_server_and_can_be_cleared() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
+    let server = sdk_server(Heartbeat::default()).await;
     let info = &server.info;
     let api = info.api().await;
     let credential = info.issue("dev-voip").await;
     let reg = registry();
-    let (handler, mut events) = Recorder::new();
     let mut config = info.client_config("dev-voip", &credential);
     // PushKit tokens are 32 bytes: 64 hex digits (the server ignores what is not a token).
     config.voip_token = Some("a1b2c3d4".repeat(8));
-    let client = reg.client(config, handler).unwrap();
-    client.start().await.unwrap();
-    events.connected().await;
+    let (client, _events) = connect(&reg, config).await;
     // Frames are handled in order: once the server has the ack of a later push, it has the
     // token frame sent before it.
     ServerInfo::send(&api, "dev-voip", "v1").await;
@@ -714,8 +619,7 @@ async fn replied(events: &mut Recorder, call_id: &str, outcome: CallOutcome) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_outcomes_reach_the_server_before_start_while_connected_and_across_a_server_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut server = Harness::start_in(dir.path(), Heartbeat::default()).await;
+    let mut server = sdk_server(Heartbeat::default()).await;
     let credential = server.info.issue("dev-out").await;
     let reg = registry();
     let (handler, mut events) = Recorder::new();
@@ -743,8 +647,8 @@ async fn call_outcomes_reach_the_server_before_start_while_connected_and_across_
     // Made while the server is down: kept through the reconnect, sent after the next hello.
     server.shutdown().await;
     events
-        .wait_for("disconnected", |e| {
-            matches!(e, Event::State(State::WaitingToRetry { .. })).then_some(())
+        .until("disconnected", |e| {
+            matches!(e, Event::State(State::WaitingToRetry { .. }))
         })
         .await;
     client
@@ -781,19 +685,13 @@ async fn a_frozen_server_is_detected_by_its_silence_and_left_for_a_new_connectio
         timeout_ms: 500,
     };
     let server = ChildServer::start(dir.path(), hb);
-    let credential = server.info.issue("dev-f").await;
     let reg = registry();
-    let (handler, mut events) = Recorder::new();
-    let client = reg
-        .client(server.info.client_config("dev-f", &credential), handler)
-        .unwrap();
-    client.start().await.unwrap();
-    events.connected().await;
+    let (client, mut events) = phone(&reg, &server.info, "dev-f").await;
     // The TCP connection stays open, the server just says nothing any more.
     signal(&server, "-STOP");
     let frozen = Instant::now();
     events
-        .wait_for("silence detected", |e| {
+        .until("silence detected", |e| {
             matches!(
                 e,
                 Event::State(State::WaitingToRetry {
@@ -801,7 +699,6 @@ async fn a_frozen_server_is_detected_by_its_silence_and_left_for_a_new_connectio
                     ..
                 })
             )
-            .then_some(())
         })
         .await;
     let detected = frozen.elapsed();
@@ -823,14 +720,7 @@ async fn connected_phones(
 ) -> Vec<(mobile_sdk::Client, Recorder)> {
     let mut phones = Vec::new();
     for id in ids {
-        let credential = server.info.issue(id).await;
-        let (handler, mut events) = Recorder::new();
-        let client = reg
-            .client(server.info.client_config(id, &credential), handler)
-            .unwrap();
-        client.start().await.unwrap();
-        events.connected().await;
-        phones.push((client, events));
+        phones.push(phone(reg, &server.info, id).await);
     }
     phones
 }
@@ -844,13 +734,7 @@ fn ring(
 ) -> push_proto::sender::PlaceCallRequest {
     push_proto::sender::PlaceCallRequest {
         call_id: call_id.into(),
-        target: Some(push_proto::sender::Target {
-            kind: Some(push_proto::sender::target::Kind::Devices(
-                push_proto::sender::DeviceList {
-                    device_ids: ids.iter().map(|id| id.to_string()).collect(),
-                },
-            )),
-        }),
+        target: Some(to_devices(ids)),
         caller_name: caller_name.into(),
         ring_timeout_seconds: ring_secs,
         ..Default::default()
@@ -859,8 +743,7 @@ fn ring(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_on_one_of_three_sdk_phones_stops_the_other_two_and_a_late_answer_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
+    let server = sdk_server(Heartbeat::default()).await;
     let reg = registry();
     let mut phones = connected_phones(&server, &reg, &["ward-a", "ward-b", "ward-c"]).await;
     let api = server.info.api().await;
@@ -870,9 +753,10 @@ async fn an_answer_on_one_of_three_sdk_phones_stops_the_other_two_and_a_late_ans
         .expect("PlaceCall");
     for (_, events) in &mut phones {
         events
-            .wait_for("the invite", |e| {
-                matches!(e, Event::CallInvite(c) if c.call_id == "ring-ward").then_some(())
-            })
+            .until(
+                "the invite",
+                |e| matches!(e, Event::CallInvite(c) if c.call_id == "ring-ward"),
+            )
             .await;
     }
     // The nurse on phone B answers in CallKit; the app hands it to the SDK.
@@ -906,8 +790,7 @@ async fn an_answer_on_one_of_three_sdk_phones_stops_the_other_two_and_a_late_ans
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_phones_declining_end_the_call_declined_and_an_unanswered_one_is_told_it_missed() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Harness::start_in(dir.path(), Heartbeat::default()).await;
+    let server = sdk_server(Heartbeat::default()).await;
     let reg = registry();
     let mut phones = connected_phones(&server, &reg, &["icu-a", "icu-b"]).await;
     let api = server.info.api().await;
@@ -930,9 +813,10 @@ async fn sdk_phones_declining_end_the_call_declined_and_an_unanswered_one_is_tol
         .expect("PlaceCall");
     for (client, events) in &mut phones {
         events
-            .wait_for("the invite", |e| {
-                matches!(e, Event::CallInvite(c) if c.call_id == "declined").then_some(())
-            })
+            .until(
+                "the invite",
+                |e| matches!(e, Event::CallInvite(c) if c.call_id == "declined"),
+            )
             .await;
         client
             .report_call_outcome("declined".into(), CallOutcome::Declined, 1)

@@ -8,11 +8,7 @@ async fn api_keys_are_required_and_scoped() {
     let h = Harness::start().await;
     h.issue("phone-1", &[]).await;
     let nobody = h.client("lpk_wrong").await;
-    let err = nobody
-        .sender()
-        .list_devices(ListDevicesRequest::default())
-        .await
-        .unwrap_err();
+    let err = list_devices_as(&nobody).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 
     let reader = h

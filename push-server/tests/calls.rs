@@ -5,25 +5,17 @@
 use push_proto::{
     device::{CallOutcome, CallOutcomeResult, CancelReason, Push, push},
     sender::{
-        CallState, CallStatus, CancelCallRequest, DeliveryState, DeviceList, EscalationStep,
-        PlaceCallRequest, Target, WatchCallRequest, target,
+        CallState, CallStatus, CancelCallRequest, DeliveryState, EscalationStep, PlaceCallRequest,
+        WatchCallRequest,
     },
 };
 use push_server::{api_client::ApiClient, client::DeviceClient, server::Server};
 use testkit::harness::*;
 
-fn devices(ids: &[&str]) -> Target {
-    Target {
-        kind: Some(target::Kind::Devices(DeviceList {
-            device_ids: ids.iter().map(|d| d.to_string()).collect(),
-        })),
-    }
-}
-
 fn call(call_id: &str, callees: &[&str], ring_secs: u32) -> PlaceCallRequest {
     PlaceCallRequest {
         call_id: call_id.into(),
-        target: Some(devices(callees)),
+        target: Some(to_devices(callees)),
         caller_name: "Bed 12".into(),
         caller_handle: "4711".into(),
         video: false,
@@ -98,10 +90,7 @@ async fn an_answer_on_one_of_three_phones_stops_the_other_two_and_a_late_answer_
     let mut a = h.device("a").await;
     let mut b = h.device("b").await;
     let mut c = h.device("c").await;
-    h.sender()
-        .place_call(call("ward", &["a", "b", "c"], 60))
-        .await
-        .unwrap();
+    h.place(call("ward", &["a", "b", "c"], 60)).await.unwrap();
     for phone in [&mut a, &mut b, &mut c] {
         rings(phone, "ward").await;
     }
@@ -153,7 +142,7 @@ async fn declined_on_every_phone_the_call_ends_declined() {
     let h = Harness::start().await;
     let mut a = h.device("a").await;
     let mut b = h.device("b").await;
-    h.sender().place_call(call("c1", &["a", "b"], 60)).await.unwrap();
+    h.place(call("c1", &["a", "b"], 60)).await.unwrap();
     rings(&mut a, "c1").await;
     rings(&mut b, "c1").await;
     let r = within(a.report_call("c1", CallOutcome::Declined)).await.unwrap();
@@ -190,7 +179,7 @@ async fn nobody_answering_the_next_step_rings_at_its_time_and_the_call_ends_miss
         after_seconds: 1,
         stop_earlier: false,
     }];
-    let placed = h.sender().place_call(req).await.unwrap().into_inner();
+    let placed = h.place(req).await.unwrap();
     rings(&mut nurse, "esc").await;
     rings(&mut charge, "esc").await;
     let s = status(&h, "esc").await;
@@ -288,7 +277,7 @@ async fn a_step_due_while_the_server_was_down_rings_at_once_after_the_restart() 
         after_seconds: 1,
         stop_earlier: true,
     }];
-    h.sender().place_call(req).await.unwrap();
+    h.place(req).await.unwrap();
     let due = status(&h, "restart").await.steps[1].due_at_ms;
     h.shutdown().await;
     // The step falls due while no server runs.

@@ -4,12 +4,12 @@
 use push_proto::{
     device::{CallOutcome, CallOutcomeResult, CancelReason, GoodbyeReason, push},
     sender::{
-        CallState, CancelCallRequest, DeliveryState, DeviceList, GetMessageStatusRequest, PlaceCallRequest,
-        Target, WatchCallRequest, target,
+        CallState, CancelCallRequest, DeliveryState, GetMessageStatusRequest, PlaceCallRequest,
+        WatchCallRequest,
     },
 };
 use push_server::{client::ClientError, config::Config, server::Server};
-use testkit::harness::{Harness, next, to, within};
+use testkit::harness::{Harness, call_to, next, to, to_devices, within};
 use testkit::redis::{RedisServer, TestCerts, copy_dir};
 
 /// Two nodes on one Redis. Node B's data directory starts as a copy of node A's: every node of a
@@ -144,17 +144,7 @@ async fn a_call_placed_and_cancelled_on_one_node_rings_and_stops_on_the_other() 
     let c = Cluster::start().await;
     let credential = c.a.issue("phone-1", &[]).await;
     let mut phone = c.b.connect(&credential, 0).await.expect("connects to node B");
-    c.a.sender()
-        .place_call(PlaceCallRequest {
-            call_id: "call-1".into(),
-            target: Some(to("phone-1")),
-            caller_name: "Ward 4B".into(),
-            ring_timeout_seconds: 30,
-            escalation: Vec::new(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    c.a.place(call_to("call-1", "phone-1", "Ward 4B")).await.unwrap();
     let invite = next(&mut phone).await;
     assert!(matches!(invite.body, Some(push::Body::CallInvite(_))));
     let cancelled =
@@ -184,20 +174,15 @@ async fn two_phones_on_two_nodes_answering_at_once_one_wins_and_the_other_is_sto
     let mut phone_b = c.b.connect(&on_b, 0).await.expect("connects to node B");
     for round in 0..5 {
         let call_id = format!("ward-{round}");
-        c.a.sender()
-            .place_call(PlaceCallRequest {
-                call_id: call_id.clone(),
-                target: Some(Target {
-                    kind: Some(target::Kind::Devices(DeviceList {
-                        device_ids: vec!["on-a".into(), "on-b".into()],
-                    })),
-                }),
-                caller_name: "Ward 4B".into(),
-                ring_timeout_seconds: 30,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        c.a.place(PlaceCallRequest {
+            call_id: call_id.clone(),
+            target: Some(to_devices(&["on-a", "on-b"])),
+            caller_name: "Ward 4B".into(),
+            ring_timeout_seconds: 30,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         for phone in [&mut phone_a, &mut phone_b] {
             let invite = next(phone).await;
             assert!(
@@ -245,21 +230,20 @@ async fn a_call_whose_node_is_gone_still_escalates_and_ends_missed_on_the_other_
     let (nurse, charge) = (c.a.issue("nurse", &[]).await, c.a.issue("charge", &[]).await);
     let mut nurse = c.b.connect(&nurse, 0).await.expect("connects to node B");
     let mut charge = c.b.connect(&charge, 0).await.expect("connects to node B");
-    c.a.sender()
-        .place_call(PlaceCallRequest {
-            call_id: "orphan".into(),
-            target: Some(to("nurse")),
-            caller_name: "Bed 7".into(),
-            ring_timeout_seconds: 3,
-            escalation: vec![push_proto::sender::EscalationStep {
-                target: Some(to("charge")),
-                after_seconds: 1,
-                stop_earlier: false,
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    c.a.place(PlaceCallRequest {
+        call_id: "orphan".into(),
+        target: Some(to("nurse")),
+        caller_name: "Bed 7".into(),
+        ring_timeout_seconds: 3,
+        escalation: vec![push_proto::sender::EscalationStep {
+            target: Some(to("charge")),
+            after_seconds: 1,
+            stop_earlier: false,
+        }],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let invite = next(&mut nurse).await;
     nurse.ack(&[invite.seq]).await.unwrap();
     // The node that placed the call, and kept its timer, is gone.

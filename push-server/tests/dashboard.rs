@@ -9,7 +9,7 @@ use std::{path::PathBuf, process::Stdio, time::Duration};
 use fantoccini::{Client, ClientBuilder, Locator};
 use push_proto::{
     device::{CallOutcome, CallOutcomeResult, NetworkChange, client_frame, push},
-    sender::{DeliveryState, DeviceList, EscalationStep, PlaceCallRequest, RotateCaRequest, Target, target},
+    sender::{DeliveryState, EscalationStep, PlaceCallRequest, RotateCaRequest, Target, target},
 };
 use push_server::client::DeviceClient;
 use serde_json::{Value, json};
@@ -285,25 +285,20 @@ async fn calls_api_shows_the_live_call_then_who_answered_it() {
     assert_eq!(h.https("GET", "/api/calls", &[], "").await.0, 401);
 
     let placed_before = push_server::hub::now_ms();
-    h.sender()
-        .place_call(PlaceCallRequest {
-            call_id: "code-blue".into(),
-            target: Some(Target {
-                kind: Some(target::Kind::Devices(DeviceList {
-                    device_ids: vec!["nurse-a".into(), "nurse-b".into()],
-                })),
-            }),
-            caller_name: "Bed 12".into(),
-            ring_timeout_seconds: 60,
-            escalation: vec![EscalationStep {
-                target: Some(to("charge")),
-                after_seconds: 40,
-                stop_earlier: false,
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    h.place(PlaceCallRequest {
+        call_id: "code-blue".into(),
+        target: Some(to_devices(&["nurse-a", "nurse-b"])),
+        caller_name: "Bed 12".into(),
+        ring_timeout_seconds: 60,
+        escalation: vec![EscalationStep {
+            target: Some(to("charge")),
+            after_seconds: 40,
+            stop_earlier: false,
+        }],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     for phone in [&mut a, &mut b] {
         let invite = next(phone).await;
         assert!(
@@ -578,15 +573,14 @@ async fn browser_sees_devices_connect_and_drop_live() {
     bed12.ack(&[p.seq]).await.unwrap();
     h.await_state(&sent.message_id, "phone-bed12", DeliveryState::Acked)
         .await;
-    h.sender()
-        .place_call(PlaceCallRequest {
-            call_id: "call-bed12".into(),
-            target: Some(to("phone-bed12")),
-            caller_name: "Dr. Okafor".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    h.place(PlaceCallRequest {
+        call_id: "call-bed12".into(),
+        target: Some(to("phone-bed12")),
+        caller_name: "Dr. Okafor".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let invite = next(&mut bed12).await;
     bed12.ack(&[invite.seq]).await.unwrap();
     wait_until(

@@ -3,8 +3,8 @@
 use push_proto::{
     device::{CancelReason, push},
     sender::{
-        CancelCallRequest, DeliveryState, DeviceList, GetMessageStatusRequest, PlaceCallRequest,
-        SendMessageRequest, Target, target,
+        CancelCallRequest, DeliveryState, GetMessageStatusRequest, PlaceCallRequest, SendMessageRequest,
+        Target, target,
     },
 };
 use testkit::harness::*;
@@ -133,11 +133,7 @@ async fn unknown_devices_full_queues_and_oversized_messages_are_refused_clearly(
     h.issue("phone-1", &[]).await;
     let sent = h
         .send_req(SendMessageRequest {
-            target: Some(Target {
-                kind: Some(target::Kind::Devices(DeviceList {
-                    device_ids: vec!["phone-1".into(), "ghost".into()],
-                })),
-            }),
+            target: Some(to_devices(&["phone-1", "ghost"])),
             body: "x".into(),
             ..Default::default()
         })
@@ -153,8 +149,7 @@ async fn unknown_devices_full_queues_and_oversized_messages_are_refused_clearly(
     assert_eq!(third.recipients[0].reason, "device queue full");
 
     let err = h
-        .sender()
-        .send_message(SendMessageRequest {
+        .try_send(SendMessageRequest {
             target: Some(to("phone-1")),
             body: "x".repeat(10_000),
             ..Default::default()
@@ -246,7 +241,7 @@ fn call(call_id: &str, device: &str, ring_secs: u32) -> PlaceCallRequest {
 async fn call_is_never_delivered_after_its_deadline() {
     let h = Harness::start().await;
     let credential = h.issue("phone-1", &[]).await;
-    h.sender().place_call(call("call-1", "phone-1", 1)).await.unwrap();
+    h.place(call("call-1", "phone-1", 1)).await.unwrap();
     let updates = h.await_state("call-1", "phone-1", DeliveryState::Expired).await;
     assert!(updates.last().unwrap().reason.contains("ring deadline"));
     let mut phone = h.connect(&credential, 0).await.unwrap();
@@ -262,12 +257,7 @@ async fn call_is_never_delivered_after_its_deadline() {
 async fn call_rings_a_live_session_then_cancel_follows() {
     let h = Harness::start().await;
     let mut phone = h.device("phone-1").await;
-    let placed = h
-        .sender()
-        .place_call(call("call-2", "phone-1", 30))
-        .await
-        .unwrap()
-        .into_inner();
+    let placed = h.place(call("call-2", "phone-1", 30)).await.unwrap();
     assert_eq!(placed.call_uuid, push_proto::call_uuid("call-2"));
     let p = next(&mut phone).await;
     let Some(push::Body::CallInvite(invite)) = p.body else {
@@ -310,23 +300,11 @@ async fn call_rings_a_live_session_then_cancel_follows() {
 async fn cancel_before_delivery_withdraws_the_invite() {
     let h = Harness::start().await;
     let credential = h.issue("phone-1", &[]).await;
-    h.sender()
-        .place_call(call("call-3", "phone-1", 60))
-        .await
-        .unwrap();
+    h.place(call("call-3", "phone-1", 60)).await.unwrap();
     // The same request again is answered as before; the same id with other content is refused.
-    let again = h
-        .sender()
-        .place_call(call("call-3", "phone-1", 60))
-        .await
-        .unwrap()
-        .into_inner();
+    let again = h.place(call("call-3", "phone-1", 60)).await.unwrap();
     assert_eq!(again.call_id, "call-3");
-    let dup = h
-        .sender()
-        .place_call(call("call-3", "phone-1", 30))
-        .await
-        .unwrap_err();
+    let dup = h.place(call("call-3", "phone-1", 30)).await.unwrap_err();
     assert_eq!(dup.code(), tonic::Code::AlreadyExists);
     let cancel = CancelCallRequest {
         call_id: "call-3".into(),

@@ -3,6 +3,7 @@
 //! before the fix.
 
 use push_proto::sender::{CancelCallRequest, DeliveryState, PlaceCallRequest, SendMessageRequest};
+use push_server::client::DeviceClient;
 use testkit::harness::*;
 
 fn call(call_id: &str, device: &str, caller: &str) -> PlaceCallRequest {
@@ -26,20 +27,21 @@ fn message(id: &str, device: &str, body: &str) -> SendMessageRequest {
     }
 }
 
+/// Ring phone-1 (`phone`) with `call_id` from Dr. A and ack the invite.
+async fn acked_call(h: &Harness, phone: &mut DeviceClient, call_id: &str) {
+    h.place(call(call_id, "phone-1", "Dr. A")).await.unwrap();
+    let invite = next(phone).await;
+    phone.ack(&[invite.seq]).await.unwrap();
+    h.await_state(call_id, "phone-1", DeliveryState::Acked).await;
+}
+
 /// A call id that was answered and cancelled was accepted again and pushed with the old id: a
 /// conforming phone drops it as a duplicate, and the sender saw ACKED.
 #[tokio::test]
 async fn a_finished_call_id_is_never_pushed_again() {
     let h = Harness::start().await;
-    let credential = h.issue("phone-1", &[]).await;
-    let mut phone = h.connect(&credential, 0).await.unwrap();
-    h.sender()
-        .place_call(call("call-1", "phone-1", "Dr. A"))
-        .await
-        .unwrap();
-    let invite = next(&mut phone).await;
-    phone.ack(&[invite.seq]).await.unwrap();
-    h.await_state("call-1", "phone-1", DeliveryState::Acked).await;
+    let mut phone = h.device("phone-1").await;
+    acked_call(&h, &mut phone, "call-1").await;
     h.sender()
         .cancel_call(CancelCallRequest {
             call_id: "call-1".into(),
@@ -51,18 +53,9 @@ async fn a_finished_call_id_is_never_pushed_again() {
     phone.ack(&[cancel.seq]).await.unwrap();
 
     // Another call under the same id is refused; the same request again is answered as before.
-    let other = h
-        .sender()
-        .place_call(call("call-1", "phone-1", "Dr. B"))
-        .await
-        .unwrap_err();
+    let other = h.place(call("call-1", "phone-1", "Dr. B")).await.unwrap_err();
     assert_eq!(other.code(), tonic::Code::AlreadyExists, "{other:?}");
-    let same = h
-        .sender()
-        .place_call(call("call-1", "phone-1", "Dr. A"))
-        .await
-        .unwrap()
-        .into_inner();
+    let same = h.place(call("call-1", "phone-1", "Dr. A")).await.unwrap();
     assert_eq!(same.recipients.len(), 1);
     // Nothing more reaches the phone: the next push is a marker message.
     let marker = h.send("phone-1", "marker").await.message_id;
@@ -74,51 +67,28 @@ async fn a_finished_call_id_is_never_pushed_again() {
 #[tokio::test]
 async fn a_message_cannot_take_a_call_id_and_ids_keep_their_content() {
     let h = Harness::start().await;
-    let credential = h.issue("phone-1", &[]).await;
-    let mut phone = h.connect(&credential, 0).await.unwrap();
-    h.sender()
-        .place_call(call("shared-id", "phone-1", "Dr. A"))
-        .await
-        .unwrap();
-    let invite = next(&mut phone).await;
-    phone.ack(&[invite.seq]).await.unwrap();
-    h.await_state("shared-id", "phone-1", DeliveryState::Acked).await;
+    let mut phone = h.device("phone-1").await;
+    acked_call(&h, &mut phone, "shared-id").await;
 
     let refused = h
-        .sender()
-        .send_message(message("shared-id", "phone-1", "hello"))
+        .try_send(message("shared-id", "phone-1", "hello"))
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::AlreadyExists);
     assert!(refused.message().contains("a call"), "{refused:?}");
 
     // Messages: the same request is idempotent, other content under the id is refused.
-    let first = h
-        .sender()
-        .send_message(message("m-1", "phone-1", "hello"))
-        .await
-        .unwrap()
-        .into_inner();
+    let first = h.try_send(message("m-1", "phone-1", "hello")).await.unwrap();
     let p = next(&mut phone).await;
     assert_eq!(p.id, "m-1");
-    let again = h
-        .sender()
-        .send_message(message("m-1", "phone-1", "hello"))
-        .await
-        .unwrap()
-        .into_inner();
+    let again = h.try_send(message("m-1", "phone-1", "hello")).await.unwrap();
     assert_eq!(again.message_id, first.message_id);
     let other = h
-        .sender()
-        .send_message(message("m-1", "phone-1", "changed"))
+        .try_send(message("m-1", "phone-1", "changed"))
         .await
         .unwrap_err();
     assert_eq!(other.code(), tonic::Code::AlreadyExists);
-    let refused = h
-        .sender()
-        .place_call(call("m-1", "phone-1", "Dr. A"))
-        .await
-        .unwrap_err();
+    let refused = h.place(call("m-1", "phone-1", "Dr. A")).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::AlreadyExists);
     // The resend was not pushed again.
     phone.ack(&[p.seq]).await.unwrap();

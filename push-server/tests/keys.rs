@@ -4,10 +4,7 @@
 
 use push_proto::{
     device::GoodbyeReason,
-    sender::{
-        ApiKeyInfo, ApiKeyState, ListApiKeysRequest, ListDevicesRequest, RevokeApiKeyRequest,
-        WatchPresenceRequest,
-    },
+    sender::{ApiKeyInfo, ApiKeyState, ListApiKeysRequest, RevokeApiKeyRequest, WatchPresenceRequest},
 };
 use push_server::{
     auth::api_key_hash,
@@ -68,11 +65,7 @@ async fn a_revoked_key_is_refused_at_once_and_its_stream_and_dashboard_session_e
     let cookie = dashboard_login(&h, &key).await;
     assert_eq!(h.https("GET", "/api/me", &[("cookie", &cookie)], "").await.0, 200);
     // Just used, so verified and cached: revocation must not wait for the cache to age.
-    screen
-        .sender()
-        .list_devices(ListDevicesRequest::default())
-        .await
-        .unwrap();
+    list_devices_as(&screen).await.unwrap();
 
     // Listing shows the id (a short prefix of the hash), never the key or the whole hash.
     let listed = list(&h).await;
@@ -108,11 +101,7 @@ async fn a_revoked_key_is_refused_at_once_and_its_stream_and_dashboard_session_e
         .unwrap();
     assert_eq!(revoked.state(), ApiKeyState::Revoked);
 
-    let refused = screen
-        .sender()
-        .list_devices(ListDevicesRequest::default())
-        .await
-        .unwrap_err();
+    let refused = list_devices_as(&screen).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
     assert!(refused.message().contains("revoked"), "{refused:?}");
     let ended = within(presence.message()).await.unwrap_err();
@@ -171,13 +160,7 @@ async fn the_last_admin_key_cannot_be_revoked_and_the_dashboard_revokes_for_admi
     let (status, _, body) = h.https("POST", &path, &[("cookie", &cookie), csrf], "").await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"state\":\"revoked\""), "{body}");
-    let e = h
-        .client(&sender_key)
-        .await
-        .sender()
-        .list_devices(ListDevicesRequest::default())
-        .await
-        .unwrap_err();
+    let e = list_devices_as(&h.client(&sender_key).await).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
 }
 
@@ -217,13 +200,7 @@ async fn expired_keys_are_refused_and_their_streams_end_at_expiry() {
     ];
     let h = Harness::start_with(|c| preload(&c.data_dir, keys)).await;
 
-    let e = h
-        .client(&expired)
-        .await
-        .sender()
-        .list_devices(ListDevicesRequest::default())
-        .await
-        .unwrap_err();
+    let e = list_devices_as(&h.client(&expired).await).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("expired at"), "{e:?}");
     let listed = list(&h).await;

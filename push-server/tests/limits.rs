@@ -265,7 +265,7 @@ async fn device_ids_and_priorities_from_senders_are_validated() {
             invalid(target::Kind::DeviceId("healthy".into()), 99),
         ),
     ] {
-        let status = h.sender().send_message(req).await.unwrap_err();
+        let status = h.try_send(req).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{what}: {status:?}");
     }
     // Nothing of the above reached the phone: the next push is the one sent now.
@@ -351,8 +351,7 @@ async fn grpc_follows_the_conventions() {
 
     // Over the message size limit (4 MiB): RESOURCE_EXHAUSTED.
     let status = h
-        .sender()
-        .send_message(SendMessageRequest {
+        .try_send(SendMessageRequest {
             target: Some(to("healthy")),
             body: "x".repeat(5 << 20),
             ..Default::default()

@@ -8,7 +8,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use apns_bridge::{Bridge, BridgeSettings, BundleId, fake::FakeApns};
 use push_proto::{
     device::{Push, push},
-    sender::{DeliveryState, PlaceCallRequest, SetVoipTokenRequest},
+    sender::{DeliveryState, SetVoipTokenRequest},
 };
 use testkit::harness::*;
 
@@ -89,32 +89,12 @@ async fn metrics_match_a_scripted_session() {
         }
     })
     .await;
-    h.sender()
-        .place_call(PlaceCallRequest {
-            call_id: "call-1".into(),
-            target: Some(testkit::harness::to("phone-a")),
-            caller_name: "Dr. Okafor".into(),
-            ring_timeout_seconds: 30,
-            escalation: Vec::new(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    h.place(call_to("call-1", "phone-a", "Dr. Okafor")).await.unwrap();
     let invite: Push = next(&mut a).await;
     assert!(matches!(invite.body, Some(push::Body::CallInvite(_))));
     a.ack(&[invite.seq]).await.unwrap();
     h.await_state("call-1", "phone-a", DeliveryState::Acked).await;
-    h.sender()
-        .place_call(PlaceCallRequest {
-            call_id: "call-2".into(),
-            target: Some(testkit::harness::to("phone-b")),
-            caller_name: "Dr. Okafor".into(),
-            ring_timeout_seconds: 30,
-            escalation: Vec::new(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    h.place(call_to("call-2", "phone-b", "Dr. Okafor")).await.unwrap();
     h.await_update("call-2", "phone-b", |u| u.path == "apns").await;
 
     let (status, head, body) = h

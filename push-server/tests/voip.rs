@@ -153,8 +153,7 @@ impl Env {
 
     async fn call(&self, call_id: &str, device_id: &str, ring_secs: u32) -> PlaceCallResponse {
         self.h
-            .sender()
-            .place_call(PlaceCallRequest {
+            .place(PlaceCallRequest {
                 call_id: call_id.into(),
                 target: Some(to(device_id)),
                 caller_name: "Dr. Okafor".into(),
@@ -165,7 +164,6 @@ impl Env {
             })
             .await
             .unwrap()
-            .into_inner()
     }
 
     async fn pushes(&self, n: usize) -> Vec<apns_bridge::fake::Received> {
@@ -522,19 +520,7 @@ async fn bridge_down_is_reported_quickly_and_the_local_call_keeps_ringing() {
         })
         .await
         .unwrap();
-    let placed = h
-        .sender()
-        .place_call(PlaceCallRequest {
-            call_id: "call-v".into(),
-            target: Some(to("phone-1")),
-            caller_name: "Dr. Okafor".into(),
-            ring_timeout_seconds: 30,
-            escalation: Vec::new(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let placed = h.place(call_to("call-v", "phone-1", "Dr. Okafor")).await.unwrap();
     let updates = h
         .await_update("call-v", "phone-1", |u| !u.reason.is_empty())
         .await;

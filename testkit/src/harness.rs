@@ -332,7 +332,23 @@ impl Harness {
 
     /// Send `req`; the server's answer.
     pub async fn send_req(&self, req: SendMessageRequest) -> SendMessageResponse {
-        self.sender().send_message(req).await.unwrap().into_inner()
+        self.try_send(req).await.unwrap()
+    }
+
+    /// Send `req`: the server's answer, or why it refused.
+    pub async fn try_send(&self, req: SendMessageRequest) -> Result<SendMessageResponse, tonic::Status> {
+        self.sender()
+            .send_message(req)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Place the call `req`: the server's answer, or why it refused.
+    pub async fn place(&self, req: PlaceCallRequest) -> Result<PlaceCallResponse, tonic::Status> {
+        self.sender()
+            .place_call(req)
+            .await
+            .map(tonic::Response::into_inner)
     }
 
     /// Follow a message's (or call's) receipts until `device_id` reaches `state`; returns every
@@ -477,13 +493,8 @@ impl ServerInfo {
     pub async fn place_call(api: &ApiClient, device_id: &str, call_id: &str) -> PlaceCallResponse {
         api.sender()
             .place_call(PlaceCallRequest {
-                call_id: call_id.into(),
-                target: Some(to(device_id)),
-                caller_name: "Ward 4B".into(),
                 caller_handle: "4711".into(),
-                video: false,
-                ring_timeout_seconds: 30,
-                escalation: Vec::new(),
+                ..call_to(call_id, device_id, "Ward 4B")
             })
             .await
             .expect("PlaceCall")
@@ -558,10 +569,36 @@ async fn issue(api: &ApiClient, device_id: &str, groups: &[&str]) -> String {
         .credential
 }
 
+/// Every device `api`'s key may list, or why the server refused.
+pub async fn list_devices_as(api: &ApiClient) -> Result<Vec<push_proto::sender::DeviceInfo>, tonic::Status> {
+    let req = ListDevicesRequest::default();
+    Ok(api.sender().list_devices(req).await?.into_inner().devices)
+}
+
+/// `caller_name` calling `device_id` as `call_id`, ringing 30 s.
+pub fn call_to(call_id: &str, device_id: &str, caller_name: &str) -> PlaceCallRequest {
+    PlaceCallRequest {
+        call_id: call_id.into(),
+        target: Some(to(device_id)),
+        caller_name: caller_name.into(),
+        ring_timeout_seconds: 30,
+        ..Default::default()
+    }
+}
+
 /// A target of one device.
 pub fn to(device_id: &str) -> Target {
     Target {
         kind: Some(target::Kind::DeviceId(device_id.into())),
+    }
+}
+
+/// A target of the devices `ids`.
+pub fn to_devices(ids: &[&str]) -> Target {
+    Target {
+        kind: Some(target::Kind::Devices(push_proto::sender::DeviceList {
+            device_ids: ids.iter().map(|d| d.to_string()).collect(),
+        })),
     }
 }
 

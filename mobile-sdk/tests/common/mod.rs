@@ -4,10 +4,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use mobile_sdk::{ClientConfig, EventHandler, Trust, core::Event};
+use mobile_sdk::{Client, ClientConfig, EventHandler, Registry, Trust, core::Event};
 use testkit::{
     SERVER_NAME,
-    harness::{STEP, ServerInfo},
+    harness::{Harness, Heartbeat, STEP, ServerInfo},
 };
 use tokio::sync::mpsc;
 
@@ -29,6 +29,31 @@ impl SdkConfig for ServerInfo {
         c.server_name = SERVER_NAME.into();
         c
     }
+}
+
+/// A registry on the test's runtime.
+pub fn registry() -> Registry {
+    Registry::new(tokio::runtime::Handle::current())
+}
+
+/// A server in this process for SDK tests, with `hb`, in its own temporary directory.
+pub async fn sdk_server(hb: Heartbeat) -> Harness {
+    Harness::start_with(|cfg| hb.apply(cfg)).await
+}
+
+/// A client in `reg` for `config`, started, once connected, and its recorder.
+pub async fn connect(reg: &Registry, config: ClientConfig) -> (Client, Recorder) {
+    let (handler, mut events) = Recorder::new();
+    let client = reg.client(config, handler).unwrap();
+    client.start().await.unwrap();
+    events.connected().await;
+    (client, events)
+}
+
+/// A device `device_id` issued a credential on `info`, its client in `reg` started and connected.
+pub async fn phone(reg: &Registry, info: &ServerInfo, device_id: &str) -> (Client, Recorder) {
+    let credential = info.issue(device_id).await;
+    connect(reg, info.client_config(device_id, &credential)).await
 }
 
 /// Records the SDK's events and lets a test wait for them.
@@ -68,6 +93,17 @@ impl Recorder {
             Ok(t) => t,
             Err(_) => panic!("no {what} within {STEP:?}; seen: {:#?}", self.seen),
         }
+    }
+
+    /// Wait (at most `STEP`) for an event `f` accepts.
+    pub async fn until(&mut self, what: &str, f: impl Fn(&Event) -> bool) {
+        self.wait_for(what, |e| f(e).then_some(())).await
+    }
+
+    /// Wait (at most `STEP`) for the message `id`.
+    pub async fn message(&mut self, what: &str, id: &str) {
+        self.until(what, |e| matches!(e, Event::Message(m) if m.id == id))
+            .await
     }
 
     pub async fn connected(&mut self) {

@@ -56,6 +56,18 @@ fn resume(last_seen: LastSeen) -> Config {
     }
 }
 
+/// `kind` framed as the server sends it.
+fn server_wire(kind: server_frame::Kind) -> BytesMut {
+    let mut buf = BytesMut::new();
+    frame::encode(
+        &ServerFrame { kind: Some(kind) },
+        &mut buf,
+        frame::DEFAULT_MAX_FRAME,
+    )
+    .unwrap();
+    buf
+}
+
 /// A session, a fake clock, and everything it has output so far.
 struct Harness {
     s: Session,
@@ -151,14 +163,7 @@ impl Harness {
     }
 
     fn server(&mut self, kind: server_frame::Kind) {
-        let mut buf = BytesMut::new();
-        frame::encode(
-            &ServerFrame { kind: Some(kind) },
-            &mut buf,
-            frame::DEFAULT_MAX_FRAME,
-        )
-        .unwrap();
-        self.s.handle_bytes(self.now, &buf);
+        self.s.handle_bytes(self.now, &server_wire(kind));
         self.drain();
     }
 

@@ -141,14 +141,7 @@ impl Checker {
     }
 
     fn server_bytes(&mut self, kind: server_frame::Kind) {
-        let mut buf = BytesMut::new();
-        frame::encode(
-            &ServerFrame { kind: Some(kind) },
-            &mut buf,
-            frame::DEFAULT_MAX_FRAME,
-        )
-        .unwrap();
-        self.feed(&buf);
+        self.feed(&server_wire(kind));
     }
 
     fn feed(&mut self, bytes: &[u8]) {
