@@ -2,6 +2,9 @@
 //! killed and restarted by [`testkit::launcher`] (build them first with
 //! `cargo build -p push-server -p apns-bridge`), phones that are real SDK clients ([`phones`]),
 //! and a balancer in front of a cluster ([`balancer`]).
+//!
+//! A test crate: it depends on the binaries' library crates and on `testkit`; nothing depends on
+//! it.
 
 pub mod balancer;
 pub mod phones;

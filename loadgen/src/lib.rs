@@ -5,6 +5,9 @@
 //! address in 127.0.0.0/8; senders use the gRPC API ([`push_server::api_client::ApiClient`]).
 //! The MQTT side uses rumqttc over rustls against Debian's Mosquitto. Everything is bounded
 //! in count and time, and every child process dies with the load generator.
+//!
+//! It starts the push-server through `testkit`'s launcher, the one the e2e tests use; nothing
+//! depends on it.
 
 pub mod answer;
 pub mod bench;
