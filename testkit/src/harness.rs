@@ -162,7 +162,7 @@ pub struct Harness {
     /// The store epoch of the last `ServerHello`, sent with the floor as an SDK does.
     pub epoch: AtomicU64,
     voip: Option<Arc<dyn apns_bridge::VoipBridge>>,
-    _dir: Option<TempDir>,
+    _dir: TempDir,
 }
 
 impl Harness {
@@ -184,21 +184,6 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = test_config(&dir.path().join("data"));
         tweak(&mut cfg);
-        Self::launch(cfg, voip, Some(dir)).await
-    }
-
-    /// Start one for SDK tests with its data in `dir`, with `hb` (see [`Heartbeat::apply`]).
-    pub async fn start_in(dir: &Path, hb: Heartbeat) -> Self {
-        let mut cfg = test_config(dir);
-        hb.apply(&mut cfg);
-        Self::launch(cfg, None, None).await
-    }
-
-    async fn launch(
-        cfg: Config,
-        voip: Option<Arc<dyn apns_bridge::VoipBridge>>,
-        dir: Option<TempDir>,
-    ) -> Self {
         let server = start_server(cfg.clone(), voip.clone()).await;
         let info = ServerInfo {
             dir: cfg.data_dir.clone(),

@@ -419,11 +419,6 @@ impl ServerProcess {
         self.log().len()
     }
 
-    /// Wait until the log contains `needle`; returns the log. Panics with the log on timeout.
-    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
-        self.wait_for_log_after(0, needle, timeout)
-    }
-
     /// Wait until the log written after `mark` (see [`Self::log_mark`]) contains `needle`;
     /// returns that part of the log. Panics with the log on timeout.
     pub fn wait_for_log_after(&self, mark: usize, needle: &str, timeout: Duration) -> String {
